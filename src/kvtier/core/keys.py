@@ -1,0 +1,210 @@
+"""Content keys: a digest chained over the whole prefix of a token sequence.
+
+key(chunk i) = H(parent, tokens of chunk i, extra keys), where the parent of chunk 0
+is the namespace root: H(scheme version, model fingerprint, layout id, tensor-parallel
+rank, tenant salt, hash mode, namespace extras). Every variable-length field is
+length-prefixed, so no token sequence can spell an extra key or the next chunk.
+
+Tokens are framed as little-endian uint32; keys are deterministic across processes,
+machines and restarts (no PYTHONHASHSEED, no pickle).
+
+Modes (registry HASH_MODES): "sha256" (default, collision-resistant, 32-byte keys),
+"blake2b" (collision-resistant, 32-byte keys) and "xxh3_128" (fast, 16-byte keys,
+NOT collision-resistant: only for trusted single-tenant deployments).
+
+Engines hand tokens over as list[int] and requests grow; `KeyChain` computes each
+chunk's key once and extends as tokens arrive, so a scheduler never re-hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NewType
+
+from kvtier.core.errors import ConfigError
+
+ChunkKey = NewType("ChunkKey", bytes)
+
+KEY_SCHEME_VERSION = 1
+_U32 = struct.Struct("<I")
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _blake2b(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def _xxh3_128(data: bytes) -> bytes:
+    import xxhash
+
+    return xxhash.xxh3_128_digest(data)
+
+
+@dataclass(slots=True, frozen=True)
+class HashMode:
+    name: str
+    digest: Callable[[bytes], bytes]
+    key_bytes: int
+    collision_resistant: bool
+
+
+HASH_MODES: dict[str, HashMode] = {
+    "sha256": HashMode("sha256", _sha256, 32, True),
+    "blake2b": HashMode("blake2b", _blake2b, 32, True),
+    "xxh3_128": HashMode("xxh3_128", _xxh3_128, 16, False),
+}
+DEFAULT_HASH_MODE = "sha256"
+
+
+def get_hash_mode(name: str) -> HashMode:
+    try:
+        return HASH_MODES[name]
+    except KeyError:
+        raise ConfigError(
+            f"hash_mode {name!r} is unknown; choose one of {sorted(HASH_MODES)}"
+        ) from None
+
+
+def _frame(*fields: bytes) -> bytes:
+    """Length-prefixed concatenation: u32 count, then (u32 length, bytes) per field."""
+    parts = [_U32.pack(len(fields))]
+    for f in fields:
+        parts.append(_U32.pack(len(f)))
+        parts.append(f)
+    return b"".join(parts)
+
+
+def tokens_to_bytes(tokens: Sequence[int]) -> bytes:
+    """Little-endian uint32 framing of token ids; a clear error for ids out of range.
+
+    struct.pack is the fastest list[int] -> bytes conversion in CPython (about 2x array).
+    """
+    try:
+        return struct.pack(f"<{len(tokens)}I", *tokens)
+    except struct.error:
+        for t in tokens:
+            if not isinstance(t, int):
+                raise TypeError(f"token ids must be integers, got {type(t).__name__}: {t!r}") from None
+            if not 0 <= t < 2**32:
+                raise ValueError(f"token id {t!r} is outside 0..2**32-1") from None
+        raise
+
+
+@dataclass(slots=True, frozen=True)
+class Namespace:
+    """What must match for two engines to share KV: model, layout, rank, tenant, hash mode."""
+
+    model_fingerprint: str
+    layout_id: bytes
+    tp_rank: int = 0
+    tenant_salt: str = ""
+    hash_mode: str = DEFAULT_HASH_MODE
+    extras: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        get_hash_mode(self.hash_mode)
+        if not self.model_fingerprint:
+            raise ConfigError("namespace.model_fingerprint must not be empty")
+        if self.tp_rank < 0:
+            raise ConfigError(f"namespace.tp_rank must be >= 0, got {self.tp_rank}")
+
+    def root(self) -> ChunkKey:
+        """The parent key of every chain's first chunk."""
+        mode = get_hash_mode(self.hash_mode)
+        data = _frame(
+            b"kvtier-namespace",
+            _U32.pack(KEY_SCHEME_VERSION),
+            self.model_fingerprint.encode(),
+            self.layout_id,
+            _U32.pack(self.tp_rank),
+            self.tenant_salt.encode(),
+            self.hash_mode.encode(),
+            _frame(*(e.encode() for e in self.extras)),
+        )
+        return ChunkKey(mode.digest(data))
+
+
+def model_fingerprint(config_text: str, weight_identity: str) -> str:
+    """Fingerprint of a model: its config (canonical text) plus an identity of its weights."""
+    data = _frame(b"kvtier-model", config_text.encode(), weight_identity.encode())
+    return hashlib.sha256(data).hexdigest()
+
+
+def chunk_key(
+    mode: HashMode, parent: bytes, token_bytes: bytes, extra_keys: Sequence[bytes] = ()
+) -> ChunkKey:
+    """Key of one chunk from its parent key, its tokens (as tokens_to_bytes) and extras."""
+    extras = _frame(*extra_keys) if extra_keys else b"\x00\x00\x00\x00"
+    return ChunkKey(
+        mode.digest(b"".join((parent, _U32.pack(len(token_bytes)), token_bytes, extras)))
+    )
+
+
+def chunk_keys(
+    root: bytes,
+    tokens: Sequence[int],
+    chunk_tokens: int,
+    hash_mode: str = DEFAULT_HASH_MODE,
+    extra_keys: Sequence[bytes] = (),
+) -> list[ChunkKey]:
+    """Keys of every full chunk of `tokens` (a partial last chunk has no key)."""
+    chain = KeyChain(root, chunk_tokens, hash_mode, extra_keys)
+    return chain.extend(tokens)
+
+
+class KeyChain:
+    """Keys of one request's prompt, computed once per full chunk as tokens arrive.
+
+    extend(tokens) appends tokens and returns the keys of the chunks it completed;
+    `keys` holds every key so far; a partial tail waits for more tokens.
+    """
+
+    __slots__ = ("root", "chunk_tokens", "_mode", "_extras", "keys", "_pending", "num_tokens")
+
+    def __init__(
+        self,
+        root: bytes,
+        chunk_tokens: int,
+        hash_mode: str = DEFAULT_HASH_MODE,
+        extra_keys: Sequence[bytes] = (),
+    ) -> None:
+        if chunk_tokens <= 0:
+            raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        self._mode = get_hash_mode(hash_mode)
+        if len(root) != self._mode.key_bytes:
+            raise ValueError(
+                f"root key has {len(root)} bytes; hash mode {hash_mode!r} uses {self._mode.key_bytes}"
+            )
+        self.root = root
+        self.chunk_tokens = chunk_tokens
+        self._extras = tuple(extra_keys)
+        self.keys: list[ChunkKey] = []
+        self._pending = b""
+        self.num_tokens = 0
+
+    def extend(self, tokens: Sequence[int]) -> list[ChunkKey]:
+        data = self._pending + tokens_to_bytes(tokens)
+        self.num_tokens += len(tokens)
+        step = 4 * self.chunk_tokens
+        full = len(data) - len(data) % step
+        parent = self.keys[-1] if self.keys else self.root
+        digest = self._mode.digest
+        size = _U32.pack(step)
+        extras = _frame(*self._extras) if self._extras else b"\x00\x00\x00\x00"
+        new: list[ChunkKey] = []
+        mv = memoryview(data)
+        for off in range(0, full, step):
+            parent = digest(b"".join((parent, size, mv[off : off + step], extras)))
+            new.append(ChunkKey(parent))
+        self._pending = data[full:]
+        self.keys.extend(new)
+        return new
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,423 @@
+"""TieredStore: the in-process store that composes tiers, fastest first.
+
+Who calls: the client layer (in-process mode), the host service, tests and benchmarks.
+
+    lookup(keys) -> LookupResult        leading chunks available, and in which tier
+    load(keys, dests, layers) -> handle copy chunks (all layers or some) into caller buffers
+    save(keys, parent, depth, srcs)     stage into DRAM now, write the disk tier in the background
+    begin_save(keys, parent, depth)     the same, filled layer by layer (vLLM's save_kv_layer)
+    flush(), close()                    wait for pending disk writes
+
+Buffers are plain buffer-protocol objects; `dests[i][j]` receives layer `layers[j]` of
+chunk `keys[i]` (one section: [kv_heads, planes, chunk_tokens, head_size]).
+
+Publishing: a chunk enters DRAM only when all its layers are filled (commit), and the
+disk tier is written by one FIFO writer thread in chain order, parents before children;
+if a parent's disk write fails its descendants in that save are not written. Chunks
+being written to disk are pinned in DRAM so eviction cannot pull their bytes away.
+A disk hit is promoted to DRAM when the load read every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvtier.core import metrics as m
+from kvtier.core.codec import checksum
+from kvtier.core.config import StoreConfig
+from kvtier.core.errors import StoreClosedError
+from kvtier.core.layout import KVLayout
+from kvtier.store.transfer import TransferEngine, TransferHandle
+from kvtier.tiers.base import Buffer, ChunkMeta, Tier, TierWriteError, as_bytes_view
+from kvtier.tiers.memory import MemoryTier, Reservation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class LookupResult:
+    hits: int  # leading chunks available
+    tiers: tuple[str, ...]  # tier name of each hit chunk
+
+
+@dataclass(slots=True, frozen=True)
+class LoadResult:
+    loaded: int  # leading chunks loaded and verified
+    failed: tuple[int, ...]  # indices (into keys) of chunks that could not be loaded
+    tiers: tuple[str, ...]  # tier each chunk came from ("" for a failed one)
+
+
+@dataclass(slots=True, frozen=True)
+class SaveResult:
+    chunks: int  # chunks in the save
+    in_memory: int  # committed to the DRAM tier by this save (or already there)
+    on_disk: int  # written to the disk tier (or already there)
+    errors: tuple[str, ...] = field(default=())
+
+
+class TieredStore:
+    def __init__(
+        self,
+        config: StoreConfig,
+        layout: KVLayout,
+        *,
+        metrics: m.Metrics | None = None,
+        memory_pool: Buffer | None = None,
+    ) -> None:
+        self.config = config
+        self.layout = layout
+        self.chunk_tokens = config.chunk_tokens
+        self.metrics = metrics or m.Metrics()
+        self.layer_bytes = layout.layer_bytes(config.chunk_tokens)
+        self.memory: MemoryTier | None = None
+        self.disk: Tier | None = None
+        if config.disk is not None:
+            from kvtier.tiers.disk import DiskTier
+
+            self.disk = DiskTier(layout, config.chunk_tokens, config.disk, self.metrics)
+        if config.memory is not None:
+            on_evict = self._demote if (config.write_mode == "write-back" and self.disk) else None
+            self.memory = MemoryTier(layout, config.chunk_tokens, config.memory, self.metrics,
+                                     pool=memory_pool, on_evict=on_evict)
+        self.tiers: list[Tier] = [t for t in (self.memory, self.disk) if t is not None]
+        self._io = TransferEngine(config.io_threads, "kvtier-io")
+        self._writer = TransferEngine(1, "kvtier-disk-writer")  # FIFO: parents before children
+        self._pending: set[TransferHandle] = set()
+        self._pending_lock = threading.Lock()
+        self._closed = False
+
+    # -- lookup --------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes], touch: bool = True) -> LookupResult:
+        """How many leading `keys` are stored, and where. Hits are touched tail-first."""
+        self._check_open()
+        where: list[str] = []
+        for key in keys:
+            for tier in self.tiers:
+                if tier.contains(key):
+                    where.append(tier.name)
+                    break
+            else:
+                break
+        if touch and where:
+            for tier in self.tiers:
+                hit = [k for k, w in zip(keys, where) if w == tier.name]
+                if hit:
+                    tier.touch(hit)
+        return LookupResult(len(where), tuple(where))
+
+    # -- load ----------------------------------------------------------------------
+    def load(
+        self,
+        keys: Sequence[bytes],
+        dests: Sequence[Sequence[Buffer]],
+        layers: Sequence[int] | None = None,
+    ) -> TransferHandle[LoadResult]:
+        """Copy `layers` (default: all) of each chunk into dests[i][j]; runs on a worker thread."""
+        self._check_open()
+        layer_list = list(range(self.layout.num_layers)) if layers is None else list(layers)
+        if len(dests) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(dests)} destination lists")
+        for d in dests:
+            if len(d) != len(layer_list):
+                raise ValueError(f"each chunk needs {len(layer_list)} destination buffers, got {len(d)}")
+        return self._io.submit("load", self._load_now, list(keys), dests, layer_list)
+
+    def load_sync(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
+                  layers: Sequence[int] | None = None) -> LoadResult:
+        return self.load(keys, dests, layers).wait()
+
+    def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]], layers: list[int]) -> LoadResult:
+        tiers: list[str] = []
+        failed: list[int] = []
+        for i, key in enumerate(keys):
+            source = ""
+            for tier in self.tiers:
+                meta = tier.read(key, layers, dests[i])
+                if meta is not None:
+                    source = tier.name
+                    if tier is not self.memory and self.memory is not None:
+                        self._promote(meta, layers, dests[i])
+                    break
+            tiers.append(source)
+            if not source:
+                failed.append(i)
+        loaded = failed[0] if failed else len(keys)
+        return LoadResult(loaded, tuple(failed), tuple(tiers))
+
+    def _promote(self, meta: ChunkMeta, layers: list[int], bufs: Sequence[Buffer]) -> None:
+        if not self.config.promote_on_hit or len(layers) != self.layout.num_layers or self.memory is None:
+            return
+        if self.memory.contains(meta.key):
+            return
+        ordered = [bufs[layers.index(layer)] for layer in range(self.layout.num_layers)]
+        self.memory.write(meta, ordered)
+
+    def read_section(self, key: bytes, kind: int, index: int) -> bytes | None:
+        for tier in self.tiers:
+            data = tier.read_section(key, kind, index)
+            if data is not None:
+                return data
+        return None
+
+    # -- save ----------------------------------------------------------------------
+    def begin_save(self, keys: Sequence[bytes], parent: bytes, first_depth: int = 0) -> SaveBatch:
+        """Start a layer-by-layer save of the chain `keys` whose first chunk follows `parent`."""
+        self._check_open()
+        return SaveBatch(self, list(keys), parent, first_depth)
+
+    def save(
+        self,
+        keys: Sequence[bytes],
+        parent: bytes,
+        first_depth: int,
+        srcs: Sequence[Sequence[Buffer]],
+        extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None = None,
+    ) -> TransferHandle[SaveResult]:
+        """Save whole chunks: srcs[i][layer] holds layer `layer` of chunk keys[i].
+
+        The DRAM copy happens before this returns, so the caller may reuse its buffers
+        at once; the disk write completes in the background (wait on the handle).
+        """
+        if len(srcs) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(srcs)} source lists")
+        batch = self.begin_save(keys, parent, first_depth)
+        for layer in range(self.layout.num_layers):
+            batch.write_layer(layer, [s[layer] for s in srcs])
+        return batch.commit(extras)
+
+    def _metas(self, batch: SaveBatch, checksums: list[tuple[int, ...]],
+               extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None) -> list[ChunkMeta]:
+        metas = []
+        parent = batch.parent
+        for i, key in enumerate(batch.keys):
+            metas.append(ChunkMeta(key, parent, batch.first_depth + i, self.chunk_tokens, checksums[i],
+                                   extras[i] if extras else ()))
+            parent = key
+        return metas
+
+    def _commit(self, batch: SaveBatch,
+                extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None) -> TransferHandle[SaveResult]:
+        mem = self.memory
+        for i, res in enumerate(batch.reservations):
+            filled = len(res.filled) if res is not None else sum(1 for d in batch.copies[i] if d)
+            if filled != self.layout.num_layers:
+                raise ValueError(f"save of chunk {i}: {filled} of {self.layout.num_layers} layers written")
+        checksums: list[tuple[int, ...]] = []
+        copies: list[list[bytes] | None] = []
+        for i in range(len(batch.keys)):
+            res = batch.reservations[i]
+            if res is not None:
+                assert mem is not None
+                checksums.append(mem.layer_checksums(res))
+                copies.append(None)
+            else:
+                layers_data = batch.copies[i]
+                checksums.append(tuple(checksum(d) for d in layers_data))
+                copies.append(layers_data)
+        metas = self._metas(batch, checksums, extras)
+        in_memory = 0
+        pinned: list[bool] = []
+        for i, meta in enumerate(metas):
+            res = batch.reservations[i]
+            if res is not None and mem is not None:
+                mem.commit(res, meta)  # False: another writer stored it first; same bytes
+            pin = mem is not None and mem.pin(meta.key) is not None
+            pinned.append(pin)
+            in_memory += pin
+        if mem is not None:
+            mem.touch(batch.keys)
+        if self.disk is None or self.config.write_mode == "write-back":
+            for key, pin in zip(batch.keys, pinned):
+                if pin and mem is not None:
+                    mem.unpin(key)
+            return self._io.completed("save", SaveResult(len(metas), in_memory, 0))
+        handle = self._writer.submit("save", self._write_disk, metas, copies, pinned, in_memory)
+        self._track(handle)
+        return handle
+
+    def _write_disk(self, metas: list[ChunkMeta], copies: list[list[bytes] | None],
+                    pinned: list[bool], in_memory: int) -> SaveResult:
+        assert self.disk is not None
+        disk = self.disk
+        mem = self.memory
+        written = 0
+        errors: list[str] = []
+        failed_at: int | None = None
+        try:
+            for i, meta in enumerate(metas):
+                if failed_at is not None:
+                    break
+                if disk.contains(meta.key):
+                    written += 1
+                    continue
+                copy = copies[i]
+                if copy is not None:
+                    layers: list[Buffer] = list(copy)
+                elif pinned[i] and mem is not None:
+                    slot = mem.slot_of(meta.key)  # pinned by the save, so still resident
+                    assert slot is not None
+                    layers = [mem.layer_view(slot, layer) for layer in range(self.layout.num_layers)]
+                else:
+                    errors.append(f"chunk {i}: evicted from DRAM before its disk write")
+                    failed_at = i
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    ok = disk.write(meta, layers)
+                except TierWriteError as e:
+                    errors.append(f"chunk {i}: {e}")
+                    failed_at = i
+                    continue
+                self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=disk.name)
+                if not ok:
+                    errors.append(f"chunk {i}: no room in the disk tier")
+                    failed_at = i
+                    continue
+                written += 1
+        finally:
+            if mem is not None:
+                for meta, pin in zip(metas, pinned):
+                    if pin:
+                        mem.unpin(meta.key)
+        result = SaveResult(len(metas), in_memory, written, tuple(errors))
+        if errors:
+            raise TierWriteError(
+                f"disk tier: {len(metas) - written} of {len(metas)} chunks not written: " + "; ".join(errors[:3])
+            )
+        return result
+
+    def _demote(self, meta: ChunkMeta, payload: np.ndarray) -> None:
+        """Write-back mode: a chunk leaving DRAM is copied and queued for the disk tier."""
+        if self.disk is None or self.disk.contains(meta.key):
+            return
+        lb = self.layer_bytes
+        data = payload.tobytes()
+        layers = [data[i * lb:(i + 1) * lb] for i in range(self.layout.num_layers)]
+        handle = self._writer.submit("demote", self._write_disk, [meta], [layers], [False], 0)
+        self._track(handle)
+
+    def _track(self, handle: TransferHandle) -> None:
+        with self._pending_lock:
+            self._pending.add(handle)
+
+        def _done(h: TransferHandle) -> None:
+            with self._pending_lock:
+                self._pending.discard(h)
+            exc = h.exception()
+            if exc is not None:
+                self.metrics.inc(m.WRITE_FAILURES, tier="disk")
+                log.warning("kvtier: %s", exc)
+
+        handle.add_done_callback(_done)
+
+    # -- lifecycle -----------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every disk write queued so far has finished (errors are in their handles)."""
+        with self._pending_lock:
+            pending = list(self._pending)
+        for h in pending:
+            try:
+                h.wait(timeout)
+            except TimeoutError:
+                raise
+            except Exception:  # noqa: BLE001 - already reported through the handle and the log
+                pass
+
+    def stats(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for tier in self.tiers:
+            u = tier.usage()
+            out[tier.name] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes, "chunks": u.chunks}
+        out["metrics"] = self.metrics.snapshot()
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        self._writer.shutdown()
+        self._io.shutdown()
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+
+
+class SaveBatch:
+    """A chain of chunks being saved layer by layer; commit() publishes them in order.
+
+    Each chunk gets a DRAM slot at once; when DRAM has no room, its layers are copied
+    aside and the chunk goes to the disk tier only.
+    """
+
+    def __init__(self, store: TieredStore, keys: list[bytes], parent: bytes, first_depth: int) -> None:
+        self.store = store
+        self.keys = keys
+        self.parent = parent
+        self.first_depth = first_depth
+        mem = store.memory
+        self.reservations: list[Reservation | None] = []
+        self.copies: list[list[bytes]] = []
+        prev = parent
+        for i, key in enumerate(keys):
+            res = mem.allocate(key, prev, first_depth + i) if mem is not None else None
+            self.reservations.append(res)
+            self.copies.append([b""] * store.layout.num_layers if res is None else [])
+            prev = key
+        self._done = False
+
+    def write_layer(self, layer: int, srcs: Sequence[Buffer]) -> None:
+        """Copy layer `layer` of every chunk (srcs[i] for keys[i]); the caller may reuse srcs after."""
+        if self._done:
+            raise ValueError("write to a save batch that was committed or aborted")
+        if len(srcs) != len(self.keys):
+            raise ValueError(f"{len(self.keys)} chunks but {len(srcs)} layer buffers")
+        mem = self.store.memory
+        for i, src in enumerate(srcs):
+            res = self.reservations[i]
+            if res is not None and mem is not None:
+                mem.write_layer(res, layer, src)
+            else:
+                view = as_bytes_view(src)
+                if view.nbytes != self.store.layer_bytes:
+                    raise ValueError(f"layer {layer} source has {view.nbytes} bytes, a section has "
+                                     f"{self.store.layer_bytes}")
+                self.copies[i][layer] = view.tobytes()
+
+    def commit(self, extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None = None) -> TransferHandle[SaveResult]:
+        if self._done:
+            raise ValueError("save batch already committed or aborted")
+        self._done = True
+        try:
+            return self.store._commit(self, extras)
+        except BaseException:
+            self._abort_reservations()
+            raise
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._abort_reservations()
+
+    def _abort_reservations(self) -> None:
+        mem = self.store.memory
+        if mem is None:
+            return
+        for res in self.reservations:
+            if res is not None:
+                mem.abort(res)

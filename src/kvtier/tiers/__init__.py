@@ -1,0 +1,1 @@
+"""kvtier.tiers: storage tiers (memory, disk, later redis) and their eviction policies."""

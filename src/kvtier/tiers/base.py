@@ -1,0 +1,122 @@
+"""The tier protocol: one small batched interface that every tier implements.
+
+Called by the TieredStore (kvtier.store), under its own threads; every method is
+thread-safe. Payloads are plain buffers (anything with the buffer protocol: bytearray,
+numpy arrays, CPU torch tensors via .numpy()), so tiers need no torch.
+
+    lookup(keys) -> int            how many leading keys this tier holds
+    contains(key) -> bool
+    read(key, layers, dests)       copy the KV sections of `layers` into `dests` (one
+                                   writable buffer per layer); returns the chunk's meta,
+                                   or None for a miss. A chunk that fails validation is a
+                                   miss: it is deleted and counted, never returned.
+    read_section(key, kind, index) an optional typed section (summaries), or None
+    write(meta, layers) -> bool    store a whole chunk; False if the policy did not admit
+                                   it or there is no room; raises TierWriteError on I/O
+                                   failure, leaving the tier as it was
+    delete(key) -> bool, touch(keys), usage(), close()
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvtier.core.errors import KVTierError
+from kvtier.core.layout import KVLayout
+
+Buffer = Any  # an object supporting the buffer protocol
+
+
+class TierWriteError(KVTierError):
+    """A write to a tier failed (disk full, read-only folder, ...); the tier is unchanged."""
+
+
+@dataclass(slots=True, frozen=True)
+class ChunkMeta:
+    """What a tier knows about a stored chunk besides its payload."""
+
+    key: bytes
+    parent: bytes  # the namespace root for a chain's first chunk (depth 0)
+    depth: int
+    num_tokens: int
+    checksums: tuple[int, ...]  # xxh3_64 of each KV layer section
+    extras: tuple[tuple[int, int, bytes], ...] = ()  # optional (kind, index, data) sections
+
+
+@dataclass(slots=True, frozen=True)
+class TierUsage:
+    used_bytes: int
+    capacity_bytes: int
+    chunks: int
+
+
+class Tier(ABC):
+    name: str
+    layout: KVLayout
+    chunk_tokens: int
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.layout.layer_bytes(self.chunk_tokens)
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        n = 0
+        for key in keys:
+            if not self.contains(key):
+                break
+            n += 1
+        return n
+
+    @abstractmethod
+    def contains(self, key: bytes) -> bool: ...
+
+    @abstractmethod
+    def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None: ...
+
+    @abstractmethod
+    def read_section(self, key: bytes, kind: int, index: int) -> bytes | None: ...
+
+    @abstractmethod
+    def write(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: bytes) -> bool: ...
+
+    @abstractmethod
+    def touch(self, keys: Sequence[bytes]) -> None: ...
+
+    @abstractmethod
+    def usage(self) -> TierUsage: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def check_dests(tier: Tier, layers: Sequence[int], dests: Sequence[Buffer]) -> list[memoryview]:
+    """Validate destination buffers: one writable, C-contiguous, section-sized buffer per layer."""
+    if len(layers) != len(dests):
+        raise ValueError(f"{len(layers)} layers requested but {len(dests)} destination buffers given")
+    out = []
+    for layer, dest in zip(layers, dests):
+        if not 0 <= layer < tier.layout.num_layers:
+            raise ValueError(f"layer {layer} is outside 0..{tier.layout.num_layers - 1}")
+        mv = memoryview(dest)
+        if mv.readonly:
+            raise ValueError("destination buffer is read-only")
+        if not mv.c_contiguous:
+            raise ValueError("destination buffer must be C-contiguous")
+        mv = mv.cast("B")
+        if mv.nbytes != tier.layer_bytes:
+            raise ValueError(f"destination for layer {layer} has {mv.nbytes} bytes, a section has {tier.layer_bytes}")
+        out.append(mv)
+    return out
+
+
+def as_bytes_view(buf: Buffer) -> memoryview:
+    mv = memoryview(buf)
+    if not mv.c_contiguous:
+        raise ValueError("source buffer must be C-contiguous")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv

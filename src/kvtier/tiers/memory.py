@@ -1,0 +1,293 @@
+"""DRAM tier: a preallocated pool of chunk-sized slots, a key index, reference counts.
+
+Who calls: the TieredStore (in-process mode) or the host service, from several threads.
+
+A chunk's payload lives in one slot, layer-major ([layer][kv_heads, planes, tokens,
+head_size]), so one layer's section is one contiguous copy. A slot being read holds a
+reference and is never evicted or reused until released. Writes go through
+allocate -> fill (write_layer, any order) -> commit, so a chunk is visible only when
+complete; the vLLM connector fills layer by layer as the forward pass runs.
+
+The pool buffer is injectable: the host service passes POSIX shared memory, so engine
+processes copy to and from the same slots.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvtier.core import metrics as m
+from kvtier.core.codec import checksum
+from kvtier.core.config import MemoryTierConfig
+from kvtier.core.errors import ConfigError, StoreClosedError
+from kvtier.core.layout import KVLayout
+from kvtier.tiers.base import Buffer, ChunkMeta, Tier, TierUsage, as_bytes_view, check_dests
+from kvtier.tiers.policies import make_policy
+
+SlotId = int
+
+
+@dataclass(slots=True)
+class _Entry:
+    slot: SlotId
+    meta: ChunkMeta
+    refs: int = 0
+
+
+@dataclass(slots=True)
+class Reservation:
+    """A slot allocated for a chunk that is still being filled."""
+
+    slot: SlotId
+    key: bytes
+    filled: set[int] = field(default_factory=set)
+
+
+class MemoryTier(Tier):
+    name = "memory"
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        chunk_tokens: int,
+        config: MemoryTierConfig,
+        metrics: m.Metrics | None = None,
+        pool: Buffer | None = None,
+        on_evict: Callable[[ChunkMeta, np.ndarray], None] | None = None,
+    ) -> None:
+        self.layout = layout
+        self.chunk_tokens = chunk_tokens
+        self.config = config
+        self.metrics = metrics or m.Metrics()
+        self.chunk_bytes = layout.chunk_bytes(chunk_tokens)
+        self.num_slots = config.capacity_bytes // self.chunk_bytes
+        if self.num_slots <= 0:
+            raise ConfigError(
+                f"memory.capacity_bytes {config.capacity_bytes} holds no chunk of {self.chunk_bytes} bytes"
+            )
+        size = self.num_slots * self.chunk_bytes
+        if pool is None:
+            self._pool = np.empty(size, dtype=np.uint8)
+        else:
+            self._pool = np.frombuffer(pool, dtype=np.uint8)
+            if self._pool.nbytes < size:
+                raise ConfigError(f"memory pool has {self._pool.nbytes} bytes, {size} needed")
+        self._policy = make_policy(config.policy)
+        self._index: dict[bytes, _Entry] = {}
+        self._free: list[SlotId] = list(range(self.num_slots - 1, -1, -1))
+        self._reserved: dict[SlotId, Reservation] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._on_evict = on_evict
+
+    # -- views -------------------------------------------------------------------
+    def layer_view(self, slot: SlotId, layer: int) -> np.ndarray:
+        lb = self.layer_bytes
+        start = slot * self.chunk_bytes + layer * lb
+        return self._pool[start : start + lb]
+
+    def slot_view(self, slot: SlotId) -> np.ndarray:
+        start = slot * self.chunk_bytes
+        return self._pool[start : start + self.chunk_bytes]
+
+    # -- lookup --------------------------------------------------------------------
+    def contains(self, key: bytes) -> bool:
+        return key in self._index
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        index = self._index
+        n = 0
+        for key in keys:
+            if key not in index:
+                break
+            n += 1
+        return n
+
+    def meta(self, key: bytes) -> ChunkMeta | None:
+        entry = self._index.get(key)
+        return entry.meta if entry else None
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            self._policy.touch(keys)
+
+    # -- pinning -------------------------------------------------------------------
+    def pin(self, key: bytes) -> SlotId | None:
+        """Take a reference on a resident chunk so it cannot be evicted; None if absent."""
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None:
+                return None
+            entry.refs += 1
+            return entry.slot
+
+    def slot_of(self, key: bytes) -> SlotId | None:
+        entry = self._index.get(key)
+        return entry.slot if entry else None
+
+    def unpin(self, key: bytes) -> None:
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None or entry.refs <= 0:
+                raise ValueError("unpin of a chunk that is not pinned")
+            entry.refs -= 1
+
+    # -- read ----------------------------------------------------------------------
+    def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
+        views = check_dests(self, layers, dests)
+        self._check_open()
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None:
+                self.metrics.inc(m.MISSES, tier=self.name)
+                return None
+            entry.refs += 1
+        t0 = time.perf_counter()
+        ok = True
+        try:
+            for layer, dest in zip(layers, views):
+                src = self.layer_view(entry.slot, layer)
+                np.copyto(np.frombuffer(dest, dtype=np.uint8), src)
+                if self.config.verify_reads and checksum(dest) != entry.meta.checksums[layer]:
+                    ok = False
+                    break
+        finally:
+            with self._lock:
+                entry.refs -= 1
+        if not ok:
+            self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
+            self.delete(key)
+            return None
+        self.metrics.inc(m.HITS, tier=self.name)
+        self.metrics.inc(m.BYTES_READ, len(layers) * self.layer_bytes, tier=self.name)
+        self.metrics.inc(m.READ_SECONDS, time.perf_counter() - t0, tier=self.name)
+        return entry.meta
+
+    def read_section(self, key: bytes, kind: int, index: int) -> bytes | None:
+        entry = self._index.get(key)
+        if entry is None:
+            return None
+        for k, i, data in entry.meta.extras:
+            if k == kind and i == index:
+                return data
+        return None
+
+    # -- write ---------------------------------------------------------------------
+    def allocate(self, key: bytes, parent: bytes | None = None, depth: int = 0) -> Reservation | None:
+        """Reserve a slot for `key`, evicting if needed; None if no room or not admitted."""
+        self._check_open()
+        with self._lock:
+            if not self._policy.admit(key, parent, depth):
+                return None
+            slot = self._free.pop() if self._free else self._evict_one()
+            if slot is None:
+                return None
+            res = Reservation(slot, key)
+            self._reserved[slot] = res
+            return res
+
+    def write_layer(self, res: Reservation, layer: int, src: Buffer) -> None:
+        view = as_bytes_view(src)
+        if view.nbytes != self.layer_bytes:
+            raise ValueError(f"layer {layer} source has {view.nbytes} bytes, a section has {self.layer_bytes}")
+        if self._reserved.get(res.slot) is not res:
+            raise ValueError("write to a reservation that was committed or aborted")
+        np.copyto(self.layer_view(res.slot, layer), np.frombuffer(view, dtype=np.uint8))
+        res.filled.add(layer)
+
+    def layer_checksums(self, res: Reservation) -> tuple[int, ...]:
+        return tuple(checksum(self.layer_view(res.slot, layer)) for layer in range(self.layout.num_layers))
+
+    def commit(self, res: Reservation, meta: ChunkMeta) -> bool:
+        """Publish a filled reservation. False if the key was already resident (slot freed)."""
+        if len(res.filled) != self.layout.num_layers:
+            missing = sorted(set(range(self.layout.num_layers)) - res.filled)
+            raise ValueError(f"commit of chunk with unfilled layers {missing[:8]}")
+        if meta.key != res.key:
+            raise ValueError("commit meta does not match the reservation's key")
+        with self._lock:
+            if self._reserved.get(res.slot) is not res:
+                raise ValueError("commit of a reservation that was committed or aborted")
+            del self._reserved[res.slot]
+            if res.key in self._index:
+                self._free.append(res.slot)
+                return False
+            self._index[res.key] = _Entry(res.slot, meta)
+            self._policy.insert(res.key, meta.parent, meta.depth)
+        self.metrics.inc(m.BYTES_WRITTEN, self.chunk_bytes, tier=self.name)
+        self._report_usage()
+        return True
+
+    def abort(self, res: Reservation) -> None:
+        with self._lock:
+            if self._reserved.get(res.slot) is res:
+                del self._reserved[res.slot]
+                self._free.append(res.slot)
+
+    def write(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bool:
+        if len(layers) != self.layout.num_layers:
+            raise ValueError(f"write needs {self.layout.num_layers} layer buffers, got {len(layers)}")
+        if meta.key in self._index:
+            return True
+        res = self.allocate(meta.key, meta.parent, meta.depth)
+        if res is None:
+            return False
+        try:
+            for layer, src in enumerate(layers):
+                self.write_layer(res, layer, src)
+        except BaseException:
+            self.abort(res)
+            raise
+        self.commit(res, meta)
+        return True
+
+    def _evict_one(self) -> SlotId | None:
+        index = self._index
+
+        def can_evict(key: bytes) -> bool:
+            entry = index.get(key)
+            return entry is not None and entry.refs == 0
+
+        victim = self._policy.evict(can_evict)
+        if victim is None:
+            return None
+        entry = index.pop(victim)
+        self.metrics.inc(m.EVICTIONS, tier=self.name)
+        if self._on_evict is not None:
+            self._on_evict(entry.meta, self.slot_view(entry.slot))  # must copy before returning
+        return entry.slot
+
+    # -- delete / usage / close ------------------------------------------------------
+    def delete(self, key: bytes) -> bool:
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None or entry.refs > 0:
+                return False
+            del self._index[key]
+            self._policy.remove(key)
+            self._free.append(entry.slot)
+        self._report_usage()
+        return True
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._index)
+
+    def usage(self) -> TierUsage:
+        n = len(self._index)
+        return TierUsage(n * self.chunk_bytes, self.num_slots * self.chunk_bytes, n)
+
+    def _report_usage(self) -> None:
+        self.metrics.set(m.USED_BYTES, len(self._index) * self.chunk_bytes, tier=self.name)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("memory tier is closed")
+
+    def close(self) -> None:
+        self._closed = True

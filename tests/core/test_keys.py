@@ -1,0 +1,148 @@
+import hashlib
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from kvtier.core import keys
+from kvtier.core.errors import ConfigError
+
+LAYOUT_ID = bytes(range(16))
+
+
+def root(mode: str = "sha256", **kw) -> bytes:
+    return keys.Namespace("model-a", LAYOUT_ID, hash_mode=mode, **kw).root()
+
+
+def test_golden_digests_sha256():
+    r = root()
+    assert r.hex() == "12938098899181044fefbe04306c9a4ce3e90a0de2b201bc53549dd1fe4ebbf9"
+    got = [k.hex() for k in keys.chunk_keys(r, list(range(40)), 16)]
+    assert got == [
+        "4434dba9f34acf0772e1d5614c96fea0fc68db8721b0e46e425ca692dcda5a86",
+        "e2c78665da2dab4ec6883233f0400900ec329769764afae42ca692132026b1f0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "mode,root_hex,first_hex",
+    [
+        ("xxh3_128", "c78542c4fb1034e88e50ced6fae023dc", "0dfa399c570eaa301304bcc475a22f7b"),
+        ("blake2b", "71f12115073e854f8f13dd5d0d4f97b8019ab3ec1b307700b8ce58341b69f1ae",
+         "e7aa885beb28a50e3d2036361fc1c1337b2e3cfe8b925fc243d214c98ae9f2eb"),
+    ],
+)
+def test_golden_digests_other_modes(mode, root_hex, first_hex):
+    r = root(mode)
+    assert r.hex() == root_hex
+    assert keys.chunk_keys(r, list(range(40)), 16, mode)[0].hex() == first_hex
+
+
+def test_golden_with_extra_key():
+    k = keys.chunk_keys(root(), list(range(16)), 16, extra_keys=[b"lora:x"])[0]
+    assert k.hex() == "575405ff72d28f7a29dd42e9f839ed4a3c69efac4c21198aa5f8dfa9e296e17a"
+
+
+def test_chunk_key_matches_spec():
+    """The documented framing, re-derived with hashlib: parent | u32 len | tokens LE u32 | extras frame."""
+    r = root()
+    toks = list(range(100, 116))
+    tb = struct.pack("<16I", *toks)
+    expect = hashlib.sha256(r + struct.pack("<I", len(tb)) + tb + struct.pack("<I", 0)).digest()
+    assert keys.chunk_keys(r, toks, 16)[0] == expect
+    assert keys.chunk_key(keys.get_hash_mode("sha256"), r, tb) == expect
+
+
+def test_keychain_extends_incrementally():
+    r = root()
+    toks = list(range(1000, 1100))
+    chain = keys.KeyChain(r, 16)
+    got = []
+    for i in range(0, 100, 7):
+        got += chain.extend(toks[i : i + 7])
+    assert got == keys.chunk_keys(r, toks, 16)
+    assert len(chain) == 6 and chain.num_tokens == 100
+
+
+def test_prefix_sharing_and_divergence():
+    r = root()
+    a = keys.chunk_keys(r, list(range(64)), 16)
+    b = keys.chunk_keys(r, list(range(48)) + [7] * 16, 16)
+    assert a[:3] == b[:3] and a[3] != b[3]
+
+
+def test_namespace_separates_models_layouts_tenants_ranks_modes():
+    base = keys.Namespace("m", LAYOUT_ID)
+    variants = [
+        keys.Namespace("m2", LAYOUT_ID),
+        keys.Namespace("m", bytes(16)),
+        keys.Namespace("m", LAYOUT_ID, tp_rank=1),
+        keys.Namespace("m", LAYOUT_ID, tenant_salt="t"),
+        keys.Namespace("m", LAYOUT_ID, hash_mode="blake2b"),
+        keys.Namespace("m", LAYOUT_ID, extras=("lora:a",)),
+    ]
+    roots = {v.root() for v in variants} | {base.root()}
+    assert len(roots) == len(variants) + 1
+
+
+def test_framing_tokens_cannot_spell_an_extra_key():
+    """A chunk whose tokens spell the bytes of an extra key frame gets a different key."""
+    r = root()
+    mode = keys.get_hash_mode("sha256")
+    extra = b"\x01\x00\x00\x00\x04\x00\x00\x00abcd"
+    toks = list(range(16))
+    with_extra = keys.chunk_key(mode, r, keys.tokens_to_bytes(toks), [b"abcd"])
+    # Tokens whose bytes end with what the extra frame would add:
+    spelled = keys.tokens_to_bytes(toks) + extra
+    assert keys.chunk_key(mode, r, spelled) != with_extra
+    # and two chunks of 8 never equal one chunk of 16
+    two = keys.chunk_keys(r, toks, 8)
+    one = keys.chunk_keys(r, toks, 16)
+    assert one[0] not in two
+
+
+def test_namespace_fields_framed_unambiguously():
+    a = keys.Namespace("ab", LAYOUT_ID, tenant_salt="c").root()
+    b = keys.Namespace("a", LAYOUT_ID, tenant_salt="bc").root()
+    assert a != b
+
+
+def test_keys_equal_across_processes():
+    code = (
+        "from kvtier.core import keys;"
+        "r=keys.Namespace('model-a', bytes(range(16))).root();"
+        "print(keys.chunk_keys(r, list(range(40)), 16)[1].hex())"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONHASHSEED": str(seed)}).stdout.strip()
+        for seed in (1, 2)
+    }
+    assert outs == {"e2c78665da2dab4ec6883233f0400900ec329769764afae42ca692132026b1f0"}
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="outside"):
+        keys.tokens_to_bytes([1, -5])
+    with pytest.raises(ValueError, match="outside"):
+        keys.tokens_to_bytes([2**32])
+    with pytest.raises(TypeError, match="integers"):
+        keys.tokens_to_bytes([1, "x"])
+    with pytest.raises(ConfigError, match="hash_mode"):
+        keys.Namespace("m", LAYOUT_ID, hash_mode="md5")
+    with pytest.raises(ValueError, match="root key"):
+        keys.KeyChain(b"short", 16)
+    with pytest.raises(ConfigError, match="model_fingerprint"):
+        keys.Namespace("", LAYOUT_ID)
+
+
+def test_partial_chunk_has_no_key():
+    assert keys.chunk_keys(root(), list(range(15)), 16) == []
+
+
+def test_model_fingerprint_depends_on_config_and_weights():
+    a = keys.model_fingerprint('{"layers": 2}', "w1")
+    assert a != keys.model_fingerprint('{"layers": 2}', "w2")
+    assert a != keys.model_fingerprint('{"layers": 3}', "w1")
+    assert a == keys.model_fingerprint('{"layers": 2}', "w1")

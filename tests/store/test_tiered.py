@@ -1,0 +1,171 @@
+import numpy as np
+import pytest
+
+from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
+from kvtier.core.errors import StoreClosedError
+from kvtier.core.keys import Namespace, chunk_keys
+from kvtier.store import TieredStore
+from kvtier.tiers.base import TierWriteError
+from tests.conftest import CHUNK, TINY, payload
+
+ROOT = Namespace("test-model", TINY.layout_id(CHUNK)).root()
+LB = TINY.layer_bytes(CHUNK)
+
+
+def make_store(tmp_path=None, mem_chunks=16, disk=True, **kw) -> TieredStore:
+    cfg = StoreConfig(
+        chunk_tokens=CHUNK,
+        memory=MemoryTierConfig(capacity_bytes=mem_chunks * TINY.chunk_bytes(CHUNK)) if mem_chunks else None,
+        disk=DiskTierConfig(root=str(tmp_path / "disk"), capacity_bytes=1 << 30) if disk else None,
+        **kw,
+    )
+    return TieredStore(cfg, TINY)
+
+
+def keys_for(tokens):
+    return chunk_keys(ROOT, tokens, CHUNK)
+
+
+def save_chain(store, keys, start=0):
+    parent = ROOT if start == 0 else keys[start - 1]
+    return store.save(keys[start:], parent, start, [payload(k) for k in keys[start:]])
+
+
+def load_all(store, keys):
+    dests = [[np.zeros(LB, np.uint8) for _ in range(TINY.num_layers)] for _ in keys]
+    res = store.load(keys, dests).wait()
+    return res, dests
+
+
+def assert_exact(keys, dests, n=None):
+    for k, d in list(zip(keys, dests))[:n]:
+        for got, want in zip(d, payload(k)):
+            assert np.array_equal(got, want)
+
+
+def test_memory_only_roundtrip_and_lookup():
+    store = make_store(disk=False)
+    keys = keys_for(list(range(20)))  # 5 chunks
+    save_chain(store, keys[:3]).wait()
+    assert store.lookup(keys).hits == 3
+    res, dests = load_all(store, keys[:3])
+    assert res.loaded == 3 and res.failed == () and res.tiers == ("memory",) * 3
+    assert_exact(keys, dests, 3)
+    store.close()
+    with pytest.raises(StoreClosedError):
+        store.lookup(keys)
+
+
+def test_load_reports_exact_failures():
+    store = make_store(disk=False)
+    keys = keys_for(list(range(16)))
+    save_chain(store, keys).wait()
+    store.memory.delete(keys[1])
+    res, dests = load_all(store, keys)
+    assert res.loaded == 1 and res.failed == (1,)
+    assert res.tiers == ("memory", "", "memory", "memory")
+    store.close()
+
+
+def test_save_layer_by_layer_invisible_until_commit():
+    store = make_store(disk=False)
+    keys = keys_for(list(range(8)))
+    batch = store.begin_save(keys, ROOT, 0)
+    batch.write_layer(0, [payload(k)[0] for k in keys])
+    assert store.lookup(keys).hits == 0
+    with pytest.raises(ValueError, match="layers written"):
+        batch.commit()
+    # a failed commit releases the slots; a fresh save works
+    save_chain(store, keys).wait()
+    assert store.lookup(keys).hits == 2
+    store.close()
+
+
+def test_write_through_to_disk_and_promotion(tmp_path):
+    store = make_store(tmp_path, mem_chunks=4)
+    keys = keys_for(list(range(32)))  # 8 chunks, DRAM holds 4
+    r = save_chain(store, keys).wait()
+    assert r.on_disk == 8
+    look = store.lookup(keys)
+    assert look.hits == 8 and "disk" in look.tiers and "memory" in look.tiers
+    res, dests = load_all(store, keys)
+    assert res.loaded == 8
+    assert_exact(keys, dests)
+    # the head of the chain came from disk and was promoted back to DRAM
+    assert store.memory.contains(keys[-1]) or store.memory.contains(keys[0])
+    store.close()
+
+
+def test_reopen_serves_committed(tmp_path):
+    store = make_store(tmp_path)
+    keys = keys_for(list(range(24)))
+    save_chain(store, keys).wait()
+    store.close()
+    store = make_store(tmp_path)
+    assert store.lookup(keys).tiers == ("disk",) * 6
+    res, dests = load_all(store, keys)
+    assert res.loaded == 6
+    assert_exact(keys, dests)
+    store.close()
+
+
+def test_disk_full_fails_through_handle_and_store_stays_usable(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    store = make_store(tmp_path)
+    keys = keys_for(list(range(16)))
+    save_chain(store, keys[:2]).wait()
+    real = os.pwrite
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "writev", full)
+    handle = save_chain(store, keys, start=2)
+    with pytest.raises(TierWriteError):
+        handle.wait()
+    monkeypatch.setattr(os, "pwrite", real)
+    monkeypatch.undo()
+    # the committed chunks are intact on disk, and DRAM still serves the new ones
+    assert store.disk.lookup(keys) == 2
+    assert store.lookup(keys).hits == 4
+    res, dests = load_all(store, keys)
+    assert res.loaded == 4
+    assert_exact(keys, dests)
+    assert store.metrics.get("kvtier_tier_write_failures_total", tier="disk") >= 1
+    store.close()
+
+
+def test_write_back_demotes_on_eviction(tmp_path):
+    store = make_store(tmp_path, mem_chunks=2, write_mode="write-back")
+    keys = keys_for(list(range(16)))
+    save_chain(store, keys).wait()
+    store.flush()
+    assert store.disk.lookup(keys[:2]) == 2  # the two evicted from DRAM were demoted
+    res, dests = load_all(store, keys)
+    assert res.loaded == 4
+    assert_exact(keys, dests)
+    store.close()
+
+
+def test_different_namespace_never_hits():
+    store = make_store(disk=False)
+    toks = list(range(16))
+    save_chain(store, keys_for(toks)).wait()
+    other = Namespace("other-model", TINY.layout_id(CHUNK)).root()
+    assert store.lookup(chunk_keys(other, toks, CHUNK)).hits == 0
+    salted = Namespace("test-model", TINY.layout_id(CHUNK), tenant_salt="t2").root()
+    assert store.lookup(chunk_keys(salted, toks, CHUNK)).hits == 0
+    store.close()
+
+
+def test_bad_arguments():
+    store = make_store(disk=False)
+    keys = keys_for(list(range(8)))
+    with pytest.raises(ValueError, match="destination"):
+        store.load(keys, [[np.zeros(LB, np.uint8)]])
+    with pytest.raises(ValueError, match="source lists"):
+        store.save(keys, ROOT, 0, [])
+    store.close()

@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+
+from kvtier.core.codec import checksum
+from kvtier.core.config import MemoryTierConfig
+from kvtier.core.errors import ConfigError
+from kvtier.tiers.base import ChunkMeta
+from kvtier.tiers.memory import MemoryTier
+from tests.conftest import CHUNK, TINY, key_of, payload
+
+ROOT = b"\0" * 32
+LB = TINY.layer_bytes(CHUNK)
+
+
+def tier(slots: int, policy: str = "lru") -> MemoryTier:
+    return MemoryTier(TINY, CHUNK, MemoryTierConfig(capacity_bytes=slots * TINY.chunk_bytes(CHUNK), policy=policy))
+
+
+def put(t: MemoryTier, key: bytes, parent: bytes = ROOT, depth: int = 0) -> bool:
+    layers = payload(key)
+    meta = ChunkMeta(key, parent, depth, CHUNK, tuple(checksum(x) for x in layers))
+    return t.write(meta, layers)
+
+
+def chain(t: MemoryTier, ids: list[int]) -> list[bytes]:
+    keys = [key_of(i) for i in ids]
+    parent = ROOT
+    for d, k in enumerate(keys):
+        assert put(t, k, parent, d)
+        parent = k
+    return keys
+
+
+def read(t: MemoryTier, key: bytes, layers=(0, 1)):
+    dests = [np.zeros(LB, np.uint8) for _ in layers]
+    meta = t.read(key, list(layers), dests)
+    return meta, dests
+
+
+def test_roundtrip_whole_and_one_layer():
+    t = tier(4)
+    (k,) = chain(t, [1])
+    meta, dests = read(t, k)
+    assert meta is not None and meta.depth == 0
+    for got, want in zip(dests, payload(k)):
+        assert np.array_equal(got, want)
+    meta, (one,) = read(t, k, layers=(1,))
+    assert np.array_equal(one, payload(k)[1])
+    assert t.metrics.get("kvtier_tier_hits_total", tier="memory") == 2
+
+
+def test_capacity_never_exceeded_and_exact_lru_order():
+    t = tier(4)
+    a = chain(t, [1, 2])  # a0 -> a1
+    b = chain(t, [3, 4])  # b0 -> b1
+    t.touch(a)  # a hit on chain a touches a1, then a0: the head ends freshest
+    order = []
+    for i in range(5, 9):
+        before = set(t.keys())
+        put(t, key_of(i))
+        assert t.usage().chunks <= 4 and t.usage().used_bytes <= t.usage().capacity_bytes
+        order += [k for k in before if not t.contains(k)]
+    assert order == [b[1], b[0], a[1], a[0]]
+
+
+def test_head_never_evicted_before_tail_even_if_older():
+    t = tier(3)
+    a = chain(t, [1, 2, 3])  # a0 oldest by insert order, but it has children
+    put(t, key_of(9))
+    assert t.contains(a[0]) and t.contains(a[1]) and not t.contains(a[2])
+
+
+def test_pinned_chunk_not_evicted():
+    t = tier(2)
+    k1, k2 = key_of(1), key_of(2)
+    put(t, k1)
+    put(t, k2)
+    assert t.pin(k1) is not None
+    put(t, key_of(3))
+    assert t.contains(k1) and not t.contains(k2)
+    t.pin(key_of(3))
+    assert put(t, key_of(4)) is False  # everything pinned: no room
+    t.unpin(k1)
+    assert put(t, key_of(4)) is True and not t.contains(k1)
+    with pytest.raises(ValueError, match="not pinned"):
+        t.unpin(k1)
+
+
+def test_reservation_invisible_until_commit_and_abort_frees():
+    t = tier(1)
+    k = key_of(1)
+    res = t.allocate(k)
+    assert res is not None and not t.contains(k)
+    assert t.allocate(key_of(2)) is None  # the only slot is reserved
+    t.write_layer(res, 0, payload(k)[0])
+    meta = ChunkMeta(k, ROOT, 0, CHUNK, (0, 0))
+    with pytest.raises(ValueError, match="unfilled"):
+        t.commit(res, meta)
+    t.abort(res)
+    assert t.allocate(key_of(2)) is not None
+
+
+def test_corrupted_slot_is_a_miss_and_counted():
+    t = tier(2)
+    (k,) = chain(t, [1])
+    t.layer_view(t.slot_of(k), 1)[5] ^= 1
+    meta, _ = read(t, k)
+    assert meta is None and not t.contains(k)
+    assert t.metrics.get("kvtier_tier_checksum_failures_total", tier="memory") == 1
+
+
+def test_bad_buffers_and_config():
+    t = tier(2)
+    (k,) = chain(t, [1])
+    with pytest.raises(ValueError, match="bytes"):
+        t.read(k, [0], [np.zeros(LB + 1, np.uint8)])
+    with pytest.raises(ValueError, match="layer 5"):
+        t.read(k, [5], [np.zeros(LB, np.uint8)])
+    with pytest.raises(ValueError, match="read-only"):
+        t.read(k, [0], [bytes(LB)])
+    with pytest.raises(ConfigError, match="holds no chunk"):
+        MemoryTier(TINY, CHUNK, MemoryTierConfig(capacity_bytes=10))
+    with pytest.raises(ConfigError, match="policy"):
+        MemoryTier(TINY, CHUNK, MemoryTierConfig(capacity_bytes=1 << 20, policy="nope"))
