@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NewType
@@ -30,6 +32,8 @@ ChunkKey = NewType("ChunkKey", bytes)
 
 KEY_SCHEME_VERSION = 1
 _U32 = struct.Struct("<I")
+_BIG_ENDIAN = sys.byteorder == "big"
+assert array("I").itemsize == 4, "kvtier needs a 4-byte C unsigned int"
 
 
 def _sha256(data: bytes) -> bytes:
@@ -81,19 +85,19 @@ def _frame(*fields: bytes) -> bytes:
 
 
 def tokens_to_bytes(tokens: Sequence[int]) -> bytes:
-    """Little-endian uint32 framing of token ids; a clear error for ids out of range.
-
-    struct.pack is the fastest list[int] -> bytes conversion in CPython (about 2x array).
-    """
+    """Little-endian uint32 framing of token ids; a clear error for ids out of range."""
     try:
-        return struct.pack(f"<{len(tokens)}I", *tokens)
-    except struct.error:
+        arr = array("I", tokens)
+    except (OverflowError, TypeError):
         for t in tokens:
             if not isinstance(t, int):
                 raise TypeError(f"token ids must be integers, got {type(t).__name__}: {t!r}") from None
             if not 0 <= t < 2**32:
                 raise ValueError(f"token id {t!r} is outside 0..2**32-1") from None
         raise
+    if _BIG_ENDIAN:  # pragma: no cover - the framing is little-endian everywhere
+        arr.byteswap()
+    return arr.tobytes()
 
 
 @dataclass(slots=True, frozen=True)
@@ -198,9 +202,9 @@ class KeyChain:
         size = _U32.pack(step)
         extras = _frame(*self._extras) if self._extras else b"\x00\x00\x00\x00"
         new: list[ChunkKey] = []
-        mv = memoryview(data)
+        trailer = extras
         for off in range(0, full, step):
-            parent = digest(b"".join((parent, size, mv[off : off + step], extras)))
+            parent = digest(parent + size + data[off : off + step] + trailer)
             new.append(ChunkKey(parent))
         self._pending = data[full:]
         self.keys.extend(new)
