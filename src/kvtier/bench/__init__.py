@@ -1,0 +1,1 @@
+"""kvtier.bench: workloads, benchmark runners and plots (may use every layer)."""
