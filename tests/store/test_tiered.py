@@ -141,9 +141,24 @@ def test_disk_full_fails_through_handle_and_store_stays_usable(tmp_path, monkeyp
 def test_write_back_demotes_on_eviction(tmp_path):
     store = make_store(tmp_path, mem_chunks=2, write_mode="write-back")
     keys = keys_for(list(range(16)))
-    save_chain(store, keys).wait()
+    save_chain(store, keys[:2]).wait()
+    assert store.disk.lookup(keys) == 0  # write-back: nothing on disk yet
+    save_chain(store, keys, start=2).wait()  # evicts the first two from DRAM
     store.flush()
-    assert store.disk.lookup(keys[:2]) == 2  # the two evicted from DRAM were demoted
+    assert store.disk.lookup(keys[:2]) == 2  # ... which were demoted to disk
+    assert store.lookup(keys).hits == 4
+    res, dests = load_all(store, keys)
+    assert res.loaded == 4
+    assert_exact(keys, dests)
+    store.close()
+
+
+def test_write_back_chunks_without_dram_room_go_to_disk(tmp_path):
+    store = make_store(tmp_path, mem_chunks=2, write_mode="write-back")
+    keys = keys_for(list(range(16)))
+    r = save_chain(store, keys).wait()  # one batch of 4: DRAM takes 2, the rest go straight to disk
+    assert r.in_memory == 2 and r.on_disk == 2
+    assert store.lookup(keys).hits == 4
     res, dests = load_all(store, keys)
     assert res.loaded == 4
     assert_exact(keys, dests)

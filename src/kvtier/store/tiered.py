@@ -89,6 +89,7 @@ class TieredStore:
         self._io = TransferEngine(config.io_threads, "kvtier-io")
         self._writer = TransferEngine(1, "kvtier-disk-writer")  # FIFO: parents before children
         self._pending: set[TransferHandle] = set()
+        self._demoting: dict[bytes, tuple[ChunkMeta, list[bytes]]] = {}  # write-back chunks in flight
         self._pending_lock = threading.Lock()
         self._closed = False
 
@@ -103,6 +104,9 @@ class TieredStore:
                     where.append(tier.name)
                     break
             else:
+                if key in self._demoting:
+                    where.append("disk")
+                    continue
                 break
         if touch and where:
             for tier in self.tiers:
@@ -144,6 +148,9 @@ class TieredStore:
                     if tier is not self.memory and self.memory is not None:
                         self._promote(meta, layers, dests[i])
                     break
+            else:
+                if self._demoting and self._read_demoting(key, layers, dests[i]) is not None:
+                    source = "disk"
             tiers.append(source)
             if not source:
                 failed.append(i)
@@ -232,12 +239,34 @@ class TieredStore:
             in_memory += pin
         if mem is not None:
             mem.touch(batch.keys)
-        if self.disk is None or self.config.write_mode == "write-back":
-            for key, pin in zip(batch.keys, pinned):
-                if pin and mem is not None:
-                    mem.unpin(key)
+        # write-through: every chunk goes to disk; write-back: only those DRAM had no room for
+        write_through = self.config.write_mode == "write-through"
+        to_disk = [i for i in range(len(metas)) if self.disk is not None and (write_through or copies[i] is not None)]
+        for i, (key, pin) in enumerate(zip(batch.keys, pinned)):
+            if pin and mem is not None and i not in to_disk:
+                mem.unpin(key)
+        if not to_disk:
             return self._io.completed("save", SaveResult(len(metas), in_memory, 0))
-        handle = self._writer.submit("save", self._write_disk, metas, copies, pinned, in_memory)
+        handle = self._writer.submit("save", self._write_disk, [metas[i] for i in to_disk],
+                                     [copies[i] for i in to_disk], [pinned[i] for i in to_disk], in_memory)
+        self._track(handle)
+        return handle
+
+    def persist(self, metas: Sequence[ChunkMeta]) -> TransferHandle[SaveResult]:
+        """Queue the lower-tier write of chunks already committed to DRAM (the host service's
+        save path: clients fill shared-memory slots, the service commits, then calls this).
+        Resident chunks are pinned until written; a chunk no longer in DRAM is an error."""
+        self._check_open()
+        mem = self.memory
+        metas = list(metas)
+        pinned = [mem is not None and mem.pin(meta.key) is not None for meta in metas]
+        in_memory = sum(pinned)
+        if self.disk is None or self.config.write_mode == "write-back":
+            for meta, pin in zip(metas, pinned):
+                if pin and mem is not None:
+                    mem.unpin(meta.key)
+            return self._io.completed("save", SaveResult(len(metas), in_memory, 0))
+        handle = self._writer.submit("save", self._write_disk, metas, [None] * len(metas), pinned, in_memory)
         self._track(handle)
         return handle
 
@@ -299,8 +328,21 @@ class TieredStore:
         lb = self.layer_bytes
         data = payload.tobytes()
         layers = [data[i * lb:(i + 1) * lb] for i in range(self.layout.num_layers)]
+        with self._pending_lock:
+            self._demoting[meta.key] = (meta, layers)  # readable until the disk write lands
         handle = self._writer.submit("demote", self._write_disk, [meta], [layers], [False], 0)
         self._track(handle)
+        handle.add_done_callback(lambda _h: self._demoting.pop(meta.key, None))
+
+    def _read_demoting(self, key: bytes, layers: list[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
+        with self._pending_lock:
+            entry = self._demoting.get(key)
+        if entry is None:
+            return None
+        meta, data = entry
+        for layer, dest in zip(layers, dests):
+            np.copyto(np.frombuffer(memoryview(dest).cast("B"), dtype=np.uint8), np.frombuffer(data[layer], dtype=np.uint8))
+        return meta
 
     def _track(self, handle: TransferHandle) -> None:
         with self._pending_lock:

@@ -1,0 +1,805 @@
+"""Disk tier: one file per chunk under a root folder (local SSD, or a shared mount).
+
+Who calls: the TieredStore (in-process mode) or the host service, from its I/O threads;
+the CLI calls `scan_root` (`kvtier store stats`) and `clear_root` (`kvtier store clear`).
+
+Folder layout (every path is built only from the hex digest of a key):
+
+    <root>/.owner.lock                      flock held by the owning process (its pid inside)
+    <root>/chunks/<hh>/<hex of key>.kvc     one chunk: core.codec header + 4 KiB-aligned sections
+    <root>/tmp/<hex>.<pid>.<random>.tmp     a chunk being written
+
+A chunk file holds one SECTION_KV section per layer (index = layer, in layer order) and
+then the chunk's optional extra sections, exactly as core/codec.py lays them out.
+
+Writes are crash-safe: the whole file is written under a unique temporary name, optionally
+fsynced, and renamed into place, so a chunk is published complete or not at all; only then
+does the index see it. A key already stored is not rewritten. Every read verifies the header
+and the xxh3 checksum of each section it copied into the caller's buffer; a chunk that
+fails is a miss: counted, dropped from the index and (owner only) deleted, never returned.
+`read` returns the chunk's extra sections in its meta only when it reads every layer (a
+whole-chunk read, as a promotion does); a layer-wise read returns `extras=()`, and
+`read_section` fetches one extra section on its own.
+
+The index is rebuilt at open by reading every chunk header (invalid files are counted and,
+by the owner, deleted); the eviction policy learns the chunks oldest file first, parents
+before their children, so the order survives restarts. Files whose header names another
+KV layout belong to another configuration: they are left alone and not indexed.
+
+Several processes sharing one folder:
+- One *owner* (read_only=False) per folder, enforced by a non-blocking flock on
+  .owner.lock; a second owner is refused with TierUnavailableError. Only the owner writes,
+  evicts, deletes and accounts capacity; at open it removes temporary files left by a crash.
+- Any number of *readers* (read_only=True) take no lock and never write or delete. A reader
+  indexes the folder at open and finds chunks committed later by stat-ing the key's path on
+  lookup/read. Readers only ever see whole, committed chunks (rename is atomic) and verify
+  what they read; a chunk the owner evicted meanwhile is a plain miss. A reader's usage()
+  counts only the chunks it has seen.
+- On a shared mount (NFS, CephFS) flock and rename atomicity are what that filesystem
+  provides; use one owner per folder across all hosts.
+
+Thread-safety: one lock guards the index, the policy and the byte accounting; file I/O runs
+outside it, except unlinks, which run under it so that a delete can never race a rewrite of
+the same key. A file being read may be evicted concurrently (the open descriptor keeps the
+inode alive); a file being written is a temporary file the index does not know, so eviction
+cannot touch it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvtier.core import metrics as m
+from kvtier.core.codec import (
+    ALIGN,
+    MAX_KEY_BYTES,
+    SECTION_KV,
+    ChunkHeader,
+    Section,
+    align_up,
+    checksum,
+    decode_header,
+    encode_header,
+    header_size,
+)
+from kvtier.core.config import DiskTierConfig
+from kvtier.core.errors import CorruptChunkError, StoreClosedError, TierUnavailableError
+from kvtier.core.layout import KVLayout
+from kvtier.tiers.base import Buffer, ChunkMeta, Tier, TierUsage, TierWriteError, as_bytes_view, check_dests
+from kvtier.tiers.policies import make_policy
+
+CHUNKS_DIR = "chunks"
+TMP_DIR = "tmp"
+LOCK_FILE = ".owner.lock"
+CHUNK_SUFFIX = ".kvc"
+TMP_SUFFIX = ".tmp"
+
+_CHUNK_NAME = re.compile(r"^(?:[0-9a-f]{2}){1,32}\.kvc$")
+_TMP_NAME = re.compile(r"^[0-9a-f]{2,64}\.\d+\.[0-9a-f]+\.tmp$")
+_BUCKET_NAME = re.compile(r"^[0-9a-f]{2}$")
+_IOV_MAX = 1024  # Linux's limit on buffers per readv/writev call
+_ZEROS = bytes(ALIGN)  # padding between sections
+
+
+@dataclass(slots=True, frozen=True)
+class _Table:
+    """A verified header for this tier's layout: KV sections by layer, then the extras."""
+
+    header: ChunkHeader
+    kv: tuple[Section, ...]
+    extras: tuple[Section, ...]
+
+
+@dataclass(slots=True)
+class _Entry:
+    path: str
+    file_bytes: int
+    parent: bytes | None
+    depth: int
+    # (raw header bytes, their verified table): a read whose header bytes are identical
+    # skips re-parsing; it still checksums every section it reads.
+    cache: tuple[bytes, _Table] | None = None
+
+
+def chunk_path(root: str | os.PathLike[str], key: bytes) -> str:
+    """<root>/chunks/<hh>/<hex>.kvc for a key of 1..32 bytes."""
+    if not isinstance(key, (bytes, bytearray)) or not 0 < len(key) <= MAX_KEY_BYTES:
+        raise ValueError(f"a chunk key must be 1..{MAX_KEY_BYTES} bytes")
+    hx = bytes(key).hex()
+    return os.path.join(root, CHUNKS_DIR, hx[:2], hx + CHUNK_SUFFIX)
+
+
+class DiskTier(Tier):
+    name = "disk"
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        chunk_tokens: int,
+        config: DiskTierConfig,
+        metrics: m.Metrics | None = None,
+    ) -> None:
+        self.layout = layout
+        self.chunk_tokens = chunk_tokens
+        self.config = config
+        self.metrics = metrics or m.Metrics()
+        self.read_only = config.read_only
+        self.capacity_bytes = config.capacity_bytes
+        self._layout_id = layout.layout_id(chunk_tokens)
+        self._policy = make_policy(config.policy)
+        self._index: dict[bytes, _Entry] = {}
+        self._writing: set[bytes] = set()
+        self._used = 0
+        self._reserved = 0  # bytes of writes in flight
+        self._lock = threading.Lock()
+        self._closed = False
+        self._lock_fd = -1
+        self._buckets: set[str] = set()
+        self.foreign_chunks = 0  # files of another layout found at open (left alone)
+
+        self.root = _open_root(config)
+        self._chunks_dir = os.path.join(self.root, CHUNKS_DIR)
+        self._tmp_dir = os.path.join(self.root, TMP_DIR)
+        if not self.read_only:
+            self._lock_fd = _take_owner_lock(self.root)
+            try:
+                for d in (self._chunks_dir, self._tmp_dir):
+                    os.makedirs(d, exist_ok=True)
+                self._remove_temp_files()
+            except OSError as e:
+                self._release_owner_lock()
+                raise TierUnavailableError(f"disk.root {self.root} is not writable: {e.strerror}") from None
+        self._rebuild_index()
+
+    # -- paths -------------------------------------------------------------------------
+    def path_of(self, key: bytes) -> str:
+        return chunk_path(self.root, key)
+
+    # -- lookup ------------------------------------------------------------------------
+    def contains(self, key: bytes) -> bool:
+        if key in self._index:
+            return True
+        return self.read_only and self._discover(key) is not None
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        index = self._index
+        n = 0
+        for key in keys:
+            if key not in index and not (self.read_only and self._discover(key) is not None):
+                break
+            n += 1
+        return n
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._index)
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            self._policy.touch(keys)
+
+    # -- read --------------------------------------------------------------------------
+    def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
+        views = check_dests(self, layers, dests)
+        self._check_open()
+        t0 = time.perf_counter()
+        entry = self._find(key)
+        fd = self._open_chunk(key, entry)
+        if entry is None or fd < 0:
+            self.metrics.inc(m.MISSES, tier=self.name)
+            return None
+        try:
+            table = self._load_table(fd, key, entry)
+            sections = [table.kv[layer] for layer in layers]
+            _preadv_sections(fd, sections, views)
+            for layer, section, view in zip(layers, sections, views, strict=True):
+                if checksum(view) != section.checksum:
+                    raise CorruptChunkError(f"layer {layer} checksum mismatch")
+            extras: tuple[tuple[int, int, bytes], ...] = ()
+            if table.extras and len(set(layers)) == self.layout.num_layers:
+                extras = tuple((s.kind, s.index, _read_verified(fd, s)) for s in table.extras)
+        except CorruptChunkError:
+            self._drop_corrupt(key, entry)
+            return None
+        finally:
+            os.close(fd)
+        h = table.header
+        self.metrics.inc(m.HITS, tier=self.name)
+        self.metrics.inc(m.BYTES_READ, len(layers) * self.layer_bytes, tier=self.name)
+        self.metrics.inc(m.READ_SECONDS, time.perf_counter() - t0, tier=self.name)
+        return ChunkMeta(h.key, h.parent, h.depth, h.num_tokens, tuple(s.checksum for s in table.kv), extras)
+
+    def read_section(self, key: bytes, kind: int, index: int) -> bytes | None:
+        self._check_open()
+        entry = self._find(key)
+        fd = self._open_chunk(key, entry)
+        if entry is None or fd < 0:
+            return None
+        try:
+            table = self._load_table(fd, key, entry)
+            section = table.header.section(kind, index)
+            if section is None:
+                return None
+            data = _read_verified(fd, section)
+        except CorruptChunkError:
+            self._drop_corrupt(key, entry)
+            return None
+        finally:
+            os.close(fd)
+        self.metrics.inc(m.BYTES_READ, len(data), tier=self.name)
+        return data
+
+    def _find(self, key: bytes) -> _Entry | None:
+        entry = self._index.get(key)
+        if entry is None and self.read_only:
+            entry = self._discover(key)
+        return entry
+
+    def _discover(self, key: bytes) -> _Entry | None:
+        """Reader mode: index a chunk the owner committed after we opened, if it exists."""
+        path = self.path_of(key)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None:
+                entry = self._index[key] = _Entry(path, st.st_size, None, 0)
+                self._used += st.st_size
+                self._policy.insert(key, None, 0)
+        return entry
+
+    def _open_chunk(self, key: bytes, entry: _Entry | None) -> int:
+        """An open descriptor, or -1 when the file is gone (evicted by the owner meanwhile)."""
+        if entry is None:
+            return -1
+        try:
+            return os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._forget(key, entry)
+            return -1
+
+    def _load_table(self, fd: int, key: bytes, entry: _Entry) -> _Table:
+        """Read and verify the header of an open chunk file (re-parsed only when it changed)."""
+        cache = entry.cache
+        size = os.fstat(fd).st_size
+        raw = _read_header_bytes(fd, len(cache[0]) if cache else header_size(self.layout.num_layers), size)
+        if cache is not None and cache[0] == raw and cache[1].header.file_bytes == size:
+            return cache[1]
+        table = self._verify_header(decode_header(raw, size), key)
+        entry.cache = (raw, table)
+        return table
+
+    def _verify_header(self, header: ChunkHeader, key: bytes) -> _Table:
+        if header.layout_id != self._layout_id:
+            raise CorruptChunkError("chunk was written for another KV layout or chunk size")
+        if header.key != key:
+            raise CorruptChunkError("key in the header does not match the file name")
+        num_layers = self.layout.num_layers
+        kv: list[Section | None] = [None] * num_layers
+        extras = []
+        for s in header.sections:
+            if s.kind != SECTION_KV:
+                extras.append(s)
+            elif not 0 <= s.index < num_layers or kv[s.index] is not None or s.length != self.layer_bytes:
+                raise CorruptChunkError(f"bad KV section for layer {s.index} ({s.length} bytes)")
+            else:
+                kv[s.index] = s
+        if any(s is None for s in kv):
+            raise CorruptChunkError("chunk lacks a KV section for some layer")
+        return _Table(header, tuple(kv), tuple(extras))  # type: ignore[arg-type]
+
+    def _forget(self, key: bytes, entry: _Entry) -> None:
+        with self._lock:
+            self._unindex_locked(key, entry)
+        self._report_usage()
+
+    def _drop_corrupt(self, key: bytes, entry: _Entry) -> None:
+        """A chunk failed validation: count it, unindex it and (owner only) delete its file."""
+        self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
+        with self._lock:
+            # Only if the index still holds the entry we read: otherwise the key was evicted
+            # and perhaps rewritten meanwhile, and that newer file is not ours to delete.
+            if self._unindex_locked(key, entry) and not self.read_only:
+                _unlink_quietly(entry.path)
+        self._report_usage()
+
+    def _unindex_locked(self, key: bytes, entry: _Entry) -> bool:
+        if self._index.get(key) is not entry:
+            return False
+        del self._index[key]
+        self._policy.remove(key)
+        self._used -= entry.file_bytes
+        return True
+
+    # -- write -------------------------------------------------------------------------
+    def write(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bool:
+        """Store a whole chunk; True if stored (or already there), False if no room.
+
+        A key another thread is writing right now also returns True at once.
+        """
+        if self.read_only:
+            raise TierWriteError(f"disk tier at {self.root} was opened read_only; it cannot write")
+        self._check_open()
+        num_layers = self.layout.num_layers
+        if len(layers) != num_layers or len(meta.checksums) != num_layers:
+            raise ValueError(
+                f"write needs {num_layers} layer buffers and checksums, got {len(layers)} and {len(meta.checksums)}"
+            )
+        lb = self.layer_bytes
+        srcs = [as_bytes_view(b) for b in layers]
+        for layer, src in enumerate(srcs):
+            if src.nbytes != lb:
+                raise ValueError(f"layer {layer} source has {src.nbytes} bytes, a section has {lb}")
+        sections = [(SECTION_KV, layer, lb, meta.checksums[layer]) for layer in range(num_layers)]
+        payloads: list[Any] = list(srcs)
+        for kind, index, data in meta.extras:
+            if kind == SECTION_KV:
+                raise ValueError("extra sections must not use SECTION_KV")
+            sections.append((kind, index, len(data), checksum(data)))
+            payloads.append(memoryview(data).cast("B"))
+        raw, header = encode_header(self._layout_id, meta.key, meta.parent, meta.depth, meta.num_tokens, sections)
+        table = self._verify_header(header, meta.key)
+        total = header.file_bytes
+        key = meta.key
+        final = self.path_of(key)  # validates the key
+
+        with self._lock:
+            if key in self._index or key in self._writing:
+                return True
+            if not self._policy.admit(key, meta.parent, meta.depth):
+                return False
+            if self._reserved + total > self.capacity_bytes:
+                return False
+            try:
+                while self._used + self._reserved + total > self.capacity_bytes:
+                    # Never evict the new chunk's parent to make room for it.
+                    if not self._evict_one_locked(lambda k: k != meta.parent):
+                        return False
+            except OSError as e:
+                raise self._write_failed(key, "evicting to make room", e) from e
+            self._reserved += total
+            self._writing.add(key)
+
+        t0 = time.perf_counter()
+        tmp = os.path.join(self._tmp_dir, f"{key.hex()}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        fd = -1
+        renamed = False
+        committed = False
+        step = "creating a temporary file for"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            bufs: list[Any] = [raw]
+            for section, data in zip(header.sections, payloads, strict=True):
+                bufs.append(data)
+                pad = align_up(section.offset + section.length) - section.offset - section.length
+                if pad:
+                    bufs.append(memoryview(_ZEROS)[:pad])
+            step = "writing"
+            _writev_all(fd, bufs)
+            if self.config.fsync:
+                step = "fsyncing"
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            step = "publishing"
+            bucket = os.path.dirname(final)
+            self._ensure_bucket(bucket)
+            os.rename(tmp, final)
+            renamed = True
+            if self.config.fsync:
+                _fsync_dir(bucket)
+            with self._lock:
+                self._index[key] = _Entry(final, total, meta.parent, meta.depth, (raw, table))
+                self._used += total
+                self._policy.insert(key, meta.parent, meta.depth)
+            committed = True
+        except OSError as e:
+            raise self._write_failed(key, step, e) from e
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if not committed:
+                _unlink_quietly(tmp)
+                if renamed:
+                    _unlink_quietly(final)
+            with self._lock:
+                self._reserved -= total
+                self._writing.discard(key)
+        self.metrics.inc(m.BYTES_WRITTEN, sum(s.length for s in header.sections), tier=self.name)
+        self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=self.name)
+        self._report_usage()
+        return True
+
+    def _write_failed(self, key: bytes, step: str, e: OSError) -> TierWriteError:
+        self.metrics.inc(m.WRITE_FAILURES, tier=self.name)
+        cause = errno.errorcode.get(e.errno or 0, "error")
+        return TierWriteError(
+            f"disk tier: {step} chunk {key.hex()[:16]} under {self.root} failed: {e.strerror or e} ({cause})"
+        )
+
+    def _ensure_bucket(self, bucket: str) -> None:
+        if bucket in self._buckets:
+            return
+        if not os.path.isdir(bucket):
+            os.makedirs(bucket, exist_ok=True)
+            if self.config.fsync:
+                _fsync_dir(self._chunks_dir)
+        self._buckets.add(bucket)
+
+    def _evict_one_locked(self, can_evict: Callable[[bytes], bool]) -> bool:
+        index = self._index
+        victim = self._policy.evict(lambda k: k in index and can_evict(k))
+        if victim is None:
+            return False
+        entry = index.pop(victim)
+        self._used -= entry.file_bytes
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            index[victim] = entry  # still on disk: keep accounting for it
+            self._used += entry.file_bytes
+            self._policy.insert(victim, entry.parent, entry.depth)
+            raise
+        self.metrics.inc(m.EVICTIONS, tier=self.name)
+        return True
+
+    # -- delete / usage / close ----------------------------------------------------------
+    def delete(self, key: bytes) -> bool:
+        if self.read_only:
+            raise TierWriteError(f"disk tier at {self.root} was opened read_only; it cannot delete")
+        self._check_open()
+        with self._lock:
+            entry = self._index.pop(key, None)
+            if entry is None:
+                return False
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self._index[key] = entry
+                raise self._write_failed(key, "deleting", e) from e
+            self._policy.remove(key)
+            self._used -= entry.file_bytes
+        self._report_usage()
+        return True
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            return TierUsage(self._used, self.capacity_bytes, len(self._index))
+
+    def _report_usage(self) -> None:
+        self.metrics.set(m.USED_BYTES, self._used, tier=self.name)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("disk tier is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release_owner_lock()
+
+    def __enter__(self) -> DiskTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _release_owner_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = -1
+
+    # -- open ----------------------------------------------------------------------------
+    def _remove_temp_files(self) -> None:
+        """Owner only, under the owner lock: no other process can be writing these."""
+        for entry in _scandir(self._tmp_dir):
+            if entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+                _unlink_quietly(entry.path)
+
+    def _rebuild_index(self) -> None:
+        found: dict[bytes, tuple[_Entry, int]] = {}
+        for path, key, st in _iter_chunk_files(self._chunks_dir):
+            try:
+                raw, header = _read_header_file(path, st.st_size)
+                if header.layout_id != self._layout_id:
+                    self.foreign_chunks += 1
+                    continue
+                table = self._verify_header(header, key)
+            except FileNotFoundError:
+                continue
+            except (CorruptChunkError, OSError):
+                self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
+                if not self.read_only:
+                    _unlink_quietly(path)
+                continue
+            entry = _Entry(path, st.st_size, header.parent, header.depth, (raw, table))
+            found[key] = (entry, st.st_mtime_ns)
+
+        # Oldest file first, but a parent always before its children, so the policy links
+        # every child to its parent (and never evicts a head before its tail).
+        inserted: set[bytes] = set()
+        for key in sorted(found, key=lambda k: (found[k][1], found[k][0].depth)):
+            chain: list[bytes] = []
+            seen: set[bytes] = set()
+            k: bytes | None = key
+            while k is not None and k in found and k not in inserted and k not in seen:
+                chain.append(k)
+                seen.add(k)
+                k = found[k][0].parent
+            for k in reversed(chain):
+                entry = found[k][0]
+                self._index[k] = entry
+                self._used += entry.file_bytes
+                self._policy.insert(k, entry.parent, entry.depth)
+                inserted.add(k)
+        if not self.read_only:
+            with self._lock:
+                try:
+                    while self._used > self.capacity_bytes and self._evict_one_locked(lambda k: True):
+                        pass
+                except OSError as e:
+                    self._release_owner_lock()
+                    raise TierUnavailableError(f"disk.root {self.root}: cannot evict down to capacity: {e}") from None
+        self._report_usage()
+
+
+# -- folder helpers ---------------------------------------------------------------------------
+def _open_root(config: DiskTierConfig) -> str:
+    if not config.root:
+        raise TierUnavailableError("disk.root is empty; set it to a folder for the disk tier")
+    root = os.path.abspath(config.root)
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise TierUnavailableError(f"disk.root {root} exists but is not a folder")
+    if not os.path.isdir(root):
+        if config.read_only:
+            raise TierUnavailableError(
+                f"disk.root {root} does not exist; a read_only tier cannot create it (start the owner first)"
+            )
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            raise TierUnavailableError(f"cannot create disk.root {root}: {e.strerror}") from None
+    need = os.R_OK | os.X_OK if config.read_only else os.R_OK | os.W_OK | os.X_OK
+    if not os.access(root, need):
+        what = "readable" if config.read_only else "readable and writable"
+        hint = "" if config.read_only else "; open a folder you may only read with read_only=True"
+        raise TierUnavailableError(f"disk.root {root} is not {what} by this process{hint}")
+    return root
+
+
+def _take_owner_lock(root: str) -> int:
+    path = os.path.join(root, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise TierUnavailableError(
+            f"cannot create the owner lock {path}: {e.strerror}; open a folder you may only read with read_only=True"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise TierUnavailableError(
+                f"disk.root {root} is owned by another process (pid {holder}); only one owner may write a "
+                "folder: open it with read_only=True to share it as a reader"
+            ) from None
+        raise TierUnavailableError(f"cannot lock {path}: {e.strerror}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the pid is only a hint for the error message above
+    return fd
+
+
+def _scandir(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _iter_chunk_files(chunks_dir: str) -> Iterator[tuple[str, bytes, os.stat_result]]:
+    """(path, key, stat) of every file named like a chunk: chunks/<hh>/<hex>.kvc."""
+    for bucket in _scandir(chunks_dir):
+        if not _BUCKET_NAME.match(bucket.name) or not bucket.is_dir(follow_symlinks=False):
+            continue
+        for f in _scandir(bucket.path):
+            if not _CHUNK_NAME.match(f.name) or not f.name.startswith(bucket.name):
+                continue
+            try:
+                st = f.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if f.is_file(follow_symlinks=False):
+                yield f.path, bytes.fromhex(f.name[: -len(CHUNK_SUFFIX)]), st
+
+
+def _read_header_bytes(fd: int, guess: int, file_bytes: int) -> bytes:
+    raw = os.pread(fd, guess, 0)
+    if len(raw) >= 16:
+        declared = int.from_bytes(raw[12:16], "little")
+        if len(raw) < declared <= file_bytes:
+            raw += os.pread(fd, declared - len(raw), len(raw))
+        elif declared <= len(raw):
+            raw = raw[:declared]
+    return raw
+
+
+def _read_header_file(path: str, file_bytes: int) -> tuple[bytes, ChunkHeader]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = _read_header_bytes(fd, ALIGN, file_bytes)
+    finally:
+        os.close(fd)
+    return raw, decode_header(raw, file_bytes)
+
+
+def _read_verified(fd: int, section: Section) -> bytes:
+    data = os.pread(fd, section.length, section.offset)
+    if len(data) != section.length:
+        raise CorruptChunkError(f"short read of section ({section.kind}, {section.index})")
+    if checksum(data) != section.checksum:
+        raise CorruptChunkError(f"section ({section.kind}, {section.index}) checksum mismatch")
+    return data
+
+
+def _preadv_sections(fd: int, sections: Sequence[Section], views: Sequence[memoryview]) -> None:
+    """Read sections into views; runs of sections adjacent in the file share one preadv."""
+    scratch: memoryview | None = None
+    i = 0
+    while i < len(sections):
+        start = sections[i].offset
+        bufs = [views[i]]
+        end = start + sections[i].length
+        i += 1
+        while i < len(sections) and sections[i].offset == align_up(end):
+            pad = sections[i].offset - end
+            if pad:
+                scratch = scratch if scratch is not None else memoryview(bytearray(ALIGN))
+                bufs.append(scratch[:pad])
+            bufs.append(views[i])
+            end = sections[i].offset + sections[i].length
+            i += 1
+        _preadv_all(fd, bufs, start)
+
+
+def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """The buffers left after the first n bytes were transferred."""
+    i = 0
+    while i < len(bufs) and n >= len(bufs[i]):
+        n -= len(bufs[i])
+        i += 1
+    rest = bufs[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
+def _preadv_all(fd: int, bufs: list[memoryview], offset: int) -> None:
+    while bufs:
+        n = os.preadv(fd, bufs[:_IOV_MAX], offset)
+        if n <= 0:
+            raise CorruptChunkError("short read: file is truncated")
+        offset += n
+        bufs = _advance(bufs, n)
+
+
+def _writev_all(fd: int, bufs: list[Any]) -> None:
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX])
+        if n <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        views = _advance(views, n)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    """Remove a file that may already be gone; any other failure is left for the next open."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # gone already, or e.g. EROFS: the next owner open (temp files) or read (chunks) retries
+
+
+# -- CLI helpers --------------------------------------------------------------------------------
+def scan_root(root: str | os.PathLike[str]) -> dict[str, int | str]:
+    """Statistics of a disk-tier folder, read-only: chunks, bytes, corrupt files, temp files."""
+    path = os.path.abspath(root)
+    if not os.path.isdir(path):
+        raise TierUnavailableError(f"{path} is not a folder")
+    chunks = total = corrupt = 0
+    for file, key, st in _iter_chunk_files(os.path.join(path, CHUNKS_DIR)):
+        try:
+            _raw, header = _read_header_file(file, st.st_size)
+        except FileNotFoundError:
+            continue
+        except (CorruptChunkError, OSError):
+            corrupt += 1
+            continue
+        if header.key != key:
+            corrupt += 1
+            continue
+        chunks += 1
+        total += st.st_size
+    temps = [e for e in _scandir(os.path.join(path, TMP_DIR)) if _TMP_NAME.match(e.name)]
+    return {"root": path, "chunks": chunks, "bytes": total, "corrupt": corrupt, "temp_files": len(temps)}
+
+
+def clear_root(root: str | os.PathLike[str]) -> dict[str, int]:
+    """Remove every chunk and temp file kvtier created under `root`, then the empty folders.
+
+    Only chunks/<hh>/<hex>.kvc and tmp/<...>.tmp files are removed; anything else stays.
+    Refuses a folder that does not look like a kvtier root (no chunks/ folder and no
+    .owner.lock) and a folder an owner process holds open.
+    """
+    path = os.path.abspath(root)
+    chunks_dir = os.path.join(path, CHUNKS_DIR)
+    lock_path = os.path.join(path, LOCK_FILE)
+    if not os.path.isdir(path):
+        raise TierUnavailableError(f"{path} is not a folder")
+    if not (os.path.isdir(chunks_dir) or os.path.isfile(lock_path)):
+        raise TierUnavailableError(f"{path} does not look like a kvtier disk folder (no {CHUNKS_DIR}/ or {LOCK_FILE})")
+    try:
+        lock_fd = _take_owner_lock(path)  # refuses a folder in use; keeps an owner out meanwhile
+    except TierUnavailableError as e:
+        raise TierUnavailableError(f"cannot clear {path}: {e}") from None
+    removed = removed_bytes = temps = 0
+    try:
+        for file, _key, st in _iter_chunk_files(chunks_dir):
+            try:
+                os.unlink(file)
+            except FileNotFoundError:
+                continue
+            removed += 1
+            removed_bytes += st.st_size
+        for tmp in _scandir(os.path.join(path, TMP_DIR)):
+            if _TMP_NAME.match(tmp.name) and tmp.is_file(follow_symlinks=False):
+                _unlink_quietly(tmp.path)
+                temps += 1
+        for bucket in _scandir(chunks_dir):
+            if _BUCKET_NAME.match(bucket.name):
+                _rmdir_if_empty(bucket.path)
+        _rmdir_if_empty(chunks_dir)
+        _rmdir_if_empty(os.path.join(path, TMP_DIR))
+    finally:
+        os.close(lock_fd)
+    return {"chunks": removed, "bytes": removed_bytes, "temp_files": temps}
+
+
+def _rmdir_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # not empty (holds files kvtier did not create) or already gone
+
+
+__all__ = ["DiskTier", "chunk_path", "clear_root", "scan_root"]
