@@ -39,11 +39,11 @@ def numpy_forward(w: dict, h: dict, tokens) -> np.ndarray:
         return out
 
     mask = np.triu(np.full((T, T), -np.inf), 1)
-    for l in range(h["n_layers"]):
-        xn = rms(x, w["attn_norm"][l])
-        q = (xn @ w["wq"][l].T).reshape(T, nh, hd)
-        k = (xn @ w["wk"][l].T).reshape(T, nkv, hd)
-        v = (xn @ w["wv"][l].T).reshape(T, nkv, hd)
+    for layer in range(h["n_layers"]):
+        xn = rms(x, w["attn_norm"][layer])
+        q = (xn @ w["wq"][layer].T).reshape(T, nh, hd)
+        k = (xn @ w["wk"][layer].T).reshape(T, nkv, hd)
+        v = (xn @ w["wv"][layer].T).reshape(T, nkv, hd)
         q, k = rope(q), rope(k)
         k = np.repeat(k, rep, axis=1)
         v = np.repeat(v, rep, axis=1)
@@ -51,11 +51,11 @@ def numpy_forward(w: dict, h: dict, tokens) -> np.ndarray:
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
         o = np.einsum("hts,shd->thd", att, v).reshape(T, dim)
-        x = x + o @ w["wo"][l].T
-        xn = rms(x, w["ffn_norm"][l])
-        g = xn @ w["w1"][l].T
-        u = xn @ w["w3"][l].T
-        x = x + ((g / (1 + np.exp(-g))) * u) @ w["w2"][l].T
+        x = x + o @ w["wo"][layer].T
+        xn = rms(x, w["ffn_norm"][layer])
+        g = xn @ w["w1"][layer].T
+        u = xn @ w["w3"][layer].T
+        x = x + ((g / (1 + np.exp(-g))) * u) @ w["w2"][layer].T
     x = rms(x, w["final_norm"])
     return x @ w["wcls"].T
 
