@@ -23,7 +23,8 @@ def _cmd_store_clear(args: argparse.Namespace) -> int:
     from kvtier.tiers.disk import clear_root
 
     removed = clear_root(args.root)
-    print(f"removed {removed} chunk files from {args.root}")
+    print(f"removed {removed['chunks']} chunks ({removed['bytes']} bytes) and {removed['temp_files']} temporary files "
+          f"from {args.root}")
     return 0
 
 
