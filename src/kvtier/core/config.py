@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from kvtier.core.errors import ConfigError
 from kvtier.core.keys import DEFAULT_HASH_MODE, HASH_MODES
+from kvtier.core.layout import KVLayout
 
 T = TypeVar("T")
 
@@ -183,3 +184,39 @@ def read_config_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {p} must hold a mapping at the top level")
     return data
+
+
+CLIENT_MODES = ("inprocess", "service")
+
+
+@dataclass(slots=True, frozen=True)
+class ClientConfig:
+    """How an engine reaches the store: embedded ("inprocess") or the host's `kvtier serve`.
+
+    In-process mode builds a TieredStore from `store` and `layout`. Service mode connects to
+    `socket_path` ("" = kvtier.service's default for this user); the service dictates layout
+    and chunk size, and a given `layout` must match it. With `auto_start`, a client that finds
+    no service answering starts `python -m kvtier.service --config <service_config>` itself.
+    """
+
+    mode: str = "inprocess"
+    socket_path: str = ""
+    store: StoreConfig = field(default_factory=StoreConfig)
+    layout: KVLayout | None = None
+    service_config: str = ""  # the service's config file, used by auto_start
+    auto_start: bool = False
+    lease_timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    transfer_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in CLIENT_MODES:
+            raise ConfigError(f"client.mode must be one of {list(CLIENT_MODES)}, got {self.mode!r}")
+        if self.lease_timeout_s <= 0:
+            raise ConfigError(f"client.lease_timeout_s must be positive, got {self.lease_timeout_s}")
+        if self.connect_timeout_s <= 0:
+            raise ConfigError(f"client.connect_timeout_s must be positive, got {self.connect_timeout_s}")
+        if self.transfer_threads <= 0:
+            raise ConfigError(f"client.transfer_threads must be positive, got {self.transfer_threads}")
+        if self.auto_start and self.mode == "service" and not self.service_config:
+            raise ConfigError("client.service_config must name the service's config file when auto_start is set")

@@ -1,0 +1,229 @@
+"""The store API that engines call: one interface, in-process or through the host service.
+
+Who calls: connectors (vLLM scheduler and worker processes, transformers caches) and
+benchmarks. They use only this module's `StoreClient`, obtained from `connect(config)`.
+
+    layout, chunk_tokens, hash_mode          what the store holds
+    namespace(model, ...), chunk_keys(...)   key helpers bound to the store's layout and chunk size
+    lookup(keys, lease=False)                -> LookupReply(hits, tiers, lease_id)   (scheduler)
+    load(keys, dests, layers, lease_id)      -> TransferHandle[LoadResult]           (worker)
+    release(lease_id)                        end a lease (LeaseError if not held)
+    save(keys, parent, first_depth, srcs)    -> TransferHandle[SaveResult]
+    begin_save(keys, parent, first_depth)    -> SaveSession: write_layer / commit / abort
+    flush(), stats(), close()
+
+Buffers are buffer-protocol objects: dests[i][j] receives layer layers[j] of chunk keys[i]
+and srcs[i][layer] holds layer `layer` of chunk keys[i], one C-contiguous section each
+([kv_heads, planes, chunk_tokens, head_size] of the layout's dtype).
+
+Leases: `lookup(keys, lease=True)` pins the reported chunks (promoting disk hits into
+DRAM) so a later `load(..., lease_id=...)`, possibly from another process, finds them;
+the lease lasts until `release`, its timeout, or its holder's exit. A load whose lease was
+lost still runs and reports exactly which chunks failed. A store without a DRAM tier
+cannot pin: its lookups return lease_id None.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any, Protocol
+
+import numpy as np
+
+from kvtier.core.config import ClientConfig, load_config
+from kvtier.core.errors import ConfigError
+from kvtier.core.keys import Namespace, chunk_keys
+from kvtier.core.layout import KVLayout
+from kvtier.service.host import StoreHost
+from kvtier.service.protocol import LeaseError
+from kvtier.store.tiered import LoadResult, SaveResult, TieredStore
+from kvtier.store.transfer import TransferHandle
+from kvtier.tiers.base import Buffer
+
+__all__ = ["InProcessClient", "LoadResult", "LookupReply", "SaveResult", "SaveSession", "StoreClient", "connect"]
+
+
+@dataclass(slots=True, frozen=True)
+class LookupReply:
+    hits: int  # leading chunks stored
+    tiers: tuple[str, ...]  # tier of each hit ("memory" or "disk")
+    lease_id: int | None  # set when a lease was asked for and at least one chunk was pinned
+
+
+class SaveSession(Protocol):
+    """A chain of chunks being saved layer by layer (vLLM's save_kv_layer); commit publishes it."""
+
+    def write_layer(self, layer: int, srcs: Sequence[Buffer]) -> None: ...
+
+    def commit(self) -> TransferHandle[SaveResult]: ...
+
+    def abort(self) -> None: ...
+
+
+def dest_arrays(layout: KVLayout, chunk_tokens: int, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
+                layers: Sequence[int] | None) -> tuple[list[int], list[list[np.ndarray]]]:
+    """Check load destinations at the call (not later on a worker thread); uint8 views of them."""
+    layer_list = list(range(layout.num_layers)) if layers is None else list(layers)
+    layer_bytes = layout.layer_bytes(chunk_tokens)
+    if len(dests) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(dests)} destination lists")
+    for layer in layer_list:
+        if not 0 <= layer < layout.num_layers:
+            raise ValueError(f"layer {layer} is outside 0..{layout.num_layers - 1}")
+    arrays = []
+    for per_chunk in dests:
+        if len(per_chunk) != len(layer_list):
+            raise ValueError(f"each chunk needs {len(layer_list)} destination buffers, got {len(per_chunk)}")
+        row = []
+        for dest in per_chunk:
+            mv = memoryview(dest)
+            if mv.readonly:
+                raise ValueError("destination buffer is read-only")
+            if not mv.c_contiguous:
+                raise ValueError("destination buffer must be C-contiguous")
+            if mv.nbytes != layer_bytes:
+                raise ValueError(f"destination has {mv.nbytes} bytes, a section has {layer_bytes}")
+            row.append(np.frombuffer(mv.cast("B"), dtype=np.uint8))
+        arrays.append(row)
+    return layer_list, arrays
+
+
+class StoreClient(ABC):
+    @property
+    @abstractmethod
+    def layout(self) -> KVLayout: ...
+
+    @property
+    @abstractmethod
+    def chunk_tokens(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def hash_mode(self) -> str: ...
+
+    def namespace(self, model_fingerprint: str, *, tp_rank: int = 0, tenant_salt: str = "",
+                  extras: tuple[str, ...] = ()) -> Namespace:
+        """The namespace of a model on this store (its root key is the parent of chunk 0)."""
+        return Namespace(model_fingerprint, self.layout.layout_id(self.chunk_tokens), tp_rank, tenant_salt,
+                         self.hash_mode, extras)
+
+    def chunk_keys(self, root: bytes, tokens: Sequence[int], extra_keys: Sequence[bytes] = ()) -> list[bytes]:
+        return list(chunk_keys(root, tokens, self.chunk_tokens, self.hash_mode, extra_keys))
+
+    @abstractmethod
+    def lookup(self, keys: Sequence[bytes], lease: bool = False) -> LookupReply: ...
+
+    @abstractmethod
+    def load(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]], layers: Sequence[int] | None = None,
+             lease_id: int | None = None) -> TransferHandle[LoadResult]: ...
+
+    @abstractmethod
+    def release(self, lease_id: int) -> None: ...
+
+    @abstractmethod
+    def save(self, keys: Sequence[bytes], parent: bytes, first_depth: int,
+             srcs: Sequence[Sequence[Buffer]]) -> TransferHandle[SaveResult]: ...
+
+    @abstractmethod
+    def begin_save(self, keys: Sequence[bytes], parent: bytes, first_depth: int) -> SaveSession: ...
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Wait until the disk writes of every save so far are done."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InProcessClient(StoreClient):
+    """The embedded default: the TieredStore lives in this process."""
+
+    _OWNER = 0
+
+    def __init__(self, store: TieredStore, *, lease_timeout_s: float = 30.0, owns_store: bool = True) -> None:
+        self.store = store
+        self.lease_timeout_s = lease_timeout_s
+        self._owns_store = owns_store
+        self._host = StoreHost(store) if store.memory is not None else None
+
+    @property
+    def layout(self) -> KVLayout:
+        return self.store.layout
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.store.chunk_tokens
+
+    @property
+    def hash_mode(self) -> str:
+        return self.store.config.hash_mode
+
+    def lookup(self, keys: Sequence[bytes], lease: bool = False) -> LookupReply:
+        if self._host is None:
+            r = self.store.lookup(keys)
+            return LookupReply(r.hits, r.tiers, None)
+        self._host.expire()
+        hits, tiers, lease_id = self._host.lookup(self._OWNER, keys, lease, self.lease_timeout_s)
+        return LookupReply(hits, tuple(tiers), lease_id)
+
+    def load(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]], layers: Sequence[int] | None = None,
+             lease_id: int | None = None) -> TransferHandle[LoadResult]:
+        layer_list, arrays = dest_arrays(self.layout, self.chunk_tokens, keys, dests, layers)
+        if self._host is not None and lease_id is not None:
+            self._host.wait_lease(lease_id)  # disk hits of the lease are now in DRAM
+        return self.store.load(keys, arrays, layer_list)
+
+    def release(self, lease_id: int) -> None:
+        if self._host is None:
+            raise LeaseError(f"lease {lease_id} is not held (this store has no DRAM tier to pin in)")
+        self._host.release(lease_id)
+
+    def save(self, keys: Sequence[bytes], parent: bytes, first_depth: int,
+             srcs: Sequence[Sequence[Buffer]]) -> TransferHandle[SaveResult]:
+        return self.store.save(keys, parent, first_depth, srcs)
+
+    def begin_save(self, keys: Sequence[bytes], parent: bytes, first_depth: int) -> SaveSession:
+        return self.store.begin_save(keys, parent, first_depth)
+
+    def flush(self) -> None:
+        self.store.flush()
+
+    def stats(self) -> dict[str, Any]:
+        return self._host.stats() if self._host is not None else self.store.stats()
+
+    def close(self) -> None:
+        if self._host is not None:
+            self._host.close()
+        if self._owns_store:
+            self.store.close()
+
+
+def connect(config: ClientConfig | Mapping[str, Any] | str | PathLike[str] | None = None,
+            layout: KVLayout | None = None) -> StoreClient:
+    """A client for `config` (a ClientConfig, a mapping, or a config file).
+
+    "inprocess" builds a TieredStore here and needs a layout (argument or config.layout).
+    "service" connects to `kvtier serve` (starting it when auto_start is set); a layout
+    given here must match the service's.
+    """
+    cfg = config if isinstance(config, ClientConfig) else load_config(ClientConfig, config)
+    layout = layout or cfg.layout
+    if cfg.mode == "service":
+        from kvtier.client.service_client import ServiceClient
+
+        return ServiceClient(cfg, layout)
+    if layout is None:
+        raise ConfigError("client.layout must be set for mode 'inprocess' (or pass layout= to connect)")
+    return InProcessClient(TieredStore(cfg.store, layout), lease_timeout_s=cfg.lease_timeout_s)

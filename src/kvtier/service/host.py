@@ -1,0 +1,375 @@
+"""StoreHost: leases, load pins and save reservations over one TieredStore, per owner.
+
+Who calls: the store service (one owner per client connection, from that connection's
+thread) and the in-process client (one owner). Everything an owner holds (lease pins,
+pins of loads in progress, reserved slots of unfinished saves) is listed under it, so
+`drop_owner` returns it all when a client disconnects or dies.
+
+    lookup(owner, keys, lease, lease_s)       leading hits and tiers; optionally lease them
+    lease(owner, keys, lease_s)               lease exactly these keys (all must exist)
+    release(lease_id)                         LeaseError if not held
+    load_begin(owner, keys, lease_id)         pin each chunk in DRAM (promoting disk hits)
+    load_end(owner, load_id, corrupt)         unpin; drop chunks the client found corrupt
+    allocate(owner, keys, parent, depth)      reserve DRAM slots for a chain
+    commit(owner, save_id) / abort(...)       publish in chain order, then disk in background
+    expire(now), drop_owner(owner)
+
+A lease pins DRAM hits at once; a disk hit is promoted into DRAM by a background thread
+and pinned there, so the later load copies from DRAM. Leased chunks cannot be evicted
+until the lease is released, expires, or its owner disconnects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from kvtier.core import metrics as m
+from kvtier.core.errors import ConfigError
+from kvtier.service.protocol import LeaseError, ServiceError
+from kvtier.store.tiered import SaveResult, TieredStore
+from kvtier.store.transfer import TransferHandle
+from kvtier.tiers.base import ChunkMeta
+from kvtier.tiers.memory import MemoryTier, Reservation
+
+OwnerId = int
+LeaseId = int
+NO_SLOT = -1
+
+
+@dataclass(slots=True)
+class _Lease:
+    owner: OwnerId
+    deadline: float
+    pinned: list[bytes] = field(default_factory=list)
+    promotions: list[Future[bytes | None]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Load:
+    owner: OwnerId
+    keys: list[bytes]
+    pinned: list[bytes]
+
+
+@dataclass(slots=True)
+class _Save:
+    owner: OwnerId
+    keys: list[bytes]
+    parent: bytes
+    first_depth: int
+    reservations: list[Reservation | None]  # None: already stored (skip) or beyond `granted`
+    granted: int
+
+
+@dataclass(slots=True, frozen=True)
+class LoadPins:
+    load_id: int
+    slots: list[int]  # NO_SLOT for a chunk that could not be pinned
+    tiers: list[str]  # where each chunk was found ("" when failed)
+    checksums: list[tuple[int, ...]]  # per chunk, every layer (empty when failed)
+
+
+@dataclass(slots=True, frozen=True)
+class Allocation:
+    save_id: int
+    slots: list[int]  # NO_SLOT: already stored (do not write) or not granted
+    granted: int  # chunks past this index got no room and will not be saved
+
+
+class StoreHost:
+    def __init__(self, store: TieredStore, *, max_lease_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if store.memory is None:
+            raise ConfigError("the store service needs a memory tier (store.memory)")
+        self.store = store
+        self.memory: MemoryTier = store.memory
+        self.max_lease_s = max_lease_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._leases: dict[LeaseId, _Lease] = {}
+        self._loads: dict[int, _Load] = {}
+        self._saves: dict[int, _Save] = {}
+        self._ids = itertools.count(1)
+        self._promoter = ThreadPoolExecutor(max(2, store.config.io_threads), thread_name_prefix="kvtier-promote")
+
+    # -- lookup and leases -------------------------------------------------------------
+    def lookup(self, owner: OwnerId, keys: Sequence[bytes], lease: bool = False,
+               lease_s: float = 30.0) -> tuple[int, list[str], LeaseId | None]:
+        mem, disk = self.memory, self.store.disk
+        tiers: list[str] = []
+        held = _Lease(owner, self._clock() + min(lease_s, self.max_lease_s))
+        for key in keys:
+            if lease:
+                if mem.pin(key) is not None:
+                    held.pinned.append(key)
+                    tiers.append("memory")
+                    continue
+            elif mem.contains(key):
+                tiers.append("memory")
+                continue
+            if disk is not None and disk.contains(key):
+                tiers.append("disk")
+                if lease:
+                    held.promotions.append(self._promoter.submit(self._promote_pin, key))
+                continue
+            break
+        self._touch(keys[: len(tiers)], tiers)
+        if not lease or not tiers:
+            return len(tiers), tiers, None
+        return len(tiers), tiers, self._add_lease(held)
+
+    def lease(self, owner: OwnerId, keys: Sequence[bytes], lease_s: float = 30.0) -> LeaseId:
+        """Lease exactly `keys`; ServiceError("unknown_key") and nothing leased if one is absent."""
+        hits, _tiers, lease_id = self.lookup(owner, keys, True, lease_s)
+        if hits < len(keys):
+            if lease_id is not None:
+                self.release(lease_id)
+            raise ServiceError("unknown_key", f"cannot lease key {hits}: it is not stored")
+        assert lease_id is not None or not keys
+        return lease_id if lease_id is not None else self._add_lease(_Lease(owner, self._clock()))
+
+    def release(self, lease_id: LeaseId) -> None:
+        with self._lock:
+            held = self._leases.pop(lease_id, None)
+        if held is None:
+            raise LeaseError(f"lease {lease_id} is not held (released, expired, or never taken)")
+        self._unpin_lease(held)
+
+    def expire(self, now: float | None = None) -> int:
+        """Release every lease past its deadline; returns how many."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            dead = [lid for lid, held in self._leases.items() if held.deadline <= now]
+            expired = [self._leases.pop(lid) for lid in dead]
+        for held in expired:
+            self._unpin_lease(held)
+        return len(expired)
+
+    def wait_lease(self, lease_id: LeaseId | None) -> bool:
+        """Wait for the lease's disk promotions and extend it; False if it is not held."""
+        if lease_id is None:
+            return False
+        with self._lock:
+            held = self._leases.get(lease_id)
+        if held is None:
+            return False
+        for fut in list(held.promotions):
+            try:
+                fut.result()
+            except Exception:  # noqa: BLE001 - the load reports the chunk as failed
+                pass
+        with self._lock:
+            if lease_id in self._leases:
+                held.deadline = max(held.deadline, self._clock() + 1.0)
+        return True
+
+    def _add_lease(self, held: _Lease) -> LeaseId:
+        with self._lock:
+            while True:
+                lease_id = secrets.randbits(62) + 1
+                if lease_id not in self._leases:
+                    self._leases[lease_id] = held
+                    return lease_id
+
+    def _unpin_lease(self, held: _Lease) -> None:
+        for key in held.pinned:
+            self.memory.unpin(key)
+        for fut in held.promotions:
+            try:
+                promoted = fut.result()
+            except Exception:  # noqa: BLE001 - a failed promotion pinned nothing
+                promoted = None
+            if promoted is not None:
+                self.memory.unpin(promoted)
+
+    def _touch(self, keys: Sequence[bytes], tiers: Sequence[str]) -> None:
+        disk = self.store.disk
+        in_mem = [k for k, t in zip(keys, tiers, strict=False) if t == "memory"]
+        if in_mem:
+            self.memory.touch(in_mem)
+        if disk is not None and len(in_mem) < len(tiers):
+            disk.touch([k for k, t in zip(keys, tiers, strict=False) if t == "disk"])
+
+    # -- promotion ---------------------------------------------------------------------
+    def _promote_pin(self, key: bytes) -> bytes | None:
+        """Pin `key` in DRAM, reading it from disk into a fresh slot if needed; None if impossible."""
+        mem, disk = self.memory, self.store.disk
+        if mem.pin(key) is not None:
+            return key
+        if disk is None:
+            return None
+        res = mem.allocate(key)
+        if res is None:
+            return None
+        layers = list(range(self.store.layout.num_layers))
+        try:
+            meta = disk.read(key, layers, [mem.layer_view(res.slot, layer) for layer in layers])
+        except BaseException:
+            mem.abort(res)
+            raise
+        if meta is None:
+            mem.abort(res)
+            return key if mem.pin(key) is not None else None  # promoted by another thread meanwhile?
+        res.filled.update(layers)
+        mem.commit(res, meta)  # False: promoted by another thread first; ours is freed
+        return key if mem.pin(key) is not None else None
+
+    # -- loads -------------------------------------------------------------------------
+    def load_begin(self, owner: OwnerId, keys: Sequence[bytes], lease_id: LeaseId | None = None) -> LoadPins:
+        self.wait_lease(lease_id)
+        mem = self.memory
+        slots = [NO_SLOT] * len(keys)
+        tiers = [""] * len(keys)
+        pinned: list[bytes] = []
+        promotions: dict[int, Future[bytes | None]] = {}
+        for i, key in enumerate(keys):
+            slot = mem.pin(key)
+            if slot is not None:
+                slots[i], tiers[i] = slot, "memory"
+                pinned.append(key)
+            elif self.store.disk is not None and self.store.disk.contains(key):
+                promotions[i] = self._promoter.submit(self._promote_pin, key)
+        for i, fut in promotions.items():
+            try:
+                promoted = fut.result()
+            except Exception:  # noqa: BLE001 - a failed read is a failed chunk, reported by index
+                promoted = None
+            if promoted is not None:
+                pinned.append(promoted)
+                slot = mem.slot_of(promoted)
+                assert slot is not None  # pinned, so resident
+                slots[i], tiers[i] = slot, "disk"
+        checksums = []
+        for key, slot in zip(keys, slots, strict=False):
+            meta = mem.meta(key) if slot != NO_SLOT else None
+            checksums.append(meta.checksums if meta is not None else ())
+        load_id = next(self._ids)
+        with self._lock:
+            self._loads[load_id] = _Load(owner, list(keys), pinned)
+        return LoadPins(load_id, slots, tiers, checksums)
+
+    def load_end(self, owner: OwnerId, load_id: int, corrupt: Sequence[int] = ()) -> None:
+        with self._lock:
+            load = self._loads.get(load_id)
+            if load is None or load.owner != owner:
+                raise ServiceError("unknown_load", f"load {load_id} is not in progress for this client")
+            del self._loads[load_id]
+        self._finish_load(load)
+        for i in corrupt:
+            if 0 <= i < len(load.keys):
+                self.store.metrics.inc(m.CHECKSUM_FAILURES, tier=self.memory.name)
+                self.memory.delete(load.keys[i])
+
+    def _finish_load(self, load: _Load) -> None:
+        for key in load.pinned:
+            self.memory.unpin(key)
+
+    # -- saves -------------------------------------------------------------------------
+    def allocate(self, owner: OwnerId, keys: Sequence[bytes], parent: bytes, first_depth: int) -> Allocation:
+        mem, disk = self.memory, self.store.disk
+        reservations: list[Reservation | None] = []
+        slots: list[int] = []
+        granted = len(keys)
+        prev = parent
+        for i, key in enumerate(keys):
+            if mem.contains(key) or (disk is not None and disk.contains(key)):
+                reservations.append(None)
+                slots.append(NO_SLOT)
+            else:
+                res = mem.allocate(key, prev, first_depth + i)
+                if res is None:
+                    granted = i
+                    break
+                reservations.append(res)
+                slots.append(res.slot)
+            prev = key
+        slots.extend([NO_SLOT] * (len(keys) - len(slots)))
+        save_id = next(self._ids)
+        with self._lock:
+            self._saves[save_id] = _Save(owner, list(keys), parent, first_depth, reservations, granted)
+        return Allocation(save_id, slots, granted)
+
+    def commit(self, owner: OwnerId, save_id: int) -> tuple[SaveResult, TransferHandle[SaveResult]]:
+        """Publish a filled allocation in chain order; the disk write is queued, not awaited."""
+        save = self._take_save(owner, save_id)
+        mem, disk = self.memory, self.store.disk
+        layers = range(self.store.layout.num_layers)
+        metas: list[ChunkMeta] = []
+        try:
+            prev = save.parent
+            for i, res in enumerate(save.reservations):
+                key = save.keys[i]
+                if res is not None:
+                    res.filled.update(layers)
+                    meta = ChunkMeta(key, prev, save.first_depth + i, self.store.chunk_tokens,
+                                     mem.layer_checksums(res))
+                    mem.commit(res, meta)  # False: another writer stored it first; stored once
+                    metas.append(meta)
+                prev = key
+        except BaseException:
+            self._abort_save(save)
+            raise
+        handle = self.store.persist(metas)
+        done = save.keys[: save.granted]
+        in_memory = sum(1 for k in done if mem.contains(k))
+        on_disk = sum(1 for k in done if disk is not None and disk.contains(k))
+        errors = () if save.granted == len(save.keys) else (
+            f"chunks {save.granted}..{len(save.keys) - 1}: no free DRAM slot (all pinned or reserved)",)
+        return SaveResult(len(save.keys), in_memory, on_disk, errors), handle
+
+    def abort(self, owner: OwnerId, save_id: int) -> None:
+        self._abort_save(self._take_save(owner, save_id))
+
+    def _take_save(self, owner: OwnerId, save_id: int) -> _Save:
+        with self._lock:
+            save = self._saves.get(save_id)
+            if save is None or save.owner != owner:
+                raise ServiceError("unknown_save", f"save {save_id} is not in progress for this client")
+            del self._saves[save_id]
+        return save
+
+    def _abort_save(self, save: _Save) -> None:
+        for res in save.reservations:
+            if res is not None:
+                self.memory.abort(res)
+
+    # -- owners ------------------------------------------------------------------------
+    def drop_owner(self, owner: OwnerId) -> None:
+        """Everything `owner` holds goes back: leases, load pins, reserved slots."""
+        with self._lock:
+            leases = [lid for lid, h in self._leases.items() if h.owner == owner]
+            held = [self._leases.pop(lid) for lid in leases]
+            load_ids = [i for i, ld in self._loads.items() if ld.owner == owner]
+            loads = [self._loads.pop(i) for i in load_ids]
+            save_ids = [i for i, s in self._saves.items() if s.owner == owner]
+            saves = [self._saves.pop(i) for i in save_ids]
+        for h in held:
+            self._unpin_lease(h)
+        for ld in loads:
+            self._finish_load(ld)
+        for s in saves:
+            self._abort_save(s)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"leases": len(self._leases), "loads": len(self._loads), "saves": len(self._saves)}
+
+    def stats(self) -> dict[str, object]:
+        out = self.store.stats()
+        out["slots"] = self.memory.slot_counts()
+        out["host"] = self.counts()
+        return out
+
+    def close(self) -> None:
+        self._promoter.shutdown(wait=True)
+        with self._lock:
+            owners = {h.owner for h in self._leases.values()} | {ld.owner for ld in self._loads.values()} | {
+                s.owner for s in self._saves.values()}
+        for owner in owners:
+            self.drop_owner(owner)

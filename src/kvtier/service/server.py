@@ -1,0 +1,510 @@
+"""`kvtier serve`: the per-host store service.
+
+One process per host owns the DRAM pool (POSIX shared memory), the TieredStore (indexes,
+eviction, background disk writes), leases, and a Prometheus endpoint. Engine processes
+talk to it over a Unix socket (protocol.py) and copy payloads straight into and out of
+the shared pool.
+
+Threads: one accept loop, one thread per client connection (a client that connects and
+never speaks only parks its own thread), a lease reaper, and the metrics HTTP server. A
+client's disconnect, clean or by SIGKILL, returns everything it held (StoreHost.drop_owner).
+
+Safety: a flock on `<socket>.lock` makes a second service on the same socket refuse to
+start; a socket file left by a dead service is replaced. The socket and the pool are
+0o600 (0o660 with `group`), and every connection's peer uid is checked (SO_PEERCRED).
+SIGTERM flushes pending disk writes and unlinks the socket and the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from kvtier.core.config import load_config
+from kvtier.core.errors import ConfigError, KVTierError
+from kvtier.service import protocol as p
+from kvtier.service.config import ServiceConfig
+from kvtier.service.host import StoreHost
+from kvtier.service.shm import close_quietly, create_pool, default_socket_path, shm_path_for
+from kvtier.store.tiered import TieredStore
+
+log = logging.getLogger("kvtier.service")
+
+PeerCheck = Callable[[int, int, int], bool]  # (pid, uid, gid) -> allowed?
+_UCRED = struct.Struct("3i")
+
+
+class AlreadyRunningError(KVTierError):
+    """Another kvtier serve holds this socket."""
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(data)
+    return pid, uid, gid
+
+
+def resolve_group(group: str) -> int | None:
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"service.group {group!r} is not a known group") from None
+
+
+def same_user_or_group(gid: int | None) -> PeerCheck:
+    """The default access rule: the service's own uid, or members of the configured group."""
+    me = os.geteuid()
+
+    def allowed(_pid: int, uid: int, peer_gid: int) -> bool:
+        if uid == me:
+            return True
+        if gid is None:
+            return False
+        if peer_gid == gid:
+            return True
+        try:
+            return pwd.getpwuid(uid).pw_name in grp.getgrgid(gid).gr_mem
+        except KeyError:
+            return False
+
+    return allowed
+
+
+def answers(path: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts connections on the Unix socket `path`."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class StoreServer:
+    def __init__(self, config: ServiceConfig, *, peer_allowed: PeerCheck | None = None) -> None:
+        assert config.layout is not None
+        self.config = config
+        self.layout = config.layout
+        self.socket_path = os.path.abspath(config.socket_path or default_socket_path())
+        self.shm_path = shm_path_for(self.socket_path, config.shm_name)
+        self.gid = resolve_group(config.group)
+        self._peer_allowed = peer_allowed or same_user_or_group(self.gid)
+        self.store: TieredStore | None = None
+        self.host: StoreHost | None = None
+        self.metrics_port: int | None = None
+        self._stopping = threading.Event()
+        self._conns: dict[int, socket.socket] = {}
+        self._conn_threads: dict[int, threading.Thread] = {}
+        self._conns_lock = threading.Lock()
+        self._next_owner = 1
+        self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+        self._lock_fd: int | None = None
+        self._http: ThreadingHTTPServer | None = None
+        self._mm: Any = None
+        self._ops: dict[str, Callable[[int, dict[str, Any]], dict[str, Any]]] = {
+            "hello": self._op_hello, "lookup": self._op_lookup, "lease": self._op_lease,
+            "release": self._op_release, "load_begin": self._op_load_begin, "load_end": self._op_load_end,
+            "allocate": self._op_allocate, "commit": self._op_commit, "abort": self._op_abort,
+            "flush": self._op_flush, "stats": self._op_stats,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._take_lock()
+        try:
+            self._start_locked()
+        except BaseException:
+            self._cleanup()
+            raise
+
+    def _take_lock(self) -> None:
+        os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
+        fd = os.open(self.socket_path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise AlreadyRunningError(
+                f"another kvtier serve (pid {pid}) is already running on {self.socket_path}; "
+                "stop it first or choose another socket_path") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _start_locked(self) -> None:
+        cfg = self.config
+        if os.path.exists(self.socket_path):
+            if answers(self.socket_path):  # cannot happen while we hold the lock, but say so clearly
+                raise AlreadyRunningError(f"something already answers on {self.socket_path}")
+            log.info("replacing stale socket %s left by a dead service", self.socket_path)
+            os.unlink(self.socket_path)
+        assert cfg.store.memory is not None
+        chunk_bytes = self.layout.chunk_bytes(cfg.store.chunk_tokens)
+        self.num_slots = cfg.store.memory.capacity_bytes // chunk_bytes
+        if self.num_slots <= 0:
+            raise ConfigError(f"store.memory.capacity_bytes holds no chunk of {chunk_bytes} bytes")
+        self.pool_bytes = self.num_slots * chunk_bytes
+        self._mm = create_pool(self.shm_path, self.pool_bytes, self.gid)
+        self.store = TieredStore(cfg.store, self.layout, memory_pool=self._mm)
+        self.host = StoreHost(self.store, max_lease_s=cfg.max_lease_s)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.socket_path)
+        if self.gid is not None:
+            os.chown(self.socket_path, -1, self.gid)
+        os.chmod(self.socket_path, 0o660 if self.gid is not None else 0o600)
+        listener.listen(128)
+        listener.settimeout(0.2)
+        self._listener = listener
+        self._spawn("kvtier-accept", self._accept_loop)
+        self._spawn("kvtier-leases", self._reap_loop)
+        if cfg.metrics_port:
+            self._start_metrics()
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stop serving: disconnect clients, flush disk writes, unlink the socket and the pool."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        with self._conns_lock:
+            conns = list(self._conns.values())
+            threads = list(self._conn_threads.values())
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(timeout=5)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        if self.host is not None:
+            self.host.close()
+        if self.store is not None:
+            self.store.close()  # flushes pending disk writes
+        if self._mm is not None:
+            try:
+                os.unlink(self.shm_path)
+            except FileNotFoundError:
+                pass
+            close_quietly(self._mm)
+            self._mm = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- connections -------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                log.exception("accept failed")
+                time.sleep(0.1)
+                continue
+            with self._conns_lock:
+                owner = self._next_owner
+                self._next_owner += 1
+                full = len(self._conns) >= self.config.max_clients
+                if not full:
+                    self._conns[owner] = conn
+            if full:
+                self._refuse(conn, "busy", f"the service already serves {self.config.max_clients} clients")
+                continue
+            t = threading.Thread(target=self._serve_client, args=(owner, conn), name=f"kvtier-client-{owner}",
+                                 daemon=True)
+            with self._conns_lock:
+                self._conn_threads[owner] = t
+            t.start()
+
+    def _refuse(self, conn: socket.socket, kind: str, message: str, drain_s: float = 0.0) -> None:
+        """Send one error and close; with `drain_s`, first swallow what the peer already sent,
+        so closing does not reset the connection before the peer reads our reply."""
+        try:
+            conn.settimeout(1.0)
+            conn.sendall(p.encode(p.error_reply(0, kind, message)))
+            if drain_s:
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(drain_s)
+                while conn.recv(65536):
+                    pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _serve_client(self, owner: int, conn: socket.socket) -> None:
+        assert self.host is not None
+        try:
+            pid, uid, gid = peer_credentials(conn)
+            if not self._peer_allowed(pid, uid, gid):
+                log.warning("refused client pid %d uid %d: not this user or group", pid, uid)
+                self._refuse(conn, "permission", f"uid {uid} may not use this kvtier service", drain_s=0.5)
+                return
+            while not self._stopping.is_set():
+                try:
+                    msg = p.recv_message(conn, self.config.message_timeout_s)
+                except p.ProtocolError as e:
+                    self._send(conn, p.error_reply(0, "protocol", str(e)))
+                    if e.fatal:
+                        return
+                    continue
+                if msg is None:
+                    return
+                self._send(conn, self._dispatch(owner, msg))
+        except OSError:
+            pass  # the client went away (or we are stopping): what it held is returned below
+        finally:
+            with self._conns_lock:
+                self._conns.pop(owner, None)
+                self._conn_threads.pop(owner, None)
+            conn.close()
+            self.host.drop_owner(owner)
+
+    def _send(self, conn: socket.socket, reply: dict[str, Any]) -> None:
+        conn.settimeout(self.config.message_timeout_s)
+        conn.sendall(p.encode(reply))
+
+    def _dispatch(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        req_id = msg.get("id", 0)
+        op = msg.get("op")
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return p.error_reply(req_id, "unknown_op", f"unknown message type {op!r}")
+        try:
+            reply = handler(owner, msg)
+        except p.ServiceError as e:
+            return p.error_reply(req_id, e.kind, str(e))
+        except (KVTierError, ValueError, TypeError) as e:
+            return p.error_reply(req_id, "invalid", f"{op}: {e}")
+        except Exception as e:  # noqa: BLE001 - one bad request must not take the service down
+            log.exception("internal error in %s", op)
+            return p.error_reply(req_id, "internal", f"{op}: {type(e).__name__}: {e}")
+        reply["id"] = req_id if isinstance(req_id, int) else 0
+        reply["ok"] = True
+        return reply
+
+    # -- ops ---------------------------------------------------------------------------
+    def _op_hello(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None and self.store.memory is not None
+        return {
+            "version": p.PROTOCOL_VERSION, "pid": os.getpid(), "layout": dataclasses.asdict(self.layout),
+            "chunk_tokens": self.store.chunk_tokens, "hash_mode": self.store.config.hash_mode,
+            "shm_path": self.shm_path, "pool_bytes": self.pool_bytes, "num_slots": self.num_slots,
+            "chunk_bytes": self.store.memory.chunk_bytes, "verify_reads": self.store.memory.config.verify_reads,
+        }
+
+    def _op_lookup(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        keys = p.get_keys(msg)
+        lease = msg.get("lease", False)
+        if not isinstance(lease, bool):
+            raise p.ProtocolError("field 'lease' must be true or false")
+        hits, tiers, lease_id = self.host.lookup(owner, keys, lease, p.get_float(msg, "lease_s", 30.0))
+        return {"hits": hits, "tiers": tiers, "lease": lease_id}
+
+    def _op_lease(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        return {"lease": self.host.lease(owner, p.get_keys(msg), p.get_float(msg, "lease_s", 30.0))}
+
+    def _op_release(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        lease_id = p.get_int(msg, "lease")
+        assert lease_id is not None
+        self.host.release(lease_id)
+        return {}
+
+    def _op_load_begin(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        pins = self.host.load_begin(owner, p.get_keys(msg), p.get_int(msg, "lease", optional=True))
+        return {"load": pins.load_id, "slots": pins.slots, "tiers": pins.tiers,
+                "checksums": [list(c) for c in pins.checksums]}
+
+    def _op_load_end(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        load_id = p.get_int(msg, "load")
+        assert load_id is not None
+        self.host.load_end(owner, load_id, p.get_ints(msg, "corrupt"))
+        return {}
+
+    def _op_allocate(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        depth = p.get_int(msg, "first_depth")
+        assert depth is not None
+        if depth < 0:
+            raise p.ProtocolError("field 'first_depth' must be >= 0")
+        alloc = self.host.allocate(owner, p.get_keys(msg), p.get_bytes(msg, "parent"), depth)
+        return {"save": alloc.save_id, "slots": alloc.slots, "granted": alloc.granted}
+
+    def _op_commit(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        save_id = p.get_int(msg, "save")
+        assert save_id is not None
+        result, _disk_write = self.host.commit(owner, save_id)  # disk write continues in the background
+        return {"chunks": result.chunks, "in_memory": result.in_memory, "on_disk": result.on_disk,
+                "errors": list(result.errors)}
+
+    def _op_abort(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        save_id = p.get_int(msg, "save")
+        assert save_id is not None
+        self.host.abort(owner, save_id)
+        return {}
+
+    def _op_flush(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        self.store.flush()
+        return {}
+
+    def _op_stats(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"stats": self.stats()}
+
+    def stats(self) -> dict[str, Any]:
+        assert self.host is not None
+        out = self.host.stats()
+        with self._conns_lock:
+            out["clients"] = len(self._conns)
+        out["pid"] = os.getpid()
+        return out
+
+    # -- background --------------------------------------------------------------------
+    def _reap_loop(self) -> None:
+        assert self.host is not None
+        while not self._stopping.wait(0.25):
+            n = self.host.expire()
+            if n:
+                log.info("expired %d lease(s)", n)
+
+    def render_metrics(self) -> str:
+        assert self.store is not None and self.host is not None
+        text = self.store.metrics.render_prometheus()
+        slots = self.store.memory.slot_counts() if self.store.memory is not None else {}
+        counts = self.host.counts()
+        with self._conns_lock:
+            clients = len(self._conns)
+        gauges = {
+            "kvtier_service_clients": (clients, "Connected client processes."),
+            "kvtier_service_leases": (counts["leases"], "Leases held."),
+            "kvtier_service_free_slots": (slots.get("free", 0), "Free DRAM pool slots."),
+            "kvtier_service_pinned_slots": (slots.get("pinned", 0), "DRAM slots pinned by loads or leases."),
+        }
+        lines = [text.rstrip("\n")]
+        for name, (value, help_text) in gauges.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+    def _start_metrics(self) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.split("?")[0] not in ("/metrics", "/"):
+                    self.send_error(404)
+                    return
+                body = server.render_metrics().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                return None
+
+        self._http = ThreadingHTTPServer((self.config.metrics_host, self.config.metrics_port), Handler)
+        self._http.daemon_threads = True
+        self.metrics_port = self._http.server_address[1]
+        threading.Thread(target=self._http.serve_forever, name="kvtier-metrics", daemon=True).start()
+
+
+def serve_main(argv: list[str] | None) -> int:
+    """Entry point of `kvtier serve --config FILE [--socket PATH]`; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="kvtier serve", description="Run the per-host kvtier store service.")
+    parser.add_argument("--config", required=True, help="service config file (.yaml, .toml or .json)")
+    parser.add_argument("--socket", default=None, help="override socket_path from the config")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s kvtier serve[%(process)d] %(levelname)s %(message)s")
+    try:
+        config = load_config(ServiceConfig, args.config)
+        if args.socket:
+            config = dataclasses.replace(config, socket_path=args.socket)
+        server = StoreServer(config)
+        server.start()
+    except AlreadyRunningError as e:
+        print(f"kvtier serve: {e}", file=sys.stderr)
+        return 1
+    except (KVTierError, OSError) as e:
+        print(f"kvtier serve: cannot start: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    assert server.store is not None
+    log.info("listening on %s (pool %s: %d slots of %d bytes%s)%s", server.socket_path, server.shm_path,
+             server.num_slots, server.pool_bytes // max(server.num_slots, 1),
+             f", disk {config.store.disk.root}" if config.store.disk else "",
+             f"; metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "")
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    log.info("stopped: disk writes flushed, socket and shared memory removed")
+    return 0

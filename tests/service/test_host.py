@@ -1,0 +1,162 @@
+"""StoreHost on tiny pools, in one process: exact slot accounting, leases, owners."""
+
+import pytest
+
+from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
+from kvtier.core.keys import Namespace, chunk_keys
+from kvtier.service.host import NO_SLOT, StoreHost
+from kvtier.service.protocol import LeaseError, ServiceError
+from kvtier.store import TieredStore
+from tests.conftest import CHUNK, TINY, payload
+
+ROOT = Namespace("host-test", TINY.layout_id(CHUNK)).root()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(slots=4, disk_root=None, clock=None):
+    cfg = StoreConfig(chunk_tokens=CHUNK, memory=MemoryTierConfig(capacity_bytes=slots * TINY.chunk_bytes(CHUNK)),
+                      disk=DiskTierConfig(root=str(disk_root), capacity_bytes=1 << 30) if disk_root else None)
+    store = TieredStore(cfg, TINY)
+    return store, StoreHost(store, clock=clock or Clock())
+
+
+def keys(n, start=0):
+    return chunk_keys(ROOT, list(range(start, start + n * CHUNK)), CHUNK)
+
+
+def fill(host, owner, ks, parent=ROOT):
+    alloc = host.allocate(owner, ks, parent, 0)
+    mem = host.memory
+    for key, slot in zip(ks, alloc.slots, strict=True):
+        if slot != NO_SLOT:
+            for layer, data in enumerate(payload(key)):
+                mem.layer_view(slot, layer)[:] = data
+    return host.commit(owner, alloc.save_id)[0]
+
+
+def test_lease_blocks_eviction_until_released():
+    store, host = make(slots=4)
+    a = keys(2)
+    fill(host, 1, a)
+    hits, tiers, lease = host.lookup(1, a, lease=True)
+    assert hits == 2 and tiers == ["memory", "memory"] and lease is not None
+    for i in range(3):
+        fill(host, 2, keys(2, start=1000 * (i + 1)))
+    assert store.memory.lookup(a) == 2  # leased: survived 6 newer chunks in 4 slots
+    host.release(lease)
+    with pytest.raises(LeaseError):
+        host.release(lease)
+    fill(host, 2, keys(4, start=9000))
+    assert store.memory.lookup(a) == 0
+    assert store.memory.slot_counts() == {"slots": 4, "free": 0, "reserved": 0, "resident": 4, "pinned": 0}
+
+
+def test_lease_expires():
+    clock = Clock()
+    store, host = make(clock=clock)
+    a = keys(2)
+    fill(host, 1, a)
+    _, _, lease = host.lookup(1, a, lease=True, lease_s=5)
+    clock.now += 4.9
+    assert host.expire() == 0
+    clock.now += 0.2
+    assert host.expire() == 1
+    assert store.memory.slot_counts()["pinned"] == 0
+    with pytest.raises(LeaseError):
+        host.release(lease)
+
+
+def test_lease_of_unknown_key_is_an_error_and_leases_nothing():
+    store, host = make()
+    a = keys(2)
+    fill(host, 1, a[:1])
+    with pytest.raises(ServiceError) as e:
+        host.lease(1, a)
+    assert e.value.kind == "unknown_key"
+    assert store.memory.slot_counts()["pinned"] == 0 and host.counts()["leases"] == 0
+
+
+def test_drop_owner_returns_everything():
+    store, host = make(slots=8)
+    a = keys(3)
+    fill(host, 1, a)
+    before = store.memory.slot_counts()
+    host.lookup(7, a, lease=True)
+    host.load_begin(7, a)
+    host.allocate(7, keys(3, start=500), ROOT, 0)
+    c = store.memory.slot_counts()
+    assert c["pinned"] == 3 and c["reserved"] == 3
+    host.drop_owner(7)
+    assert store.memory.slot_counts() == before
+    assert host.counts() == {"leases": 0, "loads": 0, "saves": 0}
+
+
+def test_two_writers_same_key_stored_once():
+    store, host = make(slots=8)
+    a = keys(2)
+    x = host.allocate(1, a, ROOT, 0)
+    y = host.allocate(2, a, ROOT, 0)
+    assert NO_SLOT not in x.slots and NO_SLOT not in y.slots
+    for alloc in (x, y):
+        for key, slot in zip(a, alloc.slots, strict=True):
+            for layer, data in enumerate(payload(key)):
+                store.memory.layer_view(slot, layer)[:] = data
+    host.commit(1, x.save_id)
+    host.commit(2, y.save_id)
+    assert store.memory.slot_counts() == {"slots": 8, "free": 6, "reserved": 0, "resident": 2, "pinned": 0}
+    z = host.allocate(3, a, ROOT, 0)  # already stored: nothing to write
+    assert z.slots == [NO_SLOT, NO_SLOT] and z.granted == 2
+    host.abort(3, z.save_id)
+
+
+def test_save_and_load_ids_belong_to_their_owner():
+    store, host = make()
+    alloc = host.allocate(1, keys(1), ROOT, 0)
+    with pytest.raises(ServiceError):
+        host.commit(2, alloc.save_id)
+    pins = host.load_begin(1, keys(1))
+    assert pins.slots == [NO_SLOT]
+    with pytest.raises(ServiceError):
+        host.load_end(2, pins.load_id)
+    host.load_end(1, pins.load_id)
+    host.abort(1, alloc.save_id)
+
+
+def test_no_room_grants_a_prefix():
+    store, host = make(slots=2)
+    a = keys(2)
+    fill(host, 1, a)
+    host.lookup(1, a, lease=True)  # both slots pinned
+    alloc = host.allocate(2, keys(2, start=100), ROOT, 0)
+    assert alloc.granted == 0 and alloc.slots == [NO_SLOT, NO_SLOT]
+    result, _ = host.commit(2, alloc.save_id)
+    assert result.in_memory == 0 and result.errors
+
+
+def test_lease_promotes_disk_hits_into_dram(tmp_path):
+    store, host = make(slots=2, disk_root=tmp_path / "disk")
+    a = keys(4)
+    fill(host, 1, a[:2])
+    store.flush()  # chunks are pinned until their disk write is done
+    fill(host, 1, a[2:], parent=a[1])
+    store.flush()
+    assert store.memory.lookup(a) == 0 and store.disk.lookup(a) == 4
+    hits, tiers, lease = host.lookup(1, a[:2], lease=True)
+    assert hits == 2 and tiers == ["disk", "disk"]
+    pins = host.load_begin(1, a[:2], lease)
+    assert NO_SLOT not in pins.slots
+    for key, slot in zip(a[:2], pins.slots, strict=True):
+        for layer, data in enumerate(payload(key)):
+            assert bytes(store.memory.layer_view(slot, layer)) == data.tobytes()
+    host.load_end(1, pins.load_id)
+    host.release(lease)
+    assert store.memory.slot_counts()["pinned"] == 0
+    host.close()
+    store.close()
