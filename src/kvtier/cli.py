@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the service parses its own options (argparse REMAINDER drops leading ones)
+        from kvtier.service.server import serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     for attr in ("json", "png"):
         value = getattr(args, attr, None)
