@@ -1,0 +1,31 @@
+"""Sparse attention with KV offload: block summaries, selection policies, a budgeted working set.
+
+    SparseConfig            budget, block size, sinks, window, policy, retrieval stride
+    Summarizer              per-block key summaries (min/max, mean, sign-hash), stored as SECTION_SUMMARY
+    POLICIES / make_policy  dense, streaming, quest, mean, hash, oracle (eval only), quest_mean
+    WorkingSet              the fast-memory slots of one layer; fetches only blocks that changed
+    SparseKV                one request's full KV in a TieredStore plus its working sets (all layers)
+
+Engines reach this layer through connectors/ (transformers: attn_implementation="kvtier_sparse").
+"""
+
+from kvtier.sparse.config import SparseConfig
+from kvtier.sparse.errors import BlockMissingError, SparseConfigError, UnsupportedModelError
+from kvtier.sparse.kv import SparseKV
+from kvtier.sparse.policies import POLICIES, SelectionPolicy, make_policy
+from kvtier.sparse.summary import Summarizer, SummaryTable
+from kvtier.sparse.working_set import WorkingSet
+
+__all__ = [
+    "POLICIES",
+    "BlockMissingError",
+    "SelectionPolicy",
+    "SparseConfig",
+    "SparseConfigError",
+    "SparseKV",
+    "Summarizer",
+    "SummaryTable",
+    "UnsupportedModelError",
+    "WorkingSet",
+    "make_policy",
+]

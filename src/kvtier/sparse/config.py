@@ -1,0 +1,69 @@
+"""SparseConfig: the token budget of the fast tier and how it is split.
+
+The fast tier of one layer holds `budget_tokens // block_tokens` block slots: one is the
+tail (the block still being filled, always attended), the sink blocks and the recent
+window's full blocks are always kept, and the remaining slots hold the blocks the policy
+retrieves for the current query. A context that fits the slots is attended densely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtier.sparse.errors import SparseConfigError
+
+
+@dataclass(slots=True, frozen=True)
+class SparseConfig:
+    policy: str = "quest"
+    budget_tokens: int = 4096
+    block_tokens: int = 16  # must equal the store's chunk_tokens: one block is one stored chunk
+    sink_tokens: int = 16
+    window_tokens: int = 64  # recent full blocks kept besides the tail: ceil(window / block)
+    retrieval_stride: int = 1  # re-score every N decode steps; in between only the window moves
+    hash_bits: int = 64
+    summary_seed: int = 0  # seeds the sign-hash projection (part of the stored summary's meaning)
+
+    def __post_init__(self) -> None:
+        for name in ("budget_tokens", "block_tokens", "retrieval_stride", "hash_bits"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SparseConfigError(f"sparse.{name} must be a positive integer, got {value!r}")
+        for name in ("sink_tokens", "window_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SparseConfigError(f"sparse.{name} must be an integer >= 0, got {value!r}")
+        if self.hash_bits % 8:
+            raise SparseConfigError(f"sparse.hash_bits must be a multiple of 8, got {self.hash_bits}")
+        from kvtier.sparse.policies import POLICIES
+
+        if self.policy not in POLICIES:
+            raise SparseConfigError(f"sparse.policy {self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
+        if self.budget_tokens % self.block_tokens:
+            raise SparseConfigError(
+                f"sparse.budget_tokens {self.budget_tokens} must be a whole number of "
+                f"{self.block_tokens}-token blocks"
+            )
+        need = (self.sink_blocks + self.window_blocks + 1) * self.block_tokens
+        if self.budget_tokens < need:
+            raise SparseConfigError(
+                f"sparse.budget_tokens {self.budget_tokens} is smaller than sinks + window + the tail block "
+                f"({self.sink_blocks} + {self.window_blocks} + 1 blocks of {self.block_tokens} = {need} tokens)"
+            )
+
+    @property
+    def sink_blocks(self) -> int:
+        return -(-self.sink_tokens // self.block_tokens)
+
+    @property
+    def window_blocks(self) -> int:
+        return -(-self.window_tokens // self.block_tokens)
+
+    @property
+    def slots(self) -> int:
+        """Full-block slots of one layer's working set (the tail has its own slot besides these)."""
+        return self.budget_tokens // self.block_tokens - 1
+
+    @property
+    def retrieval_slots(self) -> int:
+        return self.slots - self.sink_blocks - self.window_blocks

@@ -1,0 +1,17 @@
+"""Errors of the sparse layer; all derive from kvtier's KVTierError."""
+
+from __future__ import annotations
+
+from kvtier.core.errors import ConfigError, KVTierError
+
+
+class SparseConfigError(ConfigError):
+    """A sparse-attention setting is invalid (for example a budget smaller than sinks + window)."""
+
+
+class BlockMissingError(KVTierError):
+    """A block selected at decode is in no tier of the store; attending without it would be wrong."""
+
+
+class UnsupportedModelError(KVTierError, TypeError):
+    """The model's attention is of a kind kvtier's sparse attention does not implement."""

@@ -1,0 +1,328 @@
+"""SparseKV: the full KV of one long request in a TieredStore, attended through a budgeted working set.
+
+Who calls: the transformers connector (one SparseKV per sequence of a batch, from the
+cache's `update` and the registered attention function) and the sparse benchmark (synthetic
+KV written straight in). Single-threaded: one forward pass at a time.
+
+    append(layer, k, v)                 new tokens of one layer ([H, n, d]); whole blocks are
+                                        summarized and saved (layer by layer; the chunk is
+                                        committed, with its summaries, after the last layer)
+    attend(layer, q, scaling, mask)     sparse attention of q [Hq, nq, d]: sinks + window +
+                                        tail + the policy's blocks, fetching only what changed
+    attend_dense(layer, q, scaling, mask)  exact attention over every stored block, streamed
+                                        through a staging buffer of `slots` blocks (chunked
+                                        prefill after the first chunk)
+    fast_tier_bytes(), budget_bytes(), flush()
+
+Blocks are chunks of the store (block_tokens == the store's chunk_tokens), keyed by a chain
+private to this request (a random salt by default): the KV of a generated continuation is
+not a prompt prefix anyone else can reuse.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kvtier.core.codec import SECTION_SUMMARY
+from kvtier.core.keys import chunk_key, get_hash_mode, tokens_to_bytes
+from kvtier.sparse.config import SparseConfig
+from kvtier.sparse.errors import BlockMissingError, SparseConfigError
+from kvtier.sparse.policies import make_policy
+from kvtier.sparse.summary import Summarizer, SummaryTable
+from kvtier.sparse.working_set import EMPTY, WorkingSet
+from kvtier.store.tiered import SaveBatch, TieredStore
+from kvtier.store.transfer import TransferHandle
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """softmax(q k^T * scaling, masked) v for q [H, G, d], k, v [H, L, d], mask [H, G or 1, L] (True = keep).
+
+    Plain matmuls: for a few query rows on CPU they beat sdpa's flash kernel several times over."""
+    s = (q @ k.transpose(1, 2)) * scaling
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class SparseKV:
+    def __init__(self, store: TieredStore, config: SparseConfig, *, salt: bytes | None = None) -> None:
+        layout = store.layout
+        if store.chunk_tokens != config.block_tokens:
+            raise SparseConfigError(
+                f"sparse.block_tokens {config.block_tokens} must equal the store's chunk_tokens {store.chunk_tokens}"
+            )
+        if layout.planes != 2 or layout.dtype not in TORCH_DTYPES:
+            raise SparseConfigError(f"sparse attention needs K and V planes of {sorted(TORCH_DTYPES)}, got {layout}")
+        self.store = store
+        self.config = config
+        self.layout = layout
+        self.dtype = TORCH_DTYPES[layout.dtype]
+        h, d, n_layers = layout.num_kv_heads, layout.head_size, layout.num_layers
+        self.summarizer = Summarizer(h, d, config.hash_bits, config.summary_seed)
+        self.policy = make_policy(config.policy, self.summarizer.projection)
+        self.tables = [SummaryTable(h, d, config.hash_bits, self.policy.summary_fields) for _ in range(n_layers)]
+        slots = config.slots
+        self.working = [WorkingSet(h, slots, config.block_tokens, d, self.dtype) for _ in range(n_layers)]
+        self.num_tokens = [0] * n_layers
+        self.block_keys: list[bytes] = []
+        mode = get_hash_mode(store.config.hash_mode)
+        self._hash = mode
+        self._root = mode.digest(b"kvtier-sparse-request\0" + (salt if salt is not None else os.urandom(16)))
+        self._batch: SaveBatch | None = None
+        self._batch_range = (0, 0)
+        self._batch_extras: list[list[tuple[int, int, bytes]]] = []
+        self._saves: list[TransferHandle] = []
+        # blocks of the span being saved (committed after the last layer): layer -> (first, K, V [H, mB, d])
+        self._span: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._steps = [0] * n_layers
+        self._picks: list[torch.Tensor | None] = [None] * n_layers
+        self.fetched_bytes = 0
+
+    # -- writing -------------------------------------------------------------------
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append tokens k, v [H, n, d] to `layer` (layers in order 0..L-1 for each new span)."""
+        ws = self.working[layer]
+        bt = self.config.block_tokens
+        n = k.shape[1]
+        first_block = self.num_tokens[layer] // bt
+        full_k: list[torch.Tensor] = []
+        full_v: list[torch.Tensor] = []
+        pos = 0
+        if ws.tail_len:
+            take = min(bt - ws.tail_len, n)
+            ws.append_tail(k[:, :take], v[:, :take])
+            pos = take
+            if ws.tail_len == bt:
+                tk, tv = ws.tail()
+                full_k.append(tk.clone())
+                full_v.append(tv.clone())
+                ws.reset_tail()
+        whole = (n - pos) // bt * bt
+        if whole:
+            full_k.append(k[:, pos : pos + whole])
+            full_v.append(v[:, pos : pos + whole])
+            pos += whole
+        if pos < n:
+            ws.append_tail(k[:, pos:], v[:, pos:])
+        self.num_tokens[layer] += n
+        if full_k:
+            kk = torch.cat(full_k, 1).to(self.dtype) if len(full_k) > 1 else full_k[0].to(self.dtype)
+            vv = torch.cat(full_v, 1).to(self.dtype) if len(full_v) > 1 else full_v[0].to(self.dtype)
+            self._complete(layer, first_block, kk, vv)
+
+    def _complete(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        cfg = self.config
+        bt = cfg.block_tokens
+        m = k.shape[1] // bt
+        summaries = self.summarizer.compute(k, bt)
+        self.tables[layer].append(summaries)
+        self._save_layer(layer, first, m, k, v, summaries)
+        ws = self.working[layer]
+        nb = first + m
+        if self.policy.dense:
+            ws.grow(nb)
+        win_lo = nb - cfg.window_blocks
+        sinks = cfg.sink_blocks
+
+        def protected(block_of: torch.Tensor) -> torch.Tensor:
+            return (block_of != EMPTY) & ((block_of < sinks) | (block_of >= win_lo))
+
+        hk = k.unflatten(1, (m, bt))
+        hv = v.unflatten(1, (m, bt))
+        for i in range(m):
+            block = first + i
+            if self.policy.dense or block < sinks or block >= win_lo:
+                ws.insert(block, hk[:, i], hv[:, i], protected)
+
+    def _save_layer(self, layer: int, first: int, m: int, k: torch.Tensor, v: torch.Tensor, summaries) -> None:
+        n_layers = self.layout.num_layers
+        if layer == 0:
+            if self._batch is not None:
+                raise RuntimeError("a new span started before every layer of the previous one was appended")
+            parent = self.block_keys[-1] if self.block_keys else self._root
+            keys = []
+            prev = parent
+            for b in range(first, first + m):
+                prev = chunk_key(self._hash, prev, tokens_to_bytes([b]))
+                keys.append(prev)
+            self.block_keys.extend(keys)
+            self._batch = self.store.begin_save(keys, parent, first)
+            self._batch_range = (first, m)
+            self._batch_extras = [[] for _ in range(m)]
+        elif self._batch is None or self._batch_range != (first, m):
+            raise RuntimeError(f"layer {layer} completed blocks {first}..{first + m - 1}, which do not match "
+                               f"layer 0's; append every layer the same tokens, in layer order")
+        sections = torch.stack([k, v], 1).unflatten(2, (m, -1)).permute(2, 0, 1, 3, 4).contiguous()
+        raw = sections.view(torch.uint8).reshape(m, -1).numpy()  # [m, H*2*B*d*dtype]
+        assert self._batch is not None
+        self._batch.write_layer(layer, list(raw))
+        self._span[layer] = (first, k, v)
+        for i in range(m):
+            self._batch_extras[i].append((SECTION_SUMMARY, layer, self.summarizer.encode(summaries, i)))
+        if layer == n_layers - 1:
+            handle = self._batch.commit([tuple(e) for e in self._batch_extras])
+            self._saves.append(handle)
+            self._batch = None
+            self._span.clear()
+
+    def flush(self) -> None:
+        """Wait for every save's lower-tier writes; re-raises a failed write."""
+        saves, self._saves = self._saves, []
+        for h in saves:
+            h.wait()
+
+    # -- reading -------------------------------------------------------------------
+    def _fetch(self, layer: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [n, H, B, d] of `blocks` of `layer`, read from the store (or the span being saved)."""
+        h, d, bt = self.layout.num_kv_heads, self.layout.head_size, self.config.block_tokens
+        span = self._span.get(layer)
+        if span is not None and blocks and blocks[-1] >= span[0]:
+            first, sk, sv = span
+            stored = [b for b in blocks if b < first]
+            k, v = self._fetch(layer, stored) if stored else (None, None)
+            new = torch.tensor([b - first for b in blocks if b >= first])
+            nk = sk.unflatten(1, (-1, bt))[:, new].transpose(0, 1)
+            nv = sv.unflatten(1, (-1, bt))[:, new].transpose(0, 1)
+            if k is None or v is None:
+                return nk, nv
+            return torch.cat([k, nk]), torch.cat([v, nv])
+        lb = self.store.layer_bytes
+        staging = torch.empty(len(blocks), lb, dtype=torch.uint8)
+        arr = staging.numpy()
+        keys = [self.block_keys[b] for b in blocks]
+        result = self.store.load_sync(keys, [[arr[i]] for i in range(len(blocks))], [layer])
+        if result.failed:
+            missing = [blocks[i] for i in result.failed]
+            raise BlockMissingError(
+                f"layer {layer}: blocks {missing[:8]} of this request are in no tier of the store "
+                f"(evicted or lost); refusing to attend without them"
+            )
+        self.fetched_bytes += lb * len(blocks)
+        kv = staging.view(self.dtype).reshape(len(blocks), h, 2, bt, d)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def _select(self, layer: int, q: torch.Tensor, nb: int, scaling: float) -> torch.Tensor:
+        """Blocks the working set must hold: [H, m], rows padded with EMPTY."""
+        cfg = self.config
+        ws = self.working[layer]
+        h = q.shape[0]
+        sinks = min(cfg.sink_blocks, nb)
+        lo, hi = sinks, max(sinks, nb - cfg.window_blocks)
+        k = ws.slots - sinks - (nb - hi)
+        if self.policy.dense or hi - lo <= k:
+            if nb > ws.slots:
+                ws.grow(nb)
+            return torch.arange(nb).expand(h, -1)
+        required = torch.cat([torch.arange(0, lo), torch.arange(hi, nb)]).expand(h, -1)
+        step = self._steps[layer]
+        self._steps[layer] += 1
+        prev = self._picks[layer]
+        if prev is not None and step % cfg.retrieval_stride and prev.shape[1] == k:
+            picks = torch.where(prev < hi, prev, torch.full_like(prev, EMPTY))
+        else:
+            keys = self._candidate_keys(layer, lo, hi) if self.policy.needs_keys else None
+            pri = self.policy.priority(q.float(), self.tables[layer], lo, hi, scaling, keys)
+            picks = torch.topk(pri, k, dim=1, sorted=False).indices + lo
+        self._picks[layer] = picks
+        return torch.cat([required, picks], 1)
+
+    def _candidate_keys(self, layer: int, lo: int, hi: int) -> torch.Tensor:
+        k, _ = self._fetch(layer, list(range(lo, hi)))  # [n, H, B, d]
+        return k.permute(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[-1]).float()
+
+    def attend(self, layer: int, q: torch.Tensor, scaling: float, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output [Hq, nq, d] of queries q [Hq, nq, d] at the last nq positions.
+
+        `token_mask` [nq, T] (True = may attend) carries padding; causality is applied here.
+        """
+        ws = self.working[layer]
+        hq, nq, d = q.shape
+        h = self.layout.num_kv_heads
+        if hq % h:
+            raise SparseConfigError(f"{hq} query heads is not a multiple of {h} KV heads")
+        g = hq // h
+        bt = self.config.block_tokens
+        t = self.num_tokens[layer]
+        nb = t // bt
+        qg = q.reshape(h, g * nq, d)
+        wanted = self._select(layer, qg, nb, scaling)
+        fetched = ws.ensure(wanted, lambda blocks: self._fetch(layer, blocks))
+        del fetched
+        selected = (ws.block_of.unsqueeze(2) == wanted.unsqueeze(1)).any(2)  # [H, S]
+        offs = torch.arange(bt)
+        pos = torch.cat([ws.block_of * bt, torch.full((h, 1), nb * bt)], 1).unsqueeze(2) + offs  # [H, S+1, B]
+        valid = torch.cat([selected, torch.ones(h, 1, dtype=torch.bool)], 1).unsqueeze(2).expand(-1, -1, bt).clone()
+        valid[:, -1] = offs < ws.tail_len
+        pos = pos.reshape(h, -1)
+        valid = valid.reshape(h, 1, -1)
+        if nq > 1:
+            qpos = torch.arange(t - nq, t)
+            valid = valid & (pos.unsqueeze(1) <= qpos.view(1, nq, 1))  # [H, nq, L]
+        if token_mask is not None:
+            tm = token_mask[:, pos.clamp(0, t - 1)].permute(1, 0, 2)  # [H, nq, L]
+            valid = valid & tm
+        mask = valid if nq == 1 else valid.unsqueeze(1).expand(h, g, nq, -1).reshape(h, g * nq, -1)
+        kk = ws.k.reshape(h, -1, d)
+        vv = ws.v.reshape(h, -1, d)
+        out = masked_attention(qg.to(kk.dtype), kk, vv, mask, scaling)
+        return out.reshape(hq, nq, d).to(q.dtype)
+
+    def attend_dense(self, layer: int, q: torch.Tensor, scaling: float,
+                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact attention over the whole context, streaming stored blocks `slots` at a time."""
+        ws = self.working[layer]
+        hq, nq, d = q.shape
+        h = self.layout.num_kv_heads
+        g = hq // h
+        bt = self.config.block_tokens
+        t = self.num_tokens[layer]
+        nb = t // bt
+        qg = q.reshape(h, g * nq, d).float()
+        qpos = torch.arange(t - nq, t).repeat(g)  # row r of a head is query token r % nq
+        m_run = torch.full((h, g * nq, 1), float("-inf"))
+        l_run = torch.zeros(h, g * nq, 1)
+        o_run = torch.zeros(h, g * nq, d)
+
+        def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+            nonlocal m_run, l_run, o_run
+            s = (qg @ k.float().transpose(1, 2)) * scaling  # [H, G, L]
+            ok = pos.view(1, -1) <= qpos.view(-1, 1)  # [G, L]
+            if token_mask is not None:
+                ok = ok & token_mask[:, pos].repeat(g, 1)
+            s = s.masked_fill(~ok, float("-inf"))
+            m_new = torch.maximum(m_run, s.amax(-1, keepdim=True))
+            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - safe)
+            corr = torch.exp(m_run - safe)
+            l_run = l_run * corr + p.sum(-1, keepdim=True)
+            o_run = o_run * corr + p @ v.float()
+            m_run = m_new
+
+        step = max(ws.slots, 1)
+        for lo in range(0, nb, step):
+            blocks = list(range(lo, min(nb, lo + step)))
+            k, v = self._fetch(layer, blocks)
+            merge(k.permute(1, 0, 2, 3).reshape(h, -1, d), v.permute(1, 0, 2, 3).reshape(h, -1, d),
+                  torch.arange(lo * bt, (lo + len(blocks)) * bt))
+        tk, tv = ws.tail()
+        if ws.tail_len:
+            merge(tk, tv, torch.arange(nb * bt, t))
+        return (o_run / l_run).reshape(hq, nq, d).to(q.dtype)
+
+    # -- accounting ----------------------------------------------------------------
+    def fast_tier_bytes(self) -> int:
+        """Bytes held in fast memory: every layer's working set (slots + tail) and summary table."""
+        return sum(ws.nbytes for ws in self.working) + sum(t.nbytes for t in self.tables)
+
+    def summary_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tables)
+
+    def budget_bytes(self) -> int:
+        """KV bytes of the token budget over all layers."""
+        return self.config.budget_tokens * self.layout.token_bytes_per_layer() * self.layout.num_layers

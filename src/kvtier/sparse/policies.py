@@ -1,0 +1,136 @@
+"""Selection policies: which blocks of one layer the current query needs, per KV head.
+
+Each policy turns the queries of a KV head's group (GQA: all query heads sharing that KV
+head, times the step's query tokens) and the fast-memory summaries of the candidate blocks
+into one priority per (KV head, block); the caller keeps the top `retrieval_slots` next to
+the always-kept sinks, window and tail. Scoring policies first estimate a logit per (query
+head, block), then `group_mass` sums each query head's softmax over blocks, so every head of
+the group gets a say whatever its logit scale.
+
+    dense       reference: every block, the working set grows to the whole context
+    streaming   StreamingLLM: the most recent blocks (cannot retrieve)
+    quest       Quest: upper bound of q.k from per-channel min/max (two matmuls)
+    mean        block-mean retrieval (UCM ESA): q . mean(k)
+    hash        sign-hash sketch of the block mean, scored asymmetrically: sign(R^T k) . (R^T q)
+    quest_mean  half the Quest bound plus half the mean logit: the bound's recall, less of its
+                optimism for blocks with one outlier channel
+    oracle      eval only: true attention mass from the block's keys (reads every key)
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from kvtier.sparse.summary import SummaryTable, unpack_signs
+
+
+def group_mass(logits: torch.Tensor) -> torch.Tensor:
+    """[H, g, n] logits -> [H, n]: softmax over blocks per query head, summed over the group."""
+    return torch.softmax(logits, dim=-1).sum(1)
+
+
+class SelectionPolicy(ABC):
+    name: ClassVar[str]
+    summary_fields: ClassVar[tuple[str, ...]] = ()
+    needs_keys: ClassVar[bool] = False  # oracle: wants the candidate blocks' keys
+    dense: ClassVar[bool] = False  # selects everything, ignoring the budget
+
+    def __init__(self, projection: torch.Tensor | None = None) -> None:
+        self.projection = projection
+
+    @abstractmethod
+    def priority(self, q: torch.Tensor, table: SummaryTable, lo: int, hi: int, scaling: float,
+                 keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Priority [H, hi - lo] of blocks lo..hi-1 for queries q [H, g, d] (g = group heads x query tokens)."""
+
+
+class DensePolicy(SelectionPolicy):
+    name = "dense"
+    dense = True
+
+    def priority(self, q, table, lo, hi, scaling, keys=None):
+        return torch.zeros(q.shape[0], hi - lo)
+
+
+class StreamingPolicy(SelectionPolicy):
+    name = "streaming"
+
+    def priority(self, q, table, lo, hi, scaling, keys=None):
+        return torch.arange(lo, hi, dtype=torch.float32).expand(q.shape[0], -1)
+
+
+def quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """sum_i max(q_i kmin_i, q_i kmax_i) as two matmuls: relu(q).kmax + min(q, 0).kmin -> [H, g, n]."""
+    return q.clamp(min=0) @ kmax.transpose(1, 2) + q.clamp(max=0) @ kmin.transpose(1, 2)
+
+
+class QuestPolicy(SelectionPolicy):
+    name = "quest"
+    summary_fields = ("kmin", "kmax")
+
+    def priority(self, q, table, lo, hi, scaling, keys=None):
+        return group_mass(quest_bound(q, table.get("kmin", lo, hi), table.get("kmax", lo, hi)) * scaling)
+
+
+class MeanPolicy(SelectionPolicy):
+    name = "mean"
+    summary_fields = ("kmean",)
+
+    def priority(self, q, table, lo, hi, scaling, keys=None):
+        return group_mass(q @ table.get("kmean", lo, hi).transpose(1, 2) * scaling)
+
+
+class QuestMeanPolicy(SelectionPolicy):
+    name = "quest_mean"
+    summary_fields = ("kmin", "kmax", "kmean")
+
+    def priority(self, q, table, lo, hi, scaling, keys=None):
+        bound = quest_bound(q, table.get("kmin", lo, hi), table.get("kmax", lo, hi))
+        mean = q @ table.get("kmean", lo, hi).transpose(1, 2)
+        return group_mass((bound + mean) * (0.5 * scaling))
+
+
+class HashPolicy(SelectionPolicy):
+    name = "hash"
+    summary_fields = ("codes",)
+
+    def priority(self, q, table, lo, hi, scaling, keys=None):
+        assert self.projection is not None, "the hash policy needs the summarizer's projection"
+        signs = unpack_signs(table.get("codes", lo, hi))  # [H, n, bits]
+        qp = q @ self.projection  # [H, g, bits]
+        # E[sign(r.k) (r.q)] = sqrt(2/pi) |q| cos(q, k): rescale to a logit of a unit-norm-ish key
+        est = (qp @ signs.transpose(1, 2)) * (math.sqrt(math.pi / 2) / signs.shape[-1])
+        return group_mass(est * scaling * q.shape[-1] ** 0.5)
+
+
+class OraclePolicy(SelectionPolicy):
+    """The true attention mass of each candidate block (evaluation only: it reads every key)."""
+
+    name = "oracle"
+    needs_keys = True
+
+    def priority(self, q, table, lo, hi, scaling, keys=None):
+        assert keys is not None, "the oracle policy needs the candidate blocks' keys"
+        h, g, _ = q.shape
+        probs = torch.softmax((q @ keys.transpose(1, 2)) * scaling, dim=-1)  # [H, g, n*B]
+        return probs.reshape(h, g, hi - lo, -1).sum(-1).sum(1)
+
+
+POLICIES: dict[str, type[SelectionPolicy]] = {
+    cls.name: cls
+    for cls in (DensePolicy, StreamingPolicy, QuestPolicy, MeanPolicy, HashPolicy, QuestMeanPolicy, OraclePolicy)
+}
+
+
+def make_policy(name: str, projection: torch.Tensor | None = None) -> SelectionPolicy:
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        from kvtier.sparse.errors import SparseConfigError
+
+        raise SparseConfigError(f"sparse.policy {name!r} is unknown; choose one of {sorted(POLICIES)}") from None
+    return cls(projection)

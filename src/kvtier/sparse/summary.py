@@ -1,0 +1,141 @@
+"""Per-block key summaries: computed once when a block's keys are written, scanned every step.
+
+A summary of one block of one layer holds, per KV head: the per-channel min and max of the
+block's keys (Quest's bounds), their mean (block-mean retrieval), and `hash_bits` sign bits
+of the mean projected on a fixed seeded Gaussian matrix (a 1-bit-per-dimension sketch,
+32x smaller than the mean). It is stored as the chunk's SECTION_SUMMARY section (index =
+layer) so a reload finds it without touching the KV, and a SummaryTable keeps the fields the
+active policy needs in fast memory: O(context / block_tokens) rows per KV head.
+
+Stored bytes (little-endian): b"KVSM", u16 version, u16 kv_heads, u16 head_size, u16 hash_bits,
+then float32 min, max, mean as [kv_heads, head_size] each, then the packed bits [kv_heads, hash_bits / 8].
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvtier.core.errors import CorruptChunkError
+
+SUMMARY_MAGIC = b"KVSM"
+SUMMARY_VERSION = 1
+_HEADER = struct.Struct("<4sHHHH")
+FIELDS = ("kmin", "kmax", "kmean", "codes")
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+@dataclass(slots=True, frozen=True)
+class BlockSummaries:
+    """Summaries of n consecutive blocks of one layer: float32 [H, n, d] each, codes uint8 [H, n, bits/8]."""
+
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+    kmean: torch.Tensor
+    codes: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.kmin.shape[1])
+
+
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
+    """Sign bits of the last dim (a multiple of 8), packed little-endian into uint8."""
+    bits = (x > 0).to(torch.uint8).unflatten(-1, (-1, 8))
+    return (bits * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8)
+
+
+def unpack_signs(codes: torch.Tensor) -> torch.Tensor:
+    """+1/-1 float32 from packed sign bits: [..., bits/8] -> [..., bits]."""
+    bits = (codes.unsqueeze(-1) & _BIT_WEIGHTS).ne(0)
+    return bits.flatten(-2).to(torch.float32).mul_(2).sub_(1)
+
+
+class Summarizer:
+    """Computes and (de)serializes block summaries for one KV layout."""
+
+    def __init__(self, kv_heads: int, head_size: int, hash_bits: int = 64, seed: int = 0) -> None:
+        self.kv_heads = kv_heads
+        self.head_size = head_size
+        self.hash_bits = hash_bits
+        gen = torch.Generator().manual_seed(seed)
+        self.projection = torch.randn(head_size, hash_bits, generator=gen, dtype=torch.float32)
+        self.stored_bytes = _HEADER.size + 3 * kv_heads * head_size * 4 + kv_heads * hash_bits // 8
+
+    def compute(self, keys: torch.Tensor, block_tokens: int) -> BlockSummaries:
+        """Summaries of the whole blocks in keys [H, n * block_tokens, d]."""
+        h, t, d = keys.shape
+        if t % block_tokens:
+            raise ValueError(f"{t} tokens are not whole blocks of {block_tokens}")
+        blocks = keys.to(torch.float32).reshape(h, t // block_tokens, block_tokens, d)
+        kmean = blocks.mean(2)
+        return BlockSummaries(blocks.amin(2), blocks.amax(2), kmean, pack_signs(kmean @ self.projection))
+
+    def encode(self, s: BlockSummaries, i: int) -> bytes:
+        """Stored bytes of block i of `s`."""
+        parts = [_HEADER.pack(SUMMARY_MAGIC, SUMMARY_VERSION, self.kv_heads, self.head_size, self.hash_bits)]
+        for t in (s.kmin, s.kmax, s.kmean):
+            parts.append(t[:, i].contiguous().numpy().astype("<f4", copy=False).tobytes())
+        parts.append(s.codes[:, i].contiguous().numpy().tobytes())
+        return b"".join(parts)
+
+    def decode(self, data: bytes) -> BlockSummaries:
+        """One block's summaries from stored bytes; CorruptChunkError when they do not fit this layout."""
+        if len(data) != self.stored_bytes:
+            raise CorruptChunkError(f"summary section has {len(data)} bytes, expected {self.stored_bytes}")
+        magic, version, heads, size, bits = _HEADER.unpack_from(data, 0)
+        if (magic, version, heads, size, bits) != (SUMMARY_MAGIC, SUMMARY_VERSION, self.kv_heads,
+                                                   self.head_size, self.hash_bits):
+            raise CorruptChunkError("summary section header does not match this layout or version")
+        off = _HEADER.size
+        n = self.kv_heads * self.head_size
+        out = []
+        for _ in range(3):
+            arr = np.frombuffer(data, dtype="<f4", count=n, offset=off).reshape(self.kv_heads, 1, self.head_size)
+            out.append(torch.from_numpy(arr.astype(np.float32)))
+            off += 4 * n
+        codes = np.frombuffer(data, dtype=np.uint8, offset=off).reshape(self.kv_heads, 1, self.hash_bits // 8)
+        return BlockSummaries(out[0], out[1], out[2], torch.from_numpy(codes.copy()))
+
+
+class SummaryTable:
+    """Fast-memory summaries of one layer: the fields a policy scans, grown in steps of `grow` blocks."""
+
+    def __init__(self, kv_heads: int, head_size: int, hash_bits: int, fields: tuple[str, ...], grow: int = 64) -> None:
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown summary fields {sorted(unknown)}; known: {FIELDS}")
+        self.fields = fields
+        self.num_blocks = 0
+        self._grow = grow
+        self._shape = {"kmin": head_size, "kmax": head_size, "kmean": head_size, "codes": hash_bits // 8}
+        self._dtype = {"kmin": torch.float32, "kmax": torch.float32, "kmean": torch.float32, "codes": torch.uint8}
+        self._kv_heads = kv_heads
+        self._data: dict[str, torch.Tensor] = {
+            f: torch.empty(kv_heads, 0, self._shape[f], dtype=self._dtype[f]) for f in fields
+        }
+
+    def append(self, s: BlockSummaries) -> None:
+        n = s.num_blocks
+        end = self.num_blocks + n
+        for f in self.fields:
+            buf = self._data[f]
+            if end > buf.shape[1]:
+                cap = -(-end // self._grow) * self._grow
+                new = torch.empty(self._kv_heads, cap, self._shape[f], dtype=self._dtype[f])
+                new[:, : self.num_blocks] = buf[:, : self.num_blocks]
+                self._data[f] = buf = new
+            buf[:, self.num_blocks : end] = getattr(s, f)
+        self.num_blocks = end
+
+    def get(self, field: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Rows [lo, hi) of one field: [H, hi - lo, ...] (a view, no copy)."""
+        hi = self.num_blocks if hi is None else hi
+        return self._data[field][:, lo:hi]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._data.values())

@@ -1,0 +1,14 @@
+"""One torch thread for the sparse tests: on a shared 2-core CI box OpenMP threads stall each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,110 @@
+"""Each policy's selection on hand-made keys and queries whose answer is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.sparse import POLICIES, SparseConfigError, Summarizer, SummaryTable, make_policy
+from kvtier.sparse.policies import quest_bound
+
+B = 2
+D = 4
+
+
+def table_of(keys: torch.Tensor, fields: tuple[str, ...] = ("kmin", "kmax", "kmean", "codes")) -> tuple[SummaryTable, Summarizer]:
+    """keys [H, n*B, D] -> a summary table of all fields."""
+    s = Summarizer(keys.shape[0], D, hash_bits=64, seed=0)
+    t = SummaryTable(keys.shape[0], D, 64, fields)
+    t.append(s.compute(keys, B))
+    return t, s
+
+
+def one_hot_blocks() -> torch.Tensor:
+    """6 blocks of 2 tokens, 1 KV head; block b's keys point along channel b % 4, block 3 is strongest."""
+    k = torch.zeros(1, 6 * B, D)
+    for b in range(6):
+        k[0, b * B : (b + 1) * B, b % D] = 1.0
+    k[0, 3 * B : 4 * B, 3] = 4.0
+    k[0, 5 * B : 6 * B, 1] = 0.5
+    return k
+
+
+def top(policy: str, q: torch.Tensor, keys: torch.Tensor, lo: int, hi: int, k: int) -> list[int]:
+    t, s = table_of(keys)
+    p = make_policy(policy, s.projection)
+    cand = keys[:, lo * B : hi * B] if p.needs_keys else None
+    pri = p.priority(q, t, lo, hi, D**-0.5, cand)
+    return sorted((torch.topk(pri, k, dim=1).indices[0] + lo).tolist())
+
+
+@pytest.mark.parametrize("policy", ["quest", "mean", "hash", "quest_mean", "oracle"])
+def test_scoring_policies_find_the_aligned_block(policy: str) -> None:
+    keys = one_hot_blocks()
+    q = torch.tensor([[[0.0, 0.0, 0.0, 3.0]]])  # points along channel 3: block 3
+    assert top(policy, q, keys, 1, 5, 1) == [3]
+    q = torch.tensor([[[0.0, 3.0, 0.0, 0.0]]])  # channel 1: blocks 1 and 5 (5 is outside lo..hi)
+    assert top(policy, q, keys, 0, 5, 1) == [1]
+
+
+def test_streaming_picks_the_most_recent_candidates() -> None:
+    keys = one_hot_blocks()
+    q = torch.tensor([[[0.0, 0.0, 0.0, 3.0]]])
+    assert top("streaming", q, keys, 1, 5, 2) == [3, 4]
+
+
+def test_dense_policy_is_flagged_dense() -> None:
+    assert make_policy("dense").dense and not make_policy("quest").dense
+
+
+def test_quest_bound_is_the_max_over_the_box_per_channel() -> None:
+    kmin = torch.tensor([[[-1.0, 2.0]]])
+    kmax = torch.tensor([[[3.0, 5.0]]])
+    q = torch.tensor([[[-2.0, 1.0]]])
+    # channel 0: max(-2*-1, -2*3) = 2; channel 1: max(2, 5) = 5
+    assert quest_bound(q, kmin, kmax).item() == pytest.approx(7.0)
+
+
+def test_quest_bound_is_an_upper_bound_of_every_key() -> None:
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 8 * B, D, generator=g)
+    q = torch.randn(2, 3, D, generator=g)
+    t, _ = table_of(keys)
+    bound = quest_bound(q, t.get("kmin"), t.get("kmax"))  # [H, g, n]
+    exact = (q @ keys.transpose(1, 2)).unflatten(-1, (8, B)).amax(-1)
+    assert bool((bound >= exact - 1e-6).all())
+
+
+def test_oracle_prefers_true_mass_where_quest_is_fooled() -> None:
+    """Block 1's box is large (two opposite keys) but no key aligns with q; block 2 holds q's direction."""
+    k = torch.zeros(1, 3 * B, D)
+    k[0, 0:B, 2] = 1.0
+    k[0, B, :2] = torch.tensor([3.0, -3.0])
+    k[0, B + 1, :2] = torch.tensor([-3.0, 3.0])
+    k[0, 2 * B : 3 * B, :2] = torch.tensor([1.2, 1.2])
+    q = torch.tensor([[[2.0, 2.0, 0.0, 0.0]]])
+    assert top("quest", q, k, 0, 3, 1) == [1]  # bound 12 beats 4.8: a false positive
+    assert top("oracle", q, k, 0, 3, 1) == [2]
+    assert top("mean", q, k, 0, 3, 1) == [2]
+
+
+def test_gqa_group_heads_each_get_their_block() -> None:
+    """Two query heads share one KV head and look for different blocks: both are kept."""
+    keys = one_hot_blocks()
+    q = torch.tensor([[[0.0, 0.0, 0.0, 3.0], [3.0, 0.0, 0.0, 0.0]]])  # block 3 and block 0 (channel 0)
+    for policy in ("quest", "mean", "oracle"):
+        assert top(policy, q, keys, 0, 5, 2) == [0, 3], policy
+
+
+def test_selection_is_per_kv_head() -> None:
+    keys = torch.cat([one_hot_blocks(), one_hot_blocks().roll(B, dims=1)])  # head 1: blocks shifted by one
+    t, _ = table_of(keys)
+    q = torch.tensor([[[0.0, 0.0, 0.0, 3.0]], [[0.0, 0.0, 0.0, 3.0]]])
+    pri = make_policy("quest").priority(q, t, 0, 6, D**-0.5)
+    assert pri.argmax(1).tolist() == [3, 4]
+
+
+def test_registry_and_unknown_policy() -> None:
+    assert {"dense", "streaming", "quest", "mean", "hash", "oracle"} <= set(POLICIES)
+    with pytest.raises(SparseConfigError, match="unknown"):
+        make_policy("nope")
