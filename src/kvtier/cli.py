@@ -63,6 +63,13 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_vllm(args: argparse.Namespace) -> int:
+    from kvtier.bench.vllm import run_vllm_bench
+
+    run_vllm_bench(args.json, quick=args.quick)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kvtier.bench.demo import run_demo
 
@@ -127,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     bsp.add_argument("--png", default="results/bench_sparse.png")
     bsp.add_argument("--quick", action="store_true")
     bsp.set_defaults(fn=_cmd_bench_sparse)
+    bvl = bsub.add_parser("vllm", help="vLLM with and without kvtier: long-document QA and exact repeats (TTFT)")
+    bvl.add_argument("--json", default="results/bench_vllm.json")
+    bvl.add_argument("--quick", action="store_true", help="a tiny model and workload, for a smoke test")
+    bvl.set_defaults(fn=_cmd_bench_vllm)
     return p
 
 

@@ -1,0 +1,282 @@
+"""`kvtier bench vllm`: time to first token of vLLM (CPU) with and without kvtier's connector.
+
+One random-weight Llama (float32, ~50M parameters; built once under the cache folder) and
+the same requests in every run. Each run is one vLLM engine in a subprocess
+(kvtier.connectors.vllm.runner, since only connectors/ import vLLM); requests are sent one
+at a time with max_tokens=1, so each call's wall time is its TTFT.
+
+Workload 1, long-document questions (like LMCache's long-doc QA): D documents of L tokens,
+a warm-up round asking one question per document (not measured), then Q measured rounds
+asking a new question per document, documents in turn, so vLLM's small KV memory has
+evicted a document before it is asked about again.
+  apc_small    vLLM alone, KV memory for ~1.5 documents (smaller than the working set)
+  apc_ample    vLLM alone, KV memory for every document (the bound: infinite HBM)
+  kvtier_dram  as apc_small + kvtier, DRAM tier larger than the working set
+  kvtier_disk  as apc_small + kvtier, DRAM tier for one document; the disk tier's files are
+               dropped from the page cache before every request, so hits come from disk
+Workload 2, exact repeats: R prompts, then the same R prompts again (measured); vLLM's KV
+memory is too small to keep them, so only a connector can hit.
+  example_repeat  vLLM + ExampleConnector (the only case it can hit)
+  kvtier_repeat   vLLM + kvtier (the kvtier_dram engine, after workload 1)
+
+JSON: {run: {"mean_ttft_s", "p50_ttft_s", "p90_ttft_s", "total_s", "hit_tokens_by_tier"}} plus
+"details" (sizes, engine init times, the first-token check against apc_small wherever the
+top-2 logprob gap exceeds 1e-3). Environment: VLLM_CPU_NUM_OF_RESERVED_CPU=1 keeps a core
+for the EngineCore and kvtier's threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvtier.bench.common import print_table, write_json
+from kvtier.core.config import default_cache_dir
+
+GAP = 1e-3
+
+
+@dataclass(slots=True, frozen=True)
+class Sizes:
+    hidden: int = 512
+    layers: int = 12
+    heads: int = 8
+    intermediate: int = 1536
+    vocab: int = 8192
+    block: int = 128
+    docs: int = 4
+    doc_tokens: int = 2048
+    question_tokens: int = 32
+    rounds: int = 2  # measured question rounds after the warm-up round
+    repeat_prompts: int = 4
+    repeat_tokens: int = 1536
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.hidden * 4  # K and V, every KV head (no GQA), float32
+
+    @property
+    def max_model_len(self) -> int:
+        return self.doc_tokens + self.question_tokens + 128
+
+
+QUICK = Sizes(hidden=256, layers=4, heads=4, intermediate=768, vocab=4096, block=64, docs=3, doc_tokens=512,
+              question_tokens=32, rounds=1, repeat_prompts=3, repeat_tokens=384)
+
+
+def build_model(sizes: Sizes, folder: Path) -> Path:
+    tag = f"llama-h{sizes.hidden}-l{sizes.layers}-v{sizes.vocab}"
+    path = folder / tag
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=sizes.vocab, hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
+                      num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
+                      num_key_value_heads=sizes.heads, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0, tie_word_embeddings=False)
+    tmp = folder / (tag + ".tmp")
+    LlamaForCausalLM(cfg).float().save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, path)
+    return path
+
+
+def workloads(sizes: Sizes) -> tuple[list[list[int]], list[list[list[int]]], list[list[int]]]:
+    """(warm-up prompts, measured rounds, exact-repeat prompts)."""
+    rng = random.Random(7)
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(3, sizes.vocab) for _ in range(n)]
+
+    docs = [toks(sizes.doc_tokens) for _ in range(sizes.docs)]
+    warm = [d + toks(sizes.question_tokens) for d in docs]
+    rounds = [[d + toks(sizes.question_tokens) for d in docs] for _ in range(sizes.rounds)]
+    repeats = [toks(sizes.repeat_tokens) for _ in range(sizes.repeat_prompts)]
+    return warm, rounds, repeats
+
+
+def _llm_kwargs(model: Path, sizes: Sizes, kv_tokens: int, prefix_caching: bool = True,
+                kv_transfer_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"model": str(model), "skip_tokenizer_init": True, "dtype": "float32", "enforce_eager": True,
+            "max_model_len": sizes.max_model_len, "max_num_seqs": 4, "max_num_batched_tokens": sizes.max_model_len,
+            "block_size": sizes.block, "kv_cache_memory_bytes": kv_tokens * sizes.kv_bytes_per_token,
+            "enable_prefix_caching": prefix_caching, "kv_transfer_config": kv_transfer_config,
+            "disable_log_stats": True, "seed": 0}
+
+
+def _kvtier_config(socket_path: str, dram_bytes: int, disk_root: str | None, stats_path: str) -> dict[str, Any]:
+    store: dict[str, Any] = {"memory": {"capacity_bytes": dram_bytes}}
+    if disk_root:
+        store["disk"] = {"root": disk_root}
+    return {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connectors.vllm",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"socket_path": socket_path, "store": store, "stats_path": stats_path,
+                                          "connect_timeout_s": 120}}
+
+
+def _stop_service(socket_path: str) -> None:
+    try:
+        pid = int(Path(socket_path + ".lock").read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+    except (OSError, ValueError):
+        pass
+    for suffix in (".lock", ".service.json", ".log"):
+        try:
+            os.unlink(socket_path + suffix)
+        except OSError:
+            pass
+
+
+def _run_engine(name: str, spec: dict[str, Any], work: Path, timeout_s: float) -> dict[str, Any]:
+    spec_path, out_path, log_path = work / f"{name}.spec.json", work / f"{name}.out.json", work / f"{name}.log"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        r = subprocess.run([sys.executable, "-m", "kvtier.connectors.vllm.runner", str(spec_path), str(out_path)],
+                           stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
+    if r.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"vLLM run {name} failed (rc {r.returncode}); log {log_path}:\n{tail}")
+    out = json.loads(out_path.read_text())
+    out["wall_s"] = time.perf_counter() - t0
+    print(f"  {name}: engine init {out['init_s']:.0f} s, run {out['wall_s']:.0f} s", flush=True)
+    return out
+
+
+def _summary(rows: list[dict[str, Any]], by_tier: dict[str, int]) -> dict[str, Any]:
+    ttfts = sorted(r["ttft_s"] for r in rows)
+    p90 = ttfts[min(len(ttfts) - 1, max(0, round(0.9 * len(ttfts) + 0.5) - 1))]
+    return {"mean_ttft_s": statistics.fmean(ttfts), "p50_ttft_s": statistics.median(ttfts), "p90_ttft_s": p90,
+            "total_s": sum(ttfts), "hit_tokens_by_tier": by_tier}
+
+
+def _phase(out: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(p for p in out["phases"] if p["name"] == name)
+
+
+def _tier_tokens(stats_before: dict[str, Any] | None, stats_after: dict[str, Any] | None) -> dict[str, int]:
+    if not stats_after:
+        return {}
+    before = (stats_before or {}).get("loaded_chunks_by_tier", {})
+    c = int(stats_after.get("chunk_tokens", 0))
+    return {f"kvtier_{t}": (n - before.get(t, 0)) * c for t, n in stats_after["loaded_chunks_by_tier"].items()
+            if n - before.get(t, 0)}
+
+
+def run_vllm_bench(json_out: str | None, quick: bool = False) -> dict[str, Any]:
+    sizes = QUICK if quick else Sizes()
+    cache = default_cache_dir() / "bench-vllm"
+    cache.mkdir(parents=True, exist_ok=True)
+    model = build_model(sizes, cache)
+    warm, rounds, repeats = workloads(sizes)
+    work = Path(tempfile.mkdtemp(prefix="kvtier-bench-vllm-"))
+    per_doc = sizes.max_model_len
+    small_kv = int(1.5 * per_doc)
+    ample_kv = int((sizes.docs + 1) * per_doc * 1.25)
+    doc_bytes = sizes.doc_tokens * sizes.kv_bytes_per_token
+    timeout = 900.0
+    w1: list[dict[str, Any]] = [{"name": "warmup", "prompts": warm, "measure": False}] + [
+        {"name": f"round{i}", "prompts": r} for i, r in enumerate(rounds)]
+    w2: list[dict[str, Any]] = [{"name": "repeat_first", "prompts": repeats, "measure": False}, {"name": "repeat", "prompts": repeats}]
+    outs: dict[str, dict[str, Any]] = {}
+    print(f"kvtier bench vllm: {sizes.docs} docs x {sizes.doc_tokens} tokens, {sizes.rounds} measured rounds; "
+          f"{sizes.repeat_prompts} repeats of {sizes.repeat_tokens} tokens; work folder {work}", flush=True)
+    try:
+        outs["apc_small"] = _run_engine("apc_small", {"llm": _llm_kwargs(model, sizes, small_kv), "phases": w1},
+                                        work, timeout)
+        outs["apc_ample"] = _run_engine("apc_ample", {"llm": _llm_kwargs(model, sizes, ample_kv), "phases": w1},
+                                        work, timeout)
+        sock = f"/tmp/kvtier-bench-{os.getpid()}-dram.sock"
+        stats = str(work / "kvtier_dram.stats.json")
+        kcfg = _kvtier_config(sock, 2 * (sizes.docs + sizes.repeat_prompts + 1) * doc_bytes, None, stats)
+        phases = [dict(p, stats_path=stats) for p in w1 + w2]
+        try:
+            outs["kvtier_dram"] = _run_engine(
+                "kvtier_dram", {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=kcfg),
+                                "phases": phases}, work, timeout)
+        finally:
+            _stop_service(sock)
+        sock = f"/tmp/kvtier-bench-{os.getpid()}-disk.sock"
+        stats = str(work / "kvtier_disk.stats.json")
+        disk_root = work / "disk"
+        kcfg = _kvtier_config(sock, int(1.2 * doc_bytes), str(disk_root), stats)
+        phases = [dict(p, stats_path=stats, drop_cache_dir=str(disk_root)) for p in w1]
+        try:
+            outs["kvtier_disk"] = _run_engine(
+                "kvtier_disk", {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=kcfg),
+                                "phases": phases}, work, timeout)
+        finally:
+            _stop_service(sock)
+        example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                   "kv_connector_extra_config": {"shared_storage_path": str(work / "example")}}
+        outs["example_repeat"] = _run_engine(
+            "example_repeat", {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=example),
+                               "phases": w2}, work, timeout)
+    finally:
+        shutil.rmtree(work / "disk", ignore_errors=True)
+        shutil.rmtree(work / "example", ignore_errors=True)
+    return _report(outs, sizes, json_out, work)
+
+
+def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None, work: Path) -> dict[str, Any]:
+    measured = [f"round{i}" for i in range(sizes.rounds)]
+    result: dict[str, Any] = {}
+
+    def w1_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
+        return [r for name in measured for r in _phase(out, name)["requests"]]
+
+    def stats_at(out: dict[str, Any], phase: str) -> dict[str, Any] | None:
+        return _phase(out, phase).get("stats")
+
+    for run in ("apc_small", "apc_ample", "kvtier_dram", "kvtier_disk"):
+        out = outs[run]
+        rows = w1_rows(out)
+        tiers = _tier_tokens(stats_at(out, "warmup"), stats_at(out, measured[-1])) if run.startswith("kvtier") else {}
+        cached = sum(r["cached"] for r in rows)
+        tiers["vllm_prefix_cache"] = cached - sum(tiers.values())
+        result[run] = _summary(rows, tiers)
+    rep = _phase(outs["example_repeat"], "repeat")["requests"]
+    result["example_repeat"] = _summary(rep, {"example_connector_or_vllm": sum(r["cached"] for r in rep)})
+    out = outs["kvtier_dram"]
+    rep = _phase(out, "repeat")["requests"]
+    tiers = _tier_tokens(stats_at(out, "repeat_first"), stats_at(out, "repeat"))
+    tiers["vllm_prefix_cache"] = sum(r["cached"] for r in rep) - sum(tiers.values())
+    result["kvtier_repeat"] = _summary(rep, tiers)
+
+    checks = {"checked": 0, "mismatches": 0}
+    ref1 = [r for name in ["warmup", *measured] for r in _phase(outs["apc_small"], name)["requests"]]
+    ref2 = _phase(outs["example_repeat"], "repeat")["requests"]
+    for run, ref, names in [("apc_ample", ref1, ["warmup", *measured]), ("kvtier_dram", ref1, ["warmup", *measured]),
+                            ("kvtier_disk", ref1, ["warmup", *measured]),
+                            ("kvtier_dram", ref2, ["repeat"])]:
+        rows = [r for name in names for r in _phase(outs[run], name)["requests"]]
+        for a, b in zip(ref, rows):
+            if a["gap"] is not None and a["gap"] > GAP:
+                checks["checked"] += 1
+                checks["mismatches"] += a["token"] != b["token"]
+    result["details"] = {"sizes": asdict(sizes), "init_s": {k: v["init_s"] for k, v in outs.items()},
+                         "first_token_check": checks, "work_folder": str(work)}
+    rows_t = [[k, v["mean_ttft_s"], v["p50_ttft_s"], v["p90_ttft_s"], v["total_s"], json.dumps(v["hit_tokens_by_tier"])]
+              for k, v in result.items() if k != "details"]
+    print_table("vLLM TTFT (s)", ["run", "mean", "p50", "p90", "total", "hit tokens"], rows_t)
+    print(f"first-token check: {checks['mismatches']} mismatches of {checks['checked']} (gap > {GAP})")
+    write_json(json_out, result)
+    return result

@@ -1,0 +1,65 @@
+"""The connector's settings: vLLM's `kv_connector_extra_config`, validated by load_config.
+
+    {"socket_path": "",          # "" = /tmp/kvtier-<uid>-vllm-<layout id>.sock (one service per KV layout)
+     "auto_start": true,         # start `python -m kvtier.service` when nothing answers on the socket
+     "service_config": "",       # the service's config file for auto_start; "" = written from `store`
+     "store": {...},             # kvtier StoreConfig for an auto-started service (memory/disk tiers);
+                                 # chunk_tokens defaults to vLLM's block_size and must equal it
+     "lease_timeout_s": 30.0, "connect_timeout_s": 30.0,
+     "retry_after_s": 5.0,       # after the service fails, wait this long before reconnecting
+     "save_decode": false,       # also save chunks of generated tokens (multi-turn reuse)
+     "model_fingerprint": "",    # override the computed model identity (config + weights)
+     "stats_path": ""}           # write the scheduler's counters (hits by tier, saves) to this JSON file
+
+An unknown key or a bad value raises ConfigError naming it, so vLLM stops at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.core.config import StoreConfig, load_config
+from kvtier.core.errors import ConfigError
+
+
+@dataclass(slots=True, frozen=True)
+class VLLMConnectorConfig:
+    socket_path: str = ""
+    auto_start: bool = True
+    service_config: str = ""
+    store: StoreConfig = field(default_factory=StoreConfig)
+    lease_timeout_s: float = 30.0
+    connect_timeout_s: float = 30.0
+    retry_after_s: float = 5.0
+    save_decode: bool = False
+    model_fingerprint: str = ""
+    stats_path: str = ""  # the scheduler rewrites this JSON file with its counters when they change
+
+    def __post_init__(self) -> None:
+        for name in ("lease_timeout_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"kv_connector_extra_config.{name} must be positive, got {getattr(self, name)}")
+        if self.retry_after_s < 0:
+            raise ConfigError(f"kv_connector_extra_config.retry_after_s must be >= 0, got {self.retry_after_s}")
+
+
+def load_connector_config(extra: Mapping[str, Any] | None, block_size: int) -> VLLMConnectorConfig:
+    """Validate vLLM's kv_connector_extra_config; the store's chunk size defaults to `block_size`.
+
+    kvtier's chunk_tokens must equal vLLM's block_size: one chunk is one vLLM block, so a
+    CPU block moves as one opaque page and a chunk key lines up with a block boundary.
+    """
+    raw = dict(extra or {})
+    store = raw.get("store")
+    if store is None:
+        raw["store"] = {"chunk_tokens": block_size}
+    elif isinstance(store, Mapping) and "chunk_tokens" not in store:
+        raw["store"] = {**store, "chunk_tokens": block_size}
+    cfg = load_config(VLLMConnectorConfig, raw, "kv_connector_extra_config")
+    if cfg.store.chunk_tokens != block_size:
+        raise ConfigError(
+            f"kv_connector_extra_config.store.chunk_tokens is {cfg.store.chunk_tokens} but vLLM's block_size is "
+            f"{block_size}; kvtier stores one vLLM block per chunk, so they must be equal")
+    return cfg

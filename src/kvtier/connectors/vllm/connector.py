@@ -1,0 +1,314 @@
+"""KVTierConnector: kvtier as a vLLM KV connector (KVConnectorBase_V1, vLLM 0.32).
+
+    vllm serve MODEL --block-size 32 --kv-transfer-config '{
+        "kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connectors.vllm",
+        "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"store": {"memory": {"capacity_bytes": "8GiB"},
+                                                "disk": {"root": "/nvme/kvtier"}}}}'
+
+vLLM builds one instance in the EngineCore process (scheduler role, scheduler.py) and one
+per Worker process (worker role, worker.py); both talk to the host's `kvtier serve`
+(started on first use with `auto_start`), which shares the cache between vLLM processes
+and keeps it across restarts. Only the plan (keys, block ids, lease ids) travels between
+the roles, in KVTierConnectorMetadata.
+
+Decisions (see scheduler.py / worker.py for the details):
+- chunk size = vLLM's block_size; loads are synchronous and layer by layer (no
+  WAITING_FOR_REMOTE_KVS state), saves are copied into the store's DRAM in the step that
+  computes them, so request_finished returns (False, None): blocks are freed at once.
+- requires_kv_delivery is False: kvtier is a best-effort cache, a dropped save is a miss.
+- handle_preemptions does nothing: no save is pending when a step ends.
+- kv_load_failure_policy must be "recompute" (checked at start; set
+  "allow_fail_policy": true in the extra config to keep vLLM's "fail"), so a lost chunk
+  costs a recompute, not a failed request.
+- Keys: kvtier's chained digest in a namespace of (model fingerprint = HF config + dtypes +
+  weight identity, KV layout, chunk byte format, cache_salt, LoRA adapter name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvtier.client.api import StoreClient
+from kvtier.connectors.vllm import version
+from kvtier.connectors.vllm.config import VLLMConnectorConfig, load_connector_config
+from kvtier.connectors.vllm.fingerprint import vllm_model_fingerprint
+from kvtier.connectors.vllm.link import StoreLink
+from kvtier.connectors.vllm.model import ModelKV, cpu_amx_supported, format_tag, model_kv
+from kvtier.connectors.vllm.plan import StepPlan
+from kvtier.connectors.vllm.scheduler import SchedulerSide
+from kvtier.connectors.vllm.worker import WorkerSide
+from kvtier.core.config import ClientConfig
+from kvtier.core.errors import ConfigError, TierUnavailableError
+from kvtier.core.keys import Namespace
+from kvtier.core.layout import KVLayout
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvtier.connectors.vllm")
+
+
+@dataclass
+class KVTierConnectorMetadata(KVConnectorMetadata):
+    plan: StepPlan
+
+
+def default_socket_path(layout: KVLayout, block_size: int) -> str:
+    """One service per KV layout, so models of different shapes never meet on one socket."""
+    return f"/tmp/kvtier-{os.geteuid()}-vllm-{layout.layout_id(block_size)[:6].hex()}.sock"
+
+
+def write_service_config(path: str, layout: KVLayout, cfg: VLLMConnectorConfig, socket_path: str) -> None:
+    data = {"layout": dataclasses.asdict(layout), "store": dataclasses.asdict(cfg.store), "socket_path": socket_path}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def start_detached_service(socket_path: str, service_config: str, timeout_s: float) -> None:
+    """Start `python -m kvtier.service` unless something answers on `socket_path`.
+
+    The service is started through a short-lived intermediate process, so it is re-parented
+    away from vLLM: vLLM's shutdown kills its processes' whole child trees, and the store
+    must outlive the vLLM process that happened to start it (other engines share it, and a
+    restarted vLLM finds its DRAM cache). A second starter loses the service's lock and exits.
+    """
+    from kvtier.service.server import answers
+
+    if answers(socket_path):
+        return
+    launcher = (
+        "import subprocess, sys\n"
+        "log = open(sys.argv[3] + '.log', 'ab')\n"
+        "subprocess.Popen([sys.executable, '-m', 'kvtier.service', '--config', sys.argv[1], '--socket', sys.argv[2]],"
+        " stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)\n"
+    )
+    subprocess.run([sys.executable, "-c", launcher, service_config, socket_path, socket_path], check=True,
+                   timeout=60)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if answers(socket_path, timeout=1.0):
+            return
+        time.sleep(0.1)
+    raise TierUnavailableError(f"started a kvtier service on {socket_path} but it did not answer within "
+                               f"{timeout_s} s; see {socket_path}.log")
+
+
+def open_client(cfg: VLLMConnectorConfig, layout: KVLayout, block_size: int, first: bool) -> StoreClient:
+    """A ServiceClient for this model's layout; at start it may launch the service."""
+    from kvtier.client.service_client import ServiceClient
+
+    socket_path = cfg.socket_path or default_socket_path(layout, block_size)
+    service_config = cfg.service_config
+    auto_start = cfg.auto_start and first
+    if auto_start and not service_config:
+        service_config = socket_path + ".service.json"
+        write_service_config(service_config, layout, cfg, socket_path)
+    if auto_start:
+        start_detached_service(socket_path, service_config, cfg.connect_timeout_s)
+    client = ServiceClient(ClientConfig(mode="service", socket_path=socket_path, layout=layout,
+                                        service_config=service_config, auto_start=False,
+                                        lease_timeout_s=cfg.lease_timeout_s,
+                                        connect_timeout_s=cfg.connect_timeout_s), layout)
+    if client.chunk_tokens != block_size:
+        client.close()
+        raise ConfigError(f"the kvtier service on {socket_path} uses chunk_tokens={client.chunk_tokens}, but vLLM's "
+                          f"block_size is {block_size}; they must be equal")
+    return client
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("kvtier")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [kvtier pid %(process)d] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class KVTierConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        _setup_logging()
+        version.check_installed()
+        from vllm.platforms import current_platform
+
+        ktc = self._kv_transfer_config
+        extra = dict(ktc.kv_connector_extra_config or {})
+        allow_fail = extra.pop("allow_fail_policy", False)
+        if not isinstance(allow_fail, bool):
+            raise ConfigError(f"kv_connector_extra_config.allow_fail_policy: expected true or false, got {allow_fail!r}")
+        block_size = int(vllm_config.cache_config.block_size)
+        self.config = load_connector_config(extra, block_size)
+        policy = getattr(ktc, "kv_load_failure_policy", "fail")
+        if policy != "recompute" and not allow_fail:
+            raise ConfigError(
+                'kvtier: set "kv_load_failure_policy": "recompute" in --kv-transfer-config, so that a chunk the '
+                f'store loses costs a recompute instead of a failed request (it is {policy!r}); or set '
+                '"allow_fail_policy": true in kv_connector_extra_config to keep it')
+        mc, pc = vllm_config.model_config, vllm_config.parallel_config
+        if mc.get_sliding_window() is not None:
+            from kvtier.connectors.vllm.model import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                "kvtier's vLLM connector does not support sliding-window attention models yet "
+                f"(sliding_window={mc.get_sliding_window()})")
+        self.model: ModelKV = model_kv(kv_cache_config.kv_cache_groups, pc.tensor_parallel_size,
+                                       pc.pipeline_parallel_size, str(vllm_config.cache_config.cache_dtype),
+                                       use_mla=bool(mc.use_mla), is_hybrid=bool(mc.is_hybrid))
+        if self.model.block_size != block_size:
+            raise ConfigError(f"KV cache block size {self.model.block_size} differs from vLLM's block_size {block_size}")
+        self.is_cpu = current_platform.is_cpu()
+        self.format_tag = format_tag(self.is_cpu, self.model.layout, block_size,
+                                     cpu_amx_supported() if self.is_cpu else False)
+        layout = self.model.layout
+        cfg = self.config
+        link = StoreLink(lambda first: open_client(cfg, layout, block_size, first), cfg.retry_after_s)
+        self.scheduler: SchedulerSide | None = None
+        self.worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            client = link.client()
+            assert client is not None
+            fingerprint = cfg.model_fingerprint or vllm_model_fingerprint(vllm_config)
+            layout_id = layout.layout_id(block_size)
+            hash_mode = client.hash_mode
+            roots: dict[tuple[str, str], bytes] = {}
+
+            def root_for(salt: str, lora: str) -> bytes:
+                if (salt, lora) not in roots:
+                    ns = Namespace(fingerprint, layout_id, 0, salt, hash_mode,
+                                   (f"format={self.format_tag}", f"lora={lora}"))
+                    roots[(salt, lora)] = ns.root()
+                return roots[(salt, lora)]
+
+            self.scheduler = SchedulerSide(link, root_for, block_size, hash_mode, cfg.save_decode,
+                                           load=ktc.is_kv_consumer, save=ktc.is_kv_producer)
+            log.info("kvtier connector (scheduler) ready: model %s..., format %s, chunk = block = %d tokens",
+                     fingerprint[:12], self.format_tag, block_size)
+        else:
+            self.worker = WorkerSide(link, self.model.layer_names, layout, block_size)
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # best effort: a save dropped by a preemption is a future miss
+
+    # -- scheduler role ------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self.scheduler is not None
+        return self.scheduler.num_new_matched_tokens(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self.scheduler is not None
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        self.scheduler.after_alloc(request, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self.scheduler is not None
+        state = getattr(scheduler_output, "kv_connector_block_state", None)
+        manager = self._kv_cache_manager
+
+        def block_ids_of(req_id: str) -> list[int] | None:
+            groups = state.get_block_ids(req_id) if state is not None else None
+            if groups is None and manager is not None:
+                groups = manager.get_block_ids(req_id)
+            return list(groups[0]) if groups else None
+
+        plan = self.scheduler.build_plan(scheduler_output.num_scheduled_tokens, block_ids_of,
+                                         scheduler_output.scheduled_spec_decode_tokens)
+        if self.config.stats_path and plan:
+            self._write_stats()
+        return KVTierConnectorMetadata(plan)
+
+    def _write_stats(self) -> None:
+        assert self.scheduler is not None
+        data = {**self.scheduler.stats, "loaded_chunks_by_tier": self.scheduler.loaded_by_tier,
+                "chunk_tokens": self.model.block_size}
+        tmp = f"{self.config.stats_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.config.stats_path)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self.scheduler is not None
+        self.scheduler.request_finished(request)
+        return False, None
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self.scheduler is not None and connector_output.invalid_block_ids:
+            self.scheduler.load_errors(set(connector_output.invalid_block_ids))
+
+    # -- worker role ---------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self.worker is not None
+        ctx = self._vllm_config.compilation_config.static_forward_context
+        backends = set()
+        for name in self.model.layer_names:
+            layer = ctx.get(name)
+            backend = layer.get_attn_backend() if layer is not None and hasattr(layer, "get_attn_backend") else None
+            backends.add(backend.get_name() if backend is not None else "unknown")
+        if len(backends) != 1:
+            from kvtier.connectors.vllm.layouts import UnsupportedLayoutError
+
+            raise UnsupportedLayoutError(f"layers use several attention backends {sorted(backends)}; not supported")
+        backend_name = backends.pop()
+        self.worker.register(kv_caches, backend_name, self._kv_cache_config.num_blocks)
+        log.info("kvtier connector (worker) registered %d layers, backend %s, format %s",
+                 len(kv_caches), backend_name, self.format_tag)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        return None  # saves are staged within their step: nothing of a preempted request is pending
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None:
+            plan = connector_metadata.plan if isinstance(connector_metadata, KVTierConnectorMetadata) else None
+            self.worker.start_step(plan)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if self.worker is not None:
+            self.worker.start_loads()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self.worker is not None:
+            self.worker.wait_layer(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        if self.worker is not None:
+            self.worker.save_layer(layer_name)
+
+    def wait_for_save(self) -> None:
+        if self.worker is not None:
+            self.worker.finish_step()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.take_failed_blocks() if self.worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+        elif self.scheduler is not None:
+            self.scheduler.link.close()

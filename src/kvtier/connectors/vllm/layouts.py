@@ -1,0 +1,136 @@
+"""Layout adapters: one vLLM layer's paged KV tensor <-> kvtier chunk sections.
+
+vLLM 0.32 gives every layer a logical 4-D view [B, H, N, C] (blocks, KV heads, tokens of a
+kernel block, K and V content) over one flat buffer, with physical strides set by the
+KV cache layout; what the last two axes mean is up to the attention backend. An adapter
+is chosen by backend name, checks the view at register_kv_caches and refuses (with
+UnsupportedLayoutError) any shape, dtype, stride or block split it does not map.
+
+    save_source(block) -> uint8 array of one section (a view or a fresh copy)
+    load_target(block) -> (uint8 array to load into, finish() to run after the load or None)
+
+Adapters (registry ADAPTERS):
+- CPU_ATTN -> CpuPageAdapter: the CPU kernel reads each block's [H, N, C] as [H, 2N, D] and
+  keeps K transposed ([D, N]) and V as [N, D] inside each head, in an ISA-dependent order.
+  A block is therefore moved as one opaque page of bytes (a zero-copy view both ways); the
+  page must be contiguous and the chunk must be exactly one block.
+- FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION -> SplitLastAdapter: these backends read
+  `kv.transpose(1, 2).split(head_size, -1)`, i.e. kv[b, h, n, :D] is K and kv[b, h, n, D:]
+  is V of token n, for any stride order. Sections hold kvtier's canonical
+  [H, K|V, tokens, D] (strided copies through a CPU staging tensor, so GPU caches work);
+  kernel blocks smaller than vLLM's block are gathered in order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from kvtier.connectors.vllm.model import UnsupportedModelError, torch_dtype_name
+from kvtier.core.layout import KVLayout
+
+
+class UnsupportedLayoutError(UnsupportedModelError):
+    """A backend, dtype or KV view the connector cannot map to kvtier's chunk sections."""
+
+
+def _as_bytes(t: torch.Tensor) -> np.ndarray:
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+class BlockAdapter(ABC):
+    canonical: bool  # True: sections hold canonical [H, 2, N, D]; False: opaque backend pages
+
+    def __init__(self, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int) -> None:
+        self.kv = kv
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        if kv.dim() != 4:
+            raise UnsupportedLayoutError(f"expected a 4-D [blocks, heads, tokens, K|V] KV view, got shape {tuple(kv.shape)}")
+        if torch_dtype_name(kv.dtype) != layout.dtype:
+            raise UnsupportedLayoutError(f"KV view dtype {kv.dtype} differs from the model's KV dtype {layout.dtype}")
+        if kv.shape[0] % num_blocks:
+            raise UnsupportedLayoutError(f"KV view has {kv.shape[0]} blocks, not a multiple of {num_blocks}")
+        self.ratio = kv.shape[0] // num_blocks  # kernel blocks per vLLM block
+        expect = (num_blocks * self.ratio, layout.num_kv_heads, block_size // self.ratio, 2 * layout.head_size)
+        if tuple(kv.shape) != expect or block_size % self.ratio:
+            raise UnsupportedLayoutError(
+                f"KV view shape {tuple(kv.shape)} is not [blocks, kv_heads, tokens, 2*head_size] = {expect} "
+                "(padded heads or pages are not supported)")
+
+    @abstractmethod
+    def save_source(self, block: int) -> np.ndarray: ...
+
+    @abstractmethod
+    def load_target(self, block: int) -> tuple[np.ndarray, Callable[[], None] | None]: ...
+
+
+class CpuPageAdapter(BlockAdapter):
+    canonical = False
+
+    def __init__(self, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int) -> None:
+        super().__init__(kv, layout, num_blocks, block_size)
+        if self.ratio != 1:
+            raise UnsupportedLayoutError(f"CPU pages split into {self.ratio} kernel blocks are not supported")
+        if kv.device.type != "cpu":
+            raise UnsupportedLayoutError(f"CPU_ATTN KV view lives on {kv.device}, expected the CPU")
+        if not kv[0].is_contiguous():
+            raise UnsupportedLayoutError(
+                f"CPU_ATTN KV pages are not contiguous (strides {kv.stride()}); kvtier needs the LBHNC/BLHNC layout")
+        if kv[0].numel() * kv.element_size() != layout.layer_bytes(block_size):
+            raise UnsupportedLayoutError("CPU_ATTN page size differs from a kvtier section")
+
+    def save_source(self, block: int) -> np.ndarray:
+        return _as_bytes(self.kv[block])
+
+    def load_target(self, block: int) -> tuple[np.ndarray, Callable[[], None] | None]:
+        return _as_bytes(self.kv[block]), None
+
+
+class SplitLastAdapter(BlockAdapter):
+    canonical = True
+
+    def _canonical_view(self, block: int) -> torch.Tensor:
+        """[H, 2, r, kbs, D] view of vLLM block `block` (r kernel blocks of kbs tokens)."""
+        r, d = self.ratio, self.layout.head_size
+        blocks = self.kv[block * r:(block + 1) * r]  # [r, H, kbs, 2D]
+        return blocks.unflatten(-1, (2, d)).permute(1, 3, 0, 2, 4)
+
+    def _staging(self) -> torch.Tensor:
+        lay, r = self.layout, self.ratio
+        return torch.empty((lay.num_kv_heads, 2, r, self.block_size // r, lay.head_size), dtype=self.kv.dtype)
+
+    def save_source(self, block: int) -> np.ndarray:
+        staging = self._staging()
+        staging.copy_(self._canonical_view(block))
+        return _as_bytes(staging)
+
+    def load_target(self, block: int) -> tuple[np.ndarray, Callable[[], None] | None]:
+        staging = self._staging()
+        view = self._canonical_view(block)
+
+        def finish() -> None:
+            view.copy_(staging)
+
+        return _as_bytes(staging), finish
+
+
+ADAPTERS: dict[str, type[BlockAdapter]] = {
+    "CPU_ATTN": CpuPageAdapter,
+    "FLASH_ATTN": SplitLastAdapter,
+    "TRITON_ATTN": SplitLastAdapter,
+    "FLEX_ATTENTION": SplitLastAdapter,
+}
+
+
+def make_adapter(backend: str, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int) -> BlockAdapter:
+    cls = ADAPTERS.get(backend)
+    if cls is None:
+        raise UnsupportedLayoutError(
+            f"kvtier's vLLM connector has no layout adapter for the {backend!r} attention backend; "
+            f"supported: {sorted(ADAPTERS)}")
+    return cls(kv, layout, num_blocks, block_size)

@@ -1,0 +1,41 @@
+"""The per-step plan the scheduler side sends to the worker side (inside vLLM's metadata).
+
+Plain picklable data: chunk keys, vLLM block ids (group 0; one block per chunk) and lease ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class LoadSpec:
+    """Load chunks `keys` into blocks `block_ids` (same length) before the layers that read them.
+
+    The worker owns `lease_id` from here on and releases it once the load is done.
+    """
+
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+    lease_id: int | None
+
+
+@dataclass(slots=True)
+class SaveSpec:
+    """Save blocks `block_ids` as the chain `keys`, whose first chunk follows `parent` at `first_depth`."""
+
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+    parent: bytes
+    first_depth: int
+
+
+@dataclass(slots=True)
+class StepPlan:
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.loads or self.saves)

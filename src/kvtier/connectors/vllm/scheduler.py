@@ -1,0 +1,229 @@
+"""Scheduler side of the vLLM connector (EngineCore process), free of vLLM imports.
+
+Called by KVTierConnector's scheduler-role methods:
+
+    num_new_matched_tokens(request, num_computed)  store lookup with a lease -> loadable tokens
+    after_alloc(request, block_ids, num_external)  turn the lease into a load of those blocks
+    build_plan(scheduled, block_ids_of, spec)      this step's loads and saves (StepPlan)
+    request_finished(request)                      drop the request; release an unshipped lease
+    load_errors(block_ids)                         chunks whose load failed will be saved again
+
+One chunk is one vLLM block (chunk_tokens == block_size). Each request's keys are a
+KeyChain built once from its prompt (extended with generated tokens only when
+save_decode is on). External hits are whole chunks after vLLM's own (block-aligned) hit
+and never include the prompt's last token, which must be computed for its logits.
+
+Leases: a lookup leases the hit chunks so they stay in DRAM until the worker loads them.
+A repeated lookup for the same request (vLLM may ask again when allocation failed)
+releases the previous lease first. Once a load is shipped in a plan the worker owns the
+lease and releases it after loading; if the request ends before that, the scheduler
+releases it. An expired lease only means the load may find chunks gone: the worker
+reports exactly those blocks and vLLM recomputes them (kv_load_failure_policy=recompute).
+
+Saves: a chunk is saved in the step whose forward pass completes its KV (after chunked
+prefill, or right away), except chunks vLLM already had cached or loaded from kvtier.
+Saves are copied into the store's DRAM within that step, so request_finished never has
+to hold blocks (it returns False) and preemption needs no extra work.
+Requests with multimodal inputs or prompt embeddings get no hits and save nothing:
+their token ids do not identify their KV.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.client.api import StoreClient
+from kvtier.connectors.vllm.link import StoreLink
+from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
+from kvtier.core.errors import KVTierError
+from kvtier.core.keys import KeyChain
+from kvtier.service.protocol import LeaseError
+
+log = logging.getLogger("kvtier.connectors.vllm")
+
+RootFor = Callable[[str, str], bytes]  # (cache_salt, lora_name) -> namespace root key
+
+
+@dataclass(slots=True)
+class _Lease:
+    lease_id: int | None
+    start: int  # first leased chunk
+    hits: int  # leased chunks
+    tiers: tuple[str, ...] = ()  # where each leased chunk was found
+
+
+@dataclass(slots=True)
+class _ReqState:
+    request: Any
+    chain: KeyChain | None  # None: the request's KV is not identified by its tokens
+    lease: _Lease | None = None
+    stored_upto: int = 0  # chunks [0, stored_upto) are in vLLM's cache from the store, or saved
+    local_tokens: int = 0  # vLLM's own block-aligned hit at the last lookup
+    load: LoadSpec | None = None  # decided in after_alloc, shipped by build_plan
+    load_start: int = 0  # chunk index of load.keys[0]
+    loaded: dict[int, int] = field(default_factory=dict)  # block id -> chunk index of shipped loads
+
+
+def lora_name(request: Any) -> str:
+    lora = getattr(request, "lora_request", None)
+    return str(getattr(lora, "lora_name", "") or "") if lora is not None else ""
+
+
+def keyable(request: Any) -> bool:
+    """True when token ids alone identify the request's KV (no images, audio or embeddings)."""
+    if getattr(request, "prompt_token_ids", None) is None:
+        return False
+    if getattr(request, "prompt_embeds", None) is not None:
+        return False
+    return not getattr(request, "mm_features", None)
+
+
+class SchedulerSide:
+    def __init__(self, link: StoreLink, root_for: RootFor, chunk_tokens: int, hash_mode: str,
+                 save_decode: bool = False, *, load: bool = True, save: bool = True) -> None:
+        self.link = link
+        self.load = load  # kv_role kv_consumer / kv_both
+        self.save = save  # kv_role kv_producer / kv_both
+        self.root_for = root_for
+        self.chunk_tokens = chunk_tokens
+        self.hash_mode = hash_mode
+        self.save_decode = save_decode
+        self.reqs: dict[str, _ReqState] = {}
+        self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0, "store_errors": 0}
+        self.loaded_by_tier: dict[str, int] = {}  # chunks planned for loading, by the tier that held them
+
+    # -- helpers -------------------------------------------------------------------------
+    def _state(self, request: Any) -> _ReqState:
+        st = self.reqs.get(request.request_id)
+        if st is None:
+            chain = None
+            if keyable(request):
+                root = self.root_for(getattr(request, "cache_salt", None) or "", lora_name(request))
+                chain = KeyChain(root, self.chunk_tokens, self.hash_mode)
+                chain.extend(list(request.prompt_token_ids))
+            st = self.reqs[request.request_id] = _ReqState(request, chain)
+        return st
+
+    def _call(self, fn: Callable[[StoreClient], Any]) -> Any:
+        client = self.link.client()
+        if client is None:
+            return None
+        try:
+            return fn(client)
+        except LeaseError:
+            return None
+        except (KVTierError, OSError) as e:
+            self.stats["store_errors"] += 1
+            self.link.failed(e)
+            return None
+
+    def _release(self, st: _ReqState) -> None:
+        if st.lease is not None and st.lease.lease_id is not None:
+            lease_id = st.lease.lease_id
+            self._call(lambda c: c.release(lease_id))
+        st.lease = None
+
+    def _extend_chain(self, st: _ReqState, upto: int) -> None:
+        chain = st.chain
+        assert chain is not None
+        if self.save_decode and upto > chain.num_tokens:
+            tokens = st.request.all_token_ids
+            chain.extend(list(tokens[chain.num_tokens:upto]))
+
+    # -- vLLM's scheduler calls ------------------------------------------------------------
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
+        """Tokens after vLLM's own hit that the store can supply (whole chunks, never the last token)."""
+        st = self._state(request)
+        self._release(st)  # a repeated call replaces the previous lease
+        st.local_tokens = num_computed_tokens
+        if st.chain is None or not self.load:
+            return 0
+        c = self.chunk_tokens
+        start = num_computed_tokens // c
+        if num_computed_tokens % c:
+            return 0  # vLLM passes block-aligned hits; anything else is not ours to extend
+        self._extend_chain(st, request.num_tokens)
+        end = min((request.num_tokens - 1) // c, len(st.chain.keys))
+        if end <= start:
+            return 0
+        keys = st.chain.keys[start:end]
+        reply = self._call(lambda cl: cl.lookup(keys, lease=True))
+        self.stats["lookups"] += 1
+        if reply is None or reply.hits == 0:
+            return 0
+        st.lease = _Lease(reply.lease_id, start, reply.hits, tuple(reply.tiers))
+        self.stats["hit_chunks"] += reply.hits
+        return reply.hits * c
+
+    def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        st = self.reqs.get(request.request_id)
+        if st is None:
+            return
+        lease = st.lease
+        local = st.local_tokens // self.chunk_tokens  # vLLM had these cached: saved when computed
+        if num_external_tokens <= 0 or lease is None or st.chain is None:
+            self._release(st)
+            st.stored_upto = max(st.stored_upto, local)
+            return
+        n = min(num_external_tokens // self.chunk_tokens, lease.hits)
+        start = lease.start
+        st.load = LoadSpec(request.request_id, list(st.chain.keys[start:start + n]),
+                           list(block_ids[start:start + n]), lease.lease_id)
+        st.load_start = start
+        for tier in lease.tiers[:n]:
+            self.loaded_by_tier[tier] = self.loaded_by_tier.get(tier, 0) + 1
+        st.lease = None  # handed to the load; shipped by build_plan
+        st.stored_upto = max(st.stored_upto, start + n)
+
+    def build_plan(self, num_scheduled: Mapping[str, int], block_ids_of: Callable[[str], Sequence[int] | None],
+                   spec_tokens: Mapping[str, Sequence[int]] | None = None) -> StepPlan:
+        plan = StepPlan()
+        for pending in self.reqs.values():
+            if pending.load is not None:
+                plan.loads.append(pending.load)
+                pending.loaded = {b: pending.load_start + i for i, b in enumerate(pending.load.block_ids)}
+                self.stats["loaded_chunks"] += len(pending.load.keys)
+                pending.load = None
+        c = self.chunk_tokens
+        for req_id, n_sched in num_scheduled.items() if self.save else ():
+            st = self.reqs.get(req_id)
+            if st is None or st.chain is None:
+                continue
+            req = st.request
+            n_spec = len(spec_tokens.get(req_id, ())) if spec_tokens else 0
+            computed_after = req.num_computed_tokens + n_sched - n_spec
+            limit = computed_after if self.save_decode else min(computed_after, req.num_prompt_tokens)
+            self._extend_chain(st, limit)
+            done = min(limit // c, len(st.chain.keys))
+            if done <= st.stored_upto:
+                continue
+            blocks = block_ids_of(req_id)
+            if blocks is None or len(blocks) < done:
+                continue
+            first = st.stored_upto
+            keys = st.chain.keys
+            parent = keys[first - 1] if first else st.chain.root
+            plan.saves.append(SaveSpec(req_id, list(keys[first:done]), list(blocks[first:done]), parent, first))
+            self.stats["saved_chunks"] += done - first
+            st.stored_upto = done
+        return plan
+
+    def request_finished(self, request: Any) -> None:
+        gone = self.reqs.pop(request.request_id, None)
+        if gone is None:
+            return
+        st = gone
+        self._release(st)  # never shipped: ours to release (a shipped lease is the worker's)
+        if st.load is not None and st.load.lease_id is not None:
+            lease_id = st.load.lease_id
+            self._call(lambda c: c.release(lease_id))
+
+    def load_errors(self, block_ids: set[int]) -> None:
+        """The worker could not load these blocks: their chunks are not in the store (any more)."""
+        for st in self.reqs.values():
+            bad = [chunk for b, chunk in st.loaded.items() if b in block_ids]
+            if bad:
+                st.stored_upto = min(st.stored_upto, min(bad))

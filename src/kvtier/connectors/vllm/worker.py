@@ -1,0 +1,233 @@
+"""Worker side of the vLLM connector (each Worker process), free of vLLM imports.
+
+Called by KVTierConnector's worker-role methods, in vLLM's step order:
+
+    register(kv_caches, backend, num_blocks)   one layout adapter per layer (refuses what it cannot map)
+    start_step(plan)                           this step's StepPlan from the scheduler
+    start_loads()                              submit every load, one store load per layer
+    wait_layer(name)                           block until that layer's loads are in the paged cache
+    save_layer(name)                           copy this layer of every chunk to save into the store's DRAM
+    finish_step()                              wait for any load left, commit the saves (publish)
+    take_failed_blocks()                       block ids whose load failed (vLLM recomputes them)
+    shutdown()                                 flush disk writes, close
+
+Loads are layer by layer: start_loads submits layer 0 first, so the forward pass computes
+layer i while layer i+1 is still copying. A failed chunk (evicted after its lease
+expired, corrupt, store gone) reports its block; blocks of a load whose store call failed
+are all reported. Saves: write_layer copies each layer into the store's DRAM staging
+during the forward pass and finish_step commits, so every chunk is published only with
+all its layers, and a request's chunks in chain order across steps (parents first).
+Nothing is pending when a step ends, so vLLM may reuse or free blocks at once
+(handle_preemptions has nothing to do).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.client.api import SaveSession
+from kvtier.connectors.vllm.layouts import BlockAdapter, UnsupportedLayoutError, make_adapter
+from kvtier.connectors.vllm.link import StoreLink
+from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
+from kvtier.core.errors import KVTierError
+from kvtier.core.layout import KVLayout
+from kvtier.service.protocol import LeaseError
+from kvtier.store.tiered import LoadResult
+from kvtier.store.transfer import TransferHandle
+
+log = logging.getLogger("kvtier.connectors.vllm")
+
+STORE_ERRORS = (KVTierError, OSError)
+
+
+@dataclass(slots=True)
+class _LayerLoad:
+    spec: LoadSpec
+    handle: TransferHandle[LoadResult] | None  # None: the submit itself failed
+    finishers: list[Callable[[], None] | None]
+
+
+@dataclass(slots=True)
+class _Save:
+    spec: SaveSpec
+    session: SaveSession | None
+    failed: bool = False
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    loaded_chunks: int = 0
+    failed_chunks: int = 0
+    saved_chunks: int = 0
+    tiers: dict[str, int] = field(default_factory=dict)
+
+
+class WorkerSide:
+    def __init__(self, link: StoreLink, layer_names: tuple[str, ...], layout: KVLayout, block_size: int) -> None:
+        self.link = link
+        self.layer_names = layer_names
+        self.layer_index = {name: i for i, name in enumerate(layer_names)}
+        self.layout = layout
+        self.block_size = block_size
+        self.adapters: dict[str, BlockAdapter] = {}
+        self.plan = StepPlan()
+        self._loads: dict[str, list[_LayerLoad]] = {}
+        self._pending_layers: dict[str, int] = {}  # req_id -> layers of its load not yet finished
+        self._saves: list[_Save] = []
+        self._failed_blocks: set[int] = set()
+        self.stats = WorkerStats()
+
+    # -- setup ---------------------------------------------------------------------------
+    def register(self, kv_caches: Mapping[str, Any], backend: str, num_blocks: int) -> None:
+        missing = set(self.layer_names) - set(kv_caches)
+        extra = set(kv_caches) - set(self.layer_names)
+        if missing or extra:
+            raise UnsupportedLayoutError(
+                f"KV cache layers {sorted(kv_caches)[:4]}... do not match the model's attention layers "
+                f"(missing {sorted(missing)[:4]}, unexpected {sorted(extra)[:4]})")
+        self.adapters = {name: make_adapter(backend, kv_caches[name], self.layout, num_blocks, self.block_size)
+                         for name in self.layer_names}
+
+    # -- steps ---------------------------------------------------------------------------
+    def start_step(self, plan: StepPlan | None) -> None:
+        self.plan = plan or StepPlan()
+        self._saves = []
+
+    def _fail_load(self, spec: LoadSpec, indices: list[int] | None = None) -> None:
+        blocks = spec.block_ids if indices is None else [spec.block_ids[i] for i in indices]
+        self._failed_blocks.update(blocks)
+
+    def start_loads(self) -> None:
+        if not self.plan.loads or self._loads:
+            return
+        client = self.link.client()
+        for spec in self.plan.loads:
+            self._pending_layers[spec.req_id] = len(self.layer_names)
+        for name in self.layer_names:
+            layer = self.layer_index[name]
+            adapter = self.adapters[name]
+            entries = []
+            for spec in self.plan.loads:
+                targets = [adapter.load_target(b) for b in spec.block_ids]
+                handle = None
+                if client is not None:
+                    try:
+                        handle = client.load(spec.keys, [[t] for t, _ in targets], [layer], spec.lease_id)
+                    except STORE_ERRORS as e:
+                        self.link.failed(e)
+                        client = None
+                entries.append(_LayerLoad(spec, handle, [f for _, f in targets]))
+            self._loads[name] = entries
+
+    def wait_layer(self, name: str) -> None:
+        entries = self._loads.pop(name, None)
+        if not entries:
+            return
+        for entry in entries:
+            spec = entry.spec
+            failed: list[int] | None = None  # None: every chunk failed
+            if entry.handle is not None:
+                try:
+                    result = entry.handle.wait()
+                    failed = list(result.failed)
+                    if name == self.layer_names[-1] or len(self.layer_names) == 1:
+                        for t in result.tiers:
+                            if t:
+                                self.stats.tiers[t] = self.stats.tiers.get(t, 0) + 1
+                except STORE_ERRORS as e:
+                    self.link.failed(e)
+            if failed is None:
+                self._fail_load(spec)
+            else:
+                if failed:
+                    self._fail_load(spec, failed)
+                bad = set(failed)
+                for i, finish in enumerate(entry.finishers):
+                    if finish is not None and i not in bad:
+                        finish()
+            self._layer_done(spec)
+
+    def _layer_done(self, spec: LoadSpec) -> None:
+        left = self._pending_layers.get(spec.req_id, 1) - 1
+        if left > 0:
+            self._pending_layers[spec.req_id] = left
+            return
+        self._pending_layers.pop(spec.req_id, None)
+        failed = sum(1 for b in spec.block_ids if b in self._failed_blocks)
+        self.stats.failed_chunks += failed
+        self.stats.loaded_chunks += len(spec.block_ids) - failed
+        if failed:
+            log.warning("kvtier: load of %d of %d chunks failed for request %s; vLLM recomputes them",
+                        failed, len(spec.block_ids), spec.req_id)
+        if spec.lease_id is not None:
+            client = self.link.client()
+            if client is not None:
+                try:
+                    client.release(spec.lease_id)
+                except LeaseError:
+                    pass  # expired: the load already reported what it could not find
+                except STORE_ERRORS as e:
+                    self.link.failed(e)
+
+    def save_layer(self, name: str) -> None:
+        if not self.plan.saves:
+            return
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            return
+        if not self._saves:
+            client = self.link.client()
+            for spec in self.plan.saves:
+                session = None
+                if client is not None:
+                    try:
+                        session = client.begin_save(spec.keys, spec.parent, spec.first_depth)
+                    except STORE_ERRORS as e:
+                        self.link.failed(e)
+                        client = None
+                self._saves.append(_Save(spec, session, failed=session is None))
+        layer = self.layer_index[name]
+        for save in self._saves:
+            if save.failed or save.session is None:
+                continue
+            try:
+                save.session.write_layer(layer, [adapter.save_source(b) for b in save.spec.block_ids])
+            except STORE_ERRORS as e:
+                save.failed = True
+                self.link.failed(e)
+
+    def finish_step(self) -> None:
+        for name in list(self._loads):
+            self.wait_layer(name)  # loads of layers the forward pass did not reach
+        for save in self._saves:
+            if save.session is None:
+                continue
+            try:
+                if save.failed:
+                    save.session.abort()
+                    continue
+                result = save.session.commit().wait()
+                self.stats.saved_chunks += result.in_memory
+            except (ValueError, *STORE_ERRORS) as e:  # ValueError: a layer was never written
+                log.warning("kvtier: save of request %s not published: %s", save.spec.req_id, e)
+                if isinstance(e, STORE_ERRORS):
+                    self.link.failed(e)
+        self._saves = []
+        self.plan = StepPlan()
+
+    def take_failed_blocks(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def shutdown(self) -> None:
+        client = self.link.client()
+        if client is not None:
+            try:
+                client.flush()
+            except STORE_ERRORS as e:
+                log.warning("kvtier: flush at shutdown failed: %s", e)
+        self.link.close()
+

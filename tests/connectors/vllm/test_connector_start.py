@@ -1,0 +1,60 @@
+"""KVTierConnector refuses bad setups at start, before touching any store (needs vllm importable)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+kv_base = pytest.importorskip("vllm.distributed.kv_transfer.kv_connector.v1.base", reason="vllm is not installed")
+
+from vllm.config import KVTransferConfig  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec  # noqa: E402
+
+from kvtier.connectors.vllm.connector import KVTierConnector  # noqa: E402
+from kvtier.connectors.vllm.model import UnsupportedModelError  # noqa: E402
+from kvtier.core.errors import ConfigError  # noqa: E402
+
+
+def make(extra: dict[str, Any] | None = None, policy: str = "recompute", sliding_window: int | None = None,
+         use_mla: bool = False, is_hybrid: bool = False) -> KVTierConnector:
+    ktc = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.connectors.vllm",
+                           kv_role="kv_both", kv_connector_extra_config=extra or {},
+                           kv_load_failure_policy=policy)
+    model_config = SimpleNamespace(get_sliding_window=lambda: sliding_window, use_mla=use_mla, is_hybrid=is_hybrid)
+    vllm_config = SimpleNamespace(
+        kv_transfer_config=ktc, model_config=model_config,
+        cache_config=SimpleNamespace(block_size=32, cache_dtype="auto"),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1))
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[KVCacheGroupSpec(["l0", "l1"], spec)], num_blocks=8)
+    return KVTierConnector(vllm_config, kv_base.KVConnectorRole.SCHEDULER, kv_cache_config)  # type: ignore[arg-type]
+
+
+def test_fail_policy_is_refused_with_advice() -> None:
+    with pytest.raises(ConfigError, match='"kv_load_failure_policy": "recompute"'):
+        make(policy="fail")
+
+
+def test_unknown_extra_config_key_stops_start() -> None:
+    with pytest.raises(ConfigError, match="kv_connector_extra_config.chunk_size"):
+        make({"chunk_size": 16})
+
+
+def test_bad_allow_fail_policy_value() -> None:
+    with pytest.raises(ConfigError, match="allow_fail_policy"):
+        make({"allow_fail_policy": "yes"}, policy="fail")
+
+
+def test_sliding_window_model_is_refused_at_start() -> None:
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        make(sliding_window=4096)
+
+
+def test_mla_and_hybrid_models_are_refused_at_start() -> None:
+    with pytest.raises(UnsupportedModelError, match="MLA"):
+        make(use_mla=True)
+    with pytest.raises(UnsupportedModelError, match="hybrid"):
+        make(is_hybrid=True)

@@ -1,0 +1,232 @@
+"""Scheduler- and worker-side bookkeeping with fake requests and an in-process store (no engine)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kvtier.core.errors import TierUnavailableError
+
+from .sim import BLOCK, FakeLora, FakeRequest, Sim, make_client
+
+PROMPT = list(range(100, 113))  # 13 tokens: 3 full chunks of 4 + 1
+
+
+def run_prefill(sim: Sim, req: FakeRequest, local: int = 0) -> int:
+    ext = sim.admit(req, local)
+    sim.step({req: req.num_tokens - req.num_computed_tokens})
+    return ext
+
+
+def test_first_request_saves_every_full_prompt_chunk() -> None:
+    sim = Sim()
+    a = FakeRequest("a", PROMPT)
+    assert run_prefill(sim, a) == 0
+    (plan,) = sim.plans
+    assert [len(s.keys) for s in plan.saves] == [3]
+    assert plan.saves[0].block_ids == sim.blocks["a"][:3]
+    assert plan.saves[0].first_depth == 0
+    assert sim.sched.reqs["a"].chain is not None
+    assert plan.saves[0].parent == sim.sched.reqs["a"].chain.root
+
+
+def test_hit_ends_one_token_before_prompt_end_and_loads_right_kv() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT))
+    b = FakeRequest("b", PROMPT)  # 13 tokens, 3 chunks stored: 12 tokens, the 13th is computed
+    assert sim.admit(b) == 12
+    plan = sim.step({b: 1})
+    assert [ld.block_ids for ld in plan.loads] == [sim.blocks["b"][:3]]
+    assert not plan.saves  # nothing new to save
+    assert all(sim.block_is_right(b, c) for c in range(3))
+    assert not sim.failed
+    assert sim.leases() == 0
+
+
+def test_prompt_of_whole_chunks_never_hits_its_last_token() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT[:12]))
+    b = FakeRequest("b", PROMPT[:12])  # last token sits in chunk 2, so only chunks 0-1 may load
+    assert sim.admit(b) == 8
+    assert sim.sched.reqs["b"].load is not None and len(sim.sched.reqs["b"].load.keys) == 2
+    sim.step({b: 4})
+    assert sim.leases() == 0
+
+
+def test_partial_chunk_prefix_hits_whole_chunks_only() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT))
+    b = FakeRequest("b", PROMPT[:6] + [7, 7, 7, 7, 7, 7, 7])  # shares 1.5 chunks
+    assert sim.admit(b) == 4
+    plan = sim.step({b: b.num_tokens - 4})
+    assert sim.block_is_right(b, 0)
+    assert [(s.first_depth, len(s.keys)) for s in plan.saves] == [(1, 2)]  # its own chunks 1, 2
+    assert plan.saves[0].parent == sim.sched.reqs["b"].chain.keys[0]
+
+
+def test_hit_after_vllm_local_hit_loads_only_the_rest() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT))
+    b = FakeRequest("b", PROMPT + [1, 2, 3])  # 16 tokens
+    assert sim.admit(b, local_hit_tokens=4) == 8  # chunks 1, 2 from kvtier; 3 holds the last token
+    plan = sim.step({b: 4}, run_worker=False)
+    assert plan.loads[0].block_ids == sim.blocks["b"][1:3]
+    assert [(s.first_depth, len(s.keys)) for s in plan.saves] == [(3, 1)]
+
+
+def test_chunked_prefill_saves_each_chunk_when_complete() -> None:
+    sim = Sim()
+    a = FakeRequest("a", PROMPT)
+    sim.admit(a)
+    depths = []
+    for n in (5, 5, 3):
+        plan = sim.step({a: n})
+        depths.append([(s.first_depth, len(s.keys)) for s in plan.saves])
+    assert depths == [[(0, 1)], [(1, 1)], [(2, 1)]]
+    b = FakeRequest("b", PROMPT)
+    assert sim.admit(b) == 12
+    sim.step({b: 1})
+    assert all(sim.block_is_right(b, c) for c in range(3))
+
+
+def test_decode_chunks_saved_only_with_save_decode() -> None:
+    for save_decode, expect in ((False, 3), (True, 4)):
+        sim = Sim(save_decode=save_decode)
+        a = FakeRequest("a", PROMPT)
+        sim.admit(a)
+        sim.step({a: 13})
+        for tok in (1, 2, 3, 4):  # decode: each step computes the KV of the previous token
+            a.output_token_ids.append(tok)
+            sim.blocks["a"] += [sim.free.pop()] if len(sim.blocks["a"]) * BLOCK < a.num_tokens else []
+            sim.step({a: 1})
+        assert sum(len(s.keys) for p in sim.plans for s in p.saves) == expect
+
+
+def test_preempted_request_reloads_what_it_saved() -> None:
+    sim = Sim()
+    a = FakeRequest("a", PROMPT)
+    sim.admit(a)
+    sim.step({a: 9})  # chunks 0, 1 saved
+    sim.preempt(a)
+    assert sim.admit(a) == 8  # resumed: vLLM asks again, kvtier has chunks 0-1
+    plan = sim.step({a: 5})
+    assert plan.loads[0].block_ids == sim.blocks["a"][:2]
+    assert [(s.first_depth, len(s.keys)) for s in plan.saves] == [(2, 1)]  # no chunk saved twice
+    assert all(sim.block_is_right(a, c) for c in range(3))
+
+
+def test_repeated_lookup_replaces_lease() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT))
+    b = FakeRequest("b", PROMPT)
+    assert sim.sched.num_new_matched_tokens(b, 0) == 12
+    assert sim.sched.num_new_matched_tokens(b, 0) == 12  # allocation failed; vLLM asks again
+    assert sim.leases() == 1
+    sim.sched.after_alloc(b, [], 0)  # scheduled without the external tokens
+    assert sim.leases() == 0
+
+
+def test_abort_before_load_is_shipped_releases_lease() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT))
+    b = FakeRequest("b", PROMPT)
+    assert sim.sched.num_new_matched_tokens(b, 0) == 12
+    sim.finish(b)
+    assert sim.leases() == 0 and "b" not in sim.sched.reqs
+
+
+def test_abort_while_load_in_flight() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT))
+    b = FakeRequest("b", PROMPT)
+    sim.admit(b)
+    plan = sim.step({b: 1}, run_worker=False)  # the load is shipped to the worker...
+    sim.sched.request_finished(b)  # ...and the request is aborted before the worker runs it
+    assert sim.leases() == 1  # the worker owns the lease now
+    sim.run_worker(plan, {b: 1})
+    assert sim.leases() == 0 and not sim.failed
+    assert "b" not in sim.sched.reqs
+
+
+def test_lease_expiry_reports_exactly_the_evicted_blocks() -> None:
+    client = make_client(capacity_chunks=4, lease_timeout_s=0.05)
+    sim = Sim(client)
+    run_prefill(sim, FakeRequest("a", PROMPT[:9]))  # 2 chunks stored
+    b = FakeRequest("b", PROMPT[:9])
+    assert sim.admit(b) == 8
+    plan = sim.step({b: 1}, run_worker=False)
+    time.sleep(0.1)
+    assert client._host is not None and client._host.expire() == 1
+    # Evict the second chunk only: touch the first, then fill the pool with other chunks.
+    first, second = plan.loads[0].keys
+    client.lookup([first])
+    run_prefill(sim, FakeRequest("c", [9, 9, 9, 9, 8, 8, 8, 8, 7, 7, 7, 7, 1]))
+    assert client.lookup([second]).hits == 0 and client.lookup([first]).hits == 1
+    sim.run_worker(plan, {b: 1})
+    assert sim.failed == {plan.loads[0].block_ids[1]}
+    assert sim.block_is_right(b, 0)
+    sim.sched.load_errors(sim.failed)  # vLLM recomputes chunk 1: kvtier saves it again
+    assert sim.sched.reqs["b"].stored_upto == 1
+
+
+def test_store_down_means_no_hits_and_failed_loads_never_errors() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT))
+    b = FakeRequest("b", PROMPT)
+    sim.admit(b)
+    plan = sim.step({b: 1}, run_worker=False)
+
+    class Dead:
+        def __getattr__(self, name: str):  # every store call fails like a dead service
+            def fail(*a, **k):
+                raise TierUnavailableError("the kvtier service went away")
+            return fail
+
+    sim.link._client = Dead()  # type: ignore[assignment]
+    sim.link._connect = lambda first: (_ for _ in ()).throw(TierUnavailableError("down"))  # type: ignore[assignment]
+    sim.run_worker(plan, {b: 1})
+    assert sim.failed == set(plan.loads[0].block_ids)
+    c = FakeRequest("c", PROMPT)
+    assert sim.admit(c) == 0
+    sim.step({c: 13})  # saves are dropped, nothing raises
+
+
+@pytest.mark.parametrize("kind", ["mm", "embeds", "no_tokens"])
+def test_unkeyable_requests_get_no_hits_and_save_nothing(kind: str) -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT))
+    b = FakeRequest("b", PROMPT)
+    if kind == "mm":
+        b.mm_features = [object()]
+    elif kind == "embeds":
+        b.prompt_embeds = object()
+    else:
+        b.prompt_token_ids = None
+    assert sim.sched.num_new_matched_tokens(b, 0) == 0
+    assert sim.sched.reqs["b"].chain is None
+
+
+def test_cache_salt_and_lora_name_separate_namespaces() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT, cache_salt="tenant-1"))
+    assert sim.sched.num_new_matched_tokens(FakeRequest("b", PROMPT), 0) == 0
+    assert sim.sched.num_new_matched_tokens(FakeRequest("c", PROMPT, cache_salt="tenant-2"), 0) == 0
+    assert sim.sched.num_new_matched_tokens(FakeRequest("d", PROMPT, cache_salt="tenant-1"), 0) == 12
+    run_prefill(sim, FakeRequest("e", PROMPT, lora_request=FakeLora("sql", 1)))
+    assert sim.sched.num_new_matched_tokens(FakeRequest("f", PROMPT, lora_request=FakeLora("sql", 7)), 0) == 12
+    assert sim.sched.num_new_matched_tokens(FakeRequest("g", PROMPT, lora_request=FakeLora("chat", 1)), 0) == 0
+
+
+def test_two_requests_sharing_a_prefix_in_one_batch() -> None:
+    sim = Sim()
+    a = FakeRequest("a", PROMPT[:8] + [1, 2, 3, 4, 5])
+    b = FakeRequest("b", PROMPT[:8] + [6, 7, 8, 9, 10])
+    sim.admit(a)
+    sim.admit(b)
+    sim.step({a: 13, b: 13})
+    c = FakeRequest("c", PROMPT[:8] + [6, 7, 8, 9, 11])
+    d = FakeRequest("d", PROMPT[:8] + [1, 2, 3, 4, 6])
+    assert sim.admit(c) == 12 and sim.admit(d) == 12
+    sim.step({c: 1, d: 1})
+    assert all(sim.block_is_right(r, k) for r in (c, d) for k in range(3))
