@@ -1,0 +1,1 @@
+"""Engine connectors: vLLM (KV connector API) and Hugging Face transformers (Cache + attention functions)."""

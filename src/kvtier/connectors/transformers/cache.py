@@ -1,0 +1,498 @@
+"""KVTierCache: a transformers DynamicCache pre-filled from the kvtier store, saved after prefill.
+
+A Cache never sees token ids and `model(...)` does not slice `input_ids`, so the caller
+states the contract (TransformersConnector.prefill and kvtier_generate do this for you):
+
+    cache = connector.new_cache()
+    plan = cache.prepare(input_ids, attention_mask=None)   # lookup, submit per-layer loads
+    out = model(**plan.model_inputs(), **connector.cache_kwargs(cache))
+    # out.logits[:, -1] is every row's last prompt token; the new full chunks are saved
+
+prepare() looks up, per row, the longest stored prefix in whole chunks, never the last
+token (the model must compute at least one position to produce logits), submits the
+loads and returns at once; `plan.n_cached` columns are then in the cache and the model runs
+on `plan.input_ids`. With one row, or rows that are unpadded and hit equally, that is
+exactly `input_ids[:, plan.n_cached:]` and no mask or positions are needed.
+
+Batches reuse per row. Row b of a left-padded batch has L_b prompt tokens of which h_b are
+loaded. The cache holds W = max h_b columns before the forward, row b's loaded KV right-
+aligned in them; the model runs q = max(L_b - h_b) columns with row b's uncached suffix
+right-aligned, so every row's last token is the last column. The gaps are padding, masked by
+`plan.attention_mask` (W + q columns), and `plan.position_ids` give each real token its
+position in its own prompt; the output equals running each row alone.
+
+Loading overlaps compute layer by layer: prepare() queues one load per layer (DRAM hits) or
+whole-chunk loads (disk hits: one sequential read per chunk file, promoted to DRAM), and
+layer i's `update` waits only for the loads layer i needs before it scatters them into
+place. A chunk that fails to load (corrupt, evicted, its tier gone) is counted and logged
+once, and that layer's update raises PrefixLoadError naming the verified prefix of each row;
+the helpers then prepare again (capped to that prefix) and rerun, so the output is identical
+to a recompute from the failed chunk on. `prepare(..., overlap=False)` instead waits for
+every load and puts it in place inside prepare(), shortening the plan on a failure; the
+forward then only computes.
+
+After a layer has computed every column of the plan, its part of each new full chunk is
+written to a store save (begin_save / write_layer); the last layer commits it. Chunks already
+stored, and chunks another row of the batch saves, are skipped. A failed save never fails
+generation: it is counted and logged once by the connector.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvtier.connectors.transformers.compat import DynamicCache, DynamicLayer, UnsupportedModelError
+from kvtier.core.errors import KVTierError, LayoutMismatchError
+
+if TYPE_CHECKING:
+    from kvtier.connectors.transformers.connector import TransformersConnector
+
+DISK_LOAD_GROUPS = 4  # whole-chunk disk loads are split in this many requests (parallel I/O threads)
+
+
+class PrefixLoadError(KVTierError):
+    """A planned chunk could not be loaded during the forward; prepare again capped to `valid_chunks`."""
+
+    def __init__(self, message: str, valid_chunks: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.valid_chunks = valid_chunks
+
+
+@dataclass(slots=True, frozen=True)
+class PrefillPlan:
+    input_ids: torch.Tensor  # [B, q]: what the model runs
+    attention_mask: torch.Tensor | None  # [B, W + q], None when no row needs padding
+    position_ids: torch.Tensor | None  # [B, q], None when the model's defaults are right
+    full_input_ids: torch.Tensor  # [B, W + q]: the cached columns then input_ids (for generate)
+    prompt_tokens: tuple[int, ...]  # per row
+    cached_tokens: tuple[int, ...]  # per row, loaded from the store
+    n_cached: int  # W: columns the cache holds before the forward
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        out = {"input_ids": self.input_ids}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        return out
+
+    @property
+    def hit_ratio(self) -> float:
+        total = sum(self.prompt_tokens)
+        return sum(self.cached_tokens) / total if total else 0.0
+
+
+@dataclass(slots=True)
+class _RowSave:
+    row: int
+    keys: list[bytes]
+    parent: bytes
+    depth: int
+    column: int  # cache column of the first saved token
+
+
+@dataclass(slots=True)
+class _Prefill:
+    plan: PrefillPlan
+    width: int  # W + q
+    staging: list[torch.Tensor | None]  # per layer: uint8 [U, layer_bytes]
+    layer_handles: list[list[Any]]  # per layer: the load handles it needs
+    handle_units: dict[int, list[int]]  # id(handle) -> unique-chunk index of each of its keys
+    handle_failed: dict[int, set[int]]  # id(handle) -> failed unique-chunk indices (once waited)
+    row_units: list[list[int]]  # per row: unique-chunk index of each loaded chunk
+    saves: list[_RowSave]
+    batches: list[Any] | None = None
+    saved_layers: int = 0
+    save_broken: bool = False
+    done_layers: int = 0
+    load_wait_s: float = 0.0
+    all_handles: list[Any] = field(default_factory=list)
+
+
+class _StoreLayer(DynamicLayer):
+    """A DynamicLayer whose first update after prepare() installs the loaded prefix."""
+
+    def __init__(self, cache: KVTierCache, index: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.index = index
+        self.fill: int | None = None  # columns in place while a planned prefill runs
+        self.installed = False
+        self.kbuf: torch.Tensor | None = None
+        self.vbuf: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fill is None:
+            return super().update(key_states, value_states)
+        return self.cache._update_planned(self, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        if self.fill is not None:
+            return self.fill
+        return super().get_seq_length()
+
+    def clear(self) -> None:
+        self.keys = self.values = None
+        self.kbuf = self.vbuf = None
+        self.is_initialized = False
+        self.fill = None
+        self.installed = False
+
+
+class KVTierCache(DynamicCache):
+    """One request's (or one batch's) cache, bound to a TransformersConnector."""
+
+    def __init__(self, connector: TransformersConnector) -> None:
+        super().__init__()
+        self.connector = connector
+        self._store_layers = [_StoreLayer(self, i) for i in range(connector.layout.num_layers)]
+        self.layers = list(self._store_layers)
+        self._state: _Prefill | None = None
+        self.last_plan: PrefillPlan | None = None
+        self.load_wait_s = 0.0  # time the forward waited for loads and scattered them (last prefill)
+
+    # -- prepare -------------------------------------------------------------------------------
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                max_chunks: Sequence[int] | None = None, overlap: bool | None = None) -> PrefillPlan:
+        """Look up each row's stored prefix, queue its loads, and return what the model must run.
+
+        `max_chunks` caps each row's loaded chunks (after a PrefixLoadError); with
+        `overlap=False` (default: the connector's setting) every load is waited for here and a
+        failed chunk shortens the plan instead of raising later.
+        """
+        conn = self.connector
+        overlap = conn.overlap if overlap is None else overlap
+        self.discard()
+        ids, mask = _check_inputs(input_ids, attention_mask)
+        batch, total = ids.shape
+        lengths = [total] * batch if mask is None else [int(x) for x in mask.sum(1).tolist()]
+        rows = [ids[b, total - n:].tolist() for b, n in enumerate(lengths)]
+        ct = conn.chunk_tokens
+        keys = [conn.chunk_keys(r) for r in rows]
+        found = [conn.lookup(k) for k in keys]
+        load_n = []
+        for b, n in enumerate(lengths):
+            cap = (n - 1) // ct if n else 0  # never the last token
+            if max_chunks is not None:
+                cap = min(cap, max_chunks[b])
+            load_n.append(min(found[b][0], cap) if conn.load_enabled else 0)
+        plan = _make_plan(ids, lengths, [n * ct for n in load_n], conn.pad_token_id)
+        self.last_plan = plan
+        width = plan.full_input_ids.shape[1]
+        if width == 0:
+            return plan
+        state = self._start_loads(plan, keys, found, load_n, width)
+        self._state = state
+        for layer in self._store_layers:
+            layer.fill = plan.n_cached
+        if not overlap:
+            failed = set()
+            for handles in state.layer_handles:
+                for h in handles:
+                    failed |= self._wait(state, h)
+            if failed:
+                valid = _valid_chunks(state.row_units, failed)
+                return self.prepare(input_ids, attention_mask, max_chunks=valid, overlap=False)
+            for layer in self._store_layers:  # everything is here: put it in place now, the forward only computes
+                self._install(state, layer)
+        return plan
+
+    def _start_loads(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
+                     load_n: list[int], width: int) -> _Prefill:
+        conn = self.connector
+        layout = conn.layout
+        index: dict[bytes, int] = {}
+        unit_keys: list[bytes] = []
+        unit_tier: list[str] = []
+        row_units: list[list[int]] = []
+        for b, n in enumerate(load_n):
+            units = []
+            for c in range(n):
+                k = keys[b][c]
+                if k not in index:
+                    index[k] = len(unit_keys)
+                    unit_keys.append(k)
+                    unit_tier.append(found[b][1][c])
+                units.append(index[k])
+            row_units.append(units)
+        n_units = len(unit_keys)
+        lb = layout.layer_bytes(conn.chunk_tokens)
+        staging: list[torch.Tensor | None] = [torch.empty((n_units, lb), dtype=torch.uint8)
+                                              for _ in range(layout.num_layers)]
+        arrays = [s.numpy() for s in staging if s is not None]
+        state = _Prefill(plan, width, staging, [[] for _ in range(layout.num_layers)], {}, {}, row_units,
+                         self._plan_saves(plan, keys, found, width))
+        if n_units == 0:
+            return state
+        store = conn.store
+        disk_units = [u for u in range(n_units) if unit_tier[u] != "memory"]
+        mem_units = [u for u in range(n_units) if unit_tier[u] == "memory"]
+        shared = []
+        if disk_units:  # whole chunks: one sequential read per file, promoted to DRAM
+            step = -(-len(disk_units) // DISK_LOAD_GROUPS)
+            for g in range(0, len(disk_units), step):
+                group = disk_units[g:g + step]
+                dests = [[a[u] for a in arrays] for u in group]
+                h = store.load([unit_keys[u] for u in group], dests, None)
+                state.handle_units[id(h)] = group
+                shared.append(h)
+        for layer in range(layout.num_layers):
+            state.layer_handles[layer].extend(shared)
+            if mem_units:
+                a = arrays[layer]
+                h = store.load([unit_keys[u] for u in mem_units], [[a[u]] for u in mem_units], [layer])
+                state.handle_units[id(h)] = mem_units
+                state.layer_handles[layer].append(h)
+        state.all_handles = [h for hs in state.layer_handles for h in hs]
+        return state
+
+    def _plan_saves(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
+                    width: int) -> list[_RowSave]:
+        conn = self.connector
+        if not conn.save_enabled:
+            return []
+        ct = conn.chunk_tokens
+        seen: set[bytes] = set()
+        saves = []
+        for b, row_keys in enumerate(keys):
+            start = found[b][0]
+            while start < len(row_keys) and row_keys[start] in seen:  # another row saves it (a shared prefix)
+                start += 1
+            if start >= len(row_keys):
+                continue
+            parent = row_keys[start - 1] if start else conn.root
+            column = width - plan.prompt_tokens[b] + start * ct
+            saves.append(_RowSave(b, row_keys[start:], parent, start, column))
+            seen.update(row_keys[start:])
+        return saves
+
+    # -- forward -------------------------------------------------------------------------------
+    def _update_planned(self, layer: _StoreLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._state
+        assert state is not None and layer.fill is not None
+        if not layer.installed:
+            self._check_states(state, layer, k, v)
+            self._install(state, layer)
+        assert layer.kbuf is not None and layer.vbuf is not None
+        n = k.shape[-2]
+        start = layer.fill
+        end = start + n
+        if end > state.width:
+            raise ValueError(f"layer {layer.index}: the forward after prepare() brought {end - state.plan.n_cached} "
+                             f"new tokens; the plan has {state.width - state.plan.n_cached} (run plan.input_ids)")
+        layer.kbuf[:, :, start:end].copy_(k)
+        layer.vbuf[:, :, start:end].copy_(v)
+        if end < state.width:  # chunked prefill: more forwards follow
+            layer.fill = end
+            layer.keys, layer.values = layer.kbuf[:, :, :end], layer.vbuf[:, :, :end]
+            return layer.keys, layer.values
+        layer.keys, layer.values = layer.kbuf, layer.vbuf
+        layer.fill = None
+        layer.kbuf = layer.vbuf = None
+        self._save_layer(state, layer.index, layer.keys, layer.values)
+        state.done_layers += 1
+        if state.done_layers == len(self.layers):
+            self._finish(state)
+        return layer.keys, layer.values
+
+    def _check_states(self, state: _Prefill, layer: _StoreLayer, k: torch.Tensor, v: torch.Tensor) -> None:
+        conn = self.connector
+        layout = conn.layout
+        batch = state.plan.full_input_ids.shape[0]
+        shape = (batch, layout.num_kv_heads, k.shape[-2], layout.head_size)
+        if k.shape[-1] != v.shape[-1]:
+            raise UnsupportedModelError(f"K and V head sizes differ ({k.shape[-1]} vs {v.shape[-1]}, e.g. MLA); "
+                                        "kvtier's transformers cache needs one head size")
+        if tuple(k.shape) != shape or k.dtype != conn.torch_dtype or k.device != conn.device:
+            raise LayoutMismatchError(f"layer {layer.index}: the model produced K {tuple(k.shape)} {k.dtype} on "
+                                      f"{k.device}; the plan expects {shape} {conn.torch_dtype} on {conn.device} "
+                                      "(batch expansion such as num_beams or num_return_sequences > 1 is not supported)")
+
+    def _install(self, state: _Prefill, layer: _StoreLayer) -> None:
+        """Wait for layer's loads and scatter them into its K/V buffers (raises PrefixLoadError on a failure)."""
+        conn = self.connector
+        layout = conn.layout
+        plan = state.plan
+        batch = plan.full_input_ids.shape[0]
+        dtype, device = conn.torch_dtype, conn.device
+        t0 = time.perf_counter()
+        failed: set[int] = set()
+        for h in state.layer_handles[layer.index]:
+            failed |= self._wait(state, h)
+        if failed:
+            valid = _valid_chunks(state.row_units, failed)
+            raise PrefixLoadError(f"layer {layer.index}: {len(failed)} chunks failed to load; prepare again "
+                                  f"capped to {valid} chunks per row", valid)
+        heads, ct, hd = layout.num_kv_heads, conn.chunk_tokens, layout.head_size
+        kbuf = torch.empty((batch, heads, state.width, hd), dtype=dtype, device=device)
+        vbuf = torch.empty_like(kbuf)
+        staged = state.staging[layer.index]
+        state.staging[layer.index] = None
+        w = plan.n_cached
+        if w:
+            assert staged is not None
+            sections = staged.view(dtype).view(-1, heads, 2, ct, hd).to(device)
+            for b, units in enumerate(state.row_units):
+                lead = w - len(units) * ct
+                if lead:
+                    kbuf[b, :, :lead].zero_()
+                    vbuf[b, :, :lead].zero_()
+                col = lead
+                for first, count in _runs(units):
+                    src = sections[first:first + count].transpose(0, 1)  # [heads, count, 2, ct, hd]
+                    cols = slice(col, col + count * ct)
+                    kbuf[b, :, cols].view(heads, count, ct, hd).copy_(src[:, :, 0])
+                    vbuf[b, :, cols].view(heads, count, ct, hd).copy_(src[:, :, 1])
+                    col += count * ct
+        layer.kbuf, layer.vbuf = kbuf, vbuf
+        layer.keys, layer.values = kbuf[:, :, :w], vbuf[:, :, :w]
+        layer.is_initialized = True
+        layer.installed = True
+        layer.device = device
+        layer.dtype = dtype
+        state.load_wait_s += time.perf_counter() - t0
+
+    def _wait(self, state: _Prefill, handle: Any) -> set[int]:
+        key = id(handle)
+        done = state.handle_failed.get(key)
+        if done is not None:
+            return done
+        units = state.handle_units[key]
+        try:
+            result = handle.wait()
+            failed = {units[i] for i in result.failed}
+            reason = "a chunk failed validation or vanished from its tier"
+        except Exception as e:  # noqa: BLE001 - a load error is a miss: recompute, count, log once
+            failed = set(units)
+            reason = f"{type(e).__name__}: {e}"
+        state.handle_failed[key] = failed
+        if failed:
+            self.connector.report_load_failure(len(failed), reason)
+        return failed
+
+    def _save_layer(self, state: _Prefill, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if not state.saves or state.save_broken:
+            return
+        conn = self.connector
+        t0 = time.perf_counter()
+        try:
+            if state.batches is None:
+                state.batches = []
+                for s in state.saves:
+                    state.batches.append(conn.store.begin_save(s.keys, s.parent, s.depth))
+            heads, ct, hd = conn.layout.num_kv_heads, conn.chunk_tokens, conn.layout.head_size
+            for s, batch in zip(state.saves, state.batches):
+                n = len(s.keys)
+                cols = slice(s.column, s.column + n * ct)
+                sec = torch.empty((n, heads, 2, ct, hd), dtype=keys.dtype)
+                sec[:, :, 0] = keys[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
+                sec[:, :, 1] = values[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
+                raw = sec.view(n, -1).view(torch.uint8).numpy()
+                batch.write_layer(layer, [raw[i] for i in range(n)])
+            state.saved_layers += 1
+            if state.saved_layers == len(self.layers):
+                for s, batch in zip(state.saves, state.batches):
+                    handle = batch.commit()
+                    conn.watch_save(handle, len(s.keys))
+                state.batches = None
+        except Exception as e:  # noqa: BLE001 - a save never fails generation; counted and logged once
+            state.save_broken = True
+            self._abort_saves(state)
+            conn.report_save_failure(sum(len(s.keys) for s in state.saves), f"{type(e).__name__}: {e}")
+        finally:
+            conn.add_save_seconds(time.perf_counter() - t0)
+
+    def _finish(self, state: _Prefill) -> None:
+        self.load_wait_s = state.load_wait_s
+        self.connector.record_prefill(state.plan, state.load_wait_s)
+        self._state = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def discard(self) -> None:
+        """Drop this cache's contents and any prefill in flight (waits for its loads, aborts its save)."""
+        state = self._state
+        self._state = None
+        if state is not None:
+            for h in state.all_handles:
+                try:
+                    h.wait()
+                except Exception:  # noqa: BLE001 - reported by _wait when it mattered; now unused
+                    pass
+            self._abort_saves(state)
+        for layer in self._store_layers:
+            layer.clear()
+
+    @staticmethod
+    def _abort_saves(state: _Prefill) -> None:
+        if state.batches:
+            for batch in state.batches:
+                try:
+                    batch.abort()
+                except Exception:  # noqa: BLE001 - best effort release of DRAM reservations
+                    pass
+        state.batches = None
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a 2-D tensor [batch, tokens]")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    ids = input_ids.detach().to("cpu")
+    if attention_mask is None:
+        return ids, None
+    if tuple(attention_mask.shape) != tuple(ids.shape):
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(ids.shape)}")
+    mask = attention_mask.detach().to("cpu").bool()
+    if mask.all():
+        return ids, None
+    if ids.shape[1] and bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
+        raise ValueError("attention_mask must be left padding (zeros before the prompt), as generate() expects")
+    return ids, mask
+
+
+def _make_plan(ids: torch.Tensor, lengths: list[int], cached: list[int], pad_id: int) -> PrefillPlan:
+    batch, total = ids.shape
+    w = max(cached, default=0)
+    suffix = [n - h for n, h in zip(lengths, cached)]
+    q = max(suffix, default=0)
+    width = w + q
+    full = torch.full((batch, width), pad_id, dtype=ids.dtype)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for b in range(batch):
+        row = ids[b, total - lengths[b]:]
+        h, s = cached[b], suffix[b]
+        full[b, w - h:w] = row[:h]
+        full[b, width - s:] = row[h:]
+        mask[b, w - h:w] = 1
+        mask[b, width - s:] = 1
+    padded = not bool(mask.all())
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, w:] if padded else None
+    return PrefillPlan(full[:, w:], mask if padded else None, positions, full, tuple(lengths), tuple(cached), w)
+
+
+def _valid_chunks(row_units: list[list[int]], failed: set[int]) -> tuple[int, ...]:
+    out = []
+    for units in row_units:
+        n = 0
+        while n < len(units) and units[n] not in failed:
+            n += 1
+        out.append(n)
+    return tuple(out)
+
+
+def _runs(units: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of unique-chunk indices as (first, count)."""
+    runs: list[tuple[int, int]] = []
+    for u in units:
+        if runs and runs[-1][0] + runs[-1][1] == u:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((u, 1))
+    return runs

@@ -1,0 +1,211 @@
+"""TransformersConnector: a transformers model bound to a kvtier store, and `kvtier_generate`.
+
+    conn = TransformersConnector(model, store, tenant_salt="")   # once per model and store
+    out = kvtier_generate(model, input_ids, conn, max_new_tokens=32)   # == model.generate(...)
+    cache, out = conn.prefill(input_ids)          # one forward over the prompt (logits, cache)
+    cache = conn.new_cache(); plan = cache.prepare(input_ids)   # the raw contract (cache.py)
+
+`store` is a kvtier TieredStore or a kvtier.client StoreClient (in-process or the host
+service); only lookup, load, begin_save and the layout / chunk size properties are used.
+
+Keys: a KeyChain under Namespace(model fingerprint, KVLayout(layers, KV heads, head size,
+dtype).layout_id(chunk size), rank 0, tenant salt, the store's hash mode). The fingerprint is
+`identity.model_identity` (canonical config + a digest of the weights; see identity.py) unless
+given. The model must keep full per-token KV in every layer (compat.check_full_kv) and its
+layout must equal the store's.
+
+Failures are counted in `metrics` (the store's Metrics when it has one) with label
+connector="transformers" and logged once per kind per connector: load failures (chunks that
+were recomputed), save failures (chunks not stored: store full, read-only, I/O error).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
+from kvtier.connectors.transformers.compat import cache_kwarg, check_full_kv
+from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
+from kvtier.core import metrics as m
+from kvtier.core.errors import LayoutMismatchError
+from kvtier.core.keys import KeyChain, Namespace
+
+log = logging.getLogger(__name__)
+
+CONNECTOR = "transformers"
+SAVE_FAILURES = "kvtier_connector_save_failures_total"  # chunks a save could not store
+PREFILL_TOKENS = "kvtier_connector_prefill_tokens_total"  # prompt tokens seen by prepare()
+MAX_ATTEMPTS = 4  # prepare + forward tries after load failures; the last one loads nothing
+
+
+class TransformersConnector:
+    def __init__(self, model: Any, store: Any, *, tenant_salt: str = "", fingerprint: str | None = None,
+                 overlap: bool = True, save: bool = True, load: bool = True, metrics: m.Metrics | None = None) -> None:
+        check_full_kv(model)
+        self.model = model
+        self.store = store
+        self.layout = store.layout
+        self.chunk_tokens: int = store.chunk_tokens
+        self.hash_mode: str = getattr(store, "hash_mode", None) or store.config.hash_mode
+        model_kv = model_layout(model)
+        if model_kv != self.layout:
+            raise LayoutMismatchError(f"the model's KV layout {model_kv} differs from the store's {self.layout}")
+        self.torch_dtype = next(d for d, name in TORCH_DTYPES.items() if name == self.layout.dtype)
+        self.device = next(model.parameters()).device
+        self.fingerprint = fingerprint or model_identity(model)
+        self.namespace = Namespace(self.fingerprint, self.layout.layout_id(self.chunk_tokens),
+                                   tenant_salt=tenant_salt, hash_mode=self.hash_mode)
+        self.root = self.namespace.root()
+        self.cache_kwarg = cache_kwarg(model)
+        pad = getattr(model.config, "pad_token_id", None)
+        self.pad_token_id = pad if isinstance(pad, int) and pad >= 0 else 0
+        self.overlap = overlap
+        self.save_enabled = save
+        self.load_enabled = load
+        self.metrics = metrics or getattr(store, "metrics", None) or m.Metrics()
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- keys and lookups ------------------------------------------------------------------------
+    def chunk_keys(self, tokens: list[int]) -> list[bytes]:
+        return list(KeyChain(self.root, self.chunk_tokens, self.hash_mode).extend(tokens))
+
+    def lookup(self, keys: list[bytes]) -> tuple[int, tuple[str, ...]]:
+        if not keys:
+            return 0, ()
+        try:
+            r = self.store.lookup(keys)
+        except Exception as e:  # noqa: BLE001 - an unreachable store is a miss, counted and logged once
+            self.report_load_failure(0, f"lookup failed: {type(e).__name__}: {e}")
+            return 0, ()
+        return r.hits, tuple(r.tiers)
+
+    # -- the one-call paths ----------------------------------------------------------------------
+    def new_cache(self) -> KVTierCache:
+        return KVTierCache(self)
+
+    def cache_kwargs(self, cache: KVTierCache) -> dict[str, KVTierCache]:
+        """{"cache": cache} or {"past_key_values": cache}, as this transformers version expects."""
+        return {self.cache_kwarg: cache}
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVTierCache | None = None, **forward_kwargs: Any) -> tuple[KVTierCache, Any]:
+        """One forward over the prompt with the stored prefix loaded; retried after load failures.
+
+        Returns (cache, output); output.logits[:, -1] are the logits after each row's last
+        prompt token, and the cache holds the whole prompt (cache.last_plan says what was reused).
+        """
+        cache = cache or self.new_cache()
+        caps = None
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt == MAX_ATTEMPTS - 1:
+                caps = [0] * input_ids.shape[0]
+            plan = cache.prepare(input_ids, attention_mask, max_chunks=caps)
+            try:
+                with torch.no_grad():
+                    out = self.model(**plan.model_inputs(), **self.cache_kwargs(cache), use_cache=True,
+                                     **forward_kwargs)
+                return cache, out
+            except PrefixLoadError as e:
+                caps = list(e.valid_chunks)
+        raise AssertionError("unreachable: the last attempt loads nothing")
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **gen_kwargs: Any) -> Any:
+        """model.generate with the stored prefix loaded; same return value as generate on input_ids."""
+        if self.cache_kwarg in gen_kwargs or "past_key_values" in gen_kwargs or "cache" in gen_kwargs:
+            raise ValueError("kvtier_generate brings its own cache; do not pass one")
+        if input_ids.shape[1] == 0:  # transformers cannot run an empty prompt; start from BOS as generate() does
+            bos = self.model.generation_config.bos_token_id
+            if bos is None:
+                raise ValueError("empty prompt and the model has no bos_token_id to start from")
+            input_ids = torch.full((input_ids.shape[0], 1), int(bos), dtype=torch.long)
+            attention_mask = None
+        cache = self.new_cache()
+        caps = None
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt == MAX_ATTEMPTS - 1:
+                caps = [0] * input_ids.shape[0]
+            plan = cache.prepare(input_ids, attention_mask, max_chunks=caps)
+            kwargs = dict(gen_kwargs)
+            if plan.attention_mask is not None:
+                kwargs["attention_mask"] = plan.attention_mask
+            try:
+                out = self.model.generate(plan.full_input_ids, **self.cache_kwargs(cache), **kwargs)
+            except PrefixLoadError as e:
+                caps = list(e.valid_chunks)
+                continue
+            return _restore_prompt(out, input_ids, plan)
+        raise AssertionError("unreachable: the last attempt loads nothing")
+
+    # -- accounting (thread-safe: save callbacks run on the store's writer thread) ------------------
+    def record_prefill(self, plan: PrefillPlan, load_seconds: float) -> None:
+        self.metrics.inc(m.HIT_TOKENS, float(sum(plan.cached_tokens)), connector=CONNECTOR)
+        self.metrics.inc(PREFILL_TOKENS, float(sum(plan.prompt_tokens)), connector=CONNECTOR)
+        self.metrics.inc(m.LOAD_SECONDS, load_seconds, connector=CONNECTOR)
+
+    def add_save_seconds(self, seconds: float) -> None:
+        self.metrics.inc(m.SAVE_SECONDS, seconds, connector=CONNECTOR)
+
+    def report_load_failure(self, chunks: int, reason: str) -> None:
+        self.metrics.inc(m.LOAD_FAILURES, float(chunks), connector=CONNECTOR)
+        self._log_once("load", "kvtier: could not load stored KV (%s); recomputing those tokens. "
+                       "Further load failures are counted in %s, not logged.", reason, m.LOAD_FAILURES)
+
+    def report_save_failure(self, chunks: int, reason: str) -> None:
+        self.metrics.inc(SAVE_FAILURES, float(chunks), connector=CONNECTOR)
+        self._log_once("save", "kvtier: could not store %d chunks of KV (%s); generation is unaffected. "
+                       "Further save failures are counted in %s, not logged.", chunks, reason, SAVE_FAILURES)
+
+    def watch_save(self, handle: Any, chunks: int) -> None:
+        def done(h: Any) -> None:
+            exc = h.exception()
+            if exc is not None:
+                self.report_save_failure(chunks, f"{type(exc).__name__}: {exc}")
+                return
+            r = h.wait()
+            stored = max(r.in_memory, r.on_disk)
+            if stored < r.chunks:
+                self.report_save_failure(r.chunks - stored, "no room in any tier")
+
+        handle.add_done_callback(done)
+
+    def _log_once(self, kind: str, msg: str, *args: Any) -> None:
+        with self._lock:
+            if kind in self._logged:
+                return
+            self._logged.add(kind)
+        log.warning(msg, *args)
+
+
+def kvtier_generate(model: Any, input_ids: torch.Tensor, store: Any,
+                    attention_mask: torch.Tensor | None = None, *, tenant_salt: str = "", **gen_kwargs: Any) -> Any:
+    """`model.generate(input_ids, **gen_kwargs)` with the stored prefix of each row loaded from `store`.
+
+    `store` is a TransformersConnector (reuse one: building it hashes the weights), a
+    TieredStore or a StoreClient. Left-padded batches of different lengths are fine; beam
+    search and num_return_sequences > 1 are not supported.
+    """
+    conn = store if isinstance(store, TransformersConnector) else TransformersConnector(model, store,
+                                                                                       tenant_salt=tenant_salt)
+    if conn.model is not model:
+        raise ValueError("the connector was built for another model")
+    return conn.generate(input_ids, attention_mask, **gen_kwargs)
+
+
+def _restore_prompt(out: Any, input_ids: torch.Tensor, plan: PrefillPlan) -> Any:
+    """generate ran on plan.full_input_ids; give back the caller's prompt followed by the new tokens."""
+    width = plan.full_input_ids.shape[1]
+
+    def fix(seq: torch.Tensor) -> torch.Tensor:
+        return torch.cat([input_ids.to(seq.device, seq.dtype), seq[:, width:]], dim=1)
+
+    if isinstance(out, torch.Tensor):
+        return fix(out)
+    if getattr(out, "sequences", None) is not None:
+        out.sequences = fix(out.sequences)
+    return out

@@ -1,0 +1,98 @@
+"""What a transformers model's KV depends on: its fingerprint and its KV layout.
+
+    model_identity(model) -> str   kvtier.core.keys.model_fingerprint(config text, weight digest)
+    model_layout(model) -> KVLayout
+
+The fingerprint hashes (1) the model's config as canonical JSON, without the fields that do
+not change its KV (name or path, transformers version, dtype, attention implementation,
+output switches, every underscore field), plus the model class name; and (2) its weights:
+every parameter's name, dtype and shape, and its bytes, all of them when the parameters
+total at most FULL_HASH_BYTES (256 MiB; the demo and test models, the 200M benchmark model
+is sampled), otherwise SAMPLES_PER_TENSOR windows of SAMPLE_BYTES at evenly spaced offsets
+of every tensor (first and last bytes included): a deterministic sample, cheap on a 70B model,
+that any retraining or fine-tune of a tensor changes. A change that touches none of the
+sampled windows (a sparse edit of a large model) would not be seen; pass an explicit
+`fingerprint=` (for example the checkpoint's revision hash) where that matters.
+Dtype is not needed here: it is part of the KV layout, which is part of the namespace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any
+
+import torch
+
+from kvtier.connectors.transformers.compat import UnsupportedModelError, text_config
+from kvtier.core.keys import model_fingerprint
+from kvtier.core.layout import KVLayout
+
+FULL_HASH_BYTES = 256 << 20
+SAMPLES_PER_TENSOR = 16
+SAMPLE_BYTES = 4096
+
+TORCH_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "attn_implementation", "tokenizer_class",
+    "architectures", "pruned_heads", "chunk_size_feed_forward",
+})
+
+
+def config_text(config: Any) -> str:
+    """Canonical JSON of the config fields that shape the model's computation."""
+    data = config.to_dict()
+    kept = {k: v for k, v in data.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def _tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "meta":
+        raise UnsupportedModelError("the model has weights on the meta device; load them before using kvtier")
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
+def weight_digest(model: torch.nn.Module) -> str:
+    params = sorted(model.named_parameters(), key=lambda kv: kv[0])
+    total = sum(p.numel() * p.element_size() for _, p in params)
+    full = total <= FULL_HASH_BYTES
+    h = hashlib.blake2b(digest_size=32)
+    h.update(b"full" if full else f"sampled-{SAMPLES_PER_TENSOR}x{SAMPLE_BYTES}".encode())
+    for name, p in params:
+        head = f"{name}|{str(p.dtype)}|{tuple(p.shape)}".encode()
+        h.update(struct.pack("<I", len(head)) + head)
+        raw = _tensor_bytes(p)
+        n = raw.numel()
+        if full or n <= SAMPLES_PER_TENSOR * SAMPLE_BYTES:
+            h.update(raw.numpy().tobytes())
+            continue
+        last = n - SAMPLE_BYTES
+        for i in range(SAMPLES_PER_TENSOR):
+            off = last * i // (SAMPLES_PER_TENSOR - 1)
+            h.update(raw[off:off + SAMPLE_BYTES].numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_identity(model: torch.nn.Module) -> str:
+    """kvtier's model fingerprint of a transformers model (config + weight digest)."""
+    cfg = text_config(model)
+    return model_fingerprint(f"{type(model).__name__}|{config_text(cfg)}", weight_digest(model))
+
+
+def model_layout(model: torch.nn.Module, dtype: torch.dtype | None = None) -> KVLayout:
+    """The KV layout of a decoder: layers, KV heads, head size, dtype (default: the weights')."""
+    cfg = text_config(model)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = dtype or next(model.parameters()).dtype
+    if dtype not in TORCH_DTYPES:
+        raise UnsupportedModelError(f"KV dtype {dtype} is not supported; use one of {sorted(map(str, TORCH_DTYPES))}")
+    return KVLayout(cfg.num_hidden_layers, kv_heads, head_dim, TORCH_DTYPES[dtype])

@@ -1,0 +1,223 @@
+"""Prefix reuse: namespaces never mix, and faults fall back to recompute with identical output."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from kvtier.connectors.transformers import (
+    TransformersConnector,
+    UnsupportedModelError,
+    check_full_kv,
+    kvtier_generate,
+    model_identity,
+)
+from kvtier.connectors.transformers.connector import SAVE_FAILURES
+from kvtier.core import metrics as m
+from kvtier.core.errors import LayoutMismatchError
+from tests.connectors.transformers.prefix_util import (
+    TOL,
+    greedy_agree,
+    hit_logits,
+    last_logits,
+    make_store,
+    prompt,
+    tiny_model,
+)
+from tests.connectors.transformers.test_prefix_cache import _corrupt
+
+LOGGER = "kvtier.connectors.transformers.connector"
+
+
+def _hits(conn, ids) -> int:
+    return conn.lookup(conn.chunk_keys(ids[0].tolist()))[0]
+
+
+def test_other_model_weights_or_tenant_never_share(tmp_path):
+    model = tiny_model(seed=0)
+    other = tiny_model(seed=1)  # same config, other weights
+    ids = prompt(128, 21, seed=10)
+    store = make_store(model, tmp_path)
+    TransformersConnector(model, store).prefill(ids)
+    assert _hits(TransformersConnector(model, store), ids) == 5
+    assert model_identity(model) != model_identity(other)
+    assert _hits(TransformersConnector(other, store), ids) == 0
+    assert _hits(TransformersConnector(model, store, tenant_salt="tenant-b"), ids) == 0
+    assert _hits(TransformersConnector(model, store, fingerprint="another-revision"), ids) == 0
+    plan, got = hit_logits(TransformersConnector(other, store), ids)
+    assert plan.cached_tokens == (0,)
+    assert (got - last_logits(other, ids)).abs().max().item() <= TOL
+    store.close()
+
+
+def test_other_dtype_or_layout_never_shares(tmp_path):
+    model = tiny_model()
+    ids = prompt(128, 21, seed=11)
+    store = make_store(model, tmp_path)
+    TransformersConnector(model, store).prefill(ids)
+    with pytest.raises(LayoutMismatchError):
+        TransformersConnector(tiny_model(kv_heads=4), store)  # a store serves one layout
+    store.close()
+    half = tiny_model().to(torch.bfloat16)  # same weights rounded, other dtype: other layout and namespace
+    store = make_store(half, tmp_path)
+    assert _hits(TransformersConnector(half, store), ids) == 0
+    store.close()
+    wider = tiny_model(kv_heads=4)
+    store = make_store(wider, tmp_path)
+    conn = TransformersConnector(wider, store)
+    assert _hits(conn, ids) == 0
+    plan, got = hit_logits(conn, ids)
+    assert plan.cached_tokens == (0,)
+    assert (got - last_logits(wider, ids)).abs().max().item() <= TOL
+    store.close()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_corrupt_chunk_in_the_middle_recomputes_from_it(tmp_path, caplog, overlap):
+    model = tiny_model()
+    ids = prompt(128, 27, seed=12)
+    store = make_store(model, tmp_path)
+    TransformersConnector(model, store).prefill(ids)
+    store.close()
+    store = make_store(model, tmp_path)  # DRAM empty: the chunks come from disk
+    conn = TransformersConnector(model, store, overlap=overlap)
+    keys = conn.chunk_keys(ids[0].tolist())
+    _corrupt(store, keys[3], layer=1)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        cache, out = conn.prefill(ids)
+        cache2, out2 = conn.prefill(ids)  # the recomputed chunk was saved again: a full hit now
+    assert cache.last_plan.cached_tokens == (12,)
+    assert cache2.last_plan.cached_tokens == (24,)
+    ref = last_logits(model, ids)
+    assert (out.logits[:, -1] - ref).abs().max().item() <= TOL
+    assert (out2.logits[:, -1] - ref).abs().max().item() <= TOL
+    assert conn.metrics.get(m.LOAD_FAILURES, connector="transformers") >= 1
+    assert len([r for r in caplog.records if r.name == LOGGER]) <= 1
+    store.close()
+
+
+def test_missing_chunk_in_the_middle_recomputes_from_it(tmp_path):
+    model = tiny_model()
+    ids = prompt(128, 27, seed=13)
+    store = make_store(model, tmp_path)
+    TransformersConnector(model, store).prefill(ids)
+    store.close()
+    store = make_store(model, tmp_path)
+    conn = TransformersConnector(model, store)
+    keys = conn.chunk_keys(ids[0].tolist())
+    import os
+
+    os.unlink(store.disk.path_of(keys[2]))  # gone behind the index's back: found by lookup, fails to load
+    out = kvtier_generate(model, ids, conn, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    greedy_agree(model, ids, out, 8)
+    plan, got = hit_logits(conn, ids)
+    assert plan.cached_tokens == (24,)
+    assert (got - last_logits(model, ids)).abs().max().item() <= TOL
+    assert conn.metrics.get(m.LOAD_FAILURES, connector="transformers") >= 1
+    store.close()
+
+
+@pytest.mark.parametrize("length", [0, 1, 3])
+def test_empty_and_short_prompts(tmp_path, length):
+    model = tiny_model()
+    model.generation_config.bos_token_id = 1
+    ids = prompt(128, length, seed=14)
+    store = make_store(model, tmp_path)
+    conn = TransformersConnector(model, store)
+    out = kvtier_generate(model, ids, conn, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ref_ids = ids if length else torch.ones((1, 1), dtype=torch.long)
+    ref = model.generate(ref_ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    cache = conn.new_cache()
+    plan = cache.prepare(ids)
+    assert plan.cached_tokens == (0,)
+    store.flush()
+    assert store.stats()["memory"]["chunks"] == 0  # nothing full to save
+    store.close()
+
+
+def test_store_full_still_generates_and_logs_once(tmp_path, caplog):
+    model = tiny_model()
+    layer_chunk = make_store(model, None).layout.chunk_bytes(4)
+    store = make_store(model, None, memory=2 * layer_chunk)  # DRAM for 2 chunks, no disk
+    conn = TransformersConnector(model, store)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for seed in (15, 16, 17):
+            ids = prompt(128, 30, seed=seed)
+            out = kvtier_generate(model, ids, conn, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            greedy_agree(model, ids, out, 4)
+    assert conn.metrics.get(SAVE_FAILURES, connector="transformers") > 0
+    assert len([r for r in caplog.records if r.name == LOGGER]) == 1
+    store.close()
+
+
+def test_read_only_store_still_generates(tmp_path, caplog):
+    model = tiny_model()
+    (tmp_path / "chunks").mkdir()
+    store = make_store(model, tmp_path, memory=None, read_only=True)
+    conn = TransformersConnector(model, store)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for seed in (18, 19):
+            ids = prompt(128, 22, seed=seed)
+            plan, got = hit_logits(conn, ids)
+            store.flush()
+            assert (got - last_logits(model, ids)).abs().max().item() <= TOL
+    assert conn.metrics.get(SAVE_FAILURES, connector="transformers") > 0
+    assert len([r for r in caplog.records if r.name == LOGGER]) == 1
+    store.close()
+
+
+def test_disk_tier_vanishing_mid_run(tmp_path, caplog):
+    model = tiny_model()
+    root = tmp_path / "disk"
+    ids = prompt(128, 25, seed=20)
+    store = make_store(model, root)
+    TransformersConnector(model, store).prefill(ids)
+    store.close()
+    store = make_store(model, root)  # chunks indexed on disk only
+    conn = TransformersConnector(model, store)
+    shutil.rmtree(root)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        plan, got = hit_logits(conn, ids)  # lookup finds them, every load fails: recompute
+        assert (got - last_logits(model, ids)).abs().max().item() <= TOL
+        other = prompt(128, 25, seed=21)
+        out = kvtier_generate(model, other, conn, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        greedy_agree(model, other, out, 4)
+        store.flush()
+    assert conn.metrics.get(m.LOAD_FAILURES, connector="transformers") >= 1
+    assert len([r for r in caplog.records if r.name == LOGGER and "load" in r.getMessage()]) == 1
+    plan, got = hit_logits(conn, ids)  # the recomputed chunks were kept in DRAM
+    assert plan.cached_tokens == (24,)
+    assert (got - last_logits(model, ids)).abs().max().item() <= TOL
+    store.close()
+
+
+def test_client_api_store(tmp_path):
+    from kvtier.client import InProcessClient
+
+    model = tiny_model()
+    ids = prompt(128, 19, seed=22)
+    client = InProcessClient(make_store(model, tmp_path))
+    conn = TransformersConnector(model, client)
+    conn.prefill(ids)
+    client.flush()
+    plan, got = hit_logits(conn, ids)
+    assert plan.cached_tokens == (16,)
+    assert (got - last_logits(model, ids)).abs().max().item() <= TOL
+    client.close()
+
+
+def test_models_that_drop_tokens_are_refused(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    model = MistralForCausalLM(cfg)
+    with pytest.raises(UnsupportedModelError, match="sliding_attention"):
+        check_full_kv(model)
+    with pytest.raises(UnsupportedModelError):
+        TransformersConnector(model, make_store(tiny_model(), None))
+    check_full_kv(tiny_model())
