@@ -14,10 +14,27 @@ Protocol (called by a tier under the tier's lock):
     remove(key)                         a chunk left for another reason (delete, corruption)
     evict(can_evict) -> key | None      choose, forget and return a victim; `can_evict`
                                         says whether a key may go (a pinned chunk may not)
+    begin_request(now)                  optional (default no-op): a request starts at `now`
+                                        seconds; the trace simulator calls it, tiers need not
+
+Policies (the registry POLICIES, `make_policy(name)`):
+    lru     least recently used
+    fifo    first in, first out; hits do not reorder
+    arc     Adaptive Replacement Cache: recency and frequency lists sized by ghost hits
+    s3fifo  S3-FIFO: a small probation FIFO, a main CLOCK, a ghost of keys evicted unused
+    lrfu    least recently/frequently used: exponentially decayed access counts, a ghost of
+            evicted scores, optional depth weighting, and optionally no admission of a chunk
+            whose parent is not cached (a prefix lookup could never reach it)
+The last four keep their order in leaf queues (a heap that holds only leaves), O(log n)
+amortized per operation; ARC and S3-FIFO learn the tier's capacity as the largest resident
+count at an eviction (a tier evicts only when full). Measured on a production trace by
+kvtier.bench.trace (`kvtier bench trace`).
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -46,7 +63,14 @@ class EvictionPolicy(ABC):
         parent = self._parent.pop(key, None)
         self._children.pop(key, None)
         if parent is not None and parent in self._children:
-            self._children[parent] -= 1
+            left = self._children[parent] - 1
+            self._children[parent] = left
+            if left == 0:
+                self._became_leaf(parent)
+
+    def _became_leaf(self, key: Key) -> None:
+        """Hook: `key` just lost its last cached child (policies with leaf indexes re-file it)."""
+        return None
 
     def is_leaf(self, key: Key) -> bool:
         return self._children.get(key, 0) == 0
@@ -78,7 +102,7 @@ class EvictionPolicy(ABC):
     def evict(self, can_evict: Callable[[Key], bool]) -> Key | None: ...
 
 
-def _pick_from_order(order: "OrderedDict[Key, None]", policy: EvictionPolicy,
+def _pick_from_order(order: OrderedDict[Key, None], policy: EvictionPolicy,
                      can_evict: Callable[[Key], bool]) -> Key | None:
     """Oldest evictable leaf in `order`, else the oldest evictable chunk at all."""
     fallback = None
@@ -91,36 +115,205 @@ def _pick_from_order(order: "OrderedDict[Key, None]", policy: EvictionPolicy,
     return fallback
 
 
-class LRUPolicy(EvictionPolicy):
-    """Least recently used, among leaves first; hits touch tail-first."""
+# -- leaf-ordered queues for the policies below ---------------------------------------------------
+
+
+class _LeafQueue:
+    """Keys with a priority; `pop` returns the lowest-priority evictable *leaf* of its policy.
+
+    A binary heap with lazy deletion: every priority change pushes a fresh entry (stale ones are
+    skipped when they surface), and a key is (re)pushed when it becomes a leaf, so a non-leaf is
+    never scanned over more than once. O(log n) per operation, amortized, where _pick_from_order
+    on a first-in-first-out order can scan every cached parent on each eviction.
+    """
+
+    __slots__ = ("_heap", "_entry", "_seq", "_policy", "last_priority")
+
+    def __init__(self, policy: EvictionPolicy) -> None:
+        self._heap: list[tuple[float, int, Key]] = []
+        self._entry: dict[Key, tuple[float, int]] = {}  # key -> (priority, seq of its live entry)
+        self._seq = 0
+        self._policy = policy
+        self.last_priority = 0.0  # priority of the key `pop` or `pop_any` returned last
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entry
+
+    def __len__(self) -> int:
+        return len(self._entry)
+
+    def priority(self, key: Key) -> float:
+        return self._entry[key][0]
+
+    def set(self, key: Key, priority: float) -> None:
+        """Add `key` or change its priority (lower goes first)."""
+        self._seq += 1
+        self._entry[key] = (priority, self._seq)
+        if self._policy.is_leaf(key):
+            heapq.heappush(self._heap, (priority, self._seq, key))
+            if len(self._heap) > 2 * len(self._entry) + 1024:
+                self._compact()
+
+    def became_leaf(self, key: Key) -> None:
+        entry = self._entry.get(key)
+        if entry is not None:
+            heapq.heappush(self._heap, (entry[0], entry[1], key))
+
+    def discard(self, key: Key) -> bool:
+        return self._entry.pop(key, None) is not None
+
+    def pop(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        """Remove and return the lowest-priority evictable leaf, or None if there is none."""
+        heap, entries, is_leaf = self._heap, self._entry, self._policy.is_leaf
+        kept: list[tuple[float, int, Key]] = []
+        found = None
+        while heap:
+            item = heap[0]
+            entry = entries.get(item[2])
+            if entry is None or entry[1] != item[1] or not is_leaf(item[2]):
+                heapq.heappop(heap)  # stale, or no longer a leaf (re-pushed when it is one again)
+                continue
+            heapq.heappop(heap)
+            if can_evict(item[2]):
+                found = item[2]
+                break
+            kept.append(item)  # pinned: keep it for later
+        for item in kept:
+            heapq.heappush(heap, item)
+        if found is not None:
+            self.last_priority = entries.pop(found)[0]
+        return found
+
+    def pop_any(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        """Lowest-priority evictable key, leaf or not: the rare fallback when no leaf may go. O(n)."""
+        best = None
+        for key, (priority, _) in self._entry.items():
+            if (best is None or priority < best[0]) and can_evict(key):
+                best = (priority, key)
+        if best is None:
+            return None
+        del self._entry[best[1]]
+        self.last_priority = best[0]
+        return best[1]
+
+    def _compact(self) -> None:
+        is_leaf = self._policy.is_leaf
+        self._heap = [(p, s, k) for k, (p, s) in self._entry.items() if is_leaf(k)]
+        heapq.heapify(self._heap)
+
+
+class _ChainClock:
+    """Recency stamps that keep a chain's tail older than its head.
+
+    Chunks inserted or touched together (one request's chain) share a tick, and a deeper chunk
+    gets a lower stamp within the tick, so "oldest first" meets tails before heads.
+    """
+
+    __slots__ = ("tick", "_last")
+
+    def __init__(self) -> None:
+        self.tick = 0
+        self._last: Key | None = None
+
+    def on_insert(self, key: Key, parent: Key | None, depth: int) -> float:
+        if parent is None or parent != self._last:
+            self.tick += 1
+        self._last = key
+        return self.tick * _DEPTH_SPAN - min(depth, _DEPTH_SPAN - 1)
+
+    def on_touch(self, last: Key) -> int:
+        self.tick += 1
+        self._last = last
+        return self.tick
+
+    @staticmethod
+    def stamp(tick: int, depth: int) -> float:
+        return tick * _DEPTH_SPAN - min(depth, _DEPTH_SPAN - 1)
+
+
+_DEPTH_SPAN = 1 << 20
+
+
+class _QueuedPolicy(EvictionPolicy):
+    """Shared plumbing: depths, a chain clock, and leaf queues told when a key becomes a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._depth: dict[Key, int] = {}
+        self._clock = _ChainClock()
+        self._queues: tuple[_LeafQueue, ...] = ()
+        self._capacity = 0  # largest resident count seen at an eviction: the tier's size
+
+    def _became_leaf(self, key: Key) -> None:
+        for queue in self._queues:
+            if key in queue:
+                queue.became_leaf(key)
+                return
+
+    def _queue_of(self, key: Key) -> _LeafQueue | None:
+        for queue in self._queues:
+            if key in queue:
+                return queue
+        return None
+
+    def _forget(self, key: Key) -> None:
+        self._unlink(key)
+        self._depth.pop(key, None)
+
+    def remove(self, key: Key) -> None:
+        queue = self._queue_of(key)
+        if queue is not None:
+            queue.discard(key)
+            self._forget(key)
+
+    def _observe_capacity(self) -> int:
+        if len(self) > self._capacity:
+            self._capacity = len(self)
+        return self._capacity
+
+    def _fallback(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        for queue in self._queues:
+            victim = queue.pop_any(can_evict)
+            if victim is not None:
+                return victim
+        return None
+
+
+class LRUPolicy(_QueuedPolicy):
+    """Least recently used, among leaves first; hits touch tail-first.
+
+    The oldest evictable leaf by last use, else the oldest evictable chunk: the order
+    _pick_from_order gives on a recency list, kept in a leaf queue because parents that stop
+    being hit (their children are) pile up at the old end and would be scanned every time.
+    """
 
     name = "lru"
 
     def __init__(self) -> None:
         super().__init__()
-        self._order: OrderedDict[Key, None] = OrderedDict()
+        self._order = _LeafQueue(self)
+        self._queues = (self._order,)
+        self._used = 0
 
     def insert(self, key: Key, parent: Key | None, depth: int) -> None:
-        if key in self._order:
-            self._order.move_to_end(key)
-            return
-        self._link(key, parent)
-        self._order[key] = None
+        self._used += 1
+        if key not in self._order:
+            self._link(key, parent)
+        self._order.set(key, self._used)
 
     def touch(self, keys: Sequence[Key]) -> None:
         order = self._order
         for key in reversed(keys):
             if key in order:
-                order.move_to_end(key)
-
-    def remove(self, key: Key) -> None:
-        if self._order.pop(key, 0) is None:
-            self._unlink(key)
+                self._used += 1
+                order.set(key, self._used)
 
     def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
-        victim = _pick_from_order(self._order, self, can_evict)
+        victim = self._order.pop(can_evict)
+        if victim is None:
+            victim = self._order.pop_any(can_evict)
         if victim is not None:
-            self.remove(victim)
+            self._forget(victim)
         return victim
 
 
@@ -133,6 +326,270 @@ class FIFOPolicy(LRUPolicy):
         return None
 
 
+class ARCPolicy(_QueuedPolicy):
+    """Adaptive Replacement Cache (Megiddo and Modha, FAST'03), leaves first.
+
+    T1 holds chunks seen once recently, T2 chunks seen at least twice; B1 and B2 remember keys
+    evicted from each. A hit in B1 grows T1's target share p, a hit in B2 shrinks it. The
+    capacity c is learned as the largest resident count at an eviction (the tier evicts only
+    when full). The chunk about to come in is known from `admit`, which a tier calls first.
+    """
+
+    name = "arc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._t1 = _LeafQueue(self)
+        self._t2 = _LeafQueue(self)
+        self._queues = (self._t1, self._t2)
+        self._b1: OrderedDict[Key, None] = OrderedDict()
+        self._b2: OrderedDict[Key, None] = OrderedDict()
+        self._p = 0.0
+        self._incoming: Key | None = None
+
+    def admit(self, key: Key, parent: Key | None, depth: int) -> bool:
+        self._incoming = key
+        c = max(self._capacity, len(self), 1)
+        if key in self._b1:
+            self._p = min(float(c), self._p + max(len(self._b2) / len(self._b1), 1.0))
+        elif key in self._b2:
+            self._p = max(0.0, self._p - max(len(self._b1) / len(self._b2), 1.0))
+        return True
+
+    def insert(self, key: Key, parent: Key | None, depth: int) -> None:
+        stamp = self._clock.on_insert(key, parent, depth)
+        queue = self._queue_of(key)
+        if queue is not None:  # re-inserted while cached: counts as a hit
+            queue.discard(key)
+            self._t2.set(key, stamp)
+            return
+        self._link(key, parent)
+        self._depth[key] = depth
+        if self._b1.pop(key, 0) is None or self._b2.pop(key, 0) is None:
+            self._t2.set(key, stamp)
+        else:
+            self._t1.set(key, stamp)
+        self._incoming = None
+        self._trim_ghosts()
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        if not keys:
+            return
+        tick = self._clock.on_touch(keys[-1])
+        t1, t2, depth = self._t1, self._t2, self._depth
+        for key in keys:
+            if t1.discard(key) or key in t2:
+                t2.set(key, _ChainClock.stamp(tick, depth[key]))
+
+    def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        self._observe_capacity()
+        n1 = len(self._t1)
+        from_t1 = n1 > 0 and (n1 > self._p or (self._incoming in self._b2 and n1 >= self._p))
+        first, second = (self._t1, self._t2) if from_t1 else (self._t2, self._t1)
+        victim = first.pop(can_evict)
+        queue = first
+        if victim is None:
+            victim, queue = second.pop(can_evict), second
+        if victim is None:
+            victim = self._fallback(can_evict)
+            queue = self._t1 if victim is not None and victim not in self._t2 else self._t2
+        if victim is None:
+            return None
+        (self._b1 if queue is self._t1 else self._b2)[victim] = None
+        self._forget(victim)
+        self._trim_ghosts()
+        return victim
+
+    def _trim_ghosts(self) -> None:
+        c = max(self._capacity, len(self), 1)
+        b1, b2 = self._b1, self._b2
+        while b1 and len(self._t1) + len(b1) > c:
+            b1.popitem(last=False)
+        while b2 and len(self) + len(b1) + len(b2) > 2 * c:
+            b2.popitem(last=False)
+
+
+class S3FIFOPolicy(_QueuedPolicy):
+    """S3-FIFO (Yang et al., SOSP'23), leaves first.
+
+    New chunks enter a small FIFO S (10% of the capacity); one leaving S that was hit while
+    there moves to the main FIFO M, otherwise it is evicted and its key kept in a ghost FIFO G.
+    A chunk whose key is in G enters M directly. M is a CLOCK: a chunk at M's head with a
+    non-zero hit count (capped at 3) goes back to M's tail with the count lowered by one.
+    """
+
+    name = "s3fifo"
+    small_fraction = 0.1
+    max_freq = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._small = _LeafQueue(self)
+        self._main = _LeafQueue(self)
+        self._queues = (self._small, self._main)
+        self._freq: dict[Key, int] = {}
+        self._ghost: OrderedDict[Key, None] = OrderedDict()
+
+    def insert(self, key: Key, parent: Key | None, depth: int) -> None:
+        stamp = self._clock.on_insert(key, parent, depth)
+        if key in self._freq:
+            self._bump(key)
+            return
+        self._link(key, parent)
+        self._depth[key] = depth
+        self._freq[key] = 0
+        if self._ghost.pop(key, 0) is None:
+            self._main.set(key, stamp)
+        else:
+            self._small.set(key, stamp)
+
+    def _bump(self, key: Key) -> None:
+        freq = self._freq
+        if freq[key] < self.max_freq:
+            freq[key] += 1
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        freq = self._freq
+        for key in keys:
+            if key in freq:
+                self._bump(key)
+
+    def _forget(self, key: Key) -> None:
+        super()._forget(key)
+        self._freq.pop(key, None)
+
+    def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        capacity = self._observe_capacity()
+        small, main, freq, depth = self._small, self._main, self._freq, self._depth
+        # each chunk moves from S to M once and loses one hit count per pass through M, so
+        # this loop ends within (S moves + 3 x M) rounds
+        for _ in range(len(small) + (self.max_freq + 1) * len(main) + 1):
+            if small and (len(small) >= self.small_fraction * capacity or not main):
+                key = small.pop(can_evict)
+                if key is not None:
+                    if freq[key] > 0:
+                        freq[key] = 0
+                        main.set(key, _ChainClock.stamp(self._clock.tick, depth[key]))
+                        continue
+                    self._ghost[key] = None
+                    while len(self._ghost) > max(capacity, 1):
+                        self._ghost.popitem(last=False)
+                    self._forget(key)
+                    return key
+            key = main.pop(can_evict)
+            if key is None:
+                key = small.pop(can_evict)
+                if key is None:
+                    break
+            if freq[key] > 0:
+                freq[key] -= 1
+                main.set(key, _ChainClock.stamp(self._clock.tick, depth[key]))
+                continue
+            self._forget(key)
+            return key
+        victim = self._fallback(can_evict)
+        if victim is not None:
+            self._forget(victim)
+        return victim
+
+
+def _log2_add(a: float, b: float) -> float:
+    """log2(2**a + 2**b) without overflow."""
+    if a < b:
+        a, b = b, a
+    return a + math.log2(1.0 + 2.0 ** (b - a))
+
+
+class LRFUPolicy(_QueuedPolicy):
+    """Least recently/frequently used with a ghost history, leaves first.
+
+    Each access adds a weight that halves every `half_life` cache turnovers (a turnover is as
+    many inserts as the cache holds), and the chunk with the least total weight goes first
+    (LRFU, Lee et al. 1999; the score is kept as log2 of the weights so it never overflows
+    and stays fixed between accesses). Recent and repeated use both protect a chunk.
+    An evicted chunk's score is kept in a ghost list (`ghost_factor` x capacity keys) and
+    restored if the chunk comes back, so a chunk reused at a distance longer than the cache's
+    reach still earns its frequency. A chunk's accesses include all of its children's, so a
+    parent seldom scores below its child (and the leaf queue never takes it first anyway);
+    `depth_weight` lowers a chunk's score by that much per level, so tails go before heads;
+    `require_parent` refuses a chunk whose parent is not cached.
+    """
+
+    name = "lrfu"
+
+    def __init__(self, *, half_life: float = 2.0, ghost_factor: float = 4.0, depth_weight: float = 0.0,
+                 require_parent: bool = False) -> None:
+        super().__init__()
+        self.require_parent = require_parent
+        self.half_life = half_life
+        self.ghost_factor = ghost_factor
+        self.depth_weight = depth_weight
+        self._score: dict[Key, float] = {}
+        self._queue = _LeafQueue(self)
+        self._queues = (self._queue,)
+        self._ghost: OrderedDict[Key, float] = OrderedDict()
+        self._inserts = 0
+        self._now = 0.0
+        self._last: Key | None = None
+
+    def admit(self, key: Key, parent: Key | None, depth: int) -> bool:
+        # a chunk whose parent is not cached cannot be found by a prefix lookup; refusing it
+        # suits a lone tier, not a disk fed by demotion (a DRAM tier demotes tails first)
+        return not self.require_parent or depth == 0 or parent in self
+
+    def _advance(self) -> float:
+        c = max(self._capacity, len(self), 1)
+        self._now = self._inserts / (c * self.half_life)
+        return self._now
+
+    def insert(self, key: Key, parent: Key | None, depth: int) -> None:
+        now = self._advance() if parent is None or parent != self._last else self._now
+        self._last = key
+        self._inserts += 1
+        queue = self._queue
+        if key in queue:
+            self._access(key, now)
+            return
+        self._link(key, parent)
+        self._depth[key] = depth
+        past = self._ghost.pop(key, None)
+        self._score[key] = score = now if past is None else _log2_add(past, now)
+        queue.set(key, score - self.depth_weight * depth)
+
+    def _forget(self, key: Key) -> None:
+        super()._forget(key)
+        self._score.pop(key, None)
+
+    def _access(self, key: Key, now: float) -> None:
+        self._score[key] = score = _log2_add(self._score[key], now)
+        self._queue.set(key, score - self.depth_weight * self._depth[key])
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        if not keys:
+            return
+        now = self._advance()
+        self._last = keys[-1]
+        queue = self._queue
+        for key in reversed(keys):
+            if key in queue:
+                self._access(key, now)
+
+    def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        capacity = self._observe_capacity()
+        queue = self._queue
+        victim = queue.pop(can_evict)
+        if victim is None:
+            victim = queue.pop_any(can_evict)
+        if victim is None:
+            return None
+        ghost = self._ghost
+        ghost[victim] = self._score[victim]
+        while len(ghost) > self.ghost_factor * capacity:
+            ghost.popitem(last=False)
+        self._forget(victim)
+        return victim
+
+
 POLICIES: dict[str, type[EvictionPolicy]] = {}
 
 
@@ -141,7 +598,7 @@ def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
     return cls
 
 
-for _cls in (LRUPolicy, FIFOPolicy):
+for _cls in (LRUPolicy, FIFOPolicy, ARCPolicy, S3FIFOPolicy, LRFUPolicy):
     register_policy(_cls)
 
 

@@ -1,0 +1,176 @@
+"""Trace simulator: loader errors, the prefix rule, the offline reference as an upper bound."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from kvtier.bench.trace import (
+    TraceFormatError,
+    TraceRequest,
+    block_tokens,
+    distinct_chunks,
+    hash_key,
+    load_trace,
+    replay_metadata_path,
+    run_trace_bench,
+    simulate_belady,
+    simulate_tier,
+    simulate_two_tier,
+)
+from kvtier.tiers.policies import POLICIES, make_policy
+
+
+def req(*ids: int, ts: float = 0.0, length: int | None = None) -> TraceRequest:
+    return TraceRequest(ts, length if length is not None else 512 * len(ids), 1, tuple(ids))
+
+
+def random_trace(seed: int, n: int = 300) -> list[TraceRequest]:
+    """Conversations and shared documents: each request extends a prefix of an earlier one."""
+    rng = random.Random(seed)
+    requests: list[TraceRequest] = []
+    next_id = 1
+    for i in range(n):
+        if requests and rng.random() < 0.7:
+            base = rng.choice(requests[-40:] if rng.random() < 0.8 else requests).hash_ids
+            prefix = list(base[: rng.randint(1, len(base))])
+        else:
+            prefix = [0] if rng.random() < 0.5 else []
+        new = list(range(next_id, next_id + rng.randint(1, 5)))
+        next_id += len(new)
+        ids = prefix + new
+        requests.append(TraceRequest(float(i), 512 * len(ids) - rng.randrange(512), 0, tuple(ids)))
+    return requests
+
+
+def write_lines(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+GOOD = '{"timestamp": 0, "input_length": 700, "output_length": 5, "hash_ids": [0, 1]}'
+
+
+def test_loader_reads_requests(tmp_path: Path) -> None:
+    path = write_lines(tmp_path, [GOOD, "", '{"timestamp": 12, "input_length": 512, "hash_ids": [0]}'])
+    requests = load_trace(path)
+    assert requests == [TraceRequest(0.0, 700, 5, (0, 1)), TraceRequest(12.0, 512, 0, (0,))]
+    assert load_trace(path, max_requests=1) == requests[:1]
+    assert requests[0].keys == [b"\0" * 8, b"\0" * 7 + b"\1"]
+    assert hash_key(258) == b"\0" * 6 + b"\1\2"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"timestamp": 0, "input_length": 10}', "missing field 'hash_ids'"),
+        ('{"timestamp": -1, "input_length": 10, "hash_ids": [1]}', "'timestamp'"),
+        ('{"timestamp": 0, "input_length": "10", "hash_ids": [1]}', "'input_length'"),
+        ('{"timestamp": 0, "input_length": 10, "hash_ids": [1, "2"]}', "'hash_ids'"),
+        ('{"timestamp": 0, "input_length": 10, "hash_ids": [1, 1]}', "repeats"),
+        ('{"timestamp": 0, "input_length": 2000, "hash_ids": [1, 2]}', "do not match input_length 2000"),
+        ('{"timestamp": 0, "input_length": 100, "hash_ids": [1, 2]}', "do not match input_length 100"),
+    ],
+)
+def test_loader_rejects_bad_lines(tmp_path: Path, line: str, message: str) -> None:
+    path = write_lines(tmp_path, [GOOD, line])
+    with pytest.raises(TraceFormatError, match=message) as info:
+        load_trace(path)
+    assert f"{path}:2:" in str(info.value)
+
+
+def test_block_tokens_last_block_partial() -> None:
+    assert [block_tokens(1100, i) for i in range(3)] == [512, 512, 76]
+
+
+def test_no_hit_after_a_miss_within_a_request() -> None:
+    # key 2 is resident when request 2 asks for it, but its parent there (3) is not
+    requests = [req(1, 2), req(3, 2), req(1, 2)]
+    for name in POLICIES:
+        counts = simulate_tier(requests, make_policy(name), 10)
+        assert counts.block_hits == [0, 2], name
+    assert simulate_belady(requests, 10).block_hits == [0, 2]
+
+
+def test_hit_ratios_by_chunk_and_token() -> None:
+    requests = [req(1, 2, length=700), req(1, 2, 3, length=1100)]
+    counts = simulate_tier(requests, make_policy("lru"), 10)
+    assert counts.block_hits == [0, 2] and counts.blocks == [2, 3]
+    assert counts.token_hits == [0, 1024] and counts.tokens == [700, 1100]
+    assert counts.block_ratio() == pytest.approx(2 / 5)
+    assert counts.token_ratio(1) == pytest.approx(1024 / 1100)
+
+
+def test_belady_bypasses_and_keeps_the_soonest() -> None:
+    # capacity 1: the chunk reused next stays, the one reused later is not admitted
+    requests = [req(1), req(2), req(1), req(2), req(1)]
+    assert simulate_belady(requests, 1).block_hits == [0, 2]
+    assert simulate_tier(requests, make_policy("lru"), 1).block_hits == [0, 0]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_reference_is_never_beaten(seed: int) -> None:
+    requests = random_trace(seed)
+    distinct = distinct_chunks(requests)
+    for capacity in (2, 5, distinct // 20, distinct // 5, distinct):
+        best = simulate_belady(requests, capacity)
+        for name in POLICIES:
+            counts = simulate_tier(requests, make_policy(name), capacity)
+            assert sum(counts.block_hits) <= sum(best.block_hits), (name, capacity)
+        both = simulate_two_tier(requests, make_policy("lru"), make_policy("lru"), capacity, 1)
+        assert sum(both.combined.block_hits) <= sum(simulate_belady(requests, 2 * capacity).block_hits)
+    # with room for everything, the reference hits every chunk seen before (in prefix order)
+    infinite = simulate_belady(requests, distinct)
+    assert infinite.block_hits == simulate_tier(requests, make_policy("lru"), distinct).block_hits
+
+
+@pytest.mark.parametrize("name", ["lru", "lrfu"])
+def test_two_tier_disk_hits_count_and_promote(name: str) -> None:
+    requests = [req(1), req(2), req(3), req(1), req(1)]
+    both = simulate_two_tier(requests, make_policy(name), make_policy(name), 1, 4)
+    assert both.combined.block_hits == [0, 2]  # 1 from disk, then again from DRAM
+    assert both.dram.block_hits == [0, 1]
+
+
+def test_two_tier_disk_takes_chains_demoted_tail_first() -> None:
+    # DRAM evicts 2 before 1; the disk must still end up with the whole chain
+    requests = [req(1, 2), req(3, 4), req(1, 2)]
+    for name in POLICIES:
+        both = simulate_two_tier(requests, make_policy(name), make_policy(name), 2, 4)
+        assert both.combined.block_hits == [0, 2], name
+
+
+def test_metadata_path_matches_the_simulator() -> None:
+    requests = random_trace(5, n=150)
+    for name in ("lru", "lrfu"):
+        meta = replay_metadata_path(requests, name, 40)
+        counts = simulate_tier(requests, make_policy(name), 40)
+        assert meta["block_hit_ratio"] == pytest.approx(counts.block_ratio())
+        assert meta["chunk_lookups"] > 0 and meta["inserts"] > 0
+
+
+def test_run_trace_bench_writes_json(tmp_path: Path) -> None:
+    requests = random_trace(6, n=200)
+    path = write_lines(tmp_path, [json.dumps({"timestamp": r.timestamp_ms, "input_length": r.input_length,
+                                              "output_length": 1, "hash_ids": list(r.hash_ids)})
+                                  for r in requests])
+    out = tmp_path / "out.json"
+    result = run_trace_bench(path, out, capacities_pct=(5, 20, 100), quiet=True)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["default"] == result["default"] in result["policies"]
+    assert on_disk["capacities"] == result["capacities"] and len(result["capacities"]) == 3
+    assert "lru" in on_disk["policies"]
+    for row in on_disk["policies"].values():
+        for key in ("block_hit_ratio", "token_hit_ratio", "first_half_block_hit_ratio",
+                    "second_half_block_hit_ratio"):
+            assert len(row[key]) == 3
+        for hit, best in zip(row["block_hit_ratio"], on_disk["optimal"]["block_hit_ratio"]):
+            assert hit <= best + 1e-12
+    assert set(on_disk["metadata_path"]) >= {"lookups_per_s", "inserts_per_s"}
+    assert "lru" in on_disk["two_tier"]["policies"]

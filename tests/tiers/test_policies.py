@@ -1,0 +1,300 @@
+"""Eviction policies: exact eviction orders on hand-made sequences, leaves first, pinning."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from kvtier.core.errors import ConfigError
+from kvtier.tiers.policies import POLICIES, EvictionPolicy, LRFUPolicy, _pick_from_order, make_policy
+
+
+class MiniTier:
+    """Drives a policy the way MemoryTier does: admit -> evict while full -> insert."""
+
+    def __init__(self, policy: EvictionPolicy, capacity: int) -> None:
+        self.policy = policy
+        self.capacity = capacity
+        self.resident: set[bytes] = set()
+        self.pinned: set[bytes] = set()
+        self.evicted: list[bytes] = []
+
+    def can_evict(self, key: bytes) -> bool:
+        return key not in self.pinned
+
+    def put(self, key: bytes, parent: bytes | None = None, depth: int = 0) -> bool:
+        if key in self.resident:
+            self.policy.insert(key, parent, depth)
+            return True
+        if not self.policy.admit(key, parent, depth):
+            return False
+        if len(self.resident) >= self.capacity:
+            victim = self.policy.evict(self.can_evict)
+            if victim is None:
+                return False
+            self.resident.remove(victim)
+            self.evicted.append(victim)
+        self.resident.add(key)
+        self.policy.insert(key, parent, depth)
+        return True
+
+    def chain(self, *keys: bytes) -> None:
+        parent = None
+        for depth, key in enumerate(keys):
+            self.put(key, parent, depth)
+            parent = key
+
+    def touch(self, *keys: bytes) -> None:
+        self.policy.touch(keys)
+
+
+def test_registry_has_the_policies() -> None:
+    assert {"lru", "fifo", "arc", "s3fifo", "lrfu"} <= set(POLICIES)
+    for name in POLICIES:
+        assert make_policy(name).name == name
+    with pytest.raises(ConfigError, match="unknown"):
+        make_policy("nope")
+
+
+def test_lru_order_and_leaves_first() -> None:
+    tier = MiniTier(make_policy("lru"), 4)
+    tier.chain(b"a", b"b", b"c")
+    tier.put(b"x")
+    tier.touch(b"x")
+    for key in (b"p", b"q", b"r", b"s"):
+        tier.put(key)
+    # the chain is oldest: its tail goes first, never its head before its tail
+    assert tier.evicted == [b"c", b"b", b"a", b"x"]
+
+
+def test_lru_touch_is_tail_first() -> None:
+    tier = MiniTier(make_policy("lru"), 3)
+    tier.put(b"x")
+    tier.chain(b"a", b"b")
+    tier.touch(b"a", b"b")
+    tier.touch(b"x")
+    tier.put(b"p")
+    tier.put(b"q")
+    assert tier.evicted == [b"b", b"a"]
+
+
+def test_fifo_ignores_hits() -> None:
+    tier = MiniTier(make_policy("fifo"), 3)
+    tier.chain(b"a", b"b")
+    tier.put(b"x")
+    tier.touch(b"a", b"b")
+    for key in (b"p", b"q", b"r"):
+        tier.put(key)
+    assert tier.evicted == [b"b", b"a", b"x"]
+
+
+def test_fifo_reaches_a_parent_once_its_child_is_gone() -> None:
+    tier = MiniTier(make_policy("fifo"), 3)
+    tier.put(b"a")
+    tier.put(b"x")
+    tier.put(b"b", b"a", 1)  # a is now older than x but not a leaf
+    tier.put(b"p")
+    tier.put(b"q")
+    tier.put(b"r")
+    assert tier.evicted == [b"x", b"b", b"a"]
+
+
+def test_arc_order_follows_its_target() -> None:
+    tier = MiniTier(make_policy("arc"), 2)
+    tier.put(b"a")
+    tier.put(b"b")
+    tier.touch(b"a")  # a moves to T2
+    tier.put(b"c")  # p = 0: evict T1's LRU (b) to B1
+    tier.put(b"b")  # ghost hit in B1 raises p to 1: now T2's LRU (a) goes to B2; b enters T2
+    tier.put(b"a")  # ghost hit in B2 lowers p to 0: T1 (c) goes
+    assert tier.evicted == [b"b", b"a", b"c"]
+    assert tier.resident == {b"a", b"b"}
+
+
+def test_arc_scan_does_not_flush_frequent_chunks() -> None:
+    tier = MiniTier(make_policy("arc"), 4)
+    for key in (b"h1", b"h2"):
+        tier.put(key)
+        tier.touch(key)
+    for i in range(20):
+        tier.put(b"s%d" % i)
+    assert {b"h1", b"h2"} <= tier.resident
+
+
+def test_s3fifo_order() -> None:
+    tier = MiniTier(make_policy("s3fifo"), 3)
+    for key in (b"a", b"b", b"c"):
+        tier.put(key)
+    tier.touch(b"b")
+    tier.put(b"d")  # S's oldest, a, was never hit: evicted, remembered in the ghost
+    tier.put(b"e")  # b was hit: moves to M; c goes
+    tier.put(b"a")  # a is in the ghost: enters M directly; S's d goes
+    tier.put(b"f")  # S's e goes
+    assert tier.evicted == [b"a", b"c", b"d", b"e"]
+    assert tier.resident == {b"b", b"a", b"f"}
+
+
+def test_s3fifo_main_is_a_clock() -> None:
+    policy = make_policy("s3fifo")
+    tier = MiniTier(policy, 10)
+    for key in (b"m1", b"m2"):  # both reach M with a hit on the way
+        tier.put(key)
+    for i in range(8):
+        tier.put(b"s%d" % i)
+    tier.touch(b"m1")
+    tier.touch(b"m2")
+    for i in range(8):
+        tier.put(b"t%d" % i)
+    assert {b"m1", b"m2"} <= tier.resident
+
+
+def test_lrfu_frequency_protects_and_decays() -> None:
+    tier = MiniTier(make_policy("lrfu"), 2)
+    tier.put(b"a")
+    tier.touch(b"a")
+    tier.touch(b"a")
+    tier.put(b"b")
+    for key in (b"c", b"d", b"e"):
+        tier.put(key)
+    assert tier.evicted == [b"b", b"c", b"d"]
+    for i in range(8):  # without further hits, a's weight halves away
+        tier.put(b"n%d" % i)
+    assert b"a" in tier.evicted
+
+
+def test_lrfu_ghost_restores_history() -> None:
+    tier = MiniTier(LRFUPolicy(ghost_factor=4.0), 2)
+    tier.put(b"a")
+    tier.touch(b"a")
+    tier.touch(b"a")
+    tier.put(b"b")
+    tier.put(b"c")
+    tier.put(b"d")
+    tier.put(b"e")
+    assert tier.evicted == [b"b", b"c", b"d"]
+    tier.policy.remove(b"a")  # a leaves for another reason; it is then forgotten
+    tier.resident.discard(b"a")
+    assert b"a" not in tier.policy
+
+
+def test_lrfu_can_refuse_stranded_chunks() -> None:
+    assert LRFUPolicy().admit(b"b", b"a", 1)  # default: a disk fed tails-first must take it
+    policy = LRFUPolicy(require_parent=True)
+    assert policy.admit(b"a", None, 0)
+    assert not policy.admit(b"b", b"a", 1)  # its parent is not cached: it would be stranded
+    policy.insert(b"a", None, 0)
+    assert policy.admit(b"b", b"a", 1)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_pinned_chunks_are_skipped(name: str) -> None:
+    tier = MiniTier(make_policy(name), 3)
+    tier.chain(b"a", b"b", b"c")
+    tier.pinned = {b"c"}
+    tier.put(b"x")  # c, the only leaf, is pinned: a non-leaf goes, never c
+    assert tier.evicted and tier.evicted[0] != b"c"
+    assert b"c" in tier.resident
+    tier.pinned = {b"a", b"b", b"c", b"x"}
+    assert tier.policy.evict(tier.can_evict) is None
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_leaves_first_on_random_trees(name: str) -> None:
+    rng = random.Random(7)
+    policy = make_policy(name)
+    tier = MiniTier(policy, 12)
+    chains: list[list[bytes]] = []
+    parent_of: dict[bytes, bytes | None] = {}  # resident key -> its parent, if cached at insert
+    next_id = 0
+    for _ in range(400):
+        base = rng.choice(chains)[: rng.randint(1, 6)] if chains and rng.random() < 0.6 else []
+        chain = base + [b"k%d" % (next_id + i) for i in range(rng.randint(1, 4))]
+        next_id += 4
+        chains.append(chain)
+        n = 0
+        for key in chain:
+            if key not in tier.resident:
+                break
+            n += 1
+        tier.touch(*chain[:n])
+        parent = chain[n - 1] if n else None
+        for depth in range(n, len(chain)):
+            key = chain[depth]
+            if key not in tier.resident:
+                leaves = tier.resident - {p for p in parent_of.values() if p is not None}
+                before = len(tier.evicted)
+                if not tier.put(key, parent, depth):
+                    break
+                if len(tier.evicted) > before:
+                    victim = tier.evicted[-1]
+                    assert victim in leaves, f"{name} evicted {victim!r}, which had a cached child"
+                    del parent_of[victim]
+                parent_of[key] = parent if parent in tier.resident else None
+            parent = key
+        assert len(policy) == len(tier.resident)
+
+
+class ScanLRU(EvictionPolicy):
+    """The reference LRU: an ordered dict scanned by _pick_from_order."""
+
+    name = "scan-lru"
+
+    def __init__(self, reorder_on_touch: bool = True) -> None:
+        super().__init__()
+        self.order: OrderedDict[bytes, None] = OrderedDict()
+        self.reorder_on_touch = reorder_on_touch
+
+    def insert(self, key: bytes, parent: bytes | None, depth: int) -> None:
+        if key in self.order:
+            self.order.move_to_end(key)
+            return
+        self._link(key, parent)
+        self.order[key] = None
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        if self.reorder_on_touch:
+            for key in reversed(keys):
+                if key in self.order:
+                    self.order.move_to_end(key)
+
+    def remove(self, key: bytes) -> None:
+        if self.order.pop(key, 0) is None:
+            self._unlink(key)
+
+    def evict(self, can_evict: Callable[[bytes], bool]) -> bytes | None:
+        victim = _pick_from_order(self.order, self, can_evict)
+        if victim is not None:
+            self.remove(victim)
+        return victim
+
+
+@pytest.mark.parametrize(("name", "reorder"), [("lru", True), ("fifo", False)])
+def test_lru_and_fifo_match_the_scanning_reference(name: str, reorder: bool) -> None:
+    rng = random.Random(11)
+    fast, slow = MiniTier(make_policy(name), 9), MiniTier(ScanLRU(reorder), 9)
+    chains: list[list[bytes]] = []
+    for i in range(600):
+        base = rng.choice(chains)[: rng.randint(1, 5)] if chains and rng.random() < 0.7 else []
+        chain = base + [b"n%d.%d" % (i, j) for j in range(rng.randint(1, 3))]
+        chains.append(chain)
+        pinned = set(rng.sample(sorted(fast.resident), min(2, len(fast.resident))))
+        for tier in (fast, slow):
+            tier.pinned = pinned
+            n = 0
+            for key in chain:
+                if key not in tier.resident:
+                    break
+                n += 1
+            tier.touch(*chain[:n])
+            parent = chain[n - 1] if n else None
+            for depth in range(n, len(chain)):
+                tier.put(chain[depth], parent, depth)
+                parent = chain[depth]
+            if i % 50 == 7 and tier.resident:
+                victim = sorted(tier.resident)[0]
+                tier.policy.remove(victim)
+                tier.resident.discard(victim)
+        assert fast.evicted == slow.evicted
