@@ -20,17 +20,17 @@ def test_golden_digests_sha256():
     assert r.hex() == "12938098899181044fefbe04306c9a4ce3e90a0de2b201bc53549dd1fe4ebbf9"
     got = [k.hex() for k in keys.chunk_keys(r, list(range(40)), 16)]
     assert got == [
-        "4434dba9f34acf0772e1d5614c96fea0fc68db8721b0e46e425ca692dcda5a86",
-        "e2c78665da2dab4ec6883233f0400900ec329769764afae42ca692132026b1f0",
+        "b19e1f8e1f6f0bb95ff073ce58776795f1e12df4c44a708d9d090ca2ddf77ece",
+        "ec19df52bb8e4f86e110bb9be45956fb4803e505b1334a5a617517736e7bf8cd",
     ]
 
 
 @pytest.mark.parametrize(
     "mode,root_hex,first_hex",
     [
-        ("xxh3_128", "c78542c4fb1034e88e50ced6fae023dc", "0dfa399c570eaa301304bcc475a22f7b"),
+        ("xxh3_128", "c78542c4fb1034e88e50ced6fae023dc", "02c2c764f1416027b3ca995d0cee5069"),
         ("blake2b", "71f12115073e854f8f13dd5d0d4f97b8019ab3ec1b307700b8ce58341b69f1ae",
-         "e7aa885beb28a50e3d2036361fc1c1337b2e3cfe8b925fc243d214c98ae9f2eb"),
+         "fef71c5e01d054a7448af0b1a2ec8fc64a15f93fb2573da8fbb1a3d1b94df189"),
     ],
 )
 def test_golden_digests_other_modes(mode, root_hex, first_hex):
@@ -41,17 +41,19 @@ def test_golden_digests_other_modes(mode, root_hex, first_hex):
 
 def test_golden_with_extra_key():
     k = keys.chunk_keys(root(), list(range(16)), 16, extra_keys=[b"lora:x"])[0]
-    assert k.hex() == "575405ff72d28f7a29dd42e9f839ed4a3c69efac4c21198aa5f8dfa9e296e17a"
+    assert k.hex() == "5ef7fcd9ebefa18a16456016776e0213687b0c9796c7f9ceeb93bbaed8075fd4"
 
 
 def test_chunk_key_matches_spec():
-    """The documented framing, re-derived with hashlib: parent | u32 len | tokens LE u32 | extras frame."""
+    """The documented framing, re-derived with hashlib: parent | extras frame (u32 count, ...) | tokens LE u32."""
     r = root()
     toks = list(range(100, 116))
     tb = struct.pack("<16I", *toks)
-    expect = hashlib.sha256(r + struct.pack("<I", len(tb)) + tb + struct.pack("<I", 0)).digest()
+    expect = hashlib.sha256(r + struct.pack("<I", 0) + tb).digest()
     assert keys.chunk_keys(r, toks, 16)[0] == expect
     assert keys.chunk_key(keys.get_hash_mode("sha256"), r, tb) == expect
+    lora = hashlib.sha256(r + struct.pack("<II", 1, 6) + b"lora:x" + tb).digest()
+    assert keys.chunk_keys(r, toks, 16, extra_keys=[b"lora:x"])[0] == lora
 
 
 def test_keychain_extends_incrementally():
@@ -87,14 +89,14 @@ def test_namespace_separates_models_layouts_tenants_ranks_modes():
 
 
 def test_framing_tokens_cannot_spell_an_extra_key():
-    """A chunk whose tokens spell the bytes of an extra key frame gets a different key."""
+    """Tokens whose bytes spell an extra-key frame never give the key of a chunk with that extra key."""
     r = root()
     mode = keys.get_hash_mode("sha256")
-    extra = b"\x01\x00\x00\x00\x04\x00\x00\x00abcd"
     toks = list(range(16))
     with_extra = keys.chunk_key(mode, r, keys.tokens_to_bytes(toks), [b"abcd"])
-    # Tokens whose bytes end with what the extra frame would add:
-    spelled = keys.tokens_to_bytes(toks) + extra
+    # the bytes after the parent in the extra-key message, moved into the token part
+    spelled = (1).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"abcd" + keys.tokens_to_bytes(toks)
+    assert keys.chunk_key(mode, r, spelled[4:]) != with_extra
     assert keys.chunk_key(mode, r, spelled) != with_extra
     # and two chunks of 8 never equal one chunk of 16
     two = keys.chunk_keys(r, toks, 8)
@@ -119,7 +121,7 @@ def test_keys_equal_across_processes():
                        env={"PYTHONHASHSEED": str(seed)}).stdout.strip()
         for seed in (1, 2)
     }
-    assert outs == {"e2c78665da2dab4ec6883233f0400900ec329769764afae42ca692132026b1f0"}
+    assert outs == {"ec19df52bb8e4f86e110bb9be45956fb4803e505b1334a5a617517736e7bf8cd"}
 
 
 def test_bad_inputs():

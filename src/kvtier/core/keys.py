@@ -1,9 +1,11 @@
 """Content keys: a digest chained over the whole prefix of a token sequence.
 
-key(chunk i) = H(parent, tokens of chunk i, extra keys), where the parent of chunk 0
-is the namespace root: H(scheme version, model fingerprint, layout id, tensor-parallel
-rank, tenant salt, hash mode, namespace extras). Every variable-length field is
-length-prefixed, so no token sequence can spell an extra key or the next chunk.
+key(chunk i) = H(parent key || frame(extra keys) || tokens of chunk i), where the parent
+of chunk 0 is the namespace root: H(frame(scheme version, model fingerprint, layout id,
+tensor-parallel rank, tenant salt, hash mode, namespace extras)). The parent has the
+mode's fixed key length, the extras frame is count- and length-prefixed, and the tokens
+run to the end of the message, so the encoding is injective: no token sequence can spell
+an extra key or a different split into chunks.
 
 Tokens are framed as little-endian uint32; keys are deterministic across processes,
 machines and restarts (no PYTHONHASHSEED, no pickle).
@@ -24,7 +26,7 @@ import sys
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Any, NewType
 
 from kvtier.core.errors import ConfigError
 
@@ -50,18 +52,29 @@ def _xxh3_128(data: bytes) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
+def _new_blake2b(data: bytes) -> Any:
+    return hashlib.blake2b(data, digest_size=32)
+
+
+def _new_xxh3_128(data: bytes) -> Any:
+    import xxhash
+
+    return xxhash.xxh3_128(data)
+
+
 @dataclass(slots=True, frozen=True)
 class HashMode:
     name: str
     digest: Callable[[bytes], bytes]
+    new: Callable[[bytes], Any]  # a streaming hasher (update, digest) started with some bytes
     key_bytes: int
     collision_resistant: bool
 
 
 HASH_MODES: dict[str, HashMode] = {
-    "sha256": HashMode("sha256", _sha256, 32, True),
-    "blake2b": HashMode("blake2b", _blake2b, 32, True),
-    "xxh3_128": HashMode("xxh3_128", _xxh3_128, 16, False),
+    "sha256": HashMode("sha256", _sha256, hashlib.sha256, 32, True),
+    "blake2b": HashMode("blake2b", _blake2b, _new_blake2b, 32, True),
+    "xxh3_128": HashMode("xxh3_128", _xxh3_128, _new_xxh3_128, 16, False),
 }
 DEFAULT_HASH_MODE = "sha256"
 
@@ -84,8 +97,8 @@ def _frame(*fields: bytes) -> bytes:
     return b"".join(parts)
 
 
-def tokens_to_bytes(tokens: Sequence[int]) -> bytes:
-    """Little-endian uint32 framing of token ids; a clear error for ids out of range."""
+def _token_array(tokens: Sequence[int]) -> array:
+    """Token ids as a little-endian uint32 array; a clear error for ids out of range."""
     try:
         arr = array("I", tokens)
     except (OverflowError, TypeError):
@@ -97,7 +110,12 @@ def tokens_to_bytes(tokens: Sequence[int]) -> bytes:
         raise
     if _BIG_ENDIAN:  # pragma: no cover - the framing is little-endian everywhere
         arr.byteswap()
-    return arr.tobytes()
+    return arr
+
+
+def tokens_to_bytes(tokens: Sequence[int]) -> bytes:
+    """Little-endian uint32 framing of token ids (the bytes a chunk key hashes)."""
+    return _token_array(tokens).tobytes()
 
 
 @dataclass(slots=True, frozen=True)
@@ -144,10 +162,7 @@ def chunk_key(
     mode: HashMode, parent: bytes, token_bytes: bytes, extra_keys: Sequence[bytes] = ()
 ) -> ChunkKey:
     """Key of one chunk from its parent key, its tokens (as tokens_to_bytes) and extras."""
-    extras = _frame(*extra_keys) if extra_keys else b"\x00\x00\x00\x00"
-    return ChunkKey(
-        mode.digest(b"".join((parent, _U32.pack(len(token_bytes)), token_bytes, extras)))
-    )
+    return ChunkKey(mode.digest(parent + _frame(*extra_keys) + token_bytes))
 
 
 def chunk_keys(
@@ -189,24 +204,27 @@ class KeyChain:
         self.chunk_tokens = chunk_tokens
         self._extras = tuple(extra_keys)
         self.keys: list[ChunkKey] = []
-        self._pending = b""
+        self._pending: list[int] = []
         self.num_tokens = 0
 
     def extend(self, tokens: Sequence[int]) -> list[ChunkKey]:
-        data = self._pending + tokens_to_bytes(tokens)
-        self.num_tokens += len(tokens)
+        if self._pending:
+            tokens = self._pending + list(tokens)
+        self.num_tokens += len(tokens) - len(self._pending)
+        mv = memoryview(_token_array(tokens)).cast("B")
         step = 4 * self.chunk_tokens
-        full = len(data) - len(data) % step
+        full = len(mv) - len(mv) % step
         parent = self.keys[-1] if self.keys else self.root
-        digest = self._mode.digest
-        size = _U32.pack(step)
-        extras = _frame(*self._extras) if self._extras else b"\x00\x00\x00\x00"
+        new_hasher = self._mode.new
+        extras = _frame(*self._extras)
         new: list[ChunkKey] = []
-        trailer = extras
+        # two C calls a chunk and no copy of the token bytes: this loop is the scheduler's hot path
         for off in range(0, full, step):
-            parent = digest(parent + size + data[off : off + step] + trailer)
+            h = new_hasher(parent + extras)
+            h.update(mv[off : off + step])
+            parent = h.digest()
             new.append(ChunkKey(parent))
-        self._pending = data[full:]
+        self._pending = list(tokens[full // 4 :])
         self.keys.extend(new)
         return new
 
