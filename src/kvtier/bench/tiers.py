@@ -193,8 +193,17 @@ def run_tiers_bench(json_out: str | None, root: str | None = None, gib: float = 
     base = Path(root) if root else Path("results")
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="kvtier-bench-", dir=base))
+    from rich.progress import Progress
+
     try:
-        result = {"dram": bench_dram(n, runs), "disk": bench_disk(n, runs, tmp), "hash": bench_hash(runs)}
+        with Progress(transient=True) as progress:
+            task = progress.add_task("dram", total=3)
+            dram = bench_dram(n, runs)
+            progress.update(task, advance=1, description="disk (page cache dropped)")
+            disk = bench_disk(n, runs, tmp)
+            progress.update(task, advance=1, description="key hashing")
+            result = {"dram": dram, "disk": disk, "hash": bench_hash(runs)}
+            progress.update(task, advance=1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     d, k, h = result["dram"], result["disk"], result["hash"]
