@@ -4,15 +4,19 @@ Called by KVTierConnector's worker-role methods, in vLLM's step order:
 
     register(kv_caches, backend, num_blocks)   one layout adapter per layer (refuses what it cannot map)
     start_step(plan)                           this step's StepPlan from the scheduler
-    start_loads()                              submit every load, one store load per layer
-    wait_layer(name)                           block until that layer's loads are in the paged cache
+    start_loads()                              submit every load: one store load (all layers) per request
+    wait_layer(name)                           the first call waits for every load of the step
     save_layer(name)                           copy this layer of every chunk to save into the store's DRAM
     finish_step()                              wait for any load left, commit the saves (publish)
     take_failed_blocks()                       block ids whose load failed (vLLM recomputes them)
     shutdown()                                 flush disk writes, close
 
-Loads are layer by layer: start_loads submits layer 0 first, so the forward pass computes
-layer i while layer i+1 is still copying. A failed chunk (evicted after its lease
+Loads are batched: one load per request covers every layer, so the service pins each
+chunk once (load_begin), the client copies all its layer sections into vLLM's pages and
+unpins once (load_end), and the lease is released once. A load per layer cost two
+service round trips per layer, far more than the copies themselves; on a CPU backend
+the copies compete with the forward pass for the same cores, so overlapping them layer
+by layer gained nothing. A failed chunk (evicted after its lease
 expired, corrupt, store gone) reports its block; blocks of a load whose store call failed
 are all reported. Saves: write_layer copies each layer into the store's DRAM staging
 during the forward pass and finish_step commits, so every chunk is published only with
@@ -41,6 +45,13 @@ from kvtier.store.transfer import TransferHandle
 log = logging.getLogger("kvtier.connectors.vllm")
 
 STORE_ERRORS = (KVTierError, OSError)
+
+
+def _chain(fns: list[Callable[[], None]]) -> Callable[[], None]:
+    def run() -> None:
+        for f in fns:
+            f()
+    return run
 
 
 @dataclass(slots=True)
@@ -74,8 +85,7 @@ class WorkerSide:
         self.block_size = block_size
         self.adapters: dict[str, BlockAdapter] = {}
         self.plan = StepPlan()
-        self._loads: dict[str, list[_LayerLoad]] = {}
-        self._pending_layers: dict[str, int] = {}  # req_id -> layers of its load not yet finished
+        self._loads: dict[str, list[_LayerLoad]] = {}  # "*" -> this step's loads until the first wait
         self._saves: list[_Save] = []
         self._failed_blocks: set[int] = set()
         self.stats = WorkerStats()
@@ -101,29 +111,43 @@ class WorkerSide:
         self._failed_blocks.update(blocks)
 
     def start_loads(self) -> None:
+        """Submit this step's loads: one store load per request covering every layer.
+
+        One load_begin/load_end pair per request (not per layer): the service pins the
+        chunks once (disk hits were already promoted by the scheduler's lease), the
+        client copies every layer's section straight into vLLM's pages, and the lease is
+        released once. The first wait_layer waits for all of them; the rest are no-ops.
+        """
         if not self.plan.loads or self._loads:
             return
         client = self.link.client()
+        entries: list[_LayerLoad] = []
+        names = self.layer_names
         for spec in self.plan.loads:
-            self._pending_layers[spec.req_id] = len(self.layer_names)
-        for name in self.layer_names:
-            layer = self.layer_index[name]
-            adapter = self.adapters[name]
-            entries = []
-            for spec in self.plan.loads:
-                targets = [adapter.load_target(b) for b in spec.block_ids]
-                handle = None
-                if client is not None:
-                    try:
-                        handle = client.load(spec.keys, [[t] for t, _ in targets], [layer], spec.lease_id)
-                    except STORE_ERRORS as e:
-                        self.link.failed(e)
-                        client = None
-                entries.append(_LayerLoad(spec, handle, [f for _, f in targets]))
-            self._loads[name] = entries
+            dests: list[list[Any]] = []
+            finishers: list[Callable[[], None] | None] = []
+            for b in spec.block_ids:
+                row = []
+                fins = []
+                for name in names:
+                    target, finish = self.adapters[name].load_target(b)
+                    row.append(target)
+                    if finish is not None:
+                        fins.append(finish)
+                dests.append(row)
+                finishers.append(_chain(fins) if fins else None)
+            handle = None
+            if client is not None:
+                try:
+                    handle = client.load(spec.keys, dests, None, spec.lease_id)
+                except STORE_ERRORS as e:
+                    self.link.failed(e)
+                    client = None
+            entries.append(_LayerLoad(spec, handle, finishers))
+        self._loads = {"*": entries}
 
     def wait_layer(self, name: str) -> None:
-        entries = self._loads.pop(name, None)
+        entries = self._loads.pop("*", None)
         if not entries:
             return
         for entry in entries:
@@ -133,10 +157,9 @@ class WorkerSide:
                 try:
                     result = entry.handle.wait()
                     failed = list(result.failed)
-                    if name == self.layer_names[-1] or len(self.layer_names) == 1:
-                        for t in result.tiers:
-                            if t:
-                                self.stats.tiers[t] = self.stats.tiers.get(t, 0) + 1
+                    for t in result.tiers:
+                        if t:
+                            self.stats.tiers[t] = self.stats.tiers.get(t, 0) + 1
                 except STORE_ERRORS as e:
                     self.link.failed(e)
             if failed is None:
@@ -148,14 +171,9 @@ class WorkerSide:
                 for i, finish in enumerate(entry.finishers):
                     if finish is not None and i not in bad:
                         finish()
-            self._layer_done(spec)
+            self._load_done(spec)
 
-    def _layer_done(self, spec: LoadSpec) -> None:
-        left = self._pending_layers.get(spec.req_id, 1) - 1
-        if left > 0:
-            self._pending_layers[spec.req_id] = left
-            return
-        self._pending_layers.pop(spec.req_id, None)
+    def _load_done(self, spec: LoadSpec) -> None:
         failed = sum(1 for b in spec.block_ids if b in self._failed_blocks)
         self.stats.failed_chunks += failed
         self.stats.loaded_chunks += len(spec.block_ids) - failed
