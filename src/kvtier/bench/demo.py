@@ -158,7 +158,7 @@ def run_demo(model_path: str | None = None, cache_dir: str | None = None, turns:
                           f"{base_ttft[c][t] / ttft:.1f}x", "yes" if same else "no (near-tie)"])
     store.flush()
     hit = conn.metrics.get(m.HIT_TOKENS, connector="transformers")
-    seen = conn.metrics.get("kvtier_connector_prefill_tokens_total", connector="transformers")
+    seen = conn.metrics.get(m.PREFILL_TOKENS, connector="transformers")
     store.close()
 
     # After a restart: DRAM empty, the disk tier still holds every chunk.

@@ -25,6 +25,8 @@ HIT_TOKENS = "kvtier_connector_hit_tokens_total"
 LOAD_SECONDS = "kvtier_connector_load_seconds_total"
 SAVE_SECONDS = "kvtier_connector_save_seconds_total"
 LOAD_FAILURES = "kvtier_connector_load_failures_total"
+SAVE_FAILURES = "kvtier_connector_save_failures_total"
+PREFILL_TOKENS = "kvtier_connector_prefill_tokens_total"
 
 HELP = {
     HITS: "Chunks found in the tier.",
@@ -41,6 +43,8 @@ HELP = {
     LOAD_SECONDS: "Seconds spent loading KV into the engine.",
     SAVE_SECONDS: "Seconds spent saving KV from the engine.",
     LOAD_FAILURES: "Chunk loads that failed and were recomputed.",
+    SAVE_FAILURES: "Chunks a save could not store.",
+    PREFILL_TOKENS: "Prompt tokens the connector was asked to prefill.",
 }
 
 Labels = tuple[tuple[str, str], ...]

@@ -37,8 +37,8 @@ from kvtier.core.keys import KeyChain, Namespace
 log = logging.getLogger(__name__)
 
 CONNECTOR = "transformers"
-SAVE_FAILURES = "kvtier_connector_save_failures_total"  # chunks a save could not store
-PREFILL_TOKENS = "kvtier_connector_prefill_tokens_total"  # prompt tokens seen by prepare()
+SAVE_FAILURES = m.SAVE_FAILURES
+PREFILL_TOKENS = m.PREFILL_TOKENS
 MAX_ATTEMPTS = 4  # prepare + forward tries after load failures; the last one loads nothing
 
 
