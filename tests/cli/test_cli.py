@@ -51,7 +51,7 @@ def test_tiers_bench_hash_part_runs():
 
 
 def test_tiers_bench_dram_and_disk_small(tmp_path):
-    from kvtier.bench.tiers import bench_dram, bench_disk
+    from kvtier.bench.tiers import bench_disk, bench_dram
 
     d = bench_dram(n=8, runs=1)
     assert d["read_gbps"] > 0 and d["memcpy_gbps"] > 0 and d["layer_scatter_gbps"] > 0
