@@ -84,6 +84,17 @@ def _timed_loads(client: Any, keys: list[bytes], dest: np.ndarray, batch: int, r
     return times
 
 
+def _timed_copies(dest: np.ndarray, src: np.ndarray, runs: int) -> list[float]:
+    """Seconds per plain copy of `src` (filled first, so its pages exist) into `dest`."""
+    src.fill(1)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        np.copyto(dest, src)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks: int = 720, runs: int = 5,
                       load_batch: int = 120, lookup_batch: int = 720, lookup_seconds: float = 1.0,
                       layout: KVLayout = LAYOUT, chunk_tokens: int = CHUNK_TOKENS) -> dict[str, Any]:
@@ -135,26 +146,16 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
         local_times = _timed_loads(local, keys, dest, load_batch, runs)
         local_ok = _verify(dest, base, chunks)
         src = np.empty_like(dest)
-        src.fill(1)
-        memcpy_times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            np.copyto(dest, src)
-            memcpy_times.append(time.perf_counter() - t0)
+        memcpy_times = _timed_copies(dest, src, runs)
         del src
         # The machine's limit for reading shared memory: the same copy from a /dev/shm mapping in this
-        # process (shmem pages get no transparent huge pages here, private numpy arrays do).
+        # process (on this host it runs at well under half the speed of a private array).
         from multiprocessing import shared_memory
 
         shm = shared_memory.SharedMemory(create=True, size=dest.nbytes)
         try:
             shm_src = np.ndarray(dest.shape, dtype=np.uint8, buffer=shm.buf)
-            shm_src.fill(1)
-            shm_times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                np.copyto(dest, shm_src)
-                shm_times.append(time.perf_counter() - t0)
+            shm_times = _timed_copies(dest, shm_src, runs)
             del shm_src
         finally:
             shm.close()
