@@ -26,7 +26,7 @@ def random_kv(t: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(L, H, t, D, generator=g), torch.randn(L, H, t, D, generator=g)
 
 
-@pytest.mark.parametrize("policy", ["dense", "quest", "streaming", "mean", "hash", "oracle", "quest_mean"])
+@pytest.mark.parametrize("policy", ["dense", "quest", "streaming", "mean", "hash", "oracle", "quest_mean", "quest_share"])
 def test_budget_larger_than_context_is_dense(policy: str) -> None:
     store = make_store()
     kv = SparseKV(store, config(policy, budget=64), salt=policy.encode())
@@ -65,7 +65,7 @@ def test_sparse_attention_is_exact_over_what_it_selected() -> None:
         assert torch.allclose(out[h], ref[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["quest", "streaming", "mean", "hash", "oracle", "quest_mean"])
+@pytest.mark.parametrize("policy", ["quest", "streaming", "mean", "hash", "oracle", "quest_mean", "quest_share"])
 def test_sinks_window_present_and_bytes_within_budget(policy: str) -> None:
     cfg = config(policy, budget=24, sinks=4, window=8)  # 5 slots: 1 sink, 2 window, 2 picks; + tail
     store = make_store()

@@ -38,7 +38,7 @@ def top(policy: str, q: torch.Tensor, keys: torch.Tensor, lo: int, hi: int, k: i
     return sorted((torch.topk(pri, k, dim=1).indices[0] + lo).tolist())
 
 
-@pytest.mark.parametrize("policy", ["quest", "mean", "hash", "quest_mean", "oracle"])
+@pytest.mark.parametrize("policy", ["quest", "mean", "hash", "quest_mean", "quest_share", "oracle"])
 def test_scoring_policies_find_the_aligned_block(policy: str) -> None:
     keys = one_hot_blocks()
     q = torch.tensor([[[0.0, 0.0, 0.0, 3.0]]])  # points along channel 3: block 3
@@ -92,8 +92,28 @@ def test_gqa_group_heads_each_get_their_block() -> None:
     """Two query heads share one KV head and look for different blocks: both are kept."""
     keys = one_hot_blocks()
     q = torch.tensor([[[0.0, 0.0, 0.0, 3.0], [3.0, 0.0, 0.0, 0.0]]])  # block 3 and block 0 (channel 0)
-    for policy in ("quest", "mean", "oracle"):
+    for policy in ("quest", "mean", "quest_share", "oracle"):
         assert top(policy, q, keys, 0, 5, 2) == [0, 3], policy
+
+
+def test_quest_share_discounts_a_head_served_by_the_kept_blocks() -> None:
+    """Head A attends almost only to the sink (block 0) and mildly prefers candidate 2; head B has
+    nothing outside the candidates and wants block 3. Quest normalizes each head over the
+    candidates only, so A's mild preference outvotes B; quest_share sees that block 2 would carry
+    ~0.2% of A's attention against ~40% of B's for block 3."""
+    k = torch.zeros(1, 5 * B, D)
+    k[0, 0:B, 0] = 5.0  # sink
+    k[0, B : 2 * B, 1] = 1.0
+    k[0, 2 * B : 3 * B, 2] = 1.0
+    k[0, 3 * B : 4 * B, 3] = 1.0  # block 4 (the window) stays zero
+    q = torch.tensor([[[3.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 2.0]]])  # [1 KV head, 2 query heads, D]
+    assert top("quest", q, k, 1, 4, 1) == [2]
+    assert top("quest_share", q, k, 1, 4, 1) == [3]
+    t, _ = table_of(k)
+    pri = make_policy("quest_share").priority(q, t, 1, 4, D**-0.5)
+    share = torch.softmax(quest_bound(q, t.get("kmin"), t.get("kmax")) * D**-0.5, -1)  # [1, 2, 5]
+    assert torch.allclose(pri, share[..., 1:4].amax(1))
+    assert share[0, 0, 2] < 0.01 and pri[0, 2] > 0.35  # A's share of block 2; B's of block 3
 
 
 def test_selection_is_per_kv_head() -> None:
@@ -105,6 +125,6 @@ def test_selection_is_per_kv_head() -> None:
 
 
 def test_registry_and_unknown_policy() -> None:
-    assert {"dense", "streaming", "quest", "mean", "hash", "oracle"} <= set(POLICIES)
+    assert {"dense", "streaming", "quest", "mean", "hash", "quest_mean", "quest_share", "oracle"} <= set(POLICIES)
     with pytest.raises(SparseConfigError, match="unknown"):
         make_policy("nope")

@@ -29,6 +29,26 @@ def test_training_script_runs_a_few_steps(tmp_path) -> None:
     assert model.config.vocab_size == task.vocab
 
 
+def test_training_script_resumes_from_a_checkpoint(tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location("train_retrieval", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    first, second = tmp_path / "a", tmp_path / "b"
+    mod.train(first, steps=2, long_steps=1, short_len=32, length=64, seed=0)
+    before, _, _ = load_retrieval_model(first)
+    meta = mod.train(second, steps=2, long_steps=1, short_len=32, length=64, seed=0, resume=first, lr=1e-3)
+    assert meta["resumed"][0]["steps"] == 2 and meta["lr"] == 1e-3
+    after, _, meta2 = load_retrieval_model(second)
+    assert meta2["resumed"] == meta["resumed"]
+    # it continued from the first run's weights, not from a fresh init
+    w0 = before.model.embed_tokens.weight
+    w1 = after.model.embed_tokens.weight
+    fresh = mod.build_retrieval_model(mod.RetrievalTask(), 0).model.embed_tokens.weight
+    assert (w1 - w0).abs().max() < (w1 - fresh).abs().max()
+    assert not torch.equal(w0, w1)
+
+
 def test_committed_checkpoint_and_fast_forward_agree() -> None:
     model, task, meta = load_retrieval_model(CHECKPOINT_DIR)
     assert meta["trained_length"] >= 2048

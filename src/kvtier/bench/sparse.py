@@ -369,7 +369,7 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
 
 
 # -- the whole run ---------------------------------------------------------------------------
-ACCURACY_POLICIES = ("streaming", "quest", "mean", "hash", "quest_mean", "oracle")
+ACCURACY_POLICIES = ("streaming", "quest", "mean", "hash", "quest_mean", "quest_share", "oracle")
 
 
 def plot_accuracy(rows: list[dict[str, Any]], png_out: str | Path) -> None:
@@ -421,7 +421,7 @@ def run_sparse_bench(json_out: str | Path | None, png_out: str | Path | None = N
         else:
             meta["accuracy_skipped"] = f"no retrieval checkpoint at {CHECKPOINT_DIR}; run scripts/train_retrieval.py"
         if stories_available():
-            policies = ("streaming", "quest", "oracle") if quick else ACCURACY_POLICIES
+            policies = ("streaming", "quest", "quest_share", "oracle") if quick else ACCURACY_POLICIES
             out["fidelity"] = fidelity(policies, (1 / 4, 1 / 8), context=512)
         else:
             meta["fidelity_skipped"] = "stories260K weights not found"

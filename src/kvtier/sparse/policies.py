@@ -14,6 +14,10 @@ the group gets a say whatever its logit scale.
     hash        sign-hash sketch of the block mean, scored asymmetrically: sign(R^T k) . (R^T q)
     quest_mean  half the Quest bound plus half the mean logit: the bound's recall, less of its
                 optimism for blocks with one outlier channel
+    quest_share the Quest bound as each query head's share of its whole attention (softmax over
+                every summarized block, the always-kept sinks and window included), max over the
+                group: a head already served by its sinks and window barely votes, and one head's
+                sharp need is not diluted by the others' flat ones
     oracle      eval only: true attention mass from the block's keys (reads every key)
 """
 
@@ -94,6 +98,18 @@ class QuestMeanPolicy(SelectionPolicy):
         return group_mass((bound + mean) * (0.5 * scaling))
 
 
+class QuestSharePolicy(SelectionPolicy):
+    name = "quest_share"
+    summary_fields = ("kmin", "kmax")
+
+    def priority(self, q, table, lo, hi, scaling, keys=None):
+        # every block the table holds (0..num_blocks): the candidates lo..hi-1 and the blocks kept
+        # anyway; only summaries and the current query are read
+        n = table.num_blocks
+        bound = quest_bound(q, table.get("kmin", 0, n), table.get("kmax", 0, n)) * scaling  # [H, g, n]
+        return torch.softmax(bound, dim=-1)[..., lo:hi].amax(1)
+
+
 class HashPolicy(SelectionPolicy):
     name = "hash"
     summary_fields = ("codes",)
@@ -122,7 +138,8 @@ class OraclePolicy(SelectionPolicy):
 
 POLICIES: dict[str, type[SelectionPolicy]] = {
     cls.name: cls
-    for cls in (DensePolicy, StreamingPolicy, QuestPolicy, MeanPolicy, HashPolicy, QuestMeanPolicy, OraclePolicy)
+    for cls in (DensePolicy, StreamingPolicy, QuestPolicy, MeanPolicy, HashPolicy, QuestMeanPolicy, QuestSharePolicy,
+                OraclePolicy)
 }
 
 
