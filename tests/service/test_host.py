@@ -160,3 +160,101 @@ def test_lease_promotes_disk_hits_into_dram(tmp_path):
     assert store.memory.slot_counts()["pinned"] == 0
     host.close()
     store.close()
+
+
+def _gate_disk_writes(store):
+    """Hold every disk write until the returned event is set."""
+    import threading
+
+    gate = threading.Event()
+    real = store.disk.write
+
+    def slow_write(meta, layers):
+        assert gate.wait(10)
+        return real(meta, layers)
+
+    store.disk.write = slow_write
+    return gate
+
+
+def test_save_larger_than_dram_waits_for_disk_writes_instead_of_dropping(tmp_path):
+    """Bug: DRAM smaller than a burst of saves, write-through disk. Chunks stay pinned until
+    their disk write lands, so a save arriving while the writer was behind got only the few
+    unpinned slots (granted < len) and the rest of the document was never stored anywhere
+    (in `kvtier bench vllm`'s kvtier_disk, 2 of 4 documents had few or no disk hits)."""
+    import threading
+
+    store, host = make(slots=4, disk_root=tmp_path / "disk")
+    gate = _gate_disk_writes(store)
+    first, second = keys(4), keys(4, start=5000)
+    assert fill(host, 1, first).in_memory == 4  # all 4 slots pinned until written
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("alloc", host.allocate(1, second, ROOT, 0)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()  # waits for the writer rather than granting nothing
+    gate.set()
+    t.join(10)
+    alloc = out["alloc"]
+    assert alloc.granted == 4 and NO_SLOT not in alloc.slots
+    host.abort(1, alloc.save_id)
+    fill(host, 1, second)
+    store.flush()
+    assert store.disk.lookup(first) == 4 and store.disk.lookup(second) == 4
+    assert store.memory.slot_counts()["pinned"] == 0
+    store.close()
+
+
+def test_disk_hit_promotion_waits_for_disk_writes_instead_of_failing(tmp_path):
+    """Bug (same cause): a load of disk hits while DRAM was full of chunks awaiting their disk
+    write could not promote them (no slot) and failed them, though the writer frees slots soon."""
+    store, host = make(slots=4, disk_root=tmp_path / "disk")
+    old, new = keys(4), keys(4, start=5000)
+    fill(host, 1, old)
+    store.flush()
+    for k in old:
+        store.memory.delete(k)
+    gate = _gate_disk_writes(store)
+    fill(host, 1, new)  # 4 slots pinned by queued writes
+    import threading
+
+    threading.Timer(0.3, gate.set).start()
+    hits, tiers, lease = host.lookup(2, old, lease=True)
+    assert hits == 4 and tiers == ["disk"] * 4
+    pins = host.load_begin(2, old, lease)
+    assert NO_SLOT not in pins.slots  # promoted by the lease once the writer freed slots
+    host.load_end(2, pins.load_id)
+    host.release(lease)
+    store.flush()
+    assert store.memory.slot_counts()["pinned"] == 0
+    store.close()
+
+
+def test_commit_pins_chunks_before_another_thread_can_evict_them(tmp_path):
+    """Bug: commit published chunk i unpinned, checksummed chunks i+1.., and only then pinned
+    them all for the disk write; an allocation on another thread in between evicted chunk i,
+    whose disk write then failed with every chunk after it ("evicted from DRAM before its
+    disk write")."""
+    store, host = make(slots=4, disk_root=tmp_path / "disk")
+    store.write_wait_s = 0.0
+    ks = keys(3)
+    alloc = host.allocate(1, ks, ROOT, 0)
+    for key, slot in zip(ks, alloc.slots, strict=True):
+        for layer, data in enumerate(payload(key)):
+            host.memory.layer_view(slot, layer)[:] = data
+    real = host.memory.layer_checksums
+    intruders = []
+
+    def checksums_with_intruder(res):
+        if res.key == ks[2]:  # chunks 0 and 1 are published by now: another client allocates
+            intruders.append(host.allocate(2, keys(2, start=7000), ROOT, 0))
+        return real(res)
+
+    host.memory.layer_checksums = checksums_with_intruder
+    result, handle = host.commit(1, alloc.save_id)
+    assert handle.wait().on_disk == 3 and not handle.wait().errors
+    assert intruders[0].granted == 1  # the one free slot; committed chunks were not evicted
+    assert store.disk.lookup(ks) == 3
+    host.abort(2, intruders[0].save_id)
+    assert store.memory.slot_counts()["pinned"] == 0
+    store.close()

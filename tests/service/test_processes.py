@@ -95,3 +95,39 @@ def test_sigkilled_clients_leave_nothing_behind(service):
         dests = new_dests(len(keys))
         assert observer.load(keys, dests).wait().loaded == len(keys) and exact(keys, dests)
     observer.close()
+
+
+STARTER = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # like a vLLM CPU worker pinned to its compute core
+from kvtier.client import connect
+c = connect({"mode": "service", "socket_path": sys.argv[1], "auto_start": True, "service_config": sys.argv[2]})
+print(c.service_pid)
+c.close()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs to tell pinned from free")
+def test_auto_started_service_is_not_confined_to_the_starters_cpus():
+    """Bug: a service auto-started from a process pinned to one core (vLLM's CPU worker starts
+    it from its compute process) inherited that pinning and competed with vLLM's compute
+    threads for the core: a scheduler lookup that takes 1 ms sometimes took ~1 s."""
+    import json
+    import subprocess
+    import sys
+
+    folder = short_tmpdir()
+    cfg = service_config(folder)
+    cfg_path = os.path.join(folder, "svc.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    out = subprocess.run([sys.executable, "-c", STARTER, cfg["socket_path"], cfg_path], capture_output=True,
+                         text=True, timeout=60, check=True)
+    pid = int(out.stdout.split()[-1])
+    try:
+        assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not os.path.exists(cfg["socket_path"]))
+        cleanup(folder)

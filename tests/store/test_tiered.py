@@ -184,3 +184,36 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="source lists"):
         store.save(keys, ROOT, 0, [])
     store.close()
+
+
+def test_disk_writer_unpins_each_chunk_once_written_and_allocate_memory_waits(tmp_path):
+    """Bug: chunks queued for their disk write stayed pinned in DRAM until the whole save was
+    written, and a DRAM allocation meanwhile simply failed: with DRAM smaller than a burst
+    of saves, the service dropped most of the next document (see tests/service/test_host.py).
+    Now each chunk is unpinned as its write lands, and allocate_memory waits for that."""
+    import threading
+
+    store = make_store(tmp_path, mem_chunks=2)
+    ks = keys_for(list(range(2 * CHUNK)))
+    gate = threading.Event()
+    first_written = threading.Event()
+    real = store.disk.write
+
+    def gated(meta, layers):
+        if meta.key == ks[1]:
+            first_written.set()
+            assert gate.wait(10)
+        return real(meta, layers)
+
+    store.disk.write = gated
+    handle = save_chain(store, ks)
+    assert first_written.wait(10)
+    assert store.memory.slot_counts()["pinned"] == 1  # chunk 0 written and unpinned, chunk 1 pending
+    other = keys_for(list(range(1000, 1000 + 3 * CHUNK)))
+    assert store.allocate_memory(other[0], wait_s=0) is not None  # evicts chunk 0 (on disk now)
+    assert store.allocate_memory(other[1], wait_s=0) is None  # only the pending chunk 1 is left
+    threading.Timer(0.2, gate.set).start()
+    assert store.allocate_memory(other[2], wait_s=10) is not None  # waited for chunk 1's write
+    assert handle.wait().on_disk == 2
+    assert store.disk.lookup(ks) == 2
+    store.close()

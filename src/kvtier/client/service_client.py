@@ -12,8 +12,9 @@ background; SaveResult.on_disk counts what was on disk at commit, `flush()` wait
 rest). If this process dies, the service returns its leases, pins and slots.
 
 Auto-start: with `auto_start` and no service answering, the client runs
-`python -m kvtier.service --config <service_config> --socket <socket_path>` in a new
-session (its log goes to `<socket_path>.log`) and waits up to connect_timeout_s for it.
+`python -m kvtier.service --config <service_config> --socket <socket_path> --all-cpus` in a new
+session, free of this process's CPU affinity (its log goes to `<socket_path>.log`), and
+waits up to connect_timeout_s for it.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class ServiceClient(StoreClient):
         with open(self.socket_path + ".log", "ab") as log:
             subprocess.Popen(
                 [sys.executable, "-m", "kvtier.service", "--config", self.config.service_config,
-                 "--socket", self.socket_path],
+                 "--socket", self.socket_path, "--all-cpus"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + self.config.connect_timeout_s
         while time.monotonic() < deadline:

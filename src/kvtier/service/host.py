@@ -204,7 +204,7 @@ class StoreHost:
             return key
         if disk is None:
             return None
-        res = mem.allocate(key)
+        res = self.store.allocate_memory(key)  # waits for pending disk writes to free a slot
         if res is None:
             return None
         layers = list(range(self.store.layout.num_layers))
@@ -282,7 +282,7 @@ class StoreHost:
                 reservations.append(None)
                 slots.append(NO_SLOT)
             else:
-                res = mem.allocate(key, prev, first_depth + i)
+                res = self.store.allocate_memory(key, prev, first_depth + i)  # waits for disk writes
                 if res is None:
                     granted = i
                     break
@@ -309,13 +309,18 @@ class StoreHost:
                     res.filled.update(layers)
                     meta = ChunkMeta(key, prev, save.first_depth + i, self.store.chunk_tokens,
                                      mem.layer_checksums(res))
-                    mem.commit(res, meta)  # False: another writer stored it first; stored once
+                    # pinned as it is published, until its disk write lands: an allocation or
+                    # promotion on another thread must not evict it while later chunks are
+                    # still being checksummed (it would then never reach the disk tier)
+                    mem.commit(res, meta, pin=True)  # False: another writer stored it first
                     metas.append(meta)
                 prev = key
         except BaseException:
+            for meta in metas:
+                mem.unpin(meta.key)
             self._abort_save(save)
             raise
-        handle = self.store.persist(metas)
+        handle = self.store.persist(metas, pinned=[True] * len(metas))
         done = save.keys[: save.granted]
         in_memory = sum(1 for k in done if mem.contains(k))
         on_disk = sum(1 for k in done if disk is not None and disk.contains(k))

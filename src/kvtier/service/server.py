@@ -466,13 +466,35 @@ class StoreServer:
         threading.Thread(target=self._http.serve_forever, name="kvtier-metrics", daemon=True).start()
 
 
+def use_all_cpus() -> set[int]:
+    """Let this process run on every CPU the machine (its cpuset) allows; returns the new set.
+
+    A service auto-started by an engine inherits that engine's CPU affinity: vLLM's CPU
+    backend pins each worker to its compute cores, and a service confined to those cores
+    sometimes waited about a second for CPU time before it even read a lookup. The
+    launchers pass --all-cpus; a service started by hand keeps what `taskset` gave it.
+    """
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except (OSError, AttributeError):  # not Linux, or a cpuset that refuses: keep what we have
+        pass
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:
+        return set()
+
+
 def serve_main(argv: list[str] | None) -> int:
     """Entry point of `kvtier serve --config FILE [--socket PATH]`; returns the exit status."""
     parser = argparse.ArgumentParser(prog="kvtier serve", description="Run the per-host kvtier store service.")
     parser.add_argument("--config", required=True, help="service config file (.yaml, .toml or .json)")
     parser.add_argument("--socket", default=None, help="override socket_path from the config")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--all-cpus", action="store_true",
+                        help="run on every CPU allowed, not only those of the launching process (auto-start)")
     args = parser.parse_args(argv)
+    if args.all_cpus:
+        use_all_cpus()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s kvtier serve[%(process)d] %(levelname)s %(message)s")
     try:

@@ -14,7 +14,11 @@ chunk `keys[i]` (one section: [kv_heads, planes, chunk_tokens, head_size]).
 Publishing: a chunk enters DRAM only when all its layers are filled (commit), and the
 disk tier is written by one FIFO writer thread in chain order, parents before children;
 if a parent's disk write fails its descendants in that save are not written. Chunks
-being written to disk are pinned in DRAM so eviction cannot pull their bytes away.
+being written to disk are pinned in DRAM so eviction cannot pull their bytes away, each
+until its own write lands. When DRAM is full of such chunks, `allocate_memory` (the host
+service's save and promotion path) waits for the writer to free some, up to
+`write_wait_s`, instead of refusing the chunk: a burst of saves larger than DRAM is
+slowed to disk speed, not dropped.
 A disk hit is promoted to DRAM when the load read every layer.
 """
 
@@ -91,6 +95,10 @@ class TieredStore:
         self._pending: set[TransferHandle] = set()
         self._demoting: dict[bytes, tuple[ChunkMeta, list[bytes]]] = {}  # write-back chunks in flight
         self._pending_lock = threading.Lock()
+        self._write_pins = 0  # DRAM chunks pinned until their disk write lands
+        self._write_gen = 0  # bumped whenever the writer unpins one
+        self._write_progress = threading.Condition()
+        self.write_wait_s = 10.0  # longest allocate_memory waits for the writer to free a DRAM slot
         self._closed = False
 
     # -- lookup --------------------------------------------------------------------
@@ -245,6 +253,7 @@ class TieredStore:
         for i, (key, pin) in enumerate(zip(batch.keys, pinned)):
             if pin and mem is not None and i not in to_disk:
                 mem.unpin(key)
+        self._count_write_pins(sum(1 for i in to_disk if pinned[i]))
         if not to_disk:
             return self._io.completed("save", SaveResult(len(metas), in_memory, 0))
         handle = self._writer.submit("save", self._write_disk, [metas[i] for i in to_disk],
@@ -252,21 +261,25 @@ class TieredStore:
         self._track(handle)
         return handle
 
-    def persist(self, metas: Sequence[ChunkMeta]) -> TransferHandle[SaveResult]:
+    def persist(self, metas: Sequence[ChunkMeta], pinned: Sequence[bool] | None = None) -> TransferHandle[SaveResult]:
         """Queue the lower-tier write of chunks already committed to DRAM (the host service's
         save path: clients fill shared-memory slots, the service commits, then calls this).
-        Resident chunks are pinned until written; a chunk no longer in DRAM is an error."""
+        Resident chunks are pinned until written; a chunk no longer in DRAM is an error.
+        `pinned[i]`: the caller already pinned chunk i (committed with pin=True) and hands
+        that pin over, so the chunk cannot be evicted between its commit and its write."""
         self._check_open()
         mem = self.memory
         metas = list(metas)
-        pinned = [mem is not None and mem.pin(meta.key) is not None for meta in metas]
-        in_memory = sum(pinned)
+        pins = list(pinned) if pinned is not None else [
+            mem is not None and mem.pin(meta.key) is not None for meta in metas]
+        in_memory = sum(pins)
         if self.disk is None or self.config.write_mode == "write-back":
-            for meta, pin in zip(metas, pinned):
+            for meta, pin in zip(metas, pins):
                 if pin and mem is not None:
                     mem.unpin(meta.key)
             return self._io.completed("save", SaveResult(len(metas), in_memory, 0))
-        handle = self._writer.submit("save", self._write_disk, metas, [None] * len(metas), pinned, in_memory)
+        self._count_write_pins(in_memory)
+        handle = self._writer.submit("save", self._write_disk, metas, [None] * len(metas), pins, in_memory)
         self._track(handle)
         return handle
 
@@ -278,12 +291,14 @@ class TieredStore:
         written = 0
         errors: list[str] = []
         failed_at: int | None = None
+        pinned = list(pinned)  # cleared as each chunk's pin is returned
         try:
             for i, meta in enumerate(metas):
                 if failed_at is not None:
                     break
                 if disk.contains(meta.key):
                     written += 1
+                    self._unpin_written(pinned, i, meta.key)
                     continue
                 copy = copies[i]
                 if copy is not None:
@@ -309,17 +324,61 @@ class TieredStore:
                     failed_at = i
                     continue
                 written += 1
+                self._unpin_written(pinned, i, meta.key)  # at once: a slot for the next save
         finally:
-            if mem is not None:
-                for meta, pin in zip(metas, pinned):
-                    if pin:
-                        mem.unpin(meta.key)
+            for i, meta in enumerate(metas):
+                self._unpin_written(pinned, i, meta.key)
         result = SaveResult(len(metas), in_memory, written, tuple(errors))
         if errors:
             raise TierWriteError(
                 f"disk tier: {len(metas) - written} of {len(metas)} chunks not written: " + "; ".join(errors[:3])
             )
         return result
+
+    def _count_write_pins(self, n: int) -> None:
+        if n:
+            with self._write_progress:
+                self._write_pins += n
+
+    def _unpin_written(self, pinned: list[bool], i: int, key: bytes) -> None:
+        """Return the pin `persist`/`_commit` took on chunk i for its disk write (once)."""
+        if not pinned[i] or self.memory is None:
+            return
+        pinned[i] = False
+        self.memory.unpin(key)
+        with self._write_progress:
+            self._write_pins -= 1
+            self._write_gen += 1
+            self._write_progress.notify_all()
+
+    def allocate_memory(self, key: bytes, parent: bytes | None = None, depth: int = 0,
+                        wait_s: float | None = None) -> Reservation | None:
+        """A DRAM reservation for `key`; None when DRAM has no room.
+
+        When every slot is taken by chunks pinned for queued disk writes, wait (up to
+        `wait_s`, default `write_wait_s`) for the writer to release one: refusing would drop
+        the chunk from both tiers, since a chunk that never reaches DRAM is never written.
+        """
+        mem = self.memory
+        if mem is None:
+            return None
+        deadline: float | None = None
+        while True:
+            with self._write_progress:
+                gen = self._write_gen
+            res = mem.allocate(key, parent, depth)
+            if res is not None:
+                return res
+            with self._write_progress:
+                while self._write_gen == gen:
+                    if self._write_pins <= 0:
+                        return None  # nothing the writer holds: waiting would not free a slot
+                    now = time.monotonic()
+                    if deadline is None:
+                        deadline = now + (self.write_wait_s if wait_s is None else wait_s)
+                    if now >= deadline:
+                        return None
+                    self._write_progress.wait(deadline - now)
 
     def _demote(self, meta: ChunkMeta, payload: np.ndarray) -> None:
         """Write-back mode: a chunk leaving DRAM is copied and queued for the disk tier."""

@@ -212,8 +212,11 @@ class MemoryTier(Tier):
     def layer_checksums(self, res: Reservation) -> tuple[int, ...]:
         return tuple(checksum(self.layer_view(res.slot, layer)) for layer in range(self.layout.num_layers))
 
-    def commit(self, res: Reservation, meta: ChunkMeta) -> bool:
-        """Publish a filled reservation. False if the key was already resident (slot freed)."""
+    def commit(self, res: Reservation, meta: ChunkMeta, pin: bool = False) -> bool:
+        """Publish a filled reservation. False if the key was already resident (slot freed).
+
+        With `pin`, the resident chunk (ours or the one already there) is pinned in the same
+        step, so no eviction can slip in between publishing and pinning."""
         if len(res.filled) != self.layout.num_layers:
             missing = sorted(set(range(self.layout.num_layers)) - res.filled)
             raise ValueError(f"commit of chunk with unfilled layers {missing[:8]}")
@@ -223,10 +226,12 @@ class MemoryTier(Tier):
             if self._reserved.get(res.slot) is not res:
                 raise ValueError("commit of a reservation that was committed or aborted")
             del self._reserved[res.slot]
-            if res.key in self._index:
+            existing = self._index.get(res.key)
+            if existing is not None:
                 self._free.append(res.slot)
+                existing.refs += pin
                 return False
-            self._index[res.key] = _Entry(res.slot, meta)
+            self._index[res.key] = _Entry(res.slot, meta, int(pin))
             self._policy.insert(res.key, meta.parent, meta.depth)
         self.metrics.inc(m.BYTES_WRITTEN, self.chunk_bytes, tier=self.name)
         self._report_usage()

@@ -58,3 +58,43 @@ def test_mla_and_hybrid_models_are_refused_at_start() -> None:
         make(use_mla=True)
     with pytest.raises(UnsupportedModelError, match="hybrid"):
         make(is_hybrid=True)
+
+
+DETACHED_STARTER = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # a vLLM CPU worker is pinned to its compute cores
+from kvtier.connectors.vllm.connector import start_detached_service
+start_detached_service(sys.argv[1], sys.argv[2], 30.0)
+"""
+
+
+@pytest.mark.slow  # the starter process imports vLLM (~20 s here)
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_detached_service_is_not_confined_to_the_vllm_workers_cpus() -> None:
+    """Bug: the service started by the worker's connector inherited the worker's pinning to
+    vLLM's compute core; lookups then sometimes waited ~1 s for CPU time."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from tests.service.util import cleanup, service_config, wait_until
+
+    folder = tempfile.mkdtemp(prefix="kvt-", dir="/tmp")
+    cfg = service_config(folder)
+    sock = cfg["socket_path"]
+    cfg_path = os.path.join(folder, "svc.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    subprocess.run([sys.executable, "-c", DETACHED_STARTER, sock, cfg_path], check=True, timeout=60)
+    pid = int(open(sock + ".lock").read().strip())
+    try:
+        assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not os.path.exists(sock))
+        time.sleep(0.1)
+        cleanup(folder)

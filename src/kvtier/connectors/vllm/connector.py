@@ -95,6 +95,8 @@ def start_detached_service(socket_path: str, service_config: str, timeout_s: flo
     away from vLLM: vLLM's shutdown kills its processes' whole child trees, and the store
     must outlive the vLLM process that happened to start it (other engines share it, and a
     restarted vLLM finds its DRAM cache). A second starter loses the service's lock and exits.
+    The service runs with --all-cpus: started from a vLLM CPU worker it would otherwise share
+    the cores vLLM pinned that worker's compute threads to, and answer lookups late.
     """
     from kvtier.service.server import answers
 
@@ -103,7 +105,8 @@ def start_detached_service(socket_path: str, service_config: str, timeout_s: flo
     launcher = (
         "import subprocess, sys\n"
         "log = open(sys.argv[3] + '.log', 'ab')\n"
-        "subprocess.Popen([sys.executable, '-m', 'kvtier.service', '--config', sys.argv[1], '--socket', sys.argv[2]],"
+        "subprocess.Popen([sys.executable, '-m', 'kvtier.service', '--config', sys.argv[1], '--socket', sys.argv[2],"
+        " '--all-cpus'],"
         " stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)\n"
     )
     subprocess.run([sys.executable, "-c", launcher, service_config, socket_path, socket_path], check=True,
