@@ -290,12 +290,10 @@ class TieredStore:
         mem = self.memory
         written = 0
         errors: list[str] = []
-        failed_at: int | None = None
         pinned = list(pinned)  # cleared as each chunk's pin is returned
         try:
+            # the first failure stops the chain: a child is never written without its parent
             for i, meta in enumerate(metas):
-                if failed_at is not None:
-                    break
                 if disk.contains(meta.key):
                     written += 1
                     self._unpin_written(pinned, i, meta.key)
@@ -309,20 +307,17 @@ class TieredStore:
                     layers = [mem.layer_view(slot, layer) for layer in range(self.layout.num_layers)]
                 else:
                     errors.append(f"chunk {i}: evicted from DRAM before its disk write")
-                    failed_at = i
-                    continue
+                    break
                 t0 = time.perf_counter()
                 try:
                     ok = disk.write(meta, layers)
                 except TierWriteError as e:
                     errors.append(f"chunk {i}: {e}")
-                    failed_at = i
-                    continue
+                    break
                 self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=disk.name)
                 if not ok:
                     errors.append(f"chunk {i}: no room in the disk tier")
-                    failed_at = i
-                    continue
+                    break
                 written += 1
                 self._unpin_written(pinned, i, meta.key)  # at once: a slot for the next save
         finally:
