@@ -26,7 +26,9 @@ import sys
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NewType
+from typing import NewType
+
+import xxhash
 
 from kvtier.core.errors import ConfigError
 
@@ -38,8 +40,11 @@ _BIG_ENDIAN = sys.byteorder == "big"
 assert array("I").itemsize == 4, "kvtier needs a 4-byte C unsigned int"
 
 
+_sha256_new = hashlib.sha256
+
+
 def _sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+    return _sha256_new(data).digest()
 
 
 def _blake2b(data: bytes) -> bytes:
@@ -47,34 +52,21 @@ def _blake2b(data: bytes) -> bytes:
 
 
 def _xxh3_128(data: bytes) -> bytes:
-    import xxhash
-
     return xxhash.xxh3_128_digest(data)
-
-
-def _new_blake2b(data: bytes) -> Any:
-    return hashlib.blake2b(data, digest_size=32)
-
-
-def _new_xxh3_128(data: bytes) -> Any:
-    import xxhash
-
-    return xxhash.xxh3_128(data)
 
 
 @dataclass(slots=True, frozen=True)
 class HashMode:
     name: str
     digest: Callable[[bytes], bytes]
-    new: Callable[[bytes], Any]  # a streaming hasher (update, digest) started with some bytes
     key_bytes: int
     collision_resistant: bool
 
 
 HASH_MODES: dict[str, HashMode] = {
-    "sha256": HashMode("sha256", _sha256, hashlib.sha256, 32, True),
-    "blake2b": HashMode("blake2b", _blake2b, _new_blake2b, 32, True),
-    "xxh3_128": HashMode("xxh3_128", _xxh3_128, _new_xxh3_128, 16, False),
+    "sha256": HashMode("sha256", _sha256, 32, True),
+    "blake2b": HashMode("blake2b", _blake2b, 32, True),
+    "xxh3_128": HashMode("xxh3_128", _xxh3_128, 16, False),
 }
 DEFAULT_HASH_MODE = "sha256"
 
@@ -215,15 +207,15 @@ class KeyChain:
         step = 4 * self.chunk_tokens
         full = len(mv) - len(mv) % step
         parent = self.keys[-1] if self.keys else self.root
-        new_hasher = self._mode.new
+        digest = self._mode.digest
         extras = _frame(*self._extras)
         new: list[ChunkKey] = []
-        # two C calls a chunk and no copy of the token bytes: this loop is the scheduler's hot path
+        append = new.append
+        # one hash call a chunk, over parent | extras | the chunk's token bytes (sliced from one
+        # conversion of the whole list): this loop is the scheduler's hot path
         for off in range(0, full, step):
-            h = new_hasher(parent + extras)
-            h.update(mv[off : off + step])
-            parent = h.digest()
-            new.append(ChunkKey(parent))
+            parent = digest(parent + extras + mv[off : off + step])
+            append(parent)  # type: ignore[arg-type]  # a ChunkKey is its bytes
         self._pending = list(tokens[full // 4 :])
         self.keys.extend(new)
         return new

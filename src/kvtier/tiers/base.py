@@ -19,10 +19,14 @@ numpy arrays, CPU torch tensors via .numpy()), so tiers need no torch.
 
 from __future__ import annotations
 
+import ctypes
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
+
+import numpy as np
 
 from kvtier.core.errors import KVTierError
 from kvtier.core.layout import KVLayout
@@ -58,7 +62,7 @@ class Tier(ABC):
     layout: KVLayout
     chunk_tokens: int
 
-    @property
+    @cached_property
     def layer_bytes(self) -> int:
         return self.layout.layer_bytes(self.chunk_tokens)
 
@@ -99,20 +103,41 @@ def check_dests(tier: Tier, layers: Sequence[int], dests: Sequence[Buffer]) -> l
     """Validate destination buffers: one writable, C-contiguous, section-sized buffer per layer."""
     if len(layers) != len(dests):
         raise ValueError(f"{len(layers)} layers requested but {len(dests)} destination buffers given")
+    num_layers = tier.layout.num_layers
+    lb = tier.layer_bytes
     out = []
     for layer, dest in zip(layers, dests):
-        if not 0 <= layer < tier.layout.num_layers:
-            raise ValueError(f"layer {layer} is outside 0..{tier.layout.num_layers - 1}")
         mv = memoryview(dest)
-        if mv.readonly:
-            raise ValueError("destination buffer is read-only")
-        if not mv.c_contiguous:
-            raise ValueError("destination buffer must be C-contiguous")
-        mv = mv.cast("B")
-        if mv.nbytes != tier.layer_bytes:
-            raise ValueError(f"destination for layer {layer} has {mv.nbytes} bytes, a section has {tier.layer_bytes}")
-        out.append(mv)
+        # one combined test on the hot path (a load checks every section of every chunk)
+        if mv.readonly or not mv.c_contiguous or mv.nbytes != lb or not 0 <= layer < num_layers:
+            _bad_dest(layer, mv, num_layers, lb)
+        out.append(mv if mv.ndim == 1 and mv.format == "B" else mv.cast("B"))
     return out
+
+
+def _bad_dest(layer: int, mv: memoryview, num_layers: int, lb: int) -> None:
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer {layer} is outside 0..{num_layers - 1}")
+    if mv.readonly:
+        raise ValueError("destination buffer is read-only")
+    if not mv.c_contiguous:
+        raise ValueError("destination buffer must be C-contiguous")
+    raise ValueError(f"destination for layer {layer} has {mv.nbytes} bytes, a section has {lb}")
+
+
+def buffer_address(mv: memoryview) -> int:
+    """Address of the first byte of a non-empty C-contiguous buffer.
+
+    The caller keeps `mv` (and so the memory) alive for as long as it uses the address."""
+    if not mv.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
+
+
+# ctypes calls C functions with the GIL released, so I/O threads copy in parallel; for
+# the section sizes a tier moves (tens of KiB to MiBs) it costs a third of np.copyto's
+# per-call overhead. Every caller checks both ranges' lengths first.
+copy_memory = ctypes.memmove
 
 
 def as_bytes_view(buf: Buffer) -> memoryview:

@@ -26,7 +26,16 @@ from kvtier.core.codec import checksum
 from kvtier.core.config import MemoryTierConfig
 from kvtier.core.errors import ConfigError, StoreClosedError
 from kvtier.core.layout import KVLayout
-from kvtier.tiers.base import Buffer, ChunkMeta, Tier, TierUsage, as_bytes_view, check_dests
+from kvtier.tiers.base import (
+    Buffer,
+    ChunkMeta,
+    Tier,
+    TierUsage,
+    as_bytes_view,
+    buffer_address,
+    check_dests,
+    copy_memory,
+)
 from kvtier.tiers.policies import make_policy
 
 SlotId = int
@@ -77,6 +86,7 @@ class MemoryTier(Tier):
             self._pool = np.frombuffer(pool, dtype=np.uint8)
             if self._pool.nbytes < size:
                 raise ConfigError(f"memory pool has {self._pool.nbytes} bytes, {size} needed")
+        self._pool_addr = int(self._pool.ctypes.data)  # valid while self._pool lives
         self._hits = self.metrics.counter(m.HITS, tier=self.name)
         self._bytes_read = self.metrics.counter(m.BYTES_READ, tier=self.name)
         self._read_seconds = self.metrics.counter(m.READ_SECONDS, tier=self.name)
@@ -152,16 +162,14 @@ class MemoryTier(Tier):
             entry.refs += 1
         t0 = time.perf_counter()
         ok = True
-        pool = self._pool
         lb = self.layer_bytes
-        base = entry.slot * self.chunk_bytes
+        base = self._pool_addr + entry.slot * self.chunk_bytes
         verify = self.config.verify_reads
         sums = entry.meta.checksums
         try:
             for layer, dest in zip(layers, views):
-                start = base + layer * lb
-                # np.copyto releases the GIL during the copy, so several I/O threads copy in parallel
-                np.copyto(np.frombuffer(dest, dtype=np.uint8), pool[start : start + lb])
+                # each section is copied and, while it is still in cache, verified
+                copy_memory(buffer_address(dest), base + layer * lb, lb)
                 if verify and checksum(dest) != sums[layer]:
                     ok = False
                     break
@@ -206,7 +214,8 @@ class MemoryTier(Tier):
             raise ValueError(f"layer {layer} source has {view.nbytes} bytes, a section has {self.layer_bytes}")
         if self._reserved.get(res.slot) is not res:
             raise ValueError("write to a reservation that was committed or aborted")
-        np.copyto(self.layer_view(res.slot, layer), np.frombuffer(view, dtype=np.uint8))
+        copy_memory(self._pool_addr + res.slot * self.chunk_bytes + layer * self.layer_bytes,
+                    buffer_address(view), self.layer_bytes)
         res.filled.add(layer)
 
     def layer_checksums(self, res: Reservation) -> tuple[int, ...]:
