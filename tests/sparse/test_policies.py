@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from kvtier.sparse import POLICIES, SparseConfigError, Summarizer, SummaryTable, make_policy
-from kvtier.sparse.policies import quest_bound
+from kvtier.sparse.policies import hash_logits, quest_bound
+from kvtier.sparse.summary import FIELDS
 
 B = 2
 D = 4
 
 
-def table_of(keys: torch.Tensor, fields: tuple[str, ...] = ("kmin", "kmax", "kmean", "codes")) -> tuple[SummaryTable, Summarizer]:
+def table_of(keys: torch.Tensor, fields: tuple[str, ...] = FIELDS) -> tuple[SummaryTable, Summarizer]:
     """keys [H, n*B, D] -> a summary table of all fields."""
     s = Summarizer(keys.shape[0], D, hash_bits=64, seed=0)
-    t = SummaryTable(keys.shape[0], D, 64, fields)
+    t = SummaryTable(keys.shape[0], D, 64, fields, B)
     t.append(s.compute(keys, B))
     return t, s
 
@@ -128,3 +129,32 @@ def test_registry_and_unknown_policy() -> None:
     assert {"dense", "streaming", "quest", "mean", "hash", "quest_mean", "quest_share", "oracle"} <= set(POLICIES)
     with pytest.raises(SparseConfigError, match="unknown"):
         make_policy("nope")
+
+
+def test_hash_logits_estimate_q_dot_k_without_bias() -> None:
+    """The per-key sign-hash estimate, averaged over many projections, converges to q.k."""
+    g = torch.Generator().manual_seed(3)
+    d, bits = 8, 4096
+    keys = torch.randn(1, 5, d, generator=g)
+    q = torch.randn(1, 2, d, generator=g)
+    s = Summarizer(1, d, hash_bits=bits, seed=0)
+    summ = s.compute(keys, 5)
+    est = hash_logits(q, summ.codes.flatten(1, 2), summ.norms.flatten(1), s.projection)
+    exact = q @ keys.transpose(1, 2)
+    scale = q.norm(dim=-1, keepdim=True) * keys.norm(dim=-1).unsqueeze(1)
+    assert est.shape == (1, 2, 5)
+    assert bool(((est - exact).abs() < 0.1 * scale).all())
+
+
+def test_hash_scores_a_block_by_its_best_key() -> None:
+    """One needle key among noise: the hash policy ranks the needle's block first (the mean hides it)."""
+    g = torch.Generator().manual_seed(0)
+    bt, n, d = 8, 6, 16
+    keys = torch.randn(1, n * bt, d, generator=g)
+    needle = torch.randn(d, generator=g)
+    keys[0, 4 * bt + 3] = 3 * needle
+    s = Summarizer(1, d, hash_bits=64, seed=0)
+    t = SummaryTable(1, d, 64, FIELDS, bt)
+    t.append(s.compute(keys, bt))
+    pri = make_policy("hash", s.projection).priority(needle.view(1, 1, d), t, 0, n, d**-0.5)
+    assert int(pri.argmax()) == 4

@@ -20,7 +20,8 @@ def test_summary_fields() -> None:
     assert torch.equal(s.kmin[0, 1], k[0, 4])
     assert torch.equal(s.kmax[1, 0], k[1, 3])
     assert torch.allclose(s.kmean[0, 0], k[0, :4].mean(0))
-    assert s.codes.shape == (2, 2, 1) and s.codes.dtype == torch.uint8
+    assert s.codes.shape == (2, 2, 4, 1) and s.codes.dtype == torch.uint8  # 8 sign bits per key
+    assert torch.allclose(s.norms[1, 1], k[1, 4:].norm(dim=-1))
 
 
 def test_sign_bits_round_trip() -> None:
@@ -32,7 +33,8 @@ def test_encode_decode_and_corrupt_bytes() -> None:
     summ = Summarizer(2, 8, hash_bits=16)
     s = summ.compute(torch.randn(2, 12, 8), 4)
     one = summ.decode(summ.encode(s, 1))
-    for f in ("kmin", "kmax", "kmean", "codes"):
+    assert len(summ.encode(s, 1)) == summ.stored_bytes(4)
+    for f in ("kmin", "kmax", "kmean", "codes", "norms"):
         assert torch.equal(getattr(one, f)[:, 0], getattr(s, f)[:, 1])
     with pytest.raises(CorruptChunkError):
         summ.decode(summ.encode(s, 0)[:-1])
@@ -63,4 +65,5 @@ def test_summaries_survive_save_and_reload(tmp_path, with_disk: bool) -> None:
             got = summ.decode(data)
             assert torch.equal(got.kmin[:, 0], expect.kmin[:, b])
             assert torch.equal(got.codes[:, 0], expect.codes[:, b])
+            assert torch.equal(got.norms[:, 0], expect.norms[:, b])
     store.close()

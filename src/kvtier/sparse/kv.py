@@ -66,7 +66,8 @@ class SparseKV:
         h, d, n_layers = layout.num_kv_heads, layout.head_size, layout.num_layers
         self.summarizer = Summarizer(h, d, config.hash_bits, config.summary_seed)
         self.policy = make_policy(config.policy, self.summarizer.projection)
-        self.tables = [SummaryTable(h, d, config.hash_bits, self.policy.summary_fields) for _ in range(n_layers)]
+        self.tables = [SummaryTable(h, d, config.hash_bits, self.policy.summary_fields, config.block_tokens)
+                       for _ in range(n_layers)]
         slots = config.slots
         self.working = [WorkingSet(h, slots, config.block_tokens, d, self.dtype) for _ in range(n_layers)]
         self.num_tokens = [0] * n_layers

@@ -11,7 +11,9 @@ the group gets a say whatever its logit scale.
     streaming   StreamingLLM: the most recent blocks (cannot retrieve)
     quest       Quest: upper bound of q.k from per-channel min/max (two matmuls)
     mean        block-mean retrieval (UCM ESA): q . mean(k)
-    hash        sign-hash sketch of the block mean, scored asymmetrically: sign(R^T k) . (R^T q)
+    hash        HATA/KVComp-style sign hash of every key: |k| sqrt(pi/2)/bits * sign(R^T k) . (R^T q)
+                estimates each q.k from 64 bits + a norm per key (12 bytes instead of 4 * head_size);
+                a block scores its best key. Scored with one table lookup per byte of code
     quest_mean  half the Quest bound plus half the mean logit: the bound's recall, less of its
                 optimism for blocks with one outlier channel
     quest_share the Quest bound as each query head's share of its whole attention (softmax over
@@ -110,17 +112,34 @@ class QuestSharePolicy(SelectionPolicy):
         return torch.softmax(bound, dim=-1)[..., lo:hi].amax(1)
 
 
+# the +-1 signs of the 8 bits of every byte value, little-endian as pack_signs writes them
+_BYTE_SIGNS = unpack_signs(torch.arange(256, dtype=torch.uint8).unsqueeze(1))  # [256, 8]
+
+
+def hash_logits(q: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Estimated q.k of every key from its sign bits and norm: q [H, g, d], codes [H, N, bits/8],
+    norms [H, N] -> [H, g, N]. E[sign(r.k) (r.q)] = sqrt(2/pi) q.k / |k| for r ~ N(0, I), so
+    |k| sqrt(pi/2) / bits * sum_j sign(r_j.k) (r_j.q) is unbiased. The sum over bits is one
+    lookup per code byte in a [256] table of that byte's partial sums (no unpacked bits)."""
+    h, g, _ = q.shape
+    n, m = codes.shape[1], codes.shape[2]
+    qp = (q @ projection).unflatten(-1, (m, 8))  # [H, g, m, 8]
+    lut = (qp @ _BYTE_SIGNS.T).reshape(h, g, m * 256)  # [H, g, m * 256]
+    idx = codes.long() + torch.arange(0, m * 256, 256)  # [H, N, m]
+    est = torch.gather(lut, 2, idx.reshape(h, 1, n * m).expand(h, g, -1)).view(h, g, n, m).sum(-1)
+    return est * norms.unsqueeze(1) * (math.sqrt(math.pi / 2) / (8 * m))
+
+
 class HashPolicy(SelectionPolicy):
     name = "hash"
-    summary_fields = ("codes",)
+    summary_fields = ("codes", "norms")
 
     def priority(self, q, table, lo, hi, scaling, keys=None):
         assert self.projection is not None, "the hash policy needs the summarizer's projection"
-        signs = unpack_signs(table.get("codes", lo, hi))  # [H, n, bits]
-        qp = q @ self.projection  # [H, g, bits]
-        # E[sign(r.k) (r.q)] = sqrt(2/pi) |q| cos(q, k): rescale to a logit of a unit-norm-ish key
-        est = (qp @ signs.transpose(1, 2)) * (math.sqrt(math.pi / 2) / signs.shape[-1])
-        return group_mass(est * scaling * q.shape[-1] ** 0.5)
+        codes = table.get("codes", lo, hi)  # [H, n, B, bits/8]
+        h, n, bt, _ = codes.shape
+        est = hash_logits(q, codes.flatten(1, 2), table.get("norms", lo, hi).flatten(1), self.projection)
+        return group_mass(est.view(h, q.shape[1], n, bt).amax(-1) * scaling)
 
 
 class OraclePolicy(SelectionPolicy):

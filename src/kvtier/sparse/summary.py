@@ -1,14 +1,16 @@
 """Per-block key summaries: computed once when a block's keys are written, scanned every step.
 
 A summary of one block of one layer holds, per KV head: the per-channel min and max of the
-block's keys (Quest's bounds), their mean (block-mean retrieval), and `hash_bits` sign bits
-of the mean projected on a fixed seeded Gaussian matrix (a 1-bit-per-dimension sketch,
-32x smaller than the mean). It is stored as the chunk's SECTION_SUMMARY section (index =
-layer) so a reload finds it without touching the KV, and a SummaryTable keeps the fields the
-active policy needs in fast memory: O(context / block_tokens) rows per KV head.
+block's keys (Quest's bounds), their mean (block-mean retrieval), and for every key of the
+block `hash_bits` sign bits of the key projected on a fixed seeded Gaussian matrix plus the
+key's norm (a sign-hash sketch as in HATA/KVComp: with 64 bits, 12 bytes per key instead of
+4 * head_size). It is stored as the chunk's SECTION_SUMMARY section (index = layer) so a
+reload finds it without touching the KV, and a SummaryTable keeps the fields the active
+policy needs in fast memory: O(context / block_tokens) rows per KV head.
 
 Stored bytes (little-endian): b"KVSM", u16 version, u16 kv_heads, u16 head_size, u16 hash_bits,
-then float32 min, max, mean as [kv_heads, head_size] each, then the packed bits [kv_heads, hash_bits / 8].
+u16 block_tokens, then float32 min, max, mean as [kv_heads, head_size] each, the packed bits
+[kv_heads, block_tokens, hash_bits / 8] and float32 key norms [kv_heads, block_tokens].
 """
 
 from __future__ import annotations
@@ -22,20 +24,22 @@ import torch
 from kvtier.core.errors import CorruptChunkError
 
 SUMMARY_MAGIC = b"KVSM"
-SUMMARY_VERSION = 1
-_HEADER = struct.Struct("<4sHHHH")
-FIELDS = ("kmin", "kmax", "kmean", "codes")
+SUMMARY_VERSION = 2
+_HEADER = struct.Struct("<4sHHHHH")
+FIELDS = ("kmin", "kmax", "kmean", "codes", "norms")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 @dataclass(slots=True, frozen=True)
 class BlockSummaries:
-    """Summaries of n consecutive blocks of one layer: float32 [H, n, d] each, codes uint8 [H, n, bits/8]."""
+    """Summaries of n consecutive blocks of B tokens of one layer: kmin, kmax, kmean float32 [H, n, d];
+    codes uint8 [H, n, B, bits/8] (each key's sign bits); norms float32 [H, n, B] (each key's norm)."""
 
     kmin: torch.Tensor
     kmax: torch.Tensor
     kmean: torch.Tensor
     codes: torch.Tensor
+    norms: torch.Tensor
 
     @property
     def num_blocks(self) -> int:
@@ -63,7 +67,10 @@ class Summarizer:
         self.hash_bits = hash_bits
         gen = torch.Generator().manual_seed(seed)
         self.projection = torch.randn(head_size, hash_bits, generator=gen, dtype=torch.float32)
-        self.stored_bytes = _HEADER.size + 3 * kv_heads * head_size * 4 + kv_heads * hash_bits // 8
+
+    def stored_bytes(self, block_tokens: int) -> int:
+        per_key = self.hash_bits // 8 + 4
+        return _HEADER.size + 3 * self.kv_heads * self.head_size * 4 + self.kv_heads * block_tokens * per_key
 
     def compute(self, keys: torch.Tensor, block_tokens: int) -> BlockSummaries:
         """Summaries of the whole blocks in keys [H, n * block_tokens, d]."""
@@ -71,25 +78,31 @@ class Summarizer:
         if t % block_tokens:
             raise ValueError(f"{t} tokens are not whole blocks of {block_tokens}")
         blocks = keys.to(torch.float32).reshape(h, t // block_tokens, block_tokens, d)
-        kmean = blocks.mean(2)
-        return BlockSummaries(blocks.amin(2), blocks.amax(2), kmean, pack_signs(kmean @ self.projection))
+        codes = pack_signs(blocks @ self.projection)
+        return BlockSummaries(blocks.amin(2), blocks.amax(2), blocks.mean(2), codes, blocks.norm(dim=-1))
 
     def encode(self, s: BlockSummaries, i: int) -> bytes:
         """Stored bytes of block i of `s`."""
-        parts = [_HEADER.pack(SUMMARY_MAGIC, SUMMARY_VERSION, self.kv_heads, self.head_size, self.hash_bits)]
+        block_tokens = s.codes.shape[2]
+        parts = [_HEADER.pack(SUMMARY_MAGIC, SUMMARY_VERSION, self.kv_heads, self.head_size, self.hash_bits,
+                              block_tokens)]
         for t in (s.kmin, s.kmax, s.kmean):
             parts.append(t[:, i].contiguous().numpy().astype("<f4", copy=False).tobytes())
         parts.append(s.codes[:, i].contiguous().numpy().tobytes())
+        parts.append(s.norms[:, i].contiguous().numpy().astype("<f4", copy=False).tobytes())
         return b"".join(parts)
 
     def decode(self, data: bytes) -> BlockSummaries:
         """One block's summaries from stored bytes; CorruptChunkError when they do not fit this layout."""
-        if len(data) != self.stored_bytes:
-            raise CorruptChunkError(f"summary section has {len(data)} bytes, expected {self.stored_bytes}")
-        magic, version, heads, size, bits = _HEADER.unpack_from(data, 0)
+        if len(data) < _HEADER.size:
+            raise CorruptChunkError(f"summary section has {len(data)} bytes, shorter than its header")
+        magic, version, heads, size, bits, block_tokens = _HEADER.unpack_from(data, 0)
         if (magic, version, heads, size, bits) != (SUMMARY_MAGIC, SUMMARY_VERSION, self.kv_heads,
                                                    self.head_size, self.hash_bits):
             raise CorruptChunkError("summary section header does not match this layout or version")
+        if len(data) != self.stored_bytes(block_tokens):
+            raise CorruptChunkError(f"summary section has {len(data)} bytes, expected "
+                                    f"{self.stored_bytes(block_tokens)}")
         off = _HEADER.size
         n = self.kv_heads * self.head_size
         out = []
@@ -97,25 +110,34 @@ class Summarizer:
             arr = np.frombuffer(data, dtype="<f4", count=n, offset=off).reshape(self.kv_heads, 1, self.head_size)
             out.append(torch.from_numpy(arr.astype(np.float32)))
             off += 4 * n
-        codes = np.frombuffer(data, dtype=np.uint8, offset=off).reshape(self.kv_heads, 1, self.hash_bits // 8)
-        return BlockSummaries(out[0], out[1], out[2], torch.from_numpy(codes.copy()))
+        m = self.kv_heads * block_tokens * (self.hash_bits // 8)
+        codes = np.frombuffer(data, dtype=np.uint8, count=m, offset=off)
+        codes = codes.reshape(self.kv_heads, 1, block_tokens, self.hash_bits // 8)
+        off += m
+        norms = np.frombuffer(data, dtype="<f4", count=self.kv_heads * block_tokens, offset=off)
+        norms = norms.reshape(self.kv_heads, 1, block_tokens).astype(np.float32)
+        return BlockSummaries(out[0], out[1], out[2], torch.from_numpy(codes.copy()), torch.from_numpy(norms))
 
 
 class SummaryTable:
     """Fast-memory summaries of one layer: the fields a policy scans, grown in steps of `grow` blocks."""
 
-    def __init__(self, kv_heads: int, head_size: int, hash_bits: int, fields: tuple[str, ...], grow: int = 64) -> None:
+    def __init__(self, kv_heads: int, head_size: int, hash_bits: int, fields: tuple[str, ...], block_tokens: int,
+                 grow: int = 64) -> None:
         unknown = set(fields) - set(FIELDS)
         if unknown:
             raise ValueError(f"unknown summary fields {sorted(unknown)}; known: {FIELDS}")
         self.fields = fields
         self.num_blocks = 0
         self._grow = grow
-        self._shape = {"kmin": head_size, "kmax": head_size, "kmean": head_size, "codes": hash_bits // 8}
-        self._dtype = {"kmin": torch.float32, "kmax": torch.float32, "kmean": torch.float32, "codes": torch.uint8}
+        self._shape: dict[str, tuple[int, ...]] = {
+            "kmin": (head_size,), "kmax": (head_size,), "kmean": (head_size,),
+            "codes": (block_tokens, hash_bits // 8), "norms": (block_tokens,)}
+        self._dtype = {"kmin": torch.float32, "kmax": torch.float32, "kmean": torch.float32, "codes": torch.uint8,
+                       "norms": torch.float32}
         self._kv_heads = kv_heads
         self._data: dict[str, torch.Tensor] = {
-            f: torch.empty(kv_heads, 0, self._shape[f], dtype=self._dtype[f]) for f in fields
+            f: torch.empty(kv_heads, 0, *self._shape[f], dtype=self._dtype[f]) for f in fields
         }
 
     def append(self, s: BlockSummaries) -> None:
@@ -125,7 +147,7 @@ class SummaryTable:
             buf = self._data[f]
             if end > buf.shape[1]:
                 cap = -(-end // self._grow) * self._grow
-                new = torch.empty(self._kv_heads, cap, self._shape[f], dtype=self._dtype[f])
+                new = torch.empty(self._kv_heads, cap, *self._shape[f], dtype=self._dtype[f])
                 new[:, : self.num_blocks] = buf[:, : self.num_blocks]
                 self._data[f] = buf = new
             buf[:, self.num_blocks : end] = getattr(s, f)
