@@ -20,13 +20,14 @@ chunk's key once and extends as tokens arrive, so a scheduler never re-hashes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import sys
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Any, NewType
 
 import xxhash
 
@@ -40,33 +41,21 @@ _BIG_ENDIAN = sys.byteorder == "big"
 assert array("I").itemsize == 4, "kvtier needs a 4-byte C unsigned int"
 
 
-_sha256_new = hashlib.sha256
-
-
-def _sha256(data: bytes) -> bytes:
-    return _sha256_new(data).digest()
-
-
-def _blake2b(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=32).digest()
-
-
-def _xxh3_128(data: bytes) -> bytes:
-    return xxhash.xxh3_128_digest(data)
-
-
 @dataclass(slots=True, frozen=True)
 class HashMode:
     name: str
-    digest: Callable[[bytes], bytes]
+    new: Callable[[bytes], Any]  # hasher over some bytes; .digest() gives the key (C calls only)
     key_bytes: int
     collision_resistant: bool
 
+    def digest(self, data: bytes) -> bytes:
+        return self.new(data).digest()
+
 
 HASH_MODES: dict[str, HashMode] = {
-    "sha256": HashMode("sha256", _sha256, 32, True),
-    "blake2b": HashMode("blake2b", _blake2b, 32, True),
-    "xxh3_128": HashMode("xxh3_128", _xxh3_128, 16, False),
+    "sha256": HashMode("sha256", hashlib.sha256, 32, True),
+    "blake2b": HashMode("blake2b", functools.partial(hashlib.blake2b, digest_size=32), 32, True),
+    "xxh3_128": HashMode("xxh3_128", xxhash.xxh3_128, 16, False),
 }
 DEFAULT_HASH_MODE = "sha256"
 
@@ -207,14 +196,14 @@ class KeyChain:
         step = 4 * self.chunk_tokens
         full = len(mv) - len(mv) % step
         parent = self.keys[-1] if self.keys else self.root
-        digest = self._mode.digest
+        new_hasher = self._mode.new
         extras = _frame(*self._extras)
         new: list[ChunkKey] = []
         append = new.append
         # one hash call a chunk, over parent | extras | the chunk's token bytes (sliced from one
         # conversion of the whole list): this loop is the scheduler's hot path
         for off in range(0, full, step):
-            parent = digest(parent + extras + mv[off : off + step])
+            parent = new_hasher(parent + extras + mv[off : off + step]).digest()
             append(parent)  # type: ignore[arg-type]  # a ChunkKey is its bytes
         self._pending = list(tokens[full // 4 :])
         self.keys.extend(new)
