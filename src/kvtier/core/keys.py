@@ -196,14 +196,18 @@ class KeyChain:
         step = 4 * self.chunk_tokens
         full = len(mv) - len(mv) % step
         parent = self.keys[-1] if self.keys else self.root
-        new_hasher = self._mode.new
+        copy_empty = self._mode.new(b"").copy  # copying a started context skips OpenSSL's per-call setup
         extras = _frame(*self._extras)
         new: list[ChunkKey] = []
         append = new.append
-        # one hash call a chunk, over parent | extras | the chunk's token bytes (sliced from one
-        # conversion of the whole list): this loop is the scheduler's hot path
+        # one context a chunk over parent | extras | the chunk's token bytes (sliced, not copied,
+        # from one conversion of the whole list): this loop is the scheduler's hot path
         for off in range(0, full, step):
-            parent = new_hasher(parent + extras + mv[off : off + step]).digest()
+            h = copy_empty()
+            h.update(parent)
+            h.update(extras)
+            h.update(mv[off : off + step])
+            parent = h.digest()
             append(parent)  # type: ignore[arg-type]  # a ChunkKey is its bytes
         self._pending = list(tokens[full // 4 :])
         self.keys.extend(new)
