@@ -14,6 +14,7 @@ from kvtier.bench.trace import (
     block_tokens,
     distinct_chunks,
     hash_key,
+    judge_target,
     load_trace,
     replay_metadata_path,
     run_trace_bench,
@@ -174,3 +175,21 @@ def test_run_trace_bench_writes_json(tmp_path: Path) -> None:
             assert hit <= best + 1e-12
     assert set(on_disk["metadata_path"]) >= {"lookups_per_s", "inserts_per_s"}
     assert "lru" in on_disk["two_tier"]["policies"]
+    assert on_disk["target"]["policy"] == on_disk["default"]
+    assert len(on_disk["target"]["second_half"]["gap_closed"]) == 3
+
+
+def test_judge_target_needs_half_the_gap_and_never_below_lru() -> None:
+    def rows(whole: list[float], second: list[float]) -> dict[str, list[float]]:
+        return {"block_hit_ratio": whole, "second_half_block_hit_ratio": second}
+
+    optimal = rows([0.3, 0.55], [0.3, 0.55])
+    lru = rows([0.1, 0.5], [0.1, 0.5])  # below 0.8 of Belady only at the first capacity
+    judged = judge_target({"lru": lru, "x": rows([0.2, 0.5], [0.21, 0.5])}, optimal, "x")
+    assert judged["met"]
+    assert judged["whole"]["gap_closed"] == pytest.approx([0.5, 0.0])
+    assert judged["whole"]["required"] == [True, False]
+    assert not judge_target({"lru": lru, "x": rows([0.2, 0.5], [0.19, 0.5])}, optimal, "x")["met"]
+    below = judge_target({"lru": lru, "x": rows([0.3, 0.49], [0.3, 0.5])}, optimal, "x")
+    assert not below["met"] and not below["whole"]["never_worse_than_lru"]
+    assert judge_target({"lru": lru}, rows([0.1, 0.5], [0.1, 0.5]), "lru")["whole"]["gap_closed"] == [None, None]

@@ -9,7 +9,14 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from kvtier.core.errors import ConfigError
-from kvtier.tiers.policies import POLICIES, EvictionPolicy, LRFUPolicy, _pick_from_order, make_policy
+from kvtier.tiers.policies import (
+    POLICIES,
+    AdaptiveLRUPolicy,
+    EvictionPolicy,
+    LRFUPolicy,
+    _pick_from_order,
+    make_policy,
+)
 
 
 class MiniTier:
@@ -298,3 +305,94 @@ def test_lru_and_fifo_match_the_scanning_reference(name: str, reorder: bool) -> 
                 tier.policy.remove(victim)
                 tier.resident.discard(victim)
         assert fast.evicted == slow.evicted
+
+
+def replay_chains(tier: MiniTier, seed: int, n: int = 600) -> None:
+    """Random prefix-structured requests: touch the resident prefix, put the rest, pin a few."""
+    rng = random.Random(seed)
+    chains: list[list[bytes]] = []
+    for i in range(n):
+        base = rng.choice(chains)[: rng.randint(1, 5)] if chains and rng.random() < 0.7 else []
+        chain = base + [b"n%d.%d" % (i, j) for j in range(rng.randint(1, 3))]
+        chains.append(chain)
+        tier.pinned = set(random.Random(i).sample(sorted(tier.resident), min(2, len(tier.resident))))
+        k = 0
+        for key in chain:
+            if key not in tier.resident:
+                break
+            k += 1
+        tier.touch(*chain[:k])
+        parent = chain[k - 1] if k else None
+        for depth in range(k, len(chain)):
+            tier.put(chain[depth], parent, depth)
+            parent = chain[depth]
+
+
+def test_adaptive_with_theta_zero_is_exactly_lru() -> None:
+    lru, adaptive = MiniTier(make_policy("lru"), 9), MiniTier(AdaptiveLRUPolicy(profile=(0.0,)), 9)
+    replay_chains(lru, 3)
+    replay_chains(adaptive, 3)
+    assert adaptive.evicted == lru.evicted and len(lru.evicted) > 500
+
+
+def test_adaptive_order_weighs_use_counts() -> None:
+    # capacity 4: priority = use counter + shift[uses] x size, shifts -0.5 / 0.5 / 1.0
+    tier = MiniTier(AdaptiveLRUPolicy(profile=(-0.5, 0.5, 1.0)), 4)
+    for key in (b"w", b"x", b"y", b"z"):
+        tier.put(key)  # priorities 1-0.5, 2-1, 3-1.5, 4-2 (size = 1..4 resident so far)
+    tier.touch(b"x")  # 5 + 0.5 x 4 = 7
+    tier.touch(b"x")  # 6 + 1.0 x 4 = 10
+    for key in (b"a", b"b", b"c", b"d", b"e", b"f", b"g"):
+        tier.put(key)  # counter 7.. minus 2: a 5, b 6, c 7, d 8, e 9, f 10, g 11
+    # x, used three times, outlives four newer chunks; LRU would evict it fourth
+    assert tier.evicted == [b"w", b"y", b"z", b"a", b"b", b"c", b"d"]
+    lru = MiniTier(make_policy("lru"), 4)
+    for key in (b"w", b"x", b"y", b"z"):
+        lru.put(key)
+    lru.touch(b"x")
+    lru.touch(b"x")
+    for key in (b"a", b"b", b"c", b"d", b"e", b"f", b"g"):
+        lru.put(key)
+    assert lru.evicted == [b"w", b"y", b"z", b"x", b"a", b"b", b"c"]
+
+
+def test_adaptive_ghost_restores_use_count() -> None:
+    tier = MiniTier(AdaptiveLRUPolicy(profile=(-0.5, 0.5, 1.0)), 2)
+    tier.put(b"a")  # 1 - 0.5 x 1
+    tier.put(b"b")  # 2 - 0.5 x 2 = 1
+    tier.put(b"c")  # evicts a (0.5); c = 3 - 1 = 2
+    tier.put(b"a")  # evicts b (1); a is back with its ghost's count, 2 uses: 4 + 0.5 x 2 = 5
+    tier.put(b"d")  # evicts c (2); d = 5 - 1 = 4
+    tier.put(b"e")  # evicts d (4), not the older a (5)
+    assert tier.evicted == [b"a", b"b", b"c", b"d"]
+    assert tier.resident == {b"a", b"e"}
+
+
+def test_adaptive_learns_frequency_when_it_pays() -> None:
+    # 12 hot keys come back every round after 30 one-off keys: LRU (capacity 20) never keeps them
+    policy = AdaptiveLRUPolicy(sample_shift=0, window=16)
+    tier = MiniTier(policy, 20)
+    hits = 0
+    for r in range(60):
+        for h in range(12):
+            key = b"hot%d" % h
+            if key in tier.resident:
+                hits += 1
+                tier.touch(key)
+            else:
+                tier.put(key)
+        for i in range(30):
+            tier.put(b"once%d.%d" % (r, i))
+    assert policy.profile != (0.0,)
+    assert hits > 12 * 60 // 2
+
+
+def test_adaptive_stays_lru_when_recency_is_enough() -> None:
+    # every key comes back once, 10 keys later: LRU with room for 20 hits all of them
+    policy = AdaptiveLRUPolicy(sample_shift=0, window=16)
+    tier = MiniTier(policy, 20)
+    for i in range(2000):
+        tier.put(b"k%d" % i)
+        if i >= 10:
+            tier.touch(b"k%d" % (i - 10))
+    assert policy.profile == (0.0,)

@@ -431,6 +431,28 @@ def choose_default(policies: dict[str, dict[str, list[float]]]) -> str:
     return best
 
 
+def gap_closed(hit: float, lru: float, best: float) -> float | None:
+    """Share of the LRU -> Belady gap that `hit` closes; None where there is no gap."""
+    return (hit - lru) / (best - lru) if best - lru > 1e-12 else None
+
+
+def judge_target(policies: dict[str, dict[str, list[float]]], optimal: dict[str, list[float]],
+                 name: str) -> dict[str, Any]:
+    """Issue 7's target for policy `name`: wherever LRU is below 0.8 of Belady it closes at least
+    half of the gap, on the whole trace and on its second half, and it is never below LRU."""
+    row, lru = policies[name], policies["lru"]
+    out: dict[str, Any] = {"policy": name, "met": True}
+    for label, key in (("whole", "block_hit_ratio"), ("second_half", "second_half_block_hit_ratio")):
+        closed = [gap_closed(h, b, o) for h, b, o in zip(row[key], lru[key], optimal[key])]
+        required = [b < 0.8 * o for b, o in zip(lru[key], optimal[key])]
+        never_worse = all(h >= b - 1e-12 for h, b in zip(row[key], lru[key]))
+        half_closed = all(c is not None and c >= 0.5 for c, need in zip(closed, required) if need)
+        out[label] = {"gap_closed": closed, "required": required, "never_worse_than_lru": never_worse,
+                      "half_gap_closed_where_required": half_closed}
+        out["met"] = out["met"] and never_worse and half_closed
+    return out
+
+
 def run_trace_bench(
     trace_path: str | Path = DEFAULT_TRACE,
     json_out: str | Path | None = None,
@@ -518,6 +540,7 @@ def run_trace_bench(
         "best_first_half_mean": best_mean,
         "policies": result_policies,
         "optimal": optimal,
+        "target": judge_target(result_policies, optimal, default),
         "two_tier": two_tier,
         "metadata_path": metadata,
         "seconds": time.perf_counter() - started,
@@ -554,6 +577,21 @@ def print_table(result: dict[str, Any]) -> None:
             cells.append(f"{opt[okey][i]:.3f}")
             table.add_row(*cells)
         console.print(table)
+    target = result["target"]
+    table = Table(title=f"{target['policy']}: share of the LRU -> Belady gap closed "
+                        "(* = required >= 0.5: LRU below 0.8 of Belady)")
+    table.add_column("capacity")
+    table.add_column("whole trace", justify="right")
+    table.add_column("second half", justify="right")
+    for i, pct in enumerate(result["capacities_pct"]):
+        cells = [f"{pct}%"]
+        for label in ("whole", "second_half"):
+            closed, need = target[label]["gap_closed"][i], target[label]["required"][i]
+            cells.append(("-" if closed is None else f"{closed:.2f}") + (" *" if need else ""))
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"target met: {target['met']} (never worse than LRU: whole "
+                  f"{target['whole']['never_worse_than_lru']}, second half {target['second_half']['never_worse_than_lru']})")
     meta = result["metadata_path"]
     console.print(f"metadata path (MemoryTier, {meta['policy']}, {meta['capacity_chunks']} chunks): "
                   f"{meta['lookups_per_s']:,.0f} chunk lookups/s, {meta['inserts_per_s']:,.0f} inserts/s")

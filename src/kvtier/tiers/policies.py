@@ -25,9 +25,12 @@ Policies (the registry POLICIES, `make_policy(name)`):
     lrfu    least recently/frequently used: exponentially decayed access counts, a ghost of
             evicted scores, optional depth weighting, and optionally no admission of a chunk
             whose parent is not cached (a prefix lookup could never reach it)
-The last four keep their order in leaf queues (a heap that holds only leaves), O(log n)
-amortized per operation; ARC and S3-FIFO learn the tier's capacity as the largest resident
-count at an eviction (a tier evicts only when full). Measured on a production trace by
+    adaptive  LRU plus a shift by use count (chunks seen once leave sooner, chunks used again
+            stay longer), the shift chosen online by miniature simulations of a hashed sample
+            of the keys, one per candidate; starts as, and falls back to, exact LRU
+The last five keep their order in leaf queues (a heap that holds only leaves), O(log n)
+amortized per operation; those that size anything by the tier's capacity learn it as the
+largest resident count at an eviction (a tier evicts only when full). Measured on a production trace by
 kvtier.bench.trace (`kvtier bench trace`).
 """
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -590,6 +594,177 @@ class LRFUPolicy(_QueuedPolicy):
         return victim
 
 
+Profile = tuple[float, ...]
+
+
+def _shift(profile: Profile, uses: int) -> float:
+    """Priority shift, in cache sizes, of a chunk used `uses` times (the last entry covers the rest)."""
+    return profile[min(uses, len(profile)) - 1]
+
+
+class _MiniCache:
+    """A metadata-only cache of `capacity` keys, ranked as AdaptiveLRUPolicy ranks with a fixed
+    profile; it sees a hash-sampled share of the references, one key at a time (no parent links,
+    so no prefix rule). A miniature simulation (Waldspurger et al., ATC'17): its hit count
+    estimates how the full cache would do with that profile, at a fraction of the cost.
+    """
+
+    __slots__ = ("profile", "ghost_factor", "capacity", "tick", "hits", "_heap", "_stamp", "_uses", "_ghost")
+
+    def __init__(self, profile: Profile, ghost_factor: float) -> None:
+        self.profile = profile
+        self.ghost_factor = ghost_factor
+        self.capacity = 0  # 0 until the real tier's size is known: no evictions before
+        self.tick = 0
+        self.hits = 0
+        self._heap: list[tuple[float, int, Key]] = []
+        self._stamp: dict[Key, int] = {}  # key -> tick of its live heap entry
+        self._uses: dict[Key, int] = {}
+        self._ghost: OrderedDict[Key, int] = OrderedDict()
+
+    def access(self, key: Key) -> None:
+        self.tick += 1
+        uses = self._uses.get(key)
+        if uses is None:
+            uses = self._ghost.pop(key, 0) + 1
+        else:
+            self.hits += 1
+            uses += 1
+        self._uses[key] = uses
+        self._stamp[key] = self.tick
+        heapq.heappush(self._heap, (self.tick + _shift(self.profile, uses) * self.capacity, self.tick, key))
+        capacity = self.capacity
+        if capacity:
+            heap, stamp, ghost, all_uses = self._heap, self._stamp, self._ghost, self._uses
+            while len(all_uses) > capacity:
+                _, tick, victim = heapq.heappop(heap)
+                if stamp.get(victim) != tick:
+                    continue  # stale entry
+                del stamp[victim]
+                ghost[victim] = all_uses.pop(victim)
+                if len(ghost) > self.ghost_factor * capacity:
+                    ghost.popitem(last=False)
+            if len(heap) > 2 * len(stamp) + 64:
+                self._heap = [(p, t, k) for p, t, k in heap if stamp.get(k) == t]
+                heapq.heapify(self._heap)
+
+
+class AdaptiveLRUPolicy(_QueuedPolicy):
+    """LRU whose order also weighs how often a chunk was used, by an amount tuned online.
+
+    A chunk's priority is its last use (a counter, as in LRU) plus `profile[uses - 1]` cache
+    sizes, where `uses` counts its uses (remembered for `ghost_factor` x capacity evicted keys
+    too) and the profile's last entry covers every higher count. The profile (0,) is exactly LRU;
+    (-0.5, 0.5, 1.0) enters a chunk seen once half a cache older than LRU would and keeps one
+    seen three times a whole cache longer. On the Mooncake conversation trace most chunks are
+    never used again (a prompt's last, partial block; conversations that end) while a chunk used
+    twice is likely to be used again, so weighing uses helps while the cache holds only minutes
+    of requests, and costs a little once it holds most of the reuse (where LRU is near Belady).
+
+    The profile is therefore chosen online among `profiles`: one miniature cache per profile
+    replays the references of a 1-in-2**sample_shift hash sample of the keys at that share of
+    the capacity; every `window` sampled references the policy takes the profile whose hit count
+    (older windows weighted down by `decay` each) is best, leaving the first profile (LRU by
+    default) only for a lead of `margin`.
+    With `profile` given, it is fixed and no miniature cache runs.
+    """
+
+    name = "adaptive"
+    default_profiles: ClassVar[tuple[Profile, ...]] = ((0.0,), (-0.5, 0.5, 1.0), (-0.99, 3.0, 6.0, 9.0, 12.0))
+
+    def __init__(self, *, profile: Profile | None = None, profiles: Sequence[Profile] | None = None,
+                 sample_shift: int = 3, window: int = 512, decay: float = 0.9, margin: float = 0.05,
+                 ghost_factor: float = 4.0) -> None:
+        super().__init__()
+        self._order = _LeafQueue(self)
+        self._queues = (self._order,)
+        self._used = 0
+        self._uses: dict[Key, int] = {}
+        self._ghost: OrderedDict[Key, int] = OrderedDict()
+        self.ghost_factor = ghost_factor
+        candidates = tuple(profiles) if profiles is not None else self.default_profiles
+        self.profile: Profile = profile if profile is not None else candidates[0]
+        self.window = window
+        self.decay = decay
+        self.margin = margin
+        self._mask = (1 << sample_shift) - 1
+        self._sample_shift = sample_shift
+        self._minis = [] if profile is not None else [_MiniCache(p, ghost_factor) for p in candidates]
+        self._scores = [0.0] * len(self._minis)
+        self._last_hits = [0] * len(self._minis)
+        self._sampled = 0
+
+    # -- online tuning --------------------------------------------------------------------------
+    def _sample(self, key: Key) -> None:
+        if zlib.crc32(key) & self._mask:
+            return
+        for mini in self._minis:
+            mini.access(key)
+        self._sampled += 1
+        if self._sampled % self.window == 0:
+            self._choose()
+
+    def _choose(self) -> None:
+        scores = self._scores
+        for i, mini in enumerate(self._minis):
+            scores[i] = self.decay * scores[i] + (mini.hits - self._last_hits[i])
+            self._last_hits[i] = mini.hits
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        if scores[best] <= (1.0 + self.margin) * scores[0]:
+            best = 0
+        self.profile = self._minis[best].profile
+
+    # -- the protocol ---------------------------------------------------------------------------
+    def _priority(self, uses: int) -> float:
+        self._used += 1
+        shift = _shift(self.profile, uses)
+        return self._used + shift * max(self._capacity, len(self)) if shift else self._used
+
+    def insert(self, key: Key, parent: Key | None, depth: int) -> None:
+        if self._minis:
+            self._sample(key)
+        uses = self._uses.get(key)
+        if uses is None:
+            self._link(key, parent)
+            uses = self._ghost.pop(key, 0) + 1
+        else:
+            uses += 1  # re-inserted while cached: a use
+        self._uses[key] = uses
+        self._order.set(key, self._priority(uses))
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        order, all_uses = self._order, self._uses
+        for key in reversed(keys):
+            if key in order:
+                if self._minis:
+                    self._sample(key)
+                uses = all_uses[key] + 1
+                all_uses[key] = uses
+                order.set(key, self._priority(uses))
+
+    def _forget(self, key: Key) -> None:
+        super()._forget(key)
+        self._uses.pop(key, None)
+
+    def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        before = self._capacity
+        capacity = self._observe_capacity()
+        if capacity != before:
+            for mini in self._minis:
+                mini.capacity = max(1, capacity >> self._sample_shift)
+        victim = self._order.pop(can_evict)
+        if victim is None:
+            victim = self._order.pop_any(can_evict)
+        if victim is None:
+            return None
+        ghost = self._ghost
+        ghost[victim] = self._uses[victim]
+        while len(ghost) > self.ghost_factor * capacity:
+            ghost.popitem(last=False)
+        self._forget(victim)
+        return victim
+
+
 POLICIES: dict[str, type[EvictionPolicy]] = {}
 
 
@@ -598,7 +773,7 @@ def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
     return cls
 
 
-for _cls in (LRUPolicy, FIFOPolicy, ARCPolicy, S3FIFOPolicy, LRFUPolicy):
+for _cls in (LRUPolicy, FIFOPolicy, ARCPolicy, S3FIFOPolicy, LRFUPolicy, AdaptiveLRUPolicy):
     register_policy(_cls)
 
 
