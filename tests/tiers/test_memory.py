@@ -122,3 +122,19 @@ def test_bad_buffers_and_config():
         MemoryTier(TINY, CHUNK, MemoryTierConfig(capacity_bytes=10))
     with pytest.raises(ConfigError, match="policy"):
         MemoryTier(TINY, CHUNK, MemoryTierConfig(capacity_bytes=1 << 20, policy="nope"))
+
+
+def test_typed_destinations_and_read_only_sources():
+    """Copies go by raw address: typed multi-dimensional dests, bytes sources, slices of one array."""
+    t = tier(2)
+    key = key_of(7)
+    layers = payload(key)
+    meta = ChunkMeta(key, ROOT, 0, CHUNK, tuple(checksum(x) for x in layers))
+    assert t.write(meta, [x.tobytes() for x in layers])  # read-only sources
+    shape = (TINY.num_kv_heads, TINY.planes, CHUNK, TINY.head_size)
+    paged = np.zeros((3, *shape), np.float32)  # one layer per block of a paged tensor, block 1 unused
+    assert t.read(key, [1, 0], [paged[2], paged[0]]) is not None
+    assert paged[0].tobytes() == layers[0].tobytes() and paged[2].tobytes() == layers[1].tobytes()
+    assert not paged[1].any()  # nothing written outside the destinations
+    with pytest.raises(ValueError, match="C-contiguous"):
+        t.read(key, [0], [np.zeros((2, LB), np.uint8)[:, 0]])
