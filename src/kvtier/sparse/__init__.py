@@ -1,7 +1,7 @@
 """Sparse attention with KV offload: block summaries, selection policies, a budgeted working set.
 
     SparseConfig            budget, block size, sinks, window, policy, retrieval stride
-    Summarizer              per-block key summaries (min/max, mean, sign-hash), stored as SECTION_SUMMARY
+    Summarizer              per-block key summaries (min/max, mean, per-key sign hash + norm), stored as SECTION_SUMMARY
     POLICIES / make_policy  dense, streaming, quest, mean, hash, oracle (eval only), quest_mean, quest_share
     WorkingSet              the fast-memory slots of one layer; fetches only blocks that changed
     SparseKV                one request's full KV in a TieredStore plus its working sets (all layers)

@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from kvtier.sparse.summary import SummaryTable, unpack_signs
 
@@ -120,13 +121,17 @@ def hash_logits(q: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor, proje
     """Estimated q.k of every key from its sign bits and norm: q [H, g, d], codes [H, N, bits/8],
     norms [H, N] -> [H, g, N]. E[sign(r.k) (r.q)] = sqrt(2/pi) q.k / |k| for r ~ N(0, I), so
     |k| sqrt(pi/2) / bits * sum_j sign(r_j.k) (r_j.q) is unbiased. The sum over bits is one
-    lookup per code byte in a [256] table of that byte's partial sums (no unpacked bits)."""
+    lookup per code byte in a [256] table of that byte's partial sums (no unpacked bits), gathered
+    and summed by one embedding_bag over int32 indices."""
     h, g, _ = q.shape
     n, m = codes.shape[1], codes.shape[2]
     qp = (q @ projection).unflatten(-1, (m, 8))  # [H, g, m, 8]
-    lut = (qp @ _BYTE_SIGNS.T).reshape(h, g, m * 256)  # [H, g, m * 256]
-    idx = codes.long() + torch.arange(0, m * 256, 256)  # [H, N, m]
-    est = torch.gather(lut, 2, idx.reshape(h, 1, n * m).expand(h, g, -1)).view(h, g, n, m).sum(-1)
+    lut = torch.empty(h * m * 256, g)  # row (head, byte, value); fresh strides keep embedding_bag's fast path
+    lut.view(h, m, 256, g).copy_((qp @ _BYTE_SIGNS.T).permute(0, 2, 3, 1))
+    base = torch.arange(h, dtype=torch.int32).view(h, 1, 1) * (m * 256) + torch.arange(0, m * 256, 256,
+                                                                                       dtype=torch.int32)
+    idx = (codes.to(torch.int32) + base).view(h * n, m)
+    est = F.embedding_bag(idx, lut, mode="sum").view(h, n, g).transpose(1, 2)  # [H, g, N]
     return est * norms.unsqueeze(1) * (math.sqrt(math.pi / 2) / (8 * m))
 
 
