@@ -51,7 +51,7 @@ def _size(default: int) -> Any:
 @dataclass(slots=True, frozen=True)
 class MemoryTierConfig:
     capacity_bytes: int = _size(1 << 30)
-    policy: str = "lru"
+    policy: str = "adaptive"  # LRU until its own sampled simulations show use counts pay (issue 7)
     verify_reads: bool = True  # checksum each section after copying it to the caller
 
 
@@ -59,7 +59,7 @@ class MemoryTierConfig:
 class DiskTierConfig:
     root: str = ""
     capacity_bytes: int = _size(16 << 30)
-    policy: str = "lru"
+    policy: str = "adaptive"
     fsync: bool = False  # fsync before publish: survives power loss, not only process crashes
     read_only: bool = False  # open as a reader of a folder another process owns
 
