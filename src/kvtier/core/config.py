@@ -208,6 +208,7 @@ class ClientConfig:
     lease_timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
     transfer_threads: int = 2
+    transfer_cpus: tuple[int, ...] = ()  # CPUs for the transfer threads; () = those of the starting thread
 
     def __post_init__(self) -> None:
         if self.mode not in CLIENT_MODES:

@@ -7,6 +7,7 @@ worker hit, so no error dies silently on a background thread.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -44,11 +45,25 @@ class TransferHandle(Generic[R]):
         return f"<TransferHandle {self.kind} #{self.id} {state}>"
 
 
+def _run_on(cpus: tuple[int, ...]) -> None:
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, cpus)  # 0: this thread only
+        except OSError:  # none of them allowed here (cpuset): stay where we are
+            pass
+
+
 class TransferEngine:
     """Worker threads plus a handle-id counter owned by one store."""
 
-    def __init__(self, threads: int, name: str) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+    def __init__(self, threads: int, name: str, cpus: tuple[int, ...] = ()) -> None:
+        """`cpus`: run the threads on these CPUs (() = wherever the thread that starts them may run).
+
+        An engine that pins its compute threads (vLLM's CPU worker) starts kvtier's threads
+        from a pinned thread; given the cores it left free, copies overlap its compute.
+        """
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name,
+                                        initializer=_run_on, initargs=(cpus,))
         self._ids = itertools.count(1)
 
     def submit(self, kind: str, fn: Callable[..., R], *args: Any) -> TransferHandle[R]:
