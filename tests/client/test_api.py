@@ -222,3 +222,19 @@ def test_auto_start(tmp_path):
     from tests.service.util import wait_until
     assert wait_until(lambda: not os.path.exists(cfg["socket_path"]))
     cleanup(folder)
+
+
+
+def test_load_layers_hands_over_each_layer_in_order(client):
+    root, keys = chain(client, 3)
+    save_chain(client, keys, root).wait()
+    missing = b"\x02" * 32
+    batch = [keys[0], missing, keys[1], keys[2]]
+    dests = new_dests(4)
+    load = client.load_layers(batch, dests)
+    for layer in range(TINY.num_layers):
+        load.wait_layer(layer)  # every chunk that loads has this layer (the missing one is skipped)
+        assert all(np.array_equal(dests[i][layer], payload(batch[i])[layer]) for i in (0, 2, 3))
+    res = load.wait()
+    assert res.failed == (1,) and res.loaded == 1 and res.tiers == ("memory", "", "memory", "memory")
+    assert exact([keys[0], keys[1], keys[2]], [dests[0], dests[2], dests[3]])

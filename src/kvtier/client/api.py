@@ -7,6 +7,7 @@ benchmarks. They use only this module's `StoreClient`, obtained from `connect(co
     namespace(model, ...), chunk_keys(...)   key helpers bound to the store's layout and chunk size
     lookup(keys, lease=False)                -> LookupReply(hits, tiers, lease_id)   (scheduler)
     load(keys, dests, layers, lease_id)      -> TransferHandle[LoadResult]           (worker)
+    load_layers(keys, dests, lease_id)       -> LayeredLoad: wait_layer(layer), wait() (worker)
     release(lease_id)                        end a lease (LeaseError if not held)
     save(keys, parent, first_depth, srcs)    -> TransferHandle[SaveResult]
     begin_save(keys, parent, first_depth)    -> SaveSession: write_layer / commit / abort
@@ -15,6 +16,12 @@ benchmarks. They use only this module's `StoreClient`, obtained from `connect(co
 Buffers are buffer-protocol objects: dests[i][j] receives layer layers[j] of chunk keys[i]
 and srcs[i][layer] holds layer `layer` of chunk keys[i], one C-contiguous section each
 ([kv_heads, planes, chunk_tokens, head_size] of the layout's dtype).
+
+load_layers loads every layer and lets the caller use layer j while later layers load:
+`wait_layer(j)` returns once layer j of every chunk is in place (failed chunks excepted;
+call it for layers in order), `wait()` returns the LoadResult or raises. The service client
+copies layer by layer on its transfer thread, and a caller blocked in wait_layer copies
+sections of that layer itself instead of idling; the default waits for the whole load.
 
 Leases: `lookup(keys, lease=True)` pins the reported chunks (promoting disk hits into
 DRAM) so a later `load(..., lease_id=...)`, possibly from another process, finds them;
@@ -43,7 +50,7 @@ from kvtier.store.tiered import LoadResult, SaveResult, TieredStore
 from kvtier.store.transfer import TransferHandle
 from kvtier.tiers.base import Buffer
 
-__all__ = ["InProcessClient", "LoadResult", "LookupReply", "SaveResult", "SaveSession", "StoreClient", "connect"]
+__all__ = ["InProcessClient", "LayeredLoad", "LoadResult", "LookupReply", "SaveResult", "SaveSession", "StoreClient", "connect"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,6 +58,29 @@ class LookupReply:
     hits: int  # leading chunks stored
     tiers: tuple[str, ...]  # tier of each hit ("memory" or "disk")
     lease_id: int | None  # set when a lease was asked for and at least one chunk was pinned
+
+
+class LayeredLoad(Protocol):
+    """A load of every layer that hands over layers in order (StoreClient.load_layers)."""
+
+    def wait_layer(self, layer: int) -> None: ...
+
+    def wait(self) -> LoadResult: ...
+
+
+class WholeLoad:
+    """LayeredLoad over a plain load: every layer is ready when the whole load is done."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: TransferHandle[LoadResult]) -> None:
+        self.handle = handle
+
+    def wait_layer(self, layer: int) -> None:
+        self.handle.exception()  # waits; a failure is raised by wait()
+
+    def wait(self) -> LoadResult:
+        return self.handle.wait()
 
 
 class SaveSession(Protocol):
@@ -79,6 +109,10 @@ def dest_arrays(layout: KVLayout, chunk_tokens: int, keys: Sequence[bytes], dest
             raise ValueError(f"each chunk needs {len(layer_list)} destination buffers, got {len(per_chunk)}")
         row = []
         for dest in per_chunk:
+            if (type(dest) is np.ndarray and dest.dtype == np.uint8 and dest.nbytes == layer_bytes
+                    and dest.ndim == 1 and dest.flags.c_contiguous and dest.flags.writeable):
+                row.append(dest)  # the connectors' page views: checked in a few attribute reads
+                continue
             mv = memoryview(dest)
             if mv.readonly:
                 raise ValueError("destination buffer is read-only")
@@ -119,6 +153,11 @@ class StoreClient(ABC):
     @abstractmethod
     def load(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]], layers: Sequence[int] | None = None,
              lease_id: int | None = None) -> TransferHandle[LoadResult]: ...
+
+    def load_layers(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
+                    lease_id: int | None = None) -> LayeredLoad:
+        """Load every layer (dests[i][layer]); use layer j once wait_layer(j) returns."""
+        return WholeLoad(self.load(keys, dests, None, lease_id))
 
     @abstractmethod
     def release(self, lease_id: int) -> None: ...

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.client.api import LookupReply, SaveSession, StoreClient, dest_arrays
+from kvtier.client.api import LayeredLoad, LookupReply, SaveSession, StoreClient, dest_arrays
 from kvtier.core.codec import checksum
 from kvtier.core.config import ClientConfig
 from kvtier.core.errors import LayoutMismatchError, TierUnavailableError
@@ -40,7 +40,7 @@ from kvtier.service import protocol as p
 from kvtier.service.shm import close_quietly, default_socket_path, open_pool
 from kvtier.store.tiered import LoadResult, SaveResult
 from kvtier.store.transfer import TransferEngine, TransferHandle
-from kvtier.tiers.base import Buffer, as_bytes_view
+from kvtier.tiers.base import Buffer, as_bytes_view, buffer_address, copy_memory
 
 _REPLY_TIMEOUT_S = 300.0  # a flush may wait for many disk writes
 
@@ -69,7 +69,7 @@ class ServiceClient(StoreClient):
             self._sock.close()
             raise
         self._pool = np.frombuffer(self._mm, dtype=np.uint8)
-        self._io = TransferEngine(config.transfer_threads, "kvtier-client")
+        self._io = TransferEngine(config.transfer_threads, "kvtier-client", config.transfer_cpus)
 
     # -- connection --------------------------------------------------------------------
     def _try_connect(self) -> socket.socket | None:
@@ -173,6 +173,11 @@ class ServiceClient(StoreClient):
         tiers = tuple("" if i in failed else t for i, t in enumerate(found))
         return LoadResult(failed[0] if failed else len(keys), tuple(failed), tiers)
 
+    def load_layers(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
+                    lease_id: int | None = None) -> LayeredLoad:
+        layers, arrays = dest_arrays(self._layout, self._chunk_tokens, keys, dests, None)
+        return _LayeredLoad(self, list(keys), arrays, layers, lease_id)
+
     def begin_save(self, keys: Sequence[bytes], parent: bytes, first_depth: int) -> SaveSession:
         return _ServiceSave(self, list(keys), parent, first_depth)
 
@@ -204,6 +209,113 @@ class ServiceClient(StoreClient):
         self._io.shutdown()
         del self._pool
         close_quietly(self._mm)
+
+
+class _LayeredLoad:
+    """A load copied layer by layer by a transfer thread, which a waiting caller helps.
+
+    The transfer thread pins every chunk once (load_begin), copies each chunk's section of
+    the first layer, then of the next, and unpins once (load_end). The sections are work
+    items in that order behind one cursor: a caller in wait_layer(j) whose layer is not in
+    place yet takes items too, so a transfer thread that shares its core with something
+    else (vLLM's engine process polls on the core it left free) never makes the caller wait
+    much longer than copying the rest of the layer itself would.
+    """
+
+    def __init__(self, client: ServiceClient, keys: list[bytes], dests: list[list[np.ndarray]], layers: list[int],
+                 lease_id: int | None) -> None:
+        self._c = client
+        self._keys = keys
+        self._dests = dests
+        self._layers = layers
+        self._position = {layer: j for j, layer in enumerate(layers)}
+        self._pool_addr = int(client._pool.ctypes.data)
+        self._cond = threading.Condition()
+        self._begun = False  # load_begin answered, or failed (then _stopped)
+        self._stopped = False
+        self._slots: list[int] = []
+        self._sums: list[list[int]] = []
+        self._bad: set[int] = set()  # chunks missing or corrupt
+        self._corrupt: list[int] = []
+        self._next = 0  # next work item: layer position * len(keys) + chunk
+        self._left = [len(keys)] * len(layers)  # unfinished items per layer position
+        self._handle = client._io.submit("load", self._run, lease_id)
+
+    def _run(self, lease_id: int | None) -> LoadResult:
+        c = self._c
+        try:
+            r = c._call("load_begin", keys=self._keys, lease=lease_id)
+        except BaseException:
+            self._stop()
+            raise
+        with self._cond:
+            self._slots, self._sums = r["slots"], r["checksums"]
+            self._bad = {i for i, slot in enumerate(self._slots) if slot < 0}
+            self._begun = True
+            self._cond.notify_all()
+        try:
+            while self._copy_next(len(self._layers)):
+                pass
+            with self._cond:
+                while any(self._left):  # sections a caller is still copying
+                    self._cond.wait()
+        except BaseException:
+            self._stop()
+            raise
+        finally:
+            c._call("load_end", load=r["load"], corrupt=self._corrupt)
+        failed = sorted(self._bad)
+        tiers = tuple("" if i in self._bad else t for i, t in enumerate(r["tiers"]))
+        return LoadResult(failed[0] if failed else len(self._keys), tuple(failed), tiers)
+
+    def _stop(self) -> None:
+        with self._cond:
+            self._begun = self._stopped = True
+            self._cond.notify_all()
+
+    def _copy_next(self, below: int) -> bool:
+        """Copy the next section if its layer position is below `below`; False if there is none."""
+        n = len(self._keys)
+        with self._cond:
+            while True:
+                item = self._next
+                if self._stopped or item >= n * len(self._layers) or item // n >= below:
+                    return False
+                self._next = item + 1
+                j, i = divmod(item, n)
+                if i not in self._bad:
+                    break
+                self._done(j)
+        c = self._c
+        layer, lb = self._layers[j], c._layer_bytes
+        mv = self._dests[i][j].data
+        copy_memory(buffer_address(mv), self._pool_addr + self._slots[i] * c._chunk_bytes + layer * lb, lb)
+        ok = not c._verify or checksum(mv) == self._sums[i][layer]
+        with self._cond:
+            if not ok and i not in self._bad:
+                self._bad.add(i)
+                self._corrupt.append(i)
+            self._done(j)
+        return True
+
+    def _done(self, j: int) -> None:  # holding _cond
+        self._left[j] -= 1
+        if not self._left[j]:
+            self._cond.notify_all()
+
+    def wait_layer(self, layer: int) -> None:
+        j = self._position[layer]
+        with self._cond:
+            while not self._begun:
+                self._cond.wait()
+        while self._copy_next(j + 1):
+            pass
+        with self._cond:
+            while self._left[j] and not self._stopped:
+                self._cond.wait()
+
+    def wait(self) -> LoadResult:
+        return self._handle.wait()
 
 
 class _ServiceSave:
