@@ -14,7 +14,9 @@ the roles, in KVTierConnectorMetadata.
 
 Decisions (see scheduler.py / worker.py for the details):
 - chunk size = vLLM's block_size; loads are synchronous and layer by layer (no
-  WAITING_FOR_REMOTE_KVS state), saves are copied into the store's DRAM in the step that
+  WAITING_FOR_REMOTE_KVS state): one store load per request starts in start_load_kv and
+  wait_for_layer_load(layer i) waits only for layer i, the copies running on CPUs the
+  forward pass does not use (cpus_left_free); saves are copied into the store's DRAM in the step that
   computes them, so request_finished returns (False, None): blocks are freed at once.
 - requires_kv_delivery is False: kvtier is a best-effort cache, a dropped save is a miss.
 - handle_preemptions does nothing: no save is pending when a step ends.
@@ -120,7 +122,23 @@ def start_detached_service(socket_path: str, service_config: str, timeout_s: flo
                                f"{timeout_s} s; see {socket_path}.log")
 
 
-def open_client(cfg: VLLMConnectorConfig, layout: KVLayout, block_size: int, first: bool) -> StoreClient:
+def cpus_left_free() -> tuple[int, ...]:
+    """The machine's CPUs that the calling thread is not pinned to; () when it may run anywhere.
+
+    vLLM's CPU worker pins its forward pass to its compute cores and keeps others free
+    (VLLM_CPU_NUM_OF_RESERVED_CPU; vLLM reserves one more when a KV connector is set, for
+    the connector's transfers, as its NIXL connector uses it). kvtier's transfer threads,
+    started from the pinned worker thread, would otherwise copy on the cores of the forward
+    pass, so a layer's load could not overlap the compute of the layers before it.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return ()
+    mine = os.sched_getaffinity(0)
+    return tuple(sorted(set(range(os.cpu_count() or 1)) - mine))
+
+
+def open_client(cfg: VLLMConnectorConfig, layout: KVLayout, block_size: int, first: bool,
+                transfer_cpus: tuple[int, ...] = ()) -> StoreClient:
     """A ServiceClient for this model's layout; at start it may launch the service."""
     from kvtier.client.service_client import ServiceClient
 
@@ -135,7 +153,7 @@ def open_client(cfg: VLLMConnectorConfig, layout: KVLayout, block_size: int, fir
     client = ServiceClient(ClientConfig(mode="service", socket_path=socket_path, layout=layout,
                                         service_config=service_config, auto_start=False,
                                         lease_timeout_s=cfg.lease_timeout_s,
-                                        connect_timeout_s=cfg.connect_timeout_s), layout)
+                                        connect_timeout_s=cfg.connect_timeout_s, transfer_cpus=transfer_cpus), layout)
     if client.chunk_tokens != block_size:
         client.close()
         raise ConfigError(f"the kvtier service on {socket_path} uses chunk_tokens={client.chunk_tokens}, but vLLM's "
@@ -189,7 +207,10 @@ class KVTierConnector(KVConnectorBase_V1):
                                      cpu_amx_supported() if self.is_cpu else False)
         layout = self.model.layout
         cfg = self.config
-        link = StoreLink(lambda first: open_client(cfg, layout, block_size, first), cfg.retry_after_s)
+        worker_role = role != KVConnectorRole.SCHEDULER
+        # the worker's client starts after vLLM pinned the worker thread: its copies go elsewhere
+        link = StoreLink(lambda first: open_client(cfg, layout, block_size, first,
+                                                   cpus_left_free() if worker_role else ()), cfg.retry_after_s)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:

@@ -8,12 +8,15 @@ UnsupportedLayoutError) any shape, dtype, stride or block split it does not map.
 
     save_source(block) -> uint8 array of one section (a view or a fresh copy)
     load_target(block) -> (uint8 array to load into, finish() to run after the load or None)
+    load_targets(blocks) -> the same for many blocks (one list of arrays, one list of finishers)
 
 Adapters (registry ADAPTERS):
 - CPU_ATTN -> CpuPageAdapter: the CPU kernel reads each block's [H, N, C] as [H, 2N, D] and
   keeps K transposed ([D, N]) and V as [N, D] inside each head, in an ISA-dependent order.
   A block is therefore moved as one opaque page of bytes (a zero-copy view both ways); the
-  page must be contiguous and the chunk must be exactly one block.
+  page must be contiguous and the chunk must be exactly one block. The pages of a layer are
+  one [blocks, page bytes] uint8 array made at register time, so a load of N blocks costs
+  N row lookups, not N tensor views.
 - FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION -> SplitLastAdapter: these backends read
   `kv.transpose(1, 2).split(head_size, -1)`, i.e. kv[b, h, n, :D] is K and kv[b, h, n, D:]
   is V of token n, for any stride order. Sections hold kvtier's canonical
@@ -68,6 +71,10 @@ class BlockAdapter(ABC):
     @abstractmethod
     def load_target(self, block: int) -> tuple[np.ndarray, Callable[[], None] | None]: ...
 
+    def load_targets(self, blocks: list[int]) -> tuple[list[np.ndarray], list[Callable[[], None] | None]]:
+        pairs = [self.load_target(b) for b in blocks]
+        return [t for t, _ in pairs], [f for _, f in pairs]
+
 
 class CpuPageAdapter(BlockAdapter):
     canonical = False
@@ -83,12 +90,21 @@ class CpuPageAdapter(BlockAdapter):
                 f"CPU_ATTN KV pages are not contiguous (strides {kv.stride()}); kvtier needs the LBHNC/BLHNC layout")
         if kv[0].numel() * kv.element_size() != layout.layer_bytes(block_size):
             raise UnsupportedLayoutError("CPU_ATTN page size differs from a kvtier section")
+        # [blocks, page bytes]; rows are contiguous pages, blocks may sit at any stride
+        flat = kv.flatten(1)
+        if flat.untyped_storage().data_ptr() != kv.untyped_storage().data_ptr():
+            raise UnsupportedLayoutError(f"CPU_ATTN KV pages cannot be viewed as rows (strides {kv.stride()})")
+        self.pages: np.ndarray = flat.view(torch.uint8).numpy()
 
     def save_source(self, block: int) -> np.ndarray:
-        return _as_bytes(self.kv[block])
+        return self.pages[block]
 
     def load_target(self, block: int) -> tuple[np.ndarray, Callable[[], None] | None]:
-        return _as_bytes(self.kv[block]), None
+        return self.pages[block], None
+
+    def load_targets(self, blocks: list[int]) -> tuple[list[np.ndarray], list[Callable[[], None] | None]]:
+        pages = self.pages
+        return [pages[b] for b in blocks], [None] * len(blocks)
 
 
 class SplitLastAdapter(BlockAdapter):

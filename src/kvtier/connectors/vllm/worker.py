@@ -5,7 +5,7 @@ Called by KVTierConnector's worker-role methods, in vLLM's step order:
     register(kv_caches, backend, num_blocks)   one layout adapter per layer (refuses what it cannot map)
     start_step(plan)                           this step's StepPlan from the scheduler
     start_loads()                              submit every load: one store load (all layers) per request
-    wait_layer(name)                           the first call waits for every load of the step
+    wait_layer(name)                           wait until this layer of every load is in vLLM's pages
     save_layer(name)                           copy this layer of every chunk to save into the store's DRAM
     finish_step()                              wait for any load left, commit the saves (publish)
     take_failed_blocks()                       block ids whose load failed (vLLM recomputes them)
@@ -13,10 +13,13 @@ Called by KVTierConnector's worker-role methods, in vLLM's step order:
 
 Loads are batched: one load per request covers every layer, so the service pins each
 chunk once (load_begin), the client copies all its layer sections into vLLM's pages and
-unpins once (load_end), and the lease is released once. A load per layer cost two
-service round trips per layer, far more than the copies themselves; on a CPU backend
-the copies compete with the forward pass for the same cores, so overlapping them layer
-by layer gained nothing. A failed chunk (evicted after its lease
+unpins once (load_end), and the lease is released once (a load per layer cost two
+service round trips per layer, far more than the copies themselves). The client copies
+layer by layer (StoreClient.load_layers), so wait_layer(layer i) waits only for layer i
+while the rest load during the forward pass; the client's transfer threads run on the
+CPUs vLLM left free (see connector.py), not on the cores of the forward pass, and a
+wait_layer that finds its layer behind copies the rest of it itself. Adapters that stage a chunk and copy it into place afterwards (the GPU
+layouts) wait for the whole load at the first layer instead. A failed chunk (evicted after its lease
 expired, corrupt, store gone) reports its block; blocks of a load whose store call failed
 are all reported. Saves: write_layer copies each layer into the store's DRAM staging
 during the forward pass and finish_step commits, so every chunk is published only with
@@ -32,15 +35,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtier.client.api import SaveSession
+from kvtier.client.api import LayeredLoad, SaveSession, WholeLoad
 from kvtier.connectors.vllm.layouts import BlockAdapter, UnsupportedLayoutError, make_adapter
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvtier.core.errors import KVTierError
 from kvtier.core.layout import KVLayout
 from kvtier.service.protocol import LeaseError
-from kvtier.store.tiered import LoadResult
-from kvtier.store.transfer import TransferHandle
 
 log = logging.getLogger("kvtier.connectors.vllm")
 
@@ -57,8 +58,9 @@ def _chain(fns: list[Callable[[], None]]) -> Callable[[], None]:
 @dataclass(slots=True)
 class _LayerLoad:
     spec: LoadSpec
-    handle: TransferHandle[LoadResult] | None  # None: the submit itself failed
+    load: LayeredLoad | None  # None: the submit itself failed
     finishers: list[Callable[[], None] | None]
+    layerwise: bool  # False: wait for the whole load at the first layer (finishers copy chunks into place)
 
 
 @dataclass(slots=True)
@@ -85,7 +87,7 @@ class WorkerSide:
         self.block_size = block_size
         self.adapters: dict[str, BlockAdapter] = {}
         self.plan = StepPlan()
-        self._loads: dict[str, list[_LayerLoad]] = {}  # "*" -> this step's loads until the first wait
+        self._loads: list[_LayerLoad] = []  # this step's loads until they are finished
         self._saves: list[_Save] = []
         self._failed_blocks: set[int] = set()
         self.stats = WorkerStats()
@@ -115,47 +117,51 @@ class WorkerSide:
 
         One load_begin/load_end pair per request (not per layer): the service pins the
         chunks once (disk hits were already promoted by the scheduler's lease), the
-        client copies every layer's section straight into vLLM's pages, and the lease is
-        released once. The first wait_layer waits for all of them; the rest are no-ops.
+        client copies every layer's sections straight into vLLM's pages, layer by layer,
+        and the lease is released once, after the forward pass.
         """
         if not self.plan.loads or self._loads:
             return
         client = self.link.client()
         entries: list[_LayerLoad] = []
-        names = self.layer_names
         for spec in self.plan.loads:
-            dests: list[list[Any]] = []
-            finishers: list[Callable[[], None] | None] = []
-            for b in spec.block_ids:
-                row = []
-                fins = []
-                for name in names:
-                    target, finish = self.adapters[name].load_target(b)
-                    row.append(target)
-                    if finish is not None:
-                        fins.append(finish)
-                dests.append(row)
-                finishers.append(_chain(fins) if fins else None)
-            handle = None
+            per_layer = [self.adapters[name].load_targets(spec.block_ids) for name in self.layer_names]
+            dests = [list(row) for row in zip(*(targets for targets, _ in per_layer), strict=True)]
+            fins_by_chunk = zip(*(fins for _, fins in per_layer), strict=True)
+            finishers = [_chain([f for f in fins if f is not None]) if any(fins) else None for fins in fins_by_chunk]
+            layerwise = not any(finishers)
+            load: LayeredLoad | None = None
             if client is not None:
                 try:
-                    handle = client.load(spec.keys, dests, None, spec.lease_id)
+                    load = (client.load_layers(spec.keys, dests, spec.lease_id) if layerwise
+                            else WholeLoad(client.load(spec.keys, dests, None, spec.lease_id)))
                 except STORE_ERRORS as e:
                     self.link.failed(e)
                     client = None
-            entries.append(_LayerLoad(spec, handle, finishers))
-        self._loads = {"*": entries}
+            entries.append(_LayerLoad(spec, load, finishers, layerwise))
+        self._loads = entries
 
     def wait_layer(self, name: str) -> None:
-        entries = self._loads.pop("*", None)
-        if not entries:
+        """Return once layer `name` of every load of this step is in vLLM's pages."""
+        if not self._loads:
             return
+        layer = self.layer_index.get(name)
+        if layer is not None and all(e.layerwise for e in self._loads):
+            for entry in self._loads:
+                if entry.load is not None:
+                    entry.load.wait_layer(layer)
+            return
+        self._finish_loads()
+
+    def _finish_loads(self) -> None:
+        """Wait for every load of the step; account failures, run finishers, release leases."""
+        entries, self._loads = self._loads, []
         for entry in entries:
             spec = entry.spec
             failed: list[int] | None = None  # None: every chunk failed
-            if entry.handle is not None:
+            if entry.load is not None:
                 try:
-                    result = entry.handle.wait()
+                    result = entry.load.wait()
                     failed = list(result.failed)
                     for t in result.tiers:
                         if t:
@@ -218,8 +224,7 @@ class WorkerSide:
                 self.link.failed(e)
 
     def finish_step(self) -> None:
-        for name in list(self._loads):
-            self.wait_layer(name)  # loads of layers the forward pass did not reach
+        self._finish_loads()
         for save in self._saves:
             if save.session is None:
                 continue
