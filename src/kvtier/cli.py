@@ -66,7 +66,7 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
 def _cmd_bench_vllm(args: argparse.Namespace) -> int:
     from kvtier.bench.vllm import run_vllm_bench
 
-    run_vllm_bench(args.json, quick=args.quick)
+    run_vllm_bench(args.json, quick=args.quick, workload=args.workload)
     return 0
 
 
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     bvl = bsub.add_parser("vllm", help="vLLM with and without kvtier: long-document QA and exact repeats (TTFT)")
     bvl.add_argument("--json", default="results/bench_vllm.json")
     bvl.add_argument("--quick", action="store_true", help="a tiny model and workload, for a smoke test")
+    bvl.add_argument("--workload", choices=("all", "qa", "repeat"), default="all",
+                     help="run both workloads, or only long-document QA (apc_*, kvtier_dram/disk) or exact repeats")
     bvl.set_defaults(fn=_cmd_bench_vllm)
     return p
 

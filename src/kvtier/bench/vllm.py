@@ -14,10 +14,15 @@ evicted a document before it is asked about again.
   kvtier_dram  as apc_small + kvtier, DRAM tier larger than the working set
   kvtier_disk  as apc_small + kvtier, DRAM tier for one document; the disk tier's files are
                dropped from the page cache before every request, so hits come from disk
-Workload 2, exact repeats: R prompts, then the same R prompts again (measured); vLLM's KV
-memory is too small to keep them, so only a connector can hit.
-  example_repeat  vLLM + ExampleConnector (the only case it can hit)
-  kvtier_repeat   vLLM + kvtier (the kvtier_dram engine, after workload 1)
+Workload 2, exact repeats: R long prompts (tails after their last whole block spread
+evenly over 1..block tokens: each connector loads the whole blocks and recomputes the
+tail, on average half a block), then the same R prompts again, P times (measured). Both runs
+use one engine config, with its own (smaller) block size, since a hit always recomputes
+the prompt's last partial block and that compute is the same for both connectors; vLLM's
+KV memory holds about one prompt, so only a connector can hit.
+  example_repeat  vLLM + ExampleConnector (the only case it can hit; safetensors files per layer)
+  kvtier_repeat   vLLM + kvtier (DRAM tier through the host service)
+`--workload qa` or `--workload repeat` runs one workload only (for quick iteration).
 
 JSON: {run: {"mean_ttft_s", "p50_ttft_s", "p90_ttft_s", "total_s", "hit_tokens_by_tier"}} plus
 "details" (sizes, engine init times, the first-token check against apc_small wherever the
@@ -59,8 +64,10 @@ class Sizes:
     doc_tokens: int = 2048
     question_tokens: int = 32
     rounds: int = 2  # measured question rounds after the warm-up round
-    repeat_prompts: int = 4
-    repeat_tokens: int = 1536
+    repeat_prompts: int = 3
+    repeat_tokens: int = 8000  # longest repeat prompt (the model has 8192 positions)
+    repeat_block: int = 32  # engine block size of workload 2 (the CPU backend's smallest)
+    repeat_passes: int = 2  # measured passes over the repeat prompts
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -70,9 +77,13 @@ class Sizes:
     def max_model_len(self) -> int:
         return self.doc_tokens + self.question_tokens + 128
 
+    @property
+    def repeat_model_len(self) -> int:
+        return self.repeat_tokens + self.repeat_block
+
 
 QUICK = Sizes(hidden=256, layers=4, heads=4, intermediate=768, vocab=4096, block=64, docs=3, doc_tokens=512,
-              question_tokens=32, rounds=1, repeat_prompts=3, repeat_tokens=384)
+              question_tokens=32, rounds=1, repeat_prompts=3, repeat_tokens=512, repeat_passes=1)
 
 
 def build_model(sizes: Sizes, folder: Path) -> Path:
@@ -104,15 +115,27 @@ def workloads(sizes: Sizes) -> tuple[list[list[int]], list[list[list[int]]], lis
     docs = [toks(sizes.doc_tokens) for _ in range(sizes.docs)]
     warm = [d + toks(sizes.question_tokens) for d in docs]
     rounds = [[d + toks(sizes.question_tokens) for d in docs] for _ in range(sizes.rounds)]
-    repeats = [toks(sizes.repeat_tokens) for _ in range(sizes.repeat_prompts)]
+    repeats = [toks(n) for n in repeat_lengths(sizes)]
     return warm, rounds, repeats
 
 
+def repeat_lengths(sizes: Sizes) -> list[int]:
+    """Workload 2's prompt lengths: the last block below repeat_tokens, plus a tail of 1..block
+    tokens spread evenly over the prompts (mean tail = half a block, as for random lengths),
+    so neither a lucky nor an unlucky draw decides how much both connectors recompute."""
+    block, n = sizes.repeat_block, sizes.repeat_prompts
+    base = (sizes.repeat_tokens - block) // block * block
+    return [base + 1 + int((k + 0.5) * block / n) for k in range(n)]
+
+
 def _llm_kwargs(model: Path, sizes: Sizes, kv_tokens: int, prefix_caching: bool = True,
-                kv_transfer_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                kv_transfer_config: dict[str, Any] | None = None, repeats: bool = False) -> dict[str, Any]:
+    """Engine arguments; `repeats`: workload 2's block size and model length."""
+    max_len = sizes.repeat_model_len if repeats else sizes.max_model_len
     return {"model": str(model), "skip_tokenizer_init": True, "dtype": "float32", "enforce_eager": True,
-            "max_model_len": sizes.max_model_len, "max_num_seqs": 4, "max_num_batched_tokens": sizes.max_model_len,
-            "block_size": sizes.block, "kv_cache_memory_bytes": kv_tokens * sizes.kv_bytes_per_token,
+            "max_model_len": max_len, "max_num_seqs": 4, "max_num_batched_tokens": max_len,
+            "block_size": sizes.repeat_block if repeats else sizes.block,
+            "kv_cache_memory_bytes": kv_tokens * sizes.kv_bytes_per_token,
             "enable_prefix_caching": prefix_caching, "kv_transfer_config": kv_transfer_config,
             "disable_log_stats": True, "seed": 0}
 
@@ -181,7 +204,12 @@ def _tier_tokens(stats_before: dict[str, Any] | None, stats_after: dict[str, Any
             if n - before.get(t, 0)}
 
 
-def run_vllm_bench(json_out: str | None, quick: bool = False) -> dict[str, Any]:
+WORKLOADS = ("all", "qa", "repeat")
+
+
+def run_vllm_bench(json_out: str | None, quick: bool = False, workload: str = "all") -> dict[str, Any]:
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
     sizes = QUICK if quick else Sizes()
     cache = default_cache_dir() / "bench-vllm"
     cache.mkdir(parents=True, exist_ok=True)
@@ -195,48 +223,67 @@ def run_vllm_bench(json_out: str | None, quick: bool = False) -> dict[str, Any]:
     timeout = 900.0
     w1: list[dict[str, Any]] = [{"name": "warmup", "prompts": warm, "measure": False}] + [
         {"name": f"round{i}", "prompts": r} for i, r in enumerate(rounds)]
-    w2: list[dict[str, Any]] = [{"name": "repeat_first", "prompts": repeats, "measure": False}, {"name": "repeat", "prompts": repeats}]
+    w2: list[dict[str, Any]] = [{"name": "repeat_first", "prompts": repeats, "measure": False},
+                                {"name": "repeat", "prompts": repeats * sizes.repeat_passes}]
+    repeat_kv = int(1.25 * sizes.repeat_model_len)  # about one prompt: vLLM's own cache cannot keep them
+    repeat_bytes = sum(len(p) for p in repeats) * sizes.kv_bytes_per_token
     outs: dict[str, dict[str, Any]] = {}
-    print(f"kvtier bench vllm: {sizes.docs} docs x {sizes.doc_tokens} tokens, {sizes.rounds} measured rounds; "
-          f"{sizes.repeat_prompts} repeats of {sizes.repeat_tokens} tokens; work folder {work}", flush=True)
+    print(f"kvtier bench vllm: workload 1: {sizes.docs} docs x {sizes.doc_tokens} tokens, block {sizes.block}, "
+          f"{sizes.rounds} measured rounds; workload 2: {sizes.repeat_prompts} prompts of "
+          f"{min(map(len, repeats))}-{max(map(len, repeats))} tokens, block {sizes.repeat_block}, "
+          f"{sizes.repeat_passes} measured passes; work folder {work}", flush=True)
     try:
-        outs["apc_small"] = _run_engine("apc_small", {"llm": _llm_kwargs(model, sizes, small_kv), "phases": w1},
-                                        work, timeout)
-        outs["apc_ample"] = _run_engine("apc_ample", {"llm": _llm_kwargs(model, sizes, ample_kv), "phases": w1},
-                                        work, timeout)
-        sock = f"/tmp/kvtier-bench-{os.getpid()}-dram.sock"
-        stats = str(work / "kvtier_dram.stats.json")
-        kcfg = _kvtier_config(sock, 2 * (sizes.docs + sizes.repeat_prompts + 1) * doc_bytes, None, stats)
-        phases = [dict(p, stats_path=stats) for p in w1 + w2]
-        try:
-            outs["kvtier_dram"] = _run_engine(
-                "kvtier_dram", {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=kcfg),
-                                "phases": phases}, work, timeout)
-        finally:
-            _stop_service(sock)
-        sock = f"/tmp/kvtier-bench-{os.getpid()}-disk.sock"
-        stats = str(work / "kvtier_disk.stats.json")
-        disk_root = work / "disk"
-        kcfg = _kvtier_config(sock, int(1.2 * doc_bytes), str(disk_root), stats)
-        phases = [dict(p, stats_path=stats, drop_cache_dir=str(disk_root)) for p in w1]
-        try:
-            outs["kvtier_disk"] = _run_engine(
-                "kvtier_disk", {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=kcfg),
-                                "phases": phases}, work, timeout)
-        finally:
-            _stop_service(sock)
-        example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-                   "kv_connector_extra_config": {"shared_storage_path": str(work / "example")}}
-        outs["example_repeat"] = _run_engine(
-            "example_repeat", {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=example),
-                               "phases": w2}, work, timeout)
+        if workload in ("all", "qa"):
+            outs["apc_small"] = _run_engine("apc_small", {"llm": _llm_kwargs(model, sizes, small_kv), "phases": w1},
+                                            work, timeout)
+            outs["apc_ample"] = _run_engine("apc_ample", {"llm": _llm_kwargs(model, sizes, ample_kv), "phases": w1},
+                                            work, timeout)
+            sock = f"/tmp/kvtier-bench-{os.getpid()}-dram.sock"
+            stats = str(work / "kvtier_dram.stats.json")
+            kcfg = _kvtier_config(sock, 2 * (sizes.docs + 1) * doc_bytes, None, stats)
+            phases = [dict(p, stats_path=stats) for p in w1]
+            try:
+                outs["kvtier_dram"] = _run_engine(
+                    "kvtier_dram", {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=kcfg),
+                                    "phases": phases}, work, timeout)
+            finally:
+                _stop_service(sock)
+            sock = f"/tmp/kvtier-bench-{os.getpid()}-disk.sock"
+            stats = str(work / "kvtier_disk.stats.json")
+            disk_root = work / "disk"
+            kcfg = _kvtier_config(sock, int(1.2 * doc_bytes), str(disk_root), stats)
+            phases = [dict(p, stats_path=stats, drop_cache_dir=str(disk_root)) for p in w1]
+            try:
+                outs["kvtier_disk"] = _run_engine(
+                    "kvtier_disk", {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=kcfg),
+                                    "phases": phases}, work, timeout)
+            finally:
+                _stop_service(sock)
+        if workload in ("all", "repeat"):
+            example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                       "kv_connector_extra_config": {"shared_storage_path": str(work / "example")}}
+            outs["example_repeat"] = _run_engine(
+                "example_repeat", {"llm": _llm_kwargs(model, sizes, repeat_kv, kv_transfer_config=example,
+                                                      repeats=True), "phases": w2}, work, timeout)
+            shutil.rmtree(work / "example", ignore_errors=True)
+            sock = f"/tmp/kvtier-bench-{os.getpid()}-repeat.sock"
+            stats = str(work / "kvtier_repeat.stats.json")
+            kcfg = _kvtier_config(sock, int(1.5 * repeat_bytes), None, stats)
+            try:
+                outs["kvtier_repeat"] = _run_engine(
+                    "kvtier_repeat", {"llm": _llm_kwargs(model, sizes, repeat_kv, kv_transfer_config=kcfg,
+                                                         repeats=True),
+                                      "phases": [dict(p, stats_path=stats) for p in w2]}, work, timeout)
+            finally:
+                _stop_service(sock)
     finally:
         shutil.rmtree(work / "disk", ignore_errors=True)
         shutil.rmtree(work / "example", ignore_errors=True)
-    return _report(outs, sizes, json_out, work)
+    return _report(outs, sizes, json_out, work, [len(p) for p in repeats])
 
 
-def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None, work: Path) -> dict[str, Any]:
+def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None, work: Path,
+            repeat_lengths: list[int]) -> dict[str, Any]:
     measured = [f"round{i}" for i in range(sizes.rounds)]
     result: dict[str, Any] = {}
 
@@ -247,36 +294,52 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
         return _phase(out, phase).get("stats")
 
     for run in ("apc_small", "apc_ample", "kvtier_dram", "kvtier_disk"):
+        if run not in outs:
+            continue
         out = outs[run]
         rows = w1_rows(out)
         tiers = _tier_tokens(stats_at(out, "warmup"), stats_at(out, measured[-1])) if run.startswith("kvtier") else {}
         cached = sum(r["cached"] for r in rows)
         tiers["vllm_prefix_cache"] = cached - sum(tiers.values())
         result[run] = _summary(rows, tiers)
-    rep = _phase(outs["example_repeat"], "repeat")["requests"]
-    result["example_repeat"] = _summary(rep, {"example_connector_or_vllm": sum(r["cached"] for r in rep)})
-    out = outs["kvtier_dram"]
-    rep = _phase(out, "repeat")["requests"]
-    tiers = _tier_tokens(stats_at(out, "repeat_first"), stats_at(out, "repeat"))
-    tiers["vllm_prefix_cache"] = sum(r["cached"] for r in rep) - sum(tiers.values())
-    result["kvtier_repeat"] = _summary(rep, tiers)
+    if "example_repeat" in outs:
+        rep = _phase(outs["example_repeat"], "repeat")["requests"]
+        result["example_repeat"] = _summary(rep, {"example_connector_or_vllm": sum(r["cached"] for r in rep)})
+    if "kvtier_repeat" in outs:
+        out = outs["kvtier_repeat"]
+        rep = _phase(out, "repeat")["requests"]
+        tiers = _tier_tokens(stats_at(out, "repeat_first"), stats_at(out, "repeat"))
+        tiers["vllm_prefix_cache"] = sum(r["cached"] for r in rep) - sum(tiers.values())
+        result["kvtier_repeat"] = _summary(rep, tiers)
 
     checks = {"checked": 0, "mismatches": 0}
-    ref1 = [r for name in ["warmup", *measured] for r in _phase(outs["apc_small"], name)["requests"]]
-    ref2 = _phase(outs["example_repeat"], "repeat")["requests"]
-    for run, ref, names in [("apc_ample", ref1, ["warmup", *measured]), ("kvtier_dram", ref1, ["warmup", *measured]),
-                            ("kvtier_disk", ref1, ["warmup", *measured]),
-                            ("kvtier_dram", ref2, ["repeat"])]:
+    pairs: list[tuple[str, str, list[str]]] = [(run, "apc_small", ["warmup", *measured])
+                                               for run in ("apc_ample", "kvtier_dram", "kvtier_disk")]
+    pairs += [("kvtier_repeat", "example_repeat", ["repeat_first", "repeat"])]
+    for run, ref_run, names in pairs:
+        if run not in outs or ref_run not in outs:
+            continue
+        ref = [r for name in names for r in _phase(outs[ref_run], name)["requests"]]
         rows = [r for name in names for r in _phase(outs[run], name)["requests"]]
         for a, b in zip(ref, rows):
             if a["gap"] is not None and a["gap"] > GAP:
                 checks["checked"] += 1
                 checks["mismatches"] += a["token"] != b["token"]
-    result["details"] = {"sizes": asdict(sizes), "init_s": {k: v["init_s"] for k, v in outs.items()},
+    workload = {
+        "qa": f"{sizes.docs} documents x {sizes.doc_tokens} tokens + {sizes.question_tokens}-token questions, "
+              f"block {sizes.block}, {sizes.rounds} measured rounds",
+        "repeat": f"{sizes.repeat_prompts} prompts of {min(repeat_lengths)}-{max(repeat_lengths)} tokens "
+                  f"(lengths {repeat_lengths}), block {sizes.repeat_block}, vLLM KV memory for "
+                  f"{int(1.25 * sizes.repeat_model_len)} tokens, {sizes.repeat_passes} measured passes, "
+                  "same engine config for both connectors"}
+    result["details"] = {"sizes": asdict(sizes), "workload": workload,
+                         "init_s": {k: v["init_s"] for k, v in outs.items()},
                          "first_token_check": checks, "work_folder": str(work)}
     rows_t = [[k, v["mean_ttft_s"], v["p50_ttft_s"], v["p90_ttft_s"], v["total_s"], json.dumps(v["hit_tokens_by_tier"])]
               for k, v in result.items() if k != "details"]
     print_table("vLLM TTFT (s)", ["run", "mean", "p50", "p90", "total", "hit tokens"], rows_t)
+    for name, text in workload.items():
+        print(f"workload {name}: {text}")
     print(f"first-token check: {checks['mismatches']} mismatches of {checks['checked']} (gap > {GAP})")
     write_json(json_out, result)
     return result
