@@ -22,6 +22,9 @@ the prompt's last partial block and that compute is the same for both connectors
 KV memory holds about one prompt, so only a connector can hit.
   example_repeat  vLLM + ExampleConnector (the only case it can hit; safetensors files per layer)
   kvtier_repeat   vLLM + kvtier (DRAM tier through the host service)
+  details.repeat_floor  vLLM alone with KV memory for every prompt: its own cache hits the
+                  same whole blocks and nothing is loaded; what is left is the tail's
+                  recompute and the engine's own time, the floor for both connectors
 `--workload qa` or `--workload repeat` runs one workload only (for quick iteration).
 
 JSON: {run: {"mean_ttft_s", "p50_ttft_s", "p90_ttft_s", "total_s", "hit_tokens_by_tier"}} plus
@@ -266,6 +269,9 @@ def run_vllm_bench(json_out: str | None, quick: bool = False, workload: str = "a
                 "example_repeat", {"llm": _llm_kwargs(model, sizes, repeat_kv, kv_transfer_config=example,
                                                       repeats=True), "phases": w2}, work, timeout)
             shutil.rmtree(work / "example", ignore_errors=True)
+            floor_kv = int(1.25 * (sizes.repeat_prompts + 1) * sizes.repeat_model_len)
+            outs["repeat_floor"] = _run_engine(
+                "repeat_floor", {"llm": _llm_kwargs(model, sizes, floor_kv, repeats=True), "phases": w2}, work, timeout)
             sock = f"/tmp/kvtier-bench-{os.getpid()}-repeat.sock"
             stats = str(work / "kvtier_repeat.stats.json")
             kcfg = _kvtier_config(sock, int(1.5 * repeat_bytes), None, stats)
@@ -305,6 +311,10 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
     if "example_repeat" in outs:
         rep = _phase(outs["example_repeat"], "repeat")["requests"]
         result["example_repeat"] = _summary(rep, {"example_connector_or_vllm": sum(r["cached"] for r in rep)})
+    floor = None
+    if "repeat_floor" in outs:
+        rep = _phase(outs["repeat_floor"], "repeat")["requests"]
+        floor = _summary(rep, {"vllm_prefix_cache": sum(r["cached"] for r in rep)})
     if "kvtier_repeat" in outs:
         out = outs["kvtier_repeat"]
         rep = _phase(out, "repeat")["requests"]
@@ -315,7 +325,7 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
     checks = {"checked": 0, "mismatches": 0}
     pairs: list[tuple[str, str, list[str]]] = [(run, "apc_small", ["warmup", *measured])
                                                for run in ("apc_ample", "kvtier_dram", "kvtier_disk")]
-    pairs += [("kvtier_repeat", "example_repeat", ["repeat_first", "repeat"])]
+    pairs += [(run, "example_repeat", ["repeat_first", "repeat"]) for run in ("kvtier_repeat", "repeat_floor")]
     for run, ref_run, names in pairs:
         if run not in outs or ref_run not in outs:
             continue
@@ -332,11 +342,14 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
                   f"(lengths {repeat_lengths}), block {sizes.repeat_block}, vLLM KV memory for "
                   f"{int(1.25 * sizes.repeat_model_len)} tokens, {sizes.repeat_passes} measured passes, "
                   "same engine config for both connectors"}
-    result["details"] = {"sizes": asdict(sizes), "workload": workload,
+    result["details"] = {"sizes": asdict(sizes), "workload": workload, "repeat_floor": floor,
                          "init_s": {k: v["init_s"] for k, v in outs.items()},
                          "first_token_check": checks, "work_folder": str(work)}
     rows_t = [[k, v["mean_ttft_s"], v["p50_ttft_s"], v["p90_ttft_s"], v["total_s"], json.dumps(v["hit_tokens_by_tier"])]
               for k, v in result.items() if k != "details"]
+    if floor is not None:
+        rows_t.append(["(repeat_floor)", floor["mean_ttft_s"], floor["p50_ttft_s"], floor["p90_ttft_s"], floor["total_s"],
+                       json.dumps(floor["hit_tokens_by_tier"])])
     print_table("vLLM TTFT (s)", ["run", "mean", "p50", "p90", "total", "hit tokens"], rows_t)
     for name, text in workload.items():
         print(f"workload {name}: {text}")
