@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from kvtier.core.codec import SECTION_SUMMARY
@@ -208,8 +209,8 @@ class SparseKV:
         kv = staging.view(self.dtype).reshape(len(blocks), h, 2, bt, d)
         return kv[:, :, 0], kv[:, :, 1]
 
-    def _select(self, layer: int, q: torch.Tensor, nb: int, scaling: float) -> torch.Tensor:
-        """Blocks the working set must hold: [H, m], rows padded with EMPTY."""
+    def _select(self, layer: int, q: torch.Tensor, nb: int, scaling: float) -> np.ndarray:
+        """Blocks the working set must hold: [H, m] int64, rows padded with EMPTY."""
         cfg = self.config
         ws = self.working[layer]
         h = q.shape[0]
@@ -219,8 +220,7 @@ class SparseKV:
         if self.policy.dense or hi - lo <= k:
             if nb > ws.slots:
                 ws.grow(nb)
-            return torch.arange(nb).expand(h, -1)
-        required = torch.cat([torch.arange(0, lo), torch.arange(hi, nb)]).expand(h, -1)
+            return np.broadcast_to(np.arange(nb), (h, nb))
         step = self._steps[layer]
         self._steps[layer] += 1
         prev = self._picks[layer]
@@ -231,7 +231,12 @@ class SparseKV:
             pri = self.policy.priority(q.float(), self.tables[layer], lo, hi, scaling, keys)
             picks = torch.topk(pri, k, dim=1, sorted=False).indices + lo
         self._picks[layer] = picks
-        return torch.cat([required, picks], 1)
+        # sinks, then the window, then the picks
+        wanted = np.empty((h, lo + nb - hi + k), dtype=np.int64)
+        wanted[:, :lo] = np.arange(lo)
+        wanted[:, lo : lo + nb - hi] = np.arange(hi, nb)
+        wanted[:, lo + nb - hi :] = picks.numpy()
+        return wanted
 
     def _candidate_keys(self, layer: int, lo: int, hi: int) -> torch.Tensor:
         k, _ = self._fetch(layer, list(range(lo, hi)))  # [n, H, B, d]
@@ -252,22 +257,16 @@ class SparseKV:
         t = self.num_tokens[layer]
         nb = t // bt
         qg = q.reshape(h, g * nq, d)
-        wanted = self._select(layer, qg, nb, scaling)
-        fetched = ws.ensure(wanted, lambda blocks: self._fetch(layer, blocks))
-        del fetched
-        selected = (ws.block_of.unsqueeze(2) == wanted.unsqueeze(1)).any(2)  # [H, S]
-        offs = torch.arange(bt)
-        pos = torch.cat([ws.block_of * bt, torch.full((h, 1), nb * bt)], 1).unsqueeze(2) + offs  # [H, S+1, B]
-        valid = torch.cat([selected, torch.ones(h, 1, dtype=torch.bool)], 1).unsqueeze(2).expand(-1, -1, bt).clone()
-        valid[:, -1] = offs < ws.tail_len
-        pos = pos.reshape(h, -1)
-        valid = valid.reshape(h, 1, -1)
-        if nq > 1:
-            qpos = torch.arange(t - nq, t)
-            valid = valid & (pos.unsqueeze(1) <= qpos.view(1, nq, 1))  # [H, nq, L]
-        if token_mask is not None:
-            tm = token_mask[:, pos.clamp(0, t - 1)].permute(1, 0, 2)  # [H, nq, L]
-            valid = valid & tm
+        ws.ensure(self._select(layer, qg, nb, scaling), lambda blocks: self._fetch(layer, blocks))
+        valid = ws.token_mask().unsqueeze(1)  # [H, 1, L]: selected slots and the tail's tokens
+        if nq > 1 or token_mask is not None:
+            pos = ws.token_positions(nb * bt)  # [H, L]
+            if nq > 1:
+                qpos = torch.arange(t - nq, t)
+                valid = valid & (pos.unsqueeze(1) <= qpos.view(1, nq, 1))  # [H, nq, L]
+            if token_mask is not None:
+                tm = token_mask[:, pos.clamp(0, t - 1)].permute(1, 0, 2)  # [H, nq, L]
+                valid = valid & tm
         mask = valid if nq == 1 else valid.unsqueeze(1).expand(h, g, nq, -1).reshape(h, g * nq, -1)
         kk = ws.k.reshape(h, -1, d)
         vv = ws.v.reshape(h, -1, d)

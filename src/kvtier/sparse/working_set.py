@@ -4,13 +4,20 @@ K and V are [H, slots + 1, block_tokens, head_size]; the last slot is the tail (
 still being filled). Each KV head maps its slots to block ids on its own, since GQA heads
 select different blocks. `ensure(wanted)` keeps the slots whose block is still wanted and
 fills the others with the missing blocks, fetched once per block for all heads that want
-it: a step moves only the blocks that changed since the last one.
+it: a step moves only the blocks that changed since the last one, copied in place into the
+preallocated buffers.
+
+The slot bookkeeping (which block each slot holds, when it was last used, which slots the
+last `ensure` wanted) is a few hundred integers per layer, kept in numpy arrays: a decode
+step runs it once per layer, where torch's per-op overhead on tensors this small would cost
+more than the fetches it plans. `block_of` is a tensor view of the same memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 EMPTY = -1
@@ -24,11 +31,18 @@ class WorkingSet:
         self.block_tokens = block_tokens
         self.k = torch.zeros(kv_heads, slots + 1, block_tokens, head_size, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.block_of = torch.full((kv_heads, slots), EMPTY, dtype=torch.long)
-        self.last_used = torch.zeros(kv_heads, slots, dtype=torch.long)
+        self._block_of = np.full((kv_heads, slots), EMPTY, dtype=np.int64)
+        self._last_used = np.zeros((kv_heads, slots), dtype=np.int64)
+        self._wanted_slots = np.zeros((kv_heads, slots), dtype=bool)  # slots holding the last ensure's blocks
+        self._token_offsets = np.arange(block_tokens)
         self.tail_len = 0
         self._clock = 0
         self.fetched_blocks = 0  # blocks read from the store, summed over steps (per block, not per head)
+
+    @property
+    def block_of(self) -> torch.Tensor:
+        """[H, slots] block id held by each slot (EMPTY if none); shares memory with the bookkeeping."""
+        return torch.from_numpy(self._block_of)
 
     @property
     def nbytes(self) -> int:
@@ -46,8 +60,9 @@ class WorkingSet:
         k[:, slots] = self.k[:, self.slots]
         v[:, slots] = self.v[:, self.slots]
         extra = slots - self.slots
-        self.block_of = torch.cat([self.block_of, torch.full((h, extra), EMPTY, dtype=torch.long)], 1)
-        self.last_used = torch.cat([self.last_used, torch.zeros(h, extra, dtype=torch.long)], 1)
+        self._block_of = np.concatenate([self._block_of, np.full((h, extra), EMPTY, dtype=np.int64)], 1)
+        self._last_used = np.concatenate([self._last_used, np.zeros((h, extra), dtype=np.int64)], 1)
+        self._wanted_slots = np.concatenate([self._wanted_slots, np.zeros((h, extra), dtype=bool)], 1)
         self.k, self.v, self.slots = k, v, slots
 
     # -- tail ------------------------------------------------------------------------
@@ -66,53 +81,79 @@ class WorkingSet:
         self.tail_len = 0
 
     # -- full blocks -----------------------------------------------------------------
-    def insert(self, block: int, k: torch.Tensor, v: torch.Tensor, protected: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def insert(self, block: int, k: torch.Tensor, v: torch.Tensor, protected: Callable[[np.ndarray], np.ndarray]) -> None:
         """Place a just-completed block ([H, B, d] each) in every head, evicting per head an empty
         slot, else the least recently used slot whose block is not `protected` (sinks, window)."""
-        cost = self.last_used.clone()
-        cost[protected(self.block_of)] = torch.iinfo(torch.long).max
-        cost[self.block_of == EMPTY] = -1
-        present = (self.block_of == block).any(1)
-        slot = torch.where(present, (self.block_of == block).long().argmax(1), cost.argmin(1))
-        heads = torch.arange(self.kv_heads)
-        self.k[heads, slot] = k
-        self.v[heads, slot] = v
-        self.block_of[heads, slot] = block
+        bo = self._block_of
+        cost = self._last_used.copy()
+        cost[protected(bo)] = np.iinfo(np.int64).max
+        cost[bo == EMPTY] = -1
+        held = bo == block
+        slot = np.where(held.any(1), held.argmax(1), cost.argmin(1))
+        heads = np.arange(self.kv_heads)
+        ts = torch.from_numpy(slot)
+        th = torch.from_numpy(heads)
+        self.k[th, ts] = k
+        self.v[th, ts] = v
+        bo[heads, slot] = block
         self._clock += 1
-        self.last_used[heads, slot] = self._clock
+        self._last_used[heads, slot] = self._clock
 
-    def ensure(self, wanted: torch.Tensor, fetch: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]) -> int:
+    def ensure(self, wanted: np.ndarray | torch.Tensor,
+               fetch: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Make the working set hold wanted [H, m] (m <= slots, distinct per row, EMPTY = padding).
 
         `fetch(block_ids)` returns (K, V) as [n, H, B, d] for those blocks. Returns the number
-        of blocks fetched.
+        of blocks fetched. Afterwards `token_mask()` marks the tokens of exactly these blocks.
         """
-        h, m = wanted.shape
+        w = np.asarray(wanted)
+        h, m = w.shape
         if m > self.slots:
             raise ValueError(f"{m} blocks wanted but the working set has {self.slots} slots")
         self._clock += 1
-        match = (wanted.unsqueeze(2) == self.block_of.unsqueeze(1)) & (wanted != EMPTY).unsqueeze(2)  # [H, m, S]
+        bo = self._block_of
+        listed = w != EMPTY
+        match = (w[:, :, None] == bo[:, None, :]) & listed[:, :, None]  # [H, m, S]
         have = match.any(2)
         keep = match.any(1)
-        self.last_used[keep] = self._clock
-        need = (~have) & (wanted != EMPTY)
-        if not bool(need.any()):
+        self._last_used[keep] = self._clock
+        self._wanted_slots = keep
+        need = listed & ~have
+        if not need.any():
             return 0
-        need_heads, need_pos = need.nonzero(as_tuple=True)
-        need_blocks = wanted[need_heads, need_pos]
+        need_heads, need_pos = need.nonzero()
+        need_blocks = w[need_heads, need_pos]
         # the r-th missing block of head h goes to the r-th free slot of head h
-        need_rank = torch.cumsum(need.long(), 1)[need_heads, need_pos] - 1
+        need_rank = np.cumsum(need, 1)[need_heads, need_pos] - 1
         free = ~keep
-        free_rank = torch.cumsum(free.long(), 1) - 1
-        free_heads, free_slots = free.nonzero(as_tuple=True)
-        slot_of_rank = torch.full((h, self.slots), EMPTY, dtype=torch.long)
+        free_rank = np.cumsum(free, 1) - 1
+        free_heads, free_slots = free.nonzero()
+        slot_of_rank = np.full((h, self.slots), EMPTY, dtype=np.int64)
         slot_of_rank[free_heads, free_rank[free_heads, free_slots]] = free_slots
         dest = slot_of_rank[need_heads, need_rank]
-        uniq, inverse = torch.unique(need_blocks, return_inverse=True)
+        uniq, inverse = np.unique(need_blocks, return_inverse=True)
         k, v = fetch(uniq.tolist())
-        self.k[need_heads, dest] = k[inverse, need_heads]
-        self.v[need_heads, dest] = v[inverse, need_heads]
-        self.block_of[need_heads, dest] = need_blocks
-        self.last_used[need_heads, dest] = self._clock
+        th, td, ti = torch.from_numpy(need_heads), torch.from_numpy(dest), torch.from_numpy(inverse.reshape(-1))
+        self.k[th, td] = k[ti, th]
+        self.v[th, td] = v[ti, th]
+        bo[need_heads, dest] = need_blocks
+        self._last_used[need_heads, dest] = self._clock
+        keep[need_heads, dest] = True
         self.fetched_blocks += len(uniq)
         return len(uniq)
+
+    def token_mask(self) -> torch.Tensor:
+        """[H, (slots + 1) * B] bool: the tokens attention may read, i.e. those of the slots the last
+        `ensure` wanted and the tail's filled part (a view of k and v flattened over slots)."""
+        h, s, bt = self.kv_heads, self.slots, self.block_tokens
+        valid = np.empty((h, s + 1, bt), dtype=bool)
+        valid[:, :s] = self._wanted_slots[:, :, None]
+        valid[:, s] = self._token_offsets < self.tail_len
+        return torch.from_numpy(valid.reshape(h, -1))
+
+    def token_positions(self, tail_start: int) -> torch.Tensor:
+        """[H, (slots + 1) * B] context position of every token of the buffers (the tail's block
+        starts at `tail_start`); positions of EMPTY slots are negative."""
+        starts = np.concatenate([self._block_of * self.block_tokens,
+                                 np.full((self.kv_heads, 1), tail_start, dtype=np.int64)], 1)
+        return torch.from_numpy((starts[:, :, None] + self._token_offsets).reshape(self.kv_heads, -1))
