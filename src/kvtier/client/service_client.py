@@ -69,6 +69,7 @@ class ServiceClient(StoreClient):
             self._sock.close()
             raise
         self._pool = np.frombuffer(self._mm, dtype=np.uint8)
+        self._pool_addr = int(self._pool.ctypes.data)  # valid while self._pool lives
         self._io = TransferEngine(config.transfer_threads, "kvtier-client", config.transfer_cpus)
 
     # -- connection --------------------------------------------------------------------
@@ -152,7 +153,7 @@ class ServiceClient(StoreClient):
                   lease_id: int | None) -> LoadResult:
         r = self._call("load_begin", keys=keys, lease=lease_id)
         slots, found, sums = r["slots"], r["tiers"], r["checksums"]
-        pool, cb, lb = self._pool, self._chunk_bytes, self._layer_bytes
+        pool_addr, cb, lb = self._pool_addr, self._chunk_bytes, self._layer_bytes
         failed: list[int] = []
         corrupt: list[int] = []
         try:
@@ -163,8 +164,9 @@ class ServiceClient(StoreClient):
                 base = slot * cb
                 for layer, dest in zip(layers, dests[i], strict=False):
                     off = base + layer * lb
-                    np.copyto(dest, pool[off:off + lb])
-                    if self._verify and checksum(dest.data) != sums[i][layer]:
+                    mv = dest.data
+                    copy_memory(buffer_address(mv), pool_addr + off, lb)
+                    if self._verify and checksum(mv) != sums[i][layer]:
                         corrupt.append(i)
                         failed.append(i)
                         break
@@ -346,7 +348,7 @@ class _ServiceSave:
                 raise ValueError(f"layer {layer} source has {view.nbytes} bytes, a section has {lb}")
             if slot >= 0:
                 off = slot * c._chunk_bytes + layer * lb
-                np.copyto(c._pool[off:off + lb], np.frombuffer(view, dtype=np.uint8))
+                copy_memory(c._pool_addr + off, buffer_address(view), lb)
         self._written.add(layer)
 
     def commit(self) -> TransferHandle[SaveResult]:
