@@ -132,7 +132,7 @@ class SparseKV:
         win_lo = nb - cfg.window_blocks
         sinks = cfg.sink_blocks
 
-        def protected(block_of: torch.Tensor) -> torch.Tensor:
+        def protected(block_of: np.ndarray) -> np.ndarray:
             return (block_of != EMPTY) & ((block_of < sinks) | (block_of >= win_lo))
 
         hk = k.unflatten(1, (m, bt))

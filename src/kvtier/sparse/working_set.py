@@ -133,9 +133,12 @@ class WorkingSet:
         dest = slot_of_rank[need_heads, need_rank]
         uniq, inverse = np.unique(need_blocks, return_inverse=True)
         k, v = fetch(uniq.tolist())
-        th, td, ti = torch.from_numpy(need_heads), torch.from_numpy(dest), torch.from_numpy(inverse.reshape(-1))
-        self.k[th, td] = k[ti, th]
-        self.v[th, td] = v[ti, th]
+        # whole [B, d] rows: index_select / index_copy_ copy each with one memcpy, where advanced
+        # indexing (k[i, h]) would copy element by element
+        src = torch.from_numpy(inverse.reshape(-1) * h + need_heads)  # row (block, head) of the fetched [n * H]
+        dst = torch.from_numpy(need_heads * (self.slots + 1) + dest)  # row (head, slot) of the buffers
+        for buf, fetched in ((self.k, k), (self.v, v)):
+            buf.view(-1, *buf.shape[2:]).index_copy_(0, dst, fetched.reshape(-1, *fetched.shape[2:]).index_select(0, src))
         bo[need_heads, dest] = need_blocks
         self._last_used[need_heads, dest] = self._clock
         keep[need_heads, dest] = True
