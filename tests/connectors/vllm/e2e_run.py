@@ -3,6 +3,9 @@
     python e2e_run.py MODEL_DIR OUT.json baseline            all prompts, no connector
     python e2e_run.py MODEL_DIR OUT.json save   SOCKET STORE_DIR   first process: computes and saves
     python e2e_run.py MODEL_DIR OUT.json reuse  SOCKET STORE_DIR   second process: hits, then faults
+    python e2e_run.py MODEL_DIR OUT.json save8  SOCKET STORE_DIR   as save, store chunks of 8 tokens (block 32)
+    python e2e_run.py MODEL_DIR OUT.json reuse8 SOCKET STORE_DIR   hits ending inside blocks; vLLM's prefix
+                                                                   cache on, so a second round mixes its hits
 
 Writes {"rounds": {name: [{"tokens": [...], "cached": n}, ...]}} with one entry per prompt.
 """
@@ -35,12 +38,13 @@ def prompts() -> dict[str, list[int]]:
     }
 
 
-def make_llm(model: str, kv_transfer_config: dict | None):
+def make_llm(model: str, kv_transfer_config: dict | None, prefix_caching: bool = False):
     from vllm import LLM
 
     return LLM(model=model, skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=512,
                max_num_seqs=4, max_num_batched_tokens=512, block_size=BLOCK, kv_cache_memory_bytes=16 * 2**20,
-               enable_prefix_caching=False, kv_transfer_config=kv_transfer_config, disable_log_stats=True, seed=0)
+               enable_prefix_caching=prefix_caching, kv_transfer_config=kv_transfer_config, disable_log_stats=True,
+               seed=0)
 
 
 def generate(llm, batch: list[list[int]]) -> list[dict]:
@@ -52,7 +56,7 @@ def generate(llm, batch: list[list[int]]) -> list[dict]:
     return [{"tokens": list(o.outputs[0].token_ids), "cached": int(o.num_cached_tokens or 0)} for o in outs]
 
 
-def kvtier_config(socket_path: str, store_dir: str) -> dict:
+def kvtier_config(socket_path: str, store_dir: str, chunk_tokens: int = BLOCK) -> dict:
     return {
         "kv_connector": "KVTierConnector",
         "kv_connector_module_path": "kvtier.connectors.vllm",
@@ -60,7 +64,8 @@ def kvtier_config(socket_path: str, store_dir: str) -> dict:
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "socket_path": socket_path,
-            "store": {"memory": {"capacity_bytes": "32MiB"}, "disk": {"root": store_dir}},
+            "store": {"chunk_tokens": chunk_tokens, "memory": {"capacity_bytes": "32MiB"},
+                      "disk": {"root": store_dir}},
             "retry_after_s": 0.5,
             "connect_timeout_s": 60,
         },
@@ -94,8 +99,15 @@ def main() -> None:
         result = {"names": names, "rounds": rounds}
     else:
         socket_path, store_dir = sys.argv[4:6]
-        llm = make_llm(model, kvtier_config(socket_path, store_dir))
-        if mode == "save":
+        chunk = 8 if mode.endswith("8") else BLOCK
+        llm = make_llm(model, kvtier_config(socket_path, store_dir, chunk), prefix_caching=mode == "reuse8")
+        if mode == "save8":
+            rounds["single"] = generate(llm, [ps["p1"], ps["p2"]])
+            rounds["pair"] = generate(llm, [ps["p3"], ps["p4"]])
+        elif mode == "reuse8":
+            rounds["hits"] = generate(llm, [ps[n] for n in ("p1", "p2", "p3", "p4", "p7")])
+            rounds["again"] = generate(llm, [ps[n] for n in ("p1", "p2", "p3", "p4", "p7")])  # vLLM's own hits too
+        elif mode == "save":
             rounds["single"] = generate(llm, [ps["p1"], ps["p2"]])
             rounds["pair"] = generate(llm, [ps["p3"], ps["p4"]])
         else:

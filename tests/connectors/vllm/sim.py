@@ -2,8 +2,10 @@
 
 `Sim` owns a SchedulerSide and a WorkerSide sharing one in-process store, a block pool,
 and per-layer CPU_ATTN-shaped caches [blocks, kv_heads, block, 2 * head_size]. "Computing"
-a token writes a value derived from the whole prefix into its slot, so a loaded block is
-right only if it holds exactly what computing would have written.
+a token writes values derived from the whole prefix into its slots, where vLLM 0.32's CPU
+kernel ("vec") puts them: per head of a page, K transposed [D, block] then V [block, D].
+A loaded block is right only if it holds exactly what computing would have written.
+The store's chunk is BLOCK tokens; `block_size` may be a multiple of it (chunks < blocks).
 """
 
 from __future__ import annotations
@@ -64,6 +66,21 @@ def token_value(tokens: list[int], pos: int, layer: int) -> float:
     return float(int.from_bytes(digest[:3], "little"))
 
 
+def write_cpu_token(page: torch.Tensor, off: int, value: float) -> None:
+    """Write one token's K and V (value + d, -(value + d) for d < D) into a CPU_ATTN page [H, N, 2D]."""
+    heads, n, d = page.shape[0], page.shape[1], page.shape[2] // 2
+    flat = page.view(heads, 2 * n * d)
+    ramp = torch.arange(d, dtype=page.dtype)
+    flat[:, off:n * d:n] = value + ramp  # K^T [D, N]: column `off`
+    flat[:, n * d + off * d:n * d + (off + 1) * d] = -(value + ramp)  # V [N, D]: row `off`
+
+
+def read_cpu_token(page: torch.Tensor, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+    heads, n, d = page.shape[0], page.shape[1], page.shape[2] // 2
+    flat = page.reshape(heads, 2 * n * d)
+    return flat[:, off:n * d:n], flat[:, n * d + off * d:n * d + (off + 1) * d]
+
+
 def make_client(capacity_chunks: int = 64, lease_timeout_s: float = 30.0) -> InProcessClient:
     cfg = StoreConfig(chunk_tokens=BLOCK, memory=MemoryTierConfig(capacity_bytes=capacity_chunks *
                                                                   LAYOUT.chunk_bytes(BLOCK)))
@@ -75,12 +92,14 @@ def root_for(salt: str, lora: str) -> bytes:
 
 
 class Sim:
-    def __init__(self, client: InProcessClient | None = None, num_blocks: int = 64, save_decode: bool = False) -> None:
+    def __init__(self, client: InProcessClient | None = None, num_blocks: int = 64, save_decode: bool = False,
+                 block_size: int = BLOCK) -> None:
         self.client = client or make_client()
         self.link = StoreLink(lambda first: self.client, retry_after_s=0.0)
-        self.sched = SchedulerSide(self.link, root_for, BLOCK, "sha256", save_decode)
-        self.worker = WorkerSide(self.link, LAYERS, LAYOUT, BLOCK)
-        shape = (num_blocks, LAYOUT.num_kv_heads, BLOCK, 2 * LAYOUT.head_size)
+        self.block_size = block_size
+        self.sched = SchedulerSide(self.link, root_for, BLOCK, "sha256", save_decode, block_size=block_size)
+        self.worker = WorkerSide(self.link, LAYERS, LAYOUT, block_size, BLOCK)
+        shape = (num_blocks, LAYOUT.num_kv_heads, block_size, 2 * LAYOUT.head_size)
         self.kv = {name: torch.zeros(shape) for name in LAYERS}
         self.worker.register(self.kv, "CPU_ATTN", num_blocks)
         self.free = list(range(num_blocks - 1, 0, -1))  # block 0 is vLLM's null block
@@ -95,7 +114,7 @@ class Sim:
         if num_external is not None:
             ext = num_external
         total = local_hit_tokens + ext
-        need = -(-req.num_tokens // BLOCK)
+        need = -(-req.num_tokens // self.block_size)
         self.blocks[req.request_id] = [self.free.pop() for _ in range(need)]
         self.sched.after_alloc(req, self.blocks[req.request_id], ext)
         req.num_computed_tokens = total
@@ -128,8 +147,22 @@ class Sim:
         self.failed |= w.take_failed_blocks()
 
     def write_token(self, r: FakeRequest, pos: int, layer: int) -> None:
-        block = self.blocks[r.request_id][pos // BLOCK]
-        self.kv[LAYERS[layer]][block, :, pos % BLOCK, :] = token_value(r.all_token_ids, pos, layer)
+        block = self.blocks[r.request_id][pos // self.block_size]
+        write_cpu_token(self.kv[LAYERS[layer]][block], pos % self.block_size, token_value(r.all_token_ids, pos, layer))
+
+    def tokens_are_right(self, r: FakeRequest, start: int, end: int) -> bool:
+        """Every layer holds exactly the computed K and V of tokens [start, end) of `r`."""
+        n = self.block_size
+        for pos in range(start, end):
+            for layer, name in enumerate(LAYERS):
+                page = self.kv[name][self.blocks[r.request_id][pos // n]]
+                want = torch.zeros_like(page)
+                write_cpu_token(want, pos % n, token_value(r.all_token_ids, pos, layer))
+                got_k, got_v = read_cpu_token(page, pos % n)
+                want_k, want_v = read_cpu_token(want, pos % n)
+                if not (torch.equal(got_k, want_k) and torch.equal(got_v, want_v)):
+                    return False
+        return True
 
     def finish(self, req: FakeRequest) -> None:
         self.sched.request_finished(req)
@@ -140,9 +173,10 @@ class Sim:
         req.num_computed_tokens = 0
 
     def expected_block(self, r: FakeRequest, chunk: int, layer: int) -> torch.Tensor:
-        page = torch.zeros(LAYOUT.num_kv_heads, BLOCK, 2 * LAYOUT.head_size)
-        for off in range(BLOCK):
-            page[:, off, :] = token_value(r.all_token_ids, chunk * BLOCK + off, layer)
+        n = self.block_size
+        page = torch.zeros(LAYOUT.num_kv_heads, n, 2 * LAYOUT.head_size)
+        for off in range(n):
+            write_cpu_token(page, off, token_value(r.all_token_ids, chunk * n + off, layer))
         return page
 
     def block_is_right(self, r: FakeRequest, chunk: int) -> bool:

@@ -36,9 +36,13 @@ def test_bad_values_are_named() -> None:
         load_connector_config({"save_decode": "yes"}, 32)
 
 
-def test_chunk_size_must_equal_block_size() -> None:
+def test_chunk_size_must_divide_block_size() -> None:
     with pytest.raises(ConfigError, match="block_size is 32"):
-        load_connector_config({"store": {"chunk_tokens": 16}}, 32)
+        load_connector_config({"store": {"chunk_tokens": 12}}, 32)
+    with pytest.raises(ConfigError, match="block_size is 32"):
+        load_connector_config({"store": {"chunk_tokens": 64}}, 32)
+    assert load_connector_config({"store": {"chunk_tokens": 8}}, 32).store.chunk_tokens == 8
+    assert load_connector_config({}, 32).store.chunk_tokens == 32
 
 
 def test_version_check() -> None:

@@ -6,6 +6,8 @@ Three engine launches, each a subprocess of e2e_run.py (vLLM spawns its own proc
 3. reuse: a second process gets external hits from the store the first one filled (auto-started
    `kvtier serve`, shared), then the store's DRAM is corrupted (every load fails its checksum)
    and finally the service is killed: requests recompute, with the baseline's output each time.
+4. save8 / reuse8: the same with store chunks of 8 tokens in vLLM blocks of 32 (another service),
+   so hits end inside a block; reuse8 runs with vLLM's prefix cache on and asks twice.
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = tmp / "model"
     build_tiny_llama(model)
     socket_path = f"/tmp/kvtier-test-{os.getpid()}.sock"  # short: AF_UNIX paths are limited to 107 bytes
-    store = tmp / "store"
+    socket8 = f"/tmp/kvtier-test8-{os.getpid()}.sock"
+    store, store8 = tmp / "store", tmp / "store8"
     store.mkdir()
+    store8.mkdir()
     out: dict = {}
     try:
         _run([str(model), str(tmp / "baseline.json"), "baseline"], tmp / "baseline.log")
@@ -95,8 +99,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         out["reuse_log"] = _run([str(model), str(tmp / "reuse.json"), "reuse", socket_path, str(store)],
                                 tmp / "reuse.log")
         out["reuse"] = json.loads((tmp / "reuse.json").read_text())["rounds"]
+        for mode in ("save8", "reuse8"):
+            _run([str(model), str(tmp / f"{mode}.json"), mode, socket8, str(store8)], tmp / f"{mode}.log")
+            out[mode] = json.loads((tmp / f"{mode}.json").read_text())["rounds"]
     finally:
         _stop_service(socket_path)
+        _stop_service(socket8)
     return out
 
 
@@ -139,3 +147,16 @@ def test_dead_store_falls_back_to_recompute(runs: dict) -> None:
     assert _tokens(runs["reuse"]["dead_again"]) == [b["p7"]]
     assert all(r["cached"] == 0 for r in runs["reuse"]["dead"] + runs["reuse"]["dead_again"])
     assert "store unavailable" in runs["reuse_log"]
+
+
+def test_chunks_smaller_than_a_block_hit_inside_blocks_with_same_output(runs: dict) -> None:
+    b = runs["baseline"]
+    names = ("p1", "p2", "p3", "p4", "p7")
+    assert _tokens(runs["save8"]["single"] + runs["save8"]["pair"]) == [b[n] for n in ("p1", "p2", "p3", "p4")]
+    hits = runs["reuse8"]["hits"]
+    # whole 8-token chunks up to (never including) the last token: 144 and 136 end inside a 32-token block
+    assert [r["cached"] for r in hits] == [96, 144, 128, 136, 144]
+    assert _tokens(hits) == [b[n] for n in names]
+    again = runs["reuse8"]["again"]  # vLLM's own whole-block hits, then kvtier's chunks
+    assert [r["cached"] for r in again] == [96, 144, 128, 136, 152]  # p7's chunk 18 was saved by "hits"
+    assert _tokens(again) == [b[n] for n in names]

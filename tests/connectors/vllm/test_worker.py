@@ -55,7 +55,7 @@ def make_worker(client: GatedClient) -> tuple[WorkerSide, dict[str, torch.Tensor
 def test_wait_layer_returns_when_its_layer_landed_while_later_layers_still_load() -> None:
     client = GatedClient()
     worker, kv = make_worker(client)
-    worker.start_step(StepPlan(loads=[LoadSpec("r", [b"a" * 32, b"b" * 32], [3, 5], 7)]))
+    worker.start_step(StepPlan(loads=[LoadSpec("r", [b"a" * 32, b"b" * 32], [3, 5], [0, 0], 7)]))
     worker.start_loads()
     (load,) = client.loads
     load.gates[0].set()

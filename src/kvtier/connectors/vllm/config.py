@@ -4,7 +4,7 @@
      "auto_start": true,         # start `python -m kvtier.service` when nothing answers on the socket
      "service_config": "",       # the service's config file for auto_start; "" = written from `store`
      "store": {...},             # kvtier StoreConfig for an auto-started service (memory/disk tiers);
-                                 # chunk_tokens defaults to vLLM's block_size and must equal it
+                                 # chunk_tokens defaults to vLLM's block_size and must divide it
      "lease_timeout_s": 30.0, "connect_timeout_s": 30.0,
      "retry_after_s": 5.0,       # after the service fails, wait this long before reconnecting
      "save_decode": false,       # also save chunks of generated tokens (multi-turn reuse)
@@ -48,8 +48,9 @@ class VLLMConnectorConfig:
 def load_connector_config(extra: Mapping[str, Any] | None, block_size: int) -> VLLMConnectorConfig:
     """Validate vLLM's kv_connector_extra_config; the store's chunk size defaults to `block_size`.
 
-    kvtier's chunk_tokens must equal vLLM's block_size: one chunk is one vLLM block, so a
-    CPU block moves as one opaque page and a chunk key lines up with a block boundary.
+    kvtier's chunk_tokens must divide vLLM's block_size, so every chunk lies inside one block.
+    Equal (the default), a CPU block moves as one opaque page; smaller chunks let a hit end
+    closer to the prompt's end (fewer tail tokens recomputed) at the cost of strided copies.
     """
     raw = dict(extra or {})
     store = raw.get("store")
@@ -58,8 +59,8 @@ def load_connector_config(extra: Mapping[str, Any] | None, block_size: int) -> V
     elif isinstance(store, Mapping) and "chunk_tokens" not in store:
         raw["store"] = {**store, "chunk_tokens": block_size}
     cfg = load_config(VLLMConnectorConfig, raw, "kv_connector_extra_config")
-    if cfg.store.chunk_tokens != block_size:
+    if block_size % cfg.store.chunk_tokens:
         raise ConfigError(
             f"kv_connector_extra_config.store.chunk_tokens is {cfg.store.chunk_tokens} but vLLM's block_size is "
-            f"{block_size}; kvtier stores one vLLM block per chunk, so they must be equal")
+            f"{block_size}; chunk_tokens must divide the block size")
     return cfg

@@ -13,7 +13,8 @@ and keeps it across restarts. Only the plan (keys, block ids, lease ids) travels
 the roles, in KVTierConnectorMetadata.
 
 Decisions (see scheduler.py / worker.py for the details):
-- chunk size = vLLM's block_size; loads are synchronous and layer by layer (no
+- chunk size: the store's chunk_tokens, vLLM's block_size or a divisor of it (chunks smaller
+  than a block: CPU backend only, so hits can end inside a block); loads are synchronous and layer by layer (no
   WAITING_FOR_REMOTE_KVS state): one store load per request starts in start_load_kv and
   wait_for_layer_load(layer i) waits only for layer i, the copies running on CPUs the
   forward pass does not use (cpus_left_free); saves are copied into the store's DRAM in the step that
@@ -49,8 +50,9 @@ from kvtier.client.api import StoreClient
 from kvtier.connectors.vllm import version
 from kvtier.connectors.vllm.config import VLLMConnectorConfig, load_connector_config
 from kvtier.connectors.vllm.fingerprint import vllm_model_fingerprint
+from kvtier.connectors.vllm.layouts import SUB_BLOCK_CPU_ISAS
 from kvtier.connectors.vllm.link import StoreLink
-from kvtier.connectors.vllm.model import ModelKV, cpu_amx_supported, format_tag, model_kv
+from kvtier.connectors.vllm.model import ModelKV, cpu_amx_supported, format_tag, model_kv, predict_cpu_isa
 from kvtier.connectors.vllm.plan import StepPlan
 from kvtier.connectors.vllm.scheduler import SchedulerSide
 from kvtier.connectors.vllm.worker import WorkerSide
@@ -77,9 +79,9 @@ class KVTierConnectorMetadata(KVConnectorMetadata):
     plan: StepPlan
 
 
-def default_socket_path(layout: KVLayout, block_size: int) -> str:
-    """One service per KV layout, so models of different shapes never meet on one socket."""
-    return f"/tmp/kvtier-{os.geteuid()}-vllm-{layout.layout_id(block_size)[:6].hex()}.sock"
+def default_socket_path(layout: KVLayout, chunk_tokens: int) -> str:
+    """One service per KV layout and chunk size, so models of different shapes never meet on one socket."""
+    return f"/tmp/kvtier-{os.geteuid()}-vllm-{layout.layout_id(chunk_tokens)[:6].hex()}.sock"
 
 
 def write_service_config(path: str, layout: KVLayout, cfg: VLLMConnectorConfig, socket_path: str) -> None:
@@ -137,12 +139,13 @@ def cpus_left_free() -> tuple[int, ...]:
     return tuple(sorted(set(range(os.cpu_count() or 1)) - mine))
 
 
-def open_client(cfg: VLLMConnectorConfig, layout: KVLayout, block_size: int, first: bool,
+def open_client(cfg: VLLMConnectorConfig, layout: KVLayout, first: bool,
                 transfer_cpus: tuple[int, ...] = ()) -> StoreClient:
     """A ServiceClient for this model's layout; at start it may launch the service."""
     from kvtier.client.service_client import ServiceClient
 
-    socket_path = cfg.socket_path or default_socket_path(layout, block_size)
+    chunk_tokens = cfg.store.chunk_tokens
+    socket_path = cfg.socket_path or default_socket_path(layout, chunk_tokens)
     service_config = cfg.service_config
     auto_start = cfg.auto_start and first
     if auto_start and not service_config:
@@ -154,10 +157,10 @@ def open_client(cfg: VLLMConnectorConfig, layout: KVLayout, block_size: int, fir
                                         service_config=service_config, auto_start=False,
                                         lease_timeout_s=cfg.lease_timeout_s,
                                         connect_timeout_s=cfg.connect_timeout_s, transfer_cpus=transfer_cpus), layout)
-    if client.chunk_tokens != block_size:
+    if client.chunk_tokens != chunk_tokens:
         client.close()
-        raise ConfigError(f"the kvtier service on {socket_path} uses chunk_tokens={client.chunk_tokens}, but vLLM's "
-                          f"block_size is {block_size}; they must be equal")
+        raise ConfigError(f"the kvtier service on {socket_path} uses chunk_tokens={client.chunk_tokens}, but this "
+                          f"connector's store.chunk_tokens is {chunk_tokens}; they must be equal")
     return client
 
 
@@ -203,21 +206,24 @@ class KVTierConnector(KVConnectorBase_V1):
         if self.model.block_size != block_size:
             raise ConfigError(f"KV cache block size {self.model.block_size} differs from vLLM's block_size {block_size}")
         self.is_cpu = current_platform.is_cpu()
-        self.format_tag = format_tag(self.is_cpu, self.model.layout, block_size,
-                                     cpu_amx_supported() if self.is_cpu else False)
+        amx = cpu_amx_supported() if self.is_cpu else False
+        self.format_tag = format_tag(self.is_cpu, self.model.layout, block_size, amx)
         layout = self.model.layout
         cfg = self.config
+        chunk_tokens = cfg.store.chunk_tokens
+        self.chunk_tokens = chunk_tokens
+        self.cpu_isa = predict_cpu_isa(layout.dtype, block_size, layout.head_size, amx) if self.is_cpu else ""
         worker_role = role != KVConnectorRole.SCHEDULER
         # the worker's client starts after vLLM pinned the worker thread: its copies go elsewhere
-        link = StoreLink(lambda first: open_client(cfg, layout, block_size, first,
-                                                   cpus_left_free() if worker_role else ()), cfg.retry_after_s)
+        link = StoreLink(lambda first: open_client(cfg, layout, first, cpus_left_free() if worker_role else ()),
+                         cfg.retry_after_s)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             client = link.client()
             assert client is not None
             fingerprint = cfg.model_fingerprint or vllm_model_fingerprint(vllm_config)
-            layout_id = layout.layout_id(block_size)
+            layout_id = layout.layout_id(chunk_tokens)
             hash_mode = client.hash_mode
             roots: dict[tuple[str, str], bytes] = {}
 
@@ -228,12 +234,12 @@ class KVTierConnector(KVConnectorBase_V1):
                     roots[(salt, lora)] = ns.root()
                 return roots[(salt, lora)]
 
-            self.scheduler = SchedulerSide(link, root_for, block_size, hash_mode, cfg.save_decode,
-                                           load=ktc.is_kv_consumer, save=ktc.is_kv_producer)
-            log.info("kvtier connector (scheduler) ready: model %s..., format %s, chunk = block = %d tokens",
-                     fingerprint[:12], self.format_tag, block_size)
+            self.scheduler = SchedulerSide(link, root_for, chunk_tokens, hash_mode, cfg.save_decode,
+                                           load=ktc.is_kv_consumer, save=ktc.is_kv_producer, block_size=block_size)
+            log.info("kvtier connector (scheduler) ready: model %s..., format %s, chunk %d tokens, block %d tokens",
+                     fingerprint[:12], self.format_tag, chunk_tokens, block_size)
         else:
-            self.worker = WorkerSide(link, self.model.layer_names, layout, block_size)
+            self.worker = WorkerSide(link, self.model.layer_names, layout, block_size, chunk_tokens)
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -270,7 +276,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def _write_stats(self) -> None:
         assert self.scheduler is not None
         data = {**self.scheduler.stats, "loaded_chunks_by_tier": self.scheduler.loaded_by_tier,
-                "chunk_tokens": self.model.block_size}
+                "chunk_tokens": self.chunk_tokens}
         tmp = f"{self.config.stats_path}.tmp"
         with open(tmp, "w") as f:
             json.dump(data, f)
@@ -299,6 +305,14 @@ class KVTierConnector(KVConnectorBase_V1):
 
             raise UnsupportedLayoutError(f"layers use several attention backends {sorted(backends)}; not supported")
         backend_name = backends.pop()
+        if self.chunk_tokens != self.model.block_size and (backend_name != "CPU_ATTN"
+                                                           or self.cpu_isa not in SUB_BLOCK_CPU_ISAS):
+            from kvtier.connectors.vllm.layouts import UnsupportedLayoutError
+
+            raise UnsupportedLayoutError(
+                f"kvtier: store.chunk_tokens {self.chunk_tokens} < block_size {self.model.block_size} is supported "
+                f"only on the CPU_ATTN backend with the {'/'.join(SUB_BLOCK_CPU_ISAS)} kernels (this is "
+                f"{backend_name}, ISA {self.cpu_isa or '-'}); set chunk_tokens to the block size")
         self.worker.register(kv_caches, backend_name, self._kv_cache_config.num_blocks)
         log.info("kvtier connector (worker) registered %d layers, backend %s, format %s",
                  len(kv_caches), backend_name, self.format_tag)

@@ -10,6 +10,12 @@ UnsupportedLayoutError) any shape, dtype, stride or block split it does not map.
     load_target(block) -> (uint8 array to load into, finish() to run after the load or None)
     load_targets(blocks) -> the same for many blocks (one list of arrays, one list of finishers)
 
+Chunks smaller than a block (chunk_tokens a divisor of block_size; only adapters with
+sub_block = True, others refuse at construction):
+
+    gather_chunks(blocks, offsets) -> [n, section bytes] uint8 copy of chunks at (block, token offset)
+    scatter_chunks(blocks, offsets, sections) -> copy [n, section bytes] into those places
+
 Adapters (registry ADAPTERS):
 - CPU_ATTN -> CpuPageAdapter: the CPU kernel reads each block's [H, N, C] as [H, 2N, D] and
   keeps K transposed ([D, N]) and V as [N, D] inside each head, in an ISA-dependent order.
@@ -17,6 +23,12 @@ Adapters (registry ADAPTERS):
   page must be contiguous and the chunk must be exactly one block. The pages of a layer are
   one [blocks, page bytes] uint8 array made at register time, so a load of N blocks costs
   N row lookups, not N tensor views.
+  Chunks smaller than a block: measured on vLLM 0.32's "vec"/"vec16" kernels (float32 on x86
+  without AMX), each head of a page is K transposed [D, N] followed by V [N, D]. A chunk's
+  section is then the page of a chunk-sized block: per head, K^T [D, c] then V [c, D], i.e.
+  token columns [off, off+c) of K^T and rows [off, off+c) of V. Moved with one numpy fancy
+  assignment per plane for all chunks of a layer. Other ISAs (AMX packs K in VNNI tiles) are
+  refused at register_kv_caches (SUB_BLOCK_CPU_ISAS).
 - FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION -> SplitLastAdapter: these backends read
   `kv.transpose(1, 2).split(head_size, -1)`, i.e. kv[b, h, n, :D] is K and kv[b, h, n, D:]
   is V of token n, for any stride order. Sections hold kvtier's canonical
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,14 +57,39 @@ def _as_bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
+SUB_BLOCK_CPU_ISAS = ("vec", "vec16")  # CPU_ATTN ISAs whose page layout sub-block chunks are checked against
+
+
+def _run_dtype(nbytes: int) -> np.dtype[Any]:
+    """One opaque element per contiguous run: numpy then copies a run with one memcpy."""
+    return np.dtype((np.void, nbytes))
+
+
+def _reshaped(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A view of `a` with `shape`; raises rather than copying (a copy would load into nowhere)."""
+    v = a.view()
+    v.shape = shape
+    return v
+
+
 class BlockAdapter(ABC):
     canonical: bool  # True: sections hold canonical [H, 2, N, D]; False: opaque backend pages
+    sub_block: bool = False  # True: moves chunks smaller than a block (gather_chunks / scatter_chunks)
 
-    def __init__(self, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int) -> None:
+    def __init__(self, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int,
+                 chunk_tokens: int | None = None) -> None:
         self.kv = kv
         self.layout = layout
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.chunk_tokens = block_size if chunk_tokens is None else chunk_tokens
+        if self.chunk_tokens <= 0 or block_size % self.chunk_tokens:
+            raise UnsupportedLayoutError(f"chunk_tokens {self.chunk_tokens} does not divide vLLM's block_size "
+                                         f"{block_size}")
+        if self.chunk_tokens != block_size and not self.sub_block:
+            raise UnsupportedLayoutError(
+                f"{type(self).__name__} moves whole vLLM blocks only: set the store's chunk_tokens to the "
+                f"block_size {block_size} (it is {self.chunk_tokens})")
         if kv.dim() != 4:
             raise UnsupportedLayoutError(f"expected a 4-D [blocks, heads, tokens, K|V] KV view, got shape {tuple(kv.shape)}")
         if torch_dtype_name(kv.dtype) != layout.dtype:
@@ -75,12 +113,20 @@ class BlockAdapter(ABC):
         pairs = [self.load_target(b) for b in blocks]
         return [t for t, _ in pairs], [f for _, f in pairs]
 
+    def gather_chunks(self, blocks: list[int], offsets: list[int]) -> np.ndarray:
+        raise UnsupportedLayoutError(f"{type(self).__name__} cannot move chunks smaller than a block")
+
+    def scatter_chunks(self, blocks: list[int], offsets: list[int], sections: np.ndarray) -> None:
+        raise UnsupportedLayoutError(f"{type(self).__name__} cannot move chunks smaller than a block")
+
 
 class CpuPageAdapter(BlockAdapter):
     canonical = False
+    sub_block = True
 
-    def __init__(self, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int) -> None:
-        super().__init__(kv, layout, num_blocks, block_size)
+    def __init__(self, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int,
+                 chunk_tokens: int | None = None) -> None:
+        super().__init__(kv, layout, num_blocks, block_size, chunk_tokens)
         if self.ratio != 1:
             raise UnsupportedLayoutError(f"CPU pages split into {self.ratio} kernel blocks are not supported")
         if kv.device.type != "cpu":
@@ -95,6 +141,43 @@ class CpuPageAdapter(BlockAdapter):
         if flat.untyped_storage().data_ptr() != kv.untyped_storage().data_ptr():
             raise UnsupportedLayoutError(f"CPU_ATTN KV pages cannot be viewed as rows (strides {kv.stride()})")
         self.pages: np.ndarray = flat.view(torch.uint8).numpy()
+        c, n, h = self.chunk_tokens, block_size, layout.num_kv_heads
+        self.section_bytes = layout.layer_bytes(c)
+        if c != n:
+            e, d = kv.element_size(), layout.head_size
+            halves = _reshaped(self.pages, (num_blocks, h, 2, n * d * e))  # per head: K^T [D, N], then V [N, D]
+            kt, vt = _run_dtype(c * e), _run_dtype(c * d * e)  # a chunk's run of K^T and its V rows
+            self._k = _reshaped(halves[:, :, 0].view(kt), (num_blocks, h, d, n // c))  # [B, H, D, r]
+            self._v = _reshaped(halves[:, :, 1].view(vt), (num_blocks, h, n // c))  # [B, H, r]
+            self._k_unit, self._v_unit = kt, vt
+
+    def _section_planes(self, sections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[n, H, D] K^T runs and [n, H] V runs of n chunk sections."""
+        lay, n = self.layout, sections.shape[0]
+        halves = _reshaped(sections, (n, lay.num_kv_heads, 2, sections.shape[1] // (2 * lay.num_kv_heads)))
+        return halves[:, :, 0].view(self._k_unit), halves[:, :, 1].view(self._v_unit)[..., 0]
+
+    def gather_chunks(self, blocks: list[int], offsets: list[int]) -> np.ndarray:
+        sections = np.empty((len(blocks), self.section_bytes), dtype=np.uint8)
+        if self.chunk_tokens == self.block_size:
+            np.take(self.pages, blocks, axis=0, out=sections)
+            return sections
+        b = np.asarray(blocks, dtype=np.intp)
+        j = np.asarray(offsets, dtype=np.intp) // self.chunk_tokens
+        k, v = self._section_planes(sections)
+        k[...] = self._k[b, :, :, j]
+        v[...] = self._v[b, :, j]
+        return sections
+
+    def scatter_chunks(self, blocks: list[int], offsets: list[int], sections: np.ndarray) -> None:
+        if self.chunk_tokens == self.block_size:
+            self.pages[blocks] = sections
+            return
+        b = np.asarray(blocks, dtype=np.intp)
+        j = np.asarray(offsets, dtype=np.intp) // self.chunk_tokens
+        k, v = self._section_planes(sections)
+        self._k[b, :, :, j] = k
+        self._v[b, :, j] = v
 
     def save_source(self, block: int) -> np.ndarray:
         return self.pages[block]
@@ -143,10 +226,11 @@ ADAPTERS: dict[str, type[BlockAdapter]] = {
 }
 
 
-def make_adapter(backend: str, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int) -> BlockAdapter:
+def make_adapter(backend: str, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int,
+                 chunk_tokens: int | None = None) -> BlockAdapter:
     cls = ADAPTERS.get(backend)
     if cls is None:
         raise UnsupportedLayoutError(
             f"kvtier's vLLM connector has no layout adapter for the {backend!r} attention backend; "
             f"supported: {sorted(ADAPTERS)}")
-    return cls(kv, layout, num_blocks, block_size)
+    return cls(kv, layout, num_blocks, block_size, chunk_tokens)

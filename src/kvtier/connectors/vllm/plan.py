@@ -1,6 +1,8 @@
 """The per-step plan the scheduler side sends to the worker side (inside vLLM's metadata).
 
-Plain picklable data: chunk keys, vLLM block ids (group 0; one block per chunk) and lease ids.
+Plain picklable data: chunk keys, where each chunk sits in vLLM's cache (group 0's block id and
+the chunk's first token within that block) and lease ids. With chunk_tokens == block_size every
+offset is 0 and every block id appears once; with smaller chunks a block holds several chunks.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class LoadSpec:
-    """Load chunks `keys` into blocks `block_ids` (same length) before the layers that read them.
+    """Load chunks `keys` into blocks `block_ids` at token `offsets` (all three the same length),
+    before the layers that read them.
 
     The worker owns `lease_id` from here on and releases it once the load is done.
     """
@@ -18,16 +21,19 @@ class LoadSpec:
     req_id: str
     keys: list[bytes]
     block_ids: list[int]
+    offsets: list[int]
     lease_id: int | None
 
 
 @dataclass(slots=True)
 class SaveSpec:
-    """Save blocks `block_ids` as the chain `keys`, whose first chunk follows `parent` at `first_depth`."""
+    """Save the chunks at (`block_ids`, `offsets`) as the chain `keys`, whose first chunk follows
+    `parent` at `first_depth`."""
 
     req_id: str
     keys: list[bytes]
     block_ids: list[int]
+    offsets: list[int]
     parent: bytes
     first_depth: int
 

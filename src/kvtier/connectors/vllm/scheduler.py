@@ -8,10 +8,16 @@ Called by KVTierConnector's scheduler-role methods:
     request_finished(request)                      drop the request; release an unshipped lease
     load_errors(block_ids)                         chunks whose load failed will be saved again
 
-One chunk is one vLLM block (chunk_tokens == block_size). Each request's keys are a
-KeyChain built once from its prompt (extended with generated tokens only when
-save_decode is on). External hits are whole chunks after vLLM's own (block-aligned) hit
-and never include the prompt's last token, which must be computed for its logits.
+A chunk is chunk_tokens tokens, a divisor of vLLM's block_size: chunk i of a request sits
+in its block i // (block_size // chunk_tokens) at token offset (i % ...) * chunk_tokens.
+Each request's keys are a KeyChain built once from its prompt (extended with generated
+tokens only when save_decode is on). External hits are whole chunks after vLLM's own
+(block-aligned) hit and never include the prompt's last token, which must be computed
+for its logits; with chunks smaller than a block a hit may end inside a block. vLLM 0.32
+handles that: it allocates the partly loaded block (cdiv), computes the rest of it in the
+same step, and registers a block in its prefix cache only once all its tokens are
+scheduled (cache_blocks counts whole blocks of computed + scheduled tokens), and a load
+error rolls num_computed_tokens back to the start of the failed block.
 
 Leases: a lookup leases the hit chunks so they stay in DRAM until the worker loads them.
 A repeated lookup for the same request (vLLM may ask again when allocation failed)
@@ -21,7 +27,7 @@ releases it. An expired lease only means the load may find chunks gone: the work
 reports exactly those blocks and vLLM recomputes them (kv_load_failure_policy=recompute).
 
 Saves: a chunk is saved in the step whose forward pass completes its KV (after chunked
-prefill, or right away), except chunks vLLM already had cached or loaded from kvtier.
+prefill, or right away; also when the rest of its block is not computed yet), except chunks vLLM already had cached or loaded from kvtier.
 Saves are copied into the store's DRAM within that step, so request_finished never has
 to hold blocks (it returns False) and preemption needs no extra work.
 Requests with multimodal inputs or prompt embeddings get no hits and save nothing:
@@ -64,7 +70,7 @@ class _ReqState:
     local_tokens: int = 0  # vLLM's own block-aligned hit at the last lookup
     load: LoadSpec | None = None  # decided in after_alloc, shipped by build_plan
     load_start: int = 0  # chunk index of load.keys[0]
-    loaded: dict[int, int] = field(default_factory=dict)  # block id -> chunk index of shipped loads
+    loaded: dict[int, int] = field(default_factory=dict)  # block id -> first chunk index of shipped loads
 
 
 def lora_name(request: Any) -> str:
@@ -83,7 +89,13 @@ def keyable(request: Any) -> bool:
 
 class SchedulerSide:
     def __init__(self, link: StoreLink, root_for: RootFor, chunk_tokens: int, hash_mode: str,
-                 save_decode: bool = False, *, load: bool = True, save: bool = True) -> None:
+                 save_decode: bool = False, *, load: bool = True, save: bool = True,
+                 block_size: int | None = None) -> None:
+        block_size = chunk_tokens if block_size is None else block_size
+        if chunk_tokens <= 0 or block_size % chunk_tokens:
+            raise ValueError(f"chunk_tokens {chunk_tokens} must divide vLLM's block_size {block_size}")
+        self.block_size = block_size
+        self.chunks_per_block = block_size // chunk_tokens
         self.link = link
         self.load = load  # kv_role kv_consumer / kv_both
         self.save = save  # kv_role kv_producer / kv_both
@@ -119,6 +131,13 @@ class SchedulerSide:
             self.stats["store_errors"] += 1
             self.link.failed(e)
             return None
+
+    def _places(self, block_ids: Sequence[int], first: int, end: int) -> tuple[list[int], list[int]]:
+        """(block id, token offset in it) of chunks [first, end), from the request's block ids."""
+        r, c = self.chunks_per_block, self.chunk_tokens
+        if r == 1:
+            return list(block_ids[first:end]), [0] * (end - first)
+        return [block_ids[i // r] for i in range(first, end)], [(i % r) * c for i in range(first, end)]
 
     def _release(self, st: _ReqState) -> None:
         if st.lease is not None and st.lease.lease_id is not None:
@@ -170,8 +189,9 @@ class SchedulerSide:
             return
         n = min(num_external_tokens // self.chunk_tokens, lease.hits)
         start = lease.start
-        st.load = LoadSpec(request.request_id, list(st.chain.keys[start:start + n]),
-                           list(block_ids[start:start + n]), lease.lease_id)
+        blocks, offsets = self._places(block_ids, start, start + n)
+        st.load = LoadSpec(request.request_id, list(st.chain.keys[start:start + n]), blocks, offsets,
+                           lease.lease_id)
         st.load_start = start
         for tier in lease.tiers[:n]:
             self.loaded_by_tier[tier] = self.loaded_by_tier.get(tier, 0) + 1
@@ -184,7 +204,9 @@ class SchedulerSide:
         for pending in self.reqs.values():
             if pending.load is not None:
                 plan.loads.append(pending.load)
-                pending.loaded = {b: pending.load_start + i for i, b in enumerate(pending.load.block_ids)}
+                pending.loaded = {}
+                for i, b in enumerate(pending.load.block_ids):
+                    pending.loaded.setdefault(b, pending.load_start + i)
                 self.stats["loaded_chunks"] += len(pending.load.keys)
                 pending.load = None
         c = self.chunk_tokens
@@ -201,12 +223,13 @@ class SchedulerSide:
             if done <= st.stored_upto:
                 continue
             blocks = block_ids_of(req_id)
-            if blocks is None or len(blocks) < done:
+            if blocks is None or len(blocks) * self.chunks_per_block < done:
                 continue
             first = st.stored_upto
             keys = st.chain.keys
             parent = keys[first - 1] if first else st.chain.root
-            plan.saves.append(SaveSpec(req_id, list(keys[first:done]), list(blocks[first:done]), parent, first))
+            block_ids, offsets = self._places(blocks, first, done)
+            plan.saves.append(SaveSpec(req_id, list(keys[first:done]), block_ids, offsets, parent, first))
             self.stats["saved_chunks"] += done - first
             st.stored_upto = done
         return plan

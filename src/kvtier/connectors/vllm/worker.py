@@ -26,6 +26,13 @@ during the forward pass and finish_step commits, so every chunk is published onl
 all its layers, and a request's chunks in chain order across steps (parents first).
 Nothing is pending when a step ends, so vLLM may reuse or free blocks at once
 (handle_preemptions has nothing to do).
+
+Chunks smaller than a block (chunk_tokens < block_size; the CPU adapter only): a chunk's
+rows are strided inside its block, and the store client copies into contiguous buffers,
+so each layer of a load lands in a staging arena (one grow-only [chunks, section] buffer
+per layer, reused across steps) and wait_layer(i) scatters layer i into vLLM's pages with
+one adapter call once the client has it; the client meanwhile copies the next layers.
+Saves gather each layer's chunks into one fresh buffer. A failed chunk reports its block.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from kvtier.client.api import LayeredLoad, SaveSession, WholeLoad
 from kvtier.connectors.vllm.layouts import BlockAdapter, UnsupportedLayoutError, make_adapter
@@ -61,6 +70,8 @@ class _LayerLoad:
     load: LayeredLoad | None  # None: the submit itself failed
     finishers: list[Callable[[], None] | None]
     layerwise: bool  # False: wait for the whole load at the first layer (finishers copy chunks into place)
+    staged: list[np.ndarray] | None = None  # sub-block chunks: per layer, [chunks, section] staging rows
+    scattered: list[bool] = field(default_factory=list)  # per layer: staging copied into vLLM's pages
 
 
 @dataclass(slots=True)
@@ -79,12 +90,16 @@ class WorkerStats:
 
 
 class WorkerSide:
-    def __init__(self, link: StoreLink, layer_names: tuple[str, ...], layout: KVLayout, block_size: int) -> None:
+    def __init__(self, link: StoreLink, layer_names: tuple[str, ...], layout: KVLayout, block_size: int,
+                 chunk_tokens: int | None = None) -> None:
         self.link = link
         self.layer_names = layer_names
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.layout = layout
         self.block_size = block_size
+        self.chunk_tokens = block_size if chunk_tokens is None else chunk_tokens
+        self.sub_block = self.chunk_tokens != block_size
+        self._arena: list[np.ndarray] = []  # sub-block loads: per layer, [chunks, section] staging
         self.adapters: dict[str, BlockAdapter] = {}
         self.plan = StepPlan()
         self._loads: list[_LayerLoad] = []  # this step's loads until they are finished
@@ -100,7 +115,8 @@ class WorkerSide:
             raise UnsupportedLayoutError(
                 f"KV cache layers {sorted(kv_caches)[:4]}... do not match the model's attention layers "
                 f"(missing {sorted(missing)[:4]}, unexpected {sorted(extra)[:4]})")
-        self.adapters = {name: make_adapter(backend, kv_caches[name], self.layout, num_blocks, self.block_size)
+        self.adapters = {name: make_adapter(backend, kv_caches[name], self.layout, num_blocks, self.block_size,
+                                            self.chunk_tokens)
                          for name in self.layer_names}
 
     # -- steps ---------------------------------------------------------------------------
@@ -122,6 +138,9 @@ class WorkerSide:
         """
         if not self.plan.loads or self._loads:
             return
+        if self.sub_block:
+            self._start_staged_loads()
+            return
         client = self.link.client()
         entries: list[_LayerLoad] = []
         for spec in self.plan.loads:
@@ -141,6 +160,40 @@ class WorkerSide:
             entries.append(_LayerLoad(spec, load, finishers, layerwise))
         self._loads = entries
 
+    def _staging(self, chunks: int) -> list[np.ndarray]:
+        """Per layer, [chunks, section bytes] rows of the staging arena (grown, never shrunk)."""
+        section = self.layout.layer_bytes(self.chunk_tokens)
+        if not self._arena or self._arena[0].shape[0] < chunks:
+            self._arena = [np.empty((chunks, section), dtype=np.uint8) for _ in self.layer_names]
+        return [a[:chunks] for a in self._arena]
+
+    def _start_staged_loads(self) -> None:
+        """Sub-block chunks: the client loads every layer into staging; wait_layer scatters it."""
+        client = self.link.client()
+        arena = self._staging(sum(len(spec.keys) for spec in self.plan.loads))
+        entries: list[_LayerLoad] = []
+        row = 0
+        for spec in self.plan.loads:
+            n = len(spec.keys)
+            staged = [a[row:row + n] for a in arena]
+            row += n
+            load: LayeredLoad | None = None
+            if client is not None:
+                try:
+                    load = client.load_layers(spec.keys, [[s[i] for s in staged] for i in range(n)], spec.lease_id)
+                except STORE_ERRORS as e:
+                    self.link.failed(e)
+                    client = None
+            entries.append(_LayerLoad(spec, load, [None] * n, True, staged, [False] * len(self.layer_names)))
+        self._loads = entries
+
+    def _scatter(self, entry: _LayerLoad, layer: int) -> None:
+        if entry.staged is None or entry.scattered[layer] or entry.load is None:
+            return
+        entry.scattered[layer] = True
+        spec = entry.spec
+        self.adapters[self.layer_names[layer]].scatter_chunks(spec.block_ids, spec.offsets, entry.staged[layer])
+
     def wait_layer(self, name: str) -> None:
         """Return once layer `name` of every load of this step is in vLLM's pages."""
         if not self._loads:
@@ -150,6 +203,7 @@ class WorkerSide:
             for entry in self._loads:
                 if entry.load is not None:
                     entry.load.wait_layer(layer)
+                    self._scatter(entry, layer)
             return
         self._finish_loads()
 
@@ -168,6 +222,9 @@ class WorkerSide:
                             self.stats.tiers[t] = self.stats.tiers.get(t, 0) + 1
                 except STORE_ERRORS as e:
                     self.link.failed(e)
+            if entry.staged is not None and failed is not None:
+                for layer in range(len(self.layer_names)):  # layers vLLM did not wait for
+                    self._scatter(entry, layer)
             if failed is None:
                 self._fail_load(spec)
             else:
@@ -180,7 +237,7 @@ class WorkerSide:
             self._load_done(spec)
 
     def _load_done(self, spec: LoadSpec) -> None:
-        failed = sum(1 for b in spec.block_ids if b in self._failed_blocks)
+        failed = sum(1 for b in spec.block_ids if b in self._failed_blocks)  # a failed chunk fails its block
         self.stats.failed_chunks += failed
         self.stats.loaded_chunks += len(spec.block_ids) - failed
         if failed:
@@ -218,7 +275,11 @@ class WorkerSide:
             if save.failed or save.session is None:
                 continue
             try:
-                save.session.write_layer(layer, [adapter.save_source(b) for b in save.spec.block_ids])
+                if self.sub_block:
+                    sections = adapter.gather_chunks(save.spec.block_ids, save.spec.offsets)
+                    save.session.write_layer(layer, list(sections))
+                else:
+                    save.session.write_layer(layer, [adapter.save_source(b) for b in save.spec.block_ids])
             except STORE_ERRORS as e:
                 save.failed = True
                 self.link.failed(e)
