@@ -13,7 +13,7 @@ UnsupportedLayoutError) any shape, dtype, stride or block split it does not map.
 Chunks smaller than a block (chunk_tokens a divisor of block_size; only adapters with
 sub_block = True, others refuse at construction):
 
-    gather_chunks(blocks, offsets) -> [n, section bytes] uint8 copy of chunks at (block, token offset)
+    gather_chunks(blocks, offsets, out) -> [n, section bytes] uint8 copy of chunks at (block, token offset)
     scatter_chunks(blocks, offsets, sections) -> copy [n, section bytes] into those places
 
 Adapters (registry ADAPTERS):
@@ -113,7 +113,7 @@ class BlockAdapter(ABC):
         pairs = [self.load_target(b) for b in blocks]
         return [t for t, _ in pairs], [f for _, f in pairs]
 
-    def gather_chunks(self, blocks: list[int], offsets: list[int]) -> np.ndarray:
+    def gather_chunks(self, blocks: list[int], offsets: list[int], out: np.ndarray | None = None) -> np.ndarray:
         raise UnsupportedLayoutError(f"{type(self).__name__} cannot move chunks smaller than a block")
 
     def scatter_chunks(self, blocks: list[int], offsets: list[int], sections: np.ndarray) -> None:
@@ -157,27 +157,60 @@ class CpuPageAdapter(BlockAdapter):
         halves = _reshaped(sections, (n, lay.num_kv_heads, 2, sections.shape[1] // (2 * lay.num_kv_heads)))
         return halves[:, :, 0].view(self._k_unit), halves[:, :, 1].view(self._v_unit)[..., 0]
 
-    def gather_chunks(self, blocks: list[int], offsets: list[int]) -> np.ndarray:
-        sections = np.empty((len(blocks), self.section_bytes), dtype=np.uint8)
+    def _whole_blocks(self, blocks: list[int], offsets: list[int]) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(block ids, chunk indices in block, s, m): rows [s, s + m*r) are m whole blocks, chunks in order.
+
+        Whole blocks move with one index per block (3x faster than one per chunk); the rest
+        (a block begun or ended by a hit or a save) with one index per chunk.
+        """
+        r = self.block_size // self.chunk_tokens
+        b = np.asarray(blocks, dtype=np.intp)
+        j = np.asarray(offsets, dtype=np.intp) // self.chunk_tokens
+        starts = np.flatnonzero(j == 0)
+        if not len(starts):
+            return b, j, 0, 0
+        s = int(starts[0])
+        m = (len(b) - s) // r
+        bb, jj = b[s:s + m * r].reshape(m, r), j[s:s + m * r].reshape(m, r)
+        full = (bb == bb[:, :1]).all(axis=1) & (jj == np.arange(r)).all(axis=1)
+        m = int(np.argmin(full)) if not full.all() else m
+        return b, j, s, m
+
+    def gather_chunks(self, blocks: list[int], offsets: list[int], out: np.ndarray | None = None) -> np.ndarray:
+        sections = np.empty((len(blocks), self.section_bytes), dtype=np.uint8) if out is None else out
         if self.chunk_tokens == self.block_size:
             np.take(self.pages, blocks, axis=0, out=sections)
             return sections
-        b = np.asarray(blocks, dtype=np.intp)
-        j = np.asarray(offsets, dtype=np.intp) // self.chunk_tokens
+        b, j, s, m = self._whole_blocks(blocks, offsets)
         k, v = self._section_planes(sections)
-        k[...] = self._k[b, :, :, j]
-        v[...] = self._v[b, :, j]
+        r = self.block_size // self.chunk_tokens
+        e = s + m * r
+        if m:
+            whole = b[s:e:r]
+            k[s:e].reshape(m, r, *k.shape[1:]).transpose(0, 2, 3, 1)[...] = self._k[whole]
+            v[s:e].reshape(m, r, v.shape[1]).transpose(0, 2, 1)[...] = self._v[whole]
+        for rows in (slice(0, s), slice(e, len(b))):
+            if rows.stop > rows.start:
+                k[rows] = self._k[b[rows], :, :, j[rows]]
+                v[rows] = self._v[b[rows], :, j[rows]]
         return sections
 
     def scatter_chunks(self, blocks: list[int], offsets: list[int], sections: np.ndarray) -> None:
         if self.chunk_tokens == self.block_size:
             self.pages[blocks] = sections
             return
-        b = np.asarray(blocks, dtype=np.intp)
-        j = np.asarray(offsets, dtype=np.intp) // self.chunk_tokens
+        b, j, s, m = self._whole_blocks(blocks, offsets)
         k, v = self._section_planes(sections)
-        self._k[b, :, :, j] = k
-        self._v[b, :, j] = v
+        r = self.block_size // self.chunk_tokens
+        e = s + m * r
+        if m:
+            whole = b[s:e:r]
+            self._k[whole] = k[s:e].reshape(m, r, *k.shape[1:]).transpose(0, 2, 3, 1)
+            self._v[whole] = v[s:e].reshape(m, r, v.shape[1]).transpose(0, 2, 1)
+        for rows in (slice(0, s), slice(e, len(b))):
+            if rows.stop > rows.start:
+                self._k[b[rows], :, :, j[rows]] = k[rows]
+                self._v[b[rows], :, j[rows]] = v[rows]
 
     def save_source(self, block: int) -> np.ndarray:
         return self.pages[block]

@@ -32,7 +32,8 @@ rows are strided inside its block, and the store client copies into contiguous b
 so each layer of a load lands in a staging arena (one grow-only [chunks, section] buffer
 per layer, reused across steps) and wait_layer(i) scatters layer i into vLLM's pages with
 one adapter call once the client has it; the client meanwhile copies the next layers.
-Saves gather each layer's chunks into one fresh buffer. A failed chunk reports its block.
+Saves gather each layer's chunks into one reused buffer (write_layer copies it at once).
+A failed chunk reports its block.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class WorkerSide:
         self.chunk_tokens = block_size if chunk_tokens is None else chunk_tokens
         self.sub_block = self.chunk_tokens != block_size
         self._arena: list[np.ndarray] = []  # sub-block loads: per layer, [chunks, section] staging
+        self._save_buf = np.empty((0, layout.layer_bytes(self.chunk_tokens)), dtype=np.uint8)  # sub-block saves
         self.adapters: dict[str, BlockAdapter] = {}
         self.plan = StepPlan()
         self._loads: list[_LayerLoad] = []  # this step's loads until they are finished
@@ -276,7 +278,10 @@ class WorkerSide:
                 continue
             try:
                 if self.sub_block:
-                    sections = adapter.gather_chunks(save.spec.block_ids, save.spec.offsets)
+                    n = len(save.spec.keys)
+                    if self._save_buf.shape[0] < n:
+                        self._save_buf = np.empty((n, self._save_buf.shape[1]), dtype=np.uint8)
+                    sections = adapter.gather_chunks(save.spec.block_ids, save.spec.offsets, self._save_buf[:n])
                     save.session.write_layer(layer, list(sections))
                 else:
                     save.session.write_layer(layer, [adapter.save_source(b) for b in save.spec.block_ids])
