@@ -163,10 +163,17 @@ class WorkerSide:
         self._loads = entries
 
     def _staging(self, chunks: int) -> list[np.ndarray]:
-        """Per layer, [chunks, section bytes] rows of the staging arena (grown, never shrunk)."""
+        """Per layer, [chunks, section bytes] rows of the staging arena (grown, never shrunk).
+
+        A new arena's pages fault in on the first load into it, so it is made twice the size
+        asked for (untouched rows cost no memory): a slightly longer prompt next time must not
+        pay those faults again.
+        """
         section = self.layout.layer_bytes(self.chunk_tokens)
-        if not self._arena or self._arena[0].shape[0] < chunks:
-            self._arena = [np.empty((chunks, section), dtype=np.uint8) for _ in self.layer_names]
+        have = self._arena[0].shape[0] if self._arena else 0
+        if have < chunks:
+            rows = max(2 * chunks, 2 * have)
+            self._arena = [np.empty((rows, section), dtype=np.uint8) for _ in self.layer_names]
         return [a[:chunks] for a in self._arena]
 
     def _start_staged_loads(self) -> None:
@@ -279,8 +286,9 @@ class WorkerSide:
             try:
                 if self.sub_block:
                     n = len(save.spec.keys)
-                    if self._save_buf.shape[0] < n:
-                        self._save_buf = np.empty((n, self._save_buf.shape[1]), dtype=np.uint8)
+                    have = self._save_buf.shape[0]
+                    if have < n:
+                        self._save_buf = np.empty((max(2 * n, 2 * have), self._save_buf.shape[1]), dtype=np.uint8)
                     sections = adapter.gather_chunks(save.spec.block_ids, save.spec.offsets, self._save_buf[:n])
                     save.session.write_layer(layer, list(sections))
                 else:
