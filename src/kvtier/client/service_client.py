@@ -231,7 +231,6 @@ class _LayeredLoad:
         self._dests = dests
         self._layers = layers
         self._position = {layer: j for j, layer in enumerate(layers)}
-        self._pool_addr = int(client._pool.ctypes.data)
         self._cond = threading.Condition()
         self._begun = False  # load_begin answered, or failed (then _stopped)
         self._stopped = False
@@ -291,7 +290,7 @@ class _LayeredLoad:
         c = self._c
         layer, lb = self._layers[j], c._layer_bytes
         mv = self._dests[i][j].data
-        copy_memory(buffer_address(mv), self._pool_addr + self._slots[i] * c._chunk_bytes + layer * lb, lb)
+        copy_memory(buffer_address(mv), c._pool_addr + self._slots[i] * c._chunk_bytes + layer * lb, lb)
         ok = not c._verify or checksum(mv) == self._sums[i][layer]
         with self._cond:
             if not ok and i not in self._bad:
