@@ -290,16 +290,7 @@ def test_lru_and_fifo_match_the_scanning_reference(name: str, reorder: bool) -> 
         pinned = set(rng.sample(sorted(fast.resident), min(2, len(fast.resident))))
         for tier in (fast, slow):
             tier.pinned = pinned
-            n = 0
-            for key in chain:
-                if key not in tier.resident:
-                    break
-                n += 1
-            tier.touch(*chain[:n])
-            parent = chain[n - 1] if n else None
-            for depth in range(n, len(chain)):
-                tier.put(chain[depth], parent, depth)
-                parent = chain[depth]
+            serve_chain(tier, chain)
             if i % 50 == 7 and tier.resident:
                 victim = sorted(tier.resident)[0]
                 tier.policy.remove(victim)
@@ -316,16 +307,21 @@ def replay_chains(tier: MiniTier, seed: int, n: int = 600) -> None:
         chain = base + [b"n%d.%d" % (i, j) for j in range(rng.randint(1, 3))]
         chains.append(chain)
         tier.pinned = set(random.Random(i).sample(sorted(tier.resident), min(2, len(tier.resident))))
-        k = 0
-        for key in chain:
-            if key not in tier.resident:
-                break
-            k += 1
-        tier.touch(*chain[:k])
-        parent = chain[k - 1] if k else None
-        for depth in range(k, len(chain)):
-            tier.put(chain[depth], parent, depth)
-            parent = chain[depth]
+        serve_chain(tier, chain)
+
+
+def serve_chain(tier: MiniTier, chain: list[bytes]) -> None:
+    """One request: touch the resident prefix, put the rest of the chain."""
+    k = 0
+    for key in chain:
+        if key not in tier.resident:
+            break
+        k += 1
+    tier.touch(*chain[:k])
+    parent = chain[k - 1] if k else None
+    for depth in range(k, len(chain)):
+        tier.put(chain[depth], parent, depth)
+        parent = chain[depth]
 
 
 def test_adaptive_with_theta_zero_is_exactly_lru() -> None:
