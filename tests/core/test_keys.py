@@ -56,6 +56,38 @@ def test_chunk_key_matches_spec():
     assert keys.chunk_keys(r, toks, 16, extra_keys=[b"lora:x"])[0] == lora
 
 
+def test_partial_key_matches_spec_and_differs_from_full_keys():
+    """A partial chunk: parent | extras frame with the partial mark | its tokens (fewer than a chunk)."""
+    r = root()
+    chain = keys.KeyChain(r, 16)
+    chain.extend(list(range(40)))  # two full chunks, 8 pending
+    tb = struct.pack("<8I", *range(32, 40))
+    mark = keys.PARTIAL_CHUNK_MARK
+    expect = hashlib.sha256(chain.keys[-1] + struct.pack("<II", 1, len(mark)) + mark + tb).digest()
+    assert chain.partial_key() == expect
+    assert expect.hex() == "41f02d38ab645963ee556e000ffa964b164d7425fee7a357798faf54c040742b"
+    # a chain whose extras spell the mark still gives full chunks of 16 tokens, never 8
+    spoof = keys.KeyChain(chain.keys[-1], 16, extra_keys=[mark])
+    assert expect not in spoof.extend(list(range(32, 48)))
+    # every different tail gives a different key; none equals a full chunk's
+    other = keys.KeyChain(r, 16)
+    other.extend(list(range(39)))
+    assert other.partial_key() not in (expect, *chain.keys)
+    # extras are part of it, as for full chunks
+    lora = keys.KeyChain(r, 16, extra_keys=[b"lora:x"])
+    lora.extend(list(range(40)))
+    assert lora.partial_key() != expect
+
+
+def test_partial_key_is_none_on_a_chunk_boundary():
+    chain = keys.KeyChain(root(), 16)
+    assert chain.partial_key() is None
+    chain.extend(list(range(32)))
+    assert chain.partial_key() is None
+    chain.extend([1])
+    assert chain.partial_key() is not None
+
+
 def test_keychain_extends_incrementally():
     r = root()
     toks = list(range(1000, 1100))

@@ -42,6 +42,7 @@ from kvtier.core.errors import ConfigError
 ChunkKey = NewType("ChunkKey", bytes)
 
 KEY_SCHEME_VERSION = 1
+PARTIAL_CHUNK_MARK = b"kvtier-partial-chunk"  # the extra key that marks a partial chunk's key
 _U32 = struct.Struct("<I")
 _BIG_ENDIAN = sys.byteorder == "big"
 assert array("I").itemsize == 4, "kvtier needs a 4-byte C unsigned int"
@@ -228,6 +229,22 @@ class KeyChain:
         self._pending = list(tokens[full:])
         self.keys.extend(new)
         return new
+
+    def partial_key(self) -> ChunkKey | None:
+        """Key of the pending partial chunk (the 1..chunk_tokens-1 tokens after the last full
+        chunk), or None when the tokens so far end on a chunk boundary.
+
+        key = H(parent | frame(extra keys..., PARTIAL_CHUNK_MARK) | the partial's token bytes):
+        the mark in the count-prefixed extras frame and the shorter token run keep it apart
+        from every full chunk's key; the token bytes' length says how many tokens it holds.
+        Used to store a prompt's last partial chunk, so that an exact repeat hits every token
+        but the last. Nothing chains from it.
+        """
+        if not self._pending:
+            return None
+        parent = self.keys[-1] if self.keys else self.root
+        data = parent + _frame(*self._extras, PARTIAL_CHUNK_MARK) + tokens_to_bytes(self._pending)
+        return ChunkKey(self._mode.digest(data))
 
     def __len__(self) -> int:
         return len(self.keys)
