@@ -70,9 +70,15 @@ class StreamingPolicy(SelectionPolicy):
         return torch.arange(lo, hi, dtype=torch.float32).expand(q.shape[0], -1)
 
 
+def scores(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q [H, g, d] . rows [H, n, d] -> [H, g, n], computed as (rows q^T)^T: with few query rows MKL
+    runs that as a matrix-vector product at memory speed, ~3x faster than q @ rows^T."""
+    return (rows @ q.transpose(1, 2)).transpose(1, 2)
+
+
 def quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """sum_i max(q_i kmin_i, q_i kmax_i) as two matmuls: relu(q).kmax + min(q, 0).kmin -> [H, g, n]."""
-    return q.clamp(min=0) @ kmax.transpose(1, 2) + q.clamp(max=0) @ kmin.transpose(1, 2)
+    return scores(q.clamp(min=0), kmax) + scores(q.clamp(max=0), kmin)
 
 
 class QuestPolicy(SelectionPolicy):
@@ -88,7 +94,7 @@ class MeanPolicy(SelectionPolicy):
     summary_fields = ("kmean",)
 
     def priority(self, q, table, lo, hi, scaling, keys=None):
-        return group_mass(q @ table.get("kmean", lo, hi).transpose(1, 2) * scaling)
+        return group_mass(scores(q, table.get("kmean", lo, hi)) * scaling)
 
 
 class QuestMeanPolicy(SelectionPolicy):
@@ -97,7 +103,7 @@ class QuestMeanPolicy(SelectionPolicy):
 
     def priority(self, q, table, lo, hi, scaling, keys=None):
         bound = quest_bound(q, table.get("kmin", lo, hi), table.get("kmax", lo, hi))
-        mean = q @ table.get("kmean", lo, hi).transpose(1, 2)
+        mean = scores(q, table.get("kmean", lo, hi))
         return group_mass((bound + mean) * (0.5 * scaling))
 
 
@@ -156,7 +162,7 @@ class OraclePolicy(SelectionPolicy):
     def priority(self, q, table, lo, hi, scaling, keys=None):
         assert keys is not None, "the oracle policy needs the candidate blocks' keys"
         h, g, _ = q.shape
-        probs = torch.softmax((q @ keys.transpose(1, 2)) * scaling, dim=-1)  # [H, g, n*B]
+        probs = torch.softmax(scores(q, keys) * scaling, dim=-1)  # [H, g, n*B]
         return probs.reshape(h, g, hi - lo, -1).sum(-1).sum(1)
 
 
