@@ -15,20 +15,19 @@ evicted a document before it is asked about again.
   kvtier_disk  as apc_small + kvtier, DRAM tier for one document; the disk tier's files are
                dropped from the page cache before every request, so hits come from disk
 Workload 2, exact repeats: R long prompts (tails after their last whole block spread
-evenly over 1..block tokens: each connector loads the whole blocks and recomputes the
-tail, on average half a block), then the same R prompts again, P times (measured). Both runs
-use one engine config, with its own (smaller) block size, since a hit always recomputes
-the prompt's last partial block and that compute is the same for both connectors; vLLM's
-KV memory holds about one prompt, so only a connector can hit.
+evenly over 1..block tokens), then the same R prompts again, P times (measured).
+ExampleConnector loads the whole blocks before the prompt's last token and recomputes the
+tail (on average half a block); kvtier also stored each prompt's partial last chunk
+(partial_chunks, on by default) and loads every token but the last. Both runs use one
+engine config, with its own (smaller) block size; vLLM's KV memory holds about one prompt,
+so only a connector can hit.
   example_repeat  vLLM + ExampleConnector (the only case it can hit; safetensors files per layer)
   kvtier_repeat   vLLM + kvtier (DRAM tier through the host service), store chunks of
-                  repeat_chunk tokens (Sizes; 32 = one block; 8 would hit every whole 8-token
-                  chunk before the prompt's last token, recomputing at most 7 tail tokens
-                  where ExampleConnector recomputes up to 32, but loads slower, see Sizes)
+                  repeat_chunk tokens (Sizes; 32 = one block)
   details.repeat_floor  vLLM alone with KV memory for every prompt: its own cache hits the
                   same whole blocks and nothing is loaded; what is left is the tail's
                   recompute and the engine's own time, the floor of a block-aligned hit
-                  (kvtier with chunks smaller than a block recomputes less than this floor does)
+                  (kvtier, which recomputes only the last token, can go below it)
 `--workload qa` or `--workload repeat` runs one workload only (for quick iteration).
 
 JSON: {run: {"mean_ttft_s", "p50_ttft_s", "p90_ttft_s", "total_s", "hit_tokens_by_tier"}} plus
@@ -74,10 +73,11 @@ class Sizes:
     repeat_prompts: int = 3
     repeat_tokens: int = 8000  # longest repeat prompt (the model has 8192 positions)
     repeat_block: int = 32  # engine block size of workload 2 (the CPU backend's smallest)
-    # kvtier's store chunk in workload 2, a divisor of repeat_block. 8 makes hits end inside a
-    # block (at most 7 tail tokens recomputed instead of up to 31), but each loaded layer is
-    # then copied twice (store -> staging -> strided into the CPU pages): measured here, 8 gave
-    # a mean TTFT of 0.40 s where 32 gave 0.15 s (ExampleConnector 0.24 s), so 32 it is.
+    # kvtier's store chunk in workload 2, a divisor of repeat_block. Before partial chunks, 8 let
+    # hits end inside a block (at most 7 tail tokens recomputed instead of up to 31), but each
+    # loaded layer is then copied twice (store -> staging -> strided into the CPU pages):
+    # measured, 8 gave a mean TTFT of 0.40 s where 32 gave 0.15 s. With the prompt's partial
+    # chunk stored, 32 recomputes only the last token anyway.
     repeat_chunk: int = 32
     repeat_passes: int = 2  # measured passes over the repeat prompts
 
@@ -213,9 +213,8 @@ def _phase(out: dict[str, Any], name: str) -> dict[str, Any]:
 def _tier_tokens(stats_before: dict[str, Any] | None, stats_after: dict[str, Any] | None) -> dict[str, int]:
     if not stats_after:
         return {}
-    before = (stats_before or {}).get("loaded_chunks_by_tier", {})
-    c = int(stats_after.get("chunk_tokens", 0))
-    return {f"kvtier_{t}": (n - before.get(t, 0)) * c for t, n in stats_after["loaded_chunks_by_tier"].items()
+    before = (stats_before or {}).get("loaded_tokens_by_tier", {})
+    return {f"kvtier_{t}": n - before.get(t, 0) for t, n in stats_after["loaded_tokens_by_tier"].items()
             if n - before.get(t, 0)}
 
 
@@ -355,8 +354,8 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
                   f"(lengths {repeat_lengths}), block {sizes.repeat_block}, vLLM KV memory for "
                   f"{int(1.25 * sizes.repeat_model_len)} tokens, {sizes.repeat_passes} measured passes, "
                   f"same engine config for both connectors; kvtier stores chunks of {sizes.repeat_chunk} tokens "
-                  f"(it recomputes at most {sizes.repeat_chunk} tail tokens, ExampleConnector up to "
-                  f"{sizes.repeat_block})"}
+                  f"and each prompt's partial last chunk (it recomputes the last token, ExampleConnector the "
+                  f"1..{sizes.repeat_block} tokens after the last whole block before it)"}
     result["details"] = {"sizes": asdict(sizes), "workload": workload, "repeat_floor": floor,
                          "kvtier_repeat_chunk_tokens": sizes.repeat_chunk,
                          "init_s": {k: v["init_s"] for k, v in outs.items()},

@@ -124,14 +124,16 @@ def test_first_process_saves_with_baseline_output(runs: dict) -> None:
 def test_second_process_gets_external_hits_with_same_output(runs: dict) -> None:
     b = runs["baseline"]
     hits = runs["reuse"]["hits"]
-    assert [r["cached"] for r in hits] == [96, 128, 128, 128, 128]  # whole chunks, never the last token
+    # exact repeats of p1-p4: every token but the last (whole chunks, then the stored partial chunk);
+    # p7 = p2 + 10 tokens: p2's 4 whole chunks only
+    assert [r["cached"] for r in hits] == [99, 149, 129, 139, 128]
     assert _tokens(hits) == [b[n] for n in ("p1", "p2", "p3", "p4", "p7")]
 
 
 def test_two_requests_sharing_a_stored_prefix_in_one_batch(runs: dict) -> None:
     b = runs["baseline"]
     pair = runs["reuse"]["pair"]
-    assert [r["cached"] for r in pair] == [64, 64]
+    assert [r["cached"] for r in pair] == [64, 64]  # p1's first 2 chunks; their own tails are new
     assert _tokens(pair) == [b["p5"], b["p6"]]
 
 
@@ -154,9 +156,11 @@ def test_chunks_smaller_than_a_block_hit_inside_blocks_with_same_output(runs: di
     names = ("p1", "p2", "p3", "p4", "p7")
     assert _tokens(runs["save8"]["single"] + runs["save8"]["pair"]) == [b[n] for n in ("p1", "p2", "p3", "p4")]
     hits = runs["reuse8"]["hits"]
-    # whole 8-token chunks up to (never including) the last token: 144 and 136 end inside a 32-token block
-    assert [r["cached"] for r in hits] == [96, 144, 128, 136, 144]
+    # exact repeats: whole 8-token chunks and the partial chunk, all but the last token (inside blocks);
+    # p7: p2's 18 whole chunks (144 tokens, inside a 32-token block)
+    assert [r["cached"] for r in hits] == [99, 149, 129, 139, 144]
     assert _tokens(hits) == [b[n] for n in names]
     again = runs["reuse8"]["again"]  # vLLM's own whole-block hits, then kvtier's chunks
-    assert [r["cached"] for r in again] == [96, 144, 128, 136, 152]  # p7's chunk 18 was saved by "hits"
+    # p7's chunks 18 and 19 were saved by "hits": 19 holds its last token, loaded whole, 7 of 8 count
+    assert [r["cached"] for r in again] == [99, 149, 129, 139, 159]
     assert _tokens(again) == [b[n] for n in names]

@@ -97,6 +97,42 @@ def test_split_last_adapter_gathers_kernel_blocks() -> None:
     assert torch.equal(section[:, 0], tokens.transpose(0, 1))
 
 
+@pytest.mark.parametrize("adapter", ["cpu", "split_last"])
+def test_clear_tokens_zeroes_exactly_the_tokens_after_a_partial_chunk(adapter: str) -> None:
+    lay = layout()
+    d, n, valid = lay.head_size, 16, 5
+    if adapter == "cpu":
+        kv = vllm_views(2, 4, 2, n, 2 * d, torch.float32, LBHNC)[0]
+        a: CpuPageAdapter | SplitLastAdapter = CpuPageAdapter(kv, lay, 4, n)
+    else:
+        kv = vllm_views(2, 4, 2, n, 2 * d, torch.float32, LBNHC)[1]
+        a = SplitLastAdapter(kv, lay, 4, n)
+    fill_random(kv, 4)
+    section = a.save_source(1).copy()
+    a.clear_tokens(section, valid)
+    other = torch.zeros_like(kv)
+    b = type(a)(other, lay, 4, n)
+    target, finish = b.load_target(2)
+    target[:] = section
+    if finish is not None:
+        finish()
+    # vLLM's own view of the block: [H, N, K|V] for both (CPU: the kernel's view differs, the bytes do not)
+    got = other[2] if adapter == "split_last" else other[2].view(-1)
+    if adapter == "cpu":  # per head: K^T [D, N], then V [N, D]
+        src = kv[1].reshape(2, 2, -1)
+        got = got.view(2, 2, -1)
+        k_want = src[:, 0].reshape(2, d, n).clone()
+        k_want[:, :, valid:] = 0
+        v_want = src[:, 1].reshape(2, n, d).clone()
+        v_want[:, valid:] = 0
+        assert torch.equal(got[:, 0].reshape(2, d, n), k_want) and torch.equal(got[:, 1].reshape(2, n, d), v_want)
+    else:
+        want = kv[1].clone()
+        want[:, valid:] = 0  # [H, N, 2D]: tokens from `valid` on
+        assert torch.equal(got, want)
+        assert got[:, :valid].abs().sum() > 0
+
+
 def test_unknown_backend_is_refused() -> None:
     kv = vllm_views(2, 4, 2, 32, 16, torch.float32, LBHNC)[0]
     with pytest.raises(UnsupportedLayoutError, match="no layout adapter for the 'FLASHINFER'"):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from kvtier.core.errors import TierUnavailableError
 
-from .sim import BLOCK, FakeLora, FakeRequest, Sim, make_client
+from .sim import BLOCK, LAYERS, LAYOUT, FakeLora, FakeRequest, Sim, make_client, token_value, write_cpu_token
 
 PROMPT = list(range(100, 113))  # 13 tokens: 3 full chunks of 4 + 1
 
@@ -44,14 +45,101 @@ def test_hit_ends_one_token_before_prompt_end_and_loads_right_kv() -> None:
     assert sim.leases() == 0
 
 
-def test_prompt_of_whole_chunks_never_hits_its_last_token() -> None:
+def test_prompt_of_whole_chunks_hits_all_but_its_last_token() -> None:
     sim = Sim()
     run_prefill(sim, FakeRequest("a", PROMPT[:12]))
-    b = FakeRequest("b", PROMPT[:12])  # last token sits in chunk 2, so only chunks 0-1 may load
-    assert sim.admit(b) == 8
-    assert sim.sched.reqs["b"].load is not None and len(sim.sched.reqs["b"].load.keys) == 2
-    sim.step({b: 4})
+    b = FakeRequest("b", PROMPT[:12])  # the last token sits in chunk 2: it loads whole, 3 of its 4 tokens count
+    assert sim.admit(b) == 11
+    st = sim.sched.reqs["b"]
+    assert st.load is not None and st.load.keys == st.chain.keys[:3]
+    plan = sim.step({b: 1})
+    assert not plan.saves  # every chunk is in the store already
+    assert sim.tokens_are_right(b, 0, 12) and not sim.failed
     assert sim.leases() == 0
+
+
+PROMPT14 = list(range(200, 214))  # 14 tokens: 3 full chunks of 4 + a partial chunk of 2
+
+
+def test_prompt_partial_chunk_is_saved_with_zeros_after_its_tokens() -> None:
+    sim = Sim()
+    a = FakeRequest("a", PROMPT14)
+    sim.admit(a)
+    for name in LAYERS:  # what an earlier request left in the block of a's partial chunk
+        sim.kv[name][sim.blocks["a"][3]].fill_(7.0)
+    sim.step({a: 14})
+    (plan,) = sim.plans
+    full, partial = plan.saves
+    chain = sim.sched.reqs["a"].chain
+    assert (len(full.keys), full.last_valid) == (3, 0)
+    assert partial.keys == [chain.partial_key()] and partial.last_valid == 2
+    assert (partial.parent, partial.first_depth, partial.block_ids) == (chain.keys[2], 3, [sim.blocks["a"][3]])
+    # the stored partial chunk holds a's two tokens, then zeros (not the 7s left in the block)
+    page = torch.zeros(LAYOUT.num_kv_heads, BLOCK, 2 * LAYOUT.head_size)
+    dests = [[page.view(torch.uint8).numpy().reshape(-1).copy() for _ in LAYERS]]
+    assert sim.client.load(partial.keys, dests).wait().loaded == 1
+    for layer in range(len(LAYERS)):
+        want = torch.zeros_like(page)
+        for pos in (12, 13):
+            write_cpu_token(want, pos % BLOCK, token_value(PROMPT14, pos, layer))
+        got = torch.from_numpy(dests[0][layer]).view(torch.float32).view_as(page)
+        assert torch.equal(got, want)
+
+
+def test_exact_repeat_hits_all_but_the_last_token_through_the_partial_chunk() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT14))
+    b = FakeRequest("b", PROMPT14)
+    assert sim.admit(b) == 13  # 3 whole chunks and 1 of the partial chunk's 2 tokens
+    st = sim.sched.reqs["b"]
+    assert st.load is not None and st.load.keys == [*st.chain.keys, st.partial]
+    assert st.load.block_ids == sim.blocks["b"]
+    assert sim.sched.loaded_by_tier == {"memory": 4} and sim.sched.loaded_tokens_by_tier == {"memory": 13}
+    plan = sim.step({b: 1})
+    assert not plan.saves  # the partial chunk came from the store: not saved again
+    assert sim.tokens_are_right(b, 0, 14) and not sim.failed
+    assert sim.leases() == 0
+
+
+def test_partial_chunk_hits_only_the_same_whole_prompt() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT14))
+    longer = FakeRequest("b", PROMPT14 + [5])  # its tail is 3 tokens: a different partial chunk
+    assert sim.admit(longer) == 12
+    other = FakeRequest("c", PROMPT14[:13] + [6])  # same length, other last token
+    assert sim.admit(other) == 12
+    resumed = FakeRequest("d", PROMPT14, output_token_ids=[1, 2])  # preempted with output: not a prompt end
+    assert sim.admit(resumed) == 12
+
+
+def test_one_token_tail_saves_no_partial_chunk_and_partials_can_be_off() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT))  # 13 = 3 x 4 + 1: a partial of 1 token would load nothing
+    assert [s.last_valid for s in sim.plans[0].saves] == [0]
+    off = Sim()
+    off.sched.partial_chunks = False
+    run_prefill(off, FakeRequest("a", PROMPT14))
+    assert [s.last_valid for s in off.plans[0].saves] == [0]
+    assert off.admit(FakeRequest("b", PROMPT14)) == 12
+
+
+def test_failed_partial_chunk_load_is_recomputed_and_saved_again() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT14))
+    b = FakeRequest("b", PROMPT14)
+    assert sim.admit(b) == 13
+    st = sim.sched.reqs["b"]
+    assert st.load is not None and st.load.lease_id is not None and sim.client.store.memory is not None
+    sim.client.release(st.load.lease_id)  # as if the lease expired ...
+    assert sim.client.store.memory.delete(st.partial)  # ... and the partial chunk was evicted
+    sim.step({b: 1})
+    assert sim.failed == {sim.blocks["b"][3]}
+    sim.sched.load_errors(sim.failed)
+    assert not st.partial_stored and st.stored_upto == 3
+    b.num_computed_tokens = 12  # vLLM rolls back to the failed block's start and recomputes it
+    plan = sim.step({b: 2})
+    assert [(s.keys, s.last_valid) for s in plan.saves] == [([st.partial], 2)]
+    assert sim.tokens_are_right(b, 0, 14)
 
 
 def test_partial_chunk_prefix_hits_whole_chunks_only() -> None:
@@ -147,6 +235,28 @@ def test_abort_while_load_in_flight() -> None:
     sim.run_worker(plan, {b: 1})
     assert sim.leases() == 0 and not sim.failed
     assert "b" not in sim.sched.reqs
+
+
+def test_corrupt_partial_chunk_leaves_no_garbage_past_the_prompt_end() -> None:
+    sim = Sim()
+    run_prefill(sim, FakeRequest("a", PROMPT14))
+    b = FakeRequest("b", PROMPT14)
+    assert sim.admit(b) == 13
+    st = sim.sched.reqs["b"]
+    memory = sim.client.store.memory
+    assert memory is not None and st.partial is not None
+    slot = memory.slot_of(st.partial)
+    assert slot is not None
+    memory.slot_view(slot)[:] = 0xFF  # every float a NaN: the load copies it, then its checksum fails
+    sim.step({b: 1})
+    block = sim.blocks["b"][3]
+    assert sim.failed == {block}
+    assert all(not sim.kv[name][block].isnan().any() and not sim.kv[name][block].any() for name in LAYERS)
+    sim.sched.load_errors(sim.failed)
+    b.num_computed_tokens = 12  # vLLM recomputes from the failed block's start
+    sim.step({b: 2})
+    assert sim.tokens_are_right(b, 0, 14)
+    assert all(not sim.kv[name][block].isnan().any() for name in LAYERS)  # rows 2, 3: zeros, never NaN
 
 
 def test_lease_expiry_reports_exactly_the_evicted_blocks() -> None:

@@ -50,14 +50,28 @@ def test_hit_ends_inside_a_block_and_loads_right_kv() -> None:
     assert not sim.failed and sim.leases() == 0
 
 
-def test_last_prompt_token_is_never_a_hit() -> None:
+def test_last_prompt_token_is_loaded_but_never_counted_as_a_hit() -> None:
     sim = Sim(block_size=8)
     prompt = list(range(200, 216))  # 16 tokens = 4 chunks = 2 whole blocks
     prefill(sim, FakeRequest("a", prompt))
     b = FakeRequest("b", prompt)
-    assert sim.admit(b) == 12  # chunk 3 holds the last token: 4 tokens recomputed, not 8
-    sim.step({b: 4})
-    assert sim.tokens_are_right(b, 0, 16)
+    assert sim.admit(b) == 15  # chunk 3 holds the last token: loaded whole, its last token computed again
+    sim.step({b: 1})
+    assert sim.tokens_are_right(b, 0, 16) and not sim.failed
+
+
+def test_exact_repeat_loads_the_partial_chunk_inside_a_block() -> None:
+    sim = Sim(block_size=8)
+    prompt = list(range(300, 315))  # 15 tokens: 3 chunks of 4 and a partial chunk of 3 at block 1, offset 4
+    prefill(sim, FakeRequest("a", prompt))
+    (full, partial) = sim.plans[0].saves
+    assert (partial.last_valid, partial.offsets, partial.block_ids) == (3, [4], [sim.blocks["a"][1]])
+    b = FakeRequest("b", prompt)
+    assert sim.admit(b) == 14
+    plan = sim.step({b: 1})
+    b0, b1 = sim.blocks["b"]
+    assert (plan.loads[0].block_ids, plan.loads[0].offsets) == ([b0, b0, b1, b1], [0, 4, 0, 4])
+    assert sim.tokens_are_right(b, 0, 15) and not sim.failed and not plan.saves
 
 
 def test_hit_after_vllm_local_block_hit_starts_at_the_next_chunk() -> None:

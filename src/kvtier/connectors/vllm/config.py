@@ -8,6 +8,8 @@
      "lease_timeout_s": 30.0, "connect_timeout_s": 30.0,
      "retry_after_s": 5.0,       # after the service fails, wait this long before reconnecting
      "save_decode": false,       # also save chunks of generated tokens (multi-turn reuse)
+     "partial_chunks": true,     # also save each prompt's partial last chunk (2+ tokens), so an
+                                 # exact repeat hits every prompt token but the last
      "model_fingerprint": "",    # override the computed model identity (config + weights)
      "stats_path": ""}           # write the scheduler's counters (hits by tier, saves) to this JSON file
 
@@ -34,6 +36,7 @@ class VLLMConnectorConfig:
     connect_timeout_s: float = 30.0
     retry_after_s: float = 5.0
     save_decode: bool = False
+    partial_chunks: bool = True
     model_fingerprint: str = ""
     stats_path: str = ""  # the scheduler rewrites this JSON file with its counters when they change
 

@@ -235,7 +235,8 @@ class KVTierConnector(KVConnectorBase_V1):
                 return roots[(salt, lora)]
 
             self.scheduler = SchedulerSide(link, root_for, chunk_tokens, hash_mode, cfg.save_decode,
-                                           load=ktc.is_kv_consumer, save=ktc.is_kv_producer, block_size=block_size)
+                                           load=ktc.is_kv_consumer, save=ktc.is_kv_producer, block_size=block_size,
+                                           partial_chunks=cfg.partial_chunks)
             log.info("kvtier connector (scheduler) ready: model %s..., format %s, chunk %d tokens, block %d tokens",
                      fingerprint[:12], self.format_tag, chunk_tokens, block_size)
         else:
@@ -276,7 +277,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def _write_stats(self) -> None:
         assert self.scheduler is not None
         data = {**self.scheduler.stats, "loaded_chunks_by_tier": self.scheduler.loaded_by_tier,
-                "chunk_tokens": self.chunk_tokens}
+                "loaded_tokens_by_tier": self.scheduler.loaded_tokens_by_tier, "chunk_tokens": self.chunk_tokens}
         tmp = f"{self.config.stats_path}.tmp"
         with open(tmp, "w") as f:
             json.dump(data, f)

@@ -113,6 +113,21 @@ class BlockAdapter(ABC):
         pairs = [self.load_target(b) for b in blocks]
         return [t for t, _ in pairs], [f for _, f in pairs]
 
+    def clear_block(self, block: int) -> None:
+        """Zero a whole block: what a failed load copied there must not stay (vLLM recomputes the
+        tokens it holds, but rows past a prompt's end are only masked, and garbage may be NaN)."""
+        target, finish = self.load_target(block)
+        target[:] = 0
+        if finish is not None:
+            finish()
+
+    def clear_tokens(self, section: np.ndarray, valid: int) -> None:
+        """Zero tokens [valid, chunk_tokens) of one chunk's section (bytes, as save_source or
+        gather_chunks give it): a partial chunk stores its own tokens and zeros, never whatever
+        an earlier request left in the rest of its block. Canonical [H, 2, N, D] sections here."""
+        lay = self.layout
+        _reshaped(section, (lay.num_kv_heads * lay.planes, self.chunk_tokens, -1))[:, valid:] = 0
+
     def gather_chunks(self, blocks: list[int], offsets: list[int], out: np.ndarray | None = None) -> np.ndarray:
         raise UnsupportedLayoutError(f"{type(self).__name__} cannot move chunks smaller than a block")
 
@@ -150,6 +165,13 @@ class CpuPageAdapter(BlockAdapter):
             self._k = _reshaped(halves[:, :, 0].view(kt), (num_blocks, h, d, n // c))  # [B, H, D, r]
             self._v = _reshaped(halves[:, :, 1].view(vt), (num_blocks, h, n // c))  # [B, H, r]
             self._k_unit, self._v_unit = kt, vt
+
+    def clear_tokens(self, section: np.ndarray, valid: int) -> None:
+        """Zero tokens [valid, chunk_tokens) of a CPU section: per head K^T [D, N] then V [N, D]."""
+        lay, n = self.layout, self.chunk_tokens
+        halves = _reshaped(section, (lay.num_kv_heads, 2, n * lay.head_size * lay.dtype_size))
+        _reshaped(halves[:, 0], (lay.num_kv_heads, lay.head_size, n, lay.dtype_size))[:, :, valid:] = 0
+        _reshaped(halves[:, 1], (lay.num_kv_heads, n, lay.head_size * lay.dtype_size))[:, valid:] = 0
 
     def _section_planes(self, sections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[n, H, D] K^T runs and [n, H] V runs of n chunk sections."""

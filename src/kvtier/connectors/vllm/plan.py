@@ -28,7 +28,8 @@ class LoadSpec:
 @dataclass(slots=True)
 class SaveSpec:
     """Save the chunks at (`block_ids`, `offsets`) as the chain `keys`, whose first chunk follows
-    `parent` at `first_depth`."""
+    `parent` at `first_depth`. `last_valid` > 0: the last chunk is a prompt's partial chunk of
+    that many tokens (the rest of its rows are stored as zeros)."""
 
     req_id: str
     keys: list[bytes]
@@ -36,6 +37,7 @@ class SaveSpec:
     offsets: list[int]
     parent: bytes
     first_depth: int
+    last_valid: int = 0
 
 
 @dataclass(slots=True)

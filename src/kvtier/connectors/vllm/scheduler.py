@@ -13,7 +13,13 @@ in its block i // (block_size // chunk_tokens) at token offset (i % ...) * chunk
 Each request's keys are a KeyChain built once from its prompt (extended with generated
 tokens only when save_decode is on). External hits are whole chunks after vLLM's own
 (block-aligned) hit and never include the prompt's last token, which must be computed
-for its logits; with chunks smaller than a block a hit may end inside a block. vLLM 0.32
+for its logits; with chunks smaller than a block a hit may end inside a block.
+The chunk holding the last token is loaded whole when stored, and counted as a hit of all
+its tokens but the last (vLLM computes that token again, overwriting its loaded row): a
+prompt of whole chunks hits all but one token. With partial_chunks (the default) the
+prompt's partial last chunk (2 or more tokens past its last whole chunk) is saved too, under
+KeyChain.partial_key, with zeros after its tokens: an exact repeat of any prompt then hits
+every token but the last (a longer or different prompt never matches it). vLLM 0.32
 handles that: it allocates the partly loaded block (cdiv), computes the rest of it in the
 same step, and registers a block in its prefix cache only once all its tokens are
 scheduled (cache_blocks counts whole blocks of computed + scheduled tokens), and a load
@@ -57,8 +63,11 @@ RootFor = Callable[[str, str], bytes]  # (cache_salt, lora_name) -> namespace ro
 class _Lease:
     lease_id: int | None
     start: int  # first leased chunk
-    hits: int  # leased chunks
+    hits: int  # leased chunks (the final chunk included)
     tiers: tuple[str, ...] = ()  # where each leased chunk was found
+    final_key: bytes | None = None  # the chunk holding the prompt's last token, when leased
+    final_tokens: int = 0  # tokens of it the hit claims (all but the last token)
+    final_partial: bool = False  # the final chunk is the prompt's partial chunk
 
 
 @dataclass(slots=True)
@@ -71,6 +80,9 @@ class _ReqState:
     load: LoadSpec | None = None  # decided in after_alloc, shipped by build_plan
     load_start: int = 0  # chunk index of load.keys[0]
     loaded: dict[int, int] = field(default_factory=dict)  # block id -> first chunk index of shipped loads
+    partial: bytes | None = None  # key of the prompt's partial last chunk (2..chunk_tokens-1 tokens)
+    partial_tokens: int = 0
+    partial_stored: bool = False  # in the store: saved by this request or loaded from it
 
 
 def lora_name(request: Any) -> str:
@@ -90,7 +102,7 @@ def keyable(request: Any) -> bool:
 class SchedulerSide:
     def __init__(self, link: StoreLink, root_for: RootFor, chunk_tokens: int, hash_mode: str,
                  save_decode: bool = False, *, load: bool = True, save: bool = True,
-                 block_size: int | None = None) -> None:
+                 block_size: int | None = None, partial_chunks: bool = True) -> None:
         block_size = chunk_tokens if block_size is None else block_size
         if chunk_tokens <= 0 or block_size % chunk_tokens:
             raise ValueError(f"chunk_tokens {chunk_tokens} must divide vLLM's block_size {block_size}")
@@ -103,9 +115,11 @@ class SchedulerSide:
         self.chunk_tokens = chunk_tokens
         self.hash_mode = hash_mode
         self.save_decode = save_decode
+        self.partial_chunks = partial_chunks
         self.reqs: dict[str, _ReqState] = {}
         self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0, "store_errors": 0}
         self.loaded_by_tier: dict[str, int] = {}  # chunks planned for loading, by the tier that held them
+        self.loaded_tokens_by_tier: dict[str, int] = {}  # the tokens those chunks count for
 
     # -- helpers -------------------------------------------------------------------------
     def _state(self, request: Any) -> _ReqState:
@@ -117,7 +131,26 @@ class SchedulerSide:
                 chain = KeyChain(root, self.chunk_tokens, self.hash_mode)
                 chain.extend(list(request.prompt_token_ids))
             st = self.reqs[request.request_id] = _ReqState(request, chain)
+            tail = request.num_prompt_tokens % self.chunk_tokens
+            if chain is not None and self.partial_chunks and tail >= 2:  # 1 token: nothing to load
+                st.partial, st.partial_tokens = chain.partial_key(), tail
         return st
+
+    def _final_chunk(self, st: _ReqState, num_tokens: int, end: int) -> tuple[bytes, int, bool] | None:
+        """(key, tokens to claim, partial?) of chunk `end` when it holds the request's last token.
+
+        Loading it whole and claiming all its tokens but the last lets a repeated prompt hit every
+        token but the one vLLM must compute; that token's row is computed again over the loaded one
+        (the rows after it are never read before they are written).
+        """
+        c, chain = self.chunk_tokens, st.chain
+        assert chain is not None
+        if (end + 1) * c == num_tokens and end < len(chain.keys) and c >= 2:
+            return chain.keys[end], c - 1, False
+        if (st.partial is not None and num_tokens == st.request.num_prompt_tokens
+                and end * c + st.partial_tokens == num_tokens):
+            return st.partial, st.partial_tokens - 1, True
+        return None
 
     def _call(self, fn: Callable[[StoreClient], Any]) -> Any:
         client = self.link.client()
@@ -166,15 +199,19 @@ class SchedulerSide:
             return 0  # vLLM passes block-aligned hits; anything else is not ours to extend
         self._extend_chain(st, request.num_tokens)
         end = min((request.num_tokens - 1) // c, len(st.chain.keys))
-        if end <= start:
+        final = self._final_chunk(st, request.num_tokens, end) if end >= start else None
+        if end <= start and final is None:
             return 0
-        keys = st.chain.keys[start:end]
+        keys = st.chain.keys[start:end] + ([final[0]] if final else [])
         reply = self._call(lambda cl: cl.lookup(keys, lease=True))
         self.stats["lookups"] += 1
         if reply is None or reply.hits == 0:
             return 0
         st.lease = _Lease(reply.lease_id, start, reply.hits, tuple(reply.tiers))
         self.stats["hit_chunks"] += reply.hits
+        if final is not None and reply.hits == len(keys):  # every chunk, the final one too
+            st.lease.final_key, st.lease.final_tokens, st.lease.final_partial = final
+            return (reply.hits - 1) * c + final[1]
         return reply.hits * c
 
     def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
@@ -187,16 +224,23 @@ class SchedulerSide:
             self._release(st)
             st.stored_upto = max(st.stored_upto, local)
             return
-        n = min(num_external_tokens // self.chunk_tokens, lease.hits)
+        whole = lease.hits - (lease.final_key is not None)
+        n = min(num_external_tokens // self.chunk_tokens, whole)
+        final = lease.final_key is not None and num_external_tokens == whole * self.chunk_tokens + lease.final_tokens
         start = lease.start
-        blocks, offsets = self._places(block_ids, start, start + n)
-        st.load = LoadSpec(request.request_id, list(st.chain.keys[start:start + n]), blocks, offsets,
-                           lease.lease_id)
+        blocks, offsets = self._places(block_ids, start, start + n + final)
+        keys: list[bytes] = list(st.chain.keys[start:start + n])
+        if final and lease.final_key is not None:
+            keys.append(lease.final_key)
+        st.load = LoadSpec(request.request_id, keys, blocks, offsets, lease.lease_id)
         st.load_start = start
-        for tier in lease.tiers[:n]:
+        for i, tier in enumerate(lease.tiers[:n + final]):
             self.loaded_by_tier[tier] = self.loaded_by_tier.get(tier, 0) + 1
+            tokens = lease.final_tokens if i == n else self.chunk_tokens
+            self.loaded_tokens_by_tier[tier] = self.loaded_tokens_by_tier.get(tier, 0) + tokens
         st.lease = None  # handed to the load; shipped by build_plan
-        st.stored_upto = max(st.stored_upto, start + n)
+        st.stored_upto = max(st.stored_upto, start + n + (final and not lease.final_partial))
+        st.partial_stored = st.partial_stored or (final and lease.final_partial)
 
     def build_plan(self, num_scheduled: Mapping[str, int], block_ids_of: Callable[[str], Sequence[int] | None],
                    spec_tokens: Mapping[str, Sequence[int]] | None = None) -> StepPlan:
@@ -220,19 +264,33 @@ class SchedulerSide:
             limit = computed_after if self.save_decode else min(computed_after, req.num_prompt_tokens)
             self._extend_chain(st, limit)
             done = min(limit // c, len(st.chain.keys))
-            if done <= st.stored_upto:
-                continue
             blocks = block_ids_of(req_id)
-            if blocks is None or len(blocks) * self.chunks_per_block < done:
+            if blocks is None:
                 continue
-            first = st.stored_upto
-            keys = st.chain.keys
-            parent = keys[first - 1] if first else st.chain.root
-            block_ids, offsets = self._places(blocks, first, done)
-            plan.saves.append(SaveSpec(req_id, list(keys[first:done]), block_ids, offsets, parent, first))
-            self.stats["saved_chunks"] += done - first
-            st.stored_upto = done
+            if st.stored_upto < done <= len(blocks) * self.chunks_per_block:
+                first = st.stored_upto
+                keys = st.chain.keys
+                parent = keys[first - 1] if first else st.chain.root
+                block_ids, offsets = self._places(blocks, first, done)
+                plan.saves.append(SaveSpec(req_id, list(keys[first:done]), block_ids, offsets, parent, first))
+                self.stats["saved_chunks"] += done - first
+                st.stored_upto = done
+            if st.partial is not None and not st.partial_stored and computed_after >= req.num_prompt_tokens:
+                self._save_partial(st, plan, blocks)
         return plan
+
+    def _save_partial(self, st: _ReqState, plan: StepPlan, blocks: Sequence[int]) -> None:
+        """Save the prompt's partial last chunk once the prompt is computed and its parent is saved."""
+        assert st.chain is not None and st.partial is not None
+        idx = st.request.num_prompt_tokens // self.chunk_tokens  # its chunk index
+        if st.stored_upto < idx or len(blocks) * self.chunks_per_block <= idx:
+            return  # its parent is not in the store (a failed load is recomputed first)
+        block_ids, offsets = self._places(blocks, idx, idx + 1)
+        parent = st.chain.keys[idx - 1] if idx else st.chain.root
+        plan.saves.append(SaveSpec(st.request.request_id, [st.partial], block_ids, offsets, parent, idx,
+                                   last_valid=st.partial_tokens))
+        self.stats["saved_partial_chunks"] = self.stats.get("saved_partial_chunks", 0) + 1
+        st.partial_stored = True
 
     def request_finished(self, request: Any) -> None:
         gone = self.reqs.pop(request.request_id, None)
@@ -250,3 +308,4 @@ class SchedulerSide:
             bad = [chunk for b, chunk in st.loaded.items() if b in block_ids]
             if bad:
                 st.stored_upto = min(st.stored_upto, min(bad))
+                st.partial_stored = False  # a failed partial chunk is saved again once recomputed

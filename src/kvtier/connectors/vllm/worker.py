@@ -24,7 +24,9 @@ expired, corrupt, store gone) reports its block; blocks of a load whose store ca
 are all reported. Saves: write_layer copies each layer into the store's DRAM staging
 during the forward pass and finish_step commits, so every chunk is published only with
 all its layers, and a request's chunks in chain order across steps (parents first).
-Nothing is pending when a step ends, so vLLM may reuse or free blocks at once
+A prompt's partial last chunk (SaveSpec.last_valid) is saved from a copy of its block
+whose rows after its tokens are zeroed (adapter.clear_tokens), never with what an earlier
+request left there. Nothing is pending when a step ends, so vLLM may reuse or free blocks at once
 (handle_preemptions has nothing to do).
 
 Chunks smaller than a block (chunk_tokens < block_size; the CPU adapter only): a chunk's
@@ -236,14 +238,25 @@ class WorkerSide:
                     self._scatter(entry, layer)
             if failed is None:
                 self._fail_load(spec)
+                self._clear_blocks(spec.block_ids)
             else:
                 if failed:
                     self._fail_load(spec, failed)
+                    self._clear_blocks([spec.block_ids[i] for i in failed])
                 bad = set(failed)
                 for i, finish in enumerate(entry.finishers):
                     if finish is not None and i not in bad:
                         finish()
             self._load_done(spec)
+
+    def _clear_blocks(self, blocks: list[int]) -> None:
+        """Zero the blocks of failed chunks in every layer. A failed chunk was copied before its
+        checksum failed (or the copy broke off): vLLM recomputes the prompt tokens of its block, but
+        a chunk with the prompt's last token also reaches rows past the prompt's end, which the
+        attention kernel reads masked, and masked NaNs still poison its output."""
+        for block in dict.fromkeys(blocks):
+            for adapter in self.adapters.values():
+                adapter.clear_block(block)
 
     def _load_done(self, spec: LoadSpec) -> None:
         failed = sum(1 for b in spec.block_ids if b in self._failed_blocks)  # a failed chunk fails its block
@@ -290,9 +303,15 @@ class WorkerSide:
                     if have < n:
                         self._save_buf = np.empty((max(2 * n, 2 * have), self._save_buf.shape[1]), dtype=np.uint8)
                     sections = adapter.gather_chunks(save.spec.block_ids, save.spec.offsets, self._save_buf[:n])
+                    if save.spec.last_valid:
+                        adapter.clear_tokens(sections[n - 1], save.spec.last_valid)
                     save.session.write_layer(layer, list(sections))
                 else:
-                    save.session.write_layer(layer, [adapter.save_source(b) for b in save.spec.block_ids])
+                    sources = [adapter.save_source(b) for b in save.spec.block_ids]
+                    if save.spec.last_valid:  # a partial chunk: its tokens, zeros after (a copy, not vLLM's page)
+                        sources[-1] = sources[-1].copy()
+                        adapter.clear_tokens(sources[-1], save.spec.last_valid)
+                    save.session.write_layer(layer, sources)
             except STORE_ERRORS as e:
                 save.failed = True
                 self.link.failed(e)
