@@ -184,7 +184,10 @@ class SparseKV:
 
     # -- reading -------------------------------------------------------------------
     def _fetch(self, layer: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [n, H, B, d] of `blocks` of `layer`, read from the store (or the span being saved)."""
+        """K and V [n, H, B, d] of `blocks` of `layer`, read from the store (or the span being saved).
+
+        The store reads run in this thread: a decode step reads a few blocks per layer and waits
+        for them, so a hop to the store's worker and back would cost more than the copies."""
         h, d, bt = self.layout.num_kv_heads, self.layout.head_size, self.config.block_tokens
         span = self._span.get(layer)
         if span is not None and blocks and blocks[-1] >= span[0]:
@@ -201,7 +204,7 @@ class SparseKV:
         staging = torch.empty(len(blocks), lb, dtype=torch.uint8)
         arr = staging.numpy()
         keys = [self.block_keys[b] for b in blocks]
-        result = self.store.load_sync(keys, [[arr[i]] for i in range(len(blocks))], [layer])
+        result = self.store.load_here(keys, [[arr[i]] for i in range(len(blocks))], [layer])
         if result.failed:
             missing = [blocks[i] for i in result.failed]
             raise BlockMissingError(

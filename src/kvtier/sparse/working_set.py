@@ -10,7 +10,10 @@ preallocated buffers.
 The slot bookkeeping (which block each slot holds, when it was last used, which slots the
 last `ensure` wanted) is a few hundred integers per layer, kept in numpy arrays: a decode
 step runs it once per layer, where torch's per-op overhead on tensors this small would cost
-more than the fetches it plans. `block_of` is a tensor view of the same memory.
+more than the fetches it plans. `block_of` is a tensor view of the same memory. Its inverse,
+`_slot_of` [H, blocks] (the slot holding each block, EMPTY if none; 8 bytes per block and
+head, like one summary channel), answers "which wanted blocks are here" with one gather
+instead of comparing every wanted block with every slot.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class WorkingSet:
         self._block_of = np.full((kv_heads, slots), EMPTY, dtype=np.int64)
         self._last_used = np.zeros((kv_heads, slots), dtype=np.int64)
         self._wanted_slots = np.zeros((kv_heads, slots), dtype=bool)  # slots holding the last ensure's blocks
+        self._slot_of = np.full((kv_heads, 0), EMPTY, dtype=np.int64)  # inverse of _block_of, grown on demand
+        self._heads = np.arange(kv_heads)
         self._token_offsets = np.arange(block_tokens)
         self.tail_len = 0
         self._clock = 0
@@ -88,16 +93,33 @@ class WorkingSet:
         cost = self._last_used.copy()
         cost[protected(bo)] = np.iinfo(np.int64).max
         cost[bo == EMPTY] = -1
-        held = bo == block
-        slot = np.where(held.any(1), held.argmax(1), cost.argmin(1))
-        heads = np.arange(self.kv_heads)
+        self._fit_blocks(block + 1)
+        held = self._slot_of[:, block]
+        slot = np.where(held != EMPTY, held, cost.argmin(1))
+        heads = self._heads
         ts = torch.from_numpy(slot)
         th = torch.from_numpy(heads)
         self.k[th, ts] = k
         self.v[th, ts] = v
-        bo[heads, slot] = block
+        self._place(heads, slot, np.full(self.kv_heads, block))
         self._clock += 1
         self._last_used[heads, slot] = self._clock
+
+    def _fit_blocks(self, n: int) -> None:
+        """Make _slot_of cover block ids < n (doubling, so a growing context reallocates rarely)."""
+        have = self._slot_of.shape[1]
+        if n > have:
+            grown = np.full((self.kv_heads, max(n, 2 * have, 64)), EMPTY, dtype=np.int64)
+            grown[:, :have] = self._slot_of
+            self._slot_of = grown
+
+    def _place(self, heads: np.ndarray, slots: np.ndarray, blocks: np.ndarray) -> None:
+        """Record that slot slots[i] of head heads[i] now holds blocks[i] (pairs distinct)."""
+        old = self._block_of[heads, slots]
+        gone = old != EMPTY
+        self._slot_of[heads[gone], old[gone]] = EMPTY
+        self._block_of[heads, slots] = blocks
+        self._slot_of[heads, blocks] = slots
 
     def ensure(self, wanted: np.ndarray | torch.Tensor,
                fetch: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -111,11 +133,13 @@ class WorkingSet:
         if m > self.slots:
             raise ValueError(f"{m} blocks wanted but the working set has {self.slots} slots")
         self._clock += 1
-        bo = self._block_of
         listed = w != EMPTY
-        match = (w[:, :, None] == bo[:, None, :]) & listed[:, :, None]  # [H, m, S]
-        have = match.any(2)
-        keep = match.any(1)
+        if m:
+            self._fit_blocks(int(w.max()) + 1)
+        held = self._slot_of[self._heads[:, None], np.where(listed, w, 0)]  # [H, m] slot of each, or EMPTY
+        have = listed & (held != EMPTY)
+        keep = np.zeros((h, self.slots), dtype=bool)
+        keep[have.nonzero()[0], held[have]] = True
         self._last_used[keep] = self._clock
         self._wanted_slots = keep
         need = listed & ~have
@@ -134,12 +158,13 @@ class WorkingSet:
         uniq, inverse = np.unique(need_blocks, return_inverse=True)
         k, v = fetch(uniq.tolist())
         # whole [B, d] rows: index_select / index_copy_ copy each with one memcpy, where advanced
-        # indexing (k[i, h]) would copy element by element
+        # indexing (k[i, h]) would copy element by element. flatten(0, 1) keeps the fetched rows a
+        # view (K and V of a stored block interleave per head), so only the selected rows are copied
         src = torch.from_numpy(inverse.reshape(-1) * h + need_heads)  # row (block, head) of the fetched [n * H]
         dst = torch.from_numpy(need_heads * (self.slots + 1) + dest)  # row (head, slot) of the buffers
         for buf, fetched in ((self.k, k), (self.v, v)):
-            buf.view(-1, *buf.shape[2:]).index_copy_(0, dst, fetched.reshape(-1, *fetched.shape[2:]).index_select(0, src))
-        bo[need_heads, dest] = need_blocks
+            buf.view(-1, *buf.shape[2:]).index_copy_(0, dst, fetched.flatten(0, 1).index_select(0, src))
+        self._place(need_heads, dest, need_blocks)
         self._last_used[need_heads, dest] = self._clock
         keep[need_heads, dest] = True
         self.fetched_blocks += len(uniq)

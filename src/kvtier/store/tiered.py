@@ -144,6 +144,16 @@ class TieredStore:
                   layers: Sequence[int] | None = None) -> LoadResult:
         return self.load(keys, dests, layers).wait()
 
+    def load_here(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
+                  layers: Sequence[int] | None = None) -> LoadResult:
+        """`load_sync` run in the calling thread: for a caller that would only wait (sparse decode's
+        few changed blocks per layer), the hop to a worker and back costs more than the copies."""
+        self._check_open()
+        layer_list = list(range(self.layout.num_layers)) if layers is None else list(layers)
+        if len(dests) != len(keys) or any(len(d) != len(layer_list) for d in dests):
+            raise ValueError(f"{len(keys)} keys need {len(keys)} destination lists of {len(layer_list)} buffers")
+        return self._load_now(list(keys), dests, layer_list)
+
     def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]], layers: list[int]) -> LoadResult:
         tiers: list[str] = []
         failed: list[int] = []
