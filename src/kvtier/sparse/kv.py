@@ -47,7 +47,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     one thread); for more rows both are the same GEMM."""
     s = (k @ (q * scaling).transpose(1, 2)).transpose(1, 2)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+        s = torch.where(mask, s, float("-inf"))  # one op; masked_fill(~mask) is two and ~2x slower here
     return torch.softmax(s, dim=-1) @ v
 
 

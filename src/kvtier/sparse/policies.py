@@ -36,7 +36,12 @@ from kvtier.sparse.summary import SummaryTable, unpack_signs
 
 
 def group_mass(logits: torch.Tensor) -> torch.Tensor:
-    """[H, g, n] logits -> [H, n]: softmax over blocks per query head, summed over the group."""
+    """[H, g, n] logits -> [H, n]: softmax over blocks per query head, summed over the group.
+
+    Only the order of priorities is used (the caller keeps the top ones), so a group of one
+    query row returns its logits: the softmax would not change their order."""
+    if logits.shape[1] == 1:
+        return logits[:, 0]
     return torch.softmax(logits, dim=-1).sum(1)
 
 
@@ -52,7 +57,8 @@ class SelectionPolicy(ABC):
     @abstractmethod
     def priority(self, q: torch.Tensor, table: SummaryTable, lo: int, hi: int, scaling: float,
                  keys: torch.Tensor | None = None) -> torch.Tensor:
-        """Priority [H, hi - lo] of blocks lo..hi-1 for queries q [H, g, d] (g = group heads x query tokens)."""
+        """Priority [H, hi - lo] of blocks lo..hi-1 for queries q [H, g, d] (g = group heads x query
+        tokens); higher is kept first, only the order matters."""
 
 
 class DensePolicy(SelectionPolicy):
