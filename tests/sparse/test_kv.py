@@ -135,6 +135,49 @@ def test_working_set_ensure_fills_free_slots_per_head() -> None:
             assert ws.k[h, s].item() == ws.block_of[h, s].item() == -ws.v[h, s].item()
 
 
+def test_working_set_slot_map_follows_random_ensures_and_inserts() -> None:
+    """The block -> slot map behind `ensure` agrees with the slots after any mix of ensures (with
+    padding, block ids past the map's size) and inserts: each wanted block held exactly once, its
+    data in its slot, nothing fetched that was held."""
+    rng = torch.Generator().manual_seed(3)
+    h, slots = 3, 6
+    ws = WorkingSet(kv_heads=h, slots=slots, block_tokens=1, head_size=1)
+    fetched: list[list[int]] = []
+
+    def fetch(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        fetched.append(blocks)
+        t = torch.tensor(blocks, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, h, 1, 1)
+        return t, -t
+
+    for step in range(200):
+        n_blocks = 8 if step < 100 else 300  # grows the map mid-way
+        if step % 7 == 3:
+            block = int(torch.randint(n_blocks, (1,), generator=rng))
+            ws.insert(block, torch.full((h, 1, 1), float(block)), torch.full((h, 1, 1), -float(block)),
+                      lambda bo: bo == -2)  # nothing protected
+            continue
+        m = int(torch.randint(1, slots + 1, (1,), generator=rng))
+        wanted = torch.stack([torch.randperm(n_blocks, generator=rng)[:m] for _ in range(h)])
+        wanted[:, m - 1 :][torch.rand(h, 1, generator=rng) < 0.3] = EMPTY
+        before = ws.block_of.clone()
+        fetched.clear()
+        ws.ensure(wanted, fetch)
+        mask = ws.token_mask()
+        missing: set[int] = set()
+        for r in range(h):
+            want = {b for b in wanted[r].tolist() if b != EMPTY}
+            held = ws.block_of[r].tolist()
+            assert want <= set(held) and len([b for b in held if b in want]) == len(want)
+            assert {held[s] for s in range(slots) if mask[r, s]} == want
+            for s in range(slots):
+                if held[s] != EMPTY:
+                    assert ws.k[r, s].item() == held[s] == -ws.v[r, s].item()
+            missing |= want - set(before[r].tolist())
+            assert all(ws._slot_of[r, b] == s for s, b in enumerate(held) if b != EMPTY)
+        assert sorted(sum(fetched, [])) == sorted(missing)  # each block some head lacked, once
+        assert int((ws._slot_of != EMPTY).sum()) == int((ws.block_of != EMPTY).sum())
+
+
 def test_block_missing_from_the_store_fails_loudly() -> None:
     store = make_store()
     kv = SparseKV(store, config("quest", budget=16), salt=b"m")

@@ -37,7 +37,9 @@ class WorkingSet:
         self._block_of = np.full((kv_heads, slots), EMPTY, dtype=np.int64)
         self._last_used = np.zeros((kv_heads, slots), dtype=np.int64)
         self._wanted_slots = np.zeros((kv_heads, slots), dtype=bool)  # slots holding the last ensure's blocks
-        self._slot_of = np.full((kv_heads, 0), EMPTY, dtype=np.int64)  # inverse of _block_of, grown on demand
+        # inverse of _block_of, grown on demand; its last column stays EMPTY, so looking up EMPTY
+        # (index -1) answers "not held" without masking the padding out first
+        self._slot_of = np.full((kv_heads, 1), EMPTY, dtype=np.int64)
         self._heads = np.arange(kv_heads)
         self._token_offsets = np.arange(block_tokens)
         self.tail_len = 0
@@ -107,10 +109,10 @@ class WorkingSet:
 
     def _fit_blocks(self, n: int) -> None:
         """Make _slot_of cover block ids < n (doubling, so a growing context reallocates rarely)."""
-        have = self._slot_of.shape[1]
+        have = self._slot_of.shape[1] - 1
         if n > have:
-            grown = np.full((self.kv_heads, max(n, 2 * have, 64)), EMPTY, dtype=np.int64)
-            grown[:, :have] = self._slot_of
+            grown = np.full((self.kv_heads, max(n, 2 * have, 64) + 1), EMPTY, dtype=np.int64)
+            grown[:, :have] = self._slot_of[:, :have]
             self._slot_of = grown
 
     def _place(self, heads: np.ndarray, slots: np.ndarray, blocks: np.ndarray) -> None:
@@ -133,16 +135,19 @@ class WorkingSet:
         if m > self.slots:
             raise ValueError(f"{m} blocks wanted but the working set has {self.slots} slots")
         self._clock += 1
-        listed = w != EMPTY
         if m:
             self._fit_blocks(int(w.max()) + 1)
-        held = self._slot_of[self._heads[:, None], np.where(listed, w, 0)]  # [H, m] slot of each, or EMPTY
-        have = listed & (held != EMPTY)
-        keep = np.zeros((h, self.slots), dtype=bool)
-        keep[have.nonzero()[0], held[have]] = True
+        rows = self._heads[:, None]
+        held = self._slot_of[rows, w]  # [H, m] slot of each wanted block, EMPTY if not held (or padding)
+        have = held != EMPTY
+        keep = np.zeros((h, self.slots + 1), dtype=bool)
+        keep[rows, held] = True  # the misses mark the spare last column
+        keep = keep[:, : self.slots]
         self._last_used[keep] = self._clock
         self._wanted_slots = keep
-        need = listed & ~have
+        if have.all():
+            return 0
+        need = ~have & (w != EMPTY)
         if not need.any():
             return 0
         need_heads, need_pos = need.nonzero()
