@@ -274,7 +274,9 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
                  seed: int = 0) -> list[dict[str, Any]]:
     """Per-token decode time of a synthetic model (random weights and KV of `shape`), dense against
     sparse. Dense reads a preallocated contiguous KV; sparse keeps the KV in a TieredStore (DRAM
-    tier of `memory_bytes`, the rest on a temporary disk tier). Times are medians over `steps`."""
+    tier of `memory_bytes`, the rest on a temporary disk tier). Both attend with the same kernel
+    (kvtier.sparse.kv.masked_attention); sparse's timed part also selects (summary scan), fetches
+    the changed blocks from the store and appends the step's token. Times are medians over `steps`."""
     import torch.nn.functional as F
 
     from kvtier.bench.common import median
