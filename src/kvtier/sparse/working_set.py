@@ -11,8 +11,8 @@ The slot bookkeeping (which block each slot holds, when it was last used, which 
 last `ensure` wanted) is a few hundred integers per layer, kept in numpy arrays: a decode
 step runs it once per layer, where torch's per-op overhead on tensors this small would cost
 more than the fetches it plans. `block_of` is a tensor view of the same memory. Its inverse,
-`_slot_of` [H, blocks] (the slot holding each block, EMPTY if none; 8 bytes per block and
-head, like one summary channel), answers "which wanted blocks are here" with one gather
+`_slot_of` [H, blocks] (the slot holding each block, EMPTY if none; int32, 4 bytes per block
+and head, like one summary channel), answers "which wanted blocks are here" with one gather
 instead of comparing every wanted block with every slot.
 """
 
@@ -39,7 +39,7 @@ class WorkingSet:
         self._wanted_slots = np.zeros((kv_heads, slots), dtype=bool)  # slots holding the last ensure's blocks
         # inverse of _block_of, grown on demand; its last column stays EMPTY, so looking up EMPTY
         # (index -1) answers "not held" without masking the padding out first
-        self._slot_of = np.full((kv_heads, 1), EMPTY, dtype=np.int64)
+        self._slot_of = np.full((kv_heads, 1), EMPTY, dtype=np.int32)
         self._heads = np.arange(kv_heads)
         self._token_offsets = np.arange(block_tokens)
         self.tail_len = 0
@@ -111,7 +111,7 @@ class WorkingSet:
         """Make _slot_of cover block ids < n (doubling, so a growing context reallocates rarely)."""
         have = self._slot_of.shape[1] - 1
         if n > have:
-            grown = np.full((self.kv_heads, max(n, 2 * have, 64) + 1), EMPTY, dtype=np.int64)
+            grown = np.full((self.kv_heads, max(n, 2 * have, 64) + 1), EMPTY, dtype=np.int32)
             grown[:, :have] = self._slot_of[:, :have]
             self._slot_of = grown
 
