@@ -67,6 +67,31 @@ def test_load_reports_exact_failures():
     store.close()
 
 
+def test_load_here_loads_in_the_calling_thread_like_load(tmp_path):
+    import threading
+
+    store = make_store(tmp_path, mem_chunks=2)  # 4 chunks: two end up on disk only
+    keys = keys_for(list(range(16)))
+    save_chain(store, keys).wait()
+    store.flush()
+    store.memory.delete(keys[3])
+    store.disk.delete(keys[3])
+    seen = []
+    real = store._load_now
+    store._load_now = lambda *a: (seen.append(threading.current_thread()), real(*a))[1]
+    dests = [[np.zeros(LB, np.uint8)] for _ in keys]
+    res = store.load_here(keys, dests, [1])
+    assert seen == [threading.current_thread()]
+    assert res.loaded == 3 and res.failed == (3,) and res.tiers[3] == ""
+    for k, d in list(zip(keys, dests))[:3]:
+        assert np.array_equal(d[0], payload(k)[1])
+    with pytest.raises(ValueError, match="destination buffers"):
+        store.load_here(keys, [[np.zeros(LB, np.uint8)] for _ in keys], [0, 1])
+    store.close()
+    with pytest.raises(StoreClosedError):
+        store.load_here(keys, dests, [1])
+
+
 def test_save_layer_by_layer_invisible_until_commit():
     store = make_store(disk=False)
     keys = keys_for(list(range(8)))

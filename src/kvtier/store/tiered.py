@@ -131,6 +131,11 @@ class TieredStore:
         layers: Sequence[int] | None = None,
     ) -> TransferHandle[LoadResult]:
         """Copy `layers` (default: all) of each chunk into dests[i][j]; runs on a worker thread."""
+        return self._io.submit("load", self._load_now, list(keys), dests, self._load_layers(keys, dests, layers))
+
+    def _load_layers(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
+                     layers: Sequence[int] | None) -> list[int]:
+        """The layers a load moves, after checking it has one destination buffer per chunk and layer."""
         self._check_open()
         layer_list = list(range(self.layout.num_layers)) if layers is None else list(layers)
         if len(dests) != len(keys):
@@ -138,7 +143,7 @@ class TieredStore:
         for d in dests:
             if len(d) != len(layer_list):
                 raise ValueError(f"each chunk needs {len(layer_list)} destination buffers, got {len(d)}")
-        return self._io.submit("load", self._load_now, list(keys), dests, layer_list)
+        return layer_list
 
     def load_sync(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
                   layers: Sequence[int] | None = None) -> LoadResult:
@@ -148,11 +153,7 @@ class TieredStore:
                   layers: Sequence[int] | None = None) -> LoadResult:
         """`load_sync` run in the calling thread: for a caller that would only wait (sparse decode's
         few changed blocks per layer), the hop to a worker and back costs more than the copies."""
-        self._check_open()
-        layer_list = list(range(self.layout.num_layers)) if layers is None else list(layers)
-        if len(dests) != len(keys) or any(len(d) != len(layer_list) for d in dests):
-            raise ValueError(f"{len(keys)} keys need {len(keys)} destination lists of {len(layer_list)} buffers")
-        return self._load_now(list(keys), dests, layer_list)
+        return self._load_now(list(keys), dests, self._load_layers(keys, dests, layers))
 
     def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]], layers: list[int]) -> LoadResult:
         tiers: list[str] = []
