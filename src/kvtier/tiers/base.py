@@ -115,6 +115,23 @@ def check_dests(tier: Tier, layers: Sequence[int], dests: Sequence[Buffer]) -> l
     return out
 
 
+def dest_addresses(tier: Tier, layers: Sequence[int], dests: Sequence[Buffer]) -> list[tuple[memoryview, int]]:
+    """check_dests, plus each destination's address, in one pass (the DRAM tier's hot path)."""
+    if len(layers) != len(dests):
+        raise ValueError(f"{len(layers)} layers requested but {len(dests)} destination buffers given")
+    num_layers = tier.layout.num_layers
+    lb = tier.layer_bytes
+    out = []
+    for layer, dest in zip(layers, dests):
+        mv = memoryview(dest)
+        if mv.readonly or not mv.c_contiguous or mv.nbytes != lb or not 0 <= layer < num_layers:
+            _bad_dest(layer, mv, num_layers, lb)
+        if mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B")
+        out.append((mv, _addressof(_c_char.from_buffer(mv))))
+    return out
+
+
 def _bad_dest(layer: int, mv: memoryview, num_layers: int, lb: int) -> None:
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer {layer} is outside 0..{num_layers - 1}")
@@ -123,6 +140,9 @@ def _bad_dest(layer: int, mv: memoryview, num_layers: int, lb: int) -> None:
     if not mv.c_contiguous:
         raise ValueError("destination buffer must be C-contiguous")
     raise ValueError(f"destination for layer {layer} has {mv.nbytes} bytes, a section has {lb}")
+
+
+_addressof, _c_char = ctypes.addressof, ctypes.c_char
 
 
 def buffer_address(mv: memoryview) -> int:

@@ -33,8 +33,8 @@ from kvtier.tiers.base import (
     TierUsage,
     as_bytes_view,
     buffer_address,
-    check_dests,
     copy_memory,
+    dest_addresses,
 )
 from kvtier.tiers.policies import make_policy
 
@@ -152,7 +152,7 @@ class MemoryTier(Tier):
 
     # -- read ----------------------------------------------------------------------
     def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
-        views = check_dests(self, layers, dests)
+        targets = dest_addresses(self, layers, dests)
         self._check_open()
         with self._lock:
             entry = self._index.get(key)
@@ -167,9 +167,9 @@ class MemoryTier(Tier):
         verify = self.config.verify_reads
         sums = entry.meta.checksums
         try:
-            for layer, dest in zip(layers, views):
+            for layer, (dest, addr) in zip(layers, targets):
                 # each section is copied and, while it is still in cache, verified
-                copy_memory(buffer_address(dest), base + layer * lb, lb)
+                copy_memory(addr, base + layer * lb, lb)
                 if verify and checksum(dest) != sums[layer]:
                     ok = False
                     break
