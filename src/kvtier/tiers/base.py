@@ -116,20 +116,8 @@ def check_dests(tier: Tier, layers: Sequence[int], dests: Sequence[Buffer]) -> l
 
 
 def dest_addresses(tier: Tier, layers: Sequence[int], dests: Sequence[Buffer]) -> list[tuple[memoryview, int]]:
-    """check_dests, plus each destination's address, in one pass (the DRAM tier's hot path)."""
-    if len(layers) != len(dests):
-        raise ValueError(f"{len(layers)} layers requested but {len(dests)} destination buffers given")
-    num_layers = tier.layout.num_layers
-    lb = tier.layer_bytes
-    out = []
-    for layer, dest in zip(layers, dests):
-        mv = memoryview(dest)
-        if mv.readonly or not mv.c_contiguous or mv.nbytes != lb or not 0 <= layer < num_layers:
-            _bad_dest(layer, mv, num_layers, lb)
-        if mv.ndim != 1 or mv.format != "B":
-            mv = mv.cast("B")
-        out.append((mv, _addressof(_c_char.from_buffer(mv))))
-    return out
+    """check_dests, plus each destination's address (the DRAM tier copies by address)."""
+    return [(mv, _addressof(_c_char.from_buffer(mv))) for mv in check_dests(tier, layers, dests)]
 
 
 def _bad_dest(layer: int, mv: memoryview, num_layers: int, lb: int) -> None:

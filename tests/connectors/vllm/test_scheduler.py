@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -86,12 +87,17 @@ def test_prompt_partial_chunk_is_saved_with_zeros_after_its_tokens() -> None:
         assert torch.equal(got, want)
 
 
-def test_exact_repeat_hits_all_but_the_last_token_through_the_partial_chunk() -> None:
-    sim = Sim()
+def admit_repeat_of_prompt14(sim: Sim) -> tuple[FakeRequest, Any]:
+    """Request "a" computes and saves PROMPT14; "b", the same prompt, is admitted with its hit."""
     run_prefill(sim, FakeRequest("a", PROMPT14))
     b = FakeRequest("b", PROMPT14)
     assert sim.admit(b) == 13  # 3 whole chunks and 1 of the partial chunk's 2 tokens
-    st = sim.sched.reqs["b"]
+    return b, sim.sched.reqs["b"]
+
+
+def test_exact_repeat_hits_all_but_the_last_token_through_the_partial_chunk() -> None:
+    sim = Sim()
+    b, st = admit_repeat_of_prompt14(sim)
     assert st.load is not None and st.load.keys == [*st.chain.keys, st.partial]
     assert st.load.block_ids == sim.blocks["b"]
     assert sim.sched.loaded_by_tier == {"memory": 4} and sim.sched.loaded_tokens_by_tier == {"memory": 13}
@@ -125,10 +131,7 @@ def test_one_token_tail_saves_no_partial_chunk_and_partials_can_be_off() -> None
 
 def test_failed_partial_chunk_load_is_recomputed_and_saved_again() -> None:
     sim = Sim()
-    run_prefill(sim, FakeRequest("a", PROMPT14))
-    b = FakeRequest("b", PROMPT14)
-    assert sim.admit(b) == 13
-    st = sim.sched.reqs["b"]
+    b, st = admit_repeat_of_prompt14(sim)
     assert st.load is not None and st.load.lease_id is not None and sim.client.store.memory is not None
     sim.client.release(st.load.lease_id)  # as if the lease expired ...
     assert sim.client.store.memory.delete(st.partial)  # ... and the partial chunk was evicted
@@ -239,10 +242,7 @@ def test_abort_while_load_in_flight() -> None:
 
 def test_corrupt_partial_chunk_leaves_no_garbage_past_the_prompt_end() -> None:
     sim = Sim()
-    run_prefill(sim, FakeRequest("a", PROMPT14))
-    b = FakeRequest("b", PROMPT14)
-    assert sim.admit(b) == 13
-    st = sim.sched.reqs["b"]
+    b, st = admit_repeat_of_prompt14(sim)
     memory = sim.client.store.memory
     assert memory is not None and st.partial is not None
     slot = memory.slot_of(st.partial)
