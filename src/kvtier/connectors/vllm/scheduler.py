@@ -117,7 +117,8 @@ class SchedulerSide:
         self.save_decode = save_decode
         self.partial_chunks = partial_chunks
         self.reqs: dict[str, _ReqState] = {}
-        self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0, "store_errors": 0}
+        self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0,
+                      "saved_partial_chunks": 0, "store_errors": 0}
         self.loaded_by_tier: dict[str, int] = {}  # chunks planned for loading, by the tier that held them
         self.loaded_tokens_by_tier: dict[str, int] = {}  # the tokens those chunks count for
 
@@ -264,6 +265,9 @@ class SchedulerSide:
             limit = computed_after if self.save_decode else min(computed_after, req.num_prompt_tokens)
             self._extend_chain(st, limit)
             done = min(limit // c, len(st.chain.keys))
+            partial = st.partial is not None and not st.partial_stored and computed_after >= req.num_prompt_tokens
+            if done <= st.stored_upto and not partial:
+                continue
             blocks = block_ids_of(req_id)
             if blocks is None:
                 continue
@@ -275,7 +279,7 @@ class SchedulerSide:
                 plan.saves.append(SaveSpec(req_id, list(keys[first:done]), block_ids, offsets, parent, first))
                 self.stats["saved_chunks"] += done - first
                 st.stored_upto = done
-            if st.partial is not None and not st.partial_stored and computed_after >= req.num_prompt_tokens:
+            if partial:
                 self._save_partial(st, plan, blocks)
         return plan
 
@@ -289,7 +293,7 @@ class SchedulerSide:
         parent = st.chain.keys[idx - 1] if idx else st.chain.root
         plan.saves.append(SaveSpec(st.request.request_id, [st.partial], block_ids, offsets, parent, idx,
                                    last_valid=st.partial_tokens))
-        self.stats["saved_partial_chunks"] = self.stats.get("saved_partial_chunks", 0) + 1
+        self.stats["saved_partial_chunks"] += 1
         st.partial_stored = True
 
     def request_finished(self, request: Any) -> None:
