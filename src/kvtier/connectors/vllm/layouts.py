@@ -198,41 +198,39 @@ class CpuPageAdapter(BlockAdapter):
         m = int(np.argmin(full)) if not full.all() else m
         return b, j, s, m
 
+    def _moves(self, blocks: list[int], offsets: list[int], sections: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, Any]]:
+        """(view of `sections`, page array, index into it) pairs that move chunks between the
+        sections and vLLM's pages: gather copies page[index] into each view, scatter the reverse."""
+        b, j, s, m = self._whole_blocks(blocks, offsets)
+        k, v = self._section_planes(sections)
+        r = self.block_size // self.chunk_tokens
+        e = s + m * r
+        moves: list[tuple[np.ndarray, np.ndarray, Any]] = []
+        if m:
+            whole = b[s:e:r]
+            moves.append((k[s:e].reshape(m, r, *k.shape[1:]).transpose(0, 2, 3, 1), self._k, whole))
+            moves.append((v[s:e].reshape(m, r, v.shape[1]).transpose(0, 2, 1), self._v, whole))
+        for rows in (slice(0, s), slice(e, len(b))):
+            if rows.stop > rows.start:
+                moves.append((k[rows], self._k, (b[rows], slice(None), slice(None), j[rows])))
+                moves.append((v[rows], self._v, (b[rows], slice(None), j[rows])))
+        return moves
+
     def gather_chunks(self, blocks: list[int], offsets: list[int], out: np.ndarray | None = None) -> np.ndarray:
         sections = np.empty((len(blocks), self.section_bytes), dtype=np.uint8) if out is None else out
         if self.chunk_tokens == self.block_size:
             np.take(self.pages, blocks, axis=0, out=sections)
             return sections
-        b, j, s, m = self._whole_blocks(blocks, offsets)
-        k, v = self._section_planes(sections)
-        r = self.block_size // self.chunk_tokens
-        e = s + m * r
-        if m:
-            whole = b[s:e:r]
-            k[s:e].reshape(m, r, *k.shape[1:]).transpose(0, 2, 3, 1)[...] = self._k[whole]
-            v[s:e].reshape(m, r, v.shape[1]).transpose(0, 2, 1)[...] = self._v[whole]
-        for rows in (slice(0, s), slice(e, len(b))):
-            if rows.stop > rows.start:
-                k[rows] = self._k[b[rows], :, :, j[rows]]
-                v[rows] = self._v[b[rows], :, j[rows]]
+        for view, pages, index in self._moves(blocks, offsets, sections):
+            view[...] = pages[index]
         return sections
 
     def scatter_chunks(self, blocks: list[int], offsets: list[int], sections: np.ndarray) -> None:
         if self.chunk_tokens == self.block_size:
             self.pages[blocks] = sections
             return
-        b, j, s, m = self._whole_blocks(blocks, offsets)
-        k, v = self._section_planes(sections)
-        r = self.block_size // self.chunk_tokens
-        e = s + m * r
-        if m:
-            whole = b[s:e:r]
-            self._k[whole] = k[s:e].reshape(m, r, *k.shape[1:]).transpose(0, 2, 3, 1)
-            self._v[whole] = v[s:e].reshape(m, r, v.shape[1]).transpose(0, 2, 1)
-        for rows in (slice(0, s), slice(e, len(b))):
-            if rows.stop > rows.start:
-                self._k[b[rows], :, :, j[rows]] = k[rows]
-                self._v[b[rows], :, j[rows]] = v[rows]
+        for view, pages, index in self._moves(blocks, offsets, sections):
+            pages[index] = view
 
     def save_source(self, block: int) -> np.ndarray:
         return self.pages[block]
