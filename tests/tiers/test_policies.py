@@ -221,12 +221,7 @@ def test_leaves_first_on_random_trees(name: str) -> None:
         chain = base + [b"k%d" % (next_id + i) for i in range(rng.randint(1, 4))]
         next_id += 4
         chains.append(chain)
-        n = 0
-        for key in chain:
-            if key not in tier.resident:
-                break
-            n += 1
-        tier.touch(*chain[:n])
+        n = touch_resident_prefix(tier, chain)
         parent = chain[n - 1] if n else None
         for depth in range(n, len(chain)):
             key = chain[depth]
@@ -310,14 +305,20 @@ def replay_chains(tier: MiniTier, seed: int, n: int = 600) -> None:
         serve_chain(tier, chain)
 
 
-def serve_chain(tier: MiniTier, chain: list[bytes]) -> None:
-    """One request: touch the resident prefix, put the rest of the chain."""
+def touch_resident_prefix(tier: MiniTier, chain: list[bytes]) -> int:
+    """A request's lookup: touch the chain's resident prefix (a hit stops at the first miss); its length."""
     k = 0
     for key in chain:
         if key not in tier.resident:
             break
         k += 1
     tier.touch(*chain[:k])
+    return k
+
+
+def serve_chain(tier: MiniTier, chain: list[bytes]) -> None:
+    """One request: touch the resident prefix, put the rest of the chain."""
+    k = touch_resident_prefix(tier, chain)
     parent = chain[k - 1] if k else None
     for depth in range(k, len(chain)):
         tier.put(chain[depth], parent, depth)
