@@ -6,13 +6,16 @@ import torch
 
 from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
 from kvtier.core.layout import KVLayout
-from kvtier.sparse import SparseConfig, SparseKV
+from kvtier.sparse import SparseConfig, SparseKV, sparse_store_layout
 from kvtier.store.tiered import TieredStore
+
+LAYOUT = KVLayout(2, 2, 8)  # the model KV layout of make_store's defaults
 
 
 def make_store(layers: int = 2, kv_heads: int = 2, head_size: int = 8, block: int = 4,
                memory_bytes: int = 1 << 22, disk_root: str | None = None) -> TieredStore:
-    layout = KVLayout(layers, kv_heads, head_size)
+    """A store holding KVLayout(layers, kv_heads, head_size) per KV head, as SparseKV needs."""
+    layout = sparse_store_layout(KVLayout(layers, kv_heads, head_size))
     disk = DiskTierConfig(root=disk_root, capacity_bytes=1 << 26) if disk_root else None
     memory = MemoryTierConfig(capacity_bytes=memory_bytes) if memory_bytes else None
     return TieredStore(StoreConfig(chunk_tokens=block, memory=memory, disk=disk), layout)

@@ -10,7 +10,7 @@ from kvtier.core.errors import CorruptChunkError
 from kvtier.sparse import SparseKV, Summarizer
 from kvtier.sparse.summary import pack_signs, unpack_signs
 
-from .helpers import config, fill, make_store
+from .helpers import LAYOUT, config, fill, make_store
 
 
 def test_summary_fields() -> None:
@@ -46,7 +46,7 @@ def test_encode_decode_and_corrupt_bytes() -> None:
 def test_summaries_survive_save_and_reload(tmp_path, with_disk: bool) -> None:
     root = str(tmp_path / "disk") if with_disk else None
     store = make_store(disk_root=root)
-    kv = SparseKV(store, config(), salt=b"reload")
+    kv = SparseKV(store, config(), LAYOUT, salt=b"reload")
     g = torch.Generator().manual_seed(0)
     k = torch.randn(2, 2, 22, 8, generator=g)
     fill(kv, k, torch.randn(2, 2, 22, 8, generator=g), 9)

@@ -136,16 +136,17 @@ def _store(layout, block_tokens: int, memory_bytes: int, disk_root: str | None =
     return TieredStore(cfg, layout)
 
 
-def _sparse_config(policy: str, budget: int, block: int, sinks: int, window: int):
+def _sparse_config(policy: str, budget: int, block: int, sinks: int, window: int, stride: int = 1):
     from kvtier.sparse import SparseConfig
 
     return SparseConfig(policy=policy, budget_tokens=budget, block_tokens=block, sink_tokens=sinks,
-                        window_tokens=window)
+                        window_tokens=window, retrieval_stride=stride)
 
 
 # -- retrieval accuracy ----------------------------------------------------------------------
 def accuracy(policies: Sequence[str], fractions: Sequence[float], contexts: Sequence[int], samples: int = 48,
-             block_tokens: int = 16, seed: int = 7, model_dir: str | Path | None = None) -> list[dict[str, Any]]:
+             block_tokens: int = 16, seed: int = 7, model_dir: str | Path | None = None,
+             stride: int = 1) -> list[dict[str, Any]]:
     """Recall accuracy of the retrieval model at budget = fraction x context, per policy.
 
     Each context's prompts are prefilled once (dense, stock sdpa) and their K/V appended to a
@@ -155,6 +156,7 @@ def accuracy(policies: Sequence[str], fractions: Sequence[float], contexts: Sequ
 
     from kvtier.connectors.transformers.sparse import ATTN_NAME, KVTierSparseCache, register
     from kvtier.core.layout import KVLayout
+    from kvtier.sparse import sparse_store_layout
 
     register()
     model, task, _ = load_retrieval_model(model_dir)
@@ -174,24 +176,26 @@ def accuracy(policies: Sequence[str], fractions: Sequence[float], contexts: Sequ
             for frac in fractions:
                 budget = max(int(ctx * frac) // block_tokens * block_tokens, 4 * block_tokens)
                 for policy in policies:
-                    store = _store(layout, block_tokens, samples * ctx * layout.token_bytes_per_layer() * 2)
+                    store = _store(sparse_store_layout(layout), block_tokens,
+                                   samples * ctx * layout.token_bytes_per_layer() * 2)
                     cache = KVTierSparseCache(store, _sparse_config(policy, budget, block_tokens, block_tokens,
-                                                                    block_tokens), model_config=cfg)
+                                                                    block_tokens, stride), model_config=cfg)
                     cache.update(k_all, v_all, 0)
                     pos = torch.full((samples, 1), ctx - 1)
                     logits = model(ids[:, -1:], past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1]
                     acc = float((logits.argmax(-1) == ans).float().mean())
                     store.close()
                     rows.append({"policy": policy, "budget_tokens": budget, "context_tokens": ctx, "accuracy": acc,
-                                 "dense_accuracy": dense_acc})
-                    print(f"accuracy ctx {ctx:6d} budget {budget:5d} {policy:10s} {acc:.3f} (dense {dense_acc:.3f})",
-                          flush=True)
+                                 "dense_accuracy": dense_acc, "retrieval_stride": stride})
+                    print(f"accuracy ctx {ctx:6d} budget {budget:5d} {policy:10s} stride {stride} {acc:.3f} "
+                          f"(dense {dense_acc:.3f})", flush=True)
     return rows
 
 
 # -- fidelity on stories260K -----------------------------------------------------------------
 def fidelity(policies: Sequence[str], fractions: Sequence[float], context: int = 512, prompt: int = 64,
-             block_tokens: int = 8, seed: int = 0, sinks: int = 8, window: int = 24) -> list[dict[str, Any]]:
+             block_tokens: int = 8, seed: int = 0, sinks: int = 8, window: int = 24,
+             stride: int = 1) -> list[dict[str, Any]]:
     """Top-1 agreement and KL(dense || sparse) of next-token distributions over text stories260K
     generates, decoding token by token with budget = fraction x context.
 
@@ -207,6 +211,7 @@ def fidelity(policies: Sequence[str], fractions: Sequence[float], context: int =
     from kvtier.bench.models import load_stories260k
     from kvtier.connectors.transformers.sparse import ATTN_NAME, KVTierSparseCache, register
     from kvtier.core.layout import KVLayout
+    from kvtier.sparse import sparse_store_layout
 
     register()
     dense = load_stories260k()
@@ -224,8 +229,8 @@ def fidelity(policies: Sequence[str], fractions: Sequence[float], context: int =
     for frac in fractions:
         budget = int(context * frac) // block_tokens * block_tokens
         for policy in policies:
-            store = _store(layout, block_tokens, 64 << 20)
-            cache = KVTierSparseCache(store, _sparse_config(policy, budget, block_tokens, sinks, window),
+            store = _store(sparse_store_layout(layout), block_tokens, 64 << 20)
+            cache = KVTierSparseCache(store, _sparse_config(policy, budget, block_tokens, sinks, window, stride),
                                       model_config=cfg)
             outs = []
             with torch.no_grad():
@@ -237,15 +242,20 @@ def fidelity(policies: Sequence[str], fractions: Sequence[float], context: int =
             top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
             kl = float((ref.exp() * (ref - got)).sum(-1).mean())
             # how far the selection moves per decode step on real text: blocks fetched per layer and step
+            # (and the (block, head) slices read, each of which is one KV head's K and V of a block)
+            steps = max(1, (context - 1 - prompt) * cfg.num_hidden_layers)
             fetched = sum(ws.fetched_blocks for seq in cache.sequences for ws in seq.working)
-            per_step = fetched / max(1, (context - 1 - prompt) * cfg.num_hidden_layers)
+            slices = sum(ws.fetched_slices for seq in cache.sequences for ws in seq.working)
             store.close()
             rows.append({"policy": policy, "budget_fraction": frac, "top1_agreement": top1, "kl": kl,
                          "budget_tokens": budget, "block_tokens": block_tokens, "sink_tokens": sinks,
-                         "window_tokens": window, "seed": seed, "fetched_blocks_per_layer_step": per_step,
+                         "window_tokens": window, "seed": seed, "retrieval_stride": stride,
+                         "fetched_blocks_per_layer_step": fetched / steps,
+                         "fetched_slices_per_layer_step": slices / steps, "kv_heads": cfg.num_key_value_heads,
                          "budget_blocks": budget // block_tokens})
-            print(f"fidelity budget {frac:.4g} ({budget} tokens) {policy:10s} top1 {top1:.3f} kl {kl:.4f} "
-                  f"fetched {per_step:.2f} blocks per layer and step (budget {budget // block_tokens})", flush=True)
+            print(f"fidelity budget {frac:.4g} ({budget} tokens) {policy:10s} stride {stride} top1 {top1:.3f} "
+                  f"kl {kl:.4f} fetched {fetched / steps:.2f} blocks ({slices / steps:.2f} block-head slices of "
+                  f"{cfg.num_key_value_heads} heads) per layer and step (budget {budget // block_tokens})", flush=True)
     return rows
 
 
@@ -276,7 +286,7 @@ def _layer_weights(shape: DecodeShape, gen: torch.Generator) -> list[dict[str, t
 
 def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int = 64, steps: int = 4,
                  shape: DecodeShape | None = None, memory_bytes: int = 3 << 30, policy: str = "quest",
-                 seed: int = 0) -> list[dict[str, Any]]:
+                 seed: int = 0, stride: int = 1) -> list[dict[str, Any]]:
     """Per-token decode time of a synthetic model (random weights and KV of `shape`), dense against
     sparse. Dense reads a preallocated contiguous KV; sparse keeps the KV in a TieredStore (DRAM
     tier of `memory_bytes`, the rest on a temporary disk tier). Both attend with the same kernel
@@ -285,16 +295,20 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
 
     Each step's input is the previous step's output (the model's last hidden state, fed back as
     autoregressive decoding feeds the sampled token), so queries move from step to step and the
-    working set fetches what the new selection needs: `fetched_blocks_per_step` counts them (over
-    all layers; `budget_blocks` is the most one layer holds per head). `sparse_*_repeated_input_ms`
-    rerun the same input every step (the selection barely moves: the fewest fetches) for contrast.
-    Random KV has no structure, so a moved query reselects much of the budget: a real model's
-    selection moves less (see the fidelity rows' fetched_blocks_per_step)."""
+    working set fetches what the new selection needs: `fetched_slices_per_step` counts the
+    (block, KV head) slices read from the store, `fetched_bytes_per_step` their bytes, and
+    `fetched_blocks_per_step` the distinct blocks among them (all over all layers; `budget_blocks`
+    is the most one layer holds per head). `sparse_*_repeated_input_ms` rerun the same input every
+    step (the selection barely moves: the fewest fetches) for contrast. Random KV has no structure,
+    so a moved query reselects much of the budget: a real model's selection moves less (see the
+    fidelity rows' fetched_blocks_per_layer_step). `stride` > 1 re-scores every `stride` steps
+    (SparseConfig.retrieval_stride); its accuracy cost is measured by `fidelity(..., stride=)`
+    and `accuracy(..., stride=)`, not here (random KV has no right answer)."""
     import torch.nn.functional as F
 
     from kvtier.bench.common import median
     from kvtier.core.layout import KVLayout
-    from kvtier.sparse import SparseKV
+    from kvtier.sparse import SparseKV, sparse_store_layout
     from kvtier.sparse.kv import masked_attention
 
     s = shape or DecodeShape()
@@ -317,14 +331,19 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
         y = x + h @ w["down"].T
         return y / y.norm() * s.hidden**0.5
 
-    def sparse_steps(kv: Any, x0: torch.Tensor, feedback: bool) -> tuple[list[float], list[float], list[int]]:
-        """Timed sparse decode steps: (attention s, token s, blocks fetched) per step."""
+    def sparse_steps(kv: Any, x0: torch.Tensor, feedback: bool) -> tuple[list[float], list[float], list[tuple[int, ...]]]:
+        """Timed sparse decode steps: (attention s, token s, (blocks, slices, bytes) fetched) per step."""
         attn_t, tok_t, fetched = [], [], []
         x_in = x0
+
+        def counts() -> tuple[int, int, int]:
+            return (sum(ws.fetched_blocks for ws in kv.working), sum(ws.fetched_slices for ws in kv.working),
+                    kv.fetched_bytes)
+
         for _ in range(steps + 1):
             x = x_in
             a = 0.0
-            before = sum(ws.fetched_blocks for ws in kv.working)
+            before = counts()
             t_tok = time.perf_counter()
             for layer in range(s.layers):
                 q, k, v = rest_of_layer(weights[layer], x)
@@ -335,7 +354,7 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
                 x = mlp(weights[layer], x, out)
             tok_t.append(time.perf_counter() - t_tok)
             attn_t.append(a)
-            fetched.append(sum(ws.fetched_blocks for ws in kv.working) - before)
+            fetched.append(tuple(n - b for n, b in zip(counts(), before)))
             x_in = x if feedback else x0
         return attn_t, tok_t, fetched
 
@@ -373,8 +392,9 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
         dense_attn, dense_tok = median(attn_t[1:]), median(tok_t[1:])
         # sparse: the KV written straight into the store
         with tempfile.TemporaryDirectory(prefix="kvtier-sparse-bench-") as tmp:
-            store = _store(layout, block_tokens, memory_bytes, tmp)
-            kv = SparseKV(store, _sparse_config(policy, budget, block_tokens, block_tokens, 2 * block_tokens))
+            store = _store(sparse_store_layout(layout), block_tokens, memory_bytes, tmp)
+            kv = SparseKV(store, _sparse_config(policy, budget, block_tokens, block_tokens, 2 * block_tokens, stride),
+                          layout)
             t_w = time.perf_counter()
             span = 4096
             for lo in range(0, ctx, span):
@@ -391,11 +411,19 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
             row = {"context_tokens": ctx, "budget_tokens": budget, "block_tokens": block_tokens,
                    "dense_attn_ms": 1e3 * dense_attn, "sparse_attn_ms": 1e3 * median(attn_t[1:]),
                    "dense_token_ms": 1e3 * dense_tok, "sparse_token_ms": 1e3 * median(tok_t[1:]),
-                   "fetched_blocks_per_step": median(fetched[1:]), "budget_blocks": budget // block_tokens,
-                   "layers": s.layers,
+                   "fetched_blocks_per_step": median([f[0] for f in fetched[1:]]),
+                   "fetched_slices_per_step": median([f[1] for f in fetched[1:]]),
+                   "fetched_bytes_per_step": median([f[2] for f in fetched[1:]]),
+                   "budget_blocks": budget // block_tokens, "layers": s.layers, "kv_heads": s.kv_heads,
+                   "retrieval_stride": stride,
+                   # with retrieval_stride > 1 only every stride-th step re-scores and refetches: the
+                   # median hides that step, the mean over the timed steps amortizes it
+                   "sparse_attn_mean_ms": 1e3 * sum(attn_t[1:]) / steps, "sparse_token_mean_ms": 1e3 * sum(tok_t[1:]) / steps,
+                   "sparse_attn_steps_ms": [1e3 * a for a in attn_t[1:]],
                    "sparse_attn_repeated_input_ms": 1e3 * median(rep_attn[1:]),
                    "sparse_token_repeated_input_ms": 1e3 * median(rep_tok[1:]),
-                   "fetched_blocks_per_step_repeated_input": median(rep_fetched[1:]),
+                   "fetched_blocks_per_step_repeated_input": median([f[0] for f in rep_fetched[1:]]),
+                   "fetched_slices_per_step_repeated_input": median([f[1] for f in rep_fetched[1:]]),
                    "fast_tier_bytes": kv.fast_tier_bytes(), "budget_kv_bytes": kv.budget_bytes(),
                    "summary_bytes": kv.summary_bytes(), "policy": policy,
                    "first_step_ms": 1e3 * tok_t[0], "write_s": write_s,
@@ -403,16 +431,17 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
                    "dram_bytes": stats["memory"]["used_bytes"], "disk_bytes": stats["disk"]["used_bytes"]}
             store.close()
         rows.append(row)
-        print(f"decode ctx {ctx:6d} B {block_tokens}: attn dense {row['dense_attn_ms']:.1f} ms sparse "
+        print(f"decode ctx {ctx:6d} B {block_tokens} {policy} stride {stride}: attn dense {row['dense_attn_ms']:.1f} ms sparse "
               f"{row['sparse_attn_ms']:.1f} ms ({row['dense_attn_ms'] / row['sparse_attn_ms']:.1f}x), token dense "
               f"{row['dense_token_ms']:.1f} sparse {row['sparse_token_ms']:.1f} "
               f"({row['dense_token_ms'] / row['sparse_token_ms']:.1f}x), fast {row['fast_tier_bytes'] / 2**20:.0f} MiB "
               f"(budget KV {row['budget_kv_bytes'] / 2**20:.0f} + summaries {row['summary_bytes'] / 2**20:.1f}); "
-              f"{row['fetched_blocks_per_step']:.0f} blocks fetched per step over {s.layers} layers "
-              f"(budget {row['budget_blocks']} blocks a layer); same input every step: attn "
+              f"{row['fetched_slices_per_step']:.0f} block-head slices ({row['fetched_bytes_per_step'] / 2**20:.0f} MiB, "
+              f"{row['fetched_blocks_per_step']:.0f} distinct blocks) fetched per step over {s.layers} layers "
+              f"(budget {row['budget_blocks']} blocks a layer and head); same input every step: attn "
               f"{row['sparse_attn_repeated_input_ms']:.1f} ms "
               f"({row['dense_attn_ms'] / row['sparse_attn_repeated_input_ms']:.1f}x), "
-              f"{row['fetched_blocks_per_step_repeated_input']:.0f} blocks fetched", flush=True)
+              f"{row['fetched_slices_per_step_repeated_input']:.0f} slices fetched", flush=True)
     return rows
 
 

@@ -3,15 +3,17 @@
     SparseConfig            budget, block size, sinks, window, policy, retrieval stride
     Summarizer              per-block key summaries (min/max, mean, per-key sign hash + norm), stored as SECTION_SUMMARY
     POLICIES / make_policy  dense, streaming, quest, mean, hash, oracle (eval only), quest_mean, quest_share
-    WorkingSet              the fast-memory slots of one layer; fetches only blocks that changed
+    WorkingSet              the fast-memory slots of one layer, per KV head; fills only the (block, head)
+                            slices that changed
     SparseKV                one request's full KV in a TieredStore plus its working sets (all layers)
+    sparse_store_layout     the store layout SparseKV needs: one section per (layer, KV head, K or V)
 
 Engines reach this layer through connectors/ (transformers: attn_implementation="kvtier_sparse").
 """
 
 from kvtier.sparse.config import SparseConfig
 from kvtier.sparse.errors import BlockMissingError, SparseConfigError, UnsupportedModelError
-from kvtier.sparse.kv import SparseKV
+from kvtier.sparse.kv import SparseKV, sparse_store_layout
 from kvtier.sparse.policies import POLICIES, SelectionPolicy, make_policy
 from kvtier.sparse.summary import Summarizer, SummaryTable
 from kvtier.sparse.working_set import WorkingSet
@@ -28,4 +30,5 @@ __all__ = [
     "UnsupportedModelError",
     "WorkingSet",
     "make_policy",
+    "sparse_store_layout",
 ]

@@ -17,6 +17,16 @@ KV written straight in). Single-threaded: one forward pass at a time.
 Blocks are chunks of the store (block_tokens == the store's chunk_tokens), keyed by a chain
 private to this request (a random salt by default): the KV of a generated continuation is
 not a prompt prefix anyone else can reuse.
+
+Store layout (`sparse_store_layout`): a chunk's sections are not one per model layer but one
+per (layer, KV head, plane), each [block_tokens, head_size] with its own checksum. GQA heads
+select blocks on their own, so a decode step reads only the (block, head) slices some head
+newly wants, each verified as it is read, straight into that head's working-set slot. With
+one section per layer a block one head wanted cost every head's bytes: on random KV at 64k
+tokens the union over 8 heads' picks read ~5x the bytes the heads needed. The cost of the
+finer sections: the disk tier aligns each section to 4 KiB (no waste at realistic shapes,
+e.g. 64 tokens x 128 dims x 2 bytes = 16 KiB; tiny test models pad) and the header lists
+layers x heads x 2 sections.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import torch
 
 from kvtier.core.codec import SECTION_SUMMARY
 from kvtier.core.keys import chunk_key, get_hash_mode, tokens_to_bytes
+from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
 from kvtier.sparse.errors import BlockMissingError, SparseConfigError
 from kvtier.sparse.policies import make_policy
@@ -54,15 +65,29 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def sparse_store_layout(layout: KVLayout) -> KVLayout:
+    """The layout of the TieredStore that holds a model's KV (`layout`) for SparseKV: one section
+    per (layer, KV head, plane), section index (layer * kv_heads + head) * planes + plane."""
+    return KVLayout(layout.num_layers * layout.num_kv_heads * layout.planes, 1, layout.head_size,
+                    layout.dtype, planes=1)
+
+
 class SparseKV:
-    def __init__(self, store: TieredStore, config: SparseConfig, *, salt: bytes | None = None) -> None:
-        layout = store.layout
+    """One request's KV: `layout` is the model's KV layout; the store's must be sparse_store_layout(layout)."""
+
+    def __init__(self, store: TieredStore, config: SparseConfig, layout: KVLayout, *,
+                 salt: bytes | None = None) -> None:
         if store.chunk_tokens != config.block_tokens:
             raise SparseConfigError(
                 f"sparse.block_tokens {config.block_tokens} must equal the store's chunk_tokens {store.chunk_tokens}"
             )
         if layout.planes != 2 or layout.dtype not in TORCH_DTYPES:
             raise SparseConfigError(f"sparse attention needs K and V planes of {sorted(TORCH_DTYPES)}, got {layout}")
+        if store.layout != sparse_store_layout(layout):
+            raise SparseConfigError(
+                f"the store's layout {store.layout} does not hold {layout} per KV head: open the store "
+                f"with kvtier.sparse.sparse_store_layout(layout) = {sparse_store_layout(layout)}"
+            )
         self.store = store
         self.config = config
         self.layout = layout
@@ -87,9 +112,10 @@ class SparseKV:
         self._span: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._steps = [0] * n_layers
         self._picks: list[torch.Tensor | None] = [None] * n_layers
-        self.fetched_bytes = 0
+        self.fetched_bytes = 0  # KV bytes read from the store (decode's slices and streamed blocks)
+        self._section_bytes = store.layer_bytes  # one head's K (or V) of one block
         # fetch staging (grow-only, reused): _fetch's K and V are views of it, valid until the next fetch
-        self._staging = torch.empty(0, 0, dtype=torch.uint8)
+        self._staging = torch.empty(0, h, 2, store.layer_bytes, dtype=torch.uint8)
 
     # -- writing -------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -165,10 +191,12 @@ class SparseKV:
         elif self._batch is None or self._batch_range != (first, m):
             raise RuntimeError(f"layer {layer} completed blocks {first}..{first + m - 1}, which do not match "
                                f"layer 0's; append every layer the same tokens, in layer order")
-        sections = torch.stack([k, v], 1).unflatten(2, (m, -1)).permute(2, 0, 1, 3, 4).contiguous()
-        raw = sections.view(torch.uint8).reshape(m, -1).numpy()  # [m, H*2*B*d*dtype]
         assert self._batch is not None
-        self._batch.write_layer(layer, list(raw))
+        h = self.layout.num_kv_heads
+        for plane, x in enumerate((k, v)):
+            raw = x.contiguous().view(torch.uint8).reshape(h, m, -1).numpy()  # [H, m, B*d*itemsize]
+            for head in range(h):
+                self._batch.write_layer(self._section(layer, head, plane), list(raw[head]))
         self._span[layer] = (first, k, v)
         for i in range(m):
             self._batch_extras[i].append((SECTION_SUMMARY, layer, self.summarizer.encode(summaries, i)))
@@ -185,11 +213,63 @@ class SparseKV:
             h.wait()
 
     # -- reading -------------------------------------------------------------------
-    def _fetch(self, layer: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [n, H, B, d] of `blocks` of `layer`, read from the store (or the span being saved).
+    def _section(self, layer: int, head: int, plane: int) -> int:
+        """Store section of `plane` (0 = K, 1 = V) of `head` in `layer`."""
+        return (layer * self.layout.num_kv_heads + head) * 2 + plane
 
-        The store reads run in this thread: a decode step reads a few blocks per layer and waits
-        for them, so a hop to the store's worker and back would cost more than the copies.
+    def _missing(self, layer: int, what: str, blocks: list[int]) -> BlockMissingError:
+        return BlockMissingError(
+            f"layer {layer}{what}: blocks {blocks[:8]} of this request are in no tier of the store, or "
+            f"failed their checksum (evicted, lost or corrupt); refusing to attend without them"
+        )
+
+    def _fill(self, layer: int, heads: np.ndarray, blocks: np.ndarray, slots: np.ndarray) -> None:
+        """The working set's `fill`: K and V of block blocks[i] of head heads[i] into slot slots[i],
+        read from the store one verified section each (or copied from the span being saved).
+
+        The store reads run in this thread: a decode step reads a few slices per head and waits
+        for them, so a hop to the store's worker and back would cost more than the copies."""
+        ws = self.working[layer]
+        kb, vb = ws.byte_views()
+        span = self._span.get(layer)
+        if span is not None and int(blocks.max()) >= span[0]:
+            first, sk, sv = span
+            bt = self.config.block_tokens
+            fresh = blocks >= first
+            for h, b, slot in zip(heads[fresh].tolist(), blocks[fresh].tolist(), slots[fresh].tolist()):
+                lo = (b - first) * bt
+                ws.k[h, slot] = sk[h, lo : lo + bt]
+                ws.v[h, slot] = sv[h, lo : lo + bt]
+            heads, blocks, slots = heads[~fresh], blocks[~fresh], slots[~fresh]
+        if not len(heads):
+            return
+        # one store read per distinct block, of the sections of exactly the heads that want it:
+        # blocks wanted by the same set of heads share one load_here call
+        n_heads = self.layout.num_kv_heads
+        uniq, inv = np.unique(blocks, return_inverse=True)
+        inv = inv.reshape(-1)
+        wants = np.zeros((len(uniq), n_heads), dtype=bool)  # [block, head]
+        wants[inv, heads] = True
+        head_sets, set_of = np.unique(wants, axis=0, return_inverse=True)
+        slot_of = np.full((n_heads, len(uniq)), -1, dtype=np.int64)
+        slot_of[heads, inv] = slots
+        keys = self.block_keys
+        for i, head_set in enumerate(head_sets):
+            members = np.flatnonzero(set_of.reshape(-1) == i)
+            hs = np.flatnonzero(head_set).tolist()
+            sections = [self._section(layer, h, plane) for h in hs for plane in (0, 1)]
+            slot_rows = slot_of[hs][:, members].T.tolist()  # [block][head] slot
+            dests = [[buf[h, s] for h, s in zip(hs, row) for buf in (kb, vb)] for row in slot_rows]
+            bl = uniq[members].tolist()
+            result = self.store.load_here([keys[b] for b in bl], dests, sections)
+            if result.failed:
+                raise self._missing(layer, f" heads {hs}", [bl[i] for i in result.failed])
+            self.fetched_bytes += len(sections) * self._section_bytes * len(bl)
+
+    def _fetch(self, layer: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [n, H, B, d] of every head of `blocks` of `layer` (streamed dense attention and
+        the oracle), read from the store (or the span being saved), every section verified.
+
         The tensors returned are views of a reused staging buffer: use them before the next fetch."""
         h, d, bt = self.layout.num_kv_heads, self.layout.head_size, self.config.block_tokens
         span = self._span.get(layer)
@@ -203,22 +283,19 @@ class SparseKV:
             if k is None or v is None:
                 return nk, nv
             return torch.cat([k, nk]), torch.cat([v, nv])
-        lb = self.store.layer_bytes
+        sb = self._section_bytes
         if self._staging.shape[0] < len(blocks):
             # grow-only and reused: a fresh buffer of this size comes from mmap and faults in every
             # page on each fetch (measured: 0.4 ms per 512 KiB block, 4x the copy itself)
-            self._staging = torch.empty(max(len(blocks), 2 * self._staging.shape[0]), lb, dtype=torch.uint8)
+            self._staging = torch.empty(max(len(blocks), 2 * self._staging.shape[0]), h, 2, sb, dtype=torch.uint8)
         staging = self._staging[: len(blocks)]
         arr = staging.numpy()
-        keys = [self.block_keys[b] for b in blocks]
-        result = self.store.load_here(keys, [[arr[i]] for i in range(len(blocks))], [layer])
+        sections = [self._section(layer, head, plane) for head in range(h) for plane in range(2)]
+        dests = [[arr[i, head, plane] for head in range(h) for plane in range(2)] for i in range(len(blocks))]
+        result = self.store.load_here([self.block_keys[b] for b in blocks], dests, sections)
         if result.failed:
-            missing = [blocks[i] for i in result.failed]
-            raise BlockMissingError(
-                f"layer {layer}: blocks {missing[:8]} of this request are in no tier of the store "
-                f"(evicted or lost); refusing to attend without them"
-            )
-        self.fetched_bytes += lb * len(blocks)
+            raise self._missing(layer, "", [blocks[i] for i in result.failed])
+        self.fetched_bytes += 2 * h * sb * len(blocks)
         kv = staging.view(self.dtype).reshape(len(blocks), h, 2, bt, d)
         return kv[:, :, 0], kv[:, :, 1]
 
@@ -270,7 +347,8 @@ class SparseKV:
         t = self.num_tokens[layer]
         nb = t // bt
         qg = q.reshape(h, g * nq, d)
-        ws.ensure(self._select(layer, qg, nb, scaling), lambda blocks: self._fetch(layer, blocks))
+        ws.ensure(self._select(layer, qg, nb, scaling),
+                  lambda heads, blocks, slots: self._fill(layer, heads, blocks, slots))
         valid = ws.token_mask().unsqueeze(1)  # [H, 1, L]: selected slots and the tail's tokens
         if nq > 1 or token_mask is not None:
             pos = ws.token_positions(nb * bt)  # [H, L]

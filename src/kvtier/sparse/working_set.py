@@ -3,9 +3,11 @@
 K and V are [H, slots + 1, block_tokens, head_size]; the last slot is the tail (the block
 still being filled). Each KV head maps its slots to block ids on its own, since GQA heads
 select different blocks. `ensure(wanted)` keeps the slots whose block is still wanted and
-fills the others with the missing blocks, fetched once per block for all heads that want
-it: a step moves only the blocks that changed since the last one, copied in place into the
-preallocated buffers.
+fills the others with the missing blocks: a step moves only the (block, head) slices that
+some head newly wants, each written straight into its slot of the preallocated buffers by
+the caller's `fill` (SparseKV reads each slice from the store, where every head's K and V of
+a block are sections with their own checksums: a block one head wants costs that head's
+bytes, not all heads').
 
 The slot bookkeeping (which block each slot holds, when it was last used, which slots the
 last `ensure` wanted) is a few hundred integers per layer, kept in numpy arrays: a decode
@@ -44,7 +46,8 @@ class WorkingSet:
         self._token_offsets = np.arange(block_tokens)
         self.tail_len = 0
         self._clock = 0
-        self.fetched_blocks = 0  # blocks read from the store, summed over steps (per block, not per head)
+        self.fetched_slices = 0  # (block, head) slices filled by `ensure`, summed over steps
+        self.fetched_blocks = 0  # distinct blocks among them, per ensure, summed over steps
 
     @property
     def block_of(self) -> torch.Tensor:
@@ -54,6 +57,12 @@ class WorkingSet:
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    def byte_views(self) -> tuple[np.ndarray, np.ndarray]:
+        """K and V buffers as uint8 arrays [H, slots + 1, B, d * itemsize] sharing their memory:
+        `kb[h, s]` is slot s of head h, one C-contiguous buffer a store read can fill in place
+        (uint8, since numpy has no bfloat16). Valid until `grow`."""
+        return self.k.view(torch.uint8).numpy(), self.v.view(torch.uint8).numpy()
 
     def grow(self, slots: int) -> None:
         """Add slots (the dense reference policy's working set holds the whole context)."""
@@ -123,12 +132,23 @@ class WorkingSet:
         self._block_of[heads, slots] = blocks
         self._slot_of[heads, blocks] = slots
 
+    def _clear(self, heads: np.ndarray, slots: np.ndarray) -> None:
+        """Mark slot slots[i] of head heads[i] empty (its bytes are about to be overwritten)."""
+        old = self._block_of[heads, slots]
+        gone = old != EMPTY
+        self._slot_of[heads[gone], old[gone]] = EMPTY
+        self._block_of[heads, slots] = EMPTY
+
     def ensure(self, wanted: np.ndarray | torch.Tensor,
-               fetch: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]) -> int:
+               fill: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> int:
         """Make the working set hold wanted [H, m] (m <= slots, distinct per row, EMPTY = padding).
 
-        `fetch(block_ids)` returns (K, V) as [n, H, B, d] for those blocks. Returns the number
-        of blocks fetched. Afterwards `token_mask()` marks the tokens of exactly these blocks.
+        `fill(heads, blocks, slots)` must write K and V of block blocks[i] of head heads[i] into
+        slot slots[i] of head heads[i] (`byte_views`, or self.k / self.v), or raise; the pairs come
+        sorted by head. Only the pairs a head lacks are asked for. Returns how many (block, head)
+        slices were filled. Afterwards `token_mask()` marks the tokens of exactly these blocks.
+        If `fill` raises, the slots it was to fill are left empty (never marked as holding a block
+        whose bytes may not have arrived).
         """
         w = np.asarray(wanted)
         h, m = w.shape
@@ -150,7 +170,7 @@ class WorkingSet:
         need = ~have & (w != EMPTY)
         if not need.any():
             return 0
-        need_heads, need_pos = need.nonzero()
+        need_heads, need_pos = need.nonzero()  # row-major: sorted by head
         need_blocks = w[need_heads, need_pos]
         # the r-th missing block of head h goes to the r-th free slot of head h
         need_rank = np.cumsum(need, 1)[need_heads, need_pos] - 1
@@ -160,20 +180,14 @@ class WorkingSet:
         slot_of_rank = np.full((h, self.slots), EMPTY, dtype=np.int64)
         slot_of_rank[free_heads, free_rank[free_heads, free_slots]] = free_slots
         dest = slot_of_rank[need_heads, need_rank]
-        uniq, inverse = np.unique(need_blocks, return_inverse=True)
-        k, v = fetch(uniq.tolist())
-        # whole [B, d] rows: index_select / index_copy_ copy each with one memcpy, where advanced
-        # indexing (k[i, h]) would copy element by element. flatten(0, 1) keeps the fetched rows a
-        # view (K and V of a stored block interleave per head), so only the selected rows are copied
-        src = torch.from_numpy(inverse.reshape(-1) * h + need_heads)  # row (block, head) of the fetched [n * H]
-        dst = torch.from_numpy(need_heads * (self.slots + 1) + dest)  # row (head, slot) of the buffers
-        for buf, fetched in ((self.k, k), (self.v, v)):
-            buf.view(-1, *buf.shape[2:]).index_copy_(0, dst, fetched.flatten(0, 1).index_select(0, src))
+        self._clear(need_heads, dest)
+        fill(need_heads, need_blocks, dest)
         self._place(need_heads, dest, need_blocks)
         self._last_used[need_heads, dest] = self._clock
         keep[need_heads, dest] = True
-        self.fetched_blocks += len(uniq)
-        return len(uniq)
+        self.fetched_slices += len(need_heads)
+        self.fetched_blocks += len(np.unique(need_blocks))
+        return len(need_heads)
 
     def token_mask(self) -> torch.Tensor:
         """[H, (slots + 1) * B] bool: the tokens attention may read, i.e. those of the slots the last

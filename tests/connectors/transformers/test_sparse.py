@@ -20,7 +20,7 @@ from kvtier.connectors.transformers.sparse import (
 from kvtier.core.config import MemoryTierConfig, StoreConfig
 from kvtier.core.errors import LayoutMismatchError
 from kvtier.core.layout import KVLayout
-from kvtier.sparse import SparseConfig, UnsupportedModelError
+from kvtier.sparse import SparseConfig, UnsupportedModelError, sparse_store_layout
 from kvtier.store.tiered import TieredStore
 
 BLOCK = 4
@@ -45,9 +45,12 @@ def models():
     return stock, sparse
 
 
+LAYOUT = KVLayout(2, 2, 16)  # the models' KV layout
+
+
 def store(memory: int = 1 << 22) -> TieredStore:
     return TieredStore(StoreConfig(chunk_tokens=BLOCK, memory=MemoryTierConfig(capacity_bytes=memory)),
-                       KVLayout(2, 2, 16))
+                       sparse_store_layout(LAYOUT))
 
 
 def cfg(policy: str, budget: int) -> SparseConfig:
@@ -80,7 +83,7 @@ def test_dense_through_the_sparse_path_equals_stock_sdpa(models, policy: str, bu
 def test_chunked_prefill_is_exact(models) -> None:
     stock, sparse = models
     ids = torch.randint(3, 128, (1, 45), generator=torch.Generator().manual_seed(1))
-    cache = KVTierSparseCache(store(), cfg("quest", 16))
+    cache = KVTierSparseCache(store(), cfg("quest", 16), layout=LAYOUT)
     with torch.no_grad():
         last = prefill(sparse, ids, cache, chunk_tokens=13)
         assert torch.allclose(last, stock(ids).logits[:, -1], atol=1e-5)
@@ -112,9 +115,18 @@ def test_plain_cache_falls_back_to_dense(models) -> None:
 
 def test_layout_mismatch_is_refused(models) -> None:
     _, sparse = models
-    bad = TieredStore(StoreConfig(chunk_tokens=BLOCK), KVLayout(2, 4, 16))
+    bad = TieredStore(StoreConfig(chunk_tokens=BLOCK), sparse_store_layout(KVLayout(2, 4, 16)))
     with pytest.raises(LayoutMismatchError):
         KVTierSparseCache(bad, cfg("quest", 16), model_config=sparse.config)
+    whole = TieredStore(StoreConfig(chunk_tokens=BLOCK), LAYOUT)  # the model's layout, not per head
+    with pytest.raises(LayoutMismatchError, match="sparse_store_layout"):
+        KVTierSparseCache(whole, cfg("quest", 16), model_config=sparse.config)
+    with pytest.raises(LayoutMismatchError):
+        KVTierSparseCache(whole, cfg("quest", 16), layout=LAYOUT)
+    with pytest.raises(LayoutMismatchError, match="differs"):
+        KVTierSparseCache(store(), cfg("quest", 16), model_config=sparse.config, layout=KVLayout(2, 2, 8))
+    with pytest.raises(ValueError, match="model_config= or layout="):
+        KVTierSparseCache(store(), cfg("quest", 16))
 
 
 def test_unsupported_attention_is_refused() -> None:

@@ -2,15 +2,17 @@
 
     register(name="kvtier_sparse")      add the attention function and its mask function to
                                         transformers' registries (idempotent); returns the name
-    KVTierSparseCache(store, config)    a Cache whose layers keep each sequence's full KV in the
-                                        TieredStore (one SparseKV per batch row)
+    KVTierSparseCache(store, config, model_config=)  a Cache whose layers keep each sequence's full
+                                        KV in the TieredStore (one SparseKV per batch row); the
+                                        store's layout is sparse_store_layout(model's KV layout)
     prefill(model, input_ids, cache, chunk_tokens)  dense prefill in chunks, blocks written as it goes
 
 Usage on a stock Llama-family model:
 
     register()
     model.set_attn_implementation("kvtier_sparse")   # or from_pretrained(..., attn_implementation=...)
-    cache = KVTierSparseCache(store, SparseConfig(policy="quest", budget_tokens=4096))
+    store = TieredStore(store_config, sparse_store_layout(model_layout(model)))
+    cache = KVTierSparseCache(store, SparseConfig(policy="quest", budget_tokens=4096), model_config=model.config)
     model.generate(ids, past_key_values=cache, ...)
 
 The handshake. transformers calls `cache.update(k, v, layer)` before attention, and update
@@ -42,9 +44,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from kvtier.core.errors import LayoutMismatchError
+from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
 from kvtier.sparse.errors import UnsupportedModelError
-from kvtier.sparse.kv import SparseKV
+from kvtier.sparse.kv import SparseKV, sparse_store_layout
 from kvtier.store.tiered import TieredStore
 
 ATTN_NAME = "kvtier_sparse"
@@ -181,14 +184,25 @@ class KVTierSparseCache(Cache):
     """A transformers Cache whose KV lives in a TieredStore, read back through budgeted working sets."""
 
     def __init__(self, store: TieredStore, config: SparseConfig, *, model_config: Any = None,
-                 salts: Sequence[bytes] | None = None) -> None:
+                 layout: KVLayout | None = None, salts: Sequence[bytes] | None = None) -> None:
+        """The model's KV layout comes from `model_config` (checked against the store's layout), or
+        is given as `layout`; the store's layout must be sparse_store_layout(it)."""
         if model_config is not None:
-            check_layout(model_config, store)
+            found = check_layout(model_config, store)
+            if layout is not None and layout != found:
+                raise LayoutMismatchError(f"layout {layout} differs from the model's {found}")
+            layout = found
+        if layout is None:
+            raise ValueError("KVTierSparseCache needs the model's KV layout: pass model_config= or layout=")
+        if store.layout != sparse_store_layout(layout):
+            raise LayoutMismatchError(f"the store's layout {store.layout} is not sparse_store_layout({layout}) "
+                                      f"= {sparse_store_layout(layout)}")
         self.store = store
         self.config = config
+        self.layout = layout
         self.sequences: list[SparseKV] = []
         self._salts = list(salts) if salts is not None else None
-        super().__init__(layers=[SparseCacheLayer(self, i) for i in range(store.layout.num_layers)])
+        super().__init__(layers=[SparseCacheLayer(self, i) for i in range(layout.num_layers)])
 
     def _ensure_sequences(self, batch: int) -> None:
         if self.sequences:
@@ -198,7 +212,7 @@ class KVTierSparseCache(Cache):
         salts = self._salts or [None] * batch  # type: ignore[list-item]
         if len(salts) != batch:
             raise ValueError(f"{len(salts)} salts for a batch of {batch}")
-        self.sequences = [SparseKV(self.store, self.config, salt=s) for s in salts]
+        self.sequences = [SparseKV(self.store, self.config, self.layout, salt=s) for s in salts]
 
     def fast_tier_bytes(self) -> int:
         return sum(s.fast_tier_bytes() for s in self.sequences)
@@ -211,21 +225,23 @@ class KVTierSparseCache(Cache):
             s.flush()
 
 
-def check_layout(model_config: Any, store: TieredStore) -> None:
-    """LayoutMismatchError unless the model's attention shape matches the store's KV layout."""
+def check_layout(model_config: Any, store: TieredStore) -> KVLayout:
+    """The model's KV layout (in the store's dtype); LayoutMismatchError unless the store's layout
+    is sparse_store_layout of it."""
     cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    want = (cfg.num_hidden_layers, kv_heads, head_dim)
-    lay = store.layout
-    have = (lay.num_layers, lay.num_kv_heads, lay.head_size)
-    if want != have:
-        raise LayoutMismatchError(f"model has (layers, kv_heads, head_dim) = {want}, the store's layout has {have}")
+    layout = KVLayout(cfg.num_hidden_layers, kv_heads, head_dim, store.layout.dtype)
+    if store.layout != sparse_store_layout(layout):
+        raise LayoutMismatchError(
+            f"model has (layers, kv_heads, head_dim) = {(layout.num_layers, kv_heads, head_dim)}: its store needs "
+            f"the layout sparse_store_layout({layout}) = {sparse_store_layout(layout)}, got {store.layout}")
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         layer_types = getattr(cfg, "layer_types", None) or []
         if not layer_types or any(t != "full_attention" for t in layer_types):
             raise UnsupportedModelError("models with sliding-window layers are not supported by kvtier_sparse")
+    return layout
 
 
 def prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: KVTierSparseCache,
