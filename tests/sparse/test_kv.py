@@ -294,7 +294,7 @@ def test_a_corrupt_head_slice_fails_loudly_and_only_when_read() -> None:
     # head 1 reads its own slice of block 7: verified on its own, the corrupt head-0 slice is not read
     out = kv.attend(0, axis_query(0, 2), D**-0.5)
     assert 7 in ws.block_of[1].tolist() and torch.isfinite(out).all()
-    with pytest.raises(BlockMissingError, match="heads \\[0\\].*\\[7\\].*checksum"):
+    with pytest.raises(BlockMissingError, match="head 0.*\\[7\\].*checksum"):
         kv.attend(0, axis_query(3, 2), D**-0.5)  # head 0 now wants block 7
     assert 7 not in ws.block_of[0].tolist()  # the slot that received the bad bytes holds nothing
     with pytest.raises(BlockMissingError):  # and it stays a loud failure, never garbage
