@@ -286,7 +286,7 @@ def _layer_weights(shape: DecodeShape, gen: torch.Generator) -> list[dict[str, t
 
 def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int = 64, steps: int = 4,
                  shape: DecodeShape | None = None, memory_bytes: int = 3 << 30, policy: str = "quest",
-                 seed: int = 0, stride: int = 1) -> list[dict[str, Any]]:
+                 seed: int = 0, stride: int = 1, drift: float = 0.0) -> list[dict[str, Any]]:
     """Per-token decode time of a synthetic model (random weights and KV of `shape`), dense against
     sparse. Dense reads a preallocated contiguous KV; sparse keeps the KV in a TieredStore (DRAM
     tier of `memory_bytes`, the rest on a temporary disk tier). Both attend with the same kernel
@@ -303,7 +303,14 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
     so a moved query reselects much of the budget: a real model's selection moves less (see the
     fidelity rows' fetched_blocks_per_layer_step). `stride` > 1 re-scores every `stride` steps
     (SparseConfig.retrieval_stride); its accuracy cost is measured by `fidelity(..., stride=)`
-    and `accuracy(..., stride=)`, not here (random KV has no right answer)."""
+    and `accuracy(..., stride=)`, not here (random KV has no right answer).
+
+    `drift` in [0, 1) keeps part of the previous step's input: the next input is
+    drift * x_in + sqrt(1 - drift**2) * x_out, renormalized (0 feeds the output back as it is).
+    Random weights make consecutive queries nearly unrelated, so the selection churns far more
+    than on real text; a drift makes them correlated, and `retrieval_churn` (the share of the
+    retrieved (block, head) picks fetched anew per step) says how much the selection moved, to
+    set beside the churn of a real model's attention (fidelity rows)."""
     import torch.nn.functional as F
 
     from kvtier.bench.common import median
@@ -331,6 +338,16 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
         y = x + h @ w["down"].T
         return y / y.norm() * s.hidden**0.5
 
+    if not 0.0 <= drift < 1.0:
+        raise ValueError(f"drift must be in [0, 1), got {drift!r}")
+    keep, fresh = drift, (1.0 - drift * drift) ** 0.5
+
+    def next_input(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+        if not drift:
+            return x_out
+        x = keep * x_in + fresh * x_out
+        return x / x.norm() * s.hidden**0.5
+
     def sparse_steps(kv: Any, x0: torch.Tensor, feedback: bool) -> tuple[list[float], list[float], list[tuple[int, ...]]]:
         """Timed sparse decode steps: (attention s, token s, (blocks, slices, bytes) fetched) per step."""
         attn_t, tok_t, fetched = [], [], []
@@ -355,7 +372,7 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
             tok_t.append(time.perf_counter() - t_tok)
             attn_t.append(a)
             fetched.append(tuple(n - b for n, b in zip(counts(), before)))
-            x_in = x if feedback else x0
+            x_in = next_input(x_in, x) if feedback else x0
         return attn_t, tok_t, fetched
 
 
@@ -386,7 +403,7 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
                 x = mlp(weights[layer], x, out)
             tok_t.append(time.perf_counter() - t_tok)
             attn_t.append(a)
-            x_in = x  # fed back
+            x_in = next_input(x_in, x)  # fed back
             t += 1
         del kd, vd
         dense_attn, dense_tok = median(attn_t[1:]), median(tok_t[1:])
@@ -408,6 +425,7 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
             attn_t, tok_t, fetched = sparse_steps(kv, x0, feedback=True)
             rep_attn, rep_tok, rep_fetched = sparse_steps(kv, x0, feedback=False)
             stats = store.stats()
+            picks = kv.config.retrieval_slots * s.kv_heads * s.layers
             row = {"context_tokens": ctx, "budget_tokens": budget, "block_tokens": block_tokens,
                    "dense_attn_ms": 1e3 * dense_attn, "sparse_attn_ms": 1e3 * median(attn_t[1:]),
                    "dense_token_ms": 1e3 * dense_tok, "sparse_token_ms": 1e3 * median(tok_t[1:]),
@@ -415,7 +433,8 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
                    "fetched_slices_per_step": median([f[1] for f in fetched[1:]]),
                    "fetched_bytes_per_step": median([f[2] for f in fetched[1:]]),
                    "budget_blocks": budget // block_tokens, "layers": s.layers, "kv_heads": s.kv_heads,
-                   "retrieval_stride": stride,
+                   "retrieval_stride": stride, "query_drift": drift,
+                   "retrieval_churn": median([f[1] for f in fetched[1:]]) / picks,
                    # with retrieval_stride > 1 only every stride-th step re-scores and refetches: the
                    # median hides that step, the mean over the timed steps amortizes it
                    "sparse_attn_mean_ms": 1e3 * sum(attn_t[1:]) / steps, "sparse_token_mean_ms": 1e3 * sum(tok_t[1:]) / steps,
@@ -437,7 +456,8 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
               f"({row['dense_token_ms'] / row['sparse_token_ms']:.1f}x), fast {row['fast_tier_bytes'] / 2**20:.0f} MiB "
               f"(budget KV {row['budget_kv_bytes'] / 2**20:.0f} + summaries {row['summary_bytes'] / 2**20:.1f}); "
               f"{row['fetched_slices_per_step']:.0f} block-head slices ({row['fetched_bytes_per_step'] / 2**20:.0f} MiB, "
-              f"{row['fetched_blocks_per_step']:.0f} distinct blocks) fetched per step over {s.layers} layers "
+              f"{row['fetched_blocks_per_step']:.0f} distinct blocks) fetched per step over {s.layers} layers, "
+              f"churn {row['retrieval_churn']:.2f} at drift {drift} "
               f"(budget {row['budget_blocks']} blocks a layer and head); same input every step: attn "
               f"{row['sparse_attn_repeated_input_ms']:.1f} ms "
               f"({row['dense_attn_ms'] / row['sparse_attn_repeated_input_ms']:.1f}x), "
