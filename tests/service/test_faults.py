@@ -259,3 +259,47 @@ def test_stale_socket_does_not_block_a_restart():
         shutil.rmtree(folder, ignore_errors=True)
     print(f"restart answered after {started:.2f} s")
     assert wait_until(lambda: True)
+
+
+def test_a_sigkilled_services_pool_is_swept_by_the_next_service_on_any_socket():
+    first_folder, second_folder = short_tmpdir(), short_tmpdir()
+    first = ServiceProcess(service_config(first_folder), first_folder).start()
+    second = None
+    try:
+        first.stop(sig=9)  # no shutdown: its pool stays in /dev/shm, nobody holding it
+        assert os.path.exists(first.shm_path)
+        second = ServiceProcess(service_config(second_folder), second_folder).start()  # another socket
+        assert not os.path.exists(first.shm_path)
+        assert os.path.exists(second.shm_path)  # its own pool, held while it serves
+        c = second.client()
+        assert c.lookup([b"\x01" * 32]).hits == 0
+        c.close()
+    finally:
+        if second is not None:
+            second.stop()
+        cleanup(first_folder)
+        cleanup(second_folder)
+    assert not os.path.exists(second.shm_path)
+
+
+def test_sweep_takes_only_unheld_pools_of_its_prefix(tmp_path):
+    from kvtier.service.shm import POOL_PREFIX, close_quietly, create_pool, sweep_stale_pools
+
+    folder = str(tmp_path)
+    live = os.path.join(folder, POOL_PREFIX + "live")
+    mm, fd = create_pool(live, 1 << 16)
+    stale = os.path.join(folder, POOL_PREFIX + "stale")
+    mm2, fd2 = create_pool(stale, 1 << 16)
+    os.close(fd2)  # its owner is gone
+    close_quietly(mm2)
+    other = os.path.join(folder, "kvtier-0123456789abcdef")  # an older kvtier's pool: no flock to trust
+    open(other, "wb").close()
+    assert [n for n in os.listdir(folder) if n.startswith(".")] == []  # no temporary name left behind
+    try:
+        assert sweep_stale_pools(folder) == [stale]
+        assert sorted(os.listdir(folder)) == sorted([os.path.basename(live), os.path.basename(other)])
+        assert sweep_stale_pools(folder) == []
+    finally:
+        close_quietly(mm)
+        os.close(fd)
+    assert sweep_stale_pools(folder) == [live]

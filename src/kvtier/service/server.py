@@ -12,7 +12,8 @@ client's disconnect, clean or by SIGKILL, returns everything it held (StoreHost.
 Safety: a flock on `<socket>.lock` makes a second service on the same socket refuse to
 start; a socket file left by a dead service is replaced. The socket and the pool are
 0o600 (0o660 with `group`), and every connection's peer uid is checked (SO_PEERCRED).
-SIGTERM flushes pending disk writes and unlinks the socket and the pool.
+SIGTERM flushes pending disk writes and unlinks the socket and the pool; the pool of a service
+killed outright (SIGKILL) is removed by the next service start, on any socket (shm.sweep_stale_pools).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from kvtier.core.errors import ConfigError, KVTierError
 from kvtier.service import protocol as p
 from kvtier.service.config import ServiceConfig
 from kvtier.service.host import StoreHost
-from kvtier.service.shm import close_quietly, create_pool, default_socket_path, shm_path_for
+from kvtier.service.shm import close_quietly, create_pool, default_socket_path, shm_path_for, sweep_stale_pools
 from kvtier.store.tiered import TieredStore
 
 log = logging.getLogger("kvtier.service")
@@ -122,6 +123,7 @@ class StoreServer:
         self._threads: list[threading.Thread] = []
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
+        self._pool_fd: int | None = None  # holds the pool's flock: the pool is live while it is open
         self._http: ThreadingHTTPServer | None = None
         self._mm: Any = None
         self._ops: dict[str, Callable[[int, dict[str, Any]], dict[str, Any]]] = {
@@ -170,7 +172,9 @@ class StoreServer:
         if self.num_slots <= 0:
             raise ConfigError(f"store.memory.capacity_bytes holds no chunk of {chunk_bytes} bytes")
         self.pool_bytes = self.num_slots * chunk_bytes
-        self._mm = create_pool(self.shm_path, self.pool_bytes, self.gid)
+        for path in sweep_stale_pools():
+            log.info("removed %s, the shared-memory pool of a service that died without stopping", path)
+        self._mm, self._pool_fd = create_pool(self.shm_path, self.pool_bytes, self.gid)
         self.store = TieredStore(cfg.store, self.layout, memory_pool=self._mm)
         self.host = StoreHost(self.store, max_lease_s=cfg.max_lease_s)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -233,6 +237,9 @@ class StoreServer:
                 pass
             close_quietly(self._mm)
             self._mm = None
+        if self._pool_fd is not None:
+            os.close(self._pool_fd)
+            self._pool_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
