@@ -41,7 +41,7 @@ from kvtier.core.keys import chunk_key, get_hash_mode, tokens_to_bytes
 from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
 from kvtier.sparse.errors import BlockMissingError, SparseConfigError
-from kvtier.sparse.policies import make_policy
+from kvtier.sparse.policies import make_policy, scores
 from kvtier.sparse.summary import Summarizer, SummaryTable
 from kvtier.sparse.working_set import EMPTY, WorkingSet
 from kvtier.store.tiered import SaveBatch, TieredStore
@@ -53,10 +53,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """softmax(q k^T * scaling, masked) v for q [H, G, d], k, v [H, L, d], mask [H, G or 1, L] (True = keep).
 
     Plain matmuls: for a few query rows on CPU they beat sdpa's flash kernel several times over.
-    The scores are computed as (k q^T)^T: for G <= 4 rows MKL runs k @ q^T as a matrix-vector
-    product at memory speed, where q @ k^T takes a path ~4x slower (measured at 4k and 64k keys,
-    one thread); for more rows both are the same GEMM."""
-    s = (k @ (q * scaling).transpose(1, 2)).transpose(1, 2)
+    The scores are the selection policies' `scores`, (k q^T)^T: for G <= 4 rows MKL runs k @ q^T
+    as a matrix-vector product at memory speed, where q @ k^T takes a path ~4x slower (measured
+    at 4k and 64k keys, one thread); for more rows both are the same GEMM."""
+    s = scores(q * scaling, k)
     if mask is not None:
         s = torch.where(mask, s, float("-inf"))  # one op; masked_fill(~mask) is two and ~2x slower here
     return torch.softmax(s, dim=-1) @ v
@@ -115,7 +115,7 @@ class SparseKV:
         self.fetched_bytes = 0  # KV bytes read from the store (decode's slices and streamed blocks)
         self._section_bytes = store.layer_bytes  # one head's K (or V) of one block
         # fetch staging (grow-only, reused): _fetch's K and V are views of it, valid until the next fetch
-        self._staging = torch.empty(0, h, 2, store.layer_bytes, dtype=torch.uint8)
+        self._staging = torch.empty(0, h, 2, self._section_bytes, dtype=torch.uint8)
 
     # -- writing -------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

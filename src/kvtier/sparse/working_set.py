@@ -126,9 +126,7 @@ class WorkingSet:
 
     def _place(self, heads: np.ndarray, slots: np.ndarray, blocks: np.ndarray) -> None:
         """Record that slot slots[i] of head heads[i] now holds blocks[i] (pairs distinct)."""
-        old = self._block_of[heads, slots]
-        gone = old != EMPTY
-        self._slot_of[heads[gone], old[gone]] = EMPTY
+        self._clear(heads, slots)
         self._block_of[heads, slots] = blocks
         self._slot_of[heads, blocks] = slots
 
@@ -165,8 +163,6 @@ class WorkingSet:
         keep = keep[:, : self.slots]
         self._last_used[keep] = self._clock
         self._wanted_slots = keep
-        if have.all():
-            return 0
         need = ~have & (w != EMPTY)
         if not need.any():
             return 0
