@@ -33,3 +33,26 @@ def test_a_drifting_query_moves_the_selection_less() -> None:
 def test_drift_outside_zero_to_one_is_refused(drift: float) -> None:
     with pytest.raises(ValueError, match="drift must be in"):
         run(drift)
+
+
+def test_rows_split_out_the_store_reads() -> None:
+    row = run(0.0)
+    assert 0.0 < row["sparse_fetch_ms"] <= row["sparse_attn_ms"]
+    assert row["fetch_us_per_slice"] > 0.0
+
+
+def test_idle_memory_probe_reports_each_idle_time() -> None:
+    from kvtier.bench.sparse import idle_memory_probe
+
+    rows = idle_memory_probe((0.0, 0.05), section_bytes=4096, pool_bytes=8 << 20, sections=100)
+    assert [r["idle_s"] for r in rows] == [0.0, 0.05]
+    for r in rows:
+        assert r["sections"] == 4  # one per 2 MiB region of the pool
+        assert r["us_per_section"] > 0.0 and r["gb_per_s"] > 0.0
+
+
+def test_idle_memory_probe_refuses_a_pool_without_a_region() -> None:
+    from kvtier.bench.sparse import idle_memory_probe
+
+    with pytest.raises(ValueError, match="2 MiB region"):
+        idle_memory_probe((0.0,), pool_bytes=1 << 20)

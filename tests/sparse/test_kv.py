@@ -220,6 +220,9 @@ def test_bad_configurations() -> None:
         SparseConfig(budget_tokens=100, block_tokens=16)
     with pytest.raises(SparseConfigError, match="chunk_tokens"):
         SparseKV(make_store(block=8), config(block=4), LAYOUT)
+    for margin in (-0.5, float("nan"), float("inf"), "1", True):
+        with pytest.raises(SparseConfigError, match="keep_margin"):
+            SparseConfig(keep_margin=margin)
 
 
 def test_layers_must_append_the_same_span() -> None:
@@ -301,13 +304,14 @@ def test_a_corrupt_head_slice_fails_loudly_and_only_when_read() -> None:
         kv.attend(0, axis_query(3, 2), D**-0.5)
 
 
-@pytest.mark.parametrize("policy", ["quest", "quest_share", "hash", "mean", "oracle", "quest_mean"])
-def test_per_head_slices_equal_the_stored_kv_over_moving_queries(policy: str, tmp_path) -> None:
+@pytest.mark.parametrize("policy,margin", [(p, 0.0) for p in ("quest", "quest_share", "hash", "mean", "oracle",
+                                                                 "quest_mean")] + [("quest", 1.0), ("hash", 3.0)])
+def test_per_head_slices_equal_the_stored_kv_over_moving_queries(policy: str, margin: float, tmp_path) -> None:
     """Decoding with a new query every step (GQA, 2 query heads per KV head, blocks partly on disk):
     every slot the working set attends holds exactly the stored K and V of its (block, head), and
     the output is attention over exactly those tokens, as the whole-block path computed it."""
     store = make_store(memory_bytes=6 * 2 * L * H * BT * D * 4, disk_root=str(tmp_path))
-    kv = SparseKV(store, config(policy, budget=24, window=8), LAYOUT, salt=b"e")  # 5 slots: 2 picks
+    kv = SparseKV(store, config(policy, budget=24, window=8, keep_margin=margin), LAYOUT, salt=b"e")  # 2 picks
     k, v = random_kv(90, seed=9)
     for layer in range(L):
         kv.append(layer, k[layer, :, :60], v[layer, :, :60])
@@ -344,3 +348,36 @@ def test_store_must_hold_the_kv_per_head() -> None:
     with pytest.raises(SparseConfigError, match="sparse_store_layout"):
         SparseKV(whole, config(), LAYOUT)
     whole.close()
+
+
+def fetched_over_drifting_queries(margin: float) -> tuple[int, list[torch.Tensor]]:
+    """Slices fetched over 40 decode steps whose queries drift (each keeps 0.9 of the last), and the picks."""
+    store = make_store(layers=1, memory_bytes=1 << 24)
+    kv = SparseKV(store, config("quest", budget=48, keep_margin=margin), KVLayoutOf(1), salt=b"m")  # 9 picks
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, H, 400, D, generator=g), torch.randn(1, H, 400, D, generator=g)
+    kv.append(0, k[0, :, :360], v[0, :, :360])
+    q = torch.randn(H, 1, D, generator=g)
+    picks = []
+    for t in range(360, 400):
+        kv.append(0, k[0, :, t : t + 1], v[0, :, t : t + 1])
+        q = 0.9 * q + 0.44 * torch.randn(H, 1, D, generator=g)
+        kv.attend(0, q, D**-0.5)
+        picks.append(kv._picks[0].clone())
+    fetched = kv.working[0].fetched_slices
+    store.close()
+    return fetched, picks
+
+
+def KVLayoutOf(layers: int):
+    from kvtier.core.layout import KVLayout
+
+    return KVLayout(layers, H, D)
+
+
+def test_keep_margin_fetches_less_over_drifting_queries() -> None:
+    plain, plain_picks = fetched_over_drifting_queries(0.0)
+    sticky, sticky_picks = fetched_over_drifting_queries(1.0)
+    assert sticky < plain
+    # the first step has nothing held, so both pick the plain top-k
+    assert [sorted(r) for r in sticky_picks[0].tolist()] == [sorted(r) for r in plain_picks[0].tolist()]

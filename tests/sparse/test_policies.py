@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvtier.sparse import POLICIES, SparseConfigError, Summarizer, SummaryTable, make_policy
-from kvtier.sparse.policies import hash_logits, quest_bound
+from kvtier.sparse.policies import hash_logits, quest_bound, sticky_topk
 from kvtier.sparse.summary import FIELDS
 
 B = 2
@@ -158,3 +158,20 @@ def test_hash_scores_a_block_by_its_best_key() -> None:
     t.append(s.compute(keys, bt))
     pri = make_policy("hash", s.projection).priority(needle.view(1, 1, d), t, 0, n, d**-0.5)
     assert int(pri.argmax()) == 4
+
+
+def test_sticky_topk_keeps_a_held_block_within_the_margin() -> None:
+    pri = torch.tensor([[10.0, 9.0, 8.0, 7.0, 6.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    held = torch.zeros(2, 6, dtype=torch.bool)
+    held[0, 3] = True  # rank 3 in head 0
+    held[1, 0] = True  # rank 5 in head 1
+
+    def picks(margin: float) -> list[list[int]]:
+        return [sorted(r) for r in sticky_topk(pri, held, 2, margin).tolist()]
+
+    assert picks(0.0) == [[0, 1], [4, 5]]  # plain top-2
+    assert picks(0.5) == [[0, 1], [4, 5]]  # rank 3 counts as 2, rank 5 as 3.3: still out
+    assert picks(3.0) == [[0, 3], [4, 5]]  # rank 3 counts as 0.75: it displaces rank 1; rank 5 counts as 1.25
+    assert picks(9.0) == [[0, 3], [0, 5]]  # rank 5 counts as 0.5: it displaces rank 1 (block 4)
+    assert picks(9.0) == [sorted(r) for r in sticky_topk(pri, held, 2, 9.0).tolist()]
+    assert sorted(sticky_topk(pri, None, 2, 9.0)[0].tolist()) == [0, 1]  # nothing held: plain top-k

@@ -136,11 +136,12 @@ def _store(layout, block_tokens: int, memory_bytes: int, disk_root: str | None =
     return TieredStore(cfg, layout)
 
 
-def _sparse_config(policy: str, budget: int, block: int, sinks: int, window: int, stride: int = 1):
+def _sparse_config(policy: str, budget: int, block: int, sinks: int, window: int, stride: int = 1,
+                   keep_margin: float = 0.0):
     from kvtier.sparse import SparseConfig
 
     return SparseConfig(policy=policy, budget_tokens=budget, block_tokens=block, sink_tokens=sinks,
-                        window_tokens=window, retrieval_stride=stride)
+                        window_tokens=window, retrieval_stride=stride, keep_margin=keep_margin)
 
 
 # -- retrieval accuracy ----------------------------------------------------------------------
@@ -195,7 +196,7 @@ def accuracy(policies: Sequence[str], fractions: Sequence[float], contexts: Sequ
 # -- fidelity on stories260K -----------------------------------------------------------------
 def fidelity(policies: Sequence[str], fractions: Sequence[float], context: int = 512, prompt: int = 64,
              block_tokens: int = 8, seed: int = 0, sinks: int = 8, window: int = 24,
-             stride: int = 1) -> list[dict[str, Any]]:
+             stride: int = 1, keep_margin: float = 0.0) -> list[dict[str, Any]]:
     """Top-1 agreement and KL(dense || sparse) of next-token distributions over text stories260K
     generates, decoding token by token with budget = fraction x context.
 
@@ -230,8 +231,8 @@ def fidelity(policies: Sequence[str], fractions: Sequence[float], context: int =
         budget = int(context * frac) // block_tokens * block_tokens
         for policy in policies:
             store = _store(sparse_store_layout(layout), block_tokens, 64 << 20)
-            cache = KVTierSparseCache(store, _sparse_config(policy, budget, block_tokens, sinks, window, stride),
-                                      model_config=cfg)
+            cache = KVTierSparseCache(store, _sparse_config(policy, budget, block_tokens, sinks, window, stride,
+                                                            keep_margin), model_config=cfg)
             outs = []
             with torch.no_grad():
                 out = sparse(text[:, :prompt], past_key_values=cache, use_cache=True)
@@ -250,10 +251,10 @@ def fidelity(policies: Sequence[str], fractions: Sequence[float], context: int =
             rows.append({"policy": policy, "budget_fraction": frac, "top1_agreement": top1, "kl": kl,
                          "budget_tokens": budget, "block_tokens": block_tokens, "sink_tokens": sinks,
                          "window_tokens": window, "seed": seed, "retrieval_stride": stride,
-                         "fetched_blocks_per_layer_step": fetched / steps,
+                         "keep_margin": keep_margin, "fetched_blocks_per_layer_step": fetched / steps,
                          "fetched_slices_per_layer_step": slices / steps, "kv_heads": cfg.num_key_value_heads,
                          "budget_blocks": budget // block_tokens})
-            print(f"fidelity budget {frac:.4g} ({budget} tokens) {policy:10s} stride {stride} top1 {top1:.3f} "
+            print(f"fidelity budget {frac:.4g} ({budget} tokens) {policy:10s} stride {stride} margin {keep_margin} top1 {top1:.3f} "
                   f"kl {kl:.4f} fetched {fetched / steps:.2f} blocks ({slices / steps:.2f} block-head slices of "
                   f"{cfg.num_key_value_heads} heads) per layer and step (budget {budget // block_tokens})", flush=True)
     return rows
@@ -286,7 +287,7 @@ def _layer_weights(shape: DecodeShape, gen: torch.Generator) -> list[dict[str, t
 
 def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int = 64, steps: int = 4,
                  shape: DecodeShape | None = None, memory_bytes: int = 3 << 30, policy: str = "quest",
-                 seed: int = 0, stride: int = 1, drift: float = 0.0) -> list[dict[str, Any]]:
+                 seed: int = 0, stride: int = 1, drift: float = 0.0, keep_margin: float = 0.0) -> list[dict[str, Any]]:
     """Per-token decode time of a synthetic model (random weights and KV of `shape`), dense against
     sparse. Dense reads a preallocated contiguous KV; sparse keeps the KV in a TieredStore (DRAM
     tier of `memory_bytes`, the rest on a temporary disk tier). Both attend with the same kernel
@@ -310,7 +311,11 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
     Random weights make consecutive queries nearly unrelated, so the selection churns far more
     than on real text; a drift makes them correlated, and `retrieval_churn` (the share of the
     retrieved (block, head) picks fetched anew per step) says how much the selection moved, to
-    set beside the churn of a real model's attention (fidelity rows)."""
+    set beside the churn of a real model's attention (fidelity rows). `keep_margin` is
+    SparseConfig.keep_margin (held blocks stay while they rank within (1 + margin) x the picks);
+    its accuracy cost is measured by `fidelity(..., keep_margin=)`. `sparse_fetch_ms` is the part
+    of `sparse_attn_ms` spent reading slices from the store; set `fetch_us_per_slice` beside
+    `idle_memory_probe()`'s numbers."""
     import torch.nn.functional as F
 
     from kvtier.bench.common import median
@@ -348,14 +353,14 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
         x = keep * x_in + fresh * x_out
         return x / x.norm() * s.hidden**0.5
 
-    def sparse_steps(kv: Any, x0: torch.Tensor, feedback: bool) -> tuple[list[float], list[float], list[tuple[int, ...]]]:
-        """Timed sparse decode steps: (attention s, token s, (blocks, slices, bytes) fetched) per step."""
+    def sparse_steps(kv: Any, x0: torch.Tensor, feedback: bool) -> tuple[list[float], list[float], list[tuple[float, ...]]]:
+        """Timed sparse decode steps: attention s, token s, and (blocks, slices, bytes, seconds) fetched, per step."""
         attn_t, tok_t, fetched = [], [], []
         x_in = x0
 
-        def counts() -> tuple[int, int, int]:
+        def counts() -> tuple[float, ...]:
             return (sum(ws.fetched_blocks for ws in kv.working), sum(ws.fetched_slices for ws in kv.working),
-                    kv.fetched_bytes)
+                    kv.fetched_bytes, kv.fetch_seconds)
 
         for _ in range(steps + 1):
             x = x_in
@@ -410,8 +415,8 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
         # sparse: the KV written straight into the store
         with tempfile.TemporaryDirectory(prefix="kvtier-sparse-bench-") as tmp:
             store = _store(sparse_store_layout(layout), block_tokens, memory_bytes, tmp)
-            kv = SparseKV(store, _sparse_config(policy, budget, block_tokens, block_tokens, 2 * block_tokens, stride),
-                          layout)
+            kv = SparseKV(store, _sparse_config(policy, budget, block_tokens, block_tokens, 2 * block_tokens, stride,
+                                                keep_margin), layout)
             t_w = time.perf_counter()
             span = 4096
             for lo in range(0, ctx, span):
@@ -433,8 +438,11 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
                    "fetched_slices_per_step": median([f[1] for f in fetched[1:]]),
                    "fetched_bytes_per_step": median([f[2] for f in fetched[1:]]),
                    "budget_blocks": budget // block_tokens, "layers": s.layers, "kv_heads": s.kv_heads,
-                   "retrieval_stride": stride, "query_drift": drift,
+                   "retrieval_stride": stride, "query_drift": drift, "keep_margin": keep_margin,
                    "retrieval_churn": median([f[1] for f in fetched[1:]]) / picks,
+                   # the part of sparse_attn_ms spent reading slices from the store (checksums included)
+                   "sparse_fetch_ms": 1e3 * median([f[3] for f in fetched[1:]]),
+                   "fetch_us_per_slice": 1e6 * sum(f[3] for f in fetched[1:]) / max(1, sum(f[1] for f in fetched[1:])),
                    # with retrieval_stride > 1 only every stride-th step re-scores and refetches: the
                    # median hides that step, the mean over the timed steps amortizes it
                    "sparse_attn_mean_ms": 1e3 * sum(attn_t[1:]) / steps, "sparse_token_mean_ms": 1e3 * sum(tok_t[1:]) / steps,
@@ -457,11 +465,57 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
               f"(budget KV {row['budget_kv_bytes'] / 2**20:.0f} + summaries {row['summary_bytes'] / 2**20:.1f}); "
               f"{row['fetched_slices_per_step']:.0f} block-head slices ({row['fetched_bytes_per_step'] / 2**20:.0f} MiB, "
               f"{row['fetched_blocks_per_step']:.0f} distinct blocks) fetched per step over {s.layers} layers, "
-              f"churn {row['retrieval_churn']:.2f} at drift {drift} "
+              f"in {row['sparse_fetch_ms']:.1f} ms ({row['fetch_us_per_slice']:.1f} us a slice), "
+              f"churn {row['retrieval_churn']:.2f} at drift {drift} keep margin {keep_margin} "
               f"(budget {row['budget_blocks']} blocks a layer and head); same input every step: attn "
               f"{row['sparse_attn_repeated_input_ms']:.1f} ms "
               f"({row['dense_attn_ms'] / row['sparse_attn_repeated_input_ms']:.1f}x), "
               f"{row['fetched_slices_per_step_repeated_input']:.0f} slices fetched", flush=True)
+    return rows
+
+
+# -- the machine ----------------------------------------------------------------------------
+def idle_memory_probe(idle_s: Sequence[float] = (0.0, 1.0, 4.0), section_bytes: int = 32 << 10,
+                      pool_bytes: int = 1 << 30, sections: int = 400, seed: int = 0) -> list[dict[str, float]]:
+    """What this machine charges to read memory that sat untouched for a while, the way sparse decode
+    reads its store: for each idle time, every page of a `pool_bytes` pool is written, the process
+    waits `idle` seconds, then `sections` scattered sections (each in its own 2 MiB region) are copied
+    into a warm buffer. Returns one row per idle time: microseconds per section and GB/s.
+
+    On ordinary hardware the idle time changes nothing. On the VM this project is measured on, a
+    32 KiB section cost ~16 us just after its page was written, ~50 us after 1 s and ~80-150 us after
+    4 s, whether the CPU slept or worked meanwhile (the host's memory management, out of the
+    guest's reach: mlock does not change it). Dense attention reads all of its KV every step and
+    never pays it; sparse decode reads each block of the store only every few steps, so its fetches
+    do: set `fetch_us_per_slice` of the decode rows beside these numbers."""
+    import ctypes
+
+    import numpy as np
+
+    region = 2 << 20
+    if pool_bytes < region or section_bytes > region:
+        raise ValueError(f"pool_bytes must hold a 2 MiB region and sections fit in one, got {pool_bytes}, {section_bytes}")
+    n = min(sections, pool_bytes // region)
+    pool = np.ones(pool_bytes, dtype=np.uint8)
+    dest = np.ones(n * section_bytes, dtype=np.uint8)
+    src, dst = pool.ctypes.data, dest.ctypes.data
+    rng = np.random.default_rng(seed)
+    rows = []
+    for idle in idle_s:
+        pool[::4096] += 1  # write every page
+        dest[:] = 0
+        time.sleep(idle)
+        offsets = (rng.choice(pool_bytes // region, n, replace=False) * region
+                   + rng.integers(0, region // section_bytes, n) * section_bytes).tolist()
+        t = time.perf_counter()
+        for i, off in enumerate(offsets):
+            ctypes.memmove(dst + i * section_bytes, src + off, section_bytes)
+        dt = time.perf_counter() - t
+        last = offsets[-1]
+        if not np.array_equal(dest[(n - 1) * section_bytes :], pool[last : last + section_bytes]):
+            raise RuntimeError("idle_memory_probe: a copied section differs from its source")
+        rows.append({"idle_s": float(idle), "section_bytes": section_bytes, "sections": n,
+                     "us_per_section": 1e6 * dt / n, "gb_per_s": n * section_bytes / dt / 1e9})
     return rows
 
 
@@ -520,10 +574,23 @@ def run_sparse_bench(json_out: str | Path | None, png_out: str | Path | None = N
         if stories_available():
             policies = ("streaming", "quest", "quest_share", "hash", "oracle") if quick else ACCURACY_POLICIES
             out["fidelity"] = fidelity(policies, (1 / 4, 1 / 8), context=512)
+            # what keeping held blocks costs in fidelity, beside the fetches it saves on real text
+            out["fidelity"] += fidelity(("quest", "quest_share"), (1 / 4, 1 / 8), context=512, keep_margin=0.5)
         else:
             meta["fidelity_skipped"] = "stories260K weights not found"
         ctxs = decode_contexts or ((4096, 16384) if quick else (4096, 16384, 40960, 65536))
         out["decode"] = decode_speed(ctxs, budget=1024 if quick else 4096, block_tokens=64, steps=3 if quick else 4)
+        if not quick:
+            # queries that drift like real text's (about a quarter of the picks change per step), with and
+            # without keeping held blocks
+            for margin in (0.0, 0.5):
+                out["decode"] += decode_speed([max(ctxs)], budget=4096, block_tokens=64, steps=4, drift=0.98,
+                                              keep_margin=margin)
+        meta["idle_memory"] = idle_memory_probe((0.0, 1.0) if quick else (0.0, 1.0, 4.0),
+                                                pool_bytes=(256 << 20) if quick else (1 << 30))
+        for r in meta["idle_memory"]:
+            print(f"memory idle {r['idle_s']:.0f} s: {r['us_per_section']:.1f} us per scattered "
+                  f"{r['section_bytes'] >> 10} KiB section", flush=True)
         meta["seconds"] = round(time.perf_counter() - t0, 1)
         meta["torch_threads"] = 1
         out["meta"] = meta

@@ -8,6 +8,7 @@ retrieves for the current query. A context that fits the slots is attended dense
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvtier.sparse.errors import SparseConfigError
@@ -21,6 +22,10 @@ class SparseConfig:
     sink_tokens: int = 16
     window_tokens: int = 64  # recent full blocks kept besides the tail: ceil(window / block)
     retrieval_stride: int = 1  # re-score every N decode steps; in between only the window moves
+    # a block already in fast memory stays picked while it ranks within the top (1 + keep_margin) x
+    # retrieval_slots (its rank counts as rank / (1 + keep_margin)): fewer fetches per step, at the
+    # cost of keeping a block that ranks a little below one it displaces. 0 = plain top-k.
+    keep_margin: float = 0.0
     hash_bits: int = 64
     summary_seed: int = 0  # seeds the sign-hash projection (part of the stored summary's meaning)
 
@@ -33,6 +38,9 @@ class SparseConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SparseConfigError(f"sparse.{name} must be an integer >= 0, got {value!r}")
+        m = self.keep_margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+            raise SparseConfigError(f"sparse.keep_margin must be a finite number >= 0, got {m!r}")
         if self.hash_bits % 8:
             raise SparseConfigError(f"sparse.hash_bits must be a multiple of 8, got {self.hash_bits}")
         from kvtier.sparse.policies import POLICIES

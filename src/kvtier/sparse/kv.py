@@ -32,6 +32,7 @@ layers x heads x 2 sections.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from kvtier.core.keys import chunk_key, get_hash_mode, tokens_to_bytes
 from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
 from kvtier.sparse.errors import BlockMissingError, SparseConfigError
-from kvtier.sparse.policies import make_policy, scores
+from kvtier.sparse.policies import make_policy, scores, sticky_topk
 from kvtier.sparse.summary import Summarizer, SummaryTable
 from kvtier.sparse.working_set import EMPTY, WorkingSet
 from kvtier.store.tiered import SaveBatch, TieredStore
@@ -113,6 +114,7 @@ class SparseKV:
         self._steps = [0] * n_layers
         self._picks: list[torch.Tensor | None] = [None] * n_layers
         self.fetched_bytes = 0  # KV bytes read from the store (decode's slices and streamed blocks)
+        self.fetch_seconds = 0.0  # wall time of decode's store reads (`_fill`), for the bench's breakdown
         self._section_bytes = store.layer_bytes  # one head's K (or V) of one block
         # fetch staging (grow-only, reused): _fetch's K and V are views of it, valid until the next fetch
         self._staging = torch.empty(0, h, 2, self._section_bytes, dtype=torch.uint8)
@@ -247,15 +249,19 @@ class SparseKV:
         # a DRAM read costs ~9 us a slice, and grouping the blocks by the set of heads that want
         # them (to read each block's chunk once) cost more in numpy and call overhead than it saved
         keys = self.block_keys
-        for h in np.unique(heads).tolist():
-            mine = heads == h
-            bl = blocks[mine].tolist()
-            dests = [[kb[h, s], vb[h, s]] for s in slots[mine].tolist()]
-            result = self.store.load_here([keys[b] for b in bl], dests,
-                                          [self._section(layer, h, 0), self._section(layer, h, 1)])
-            if result.failed:
-                raise self._missing(layer, f" head {h}", [bl[i] for i in result.failed])
-            self.fetched_bytes += 2 * self._section_bytes * len(bl)
+        t0 = time.perf_counter()
+        try:
+            for h in np.unique(heads).tolist():
+                mine = heads == h
+                bl = blocks[mine].tolist()
+                dests = [[kb[h, s], vb[h, s]] for s in slots[mine].tolist()]
+                result = self.store.load_here([keys[b] for b in bl], dests,
+                                              [self._section(layer, h, 0), self._section(layer, h, 1)])
+                if result.failed:
+                    raise self._missing(layer, f" head {h}", [bl[i] for i in result.failed])
+                self.fetched_bytes += 2 * self._section_bytes * len(bl)
+        finally:
+            self.fetch_seconds += time.perf_counter() - t0
 
     def _fetch(self, layer: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [n, H, B, d] of every head of `blocks` of `layer` (streamed dense attention and
@@ -310,7 +316,8 @@ class SparseKV:
         else:
             keys = self._candidate_keys(layer, lo, hi) if self.policy.needs_keys else None
             pri = self.policy.priority(q.float(), self.tables[layer], lo, hi, scaling, keys)
-            picks = torch.topk(pri, k, dim=1, sorted=False).indices + lo
+            held = torch.from_numpy(ws.holds(lo, hi)) if cfg.keep_margin else None
+            picks = sticky_topk(pri, held, k, cfg.keep_margin) + lo
         self._picks[layer] = picks
         # sinks, then the window, then the picks
         wanted = np.empty((h, lo + nb - hi + k), dtype=np.int64)

@@ -172,6 +172,21 @@ class OraclePolicy(SelectionPolicy):
         return probs.reshape(h, g, hi - lo, -1).sum(-1).sum(1)
 
 
+def sticky_topk(priority: torch.Tensor, held: torch.Tensor | None, k: int, margin: float) -> torch.Tensor:
+    """Indices [H, k] of the blocks to keep: the top k by priority [H, n], except that a block already
+    held (held [H, n] bool) counts its rank (0 = best) as rank / (1 + margin), so it stays while it
+    ranks within about the top k (1 + margin) and is displaced only by a block that ranks clearly
+    better. margin 0 is plain top-k."""
+    if held is None or margin <= 0 or not bool(held.any()):
+        return torch.topk(priority, k, dim=1, sorted=False).indices
+    h, n = priority.shape
+    order = torch.argsort(priority, dim=1, descending=True, stable=True)
+    rank = torch.empty(h, n)
+    rank.scatter_(1, order, torch.arange(n, dtype=torch.float32).expand(h, n))
+    rank = torch.where(held, rank / (1.0 + margin), rank)
+    return torch.topk(rank, k, dim=1, largest=False, sorted=False).indices
+
+
 POLICIES: dict[str, type[SelectionPolicy]] = {
     cls.name: cls
     for cls in (DensePolicy, StreamingPolicy, QuestPolicy, MeanPolicy, HashPolicy, QuestMeanPolicy, QuestSharePolicy,

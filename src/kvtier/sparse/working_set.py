@@ -124,6 +124,12 @@ class WorkingSet:
             grown[:, :have] = self._slot_of[:, :have]
             self._slot_of = grown
 
+    def holds(self, lo: int, hi: int) -> np.ndarray:
+        """[H, hi - lo] bool: whether each head's working set holds blocks lo..hi-1 (held but not
+        necessarily wanted by the last `ensure`)."""
+        self._fit_blocks(hi)
+        return self._slot_of[:, lo:hi] != EMPTY
+
     def _place(self, heads: np.ndarray, slots: np.ndarray, blocks: np.ndarray) -> None:
         """Record that slot slots[i] of head heads[i] now holds blocks[i] (pairs distinct)."""
         self._clear(heads, slots)
