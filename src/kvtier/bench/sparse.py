@@ -483,9 +483,9 @@ def idle_memory_probe(idle_s: Sequence[float] = (0.0, 1.0, 4.0), section_bytes: 
     into a warm buffer. Returns one row per idle time: microseconds per section and GB/s.
 
     On ordinary hardware the idle time changes nothing. On the VM this project is measured on, a
-    32 KiB section cost ~16 us just after its page was written, ~50 us after 1 s and ~80-150 us after
-    4 s, whether the CPU slept or worked meanwhile (the host's memory management, out of the
-    guest's reach: mlock does not change it). Dense attention reads all of its KV every step and
+    32 KiB section cost 7-16 us just after its page was written, 50-130 us after 1 s and 80-150 us
+    after 3-4 s, whether the CPU slept or worked meanwhile, with or without transparent huge pages
+    (the host's memory management, out of the guest's reach: mlock does not change it). Dense attention reads all of its KV every step and
     never pays it; sparse decode reads each block of the store only every few steps, so its fetches
     do: set `fetch_us_per_slice` of the decode rows beside these numbers."""
     import ctypes
