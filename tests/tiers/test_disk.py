@@ -322,6 +322,35 @@ def test_corrupt_chunk_is_a_miss_deleted_and_counted(tmp_path, damage):
     assert_exact(t, k)
 
 
+def test_a_section_damaged_after_its_header_was_cached_is_a_miss(tmp_path):
+    """The header is parsed once per file; every read still checksums the sections it reads."""
+    t = open_tier(tmp_path)
+    k = key_of(1)
+    put(t, k)
+    assert_exact(t, k)  # header verified and cached
+    _flip(t.path_of(k), 2 * ALIGN + 7)  # layer 1's section
+    assert read(t, k, layers=(1,))[0] is None
+    assert not os.path.exists(t.path_of(k)) and fail(t, m.CHECKSUM_FAILURES) == 1
+
+
+def test_a_file_replaced_after_its_header_was_cached_is_read_from_its_own_header(tmp_path):
+    """A chunk file swapped by rename (a new inode) is read through its own header, not the cached one."""
+    t = open_tier(tmp_path / "a")
+    k = key_of(1)
+    put(t, k)
+    assert_exact(t, k)
+    # the same key's chunk written with another layout of sections: an extra section shifts nothing
+    # in the KV payload, but the header differs (one more section), and so does the file size
+    other = open_tier(tmp_path / "b")
+    layers = payload(k, TINY)
+    meta = ChunkMeta(k, ROOT_KEY, 0, CHUNK, tuple(checksum(x) for x in layers), ((SECTION_SUMMARY, 0, b"x" * 5000),))
+    assert other.write(meta, layers)
+    os.replace(other.path_of(k), t.path_of(k))
+    got = assert_exact(t, k, layers=(0, 1, 0))
+    assert got.extras == ((SECTION_SUMMARY, 0, b"x" * 5000),)
+    assert fail(t, m.CHECKSUM_FAILURES) == 0
+
+
 def test_corrupt_extra_section_is_a_miss(tmp_path):
     t = open_tier(tmp_path)
     k = key_of(1)

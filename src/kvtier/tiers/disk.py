@@ -97,6 +97,7 @@ class _Table:
     header: ChunkHeader
     kv: tuple[Section, ...]
     extras: tuple[Section, ...]
+    checksums: tuple[int, ...]  # of the KV sections, by layer (ChunkMeta's; built once per header)
 
 
 @dataclass(slots=True)
@@ -105,9 +106,10 @@ class _Entry:
     file_bytes: int
     parent: bytes | None
     depth: int
-    # (raw header bytes, their verified table): a read whose header bytes are identical
-    # skips re-parsing; it still checksums every section it reads.
-    cache: tuple[bytes, _Table] | None = None
+    # ((inode, size, mtime_ns) of the file, its verified header table): a read of the same file
+    # skips re-reading and re-parsing the header (files are replaced by rename, so a new file is a
+    # new inode); it still checksums every section it reads against the table.
+    cache: tuple[tuple[int, int, int], _Table] | None = None
 
 
 def chunk_path(root: str | os.PathLike[str], key: bytes) -> str:
@@ -216,7 +218,7 @@ class DiskTier(Tier):
         self.metrics.inc(m.HITS, tier=self.name)
         self.metrics.inc(m.BYTES_READ, len(layers) * self.layer_bytes, tier=self.name)
         self.metrics.inc(m.READ_SECONDS, time.perf_counter() - t0, tier=self.name)
-        return ChunkMeta(h.key, h.parent, h.depth, h.num_tokens, tuple(s.checksum for s in table.kv), extras)
+        return ChunkMeta(h.key, h.parent, h.depth, h.num_tokens, table.checksums, extras)
 
     def read_section(self, key: bytes, kind: int, index: int) -> bytes | None:
         self._check_open()
@@ -270,14 +272,15 @@ class DiskTier(Tier):
             return -1
 
     def _load_table(self, fd: int, key: bytes, entry: _Entry) -> _Table:
-        """Read and verify the header of an open chunk file (re-parsed only when it changed)."""
+        """The verified header of an open chunk file (read and parsed again only for another file)."""
+        st = os.fstat(fd)
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
         cache = entry.cache
-        size = os.fstat(fd).st_size
-        raw = _read_header_bytes(fd, len(cache[0]) if cache else header_size(self.layout.num_layers), size)
-        if cache is not None and cache[0] == raw and cache[1].header.file_bytes == size:
+        if cache is not None and cache[0] == sig:
             return cache[1]
-        table = self._verify_header(decode_header(raw, size), key)
-        entry.cache = (raw, table)
+        raw = _read_header_bytes(fd, header_size(self.layout.num_layers), st.st_size)
+        table = self._verify_header(decode_header(raw, st.st_size), key)
+        entry.cache = (sig, table)
         return table
 
     def _verify_header(self, header: ChunkHeader, key: bytes) -> _Table:
@@ -297,7 +300,7 @@ class DiskTier(Tier):
                 kv[s.index] = s
         if any(s is None for s in kv):
             raise CorruptChunkError("chunk lacks a KV section for some layer")
-        return _Table(header, tuple(kv), tuple(extras))  # type: ignore[arg-type]
+        return _Table(header, tuple(kv), tuple(extras), tuple(s.checksum for s in kv))  # type: ignore[arg-type, union-attr]
 
     def _forget(self, key: bytes, entry: _Entry) -> None:
         with self._lock:

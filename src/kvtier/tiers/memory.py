@@ -33,6 +33,7 @@ from kvtier.tiers.base import (
     TierUsage,
     as_bytes_view,
     buffer_address,
+    check_dests,
     copy_memory,
     dest_addresses,
 )
@@ -152,8 +153,14 @@ class MemoryTier(Tier):
 
     # -- read ----------------------------------------------------------------------
     def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
-        targets = dest_addresses(self, layers, dests)
         self._check_open()
+        if key not in self._index:
+            # a miss costs a dict lookup (a tiered load asks this tier first for every chunk), but bad
+            # destinations are refused either way
+            check_dests(self, layers, dests)
+            self.metrics.inc(m.MISSES, tier=self.name)
+            return None
+        targets = dest_addresses(self, layers, dests)
         with self._lock:
             entry = self._index.get(key)
             if entry is None:
