@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvtier.core.layout import KVLayout
 from kvtier.sparse import BlockMissingError, SparseConfig, SparseConfigError, SparseKV, WorkingSet
 from kvtier.sparse.working_set import EMPTY
 
@@ -353,7 +354,7 @@ def test_store_must_hold_the_kv_per_head() -> None:
 def fetched_over_drifting_queries(margin: float) -> tuple[int, list[torch.Tensor]]:
     """Slices fetched over 40 decode steps whose queries drift (each keeps 0.9 of the last), and the picks."""
     store = make_store(layers=1, memory_bytes=1 << 24)
-    kv = SparseKV(store, config("quest", budget=48, keep_margin=margin), KVLayoutOf(1), salt=b"m")  # 9 picks
+    kv = SparseKV(store, config("quest", budget=48, keep_margin=margin), KVLayout(1, H, D), salt=b"m")  # 9 picks
     g = torch.Generator().manual_seed(3)
     k, v = torch.randn(1, H, 400, D, generator=g), torch.randn(1, H, 400, D, generator=g)
     kv.append(0, k[0, :, :360], v[0, :, :360])
@@ -367,12 +368,6 @@ def fetched_over_drifting_queries(margin: float) -> tuple[int, list[torch.Tensor
     fetched = kv.working[0].fetched_slices
     store.close()
     return fetched, picks
-
-
-def KVLayoutOf(layers: int):
-    from kvtier.core.layout import KVLayout
-
-    return KVLayout(layers, H, D)
 
 
 def test_keep_margin_fetches_less_over_drifting_queries() -> None:
