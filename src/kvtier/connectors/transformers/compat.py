@@ -71,7 +71,11 @@ def crop_tokens(cache: Cache, tokens_to_remove: int) -> None:
 
 
 def text_config(model: torch.nn.Module) -> Any:
-    config = model.config
+    return decoder_config(model.config)
+
+
+def decoder_config(config: Any) -> Any:
+    """The text decoder's part of a model config (the config itself for a plain decoder)."""
     getter = getattr(config, "get_text_config", None)
     return getter(decoder=True) if getter is not None else config
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kvtier.connectors.transformers.compat import UnsupportedModelError, text_config
+from kvtier.connectors.transformers.compat import UnsupportedModelError, decoder_config, text_config
 from kvtier.core.keys import model_fingerprint
 from kvtier.core.layout import KVLayout
 
@@ -86,13 +86,18 @@ def model_identity(model: torch.nn.Module) -> str:
     return model_fingerprint(f"{type(model).__name__}|{config_text(cfg)}", weight_digest(model))
 
 
-def model_layout(model: torch.nn.Module, dtype: torch.dtype | None = None) -> KVLayout:
-    """The KV layout of a decoder: layers, KV heads, head size, dtype (default: the weights')."""
-    cfg = text_config(model)
+def config_layout(config: Any, dtype: str) -> KVLayout:
+    """The KV layout a decoder's config describes: layers, KV heads, head size, in `dtype`."""
+    cfg = decoder_config(config)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return KVLayout(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
+
+
+def model_layout(model: torch.nn.Module, dtype: torch.dtype | None = None) -> KVLayout:
+    """The KV layout of a decoder: layers, KV heads, head size, dtype (default: the weights')."""
     dtype = dtype or next(model.parameters()).dtype
     if dtype not in TORCH_DTYPES:
         raise UnsupportedModelError(f"KV dtype {dtype} is not supported; use one of {sorted(map(str, TORCH_DTYPES))}")
-    return KVLayout(cfg.num_hidden_layers, kv_heads, head_dim, TORCH_DTYPES[dtype])
+    return config_layout(model.config, TORCH_DTYPES[dtype])

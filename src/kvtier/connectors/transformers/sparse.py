@@ -43,6 +43,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from kvtier.connectors.transformers.compat import decoder_config
+from kvtier.connectors.transformers.identity import config_layout
 from kvtier.core.errors import LayoutMismatchError
 from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
@@ -188,15 +190,16 @@ class KVTierSparseCache(Cache):
         """The model's KV layout comes from `model_config` (checked against the store's layout), or
         is given as `layout`; the store's layout must be sparse_store_layout(it)."""
         if model_config is not None:
-            found = check_layout(model_config, store)
+            found = model_kv_layout(model_config, store.layout.dtype)
             if layout is not None and layout != found:
                 raise LayoutMismatchError(f"layout {layout} differs from the model's {found}")
             layout = found
         if layout is None:
             raise ValueError("KVTierSparseCache needs the model's KV layout: pass model_config= or layout=")
         if store.layout != sparse_store_layout(layout):
-            raise LayoutMismatchError(f"the store's layout {store.layout} is not sparse_store_layout({layout}) "
-                                      f"= {sparse_store_layout(layout)}")
+            raise LayoutMismatchError(
+                f"the model's KV layout {layout} needs a store opened with sparse_store_layout({layout}) "
+                f"= {sparse_store_layout(layout)}, got {store.layout}")
         self.store = store
         self.config = config
         self.layout = layout
@@ -225,18 +228,11 @@ class KVTierSparseCache(Cache):
             s.flush()
 
 
-def check_layout(model_config: Any, store: TieredStore) -> KVLayout:
-    """The model's KV layout (in the store's dtype); LayoutMismatchError unless the store's layout
-    is sparse_store_layout of it."""
-    cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    layout = KVLayout(cfg.num_hidden_layers, kv_heads, head_dim, store.layout.dtype)
-    if store.layout != sparse_store_layout(layout):
-        raise LayoutMismatchError(
-            f"model has (layers, kv_heads, head_dim) = {(layout.num_layers, kv_heads, head_dim)}: its store needs "
-            f"the layout sparse_store_layout({layout}) = {sparse_store_layout(layout)}, got {store.layout}")
+def model_kv_layout(model_config: Any, dtype: str) -> KVLayout:
+    """The model's KV layout (layers, KV heads, head size) in `dtype`; UnsupportedModelError for
+    models kvtier_sparse cannot attend for."""
+    layout = config_layout(model_config, dtype)
+    cfg = decoder_config(model_config)
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         layer_types = getattr(cfg, "layer_types", None) or []
         if not layer_types or any(t != "full_attention" for t in layer_types):
