@@ -115,11 +115,6 @@ def check_dests(tier: Tier, layers: Sequence[int], dests: Sequence[Buffer]) -> l
     return out
 
 
-def dest_addresses(tier: Tier, layers: Sequence[int], dests: Sequence[Buffer]) -> list[tuple[memoryview, int]]:
-    """check_dests, plus each destination's address (the DRAM tier copies by address)."""
-    return [(mv, _addressof(_c_char.from_buffer(mv))) for mv in check_dests(tier, layers, dests)]
-
-
 def _bad_dest(layer: int, mv: memoryview, num_layers: int, lb: int) -> None:
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer {layer} is outside 0..{num_layers - 1}")
@@ -138,7 +133,7 @@ def buffer_address(mv: memoryview) -> int:
 
     The caller keeps `mv` (and so the memory) alive for as long as it uses the address."""
     if not mv.readonly:
-        return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+        return _addressof(_c_char.from_buffer(mv))
     return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
 
 

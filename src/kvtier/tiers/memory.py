@@ -35,7 +35,6 @@ from kvtier.tiers.base import (
     buffer_address,
     check_dests,
     copy_memory,
-    dest_addresses,
 )
 from kvtier.tiers.policies import make_policy
 
@@ -153,14 +152,8 @@ class MemoryTier(Tier):
 
     # -- read ----------------------------------------------------------------------
     def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
+        views = check_dests(self, layers, dests)
         self._check_open()
-        if key not in self._index:
-            # a miss costs a dict lookup (a tiered load asks this tier first for every chunk), but bad
-            # destinations are refused either way
-            check_dests(self, layers, dests)
-            self.metrics.inc(m.MISSES, tier=self.name)
-            return None
-        targets = dest_addresses(self, layers, dests)
         with self._lock:
             entry = self._index.get(key)
             if entry is None:
@@ -174,9 +167,10 @@ class MemoryTier(Tier):
         verify = self.config.verify_reads
         sums = entry.meta.checksums
         try:
-            for layer, (dest, addr) in zip(layers, targets):
-                # each section is copied and, while it is still in cache, verified
-                copy_memory(addr, base + layer * lb, lb)
+            for layer, dest in zip(layers, views):
+                # each section is copied and, while it is still in cache, verified (the destination's
+                # address is taken only now: a tiered load asks this tier first, and most asks miss)
+                copy_memory(buffer_address(dest), base + layer * lb, lb)
                 if verify and checksum(dest) != sums[layer]:
                     ok = False
                     break
