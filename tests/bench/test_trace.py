@@ -19,6 +19,7 @@ from kvtier.bench.trace import (
     replay_metadata_path,
     run_trace_bench,
     simulate_belady,
+    simulate_future_admission,
     simulate_tier,
     simulate_two_tier,
 )
@@ -115,6 +116,17 @@ def test_belady_bypasses_and_keeps_the_soonest() -> None:
     assert simulate_tier(requests, make_policy("lru"), 1).block_hits == [0, 0]
 
 
+def test_future_admission_skips_chunks_never_asked_for_again() -> None:
+    # capacity 1: plain LRU lets 2 (never used again) push out 1; told the future, it keeps 1
+    requests = [req(1), req(2), req(1), req(3), req(1)]
+    assert simulate_tier(requests, make_policy("lru"), 1).block_hits == [0, 0]
+    assert simulate_future_admission(requests, 1).block_hits == [0, 2]
+    # it knows whether, not when: 2 comes back after 1's next two uses, yet it pushes 1 out
+    requests = [req(1), req(2), req(1), req(1), req(2)]
+    assert simulate_future_admission(requests, 1).block_hits == [0, 1]
+    assert simulate_belady(requests, 1).block_hits == [0, 2]
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_reference_is_never_beaten(seed: int) -> None:
     requests = random_trace(seed)
@@ -124,11 +136,14 @@ def test_reference_is_never_beaten(seed: int) -> None:
         for name in POLICIES:
             counts = simulate_tier(requests, make_policy(name), capacity)
             assert sum(counts.block_hits) <= sum(best.block_hits), (name, capacity)
+        told = simulate_future_admission(requests, capacity)
+        assert sum(told.block_hits) <= sum(best.block_hits), capacity
         both = simulate_two_tier(requests, make_policy("lru"), make_policy("lru"), capacity, 1)
         assert sum(both.combined.block_hits) <= sum(simulate_belady(requests, 2 * capacity).block_hits)
     # with room for everything, the reference hits every chunk seen before (in prefix order)
     infinite = simulate_belady(requests, distinct)
     assert infinite.block_hits == simulate_tier(requests, make_policy("lru"), distinct).block_hits
+    assert infinite.block_hits == simulate_future_admission(requests, distinct).block_hits
 
 
 @pytest.mark.parametrize("name", ["lru", "lrfu"])
@@ -176,6 +191,9 @@ def test_run_trace_bench_writes_json(tmp_path: Path) -> None:
     assert set(on_disk["metadata_path"]) >= {"lookups_per_s", "inserts_per_s"}
     assert "lru" in on_disk["two_tier"]["policies"]
     assert on_disk["target"]["policy"] == on_disk["default"]
+    for hit, best in zip(on_disk["future_admission"]["block_hit_ratio"], on_disk["optimal"]["block_hit_ratio"]):
+        assert hit <= best + 1e-12
+    assert len(on_disk["target"]["whole"]["future_admission_gap_closed"]) == 3
     assert len(on_disk["target"]["second_half"]["gap_closed"]) == 3
 
 

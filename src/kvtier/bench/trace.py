@@ -10,6 +10,9 @@ a percentage of the trace's distinct chunks, and reports hit ratios by chunk and
   times that; a DRAM eviction is demoted to disk, a disk hit is promoted to DRAM;
 - the offline reference (`simulate_belady`): Belady's MIN with bypass, which knows the future
   and bounds every online policy from above;
+- a second offline yardstick (`simulate_future_admission`): LRU that admits only chunks that
+  will be asked for again. It knows which chunks have a future, not when: where it falls short
+  of a target, admission alone (the best any reuse predictor could do) cannot reach it either;
 - the metadata path of the real DRAM tier (`replay_metadata_path`): MemoryTier's index and
   policy driven through lookup/touch/write with tiny payloads, in chunk lookups per second.
 
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtier.tiers.policies import POLICIES, EvictionPolicy, make_policy
+from kvtier.tiers.policies import POLICIES, EvictionPolicy, LRUPolicy, make_policy
 
 BLOCK_TOKENS = 512
 DEFAULT_CAPACITIES_PCT = (1, 2, 5, 10, 20, 50, 100)
@@ -344,6 +347,37 @@ def simulate_belady(requests: Sequence[TraceRequest], capacity: int) -> HitCount
     return counts
 
 
+class _FutureAdmissionLRU(LRUPolicy):
+    """LRU told, per request, whether a chunk is asked for again later (offline knowledge)."""
+
+    name = "lru+future_admission"
+
+    def __init__(self, last_request: dict[Key, int]) -> None:
+        super().__init__()
+        self._last_request = last_request
+        self._request = -1
+
+    def begin_request(self, now: float) -> None:
+        self._request += 1  # simulate_tier calls this once per request, in order
+
+    def admit(self, key: Key, parent: Key | None, depth: int) -> bool:
+        return self._last_request[key] > self._request
+
+
+def simulate_future_admission(requests: Sequence[TraceRequest], capacity: int) -> HitCounts:
+    """LRU that never admits a chunk no later request asks for, and admits every other one.
+
+    An offline yardstick beside Belady: it is given the future's "whether" (perfect admission,
+    which is all a reuse predictor could ever supply) but not its "when". A hit ratio it cannot
+    reach needs knowledge of when chunks come back, which no online policy has.
+    """
+    last_request: dict[Key, int] = {}
+    for i, req in enumerate(requests):
+        for key in req.keys:
+            last_request[key] = i
+    return simulate_tier(requests, _FutureAdmissionLRU(last_request), capacity)
+
+
 # -- the real tier's metadata path ----------------------------------------------------------------
 
 
@@ -437,9 +471,13 @@ def gap_closed(hit: float, lru: float, best: float) -> float | None:
 
 
 def judge_target(policies: dict[str, dict[str, list[float]]], optimal: dict[str, list[float]],
-                 name: str) -> dict[str, Any]:
+                 name: str, future_admission: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Issue 7's target for policy `name`: wherever LRU is below 0.8 of Belady it closes at least
-    half of the gap, on the whole trace and on its second half, and it is never below LRU."""
+    half of the gap, on the whole trace and on its second half, and it is never below LRU.
+
+    With `future_admission` (simulate_future_admission's ratios), each half also says how much of
+    the gap that offline yardstick closes, which tells whether perfect admission would suffice.
+    """
     row, lru = policies[name], policies["lru"]
     out: dict[str, Any] = {"policy": name, "met": True}
     for label, key in (("whole", "block_hit_ratio"), ("second_half", "second_half_block_hit_ratio")):
@@ -449,6 +487,9 @@ def judge_target(policies: dict[str, dict[str, list[float]]], optimal: dict[str,
         half_closed = all(c is not None and c >= 0.5 for c, need in zip(closed, required) if need)
         out[label] = {"gap_closed": closed, "required": required, "never_worse_than_lru": never_worse,
                       "half_gap_closed_where_required": half_closed}
+        if future_admission is not None:
+            out[label]["future_admission_gap_closed"] = [
+                gap_closed(h, b, o) for h, b, o in zip(future_admission[key], lru[key], optimal[key])]
         out["met"] = out["met"] and never_worse and half_closed
     return out
 
@@ -510,6 +551,15 @@ def run_trace_bench(
         optimal["second_half_block_hit_ratio"].append(counts.block_ratio(1))
         optimal["token_hit_ratio"].append(counts.token_ratio())
 
+    future_admission: dict[str, list[float]] = {k: [] for k in (
+        "block_hit_ratio", "first_half_block_hit_ratio", "second_half_block_hit_ratio")}
+    for capacity in capacities:
+        counts = simulate_future_admission(requests, capacity)
+        progress(f"LRU with future admission at {capacity} chunks")
+        future_admission["block_hit_ratio"].append(counts.block_ratio())
+        future_admission["first_half_block_hit_ratio"].append(counts.block_ratio(0))
+        future_admission["second_half_block_hit_ratio"].append(counts.block_ratio(1))
+
     default = choose_default(result_policies)
     best_mean = max(result_policies, key=lambda n: sum(result_policies[n]["first_half_block_hit_ratio"]))
     two_tier: dict[str, Any] = {"disk_factor": disk_factor, "policies": {}}
@@ -540,7 +590,8 @@ def run_trace_bench(
         "best_first_half_mean": best_mean,
         "policies": result_policies,
         "optimal": optimal,
-        "target": judge_target(result_policies, optimal, default),
+        "future_admission": future_admission,
+        "target": judge_target(result_policies, optimal, default, future_admission),
         "two_tier": two_tier,
         "metadata_path": metadata,
         "seconds": time.perf_counter() - started,
@@ -559,6 +610,8 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)  # piped or logged: rich would cut the columns to 80 characters
     lru, opt, default = result["policies"]["lru"], result["optimal"], result["default"]
     for label, key, okey in (("whole trace", "block_hit_ratio", "block_hit_ratio"),
                              ("second half", "second_half_block_hit_ratio", "second_half_block_hit_ratio")):
@@ -566,10 +619,11 @@ def print_table(result: dict[str, Any]) -> None:
         table.add_column("capacity")
         for name in result["policies"]:
             table.add_column(name + (" *" if name == default else ""), justify="right")
+        table.add_column("LRU + future admission", justify="right")
         table.add_column("belady", justify="right")
         for i, (pct, cap) in enumerate(zip(result["capacities_pct"], result["capacities"])):
             cells = [f"{pct}% ({cap})"]
-            for row in result["policies"].values():
+            for row in [*result["policies"].values(), result["future_admission"]]:
                 hit = row[key][i]
                 vs_lru = hit / lru[key][i] if lru[key][i] else float("nan")
                 vs_opt = hit / opt[okey][i] if opt[okey][i] else float("nan")
@@ -583,11 +637,14 @@ def print_table(result: dict[str, Any]) -> None:
     table.add_column("capacity")
     table.add_column("whole trace", justify="right")
     table.add_column("second half", justify="right")
+    table.add_column("LRU + future admission: whole / second half", justify="right")
     for i, pct in enumerate(result["capacities_pct"]):
         cells = [f"{pct}%"]
         for label in ("whole", "second_half"):
             closed, need = target[label]["gap_closed"][i], target[label]["required"][i]
             cells.append(("-" if closed is None else f"{closed:.2f}") + (" *" if need else ""))
+        cells.append(" / ".join("-" if c is None else f"{c:.2f}" for c in
+                                (target[label]["future_admission_gap_closed"][i] for label in ("whole", "second_half"))))
         table.add_row(*cells)
     console.print(table)
     console.print(f"target met: {target['met']} (never worse than LRU: whole "
@@ -615,6 +672,7 @@ def plot(result: dict[str, Any], png_out: str | Path) -> bool:
             is_base = name in ("lru", result["default"])  # FIFO often lies right on top of LRU
             ax.plot(x, row[key], marker="o", linewidth=2.5 if is_base else 1.2, zorder=3 if is_base else 2,
                     label=name + (" (default)" if name == result["default"] else ""))
+        ax.plot(x, result["future_admission"][key], "k:", marker="^", label="LRU + future admission (offline)")
         ax.plot(x, result["optimal"][key], "k--", marker="s", label="Belady MIN (offline)")
         ax.set_xscale("log")
         ax.set_xlabel("capacity (% of distinct chunks)")
