@@ -34,7 +34,7 @@ import heapq
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -525,40 +525,29 @@ def run_trace_bench(
         if not quiet:
             print(f"[{time.perf_counter() - started:7.1f}s] {what}", file=sys.stderr, flush=True)
 
-    result_policies: dict[str, dict[str, list[float]]] = {}
-    for name in names:
+    def ratios(label: str, simulate: Callable[[int], HitCounts]) -> dict[str, list[float]]:
+        """Hit ratios by chunk and token, whole and per half, at each capacity."""
         row: dict[str, list[float]] = {k: [] for k in (
             "block_hit_ratio", "token_hit_ratio", "first_half_block_hit_ratio", "second_half_block_hit_ratio",
             "first_half_token_hit_ratio", "second_half_token_hit_ratio")}
         for capacity in capacities:
-            counts = simulate_tier(requests, make_policy(name), capacity)
-            progress(f"{name} at {capacity} chunks")
+            counts = simulate(capacity)
+            progress(f"{label} at {capacity} chunks")
             row["block_hit_ratio"].append(counts.block_ratio())
             row["token_hit_ratio"].append(counts.token_ratio())
             row["first_half_block_hit_ratio"].append(counts.block_ratio(0))
             row["second_half_block_hit_ratio"].append(counts.block_ratio(1))
             row["first_half_token_hit_ratio"].append(counts.token_ratio(0))
             row["second_half_token_hit_ratio"].append(counts.token_ratio(1))
-        result_policies[name] = row
+        return row
 
-    optimal: dict[str, list[float]] = {k: [] for k in (
-        "block_hit_ratio", "first_half_block_hit_ratio", "second_half_block_hit_ratio", "token_hit_ratio")}
-    for capacity in capacities:
-        counts = simulate_belady(requests, capacity)
-        progress(f"belady at {capacity} chunks")
-        optimal["block_hit_ratio"].append(counts.block_ratio())
-        optimal["first_half_block_hit_ratio"].append(counts.block_ratio(0))
-        optimal["second_half_block_hit_ratio"].append(counts.block_ratio(1))
-        optimal["token_hit_ratio"].append(counts.token_ratio())
-
-    future_admission: dict[str, list[float]] = {k: [] for k in (
-        "block_hit_ratio", "first_half_block_hit_ratio", "second_half_block_hit_ratio")}
-    for capacity in capacities:
-        counts = simulate_future_admission(requests, capacity)
-        progress(f"LRU with future admission at {capacity} chunks")
-        future_admission["block_hit_ratio"].append(counts.block_ratio())
-        future_admission["first_half_block_hit_ratio"].append(counts.block_ratio(0))
-        future_admission["second_half_block_hit_ratio"].append(counts.block_ratio(1))
+    result_policies = {
+        name: ratios(name, lambda capacity, name=name: simulate_tier(requests, make_policy(name), capacity))
+        for name in names
+    }
+    optimal = ratios("belady", lambda capacity: simulate_belady(requests, capacity))
+    future_admission = ratios("LRU with future admission",
+                              lambda capacity: simulate_future_admission(requests, capacity))
 
     default = choose_default(result_policies)
     best_mean = max(result_policies, key=lambda n: sum(result_policies[n]["first_half_block_hit_ratio"]))
