@@ -12,7 +12,7 @@ a percentage of the trace's distinct chunks, and reports hit ratios by chunk and
   and bounds every online policy from above;
 - a second offline yardstick (`simulate_future_admission`): LRU that admits only chunks that
   will be asked for again. It knows which chunks have a future, not when: where it falls short
-  of a target, admission alone (the best any reuse predictor could do) cannot reach it either;
+  of a target, no admission rule in front of LRU (however good its reuse predictor) reaches it;
 - the metadata path of the real DRAM tier (`replay_metadata_path`): MemoryTier's index and
   policy driven through lookup/touch/write with tiny payloads, in chunk lookups per second.
 
@@ -368,8 +368,8 @@ def simulate_future_admission(requests: Sequence[TraceRequest], capacity: int) -
     """LRU that never admits a chunk no later request asks for, and admits every other one.
 
     An offline yardstick beside Belady: it is given the future's "whether" (perfect admission,
-    which is all a reuse predictor could ever supply) but not its "when". A hit ratio it cannot
-    reach needs knowledge of when chunks come back, which no online policy has.
+    the most a reuse predictor could supply) but not its "when". A policy that beats it must
+    also keep the chunks that come back soon over those that come back late.
     """
     last_request: dict[Key, int] = {}
     for i, req in enumerate(requests):
