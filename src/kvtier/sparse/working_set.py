@@ -110,6 +110,7 @@ class WorkingSet:
         heads = self._heads
         ts = torch.from_numpy(slot)
         th = torch.from_numpy(heads)
+        self._clear(heads, slot)
         self.k[th, ts] = k
         self.v[th, ts] = v
         self._place(heads, slot, np.full(self.kv_heads, block))
@@ -131,8 +132,8 @@ class WorkingSet:
         return self._slot_of[:, lo:hi] != EMPTY
 
     def _place(self, heads: np.ndarray, slots: np.ndarray, blocks: np.ndarray) -> None:
-        """Record that slot slots[i] of head heads[i] now holds blocks[i] (pairs distinct)."""
-        self._clear(heads, slots)
+        """Record that slot slots[i] of head heads[i], `_clear`ed before its bytes were written, now
+        holds blocks[i] (pairs distinct)."""
         self._block_of[heads, slots] = blocks
         self._slot_of[heads, blocks] = slots
 
