@@ -431,26 +431,29 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
             rep_attn, rep_tok, rep_fetched = sparse_steps(kv, x0, feedback=False)
             stats = store.stats()
             picks = kv.config.retrieval_slots * s.kv_heads * s.layers
+            # blocks, slices, bytes and seconds fetched per step, the first (warm-up) step left out as above
+            blocks, slices, nbytes, seconds = zip(*fetched[1:])
+            rep_blocks, rep_slices, _, _ = zip(*rep_fetched[1:])
             row = {"context_tokens": ctx, "budget_tokens": budget, "block_tokens": block_tokens,
                    "dense_attn_ms": 1e3 * dense_attn, "sparse_attn_ms": 1e3 * median(attn_t[1:]),
                    "dense_token_ms": 1e3 * dense_tok, "sparse_token_ms": 1e3 * median(tok_t[1:]),
-                   "fetched_blocks_per_step": median([f[0] for f in fetched[1:]]),
-                   "fetched_slices_per_step": median([f[1] for f in fetched[1:]]),
-                   "fetched_bytes_per_step": median([f[2] for f in fetched[1:]]),
+                   "fetched_blocks_per_step": median(blocks),
+                   "fetched_slices_per_step": median(slices),
+                   "fetched_bytes_per_step": median(nbytes),
                    "budget_blocks": budget // block_tokens, "layers": s.layers, "kv_heads": s.kv_heads,
                    "retrieval_stride": stride, "query_drift": drift, "keep_margin": keep_margin,
-                   "retrieval_churn": median([f[1] for f in fetched[1:]]) / picks,
+                   "retrieval_churn": median(slices) / picks,
                    # the part of sparse_attn_ms spent reading slices from the store (checksums included)
-                   "sparse_fetch_ms": 1e3 * median([f[3] for f in fetched[1:]]),
-                   "fetch_us_per_slice": 1e6 * sum(f[3] for f in fetched[1:]) / max(1, sum(f[1] for f in fetched[1:])),
+                   "sparse_fetch_ms": 1e3 * median(seconds),
+                   "fetch_us_per_slice": 1e6 * sum(seconds) / max(1, sum(slices)),
                    # with retrieval_stride > 1 only every stride-th step re-scores and refetches: the
                    # median hides that step, the mean over the timed steps amortizes it
                    "sparse_attn_mean_ms": 1e3 * sum(attn_t[1:]) / steps, "sparse_token_mean_ms": 1e3 * sum(tok_t[1:]) / steps,
                    "sparse_attn_steps_ms": [1e3 * a for a in attn_t[1:]],
                    "sparse_attn_repeated_input_ms": 1e3 * median(rep_attn[1:]),
                    "sparse_token_repeated_input_ms": 1e3 * median(rep_tok[1:]),
-                   "fetched_blocks_per_step_repeated_input": median([f[0] for f in rep_fetched[1:]]),
-                   "fetched_slices_per_step_repeated_input": median([f[1] for f in rep_fetched[1:]]),
+                   "fetched_blocks_per_step_repeated_input": median(rep_blocks),
+                   "fetched_slices_per_step_repeated_input": median(rep_slices),
                    "fast_tier_bytes": kv.fast_tier_bytes(), "budget_kv_bytes": kv.budget_bytes(),
                    "summary_bytes": kv.summary_bytes(), "policy": policy,
                    "first_step_ms": 1e3 * tok_t[0], "write_s": write_s,
