@@ -78,7 +78,8 @@ def build_retrieval_model(task: RetrievalTask, seed: int = 0):
 
     cfg = LlamaConfig(vocab_size=task.vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=65536,
-                      rope_theta=1e12, tie_word_embeddings=False, rms_norm_eps=1e-5)
+                      rope_theta=1e12,  # type: ignore[call-arg]  # transformers 5: kwargs -> rope_parameters
+                      tie_word_embeddings=False, rms_norm_eps=1e-5)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).float()
 
@@ -126,6 +127,14 @@ def last_position_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's full K and V from a dense transformers cache (all of this bench's layers are dense)."""
+    keys, values = cache.layers[layer].keys, cache.layers[layer].values
+    if keys is None or values is None:
+        raise ValueError(f"layer {layer} of the dense cache holds no KV")
+    return keys, values
+
+
 def _store(layout, block_tokens: int, memory_bytes: int, disk_root: str | None = None):
     from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
     from kvtier.store.tiered import TieredStore
@@ -172,7 +181,7 @@ def accuracy(policies: Sequence[str], fractions: Sequence[float], contexts: Sequ
             model.set_attn_implementation("sdpa")
             past = DynamicCache(config=cfg)
             model(ids[:, :-1], past_key_values=past, use_cache=True, logits_to_keep=1)
-            k_all, v_all = past.layers[0].keys, past.layers[0].values
+            k_all, v_all = _layer_kv(past, 0)
             model.set_attn_implementation(ATTN_NAME)
             for frac in fractions:
                 budget = max(int(ctx * frac) // block_tokens * block_tokens, 4 * block_tokens)
@@ -220,11 +229,13 @@ def fidelity(policies: Sequence[str], fractions: Sequence[float], context: int =
     sparse = copy.deepcopy(dense)
     sparse.set_attn_implementation(ATTN_NAME)
     cfg = dense.config
-    layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads or cfg.num_attention_heads,
+                      cfg.hidden_size // cfg.num_attention_heads)
     torch.manual_seed(seed)
     with torch.no_grad():
-        text = dense.generate(torch.tensor([[1]]), max_new_tokens=context - 1, do_sample=True, top_k=40,
-                              min_new_tokens=context - 1)
+        # transformers types generate's self too narrowly for LlamaForCausalLM
+        text = dense.generate(torch.tensor([[1]]), max_new_tokens=context - 1, do_sample=True,  # type: ignore[misc]
+                              top_k=40, min_new_tokens=context - 1)
         ref = torch.log_softmax(dense(text).logits[0, prompt - 1 : context - 1].float(), -1)
     rows = []
     for frac in fractions:
