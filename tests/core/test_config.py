@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 import sys
@@ -112,7 +113,7 @@ def test_binary_config_file_is_a_config_error(tmp_path):
 
 def test_toml_reads_with_tomli_where_tomllib_is_missing(tmp_path, monkeypatch):
     """Python 3.10 has no tomllib; pyproject installs tomli there and the loader must use it."""
-    import tomllib
+    tomllib = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")  # the real parser
 
     calls = []
 
