@@ -90,6 +90,15 @@ def test_serve_with_a_non_finite_number_names_the_key(tmp_path):
     assert len(lines) == 1 and "max_lease_s" in lines[0] and "finite" in lines[0], out.stderr
 
 
+def test_serve_with_an_unknown_log_level_is_a_usage_error(tmp_path, capsys):
+    good = tmp_path / "service.yaml"
+    good.write_text("layout: {num_layers: 2, num_kv_heads: 1, head_size: 8}\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--config", str(good), "--socket", str(tmp_path / "kv.sock"), "--log-level", "loud"])
+    assert exc.value.code == 2
+    assert "argument --log-level: invalid choice: 'LOUD'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv,needles",
     [
