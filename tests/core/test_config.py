@@ -95,6 +95,9 @@ def test_layout_bytes_and_errors():
         ("c.json", '{"chunk_tokens": 16,\n "memory": }', r"c\.json: not valid JSON at line 2, column 12"),
         ("c.toml", "chunk_tokens = 16\n[memory\n", r"c\.toml: not valid TOML: .*line 2"),
         ("c.yaml", "- 1\n- 2\n", r"c\.yaml must hold a mapping at the top level, got list"),
+        ("c.yaml", "chunk_tokens: 16\nmemory: {policy: lru}\nmemory: {capacity_bytes: 1GiB}\n",
+         r"c\.yaml: not valid YAML at line 3, column 1: key 'memory' is given twice"),
+        ("c.json", '{"memory": {"policy": "lru", "policy": "fifo"}}', r"c\.json: key 'policy' is given twice"),
     ],
 )
 def test_malformed_config_file_is_a_config_error_naming_file_and_line(tmp_path, name, text, needle):
@@ -102,6 +105,12 @@ def test_malformed_config_file_is_a_config_error_naming_file_and_line(tmp_path, 
     path.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_config(StoreConfig, path)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("memory:\n  <<: {policy: lru, capacity_bytes: 1MiB}\n  policy: fifo\n")
+    assert load_config(StoreConfig, path).memory == MemoryTierConfig(capacity_bytes=1 << 20, policy="fifo")
 
 
 def test_binary_config_file_is_a_config_error(tmp_path):

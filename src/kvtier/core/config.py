@@ -15,6 +15,7 @@ infinity) and never booleans. __post_init__ keeps only the rules that join sever
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -254,11 +255,33 @@ def read_config_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     return data
 
 
+@functools.cache
+def _unique_key_yaml_loader() -> Any:
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: list[Any] = []
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"key {key!r} is given twice",
+                        key_node.start_mark)
+                seen.append(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def _parse_yaml(text: str, path: Path) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_key_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -282,8 +305,16 @@ def _parse_toml(text: str, path: Path) -> Any:
 def _parse_json(text: str, path: Path) -> Any:
     import json
 
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise ConfigError(f"config file {path}: key {key!r} is given twice in one object")
+            obj[key] = value
+        return obj
+
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") \
             from None
