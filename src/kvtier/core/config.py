@@ -175,7 +175,8 @@ def _convert(tp: Any, value: Any, key: str, is_size: bool) -> Any:
     if is_size:
         return parse_size(value, key)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, (Mapping, tp)):  # a scalar here is a mistake, never a file to read
+        # a scalar here is a mistake ({"memory": "4GiB"}), never the name of a file to read
+        if not (isinstance(value, Mapping) or dataclasses.is_dataclass(value)):
             names = [f.name for f in dataclasses.fields(tp)]
             raise ConfigError(f"{key}: expected a section (a mapping with keys among {names}), got {value!r}")
         return load_config(tp, value, key)  # type: ignore[arg-type]
