@@ -12,8 +12,6 @@ from typing import NoReturn
 
 from kvtier.core.errors import KVTierError
 
-DEFAULT_TRACE = "../shared/traces/mooncake/conversation_trace.jsonl"
-
 # Optional dependencies a subcommand may import, and the extra that installs each.
 _EXTRA_OF_MODULE = {"torch": "torch", "transformers": "transformers", "vllm": "vllm", "matplotlib": "bench",
                     "redis": "redis"}
@@ -116,9 +114,14 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_trace(args: argparse.Namespace) -> int:
-    from kvtier.bench.trace import run_trace_bench
+    from kvtier.bench.trace import DEFAULT_TRACE, run_trace_bench
 
-    run_trace_bench(args.trace, args.json, png_out=args.png, max_requests=args.max_requests)
+    trace = args.trace
+    if trace is None:  # beside the checkout, wherever the command runs from
+        if not DEFAULT_TRACE.is_file():
+            raise KVTierError(f"argument --trace: the default trace {str(DEFAULT_TRACE)!r} is missing; pass --trace")
+        trace = str(DEFAULT_TRACE)
+    run_trace_bench(trace, args.json, png_out=args.png, max_requests=args.max_requests)
     return 0
 
 
@@ -199,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--runs", type=positive_int, default=5)
     bt.set_defaults(fn=_cmd_bench_tiers)
     btr = bsub.add_parser("trace", help="eviction policies replayed on a Mooncake-format trace vs Belady")
-    btr.add_argument("--trace", default=DEFAULT_TRACE, type=readable_file)
+    btr.add_argument("--trace", default=None, type=readable_file,
+                     help="a Mooncake-format jsonl trace (default: shared/traces/mooncake/conversation_trace.jsonl "
+                          "beside the checkout)")
     btr.add_argument("--json", default="results/bench_trace.json")
     btr.add_argument("--png", default="results/bench_trace.png")
     btr.add_argument("--max-requests", type=positive_int, default=None)

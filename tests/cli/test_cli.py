@@ -150,3 +150,20 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cmd_bench_vllm", needs_vllm)
     assert cli.main(["bench", "vllm", "--json", ""]) == 1
     _one_line_error(capsys, "needs vllm", "kvtier[vllm]")
+
+
+def test_bench_trace_default_is_found_from_any_folder(tmp_path, monkeypatch, capsys):
+    import kvtier.bench.trace as trace
+
+    seen = []
+    monkeypatch.setattr(trace, "run_trace_bench", lambda path, *a, **k: seen.append(path))
+    monkeypatch.setattr(trace, "DEFAULT_TRACE", tmp_path / "shared" / "trace.jsonl")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "trace.jsonl").write_text("")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["bench", "trace", "--json", "", "--png", ""]) == 0
+    assert seen == [str(tmp_path / "shared" / "trace.jsonl")]
+    (tmp_path / "shared" / "trace.jsonl").unlink()
+    assert main(["bench", "trace", "--json", "", "--png", ""]) == 2
+    _one_line_error(capsys, "argument --trace: the default trace", "is missing")
