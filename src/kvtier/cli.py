@@ -4,12 +4,90 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from kvtier.core.errors import KVTierError
 
-DEFAULT_TRACE = "../shared/traces/mooncake/conversation_trace.jsonl"
+# Optional dependencies a subcommand may import, and the extra that installs each.
+_EXTRA_OF_MODULE = {"torch": "torch", "transformers": "transformers", "vllm": "vllm", "matplotlib": "bench",
+                    "redis": "redis"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`kvtier demo: error: argument --turns: ...`), exit 2.
+
+    Subparsers are built with the parent's class, so every subcommand reports the same way.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Argument types: a bad value becomes argparse's "argument --x: ..." error, before any work starts.
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def readable_file(text: str) -> str:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"not a file: {text!r}")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: permission denied")
+    return text
+
+
+def existing_folder(text: str) -> str:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
+    return text
+
+
+def folder_to_create(text: str) -> str:
+    """A folder that exists or can be made: nothing on the way to it may be a file."""
+    path = Path(text)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise argparse.ArgumentTypeError(f"{str(part)!r} is a file, not a folder")
+            break
+    return text
+
+
+def _prepare_output(option: str, value: str) -> None:
+    """Make the folder of an output file now, so a bad path fails before a long run, not after."""
+    path = Path(value)
+    if path.is_dir():
+        raise KVTierError(f"argument {option}: {value!r} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KVTierError(f"argument {option}: cannot create the folder of {value!r}: {e.strerror}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise KVTierError(f"argument {option}: cannot write {value!r}: permission denied")
 
 
 def _cmd_store_stats(args: argparse.Namespace) -> int:
@@ -36,9 +114,14 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_trace(args: argparse.Namespace) -> int:
-    from kvtier.bench.trace import run_trace_bench
+    from kvtier.bench.trace import DEFAULT_TRACE, run_trace_bench
 
-    run_trace_bench(args.trace, args.json, png_out=args.png, max_requests=args.max_requests)
+    trace = args.trace
+    if trace is None:  # beside the checkout, wherever the command runs from
+        if not DEFAULT_TRACE.is_file():
+            raise KVTierError(f"argument --trace: the default trace {str(DEFAULT_TRACE)!r} is missing; pass --trace")
+        trace = str(DEFAULT_TRACE)
+    run_trace_bench(trace, args.json, png_out=args.png, max_requests=args.max_requests)
     return 0
 
 
@@ -84,14 +167,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvtier", description="KV-cache memory manager for LLM inference")
+    p = _Parser(prog="kvtier", description="KV-cache memory manager for LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="multi-turn chat with and without kvtier; prints TTFT per turn")
-    demo.add_argument("--model", default=None, help="a local transformers causal LM (default: a small random-weight Llama)")
-    demo.add_argument("--cache-dir", default=None, help="disk tier folder (default: ~/.cache/kvtier/demo)")
-    demo.add_argument("--turns", type=int, default=4)
-    demo.add_argument("--conversations", type=int, default=3)
+    demo.add_argument("--model", default=None, type=existing_folder,
+                      help="a local transformers causal LM (default: a small random-weight Llama)")
+    demo.add_argument("--cache-dir", default=None, type=folder_to_create,
+                      help="disk tier folder (default: ~/.cache/kvtier/demo)")
+    demo.add_argument("--turns", type=positive_int, default=4)
+    demo.add_argument("--conversations", type=positive_int, default=3)
     demo.set_defaults(fn=_cmd_demo)
 
     serve = sub.add_parser("serve", help="run the per-host store service", add_help=False)
@@ -101,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     store = sub.add_parser("store", help="inspect or clear a disk tier folder")
     ssub = store.add_subparsers(dest="store_command", required=True)
     st = ssub.add_parser("stats", help="chunks, bytes and corrupt files under a disk tier root")
-    st.add_argument("--root", required=True)
+    st.add_argument("--root", required=True)  # the tier reports a missing or foreign folder itself
     st.set_defaults(fn=_cmd_store_stats)
     cl = ssub.add_parser("clear", help="remove every chunk under a disk tier root")
     cl.add_argument("--root", required=True)
@@ -111,15 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     bt = bsub.add_parser("tiers", help="DRAM and disk tier reads vs memcpy / raw reads; key hashing")
     bt.add_argument("--json", default="results/bench_tiers.json")
-    bt.add_argument("--root", default=None, help="folder for the disk measurement (default: a temp dir under ./results)")
-    bt.add_argument("--gib", type=float, default=1.0, help="GiB moved per measurement")
-    bt.add_argument("--runs", type=int, default=5)
+    bt.add_argument("--root", default=None, type=folder_to_create,
+                    help="folder for the disk measurement (default: a temp dir under ./results)")
+    bt.add_argument("--gib", type=positive_float, default=1.0, help="GiB moved per measurement")
+    bt.add_argument("--runs", type=positive_int, default=5)
     bt.set_defaults(fn=_cmd_bench_tiers)
     btr = bsub.add_parser("trace", help="eviction policies replayed on a Mooncake-format trace vs Belady")
-    btr.add_argument("--trace", default=DEFAULT_TRACE)
+    btr.add_argument("--trace", default=None, type=readable_file,
+                     help="a Mooncake-format jsonl trace (default: shared/traces/mooncake/conversation_trace.jsonl "
+                          "beside the checkout)")
     btr.add_argument("--json", default="results/bench_trace.json")
     btr.add_argument("--png", default="results/bench_trace.png")
-    btr.add_argument("--max-requests", type=int, default=None)
+    btr.add_argument("--max-requests", type=positive_int, default=None)
     btr.set_defaults(fn=_cmd_bench_trace)
     bsv = bsub.add_parser("service", help="store service lookup rate and shared-memory load throughput")
     bsv.add_argument("--json", default="results/bench_service.json")
@@ -150,15 +238,23 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
-    for attr in ("json", "png"):
-        value = getattr(args, attr, None)
-        if value:
-            Path(value).parent.mkdir(parents=True, exist_ok=True)
+    # The one place user-input errors become a message: KVTierError (ConfigError, a bad trace, a missing
+    # or foreign folder) is one line and exit code 2, as argparse does for a bad argument.
     try:
+        for attr in ("json", "png"):
+            value = getattr(args, attr, None)
+            if value:
+                _prepare_output(f"--{attr}", value)
         return int(args.fn(args) or 0)
     except KVTierError as e:
         print(f"kvtier: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        extra = _EXTRA_OF_MODULE.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"kvtier: error: this command needs {e.name}: pip install 'kvtier[{extra}]'", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

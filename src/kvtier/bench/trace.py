@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvtier.core.errors import KVTierError
 from kvtier.tiers.policies import POLICIES, EvictionPolicy, LRUPolicy, make_policy
 
 BLOCK_TOKENS = 512
@@ -48,7 +49,7 @@ DEFAULT_TRACE = Path(__file__).resolve().parents[3] / ".." / "shared" / "traces"
 Key = bytes
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(KVTierError, ValueError):
     """A trace line is not a valid Mooncake request; the message names the file and line."""
 
 

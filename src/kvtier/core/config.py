@@ -1,18 +1,28 @@
-"""Configuration: one frozen dataclass per component, loaded from a dict, YAML or TOML.
+"""Configuration: one frozen dataclass per component, loaded from a dict, YAML, TOML or JSON.
 
 `load_config(cls, source)` walks the dataclass fields: unknown keys and bad values
-raise ConfigError naming the dotted key ("store.disk.capacity_bytes"). Byte sizes
-accept integers or strings such as "512MiB", "4GB".
+raise ConfigError naming the dotted key ("store.disk.capacity_bytes"), and a file the
+parser rejects raises ConfigError naming the file and line. Byte sizes accept integers
+or strings such as "512MiB", "4GB".
+
+Per-field rules live in the field's metadata (`size_field`, `number_field`, `choice_field`)
+and one function, `check_field`, applies them: load_config calls it with the dotted key
+as it reads each value, and each config's __post_init__ calls `check_fields` so a config
+built directly in code is held to the same rules. Numbers must be finite (no NaN or
+infinity) and never booleans. __post_init__ keeps only the rules that join several fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import re
+import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,45 +54,103 @@ def parse_size(value: Any, key: str) -> int:
     return n
 
 
-def _size(default: int) -> Any:
+def size_field(default: int) -> Any:
+    """A byte size: an int >= 0, or a string such as '4GiB' when loaded."""
     return field(default=default, metadata={"size": True})
+
+
+def number_field(default: Any, *, low: float, low_open: bool = False, high: float | None = None,
+                 integer: bool | None = None) -> Any:
+    """A number in [low, high] (or (low, high] with `low_open`), or a tuple of such numbers.
+
+    Integers only when `integer` is true; by default, when `default` is an int.
+    """
+    integer = isinstance(default, int) if integer is None else integer
+    return field(default=default, metadata={"range": (low, low_open, high), "integer": integer})
+
+
+def choice_field(default: str, choices: Collection[str]) -> Any:
+    """A string field that must be one of `choices`."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _range_text(low: float, low_open: bool, high: float | None) -> str:
+    if high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}]"
+    return f"{'>' if low_open else '>='} {low}"
+
+
+def check_field(f: dataclasses.Field[Any], value: Any, key: str) -> None:
+    """Apply `f`'s declared rule (range, choices; finiteness for numbers) to `value`.
+
+    ConfigError names `key`. Values of other types are the type conversion's business
+    (load_config), so a value of the wrong type is reported, not compared.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if f.metadata.get("size") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"{key}: expected a byte size >= 0, got {value!r}")
+    if "range" in f.metadata:
+        low, low_open, high = f.metadata["range"]
+        kind = "an integer" if f.metadata["integer"] else "a number"
+        wanted = int if f.metadata["integer"] else (int, float)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, wanted) or not math.isfinite(v):
+                raise ConfigError(f"{key}: expected {kind} {_range_text(low, low_open, high)}, got {value!r}")
+            if (v <= low if low_open else v < low) or (high is not None and v > high):
+                raise ConfigError(f"{key} must be {_range_text(low, low_open, high)}, got {value!r}")
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ConfigError(f"{key} {value!r} is unknown; choose one of {list(f.metadata['choices'])}")
+
+
+def check_fields(config: Any, section: str) -> None:
+    """check_field for every field of a config dataclass; keys read `section.field`."""
+    for f in dataclasses.fields(config):
+        check_field(f, getattr(config, f.name), f"{section}.{f.name}")
+
+
+# The names tiers.policies registers (core cannot import tiers; tests/core/test_config.py
+# checks the two lists agree), so a misspelt policy is refused when the config is read.
+EVICTION_POLICY_NAMES = ("adaptive", "arc", "fifo", "lrfu", "lru", "s3fifo")
+WRITE_MODES = ("write-through", "write-back")
 
 
 @dataclass(slots=True, frozen=True)
 class MemoryTierConfig:
-    capacity_bytes: int = _size(1 << 30)
-    policy: str = "adaptive"  # LRU until its own sampled simulations show use counts pay (issue 7)
+    capacity_bytes: int = size_field(1 << 30)
+    # LRU until its own sampled simulations show use counts pay (issue 7)
+    policy: str = choice_field("adaptive", EVICTION_POLICY_NAMES)
     verify_reads: bool = True  # checksum each section after copying it to the caller
+
+    def __post_init__(self) -> None:
+        check_fields(self, "store.memory")
 
 
 @dataclass(slots=True, frozen=True)
 class DiskTierConfig:
     root: str = ""
-    capacity_bytes: int = _size(16 << 30)
-    policy: str = "adaptive"
+    capacity_bytes: int = size_field(16 << 30)
+    policy: str = choice_field("adaptive", EVICTION_POLICY_NAMES)
     fsync: bool = False  # fsync before publish: survives power loss, not only process crashes
     read_only: bool = False  # open as a reader of a folder another process owns
+
+    def __post_init__(self) -> None:
+        check_fields(self, "store.disk")
 
 
 @dataclass(slots=True, frozen=True)
 class StoreConfig:
-    chunk_tokens: int = 16
-    hash_mode: str = DEFAULT_HASH_MODE
+    chunk_tokens: int = number_field(16, low=0, low_open=True)
+    hash_mode: str = choice_field(DEFAULT_HASH_MODE, sorted(HASH_MODES))
     memory: MemoryTierConfig | None = field(default_factory=MemoryTierConfig)
     disk: DiskTierConfig | None = None
-    write_mode: str = "write-through"  # or "write-back": disk written only on DRAM eviction
+    # or "write-back": disk written only on DRAM eviction
+    write_mode: str = choice_field("write-through", WRITE_MODES)
     promote_on_hit: bool = True
-    io_threads: int = 2
+    io_threads: int = number_field(2, low=0, low_open=True)
 
     def __post_init__(self) -> None:
-        if self.chunk_tokens <= 0:
-            raise ConfigError(f"store.chunk_tokens must be positive, got {self.chunk_tokens}")
-        if self.hash_mode not in HASH_MODES:
-            raise ConfigError(f"store.hash_mode {self.hash_mode!r} is unknown; choose one of {sorted(HASH_MODES)}")
-        if self.write_mode not in ("write-through", "write-back"):
-            raise ConfigError(f"store.write_mode must be 'write-through' or 'write-back', got {self.write_mode!r}")
-        if self.io_threads <= 0:
-            raise ConfigError(f"store.io_threads must be positive, got {self.io_threads}")
+        check_fields(self, "store")
         if self.memory is None and self.disk is None:
             raise ConfigError("store: at least one of store.memory and store.disk must be configured")
         if self.disk is not None and not self.disk.root:
@@ -107,6 +175,10 @@ def _convert(tp: Any, value: Any, key: str, is_size: bool) -> Any:
     if is_size:
         return parse_size(value, key)
     if dataclasses.is_dataclass(tp):
+        # a scalar here is a mistake ({"memory": "4GiB"}), never the name of a file to read
+        if not (isinstance(value, Mapping) or dataclasses.is_dataclass(value)):
+            names = [f.name for f in dataclasses.fields(tp)]
+            raise ConfigError(f"{key}: expected a section (a mapping with keys among {names}), got {value!r}")
         return load_config(tp, value, key)  # type: ignore[arg-type]
     if tp is bool:
         if not isinstance(value, bool):
@@ -117,8 +189,8 @@ def _convert(tp: Any, value: Any, key: str, is_size: bool) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -150,6 +222,7 @@ def load_config(cls: type[T], source: Mapping[str, Any] | str | os.PathLike[str]
         if name not in fields:
             raise ConfigError(f"unknown config key {key!r}; known keys: {sorted(fields)}")
         kwargs[name] = _convert(hints[name], value, key, bool(fields[name].metadata.get("size")))
+        check_field(fields[name], kwargs[name], key)
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -159,31 +232,93 @@ def load_config(cls: type[T], source: Mapping[str, Any] | str | os.PathLike[str]
 
 
 def read_config_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """The mapping in a .yaml/.yml/.toml/.json file; ConfigError naming the file (and line) otherwise."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
     suffix = p.suffix.lower()
     if suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
+        data = _parse_yaml(text, p)
     elif suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
+        data = _parse_toml(text, p)
     elif suffix == ".json":
-        import json
-
-        data = json.loads(text)
+        data = _parse_json(text, p)
     else:
         raise ConfigError(f"config file {p} must end in .yaml, .yml, .toml or .json")
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+@functools.cache
+def _unique_key_yaml_loader() -> Any:
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: list[Any] = []
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"key {key!r} is given twice",
+                        key_node.start_mark)
+                seen.append(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_unique_key_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path}: not valid YAML{where}: {problem}") from None
+
+
+def _parse_toml(text: str, path: Path) -> Any:
+    # tomllib is in the standard library from Python 3.11; pyproject installs tomli before that
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # its message carries "(at line L, column C)"
+        raise ConfigError(f"config file {path}: not valid TOML: {e}") from None
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    import json
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise ConfigError(f"config file {path}: key {key!r} is given twice in one object")
+            obj[key] = value
+        return obj
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") \
+            from None
 
 
 CLIENT_MODES = ("inprocess", "service")
@@ -199,25 +334,19 @@ class ClientConfig:
     no service answering starts `python -m kvtier.service --config <service_config>` itself.
     """
 
-    mode: str = "inprocess"
+    mode: str = choice_field("inprocess", CLIENT_MODES)
     socket_path: str = ""
     store: StoreConfig = field(default_factory=StoreConfig)
     layout: KVLayout | None = None
     service_config: str = ""  # the service's config file, used by auto_start
     auto_start: bool = False
-    lease_timeout_s: float = 30.0
-    connect_timeout_s: float = 10.0
-    transfer_threads: int = 2
-    transfer_cpus: tuple[int, ...] = ()  # CPUs for the transfer threads; () = those of the starting thread
+    lease_timeout_s: float = number_field(30.0, low=0, low_open=True)
+    connect_timeout_s: float = number_field(10.0, low=0, low_open=True)
+    transfer_threads: int = number_field(2, low=0, low_open=True)
+    # CPUs for the transfer threads; () = those of the starting thread
+    transfer_cpus: tuple[int, ...] = number_field((), low=0, integer=True)
 
     def __post_init__(self) -> None:
-        if self.mode not in CLIENT_MODES:
-            raise ConfigError(f"client.mode must be one of {list(CLIENT_MODES)}, got {self.mode!r}")
-        if self.lease_timeout_s <= 0:
-            raise ConfigError(f"client.lease_timeout_s must be positive, got {self.lease_timeout_s}")
-        if self.connect_timeout_s <= 0:
-            raise ConfigError(f"client.connect_timeout_s must be positive, got {self.connect_timeout_s}")
-        if self.transfer_threads <= 0:
-            raise ConfigError(f"client.transfer_threads must be positive, got {self.transfer_threads}")
+        check_fields(self, "client")
         if self.auto_start and self.mode == "service" and not self.service_config:
             raise ConfigError("client.service_config must name the service's config file when auto_start is set")

@@ -2,9 +2,11 @@
 
 A stored chunk holds `chunk_tokens` tokens of KV for every layer. Inside one layer's
 section the payload order is [kv_heads, planes, chunk_tokens, head_size]: for each KV
-head all K rows, then all V rows. That is exactly one block of vLLM's CPU backend
-([num_blocks, kv_heads, 2 * block_size, head_size] when block_size == chunk_tokens),
-so that layout loads with one copy per block; other layouts are strided copies.
+head all K rows, then all V rows (kvtier's canonical order; engine adapters copy into and
+out of it). An adapter for an engine whose blocks are opaque, such as vLLM's CPU backend
+(its page interior depends on the kernel's ISA), stores the page's bytes instead, of the
+same size; the page format is then part of the key namespace, so such a chunk is read back
+only into pages of the same format.
 """
 
 from __future__ import annotations

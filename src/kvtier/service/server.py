@@ -496,13 +496,14 @@ def serve_main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="kvtier serve", description="Run the per-host kvtier store service.")
     parser.add_argument("--config", required=True, help="service config file (.yaml, .toml or .json)")
     parser.add_argument("--socket", default=None, help="override socket_path from the config")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     parser.add_argument("--all-cpus", action="store_true",
                         help="run on every CPU allowed, not only those of the launching process (auto-start)")
     args = parser.parse_args(argv)
     if args.all_cpus:
         use_all_cpus()
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s kvtier serve[%(process)d] %(levelname)s %(message)s")
     try:
         config = load_config(ServiceConfig, args.config)

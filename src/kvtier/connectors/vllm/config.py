@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtier.core.config import StoreConfig, load_config
+from kvtier.core.config import StoreConfig, check_fields, load_config, number_field
 from kvtier.core.errors import ConfigError
 
 
@@ -32,20 +32,16 @@ class VLLMConnectorConfig:
     auto_start: bool = True
     service_config: str = ""
     store: StoreConfig = field(default_factory=StoreConfig)
-    lease_timeout_s: float = 30.0
-    connect_timeout_s: float = 30.0
-    retry_after_s: float = 5.0
+    lease_timeout_s: float = number_field(30.0, low=0, low_open=True)
+    connect_timeout_s: float = number_field(30.0, low=0, low_open=True)
+    retry_after_s: float = number_field(5.0, low=0)
     save_decode: bool = False
     partial_chunks: bool = True
     model_fingerprint: str = ""
     stats_path: str = ""  # the scheduler rewrites this JSON file with its counters when they change
 
     def __post_init__(self) -> None:
-        for name in ("lease_timeout_s", "connect_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"kv_connector_extra_config.{name} must be positive, got {getattr(self, name)}")
-        if self.retry_after_s < 0:
-            raise ConfigError(f"kv_connector_extra_config.retry_after_s must be >= 0, got {self.retry_after_s}")
+        check_fields(self, "kv_connector_extra_config")
 
 
 def load_connector_config(extra: Mapping[str, Any] | None, block_size: int) -> VLLMConnectorConfig:
