@@ -17,7 +17,7 @@ from kvtier.core.codec import ALIGN, SECTION_KV, SECTION_SUMMARY, checksum, deco
 from kvtier.core.config import DiskTierConfig
 from kvtier.core.errors import StoreClosedError, TierUnavailableError
 from kvtier.core.layout import KVLayout
-from kvtier.tiers.base import ChunkMeta, TierWriteError
+from kvtier.tiers.base import ChunkMeta, TierRefusedError, TierWriteError
 from kvtier.tiers.disk import DiskTier, chunk_path, clear_root, scan_root
 from tests.conftest import CHUNK, TINY, key_of, payload
 from tests.tiers import disk_writer
@@ -397,7 +397,7 @@ def test_wrong_layout_is_a_miss(tmp_path):
 
 
 # -- errors while writing ---------------------------------------------------------------------
-def test_disk_full_raises_and_leaves_the_tier_usable(tmp_path, monkeypatch):
+def test_disk_full_after_one_eviction_is_refused_and_leaves_the_tier_usable(tmp_path, monkeypatch):
     t = open_tier(tmp_path)
     (a,) = chain(t, [1])
 
@@ -406,16 +406,39 @@ def test_disk_full_raises_and_leaves_the_tier_usable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "writev", full)
     monkeypatch.setattr(os, "pwrite", full)
-    with pytest.raises(TierWriteError, match="ENOSPC"):
+    with pytest.raises(TierRefusedError, match="ENOSPC"):
         put(t, key_of(2))
     assert fail(t, m.WRITE_FAILURES) == 1
+    assert fail(t, m.EVICTIONS) == 1  # it evicted once to make room, then gave up
     assert not list(Path(tmp_path, "tmp").iterdir())
-    assert t.keys() == [a] and t.usage().used_bytes == FILE
-    assert files_on_disk(tmp_path) == {a: FILE}
-    assert_exact(t, a)
+    assert t.keys() == [] and t.usage().used_bytes == 0
+    assert files_on_disk(tmp_path) == {}
     monkeypatch.undo()
     assert put(t, key_of(2))
     assert_exact(t, key_of(2))
+
+
+def test_enospc_below_capacity_evicts_and_retries_once(tmp_path, monkeypatch):
+    """The filesystem fills up (other files share it) long before capacity_bytes: ENOSPC
+    evicts a chunk and retries, instead of failing every write while the tier thinks it has room."""
+    t = open_tier(tmp_path)
+    a0, a1 = chain(t, [1, 2])
+    (b0,) = chain(t, [3])
+    real = os.writev
+    calls = []
+
+    def full_once(fd, bufs):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, bufs)
+
+    monkeypatch.setattr(os, "writev", full_once)
+    assert put(t, key_of(4), parent=b0, depth=1)
+    assert fail(t, m.EVICTIONS) == 1 and fail(t, m.WRITE_FAILURES) == 0
+    assert set(t.keys()) == {a0, b0, key_of(4)}  # the oldest leaf went; b0, the parent, stayed
+    assert_exact(t, key_of(4))
+    assert files_on_disk(tmp_path) == dict.fromkeys(t.keys(), FILE)
 
 
 def test_read_only_filesystem_at_publish_raises(tmp_path, monkeypatch):

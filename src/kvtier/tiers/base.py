@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.core.errors import KVTierError
+from kvtier.core.keys import HASH_MODES
 from kvtier.core.layout import KVLayout
 
 Buffer = Any  # an object supporting the buffer protocol
@@ -36,6 +37,38 @@ Buffer = Any  # an object supporting the buffer protocol
 
 class TierWriteError(KVTierError):
     """A write to a tier failed (disk full, read-only folder, ...); the tier is unchanged."""
+
+
+class TierRefusedError(TierWriteError):
+    """The tier declined a chunk it could not store without harm (the disk stayed full after
+    evicting what could go); the tier is unchanged. The store reports it in SaveResult.errors
+    rather than failing the save's handle: the chunk is simply not in that tier."""
+
+
+# Key lengths kvtier's hash modes produce: 16 (xxh3_128) and 32 bytes (sha256, blake2b).
+KEY_LENGTHS = tuple(sorted({mode.key_bytes for mode in HASH_MODES.values()}))
+
+
+def check_key(key: object, name: str = "key") -> bytes:
+    """`key` as a chunk key, or ValueError naming `name`: bytes of one of KEY_LENGTHS.
+
+    Checked where a key enters a tier or the store, so a bad one fails at the call that
+    passed it, before any slot or file is taken for it."""
+    if type(key) is not bytes:
+        raise ValueError(f"{name} must be bytes, got {type(key).__name__}")
+    if len(key) not in KEY_LENGTHS:
+        raise ValueError(f"{name} has {len(key)} bytes; a chunk key has {' or '.join(map(str, KEY_LENGTHS))}")
+    return key
+
+
+def check_chunk(key: object, parent: object, depth: object, name: str = "key") -> None:
+    """A chunk's identity: key and parent keys of one length, depth an int >= 0."""
+    check_key(key, name)
+    check_key(parent, "parent")
+    if len(parent) != len(key):  # type: ignore[arg-type]
+        raise ValueError(f"parent has {len(parent)} bytes but {name} has {len(key)}")  # type: ignore[arg-type]
+    if type(depth) is not int or depth < 0:
+        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
 
 
 @dataclass(slots=True, frozen=True)
