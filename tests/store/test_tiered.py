@@ -134,33 +134,50 @@ def test_reopen_serves_committed(tmp_path):
     store.close()
 
 
-def test_disk_full_fails_through_handle_and_store_stays_usable(tmp_path, monkeypatch):
+def test_disk_full_is_reported_in_save_errors_and_store_stays_usable(tmp_path, monkeypatch):
     import errno
     import os
 
     store = make_store(tmp_path)
     keys = keys_for(list(range(16)))
     save_chain(store, keys[:2]).wait()
-    real = os.pwrite
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", full)
     monkeypatch.setattr(os, "writev", full)
-    handle = save_chain(store, keys, start=2)
-    with pytest.raises(TierWriteError):
-        handle.wait()
-    monkeypatch.setattr(os, "pwrite", real)
+    result = save_chain(store, keys, start=2).wait()  # a refusal: reported, not raised
     monkeypatch.undo()
-    # the committed chunks are intact on disk, and DRAM still serves the new ones
+    assert result.on_disk == 0 and len(result.errors) == 1 and "ENOSPC" in result.errors[0]
+    # the committed chunks are intact on disk (the chain's head is never evicted to make
+    # room for its tail), and DRAM still serves the new ones
     assert store.disk.lookup(keys) == 2
     assert store.lookup(keys).hits == 4
     res, dests = load_all(store, keys)
     assert res.loaded == 4
     assert_exact(keys, dests)
-    assert store.metrics.get("kvtier_tier_write_failures_total", tier="disk") >= 1
+    assert store.metrics.get("kvtier_tier_write_failures_total", tier="disk") == 1
     store.close()
+
+
+def test_disk_write_failure_fails_the_handle_and_is_counted_once(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    store = make_store(tmp_path)
+    keys = keys_for(list(range(8)))
+
+    def eio(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "writev", eio)
+    with pytest.raises(TierWriteError, match="EIO"):
+        save_chain(store, keys).wait()
+    monkeypatch.undo()
+    assert store.lookup(keys).hits == 2  # still in DRAM
+    store.close()  # joins the writer thread, so the handle's callbacks have run
+    assert store.metrics.get("kvtier_tier_write_failures_total", tier="disk") == 1  # one chunk failed, once
 
 
 def test_write_back_demotes_on_eviction(tmp_path):

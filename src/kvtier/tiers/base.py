@@ -67,7 +67,7 @@ def check_chunk(key: object, parent: object, depth: object, name: str = "key") -
     check_key(parent, "parent")
     if len(parent) != len(key):  # type: ignore[arg-type]
         raise ValueError(f"parent has {len(parent)} bytes but {name} has {len(key)}")  # type: ignore[arg-type]
-    if type(depth) is not int or depth < 0:
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 0:
         raise ValueError(f"depth must be an int >= 0, got {depth!r}")
 
 
