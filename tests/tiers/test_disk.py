@@ -895,7 +895,7 @@ def test_reader_forgets_chunks_whose_files_the_owner_removed(tmp_path):
     ("key", "parent", "depth", "match"),
     [
         ("ab" * 16, ROOT_KEY, 0, "must be bytes, got str"),
-        (b"k" * 31, ROOT_KEY, 0, "has 31 bytes"),
+        (b"k" * 33, ROOT_KEY, 0, "has 33 bytes"),
         (bytearray(32), ROOT_KEY, 0, "must be bytes, got bytearray"),
         (b"k" * 32, b"p" * 16, 1, "parent has 16 bytes"),
         (b"k" * 32, ROOT_KEY, -1, "depth must be an int >= 0"),

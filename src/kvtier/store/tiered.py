@@ -13,7 +13,11 @@ chunk `keys[i]` (one section: [kv_heads, planes, chunk_tokens, head_size]).
 
 Publishing: a chunk enters DRAM only when all its layers are filled (commit), and the
 disk tier is written by one FIFO writer thread in chain order, parents before children;
-if a parent's disk write fails its descendants in that save are not written. Chunks
+if a parent's disk write fails its descendants in that save are not written. A chunk
+whose parent is not on disk (the disk evicted it, DRAM still holds it) gets its missing
+ancestors written first, or is not written. A chunk the disk tier refuses (no room without
+cutting a chain, disk full) is reported in SaveResult.errors and counted; only an I/O
+failure fails the save's handle. Keys, depths and layer sources are checked at the call. Chunks
 being written to disk are pinned in DRAM so eviction cannot pull their bytes away, each
 until its own write lands. When DRAM is full of such chunks, `allocate_memory` (the host
 service's save and promotion path) waits for the writer to free some, up to
@@ -39,6 +43,7 @@ from kvtier.core.errors import StoreClosedError
 from kvtier.core.layout import KVLayout
 from kvtier.store.transfer import TransferEngine, TransferHandle
 from kvtier.tiers.base import (
+    KEY_LENGTHS,
     Buffer,
     ChunkMeta,
     Tier,
@@ -210,6 +215,7 @@ class TieredStore:
         """Start a layer-by-layer save of the chain `keys` whose first chunk follows `parent`."""
         self._check_open()
         keys = list(_check_keys(keys))
+        check_key(parent, "parent", KEY_LENGTHS)
         check_chunk(keys[0] if keys else parent, parent, first_depth, "keys[0]")
         return SaveBatch(self, keys, parent, first_depth)
 
@@ -579,7 +585,7 @@ def _check_keys(keys: Sequence[bytes], name: str = "keys") -> Sequence[bytes]:
     first = -1
     for i, key in enumerate(keys):
         if type(key) is not bytes or len(key) != first:
-            check_key(key, f"{name}[{i}]")
+            check_key(key, f"{name}[{i}]", KEY_LENGTHS)
             if first < 0:
                 first = len(key)
             elif len(key) != first:

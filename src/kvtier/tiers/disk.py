@@ -21,20 +21,33 @@ fails is a miss: counted, dropped from the index and (owner only) deleted, never
 whole-chunk read, as a promotion does); a layer-wise read returns `extras=()`, and
 `read_section` fetches one extra section on its own.
 
-The index is rebuilt at open by reading every chunk header (invalid files are counted and,
-by the owner, deleted); the eviction policy learns the chunks oldest file first, parents
-before their children, so the order survives restarts. Files whose header names another
-KV layout belong to another configuration: they are left alone and not indexed.
+Chains stay whole on disk. A chunk below a chain's head is written only while its parent is
+indexed (else the write is refused), and eviction takes only leaves (chunks with no stored
+child), never the parent of a write in flight: no write can cut a chain, its own or another's,
+and no crash can leave a child whose parent is gone. When nothing may go, the write is refused
+(False, counted as writes refused). A full filesystem (ENOSPC) below `capacity_bytes` evicts
+one more chunk and retries once, then raises TierRefusedError.
+
+The index is rebuilt at open by reading every chunk header. A file that fails validation is
+counted and, by the owner, deleted; an I/O error reading a header (EIO, EMFILE) proves nothing
+about the file: it is skipped and counted as a read error, and kept. A chunk whose chain does
+not reach a head through the files found (its parent was corrupt) is dropped (counted; the
+owner deletes it). The eviction policy learns the chunks oldest file first, parents before
+their children, so the order survives restarts. Files whose header names another KV layout
+belong to another configuration: they are left alone and not indexed, but their bytes count
+against capacity (a warning names the folder). During a read, an I/O error makes that chunk a
+miss (counted, file kept), never a failed load.
 
 Several processes sharing one folder:
 - One *owner* (read_only=False) per folder, enforced by a non-blocking flock on
   .owner.lock; a second owner is refused with TierUnavailableError. Only the owner writes,
   evicts, deletes and accounts capacity; at open it removes temporary files left by a crash.
 - Any number of *readers* (read_only=True) take no lock and never write or delete. A reader
-  indexes the folder at open and finds chunks committed later by stat-ing the key's path on
-  lookup/read. Readers only ever see whole, committed chunks (rename is atomic) and verify
-  what they read; a chunk the owner evicted meanwhile is a plain miss. A reader's usage()
-  counts only the chunks it has seen.
+  indexes the folder at open and stats the key's path on every lookup, so it finds chunks
+  committed later and forgets files the owner removed. Readers only ever see whole, committed
+  chunks (rename is atomic) and verify what they read; a chunk the owner evicted meanwhile is
+  a plain miss, and a file that failed verification stays a miss until the owner replaces it.
+  A reader's usage() counts only the chunks it has seen.
 - On a shared mount (NFS, CephFS) flock and rename atomicity are what that filesystem
   provides; use one owner per folder across all hosts.
 
