@@ -555,3 +555,16 @@ def test_killed_writers_on_an_evicting_disk_leave_no_orphan_and_no_wrong_byte(tm
     served = sum(disk.lookup(store_writer.conversation_keys(c)) for c in range(store_writer.NUM_CONVERSATIONS))
     assert served == len(stored)
     disk.close()
+
+
+def test_disk_write_seconds_are_counted_once(tmp_path, monkeypatch):
+    import itertools
+
+    store = make_store(tmp_path, mem_chunks=0)
+    ticks = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))  # one second per reading
+    save_chain(store, keys_for(list(range(4)))).wait()
+    monkeypatch.undo()
+    store.close()
+    # the disk tier reads the clock before and after its write: one second, counted by it alone
+    assert store.metrics.get(m.WRITE_SECONDS, tier="disk") == 1.0

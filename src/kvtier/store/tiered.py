@@ -119,7 +119,7 @@ class TieredStore:
     def lookup(self, keys: Sequence[bytes], touch: bool = True) -> LookupResult:
         """How many leading `keys` are stored, and where. Hits are touched tail-first."""
         self._check_open()
-        _check_keys(keys)
+        keys = _check_keys(keys)
         where: list[str] = []
         for key in keys:
             for tier in self.tiers:
@@ -371,9 +371,8 @@ class TieredStore:
                     self.metrics.inc(m.WRITES_REFUSED, tier=disk.name)
                     errors.append(f"chunk {i}: evicted from DRAM before its disk write")
                     break
-                t0 = time.perf_counter()
                 try:
-                    ok = disk.write(meta, layers)
+                    ok = disk.write(meta, layers)  # the tier counts its own write seconds
                 except TierRefusedError as e:
                     errors.append(f"chunk {i}: {e}")
                     break
@@ -381,7 +380,6 @@ class TieredStore:
                     errors.append(f"chunk {i}: {e}")
                     io_failed = True
                     break
-                self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=disk.name)
                 if not ok:
                     errors.append(f"chunk {i}: refused by the disk tier (no room without evicting a chunk "
                                   "its chain or a write in flight needs, or not admitted by its policy)")
@@ -582,6 +580,8 @@ def _check_keys(keys: Sequence[bytes], name: str = "keys") -> Sequence[bytes]:
     """`keys` as a list of chunk keys of one length, or ValueError naming the first bad one."""
     if isinstance(keys, (bytes, bytearray, str)):
         raise ValueError(f"{name} must be a sequence of keys, not one {type(keys).__name__}")
+    if not isinstance(keys, (list, tuple)):
+        keys = list(keys)  # an iterator is read once, here
     first = -1
     for i, key in enumerate(keys):
         if type(key) is not bytes or len(key) != first:

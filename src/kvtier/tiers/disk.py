@@ -485,7 +485,6 @@ class DiskTier(Tier):
             pad = align_up(section.offset + section.length) - section.offset - section.length
             if pad:
                 bufs.append(memoryview(_ZEROS)[:pad])
-        committed = False
         try:
             try:
                 sig = self._publish(key, bufs, final)
@@ -503,7 +502,6 @@ class DiskTier(Tier):
                 self._index[key] = _Entry(final, total, meta.parent, meta.depth, (sig, table))
                 self._used += total
                 self._policy.insert(key, meta.parent, meta.depth)
-            committed = True
         except _PublishError as e:
             if e.cause.errno == errno.ENOSPC:
                 self.metrics.inc(m.WRITE_FAILURES, tier=self.name)
@@ -519,8 +517,6 @@ class DiskTier(Tier):
                 self._reserved -= total
                 self._writing.discard(key)
                 self._release_parent_locked(parent)
-        if not committed:  # pragma: no cover - every failure above raises
-            return False
         self.metrics.inc(m.BYTES_WRITTEN, sum(s.length for s in header.sections), tier=self.name)
         self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=self.name)
         self._report_usage()
@@ -560,7 +556,7 @@ class DiskTier(Tier):
             raise _PublishError(step, e) from e
 
     def _make_room_locked(self, total: int) -> bool:
-        """Evict until `total` more bytes fit; False (nothing evicted needlessly kept) if they cannot."""
+        """Evict leaves until `total` more bytes fit; False if they cannot (what went stays gone)."""
         if self._reserved + total > self.capacity_bytes:
             return False
         while self._used + self._reserved + total > self.capacity_bytes:
