@@ -1,14 +1,15 @@
 """Helper process for the store's crash test: write-through saves onto a disk small enough to evict.
 
-    python tests/store/store_writer.py ROOT SEED MEM_CHUNKS DISK_CHUNKS [SAVES]
+    python tests/store/store_writer.py ROOT SEED MEM_CHUNKS DISK_CHUNKS [SAVES [WRITE_MODE]]
 
 Waits for a line on stdin (so a test can start it ahead of time), opens a TieredStore with a
 DRAM tier of MEM_CHUNKS chunks and a disk tier of DISK_CHUNKS chunks under ROOT, prints "open",
 then saves prefixes of NUM_CONVERSATIONS fixed conversations the way an engine does: it looks
 the prefix up and saves only the chunks the store lacks, after the last one it has. Forever,
-or SAVES saves and then prints "done".
+or SAVES saves (-1: forever) and then prints "done". WRITE_MODE is the store's (default
+write-through).
 
-After every save it checks that the save did not cut its own chain on disk: the chain's
+In write-through mode, after every save it checks that the save did not cut its own chain on disk: the chain's
 leading chunks on disk before the save are still there, and a save without errors left the
 whole prefix on disk. A violation prints "CUT ..." and exits with status 3. Keys and payloads
 derive only from the conversation, so any process can check what it reads.
@@ -45,6 +46,7 @@ def main() -> None:
     root, seed = sys.argv[1], int(sys.argv[2])
     mem_chunks, disk_chunks = int(sys.argv[3]), int(sys.argv[4])
     saves = int(sys.argv[5]) if len(sys.argv) > 5 else -1
+    write_mode = sys.argv[6] if len(sys.argv) > 6 else "write-through"
     sys.stdin.readline()
     from kvtier.core.codec import ALIGN
 
@@ -54,6 +56,7 @@ def main() -> None:
             chunk_tokens=CHUNK,
             memory=MemoryTierConfig(capacity_bytes=mem_chunks * LAYOUT.chunk_bytes(CHUNK)),
             disk=DiskTierConfig(root=root, capacity_bytes=disk_chunks * file_bytes, fsync=seed % 2 == 1),
+            write_mode=write_mode,
         ),
         LAYOUT,
     )
@@ -70,7 +73,8 @@ def main() -> None:
             srcs = [[layer_payload(k, layer) for layer in range(LAYOUT.num_layers)] for k in keys[hits:]]
             result = store.save(keys[hits:], parent, hits, srcs).wait()
             on_disk_after = store.disk.lookup(keys)
-            if on_disk_after < on_disk_before or (not result.errors and on_disk_after < len(keys)):
+            cut = on_disk_after < on_disk_before or (not result.errors and on_disk_after < len(keys))
+            if write_mode == "write-through" and cut:
                 print(f"CUT {on_disk_before} -> {on_disk_after} of {len(keys)} errors={result.errors}", flush=True)
                 sys.exit(3)
         n += 1
