@@ -17,8 +17,9 @@ from kvtier.core.codec import ALIGN, SECTION_KV, SECTION_SUMMARY, checksum, deco
 from kvtier.core.config import DiskTierConfig
 from kvtier.core.errors import StoreClosedError, TierUnavailableError
 from kvtier.core.layout import KVLayout
-from kvtier.tiers.base import ChunkMeta, TierWriteError
+from kvtier.tiers.base import ChunkMeta, TierRefusedError, TierWriteError
 from kvtier.tiers.disk import DiskTier, chunk_path, clear_root, scan_root
+from kvtier.tiers.policies import POLICIES
 from tests.conftest import CHUNK, TINY, key_of, payload
 from tests.tiers import disk_writer
 
@@ -397,7 +398,7 @@ def test_wrong_layout_is_a_miss(tmp_path):
 
 
 # -- errors while writing ---------------------------------------------------------------------
-def test_disk_full_raises_and_leaves_the_tier_usable(tmp_path, monkeypatch):
+def test_disk_full_after_one_eviction_is_refused_and_leaves_the_tier_usable(tmp_path, monkeypatch):
     t = open_tier(tmp_path)
     (a,) = chain(t, [1])
 
@@ -406,16 +407,39 @@ def test_disk_full_raises_and_leaves_the_tier_usable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "writev", full)
     monkeypatch.setattr(os, "pwrite", full)
-    with pytest.raises(TierWriteError, match="ENOSPC"):
+    with pytest.raises(TierRefusedError, match="ENOSPC"):
         put(t, key_of(2))
     assert fail(t, m.WRITE_FAILURES) == 1
+    assert fail(t, m.EVICTIONS) == 1  # it evicted once to make room, then gave up
     assert not list(Path(tmp_path, "tmp").iterdir())
-    assert t.keys() == [a] and t.usage().used_bytes == FILE
-    assert files_on_disk(tmp_path) == {a: FILE}
-    assert_exact(t, a)
+    assert t.keys() == [] and t.usage().used_bytes == 0
+    assert files_on_disk(tmp_path) == {}
     monkeypatch.undo()
     assert put(t, key_of(2))
     assert_exact(t, key_of(2))
+
+
+def test_enospc_below_capacity_evicts_and_retries_once(tmp_path, monkeypatch):
+    """The filesystem fills up (other files share it) long before capacity_bytes: ENOSPC
+    evicts a chunk and retries, instead of failing every write while the tier thinks it has room."""
+    t = open_tier(tmp_path)
+    a0, a1 = chain(t, [1, 2])
+    (b0,) = chain(t, [3])
+    real = os.writev
+    calls = []
+
+    def full_once(fd, bufs):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, bufs)
+
+    monkeypatch.setattr(os, "writev", full_once)
+    assert put(t, key_of(4), parent=b0, depth=1)
+    assert fail(t, m.EVICTIONS) == 1 and fail(t, m.WRITE_FAILURES) == 0
+    assert set(t.keys()) == {a0, b0, key_of(4)}  # the oldest leaf went; b0, the parent, stayed
+    assert_exact(t, key_of(4))
+    assert files_on_disk(tmp_path) == dict.fromkeys(t.keys(), FILE)
 
 
 def test_read_only_filesystem_at_publish_raises(tmp_path, monkeypatch):
@@ -670,3 +694,219 @@ def test_clear_root_removes_only_kvtier_files(tmp_path):
     with pytest.raises(TierUnavailableError, match="does not look like"):
         clear_root(other)
     assert (other / "data.kvc").exists()
+
+
+# -- issue 15: faults that still hurt ------------------------------------------------------------
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_a_write_never_evicts_an_ancestor_of_its_chunk(tmp_path, policy):
+    """The fourth chunk of a chain on a three-chunk disk: its parent is the only leaf, and the
+    old fallback evicted the head, making the whole chain unreachable while the write 'succeeded'."""
+    t = open_tier(tmp_path, capacity=3 * FILE, policy=policy)
+    keys = [key_of(i) for i in range(4)]
+    parent = ROOT_KEY
+    stored = []
+    for d, k in enumerate(keys):
+        stored.append(put(t, k, parent, d))
+        parent = k
+    assert stored == [True, True, True, False]
+    assert t.lookup(keys) == 3 and set(t.keys()) == set(keys[:3])
+    assert fail(t, m.WRITES_REFUSED) == 1 and fail(t, m.EVICTIONS) == 0
+    # another chain may still take the room of this chain's tail (a leaf), never of its head
+    assert put(t, key_of(10))
+    assert t.lookup(keys) == 2 and t.lookup([key_of(10)]) == 1
+
+
+def test_a_concurrent_write_never_evicts_the_parent_of_a_write_in_flight(tmp_path, monkeypatch):
+    """Thread A writes a child of a0; while its file is being written, thread B needs room and
+    a0 is the only leaf: evicting it would publish A's chunk as an orphan."""
+    t = open_tier(tmp_path, capacity=2 * FILE)
+    (a0,) = chain(t, [1])
+    (b0,) = chain(t, [3])
+    real = os.writev
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_first(fd, bufs):
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(30)
+        return real(fd, bufs)
+
+    monkeypatch.setattr(os, "writev", slow_first)
+    results = []
+    writer = threading.Thread(target=lambda: results.append(put(t, key_of(2), parent=a0, depth=1)))
+    writer.start()
+    try:
+        assert entered.wait(30)  # A evicted b0 for its room and is writing
+        assert not put(t, key_of(4))  # B: the only leaf is A's parent, so B is refused
+    finally:
+        release.set()
+        writer.join()
+    assert results == [True]
+    assert t.lookup([a0, key_of(2)]) == 2 and b0 not in t.keys()
+    assert fail(t, m.WRITES_REFUSED) == 1
+
+
+def test_a_child_whose_parent_is_not_on_disk_is_refused(tmp_path):
+    t = open_tier(tmp_path)
+    (a0,) = chain(t, [1])
+    assert not put(t, key_of(3), parent=key_of(2), depth=1)  # key 2 was never stored
+    assert fail(t, m.WRITES_REFUSED) == 1 and t.keys() == [a0]
+    assert put(t, key_of(2), parent=a0, depth=1)
+    assert put(t, key_of(3), parent=key_of(2), depth=2)
+
+
+def test_header_cache_hits_after_write_and_after_open(tmp_path, monkeypatch):
+    from kvtier.tiers import disk as disk_module
+
+    parses = []
+    real = disk_module.decode_header
+
+    def counting(raw, file_bytes):
+        parses.append(file_bytes)
+        return real(raw, file_bytes)
+
+    monkeypatch.setattr(disk_module, "decode_header", counting)
+    t = open_tier(tmp_path)
+    (k,) = chain(t, [1])
+    for _ in range(3):
+        assert_exact(t, k)
+    assert parses == []  # the header written is the header read
+    t.close()
+    t = open_tier(tmp_path)
+    assert len(parses) == 1  # parsed once at open ...
+    for _ in range(3):
+        assert_exact(t, k)
+    assert len(parses) == 1  # ... and never again while the file is the same
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.EMFILE])
+def test_a_transient_io_error_at_open_skips_the_file_and_keeps_it(tmp_path, monkeypatch, err):
+    t = open_tier(tmp_path)
+    a = chain(t, [1, 2])
+    (b0,) = chain(t, [3])
+    t.close()
+    real = os.open
+    bad = t.path_of(a[0])
+
+    def failing_open(path, *args, **kwargs):
+        if path == bad:
+            raise OSError(err, os.strerror(err))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    t = open_tier(tmp_path)
+    monkeypatch.undo()
+    assert fail(t, m.CHECKSUM_FAILURES) == 0 and fail(t, m.READ_ERRORS) == 1
+    assert fail(t, m.ORPHANS_DROPPED) == 0  # its child waits on it: skipped, not deleted
+    assert t.keys() == [b0]
+    assert files_on_disk(tmp_path) == dict.fromkeys([*a, b0], FILE)
+    t.close()
+    t = open_tier(tmp_path)  # the error has passed: all served again
+    assert t.lookup(a) == 2
+    for k in a:
+        assert_exact(t, k)
+
+
+def test_an_io_error_while_reading_is_a_miss_that_keeps_the_file(tmp_path, monkeypatch):
+    t = open_tier(tmp_path)
+    a, b = chain(t, [1]), chain(t, [2])
+    real = os.preadv
+    calls = []
+
+    def eio_once(fd, bufs, offset):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", eio_once)
+    assert read(t, a[0])[0] is None  # a miss, not an exception
+    assert fail(t, m.READ_ERRORS) == 1 and fail(t, m.CHECKSUM_FAILURES) == 0
+    assert t.contains(a[0]) and os.path.exists(t.path_of(a[0]))
+    assert_exact(t, b[0])
+    assert_exact(t, a[0])  # served again once the error has passed
+
+
+def test_a_chunk_whose_parent_is_corrupt_at_open_is_dropped(tmp_path):
+    t = open_tier(tmp_path)
+    a = chain(t, [1, 2, 3])
+    (b0,) = chain(t, [4])
+    t.close()
+    _flip(t.path_of(a[1]), ALIGN + 1)  # the header stays valid; the section does not ...
+    _flip(t.path_of(a[1]), 20)  # ... and neither does the header now
+    t = open_tier(tmp_path)
+    assert sorted(t.keys()) == sorted([a[0], b0])  # a[2] could never be reached: dropped
+    assert fail(t, m.CHECKSUM_FAILURES) == 1 and fail(t, m.ORPHANS_DROPPED) == 1
+    assert files_on_disk(tmp_path) == dict.fromkeys([a[0], b0], FILE)
+    assert t.usage().used_bytes == 2 * FILE
+    reader = open_tier(tmp_path, read_only=True)
+    assert sorted(reader.keys()) == sorted([a[0], b0])
+
+
+def test_files_of_another_layout_are_counted_against_capacity(tmp_path, caplog):
+    other = KVLayout(num_layers=2, num_kv_heads=2, head_size=16)
+    t = open_tier(tmp_path, layout=other)
+    chain(t, [1, 2])
+    t.close()
+    foreign = sum(files_on_disk(tmp_path).values())
+    with caplog.at_level("WARNING", logger="kvtier.tiers.disk"):
+        t = open_tier(tmp_path, capacity=foreign + 2 * FILE)
+    assert t.foreign_chunks == 2 and t.foreign_bytes == foreign
+    assert t.usage().used_bytes == foreign
+    assert str(tmp_path) in caplog.text and "another KV layout" in caplog.text
+    chain(t, [3])
+    chain(t, [4])
+    assert put(t, key_of(5))  # evicts one of ours: the foreign files take the rest of the room
+    assert t.usage().used_bytes == foreign + 2 * FILE
+    assert len(files_on_disk(tmp_path)) == 4
+
+
+def test_reader_keeps_a_corrupt_chunk_a_miss_after_its_first_failed_verify(tmp_path):
+    owner = open_tier(tmp_path)
+    (a,) = chain(owner, [1])
+    reader = open_tier(tmp_path, read_only=True)
+    _flip(owner.path_of(a), ALIGN + 5)
+    assert reader.lookup([a]) == 1  # not verified yet
+    assert read(reader, a)[0] is None
+    assert fail(reader, m.CHECKSUM_FAILURES) == 1
+    for _ in range(3):
+        assert reader.lookup([a]) == 0 and not reader.contains(a)
+        assert read(reader, a)[0] is None
+    assert fail(reader, m.CHECKSUM_FAILURES) == 1  # one failed verify, not one per load
+    assert os.path.exists(owner.path_of(a))  # readers never delete
+    assert read(owner, a)[0] is None  # the owner drops it ...
+    assert put(owner, a)  # ... and stores it again: a new file the reader serves
+    assert reader.lookup([a]) == 1
+    assert_exact(reader, a)
+
+
+def test_reader_forgets_chunks_whose_files_the_owner_removed(tmp_path):
+    owner = open_tier(tmp_path)
+    a = chain(owner, [1, 2])
+    reader = open_tier(tmp_path, read_only=True)
+    assert reader.lookup(a) == 2 and reader.usage().chunks == 2
+    owner.delete(a[1])
+    assert reader.lookup(a) == 1
+    assert not reader.contains(a[1])
+    assert reader.usage().chunks == 1 and reader.usage().used_bytes == FILE
+
+
+@pytest.mark.parametrize(
+    ("key", "parent", "depth", "match"),
+    [
+        ("ab" * 16, ROOT_KEY, 0, "must be bytes, got str"),
+        (b"k" * 33, ROOT_KEY, 0, "has 33 bytes"),
+        (bytearray(32), ROOT_KEY, 0, "must be bytes, got bytearray"),
+        (b"k" * 32, b"p" * 16, 1, "parent has 16 bytes"),
+        (b"k" * 32, ROOT_KEY, -1, "depth must be an int >= 0"),
+    ],
+)
+def test_bad_keys_and_depths_are_refused_at_the_call(tmp_path, key, parent, depth, match):
+    t = open_tier(tmp_path)
+    layers = payload(key_of(1))
+    with pytest.raises(ValueError, match=match):
+        t.write(ChunkMeta(key, parent, depth, CHUNK, tuple(checksum(x) for x in layers)), layers)
+    if isinstance(key, str):
+        with pytest.raises(ValueError, match="must be bytes"):
+            read(t, key)
+    assert t.usage().chunks == 0 and not list(Path(tmp_path, "tmp").iterdir())

@@ -138,3 +138,75 @@ def test_typed_destinations_and_read_only_sources():
     assert not paged[1].any()  # nothing written outside the destinations
     with pytest.raises(ValueError, match="C-contiguous"):
         t.read(key, [0], [np.zeros((2, LB), np.uint8)[:, 0]])
+
+
+# -- issue 15 -------------------------------------------------------------------------------------
+def test_on_evict_runs_outside_the_lock_with_the_victims_bytes():
+    """Write-back's copy of an evicted chunk used to run under the tier's lock, blocking every reader."""
+    import threading
+
+    seen = []
+
+    def on_evict(meta, slot_bytes):
+        dests = [np.zeros(LB, np.uint8) for _ in range(2)]
+        reader = threading.Thread(target=lambda: seen.append(t.read(key_of(2), [0, 1], dests)))
+        reader.start()
+        reader.join(10)
+        seen.append(("reader finished", not reader.is_alive()))
+        seen.append((meta.key, bytes(slot_bytes) == b"".join(x.tobytes() for x in payload(meta.key))))
+
+    t = MemoryTier(TINY, CHUNK, MemoryTierConfig(capacity_bytes=2 * TINY.chunk_bytes(CHUNK)), on_evict=on_evict)
+    chain(t, [1])
+    chain(t, [2])
+    assert put(t, key_of(3))  # evicts key 1
+    assert ("reader finished", True) in seen and (key_of(1), True) in seen
+    assert seen[0] is not None  # the reader of key 2 got its chunk while key 1 was being copied
+    assert_counts = t.slot_counts()
+    assert assert_counts["resident"] == 2 and assert_counts["free"] == 0 and assert_counts["reserved"] == 0
+
+
+def test_a_failing_on_evict_returns_the_slot():
+    def on_evict(meta, slot_bytes):
+        raise OSError("disk gone")
+
+    t = MemoryTier(TINY, CHUNK, MemoryTierConfig(capacity_bytes=TINY.chunk_bytes(CHUNK)), on_evict=on_evict)
+    chain(t, [1])
+    with pytest.raises(OSError):
+        put(t, key_of(2))
+    assert t.slot_counts()["free"] == 1 and t.slot_counts()["reserved"] == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "match"),
+    [("ab" * 16, "must be bytes, got str"), (b"k" * 33, "has 33 bytes"), (None, "must be bytes, got NoneType")],
+)
+def test_bad_keys_are_refused_at_the_call_and_leak_no_slot(key, match):
+    """A str key used to take a slot, then fail in the policy with the slot indexed but never
+    evictable: two such calls filled a two-slot tier for good."""
+    t = tier(2, policy="adaptive")
+    layers = payload(key_of(1))
+    for _ in range(3):
+        with pytest.raises(ValueError, match=match):
+            t.write(ChunkMeta(key, ROOT, 0, CHUNK, tuple(checksum(x) for x in layers)), layers)
+        with pytest.raises(ValueError, match=match):
+            t.allocate(key, ROOT, 0)
+    with pytest.raises(ValueError, match="must be bytes"):
+        read(t, "ab" * 16)
+    assert t.slot_counts()["free"] == 2
+    chain(t, [1, 2])
+    assert t.lookup([key_of(1), key_of(2)]) == 2
+
+
+def test_write_layer_outside_the_layout_is_refused_not_written_into_the_next_slot():
+    t = tier(2)
+    res = t.allocate(key_of(2), ROOT, 0)  # slot 0
+    (a,) = chain(t, [1])  # slot 1, right after it
+    with pytest.raises(ValueError, match="layer 2 is outside 0..1"):
+        t.write_layer(res, 2, payload(key_of(2))[0])
+    with pytest.raises(ValueError, match="outside"):
+        t.write_layer(res, -1, payload(key_of(2))[0])
+    meta, dests = read(t, a)
+    assert meta is not None
+    for got, want in zip(dests, payload(a)):
+        assert np.array_equal(got, want)
+    t.abort(res)

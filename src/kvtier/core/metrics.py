@@ -20,6 +20,9 @@ EVICTIONS = "kvtier_tier_evictions_total"
 CHECKSUM_FAILURES = "kvtier_tier_checksum_failures_total"
 WRITE_FAILURES = "kvtier_tier_write_failures_total"
 USED_BYTES = "kvtier_tier_used_bytes"
+WRITES_REFUSED = "kvtier_tier_writes_refused_total"
+READ_ERRORS = "kvtier_tier_read_errors_total"
+ORPHANS_DROPPED = "kvtier_tier_orphans_dropped_total"
 # Per connector (label connector="vllm"|"transformers")
 HIT_TOKENS = "kvtier_connector_hit_tokens_total"
 LOAD_SECONDS = "kvtier_connector_load_seconds_total"
@@ -39,6 +42,9 @@ HELP = {
     CHECKSUM_FAILURES: "Chunks that failed validation and were dropped.",
     WRITE_FAILURES: "Chunk writes that failed (disk full, read-only folder, ...).",
     USED_BYTES: "Bytes currently used by the tier.",
+    WRITES_REFUSED: "Chunk writes the tier declined (no room without cutting a chain, parent not stored).",
+    READ_ERRORS: "Chunk reads that failed with an I/O error (the chunk was a miss, its file kept).",
+    ORPHANS_DROPPED: "Chunks dropped at open because their parent was not stored (unreachable).",
     HIT_TOKENS: "Prompt tokens served from the store.",
     LOAD_SECONDS: "Seconds spent loading KV into the engine.",
     SAVE_SECONDS: "Seconds spent saving KV from the engine.",

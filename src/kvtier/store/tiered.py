@@ -13,7 +13,11 @@ chunk `keys[i]` (one section: [kv_heads, planes, chunk_tokens, head_size]).
 
 Publishing: a chunk enters DRAM only when all its layers are filled (commit), and the
 disk tier is written by one FIFO writer thread in chain order, parents before children;
-if a parent's disk write fails its descendants in that save are not written. Chunks
+if a parent's disk write fails its descendants in that save are not written. A chunk
+whose parent is not on disk (the disk evicted it, DRAM still holds it) gets its missing
+ancestors written first, or is not written. A chunk the disk tier refuses (no room without
+cutting a chain, disk full) is reported in SaveResult.errors and counted; only an I/O
+failure fails the save's handle. Keys, depths and layer sources are checked at the call. Chunks
 being written to disk are pinned in DRAM so eviction cannot pull their bytes away, each
 until its own write lands. When DRAM is full of such chunks, `allocate_memory` (the host
 service's save and promotion path) waits for the writer to free some, up to
@@ -38,7 +42,17 @@ from kvtier.core.config import StoreConfig
 from kvtier.core.errors import StoreClosedError
 from kvtier.core.layout import KVLayout
 from kvtier.store.transfer import TransferEngine, TransferHandle
-from kvtier.tiers.base import Buffer, ChunkMeta, Tier, TierWriteError, as_bytes_view
+from kvtier.tiers.base import (
+    KEY_LENGTHS,
+    Buffer,
+    ChunkMeta,
+    Tier,
+    TierRefusedError,
+    TierWriteError,
+    as_bytes_view,
+    check_chunk,
+    check_key,
+)
 from kvtier.tiers.memory import MemoryTier, Reservation
 
 log = logging.getLogger(__name__)
@@ -105,6 +119,7 @@ class TieredStore:
     def lookup(self, keys: Sequence[bytes], touch: bool = True) -> LookupResult:
         """How many leading `keys` are stored, and where. Hits are touched tail-first."""
         self._check_open()
+        keys = _check_keys(keys)
         where: list[str] = []
         for key in keys:
             for tier in self.tiers:
@@ -112,9 +127,12 @@ class TieredStore:
                     where.append(tier.name)
                     break
             else:
-                if key in self._demoting:
-                    where.append("disk")
-                    continue
+                if self._demoting:
+                    with self._pending_lock:
+                        demoting = key in self._demoting
+                    if demoting:
+                        where.append("disk")
+                        continue
                 break
         if touch and where:
             for tier in self.tiers:
@@ -137,6 +155,7 @@ class TieredStore:
                      layers: Sequence[int] | None) -> list[int]:
         """The layers a load moves, after checking it has one destination buffer per chunk and layer."""
         self._check_open()
+        _check_keys(keys)
         layer_list = list(range(self.layout.num_layers)) if layers is None else list(layers)
         if len(dests) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(dests)} destination lists")
@@ -195,7 +214,10 @@ class TieredStore:
     def begin_save(self, keys: Sequence[bytes], parent: bytes, first_depth: int = 0) -> SaveBatch:
         """Start a layer-by-layer save of the chain `keys` whose first chunk follows `parent`."""
         self._check_open()
-        return SaveBatch(self, list(keys), parent, first_depth)
+        keys = list(_check_keys(keys))
+        check_key(parent, "parent", KEY_LENGTHS)
+        check_chunk(keys[0] if keys else parent, parent, first_depth, "keys[0]")
+        return SaveBatch(self, keys, parent, first_depth)
 
     def save(
         self,
@@ -212,9 +234,19 @@ class TieredStore:
         """
         if len(srcs) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(srcs)} source lists")
+        num_layers = self.layout.num_layers
+        for i, chunk_srcs in enumerate(srcs):
+            if len(chunk_srcs) != num_layers:
+                raise ValueError(f"srcs[{i}] has {len(chunk_srcs)} layer buffers; the layout has {num_layers} layers")
+        if extras is not None and len(extras) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(extras)} extras")
         batch = self.begin_save(keys, parent, first_depth)
-        for layer in range(self.layout.num_layers):
-            batch.write_layer(layer, [s[layer] for s in srcs])
+        try:
+            for layer in range(num_layers):
+                batch.write_layer(layer, [s[layer] for s in srcs])
+        except BaseException:
+            batch.abort()  # a bad source buffer must not keep the DRAM slots taken for good
+            raise
         return batch.commit(extras)
 
     def _metas(self, batch: SaveBatch, checksums: list[tuple[int, ...]],
@@ -249,13 +281,19 @@ class TieredStore:
         metas = self._metas(batch, checksums, extras)
         in_memory = 0
         pinned: list[bool] = []
-        for i, meta in enumerate(metas):
-            res = batch.reservations[i]
-            if res is not None and mem is not None:
-                mem.commit(res, meta)  # False: another writer stored it first; same bytes
-            pin = mem is not None and mem.pin(meta.key) is not None
-            pinned.append(pin)
-            in_memory += pin
+        try:
+            for i, meta in enumerate(metas):
+                res = batch.reservations[i]
+                if res is not None and mem is not None:
+                    mem.commit(res, meta)  # False: another writer stored it first; same bytes
+                pin = mem is not None and mem.pin(meta.key) is not None
+                pinned.append(pin)
+                in_memory += pin
+        except BaseException:
+            for key, pin in zip(batch.keys, pinned):
+                if pin and mem is not None:
+                    mem.unpin(key)
+            raise
         if mem is not None:
             mem.touch(batch.keys)
         # write-through: every chunk goes to disk; write-back: only those DRAM had no room for
@@ -296,11 +334,18 @@ class TieredStore:
 
     def _write_disk(self, metas: list[ChunkMeta], copies: list[list[bytes] | None],
                     pinned: list[bool], in_memory: int) -> SaveResult:
+        """The writer thread's part of a save: chunks to disk in chain order.
+
+        A chunk the disk tier refuses (no room without cutting a chain, parent missing, disk
+        full) ends the chain there and is reported in SaveResult.errors; only an I/O failure
+        fails the handle. A chunk whose parent is not on disk (evicted from it while still in
+        DRAM) gets its missing ancestors written first, so no child is ever on disk without them."""
         assert self.disk is not None
         disk = self.disk
         mem = self.memory
         written = 0
         errors: list[str] = []
+        io_failed = False
         pinned = list(pinned)  # cleared as each chunk's pin is returned
         try:
             # the first failure stops the chain: a child is never written without its parent
@@ -309,6 +354,12 @@ class TieredStore:
                     written += 1
                     self._unpin_written(pinned, i, meta.key)
                     continue
+                if meta.depth > 0 and not disk.contains(meta.parent):
+                    missing = self._write_ancestors(meta.parent)
+                    if missing:
+                        self.metrics.inc(m.WRITES_REFUSED, tier=disk.name)
+                        errors.append(f"chunk {i}: {missing}")
+                        break
                 copy = copies[i]
                 if copy is not None:
                     layers: list[Buffer] = list(copy)
@@ -317,17 +368,21 @@ class TieredStore:
                     assert slot is not None
                     layers = [mem.layer_view(slot, layer) for layer in range(self.layout.num_layers)]
                 else:
+                    self.metrics.inc(m.WRITES_REFUSED, tier=disk.name)
                     errors.append(f"chunk {i}: evicted from DRAM before its disk write")
                     break
-                t0 = time.perf_counter()
                 try:
-                    ok = disk.write(meta, layers)
-                except TierWriteError as e:
+                    ok = disk.write(meta, layers)  # the tier counts its own write seconds
+                except TierRefusedError as e:
                     errors.append(f"chunk {i}: {e}")
                     break
-                self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=disk.name)
+                except TierWriteError as e:
+                    errors.append(f"chunk {i}: {e}")
+                    io_failed = True
+                    break
                 if not ok:
-                    errors.append(f"chunk {i}: no room in the disk tier")
+                    errors.append(f"chunk {i}: refused by the disk tier (no room without evicting a chunk "
+                                  "its chain or a write in flight needs, or not admitted by its policy)")
                     break
                 written += 1
                 self._unpin_written(pinned, i, meta.key)  # at once: a slot for the next save
@@ -335,11 +390,57 @@ class TieredStore:
             for i, meta in enumerate(metas):
                 self._unpin_written(pinned, i, meta.key)
         result = SaveResult(len(metas), in_memory, written, tuple(errors))
-        if errors:
+        if io_failed:
             raise TierWriteError(
                 f"disk tier: {len(metas) - written} of {len(metas)} chunks not written: " + "; ".join(errors[:3])
             )
         return result
+
+    def _write_ancestors(self, parent: bytes) -> str:
+        """Write to disk the ancestors of a chunk that are missing there (head first), from DRAM
+        or from the write-back queue; "" when done, else why the chunk cannot go to disk."""
+        assert self.disk is not None
+        disk, mem = self.disk, self.memory
+        missing: list[bytes] = []
+        key = parent
+        while not disk.contains(key):
+            meta = mem.meta(key) if mem is not None else None
+            if meta is None:
+                with self._pending_lock:
+                    demoting = self._demoting.get(key)
+                meta = demoting[0] if demoting is not None else None
+            if meta is None:
+                return f"its ancestor {key.hex()[:16]} is neither on disk nor in DRAM"
+            missing.append(key)
+            if meta.depth == 0:
+                break
+            key = meta.parent
+        for key in reversed(missing):
+            if disk.contains(key):
+                continue
+            slot = mem.pin(key) if mem is not None else None
+            try:
+                if slot is not None:
+                    assert mem is not None
+                    meta = mem.meta(key)
+                    layers: list[Buffer] = [mem.layer_view(slot, layer) for layer in range(self.layout.num_layers)]
+                else:
+                    with self._pending_lock:
+                        demoting = self._demoting.get(key)
+                    if demoting is None:
+                        return f"its ancestor {key.hex()[:16]} left DRAM before it could be written to disk"
+                    meta, layers = demoting[0], list(demoting[1])
+                assert meta is not None
+                try:
+                    ok = disk.write(meta, layers)
+                except TierRefusedError as e:
+                    return f"its ancestor {key.hex()[:16]} was refused by the disk tier: {e}"
+                if not ok:
+                    return f"its ancestor {key.hex()[:16]} was refused by the disk tier (no room)"
+            finally:
+                if slot is not None and mem is not None:
+                    mem.unpin(key)
+        return ""
 
     def _count_write_pins(self, n: int) -> None:
         if n:
@@ -387,7 +488,10 @@ class TieredStore:
                     self._write_progress.wait(deadline - now)
 
     def _demote(self, meta: ChunkMeta, payload: np.ndarray) -> None:
-        """Write-back mode: a chunk leaving DRAM is copied and queued for the disk tier."""
+        """Write-back mode: a chunk leaving DRAM is copied and queued for the disk tier.
+
+        The DRAM tier calls this outside its lock, while the slot is held for the allocation
+        that evicted the chunk (so its bytes cannot change under the copy)."""
         if self.disk is None or self.disk.contains(meta.key):
             return
         lb = self.layer_bytes
@@ -397,7 +501,13 @@ class TieredStore:
             self._demoting[meta.key] = (meta, layers)  # readable until the disk write lands
         handle = self._writer.submit("demote", self._write_disk, [meta], [layers], [False], 0)
         self._track(handle)
-        handle.add_done_callback(lambda _h: self._demoting.pop(meta.key, None))
+
+        def _landed(_h: TransferHandle) -> None:
+            with self._pending_lock:
+                if self._demoting.get(meta.key, (None,))[0] is meta:
+                    del self._demoting[meta.key]
+
+        handle.add_done_callback(_landed)
 
     def _read_demoting(self, key: bytes, layers: list[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
         with self._pending_lock:
@@ -418,7 +528,8 @@ class TieredStore:
                 self._pending.discard(h)
             exc = h.exception()
             if exc is not None:
-                self.metrics.inc(m.WRITE_FAILURES, tier="disk")
+                if not isinstance(exc, TierWriteError):  # the tier counted its own failures
+                    self.metrics.inc(m.WRITE_FAILURES, tier="disk")
                 log.warning("kvtier: %s", exc)
 
         handle.add_done_callback(_done)
@@ -465,6 +576,23 @@ class TieredStore:
             raise StoreClosedError("the store is closed")
 
 
+def _check_keys(keys: Sequence[bytes], name: str = "keys") -> Sequence[bytes]:
+    """`keys` as a list of chunk keys of one length, or ValueError naming the first bad one."""
+    if isinstance(keys, (bytes, bytearray, str)):
+        raise ValueError(f"{name} must be a sequence of keys, not one {type(keys).__name__}")
+    if not isinstance(keys, (list, tuple)):
+        keys = list(keys)  # an iterator is read once, here
+    first = -1
+    for i, key in enumerate(keys):
+        if type(key) is not bytes or len(key) != first:
+            check_key(key, f"{name}[{i}]", KEY_LENGTHS)
+            if first < 0:
+                first = len(key)
+            elif len(key) != first:
+                raise ValueError(f"{name}[{i}] has {len(key)} bytes but {name}[0] has {first}")
+    return keys
+
+
 class SaveBatch:
     """A chain of chunks being saved layer by layer; commit() publishes them in order.
 
@@ -480,13 +608,17 @@ class SaveBatch:
         mem = store.memory
         self.reservations: list[Reservation | None] = []
         self.copies: list[list[bytes]] = []
-        prev = parent
-        for i, key in enumerate(keys):
-            res = mem.allocate(key, prev, first_depth + i) if mem is not None else None
-            self.reservations.append(res)
-            self.copies.append([b""] * store.layout.num_layers if res is None else [])
-            prev = key
         self._done = False
+        prev = parent
+        try:
+            for i, key in enumerate(keys):
+                res = mem.allocate(key, prev, first_depth + i) if mem is not None else None
+                self.reservations.append(res)
+                self.copies.append([b""] * store.layout.num_layers if res is None else [])
+                prev = key
+        except BaseException:
+            self._abort_reservations()  # never keep slots taken for a batch the caller never sees
+            raise
 
     def write_layer(self, layer: int, srcs: Sequence[Buffer]) -> None:
         """Copy layer `layer` of every chunk (srcs[i] for keys[i]); the caller may reuse srcs after."""
@@ -494,6 +626,9 @@ class SaveBatch:
             raise ValueError("write to a save batch that was committed or aborted")
         if len(srcs) != len(self.keys):
             raise ValueError(f"{len(self.keys)} chunks but {len(srcs)} layer buffers")
+        num_layers = self.store.layout.num_layers
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < num_layers:
+            raise ValueError(f"layer {layer!r} is outside 0..{num_layers - 1}")
         mem = self.store.memory
         for i, src in enumerate(srcs):
             res = self.reservations[i]

@@ -12,8 +12,11 @@ numpy arrays, CPU torch tensors via .numpy()), so tiers need no torch.
                                    miss: it is deleted and counted, never returned.
     read_section(key, kind, index) an optional typed section (summaries), or None
     write(meta, layers) -> bool    store a whole chunk; False if the policy did not admit
-                                   it or there is no room; raises TierWriteError on I/O
-                                   failure, leaving the tier as it was
+                                   it or there is no room; raises TierRefusedError when it
+                                   declines it for a reason worth reporting (disk full) and
+                                   TierWriteError on I/O failure, leaving the tier as it was
+Keys, parents and depths are checked at each call (`check_key`, `check_chunk`): a bad one
+raises ValueError naming it before the tier takes a slot or a file for it.
     delete(key) -> bool, touch(keys), usage(), close()
 """
 
@@ -28,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.core.codec import MAX_KEY_BYTES
 from kvtier.core.errors import KVTierError
+from kvtier.core.keys import HASH_MODES
 from kvtier.core.layout import KVLayout
 
 Buffer = Any  # an object supporting the buffer protocol
@@ -36,6 +41,44 @@ Buffer = Any  # an object supporting the buffer protocol
 
 class TierWriteError(KVTierError):
     """A write to a tier failed (disk full, read-only folder, ...); the tier is unchanged."""
+
+
+class TierRefusedError(TierWriteError):
+    """The tier declined a chunk it could not store without harm (the disk stayed full after
+    evicting what could go); the tier is unchanged. The store reports it in SaveResult.errors
+    rather than failing the save's handle: the chunk is simply not in that tier."""
+
+
+# Key lengths kvtier's hash modes produce: 16 (xxh3_128) and 32 bytes (sha256, blake2b). The
+# store takes only these; a tier takes any key its chunk format can hold (1..MAX_KEY_BYTES),
+# as the trace benchmark's short keys need.
+KEY_LENGTHS = tuple(sorted({mode.key_bytes for mode in HASH_MODES.values()}))
+
+
+def check_key(key: object, name: str = "key", lengths: tuple[int, ...] | None = None) -> bytes:
+    """`key` as a chunk key, or ValueError naming `name`: bytes, of one of `lengths` (default:
+    1..MAX_KEY_BYTES, what the chunk format holds).
+
+    Checked where a key enters a tier or the store, so a bad one fails at the call that
+    passed it, before any slot or file is taken for it."""
+    if type(key) is not bytes:
+        raise ValueError(f"{name} must be bytes, got {type(key).__name__}")
+    if lengths is not None:
+        if len(key) not in lengths:
+            raise ValueError(f"{name} has {len(key)} bytes; a chunk key has {' or '.join(map(str, lengths))}")
+    elif not 0 < len(key) <= MAX_KEY_BYTES:
+        raise ValueError(f"{name} has {len(key)} bytes; a chunk key has 1..{MAX_KEY_BYTES}")
+    return key
+
+
+def check_chunk(key: object, parent: object, depth: object, name: str = "key") -> None:
+    """A chunk's identity: key and parent keys of one length, depth an int >= 0."""
+    check_key(key, name)
+    check_key(parent, "parent")
+    if len(parent) != len(key):  # type: ignore[arg-type]
+        raise ValueError(f"parent has {len(parent)} bytes but {name} has {len(key)}")  # type: ignore[arg-type]
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 0:
+        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
 
 
 @dataclass(slots=True, frozen=True)

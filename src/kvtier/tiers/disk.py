@@ -21,20 +21,33 @@ fails is a miss: counted, dropped from the index and (owner only) deleted, never
 whole-chunk read, as a promotion does); a layer-wise read returns `extras=()`, and
 `read_section` fetches one extra section on its own.
 
-The index is rebuilt at open by reading every chunk header (invalid files are counted and,
-by the owner, deleted); the eviction policy learns the chunks oldest file first, parents
-before their children, so the order survives restarts. Files whose header names another
-KV layout belong to another configuration: they are left alone and not indexed.
+Chains stay whole on disk. A chunk below a chain's head is written only while its parent is
+indexed (else the write is refused), and eviction takes only leaves (chunks with no stored
+child), never the parent of a write in flight: no write can cut a chain, its own or another's,
+and no crash can leave a child whose parent is gone. When nothing may go, the write is refused
+(False, counted as writes refused). A full filesystem (ENOSPC) below `capacity_bytes` evicts
+one more chunk and retries once, then raises TierRefusedError.
+
+The index is rebuilt at open by reading every chunk header. A file that fails validation is
+counted and, by the owner, deleted; an I/O error reading a header (EIO, EMFILE) proves nothing
+about the file: it is skipped and counted as a read error, and kept. A chunk whose chain does
+not reach a head through the files found (its parent was corrupt) is dropped (counted; the
+owner deletes it). The eviction policy learns the chunks oldest file first, parents before
+their children, so the order survives restarts. Files whose header names another KV layout
+belong to another configuration: they are left alone and not indexed, but their bytes count
+against capacity (a warning names the folder). During a read, an I/O error makes that chunk a
+miss (counted, file kept), never a failed load.
 
 Several processes sharing one folder:
 - One *owner* (read_only=False) per folder, enforced by a non-blocking flock on
   .owner.lock; a second owner is refused with TierUnavailableError. Only the owner writes,
   evicts, deletes and accounts capacity; at open it removes temporary files left by a crash.
 - Any number of *readers* (read_only=True) take no lock and never write or delete. A reader
-  indexes the folder at open and finds chunks committed later by stat-ing the key's path on
-  lookup/read. Readers only ever see whole, committed chunks (rename is atomic) and verify
-  what they read; a chunk the owner evicted meanwhile is a plain miss. A reader's usage()
-  counts only the chunks it has seen.
+  indexes the folder at open and stats the key's path on every lookup, so it finds chunks
+  committed later and forgets files the owner removed. Readers only ever see whole, committed
+  chunks (rename is atomic) and verify what they read; a chunk the owner evicted meanwhile is
+  a plain miss, and a file that failed verification stays a miss until the owner replaces it.
+  A reader's usage() counts only the chunks it has seen.
 - On a shared mount (NFS, CephFS) flock and rename atomicity are what that filesystem
   provides; use one owner per folder across all hosts.
 
@@ -49,12 +62,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,8 +88,21 @@ from kvtier.core.codec import (
 from kvtier.core.config import DiskTierConfig
 from kvtier.core.errors import CorruptChunkError, StoreClosedError, TierUnavailableError
 from kvtier.core.layout import KVLayout
-from kvtier.tiers.base import Buffer, ChunkMeta, Tier, TierUsage, TierWriteError, as_bytes_view, check_dests
+from kvtier.tiers.base import (
+    Buffer,
+    ChunkMeta,
+    Tier,
+    TierRefusedError,
+    TierUsage,
+    TierWriteError,
+    as_bytes_view,
+    check_chunk,
+    check_dests,
+    check_key,
+)
 from kvtier.tiers.policies import make_policy
+
+log = logging.getLogger(__name__)
 
 CHUNKS_DIR = "chunks"
 TMP_DIR = "tmp"
@@ -100,6 +127,13 @@ class _Table:
     checksums: tuple[int, ...]  # of the KV sections, by layer (ChunkMeta's; built once per header)
 
 
+FileSig = tuple[int, int, int]  # (inode, size, mtime_ns): files are replaced by rename, so a new file differs
+
+
+def _sig(st: os.stat_result) -> FileSig:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(slots=True)
 class _Entry:
     path: str
@@ -109,7 +143,16 @@ class _Entry:
     # ((inode, size, mtime_ns) of the file, its verified header table): a read of the same file
     # skips re-reading and re-parsing the header (files are replaced by rename, so a new file is a
     # new inode); it still checksums every section it reads against the table.
-    cache: tuple[tuple[int, int, int], _Table] | None = None
+    cache: tuple[FileSig, _Table] | None = None
+
+
+class _PublishError(Exception):
+    """A step of publishing a chunk file failed (internal: DiskTier.write turns it into TierWriteError)."""
+
+    def __init__(self, step: str, cause: OSError) -> None:
+        super().__init__(step, cause)
+        self.step = step
+        self.cause = cause
 
 
 def chunk_path(root: str | os.PathLike[str], key: bytes) -> str:
@@ -140,13 +183,18 @@ class DiskTier(Tier):
         self._policy = make_policy(config.policy)
         self._index: dict[bytes, _Entry] = {}
         self._writing: set[bytes] = set()
+        # parents of the writes in flight (with counts): eviction takes only leaves, so sparing
+        # these spares every ancestor of a chunk being written; its chain cannot be cut under it
+        self._write_parents: dict[bytes, int] = {}
+        self._bad: dict[bytes, FileSig] = {}  # reader: files found corrupt (a miss until replaced)
         self._used = 0
         self._reserved = 0  # bytes of writes in flight
         self._lock = threading.Lock()
         self._closed = False
         self._lock_fd = -1
         self._buckets: set[str] = set()
-        self.foreign_chunks = 0  # files of another layout found at open (left alone)
+        self.foreign_chunks = 0  # files of another layout found at open (left alone, counted in used bytes)
+        self.foreign_bytes = 0
 
         self.root = _open_root(config)
         self._chunks_dir = os.path.join(self.root, CHUNKS_DIR)
@@ -168,15 +216,21 @@ class DiskTier(Tier):
 
     # -- lookup ------------------------------------------------------------------------
     def contains(self, key: bytes) -> bool:
-        if key in self._index:
-            return True
-        return self.read_only and self._discover(key) is not None
+        if self.read_only:
+            return self._discover(key) is not None
+        return key in self._index
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        index = self._index
         n = 0
+        if self.read_only:  # the owner may have evicted or added files since: ask the folder
+            for key in keys:
+                if self._discover(key) is None:
+                    break
+                n += 1
+            return n
+        index = self._index
         for key in keys:
-            if key not in index and not (self.read_only and self._discover(key) is not None):
+            if key not in index:
                 break
             n += 1
         return n
@@ -191,6 +245,7 @@ class DiskTier(Tier):
 
     # -- read --------------------------------------------------------------------------
     def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
+        check_key(key)
         views = check_dests(self, layers, dests)
         self._check_open()
         t0 = time.perf_counter()
@@ -210,7 +265,10 @@ class DiskTier(Tier):
             if table.extras and len(set(layers)) == self.layout.num_layers:
                 extras = tuple((s.kind, s.index, _read_verified(fd, s)) for s in table.extras)
         except CorruptChunkError:
-            self._drop_corrupt(key, entry)
+            self._drop_corrupt(key, entry, fd)
+            return None
+        except OSError as e:
+            self._read_failed(key, e)
             return None
         finally:
             os.close(fd)
@@ -221,6 +279,7 @@ class DiskTier(Tier):
         return ChunkMeta(h.key, h.parent, h.depth, h.num_tokens, table.checksums, extras)
 
     def read_section(self, key: bytes, kind: int, index: int) -> bytes | None:
+        check_key(key)
         self._check_open()
         entry = self._find(key)
         fd = self._open_chunk(key, entry)
@@ -233,7 +292,10 @@ class DiskTier(Tier):
                 return None
             data = _read_verified(fd, section)
         except CorruptChunkError:
-            self._drop_corrupt(key, entry)
+            self._drop_corrupt(key, entry, fd)
+            return None
+        except OSError as e:
+            self._read_failed(key, e)
             return None
         finally:
             os.close(fd)
@@ -247,12 +309,26 @@ class DiskTier(Tier):
         return entry
 
     def _discover(self, key: bytes) -> _Entry | None:
-        """Reader mode: index a chunk the owner committed after we opened, if it exists."""
-        path = self.path_of(key)
+        """Reader mode: the entry of a chunk file that exists now, indexing one the owner committed
+        after we opened and forgetting one it removed; a file found corrupt stays a miss until
+        the owner replaces it (a new inode)."""
+        entry = self._index.get(key)
+        path = entry.path if entry is not None else self.path_of(key)
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
+            if entry is not None:
+                self._forget(key, entry)
             return None
+        except OSError as e:
+            self._read_failed(key, e)
+            return None
+        if self._bad and key in self._bad:
+            if self._bad[key] == _sig(st):
+                return None
+            self._bad.pop(key, None)  # replaced by the owner: worth a read again
+        if entry is not None:
+            return entry
         with self._lock:
             entry = self._index.get(key)
             if entry is None:
@@ -262,7 +338,8 @@ class DiskTier(Tier):
         return entry
 
     def _open_chunk(self, key: bytes, entry: _Entry | None) -> int:
-        """An open descriptor, or -1 when the file is gone (evicted by the owner meanwhile)."""
+        """An open descriptor, or -1 when the file is gone (evicted by the owner meanwhile) or
+        cannot be opened now (EMFILE, EIO: a miss, counted; the file is kept)."""
         if entry is None:
             return -1
         try:
@@ -270,11 +347,19 @@ class DiskTier(Tier):
         except FileNotFoundError:
             self._forget(key, entry)
             return -1
+        except OSError as e:
+            self._read_failed(key, e)
+            return -1
+
+    def _read_failed(self, key: bytes, e: OSError) -> None:
+        """An I/O error (not a bad checksum) reading a chunk: a miss now, the file stays for later."""
+        self.metrics.inc(m.READ_ERRORS, tier=self.name)
+        log.warning("kvtier: disk tier: reading chunk %s under %s failed: %s", key.hex()[:16], self.root, e)
 
     def _load_table(self, fd: int, key: bytes, entry: _Entry) -> _Table:
         """The verified header of an open chunk file (read and parsed again only for another file)."""
         st = os.fstat(fd)
-        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        sig = _sig(st)
         cache = entry.cache
         if cache is not None and cache[0] == sig:
             return cache[1]
@@ -307,9 +392,17 @@ class DiskTier(Tier):
             self._unindex_locked(key, entry)
         self._report_usage()
 
-    def _drop_corrupt(self, key: bytes, entry: _Entry) -> None:
-        """A chunk failed validation: count it, unindex it and (owner only) delete its file."""
+    def _drop_corrupt(self, key: bytes, entry: _Entry, fd: int) -> None:
+        """A chunk failed validation: count it, unindex it and (owner only) delete its file.
+
+        A reader cannot delete it: it remembers the file (`fd`'s inode, size, mtime) so that
+        later lookups miss it until the owner replaces or removes it."""
         self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
+        if self.read_only:
+            try:
+                self._bad[key] = _sig(os.fstat(fd))
+            except OSError:
+                pass
         with self._lock:
             # Only if the index still holds the entry we read: otherwise the key was evicted
             # and perhaps rewritten meanwhile, and that newer file is not ours to delete.
@@ -327,13 +420,19 @@ class DiskTier(Tier):
 
     # -- write -------------------------------------------------------------------------
     def write(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bool:
-        """Store a whole chunk; True if stored (or already there), False if no room.
+        """Store a whole chunk; True if stored (or already there), False if refused.
 
+        Refused (counted as WRITES_REFUSED): a chunk below a chain's head whose parent is not
+        on disk (after a restart it could never be reached), or no room without evicting an
+        ancestor of a chunk being written (only leaves are evicted, and never the parent of a
+        write in flight, so no write cuts a chain). A full filesystem (ENOSPC) below
+        `capacity_bytes` evicts one more chunk and retries once, then raises TierRefusedError.
         A key another thread is writing right now also returns True at once.
         """
         if self.read_only:
             raise TierWriteError(f"disk tier at {self.root} was opened read_only; it cannot write")
         self._check_open()
+        check_chunk(meta.key, meta.parent, meta.depth, "meta.key")
         num_layers = self.layout.num_layers
         if len(layers) != num_layers or len(meta.checksums) != num_layers:
             raise ValueError(
@@ -356,43 +455,88 @@ class DiskTier(Tier):
         total = header.file_bytes
         key = meta.key
         final = self.path_of(key)  # validates the key
+        parent = meta.parent if meta.depth > 0 else None
 
         with self._lock:
             if key in self._index or key in self._writing:
                 return True
+            if parent is not None and parent not in self._index:
+                self.metrics.inc(m.WRITES_REFUSED, tier=self.name)
+                return False
             if not self._policy.admit(key, meta.parent, meta.depth):
                 return False
-            if self._reserved + total > self.capacity_bytes:
-                return False
+            if parent is not None:  # spared by every eviction until this write ends
+                self._write_parents[parent] = self._write_parents.get(parent, 0) + 1
             try:
-                while self._used + self._reserved + total > self.capacity_bytes:
-                    # Never evict the new chunk's parent to make room for it.
-                    if not self._evict_one_locked(lambda k: k != meta.parent):
-                        return False
+                if not self._make_room_locked(total):
+                    self.metrics.inc(m.WRITES_REFUSED, tier=self.name)
+                    self._release_parent_locked(parent)
+                    return False
             except OSError as e:
+                self._release_parent_locked(parent)
                 raise self._write_failed(key, "evicting to make room", e) from e
             self._reserved += total
             self._writing.add(key)
 
         t0 = time.perf_counter()
+        bufs: list[Any] = [raw]
+        for section, data in zip(header.sections, payloads, strict=True):
+            bufs.append(data)
+            pad = align_up(section.offset + section.length) - section.offset - section.length
+            if pad:
+                bufs.append(memoryview(_ZEROS)[:pad])
+        try:
+            try:
+                sig = self._publish(key, bufs, final)
+            except _PublishError as e:
+                if e.cause.errno != errno.ENOSPC:
+                    raise
+                # the filesystem is full below capacity_bytes (other files share it): make room
+                # by one more eviction and try once more; else refuse the chunk
+                with self._lock:
+                    freed = self._evict_one_locked()
+                if not freed:
+                    raise
+                sig = self._publish(key, bufs, final)
+            with self._lock:
+                self._index[key] = _Entry(final, total, meta.parent, meta.depth, (sig, table))
+                self._used += total
+                self._policy.insert(key, meta.parent, meta.depth)
+        except _PublishError as e:
+            if e.cause.errno == errno.ENOSPC:
+                self.metrics.inc(m.WRITE_FAILURES, tier=self.name)
+                raise TierRefusedError(
+                    f"disk tier: no space left (ENOSPC) on the filesystem of {self.root} for chunk {key.hex()[:16]} "
+                    f"({self._used} of capacity_bytes {self.capacity_bytes} used; evicting did not free enough)"
+                ) from e.cause
+            raise self._write_failed(key, e.step, e.cause) from e.cause
+        except OSError as e:  # evicting for the retry failed
+            raise self._write_failed(key, "evicting to make room", e) from e
+        finally:
+            with self._lock:
+                self._reserved -= total
+                self._writing.discard(key)
+                self._release_parent_locked(parent)
+        self.metrics.inc(m.BYTES_WRITTEN, sum(s.length for s in header.sections), tier=self.name)
+        self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=self.name)
+        self._report_usage()
+        return True
+
+    def _publish(self, key: bytes, bufs: list[Any], final: str) -> FileSig:
+        """Write `bufs` to a temporary file and rename it to `final`; the published file's
+        signature. On failure nothing is left behind and _PublishError names the step."""
         tmp = os.path.join(self._tmp_dir, f"{key.hex()}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
         fd = -1
         renamed = False
-        committed = False
         step = "creating a temporary file for"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            bufs: list[Any] = [raw]
-            for section, data in zip(header.sections, payloads, strict=True):
-                bufs.append(data)
-                pad = align_up(section.offset + section.length) - section.offset - section.length
-                if pad:
-                    bufs.append(memoryview(_ZEROS)[:pad])
             step = "writing"
             _writev_all(fd, bufs)
             if self.config.fsync:
                 step = "fsyncing"
                 os.fsync(fd)
+            sig = _sig(os.fstat(fd))  # rename keeps inode, size and mtime
             os.close(fd)
             fd = -1
             step = "publishing"
@@ -402,27 +546,32 @@ class DiskTier(Tier):
             renamed = True
             if self.config.fsync:
                 _fsync_dir(bucket)
-            with self._lock:
-                self._index[key] = _Entry(final, total, meta.parent, meta.depth, (raw, table))
-                self._used += total
-                self._policy.insert(key, meta.parent, meta.depth)
-            committed = True
+            return sig
         except OSError as e:
-            raise self._write_failed(key, step, e) from e
-        finally:
             if fd >= 0:
                 os.close(fd)
-            if not committed:
-                _unlink_quietly(tmp)
-                if renamed:
-                    _unlink_quietly(final)
-            with self._lock:
-                self._reserved -= total
-                self._writing.discard(key)
-        self.metrics.inc(m.BYTES_WRITTEN, sum(s.length for s in header.sections), tier=self.name)
-        self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=self.name)
-        self._report_usage()
+            _unlink_quietly(tmp)
+            if renamed:
+                _unlink_quietly(final)
+            raise _PublishError(step, e) from e
+
+    def _make_room_locked(self, total: int) -> bool:
+        """Evict leaves until `total` more bytes fit; False if they cannot (what went stays gone)."""
+        if self._reserved + total > self.capacity_bytes:
+            return False
+        while self._used + self._reserved + total > self.capacity_bytes:
+            if not self._evict_one_locked():
+                return False
         return True
+
+    def _release_parent_locked(self, parent: bytes | None) -> None:
+        if parent is None:
+            return
+        left = self._write_parents.get(parent, 0) - 1
+        if left > 0:
+            self._write_parents[parent] = left
+        else:
+            self._write_parents.pop(parent, None)
 
     def _write_failed(self, key: bytes, step: str, e: OSError) -> TierWriteError:
         self.metrics.inc(m.WRITE_FAILURES, tier=self.name)
@@ -440,9 +589,13 @@ class DiskTier(Tier):
                 _fsync_dir(self._chunks_dir)
         self._buckets.add(bucket)
 
-    def _evict_one_locked(self, can_evict: Callable[[bytes], bool]) -> bool:
+    def _evict_one_locked(self) -> bool:
+        """Evict one leaf (a chunk with no stored child) that is not the parent of a write in
+        flight; False if none may go. Never a chain's inner chunk: that would strand its tail."""
         index = self._index
-        victim = self._policy.evict(lambda k: k in index and can_evict(k))
+        policy = self._policy
+        spared = self._write_parents
+        victim = policy.evict(lambda k: k in index and k not in spared and policy.is_leaf(k))
         if victim is None:
             return False
         entry = index.pop(victim)
@@ -516,24 +669,76 @@ class DiskTier(Tier):
             if entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
                 _unlink_quietly(entry.path)
 
+    def _drop_orphans(self, found: dict[bytes, tuple[_Entry, int]], unread: set[bytes]) -> None:
+        """Remove from `found` every chunk whose chain does not reach a head (depth 0) through
+        chunks in `found`: no lookup could reach it (its parent was corrupt, or lost in a crash).
+        The owner deletes its file (counted); a chain that runs into a file an I/O error kept
+        unread is only skipped (not indexed, not deleted): it may be fine at the next open."""
+        status: dict[bytes, str] = {}
+        for key in found:
+            trail: list[bytes] = []
+            on_trail: set[bytes] = set()
+            k = key
+            while True:
+                if k in status:
+                    verdict = status[k]
+                    break
+                if k in unread:
+                    verdict = "unread"
+                    break
+                if k not in found or k in on_trail:  # missing parent, or a cycle (not kvtier's)
+                    verdict = "orphan"
+                    break
+                trail.append(k)
+                on_trail.add(k)
+                entry = found[k][0]
+                if entry.depth == 0:
+                    verdict = "ok"
+                    break
+                k = entry.parent  # type: ignore[assignment]  # set for every chunk read at open
+            for t in trail:
+                status[t] = verdict
+        for key, verdict in status.items():
+            if verdict == "ok":
+                continue
+            entry = found.pop(key)[0]
+            if verdict == "orphan":
+                self.metrics.inc(m.ORPHANS_DROPPED, tier=self.name)
+                if not self.read_only:
+                    _unlink_quietly(entry.path)
+
     def _rebuild_index(self) -> None:
         found: dict[bytes, tuple[_Entry, int]] = {}
+        unread: set[bytes] = set()  # headers an I/O error kept us from reading: left alone
         for path, key, st in _iter_chunk_files(self._chunks_dir):
             try:
-                raw, header = _read_header_file(path, st.st_size)
+                header = _read_header_file(path, st.st_size)
                 if header.layout_id != self._layout_id:
                     self.foreign_chunks += 1
+                    self.foreign_bytes += st.st_size
                     continue
                 table = self._verify_header(header, key)
             except FileNotFoundError:
                 continue
-            except (CorruptChunkError, OSError):
+            except CorruptChunkError:
                 self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
                 if not self.read_only:
                     _unlink_quietly(path)
                 continue
-            entry = _Entry(path, st.st_size, header.parent, header.depth, (raw, table))
+            except OSError as e:  # EIO, EMFILE, ...: not proof the file is bad; keep it, skip it
+                unread.add(key)
+                self._read_failed(key, e)
+                continue
+            entry = _Entry(path, st.st_size, header.parent, header.depth, (_sig(st), table))
             found[key] = (entry, st.st_mtime_ns)
+        if self.foreign_chunks:
+            # they take space on the same disk: count them against capacity (never evicted here)
+            self._used += self.foreign_bytes
+            log.warning(
+                "kvtier: disk.root %s holds %d chunk files (%d bytes) written for another KV layout or chunk "
+                "size; they are not served, and count against capacity_bytes", self.root,
+                self.foreign_chunks, self.foreign_bytes)
+        self._drop_orphans(found, unread)
 
         # Oldest file first, but a parent always before its children, so the policy links
         # every child to its parent (and never evicts a head before its tail).
@@ -555,7 +760,7 @@ class DiskTier(Tier):
         if not self.read_only:
             with self._lock:
                 try:
-                    while self._used > self.capacity_bytes and self._evict_one_locked(lambda k: True):
+                    while self._used > self.capacity_bytes and self._evict_one_locked():
                         pass
                 except OSError as e:
                     self._release_owner_lock()
@@ -649,13 +854,13 @@ def _read_header_bytes(fd: int, guess: int, file_bytes: int) -> bytes:
     return raw
 
 
-def _read_header_file(path: str, file_bytes: int) -> tuple[bytes, ChunkHeader]:
+def _read_header_file(path: str, file_bytes: int) -> ChunkHeader:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         raw = _read_header_bytes(fd, ALIGN, file_bytes)
     finally:
         os.close(fd)
-    return raw, decode_header(raw, file_bytes)
+    return decode_header(raw, file_bytes)
 
 
 def _read_verified(fd: int, section: Section) -> bytes:
@@ -742,7 +947,7 @@ def scan_root(root: str | os.PathLike[str]) -> dict[str, int | str]:
     chunks = total = corrupt = 0
     for file, key, st in _iter_chunk_files(os.path.join(path, CHUNKS_DIR)):
         try:
-            _raw, header = _read_header_file(file, st.st_size)
+            header = _read_header_file(file, st.st_size)
         except FileNotFoundError:
             continue
         except (CorruptChunkError, OSError):

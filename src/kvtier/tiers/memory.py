@@ -33,7 +33,9 @@ from kvtier.tiers.base import (
     TierUsage,
     as_bytes_view,
     buffer_address,
+    check_chunk,
     check_dests,
+    check_key,
     copy_memory,
 )
 from kvtier.tiers.policies import make_policy
@@ -152,6 +154,7 @@ class MemoryTier(Tier):
 
     # -- read ----------------------------------------------------------------------
     def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
+        check_key(key)
         views = check_dests(self, layers, dests)
         self._check_open()
         with self._lock:
@@ -197,19 +200,40 @@ class MemoryTier(Tier):
 
     # -- write ---------------------------------------------------------------------
     def allocate(self, key: bytes, parent: bytes | None = None, depth: int = 0) -> Reservation | None:
-        """Reserve a slot for `key`, evicting if needed; None if no room or not admitted."""
+        """Reserve a slot for `key`, evicting if needed; None if no room or not admitted.
+
+        An evicted chunk is handed to `on_evict` (write-back's copy to disk) after the lock is
+        released, so readers of other chunks never wait on that copy: its slot already belongs
+        to the new reservation, which no one can write before this returns it."""
+        if parent is None:
+            check_key(key)
+        else:
+            check_chunk(key, parent, depth)
         self._check_open()
+        evicted: ChunkMeta | None = None
         with self._lock:
             if not self._policy.admit(key, parent, depth):
                 return None
-            slot = self._free.pop() if self._free else self._evict_one()
-            if slot is None:
-                return None
+            if self._free:
+                slot = self._free.pop()
+            else:
+                victim = self._evict_one()
+                if victim is None:
+                    return None
+                slot, evicted = victim
             res = Reservation(slot, key)
             self._reserved[slot] = res
-            return res
+        if evicted is not None and self._on_evict is not None:
+            try:
+                self._on_evict(evicted, self.slot_view(slot))  # copies the bytes before returning
+            except BaseException:
+                self.abort(res)
+                raise
+        return res
 
     def write_layer(self, res: Reservation, layer: int, src: Buffer) -> None:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer {layer!r} is outside 0..{self.layout.num_layers - 1}")
         view = as_bytes_view(src)
         if view.nbytes != self.layer_bytes:
             raise ValueError(f"layer {layer} source has {view.nbytes} bytes, a section has {self.layer_bytes}")
@@ -241,8 +265,14 @@ class MemoryTier(Tier):
                 self._free.append(res.slot)
                 existing.refs += pin
                 return False
+            try:
+                # the policy first: if it fails, the slot goes back rather than into an index
+                # entry no eviction could ever choose
+                self._policy.insert(res.key, meta.parent, meta.depth)
+            except BaseException:
+                self._free.append(res.slot)
+                raise
             self._index[res.key] = _Entry(res.slot, meta, int(pin))
-            self._policy.insert(res.key, meta.parent, meta.depth)
         self.metrics.inc(m.BYTES_WRITTEN, self.chunk_bytes, tier=self.name)
         self._report_usage()
         return True
@@ -254,6 +284,7 @@ class MemoryTier(Tier):
                 self._free.append(res.slot)
 
     def write(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bool:
+        check_chunk(meta.key, meta.parent, meta.depth, "meta.key")
         if len(layers) != self.layout.num_layers:
             raise ValueError(f"write needs {self.layout.num_layers} layer buffers, got {len(layers)}")
         if meta.key in self._index:
@@ -270,7 +301,8 @@ class MemoryTier(Tier):
         self.commit(res, meta)
         return True
 
-    def _evict_one(self) -> SlotId | None:
+    def _evict_one(self) -> tuple[SlotId, ChunkMeta] | None:
+        """Under the lock: unindex a victim; its slot and meta (the caller hands both to on_evict)."""
         index = self._index
 
         def can_evict(key: bytes) -> bool:
@@ -282,9 +314,7 @@ class MemoryTier(Tier):
             return None
         entry = index.pop(victim)
         self.metrics.inc(m.EVICTIONS, tier=self.name)
-        if self._on_evict is not None:
-            self._on_evict(entry.meta, self.slot_view(entry.slot))  # must copy before returning
-        return entry.slot
+        return entry.slot, entry.meta
 
     # -- delete / usage / close ------------------------------------------------------
     def delete(self, key: bytes) -> bool:
