@@ -20,6 +20,8 @@ EVICTIONS = "kvtier_tier_evictions_total"
 CHECKSUM_FAILURES = "kvtier_tier_checksum_failures_total"
 WRITE_FAILURES = "kvtier_tier_write_failures_total"
 USED_BYTES = "kvtier_tier_used_bytes"
+TIER_UNAVAILABLE = "kvtier_tier_unavailable_total"
+FOREIGN_CHUNKS = "kvtier_tier_foreign_chunks_total"
 # Per connector (label connector="vllm"|"transformers")
 HIT_TOKENS = "kvtier_connector_hit_tokens_total"
 LOAD_SECONDS = "kvtier_connector_load_seconds_total"
@@ -39,6 +41,8 @@ HELP = {
     CHECKSUM_FAILURES: "Chunks that failed validation and were dropped.",
     WRITE_FAILURES: "Chunk writes that failed (disk full, read-only folder, ...).",
     USED_BYTES: "Bytes currently used by the tier.",
+    TIER_UNAVAILABLE: "Chunk requests a networked tier could not answer (timeout, refused, breaker open): misses.",
+    FOREIGN_CHUNKS: "Values of another KV layout found under this store's names: misses, left alone.",
     HIT_TOKENS: "Prompt tokens served from the store.",
     LOAD_SECONDS: "Seconds spent loading KV into the engine.",
     SAVE_SECONDS: "Seconds spent saving KV from the engine.",
