@@ -151,3 +151,48 @@ def test_config_from_a_mapping_names_the_bad_key(tmp_path):
         load_config(StoreConfig, {"disk": {"root": "/tmp/a"}, "lower_tiers": [{"disk": {"root": "/tmp/b"}}]})
     with pytest.raises(ConfigError, match=r"lower_tiers\[0\]\.redis: url 'redis://h:99999' does not parse"):
         load_config(StoreConfig, {"lower_tiers": [{"redis": {"url": "redis://h:99999"}}]})
+
+
+def test_store_host_leases_and_pins_chunks_of_a_lower_tier(tmp_path):
+    """The host service's path (and the in-process client's): lookup, lease and load_begin see the
+    lower tiers, and a lower hit is promoted into a pinned DRAM slot."""
+    from kvtier.service.host import NO_SLOT, StoreHost
+
+    writer = make_store(tmp_path, [folder(tmp_path / "l1")])
+    keys = keys_for(3, salt=7)
+    save_chain(writer, keys).wait()
+    writer.close()
+    store = make_store(tmp_path, [folder(tmp_path / "l1")], mem_chunks=4)
+    host = StoreHost(store)
+    hits, tiers, lease = host.lookup(1, keys + keys_for(1, salt=8), lease=True)
+    assert hits == 3 and tiers == ["shared"] * 3 and lease is not None
+    assert host.wait_lease(lease)
+    assert store.memory.lookup(keys) == 3  # promoted by the lease
+    host.release(lease)
+    store.memory.delete(keys[2])
+    pins = host.load_begin(1, keys)
+    assert NO_SLOT not in pins.slots and pins.tiers == ["memory", "memory", "shared"]
+    for key, slot in zip(keys, pins.slots):
+        for layer, want in enumerate(payload(key)):
+            assert np.array_equal(store.memory.layer_view(slot, layer), want)
+    host.load_end(1, pins.load_id)
+    assert store.memory.slot_counts()["pinned"] == 0
+    host.close()
+    store.close()
+
+
+def test_in_process_client_finds_chunks_of_a_lower_tier(tmp_path):
+    from kvtier.client import connect
+
+    writer = make_store(tmp_path, [folder(tmp_path / "l1")])
+    keys = keys_for(2, salt=9)
+    save_chain(writer, keys).wait()
+    writer.close()
+    client = connect({"store": {"chunk_tokens": CHUNK, "lower_tiers": [
+        {"name": "shared", "disk": {"root": str(tmp_path / "l1")}}]}}, layout=TINY)
+    reply = client.lookup(keys)
+    assert reply.hits == 2 and reply.tiers == ("shared", "shared")
+    dests = [[np.zeros(LB, np.uint8) for _ in range(TINY.num_layers)] for _ in keys]
+    assert client.load(keys, dests).wait().loaded == 2
+    assert_exact(keys, dests)
+    client.close()

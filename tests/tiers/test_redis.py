@@ -489,3 +489,40 @@ def test_cluster_master_killed_other_slots_keep_serving_then_it_rejoins(cluster)
     assert wait_for(lambda: _try_write(tier, keys), 20)
     assert tier.lookup(keys) == 30
     tier.close()
+
+
+# -- kvtier serve ---------------------------------------------------------------------------------
+def test_two_kvtier_serve_processes_share_chunks_through_redis(shared_server):
+    """Two host services (their own sockets and shared-memory pools: two hosts) with one Redis
+    below: what one host's engine saved, the other's loads."""
+    from tests.service.util import ServiceProcess, cleanup, exact, new_dests, save_chain, service_config, short_tmpdir
+
+    folders = [short_tmpdir(), short_tmpdir()]
+    redis_cfg = {"url": shared_server.url, "timeout_s": TIMEOUT_S, "connect_timeout_s": TIMEOUT_S,
+                 "namespace": "serve-test"}
+    services = []
+    try:
+        for folder in folders:
+            cfg = service_config(folder, slots=16)
+            cfg["store"]["lower_tiers"] = [{"redis": redis_cfg}]
+            services.append(ServiceProcess(cfg, folder).start())
+        a, b = services[0].client(), services[1].client()
+        root = a.namespace("shared-model").root()
+        keys = a.chunk_keys(root, list(range(5 * a.chunk_tokens)))
+        save_chain(a, keys, root).wait()
+        a.flush()
+        assert wait_for(lambda: b.lookup(keys).hits == 5)
+        reply = b.lookup(keys, lease=True)
+        assert reply.tiers == ("redis",) * 5
+        d = new_dests(5)
+        res = b.load(keys, d, lease_id=reply.lease_id).wait()
+        assert res.loaded == 5 and exact(keys, d)
+        b.release(reply.lease_id)
+        assert b.lookup(keys).tiers == ("memory",) * 5  # now in host B's DRAM
+        a.close()
+        b.close()
+    finally:
+        for svc in services:
+            svc.stop()
+        for folder in folders:
+            cleanup(folder)
