@@ -201,6 +201,8 @@ def test_prefix_stops_at_the_first_gap(tier):
     assert tier.lookup(keys) == 2
     assert tier.lookup(keys[3:]) == 3
     assert tier.lookup([]) == 0
+    tier._scripted_lookup = False  # as after a server that refuses the lookup script: pipelined EXISTS
+    assert tier.lookup(keys) == 2 and tier.lookup(keys[3:]) == 3
 
 
 def test_a_chunk_whose_parent_the_server_evicted_is_never_served(tmp_path):
@@ -318,8 +320,9 @@ def test_killed_then_restarted_server(server):
         timed("server killed: write", tier.write, metas_for(keys)[0], payload(keys[0]))
     assert tier.breaker_open()
     assert tier.metrics.get(m.TIER_UNAVAILABLE, tier="redis") > 0
-    server.start()  # restarted empty (nothing kept on disk)
+    server.start()  # restarted empty (nothing kept on disk), without the lookup script
     assert wait_for(lambda: _try_write(tier, keys))
+    assert tier.lookup(keys) == 4  # the script is loaded again on NOSCRIPT
     metas, d = read_all(tier, keys)
     assert all(mt is not None for mt in metas)
     assert_exact(keys, d)
@@ -463,6 +466,25 @@ def test_cluster_store_shares_between_two_stores(cluster):
     assert_exact(keys, d)
     a.close()
     b.close()
+
+
+def test_cluster_master_paused_costs_one_timeout_and_the_others_keep_serving(cluster):
+    tier = RedisTier(TINY, CHUNK, cfg(cluster.url, cluster=True))
+    keys = keys_for(30, salt=23)
+    write_chain(tier, keys)
+    paused = cluster.nodes[2]
+    on_paused = [tier._route_of(tier.redis_key(k)).name == f"127.0.0.1:{paused.port}" for k in keys]
+    assert any(on_paused) and not all(on_paused)
+    paused.pause()
+    try:
+        # all nodes are sent their share before any reply is read: one timeout per call, not one per node
+        metas = timed("cluster master paused (SIGSTOP): read", tier.read_many, keys, [0, 1], dests(30))
+        assert [mt is None for mt in metas] == on_paused
+        assert timed("cluster master paused (SIGSTOP): lookup", tier.lookup, keys) == on_paused.index(True)
+    finally:
+        paused.resume()
+    assert wait_for(lambda: tier.lookup(keys) == 30)
+    tier.close()
 
 
 def test_cluster_master_killed_other_slots_keep_serving_then_it_rejoins(cluster):
