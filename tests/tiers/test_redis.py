@@ -387,6 +387,13 @@ def test_circuit_breaker_backs_off_and_closes():
     assert b.allow()
     b.succeeded()
     assert not b.is_open and b.allow() and b.allow()
+    # a trial whose caller never reports back (it raised) blocks others for one back-off only
+    b.failed()
+    b.failed()
+    now[0] = 7.0
+    assert b.allow() and not b.allow()
+    now[0] = 8.0
+    assert b.allow()
 
 
 # -- through TieredStore: sharing across hosts ----------------------------------------------------
@@ -454,6 +461,8 @@ def test_cluster_round_trip_across_nodes(cluster):
     assert_exact(keys, d1, layers=[0])
     assert tier.usage().chunks >= 24
     tier.close()
+    with pytest.raises(TierUnavailableError, match="set cluster: true"):  # a cluster node taken for a server
+        RedisTier(TINY, CHUNK, cfg(cluster.url))
 
 
 def test_cluster_store_shares_between_two_stores(cluster):

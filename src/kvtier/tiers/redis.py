@@ -85,7 +85,8 @@ class _Foreign(Exception):
 
 class CircuitBreaker:
     """Closed until `failures` consecutive failures; then open, letting one trial through after a
-    back-off that doubles per failed trial, up to `max_backoff_s`. Thread-safe."""
+    back-off that doubles per failed trial, up to `max_backoff_s`. A trial whose outcome is never
+    reported (its caller raised) stops blocking others after one more back-off. Thread-safe."""
 
     def __init__(self, failures: int, backoff_s: float, max_backoff_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -97,7 +98,7 @@ class CircuitBreaker:
         self._failures = 0
         self._open_until = 0.0  # while open: no request before this time
         self._backoff = backoff_s
-        self._trial = False  # one request is testing an open breaker
+        self._trial_until = 0.0  # while a trial request tests an open breaker: no other before this
 
     @property
     def is_open(self) -> bool:
@@ -107,21 +108,22 @@ class CircuitBreaker:
         with self._lock:
             if self._failures < self.failures_to_open:
                 return True
-            if self._trial or self._clock() < self._open_until:
+            now = self._clock()
+            if now < self._open_until or now < self._trial_until:
                 return False
-            self._trial = True
+            self._trial_until = now + self._backoff
             return True
 
     def succeeded(self) -> None:
         with self._lock:
             self._failures = 0
             self._backoff = self.backoff_s
-            self._trial = False
+            self._trial_until = 0.0
 
     def failed(self) -> None:
         with self._lock:
-            was_trial = self._trial
-            self._trial = False
+            was_trial = self._trial_until > 0.0
+            self._trial_until = 0.0
             self._failures += 1
             if self._failures >= self.failures_to_open:
                 if was_trial:
@@ -240,6 +242,12 @@ class RedisTier(Tier):
             return self._cluster
         if not at_start and not self._cluster_breaker.allow():
             return None
+        with self._lock:  # one thread discovers the cluster; the others wait and use it
+            if self._cluster is not None:
+                return self._cluster
+            return self._discover_cluster(at_start)
+
+    def _discover_cluster(self, at_start: bool) -> Any:
         from redis.cluster import RedisCluster
 
         try:
@@ -680,7 +688,8 @@ class RedisTier(Tier):
             except _UNAVAILABLE:
                 route.breaker.failed()
                 continue
-            except RedisError:
+            except RedisError:  # it answered, with an error (INFO renamed or forbidden by an ACL)
+                route.breaker.succeeded()
                 continue
             route.breaker.succeeded()
             used += int(info.get("used_memory", 0))
