@@ -74,6 +74,7 @@ def test_save_writes_every_lower_tier_and_another_store_loads_it(tmp_path):
     assert b.lookup(keys).tiers == ("memory",) * 4
     bw = b.read_bandwidths()
     assert bw["l2"] is not None and bw["l2"] > 0
+    assert b.stats()["l2"]["read_gbps"] == bw["l2"] and b.stats()["l2"]["chunks"] == 4
     b.close()
 
 

@@ -584,7 +584,8 @@ class TieredStore:
         out: dict[str, object] = {}
         for tier in self.tiers + self.lower_tiers:
             u = tier.usage()
-            out[tier.name] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes, "chunks": u.chunks}
+            out[tier.name] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes, "chunks": u.chunks,
+                              "read_gbps": tier.read_gbps()}
         out["metrics"] = self.metrics.snapshot()
         return out
 
