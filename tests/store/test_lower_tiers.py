@@ -92,6 +92,13 @@ def test_lookup_stops_at_the_first_gap_and_mixes_tiers(tmp_path):
     res, dests = load(a, keys[:3])
     assert res.loaded == 3 and res.tiers == ("disk", "shared", "disk")
     assert_exact(keys[:3], dests)
+    # a lower tier whose run ended at a key is not asked about that key again (one round trip)
+    asked = []
+    real_lookup = shared.lookup
+    shared.lookup = lambda ks: asked.append(len(ks)) or real_lookup(ks)
+    a.disk.delete(keys[2])
+    assert a.lookup(keys).tiers == ("disk", "shared", "shared")
+    assert asked == [4]
     a.close()
 
 
@@ -165,8 +172,13 @@ def test_store_host_leases_and_pins_chunks_of_a_lower_tier(tmp_path):
     writer.close()
     store = make_store(tmp_path, [folder(tmp_path / "l1")], mem_chunks=4)
     host = StoreHost(store)
+    asked = []
+    shared = store.lower_tiers[0]
+    real_lookup = shared.lookup
+    shared.lookup = lambda ks: asked.append(len(ks)) or real_lookup(ks)
     hits, tiers, lease = host.lookup(1, keys + keys_for(1, salt=8), lease=True)
     assert hits == 3 and tiers == ["shared"] * 3 and lease is not None
+    assert asked == [4]  # one batched lookup; not asked again about the key its run ended at
     assert host.wait_lease(lease)
     assert store.memory.lookup(keys) == 3  # promoted by the lease
     host.release(lease)

@@ -120,7 +120,8 @@ class StoreHost:
                     held.promotions.append(self._promoter.submit(self._promote_pin, key))
                 continue
             if i not in lower_at and self.store.lower_tiers:  # one batched lookup per run
-                lower_at.update(enumerate(self.store.lookup_lower(keys, i), start=i))
+                ended = lower_at.get(i - 1)  # a run that ended just before i: its tier lacks keys[i]
+                lower_at.update(enumerate(self.store.lookup_lower(keys, i, (ended,) if ended else ()), start=i))
             if i in lower_at:
                 tiers.append(lower_at[i])
                 if lease:

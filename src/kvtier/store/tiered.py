@@ -118,6 +118,7 @@ class TieredStore:
         """How many leading `keys` are stored, and where. Hits are touched tail-first."""
         self._check_open()
         where: list[str] = []
+        gap: tuple[int, str] = (-1, "")  # where the last lower run ended, and in which tier
         while True:
             for key in keys[len(where):]:
                 for tier in self.tiers:
@@ -129,10 +130,13 @@ class TieredStore:
                         where.append("disk")
                         continue
                     break
-            found = self.lookup_lower(keys, len(where)) if len(where) < len(keys) else []
+            start = len(where)
+            skip = (gap[1],) if gap[0] == start else ()  # that tier just said it lacks keys[start]
+            found = self.lookup_lower(keys, start, skip) if start < len(keys) else []
             if not found:
                 break
-            for key, lower_name in zip(keys[len(where):], found):  # name the tier a load would read
+            gap = (start + len(found), found[0])
+            for key, lower_name in zip(keys[start:], found):  # name the tier a load would read
                 where.append(next((t.name for t in self.tiers if t.contains(key)), lower_name))
         if touch and where:
             for tier in self.tiers + self.lower_tiers:
@@ -212,11 +216,14 @@ class TieredStore:
             raise
         return opened
 
-    def lookup_lower(self, keys: Sequence[bytes], start: int = 0) -> list[str]:
+    def lookup_lower(self, keys: Sequence[bytes], start: int = 0, skip: Sequence[str] = ()) -> list[str]:
         """The tier name of each of the leading keys from `start` that the first lower tier
-        holding keys[start] has (one batched lookup per tier asked); [] if none holds it."""
+        holding keys[start] has (one batched lookup per tier asked); [] if none holds it.
+        `skip`: tiers known to lack keys[start] (the one whose run just ended there)."""
         rest = keys[start:]
         for tier in self.lower_tiers:
+            if tier.name in skip:
+                continue
             n = tier.lookup(rest)
             if n:
                 return [tier.name] * n
