@@ -283,6 +283,21 @@ def test_bad_config_and_servers_are_clear_errors_at_start(shared_server, tmp_pat
         RedisTier(TINY, CHUNK, cfg(dead.url))
 
 
+def test_a_password_server_refuses_missing_or_wrong_credentials_at_start(tmp_path):
+    server = RedisServer(tmp_path, extra=("--requirepass", "s3cret")).start()
+    try:
+        for url in (server.url, server.url.replace("//", "//:wrong@")):
+            with pytest.raises(TierUnavailableError, match="refused|credentials|NOAUTH|auth"):
+                RedisTier(TINY, CHUNK, cfg(url, start_degraded=True))  # not an outage: refused even so
+        tier = RedisTier(TINY, CHUNK, cfg(server.url.replace("//", "//:s3cret@")))
+        keys = keys_for(2, salt=30)
+        write_chain(tier, keys)
+        assert tier.lookup(keys) == 2
+        tier.close()
+    finally:
+        server.stop()
+
+
 def test_start_degraded_then_recovers_when_the_server_appears(tmp_path):
     server = RedisServer(tmp_path)
     tier = RedisTier(TINY, CHUNK, cfg(server.url, start_degraded=True))
@@ -475,6 +490,31 @@ def test_cluster_store_shares_between_two_stores(cluster):
     assert_exact(keys, d)
     a.close()
     b.close()
+
+
+def test_cluster_resharding_moved_keys_are_found_after_the_slot_map_reloads(cluster):
+    tier = RedisTier(TINY, CHUNK, cfg(cluster.url, cluster=True))
+    keys = keys_for(30, salt=24)
+    write_chain(tier, keys)
+    src, dst = cluster.nodes[0], cluster.nodes[1]
+    node_ids = {line.split()[1]: line.split()[0] for line in src.cli("CLUSTER", "NODES").splitlines()}
+    src_id, dst_id = node_ids[f"127.0.0.1:{src.port}@{src.port + 10000}"], node_ids[f"127.0.0.1:{dst.port}@{dst.port + 10000}"]
+    moved_keys = [k for k in keys if tier._route_of(tier.redis_key(k)).name == f"127.0.0.1:{src.port}"][:3]
+    assert moved_keys
+    for key in moved_keys:  # migrate each key's slot from src to dst, as a resharding does
+        rkey = tier.redis_key(key).decode()
+        slot = str(tier._cluster.keyslot(rkey))
+        dst.cli("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.cli("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        assert "OK" in src.cli("MIGRATE", "127.0.0.1", str(dst.port), rkey, "0", "5000")
+        for node in cluster.nodes:
+            node.cli("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    # the first request after the move gets MOVED (a miss) and reloads the slot map; then they load
+    assert wait_for(lambda: all(mt is not None for mt in tier.read_many(moved_keys, [0, 1], dests(len(moved_keys)))))
+    assert tier.lookup(keys) == 30
+    assert all(tier._route_of(tier.redis_key(k)).name == f"127.0.0.1:{dst.port}" for k in moved_keys)
+    assert tier.metrics.get(m.CHECKSUM_FAILURES, tier="redis") == 0  # a MOVED reply is a miss, not corrupt
+    tier.close()
 
 
 def test_cluster_master_paused_costs_one_timeout_and_the_others_keep_serving(cluster):

@@ -86,7 +86,10 @@ class RedisServer:
             return ""
 
     def cli(self, *args: str, check: bool = True) -> str:
-        out = subprocess.run(["redis-cli", "-h", HOST, "-p", str(self.port), *args],
+        auth: list[str] = []
+        if "--requirepass" in self.extra:
+            auth = ["-a", self.extra[self.extra.index("--requirepass") + 1], "--no-auth-warning"]
+        out = subprocess.run(["redis-cli", "-h", HOST, "-p", str(self.port), *auth, *args],
                              capture_output=True, timeout=10, check=False)
         if check and out.returncode != 0:
             raise RuntimeError(f"redis-cli {' '.join(args)}: {out.stderr.decode(errors='replace')}")

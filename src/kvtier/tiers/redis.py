@@ -45,6 +45,8 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
+    AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
     NoScriptError,
@@ -52,6 +54,7 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
     SlotNotCoveredError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -217,6 +220,9 @@ class RedisTier(Tier):
         assert self._single is not None
         try:
             self._single.client.ping()
+        except AuthenticationError as e:  # a ConnectionError to redis-py, but no outage: a wrong password
+            raise TierUnavailableError(
+                f"{self.name}: Redis at {self._single.name} refused kvtier's credentials: {e}") from None
         except _UNAVAILABLE as e:
             if not self.config.start_degraded:
                 raise TierUnavailableError(
@@ -362,7 +368,7 @@ class RedisTier(Tier):
                         replies.append(conn.read_response())
                     except ResponseError as e:
                         replies.append(e)
-                        refresh = refresh or str(e).startswith(("MOVED", "ASK"))
+                        refresh = refresh or isinstance(e, (AskError, TryAgainError))  # MovedError too
             except (*_UNAVAILABLE, RedisError) as e:
                 conn.disconnect()  # replies may still be in flight: never reuse this connection
                 route.breaker.failed()
@@ -431,7 +437,7 @@ class RedisTier(Tier):
                                        [len(indices)])[0]
                 reply = again[1] if again is not None else None
             if isinstance(reply, ResponseError):
-                if str(reply).startswith(("MOVED", "ASK")):
+                if isinstance(reply, (AskError, TryAgainError)):  # MovedError too
                     continue  # this node's keys miss until the slot map is reloaded
                 log.info("kvtier: %s tier: %s refuses the lookup script (%s); using EXISTS", self.name, route.name,
                          reply)
@@ -505,8 +511,10 @@ class RedisTier(Tier):
 
     def _header(self, key: bytes, data: Any, value_bytes: int | None) -> tuple[ChunkHeader, list[Section]]:
         """The verified header of `key`'s value and its KV sections by layer."""
-        if isinstance(data, ResponseError):  # e.g. WRONGTYPE: someone stored another type there
-            raise CorruptChunkError(f"not a kvtier chunk: {data}")
+        if isinstance(data, ResponseError):
+            if str(data).startswith("WRONGTYPE"):  # someone stored another type under this name
+                raise CorruptChunkError(f"not a kvtier chunk: {data}")
+            raise KeyError(key)  # MOVED/ASK (a slot in migration), NOPERM, ...: a miss, nothing to drop
         if data is None or data == b"":
             raise KeyError(key)
         header = decode_header(data, value_bytes)
@@ -560,7 +568,11 @@ class RedisTier(Tier):
             return None
         for layer, view, part in zip(layers, views, parts):
             s = kv[layer]
-            if isinstance(part, Exception) or len(part) != s.length:
+            if isinstance(part, ResponseError):
+                if str(part).startswith("WRONGTYPE"):
+                    raise CorruptChunkError(f"not a kvtier chunk: {part}")
+                return None  # MOVED, ASK, ...: a miss
+            if len(part) != s.length:
                 raise CorruptChunkError(f"layer {layer}: short value")
             if checksum(part) != s.checksum:
                 raise CorruptChunkError(f"layer {layer} checksum mismatch")
