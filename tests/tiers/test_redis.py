@@ -597,3 +597,34 @@ def test_two_kvtier_serve_processes_share_chunks_through_redis(shared_server):
             svc.stop()
         for folder in folders:
             cleanup(folder)
+
+
+def test_cluster_master_with_a_replica_killed_its_slots_come_back_after_failover(cluster, tmp_path):
+    """Runs after the other cluster tests (it leaves nodes[2] dead, its replica promoted)."""
+    victim = cluster.nodes[2]
+    replica = RedisServer(tmp_path, cluster=True).start()
+    try:
+        ids = {line.split()[1].split("@")[0]: line.split()[0] for line in victim.cli("CLUSTER", "NODES").splitlines()}
+        victim_id = ids[f"127.0.0.1:{victim.port}"]
+        replica.cli("--cluster", "add-node", f"127.0.0.1:{replica.port}", f"127.0.0.1:{cluster.nodes[0].port}",
+                    "--cluster-slave", "--cluster-master-id", victim_id)
+        assert wait_for(lambda: "master_link_status:up" in replica.cli("INFO", "replication"), 20)
+        tier = RedisTier(TINY, CHUNK, cfg(cluster.url, cluster=True))
+        keys = keys_for(30, salt=25)
+        write_chain(tier, keys)
+        on_victim = [tier._route_of(tier.redis_key(k)).name == f"127.0.0.1:{victim.port}" for k in keys]
+        assert any(on_victim)
+        assert wait_for(lambda: replica.cli("DBSIZE").strip() == victim.cli("DBSIZE").strip(), 10)
+        victim.kill()
+        metas = timed("cluster master with replica killed: read", tier.read_many, keys, [0, 1], dests(30))
+        assert [mt is None for mt in metas] == on_victim  # its slots miss until the replica takes over
+        # the replica is promoted (cluster-node-timeout 2 s); failed requests reload the slot map
+        assert wait_for(lambda: tier.lookup(keys) == 30, 30)
+        metas, d = read_all(tier, keys)
+        assert all(mt is not None for mt in metas)
+        assert_exact(keys, d)
+        assert all(tier._route_of(tier.redis_key(k)).name == f"127.0.0.1:{replica.port}"
+                   for k, v in zip(keys, on_victim) if v)
+        tier.close()
+    finally:
+        replica.stop()

@@ -190,6 +190,8 @@ class RedisTier(Tier):
         self._cluster_breaker = CircuitBreaker(config.breaker_failures, config.backoff_s, config.max_backoff_s)
         self.foreign_chunks = 0
         self._scripted_lookup = True  # until a server refuses the script
+        self._refreshing = False  # a slot-map reload is running in the background
+        self._next_refresh = 0.0  # no other reload before this (monotonic seconds)
         self._client_kwargs: dict[str, Any] = dict(
             socket_timeout=config.timeout_s,
             socket_connect_timeout=config.connect_timeout_s,
@@ -341,6 +343,7 @@ class RedisTier(Tier):
         counted as unanswered (keys of slots no node serves)."""
         out: list[list[Any] | None] = [None] * len(jobs)
         sent: list[tuple[int, _Route, Any, int]] = []
+        failed_routes = 0
         for j, (route, cmds) in enumerate(jobs):
             if not route.breaker.allow():
                 unavailable += keys_per_job[j]
@@ -355,6 +358,7 @@ class RedisTier(Tier):
                     conn.disconnect()
                     pool.release(conn)
                 route.breaker.failed()
+                failed_routes += 1
                 unavailable += keys_per_job[j]
                 log.debug("kvtier: %s tier: %s unavailable: %s", self.name, route.name, e)
                 continue
@@ -372,6 +376,7 @@ class RedisTier(Tier):
             except (*_UNAVAILABLE, RedisError) as e:
                 conn.disconnect()  # replies may still be in flight: never reuse this connection
                 route.breaker.failed()
+                failed_routes += 1
                 unavailable += keys_per_job[j]
                 log.debug("kvtier: %s tier: %s unavailable: %s", self.name, route.name, e)
                 continue
@@ -381,21 +386,37 @@ class RedisTier(Tier):
             out[j] = replies
         if unavailable:
             self.metrics.inc(m.TIER_UNAVAILABLE, unavailable, tier=self.name)
-        if refresh:
-            self._refresh_slots()
+        if refresh or (failed_routes and self._cluster is not None):
+            self._request_refresh()
         return out
 
-    def _refresh_slots(self) -> None:
-        """The cluster moved slots (MOVED/ASK): reload the slot map; those keys missed meanwhile."""
-        cluster = self._cluster
-        if cluster is None or not self._cluster_breaker.allow():
+    def _request_refresh(self) -> None:
+        """Reload the cluster's slot map on a background thread, at most once per `backoff_s`:
+        after MOVED/ASK (a resharding) or a node that failed (a replica may have taken its slots
+        over). The caller never waits for it; the keys concerned miss meanwhile."""
+        if self._cluster is None or self._closed:
             return
+        now = time.monotonic()
+        with self._lock:
+            if self._refreshing or now < self._next_refresh:
+                return
+            self._refreshing = True
+            self._next_refresh = now + self.config.backoff_s
+        threading.Thread(target=self._refresh_slots, name="kvtier-redis-slots", daemon=True).start()
+
+    def _refresh_slots(self) -> None:
+        cluster = self._cluster
         try:
-            cluster.nodes_manager.initialize()
+            if cluster is None or not self._cluster_breaker.allow():
+                return
+            # keep the pools of the nodes we know: other threads may be mid-request on them
+            cluster.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
         except (RedisClusterException, RedisError, OSError) as e:
             self._cluster_breaker.failed()
             log.warning("kvtier: %s tier: cannot reload the cluster's slot map: %s", self.name, e)
             return
+        finally:
+            self._refreshing = False
         self._cluster_breaker.succeeded()
 
     def redis_key(self, key: bytes) -> bytes:
