@@ -59,6 +59,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+from redis.utils import HIREDIS_AVAILABLE
 
 from kvtier.core import metrics as m
 from kvtier.core.codec import SECTION_KV, ChunkHeader, Section, checksum, decode_header, encode_header, header_size
@@ -201,6 +202,9 @@ class RedisTier(Tier):
             health_check_interval=0,
             **_NO_SETINFO,  # no CLIENT SETINFO on connect: a paused server costs one timeout, not two
         )
+        if not HIREDIS_AVAILABLE:
+            log.warning("kvtier: %s tier: hiredis is not installed; redis-py parses replies in Python "
+                        "(pip install 'kvtier[redis]' brings the C parser)", self.name)
         self._single: _Route | None = None
         try:
             if config.cluster:
