@@ -138,6 +138,112 @@ class DiskTierConfig:
         check_fields(self, "store.disk")
 
 
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(slots=True, frozen=True)
+class RedisTierConfig:
+    """A Redis/Valkey server or Redis Cluster shared by many hosts (tiers/redis.py).
+
+    Capacity and eviction belong to the server (set `maxmemory` and `maxmemory-policy
+    allkeys-lru` there); kvtier only bounds how long it waits for it.
+    """
+
+    url: str = ""  # redis://[user:password@]host:port[/db], rediss://..., unix:///path.sock
+    cluster: bool = False  # url names one node of a Redis Cluster; the others are discovered
+    namespace: str = "kvtier"  # prefix of every key kvtier writes
+    ttl_s: float = 0.0  # expire each chunk this long after it is written; 0 = never (the server's LRU evicts)
+    connect_timeout_s: float = 0.5
+    timeout_s: float = 1.0  # longest a command waits for its reply before it counts as a miss
+    breaker_failures: int = 3  # consecutive failures that open the circuit breaker
+    backoff_s: float = 0.5  # first wait before an open breaker lets one trial through; doubles per failure
+    max_backoff_s: float = 10.0
+    max_connections: int = 32
+    start_degraded: bool = False  # an unreachable server at start: misses until it answers, not an error
+
+    def __post_init__(self) -> None:
+        _check_redis_url(self.url)
+        if not self.namespace or any(c.isspace() for c in self.namespace):
+            raise ConfigError(f"namespace must be a non-empty string without spaces, got {self.namespace!r}")
+        if self.cluster and self.url.startswith("unix:"):
+            raise ConfigError("cluster: a Redis Cluster is reached over TCP, not a unix socket url")
+        for name in ("connect_timeout_s", "timeout_s", "backoff_s", "max_backoff_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.ttl_s < 0:
+            raise ConfigError(f"ttl_s must be >= 0 (0 = no expiry), got {self.ttl_s!r}")
+        if self.breaker_failures <= 0:
+            raise ConfigError(f"breaker_failures must be positive, got {self.breaker_failures!r}")
+        if self.max_connections <= 0:
+            raise ConfigError(f"max_connections must be positive, got {self.max_connections!r}")
+
+
+def _check_redis_url(url: str) -> None:
+    """A ConfigError naming `url` unless it parses as a Redis URL (scheme, host, port, db)."""
+    from urllib.parse import urlsplit
+
+    if not url:
+        raise ConfigError("url must name the server, e.g. 'redis://127.0.0.1:6379/0'")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"url {url!r} does not parse: {e}") from None
+    if parts.scheme not in REDIS_URL_SCHEMES:
+        raise ConfigError(f"url {url!r} does not parse: the scheme must be one of {list(REDIS_URL_SCHEMES)}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"url {url!r} does not parse: a unix url needs a socket path")
+        return
+    if not parts.hostname:
+        raise ConfigError(f"url {url!r} does not parse: it names no host")
+    if port == 0:
+        raise ConfigError(f"url {url!r} does not parse: port 0")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"url {url!r} does not parse: the database {db!r} is not a number")
+
+
+@dataclass(slots=True, frozen=True)
+class LowerTierConfig:
+    """One tier below DRAM and the first disk tier: exactly one of its kinds is set.
+
+    In a config file: `lower_tiers: [{redis: {url: "redis://host:6379"}}, {disk: {root: ...}}]`.
+    `name` labels the tier in lookups and metrics (default: its kind); names are unique.
+    """
+
+    name: str = ""
+    disk: DiskTierConfig | None = None  # a further folder, e.g. a shared mount
+    redis: RedisTierConfig | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in LOWER_TIER_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ConfigError(f"set exactly one of {list(LOWER_TIER_KINDS)}, got {kinds or 'none'}")
+        if self.disk is not None and not self.disk.root:
+            raise ConfigError("disk.root must name a folder")
+        if self.name and not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"name {self.name!r} must be letters, digits, '-' or '_'")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in LOWER_TIER_KINDS if getattr(self, k) is not None)
+
+    @property
+    def tier_name(self) -> str:
+        return self.name or self.kind
+
+    @property
+    def settings(self) -> Any:
+        """The set kind's own config (a DiskTierConfig, a RedisTierConfig, ...)."""
+        return getattr(self, self.kind)
+
+
+# The kinds a lower tier may be, in the order LowerTierConfig checks them (its field names);
+# tiers/lower.py maps each to the class that builds the tier.
+LOWER_TIER_KINDS = ("disk", "redis")
+
+
 @dataclass(slots=True, frozen=True)
 class StoreConfig:
     chunk_tokens: int = number_field(16, low=0, low_open=True)
@@ -148,6 +254,9 @@ class StoreConfig:
     write_mode: str = choice_field("write-through", WRITE_MODES)
     promote_on_hit: bool = True
     io_threads: int = number_field(2, low=0, low_open=True)
+    # tiers below DRAM and `disk`, slowest last: each written in the background in chain
+    # order (write-through, whatever write_mode says) and promoted from on a hit
+    lower_tiers: tuple[LowerTierConfig, ...] = ()
 
     def __post_init__(self) -> None:
         check_fields(self, "store")
@@ -155,6 +264,18 @@ class StoreConfig:
             raise ConfigError("store: at least one of store.memory and store.disk must be configured")
         if self.disk is not None and not self.disk.root:
             raise ConfigError("store.disk.root must name a folder")
+        self._check_lower_tiers()
+
+    def _check_lower_tiers(self) -> None:
+        taken = {"memory": "store.memory", "disk": "store.disk"}
+        for i, lower in enumerate(self.lower_tiers):
+            if not isinstance(lower, LowerTierConfig):
+                raise ConfigError(f"store.lower_tiers[{i}]: expected a LowerTierConfig, got {type(lower).__name__}")
+            name = lower.tier_name
+            if name in taken:
+                raise ConfigError(f"store.lower_tiers[{i}].name: {name!r} is already the name of {taken[name]}; "
+                                  "give each tier a distinct name")
+            taken[name] = f"store.lower_tiers[{i}]"
 
 
 def default_cache_dir() -> Path:

@@ -23,6 +23,8 @@ USED_BYTES = "kvtier_tier_used_bytes"
 WRITES_REFUSED = "kvtier_tier_writes_refused_total"
 READ_ERRORS = "kvtier_tier_read_errors_total"
 ORPHANS_DROPPED = "kvtier_tier_orphans_dropped_total"
+TIER_UNAVAILABLE = "kvtier_tier_unavailable_total"
+FOREIGN_CHUNKS = "kvtier_tier_foreign_chunks_total"
 # Per connector (label connector="vllm"|"transformers")
 HIT_TOKENS = "kvtier_connector_hit_tokens_total"
 LOAD_SECONDS = "kvtier_connector_load_seconds_total"
@@ -45,6 +47,8 @@ HELP = {
     WRITES_REFUSED: "Chunk writes the tier declined (no room without cutting a chain, parent not stored).",
     READ_ERRORS: "Chunk reads that failed with an I/O error (the chunk was a miss, its file kept).",
     ORPHANS_DROPPED: "Chunks dropped at open because their parent was not stored (unreachable).",
+    TIER_UNAVAILABLE: "Chunk requests a networked tier could not answer (timeout, refused, breaker open): misses.",
+    FOREIGN_CHUNKS: "Values of another KV layout found under this store's names: misses, left alone.",
     HIT_TOKENS: "Prompt tokens served from the store.",
     LOAD_SECONDS: "Seconds spent loading KV into the engine.",
     SAVE_SECONDS: "Seconds spent saving KV from the engine.",

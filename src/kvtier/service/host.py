@@ -104,7 +104,8 @@ class StoreHost:
         mem, disk = self.memory, self.store.disk
         tiers: list[str] = []
         held = _Lease(owner, self._clock() + min(lease_s, self.max_lease_s))
-        for key in keys:
+        lower_at: dict[int, str] = {}  # index -> lower tier, for runs the lower tiers hold
+        for i, key in enumerate(keys):
             if lease:
                 if mem.pin(key) is not None:
                     held.pinned.append(key)
@@ -115,6 +116,14 @@ class StoreHost:
                 continue
             if disk is not None and disk.contains(key):
                 tiers.append("disk")
+                if lease:
+                    held.promotions.append(self._promoter.submit(self._promote_pin, key))
+                continue
+            if i not in lower_at and self.store.lower_tiers:  # one batched lookup per run
+                ended = lower_at.get(i - 1)  # a run that ended just before i: its tier lacks keys[i]
+                lower_at.update(enumerate(self.store.lookup_lower(keys, i, (ended,) if ended else ()), start=i))
+            if i in lower_at:
+                tiers.append(lower_at[i])
                 if lease:
                     held.promotions.append(self._promoter.submit(self._promote_pin, key))
                 continue
@@ -198,27 +207,37 @@ class StoreHost:
 
     # -- promotion ---------------------------------------------------------------------
     def _promote_pin(self, key: bytes) -> bytes | None:
-        """Pin `key` in DRAM, reading it from disk into a fresh slot if needed; None if impossible."""
-        mem, disk = self.memory, self.store.disk
+        """Pin `key` in DRAM, reading it from disk (or a lower tier) into a fresh slot if needed;
+        None if impossible."""
+        mem = self.memory
         if mem.pin(key) is not None:
             return key
-        if disk is None:
+        if self.store.disk is None and not self.store.lower_tiers:
             return None
         res = self.store.allocate_memory(key)  # waits for pending disk writes to free a slot
         if res is None:
             return None
         layers = list(range(self.store.layout.num_layers))
         try:
-            meta = disk.read(key, layers, [mem.layer_view(res.slot, layer) for layer in layers])
+            found = self.store.read_lower(key, layers, [mem.layer_view(res.slot, layer) for layer in layers])
         except BaseException:
             mem.abort(res)
             raise
+        meta = found[1] if found is not None else None
         if meta is None:
             mem.abort(res)
             return key if mem.pin(key) is not None else None  # promoted by another thread meanwhile?
         res.filled.update(layers)
         mem.commit(res, meta)  # False: promoted by another thread first; ours is freed
         return key if mem.pin(key) is not None else None
+
+    def _promoted_from(self, key: bytes) -> str:
+        """The tier below DRAM a promoted chunk came from: the disk tier if it has the chunk,
+        else the lower tier (named when there is only one)."""
+        store = self.store
+        if (store.disk is not None and store.disk.contains(key)) or not store.lower_tiers:
+            return "disk"
+        return store.lower_tiers[0].name if len(store.lower_tiers) == 1 else "lower"
 
     # -- loads -------------------------------------------------------------------------
     def load_begin(self, owner: OwnerId, keys: Sequence[bytes], lease_id: LeaseId | None = None) -> LoadPins:
@@ -233,8 +252,8 @@ class StoreHost:
             if slot is not None:
                 slots[i], tiers[i] = slot, "memory"
                 pinned.append(key)
-            elif self.store.disk is not None and self.store.disk.contains(key):
-                promotions[i] = self._promoter.submit(self._promote_pin, key)
+            elif self.store.lower_tiers or (self.store.disk is not None and self.store.disk.contains(key)):
+                promotions[i] = self._promoter.submit(self._promote_pin, key)  # a lower miss pins nothing
         for i, fut in promotions.items():
             try:
                 promoted = fut.result()
@@ -244,7 +263,7 @@ class StoreHost:
                 pinned.append(promoted)
                 slot = mem.slot_of(promoted)
                 assert slot is not None  # pinned, so resident
-                slots[i], tiers[i] = slot, "disk"
+                slots[i], tiers[i] = slot, self._promoted_from(promoted)
         checksums = []
         for key, slot in zip(keys, slots, strict=False):
             meta = mem.meta(key) if slot != NO_SLOT else None

@@ -24,6 +24,15 @@ service's save and promotion path) waits for the writer to free some, up to
 `write_wait_s`, instead of refusing the chunk: a burst of saves larger than DRAM is
 slowed to disk speed, not dropped.
 A disk hit is promoted to DRAM when the load read every layer.
+
+Lower tiers (`config.lower_tiers`: further folders, Redis) sit below DRAM and the disk tier,
+slowest last. A lookup asks them, batched, for the run of keys the tiers above lack (a
+prefix stops at its first gap in every tier); a load reads the chunks the tiers above miss
+from them in one batch per tier and promotes full-chunk hits to DRAM. Every save is written
+to each of them (write-through, whatever write_mode says) by one more FIFO writer thread,
+parents first, each chunk pinned in DRAM until its lower writes are done; a lower tier that
+fails stops that chain in that tier only. `read_bandwidths()` reports each tier's measured
+read bandwidth.
 """
 
 from __future__ import annotations
@@ -104,6 +113,9 @@ class TieredStore:
             self.memory = MemoryTier(layout, config.chunk_tokens, config.memory, self.metrics,
                                      pool=memory_pool, on_evict=on_evict)
         self.tiers: list[Tier] = [t for t in (self.memory, self.disk) if t is not None]
+        self.lower_tiers: list[Tier] = self._open_lower_tiers()
+        # FIFO as well: each lower tier gets a chain's parents before its children
+        self._lower_writer = TransferEngine(1, "kvtier-lower-writer") if self.lower_tiers else None
         self._io = TransferEngine(config.io_threads, "kvtier-io")
         self._writer = TransferEngine(1, "kvtier-disk-writer")  # FIFO: parents before children
         self._pending: set[TransferHandle] = set()
@@ -121,21 +133,31 @@ class TieredStore:
         self._check_open()
         keys = _check_keys(keys)
         where: list[str] = []
-        for key in keys:
-            for tier in self.tiers:
-                if tier.contains(key):
-                    where.append(tier.name)
+        gap: tuple[int, str] = (-1, "")  # where the last lower run ended, and in which tier
+        while True:
+            for key in keys[len(where):]:
+                for tier in self.tiers:
+                    if tier.contains(key):
+                        where.append(tier.name)
+                        break
+                else:
+                    if self._demoting:
+                        with self._pending_lock:
+                            demoting = key in self._demoting
+                        if demoting:
+                            where.append("disk")
+                            continue
                     break
-            else:
-                if self._demoting:
-                    with self._pending_lock:
-                        demoting = key in self._demoting
-                    if demoting:
-                        where.append("disk")
-                        continue
+            start = len(where)
+            skip = (gap[1],) if gap[0] == start else ()  # that tier just said it lacks keys[start]
+            found = self.lookup_lower(keys, start, skip) if start < len(keys) else []
+            if not found:
                 break
+            gap = (start + len(found), found[0])
+            for key, lower_name in zip(keys[start:], found):  # name the tier a load would read
+                where.append(next((t.name for t in self.tiers if t.contains(key)), lower_name))
         if touch and where:
-            for tier in self.tiers:
+            for tier in self.tiers + self.lower_tiers:
                 hit = [k for k, w in zip(keys, where) if w == tier.name]
                 if hit:
                     tier.touch(hit)
@@ -192,8 +214,135 @@ class TieredStore:
             tiers.append(source)
             if not source:
                 failed.append(i)
+        if failed and self.lower_tiers:
+            failed = self._load_lower(keys, dests, layers, failed, tiers)
         loaded = failed[0] if failed else len(keys)
         return LoadResult(loaded, tuple(failed), tuple(tiers))
+
+    # -- lower tiers ---------------------------------------------------------------
+    def _open_lower_tiers(self) -> list[Tier]:
+        from kvtier.tiers.lower import make_lower_tier
+
+        opened: list[Tier] = []
+        try:
+            for spec in self.config.lower_tiers:
+                opened.append(make_lower_tier(spec, self.layout, self.chunk_tokens, self.metrics))
+        except BaseException:
+            for tier in opened:
+                tier.close()
+            for tier in self.tiers:
+                tier.close()
+            raise
+        return opened
+
+    def lookup_lower(self, keys: Sequence[bytes], start: int = 0, skip: Sequence[str] = ()) -> list[str]:
+        """The tier name of each of the leading keys from `start` that the first lower tier
+        holding keys[start] has (one batched lookup per tier asked); [] if none holds it.
+        `skip`: tiers known to lack keys[start] (the one whose run just ended there)."""
+        rest = keys[start:]
+        for tier in self.lower_tiers:
+            if tier.name in skip:
+                continue
+            n = tier.lookup(rest)
+            if n:
+                return [tier.name] * n
+        return []
+
+    def read_lower(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> tuple[str, ChunkMeta] | None:
+        """Read one chunk from the first tier below DRAM that has it (disk, then lower tiers)."""
+        for tier in ([self.disk] if self.disk is not None else []) + self.lower_tiers:
+            meta = tier.read(key, layers, dests)
+            if meta is not None:
+                return tier.name, meta
+        return None
+
+    def _load_lower(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]], layers: list[int],
+                    failed: list[int], tiers: list[str]) -> list[int]:
+        """Fill the chunks the tiers above missed from the lower tiers, one batch per tier."""
+        for tier in self.lower_tiers:
+            if not failed:
+                break
+            metas = tier.read_many([keys[i] for i in failed], layers, [dests[i] for i in failed])
+            still: list[int] = []
+            for i, meta in zip(failed, metas, strict=True):
+                if meta is None:
+                    still.append(i)
+                    continue
+                tiers[i] = tier.name
+                if self.memory is not None:
+                    self._promote(meta, layers, dests[i])
+            failed = still
+        return failed
+
+    def read_bandwidths(self) -> dict[str, float | None]:
+        """Each tier's measured read bandwidth in GB/s (None before its first read), fastest tier first."""
+        return {tier.name: tier.read_gbps() for tier in self.tiers + self.lower_tiers}
+
+    def _queue_lower(self, metas: Sequence[ChunkMeta], copies: Sequence[list[bytes] | None],
+                     in_memory: int) -> TransferHandle[SaveResult] | None:
+        """Queue the lower-tier writes of a saved chain; each chunk's bytes stay pinned in DRAM
+        (or are the save's own copies) until the writer is done with it."""
+        if self._lower_writer is None or not metas:
+            return None
+        mem = self.memory
+        pinned: list[bool] = []
+        for meta, copy in zip(metas, copies, strict=True):
+            pinned.append(copy is None and mem is not None and mem.pin(meta.key) is not None)
+        self._count_write_pins(sum(pinned))
+        handle = self._lower_writer.submit("save-lower", self._write_lower, list(metas), list(copies), pinned,
+                                          in_memory)
+        with self._pending_lock:
+            self._pending.add(handle)
+
+        def _done(h: TransferHandle) -> None:
+            with self._pending_lock:
+                self._pending.discard(h)
+            exc = h.exception()
+            if exc is not None:
+                log.warning("kvtier: %s", exc)
+
+        handle.add_done_callback(_done)
+        return handle
+
+    def _write_lower(self, metas: list[ChunkMeta], copies: list[list[bytes] | None],
+                     pinned: list[bool], in_memory: int) -> SaveResult:
+        mem = self.memory
+        errors: list[str] = []
+        try:
+            sources: list[list[Buffer] | None] = []
+            for i, meta in enumerate(metas):
+                copy = copies[i]
+                if copy is not None:
+                    sources.append(list(copy))
+                elif pinned[i] and mem is not None:
+                    slot = mem.slot_of(meta.key)
+                    assert slot is not None  # pinned above, so still resident
+                    sources.append([mem.layer_view(slot, layer) for layer in range(self.layout.num_layers)])
+                else:
+                    sources.append(None)  # left DRAM before the save queued it: the chain stops here
+            for tier in self.lower_tiers:
+                for i, meta in enumerate(metas):
+                    src = sources[i]
+                    if src is None:
+                        errors.append(f"{tier.name}: chunk {i} was evicted from DRAM before its write")
+                        break
+                    t0 = time.perf_counter()
+                    try:
+                        ok = tier.write(meta, src)
+                    except TierWriteError as e:
+                        self.metrics.inc(m.WRITE_FAILURES, tier=tier.name)
+                        errors.append(f"{tier.name}: chunk {i}: {e}")
+                        break
+                    self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=tier.name)
+                    if not ok:
+                        errors.append(f"{tier.name}: chunk {i} not admitted (no room)")
+                        break
+        finally:
+            for i, meta in enumerate(metas):
+                self._unpin_written(pinned, i, meta.key)
+        if errors:
+            raise TierWriteError(f"lower tiers: {len(errors)} chains stopped early: " + "; ".join(errors[:3]))
+        return SaveResult(len(metas), in_memory, 0)
 
     def _promote(self, meta: ChunkMeta, layers: list[int], bufs: Sequence[Buffer]) -> None:
         if not self.config.promote_on_hit or len(layers) != self.layout.num_layers or self.memory is None:
@@ -204,7 +353,7 @@ class TieredStore:
         self.memory.write(meta, ordered)
 
     def read_section(self, key: bytes, kind: int, index: int) -> bytes | None:
-        for tier in self.tiers:
+        for tier in self.tiers + self.lower_tiers:
             data = tier.read_section(key, kind, index)
             if data is not None:
                 return data
@@ -303,8 +452,9 @@ class TieredStore:
             if pin and mem is not None and i not in to_disk:
                 mem.unpin(key)
         self._count_write_pins(sum(1 for i in to_disk if pinned[i]))
+        lower = self._queue_lower(metas, copies, in_memory)
         if not to_disk:
-            return self._io.completed("save", SaveResult(len(metas), in_memory, 0))
+            return lower or self._io.completed("save", SaveResult(len(metas), in_memory, 0))
         handle = self._writer.submit("save", self._write_disk, [metas[i] for i in to_disk],
                                      [copies[i] for i in to_disk], [pinned[i] for i in to_disk], in_memory)
         self._track(handle)
@@ -322,11 +472,12 @@ class TieredStore:
         pins = list(pinned) if pinned is not None else [
             mem is not None and mem.pin(meta.key) is not None for meta in metas]
         in_memory = sum(pins)
+        lower = self._queue_lower(metas, [None] * len(metas), in_memory)
         if self.disk is None or self.config.write_mode == "write-back":
             for meta, pin in zip(metas, pins):
                 if pin and mem is not None:
                     mem.unpin(meta.key)
-            return self._io.completed("save", SaveResult(len(metas), in_memory, 0))
+            return lower or self._io.completed("save", SaveResult(len(metas), in_memory, 0))
         self._count_write_pins(in_memory)
         handle = self._writer.submit("save", self._write_disk, metas, [None] * len(metas), pins, in_memory)
         self._track(handle)
@@ -549,9 +700,10 @@ class TieredStore:
 
     def stats(self) -> dict[str, object]:
         out: dict[str, object] = {}
-        for tier in self.tiers:
+        for tier in self.tiers + self.lower_tiers:
             u = tier.usage()
-            out[tier.name] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes, "chunks": u.chunks}
+            out[tier.name] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes, "chunks": u.chunks,
+                              "read_gbps": tier.read_gbps()}
         out["metrics"] = self.metrics.snapshot()
         return out
 
@@ -561,8 +713,10 @@ class TieredStore:
         self.flush()
         self._closed = True
         self._writer.shutdown()
+        if self._lower_writer is not None:
+            self._lower_writer.shutdown()
         self._io.shutdown()
-        for tier in self.tiers:
+        for tier in self.tiers + self.lower_tiers:
             tier.close()
 
     def __enter__(self) -> TieredStore:

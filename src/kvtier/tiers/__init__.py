@@ -1,1 +1,1 @@
-"""kvtier.tiers: storage tiers (memory, disk, later redis) and their eviction policies."""
+"""kvtier.tiers: storage tiers (memory, disk, redis; lower.py builds the configured lower tiers) and their eviction policies."""

@@ -18,6 +18,8 @@ numpy arrays, CPU torch tensors via .numpy()), so tiers need no torch.
 Keys, parents and depths are checked at each call (`check_key`, `check_chunk`): a bad one
 raises ValueError naming it before the tier takes a slot or a file for it.
     delete(key) -> bool, touch(keys), usage(), close()
+    read_many(keys, layers, dests)  `read` of several chunks (batched by networked tiers)
+    read_gbps() -> float | None     measured read bandwidth, for the load planner
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.core import metrics as m
 from kvtier.core.codec import MAX_KEY_BYTES
 from kvtier.core.errors import KVTierError
 from kvtier.core.keys import HASH_MODES
@@ -116,6 +119,22 @@ class Tier(ABC):
                 break
             n += 1
         return n
+
+    def read_many(self, keys: Sequence[bytes], layers: Sequence[int],
+                  dests: Sequence[Sequence[Buffer]]) -> list[ChunkMeta | None]:
+        """`read` of several chunks (dests[i] for keys[i]); a networked tier batches the requests."""
+        return [self.read(key, layers, d) for key, d in zip(keys, dests, strict=True)]
+
+    def read_gbps(self) -> float | None:
+        """Measured read bandwidth (GB/s, payload bytes over read seconds) since the tier opened;
+        None before its first timed read. For the load planner: is loading from here worth it."""
+        metrics = getattr(self, "metrics", None)
+        if metrics is None:
+            return None
+        seconds = metrics.get(m.READ_SECONDS, tier=self.name)
+        if seconds <= 0:
+            return None
+        return metrics.get(m.BYTES_READ, tier=self.name) / seconds / 1e9
 
     @abstractmethod
     def contains(self, key: bytes) -> bool: ...

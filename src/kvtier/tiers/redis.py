@@ -1,0 +1,797 @@
+"""Redis tier: one key per chunk on a Redis/Valkey server or a Redis Cluster shared by many hosts.
+
+Who calls: the TieredStore (StoreConfig.lower_tiers) from its I/O threads and its lower-tier
+writer thread, in-process or inside `kvtier serve`. Needs the `redis` extra (redis-py with the
+hiredis parser).
+
+    lookup(keys) -> int          one pipelined EXISTS per key (per cluster node); the leading run
+    read_many(keys, layers, d)   one pipelined GET (whole chunks) or GETRANGEs of the header and
+                                 the asked layers (layer-wise loads) per key, per node
+    write(meta, layers)          SET NX [PX ttl] of the whole chunk (content-addressed: idempotent)
+    delete(key), usage(), close(); touch() is a no-op (the server's LRU sees every read)
+
+Key: b"<namespace>:<layout id, 8 bytes hex>:<chunk key hex>". Value: exactly the bytes a disk
+tier file holds (core/codec.py: the 4 KiB header, then each section 4 KiB-aligned with its own
+xxh3 checksum), so a reader verifies every section it copies and can fetch one layer alone
+with GETRANGE. No pickle: a value that is not a kvtier chunk of this layout is a miss.
+
+Capacity and eviction belong to the server (`maxmemory` with `maxmemory-policy allkeys-lru`).
+A chunk whose parent the server evicted is still stored but never served as a prefix: lookups
+stop at the first missing key. Corrupt values (bad magic, header or section checksum, a key that
+does not match the name, a value of another type) are counted as checksum failures, deleted and
+missed; a chunk of another KV layout under a colliding name is counted (`foreign_chunks`) and
+missed but left for its owner.
+
+Faults never block or crash the caller: every command runs with a connect and a read timeout
+and no retries, and each server (each cluster node) has a circuit breaker. After
+`breaker_failures` consecutive failures the node's requests are misses at once, without
+touching the network, until a back-off (doubling from `backoff_s` to `max_backoff_s`) lets one
+trial request through; its success closes the breaker. A request for one node therefore
+stalls at most connect_timeout_s + timeout_s, and a dead, paused or restarted server, or a lost
+cluster node, turns into misses (the other cluster nodes keep serving when the cluster runs
+with `cluster-require-full-coverage no`); the tier recovers by itself when the server answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    BusyLoadingError,
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+from redis.utils import HIREDIS_AVAILABLE
+
+from kvtier.core import metrics as m
+from kvtier.core.codec import SECTION_KV, ChunkHeader, Section, checksum, decode_header, encode_header, header_size
+from kvtier.core.config import RedisTierConfig
+from kvtier.core.errors import CorruptChunkError, StoreClosedError, TierUnavailableError
+from kvtier.core.layout import KVLayout
+from kvtier.tiers.base import (
+    Buffer,
+    ChunkMeta,
+    Tier,
+    TierUsage,
+    TierWriteError,
+    as_bytes_view,
+    check_dests,
+)
+
+log = logging.getLogger(__name__)
+
+# A server or node that cannot answer: these open the breaker. Anything else a command returns
+# (WRONGTYPE, MOVED, OOM) concerns that one key and is a miss or a failed write on its own.
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError, OSError)
+
+
+class _Foreign(Exception):
+    """A value of another KV layout under this tier's name for a key: miss, do not delete."""
+
+
+class CircuitBreaker:
+    """Closed until `failures` consecutive failures; then open, letting one trial through after a
+    back-off that doubles per failed trial, up to `max_backoff_s`. A trial whose outcome is never
+    reported (its caller raised) stops blocking others after one more back-off. Thread-safe."""
+
+    def __init__(self, failures: int, backoff_s: float, max_backoff_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures_to_open = failures
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._open_until = 0.0  # while open: no request before this time
+        self._backoff = backoff_s
+        self._trial_until = 0.0  # while a trial request tests an open breaker: no other before this
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures >= self.failures_to_open
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._failures < self.failures_to_open:
+                return True
+            now = self._clock()
+            if now < self._open_until or now < self._trial_until:
+                return False
+            self._trial_until = now + self._backoff
+            return True
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._backoff = self.backoff_s
+            self._trial_until = 0.0
+
+    def failed(self) -> None:
+        with self._lock:
+            was_trial = self._trial_until > 0.0
+            self._trial_until = 0.0
+            self._failures += 1
+            if self._failures >= self.failures_to_open:
+                if was_trial:
+                    self._backoff = min(self._backoff * 2, self.max_backoff_s)
+                self._open_until = self._clock() + self._backoff
+
+
+@dataclass(slots=True)
+class _Route:
+    """One server (or cluster primary) and its breaker."""
+
+    name: str
+    client: redis.Redis
+    breaker: CircuitBreaker
+
+
+def _no_setinfo() -> dict[str, Any]:
+    """Client arguments that turn off CLIENT SETINFO (redis-py 8 spells it driver_info=None)."""
+    import inspect
+
+    params = inspect.signature(redis.connection.AbstractConnection.__init__).parameters
+    if "driver_info" in params:
+        return {"driver_info": None}
+    if "lib_name" in params:
+        return {"lib_name": None, "lib_version": None}
+    return {}
+
+
+_NO_SETINFO = _no_setinfo()
+
+# A lookup in one round trip per server: how many of KEYS (in chain order) exist before the first
+# that does not. The flags let a cluster node take keys of several of its slots at once (Redis 7+,
+# Valkey); a server that refuses the script is asked with pipelined EXISTS instead.
+_LOOKUP_SCRIPT = """#!lua flags=no-writes,allow-cross-slot-keys
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then return i - 1 end
+end
+return #KEYS
+"""
+_LOOKUP_SHA = hashlib.sha1(_LOOKUP_SCRIPT.encode()).hexdigest()
+_NO_VALUE = object()  # the request could not be made (breaker open, server unavailable)
+
+
+class RedisTier(Tier):
+    name = "redis"
+
+    def __init__(self, layout: KVLayout, chunk_tokens: int, config: RedisTierConfig,
+                 metrics: m.Metrics | None = None, *, name: str = "redis") -> None:
+        self.layout = layout
+        self.chunk_tokens = chunk_tokens
+        self.config = config
+        self.metrics = metrics or m.Metrics()
+        self.name = name
+        self._layout_id = layout.layout_id(chunk_tokens)
+        self._prefix = redis_key_name(config.namespace, self._layout_id, b"")
+        self._kv_header = header_size(layout.num_layers)  # a chunk without extra sections
+        self._closed = False
+        self._lock = threading.Lock()
+        self._routes: dict[str, _Route] = {}
+        self._cluster: Any = None  # redis.cluster.RedisCluster, for slots and nodes only
+        self._cluster_breaker = CircuitBreaker(config.breaker_failures, config.backoff_s, config.max_backoff_s)
+        self.foreign_chunks = 0
+        self._scripted_lookup = True  # until a server refuses the script
+        self._refreshing = False  # a slot-map reload is running in the background
+        self._next_refresh = 0.0  # no other reload before this (monotonic seconds)
+        self._client_kwargs: dict[str, Any] = dict(
+            socket_timeout=config.timeout_s,
+            socket_connect_timeout=config.connect_timeout_s,
+            socket_read_size=1 << 18,  # chunks are MiBs: fewer, larger reads (+35% on 2 MiB values)
+            retry=Retry(NoBackoff(), 0),  # one attempt: the breaker, not a retry loop, handles faults
+            retry_on_timeout=False,
+            health_check_interval=0,
+            **_NO_SETINFO,  # no CLIENT SETINFO on connect: a paused server costs one timeout, not two
+        )
+        if not HIREDIS_AVAILABLE:
+            log.warning("kvtier: %s tier: hiredis is not installed; redis-py parses replies in Python "
+                        "(pip install 'kvtier[redis]' brings the C parser)", self.name)
+        self._single: _Route | None = None
+        try:
+            if config.cluster:
+                self._connect_cluster(at_start=True)
+            else:
+                client = redis.Redis.from_url(config.url, max_connections=config.max_connections,
+                                              **self._client_kwargs)
+                self._single = _Route(_url_name(config.url), client, self._new_breaker())
+                self._check_single_at_start()
+        except ValueError as e:
+            raise TierUnavailableError(f"{self.name}.url {config.url!r} does not parse: {e}") from None
+
+    # -- connections ---------------------------------------------------------------------
+    def _new_breaker(self) -> CircuitBreaker:
+        c = self.config
+        return CircuitBreaker(c.breaker_failures, c.backoff_s, c.max_backoff_s)
+
+    def _check_single_at_start(self) -> None:
+        assert self._single is not None
+        try:
+            self._single.client.ping()
+        except AuthenticationError as e:  # a ConnectionError to redis-py, but no outage: a wrong password
+            raise TierUnavailableError(
+                f"{self.name}: Redis at {self._single.name} refused kvtier's credentials: {e}") from None
+        except _UNAVAILABLE as e:
+            if not self.config.start_degraded:
+                raise TierUnavailableError(
+                    f"{self.name}: cannot reach Redis at {self._single.name}: {e} "
+                    "(set start_degraded to start with misses until it answers)") from None
+            log.warning("kvtier: %s tier starts degraded: %s unreachable (%s)", self.name, self._single.name, e)
+            for _ in range(self.config.breaker_failures):
+                self._single.breaker.failed()
+        except RedisError as e:
+            raise TierUnavailableError(f"{self.name}: Redis at {self._single.name} refused kvtier: {e}") from None
+        if self.config.cluster is False and not self._single.breaker.is_open:
+            try:
+                cluster_on = self._single.client.info("cluster").get("cluster_enabled") == 1
+            except RedisError:
+                cluster_on = False
+            if cluster_on:
+                raise TierUnavailableError(
+                    f"{self.name}: {self._single.name} is a Redis Cluster node; set cluster: true")
+
+    def _connect_cluster(self, at_start: bool = False) -> Any:
+        """The RedisCluster (slot map and node clients), built on first use; None while unreachable."""
+        if self._cluster is not None:
+            return self._cluster
+        if not at_start and not self._cluster_breaker.allow():
+            return None
+        with self._lock:  # one thread discovers the cluster; the others wait and use it
+            if self._cluster is not None:
+                return self._cluster
+            return self._discover_cluster(at_start)
+
+    def _discover_cluster(self, at_start: bool) -> Any:
+        from redis.cluster import RedisCluster
+
+        try:
+            cluster = RedisCluster.from_url(
+                self.config.url, require_full_coverage=False, max_connections=self.config.max_connections,
+                **self._client_kwargs)
+        except (RedisClusterException, RedisError, OSError) as e:
+            unreachable = isinstance(e, _UNAVAILABLE) or "connect" in str(e).lower()
+            if at_start and not (unreachable and self.config.start_degraded):
+                raise TierUnavailableError(f"{self.name}: Redis Cluster at {self.config.url} refused: {e}") from None
+            self._cluster_breaker.failed()
+            log.warning("kvtier: %s tier: Redis Cluster at %s unreachable (%s)", self.name, self.config.url, e)
+            return None
+        self._cluster_breaker.succeeded()
+        self._cluster = cluster
+        return cluster
+
+    def _route_of(self, rkey: bytes) -> _Route | None:
+        if self._single is not None:
+            return self._single
+        cluster = self._connect_cluster()
+        if cluster is None:
+            return None
+        try:
+            node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(rkey))
+        except (SlotNotCoveredError, RedisClusterException, IndexError):
+            return None  # a slot no live primary serves (its master was lost): a miss
+        route = self._routes.get(node.name)
+        if route is None:
+            with self._lock:
+                route = self._routes.get(node.name)
+                if route is None:
+                    route = _Route(node.name, cluster.get_redis_connection(node), self._new_breaker())
+                    self._routes[node.name] = route
+        return route
+
+    def _group(self, rkeys: Sequence[bytes]) -> tuple[dict[str, tuple[_Route, list[int]]], list[int]]:
+        """Indices of `rkeys` by the route serving them; and those no route serves."""
+        groups: dict[str, tuple[_Route, list[int]]] = {}
+        orphans: list[int] = []
+        for i, rkey in enumerate(rkeys):
+            route = self._route_of(rkey)
+            if route is None:
+                orphans.append(i)
+                continue
+            groups.setdefault(route.name, (route, []))[1].append(i)
+        return groups, orphans
+
+    def _pipelined(self, rkeys: Sequence[bytes],
+                   commands: Callable[[int], list[tuple[Any, ...]]]) -> list[list[Any] | object]:
+        """Run key i's commands (commands(i), as argument tuples) on the route serving key i, one
+        batch per route (see _exchange).
+
+        Returns each key's raw replies (a list; an item may be a ResponseError for that command)
+        or _NO_VALUE when its node could not be asked (breaker open, unreachable, timed out)."""
+        out: list[list[Any] | object] = [_NO_VALUE] * len(rkeys)
+        groups, orphans = self._group(rkeys)
+        jobs: list[tuple[_Route, list[tuple[Any, ...]]]] = []
+        splits: list[list[tuple[int, int]]] = []
+        for route, indices in groups.values():
+            cmds: list[tuple[Any, ...]] = []
+            split = []
+            for i in indices:
+                key_cmds = commands(i)
+                cmds.extend(key_cmds)
+                split.append((i, len(key_cmds)))
+            jobs.append((route, cmds))
+            splits.append(split)
+        results = self._exchange(jobs, [len(ix) for _r, ix in groups.values()], len(orphans))
+        for replies, split in zip(results, splits):
+            if replies is None:
+                continue
+            pos = 0
+            for i, n in split:
+                out[i] = replies[pos:pos + n]
+                pos += n
+        return out
+
+    def _exchange(self, jobs: Sequence[tuple[_Route, list[tuple[Any, ...]]]], keys_per_job: Sequence[int],
+                  unavailable: int = 0) -> list[list[Any] | None]:
+        """Send every route its commands in one write, all routes before reading any reply, then
+        read the replies route by route: a cluster's nodes work in parallel, and a paused node
+        costs one timeout, not one per node. None for a route that could not be asked; a
+        command's own error (WRONGTYPE, MOVED, OOM) is its reply. `unavailable` more keys are
+        counted as unanswered (keys of slots no node serves)."""
+        out: list[list[Any] | None] = [None] * len(jobs)
+        sent: list[tuple[int, _Route, Any, int]] = []
+        failed_routes = 0
+        for j, (route, cmds) in enumerate(jobs):
+            if not route.breaker.allow():
+                unavailable += keys_per_job[j]
+                continue
+            pool = route.client.connection_pool
+            conn = None
+            try:
+                conn = pool.get_connection()
+                conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
+            except (*_UNAVAILABLE, RedisError) as e:
+                if conn is not None:
+                    conn.disconnect()
+                    pool.release(conn)
+                route.breaker.failed()
+                failed_routes += 1
+                unavailable += keys_per_job[j]
+                log.debug("kvtier: %s tier: %s unavailable: %s", self.name, route.name, e)
+                continue
+            sent.append((j, route, conn, len(cmds)))
+        refresh = False
+        for j, route, conn, count in sent:
+            replies: list[Any] = []
+            try:
+                for _ in range(count):
+                    try:
+                        replies.append(conn.read_response())
+                    except ResponseError as e:
+                        replies.append(e)
+                        refresh = refresh or isinstance(e, (AskError, TryAgainError))  # MovedError too
+            except (*_UNAVAILABLE, RedisError) as e:
+                conn.disconnect()  # replies may still be in flight: never reuse this connection
+                route.breaker.failed()
+                failed_routes += 1
+                unavailable += keys_per_job[j]
+                log.debug("kvtier: %s tier: %s unavailable: %s", self.name, route.name, e)
+                continue
+            finally:
+                route.client.connection_pool.release(conn)
+            route.breaker.succeeded()
+            out[j] = replies
+        if unavailable:
+            self.metrics.inc(m.TIER_UNAVAILABLE, unavailable, tier=self.name)
+        if refresh or (failed_routes and self._cluster is not None):
+            self._request_refresh()
+        return out
+
+    def _request_refresh(self) -> None:
+        """Reload the cluster's slot map on a background thread, at most once per `backoff_s`:
+        after MOVED/ASK (a resharding) or a node that failed (a replica may have taken its slots
+        over). The caller never waits for it; the keys concerned miss meanwhile."""
+        if self._cluster is None or self._closed:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if self._refreshing or now < self._next_refresh:
+                return
+            self._refreshing = True
+            self._next_refresh = now + self.config.backoff_s
+        threading.Thread(target=self._refresh_slots, name="kvtier-redis-slots", daemon=True).start()
+
+    def _refresh_slots(self) -> None:
+        cluster = self._cluster
+        try:
+            if cluster is None or not self._cluster_breaker.allow():
+                return
+            # keep the pools of the nodes we know: other threads may be mid-request on them
+            cluster.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
+        except (RedisClusterException, RedisError, OSError) as e:
+            self._cluster_breaker.failed()
+            log.warning("kvtier: %s tier: cannot reload the cluster's slot map: %s", self.name, e)
+            return
+        finally:
+            self._refreshing = False
+        self._cluster_breaker.succeeded()
+
+    def redis_key(self, key: bytes) -> bytes:
+        return self._prefix + bytes(key).hex().encode()
+
+    # -- lookup ----------------------------------------------------------------------------
+    def contains(self, key: bytes) -> bool:
+        return self.lookup([key]) == 1
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys the server holds: per node, one script call that counts the
+        node's keys present before its first gap (pipelined EXISTS where scripts are refused)."""
+        self._check_open()
+        if not keys:
+            return 0
+        rkeys = [self.redis_key(k) for k in keys]
+        if self._scripted_lookup:
+            present = self._lookup_scripted(rkeys)
+            if present is not None:
+                return _leading(present)
+        replies = self._pipelined(rkeys, lambda i: [("EXISTS", rkeys[i])])
+        return _leading([r is not _NO_VALUE and r[0] == 1 for r in replies])  # type: ignore[index]
+
+    def _lookup_scripted(self, rkeys: list[bytes]) -> list[bool] | None:
+        """Each key's presence as far as its node's run goes; None: scripts refused, use EXISTS."""
+        present = [False] * len(rkeys)
+        groups, orphans = self._group(rkeys)
+        routes = list(groups.values())
+
+        def script_call(indices: list[int]) -> tuple[Any, ...]:
+            return ("EVALSHA", _LOOKUP_SHA, len(indices), *[rkeys[i] for i in indices])
+
+        results = self._exchange([(route, [script_call(ix)]) for route, ix in routes],
+                                 [len(ix) for _r, ix in routes], len(orphans))
+        for (route, indices), replies in zip(routes, results):
+            reply = replies[0] if replies is not None else None
+            if isinstance(reply, NoScriptError):  # the first call, or a restarted server: load it once
+                again = self._exchange([(route, [("SCRIPT", "LOAD", _LOOKUP_SCRIPT), script_call(indices)])],
+                                       [len(indices)])[0]
+                reply = again[1] if again is not None else None
+            if isinstance(reply, ResponseError):
+                if isinstance(reply, (AskError, TryAgainError)):  # MovedError too
+                    continue  # this node's keys miss until the slot map is reloaded
+                log.info("kvtier: %s tier: %s refuses the lookup script (%s); using EXISTS", self.name, route.name,
+                         reply)
+                self._scripted_lookup = False
+                return None
+            if isinstance(reply, int):
+                for i in indices[:reply]:
+                    present[i] = True
+        return present
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Nothing to do: the server's LRU clock advances on every GET a load makes."""
+
+    # -- read --------------------------------------------------------------------------------
+    def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
+        return self.read_many([key], layers, [dests])[0]
+
+    def read_many(self, keys: Sequence[bytes], layers: Sequence[int],
+                  dests: Sequence[Sequence[Buffer]]) -> list[ChunkMeta | None]:
+        """Read chunks in one pipeline per node: GET for all layers, GETRANGE per layer otherwise."""
+        views = [check_dests(self, layers, d) for d in dests]
+        self._check_open()
+        if len(keys) != len(dests):
+            raise ValueError(f"{len(keys)} keys but {len(dests)} destination lists")
+        t0 = time.perf_counter()
+        layers = list(layers)
+        whole = len(set(layers)) == self.layout.num_layers
+        rkeys = [self.redis_key(k) for k in keys]
+        lb = self.layer_bytes
+        if whole:
+            replies = self._pipelined(rkeys, lambda i: [("GET", rkeys[i])])
+        else:
+            offsets = self._kv_offsets(self._kv_header)
+
+            def ranges(i: int) -> list[tuple[Any, ...]]:
+                return [("GETRANGE", rkeys[i], 0, self._kv_header - 1)] + [
+                    ("GETRANGE", rkeys[i], offsets[layer], offsets[layer] + lb - 1) for layer in layers]
+
+            replies = self._pipelined(rkeys, ranges)
+        out: list[ChunkMeta | None] = []
+        hits = 0
+        for i, (key, reply) in enumerate(zip(keys, replies)):
+            meta = None
+            if reply is not _NO_VALUE:
+                try:
+                    if whole:
+                        meta = self._unpack_whole(key, reply[0], layers, views[i])  # type: ignore[index]
+                    else:
+                        meta = self._unpack_layers(key, rkeys[i], reply, layers, views[i])  # type: ignore[arg-type]
+                except _Foreign:
+                    self.foreign_chunks += 1
+                    self.metrics.inc(m.FOREIGN_CHUNKS, tier=self.name)
+                except CorruptChunkError as e:
+                    self._drop_corrupt(rkeys[i], e)
+            out.append(meta)
+            hits += meta is not None
+        if hits:
+            self.metrics.inc(m.HITS, hits, tier=self.name)
+            self.metrics.inc(m.BYTES_READ, hits * len(layers) * lb, tier=self.name)
+            self.metrics.inc(m.READ_SECONDS, time.perf_counter() - t0, tier=self.name)
+        if hits < len(keys):
+            self.metrics.inc(m.MISSES, len(keys) - hits, tier=self.name)
+        return out
+
+    def _kv_offsets(self, header_bytes: int) -> list[int]:
+        """Where each layer's section starts in a value whose header takes `header_bytes`."""
+        from kvtier.core.codec import align_up
+
+        step = align_up(self.layer_bytes)
+        return [header_bytes + layer * step for layer in range(self.layout.num_layers)]
+
+    def _header(self, key: bytes, data: Any, value_bytes: int | None) -> tuple[ChunkHeader, list[Section]]:
+        """The verified header of `key`'s value and its KV sections by layer."""
+        if isinstance(data, ResponseError):
+            if str(data).startswith("WRONGTYPE"):  # someone stored another type under this name
+                raise CorruptChunkError(f"not a kvtier chunk: {data}")
+            raise KeyError(key)  # MOVED/ASK (a slot in migration), NOPERM, ...: a miss, nothing to drop
+        if data is None or data == b"":
+            raise KeyError(key)
+        header = decode_header(data, value_bytes)
+        if header.layout_id != self._layout_id:
+            raise _Foreign()
+        if header.key != bytes(key):
+            raise CorruptChunkError("key in the header does not match the key's name")
+        kv: list[Section | None] = [None] * self.layout.num_layers
+        for s in header.sections:
+            if s.kind != SECTION_KV:
+                continue
+            if not 0 <= s.index < len(kv) or kv[s.index] is not None or s.length != self.layer_bytes:
+                raise CorruptChunkError(f"bad KV section for layer {s.index}")
+            kv[s.index] = s
+        if any(s is None for s in kv):
+            raise CorruptChunkError("chunk lacks a KV section for some layer")
+        return header, kv  # type: ignore[return-value]
+
+    def _unpack_whole(self, key: bytes, value: Any, layers: list[int], views: list[memoryview]) -> ChunkMeta | None:
+        try:
+            header, kv = self._header(key, value, len(value) if isinstance(value, bytes) else None)
+        except KeyError:
+            return None
+        data = memoryview(value)
+        for layer, view in zip(layers, views):
+            s = kv[layer]
+            part = data[s.offset:s.offset + s.length]
+            if checksum(part) != s.checksum:
+                raise CorruptChunkError(f"layer {layer} checksum mismatch")
+            view[:] = part  # one memcpy; the lengths match (checked against the layout above)
+        extras = []
+        for s in header.sections:
+            if s.kind != SECTION_KV:
+                part = data[s.offset:s.offset + s.length]
+                if checksum(part) != s.checksum:
+                    raise CorruptChunkError(f"section ({s.kind}, {s.index}) checksum mismatch")
+                extras.append((s.kind, s.index, bytes(part)))
+        return ChunkMeta(header.key, header.parent, header.depth, header.num_tokens,
+                         tuple(s.checksum for s in kv), tuple(extras))
+
+    def _unpack_layers(self, key: bytes, rkey: bytes, replies: list[Any], layers: list[int],
+                       views: list[memoryview]) -> ChunkMeta | None:
+        try:
+            header, kv = self._header(key, self._full_header(rkey, replies[0]), None)
+        except KeyError:
+            return None
+        parts: list[Any] | None = replies[1:]
+        if header.header_bytes != self._kv_header:  # extra sections moved the layers: fetch them again
+            parts = self._fetch_ranges(rkey, [(kv[layer].offset, kv[layer].length) for layer in layers])
+        if parts is None:
+            return None
+        for layer, view, part in zip(layers, views, parts):
+            s = kv[layer]
+            if isinstance(part, ResponseError):
+                if str(part).startswith("WRONGTYPE"):
+                    raise CorruptChunkError(f"not a kvtier chunk: {part}")
+                return None  # MOVED, ASK, ...: a miss
+            if len(part) != s.length:
+                raise CorruptChunkError(f"layer {layer}: short value")
+            if checksum(part) != s.checksum:
+                raise CorruptChunkError(f"layer {layer} checksum mismatch")
+            view[:] = part
+        return ChunkMeta(header.key, header.parent, header.depth, header.num_tokens, tuple(s.checksum for s in kv))
+
+    def _fetch_ranges(self, rkey: bytes, ranges: Sequence[tuple[int, int]]) -> list[Any] | None:
+        """GETRANGE of each (offset, length) of one value; None when the server cannot be asked."""
+
+        replies = self._pipelined(
+            [rkey], lambda _i: [("GETRANGE", rkey, offset, offset + length - 1) for offset, length in ranges])[0]
+        return None if replies is _NO_VALUE else replies  # type: ignore[return-value]
+
+    def _full_header(self, rkey: bytes, data: Any) -> Any:
+        """`data` (the first bytes of a value), extended to the whole header it declares."""
+        if isinstance(data, bytes) and len(data) >= 16:
+            declared = int.from_bytes(data[12:16], "little")
+            if len(data) < declared <= 1 << 24:
+                more = self._fetch_ranges(rkey, [(0, declared)])
+                if more is None:
+                    raise KeyError(rkey)
+                return more[0]
+        return data
+
+    def read_section(self, key: bytes, kind: int, index: int) -> bytes | None:
+        self._check_open()
+        rkey = self.redis_key(key)
+        reply = self._fetch_ranges(rkey, [(0, self._kv_header)])
+        if reply is None:
+            return None
+        try:
+            header, _kv = self._header(key, self._full_header(rkey, reply[0]), None)
+            s = header.section(kind, index)
+            if s is None:
+                return None
+            part = self._fetch_ranges(rkey, [(s.offset, s.length)])
+            if part is None or isinstance(part[0], Exception) or len(part[0]) != s.length:
+                return None
+            if checksum(part[0]) != s.checksum:
+                raise CorruptChunkError(f"section ({kind}, {index}) checksum mismatch")
+        except KeyError:
+            return None
+        except _Foreign:
+            self.foreign_chunks += 1
+            self.metrics.inc(m.FOREIGN_CHUNKS, tier=self.name)
+            return None
+        except CorruptChunkError as e:
+            self._drop_corrupt(rkey, e)
+            return None
+        self.metrics.inc(m.BYTES_READ, s.length, tier=self.name)
+        return bytes(part[0])
+
+    def _drop_corrupt(self, rkey: bytes, why: Exception) -> None:
+        """A value failed validation: count it and delete it (best effort), never serve it."""
+        self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
+        log.warning("kvtier: %s tier: dropping %s: %s", self.name, rkey.decode(errors="replace"), why)
+        self._pipelined([rkey], lambda _i: [("DEL", rkey)])
+
+    # -- write ---------------------------------------------------------------------------
+    def encode(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bytearray:
+        """A chunk's value: the codec header, then each section at its 4 KiB-aligned offset."""
+        num_layers = self.layout.num_layers
+        if len(layers) != num_layers or len(meta.checksums) != num_layers:
+            raise ValueError(f"write needs {num_layers} layer buffers and checksums, "
+                             f"got {len(layers)} and {len(meta.checksums)}")
+        lb = self.layer_bytes
+        payloads: list[memoryview] = [as_bytes_view(b) for b in layers]
+        for layer, src in enumerate(payloads):
+            if src.nbytes != lb:
+                raise ValueError(f"layer {layer} source has {src.nbytes} bytes, a section has {lb}")
+        sections = [(SECTION_KV, layer, lb, meta.checksums[layer]) for layer in range(num_layers)]
+        for kind, index, data in meta.extras:
+            if kind == SECTION_KV:
+                raise ValueError("extra sections must not use SECTION_KV")
+            sections.append((kind, index, len(data), checksum(data)))
+            payloads.append(memoryview(data).cast("B"))
+        raw, header = encode_header(self._layout_id, meta.key, meta.parent, meta.depth, meta.num_tokens, sections)
+        value = bytearray(header.file_bytes)
+        value[:len(raw)] = raw
+        dst = memoryview(value)
+        for s, src in zip(header.sections, payloads, strict=True):
+            if s.length:
+                dst[s.offset:s.offset + s.length] = src
+        return value
+
+    def write(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bool:
+        """SET NX the chunk (a key already stored is left as it is); TierWriteError when the server
+        cannot take it (unavailable, breaker open, out of memory under a noeviction policy)."""
+        self._check_open()
+        value = self.encode(meta, layers)
+        rkey = self.redis_key(meta.key)
+        ttl_ms = int(self.config.ttl_s * 1000) or None
+        args: tuple[Any, ...] = ("SET", rkey, memoryview(value), "NX") + (("PX", ttl_ms) if ttl_ms else ())
+        reply = self._pipelined([rkey], lambda _i: [args])[0]
+        if reply is _NO_VALUE:
+            raise TierWriteError(f"{self.name}: server unavailable, chunk {meta.key.hex()[:16]} not written")
+        result = reply[0]  # type: ignore[index]
+        if isinstance(result, Exception):
+            raise TierWriteError(f"{self.name}: chunk {meta.key.hex()[:16]} not written: {result}")
+        if result:
+            self.metrics.inc(m.BYTES_WRITTEN, len(value), tier=self.name)
+        return True
+
+    def delete(self, key: bytes) -> bool:
+        self._check_open()
+        rkey = self.redis_key(key)
+        reply = self._pipelined([rkey], lambda _i: [("DEL", rkey)])[0]
+        if reply is _NO_VALUE:
+            raise TierWriteError(f"{self.name}: server unavailable, chunk {bytes(key).hex()[:16]} not deleted")
+        return not isinstance(reply[0], Exception) and reply[0] == 1  # type: ignore[index]
+
+    # -- usage / close ---------------------------------------------------------------------
+    def usage(self) -> TierUsage:
+        """The servers' own figures (all keys, not only kvtier's): used memory, maxmemory, keys.
+        Zeros for a server that does not answer."""
+        self._check_open()
+        routes = [self._single] if self._single is not None else self._primaries()
+        used = cap = chunks = 0
+        for route in routes:
+            if route is None or not route.breaker.allow():
+                continue
+            try:
+                info = route.client.info("memory")
+                keys = route.client.dbsize()
+            except _UNAVAILABLE:
+                route.breaker.failed()
+                continue
+            except RedisError:  # it answered, with an error (INFO renamed or forbidden by an ACL)
+                route.breaker.succeeded()
+                continue
+            route.breaker.succeeded()
+            used += int(info.get("used_memory", 0))
+            cap += int(info.get("maxmemory", 0))
+            chunks += int(keys)
+        return TierUsage(used, cap, chunks)
+
+    def _primaries(self) -> list[_Route | None]:
+        cluster = self._connect_cluster()
+        if cluster is None:
+            return []
+        out: list[_Route | None] = []
+        for node in cluster.get_primaries():
+            route = self._routes.get(node.name)
+            if route is None:
+                with self._lock:
+                    route = self._routes.setdefault(
+                        node.name, _Route(node.name, cluster.get_redis_connection(node), self._new_breaker()))
+            out.append(route)
+        return out
+
+    def breaker_open(self) -> bool:
+        """Whether any server's breaker is open (requests to it are misses without asking)."""
+        routes = [self._single] if self._single is not None else list(self._routes.values())
+        return any(r is not None and r.breaker.is_open for r in routes)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self.name} tier is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._single is not None:
+                self._single.client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+        except RedisError:
+            pass  # closing sockets to a server that is gone
+
+
+def redis_key_name(namespace: str, layout_id: bytes, key: bytes) -> bytes:
+    """The Redis key of chunk `key`: <namespace>:<first 8 bytes of the layout id, hex>:<key hex>."""
+    return f"{namespace}:{layout_id[:8].hex()}:".encode() + bytes(key).hex().encode()
+
+
+def _leading(present: Sequence[bool]) -> int:
+    n = 0
+    for hit in present:
+        if not hit:
+            break
+        n += 1
+    return n
+
+
+def _url_name(url: str) -> str:
+    """The server part of a URL, without credentials, for messages."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname}:{parts.port or 6379}"
+
+
+__all__ = ["CircuitBreaker", "RedisTier", "redis_key_name"]
