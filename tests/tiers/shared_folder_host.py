@@ -6,6 +6,7 @@ Prints {"ready": pid} once the tier is open, then answers each command line with
 
     write 1,2,3     write the chain key(1) -> key(2) -> key(3), parents first: [stored, ...]
     lookup 1,2,3    leading chunks found: n
+    touch 1,2       tell the tier these chunks were hits (as the store does after a lookup)
     read 3          "hit" (bytes verified against the expected payload), "miss" or "wrong"
     poll 1,2,...    until every key is found: read each as soon as its lookup finds it;
                     {"hit": n, "wrong": n, "miss": n} (a miss is a key deleted again meanwhile)
@@ -90,6 +91,9 @@ def main() -> None:
                 parent = key
         elif cmd == "lookup":
             out = tier.lookup([key_of(i) for i in ids(arg)])
+        elif cmd == "touch":
+            tier.touch([key_of(i) for i in ids(arg)])
+            out = True
         elif cmd == "read":
             out = read(key_of(int(arg)))
         elif cmd == "poll":

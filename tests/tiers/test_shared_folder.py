@@ -309,3 +309,35 @@ def test_a_member_cannot_delete_or_rescan(tmp_path):
     with pytest.raises(TierWriteError, match="only the owner"):
         member.rescan()
     member.close()
+
+
+def test_other_hosts_hits_reach_the_owners_policy_through_mtimes(hosts, tmp_path):
+    root = tmp_path / "shared"
+    owner = hosts("owner", capacity=3 * FILE)
+    member = hosts("member")
+    for i in (1, 2, 3):  # three one-chunk chains, oldest first
+        member.ask(f"write {i}")
+        time.sleep(0.02)  # file times are coarse (a few ms): keep the three apart
+    assert owner.ask("rescan")["adopted"] == 3
+    time.sleep(0.02)
+    assert member.ask("lookup 1") == 1
+    member.ask("touch 1")  # a hit on the member: chunk 1 is now the freshest, not the oldest
+    member.ask("write 4")
+    report = owner.ask("rescan")
+    assert report["touched"] == 1 and report["adopted"] == 1 and report["evicted"] == 1
+    assert chunk_files(root) == {key_hex(1), key_hex(3), key_hex(4)}  # lru evicted 2, not 1
+
+
+def test_without_a_touch_the_owner_evicts_the_oldest(hosts, tmp_path):
+    root = tmp_path / "shared"
+    owner = hosts("owner", capacity=3 * FILE)
+    member = hosts("member")
+    for i in (1, 2, 3):
+        member.ask(f"write {i}")
+        time.sleep(0.02)
+    owner.ask("rescan")
+    assert member.ask("lookup 1") == 1
+    member.ask("write 4")
+    report = owner.ask("rescan")
+    assert report["touched"] == 0 and report["evicted"] == 1
+    assert chunk_files(root) == {key_hex(2), key_hex(3), key_hex(4)}

@@ -17,7 +17,12 @@ What differs from a local disk tier:
   wrote, forgets files that vanished, removes temporary files older than `stale_temp_s` (a writer
   that crashed), and evicts down to capacity with its policy, tails of chains before heads.
 - The other hosts never evict or delete, and account nothing: between two owner rescans they may
-  push the folder over capacity by what they write meanwhile. A file they find corrupt is a
+  push the folder over capacity by what they write meanwhile. Their hits still reach the owner's
+  policy: `touch` (which the store calls for the hits it finds in this tier) sets the file's
+  mtime to the server's clock (utime with no times: NFS's SET_TO_SERVER_TIME), at most once per
+  `touch_interval_s` per chunk, tail of a chain first so its head ends freshest; the owner's rescan
+  replays every mtime that moved as a touch, oldest first. Without this the owner would order
+  chunks by its own hits only (with H hosts, 1/H of them) and evict chunks the others use. A file they find corrupt is a
   counted miss; they remember its (inode, size, mtime) so it is not re-read until it changes,
   and leave the deletion to the owner.
 - A non-owner trusts an indexed chunk for `revalidate_s` seconds after it last saw the file, then
@@ -76,6 +81,7 @@ class SharedFolderTierConfig:
     rescan_s: float = 30.0  # owner: period of the background rescan (0: only when rescan() is called)
     revalidate_s: float = 1.0  # non-owner: seconds an indexed chunk is trusted before a lookup stats it
     stale_temp_s: float = 3600.0  # owner: a temporary file older than this belongs to a crashed writer
+    touch_interval_s: float = 1.0  # non-owner: at most one mtime update per chunk per interval
 
     def __post_init__(self) -> None:
         if not self.root:
@@ -84,7 +90,7 @@ class SharedFolderTierConfig:
             raise ConfigError(f"shared_folder.capacity_bytes must be positive, got {self.capacity_bytes}")
         if self.policy not in POLICIES:
             raise ConfigError(f"shared_folder.policy {self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
-        for name in ("rescan_s", "revalidate_s", "stale_temp_s"):
+        for name in ("rescan_s", "revalidate_s", "stale_temp_s", "touch_interval_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"shared_folder.{name} must be a number of seconds >= 0, got {value!r}")
@@ -95,6 +101,7 @@ class RescanReport:
     """What one owner rescan did."""
 
     adopted: int  # chunk files other hosts wrote, now indexed and accounted
+    touched: int  # indexed chunks whose mtime another host moved (a hit there), touched in the policy
     vanished: int  # indexed chunks whose file was gone
     corrupt: int  # chunk files that failed validation (deleted)
     temp_files_removed: int  # stale temporary files of crashed writers
@@ -116,8 +123,11 @@ class SharedFolderTier(DiskTier):
         self.shared_config = config
         self.owner = config.owner
         self._checked: dict[bytes, float] = {}  # non-owner: key -> when its file was last seen
+        self._touched: dict[bytes, float] = {}  # non-owner: key -> when it last set the file's mtime
+        self._mtimes: dict[bytes, int] = {}  # owner: key -> the file's mtime_ns when last indexed or touched
         self._bad: dict[bytes, tuple[int, int, int]] = {}  # key -> (inode, size, mtime) that failed
         self._stop = threading.Event()
+        self._rescan_lock = threading.Lock()  # one rescan at a time (the background one, or a caller's)
         self._rescanner: threading.Thread | None = None
         self.last_rescan_error: OSError | None = None
         if not config.owner:
@@ -207,10 +217,30 @@ class SharedFolderTier(DiskTier):
                 self._used += st.st_size
                 self._policy.insert(key, header.parent, header.depth)
                 if self.owner:
+                    self._mtimes[key] = st.st_mtime_ns
                     self._trim_locked(keep=(key, header.parent))
             self._checked[key] = time.monotonic()
         self._report_usage()
         return entry
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Hits on a chain's leading chunks: the owner's policy directly, a non-owner's through mtimes."""
+        if self.owner:
+            super().touch(keys)
+            return
+        now = time.monotonic()
+        interval = self.shared_config.touch_interval_s
+        for key in reversed(keys):  # the head's mtime ends latest: the owner evicts tails first
+            entry = self._index.get(key)
+            if entry is None or now - self._touched.get(key, -interval) < interval:
+                continue
+            try:
+                os.utime(entry.path)
+            except OSError as e:
+                if e.errno not in _GONE and e.errno not in (errno.EPERM, errno.EACCES, errno.EROFS):
+                    raise
+                continue  # gone (a later lookup misses), or not ours to touch: recency is only a hint
+            self._touched[key] = now
 
     # -- reads: a file that vanished under us is a miss -----------------------------------------
     def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
@@ -250,6 +280,7 @@ class SharedFolderTier(DiskTier):
 
     def _forget(self, key: bytes, entry: _Entry) -> None:
         self._checked.pop(key, None)
+        self._touched.pop(key, None)
         super()._forget(key, entry)
 
     def _drop_corrupt(self, key: bytes, entry: _Entry) -> None:
@@ -268,7 +299,17 @@ class SharedFolderTier(DiskTier):
     def write(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bool:
         if not self.owner and meta.key in self._index:
             self._present(meta.key)  # revalidate: a chunk the owner evicted since is forgotten, so stored again
-        return super().write(meta, layers)
+        stored = super().write(meta, layers)
+        if stored and self.owner and meta.key not in self._mtimes:
+            try:  # the owner's own chunk: later mtime moves are other hosts' hits
+                mtime = os.stat(self.path_of(meta.key)).st_mtime_ns
+            except OSError as e:
+                if e.errno not in _GONE:
+                    raise
+            else:
+                with self._lock:
+                    self._mtimes.setdefault(meta.key, mtime)
+        return stored
 
     def _evict_one_locked(self, can_evict):  # type: ignore[no-untyped-def]
         if not self.owner:
@@ -299,13 +340,23 @@ class SharedFolderTier(DiskTier):
         if not self.owner:
             raise TierWriteError(f"shared folder {self.root}: only the owner rescans (this host is not it)")
         self._check_open()
-        before = dict(self._index)
+        with self._rescan_lock:
+            return self._rescan()
+
+    def _rescan(self) -> RescanReport:
+        with self._lock:
+            before = dict(self._index)
+            mtimes = dict(self._mtimes)
         on_disk: set[bytes] = set()
         found: dict[bytes, tuple[_Entry, int]] = {}
         corrupt = 0
-        for path, key, _stat in _iter_chunk_files(self._chunks_dir):
+        moved: list[tuple[int, bytes, bool]] = []  # (mtime, key, moved since we knew it) of indexed chunks
+        for path, key, st in _iter_chunk_files(self._chunks_dir):
             on_disk.add(key)
             if key in before:
+                known = mtimes.get(key)
+                if known is None or st.st_mtime_ns > known:
+                    moved.append((st.st_mtime_ns, key, known is not None))
                 continue
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -329,11 +380,17 @@ class SharedFolderTier(DiskTier):
                 os.close(fd)
             sig = (fst.st_ino, fst.st_size, fst.st_mtime_ns)
             found[key] = (_Entry(path, fst.st_size, header.parent, header.depth, (sig, table)), fst.st_mtime_ns)
-        adopted = vanished = 0
+        adopted = vanished = touched = 0
         with self._lock:
             for key, entry in before.items():
                 if key not in on_disk and self._unindex_locked(key, entry):
                     vanished += 1
+            for mtime, key, was_touched in sorted(moved):  # oldest first: the latest hit ends freshest
+                if key in self._index:
+                    if was_touched:  # another host's hit (else the first sighting of the owner's own file)
+                        self._policy.touch((key,))
+                        touched += 1
+                    self._mtimes[key] = mtime
             # oldest first, a parent before its children (as the disk tier's index rebuild does)
             for key in sorted(found, key=lambda k: (found[k][1], found[k][0].depth)):
                 chain: list[bytes] = []
@@ -346,12 +403,15 @@ class SharedFolderTier(DiskTier):
                     self._index[k] = entry
                     self._used += entry.file_bytes
                     self._policy.insert(k, entry.parent, entry.depth)
+                    self._mtimes[k] = found[k][1]
                     adopted += 1
             evicted = self._trim_locked()
             used, chunks = self._used, len(self._index)
+            for key in [k for k in self._mtimes if k not in self._index]:
+                del self._mtimes[key]
         temps = self._remove_stale_temp_files()
         self._report_usage()
-        return RescanReport(adopted, vanished, corrupt, temps, evicted, used, chunks)
+        return RescanReport(adopted, touched, vanished, corrupt, temps, evicted, used, chunks)
 
     def _rescan_loop(self) -> None:
         while not self._stop.wait(self.shared_config.rescan_s):
