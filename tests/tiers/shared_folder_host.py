@@ -30,10 +30,11 @@ import time
 
 from kvtier.core import metrics as m
 from kvtier.core.codec import checksum
+from kvtier.core.config import SharedFolderTierConfig
 from kvtier.core.errors import KVTierError
 from kvtier.core.layout import KVLayout
 from kvtier.tiers.base import ChunkMeta
-from kvtier.tiers.shared_folder import SharedFolderTier, SharedFolderTierConfig
+from kvtier.tiers.shared_folder import SharedFolderTier
 
 ROOT_KEY = b"\0" * 32
 CHUNK = 4

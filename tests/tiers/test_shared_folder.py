@@ -13,11 +13,12 @@ import pytest
 
 from kvtier.core import metrics as m
 from kvtier.core.codec import ALIGN, checksum
+from kvtier.core.config import SharedFolderTierConfig
 from kvtier.core.errors import ConfigError
 from kvtier.core.layout import KVLayout
 from kvtier.tiers.base import ChunkMeta, TierWriteError
 from kvtier.tiers.disk import DiskTier, chunk_path
-from kvtier.tiers.shared_folder import SharedFolderTier, SharedFolderTierConfig
+from kvtier.tiers.shared_folder import SharedFolderTier
 from tests.tiers import shared_folder_host as host
 
 HOST = str(Path(host.__file__).resolve())
@@ -291,15 +292,19 @@ def owner_config(root):
 
 
 @pytest.mark.parametrize(("kw", "match"), [
-    ({"root": ""}, "shared_folder.root"),
-    ({"root": "x", "capacity_bytes": 0}, "shared_folder.capacity_bytes"),
-    ({"root": "x", "policy": "nope"}, "shared_folder.policy"),
-    ({"root": "x", "rescan_s": -1}, "shared_folder.rescan_s"),
-    ({"root": "x", "revalidate_s": "soon"}, "shared_folder.revalidate_s"),
+    ({"root": ""}, "root"),
+    ({"root": "x", "capacity_bytes": 0}, "capacity_bytes"),
+    ({"root": "x", "rescan_s": -1}, "rescan_s"),
+    ({"root": "x", "revalidate_s": "soon"}, "revalidate_s"),
 ])
 def test_bad_config_names_the_key(kw, match):
     with pytest.raises(ConfigError, match=match):
         SharedFolderTierConfig(**kw)
+
+
+def test_an_unknown_policy_is_refused_at_open(tmp_path):
+    with pytest.raises(ConfigError, match="eviction policy 'nope' is unknown"):
+        open_tier(tmp_path, True, policy="nope")
 
 
 def test_a_member_cannot_delete_or_rescan(tmp_path):

@@ -221,3 +221,30 @@ class ClientConfig:
             raise ConfigError(f"client.transfer_threads must be positive, got {self.transfer_threads}")
         if self.auto_start and self.mode == "service" and not self.service_config:
             raise ConfigError("client.service_config must name the service's config file when auto_start is set")
+
+
+@dataclass(slots=True, frozen=True)
+class SharedFolderTierConfig:
+    """The disk tier on a folder several hosts mount (tiers/shared_folder.py): exactly one host
+    per folder sets `owner` and does capacity accounting and eviction; see the README for the
+    NFS mount options it relies on."""
+
+    root: str = ""
+    capacity_bytes: int = _size(64 << 30)
+    policy: str = "adaptive"
+    fsync: bool = False  # fsync each chunk and its folder before publishing (power-loss safe)
+    owner: bool = False  # exactly one host per folder: capacity accounting and eviction
+    rescan_s: float = 30.0  # owner: period of the background rescan (0: only when rescan() is called)
+    revalidate_s: float = 1.0  # non-owner: seconds an indexed chunk is trusted before a lookup stats it
+    stale_temp_s: float = 3600.0  # owner: a temporary file older than this belongs to a crashed writer
+    touch_interval_s: float = 1.0  # non-owner: at most one mtime update per chunk per interval
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ConfigError("root must name the shared folder (its mount point, or a folder in it)")
+        if self.capacity_bytes <= 0:
+            raise ConfigError(f"capacity_bytes must be positive, got {self.capacity_bytes}")
+        for name in ("rescan_s", "revalidate_s", "stale_temp_s", "touch_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")

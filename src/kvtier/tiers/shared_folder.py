@@ -47,8 +47,8 @@ from dataclasses import dataclass
 
 from kvtier.core import metrics as m
 from kvtier.core.codec import decode_header, header_size
-from kvtier.core.config import DiskTierConfig, _size
-from kvtier.core.errors import ConfigError, CorruptChunkError, TierUnavailableError
+from kvtier.core.config import DiskTierConfig, SharedFolderTierConfig
+from kvtier.core.errors import CorruptChunkError, TierUnavailableError
 from kvtier.core.layout import KVLayout
 from kvtier.tiers.base import Buffer, ChunkMeta, TierUsage, TierWriteError
 from kvtier.tiers.disk import (
@@ -62,38 +62,12 @@ from kvtier.tiers.disk import (
     _scandir,
     _unlink_quietly,
 )
-from kvtier.tiers.policies import POLICIES
 
 log = logging.getLogger(__name__)
 
 # errno values that mean "this file is gone": ENOENT locally, ESTALE when another NFS client
 # removed a file this client still had a handle for.
 _GONE = frozenset({errno.ENOENT, errno.ESTALE, errno.ENOTDIR})
-
-
-@dataclass(slots=True, frozen=True)
-class SharedFolderTierConfig:
-    root: str = ""
-    capacity_bytes: int = _size(64 << 30)
-    policy: str = "adaptive"
-    fsync: bool = False  # fsync each chunk and its folder before publishing (power-loss safe)
-    owner: bool = False  # exactly one host per folder: capacity accounting and eviction
-    rescan_s: float = 30.0  # owner: period of the background rescan (0: only when rescan() is called)
-    revalidate_s: float = 1.0  # non-owner: seconds an indexed chunk is trusted before a lookup stats it
-    stale_temp_s: float = 3600.0  # owner: a temporary file older than this belongs to a crashed writer
-    touch_interval_s: float = 1.0  # non-owner: at most one mtime update per chunk per interval
-
-    def __post_init__(self) -> None:
-        if not self.root:
-            raise ConfigError("shared_folder.root must name the shared folder (its mount point or a folder in it)")
-        if self.capacity_bytes <= 0:
-            raise ConfigError(f"shared_folder.capacity_bytes must be positive, got {self.capacity_bytes}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"shared_folder.policy {self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
-        for name in ("rescan_s", "revalidate_s", "stale_temp_s", "touch_interval_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"shared_folder.{name} must be a number of seconds >= 0, got {value!r}")
 
 
 @dataclass(slots=True, frozen=True)
@@ -119,7 +93,10 @@ class SharedFolderTier(DiskTier):
         chunk_tokens: int,
         config: SharedFolderTierConfig,
         metrics: m.Metrics | None = None,
+        *,
+        name: str = "shared_folder",
     ) -> None:
+        self.name = name  # an instance attribute: its metrics and lookups carry the configured name
         self.shared_config = config
         self.owner = config.owner
         self._checked: dict[bytes, float] = {}  # non-owner: key -> when its file was last seen

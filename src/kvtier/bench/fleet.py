@@ -1,0 +1,294 @@
+"""Fleet benchmark: one cache for many hosts, simulated on the Mooncake conversation trace.
+
+Entry point: `run_fleet_bench(trace_path, json_out, png_out=None, hosts=(1, 2, 4, ..., 64))`, the
+`kvtier bench fleet` command. It replays the trace's requests (metadata only: each hash id stands
+for one prompt chunk) over H hosts, request i going to host i mod H (round-robin), and reports
+chunk hit ratios under the store's prefix rule (a chunk is a hit only if every chunk before it in
+the request is available somewhere: in the host's DRAM or in the shared tier), per H:
+
+- `private`: each host has DRAM for `capacity_pct` (1) percent of the trace's distinct chunks, alone;
+- `redis`: the same DRAM in front of a Redis server holding H percent of the distinct chunks and
+  evicting like its `allkeys-lru` (plain LRU over keys: it knows nothing of chains, so it may evict
+  a parent and strand its children); a SET (a write) and a GET (a load) refresh a key, EXISTS (a
+  lookup) does not, nor does a hit the host serves from its own DRAM;
+- `folder`: the same DRAM in front of a shared folder of H percent, evicted by its owner (host 0)
+  with the shared-folder tier's default policy. The owner's policy learns every chunk any host
+  writes (the owner adopts them at its rescans, modelled here as continuous) but is touched only
+  by the owner's own hits: the other hosts' reads never reach it;
+- `one_host`: one host with DRAM for H percent, every request: the bound a shared tier aims at.
+
+The DRAM tiers and the folder run the real policy objects (kvtier.tiers.policies), with the
+defaults of MemoryTierConfig and SharedFolderTierConfig. A request on host h: lookup (each key in
+h's DRAM, else in the shared tier; stop at the first key in neither), touch the hits where they
+were found, promote the shared hits into h's DRAM, then save the rest of the request into h's DRAM
+and write those not in the shared tier to it, parents first (write-through, as the store does).
+
+With `real_payload=True` it also moves real chunks through two `kvtier serve` processes sharing
+one folder (kvtier.bench.fleet_payload); the Redis payload figures are helper "redis"'s
+kvtier.bench.redis, merged in when that module exists.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kvtier.bench.trace import DEFAULT_TRACE, HitCounts, TraceFormatError, TraceRequest, distinct_chunks, load_trace
+from kvtier.core.config import MemoryTierConfig, SharedFolderTierConfig
+from kvtier.tiers.policies import EvictionPolicy, make_policy
+
+DEFAULT_HOSTS = (1, 2, 4, 8, 16, 32, 64)
+Key = bytes
+
+
+def _default(cls: type, name: str) -> Any:
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+DRAM_POLICY: str = _default(MemoryTierConfig, "policy")  # what each host's DRAM tier runs by default
+FOLDER_POLICY: str = _default(SharedFolderTierConfig, "policy")  # what the folder's owner runs by default
+
+
+class ServerLRU(EvictionPolicy):
+    """Redis's `allkeys-lru`, exact: the least recently used key goes, chain or no chain.
+
+    Redis samples a few keys per eviction (maxmemory-samples, 5 by default) and evicts the
+    oldest of them, an approximation of this; the exact order is the stand-in here.
+    """
+
+    name = "server-lru"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def insert(self, key: Key, parent: Key | None, depth: int) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        for key in keys:  # GETs in chain order: the head is the oldest of the request's keys
+            if key in self._order:
+                self._order.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self._order.pop(key, None)
+
+    def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        for key in self._order:
+            if can_evict(key):
+                del self._order[key]
+                return key
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+@dataclass(slots=True)
+class _Cache:
+    """A tier's metadata: resident keys and the policy that orders them."""
+
+    policy: EvictionPolicy
+    capacity: int
+    resident: set[Key] = field(default_factory=set)
+
+    def put(self, key: Key, parent: Key | None, depth: int) -> None:
+        if not self.policy.admit(key, parent, depth):
+            return
+        if len(self.resident) >= self.capacity:
+            victim = self.policy.evict(lambda k: k != parent)
+            if victim is None:
+                return
+            self.resident.discard(victim)
+        self.resident.add(key)
+        self.policy.insert(key, parent, depth)
+
+
+@dataclass(slots=True, frozen=True)
+class SharedTierModel:
+    """How the tier below every host's DRAM behaves: its policy, and whose hits touch it."""
+
+    name: str
+    make_policy: Callable[[], EvictionPolicy]
+    touched_by: str  # "every host" (Redis: GETs reach the server) or "owner" (host 0's own policy)
+
+
+REDIS_MODEL = SharedTierModel("redis", ServerLRU, "every host")
+FOLDER_MODEL = SharedTierModel("folder", lambda: make_policy(FOLDER_POLICY), "owner")
+
+
+def simulate_fleet(requests: Sequence[TraceRequest], hosts: int, dram_capacity: int,
+                   shared: SharedTierModel | None = None, shared_capacity: int = 0,
+                   dram_policy: str = DRAM_POLICY) -> HitCounts:
+    """Replay `requests` round-robin over `hosts` hosts with `dram_capacity` chunks of DRAM each,
+    over a shared tier of `shared_capacity` chunks (or none); chunk and token hits under the prefix rule."""
+    counts = HitCounts()
+    drams = [_Cache(make_policy(dram_policy), dram_capacity) for _ in range(hosts)]
+    lower = _Cache(shared.make_policy(), shared_capacity) if shared is not None else None
+    half_at = len(requests) // 2
+    for i, req in enumerate(requests):
+        h = i % hosts
+        dram = drams[h]
+        now = req.timestamp_ms / 1000.0
+        dram.policy.begin_request(now)
+        keys = req.keys
+        in_dram: list[Key] = []
+        in_lower: list[Key] = []
+        n = 0
+        for key in keys:
+            if key in dram.resident:
+                in_dram.append(key)
+            elif lower is not None and key in lower.resident:
+                in_lower.append(key)
+            else:
+                break
+            n += 1
+        counts.add(0 if i < half_at else 1, req, n)
+        if in_dram:
+            dram.policy.touch(in_dram)
+        if lower is not None:
+            lower.policy.begin_request(now)
+            if in_lower and (shared is not None and (shared.touched_by == "every host" or h == 0)):
+                lower.policy.touch(in_lower)
+        parent: Key | None = None
+        for depth, key in enumerate(keys):
+            if key in dram.resident:
+                if depth >= n:
+                    dram.policy.touch((key,))
+            else:
+                dram.put(key, parent, depth)  # a shared hit promoted, or a new chunk saved
+            if lower is not None and depth >= n and key not in lower.resident:
+                lower.put(key, parent, depth)
+            parent = key
+    return counts
+
+
+@dataclass(slots=True, frozen=True)
+class FleetRow:
+    hosts: int
+    capacity_pct: float
+    private: float
+    redis: float
+    folder: float
+    one_host: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"hosts": self.hosts, "capacity_pct": self.capacity_pct, "private": self.private,
+                "redis": self.redis, "folder": self.folder, "one_host": self.one_host}
+
+
+def fleet_row(requests: Sequence[TraceRequest], hosts: int, distinct: int, capacity_pct: float = 1.0) -> FleetRow:
+    """One row: hit ratios by chunk for H = `hosts` (shared tier and bound at H x capacity_pct percent)."""
+    dram = max(1, round(distinct * capacity_pct / 100))
+    shared = max(1, round(distinct * hosts * capacity_pct / 100))
+    return FleetRow(
+        hosts=hosts,
+        capacity_pct=capacity_pct,
+        private=simulate_fleet(requests, hosts, dram).block_ratio(),
+        redis=simulate_fleet(requests, hosts, dram, REDIS_MODEL, shared).block_ratio(),
+        folder=simulate_fleet(requests, hosts, dram, FOLDER_MODEL, shared).block_ratio(),
+        one_host=simulate_fleet(requests, 1, shared).block_ratio(),
+    )
+
+
+def judge(rows: Sequence[FleetRow], at_hosts: int = 4, share: float = 0.95) -> dict[str, Any]:
+    """The issue's target: at `at_hosts` hosts, redis and folder reach `share` of one_host."""
+    row = next((r for r in rows if r.hosts == at_hosts), None)
+    if row is None:
+        return {"hosts": at_hosts, "met": None, "why": f"no row for {at_hosts} hosts"}
+    bound = row.one_host
+    ratios = {name: (getattr(row, name) / bound if bound else None) for name in ("redis", "folder", "private")}
+    met = all(ratios[n] is not None and ratios[n] >= share for n in ("redis", "folder"))  # type: ignore[operator]
+    return {"hosts": at_hosts, "share_required": share, "vs_one_host": ratios, "met": met}
+
+
+def run_fleet_bench(
+    trace_path: str | Path = DEFAULT_TRACE,
+    json_out: str | Path | None = None,
+    png_out: str | Path | None = None,
+    hosts: Sequence[int] = DEFAULT_HOSTS,
+    capacity_pct: float = 1.0,
+    max_requests: int | None = None,
+    real_payload: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Simulate every H in `hosts`; write JSON (and a PNG); optionally the real-payload run."""
+    if not hosts or any(h < 1 for h in hosts):
+        raise ValueError(f"hosts must be a non-empty list of positive counts, got {list(hosts)}")
+    if capacity_pct <= 0:
+        raise ValueError(f"capacity_pct must be positive, got {capacity_pct}")
+    requests = load_trace(trace_path, max_requests)
+    if not requests:
+        raise TraceFormatError(f"{trace_path}: no requests")
+    distinct = distinct_chunks(requests)
+    started = time.perf_counter()
+    rows = []
+    for h in hosts:
+        rows.append(fleet_row(requests, h, distinct, capacity_pct))
+        if not quiet:
+            r = rows[-1]
+            print(f"[{time.perf_counter() - started:6.1f}s] {h:3d} hosts: private {r.private:.4f}  redis {r.redis:.4f}  "
+                  f"folder {r.folder:.4f}  one_host {r.one_host:.4f}", file=sys.stderr, flush=True)
+    result: dict[str, Any] = {
+        "trace": str(trace_path),
+        "requests": len(requests),
+        "chunk_references": sum(len(r.hash_ids) for r in requests),
+        "distinct_chunks": distinct,
+        "routing": "round-robin",
+        "dram_policy": DRAM_POLICY,
+        "folder_policy": FOLDER_POLICY,
+        "redis_policy": "allkeys-lru (exact LRU stand-in)",
+        "rows": [r.as_dict() for r in rows],
+        "target": judge(rows),
+        "seconds": time.perf_counter() - started,
+    }
+    if real_payload:
+        from kvtier.bench.fleet_payload import run_payload
+
+        result["payload"] = run_payload(quiet=quiet)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if png_out is not None:
+        plot(result, png_out)
+    return result
+
+
+def plot(result: dict[str, Any], png_out: str | Path) -> bool:
+    """Chunk hit ratio against the number of hosts; False (with a message) if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping the plot")
+        return False
+    rows = result["rows"]
+    x = [r["hosts"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, style, label in (("one_host", "k--", "one host, H% DRAM (bound)"),
+                               ("redis", "-", "1% DRAM + Redis (H%, allkeys-lru)"),
+                               ("folder", "-", "1% DRAM + shared folder (H%, owner evicts)"),
+                               ("private", ":", "1% DRAM per host, private")):
+        ax.plot(x, [r[name] for r in rows], style, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(h) for h in x])
+    ax.set_xlabel("hosts H (round-robin routing)")
+    ax.set_ylabel("chunk hit ratio (prefix rule)")
+    ax.set_title(f"one cache for many hosts: {result['requests']} requests, {result['distinct_chunks']} chunks")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_out, dpi=120)
+    plt.close(fig)
+    return True
