@@ -11,10 +11,10 @@ the request is available somewhere: in the host's DRAM or in the shared tier), p
   evicting like its `allkeys-lru` (plain LRU over keys: it knows nothing of chains, so it may evict
   a parent and strand its children); a SET (a write) and a GET (a load) refresh a key, EXISTS (a
   lookup) does not, nor does a hit the host serves from its own DRAM;
-- `folder`: the same DRAM in front of a shared folder of H percent, evicted by its owner (host 0)
-  with the shared-folder tier's default policy. The owner's policy learns every chunk any host
-  writes (the owner adopts them at its rescans, modelled here as continuous) but is touched only
-  by the owner's own hits: the other hosts' reads never reach it;
+- `folder`: the same DRAM in front of a shared folder of H percent, evicted by its owner with the
+  shared-folder tier's default policy. The owner's policy learns every chunk any host writes and
+  every host's hits in the folder (the owner adopts new files and replays moved mtimes at its
+  rescans, modelled here as continuous; kvtier.tiers.shared_folder says how);
 - `one_host`: one host with DRAM for H percent, every request: the bound a shared tier aims at.
 
 The DRAM tiers and the folder run the real policy objects (kvtier.tiers.policies), with the
@@ -124,7 +124,9 @@ class SharedTierModel:
 
 
 REDIS_MODEL = SharedTierModel("redis", ServerLRU, "every host")
-FOLDER_MODEL = SharedTierModel("folder", lambda: make_policy(FOLDER_POLICY), "owner")
+FOLDER_MODEL = SharedTierModel("folder", lambda: make_policy(FOLDER_POLICY), "every host")
+# The folder as it would be if only the owner's own hits reached its policy (before mtime touches)
+FOLDER_OWNER_TOUCHES_MODEL = SharedTierModel("folder, owner's hits only", lambda: make_policy(FOLDER_POLICY), "owner")
 
 
 def simulate_fleet(requests: Sequence[TraceRequest], hosts: int, dram_capacity: int,
