@@ -255,9 +255,10 @@ def run_fleet_bench(
         "seconds": time.perf_counter() - started,
     }
     if real_payload:
-        from kvtier.bench.fleet_payload import run_payload
+        from kvtier.bench.fleet_payload import redis_payload, run_payload
 
-        result["payload"] = run_payload(quiet=quiet)
+        result["folder_payload"] = run_payload(quiet=quiet)
+        result["redis"] = redis_payload(quiet=quiet)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if png_out is not None:
