@@ -127,3 +127,18 @@ def test_bad_host_counts_are_refused(tmp_path):
     write_trace(trace, random_trace(13, 20))
     with pytest.raises(ValueError, match="hosts"):
         run_fleet_bench(trace, hosts=(0,), quiet=True)
+
+
+def test_real_payload_through_two_services_over_one_shared_folder():
+    from kvtier.bench.fleet_payload import run_payload, shared_folder_lower_tiers_available
+    from kvtier.core.layout import KVLayout
+
+    small = KVLayout(num_layers=2, num_kv_heads=2, head_size=16, dtype="float32")
+    result = run_payload(chunks=6, layout=small, quiet=True)
+    if not shared_folder_lower_tiers_available():
+        assert result == {"skipped": "StoreConfig.lower_tiers has no shared_folder kind in this build"}
+        pytest.skip("StoreConfig.lower_tiers has no shared_folder kind in this build (merged with issue 18 item 1)")
+    assert result["verified"] is True
+    assert result["found_by_b"] == result["loaded_by_b"] == 6
+    assert result["first_load_tiers"] == ["shared_folder"]  # host B had never seen these chunks
+    assert result["second_load_tiers"] == ["memory"]  # promoted into B's own pool by the first load
