@@ -71,6 +71,7 @@ def test_one_host_equals_private_with_one_host_and_matches_the_trace_simulator()
     distinct = distinct_chunks(requests)
     row = fleet_row(requests, 1, distinct, capacity_pct=5)
     assert row.private == row.one_host
+    assert row.one_host_lru == simulate_tier(requests, make_policy("lru"), round(distinct * 5 / 100)).block_ratio()
     capacity = round(distinct * 5 / 100)
     assert row.one_host == simulate_tier(requests, make_policy("adaptive"), capacity).block_ratio()
 
@@ -105,9 +106,9 @@ def test_run_writes_one_row_per_host_count(tmp_path):
     assert saved["rows"] == result["rows"]
     assert [r["hosts"] for r in saved["rows"]] == [1, 2, 4]
     for row in saved["rows"]:
-        assert set(row) == {"hosts", "capacity_pct", "private", "redis", "folder", "one_host"}
+        assert set(row) == {"hosts", "capacity_pct", "private", "redis", "folder", "one_host", "one_host_lru"}
         assert row["capacity_pct"] == 1
-        assert all(0.0 <= row[k] <= 1.0 for k in ("private", "redis", "folder", "one_host"))
+        assert all(0.0 <= row[k] <= 1.0 for k in ("private", "redis", "folder", "one_host", "one_host_lru"))
     assert saved["rows"][0]["private"] == saved["rows"][0]["one_host"]
     assert saved["distinct_chunks"] == distinct_chunks(random_trace(11, 250))
     assert set(saved["target"]) >= {"hosts", "met", "vs_one_host"}

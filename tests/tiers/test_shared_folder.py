@@ -346,3 +346,13 @@ def test_without_a_touch_the_owner_evicts_the_oldest(hosts, tmp_path):
     report = owner.ask("rescan")
     assert report["touched"] == 0 and report["evicted"] == 1
     assert chunk_files(root) == {key_hex(2), key_hex(3), key_hex(4)}
+
+
+def test_a_host_extends_a_chain_whose_head_another_host_wrote(tmp_path):
+    owner, a, b = open_tier(tmp_path, True), open_tier(tmp_path, False), open_tier(tmp_path, False)
+    k1 = put(a, 1)
+    k2 = put(b, 2, k1, 1)  # b never looked k1 up: it finds the parent in the folder
+    assert owner.lookup([k1, k2]) == 2
+    assert read(owner, k2)[0].parent == k1
+    for t in (owner, a, b):
+        t.close()

@@ -15,7 +15,9 @@ the request is available somewhere: in the host's DRAM or in the shared tier), p
   shared-folder tier's default policy. The owner's policy learns every chunk any host writes and
   every host's hits in the folder (the owner adopts new files and replays moved mtimes at its
   rescans, modelled here as continuous; kvtier.tiers.shared_folder says how);
-- `one_host`: one host with DRAM for H percent, every request: the bound a shared tier aims at.
+- `one_host`: one host with DRAM for H percent, every request: the bound a shared tier aims at;
+- `one_host_lru`: the same with plain LRU, for reading `redis`: a server that evicts by recency
+  alone can at best approach this, not the DRAM default's `one_host`.
 
 The DRAM tiers and the folder run the real policy objects (kvtier.tiers.policies), with the
 defaults of MemoryTierConfig and SharedFolderTierConfig. A request on host h: lookup (each key in
@@ -183,10 +185,12 @@ class FleetRow:
     redis: float
     folder: float
     one_host: float
+    one_host_lru: float
 
     def as_dict(self) -> dict[str, float | int]:
         return {"hosts": self.hosts, "capacity_pct": self.capacity_pct, "private": self.private,
-                "redis": self.redis, "folder": self.folder, "one_host": self.one_host}
+                "redis": self.redis, "folder": self.folder, "one_host": self.one_host,
+                "one_host_lru": self.one_host_lru}
 
 
 def fleet_row(requests: Sequence[TraceRequest], hosts: int, distinct: int, capacity_pct: float = 1.0) -> FleetRow:
@@ -200,6 +204,7 @@ def fleet_row(requests: Sequence[TraceRequest], hosts: int, distinct: int, capac
         redis=simulate_fleet(requests, hosts, dram, REDIS_MODEL, shared).block_ratio(),
         folder=simulate_fleet(requests, hosts, dram, FOLDER_MODEL, shared).block_ratio(),
         one_host=simulate_fleet(requests, 1, shared).block_ratio(),
+        one_host_lru=simulate_fleet(requests, 1, shared, dram_policy="lru").block_ratio(),
     )
 
 
@@ -240,7 +245,7 @@ def run_fleet_bench(
         if not quiet:
             r = rows[-1]
             print(f"[{time.perf_counter() - started:6.1f}s] {h:3d} hosts: private {r.private:.4f}  redis {r.redis:.4f}  "
-                  f"folder {r.folder:.4f}  one_host {r.one_host:.4f}", file=sys.stderr, flush=True)
+                  f"folder {r.folder:.4f}  one_host {r.one_host:.4f} (lru {r.one_host_lru:.4f})", file=sys.stderr, flush=True)
     result: dict[str, Any] = {
         "trace": str(trace_path),
         "requests": len(requests),
@@ -282,6 +287,7 @@ def plot(result: dict[str, Any], png_out: str | Path) -> bool:
     for name, style, label in (("one_host", "k--", "one host, H% DRAM (bound)"),
                                ("redis", "-", "1% DRAM + Redis (H%, allkeys-lru)"),
                                ("folder", "-", "1% DRAM + shared folder (H%, owner evicts)"),
+                               ("one_host_lru", "k:", "one host, H% DRAM, plain LRU"),
                                ("private", ":", "1% DRAM per host, private")):
         ax.plot(x, [r[name] for r in rows], style, marker="o", label=label)
     ax.set_xscale("log", base=2)

@@ -37,6 +37,7 @@ What differs from a local disk tier:
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import os
 import sys
@@ -44,6 +45,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvtier.core import metrics as m
 from kvtier.core.codec import decode_header, header_size
@@ -64,6 +66,11 @@ from kvtier.tiers.disk import (
 )
 
 log = logging.getLogger(__name__)
+
+# DiskTier._evict_one_locked took a filter on victims, and then (issue 15) none; either way a
+# trim may take any victim the disk tier allows
+_ANY_VICTIM: tuple[Any, ...] = (
+    (lambda key: True,) if len(inspect.signature(DiskTier._evict_one_locked).parameters) > 1 else ())
 
 # errno values that mean "this file is gone": ENOENT locally, ESTALE when another NFS client
 # removed a file this client still had a handle for.
@@ -193,9 +200,8 @@ class SharedFolderTier(DiskTier):
                 self._index[key] = entry
                 self._used += st.st_size
                 self._policy.insert(key, header.parent, header.depth)
-                if self.owner:
+                if self.owner:  # accounted now; trimmed back to capacity at its next write or rescan
                     self._mtimes[key] = st.st_mtime_ns
-                    self._trim_locked(keep=(key, header.parent))
             self._checked[key] = time.monotonic()
         self._report_usage()
         return entry
@@ -246,7 +252,7 @@ class SharedFolderTier(DiskTier):
             return os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             if e.errno not in _GONE:
-                raise
+                return super()._open_chunk(key, entry)  # the disk tier's answer to other errors
             self._forget(key, entry)
             return -1
 
@@ -260,22 +266,33 @@ class SharedFolderTier(DiskTier):
         self._touched.pop(key, None)
         super()._forget(key, entry)
 
-    def _drop_corrupt(self, key: bytes, entry: _Entry) -> None:
-        if entry.cache is not None and isinstance(entry.cache[0], tuple):
-            self._bad[key] = entry.cache[0]
-        self._checked.pop(key, None)
-        if self.owner:
-            super()._drop_corrupt(key, entry)  # unindexes and deletes the file
-            return
+    def _drop_corrupt(self, key: bytes, entry: _Entry, fd: int = -1) -> None:
+        """A chunk failed validation: a counted miss; the owner deletes the file, a non-owner
+        remembers it (inode, size, mtime) so it is not read again until it is replaced."""
         self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
+        sig = None
+        try:
+            st = os.fstat(fd) if fd >= 0 else os.stat(entry.path)
+            sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
         with self._lock:
-            self._unindex_locked(key, entry)  # the owner deletes the file at its next rescan
+            self._checked.pop(key, None)
+            self._touched.pop(key, None)
+            # only if the index still holds the entry we read: a newer file is not ours to judge
+            if self._unindex_locked(key, entry):
+                if self.owner:
+                    _unlink_quietly(entry.path)
+                elif sig is not None:
+                    self._bad[key] = sig
         self._report_usage()
 
     # -- writes: anyone; eviction and deletion: the owner only ------------------------------------
     def write(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bool:
         if not self.owner and meta.key in self._index:
             self._present(meta.key)  # revalidate: a chunk the owner evicted since is forgotten, so stored again
+        if meta.depth > 0 and meta.parent not in self._index:
+            self._find(meta.parent)  # a parent another host wrote: the disk tier checks its parent is indexed
         stored = super().write(meta, layers)
         if stored and self.owner and meta.key not in self._mtimes:
             try:  # the owner's own chunk: later mtime moves are other hosts' hits
@@ -288,15 +305,15 @@ class SharedFolderTier(DiskTier):
                     self._mtimes.setdefault(meta.key, mtime)
         return stored
 
-    def _evict_one_locked(self, can_evict):  # type: ignore[no-untyped-def]
+    def _evict_one_locked(self, *args: Any) -> bool:
         if not self.owner:
-            return False
-        return super()._evict_one_locked(can_evict)
+            return False  # only the owner evicts
+        return bool(super()._evict_one_locked(*args))
 
-    def _trim_locked(self, keep: tuple[bytes | None, ...] = ()) -> int:
+    def _trim_locked(self) -> int:
         """Owner: evict until the accounted bytes fit the capacity; returns the chunks evicted."""
         evicted = 0
-        while self._used > self.capacity_bytes and self._evict_one_locked(lambda k: k not in keep):
+        while self._used > self.capacity_bytes and self._evict_one_locked(*_ANY_VICTIM):
             evicted += 1
         return evicted
 
