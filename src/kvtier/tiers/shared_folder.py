@@ -245,6 +245,17 @@ class SharedFolderTier(DiskTier):
         self._forget_key(key)
         return None
 
+    def _read_failed(self, key: bytes, e: OSError) -> None:
+        """The disk tier's hook for an I/O error in a read (issue 15): a file another host removed
+        is a plain miss; other errors get the disk tier's treatment."""
+        if e.errno in _GONE:
+            self._forget_key(key)
+            self.metrics.inc(m.MISSES, tier=self.name)
+            return
+        disk_hook = getattr(super(), "_read_failed", None)
+        if disk_hook is not None:
+            disk_hook(key, e)
+
     def _open_chunk(self, key: bytes, entry: _Entry | None) -> int:
         if entry is None:
             return -1
