@@ -264,6 +264,11 @@ def run_fleet_bench(
 
         result["folder_payload"] = run_payload(quiet=quiet)
         result["redis"] = redis_payload(quiet=quiet)
+    if not quiet:
+        target = result["target"]
+        shares = ", ".join(f"{k} {v:.3f}x" for k, v in target.get("vs_one_host", {}).items() if v is not None)
+        print(f"at {target['hosts']} hosts, against one host with their DRAM: {shares}; "
+              f"target (redis and folder >= {target.get('share_required')}x): met = {target['met']}", file=sys.stderr)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if png_out is not None:

@@ -123,7 +123,7 @@ def run_payload(chunks: int = 64, layout: KVLayout = LAYOUT, quiet: bool = False
                 proc.wait(timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
     total = chunks * layout.chunk_bytes(CHUNK_TOKENS)
-    result = {
+    result: dict[str, Any] = {
         "hosts": 2,
         "chunks": chunks,
         "chunk_bytes": layout.chunk_bytes(CHUNK_TOKENS),
