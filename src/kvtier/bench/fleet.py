@@ -9,8 +9,8 @@ the request is available somewhere: in the host's DRAM or in the shared tier), p
 - `private`: each host has DRAM for `capacity_pct` (1) percent of the trace's distinct chunks, alone;
 - `redis`: the same DRAM in front of a Redis server holding H percent of the distinct chunks and
   evicting like its `allkeys-lru` (plain LRU over keys: it knows nothing of chains, so it may evict
-  a parent and strand its children); a SET (a write) and a GET (a load) refresh a key, EXISTS (a
-  lookup) does not, nor does a hit the host serves from its own DRAM;
+  a parent and strand its children); a GET (a load) and a SET NX (a save, even of a key the server
+  holds) refresh a key, EXISTS (a lookup) does not, nor does a hit the host serves from its own DRAM;
 - `folder`: the same DRAM in front of a shared folder of H percent, evicted by its owner with the
   shared-folder tier's default policy. The owner's policy learns every chunk any host writes and
   every host's hits in the folder (the owner adopts new files and replays moved mtimes at its
@@ -123,9 +123,10 @@ class SharedTierModel:
     name: str
     make_policy: Callable[[], EvictionPolicy]
     touched_by: str  # "every host" (Redis: GETs reach the server) or "owner" (host 0's own policy)
+    saves_touch: bool = False  # a save of a chunk the tier holds refreshes it (Redis's SET NX looks the key up)
 
 
-REDIS_MODEL = SharedTierModel("redis", ServerLRU, "every host")
+REDIS_MODEL = SharedTierModel("redis", ServerLRU, "every host", saves_touch=True)
 FOLDER_MODEL = SharedTierModel("folder", lambda: make_policy(FOLDER_POLICY), "every host")
 # The folder as it would be if only the owner's own hits reached its policy (before mtime touches)
 FOLDER_OWNER_TOUCHES_MODEL = SharedTierModel("folder, owner's hits only", lambda: make_policy(FOLDER_POLICY), "owner")
@@ -171,8 +172,11 @@ def simulate_fleet(requests: Sequence[TraceRequest], hosts: int, dram_capacity: 
                     dram.policy.touch((key,))
             else:
                 dram.put(key, parent, depth)  # a shared hit promoted, or a new chunk saved
-            if lower is not None and depth >= n and key not in lower.resident:
-                lower.put(key, parent, depth)
+            if lower is not None and depth >= n:  # saved: written to the shared tier too
+                if key not in lower.resident:
+                    lower.put(key, parent, depth)
+                elif shared is not None and shared.saves_touch:
+                    lower.policy.touch((key,))
             parent = key
     return counts
 
