@@ -143,3 +143,10 @@ def test_real_payload_through_two_services_over_one_shared_folder():
     assert result["found_by_b"] == result["loaded_by_b"] == 6
     assert result["first_load_tiers"] == ["shared_folder"]  # host B had never seen these chunks
     assert result["second_load_tiers"] == ["memory"]  # promoted into B's own pool by the first load
+
+
+def test_cli_refuses_bad_host_counts(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "fleet", "--hosts", "1,zero"])
+    assert exc.value.code == 2
+    assert "--hosts must be a comma-separated list of positive counts" in capsys.readouterr().err
