@@ -9,7 +9,9 @@ import pytest
 from kvtier.bench.fleet import (
     FOLDER_MODEL,
     FOLDER_OWNER_TOUCHES_MODEL,
+    REDIS_EXACT_LRU_MODEL,
     REDIS_MODEL,
+    RedisLRU,
     ServerLRU,
     SharedTierModel,
     fleet_row,
@@ -42,7 +44,7 @@ def test_private_dram_sees_only_its_own_hosts_requests():
     assert simulate_fleet(TWO_HOSTS, 2, 2, dram_policy="lru").block_hits == [0, 4]
 
 
-@pytest.mark.parametrize("model", [REDIS_MODEL, FOLDER_MODEL])
+@pytest.mark.parametrize("model", [REDIS_MODEL, REDIS_EXACT_LRU_MODEL, FOLDER_MODEL])
 def test_a_shared_tier_serves_one_hosts_chunks_to_the_other(model):
     # r1 (host 1) finds 1, 2 in the shared tier; r3 finds 1, 2 in its DRAM (promoted) and 3 (host 0's) shared
     counts = simulate_fleet(TWO_HOSTS, 2, 2, model, 10, dram_policy="lru")
@@ -52,7 +54,7 @@ def test_a_shared_tier_serves_one_hosts_chunks_to_the_other(model):
 def test_a_chunk_counts_only_if_its_whole_prefix_is_available():
     lost = [req(1, 2, 3), req(1, 2, 3)]
     # the shared tier (2 chunks) kept 2 and 3 (plain LRU evicted the head 1): host 1 reaches nothing
-    assert simulate_fleet(lost, 2, 1, REDIS_MODEL, 2, dram_policy="lru").block_hits == [0, 0]
+    assert simulate_fleet(lost, 2, 1, REDIS_EXACT_LRU_MODEL, 2, dram_policy="lru").block_hits == [0, 0]
 
 
 def test_server_lru_evicts_by_recency_alone_even_a_parent():
@@ -64,6 +66,27 @@ def test_server_lru_evicts_by_recency_alone_even_a_parent():
     assert policy.evict(lambda k: True) == a  # a parent with a cached child goes first
     policy.touch([b])
     assert policy.evict(lambda k: True) == c
+
+
+def test_redis_lru_evicts_the_longest_idle_by_its_clock_in_seconds():
+    policy = RedisLRU()
+    keys = [hash_key(i) for i in range(4)]
+    for second, key in enumerate(keys):  # four keys, one a second; a pool of 16 sees them all
+        policy.begin_request(float(second))
+        policy.insert(key, None, 0)
+    policy.begin_request(10.0)
+    policy.touch([keys[0]])
+    assert policy.evict(lambda k: True) == keys[1]
+    assert policy.evict(lambda k: k != keys[2]) == keys[3]  # the pool keeps a candidate that may not go
+    assert policy.evict(lambda k: True) == keys[2]
+    assert len(policy) == 1 and keys[0] in policy
+
+
+def test_redis_lru_is_reproducible_and_runs_the_trace():
+    requests = random_trace(9, 300)
+    distinct = distinct_chunks(requests)
+    runs = [simulate_fleet(requests, 4, 3, REDIS_MODEL, distinct // 20).block_hits for _ in range(2)]
+    assert runs[0] == runs[1]
 
 
 def test_one_host_equals_private_with_one_host_and_matches_the_trace_simulator():
@@ -106,9 +129,10 @@ def test_run_writes_one_row_per_host_count(tmp_path):
     assert saved["rows"] == result["rows"]
     assert [r["hosts"] for r in saved["rows"]] == [1, 2, 4]
     for row in saved["rows"]:
-        assert set(row) == {"hosts", "capacity_pct", "private", "redis", "folder", "one_host", "one_host_lru"}
+        ratios = {"private", "redis", "redis_exact_lru", "folder", "one_host", "one_host_lru"}
+        assert set(row) == {"hosts", "capacity_pct"} | ratios
         assert row["capacity_pct"] == 1
-        assert all(0.0 <= row[k] <= 1.0 for k in ("private", "redis", "folder", "one_host", "one_host_lru"))
+        assert all(0.0 <= row[k] <= 1.0 for k in ratios)
     assert saved["rows"][0]["private"] == saved["rows"][0]["one_host"]
     assert saved["distinct_chunks"] == distinct_chunks(random_trace(11, 250))
     assert set(saved["target"]) >= {"hosts", "met", "vs_one_host"}

@@ -8,8 +8,9 @@ the request is available somewhere: in the host's DRAM or in the shared tier), p
 
 - `private`: each host has DRAM for `capacity_pct` (1) percent of the trace's distinct chunks, alone;
 - `redis`: the same DRAM in front of a Redis server holding H percent of the distinct chunks and
-  evicting like its `allkeys-lru` (plain LRU over keys: it knows nothing of chains, so it may evict
-  a parent and strand its children); a GET (a load) and a SET NX (a save, even of a key the server
+  evicting like its `allkeys-lru` (RedisLRU: sampled keys, a pool of candidates, a clock in
+  seconds; it knows nothing of chains, so it may evict a parent and strand its children, which
+  then hold memory until sampled themselves); `redis_exact_lru` is the same with exact LRU; a GET (a load) and a SET NX (a save, even of a key the server
   holds) refresh a key, EXISTS (a lookup) does not, nor does a hit the host serves from its own DRAM;
 - `folder`: the same DRAM in front of a shared folder of H percent, evicted by its owner with the
   shared-folder tier's default policy. The owner's policy learns every chunk any host writes and
@@ -32,7 +33,9 @@ kvtier.bench.redis, merged in when that module exists.
 
 from __future__ import annotations
 
+import bisect
 import json
+import random
 import sys
 import time
 from collections import OrderedDict
@@ -58,11 +61,8 @@ FOLDER_POLICY: str = _default(SharedFolderTierConfig, "policy")  # what the fold
 
 
 class ServerLRU(EvictionPolicy):
-    """Redis's `allkeys-lru`, exact: the least recently used key goes, chain or no chain.
-
-    Redis samples a few keys per eviction (maxmemory-samples, 5 by default) and evicts the
-    oldest of them, an approximation of this; the exact order is the stand-in here.
-    """
+    """Exact LRU over keys, chain or no chain: what Redis's `allkeys-lru` approximates (the
+    `redis_exact_lru` column; RedisLRU below is the approximation the server really runs)."""
 
     name = "server-lru"
 
@@ -96,6 +96,87 @@ class ServerLRU(EvictionPolicy):
         return len(self._order)
 
 
+class RedisLRU(EvictionPolicy):
+    """Redis's `allkeys-lru` as the server runs it (evict.c, Redis 3.0 and later): each key keeps
+    the LRU clock of its last access, in whole seconds (LRU_CLOCK_RESOLUTION); an eviction samples
+    `samples` keys (maxmemory-samples, 5), merges them into a pool of the 16 best candidates seen
+    so far (the longest idle, as of when they were sampled), and evicts the best pool entry that
+    still exists. Sampling is seeded, so a run is reproducible. Time is the trace's
+    (`begin_request`), so the clock ticks as it would for a server serving the trace live.
+    """
+
+    name = "redis-allkeys-lru"
+    POOL = 16  # EVPOOL_SIZE
+
+    def __init__(self, samples: int = 5, seed: int = 0) -> None:
+        super().__init__()
+        self.samples = samples
+        self._rng = random.Random(seed)
+        self._keys: list[Key] = []  # for uniform sampling, with its inverse:
+        self._pos: dict[Key, int] = {}
+        self._clock: dict[Key, int] = {}  # key -> second of its last access
+        self._pool: list[tuple[int, Key]] = []  # (idle seconds when sampled, key), ascending
+        self._now = 0
+
+    def begin_request(self, now: float) -> None:
+        self._now = int(now)
+
+    def insert(self, key: Key, parent: Key | None, depth: int) -> None:
+        if key not in self._pos:
+            self._pos[key] = len(self._keys)
+            self._keys.append(key)
+        self._clock[key] = self._now
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        for key in keys:
+            if key in self._clock:
+                self._clock[key] = self._now
+
+    def remove(self, key: Key) -> None:
+        i = self._pos.pop(key, None)
+        if i is None:
+            return
+        last = self._keys.pop()
+        if i < len(self._keys):
+            self._keys[i] = last
+            self._pos[last] = i
+        del self._clock[key]
+
+    def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        keys, pool = self._keys, self._pool
+        for _ in range(4):  # a few rounds, in case the pool holds only keys that may not go
+            if not keys:
+                return None
+            for i in self._rng.sample(range(len(keys)), min(self.samples, len(keys))):
+                key = keys[i]
+                idle = self._now - self._clock[key]
+                if len(pool) < self.POOL or idle > pool[0][0]:
+                    bisect.insort(pool, (idle, key))
+                    if len(pool) > self.POOL:
+                        pool.pop(0)
+            kept = []
+            victim = None
+            while pool:
+                entry = pool.pop()
+                if entry[1] in self._pos and can_evict(entry[1]):
+                    victim = entry[1]
+                    break
+                if entry[1] in self._pos:
+                    kept.append(entry)
+            for entry in kept:
+                bisect.insort(pool, entry)
+            if victim is not None:
+                self.remove(victim)
+                return victim
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pos
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 @dataclass(slots=True)
 class _Cache:
     """A tier's metadata: resident keys and the policy that orders them."""
@@ -126,7 +207,8 @@ class SharedTierModel:
     saves_touch: bool = False  # a save of a chunk the tier holds refreshes it (Redis's SET NX looks the key up)
 
 
-REDIS_MODEL = SharedTierModel("redis", ServerLRU, "every host", saves_touch=True)
+REDIS_MODEL = SharedTierModel("redis", RedisLRU, "every host", saves_touch=True)
+REDIS_EXACT_LRU_MODEL = SharedTierModel("redis, exact LRU", ServerLRU, "every host", saves_touch=True)
 FOLDER_MODEL = SharedTierModel("folder", lambda: make_policy(FOLDER_POLICY), "every host")
 # The folder as it would be if only the owner's own hits reached its policy (before mtime touches)
 FOLDER_OWNER_TOUCHES_MODEL = SharedTierModel("folder, owner's hits only", lambda: make_policy(FOLDER_POLICY), "owner")
@@ -187,13 +269,14 @@ class FleetRow:
     capacity_pct: float
     private: float
     redis: float
+    redis_exact_lru: float
     folder: float
     one_host: float
     one_host_lru: float
 
     def as_dict(self) -> dict[str, float | int]:
         return {"hosts": self.hosts, "capacity_pct": self.capacity_pct, "private": self.private,
-                "redis": self.redis, "folder": self.folder, "one_host": self.one_host,
+                "redis": self.redis, "redis_exact_lru": self.redis_exact_lru, "folder": self.folder, "one_host": self.one_host,
                 "one_host_lru": self.one_host_lru}
 
 
@@ -206,6 +289,7 @@ def fleet_row(requests: Sequence[TraceRequest], hosts: int, distinct: int, capac
         capacity_pct=capacity_pct,
         private=simulate_fleet(requests, hosts, dram).block_ratio(),
         redis=simulate_fleet(requests, hosts, dram, REDIS_MODEL, shared).block_ratio(),
+        redis_exact_lru=simulate_fleet(requests, hosts, dram, REDIS_EXACT_LRU_MODEL, shared).block_ratio(),
         folder=simulate_fleet(requests, hosts, dram, FOLDER_MODEL, shared).block_ratio(),
         one_host=simulate_fleet(requests, 1, shared).block_ratio(),
         one_host_lru=simulate_fleet(requests, 1, shared, dram_policy="lru").block_ratio(),
@@ -248,7 +332,7 @@ def run_fleet_bench(
         rows.append(fleet_row(requests, h, distinct, capacity_pct))
         if not quiet:
             r = rows[-1]
-            print(f"[{time.perf_counter() - started:6.1f}s] {h:3d} hosts: private {r.private:.4f}  redis {r.redis:.4f}  "
+            print(f"[{time.perf_counter() - started:6.1f}s] {h:3d} hosts: private {r.private:.4f}  redis {r.redis:.4f} (exact lru {r.redis_exact_lru:.4f})  "
                   f"folder {r.folder:.4f}  one_host {r.one_host:.4f} (lru {r.one_host_lru:.4f})", file=sys.stderr, flush=True)
     result: dict[str, Any] = {
         "trace": str(trace_path),
@@ -258,7 +342,7 @@ def run_fleet_bench(
         "routing": "round-robin",
         "dram_policy": DRAM_POLICY,
         "folder_policy": FOLDER_POLICY,
-        "redis_policy": "allkeys-lru (exact LRU stand-in)",
+        "redis_policy": "allkeys-lru: 5 samples, a pool of 16, a clock in seconds (redis_exact_lru: exact LRU)",
         "rows": [r.as_dict() for r in rows],
         "target": judge(rows),
         "seconds": time.perf_counter() - started,
@@ -295,6 +379,7 @@ def plot(result: dict[str, Any], png_out: str | Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, style, label in (("one_host", "k--", "one host, H% DRAM (bound)"),
                                ("redis", "-", "1% DRAM + Redis (H%, allkeys-lru)"),
+                               ("redis_exact_lru", "--", "1% DRAM + Redis (H%, exact LRU)"),
                                ("folder", "-", "1% DRAM + shared folder (H%, owner evicts)"),
                                ("one_host_lru", "k:", "one host, H% DRAM, plain LRU"),
                                ("private", ":", "1% DRAM per host, private")):
