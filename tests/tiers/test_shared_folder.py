@@ -302,6 +302,15 @@ def test_bad_config_names_the_key(kw, match):
         SharedFolderTierConfig(**kw)
 
 
+def test_config_from_a_file_mapping():
+    from kvtier.core.config import load_config
+
+    cfg = load_config(SharedFolderTierConfig, {"root": "/mnt/kv", "capacity_bytes": "2GiB", "owner": True})
+    assert (cfg.capacity_bytes, cfg.owner, cfg.rescan_s) == (2 << 30, True, 30.0)
+    with pytest.raises(ConfigError, match="capacity_bytes"):
+        load_config(SharedFolderTierConfig, {"root": "/mnt/kv", "capacity_bytes": "lots"})
+
+
 def test_an_unknown_policy_is_refused_at_open(tmp_path):
     with pytest.raises(ConfigError, match="eviction policy 'nope' is unknown"):
         open_tier(tmp_path, True, policy="nope")

@@ -230,7 +230,7 @@ class SharedFolderTierConfig:
     NFS mount options it relies on."""
 
     root: str = ""
-    capacity_bytes: int = _size(64 << 30)
+    capacity_bytes: int = field(default=64 << 30, metadata={"size": True})  # a byte size: '2TiB' in a file
     policy: str = "adaptive"
     fsync: bool = False  # fsync each chunk and its folder before publishing (power-loss safe)
     owner: bool = False  # exactly one host per folder: capacity accounting and eviction
