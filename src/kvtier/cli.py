@@ -113,16 +113,40 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_trace(args: argparse.Namespace) -> int:
-    from kvtier.bench.trace import DEFAULT_TRACE, run_trace_bench
+def _trace_path(trace: str | None) -> str:
+    """--trace as given, or the Mooncake trace beside the checkout, wherever the command runs from."""
+    from kvtier.bench.trace import DEFAULT_TRACE
 
-    trace = args.trace
-    if trace is None:  # beside the checkout, wherever the command runs from
-        if not DEFAULT_TRACE.is_file():
-            raise KVTierError(f"argument --trace: the default trace {str(DEFAULT_TRACE)!r} is missing; pass --trace")
-        trace = str(DEFAULT_TRACE)
-    run_trace_bench(trace, args.json, png_out=args.png, max_requests=args.max_requests)
+    if trace is not None:
+        return trace
+    if not DEFAULT_TRACE.is_file():
+        raise KVTierError(f"argument --trace: the default trace {str(DEFAULT_TRACE)!r} is missing; pass --trace")
+    return str(DEFAULT_TRACE)
+
+
+def _cmd_bench_trace(args: argparse.Namespace) -> int:
+    from kvtier.bench.trace import run_trace_bench
+
+    run_trace_bench(_trace_path(args.trace), args.json, png_out=args.png, max_requests=args.max_requests)
     return 0
+
+
+def _cmd_bench_fleet(args: argparse.Namespace) -> int:
+    from kvtier.bench.fleet import run_fleet_bench
+
+    run_fleet_bench(_trace_path(args.trace), args.json, png_out=args.png or None, hosts=args.hosts,
+                    max_requests=args.max_requests, real_payload=args.real_payload)
+    return 0
+
+
+def _host_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"--hosts must be a comma-separated list of positive counts, got {text!r}")
+    return counts
 
 
 def _cmd_bench_service(args: argparse.Namespace) -> int:
@@ -209,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     btr.add_argument("--png", default="results/bench_trace.png")
     btr.add_argument("--max-requests", type=positive_int, default=None)
     btr.set_defaults(fn=_cmd_bench_trace)
+    bfl = bsub.add_parser("fleet", help="one cache for many hosts: private DRAM vs a Redis or shared-folder tier")
+    bfl.add_argument("--trace", default=None, type=readable_file,
+                     help="a Mooncake-format jsonl trace (default: the conversation trace beside the checkout)")
+    bfl.add_argument("--json", default="results/bench_fleet.json")
+    bfl.add_argument("--png", default="results/bench_fleet.png", help="hit ratio against hosts ('' for none)")
+    bfl.add_argument("--hosts", type=_host_counts, default=(1, 2, 4, 8, 16, 32, 64), help="e.g. 1,2,4,8")
+    bfl.add_argument("--max-requests", type=positive_int, default=None)
+    bfl.add_argument("--real-payload", action="store_true",
+                     help="also move real chunks between two `kvtier serve` processes over one shared folder")
+    bfl.set_defaults(fn=_cmd_bench_fleet)
     bsv = bsub.add_parser("service", help="store service lookup rate and shared-memory load throughput")
     bsv.add_argument("--json", default="results/bench_service.json")
     bsv.set_defaults(fn=_cmd_bench_service)

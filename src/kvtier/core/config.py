@@ -215,6 +215,7 @@ class LowerTierConfig:
     name: str = ""
     disk: DiskTierConfig | None = None  # a further folder, e.g. a shared mount
     redis: RedisTierConfig | None = None
+    shared_folder: SharedFolderTierConfig | None = None  # a folder several hosts mount
 
     def __post_init__(self) -> None:
         kinds = [k for k in LOWER_TIER_KINDS if getattr(self, k) is not None]
@@ -241,7 +242,7 @@ class LowerTierConfig:
 
 # The kinds a lower tier may be, in the order LowerTierConfig checks them (its field names);
 # tiers/lower.py maps each to the class that builds the tier.
-LOWER_TIER_KINDS = ("disk", "redis")
+LOWER_TIER_KINDS = ("disk", "redis", "shared_folder")
 
 
 @dataclass(slots=True, frozen=True)
@@ -471,3 +472,27 @@ class ClientConfig:
         check_fields(self, "client")
         if self.auto_start and self.mode == "service" and not self.service_config:
             raise ConfigError("client.service_config must name the service's config file when auto_start is set")
+
+
+@dataclass(slots=True, frozen=True)
+class SharedFolderTierConfig:
+    """The disk tier on a folder several hosts mount (tiers/shared_folder.py): exactly one host
+    per folder sets `owner` and does capacity accounting and eviction; see the README for the
+    NFS mount options it relies on."""
+
+    root: str = ""
+    capacity_bytes: int = size_field(64 << 30)
+    policy: str = choice_field("adaptive", EVICTION_POLICY_NAMES)
+    fsync: bool = False  # fsync each chunk and its folder before publishing (power-loss safe)
+    owner: bool = False  # exactly one host per folder: capacity accounting and eviction
+    rescan_s: float = number_field(30.0, low=0)  # owner: period of the background rescan (0: only when rescan() is called)
+    revalidate_s: float = number_field(1.0, low=0)  # non-owner: seconds an indexed chunk is trusted before a lookup stats it
+    stale_temp_s: float = number_field(3600.0, low=0)  # owner: a temporary file older than this belongs to a crashed writer
+    touch_interval_s: float = number_field(1.0, low=0)  # non-owner: at most one mtime update per chunk per interval
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ConfigError("root must name the shared folder (its mount point, or a folder in it)")
+        check_fields(self, "shared_folder")
+        if self.capacity_bytes <= 0:
+            raise ConfigError(f"shared_folder.capacity_bytes must be positive, got {self.capacity_bytes}")

@@ -202,8 +202,14 @@ class StoreHost:
         in_mem = [k for k, t in zip(keys, tiers, strict=False) if t == "memory"]
         if in_mem:
             self.memory.touch(in_mem)
-        if disk is not None and len(in_mem) < len(tiers):
+        if len(in_mem) == len(tiers):
+            return
+        if disk is not None:
             disk.touch([k for k, t in zip(keys, tiers, strict=False) if t == "disk"])
+        for lower in self.store.lower_tiers:  # a shared folder's owner learns of other hosts' hits
+            hit = [k for k, t in zip(keys, tiers, strict=False) if t == lower.name]
+            if hit:
+                lower.touch(hit)
 
     # -- promotion ---------------------------------------------------------------------
     def _promote_pin(self, key: bytes) -> bytes | None:

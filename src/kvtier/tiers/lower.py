@@ -5,7 +5,7 @@ Who calls: TieredStore.__init__, once per configured lower tier, in order.
     make_lower_tier(config, layout, chunk_tokens, metrics) -> Tier
 
 Each kind (a field of LowerTierConfig) maps to the function that builds its tier; a new kind
-(a shared folder, a Mooncake store) is one entry here and one field there.
+(a Mooncake store, say) is one entry here and one field there.
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ def _redis(layout: KVLayout, chunk_tokens: int, config: Any, metrics: m.Metrics,
     return RedisTier(layout, chunk_tokens, config, metrics, name=name)
 
 
-LOWER_TIER_FACTORIES: dict[str, TierFactory] = {"disk": _disk, "redis": _redis}
+def _shared_folder(layout: KVLayout, chunk_tokens: int, config: Any, metrics: m.Metrics, name: str) -> Tier:
+    from kvtier.tiers.shared_folder import SharedFolderTier
+
+    return SharedFolderTier(layout, chunk_tokens, config, metrics, name=name)
+
+
+LOWER_TIER_FACTORIES: dict[str, TierFactory] = {"disk": _disk, "redis": _redis, "shared_folder": _shared_folder}
 
 
 def make_lower_tier(config: LowerTierConfig, layout: KVLayout, chunk_tokens: int, metrics: m.Metrics) -> Tier:

@@ -1,0 +1,397 @@
+"""Fleet benchmark: one cache for many hosts, simulated on the Mooncake conversation trace.
+
+Entry point: `run_fleet_bench(trace_path, json_out, png_out=None, hosts=(1, 2, 4, ..., 64))`, the
+`kvtier bench fleet` command. It replays the trace's requests (metadata only: each hash id stands
+for one prompt chunk) over H hosts, request i going to host i mod H (round-robin), and reports
+chunk hit ratios under the store's prefix rule (a chunk is a hit only if every chunk before it in
+the request is available somewhere: in the host's DRAM or in the shared tier), per H:
+
+- `private`: each host has DRAM for `capacity_pct` (1) percent of the trace's distinct chunks, alone;
+- `redis`: the same DRAM in front of a Redis server holding H percent of the distinct chunks and
+  evicting like its `allkeys-lru` (RedisLRU: sampled keys, a pool of candidates, a clock in
+  seconds; it knows nothing of chains, so it may evict a parent and strand its children, which
+  then hold memory until sampled themselves); `redis_exact_lru` is the same with exact LRU; a GET (a load) and a SET NX (a save, even of a key the server
+  holds) refresh a key, EXISTS (a lookup) does not, nor does a hit the host serves from its own DRAM;
+- `folder`: the same DRAM in front of a shared folder of H percent, evicted by its owner with the
+  shared-folder tier's default policy. The owner's policy learns every chunk any host writes and
+  every host's hits in the folder (the owner adopts new files and replays moved mtimes at its
+  rescans, modelled here as continuous; kvtier.tiers.shared_folder says how);
+- `one_host`: one host with DRAM for H percent, every request: the bound a shared tier aims at;
+- `one_host_lru`: the same with plain LRU, for reading `redis`: a server that evicts by recency
+  alone can at best approach this, not the DRAM default's `one_host`.
+
+The DRAM tiers and the folder run the real policy objects (kvtier.tiers.policies), with the
+defaults of MemoryTierConfig and SharedFolderTierConfig. A request on host h: lookup (each key in
+h's DRAM, else in the shared tier; stop at the first key in neither), touch the hits where they
+were found, promote the shared hits into h's DRAM, then save the rest of the request into h's DRAM
+and write those not in the shared tier to it, parents first (write-through, as the store does).
+
+With `real_payload=True` it also moves real chunks through two `kvtier serve` processes sharing
+one folder (kvtier.bench.fleet_payload); the Redis payload figures are helper "redis"'s
+kvtier.bench.redis, merged in when that module exists.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import random
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kvtier.bench.trace import DEFAULT_TRACE, HitCounts, TraceFormatError, TraceRequest, distinct_chunks, load_trace
+from kvtier.core.config import MemoryTierConfig, SharedFolderTierConfig
+from kvtier.tiers.policies import EvictionPolicy, make_policy
+
+DEFAULT_HOSTS = (1, 2, 4, 8, 16, 32, 64)
+Key = bytes
+
+
+def _default(cls: type, name: str) -> Any:
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+DRAM_POLICY: str = _default(MemoryTierConfig, "policy")  # what each host's DRAM tier runs by default
+FOLDER_POLICY: str = _default(SharedFolderTierConfig, "policy")  # what the folder's owner runs by default
+
+
+class ServerLRU(EvictionPolicy):
+    """Exact LRU over keys, chain or no chain: what Redis's `allkeys-lru` approximates (the
+    `redis_exact_lru` column; RedisLRU below is the approximation the server really runs)."""
+
+    name = "server-lru"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def insert(self, key: Key, parent: Key | None, depth: int) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        for key in keys:  # GETs in chain order: the head is the oldest of the request's keys
+            if key in self._order:
+                self._order.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self._order.pop(key, None)
+
+    def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        for key in self._order:
+            if can_evict(key):
+                del self._order[key]
+                return key
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class RedisLRU(EvictionPolicy):
+    """Redis's `allkeys-lru` as the server runs it (evict.c, Redis 3.0 and later): each key keeps
+    the LRU clock of its last access, in whole seconds (LRU_CLOCK_RESOLUTION); an eviction samples
+    `samples` keys (maxmemory-samples, 5), merges them into a pool of the 16 best candidates seen
+    so far (the longest idle, as of when they were sampled), and evicts the best pool entry that
+    still exists. Sampling is seeded, so a run is reproducible. Time is the trace's
+    (`begin_request`), so the clock ticks as it would for a server serving the trace live.
+    """
+
+    name = "redis-allkeys-lru"
+    POOL = 16  # EVPOOL_SIZE
+
+    def __init__(self, samples: int = 5, seed: int = 0) -> None:
+        super().__init__()
+        self.samples = samples
+        self._rng = random.Random(seed)
+        self._keys: list[Key] = []  # for uniform sampling, with its inverse:
+        self._pos: dict[Key, int] = {}
+        self._clock: dict[Key, int] = {}  # key -> second of its last access
+        self._pool: list[tuple[int, Key]] = []  # (idle seconds when sampled, key), ascending
+        self._now = 0
+
+    def begin_request(self, now: float) -> None:
+        self._now = int(now)
+
+    def insert(self, key: Key, parent: Key | None, depth: int) -> None:
+        if key not in self._pos:
+            self._pos[key] = len(self._keys)
+            self._keys.append(key)
+        self._clock[key] = self._now
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        for key in keys:
+            if key in self._clock:
+                self._clock[key] = self._now
+
+    def remove(self, key: Key) -> None:
+        i = self._pos.pop(key, None)
+        if i is None:
+            return
+        last = self._keys.pop()
+        if i < len(self._keys):
+            self._keys[i] = last
+            self._pos[last] = i
+        del self._clock[key]
+
+    def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
+        keys, pool = self._keys, self._pool
+        for _ in range(4):  # a few rounds, in case the pool holds only keys that may not go
+            if not keys:
+                return None
+            for i in self._rng.sample(range(len(keys)), min(self.samples, len(keys))):
+                key = keys[i]
+                idle = self._now - self._clock[key]
+                if len(pool) < self.POOL or idle > pool[0][0]:
+                    bisect.insort(pool, (idle, key))
+                    if len(pool) > self.POOL:
+                        pool.pop(0)
+            kept = []
+            victim = None
+            while pool:
+                entry = pool.pop()
+                if entry[1] in self._pos and can_evict(entry[1]):
+                    victim = entry[1]
+                    break
+                if entry[1] in self._pos:
+                    kept.append(entry)
+            for entry in kept:
+                bisect.insort(pool, entry)
+            if victim is not None:
+                self.remove(victim)
+                return victim
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pos
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclass(slots=True)
+class _Cache:
+    """A tier's metadata: resident keys and the policy that orders them."""
+
+    policy: EvictionPolicy
+    capacity: int
+    resident: set[Key] = field(default_factory=set)
+
+    def put(self, key: Key, parent: Key | None, depth: int) -> None:
+        if not self.policy.admit(key, parent, depth):
+            return
+        if len(self.resident) >= self.capacity:
+            victim = self.policy.evict(lambda k: k != parent)
+            if victim is None:
+                return
+            self.resident.discard(victim)
+        self.resident.add(key)
+        self.policy.insert(key, parent, depth)
+
+
+@dataclass(slots=True, frozen=True)
+class SharedTierModel:
+    """How the tier below every host's DRAM behaves: its policy, and whose hits touch it."""
+
+    name: str
+    make_policy: Callable[[], EvictionPolicy]
+    touched_by: str  # "every host" (Redis: GETs reach the server) or "owner" (host 0's own policy)
+    saves_touch: bool = False  # a save of a chunk the tier holds refreshes it (Redis's SET NX looks the key up)
+
+
+REDIS_MODEL = SharedTierModel("redis", RedisLRU, "every host", saves_touch=True)
+REDIS_EXACT_LRU_MODEL = SharedTierModel("redis, exact LRU", ServerLRU, "every host", saves_touch=True)
+FOLDER_MODEL = SharedTierModel("folder", lambda: make_policy(FOLDER_POLICY), "every host")
+# The folder as it would be if only the owner's own hits reached its policy (before mtime touches)
+FOLDER_OWNER_TOUCHES_MODEL = SharedTierModel("folder, owner's hits only", lambda: make_policy(FOLDER_POLICY), "owner")
+
+
+def simulate_fleet(requests: Sequence[TraceRequest], hosts: int, dram_capacity: int,
+                   shared: SharedTierModel | None = None, shared_capacity: int = 0,
+                   dram_policy: str = DRAM_POLICY) -> HitCounts:
+    """Replay `requests` round-robin over `hosts` hosts with `dram_capacity` chunks of DRAM each,
+    over a shared tier of `shared_capacity` chunks (or none); chunk and token hits under the prefix rule."""
+    counts = HitCounts()
+    drams = [_Cache(make_policy(dram_policy), dram_capacity) for _ in range(hosts)]
+    lower = _Cache(shared.make_policy(), shared_capacity) if shared is not None else None
+    half_at = len(requests) // 2
+    for i, req in enumerate(requests):
+        h = i % hosts
+        dram = drams[h]
+        now = req.timestamp_ms / 1000.0
+        dram.policy.begin_request(now)
+        keys = req.keys
+        in_dram: list[Key] = []
+        in_lower: list[Key] = []
+        n = 0
+        for key in keys:
+            if key in dram.resident:
+                in_dram.append(key)
+            elif lower is not None and key in lower.resident:
+                in_lower.append(key)
+            else:
+                break
+            n += 1
+        counts.add(0 if i < half_at else 1, req, n)
+        if in_dram:
+            dram.policy.touch(in_dram)
+        if lower is not None:
+            lower.policy.begin_request(now)
+            if in_lower and (shared is not None and (shared.touched_by == "every host" or h == 0)):
+                lower.policy.touch(in_lower)
+        parent: Key | None = None
+        for depth, key in enumerate(keys):
+            if key in dram.resident:
+                if depth >= n:
+                    dram.policy.touch((key,))
+            else:
+                dram.put(key, parent, depth)  # a shared hit promoted, or a new chunk saved
+            if lower is not None and depth >= n:  # saved: written to the shared tier too
+                if key not in lower.resident:
+                    lower.put(key, parent, depth)
+                elif shared is not None and shared.saves_touch:
+                    lower.policy.touch((key,))
+            parent = key
+    return counts
+
+
+@dataclass(slots=True, frozen=True)
+class FleetRow:
+    hosts: int
+    capacity_pct: float
+    private: float
+    redis: float
+    redis_exact_lru: float
+    folder: float
+    one_host: float
+    one_host_lru: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"hosts": self.hosts, "capacity_pct": self.capacity_pct, "private": self.private,
+                "redis": self.redis, "redis_exact_lru": self.redis_exact_lru, "folder": self.folder, "one_host": self.one_host,
+                "one_host_lru": self.one_host_lru}
+
+
+def fleet_row(requests: Sequence[TraceRequest], hosts: int, distinct: int, capacity_pct: float = 1.0) -> FleetRow:
+    """One row: hit ratios by chunk for H = `hosts` (shared tier and bound at H x capacity_pct percent)."""
+    dram = max(1, round(distinct * capacity_pct / 100))
+    shared = max(1, round(distinct * hosts * capacity_pct / 100))
+    return FleetRow(
+        hosts=hosts,
+        capacity_pct=capacity_pct,
+        private=simulate_fleet(requests, hosts, dram).block_ratio(),
+        redis=simulate_fleet(requests, hosts, dram, REDIS_MODEL, shared).block_ratio(),
+        redis_exact_lru=simulate_fleet(requests, hosts, dram, REDIS_EXACT_LRU_MODEL, shared).block_ratio(),
+        folder=simulate_fleet(requests, hosts, dram, FOLDER_MODEL, shared).block_ratio(),
+        one_host=simulate_fleet(requests, 1, shared).block_ratio(),
+        one_host_lru=simulate_fleet(requests, 1, shared, dram_policy="lru").block_ratio(),
+    )
+
+
+def judge(rows: Sequence[FleetRow], at_hosts: int = 4, share: float = 0.95) -> dict[str, Any]:
+    """The issue's target: at `at_hosts` hosts, redis and folder reach `share` of one_host."""
+    row = next((r for r in rows if r.hosts == at_hosts), None)
+    if row is None:
+        return {"hosts": at_hosts, "met": None, "why": f"no row for {at_hosts} hosts"}
+    bound = row.one_host
+    ratios = {name: (getattr(row, name) / bound if bound else None) for name in ("redis", "folder", "private")}
+    met = all(ratios[n] is not None and ratios[n] >= share for n in ("redis", "folder"))  # type: ignore[operator]
+    return {"hosts": at_hosts, "share_required": share, "vs_one_host": ratios, "met": met}
+
+
+def run_fleet_bench(
+    trace_path: str | Path = DEFAULT_TRACE,
+    json_out: str | Path | None = None,
+    png_out: str | Path | None = None,
+    hosts: Sequence[int] = DEFAULT_HOSTS,
+    capacity_pct: float = 1.0,
+    max_requests: int | None = None,
+    real_payload: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Simulate every H in `hosts`; write JSON (and a PNG); optionally the real-payload run."""
+    if not hosts or any(h < 1 for h in hosts):
+        raise ValueError(f"hosts must be a non-empty list of positive counts, got {list(hosts)}")
+    if capacity_pct <= 0:
+        raise ValueError(f"capacity_pct must be positive, got {capacity_pct}")
+    requests = load_trace(trace_path, max_requests)
+    if not requests:
+        raise TraceFormatError(f"{trace_path}: no requests")
+    distinct = distinct_chunks(requests)
+    started = time.perf_counter()
+    rows = []
+    for h in hosts:
+        rows.append(fleet_row(requests, h, distinct, capacity_pct))
+        if not quiet:
+            r = rows[-1]
+            print(f"[{time.perf_counter() - started:6.1f}s] {h:3d} hosts: private {r.private:.4f}  redis {r.redis:.4f} (exact lru {r.redis_exact_lru:.4f})  "
+                  f"folder {r.folder:.4f}  one_host {r.one_host:.4f} (lru {r.one_host_lru:.4f})", file=sys.stderr, flush=True)
+    result: dict[str, Any] = {
+        "trace": str(trace_path),
+        "requests": len(requests),
+        "chunk_references": sum(len(r.hash_ids) for r in requests),
+        "distinct_chunks": distinct,
+        "routing": "round-robin",
+        "dram_policy": DRAM_POLICY,
+        "folder_policy": FOLDER_POLICY,
+        "redis_policy": "allkeys-lru: 5 samples, a pool of 16, a clock in seconds (redis_exact_lru: exact LRU)",
+        "rows": [r.as_dict() for r in rows],
+        "target": judge(rows),
+        "seconds": time.perf_counter() - started,
+    }
+    if real_payload:
+        from kvtier.bench.fleet_payload import redis_payload, run_payload
+
+        result["folder_payload"] = run_payload(quiet=quiet)
+        result["redis"] = redis_payload(quiet=quiet)
+    if not quiet:
+        target = result["target"]
+        shares = ", ".join(f"{k} {v:.3f}x" for k, v in target.get("vs_one_host", {}).items() if v is not None)
+        print(f"at {target['hosts']} hosts, against one host with their DRAM: {shares}; "
+              f"target (redis and folder >= {target.get('share_required')}x): met = {target['met']}", file=sys.stderr)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if png_out is not None:
+        plot(result, png_out)
+    return result
+
+
+def plot(result: dict[str, Any], png_out: str | Path) -> bool:
+    """Chunk hit ratio against the number of hosts; False (with a message) if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping the plot")
+        return False
+    rows = result["rows"]
+    x = [r["hosts"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, style, label in (("one_host", "k--", "one host, H% DRAM (bound)"),
+                               ("redis", "-", "1% DRAM + Redis (H%, allkeys-lru)"),
+                               ("redis_exact_lru", "--", "1% DRAM + Redis (H%, exact LRU)"),
+                               ("folder", "-", "1% DRAM + shared folder (H%, owner evicts)"),
+                               ("one_host_lru", "k:", "one host, H% DRAM, plain LRU"),
+                               ("private", ":", "1% DRAM per host, private")):
+        ax.plot(x, [r[name] for r in rows], style, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(h) for h in x])
+    ax.set_xlabel("hosts H (round-robin routing)")
+    ax.set_ylabel("chunk hit ratio (prefix rule)")
+    ax.set_title(f"one cache for many hosts: {result['requests']} requests, {result['distinct_chunks']} chunks")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_out, dpi=120)
+    plt.close(fig)
+    return True
