@@ -43,10 +43,9 @@ def _cmd_bench_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_service(args: argparse.Namespace) -> int:
-    from kvtier.bench.service import run_service_bench
+    from kvtier.bench.service import exit_status, run_service_bench
 
-    run_service_bench(args.json)
-    return 0
+    return exit_status(run_service_bench(args.json))
 
 
 def _cmd_bench_ttft(args: argparse.Namespace) -> int:

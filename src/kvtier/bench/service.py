@@ -9,7 +9,9 @@ client:
 - inprocess_gbps: the same chunks loaded by an InProcessClient (a TieredStore in this
   process, same config, same verification): the same bytes copied within one process;
 - load_ratio = load_gbps / inprocess_gbps; memcpy_gbps is the plain copy for reference.
-Every load's contents are verified after its timing. Medians over `runs`; nothing asserts
+Every pass's contents are verified after its timing (the destination is zeroed before each
+pass); `verified` is true only if every pass of both clients verified, and the command exits 1
+otherwise. Medians over `runs`; nothing asserts
 a time. Default chunk: 12 layers x 8 KV heads x 128 dims x fp32 x 16 tokens = 1.5 MiB.
 """
 
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +71,15 @@ def _wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 
     raise RuntimeError("kvtier service did not start")
 
 
-def _timed_loads(client: Any, keys: list[bytes], dest: np.ndarray, batch: int, runs: int) -> list[float]:
-    """Seconds per full pass loading every key, in batches of `batch` chunks."""
+def _timed_loads(client: Any, keys: list[bytes], dest: np.ndarray, batch: int, runs: int,
+                 verify: Callable[[np.ndarray], bool]) -> tuple[list[float], list[bool]]:
+    """Seconds per full pass loading every key, in batches of `batch` chunks, and whether each
+    pass's contents verified (checked after its timing; `dest` is zeroed before every pass so a
+    pass that loads nothing cannot pass on an earlier pass's bytes)."""
     layers = dest.shape[1]
-    times = []
+    times, verified = [], []
     for _ in range(runs):
+        dest.fill(0)
         t0 = time.perf_counter()
         for s in range(0, len(keys), batch):
             part = keys[s:s + batch]
@@ -81,7 +88,8 @@ def _timed_loads(client: Any, keys: list[bytes], dest: np.ndarray, batch: int, r
             if res.failed:
                 raise RuntimeError(f"load failed for chunks {res.failed[:5]}")
         times.append(time.perf_counter() - t0)
-    return times
+        verified.append(verify(dest))
+    return times, verified
 
 
 def _timed_copies(dest: np.ndarray, src: np.ndarray, runs: int) -> list[float]:
@@ -140,11 +148,12 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
 
         dest = np.empty((chunks, layout.num_layers, lb), dtype=np.uint8)
         dest.fill(0)  # fault the pages in before timing
-        svc_times = _timed_loads(svc, keys, dest, load_batch, runs)
-        svc_ok = _verify(dest, base, chunks)
-        dest.fill(0)
-        local_times = _timed_loads(local, keys, dest, load_batch, runs)
-        local_ok = _verify(dest, base, chunks)
+
+        def verify(d: np.ndarray) -> bool:
+            return _verify(d, base, chunks)
+
+        svc_times, svc_ok = _timed_loads(svc, keys, dest, load_batch, runs, verify)
+        local_times, local_ok = _timed_loads(local, keys, dest, load_batch, runs, verify)
         src = np.empty_like(dest)
         memcpy_times = _timed_copies(dest, src, runs)
         del src
@@ -177,7 +186,8 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
         "load_ratio": load_gbps / inprocess_gbps,
         "memcpy_gbps": total / statistics.median(memcpy_times) / 1e9,
         "shm_memcpy_gbps": total / statistics.median(shm_times) / 1e9,
-        "verified": bool(svc_ok and local_ok),
+        "verified": all(svc_ok) and all(local_ok),
+        "verified_runs": {"service": svc_ok, "inprocess": local_ok},
         "chunk_bytes": chunk_bytes,
         "chunks": chunks,
         "bytes_per_measurement": total,
@@ -187,7 +197,11 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
         "service_start_s": start_s,
     }
     print(f"kvtier service bench: {chunks} chunks of {chunk_bytes / 2**20:.2f} MiB "
-          f"({total / 2**30:.2f} GiB per pass), median of {runs}; contents verified: {result['verified']}")
+          f"({total / 2**30:.2f} GiB per pass), median of {runs}; contents verified after every pass: "
+          f"{result['verified']}")
+    if not result["verified"]:
+        print(f"  UNVERIFIED passes: service {[i for i, ok in enumerate(svc_ok) if not ok]}, "
+              f"in-process {[i for i, ok in enumerate(local_ok) if not ok]}", file=sys.stderr)
     print(f"  {'lookups through the service':<34} {result['lookup_chunks_per_s']:>14,.0f} chunks/s  (target >= 100,000)")
     print(f"  {'load, service pool -> client':<34} {load_gbps:>14.2f} GB/s")
     print(f"  {'load, in-process store':<34} {inprocess_gbps:>14.2f} GB/s")
@@ -206,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=720)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
-    result = run_service_bench(args.json_out, chunks=args.chunks, runs=args.runs)
+    return exit_status(run_service_bench(args.json_out, chunks=args.chunks, runs=args.runs))
+
+
+def exit_status(result: dict[str, Any]) -> int:
+    """The command's exit status: 1 if any pass of either client failed verification."""
     return 0 if result["verified"] else 1
 
 
