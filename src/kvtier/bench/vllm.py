@@ -231,8 +231,8 @@ def _counter_delta(run: str, out: dict[str, Any], first: str, last: str, name: s
 
 
 def _tier_tokens(run: str, out: dict[str, Any], first: str, last: str) -> dict[str, int]:
-    stats = [_phase(out, phase).get("stats") for phase in (first, last)]
-    if any(not s or "loaded_tokens_by_tier" not in s for s in stats):
+    stats = [_phase(out, phase).get("stats") or {} for phase in (first, last)]
+    if any("loaded_tokens_by_tier" not in s for s in stats):
         raise MissingCountersError(f"vLLM run {run}: kvtier's scheduler counters (loaded_tokens_by_tier) are missing "
                                    f"at phase {first} or {last}; its hits cannot be counted")
     before, after = stats[0]["loaded_tokens_by_tier"], stats[1]["loaded_tokens_by_tier"]
