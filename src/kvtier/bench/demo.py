@@ -195,7 +195,11 @@ def _warm_up(model: Any, conn_factory: Any, root: Path, vocab: int, tokens: int)
 
 
 def _plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no plot written to {path}: matplotlib is not installed (pip install 'kvtier[bench]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -251,6 +255,11 @@ def run_demo(model_path: str | None = None, cache_dir: str | None = None, turns:
           f"{params.repeats} alternating repeats per side, medians")
     vocab = model.config.vocab_size
     script = _Script.draw(vocab, params)
+    longest = params.doc_tokens + params.turns * (params.question_tokens + params.reply_tokens)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and longest > max_positions:
+        raise ValueError(f"the longest prompt would have {longest} tokens, more than the model's "
+                         f"max_position_embeddings ({max_positions}): lower --doc-tokens or --turns")
     t0 = time.perf_counter()
     fingerprint = model_identity(model)
     fingerprint_s = time.perf_counter() - t0
