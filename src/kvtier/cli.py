@@ -150,10 +150,9 @@ def _host_counts(text: str) -> tuple[int, ...]:
 
 
 def _cmd_bench_service(args: argparse.Namespace) -> int:
-    from kvtier.bench.service import run_service_bench
+    from kvtier.bench.service import exit_status, run_service_bench
 
-    run_service_bench(args.json)
-    return 0
+    return exit_status(run_service_bench(args.json))
 
 
 def _cmd_bench_ttft(args: argparse.Namespace) -> int:
@@ -180,7 +179,8 @@ def _cmd_bench_vllm(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kvtier.bench.demo import run_demo
 
-    run_demo(model_path=args.model, cache_dir=args.cache_dir, turns=args.turns, conversations=args.conversations)
+    run_demo(model_path=args.model, cache_dir=args.cache_dir, turns=args.turns, conversations=args.conversations,
+             repeats=args.repeats, doc_tokens=args.doc_tokens, quick=args.quick, json_out=args.json, png_out=args.png)
     return 0
 
 
@@ -194,13 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvtier", description="KV-cache memory manager for LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="multi-turn chat with and without kvtier; prints TTFT per turn")
+    demo = sub.add_parser("demo", help="chats over a long shared document with and without kvtier; TTFT per turn")
     demo.add_argument("--model", default=None, type=existing_folder,
                       help="a local transformers causal LM (default: a small random-weight Llama)")
     demo.add_argument("--cache-dir", default=None, type=folder_to_create,
                       help="disk tier folder (default: ~/.cache/kvtier/demo)")
-    demo.add_argument("--turns", type=positive_int, default=4)
-    demo.add_argument("--conversations", type=positive_int, default=3)
+    demo.add_argument("--turns", type=positive_int, default=3)
+    demo.add_argument("--conversations", type=positive_int, default=2)
+    demo.add_argument("--repeats", type=positive_int, default=3, help="timed runs per side and row (medians)")
+    demo.add_argument("--doc-tokens", type=positive_int, default=3072, help="length of the shared document")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long run on a tiny model (for tests)")
+    demo.add_argument("--json", default="results/demo.json")
+    demo.add_argument("--png", default="results/demo.png")
     demo.set_defaults(fn=_cmd_demo)
 
     serve = sub.add_parser("serve", help="run the per-host store service", add_help=False)

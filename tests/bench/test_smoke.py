@@ -1,4 +1,4 @@
-"""The demo and the TTFT benchmark run end to end at small sizes and report consistent results."""
+"""The TTFT benchmark runs end to end at small sizes and reports consistent results (the demo: test_demo.py)."""
 
 import json
 
@@ -6,18 +6,6 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-
-
-def test_demo_runs_and_hits(tmp_path):
-    from kvtier.bench.demo import run_demo
-
-    result = run_demo(cache_dir=str(tmp_path / "demo"), turns=2, conversations=1)
-    turns = result["turns"]
-    assert len(turns) == 2
-    assert turns[0]["cached_tokens"] == 0  # the first prompt is new
-    assert turns[1]["cached_tokens"] > 0  # turn 2 repeats turn 1's prompt as its history
-    assert 0 < result["hit_ratio"] < 1
-    assert result["restart"]["cached_tokens"] > 0 and result["restart"]["disk_chunks_read"] > 0
 
 
 def test_ttft_bench_quick(tmp_path):

@@ -32,7 +32,12 @@ so only a connector can hit.
 
 JSON: {run: {"mean_ttft_s", "p50_ttft_s", "p90_ttft_s", "total_s", "hit_tokens_by_tier"}} plus
 "details" (sizes, engine init times, the first-token check against apc_small wherever the
-top-2 logprob gap exceeds 1e-3). Environment: VLLM_CPU_NUM_OF_RESERVED_CPU=1 keeps a core
+top-2 logprob gap exceeds 1e-3, the counter cross-checks). hit_tokens_by_tier counts only
+measured counters over the measured phases: "vllm_prefix_cache" is vLLM's own
+vllm:prefix_cache_hits, a connector's tokens are vllm:external_prefix_cache_hits, split by
+tier with kvtier's scheduler counters (loaded_tokens_by_tier); a run without them fails. The
+cross-checks compare the requests' num_cached_tokens with vLLM's two counters, and kvtier's
+tiers with vLLM's external hits. Environment: VLLM_CPU_NUM_OF_RESERVED_CPU=1 keeps a core
 for the EngineCore and kvtier's threads.
 """
 
@@ -149,7 +154,7 @@ def _llm_kwargs(model: Path, sizes: Sizes, kv_tokens: int, prefix_caching: bool 
             "block_size": sizes.repeat_block if repeats else sizes.block,
             "kv_cache_memory_bytes": kv_tokens * sizes.kv_bytes_per_token,
             "enable_prefix_caching": prefix_caching, "kv_transfer_config": kv_transfer_config,
-            "disable_log_stats": True, "seed": 0}
+            "disable_log_stats": False, "seed": 0}  # the runner reads vLLM's prefix-cache counters
 
 
 def _kvtier_config(socket_path: str, dram_bytes: int, disk_root: str | None, stats_path: str,
@@ -210,12 +215,71 @@ def _phase(out: dict[str, Any], name: str) -> dict[str, Any]:
     return next(p for p in out["phases"] if p["name"] == name)
 
 
-def _tier_tokens(stats_before: dict[str, Any] | None, stats_after: dict[str, Any] | None) -> dict[str, int]:
-    if not stats_after:
-        return {}
-    before = (stats_before or {}).get("loaded_tokens_by_tier", {})
-    return {f"kvtier_{t}": n - before.get(t, 0) for t, n in stats_after["loaded_tokens_by_tier"].items()
-            if n - before.get(t, 0)}
+class MissingCountersError(RuntimeError):
+    """A run's output lacks the counters its hit tokens are counted from."""
+
+
+def _counter_delta(run: str, out: dict[str, Any], first: str, last: str, name: str) -> int:
+    values = []
+    for phase in (first, last):
+        counters = _phase(out, phase).get("vllm_counters")
+        if not counters or name not in counters:
+            raise MissingCountersError(f"vLLM run {run}, phase {phase}: vLLM reported no {name} counter "
+                                       f"(engine started with disable_log_stats=False?); its hits cannot be counted")
+        values.append(counters[name])
+    return int(values[1] - values[0])
+
+
+def _tier_tokens(run: str, out: dict[str, Any], first: str, last: str) -> dict[str, int]:
+    stats = [_phase(out, phase).get("stats") or {} for phase in (first, last)]
+    if any("loaded_tokens_by_tier" not in s for s in stats):
+        raise MissingCountersError(f"vLLM run {run}: kvtier's scheduler counters (loaded_tokens_by_tier) are missing "
+                                   f"at phase {first} or {last}; its hits cannot be counted")
+    before, after = stats[0]["loaded_tokens_by_tier"], stats[1]["loaded_tokens_by_tier"]
+    return {f"kvtier_{t}": n - before.get(t, 0) for t, n in after.items() if n - before.get(t, 0)}
+
+
+def hit_tokens(run: str, out: dict[str, Any], first: str, last: str, connector: str | None,
+               checks: dict[str, Any]) -> dict[str, int]:
+    """Hit tokens of the phases after `first` up to `last`, by where they came from, all from
+    measured counters: vLLM's own prefix cache, and the connector's tokens (kvtier's by tier).
+    Records in `checks[run]` whether the requests' num_cached_tokens equal vLLM's two counters
+    and, for kvtier, whether its tiers add up to vLLM's external hits."""
+    names = [p["name"] for p in out["phases"]]
+    window = names[names.index(first) + 1:names.index(last) + 1]
+    cached = sum(r["cached"] for name in window for r in _phase(out, name)["requests"])
+    local = _counter_delta(run, out, first, last, "vllm:prefix_cache_hits")
+    external = _counter_delta(run, out, first, last, "vllm:external_prefix_cache_hits")
+    by_source = {"vllm_prefix_cache": local}
+    check: dict[str, Any] = {"requests_cached": cached, "vllm_hits": local, "vllm_external_hits": external,
+                             "cached_matches_counters": cached == local + external}
+    if connector == "kvtier":
+        tiers = _tier_tokens(run, out, first, last)
+        by_source.update(tiers)
+        check["kvtier_tier_tokens"] = sum(tiers.values())
+        check["kvtier_matches_external"] = sum(tiers.values()) == external
+    elif connector is not None:
+        by_source[connector] = external
+    elif external:
+        check["unexpected_external_hits"] = external
+    checks[run] = check
+    return by_source
+
+
+def counter_mismatches(checks: dict[str, Any]) -> list[str]:
+    """The runs whose counters disagree with each other (printed and kept in the JSON)."""
+    return [run for run, c in checks.items()
+            if not c["cached_matches_counters"] or not c.get("kvtier_matches_external", True)
+            or c.get("unexpected_external_hits")]
+
+
+def first_token_check(ref: list[dict[str, Any]], rows: list[dict[str, Any]], checks: dict[str, int]) -> None:
+    """Count first-token mismatches where the reference's top-2 gap exceeds GAP; the two runs must
+    have answered the same requests (strict: a missing request is an error, not a shorter check)."""
+    for a, b in zip(ref, rows, strict=True):
+        if a["gap"] is not None and a["gap"] > GAP:
+            checks["checked"] += 1
+            checks["mismatches"] += a["token"] != b["token"]
 
 
 WORKLOADS = ("all", "qa", "repeat")
@@ -308,31 +372,23 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
     def w1_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
         return [r for name in measured for r in _phase(out, name)["requests"]]
 
-    def stats_at(out: dict[str, Any], phase: str) -> dict[str, Any] | None:
-        return _phase(out, phase).get("stats")
-
+    counter_checks: dict[str, Any] = {}
     for run in ("apc_small", "apc_ample", "kvtier_dram", "kvtier_disk"):
         if run not in outs:
             continue
         out = outs[run]
-        rows = w1_rows(out)
-        tiers = _tier_tokens(stats_at(out, "warmup"), stats_at(out, measured[-1])) if run.startswith("kvtier") else {}
-        cached = sum(r["cached"] for r in rows)
-        tiers["vllm_prefix_cache"] = cached - sum(tiers.values())
-        result[run] = _summary(rows, tiers)
-    if "example_repeat" in outs:
-        rep = _phase(outs["example_repeat"], "repeat")["requests"]
-        result["example_repeat"] = _summary(rep, {"example_connector_or_vllm": sum(r["cached"] for r in rep)})
+        connector = "kvtier" if run.startswith("kvtier") else None
+        result[run] = _summary(w1_rows(out), hit_tokens(run, out, "warmup", measured[-1], connector, counter_checks))
     floor = None
-    if "repeat_floor" in outs:
-        rep = _phase(outs["repeat_floor"], "repeat")["requests"]
-        floor = _summary(rep, {"vllm_prefix_cache": sum(r["cached"] for r in rep)})
-    if "kvtier_repeat" in outs:
-        out = outs["kvtier_repeat"]
-        rep = _phase(out, "repeat")["requests"]
-        tiers = _tier_tokens(stats_at(out, "repeat_first"), stats_at(out, "repeat"))
-        tiers["vllm_prefix_cache"] = sum(r["cached"] for r in rep) - sum(tiers.values())
-        result["kvtier_repeat"] = _summary(rep, tiers)
+    for run, connector in (("example_repeat", "example_connector"), ("repeat_floor", None), ("kvtier_repeat", "kvtier")):
+        if run not in outs:
+            continue
+        rep = _phase(outs[run], "repeat")["requests"]
+        summary = _summary(rep, hit_tokens(run, outs[run], "repeat_first", "repeat", connector, counter_checks))
+        if run == "repeat_floor":
+            floor = summary
+        else:
+            result[run] = summary
 
     checks = {"checked": 0, "mismatches": 0}
     pairs: list[tuple[str, str, list[str]]] = [(run, "apc_small", ["warmup", *measured])
@@ -343,10 +399,7 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
             continue
         ref = [r for name in names for r in _phase(outs[ref_run], name)["requests"]]
         rows = [r for name in names for r in _phase(outs[run], name)["requests"]]
-        for a, b in zip(ref, rows):
-            if a["gap"] is not None and a["gap"] > GAP:
-                checks["checked"] += 1
-                checks["mismatches"] += a["token"] != b["token"]
+        first_token_check(ref, rows, checks)
     workload = {
         "qa": f"{sizes.docs} documents x {sizes.doc_tokens} tokens + {sizes.question_tokens}-token questions, "
               f"block {sizes.block}, {sizes.rounds} measured rounds",
@@ -359,7 +412,8 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
     result["details"] = {"sizes": asdict(sizes), "workload": workload, "repeat_floor": floor,
                          "kvtier_repeat_chunk_tokens": sizes.repeat_chunk,
                          "init_s": {k: v["init_s"] for k, v in outs.items()},
-                         "first_token_check": checks, "work_folder": str(work)}
+                         "first_token_check": checks, "counter_checks": counter_checks,
+                         "counter_mismatches": counter_mismatches(counter_checks), "work_folder": str(work)}
     rows_t = [[k, v["mean_ttft_s"], v["p50_ttft_s"], v["p90_ttft_s"], v["total_s"], json.dumps(v["hit_tokens_by_tier"])]
               for k, v in result.items() if k != "details"]
     if floor is not None:
@@ -369,5 +423,9 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
     for name, text in workload.items():
         print(f"workload {name}: {text}")
     print(f"first-token check: {checks['mismatches']} mismatches of {checks['checked']} (gap > {GAP})")
+    print("hit tokens: vLLM's counters (vllm:prefix_cache_hits, vllm:external_prefix_cache_hits) and kvtier's "
+          "per-tier counters over the measured phases")
+    for run in result["details"]["counter_mismatches"]:
+        print(f"COUNTER MISMATCH in {run}: {json.dumps(counter_checks[run])}")
     write_json(json_out, result)
     return result

@@ -45,6 +45,20 @@ from kvtier.tiers.base import Buffer, as_bytes_view, buffer_address, copy_memory
 _REPLY_TIMEOUT_S = 300.0  # a flush may wait for many disk writes
 
 
+def copy_out_of_pool(dest: np.ndarray, section: np.ndarray) -> None:
+    """Copy a pool section (uint8) into `dest` (uint8, same length) with numpy's vector loop.
+
+    Not memmove, as the DRAM tier copies: for section-sized copies (tens of KiB up to about
+    half a MiB) glibc's memmove uses `rep movsb`, and on a host whose shared memory is not
+    huge-page backed (transparent_hugepage/shmem_enabled = never) that reads the pool at half
+    the speed it reads private, THP-backed memory: 5.8 against 11.1 GB/s for 128 KiB
+    sections on issue 16's AMD EPYC VM, where np.positive's loop reads the pool at 10.3 GB/s.
+    np.positive is the identity on unsigned integers, so the bytes arrive unchanged; a
+    section cut short by a bad offset fails the shape check instead of reading past the pool.
+    """
+    np.positive(section, out=dest)
+
+
 class ServiceClient(StoreClient):
     def __init__(self, config: ClientConfig, layout: KVLayout | None = None) -> None:
         self.config = config
@@ -153,7 +167,7 @@ class ServiceClient(StoreClient):
                   lease_id: int | None) -> LoadResult:
         r = self._call("load_begin", keys=keys, lease=lease_id)
         slots, found, sums = r["slots"], r["tiers"], r["checksums"]
-        pool_addr, cb, lb = self._pool_addr, self._chunk_bytes, self._layer_bytes
+        pool, cb, lb = self._pool, self._chunk_bytes, self._layer_bytes
         failed: list[int] = []
         corrupt: list[int] = []
         try:
@@ -164,9 +178,8 @@ class ServiceClient(StoreClient):
                 base = slot * cb
                 for layer, dest in zip(layers, dests[i], strict=False):
                     off = base + layer * lb
-                    mv = dest.data
-                    copy_memory(buffer_address(mv), pool_addr + off, lb)
-                    if self._verify and checksum(mv) != sums[i][layer]:
+                    copy_out_of_pool(dest, pool[off:off + lb])
+                    if self._verify and checksum(dest.data) != sums[i][layer]:
                         corrupt.append(i)
                         failed.append(i)
                         break
@@ -289,9 +302,10 @@ class _LayeredLoad:
                 self._done(j)
         c = self._c
         layer, lb = self._layers[j], c._layer_bytes
-        mv = self._dests[i][j].data
-        copy_memory(buffer_address(mv), c._pool_addr + self._slots[i] * c._chunk_bytes + layer * lb, lb)
-        ok = not c._verify or checksum(mv) == self._sums[i][layer]
+        dest = self._dests[i][j]
+        off = self._slots[i] * c._chunk_bytes + layer * lb
+        copy_out_of_pool(dest, c._pool[off:off + lb])
+        ok = not c._verify or checksum(dest.data) == self._sums[i][layer]
         with self._cond:
             if not ok and i not in self._bad:
                 self._bad.add(i)

@@ -6,7 +6,11 @@ SPEC: {"llm": {vllm.LLM kwargs}, "phases": [{"name": str, "prompts": [[ids]], "m
        "drop_cache_dir": str?}], "kvtier_stats_socket": str?}
 Each prompt is sent alone (one request in flight), with max_tokens=1 and top-2 logprobs, so
 the wall time of the call is its time to first token. OUT: per phase, per request
-{"ttft_s", "token", "gap", "cached"} (gap = top-1 minus top-2 logprob).
+{"ttft_s", "token", "gap", "cached"} (gap = top-1 minus top-2 logprob), and at the end of the
+phase "vllm_counters", vLLM's own prefix-cache counters (COUNTERS, from LLM.get_metrics(),
+so the engine needs disable_log_stats=False), and "stats", the kvtier scheduler's counters
+file when the phase names one (the scheduler rewrites it while it plans a step, before that
+step's output reaches this process, so no wait is needed).
 Lives here because only kvtier.connectors may import vLLM; bench/vllm.py drives it.
 """
 
@@ -17,6 +21,11 @@ import os
 import sys
 import time
 from typing import Any
+
+# vLLM's prefix-cache counters (tokens): its own KV cache's hits, a KV connector's hits, and
+# the cached prompt tokens of both
+COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:external_prefix_cache_queries",
+            "vllm:external_prefix_cache_hits", "vllm:prompt_tokens_cached")
 
 
 def drop_page_cache(root: str) -> None:
@@ -58,16 +67,24 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 vals = sorted((lp.logprob for lp in comp.logprobs[0].values()), reverse=True)
                 gap = vals[0] - vals[1] if len(vals) > 1 else None
             rows.append({"ttft_s": ttft, "token": token, "gap": gap, "cached": int(out.num_cached_tokens or 0)})
-        entry = {"name": phase["name"], "measure": phase.get("measure", True), "requests": rows}
+        entry = {"name": phase["name"], "measure": phase.get("measure", True), "requests": rows,
+                 "vllm_counters": vllm_counters(llm)}
         if phase.get("stats_path"):
-            time.sleep(0.05)
-            try:
-                with open(phase["stats_path"]) as f:
-                    entry["stats"] = json.load(f)
-            except (OSError, ValueError):
-                entry["stats"] = None
+            with open(phase["stats_path"]) as f:  # a missing or unreadable file fails the run
+                entry["stats"] = json.load(f)
         phases.append(entry)
     return {"init_s": init_s, "phases": phases}
+
+
+def vllm_counters(llm: Any) -> dict[str, float]:
+    """COUNTERS summed over engines (only those vLLM reports; the bench refuses a run without them)."""
+    from vllm.v1.metrics.reader import Counter
+
+    totals: dict[str, float] = {}
+    for metric in llm.get_metrics():
+        if isinstance(metric, Counter) and metric.name in COUNTERS:
+            totals[metric.name] = totals.get(metric.name, 0) + metric.value
+    return totals
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,82 @@
+"""`kvtier bench vllm` counts hit tokens from measured counters only and checks first tokens
+strictly (no engine here: the runner's output is built by hand)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.bench import vllm as bench
+
+
+def _phase(name, cached, counters, stats=None, tokens=None):
+    requests = [{"ttft_s": 0.1, "token": t, "gap": 1.0, "cached": c}
+                for c, t in zip(cached, tokens or [7] * len(cached), strict=True)]
+    entry = {"name": name, "measure": True, "requests": requests, "vllm_counters": counters}
+    if stats is not None:
+        entry["stats"] = {"loaded_tokens_by_tier": stats}
+    return entry
+
+
+def _counters(local, external):
+    return {"vllm:prefix_cache_hits": local, "vllm:external_prefix_cache_hits": external}
+
+
+def _kvtier_run():
+    return {"phases": [
+        _phase("warmup", [0, 0], _counters(0, 0), stats={}),
+        _phase("round0", [100, 60], _counters(40, 120), stats={"memory": 80, "disk": 40}),
+    ]}
+
+
+def test_kvtier_hits_come_from_vllm_and_kvtier_counters():
+    checks: dict = {}
+    by_source = bench.hit_tokens("kvtier_disk", _kvtier_run(), "warmup", "round0", "kvtier", checks)
+    assert by_source == {"vllm_prefix_cache": 40, "kvtier_memory": 80, "kvtier_disk": 40}
+    assert checks["kvtier_disk"]["cached_matches_counters"] and checks["kvtier_disk"]["kvtier_matches_external"]
+    assert bench.counter_mismatches(checks) == []
+
+
+def test_vllm_prefix_cache_is_its_own_counter_not_the_remainder():
+    run = _kvtier_run()
+    run["phases"][1]["vllm_counters"] = _counters(30, 120)  # 10 cached tokens nobody counted
+    checks: dict = {}
+    by_source = bench.hit_tokens("kvtier_dram", run, "warmup", "round0", "kvtier", checks)
+    assert by_source["vllm_prefix_cache"] == 30  # the old subtraction would have said 40
+    assert bench.counter_mismatches(checks) == ["kvtier_dram"]
+
+
+def test_a_connector_other_than_kvtier_is_counted_from_vllms_external_hits():
+    run = {"phases": [_phase("repeat_first", [0], _counters(0, 0)), _phase("repeat", [96, 96], _counters(64, 128))]}
+    checks: dict = {}
+    assert bench.hit_tokens("example_repeat", run, "repeat_first", "repeat", "example_connector", checks) == {
+        "vllm_prefix_cache": 64, "example_connector": 128}
+
+
+def test_missing_vllm_counters_fail_loudly():
+    run = _kvtier_run()
+    run["phases"][0]["vllm_counters"] = {}
+    with pytest.raises(bench.MissingCountersError, match="prefix_cache_hits"):
+        bench.hit_tokens("kvtier_dram", run, "warmup", "round0", "kvtier", {})
+
+
+def test_missing_kvtier_counters_fail_loudly():
+    run = _kvtier_run()
+    del run["phases"][1]["stats"]
+    with pytest.raises(bench.MissingCountersError, match="loaded_tokens_by_tier"):
+        bench.hit_tokens("kvtier_dram", run, "warmup", "round0", "kvtier", {})
+
+
+def test_first_token_check_is_strict_about_request_counts():
+    ref = [{"token": 1, "gap": 1.0}, {"token": 2, "gap": 1.0}]
+    checks = {"checked": 0, "mismatches": 0}
+    bench.first_token_check(ref, [{"token": 1}, {"token": 3}], checks)
+    assert checks == {"checked": 2, "mismatches": 1}
+    with pytest.raises(ValueError):
+        bench.first_token_check(ref, [{"token": 1}], {"checked": 0, "mismatches": 0})
+
+
+def test_engines_report_their_counters():
+    from pathlib import Path
+
+    kwargs = bench._llm_kwargs(Path("/m"), bench.QUICK, 1000)
+    assert kwargs["disable_log_stats"] is False  # else LLM.get_metrics() refuses
