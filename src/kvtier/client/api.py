@@ -93,6 +93,36 @@ class SaveSession(Protocol):
     def abort(self) -> None: ...
 
 
+def check_keys(keys: Sequence[bytes], key_bytes: int, hash_mode: str, name: str = "keys") -> list[bytes]:
+    """`keys` as a list if each is bytes of the store's key length; ValueError naming the bad one.
+
+    Checked at the call: a key of the wrong type or length would otherwise be accepted into
+    DRAM and fail later, in the codec or the disk tier, far from the caller."""
+    if isinstance(keys, (bytes, bytearray, str)):
+        raise ValueError(f"{name} must be a sequence of keys, not a single {type(keys).__name__}")
+    out = list(keys)
+    for i, key in enumerate(out):
+        if not isinstance(key, bytes) or len(key) != key_bytes:
+            length = len(key) if isinstance(key, (bytes, bytearray, str)) else "-"
+            raise ValueError(f"{name}[{i}] must be a {key_bytes}-byte key (hash mode {hash_mode}), "
+                             f"got {type(key).__name__} of length {length}")
+    return out
+
+
+def check_save_args(layout: KVLayout, keys: Sequence[bytes], first_depth: int,
+                    srcs: Sequence[Sequence[Buffer]] | None = None) -> None:
+    """A save's depth and its layer sources (one per layer of each chunk), checked at the call."""
+    if isinstance(first_depth, bool) or not isinstance(first_depth, int) or first_depth < 0:
+        raise ValueError(f"first_depth must be an integer >= 0, got {first_depth!r}")
+    if srcs is None:
+        return
+    if len(srcs) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(srcs)} source lists")
+    for i, per_chunk in enumerate(srcs):
+        if len(per_chunk) != layout.num_layers:
+            raise ValueError(f"srcs[{i}] has {len(per_chunk)} layer sources; the layout has {layout.num_layers} layers")
+
+
 def dest_arrays(layout: KVLayout, chunk_tokens: int, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
                 layers: Sequence[int] | None) -> tuple[list[int], list[list[np.ndarray]]]:
     """Check load destinations at the call (not later on a worker thread); uint8 views of them."""

@@ -207,6 +207,7 @@ class ClientConfig:
     auto_start: bool = False
     lease_timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
+    request_timeout_s: float = 10.0  # a service that does not answer within this is down: a miss, not a hang
     transfer_threads: int = 2
     transfer_cpus: tuple[int, ...] = ()  # CPUs for the transfer threads; () = those of the starting thread
 
@@ -217,6 +218,8 @@ class ClientConfig:
             raise ConfigError(f"client.lease_timeout_s must be positive, got {self.lease_timeout_s}")
         if self.connect_timeout_s <= 0:
             raise ConfigError(f"client.connect_timeout_s must be positive, got {self.connect_timeout_s}")
+        if not self.request_timeout_s > 0 or self.request_timeout_s == float("inf"):
+            raise ConfigError(f"client.request_timeout_s must be a positive number of seconds, got {self.request_timeout_s}")
         if self.transfer_threads <= 0:
             raise ConfigError(f"client.transfer_threads must be positive, got {self.transfer_threads}")
         if self.auto_start and self.mode == "service" and not self.service_config:
