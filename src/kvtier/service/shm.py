@@ -146,9 +146,14 @@ def open_beside(path: str, flags: int, mode: int = 0o600) -> int:
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        # ELOOP: a symlink; EACCES also, where fs.protected_regular refuses O_CREAT on another
+        # user's entry in a sticky folder before O_NOFOLLOW is looked at
+        if e.errno in (errno.ELOOP, errno.EACCES, errno.EPERM) and os.path.islink(path):
             raise ConfigError(f"{path} is a symlink; kvtier does not follow links beside its socket "
                               "(another user may have planted it): remove it") from None
+        if e.errno in (errno.EACCES, errno.EPERM) and os.path.lexists(path):
+            raise ConfigError(f"{path} is not this user's file ({e.strerror}); another user may have "
+                              "planted it: remove it") from None
         raise
     try:
         st = os.fstat(fd)
