@@ -42,7 +42,7 @@ import numpy as np
 
 from kvtier.core.config import ClientConfig, load_config
 from kvtier.core.errors import ConfigError
-from kvtier.core.keys import Namespace, chunk_keys
+from kvtier.core.keys import Namespace, chunk_keys, get_hash_mode
 from kvtier.core.layout import KVLayout
 from kvtier.service.host import StoreHost
 from kvtier.service.protocol import LeaseError
@@ -226,6 +226,10 @@ class InProcessClient(StoreClient):
         self.lease_timeout_s = lease_timeout_s
         self._owns_store = owns_store
         self._host = StoreHost(store) if store.memory is not None else None
+        self._key_bytes = get_hash_mode(store.config.hash_mode).key_bytes
+
+    def _check_keys(self, keys: Sequence[bytes], name: str = "keys") -> list[bytes]:
+        return check_keys(keys, self._key_bytes, self.hash_mode, name)
 
     @property
     def layout(self) -> KVLayout:
@@ -240,6 +244,7 @@ class InProcessClient(StoreClient):
         return self.store.config.hash_mode
 
     def lookup(self, keys: Sequence[bytes], lease: bool = False) -> LookupReply:
+        keys = self._check_keys(keys)
         if self._host is None:
             r = self.store.lookup(keys)
             return LookupReply(r.hits, r.tiers, None)
@@ -249,6 +254,7 @@ class InProcessClient(StoreClient):
 
     def load(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]], layers: Sequence[int] | None = None,
              lease_id: int | None = None) -> TransferHandle[LoadResult]:
+        keys = self._check_keys(keys)
         layer_list, arrays = dest_arrays(self.layout, self.chunk_tokens, keys, dests, layers)
         if self._host is not None and lease_id is not None:
             self._host.wait_lease(lease_id)  # disk hits of the lease are now in DRAM
@@ -261,9 +267,15 @@ class InProcessClient(StoreClient):
 
     def save(self, keys: Sequence[bytes], parent: bytes, first_depth: int,
              srcs: Sequence[Sequence[Buffer]]) -> TransferHandle[SaveResult]:
+        keys = self._check_keys(keys)
+        self._check_keys([parent], "parent")
+        check_save_args(self.layout, keys, first_depth, srcs)
         return self.store.save(keys, parent, first_depth, srcs)
 
     def begin_save(self, keys: Sequence[bytes], parent: bytes, first_depth: int) -> SaveSession:
+        keys = self._check_keys(keys)
+        self._check_keys([parent], "parent")
+        check_save_args(self.layout, keys, first_depth)
         return self.store.begin_save(keys, parent, first_depth)
 
     def flush(self) -> None:
