@@ -367,3 +367,17 @@ def test_two_pools_never_share_a_mapping(base):
             del pool
     finally:
         server.stop()
+
+
+def test_a_client_trusts_another_users_folder_only_when_it_is_really_theirs(base):
+    """A service shared with a group lives in its owner's folder; that folder's name must match its owner."""
+    other = 4242
+    folder = os.path.join(base, f"kvtier-{other}")
+    os.mkdir(folder, 0o750)
+    sock = os.path.join(folder, "kvtier.sock")
+    if os.geteuid() == 0:
+        os.chown(folder, other, -1)
+        assert shm.trusted_server_uids(sock) == {os.geteuid(), 0, other}
+    os.chown(folder, os.geteuid(), -1)
+    with pytest.raises(ConfigError, match=f"not uid {other}'s private folder"):
+        shm.trusted_server_uids(sock)

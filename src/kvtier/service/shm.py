@@ -59,8 +59,16 @@ def default_socket_path(layout: KVLayout | None = None, chunk_tokens: int | None
 
 
 def is_private_dir(folder: str) -> bool:
-    """Whether `folder` is a per-user socket folder (`<SOCKET_BASE>/kvtier-<uid>`), checked strictly."""
-    return os.path.dirname(folder) == SOCKET_BASE and _PRIVATE_NAME.fullmatch(os.path.basename(folder)) is not None
+    """Whether `folder` is this user's socket folder (`<SOCKET_BASE>/kvtier-<uid>`), checked strictly."""
+    return folder == private_dir()
+
+
+def _named_uid(folder: str) -> int | None:
+    """The uid in another user's socket folder name (`<SOCKET_BASE>/kvtier-<uid>`), else None."""
+    name = os.path.basename(folder)
+    if os.path.dirname(folder) != SOCKET_BASE or _PRIVATE_NAME.fullmatch(name) is None:
+        return None
+    return int(name.split("-", 1)[1])
 
 
 def prepare_socket_dir(socket_path: str, gid: int | None = None) -> str:
@@ -121,11 +129,18 @@ def trusted_server_uids(socket_path: str) -> frozenset[int]:
     if is_private_dir(folder):
         check_private_dir(folder, socket_path, _folder_gid_if_grouped(folder))
         return frozenset(uids)
+    named = _named_uid(folder)  # another user's folder, shared with a group: it must really be theirs
     try:
-        st = os.stat(folder)
+        st = os.lstat(folder)
     except OSError:
         return frozenset(uids)
-    if not st.st_mode & 0o022:
+    if named is not None:
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != named or st.st_mode & 0o022:
+            raise ConfigError(f"socket_path {socket_path}: the folder {folder} is not uid {named}'s private folder "
+                              f"(owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); another user may have "
+                              "created it to capture kvtier's clients")
+        uids.add(named)
+    elif stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o022:
         uids.add(st.st_uid)
     return frozenset(uids)
 
