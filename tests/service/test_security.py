@@ -381,3 +381,29 @@ def test_a_client_trusts_another_users_folder_only_when_it_is_really_theirs(base
     os.chown(folder, os.geteuid(), -1)
     with pytest.raises(ConfigError, match=f"not uid {other}'s private folder"):
         shm.trusted_server_uids(sock)
+
+
+def test_the_vllm_connector_starts_its_service_in_the_private_folder(base):
+    """open_client with no socket_path: the per-layout socket, its config and log all land in the 0700 folder."""
+    import signal
+
+    pytest.importorskip("vllm.distributed.kv_transfer.kv_connector.v1.base", reason="vllm is not installed")
+    from kvtier.connectors.vllm.config import load_connector_config
+    from kvtier.connectors.vllm.connector import open_client
+
+    cfg = load_connector_config({"store": {"chunk_tokens": CHUNK,
+                                           "memory": {"capacity_bytes": 8 * TINY.chunk_bytes(CHUNK)}}}, CHUNK)
+    sock = shm.default_socket_path(TINY, CHUNK)
+    client = open_client(cfg, TINY, first=True)
+    pid = client.service_pid
+    try:
+        assert client.socket_path == sock and client.lookup([KEY]).hits == 0
+        folder = shm.private_dir()
+        assert mode(folder) == 0o700
+        assert sorted(os.listdir(folder)) == sorted(os.path.basename(sock) + s
+                                                    for s in ("", ".lock", ".log", ".service.json"))
+        assert all(mode(os.path.join(folder, n)) == 0o600 for n in os.listdir(folder) if not n.endswith(".sock"))
+    finally:
+        client.close()
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not os.path.exists(sock), timeout=20)
