@@ -311,3 +311,19 @@ def test_failed_disk_writes_are_reported_to_their_owner_once(tmp_path):
     assert host.take_disk_errors(1, wait=True) == []  # once
     assert len(host.take_disk_errors(2, wait=True)) == 1  # the other owner's own failure, not owner 1's
     store.close()
+
+
+def test_allocate_waits_for_free_slots_no_longer_than_asked(tmp_path):
+    """A client gives up after its request timeout: the service grants a shorter chain instead of waiting."""
+    store, host = make(slots=2, disk_root=tmp_path)
+    store.write_wait_s = 30.0
+    a = keys(2)
+    held = host.allocate(1, a, ROOT, 0)  # both slots reserved, none pinned for a disk write
+    assert held.granted == 2
+    store._write_pins = 1  # a disk write in flight would free a slot: allocate_memory would wait for it
+    alloc = host.allocate(2, keys(2, start=100), ROOT, 0, wait_s=0.2)
+    assert alloc.granted == 0
+    store._write_pins = 0
+    host.abort(1, held.save_id)
+    host.abort(2, alloc.save_id)
+    store.close()

@@ -653,8 +653,9 @@ class _ServiceSave:
         self.granted = 0
         asked = time.monotonic()
         try:
+            # the service waits at most half our patience for disk writes to free slots
             s, r = client._request("allocate", keys=keys, parent=parent, first_depth=first_depth,
-                                   hold_s=client.config.lease_timeout_s)
+                                   hold_s=client.config.lease_timeout_s, wait_s=client.config.request_timeout_s / 2)
         except TierUnavailableError as e:
             self._error = str(e)
             return

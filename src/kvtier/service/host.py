@@ -300,8 +300,11 @@ class StoreHost:
 
     # -- saves -------------------------------------------------------------------------
     def allocate(self, owner: OwnerId, keys: Sequence[bytes], parent: bytes, first_depth: int,
-                 hold_s: float | None = None) -> Allocation:
+                 hold_s: float | None = None, wait_s: float | None = None) -> Allocation:
+        """Reserve slots for the chain; `wait_s` bounds the total wait for disk writes to free
+        slots (the client gives up on a reply after its request timeout: better a shorter grant)."""
         hold = self.hold_bound(hold_s)
+        wait_until = None if wait_s is None else time.monotonic() + max(0.0, wait_s)
         mem, disk = self.memory, self.store.disk
         reservations: list[Reservation | None] = []
         slots: list[int] = []
@@ -312,7 +315,8 @@ class StoreHost:
                 reservations.append(None)
                 slots.append(NO_SLOT)
             else:
-                res = self.store.allocate_memory(key, prev, first_depth + i)  # waits for disk writes
+                left = None if wait_until is None else max(0.0, wait_until - time.monotonic())
+                res = self.store.allocate_memory(key, prev, first_depth + i, wait_s=left)  # waits for disk writes
                 if res is None:
                     granted = i
                     break

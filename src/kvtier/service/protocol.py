@@ -12,7 +12,8 @@ Ops (fields -> reply fields), every key list is one message for many chunks:
     release     lease                               -> {}   (error "lease" if not held)
     load_begin  keys, lease (id or nil), hold_s     -> load, slots (-1 = failed), tiers, checksums, hold_s
     load_end    load, corrupt: [index]              -> {}   (error "unknown_load" once its hold expired)
-    allocate    keys, parent, first_depth, hold_s   -> save, slots (-1 = already stored), granted, hold_s
+    allocate    keys, parent, first_depth, hold_s,  -> save, slots (-1 = already stored), granted, hold_s
+                wait_s (longest wait for free slots)
     commit      save                                -> chunks, in_memory, on_disk, errors
     abort       save                                -> {}
     flush       {}                                  -> errors (this client's failed disk writes)

@@ -417,8 +417,10 @@ class StoreServer:
         assert depth is not None
         if depth < 0:
             raise p.ProtocolError("field 'first_depth' must be >= 0")
+        wait_s = p.get_float(msg, "wait_s", 0.0) if "wait_s" in msg else None
         alloc = self.host.allocate(owner, p.get_keys(msg, key_bytes=self.key_bytes),
-                                   p.get_bytes(msg, "parent", self.key_bytes), depth, p.get_float(msg, "hold_s", 30.0))
+                                   p.get_bytes(msg, "parent", self.key_bytes), depth, p.get_float(msg, "hold_s", 30.0),
+                                   wait_s)
         return {"save": alloc.save_id, "slots": alloc.slots, "granted": alloc.granted, "hold_s": alloc.hold_s}
 
     def _op_commit(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
