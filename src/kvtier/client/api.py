@@ -101,6 +101,8 @@ def check_keys(keys: Sequence[bytes], key_bytes: int, hash_mode: str, name: str 
     if isinstance(keys, (bytes, bytearray, str)):
         raise ValueError(f"{name} must be a sequence of keys, not a single {type(keys).__name__}")
     out = list(keys)
+    if set(map(type, out)) <= {bytes} and set(map(len, out)) <= {key_bytes}:
+        return out  # the common case, checked in C-speed passes (a lookup carries hundreds of keys)
     for i, key in enumerate(out):
         if not isinstance(key, bytes) or len(key) != key_bytes:
             length = len(key) if isinstance(key, (bytes, bytearray, str)) else "-"
