@@ -252,3 +252,32 @@ def test_in_process_client_checks_keys_and_layer_sources_too():
     assert c.save(keys, root, 0, [payload(k) for k in keys]).wait().in_memory == 2  # no slot leaked
     assert json.dumps(c.stats()["slots"]) and c.stats()["slots"]["reserved"] == 0
     c.close()
+
+
+def test_trust_margin_before_the_service_hold_ends():
+    from kvtier.client.service_client import _trusted_for
+
+    assert _trusted_for(30.0) == 25.0 and _trusted_for(2.0) == 1.0
+
+
+def test_copies_made_after_the_trusted_part_of_a_hold_are_not_used(folder, monkeypatch):
+    """A client that finds its pins or slots past their trusted time (it was stalled) fails the
+    load and drops the save rather than use slots the service may have handed on."""
+    import kvtier.client.service_client as sc
+
+    with ServiceProcess(service_config(folder), folder) as svc:
+        c = svc.client()
+        root, keys = chain(c, 3)
+        save_chain(c, keys, root).wait()
+        monkeypatch.setattr(sc, "_trusted_for", lambda hold_s: -1.0)  # every hold already past its trusted part
+        assert c.load(keys, new_dests(3)).wait().failed == (0, 1, 2)
+        assert c.load_layers(keys, new_dests(3)).wait().failed == (0, 1, 2)
+        root2, fresh = chain(c, 2, start=700)
+        res = save_chain(c, fresh, root2).wait()
+        assert res.in_memory == 0 and "outlived their hold" in res.errors[0]
+        monkeypatch.undo()
+        assert c.lookup(fresh).hits == 0
+        assert c.stats()["slots"]["reserved"] == 0 and c.stats()["slots"]["pinned"] == 0
+        dests = new_dests(3)
+        assert c.load(keys, dests).wait().loaded == 3 and exact(keys, dests)
+        c.close()

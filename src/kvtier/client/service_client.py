@@ -18,7 +18,7 @@ those slots, then commit (the service publishes in chain order and writes disk i
 background; SaveResult.on_disk counts what was on disk at commit; a later commit's errors
 and `flush()` report this client's disk writes that failed). If this process dies, the
 service returns its leases, pins and slots; if it only stops, they expire after the
-lease bound (lease_timeout_s), and this client stops trusting them at half that bound.
+lease bound (lease_timeout_s), and this client stops trusting them before that (`_trusted_for`).
 
 Faults: a request the service does not answer within request_timeout_s, or a lost
 connection, marks the service down: lookups then miss, loads report every chunk failed,
@@ -118,6 +118,16 @@ class _Session:
                 raise p.ProtocolError(f"the service sent slot {slot!r} for chunk {i} of a {what}, outside its "
                                       f"pool of {self.num_slots} slots", fatal=True)
         return slots
+
+
+def _trusted_for(hold_s: float) -> float:
+    """How long after asking this client uses pins or slots the service holds for `hold_s`.
+
+    Counted from before the request was sent, so it ends before the service's hold does; the
+    margin (half the hold, at most 5 s) covers a client stopped between its check of the time
+    and the copy that follows it (a copy into slots the service already gave to another save
+    would corrupt that save)."""
+    return hold_s - min(hold_s / 2, 5.0)
 
 
 def _all_failed(n: int) -> LoadResult:
@@ -419,8 +429,7 @@ class ServiceClient(StoreClient):
         except p.ProtocolError:
             self._distrust(s)
             raise
-        # trusted for half the hold: the service keeps the pins for all of it
-        return s, r, asked + min(float(hold), self.config.lease_timeout_s) / 2
+        return s, r, asked + _trusted_for(min(float(hold), self.config.lease_timeout_s))
 
     def _end_load(self, s: _Session, load_id: object, corrupt: list[int], trust_until: float) -> bool:
         """load_end; False when the copies cannot be trusted (the pins may have expired meanwhile)."""
@@ -639,7 +648,7 @@ class _LayeredLoad:
 class _ServiceSave:
     """A save in service mode: slots reserved at once, filled here, published by commit.
 
-    While the service is down, or once the slots' hold is past its trusted half, nothing is
+    While the service is down, or once the slots' hold is past its trusted part, nothing is
     copied and commit reports every chunk in SaveResult.errors instead of publishing."""
 
     def __init__(self, client: ServiceClient, keys: list[bytes], parent: bytes, first_depth: int) -> None:
@@ -674,7 +683,7 @@ class _ServiceSave:
         self.granted = granted
         self._session = s
         self._save_id = r.get("save")
-        self._trust_until = asked + min(float(hold), client.config.lease_timeout_s) / 2
+        self._trust_until = asked + _trusted_for(min(float(hold), client.config.lease_timeout_s))
 
     def _usable(self) -> bool:
         """Whether the reserved slots may still be written (the service holds them for twice this)."""

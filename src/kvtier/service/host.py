@@ -22,7 +22,7 @@ until the lease is released, expires, or its owner disconnects.
 A load's pins and a save's reserved slots are bounded like a lease (`hold_s`, at most
 max_lease_s): a client that stops (SIGSTOP, a stuck engine) while keeping its connection
 open would otherwise pin the pool for good. `expire` returns them; the client, which
-stops trusting them at half that bound (service_client.py), then gets "unknown_load" /
+stops trusting them a margin before that bound (service_client.py), then gets "unknown_load" /
 "unknown_save" and reports those chunks as failed.
 """
 
