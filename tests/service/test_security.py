@@ -99,6 +99,7 @@ def test_private_folder_socket_pool_and_lock_are_owner_only(base):
 @needs_root
 def test_with_a_group_the_folder_is_0750_and_socket_and_pool_0660(base):
     gid = 65534
+    os.mkdir(shm.private_dir(), 0o700)  # left by an earlier service without a group
     server = server_for(group=str(gid))
     server.start()
     try:

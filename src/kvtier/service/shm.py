@@ -80,15 +80,18 @@ def prepare_socket_dir(socket_path: str, gid: int | None = None) -> str:
     other users unless it is sticky like /tmp (they could replace the socket or plant links)."""
     folder = os.path.dirname(os.path.abspath(socket_path))
     if is_private_dir(folder):
-        mode = 0o750 if gid is not None else 0o700
         try:
             os.mkdir(folder, 0o700)
-            if gid is not None:
-                os.chown(folder, -1, gid)
-            os.chmod(folder, mode)
         except FileExistsError:
             pass
         check_private_dir(folder, socket_path, gid)
+        if gid is not None:  # ours and no wider than 0o750: open it to the group (it may be 0o700 from before)
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchown(fd, -1, gid)
+                os.fchmod(fd, 0o750)
+            finally:
+                os.close(fd)
         return folder
     os.makedirs(folder, mode=0o700, exist_ok=True)
     st = os.stat(folder)
