@@ -86,7 +86,7 @@ def test_a_frozen_service_is_a_miss_not_a_hang_and_the_client_comes_back(folder)
         svc.stop()
 
 
-def test_an_existing_client_reconnects_after_the_service_restarts(folder):
+def test_an_existing_client_reconnects_after_the_service_restarts(folder, caplog):
     cfg = service_config(folder, disk=True)
     svc = ServiceProcess(cfg, folder).start()
     c = svc.client()
@@ -95,8 +95,10 @@ def test_an_existing_client_reconnects_after_the_service_restarts(folder):
     c.flush()
     first_pid = c.service_pid
     svc.stop()
-    # the service is gone: calls degrade instead of raising "Broken pipe"
-    assert c.lookup(keys).hits == 0
+    # the service is gone: calls degrade instead of raising "Broken pipe", and say so once
+    with caplog.at_level("WARNING", logger="kvtier.client"):
+        assert c.lookup(keys).hits == 0
+    assert "store unavailable" in caplog.text
     assert c.load(keys, new_dests(3)).wait().failed == (0, 1, 2)
     root2, fresh = chain(c, 2, start=500)
     assert save_chain(c, fresh, root2).wait().errors

@@ -304,12 +304,15 @@ class ServiceClient(StoreClient):
         log.warning("kvtier: reconnected to the service on %s (pid %d)", self.socket_path, session.service_pid)
         return session
 
-    def _set_down(self, session: _Session | None = None) -> None:
+    def _set_down(self, session: _Session | None = None, reason: str = "") -> None:
         """Drop `session` (holding _lock) and schedule the next reconnect attempt."""
         if session is not None:
             session.sock.close()  # the service returns whatever this connection held
             if self._session is session:
                 self._session = None
+                log.warning("kvtier: store unavailable: the service on %s %s; lookups miss and saves are "
+                            "dropped until it is back (reconnecting with back-off)", self.socket_path,
+                            reason or "was cut off")
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, _RETRY_MAX_S)
 
@@ -341,19 +344,19 @@ class ServiceClient(StoreClient):
                 s.sock.sendall(p.encode({"op": op, "id": req_id, **fields}))
                 reply = p.recv_message(s.sock, limit, limit)
             except TimeoutError:
-                self._set_down(s)  # a late reply would answer the wrong request: start afresh
+                self._set_down(s, f"did not answer {op} within {limit} s")  # a late reply would answer the wrong request
                 raise TierUnavailableError(f"the kvtier service on {self.socket_path} did not answer {op} "
                                            f"within {limit} s") from None
             except (OSError, p.ProtocolError) as e:
-                self._set_down(s)
+                self._set_down(s, f"went away ({e})")
                 raise TierUnavailableError(f"the kvtier service on {self.socket_path} went away: {e}") from None
             if reply is None:
-                self._set_down(s)
+                self._set_down(s, "closed the connection")
                 raise TierUnavailableError(f"the kvtier service on {self.socket_path} closed the connection")
             try:
                 self._check_reply(reply, req_id)
-            except p.ProtocolError:
-                self._set_down(s)
+            except p.ProtocolError as e:
+                self._set_down(s, f"sent a reply out of turn ({e})")
                 raise
         return s, reply
 
@@ -363,7 +366,7 @@ class ServiceClient(StoreClient):
     def _distrust(self, session: _Session) -> None:
         """The service sent something impossible (a slot outside its pool): cut it off."""
         with self._lock:
-            self._set_down(session)
+            self._set_down(session, "sent an impossible reply (cut off)")
 
     def _check_keys(self, keys: Sequence[bytes], name: str = "keys") -> list[bytes]:
         return check_keys(keys, self._key_bytes, self._hash_mode, name)
