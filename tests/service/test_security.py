@@ -408,3 +408,22 @@ def test_the_vllm_connector_starts_its_service_in_the_private_folder(base):
         client.close()
         os.kill(pid, signal.SIGTERM)
         assert wait_until(lambda: not os.path.exists(sock), timeout=20)
+
+
+def test_an_auto_starting_client_creates_the_private_folder_for_its_service(base, tmp_path):
+    import signal
+
+    cfg = service_config("/unused")
+    cfg.pop("socket_path")  # the service's default, in the folder the client makes
+    cfg_path = tmp_path / "svc.json"
+    cfg_path.write_text(json.dumps(cfg))
+    c = connect({"mode": "service", "auto_start": True, "service_config": str(cfg_path)})
+    pid = c.service_pid
+    try:
+        sock = shm.default_socket_path()
+        assert c.socket_path == sock and mode(shm.private_dir()) == 0o700
+        assert mode(sock + ".log") == 0o600
+    finally:
+        c.close()
+    os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not os.path.exists(sock), timeout=20)

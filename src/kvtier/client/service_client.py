@@ -67,6 +67,7 @@ from kvtier.service.shm import (
     default_socket_path,
     map_pool_fd,
     open_beside,
+    prepare_socket_dir,
     trusted_server_uids,
 )
 from kvtier.store.tiered import LoadResult, SaveResult
@@ -185,6 +186,7 @@ class ServiceClient(StoreClient):
             raise TierUnavailableError(
                 f"no kvtier service answers on {self.socket_path}; start one with "
                 "`kvtier serve --config FILE` or set client.auto_start")
+        prepare_socket_dir(self.socket_path)  # the log goes beside the socket, in its (private) folder
         log_fd = open_beside(self.socket_path + ".log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             subprocess.Popen(
