@@ -258,3 +258,72 @@ def test_commit_pins_chunks_before_another_thread_can_evict_them(tmp_path):
     host.abort(2, intruders[0].save_id)
     assert store.memory.slot_counts()["pinned"] == 0
     store.close()
+
+
+def test_load_pins_and_save_slots_expire_with_the_lease_bound_while_the_owner_stays():
+    """A stalled client that keeps its connection must not pin the pool for good (issue 15)."""
+    clock = Clock()
+    store, host = make(slots=8, clock=clock)
+    a = keys(3)
+    fill(host, 1, a)
+    before = store.memory.slot_counts()
+    pins = host.load_begin(7, a, hold_s=5)
+    alloc = host.allocate(7, keys(3, start=500), ROOT, 0, hold_s=5)
+    assert pins.hold_s == 5 and alloc.hold_s == 5
+    c = store.memory.slot_counts()
+    assert c["pinned"] == 3 and c["reserved"] == 3
+    clock.now += 4.9
+    assert host.expire() == 0
+    clock.now += 0.2
+    assert host.expire() == 2
+    assert store.memory.slot_counts() == before  # owner 7 is still "connected"
+    with pytest.raises(ServiceError) as e:
+        host.load_end(7, pins.load_id)
+    assert e.value.kind == "unknown_load"
+    with pytest.raises(ServiceError) as e:
+        host.commit(7, alloc.save_id)
+    assert e.value.kind == "unknown_save"
+
+
+def test_hold_is_capped_by_max_lease_and_must_be_positive():
+    store, host = make()
+    host.max_lease_s = 2.0
+    assert host.load_begin(1, keys(1), hold_s=100).hold_s == 2.0
+    with pytest.raises(ServiceError, match="hold_s"):
+        host.allocate(1, keys(1), ROOT, 0, hold_s=0)
+
+
+def test_failed_disk_writes_are_reported_to_their_owner_once(tmp_path):
+    import os
+    import shutil
+
+    store, host = make(slots=8, disk_root=tmp_path)
+    ok = fill(host, 1, keys(2))
+    assert ok.errors == ()
+    assert host.take_disk_errors(1, wait=True) == []
+    tmp_dir = os.path.join(str(tmp_path), "tmp")
+    shutil.rmtree(tmp_dir)
+    open(tmp_dir, "w").close()  # the disk fails: no temporary file can be created
+    fill(host, 1, keys(2, start=100))
+    fill(host, 2, keys(2, start=200))
+    errors = host.take_disk_errors(1, wait=True)
+    assert len(errors) == 1 and errors[0].startswith("disk write of save") and "failed" in errors[0]
+    assert host.take_disk_errors(1, wait=True) == []  # once
+    assert len(host.take_disk_errors(2, wait=True)) == 1  # the other owner's own failure, not owner 1's
+    store.close()
+
+
+def test_allocate_waits_for_free_slots_no_longer_than_asked(tmp_path):
+    """A client gives up after its request timeout: the service grants a shorter chain instead of waiting."""
+    store, host = make(slots=2, disk_root=tmp_path)
+    store.write_wait_s = 30.0
+    a = keys(2)
+    held = host.allocate(1, a, ROOT, 0)  # both slots reserved, none pinned for a disk write
+    assert held.granted == 2
+    store._write_pins = 1  # a disk write in flight would free a slot: allocate_memory would wait for it
+    alloc = host.allocate(2, keys(2, start=100), ROOT, 0, wait_s=0.2)
+    assert alloc.granted == 0
+    store._write_pins = 0
+    host.abort(1, held.save_id)
+    host.abort(2, alloc.save_id)
+    store.close()

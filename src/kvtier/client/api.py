@@ -42,7 +42,7 @@ import numpy as np
 
 from kvtier.core.config import ClientConfig, load_config
 from kvtier.core.errors import ConfigError
-from kvtier.core.keys import Namespace, chunk_keys
+from kvtier.core.keys import Namespace, chunk_keys, get_hash_mode
 from kvtier.core.layout import KVLayout
 from kvtier.service.host import StoreHost
 from kvtier.service.protocol import LeaseError
@@ -91,6 +91,38 @@ class SaveSession(Protocol):
     def commit(self) -> TransferHandle[SaveResult]: ...
 
     def abort(self) -> None: ...
+
+
+def check_keys(keys: Sequence[bytes], key_bytes: int, hash_mode: str, name: str = "keys") -> list[bytes]:
+    """`keys` as a list if each is bytes of the store's key length; ValueError naming the bad one.
+
+    Checked at the call: a key of the wrong type or length would otherwise be accepted into
+    DRAM and fail later, in the codec or the disk tier, far from the caller."""
+    if isinstance(keys, (bytes, bytearray, str)):
+        raise ValueError(f"{name} must be a sequence of keys, not a single {type(keys).__name__}")
+    out = list(keys)
+    if set(map(type, out)) <= {bytes} and set(map(len, out)) <= {key_bytes}:
+        return out  # the common case, checked in C-speed passes (a lookup carries hundreds of keys)
+    for i, key in enumerate(out):
+        if not isinstance(key, bytes) or len(key) != key_bytes:
+            length = len(key) if isinstance(key, (bytes, bytearray, str)) else "-"
+            raise ValueError(f"{name}[{i}] must be a {key_bytes}-byte key (hash mode {hash_mode}), "
+                             f"got {type(key).__name__} of length {length}")
+    return out
+
+
+def check_save_args(layout: KVLayout, keys: Sequence[bytes], first_depth: int,
+                    srcs: Sequence[Sequence[Buffer]] | None = None) -> None:
+    """A save's depth and its layer sources (one per layer of each chunk), checked at the call."""
+    if isinstance(first_depth, bool) or not isinstance(first_depth, int) or first_depth < 0:
+        raise ValueError(f"first_depth must be an integer >= 0, got {first_depth!r}")
+    if srcs is None:
+        return
+    if len(srcs) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(srcs)} source lists")
+    for i, per_chunk in enumerate(srcs):
+        if len(per_chunk) != layout.num_layers:
+            raise ValueError(f"srcs[{i}] has {len(per_chunk)} layer sources; the layout has {layout.num_layers} layers")
 
 
 def dest_arrays(layout: KVLayout, chunk_tokens: int, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
@@ -196,6 +228,10 @@ class InProcessClient(StoreClient):
         self.lease_timeout_s = lease_timeout_s
         self._owns_store = owns_store
         self._host = StoreHost(store) if store.memory is not None else None
+        self._key_bytes = get_hash_mode(store.config.hash_mode).key_bytes
+
+    def _check_keys(self, keys: Sequence[bytes], name: str = "keys") -> list[bytes]:
+        return check_keys(keys, self._key_bytes, self.hash_mode, name)
 
     @property
     def layout(self) -> KVLayout:
@@ -210,6 +246,7 @@ class InProcessClient(StoreClient):
         return self.store.config.hash_mode
 
     def lookup(self, keys: Sequence[bytes], lease: bool = False) -> LookupReply:
+        keys = self._check_keys(keys)
         if self._host is None:
             r = self.store.lookup(keys)
             return LookupReply(r.hits, r.tiers, None)
@@ -219,6 +256,7 @@ class InProcessClient(StoreClient):
 
     def load(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]], layers: Sequence[int] | None = None,
              lease_id: int | None = None) -> TransferHandle[LoadResult]:
+        keys = self._check_keys(keys)
         layer_list, arrays = dest_arrays(self.layout, self.chunk_tokens, keys, dests, layers)
         if self._host is not None and lease_id is not None:
             self._host.wait_lease(lease_id)  # disk hits of the lease are now in DRAM
@@ -231,9 +269,15 @@ class InProcessClient(StoreClient):
 
     def save(self, keys: Sequence[bytes], parent: bytes, first_depth: int,
              srcs: Sequence[Sequence[Buffer]]) -> TransferHandle[SaveResult]:
+        keys = self._check_keys(keys)
+        self._check_keys([parent], "parent")
+        check_save_args(self.layout, keys, first_depth, srcs)
         return self.store.save(keys, parent, first_depth, srcs)
 
     def begin_save(self, keys: Sequence[bytes], parent: bytes, first_depth: int) -> SaveSession:
+        keys = self._check_keys(keys)
+        self._check_keys([parent], "parent")
+        check_save_args(self.layout, keys, first_depth)
         return self.store.begin_save(keys, parent, first_depth)
 
     def flush(self) -> None:

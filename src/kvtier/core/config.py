@@ -464,6 +464,8 @@ class ClientConfig:
     auto_start: bool = False
     lease_timeout_s: float = number_field(30.0, low=0, low_open=True)
     connect_timeout_s: float = number_field(10.0, low=0, low_open=True)
+    # a service that does not answer within this is down: a miss, not a hang
+    request_timeout_s: float = number_field(10.0, low=0, low_open=True)
     transfer_threads: int = number_field(2, low=0, low_open=True)
     # CPUs for the transfer threads; () = those of the starting thread
     transfer_cpus: tuple[int, ...] = number_field((), low=0, integer=True)

@@ -2,8 +2,8 @@
 
     layout: {num_layers: 32, num_kv_heads: 8, head_size: 128, dtype: bfloat16}
     store: {chunk_tokens: 16, memory: {capacity_bytes: 64GiB}, disk: {root: /nvme/kvtier}}
-    socket_path: /run/kvtier/kvtier.sock     # "" = /tmp/kvtier-<uid>.sock
-    group: kvusers                           # socket and pool become 0o660 for this group
+    socket_path: /run/kvtier/kvtier.sock     # "" = /tmp/kvtier-<uid>/kvtier.sock (a private folder)
+    group: kvusers                           # socket and pool become 0o660, the folder 0o750, for this group
     metrics_port: 9464                       # Prometheus on 127.0.0.1; 0 = off
 """
 

@@ -8,15 +8,22 @@ pins of loads in progress, reserved slots of unfinished saves) is listed under i
     lookup(owner, keys, lease, lease_s)       leading hits and tiers; optionally lease them
     lease(owner, keys, lease_s)               lease exactly these keys (all must exist)
     release(lease_id)                         LeaseError if not held
-    load_begin(owner, keys, lease_id)         pin each chunk in DRAM (promoting disk hits)
+    load_begin(owner, keys, lease_id, hold_s) pin each chunk in DRAM (promoting disk hits)
     load_end(owner, load_id, corrupt)         unpin; drop chunks the client found corrupt
-    allocate(owner, keys, parent, depth)      reserve DRAM slots for a chain
+    allocate(owner, keys, parent, depth, hold_s) reserve DRAM slots for a chain
     commit(owner, save_id) / abort(...)       publish in chain order, then disk in background
+    take_disk_errors(owner, wait)             failed disk writes of the owner's saves, once each
     expire(now), drop_owner(owner)
 
 A lease pins DRAM hits at once; a disk hit is promoted into DRAM by a background thread
 and pinned there, so the later load copies from DRAM. Leased chunks cannot be evicted
 until the lease is released, expires, or its owner disconnects.
+
+A load's pins and a save's reserved slots are bounded like a lease (`hold_s`, at most
+max_lease_s): a client that stops (SIGSTOP, a stuck engine) while keeping its connection
+open would otherwise pin the pool for good. `expire` returns them; the client, which
+stops trusting them a margin before that bound (service_client.py), then gets "unknown_load" /
+"unknown_save" and reports those chunks as failed.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from kvtier.tiers.memory import MemoryTier, Reservation
 OwnerId = int
 LeaseId = int
 NO_SLOT = -1
+DEFAULT_HOLD_S = 30.0  # how long a load's pins / a save's slots are held when the client names no bound
 
 
 @dataclass(slots=True)
@@ -55,6 +63,7 @@ class _Load:
     owner: OwnerId
     keys: list[bytes]
     pinned: list[bytes]
+    deadline: float = float("inf")
 
 
 @dataclass(slots=True)
@@ -65,6 +74,7 @@ class _Save:
     first_depth: int
     reservations: list[Reservation | None]  # None: already stored (skip) or beyond `granted`
     granted: int
+    deadline: float = float("inf")
 
 
 @dataclass(slots=True, frozen=True)
@@ -73,6 +83,7 @@ class LoadPins:
     slots: list[int]  # NO_SLOT for a chunk that could not be pinned
     tiers: list[str]  # where each chunk was found ("" when failed)
     checksums: list[tuple[int, ...]]  # per chunk, every layer (empty when failed)
+    hold_s: float = DEFAULT_HOLD_S  # the pins are returned this long after load_begin
 
 
 @dataclass(slots=True, frozen=True)
@@ -80,6 +91,7 @@ class Allocation:
     save_id: int
     slots: list[int]  # NO_SLOT: already stored (do not write) or not granted
     granted: int  # chunks past this index got no room and will not be saved
+    hold_s: float = DEFAULT_HOLD_S  # the slots are returned this long after allocate unless committed
 
 
 class StoreHost:
@@ -95,6 +107,7 @@ class StoreHost:
         self._leases: dict[LeaseId, _Lease] = {}
         self._loads: dict[int, _Load] = {}
         self._saves: dict[int, _Save] = {}
+        self._writes: dict[OwnerId, list[tuple[int, TransferHandle[SaveResult]]]] = {}  # disk writes of saves
         self._ids = itertools.count(1)
         self._promoter = ThreadPoolExecutor(max(2, store.config.io_threads), thread_name_prefix="kvtier-promote")
 
@@ -151,14 +164,26 @@ class StoreHost:
         self._unpin_lease(held)
 
     def expire(self, now: float | None = None) -> int:
-        """Release every lease past its deadline; returns how many."""
+        """Release every lease, load pin and save reservation past its deadline; returns how many."""
         now = self._clock() if now is None else now
         with self._lock:
-            dead = [lid for lid, held in self._leases.items() if held.deadline <= now]
-            expired = [self._leases.pop(lid) for lid in dead]
+            expired = [self._leases.pop(i) for i in [i for i, h in self._leases.items() if h.deadline <= now]]
+            loads = [self._loads.pop(i) for i in [i for i, ld in self._loads.items() if ld.deadline <= now]]
+            saves = [self._saves.pop(i) for i in [i for i, sv in self._saves.items() if sv.deadline <= now]]
         for held in expired:
             self._unpin_lease(held)
-        return len(expired)
+        for load in loads:
+            self._finish_load(load)
+        for save in saves:
+            self._abort_save(save)
+        return len(expired) + len(loads) + len(saves)
+
+    def hold_bound(self, hold_s: float | None) -> float:
+        """How long a load's pins or a save's slots are held: the client's bound, at most max_lease_s."""
+        requested = DEFAULT_HOLD_S if hold_s is None else hold_s
+        if not requested > 0:
+            raise ServiceError("invalid", f"hold_s must be positive, got {requested}")
+        return min(requested, self.max_lease_s)
 
     def wait_lease(self, lease_id: LeaseId | None) -> bool:
         """Wait for the lease's disk promotions and extend it; False if it is not held."""
@@ -246,7 +271,9 @@ class StoreHost:
         return store.lower_tiers[0].name if len(store.lower_tiers) == 1 else "lower"
 
     # -- loads -------------------------------------------------------------------------
-    def load_begin(self, owner: OwnerId, keys: Sequence[bytes], lease_id: LeaseId | None = None) -> LoadPins:
+    def load_begin(self, owner: OwnerId, keys: Sequence[bytes], lease_id: LeaseId | None = None,
+                   hold_s: float | None = None) -> LoadPins:
+        hold = self.hold_bound(hold_s)
         self.wait_lease(lease_id)
         mem = self.memory
         slots = [NO_SLOT] * len(keys)
@@ -276,14 +303,15 @@ class StoreHost:
             checksums.append(meta.checksums if meta is not None else ())
         load_id = next(self._ids)
         with self._lock:
-            self._loads[load_id] = _Load(owner, list(keys), pinned)
-        return LoadPins(load_id, slots, tiers, checksums)
+            self._loads[load_id] = _Load(owner, list(keys), pinned, self._clock() + hold)
+        return LoadPins(load_id, slots, tiers, checksums, hold)
 
     def load_end(self, owner: OwnerId, load_id: int, corrupt: Sequence[int] = ()) -> None:
         with self._lock:
             load = self._loads.get(load_id)
             if load is None or load.owner != owner:
-                raise ServiceError("unknown_load", f"load {load_id} is not in progress for this client")
+                raise ServiceError("unknown_load", f"load {load_id} is not in progress for this client "
+                                   "(its pins expired, or it was never begun)")
             del self._loads[load_id]
         self._finish_load(load)
         for i in corrupt:
@@ -296,7 +324,12 @@ class StoreHost:
             self.memory.unpin(key)
 
     # -- saves -------------------------------------------------------------------------
-    def allocate(self, owner: OwnerId, keys: Sequence[bytes], parent: bytes, first_depth: int) -> Allocation:
+    def allocate(self, owner: OwnerId, keys: Sequence[bytes], parent: bytes, first_depth: int,
+                 hold_s: float | None = None, wait_s: float | None = None) -> Allocation:
+        """Reserve slots for the chain; `wait_s` bounds the total wait for disk writes to free
+        slots (the client gives up on a reply after its request timeout: better a shorter grant)."""
+        hold = self.hold_bound(hold_s)
+        wait_until = None if wait_s is None else time.monotonic() + max(0.0, wait_s)
         mem, disk = self.memory, self.store.disk
         reservations: list[Reservation | None] = []
         slots: list[int] = []
@@ -307,7 +340,8 @@ class StoreHost:
                 reservations.append(None)
                 slots.append(NO_SLOT)
             else:
-                res = self.store.allocate_memory(key, prev, first_depth + i)  # waits for disk writes
+                left = None if wait_until is None else max(0.0, wait_until - time.monotonic())
+                res = self.store.allocate_memory(key, prev, first_depth + i, wait_s=left)  # waits for disk writes
                 if res is None:
                     granted = i
                     break
@@ -317,8 +351,9 @@ class StoreHost:
         slots.extend([NO_SLOT] * (len(keys) - len(slots)))
         save_id = next(self._ids)
         with self._lock:
-            self._saves[save_id] = _Save(owner, list(keys), parent, first_depth, reservations, granted)
-        return Allocation(save_id, slots, granted)
+            self._saves[save_id] = _Save(owner, list(keys), parent, first_depth, reservations, granted,
+                                         self._clock() + hold)
+        return Allocation(save_id, slots, granted, hold)
 
     def commit(self, owner: OwnerId, save_id: int) -> tuple[SaveResult, TransferHandle[SaveResult]]:
         """Publish a filled allocation in chain order; the disk write is queued, not awaited."""
@@ -346,12 +381,40 @@ class StoreHost:
             self._abort_save(save)
             raise
         handle = self.store.persist(metas, pinned=[True] * len(metas))
+        with self._lock:
+            self._writes.setdefault(owner, []).append((save_id, handle))
         done = save.keys[: save.granted]
         in_memory = sum(1 for k in done if mem.contains(k))
         on_disk = sum(1 for k in done if disk is not None and disk.contains(k))
         errors = () if save.granted == len(save.keys) else (
             f"chunks {save.granted}..{len(save.keys) - 1}: no free DRAM slot (all pinned or reserved)",)
         return SaveResult(len(save.keys), in_memory, on_disk, errors), handle
+
+    def take_disk_errors(self, owner: OwnerId, wait: bool = False) -> list[str]:
+        """What went wrong in the disk writes of `owner`'s committed saves, each reported once.
+
+        The service commits a save to DRAM and writes disk in the background, so a client
+        would otherwise never hear of a full or read-only disk. With `wait`, first wait for
+        every write of this owner (flush); without, only the writes already finished count."""
+        with self._lock:
+            writes = self._writes.get(owner, [])
+            if wait:
+                taken, left = writes, []
+            else:
+                taken = [w for w in writes if w[1].done()]
+                left = [w for w in writes if not w[1].done()]
+            if owner in self._writes:
+                self._writes[owner] = left
+        errors = []
+        for save_id, handle in taken:
+            exc = handle.exception()  # waits when not done
+            if exc is not None:
+                errors.append(f"disk write of save {save_id}: {exc}")
+                continue
+            result = handle.wait()
+            if result.errors:
+                errors.append(f"disk write of save {save_id}: " + "; ".join(result.errors))
+        return errors
 
     def abort(self, owner: OwnerId, save_id: int) -> None:
         self._abort_save(self._take_save(owner, save_id))
@@ -379,6 +442,7 @@ class StoreHost:
             loads = [self._loads.pop(i) for i in load_ids]
             save_ids = [i for i, s in self._saves.items() if s.owner == owner]
             saves = [self._saves.pop(i) for i in save_ids]
+            self._writes.pop(owner, None)
         for h in held:
             self._unpin_lease(h)
         for ld in loads:

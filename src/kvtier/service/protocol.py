@@ -6,24 +6,31 @@ is {"op": str, "id": int, ...fields}; its reply is {"id": same, "ok": true, ...}
 connection; a client that wants concurrency opens more connections.
 
 Ops (fields -> reply fields), every key list is one message for many chunks:
-    hello       {}                                  -> layout, chunk_tokens, shm_path, pool_bytes, ...
+    hello       {}                                  -> layout, chunk_tokens, pool_bytes, ... + the pool's fd
     lookup      keys, lease: bool, lease_s          -> hits, tiers, lease (id or nil)
     lease       keys, lease_s                       -> lease (error "unknown_key" if any is absent)
     release     lease                               -> {}   (error "lease" if not held)
-    load_begin  keys, lease (id or nil)             -> load, slots (-1 = failed), tiers, checksums
-    load_end    load, corrupt: [index]              -> {}
-    allocate    keys, parent, first_depth           -> save, slots (-1 = already stored), granted
+    load_begin  keys, lease (id or nil), hold_s     -> load, slots (-1 = failed), tiers, checksums, hold_s
+    load_end    load, corrupt: [index]              -> {}   (error "unknown_load" once its hold expired)
+    allocate    keys, parent, first_depth, hold_s,  -> save, slots (-1 = already stored), granted, hold_s
+                wait_s (longest wait for free slots)
     commit      save                                -> chunks, in_memory, on_disk, errors
     abort       save                                -> {}
-    flush       {}                                  -> {}   (pending disk writes done)
+    flush       {}                                  -> errors (this client's failed disk writes)
     stats       {}                                  -> the service's stats dict
 
 Payload bytes never travel here: slots are indices into the shared-memory pool, and the
-client copies between its buffers and `pool[slot * chunk_bytes:]` itself.
+client copies between its buffers and `pool[slot * chunk_bytes:]` itself. The pool itself
+reaches the client once, as a file descriptor attached to the hello reply (SCM_RIGHTS).
+Keys are bytes of exactly the store's key length (its hash mode's digest size).
+A load's pins and a save's reserved slots are held for `hold_s` (the client's lease bound,
+capped by the service's max_lease_s) and then returned even if the client stays connected.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import socket
 import struct
 from typing import Any
@@ -35,7 +42,8 @@ from kvtier.core.errors import KVTierError
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<I")
 MAX_MESSAGE_BYTES = 16 << 20
-MAX_KEY_BYTES = 64
+MAX_KEY_BYTES = 32  # the codec's limit (kvtier.core.codec.MAX_KEY_BYTES)
+MAX_FDS = 1  # descriptors a reply may carry (the pool, with hello)
 
 
 class ServiceError(KVTierError):
@@ -59,6 +67,17 @@ class ProtocolError(ServiceError):
     def __init__(self, message: str, fatal: bool = False) -> None:
         super().__init__("protocol", message)
         self.fatal = fatal  # the stream cannot be trusted any more: disconnect
+
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED); for a
+    client's connection, those of the process that made the service's socket listen."""
+    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(data)
+    return pid, uid, gid
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -91,16 +110,57 @@ def recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def recv_message(sock: socket.socket, body_timeout: float | None = None) -> dict[str, Any] | None:
+def recv_message(sock: socket.socket, body_timeout: float | None = None,
+                 first_timeout: float | None = None) -> dict[str, Any] | None:
     """Read one framed message; None when the peer closed the connection between messages.
 
-    Waits without limit for a message to start; once its first byte arrived the rest must
-    come within `body_timeout` seconds (a client that stalls mid-message is cut off).
+    Waits up to `first_timeout` seconds (None: without limit) for a message to start
+    (TimeoutError past it); once its first byte arrived the rest must come within
+    `body_timeout` seconds (a peer that stalls mid-message is cut off).
     """
-    sock.settimeout(None)
-    first = sock.recv(1)
+    msg, _fds = recv_message_with_fds(sock, body_timeout, first_timeout, 0)
+    return msg
+
+
+def recv_message_with_fds(sock: socket.socket, body_timeout: float | None, first_timeout: float | None,
+                          max_fds: int) -> tuple[dict[str, Any] | None, list[int]]:
+    """recv_message that also collects up to `max_fds` descriptors sent with the message's
+    first byte (SCM_RIGHTS); the caller owns (and must close) the descriptors returned."""
+    sock.settimeout(first_timeout)
+    fds: list[int] = []
+    if max_fds:
+        first, fds, flags, _addr = socket.recv_fds(sock, 1, max_fds)
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            raise ProtocolError("a message carried more descriptors than expected", fatal=True)
+    else:
+        first = sock.recv(1)
     if not first:
-        return None
+        _close_all(fds)
+        return None, []
+    try:
+        return _recv_rest(sock, first, body_timeout), fds
+    except BaseException:
+        _close_all(fds)
+        raise
+
+
+def send_message(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    """Send one framed message, with `fds` attached to its first byte (SCM_RIGHTS)."""
+    data = encode(msg)
+    if fds:
+        sent = socket.send_fds(sock, [data], fds)
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _recv_rest(sock: socket.socket, first: bytes, body_timeout: float | None) -> dict[str, Any]:
     sock.settimeout(body_timeout)
     try:
         rest = recv_exact(sock, HEADER.size - 1)
@@ -119,14 +179,37 @@ def recv_message(sock: socket.socket, body_timeout: float | None = None) -> dict
 
 # -- field validation (the service trusts nothing it receives) ---------------------------
 
-def get_keys(msg: dict[str, Any], name: str = "keys") -> list[bytes]:
+def get_keys(msg: dict[str, Any], name: str = "keys", key_bytes: int | None = None) -> list[bytes]:
+    """A list of keys, each bytes of exactly `key_bytes` (any 1..MAX_KEY_BYTES when None)."""
     keys = msg.get(name)
     if not isinstance(keys, list):
         raise ProtocolError(f"field {name!r} must be a list of keys")
-    for k in keys:
-        if not isinstance(k, bytes) or not 0 < len(k) <= MAX_KEY_BYTES:
-            raise ProtocolError(f"field {name!r} must hold keys of 1..{MAX_KEY_BYTES} bytes")
+    if not keys_are_valid(keys, key_bytes):  # the slow path only to name the bad key
+        for i, k in enumerate(keys):
+            check_key(k, f"{name}[{i}]", key_bytes)
     return keys
+
+
+def keys_are_valid(keys: list[Any], key_bytes: int | None) -> bool:
+    """Whether every key is bytes of `key_bytes` (1..MAX_KEY_BYTES when None), in C-speed passes:
+    a lookup carries hundreds of keys and a per-key Python call cost a measurable share of it."""
+    if not set(map(type, keys)) <= {bytes}:
+        return False
+    lengths = set(map(len, keys))
+    if key_bytes is not None:
+        return lengths <= {key_bytes}
+    return not lengths or (min(lengths) > 0 and max(lengths) <= MAX_KEY_BYTES)
+
+
+def check_key(key: object, name: str, key_bytes: int | None = None) -> bytes:
+    """`key` if it is a key of the right type and length; ProtocolError naming `name` if not."""
+    if not isinstance(key, bytes):
+        raise ProtocolError(f"{name} must be bytes, got {type(key).__name__}")
+    if key_bytes is not None and len(key) != key_bytes:
+        raise ProtocolError(f"{name} has {len(key)} bytes; this store's keys have {key_bytes}")
+    if not 0 < len(key) <= MAX_KEY_BYTES:
+        raise ProtocolError(f"{name} has {len(key)} bytes; a key has 1..{MAX_KEY_BYTES}")
+    return key
 
 
 def get_int(msg: dict[str, Any], name: str, optional: bool = False) -> int | None:
@@ -145,17 +228,14 @@ def get_ints(msg: dict[str, Any], name: str) -> list[int]:
     return value
 
 
-def get_bytes(msg: dict[str, Any], name: str) -> bytes:
-    value = msg.get(name)
-    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_KEY_BYTES:
-        raise ProtocolError(f"field {name!r} must be a key of 1..{MAX_KEY_BYTES} bytes")
-    return value
+def get_bytes(msg: dict[str, Any], name: str, key_bytes: int | None = None) -> bytes:
+    return check_key(msg.get(name), f"field {name!r}", key_bytes)
 
 
 def get_float(msg: dict[str, Any], name: str, default: float) -> float:
     value = msg.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ProtocolError(f"field {name!r} must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(f"field {name!r} must be a finite number")
     return float(value)
 
 

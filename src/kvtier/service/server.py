@@ -9,9 +9,12 @@ Threads: one accept loop, one thread per client connection (a client that connec
 never speaks only parks its own thread), a lease reaper, and the metrics HTTP server. A
 client's disconnect, clean or by SIGKILL, returns everything it held (StoreHost.drop_owner).
 
-Safety: a flock on `<socket>.lock` makes a second service on the same socket refuse to
-start; a socket file left by a dead service is replaced. The socket and the pool are
-0o600 (0o660 with `group`), and every connection's peer uid is checked (SO_PEERCRED).
+Safety: the socket lives in a private folder (`/tmp/kvtier-<uid>/` by default, shm.py);
+a flock on `<socket>.lock` (opened without following links, removed when the service ends)
+makes a second service on the same socket refuse to start; a socket file left by a dead
+service is replaced. The socket and the pool are 0o600 (0o660 with `group`), every
+connection's peer uid is checked (SO_PEERCRED) before anything is sent to it, and the
+pool reaches clients as a descriptor attached to the hello reply, never as a path.
 SIGTERM flushes pending disk writes and unlinks the socket and the pool; the pool of a service
 killed outright (SIGKILL) is removed by the next service start, on any socket (shm.sweep_stale_pools).
 """
@@ -27,7 +30,6 @@ import os
 import pwd
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -37,27 +39,28 @@ from typing import Any
 
 from kvtier.core.config import load_config
 from kvtier.core.errors import ConfigError, KVTierError
+from kvtier.core.keys import get_hash_mode
 from kvtier.service import protocol as p
 from kvtier.service.config import ServiceConfig
 from kvtier.service.host import StoreHost
-from kvtier.service.shm import close_quietly, create_pool, default_socket_path, shm_path_for, sweep_stale_pools
+from kvtier.service.shm import (
+    close_quietly,
+    create_pool,
+    default_socket_path,
+    open_beside,
+    prepare_socket_dir,
+    shm_path_for,
+    sweep_stale_pools,
+)
 from kvtier.store.tiered import TieredStore
 
 log = logging.getLogger("kvtier.service")
 
 PeerCheck = Callable[[int, int, int], bool]  # (pid, uid, gid) -> allowed?
-_UCRED = struct.Struct("3i")
 
 
 class AlreadyRunningError(KVTierError):
     """Another kvtier serve holds this socket."""
-
-
-def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket."""
-    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(data)
-    return pid, uid, gid
 
 
 def resolve_group(group: str) -> int | None:
@@ -111,6 +114,8 @@ class StoreServer:
         self.socket_path = os.path.abspath(config.socket_path or default_socket_path())
         self.shm_path = shm_path_for(self.socket_path, config.shm_name)
         self.gid = resolve_group(config.group)
+        self.key_bytes = get_hash_mode(config.store.hash_mode).key_bytes
+        self.lock_path = self.socket_path + ".lock"
         self._peer_allowed = peer_allowed or same_user_or_group(self.gid)
         self.store: TieredStore | None = None
         self.host: StoreHost | None = None
@@ -143,26 +148,40 @@ class StoreServer:
             raise
 
     def _take_lock(self) -> None:
-        os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
-        fd = os.open(self.socket_path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        """flock `<socket>.lock`. The file is removed when the service ends (stop, or a failed
+        start), so after taking the lock we check that the path still names the file we
+        locked: a service that ends between our open and our flock unlinks it, and a third
+        one could then create and lock a new file beside ours."""
+        prepare_socket_dir(self.socket_path, self.gid)
+        for _attempt in range(100):
+            fd = open_beside(self.lock_path, os.O_RDWR | os.O_CREAT)
             try:
-                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            finally:
-                os.close(fd)
-            raise AlreadyRunningError(
-                f"another kvtier serve (pid {pid}) is already running on {self.socket_path}; "
-                "stop it first or choose another socket_path") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                finally:
+                    os.close(fd)
+                raise AlreadyRunningError(
+                    f"another kvtier serve (pid {pid}) is already running on {self.socket_path}; "
+                    "stop it first or choose another socket_path") from None
+            try:
+                current = os.stat(self.lock_path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                current = -1
+            if current != os.fstat(fd).st_ino:
+                os.close(fd)  # unlinked by a service that just ended: lock the new file
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._lock_fd = fd
+            return
+        raise AlreadyRunningError(f"could not take {self.lock_path}: it keeps being replaced")
 
     def _start_locked(self) -> None:
         cfg = self.config
-        if os.path.exists(self.socket_path):
-            if answers(self.socket_path):  # cannot happen while we hold the lock, but say so clearly
+        if os.path.lexists(self.socket_path):
+            if answers(self.socket_path):  # another user's listener, or a service without our lock
                 raise AlreadyRunningError(f"something already answers on {self.socket_path}")
             log.info("replacing stale socket %s left by a dead service", self.socket_path)
             os.unlink(self.socket_path)
@@ -241,6 +260,10 @@ class StoreServer:
             os.close(self._pool_fd)
             self._pool_fd = None
         if self._lock_fd is not None:
+            try:
+                os.unlink(self.lock_path)  # still ours: we hold its flock (see _take_lock)
+            except FileNotFoundError:
+                pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -292,7 +315,7 @@ class StoreServer:
     def _serve_client(self, owner: int, conn: socket.socket) -> None:
         assert self.host is not None
         try:
-            pid, uid, gid = peer_credentials(conn)
+            pid, uid, gid = p.peer_credentials(conn)
             if not self._peer_allowed(pid, uid, gid):
                 log.warning("refused client pid %d uid %d: not this user or group", pid, uid)
                 self._refuse(conn, "permission", f"uid {uid} may not use this kvtier service", drain_s=0.5)
@@ -307,7 +330,10 @@ class StoreServer:
                     continue
                 if msg is None:
                     return
-                self._send(conn, self._dispatch(owner, msg))
+                reply = self._dispatch(owner, msg)
+                # the pool goes with the hello reply, as a descriptor: never a path to open
+                fds = [self._pool_fd] if msg.get("op") == "hello" and reply["ok"] and self._pool_fd is not None else []
+                self._send(conn, reply, fds)
         except OSError:
             pass  # the client went away (or we are stopping): what it held is returned below
         finally:
@@ -317,9 +343,9 @@ class StoreServer:
             conn.close()
             self.host.drop_owner(owner)
 
-    def _send(self, conn: socket.socket, reply: dict[str, Any]) -> None:
+    def _send(self, conn: socket.socket, reply: dict[str, Any], fds: list[int] | None = None) -> None:
         conn.settimeout(self.config.message_timeout_s)
-        conn.sendall(p.encode(reply))
+        p.send_message(conn, reply, fds)
 
     def _dispatch(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         req_id = msg.get("id", 0)
@@ -346,13 +372,13 @@ class StoreServer:
         return {
             "version": p.PROTOCOL_VERSION, "pid": os.getpid(), "layout": dataclasses.asdict(self.layout),
             "chunk_tokens": self.store.chunk_tokens, "hash_mode": self.store.config.hash_mode,
-            "shm_path": self.shm_path, "pool_bytes": self.pool_bytes, "num_slots": self.num_slots,
+            "key_bytes": self.key_bytes, "pool_bytes": self.pool_bytes, "num_slots": self.num_slots,
             "chunk_bytes": self.store.memory.chunk_bytes, "verify_reads": self.store.memory.config.verify_reads,
         }
 
     def _op_lookup(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None
-        keys = p.get_keys(msg)
+        keys = p.get_keys(msg, key_bytes=self.key_bytes)
         lease = msg.get("lease", False)
         if not isinstance(lease, bool):
             raise p.ProtocolError("field 'lease' must be true or false")
@@ -361,7 +387,8 @@ class StoreServer:
 
     def _op_lease(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None
-        return {"lease": self.host.lease(owner, p.get_keys(msg), p.get_float(msg, "lease_s", 30.0))}
+        return {"lease": self.host.lease(owner, p.get_keys(msg, key_bytes=self.key_bytes),
+                                         p.get_float(msg, "lease_s", 30.0))}
 
     def _op_release(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None
@@ -372,9 +399,10 @@ class StoreServer:
 
     def _op_load_begin(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None
-        pins = self.host.load_begin(owner, p.get_keys(msg), p.get_int(msg, "lease", optional=True))
+        pins = self.host.load_begin(owner, p.get_keys(msg, key_bytes=self.key_bytes),
+                                    p.get_int(msg, "lease", optional=True), p.get_float(msg, "hold_s", 30.0))
         return {"load": pins.load_id, "slots": pins.slots, "tiers": pins.tiers,
-                "checksums": [list(c) for c in pins.checksums]}
+                "checksums": [list(c) for c in pins.checksums], "hold_s": pins.hold_s}
 
     def _op_load_end(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None
@@ -389,16 +417,21 @@ class StoreServer:
         assert depth is not None
         if depth < 0:
             raise p.ProtocolError("field 'first_depth' must be >= 0")
-        alloc = self.host.allocate(owner, p.get_keys(msg), p.get_bytes(msg, "parent"), depth)
-        return {"save": alloc.save_id, "slots": alloc.slots, "granted": alloc.granted}
+        wait_s = p.get_float(msg, "wait_s", 0.0) if "wait_s" in msg else None
+        alloc = self.host.allocate(owner, p.get_keys(msg, key_bytes=self.key_bytes),
+                                   p.get_bytes(msg, "parent", self.key_bytes), depth, p.get_float(msg, "hold_s", 30.0),
+                                   wait_s)
+        return {"save": alloc.save_id, "slots": alloc.slots, "granted": alloc.granted, "hold_s": alloc.hold_s}
 
     def _op_commit(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None
         save_id = p.get_int(msg, "save")
         assert save_id is not None
         result, _disk_write = self.host.commit(owner, save_id)  # disk write continues in the background
+        # failed disk writes of this client's earlier saves, which finished since it last asked
+        errors = list(result.errors) + self.host.take_disk_errors(owner)
         return {"chunks": result.chunks, "in_memory": result.in_memory, "on_disk": result.on_disk,
-                "errors": list(result.errors)}
+                "errors": errors}
 
     def _op_abort(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None
@@ -408,9 +441,9 @@ class StoreServer:
         return {}
 
     def _op_flush(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
-        assert self.store is not None
+        assert self.store is not None and self.host is not None
         self.store.flush()
-        return {}
+        return {"errors": self.host.take_disk_errors(owner, wait=True)}
 
     def _op_stats(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         return {"stats": self.stats()}

@@ -1,6 +1,6 @@
 """The connector's settings: vLLM's `kv_connector_extra_config`, validated by load_config.
 
-    {"socket_path": "",          # "" = /tmp/kvtier-<uid>-vllm-<layout id>.sock (one service per KV layout)
+    {"socket_path": "",          # "" = /tmp/kvtier-<uid>/vllm-<layout id>.sock (one service per KV layout)
      "auto_start": true,         # start `python -m kvtier.service` when nothing answers on the socket
      "service_config": "",       # the service's config file for auto_start; "" = written from `store`
      "store": {...},             # kvtier StoreConfig for an auto-started service (memory/disk tiers);

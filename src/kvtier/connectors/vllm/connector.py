@@ -60,6 +60,7 @@ from kvtier.core.config import ClientConfig
 from kvtier.core.errors import ConfigError, TierUnavailableError
 from kvtier.core.keys import Namespace
 from kvtier.core.layout import KVLayout
+from kvtier.service.shm import default_socket_path, open_beside, prepare_socket_dir
 
 if TYPE_CHECKING:
     import torch
@@ -79,17 +80,26 @@ class KVTierConnectorMetadata(KVConnectorMetadata):
     plan: StepPlan
 
 
-def default_socket_path(layout: KVLayout, chunk_tokens: int) -> str:
-    """One service per KV layout and chunk size, so models of different shapes never meet on one socket."""
-    return f"/tmp/kvtier-{os.geteuid()}-vllm-{layout.layout_id(chunk_tokens)[:6].hex()}.sock"
-
-
 def write_service_config(path: str, layout: KVLayout, cfg: VLLMConnectorConfig, socket_path: str) -> None:
+    """Write the auto-started service's config beside its socket: a new temporary file
+    (O_EXCL, never through a planted symlink), then renamed over `path`."""
     data = {"layout": dataclasses.asdict(layout), "store": dataclasses.asdict(cfg.store), "socket_path": socket_path}
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        os.unlink(tmp)  # a leftover of this pid (or something planted under its name): never reused
+    except FileNotFoundError:
+        pass
+    fd = open_beside(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def start_detached_service(socket_path: str, service_config: str, timeout_s: float) -> None:
@@ -108,13 +118,17 @@ def start_detached_service(socket_path: str, service_config: str, timeout_s: flo
         return
     launcher = (
         "import subprocess, sys\n"
-        "log = open(sys.argv[3] + '.log', 'ab')\n"
+        "log = int(sys.argv[3])\n"
         "subprocess.Popen([sys.executable, '-m', 'kvtier.service', '--config', sys.argv[1], '--socket', sys.argv[2],"
         " '--all-cpus'],"
         " stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)\n"
     )
-    subprocess.run([sys.executable, "-c", launcher, service_config, socket_path, socket_path], check=True,
-                   timeout=60)
+    log_fd = open_beside(socket_path + ".log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # never through a link
+    try:
+        subprocess.run([sys.executable, "-c", launcher, service_config, socket_path, str(log_fd)], check=True,
+                       timeout=60, pass_fds=(log_fd,))
+    finally:
+        os.close(log_fd)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if answers(socket_path, timeout=1.0):
@@ -148,6 +162,8 @@ def open_client(cfg: VLLMConnectorConfig, layout: KVLayout, first: bool,
     socket_path = cfg.socket_path or default_socket_path(layout, chunk_tokens)
     service_config = cfg.service_config
     auto_start = cfg.auto_start and first
+    if auto_start:
+        prepare_socket_dir(socket_path)  # the private folder the service config and log go into
     if auto_start and not service_config:
         service_config = socket_path + ".service.json"
         write_service_config(service_config, layout, cfg, socket_path)
