@@ -48,7 +48,7 @@ def random_llama(
         max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = LlamaForCausalLM(cfg).float()
     model.eval()
     return model
 
@@ -112,7 +112,7 @@ def load_stories260k(path: str | os.PathLike[str] | None = None) -> LlamaForCaus
     cfg.rope_theta = 10000.0  # llama2.c default; also the LlamaConfig default
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = LlamaForCausalLM(cfg).float()
     sd = {"model.embed_tokens.weight": torch.from_numpy(w["tok_emb"]),
           "model.norm.weight": torch.from_numpy(w["final_norm"]),
           "lm_head.weight": torch.from_numpy(w["wcls"])}

@@ -40,7 +40,7 @@ import numpy as np
 
 from kvtier.bench.common import device_read_bytes, drop_page_cache, median, print_table, write_json
 from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
-from kvtier.core.keys import KEY_BACKEND, Namespace, chunk_keys
+from kvtier.core.keys import KEY_BACKEND, ChunkKey, Namespace, chunk_keys
 from kvtier.core.layout import KVLayout
 from kvtier.store import TieredStore
 
@@ -88,7 +88,7 @@ def _best_baseline(times: dict[int, list[float]], nbytes: int) -> dict[str, Any]
     return {"gbps": per[best], "threads": best, "gbps_by_threads": {str(t): g for t, g in per.items()}}
 
 
-def _keys(n: int, chunk_tokens: int, salt: str) -> list[bytes]:
+def _keys(n: int, chunk_tokens: int, salt: str) -> list[ChunkKey]:
     root = Namespace(f"bench-{salt}", LAYOUT.layout_id(chunk_tokens)).root()
     rng = random.Random(salt)
     return chunk_keys(root, [rng.randrange(32000) for _ in range(n * chunk_tokens)], chunk_tokens)
@@ -99,7 +99,7 @@ def _layer_views(arr: np.ndarray, n: int, layers: int) -> list[list[np.ndarray]]
     return [[per[i, j] for j in range(layers)] for i in range(n)]
 
 
-def _parallel_load(store: TieredStore, keys: list[bytes], dests: list[list[np.ndarray]],
+def _parallel_load(store: TieredStore, keys: Sequence[bytes], dests: list[list[np.ndarray]],
                    parts: int, layers: list[int] | None = None) -> None:
     step = (len(keys) + parts - 1) // parts
     handles = [store.load(keys[i:i + step], dests[i:i + step], layers) for i in range(0, len(keys), step)]
@@ -109,7 +109,7 @@ def _parallel_load(store: TieredStore, keys: list[bytes], dests: list[list[np.nd
             raise RuntimeError(f"benchmark load failed for chunks {res.failed[:5]}")
 
 
-def _dram_store(n: int, verify_reads: bool, src: np.ndarray, keys: list[bytes]) -> TieredStore:
+def _dram_store(n: int, verify_reads: bool, src: np.ndarray, keys: Sequence[bytes]) -> TieredStore:
     cb = LAYOUT.chunk_bytes(CHUNK_TOKENS)
     cfg = StoreConfig(chunk_tokens=CHUNK_TOKENS, io_threads=IO_THREADS,
                       memory=MemoryTierConfig(capacity_bytes=(n + 1) * cb, verify_reads=verify_reads))
