@@ -82,6 +82,23 @@ def _batches(n: int, batch: int, threads: int, t: int) -> list[range]:
     return [range(s, min(s + batch, n)) for k, s in enumerate(range(0, n, batch)) if k % threads == t]
 
 
+def _pipelined_gets(raws: list[Any], rkeys: list[bytes], batch: int) -> Callable[[int], int]:
+    """The baseline's work for thread t: redis-py pipelined GETs of its share of the batches,
+    on its own client raws[t]; returns the bytes it received."""
+    threads = len(raws)
+
+    def work(t: int) -> int:
+        moved = 0
+        for r in _batches(len(rkeys), batch, threads, t):
+            pipe = raws[t].pipeline(transaction=False)
+            for i in r:
+                pipe.get(rkeys[i])
+            moved += sum(len(v) for v in pipe.execute() if v)
+        return moved
+
+    return work
+
+
 def _raw_client(url: str, cluster: bool, read_size: int) -> Any:
     import redis
 
@@ -118,14 +135,7 @@ def _tier_loads(url: str, cluster: bool, n: int, batch: int, threads: int, runs:
             moved += sum(chunk_bytes for mt in metas if mt is not None)
         return moved
 
-    def raw_work(t: int) -> int:
-        moved = 0
-        for r in _batches(n, batch, threads, t):
-            pipe = raws[t].pipeline(transaction=False)
-            for i in r:
-                pipe.get(rkeys[i])
-            moved += sum(len(v) for v in pipe.execute() if v)
-        return moved
+    raw_work = _pipelined_gets(raws, rkeys, batch)
 
     tier_gbps, raw_gbps = [], []
     for _ in range(runs):
@@ -252,14 +262,7 @@ def _serve_loads(cluster_url: str, n: int, batch: int, threads: int, runs: int, 
                     moved += got * chunk_bytes
                 return moved
 
-            def raw_work(t: int) -> int:
-                moved = 0
-                for r in _batches(n, batch, threads, t):
-                    pipe = raws[t].pipeline(transaction=False)
-                    for i in r:
-                        pipe.get(rkeys[i])
-                    moved += sum(len(v) for v in pipe.execute() if v)
-                return moved
+            raw_work = _pipelined_gets(raws, rkeys, batch)
 
             serve_gbps, raw_gbps = [], []
             for _ in range(runs):

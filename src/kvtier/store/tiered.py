@@ -291,17 +291,7 @@ class TieredStore:
         self._count_write_pins(sum(pinned))
         handle = self._lower_writer.submit("save-lower", self._write_lower, list(metas), list(copies), pinned,
                                           in_memory)
-        with self._pending_lock:
-            self._pending.add(handle)
-
-        def _done(h: TransferHandle) -> None:
-            with self._pending_lock:
-                self._pending.discard(h)
-            exc = h.exception()
-            if exc is not None:
-                log.warning("kvtier: %s", exc)
-
-        handle.add_done_callback(_done)
+        self._track(handle, count_failures=False)  # a failed chain is logged; the lower tier counts its own
         return handle
 
     def _write_lower(self, metas: list[ChunkMeta], copies: list[list[bytes] | None],
@@ -670,7 +660,9 @@ class TieredStore:
             np.copyto(np.frombuffer(memoryview(dest).cast("B"), dtype=np.uint8), np.frombuffer(data[layer], dtype=np.uint8))
         return meta
 
-    def _track(self, handle: TransferHandle) -> None:
+    def _track(self, handle: TransferHandle, count_failures: bool = True) -> None:
+        """Keep `handle` among the writes flush() waits for until it ends; log its error, and
+        count it as a disk write failure (`count_failures`) unless the tier already did."""
         with self._pending_lock:
             self._pending.add(handle)
 
@@ -679,7 +671,7 @@ class TieredStore:
                 self._pending.discard(h)
             exc = h.exception()
             if exc is not None:
-                if not isinstance(exc, TierWriteError):  # the tier counted its own failures
+                if count_failures and not isinstance(exc, TierWriteError):  # the tier counted its own failures
                     self.metrics.inc(m.WRITE_FAILURES, tier="disk")
                 log.warning("kvtier: %s", exc)
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.core import metrics as m
-from kvtier.core.codec import MAX_KEY_BYTES
+from kvtier.core.codec import MAX_KEY_BYTES, SECTION_KV, checksum
 from kvtier.core.errors import KVTierError
 from kvtier.core.keys import HASH_MODES
 from kvtier.core.layout import KVLayout
@@ -94,6 +94,27 @@ class ChunkMeta:
     num_tokens: int
     checksums: tuple[int, ...]  # xxh3_64 of each KV layer section
     extras: tuple[tuple[int, int, bytes], ...] = ()  # optional (kind, index, data) sections
+
+
+def chunk_sections(meta: ChunkMeta, layers: Sequence[Buffer], num_layers: int,
+                   layer_bytes: int) -> tuple[list[tuple[int, int, int, int]], list[memoryview]]:
+    """What a stored chunk is encoded from (the disk file and the Redis value alike): its
+    section table entries (kind, index, bytes, checksum) and their payloads, the KV layers in
+    order and then `meta.extras`. ValueError naming the argument that does not fit the layout."""
+    if len(layers) != num_layers or len(meta.checksums) != num_layers:
+        raise ValueError(f"write needs {num_layers} layer buffers and checksums, "
+                         f"got {len(layers)} and {len(meta.checksums)}")
+    payloads = [as_bytes_view(b) for b in layers]
+    for layer, src in enumerate(payloads):
+        if src.nbytes != layer_bytes:
+            raise ValueError(f"layer {layer} source has {src.nbytes} bytes, a section has {layer_bytes}")
+    sections = [(SECTION_KV, layer, layer_bytes, meta.checksums[layer]) for layer in range(num_layers)]
+    for kind, index, data in meta.extras:
+        if kind == SECTION_KV:
+            raise ValueError("extra sections must not use SECTION_KV")
+        sections.append((kind, index, len(data), checksum(data)))
+        payloads.append(memoryview(data).cast("B"))
+    return sections, payloads
 
 
 @dataclass(slots=True, frozen=True)

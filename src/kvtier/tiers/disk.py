@@ -95,10 +95,10 @@ from kvtier.tiers.base import (
     TierRefusedError,
     TierUsage,
     TierWriteError,
-    as_bytes_view,
     check_chunk,
     check_dests,
     check_key,
+    chunk_sections,
 )
 from kvtier.tiers.policies import make_policy
 
@@ -433,23 +433,7 @@ class DiskTier(Tier):
             raise TierWriteError(f"disk tier at {self.root} was opened read_only; it cannot write")
         self._check_open()
         check_chunk(meta.key, meta.parent, meta.depth, "meta.key")
-        num_layers = self.layout.num_layers
-        if len(layers) != num_layers or len(meta.checksums) != num_layers:
-            raise ValueError(
-                f"write needs {num_layers} layer buffers and checksums, got {len(layers)} and {len(meta.checksums)}"
-            )
-        lb = self.layer_bytes
-        srcs = [as_bytes_view(b) for b in layers]
-        for layer, src in enumerate(srcs):
-            if src.nbytes != lb:
-                raise ValueError(f"layer {layer} source has {src.nbytes} bytes, a section has {lb}")
-        sections = [(SECTION_KV, layer, lb, meta.checksums[layer]) for layer in range(num_layers)]
-        payloads: list[Any] = list(srcs)
-        for kind, index, data in meta.extras:
-            if kind == SECTION_KV:
-                raise ValueError("extra sections must not use SECTION_KV")
-            sections.append((kind, index, len(data), checksum(data)))
-            payloads.append(memoryview(data).cast("B"))
+        sections, payloads = chunk_sections(meta, layers, self.layout.num_layers, self.layer_bytes)
         raw, header = encode_header(self._layout_id, meta.key, meta.parent, meta.depth, meta.num_tokens, sections)
         table = self._verify_header(header, meta.key)
         total = header.file_bytes

@@ -72,8 +72,8 @@ from kvtier.tiers.base import (
     Tier,
     TierUsage,
     TierWriteError,
-    as_bytes_view,
     check_dests,
+    chunk_sections,
 )
 
 log = logging.getLogger(__name__)
@@ -659,21 +659,7 @@ class RedisTier(Tier):
     # -- write ---------------------------------------------------------------------------
     def encode(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bytearray:
         """A chunk's value: the codec header, then each section at its 4 KiB-aligned offset."""
-        num_layers = self.layout.num_layers
-        if len(layers) != num_layers or len(meta.checksums) != num_layers:
-            raise ValueError(f"write needs {num_layers} layer buffers and checksums, "
-                             f"got {len(layers)} and {len(meta.checksums)}")
-        lb = self.layer_bytes
-        payloads: list[memoryview] = [as_bytes_view(b) for b in layers]
-        for layer, src in enumerate(payloads):
-            if src.nbytes != lb:
-                raise ValueError(f"layer {layer} source has {src.nbytes} bytes, a section has {lb}")
-        sections = [(SECTION_KV, layer, lb, meta.checksums[layer]) for layer in range(num_layers)]
-        for kind, index, data in meta.extras:
-            if kind == SECTION_KV:
-                raise ValueError("extra sections must not use SECTION_KV")
-            sections.append((kind, index, len(data), checksum(data)))
-            payloads.append(memoryview(data).cast("B"))
+        sections, payloads = chunk_sections(meta, layers, self.layout.num_layers, self.layer_bytes)
         raw, header = encode_header(self._layout_id, meta.key, meta.parent, meta.depth, meta.num_tokens, sections)
         value = bytearray(header.file_bytes)
         value[:len(raw)] = raw
