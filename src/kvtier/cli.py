@@ -36,9 +36,16 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_trace(args: argparse.Namespace) -> int:
-    from kvtier.bench.trace import run_trace_bench
+    from kvtier.bench.trace import run_trace_bench, run_trace_suite
+    from kvtier.bench.traces import SYNTHETIC_TRACES
 
-    run_trace_bench(args.trace, args.json, png_out=args.png, max_requests=args.max_requests)
+    json_out = Path(args.json or ("results/bench_trace_suite.json" if args.suite else "results/bench_trace.json"))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    if args.suite:
+        traces = [f"synthetic:{name}" for name in SYNTHETIC_TRACES] + [args.trace]
+        run_trace_suite(list(dict.fromkeys(traces)), json_out, seed=args.seed)
+        return 0
+    run_trace_bench(args.trace, json_out, png_out=args.png, max_requests=args.max_requests, seed=args.seed)
     return 0
 
 
@@ -116,10 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--runs", type=int, default=5)
     bt.set_defaults(fn=_cmd_bench_tiers)
     btr = bsub.add_parser("trace", help="eviction policies replayed on a Mooncake-format trace vs Belady")
-    btr.add_argument("--trace", default=DEFAULT_TRACE)
-    btr.add_argument("--json", default="results/bench_trace.json")
+    btr.add_argument("--trace", default=DEFAULT_TRACE,
+                     help="a Mooncake-format jsonl file, or synthetic:NAME for a generated trace "
+                          "(zipf, zipf_drift, scan, loop, conversation, system_prompt, shift)")
+    btr.add_argument("--json", default=None,
+                     help="default results/bench_trace.json (results/bench_trace_suite.json with --suite)")
     btr.add_argument("--png", default="results/bench_trace.png")
-    btr.add_argument("--max-requests", type=int, default=None)
+    btr.add_argument("--max-requests", type=int, default=None,
+                     help="replay only the first N requests (for synthetic:NAME, generate N; default 12000)")
+    btr.add_argument("--seed", type=int, default=0, help="seed of synthetic:NAME traces")
+    btr.add_argument("--suite", action="store_true",
+                     help="LRU vs the default policy on every generated trace and --trace: ratio per capacity")
     btr.set_defaults(fn=_cmd_bench_trace)
     bsv = bsub.add_parser("service", help="store service lookup rate and shared-memory load throughput")
     bsv.add_argument("--json", default="results/bench_service.json")

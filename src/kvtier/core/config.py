@@ -51,7 +51,7 @@ def _size(default: int) -> Any:
 @dataclass(slots=True, frozen=True)
 class MemoryTierConfig:
     capacity_bytes: int = _size(1 << 30)
-    policy: str = "adaptive"  # LRU until its own sampled simulations show use counts pay (issue 7)
+    policy: str = "guarded"  # adaptive (issue 7) that falls back to exact LRU while an LRU shadow hits more (issue 16)
     verify_reads: bool = True  # checksum each section after copying it to the caller
 
 
@@ -59,7 +59,7 @@ class MemoryTierConfig:
 class DiskTierConfig:
     root: str = ""
     capacity_bytes: int = _size(16 << 30)
-    policy: str = "adaptive"
+    policy: str = "guarded"
     fsync: bool = False  # fsync before publish: survives power loss, not only process crashes
     read_only: bool = False  # open as a reader of a folder another process owns
 
