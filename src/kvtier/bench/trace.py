@@ -712,11 +712,11 @@ def print_suite_table(result: dict[str, Any]) -> None:
     default = result["default"]
     table = Table(title=f"chunk hit ratio, default ({default}) vs LRU: default / LRU = ratio "
                         f"(target >= {result['floor']}x wherever LRU hits)")
-    table.add_column("trace")
+    table.add_column("trace", no_wrap=True)
     for pct in result["capacities_pct"]:
         table.add_column(f"{pct}%", justify="right")
     for spec, row in result["traces"].items():
-        cells = [spec]
+        cells = [spec.removeprefix("synthetic:") if spec.startswith("synthetic:") else Path(spec).name]
         for hit, base, ratio in zip(row["policies"][default]["block_hit_ratio"],
                                     row["policies"]["lru"]["block_hit_ratio"], row["default_vs_lru"]):
             cells.append(f"{hit:.3f} / {base:.3f} = " + ("-" if ratio is None else f"{ratio:.3f}x"))
