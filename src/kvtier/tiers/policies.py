@@ -45,7 +45,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from kvtier.core.errors import ConfigError
@@ -820,8 +820,8 @@ class LRUGuard:
     surplus: float = 0.0
     trips: int = 0
     held: float = 0.0  # references left in LRU order
-    _shadow_rate: float = 0.0
-    _seen: int = 0
+    _shadow_rate: float = field(default=0.0, init=False, repr=False)  # shadow hits per reference, recent mean
+    _seen: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (self.slack >= 0 and self.credit >= 0 and 0 < self.hold <= self.max_hold and self.unit >= 1):
