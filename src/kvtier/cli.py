@@ -59,6 +59,11 @@ def readable_file(text: str) -> str:
     return text
 
 
+def trace_spec(text: str) -> str:
+    """A trace file to read, or synthetic:NAME (a generated trace; its name is checked when it is built)."""
+    return text if text.startswith("synthetic:") else readable_file(text)
+
+
 def existing_folder(text: str) -> str:
     path = Path(text)
     if not path.is_dir():
@@ -125,9 +130,17 @@ def _trace_path(trace: str | None) -> str:
 
 
 def _cmd_bench_trace(args: argparse.Namespace) -> int:
-    from kvtier.bench.trace import run_trace_bench
+    from kvtier.bench.trace import run_trace_bench, run_trace_suite
+    from kvtier.bench.traces import SYNTHETIC_TRACES
 
-    run_trace_bench(_trace_path(args.trace), args.json, png_out=args.png, max_requests=args.max_requests)
+    json_out = Path(args.json or ("results/bench_trace_suite.json" if args.suite else "results/bench_trace.json"))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    trace = _trace_path(args.trace)
+    if args.suite:
+        traces = [f"synthetic:{name}" for name in SYNTHETIC_TRACES] + [trace]
+        run_trace_suite(list(dict.fromkeys(traces)), json_out, seed=args.seed)
+        return 0
+    run_trace_bench(trace, json_out, png_out=args.png, max_requests=args.max_requests, seed=args.seed)
     return 0
 
 
@@ -231,12 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--runs", type=positive_int, default=5)
     bt.set_defaults(fn=_cmd_bench_tiers)
     btr = bsub.add_parser("trace", help="eviction policies replayed on a Mooncake-format trace vs Belady")
-    btr.add_argument("--trace", default=None, type=readable_file,
-                     help="a Mooncake-format jsonl trace (default: shared/traces/mooncake/conversation_trace.jsonl "
-                          "beside the checkout)")
-    btr.add_argument("--json", default="results/bench_trace.json")
+    btr.add_argument("--trace", default=None, type=trace_spec,
+                     help="a Mooncake-format jsonl file (default: shared/traces/mooncake/conversation_trace.jsonl "
+                          "beside the checkout), or synthetic:NAME for a generated trace "
+                          "(zipf, zipf_drift, scan, loop, conversation, system_prompt, shift)")
+    btr.add_argument("--json", default=None,
+                     help="default results/bench_trace.json (results/bench_trace_suite.json with --suite)")
     btr.add_argument("--png", default="results/bench_trace.png")
-    btr.add_argument("--max-requests", type=positive_int, default=None)
+    btr.add_argument("--max-requests", type=positive_int, default=None,
+                     help="replay only the first N requests (for synthetic:NAME, generate N; default 12000)")
+    btr.add_argument("--seed", type=int, default=0, help="seed of synthetic:NAME traces")
+    btr.add_argument("--suite", action="store_true",
+                     help="LRU vs the default policy on every generated trace and --trace: ratio per capacity")
     btr.set_defaults(fn=_cmd_bench_trace)
     bfl = bsub.add_parser("fleet", help="one cache for many hosts: private DRAM vs a Redis or shared-folder tier")
     bfl.add_argument("--trace", default=None, type=readable_file,

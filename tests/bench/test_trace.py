@@ -9,20 +9,29 @@ from pathlib import Path
 import pytest
 
 from kvtier.bench.trace import (
+    DEFAULT_CAPACITIES_PCT,
     TraceFormatError,
     TraceRequest,
     block_tokens,
     distinct_chunks,
     hash_key,
     judge_target,
+    library_default_policy,
+    load_requests,
     load_trace,
+    never_below_lru,
+    ratio_to_lru,
     replay_metadata_path,
     run_trace_bench,
+    run_trace_suite,
     simulate_belady,
     simulate_future_admission,
     simulate_tier,
     simulate_two_tier,
 )
+from kvtier.bench.traces import generate
+from kvtier.cli import main
+from kvtier.core.config import MemoryTierConfig
 from kvtier.tiers.policies import POLICIES, make_policy
 
 
@@ -179,7 +188,10 @@ def test_run_trace_bench_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     result = run_trace_bench(path, out, capacities_pct=(5, 20, 100), quiet=True)
     on_disk = json.loads(out.read_text())
-    assert on_disk["default"] == result["default"] in result["policies"]
+    assert on_disk["default"] == result["default"] == MemoryTierConfig().policy in result["policies"]
+    assert on_disk["first_half_choice"] in on_disk["policies"]
+    assert len(on_disk["vs_lru"]["block_hit_ratio"]) == 3 and len(on_disk["vs_lru"]["second_half_block_hit_ratio"]) == 3
+    assert isinstance(on_disk["vs_lru"]["never_below_0.99x_lru"], bool)
     assert on_disk["capacities"] == result["capacities"] and len(result["capacities"]) == 3
     assert "lru" in on_disk["policies"]
     for row in on_disk["policies"].values():
@@ -211,3 +223,59 @@ def test_judge_target_needs_half_the_gap_and_never_below_lru() -> None:
     below = judge_target({"lru": lru, "x": rows([0.3, 0.49], [0.3, 0.5])}, optimal, "x")
     assert not below["met"] and not below["whole"]["never_worse_than_lru"]
     assert judge_target({"lru": lru}, rows([0.1, 0.5], [0.1, 0.5]), "lru")["whole"]["gap_closed"] == [None, None]
+
+
+def test_default_is_the_librarys_and_capacities_start_at_1_and_2() -> None:
+    assert library_default_policy() == MemoryTierConfig().policy == "guarded"
+    assert DEFAULT_CAPACITIES_PCT[:2] == (1, 2)
+
+
+def test_bench_judges_the_default_even_when_not_asked_for(tmp_path: Path) -> None:
+    result = run_trace_bench("synthetic:zipf", tmp_path / "out.json", capacities_pct=(1, 2, 10),
+                             max_requests=300, policies=["fifo"], quiet=True)
+    assert list(result["policies"]) == ["lru", "guarded", "fifo"]
+    assert result["default"] == "guarded" and result["target"]["policy"] == "guarded"
+    assert result["capacities_pct"][:2] == [1, 2] and result["requests"] == 300
+    assert result["vs_lru"]["block_hit_ratio"] == ratio_to_lru(result["policies"], "guarded")
+    assert result["metadata_path"]["policy"] == "guarded"
+
+
+def test_ratio_to_lru_and_the_floor() -> None:
+    rows = {"lru": {"block_hit_ratio": [0.0, 0.5, 0.4]}, "x": {"block_hit_ratio": [0.1, 0.5, 0.39]}}
+    assert ratio_to_lru(rows, "x") == [None, 1.0, pytest.approx(0.975)]
+    assert not never_below_lru(ratio_to_lru(rows, "x"))
+    assert never_below_lru([None, 1.0, 0.99])
+
+
+def test_synthetic_spec_loads_a_generated_trace() -> None:
+    assert load_requests("synthetic:loop", 50, seed=2) == generate("loop", 2, 50)
+
+
+def test_suite_reports_the_default_against_lru_per_trace(tmp_path: Path) -> None:
+    file_trace = tmp_path / "t.jsonl"
+    file_trace.write_text("".join(json.dumps({"timestamp": r.timestamp_ms, "input_length": r.input_length,
+                                              "hash_ids": list(r.hash_ids)}) + "\n"
+                                  for r in random_trace(7, n=150)), encoding="utf-8")
+    out = tmp_path / "suite.json"
+    result = run_trace_suite(["synthetic:zipf", "synthetic:conversation", str(file_trace)], out,
+                             capacities_pct=(1, 2, 20), max_requests=300, quiet=True)
+    on_disk = json.loads(out.read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert on_disk["default"] == "guarded" and on_disk["capacities_pct"] == [1, 2, 20]
+    assert list(on_disk["traces"]) == ["synthetic:zipf", "synthetic:conversation", str(file_trace)]
+    for row in on_disk["traces"].values():
+        assert set(row["policies"]) == {"lru", "guarded"}
+        assert len(row["default_vs_lru"]) == 3 and len(row["capacities"]) == 3
+        assert row["met"] == never_below_lru(row["default_vs_lru"], on_disk["floor"])
+    ratios = [r for row in on_disk["traces"].values() for r in row["default_vs_lru"] if r is not None]
+    assert on_disk["min_default_vs_lru"] == min(ratios)
+    assert on_disk["met"] == all(row["met"] for row in on_disk["traces"].values())
+
+
+def test_cli_replays_a_synthetic_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r" / "trace.json"
+    assert main(["bench", "trace", "--trace", "synthetic:system_prompt", "--max-requests", "200",
+                 "--json", str(out), "--png", str(tmp_path / "r" / "trace.png")]) == 0
+    result = json.loads(out.read_text())
+    assert result["trace"] == "synthetic:system_prompt" and result["requests"] == 200
+    assert "default guarded / LRU by capacity" in capsys.readouterr().out

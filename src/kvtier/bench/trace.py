@@ -22,6 +22,13 @@ chunk of the request is touched (if resident) or offered for insertion. Counts a
 the whole trace and for its first and second halves (by request count, from the same warm run):
 tune on the first half, judge on the second.
 
+The default (`default` in the JSON) is the library's default policy, the one MemoryTierConfig and
+DiskTierConfig name, so the bench judges exactly what the tiers run; `vs_lru` gives its hit ratio
+over LRU's at each capacity, and `first_half_choice` the policy the first half alone would pick.
+`--trace synthetic:NAME` replays a generated trace (kvtier.bench.traces), and `run_trace_suite`
+(`kvtier bench trace --suite`) replays LRU and the default on every generated trace and the given
+trace file, reporting the default's ratio to LRU per trace and capacity.
+
 Trace format (one JSON object a line): {"timestamp": ms, "input_length": tokens,
 "output_length": tokens, "hash_ids": [block ids]}; each id is one block of 512 prompt tokens
 (the last may be partial). Ids become 8-byte big-endian keys; a block's parent is the previous
@@ -36,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +129,24 @@ def load_trace(path: str | Path, max_requests: int | None = None) -> list[TraceR
             if line.strip():
                 requests.append(parse_request(line, f"{path}:{lineno}"))
     return requests
+
+
+def load_requests(trace: str | Path, max_requests: int | None = None, seed: int = 0) -> list[TraceRequest]:
+    """A trace file, or `synthetic:NAME` for a generated trace (kvtier.bench.traces) of `max_requests`
+    requests (12,000 if None) drawn with `seed`."""
+    spec = str(trace)
+    if spec.startswith("synthetic:"):
+        from kvtier.bench.traces import generate
+
+        return generate(spec[len("synthetic:"):], seed, 12000 if max_requests is None else max_requests)
+    return load_trace(trace, max_requests)
+
+
+def library_default_policy() -> str:
+    """The eviction policy the tiers run unless configured otherwise (MemoryTierConfig's default)."""
+    from kvtier.core.config import MemoryTierConfig
+
+    return MemoryTierConfig().policy
 
 
 def distinct_chunks(requests: Iterable[TraceRequest]) -> int:
@@ -382,7 +408,7 @@ def simulate_future_admission(requests: Sequence[TraceRequest], capacity: int) -
 # -- the real tier's metadata path ----------------------------------------------------------------
 
 
-def replay_metadata_path(requests: Sequence[TraceRequest], policy_name: str, capacity: int) -> dict[str, float]:
+def replay_metadata_path(requests: Sequence[TraceRequest], policy_name: str, capacity: int) -> dict[str, Any]:
     """Drive MemoryTier (index + policy) through the trace with 1-token chunks of 16 bytes.
 
     Per request: `lookup` the keys, `touch` the hit prefix, then `write` each later chunk that is
@@ -453,6 +479,7 @@ def choose_default(policies: dict[str, dict[str, list[float]]]) -> str:
     """The policy with the best mean first-half chunk hit ratio among those never below LRU there.
 
     Only the first half decides, so the second half judges the choice on requests it never saw.
+    The bench reports it as `first_half_choice`; the policy it judges is the library's default.
     """
     lru = policies["lru"]["first_half_block_hit_ratio"]
     best, best_mean = "lru", sum(lru) / len(lru)
@@ -464,6 +491,18 @@ def choose_default(policies: dict[str, dict[str, list[float]]]) -> str:
         if mean > best_mean + 1e-12:
             best, best_mean = name, mean
     return best
+
+
+def ratio_to_lru(policies: dict[str, dict[str, list[float]]], name: str,
+                 key: str = "block_hit_ratio") -> list[float | None]:
+    """`name`'s hit ratio over LRU's at each capacity; None where LRU hits nothing."""
+    return [h / b if b > 0 else None for h, b in zip(policies[name][key], policies["lru"][key])]
+
+
+def never_below_lru(ratios: Sequence[float | None], floor: float = 0.99) -> bool:
+    """Issue 16's target: at least `floor` x LRU wherever LRU hits anything (elsewhere nothing can be
+    below it)."""
+    return all(r is None or r >= floor for r in ratios)
 
 
 def gap_closed(hit: float, lru: float, best: float) -> float | None:
@@ -495,6 +534,11 @@ def judge_target(policies: dict[str, dict[str, list[float]]], optimal: dict[str,
     return out
 
 
+def _simulate_named(requests: Sequence[TraceRequest], name: str, capacity: int) -> HitCounts:
+    """simulate_tier with a fresh policy of registry name `name`."""
+    return simulate_tier(requests, make_policy(name), capacity)
+
+
 def run_trace_bench(
     trace_path: str | Path = DEFAULT_TRACE,
     json_out: str | Path | None = None,
@@ -504,22 +548,26 @@ def run_trace_bench(
     policies: Sequence[str] | None = None,
     disk_factor: int = 4,
     quiet: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Replay the trace through every policy and the offline reference; write JSON (and a PNG).
 
-    Capacities are in chunks, `capacities_pct` percent of the trace's distinct chunks. The DRAM +
-    disk pair runs LRU, the chosen default and the best policy on the first half's mean (which may
-    lose to LRU somewhere) in both tiers; the metadata path replays the real
-    MemoryTier with the default policy at the capacity nearest 10%.
+    `trace_path` is a Mooncake-format file or `synthetic:NAME` (see load_requests). Capacities are
+    in chunks, `capacities_pct` percent of the trace's distinct chunks. The default is the library's
+    default policy (always replayed, with LRU). The DRAM + disk pair runs LRU, the default and the
+    best policy on the first half's mean (which may lose to LRU somewhere) in both tiers; the
+    metadata path replays the real MemoryTier with the default policy at the capacity nearest 10%.
     """
-    requests = load_trace(trace_path, max_requests)
+    requests = load_requests(trace_path, max_requests, seed)
     if not requests:
         raise TraceFormatError(f"{trace_path}: no requests")
     distinct = distinct_chunks(requests)
     capacities = [max(1, round(distinct * pct / 100)) for pct in capacities_pct]
+    default = library_default_policy()
     names = list(policies) if policies else _policy_order()
-    if "lru" not in names:
-        names.insert(0, "lru")
+    for required in (default, "lru"):
+        if required not in names:
+            names.insert(0, required)
     started = time.perf_counter()
 
     def progress(what: str) -> None:
@@ -543,19 +591,19 @@ def run_trace_bench(
         return row
 
     result_policies = {
-        name: ratios(name, lambda capacity, name=name: simulate_tier(requests, make_policy(name), capacity))
+        name: ratios(name, partial(_simulate_named, requests, name))
         for name in names
     }
     optimal = ratios("belady", lambda capacity: simulate_belady(requests, capacity))
     future_admission = ratios("LRU with future admission",
                               lambda capacity: simulate_future_admission(requests, capacity))
 
-    default = choose_default(result_policies)
+    first_half_choice = choose_default(result_policies)
     best_mean = max(result_policies, key=lambda n: sum(result_policies[n]["first_half_block_hit_ratio"]))
     two_tier: dict[str, Any] = {"disk_factor": disk_factor, "policies": {}}
     for name in dict.fromkeys(["lru", default, best_mean]):
-        row = {k: [] for k in ("block_hit_ratio", "token_hit_ratio", "second_half_block_hit_ratio",
-                               "dram_block_hit_ratio")}
+        row: dict[str, list[float]] = {k: [] for k in ("block_hit_ratio", "token_hit_ratio",
+                                                        "second_half_block_hit_ratio", "dram_block_hit_ratio")}
         for capacity in capacities:
             both = simulate_two_tier(requests, make_policy(name), make_policy(name), capacity, disk_factor)
             progress(f"DRAM + disk, {name} at {capacity} chunks")
@@ -577,7 +625,12 @@ def run_trace_bench(
         "capacities_pct": list(capacities_pct),
         "capacities": capacities,
         "default": default,
+        "first_half_choice": first_half_choice,
         "best_first_half_mean": best_mean,
+        "vs_lru": {"block_hit_ratio": ratio_to_lru(result_policies, default),
+                   "second_half_block_hit_ratio": ratio_to_lru(result_policies, default,
+                                                               "second_half_block_hit_ratio"),
+                   "never_below_0.99x_lru": never_below_lru(ratio_to_lru(result_policies, default))},
         "policies": result_policies,
         "optimal": optimal,
         "future_admission": future_admission,
@@ -593,6 +646,91 @@ def run_trace_bench(
     if png_out is not None:
         plot(result, png_out)
     return result
+
+
+def run_trace_suite(
+    traces: Sequence[str | Path] | None = None,
+    json_out: str | Path | None = None,
+    capacities_pct: Sequence[float] = DEFAULT_CAPACITIES_PCT,
+    policies: Sequence[str] | None = None,
+    floor: float = 0.99,
+    seed: int = 0,
+    max_requests: int | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """LRU and the library's default (and `policies`) on several traces: is the default >= `floor` x LRU
+    at every capacity of every trace (where LRU hits anything)?
+
+    `traces` are files or `synthetic:NAME` specs; by default every generated shape. Only the
+    single-tier replay runs (no Belady, no two-tier pair), so the whole suite takes minutes.
+    """
+    from kvtier.bench.traces import SYNTHETIC_TRACES
+
+    specs = [str(t) for t in traces] if traces else [f"synthetic:{name}" for name in SYNTHETIC_TRACES]
+    default = library_default_policy()
+    names = list(dict.fromkeys(["lru", default, *(policies or ())]))
+    started = time.perf_counter()
+    out: dict[str, Any] = {"default": default, "floor": floor, "seed": seed,
+                           "capacities_pct": list(capacities_pct), "traces": {}}
+    for spec in specs:
+        requests = load_requests(spec, max_requests, seed)
+        if not requests:
+            raise TraceFormatError(f"{spec}: no requests")
+        distinct = distinct_chunks(requests)
+        capacities = [max(1, round(distinct * pct / 100)) for pct in capacities_pct]
+        rows: dict[str, dict[str, list[float]]] = {}
+        for name in names:
+            row: dict[str, list[float]] = {"block_hit_ratio": [], "token_hit_ratio": []}
+            for capacity in capacities:
+                counts = simulate_tier(requests, make_policy(name), capacity)
+                row["block_hit_ratio"].append(counts.block_ratio())
+                row["token_hit_ratio"].append(counts.token_ratio())
+            rows[name] = row
+        vs_lru = ratio_to_lru(rows, default)
+        out["traces"][spec] = {
+            "requests": len(requests),
+            "chunk_references": sum(len(r.hash_ids) for r in requests),
+            "distinct_chunks": distinct,
+            "capacities": capacities,
+            "policies": rows,
+            "default_vs_lru": vs_lru,
+            "met": never_below_lru(vs_lru, floor),
+        }
+        if not quiet:
+            print(f"[{time.perf_counter() - started:7.1f}s] {spec}", file=sys.stderr, flush=True)
+    ratios = [r for t in out["traces"].values() for r in t["default_vs_lru"] if r is not None]
+    out["min_default_vs_lru"] = min(ratios) if ratios else None
+    out["met"] = all(t["met"] for t in out["traces"].values())
+    out["seconds"] = time.perf_counter() - started
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    if not quiet:
+        print_suite_table(out)
+    return out
+
+
+def print_suite_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)
+    default = result["default"]
+    table = Table(title=f"chunk hit ratio, default ({default}) vs LRU: default / LRU = ratio "
+                        f"(target >= {result['floor']}x wherever LRU hits)")
+    table.add_column("trace", no_wrap=True)
+    for pct in result["capacities_pct"]:
+        table.add_column(f"{pct}%", justify="right")
+    for spec, row in result["traces"].items():
+        cells = [spec.removeprefix("synthetic:") if spec.startswith("synthetic:") else Path(spec).name]
+        for hit, base, ratio in zip(row["policies"][default]["block_hit_ratio"],
+                                    row["policies"]["lru"]["block_hit_ratio"], row["default_vs_lru"]):
+            cells.append(f"{hit:.3f} / {base:.3f} = " + ("-" if ratio is None else f"{ratio:.3f}x"))
+        table.add_row(*cells)
+    console.print(table)
+    low = result["min_default_vs_lru"]
+    console.print(f"target met: {result['met']} (lowest ratio {'-' if low is None else f'{low:.4f}'}x)")
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -639,6 +777,11 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(f"target met: {target['met']} (never worse than LRU: whole "
                   f"{target['whole']['never_worse_than_lru']}, second half {target['second_half']['never_worse_than_lru']})")
+    vs_lru = result["vs_lru"]["block_hit_ratio"]
+    console.print(f"default {default} / LRU by capacity: "
+                  + ", ".join("-" if r is None else f"{r:.3f}x" for r in vs_lru)
+                  + f" (>= 0.99x everywhere: {result['vs_lru']['never_below_0.99x_lru']}); "
+                  f"the first half alone would choose {result['first_half_choice']}")
     meta = result["metadata_path"]
     console.print(f"metadata path (MemoryTier, {meta['policy']}, {meta['capacity_chunks']} chunks): "
                   f"{meta['lookups_per_s']:,.0f} chunk lookups/s, {meta['inserts_per_s']:,.0f} inserts/s")

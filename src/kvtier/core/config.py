@@ -111,15 +111,16 @@ def check_fields(config: Any, section: str) -> None:
 
 # The names tiers.policies registers (core cannot import tiers; tests/core/test_config.py
 # checks the two lists agree), so a misspelt policy is refused when the config is read.
-EVICTION_POLICY_NAMES = ("adaptive", "arc", "fifo", "lrfu", "lru", "s3fifo")
+EVICTION_POLICY_NAMES = ("adaptive", "arc", "fifo", "guarded", "lrfu", "lru", "s3fifo")
+DEFAULT_POLICY = "guarded"  # the memory, disk and shared-folder tiers' default
 WRITE_MODES = ("write-through", "write-back")
 
 
 @dataclass(slots=True, frozen=True)
 class MemoryTierConfig:
     capacity_bytes: int = size_field(1 << 30)
-    # LRU until its own sampled simulations show use counts pay (issue 7)
-    policy: str = choice_field("adaptive", EVICTION_POLICY_NAMES)
+    # adaptive (issue 7) that falls back to exact LRU while an LRU shadow hits more (issue 16)
+    policy: str = choice_field(DEFAULT_POLICY, EVICTION_POLICY_NAMES)
     verify_reads: bool = True  # checksum each section after copying it to the caller
 
     def __post_init__(self) -> None:
@@ -130,7 +131,7 @@ class MemoryTierConfig:
 class DiskTierConfig:
     root: str = ""
     capacity_bytes: int = size_field(16 << 30)
-    policy: str = choice_field("adaptive", EVICTION_POLICY_NAMES)
+    policy: str = choice_field(DEFAULT_POLICY, EVICTION_POLICY_NAMES)
     fsync: bool = False  # fsync before publish: survives power loss, not only process crashes
     read_only: bool = False  # open as a reader of a folder another process owns
 
@@ -484,7 +485,7 @@ class SharedFolderTierConfig:
 
     root: str = ""
     capacity_bytes: int = size_field(64 << 30)
-    policy: str = choice_field("adaptive", EVICTION_POLICY_NAMES)
+    policy: str = choice_field(DEFAULT_POLICY, EVICTION_POLICY_NAMES)
     fsync: bool = False  # fsync each chunk and its folder before publishing (power-loss safe)
     owner: bool = False  # exactly one host per folder: capacity accounting and eviction
     rescan_s: float = number_field(30.0, low=0)  # owner: period of the background rescan (0: only when rescan() is called)
