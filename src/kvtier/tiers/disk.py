@@ -147,6 +147,7 @@ class DiskTier(Tier):
         self._lock_fd = -1
         self._buckets: set[str] = set()
         self.foreign_chunks = 0  # files of another layout found at open (left alone)
+        self.read_hook: Callable[[int, float], object] | None = None  # (bytes, started): a read throttle
 
         self.root = _open_root(config)
         self._chunks_dir = os.path.join(self.root, CHUNKS_DIR)
@@ -214,6 +215,8 @@ class DiskTier(Tier):
             return None
         finally:
             os.close(fd)
+        if self.read_hook is not None:
+            self.read_hook(len(layers) * self.layer_bytes, t0)
         h = table.header
         self.metrics.inc(m.HITS, tier=self.name)
         self.metrics.inc(m.BYTES_READ, len(layers) * self.layer_bytes, tier=self.name)
