@@ -35,7 +35,11 @@ def tier_id(store: Any, tier_name: str, device: str) -> str:
             return f"disk:service={getattr(store, 'socket_path', '?')}->{device}"
         hook = getattr(disk, "read_hook", None)
         capped = f":throttle={hook.bytes_per_s:.0f}" if hasattr(hook, "bytes_per_s") else ""
-        return f"disk:dev={os.stat(root).st_dev}{capped}->{device}"
+        try:
+            where = f"dev={os.stat(root).st_dev}"
+        except OSError:  # the folder is gone (its loads will fail and be recomputed): keep it apart
+            where = f"root={root}"
+        return f"disk:{where}{capped}->{device}"
     if hasattr(store, "socket_path"):
         return f"{tier_name}:service->{device}"
     return f"{tier_name}->{device}"

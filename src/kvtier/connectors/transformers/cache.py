@@ -72,6 +72,7 @@ class PrefillPlan:
     prompt_tokens: tuple[int, ...]  # per row
     cached_tokens: tuple[int, ...]  # per row, loaded from the store
     n_cached: int  # W: columns the cache holds before the forward
+    skipped_tokens: tuple[int, ...] = ()  # per row: stored, but recomputed because loading would not pay
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         out = {"input_ids": self.input_ids}
@@ -111,7 +112,12 @@ class _Prefill:
     save_broken: bool = False
     done_layers: int = 0
     load_wait_s: float = 0.0
+    prepare_wait_s: float = 0.0  # the part of load_wait_s spent inside prepare (overlap=False)
     all_handles: list[Any] = field(default_factory=list)
+    load_started: float = 0.0  # perf_counter when the loads were submitted
+    done_at: dict[int, float] = field(default_factory=dict)  # id(handle) -> perf_counter when it finished
+    tier_handles: dict[str, list[Any]] = field(default_factory=dict)  # tier -> its handles
+    tier_bytes: dict[str, int] = field(default_factory=dict)  # tier -> bytes its handles move
 
 
 class _StoreLayer(DynamicLayer):
@@ -156,6 +162,7 @@ class KVTierCache(DynamicCache):
         self._state: _Prefill | None = None
         self.last_plan: PrefillPlan | None = None
         self.load_wait_s = 0.0  # time the forward waited for loads and scattered them (last prefill)
+        self.forward_wait_s = 0.0  # the part of load_wait_s spent inside the forward (not in prepare)
 
     # -- prepare -------------------------------------------------------------------------------
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -177,12 +184,18 @@ class KVTierCache(DynamicCache):
         keys = [conn.chunk_keys(r) for r in rows]
         found = [conn.lookup(k) for k in keys]
         load_n = []
+        skipped = []
         for b, n in enumerate(lengths):
             cap = (n - 1) // ct if n else 0  # never the last token
             if max_chunks is not None:
                 cap = min(cap, max_chunks[b])
-            load_n.append(min(found[b][0], cap) if conn.load_enabled else 0)
-        plan = _make_plan(ids, lengths, [n * ct for n in load_n], conn.pad_token_id)
+            usable = min(found[b][0], cap) if conn.load_enabled else 0
+            worth = conn.chunks_worth_loading(found[b][1][:usable])
+            load_n.append(worth)
+            skipped.append((usable - worth) * ct)
+        if any(skipped):
+            conn.report_skipped_loads(sum(skipped) // ct)
+        plan = _make_plan(ids, lengths, [n * ct for n in load_n], conn.pad_token_id, conn.device, skipped)
         self.last_plan = plan
         width = plan.full_input_ids.shape[1]
         if width == 0:
@@ -201,6 +214,7 @@ class KVTierCache(DynamicCache):
                 return self.prepare(input_ids, attention_mask, max_chunks=valid, overlap=False)
             for layer in self._store_layers:  # everything is here: put it in place now, the forward only computes
                 self._install(state, layer)
+            state.prepare_wait_s = state.load_wait_s
         return plan
 
     def _start_loads(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
@@ -234,6 +248,7 @@ class KVTierCache(DynamicCache):
         disk_units = [u for u in range(n_units) if unit_tier[u] != "memory"]
         mem_units = [u for u in range(n_units) if unit_tier[u] == "memory"]
         shared = []
+        state.load_started = time.perf_counter()
         if disk_units:  # whole chunks: one sequential read per file, promoted to DRAM
             step = -(-len(disk_units) // DISK_LOAD_GROUPS)
             for g in range(0, len(disk_units), step):
@@ -242,6 +257,11 @@ class KVTierCache(DynamicCache):
                 h = store.load([unit_keys[u] for u in group], dests, None)
                 state.handle_units[id(h)] = group
                 shared.append(h)
+            state.tier_handles["disk"] = list(shared)
+            state.tier_bytes["disk"] = len(disk_units) * lb * layout.num_layers
+        if mem_units:
+            state.tier_handles["memory"] = []
+            state.tier_bytes["memory"] = len(mem_units) * lb * layout.num_layers
         for layer in range(layout.num_layers):
             state.layer_handles[layer].extend(shared)
             if mem_units:
@@ -249,7 +269,10 @@ class KVTierCache(DynamicCache):
                 h = store.load([unit_keys[u] for u in mem_units], [[a[u]] for u in mem_units], [layer])
                 state.handle_units[id(h)] = mem_units
                 state.layer_handles[layer].append(h)
+                state.tier_handles["memory"].append(h)
         state.all_handles = [h for hs in state.layer_handles for h in hs]
+        for h in dict.fromkeys(state.all_handles):  # when each load finished, for the planner's bandwidths
+            _stamp_done(state, h)
         return state
 
     def _plan_saves(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
@@ -410,7 +433,15 @@ class KVTierCache(DynamicCache):
 
     def _finish(self, state: _Prefill) -> None:
         self.load_wait_s = state.load_wait_s
+        self.forward_wait_s = state.load_wait_s - state.prepare_wait_s
         self.connector.record_prefill(state.plan, state.load_wait_s)
+        for tier, handles in state.tier_handles.items():
+            if any(state.handle_failed.get(id(h)) for h in handles):
+                continue  # a failed load says nothing about the tier's speed
+            ends = [state.done_at.get(id(h)) for h in handles]
+            if handles and all(e is not None for e in ends):
+                seconds = max(e for e in ends if e is not None) - state.load_started
+                self.connector.observe_load(tier, state.tier_bytes[tier], seconds)
         self._state = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -457,7 +488,16 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
     return ids, mask
 
 
-def _make_plan(ids: torch.Tensor, lengths: list[int], cached: list[int], pad_id: int) -> PrefillPlan:
+def _stamp_done(state: _Prefill, handle: Any) -> None:
+    add = getattr(handle, "add_done_callback", None)
+    if add is not None:
+        add(lambda h: state.done_at.__setitem__(id(h), time.perf_counter()))
+
+
+def _make_plan(ids: torch.Tensor, lengths: list[int], cached: list[int], pad_id: int,
+               device: torch.device | str = "cpu", skipped: list[int] | None = None) -> PrefillPlan:
+    """The plan's tensors are built on the CPU (from the token lists) and handed over on `device`,
+    the model's: a model on a GPU must not be given CPU input ids, masks or positions."""
     batch, total = ids.shape
     w = max(cached, default=0)
     suffix = [n - h for n, h in zip(lengths, cached)]
@@ -474,7 +514,10 @@ def _make_plan(ids: torch.Tensor, lengths: list[int], cached: list[int], pad_id:
         mask[b, width - s:] = 1
     padded = not bool(mask.all())
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, w:] if padded else None
-    return PrefillPlan(full[:, w:], mask if padded else None, positions, full, tuple(lengths), tuple(cached), w)
+    full = full.to(device)
+    return PrefillPlan(full[:, w:], mask.to(device) if padded else None,
+                       positions.to(device) if positions is not None else None, full, tuple(lengths),
+                       tuple(cached), w, tuple(skipped or [0] * batch))
 
 
 def _valid_chunks(row_units: list[list[int]], failed: set[int]) -> tuple[int, ...]:

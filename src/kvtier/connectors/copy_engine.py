@@ -1,0 +1,151 @@
+"""Host <-> accelerator copies for the connectors: devices, page-locked staging, copy streams.
+
+    model_device(model)               the one device a model's weights live on (clear error otherwise)
+    choose_device()                   "cuda" when a GPU is present, else "cpu" (for the demo and benches)
+    synchronize(device)               wait for the device's queued work (no-op on the CPU)
+    staging_buffer(nbytes, device)    a uint8 host buffer, page-locked when the KV lives on CUDA
+    host_to_device_probe(device)      bytes, seconds of one pinned host -> device copy (None off CUDA)
+    LayerCopies(device)               per-layer host -> device copies on a side stream, one event each
+
+The CUDA-only parts are a few lines behind `device.type == "cuda"`; the same code runs on CPU
+tensors synchronously (no stream, an event that is always complete), so the logic around it is
+tested on any machine. A page-locked allocation the OS refuses (RLIMIT_MEMLOCK, no driver) falls
+back to pageable memory with one logged warning: slower copies, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvtier.sparse.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+PROBE_BYTES = 64 << 20
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of every weight of `model`; UnsupportedModelError when they are spread over several."""
+    devices = {p.device for p in model.parameters()}
+    if not devices:
+        return torch.device("cpu")
+    if len(devices) > 1:
+        shown = ", ".join(sorted(str(d) for d in devices))
+        raise UnsupportedModelError(f"the model's weights are on several devices ({shown}); kvtier's transformers "
+                                    "cache keeps each layer's KV on one device: load the model on one device")
+    return devices.pop()
+
+
+def choose_device() -> str:
+    """Where to run a model kvtier builds itself (demo, benchmarks): the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warn_once(kind: str, msg: str, *args: Any) -> None:
+    with _warned_lock:
+        if kind in _warned:
+            return
+        _warned.add(kind)
+    log.warning(msg, *args)
+
+
+def staging_buffer(nbytes: int, device: torch.device | str,
+                   allocate: Callable[..., torch.Tensor] = torch.empty) -> tuple[torch.Tensor, bool]:
+    """(a uint8 host tensor of `nbytes`, whether it is page-locked). Pinned only when `device` is CUDA
+    (a host -> GPU copy from pinned memory is asynchronous and several times faster); a refused pin
+    falls back to pageable memory with one warning."""
+    if torch.device(device).type != "cuda":
+        return allocate(nbytes, dtype=torch.uint8), False
+    try:
+        return allocate(nbytes, dtype=torch.uint8, pin_memory=True), True
+    except RuntimeError as e:
+        _warn_once("pin", "kvtier: page-locked host memory was refused (%s); copying through pageable memory, "
+                   "which is slower. Raise the locked-memory limit (ulimit -l) to fix this.", e)
+        return allocate(nbytes, dtype=torch.uint8), False
+
+
+def host_to_device_probe(device: torch.device | str, nbytes: int = PROBE_BYTES) -> tuple[int, float] | None:
+    """Best of 3 copies of one pinned host tensor to `device` (None unless CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    src, _ = staging_buffer(nbytes, device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes, max(best, 1e-9)
+
+
+class _DoneEvent:
+    """What a CPU copy records: it is complete when recorded."""
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+
+class LayerCopies:
+    """Per-layer host -> device copies: `copy(layer, src)` queues the copy of one layer's staged bytes
+    on a side stream and records that layer's event; `ready(layer)` makes the compute stream wait for
+    that event only (no CPU wait), so layer i's copy overlaps the compute of the layers before it.
+    On a CPU device copies run at once and events are always complete: the same calls, no stream.
+    A copy that raises marks its layer failed (`failed(layer)`); the caller then recomputes the
+    chunks instead of reading a half-written buffer."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._events: dict[int, Any] = {}
+        self._failed: dict[int, str] = {}
+
+    def copy(self, layer: int, src: torch.Tensor) -> torch.Tensor | None:
+        """The device copy of `src` (None when the copy failed; see failed())."""
+        try:
+            if self._stream is None:
+                out = src.to(self.device)
+                self._events[layer] = _DoneEvent()
+                return out
+            with torch.cuda.stream(self._stream):
+                out = src.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            src.record_stream(self._stream) if src.is_cuda else None
+            self._events[layer] = event
+            return out
+        except RuntimeError as e:  # a CUDA error (or out of memory) while queueing the copy
+            self._failed[layer] = f"{type(e).__name__}: {e}"
+            return None
+
+    def ready(self, layer: int) -> None:
+        """Make the current stream wait for `layer`'s copy (returns at once; the GPU waits)."""
+        event = self._events.get(layer)
+        if event is not None and self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def failed(self, layer: int) -> str | None:
+        return self._failed.get(layer)
