@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
 from kvtier.connectors.copy_engine import model_device, synchronize
+from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
 from kvtier.connectors.transformers.compat import cache_kwarg, check_full_kv
 from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
 from kvtier.core import metrics as m
