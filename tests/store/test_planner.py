@@ -62,22 +62,16 @@ def test_throttle_caps_and_seeds():
         est.seed_bandwidth("d", 0, 1.0)
 
 
-def test_compute_slope_ignores_per_forward_overhead():
+def test_compute_cost_is_decayed_seconds_per_token():
     est = CostEstimates()
     assert est.seconds_per_token("m") is None
-    est.observe_compute("m", 100, 0.5 + 100 * 1e-3)
-    assert est.seconds_per_token("m") == pytest.approx(0.6 / 100)  # one size: seconds / tokens
-    est.observe_compute("m", 1000, 0.5 + 1000 * 1e-3)
-    est.observe_compute("m", 10, 0.5 + 10 * 1e-3)
-    assert est.seconds_per_token("m") == pytest.approx(1e-3)  # the fit's slope, overhead 0.5 s left out
-
-
-def test_compute_slope_never_negative():
-    est = CostEstimates()
-    est.observe_compute("m", 100, 1.0)
-    est.observe_compute("m", 1000, 0.5)  # noise: larger forward faster
-    # falls back to the decayed seconds / tokens
-    assert est.seconds_per_token("m") == pytest.approx((1.0 * DECAY + 0.5) / (100 * DECAY + 1000))
+    est.observe_compute("m", 100, 0.2)
+    assert est.seconds_per_token("m") == pytest.approx(0.2 / 100)
+    est.observe_compute("m", 1000, 1.0)
+    assert est.seconds_per_token("m") == pytest.approx((0.2 * DECAY + 1.0) / (100 * DECAY + 1000))
+    for _ in range(40):
+        est.observe_compute("m", 50, 0.5)
+    assert est.seconds_per_token("m") == pytest.approx(0.01, rel=1e-4)
 
 
 def test_zero_observations_are_ignored():

@@ -20,10 +20,12 @@ The estimates (`CostEstimates`) are decayed sums, so later measurements outweigh
     seconds_per_token(engine_id)    marginal compute cost of one prompt token
     observe_compute(engine_id, tokens, s)   a forward over `tokens` tokens that took s seconds
 
-Compute is fitted as t = a + b * tokens over the decayed observations (b is the marginal cost;
-a, the per-forward overhead, is the same whether a hit is loaded or not, so it is left out).
-With observations of one size only, b falls back to seconds / tokens (which over-states b and
-so errs towards loading). `ESTIMATES` is the process's shared instance: estimates keyed by tier
+Compute is seconds / tokens over the decayed observations. Connectors report only forwards of
+at least a few chunks (MIN_OBSERVED_CHUNKS): a short forward is mostly fixed per-forward cost,
+which a fitted slope would have to separate from the per-token cost, and on noisy machines such
+fits swing far either way. The per-forward overhead left in the ratio over-states the cost of a
+token by overhead / tokens, so the planner errs towards loading, today's behaviour.
+`ESTIMATES` is the process's shared instance: estimates keyed by tier
 and engine survive a store or connector reopen within the process, which a probe-per-open
 would not; tests pass their own instance.
 
@@ -37,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 DECAY = 0.7  # weight kept by older observations at each new one
+MIN_OBSERVED_CHUNKS = 4  # forwards shorter than this many chunks are not timed for the compute estimate
 THROTTLE = "throttle"
 PROBE = "probe"
 
@@ -58,43 +61,13 @@ class _Rate:
         return min(bw, self.cap) if self.cap is not None else bw
 
 
-@dataclass(slots=True)
-class _Fit:
-    """Decayed weighted least squares of seconds = a + b * tokens."""
-
-    w: float = 0.0
-    sx: float = 0.0
-    sy: float = 0.0
-    sxx: float = 0.0
-    sxy: float = 0.0
-    samples: int = 0
-
-    def add(self, x: float, y: float) -> None:
-        self.w = self.w * DECAY + 1.0
-        self.sx = self.sx * DECAY + x
-        self.sy = self.sy * DECAY + y
-        self.sxx = self.sxx * DECAY + x * x
-        self.sxy = self.sxy * DECAY + x * y
-        self.samples += 1
-
-    def slope(self) -> float | None:
-        if self.samples == 0 or self.sx <= 0.0:
-            return None
-        ratio = self.sy / self.sx
-        den = self.w * self.sxx - self.sx * self.sx
-        if den <= 1e-9 * self.w * self.sxx:  # every observation the same size: no slope to fit
-            return ratio
-        b = (self.w * self.sxy - self.sx * self.sy) / den
-        return b if b > 0.0 else ratio
-
-
 class CostEstimates:
     """Per-tier bandwidths and per-engine compute costs, shared by every store and connector that
     names the same tier or engine (thread-safe: loads are observed from worker threads)."""
 
     def __init__(self) -> None:
         self._rates: dict[str, _Rate] = {}
-        self._fits: dict[str, _Fit] = {}
+        self._compute: dict[str, _Rate] = {}  # tokens per second
         self._lock = threading.Lock()
 
     # -- tiers -----------------------------------------------------------------------------
@@ -139,19 +112,23 @@ class CostEstimates:
     # -- engines ---------------------------------------------------------------------------
     def seconds_per_token(self, engine_id: str) -> float | None:
         with self._lock:
-            f = self._fits.get(engine_id)
-            return f.slope() if f is not None else None
+            r = self._compute.get(engine_id)
+            rate = r.value() if r is not None else None
+            return 1.0 / rate if rate else None
 
     def observe_compute(self, engine_id: str, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
             return
         with self._lock:
-            self._fits.setdefault(engine_id, _Fit()).add(float(tokens), float(seconds))
+            r = self._compute.setdefault(engine_id, _Rate(source="measured"))
+            r.bytes = r.bytes * DECAY + tokens
+            r.seconds = r.seconds * DECAY + seconds
+            r.samples += 1
 
     def forget(self) -> None:
         with self._lock:
             self._rates.clear()
-            self._fits.clear()
+            self._compute.clear()
 
     def snapshot(self) -> dict[str, dict[str, float | str | None]]:
         """What is known, for benchmarks' JSON: {id: {bandwidth|seconds_per_token, source, samples}}."""
@@ -159,8 +136,10 @@ class CostEstimates:
             out: dict[str, dict[str, float | str | None]] = {}
             for k, r in self._rates.items():
                 out[k] = {"bytes_per_s": r.value(), "source": r.source, "samples": float(r.samples)}
-            for k, f in self._fits.items():
-                out[k] = {"seconds_per_token": f.slope(), "source": "measured", "samples": float(f.samples)}
+            for k, c in self._compute.items():
+                rate = c.value()
+                out[k] = {"seconds_per_token": 1.0 / rate if rate else None, "source": "measured",
+                          "samples": float(c.samples)}
             return out
 
 

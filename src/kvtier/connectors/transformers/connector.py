@@ -46,7 +46,7 @@ from kvtier.core import metrics as m
 from kvtier.core.errors import LayoutMismatchError
 from kvtier.core.keys import KeyChain, Namespace
 from kvtier.store import probe
-from kvtier.store.planner import ESTIMATES, CostEstimates, chunks_worth_loading
+from kvtier.store.planner import ESTIMATES, MIN_OBSERVED_CHUNKS, CostEstimates, chunks_worth_loading
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ class TransformersConnector:
             self.estimates.observe_load(self.tier_id(tier), nbytes, seconds)
 
     def observe_compute(self, tokens: int, seconds: float) -> None:
-        if self.plan_loads:
+        """A forward over `tokens` tokens took `seconds` (short forwards are left out: see planner.py)."""
+        if self.plan_loads and tokens >= MIN_OBSERVED_CHUNKS * self.chunk_tokens:
             self.estimates.observe_compute(self.engine_id, tokens, seconds)
 
     def report_skipped_loads(self, chunks: int) -> None:
