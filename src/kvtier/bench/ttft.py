@@ -367,7 +367,7 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
             # doing shifts every column alike.
             ref = bench.plain(ids)
             base_runs, miss_runs, published_runs, dram_runs, load_runs, comp_runs = [], [], [], [], [], []
-            disk_runs, disk_reads, diffs, top1 = [], [], [], []
+            disk_runs, disk_reads, disk_loaded, diffs, top1 = [], [], [], [], []
             dram_plan = disk_plan = load_plan = None
             for _ in range(runs):
                 s, _ = bench.timed(bench.plain, ids)
@@ -385,6 +385,7 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
                 s, disk_plan, got, reads = bench.disk_hit(ids)
                 disk_runs.append(s)
                 disk_reads.append(reads)
+                disk_loaded.append(disk_plan.cached_tokens[0] // chunk)
                 diffs.append((got.float() - ref.float()).abs().max().item())
                 top1.append(got)
             assert dram_plan is not None and disk_plan is not None and load_plan is not None
@@ -407,7 +408,8 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
                             "chunks_recomputed": disk_plan.skipped_tokens[0] // chunk,
                             "dram_chunks_loaded": dram_plan.cached_tokens[0] // chunk,
                             "dram_chunks_recomputed": dram_plan.skipped_tokens[0] // chunk,
-                            "disk_chunks_read": disk_reads, "suffix_compute_s": comp_s,
+                            "disk_chunks_read": disk_reads, "disk_chunks_loaded_runs": disk_loaded,
+                            "suffix_compute_s": comp_s,
                             "no_kvtier_runs_s": base_runs, "miss_runs_s": miss_runs,
                             "miss_published_runs_s": published_runs, "dram_hit_runs_s": dram_runs,
                             "disk_hit_runs_s": disk_runs, "load_only_runs_s": load_runs,

@@ -113,6 +113,7 @@ class _Prefill:
     done_layers: int = 0
     load_wait_s: float = 0.0
     prepare_wait_s: float = 0.0  # the part of load_wait_s spent inside prepare (overlap=False)
+    save_s: float = 0.0  # time the forward spent handing its new chunks to the store
     all_handles: list[Any] = field(default_factory=list)
     load_started: float = 0.0  # perf_counter when the loads were submitted
     done_at: dict[int, float] = field(default_factory=dict)  # id(handle) -> perf_counter when it finished
@@ -163,6 +164,7 @@ class KVTierCache(DynamicCache):
         self.last_plan: PrefillPlan | None = None
         self.load_wait_s = 0.0  # time the forward waited for loads and scattered them (last prefill)
         self.forward_wait_s = 0.0  # the part of load_wait_s spent inside the forward (not in prepare)
+        self.forward_save_s = 0.0  # time the last prefill's forward spent saving
 
     # -- prepare -------------------------------------------------------------------------------
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -176,6 +178,7 @@ class KVTierCache(DynamicCache):
         conn = self.connector
         overlap = conn.overlap if overlap is None else overlap
         self.discard()
+        self.forward_wait_s = self.forward_save_s = 0.0
         ids, mask = _check_inputs(input_ids, attention_mask)
         batch, total = ids.shape
         lengths = [total] * batch if mask is None else [int(x) for x in mask.sum(1).tolist()]
@@ -429,11 +432,14 @@ class KVTierCache(DynamicCache):
             self._abort_saves(state)
             conn.report_save_failure(sum(len(s.keys) for s in state.saves), f"{type(e).__name__}: {e}")
         finally:
-            conn.add_save_seconds(time.perf_counter() - t0)
+            spent = time.perf_counter() - t0
+            state.save_s += spent
+            conn.add_save_seconds(spent)
 
     def _finish(self, state: _Prefill) -> None:
         self.load_wait_s = state.load_wait_s
         self.forward_wait_s = state.load_wait_s - state.prepare_wait_s
+        self.forward_save_s = state.save_s
         self.connector.record_prefill(state.plan, state.load_wait_s)
         for tier, handles in state.tier_handles.items():
             if any(state.handle_failed.get(id(h)) for h in handles):

@@ -181,7 +181,7 @@ class TransformersConnector:
                                      **forward_kwargs)
                 if self.plan_loads:
                     synchronize(self.device)  # the logits are read next anyway: this costs the caller nothing
-                    seconds = time.perf_counter() - t0 - cache.forward_wait_s
+                    seconds = time.perf_counter() - t0 - cache.forward_wait_s - cache.forward_save_s
                     self.observe_compute(int(plan.input_ids.numel()), seconds)
                 return cache, out
             except PrefixLoadError as e:
