@@ -5,7 +5,11 @@
     synchronize(device)               wait for the device's queued work (no-op on the CPU)
     staging_buffer(nbytes, device)    a uint8 host buffer, page-locked when the KV lives on CUDA
     host_to_device_probe(device)      bytes, seconds of one pinned host -> device copy (None off CUDA)
-    LayerCopies(device)               per-layer host -> device copies on a side stream, one event each
+    StagingPool(device)               one reusable (pinned on CUDA) host buffer: pinning costs more than copying
+    LayerCopies(device, stream)       per-layer host -> device copies on a side stream, one event each
+    SaveCopies(device)                device -> host copies of saves on another stream; what follows a copy
+                                      (writing it to the store, publishing) runs once it completes, on a
+                                      worker thread, so the forward never waits for a save
 
 The CUDA-only parts are a few lines behind `device.type == "cuda"`; the same code runs on CPU
 tensors synchronously (no stream, an event that is always complete), so the logic around it is
@@ -95,7 +99,40 @@ def host_to_device_probe(device: torch.device | str, nbytes: int = PROBE_BYTES) 
     return nbytes, max(best, 1e-9)
 
 
-class _DoneEvent:
+class StagingPool:
+    """One grow-only host buffer, reused by one prefill at a time. On CUDA it is page-locked, and
+    allocating pinned memory costs far more than the copies it speeds up, so it is kept; a prefill
+    that finds it taken gets a buffer of its own. `release(buf, event)` hands it back once `event`
+    (the last copy out of it) completes: the next `acquire` waits for that event."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._buf: torch.Tensor | None = None
+        self._busy = False
+        self._pending: Any = None
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            if self._busy:
+                return staging_buffer(nbytes, self.device)[0]
+            if self._pending is not None:
+                self._pending.synchronize()
+                self._pending = None
+            if self._buf is None or self._buf.numel() < nbytes:
+                self._buf = None
+                self._buf = staging_buffer(nbytes, self.device)[0]
+            self._busy = True
+            return self._buf[:nbytes]
+
+    def release(self, buf: torch.Tensor, event: Any = None) -> None:
+        with self._lock:
+            if self._buf is not None and buf.numel() and buf.data_ptr() == self._buf.data_ptr():
+                self._busy = False
+                self._pending = event
+
+
+class DoneEvent:
     """What a CPU copy records: it is complete when recorded."""
 
     def wait(self, stream: Any = None) -> None:
@@ -116,26 +153,27 @@ class LayerCopies:
     A copy that raises marks its layer failed (`failed(layer)`); the caller then recomputes the
     chunks instead of reading a half-written buffer."""
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, stream: Any = None) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._stream = (stream or torch.cuda.Stream(self.device)) if self.cuda else None
         self._events: dict[int, Any] = {}
         self._failed: dict[int, str] = {}
+        self.last_event: Any = None  # the latest copy's event: its source buffer is free once it completes
 
     def copy(self, layer: int, src: torch.Tensor) -> torch.Tensor | None:
         """The device copy of `src` (None when the copy failed; see failed())."""
         try:
             if self._stream is None:
                 out = src.to(self.device)
-                self._events[layer] = _DoneEvent()
+                self._events[layer] = self.last_event = DoneEvent()
                 return out
             with torch.cuda.stream(self._stream):
                 out = src.to(self.device, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._stream)
-            src.record_stream(self._stream) if src.is_cuda else None
-            self._events[layer] = event
+            out.record_stream(torch.cuda.current_stream(self.device))  # freed only after compute used it
+            self._events[layer] = self.last_event = event
             return out
         except RuntimeError as e:  # a CUDA error (or out of memory) while queueing the copy
             self._failed[layer] = f"{type(e).__name__}: {e}"
@@ -149,3 +187,70 @@ class LayerCopies:
 
     def failed(self, layer: int) -> str | None:
         return self._failed.get(layer)
+
+
+class SaveCopies:
+    """Device -> host copies of what a forward saves, and the work that must follow each copy.
+
+    `to_host(t)` returns (host tensor, event): on CUDA a pinned buffer filled on the save stream
+    after the compute stream's work so far (the layer just computed), on the CPU `t` itself and an
+    event that is complete. `then(event, fn)` runs fn once event completes: at once in the calling
+    thread when not threaded (the CPU default), else in FIFO order on one worker thread, so the
+    forward never waits for a save and saves still publish in order. An fn that raises calls
+    `on_error(exc)` (given with it) and the queue goes on; `drain()` waits for everything queued."""
+
+    def __init__(self, device: torch.device | str, threaded: bool | None = None) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.threaded = self.cuda if threaded is None else threaded
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._queue: Any = None
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def to_host(self, t: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        if not t.is_cuda:
+            return t, DoneEvent()
+        host = out if out is not None else staging_buffer(t.numel() * t.element_size(), self.device)[0]
+        host = host.view(t.dtype).view(t.shape)
+        assert self._stream is not None
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        t.record_stream(self._stream)  # the device tensor is not reused before the copy is done
+        return host, event
+
+    def then(self, event: Any, fn: Callable[[], None], on_error: Callable[[BaseException], None]) -> None:
+        if not self.threaded:
+            self._run(event, fn, on_error)
+            return
+        with self._lock:
+            if self._worker is None:
+                import queue
+
+                self._queue = queue.SimpleQueue()
+                self._worker = threading.Thread(target=self._loop, name="kvtier-save-copies", daemon=True)
+                self._worker.start()
+        self._queue.put((event, fn, on_error))
+
+    def drain(self) -> None:
+        if self._worker is None:
+            return
+        done = threading.Event()
+        self._queue.put((DoneEvent(), done.set, lambda e: done.set()))
+        done.wait()
+
+    @staticmethod
+    def _run(event: Any, fn: Callable[[], None], on_error: Callable[[BaseException], None]) -> None:
+        try:
+            event.synchronize()
+            fn()
+        except Exception as e:  # noqa: BLE001 - reaches the connector through on_error (counted, logged once)
+            on_error(e)
+
+    def _loop(self) -> None:
+        while True:
+            event, fn, on_error = self._queue.get()
+            self._run(event, fn, on_error)

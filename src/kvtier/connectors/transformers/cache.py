@@ -40,12 +40,13 @@ generation: it is counted and logged once by the connector.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvtier.connectors.copy_engine import DoneEvent, LayerCopies
 from kvtier.connectors.transformers.compat import DynamicCache, DynamicLayer, UnsupportedModelError
 from kvtier.core.errors import KVTierError, LayoutMismatchError
 
@@ -119,6 +120,9 @@ class _Prefill:
     done_at: dict[int, float] = field(default_factory=dict)  # id(handle) -> perf_counter when it finished
     tier_handles: dict[str, list[Any]] = field(default_factory=dict)  # tier -> its handles
     tier_bytes: dict[str, int] = field(default_factory=dict)  # tier -> bytes its handles move
+    copies: Any = None  # LayerCopies: host -> device copies of the staged layers
+    staging_buf: torch.Tensor | None = None  # the staging pool's buffer, until its copies are done
+    save_buf: torch.Tensor | None = None  # the save pool's buffer (CUDA), until the saves are written
 
 
 class _StoreLayer(DynamicLayer):
@@ -240,11 +244,16 @@ class KVTierCache(DynamicCache):
             row_units.append(units)
         n_units = len(unit_keys)
         lb = layout.layer_bytes(conn.chunk_tokens)
-        staging: list[torch.Tensor | None] = [torch.empty((n_units, lb), dtype=torch.uint8)
-                                              for _ in range(layout.num_layers)]
+        per_layer = n_units * lb
+        buf = conn.staging_pool.acquire(per_layer * layout.num_layers) if n_units else None
+        staging: list[torch.Tensor | None] = [
+            (buf[i * per_layer:(i + 1) * per_layer] if buf is not None else torch.empty(0, dtype=torch.uint8))
+            .view(n_units, lb) for i in range(layout.num_layers)]
         arrays = [s.numpy() for s in staging if s is not None]
         state = _Prefill(plan, width, staging, [[] for _ in range(layout.num_layers)], {}, {}, row_units,
                          self._plan_saves(plan, keys, found, width))
+        state.copies = LayerCopies(conn.device, conn.load_stream)
+        state.staging_buf = buf
         if n_units == 0:
             return state
         store = conn.store
@@ -363,7 +372,15 @@ class KVTierCache(DynamicCache):
         w = plan.n_cached
         if w:
             assert staged is not None
-            sections = staged.view(dtype).view(-1, heads, 2, ct, hd).to(device)
+            sections = state.copies.copy(layer.index, staged.view(dtype).view(-1, heads, 2, ct, hd))
+            if sections is None:  # the host -> device copy failed: recompute every chunk it carried
+                units = set().union(*state.row_units)
+                state.handle_failed[-1 - layer.index] = units
+                self.connector.report_load_failure(len(units), state.copies.failed(layer.index))
+                valid = _valid_chunks(state.row_units, units)
+                raise PrefixLoadError(f"layer {layer.index}: copying the loaded KV to {device} failed; "
+                                      f"prepare again capped to {valid} chunks per row", valid)
+            state.copies.ready(layer.index)  # the forward's stream waits for this layer's copy only
             for b, units in enumerate(state.row_units):
                 lead = w - len(units) * ct
                 if lead:
@@ -403,40 +420,81 @@ class KVTierCache(DynamicCache):
         return failed
 
     def _save_layer(self, state: _Prefill, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Gather this layer's part of each new chunk (on the KV's device), copy it to the host and write
+        it to the store; the last layer commits (publishes). On CUDA the copy runs on the save stream and
+        the writes on SaveCopies' worker once it completes, so the forward goes on at once."""
         if not state.saves or state.save_broken:
             return
         conn = self.connector
+        copies = conn.save_copies
         t0 = time.perf_counter()
         try:
+            heads, ct, hd = conn.layout.num_kv_heads, conn.chunk_tokens, conn.layout.head_size
+            lb = conn.layout.layer_bytes(ct)
+            chunks = sum(len(s.keys) for s in state.saves)
             if state.batches is None:
                 state.batches = []
                 for s in state.saves:
                     state.batches.append(conn.store.begin_save(s.keys, s.parent, s.depth))
-            heads, ct, hd = conn.layout.num_kv_heads, conn.chunk_tokens, conn.layout.head_size
+                if keys.is_cuda:
+                    state.save_buf = conn.save_pool.acquire(chunks * lb * len(self.layers))
+            first = layer * chunks
             for s, batch in zip(state.saves, state.batches):
                 n = len(s.keys)
                 cols = slice(s.column, s.column + n * ct)
-                sec = torch.empty((n, heads, 2, ct, hd), dtype=keys.dtype)
+                sec = torch.empty((n, heads, 2, ct, hd), dtype=keys.dtype, device=keys.device)
                 sec[:, :, 0] = keys[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
                 sec[:, :, 1] = values[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
-                raw = sec.view(n, -1).view(torch.uint8).numpy()
-                batch.write_layer(layer, [raw[i] for i in range(n)])
+                out = state.save_buf[first * lb:(first + n) * lb] if state.save_buf is not None else None
+                first += n
+                host, ready = copies.to_host(sec, out)
+                copies.then(ready, _writer(state, batch, layer, host, n), self._save_error(state))
             state.saved_layers += 1
             if state.saved_layers == len(self.layers):
-                for s, batch in zip(state.saves, state.batches):
-                    handle = batch.commit()
-                    conn.watch_save(handle, len(s.keys))
-                state.batches = None
+                copies.then(_DONE, self._committer(state), self._save_error(state))
         except Exception as e:  # noqa: BLE001 - a save never fails generation; counted and logged once
-            state.save_broken = True
-            self._abort_saves(state)
-            conn.report_save_failure(sum(len(s.keys) for s in state.saves), f"{type(e).__name__}: {e}")
+            self._save_error(state)(e)
         finally:
             spent = time.perf_counter() - t0
             state.save_s += spent
             conn.add_save_seconds(spent)
 
+    def _committer(self, state: _Prefill) -> Callable[[], None]:
+        conn = self.connector
+
+        def commit() -> None:
+            if not state.save_broken:
+                for s, batch in zip(state.saves, state.batches or []):
+                    conn.watch_save(batch.commit(), len(s.keys))
+            self._release_save_buf(state)
+
+        return commit
+
+    def _save_error(self, state: _Prefill) -> Callable[[BaseException], None]:
+        conn = self.connector
+
+        def failed(e: BaseException) -> None:
+            if state.save_broken:
+                return
+            state.save_broken = True
+            self._abort_saves(state)
+            self._release_save_buf(state)
+            conn.report_save_failure(sum(len(s.keys) for s in state.saves), f"{type(e).__name__}: {e}")
+
+        return failed
+
+    def _release_save_buf(self, state: _Prefill) -> None:
+        buf, state.save_buf = state.save_buf, None
+        if buf is not None:
+            self.connector.save_pool.release(buf)
+
+    def _release_staging(self, state: _Prefill) -> None:
+        buf, state.staging_buf = state.staging_buf, None
+        if buf is not None:
+            self.connector.staging_pool.release(buf, state.copies.last_event if state.copies else None)
+
     def _finish(self, state: _Prefill) -> None:
+        self._release_staging(state)
         self.load_wait_s = state.load_wait_s
         self.forward_wait_s = state.load_wait_s - state.prepare_wait_s
         self.forward_save_s = state.save_s
@@ -461,19 +519,23 @@ class KVTierCache(DynamicCache):
                     h.wait()
                 except Exception:  # noqa: BLE001 - reported by _wait when it mattered; now unused
                     pass
+            self.connector.save_copies.drain()  # no write of this prefill runs after the abort
+            state.save_broken = True
             self._abort_saves(state)
+            self._release_save_buf(state)
+            self._release_staging(state)
         for layer in self._store_layers:
             layer.clear()
 
     @staticmethod
     def _abort_saves(state: _Prefill) -> None:
+        """Release the DRAM reservations of saves not committed (a committed batch ignores abort)."""
         if state.batches:
             for batch in state.batches:
                 try:
                     batch.abort()
                 except Exception:  # noqa: BLE001 - best effort release of DRAM reservations
                     pass
-        state.batches = None
 
 
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -492,6 +554,19 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
     if ids.shape[1] and bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
         raise ValueError("attention_mask must be left padding (zeros before the prompt), as generate() expects")
     return ids, mask
+
+
+_DONE = DoneEvent()
+
+
+def _writer(state: _Prefill, batch: Any, layer: int, host: torch.Tensor, n: int) -> Callable[[], None]:
+    def write() -> None:
+        if state.save_broken:
+            return
+        raw = host.reshape(n, -1).view(torch.uint8).numpy()
+        batch.write_layer(layer, [raw[i] for i in range(n)])
+
+    return write
 
 
 def _stamp_done(state: _Prefill, handle: Any) -> None:

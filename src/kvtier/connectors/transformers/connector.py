@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from kvtier.connectors.copy_engine import model_device, synchronize
+from kvtier.connectors.copy_engine import SaveCopies, StagingPool, model_device, synchronize
 from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
 from kvtier.connectors.transformers.compat import cache_kwarg, check_full_kv
 from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
@@ -89,6 +89,10 @@ class TransformersConnector:
         self._logged: set[str] = set()
         self._lock = threading.Lock()
         self.plan_loads = plan_loads
+        self.staging_pool = StagingPool(self.device)  # loads: host staging (pinned on CUDA), reused
+        self.save_pool = StagingPool(self.device)  # saves: pinned host buffers the device copies land in
+        self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.save_copies = SaveCopies(self.device)
         self.estimates = estimates if estimates is not None else ESTIMATES
         self.engine_id = f"{self.fingerprint}|{self.device}|{self.layout.dtype}"
         self.chunk_bytes = self.layout.num_layers * self.layout.layer_bytes(self.chunk_tokens)
