@@ -225,6 +225,7 @@ class _Runner:
         from kvtier.connectors.transformers import TransformersConnector
         from kvtier.tiers.disk import clear_root
 
+        self.conn.save_copies.drain()  # saves copied off the GPU are written before the store closes
         self.store.close()
         if clear:
             clear_root(self.root)
@@ -426,6 +427,7 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
 
         overlap, overlap_diff = _overlap(bench, prompt, size["overlap_tokens"], runs)
     finally:
+        bench.conn.save_copies.drain()
         bench.store.close()
         if tmp is not None:
             tmp.cleanup()

@@ -6,6 +6,7 @@
     staging_buffer(nbytes, device)    a uint8 host buffer, page-locked when the KV lives on CUDA
     host_to_device_probe(device)      bytes, seconds of one pinned host -> device copy (None off CUDA)
     StagingPool(device)               one reusable (pinned on CUDA) host buffer: pinning costs more than copying
+    shared_pools(device)              the process's (load pool, save pool, SaveCopies) for a device
     LayerCopies(device, stream)       per-layer host -> device copies on a side stream, one event each
     SaveCopies(device)                device -> host copies of saves on another stream; what follows a copy
                                       (writing it to the store, publishing) runs once it completes, on a
@@ -254,3 +255,18 @@ class SaveCopies:
         while True:
             event, fn, on_error = self._queue.get()
             self._run(event, fn, on_error)
+
+
+_shared: dict[str, tuple[StagingPool, StagingPool, SaveCopies]] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_pools(device: torch.device | str) -> tuple[StagingPool, StagingPool, SaveCopies]:
+    """(load staging pool, save staging pool, SaveCopies) shared by every connector on `device` in
+    this process. Page-locked memory and copy threads belong to the process, not to one store:
+    a connector rebuilt on a reopened store must not pin gigabytes again or start another thread."""
+    key = str(torch.device(device))
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = (StagingPool(device), StagingPool(device), SaveCopies(device))
+        return _shared[key]

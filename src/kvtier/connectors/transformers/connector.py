@@ -26,7 +26,11 @@ on `prefill`'s forwards. Chunks recomputed that way are counted in LOADS_SKIPPED
 row in `plan.skipped_tokens`. `plan_loads=False` loads every stored chunk.
 
 Devices: the cache lives on the model's device (all its weights must be on one); the plan's
-input ids, mask and positions are handed to the model there.
+input ids, mask and positions are handed to the model there. On CUDA (copy_engine.py) loads are
+staged in a reused page-locked buffer and copied per layer on a load stream the forward waits on
+by event; saves are copied to page-locked buffers on a save stream and written to the store and
+published by a worker thread once copied (`save_copies.drain()` waits for them: call it before
+closing the store). On the CPU the same code runs synchronously.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from typing import Any
 
 import torch
 
-from kvtier.connectors.copy_engine import SaveCopies, StagingPool, model_device, synchronize
+from kvtier.connectors.copy_engine import model_device, shared_pools, synchronize
 from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
 from kvtier.connectors.transformers.compat import cache_kwarg, check_full_kv
 from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
@@ -89,10 +93,9 @@ class TransformersConnector:
         self._logged: set[str] = set()
         self._lock = threading.Lock()
         self.plan_loads = plan_loads
-        self.staging_pool = StagingPool(self.device)  # loads: host staging (pinned on CUDA), reused
-        self.save_pool = StagingPool(self.device)  # saves: pinned host buffers the device copies land in
+        # loads' host staging (pinned on CUDA), saves' pinned buffers and their copy worker: the process's
+        self.staging_pool, self.save_pool, self.save_copies = shared_pools(self.device)
         self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.save_copies = SaveCopies(self.device)
         self.estimates = estimates if estimates is not None else ESTIMATES
         self.engine_id = f"{self.fingerprint}|{self.device}|{self.layout.dtype}"
         self.chunk_bytes = self.layout.num_layers * self.layout.layer_bytes(self.chunk_tokens)
