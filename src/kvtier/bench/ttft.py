@@ -308,7 +308,8 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
         model = random_llama_shaped(size["shape"], device, torch_dtype, max_positions=max(longest + 1, 4096))
         described = size["shape"]
     else:
-        model = random_llama(**size["model"]).to(device=device, dtype=torch_dtype)
+        model = random_llama(**size["model"])
+        torch.nn.Module.to(model, device=device, dtype=torch_dtype)  # transformers types .to() narrowly
         described = "default"
     params = sum(p.numel() for p in model.parameters())
     layout = model_layout(model)

@@ -33,8 +33,8 @@ def tier_id(store: Any, tier_name: str, device: str) -> str:
         root = getattr(disk, "root", None)
         if root is None:  # the host service's disk: identified by its socket
             return f"disk:service={getattr(store, 'socket_path', '?')}->{device}"
-        hook = getattr(disk, "read_hook", None)
-        capped = f":throttle={hook.bytes_per_s:.0f}" if hasattr(hook, "bytes_per_s") else ""
+        rate = getattr(getattr(disk, "read_hook", None), "bytes_per_s", None)
+        capped = f":throttle={rate:.0f}" if rate is not None else ""
         try:
             where = f"dev={os.stat(root).st_dev}"
         except OSError:  # the folder is gone (its loads will fail and be recomputed): keep it apart
@@ -72,11 +72,11 @@ def disk_probe(folder: str, nbytes: int = PROBE_BYTES) -> tuple[int, float] | No
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        buf = np.empty(nbytes, dtype=np.uint8)
+        buf = bytearray(nbytes)
         fd = os.open(path, os.O_RDONLY)
         try:
             t0 = time.perf_counter()
-            got = os.preadv(fd, [memoryview(buf)], 0)
+            got = os.preadv(fd, [buf], 0)
             seconds = time.perf_counter() - t0
         finally:
             os.close(fd)

@@ -374,10 +374,9 @@ class KVTierCache(DynamicCache):
             assert staged is not None
             sections = state.copies.copy(layer.index, staged.view(dtype).view(-1, heads, 2, ct, hd))
             if sections is None:  # the host -> device copy failed: recompute every chunk it carried
-                units = set().union(*state.row_units)
-                state.handle_failed[-1 - layer.index] = units
-                self.connector.report_load_failure(len(units), state.copies.failed(layer.index))
-                valid = _valid_chunks(state.row_units, units)
+                carried: set[int] = set().union(*state.row_units)
+                self.connector.report_load_failure(len(carried), state.copies.failed(layer.index) or "copy failed")
+                valid = _valid_chunks(state.row_units, carried)
                 raise PrefixLoadError(f"layer {layer.index}: copying the loaded KV to {device} failed; "
                                       f"prepare again capped to {valid} chunks per row", valid)
             state.copies.ready(layer.index)  # the forward's stream waits for this layer's copy only
