@@ -49,6 +49,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return devices.pop()
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" names the current GPU: equal to "cuda:0" when that is the current one."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
 def choose_device() -> str:
     """Where to run a model kvtier builds itself (demo, benchmarks): the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -106,6 +106,14 @@ def test_fingerprint_copies_only_the_samples_and_keeps_its_value(monkeypatch):
     assert digest == _old_digest(big)  # stored keys stay valid
 
 
+def test_same_device_reads_an_unindexed_name_as_the_current_one():
+    assert copy_engine.same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not copy_engine.same_device(torch.device("cpu"), torch.device("meta"))
+    assert copy_engine.same_device(torch.device("cuda"), torch.device("cuda:0")) == (
+        not torch.cuda.is_available() or torch.cuda.current_device() == 0)
+    assert not copy_engine.same_device(torch.device("cuda:0"), torch.device("cuda:1"))
+
+
 def test_choose_device_and_staging_on_cpu():
     assert copy_engine.choose_device() == ("cuda" if torch.cuda.is_available() else "cpu")
     buf, pinned = copy_engine.staging_buffer(1024, "cpu")

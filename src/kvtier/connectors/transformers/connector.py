@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from kvtier.connectors.copy_engine import model_device, shared_pools, synchronize
+from kvtier.connectors.copy_engine import model_device, same_device, shared_pools, synchronize
 from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
 from kvtier.connectors.transformers.compat import cache_kwarg, check_full_kv
 from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
@@ -76,7 +76,7 @@ class TransformersConnector:
             raise LayoutMismatchError(f"the model's KV layout {model_kv} differs from the store's {self.layout}")
         self.torch_dtype = next(d for d, name in TORCH_DTYPES.items() if name == self.layout.dtype)
         self.device = model_device(model)
-        if device is not None and torch.device(device) != self.device:
+        if device is not None and not same_device(torch.device(device), self.device):
             raise LayoutMismatchError(f"device={torch.device(device)}: the model runs on {self.device}, and "
                                       "kvtier's cache must live where the model computes its KV")
         self.fingerprint = fingerprint or model_identity(model)
