@@ -31,6 +31,14 @@ to a recompute from the failed chunk on. `prepare(..., overlap=False)` instead w
 every load and puts it in place inside prepare(), shortening the plan on a failure; the
 forward then only computes.
 
+prepare() loads only the leading stored chunks the connector's load planner finds worth
+loading (kvtier.store.planner: load time from the tier's bandwidth against compute time from
+the engine's measured throughput); the rest of a hit is recomputed with the suffix and shown
+in `plan.skipped_tokens`. The staged layers reach the model's device through
+copy_engine.LayerCopies: on a GPU, one asynchronous copy per layer on a load stream that
+layer i's update makes the forward wait for (an event, not a CPU wait); a copy that fails is
+a PrefixLoadError like a failed load, so those chunks are recomputed, never half-served.
+
 After a layer has computed every column of the plan, its part of each new full chunk is
 written to a store save (begin_save / write_layer); the last layer commits it. Chunks already
 stored, and chunks another row of the batch saves, are skipped. A failed save never fails
