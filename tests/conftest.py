@@ -36,3 +36,13 @@ def shared_models_dir() -> Path:
 @pytest.fixture
 def tiny_layout() -> KVLayout:
     return TINY
+
+
+@pytest.fixture(autouse=True)
+def fresh_load_estimates():
+    """Each test starts with no load/compute estimates (kvtier.store.planner.ESTIMATES is process-wide,
+    so that they survive a store reopen; one test's measurements must not steer another's loads)."""
+    from kvtier.store.planner import ESTIMATES
+
+    ESTIMATES.forget()
+    yield

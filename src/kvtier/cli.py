@@ -171,7 +171,9 @@ def _cmd_bench_service(args: argparse.Namespace) -> int:
 def _cmd_bench_ttft(args: argparse.Namespace) -> int:
     from kvtier.bench.ttft import run_ttft_bench
 
-    run_ttft_bench(args.json, png_out=args.png, quick=args.quick)
+    run_ttft_bench(args.json, png_out=args.png, quick=args.quick, device=args.device, shape=args.shape,
+                   dtype=args.dtype, lengths=args.lengths, throttle_disk_gbps=args.throttle_disk_gbps,
+                   repeats=args.repeats)
     return 0
 
 
@@ -274,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     btt.add_argument("--json", default="results/bench_ttft.json")
     btt.add_argument("--png", default="results/bench_ttft.png")
     btt.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    btt.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model and its KV live")
+    btt.add_argument("--shape", default=None, help="random Llama shape: llama-8b (default on cuda), llama-1b, tiny")
+    btt.add_argument("--dtype", default=None, help="bfloat16 (default on cuda) or float32 (default on cpu)")
+    btt.add_argument("--lengths", default=None, type=lambda v: [int(x) for x in v.split(",")],
+                     help="comma-separated prompt lengths (default 8192,32768 on cuda)")
+    btt.add_argument("--throttle-disk-gbps", type=float, default=None,
+                     help="testing aid: cap the disk tier's reads at this many GB/s (the floors use it)")
+    btt.add_argument("--repeats", type=int, default=None, help="runs per column, medians reported (default 3; 5 quick)")
     btt.set_defaults(fn=_cmd_bench_ttft)
     bsp = bsub.add_parser("sparse", help="sparse attention: retrieval accuracy, fidelity, decode speed")
     bsp.add_argument("--json", default="results/bench_sparse.json")

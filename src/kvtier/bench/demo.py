@@ -143,7 +143,7 @@ def _decode(model: Any, cache_kwargs: dict[str, Any], first_logits: torch.Tensor
     with torch.no_grad():
         for i in range(steps - 1):
             token = logits[-1].argmax().view(1, 1)
-            out = model(token, use_cache=True, logits_to_keep=1, cache_position=torch.tensor([prompt_len + i]),
+            out = model(token, use_cache=True, logits_to_keep=1, cache_position=torch.tensor([prompt_len + i], device=token.device),
                         **cache_kwargs)
             logits.append(out.logits[0, -1])
     return logits
@@ -183,7 +183,7 @@ def _warm_up(model: Any, conn_factory: Any, root: Path, vocab: int, tokens: int)
     """Run both paths before timing: the plain forward, and kvtier's miss and hit, on a prompt
     of the document's length that the workload never uses."""
     g = torch.Generator().manual_seed(99)
-    ids = torch.randint(min(3, vocab - 1), vocab, (1, tokens), generator=g)
+    ids = torch.randint(min(3, vocab - 1), vocab, (1, tokens), generator=g).to(model.device)
     _plain_first_token(model, ids)
     store = _fresh_store(model, root)
     try:
@@ -248,8 +248,12 @@ def run_demo(model_path: str | None = None, cache_dir: str | None = None, turns:
 
     threads, why = pick_torch_threads()
     torch.set_num_threads(threads)
+    from kvtier.connectors.copy_engine import choose_device
+
+    device = choose_device()  # the GPU when there is one
     model, described = demo_model(model_path, quick)
-    print(f"model: {described}; {why}")
+    model.to(device)
+    print(f"model: {described}, on {device}; {why}")
     root = Path(cache_dir) if cache_dir else default_cache_dir() / "demo"
     print(f"store: DRAM tier (512 MiB) + disk tier at {root} (cleared before each repeat); {CHUNK_TOKENS}-token chunks")
     print(f"workload: a {params.doc_tokens}-token shared document, {params.conversations} chats x {params.turns} turns "
@@ -284,7 +288,7 @@ def run_demo(model_path: str | None = None, cache_dir: str | None = None, turns:
             conn = connector(store)
             try:
                 for n, (c, t) in enumerate(cells):
-                    ids = torch.tensor([script.prompt(c, t)])
+                    ids = torch.tensor([script.prompt(c, t)], device=device)
                     results: dict[str, tuple[Any, torch.Tensor]] = {}
                     for side in (("plain", "kvtier") if (r + n) % 2 == 0 else ("kvtier", "plain")):
                         start = time.perf_counter()
@@ -320,7 +324,7 @@ def run_demo(model_path: str | None = None, cache_dir: str | None = None, turns:
     store = _open_store(model, root)
     try:
         conn = connector(store)
-        ids = torch.tensor([script.prompt(*cells[-1])])
+        ids = torch.tensor([script.prompt(*cells[-1])], device=device)
         start = time.perf_counter()
         cache, logits = _kvtier_first_token(conn, ids)
         int(logits.argmax())
@@ -361,7 +365,7 @@ def run_demo(model_path: str | None = None, cache_dir: str | None = None, turns:
     if mismatches:
         print(f"REPLY MISMATCH beyond float32 noise in {len(mismatches)} rows: see the table")
     print(f"(model fingerprint computed once in {fingerprint_s:.2f} s)")
-    result = {"model": described, "store_root": str(root), "chunk_tokens": CHUNK_TOKENS, "params": asdict(params),
+    result = {"model": described, "device": device, "store_root": str(root), "chunk_tokens": CHUNK_TOKENS, "params": asdict(params),
               "torch_threads": threads, "turns": rows, "hit_ratio": hit / seen, "total_ttft_no_kvtier_s": total_base,
               "total_ttft_kvtier_s": total_kv, "mostly_cached_rows_slower": slower,
               "reply_mismatches": len(mismatches), "restart": restart}

@@ -53,6 +53,39 @@ def random_llama(
     return model
 
 
+# Random-weight Llama shapes for `kvtier bench ttft --shape`: Llama-3.1-8B's and Llama-3.2-1B's
+# attention and MLP sizes, and a tiny one for smoke tests. Only the shape matters for timing.
+LLAMA_SHAPES: dict[str, dict[str, int]] = {
+    "llama-8b": dict(num_layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256),
+    "llama-1b": dict(num_layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192, vocab=128256),
+    "tiny": dict(num_layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=512),
+}
+
+
+def random_llama_shaped(shape: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        max_positions: int = 131072, seed: int = 0) -> LlamaForCausalLM:
+    """A random-weight Llama of a named shape, built directly on `device` in `dtype` (an 8B model
+    never passes through host memory or float32)."""
+    if shape not in LLAMA_SHAPES:
+        raise ValueError(f"--shape {shape!r}: expected one of {', '.join(LLAMA_SHAPES)}")
+    s = LLAMA_SHAPES[shape]
+    cfg = LlamaConfig(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["num_layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    return model
+
+
 def read_llama2c(path: str):
     """Return (header dict, dict of numpy float32 arrays in llama2.c layout)."""
     with open(path, "rb") as f:

@@ -32,6 +32,7 @@ SAVE_SECONDS = "kvtier_connector_save_seconds_total"
 LOAD_FAILURES = "kvtier_connector_load_failures_total"
 SAVE_FAILURES = "kvtier_connector_save_failures_total"
 PREFILL_TOKENS = "kvtier_connector_prefill_tokens_total"
+LOADS_SKIPPED = "kvtier_connector_loads_skipped_total"
 
 HELP = {
     HITS: "Chunks found in the tier.",
@@ -55,6 +56,7 @@ HELP = {
     LOAD_FAILURES: "Chunk loads that failed and were recomputed.",
     SAVE_FAILURES: "Chunks a save could not store.",
     PREFILL_TOKENS: "Prompt tokens the connector was asked to prefill.",
+    LOADS_SKIPPED: "Stored chunks recomputed because loading them was estimated slower than computing them.",
 }
 
 Labels = tuple[tuple[str, str], ...]

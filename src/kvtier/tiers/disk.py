@@ -68,7 +68,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +195,7 @@ class DiskTier(Tier):
         self._buckets: set[str] = set()
         self.foreign_chunks = 0  # files of another layout found at open (left alone, counted in used bytes)
         self.foreign_bytes = 0
+        self.read_hook: Callable[[int, float], object] | None = None  # (bytes, started): a read throttle
 
         self.root = _open_root(config)
         self._chunks_dir = os.path.join(self.root, CHUNKS_DIR)
@@ -272,6 +273,8 @@ class DiskTier(Tier):
             return None
         finally:
             os.close(fd)
+        if self.read_hook is not None:
+            self.read_hook(len(layers) * self.layer_bytes, t0)
         h = table.header
         self.metrics.inc(m.HITS, tier=self.name)
         self.metrics.inc(m.BYTES_READ, len(layers) * self.layer_bytes, tier=self.name)

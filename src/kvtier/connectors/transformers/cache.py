@@ -31,6 +31,14 @@ to a recompute from the failed chunk on. `prepare(..., overlap=False)` instead w
 every load and puts it in place inside prepare(), shortening the plan on a failure; the
 forward then only computes.
 
+prepare() loads only the leading stored chunks the connector's load planner finds worth
+loading (kvtier.store.planner: load time from the tier's bandwidth against compute time from
+the engine's measured throughput); the rest of a hit is recomputed with the suffix and shown
+in `plan.skipped_tokens`. The staged layers reach the model's device through
+copy_engine.LayerCopies: on a GPU, one asynchronous copy per layer on a load stream that
+layer i's update makes the forward wait for (an event, not a CPU wait); a copy that fails is
+a PrefixLoadError like a failed load, so those chunks are recomputed, never half-served.
+
 After a layer has computed every column of the plan, its part of each new full chunk is
 written to a store save (begin_save / write_layer); the last layer commits it. Chunks already
 stored, and chunks another row of the batch saves, are skipped. A failed save never fails
@@ -40,12 +48,13 @@ generation: it is counted and logged once by the connector.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvtier.connectors.copy_engine import DoneEvent, LayerCopies
 from kvtier.connectors.transformers.compat import DynamicCache, DynamicLayer, UnsupportedModelError
 from kvtier.core.errors import KVTierError, LayoutMismatchError
 
@@ -72,6 +81,7 @@ class PrefillPlan:
     prompt_tokens: tuple[int, ...]  # per row
     cached_tokens: tuple[int, ...]  # per row, loaded from the store
     n_cached: int  # W: columns the cache holds before the forward
+    skipped_tokens: tuple[int, ...] = ()  # per row: stored, but recomputed because loading would not pay
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         out = {"input_ids": self.input_ids}
@@ -111,7 +121,16 @@ class _Prefill:
     save_broken: bool = False
     done_layers: int = 0
     load_wait_s: float = 0.0
+    prepare_wait_s: float = 0.0  # the part of load_wait_s spent inside prepare (overlap=False)
+    save_s: float = 0.0  # time the forward spent handing its new chunks to the store
     all_handles: list[Any] = field(default_factory=list)
+    load_started: float = 0.0  # perf_counter when the loads were submitted
+    done_at: dict[int, float] = field(default_factory=dict)  # id(handle) -> perf_counter when it finished
+    tier_handles: dict[str, list[Any]] = field(default_factory=dict)  # tier -> its handles
+    tier_bytes: dict[str, int] = field(default_factory=dict)  # tier -> bytes its handles move
+    copies: Any = None  # LayerCopies: host -> device copies of the staged layers
+    staging_buf: torch.Tensor | None = None  # the staging pool's buffer, until its copies are done
+    save_buf: torch.Tensor | None = None  # the save pool's buffer (CUDA), until the saves are written
 
 
 class _StoreLayer(DynamicLayer):
@@ -156,6 +175,8 @@ class KVTierCache(DynamicCache):
         self._state: _Prefill | None = None
         self.last_plan: PrefillPlan | None = None
         self.load_wait_s = 0.0  # time the forward waited for loads and scattered them (last prefill)
+        self.forward_wait_s = 0.0  # the part of load_wait_s spent inside the forward (not in prepare)
+        self.forward_save_s = 0.0  # time the last prefill's forward spent saving
 
     # -- prepare -------------------------------------------------------------------------------
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -169,6 +190,7 @@ class KVTierCache(DynamicCache):
         conn = self.connector
         overlap = conn.overlap if overlap is None else overlap
         self.discard()
+        self.forward_wait_s = self.forward_save_s = 0.0
         ids, mask = _check_inputs(input_ids, attention_mask)
         batch, total = ids.shape
         lengths = [total] * batch if mask is None else [int(x) for x in mask.sum(1).tolist()]
@@ -177,12 +199,18 @@ class KVTierCache(DynamicCache):
         keys = [conn.chunk_keys(r) for r in rows]
         found = [conn.lookup(k) for k in keys]
         load_n = []
+        skipped = []
         for b, n in enumerate(lengths):
             cap = (n - 1) // ct if n else 0  # never the last token
             if max_chunks is not None:
                 cap = min(cap, max_chunks[b])
-            load_n.append(min(found[b][0], cap) if conn.load_enabled else 0)
-        plan = _make_plan(ids, lengths, [n * ct for n in load_n], conn.pad_token_id)
+            usable = min(found[b][0], cap) if conn.load_enabled else 0
+            worth = conn.chunks_worth_loading(found[b][1][:usable])
+            load_n.append(worth)
+            skipped.append((usable - worth) * ct)
+        if any(skipped):
+            conn.report_skipped_loads(sum(skipped) // ct)
+        plan = _make_plan(ids, lengths, [n * ct for n in load_n], conn.pad_token_id, conn.device, skipped)
         self.last_plan = plan
         width = plan.full_input_ids.shape[1]
         if width == 0:
@@ -201,6 +229,7 @@ class KVTierCache(DynamicCache):
                 return self.prepare(input_ids, attention_mask, max_chunks=valid, overlap=False)
             for layer in self._store_layers:  # everything is here: put it in place now, the forward only computes
                 self._install(state, layer)
+            state.prepare_wait_s = state.load_wait_s
         return plan
 
     def _start_loads(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
@@ -223,17 +252,23 @@ class KVTierCache(DynamicCache):
             row_units.append(units)
         n_units = len(unit_keys)
         lb = layout.layer_bytes(conn.chunk_tokens)
-        staging: list[torch.Tensor | None] = [torch.empty((n_units, lb), dtype=torch.uint8)
-                                              for _ in range(layout.num_layers)]
+        per_layer = n_units * lb
+        buf = conn.staging_pool.acquire(per_layer * layout.num_layers) if n_units else None
+        staging: list[torch.Tensor | None] = [
+            (buf[i * per_layer:(i + 1) * per_layer] if buf is not None else torch.empty(0, dtype=torch.uint8))
+            .view(n_units, lb) for i in range(layout.num_layers)]
         arrays = [s.numpy() for s in staging if s is not None]
         state = _Prefill(plan, width, staging, [[] for _ in range(layout.num_layers)], {}, {}, row_units,
                          self._plan_saves(plan, keys, found, width))
+        state.copies = LayerCopies(conn.device, conn.load_stream)
+        state.staging_buf = buf
         if n_units == 0:
             return state
         store = conn.store
         disk_units = [u for u in range(n_units) if unit_tier[u] != "memory"]
         mem_units = [u for u in range(n_units) if unit_tier[u] == "memory"]
         shared = []
+        state.load_started = time.perf_counter()
         if disk_units:  # whole chunks: one sequential read per file, promoted to DRAM
             step = -(-len(disk_units) // DISK_LOAD_GROUPS)
             for g in range(0, len(disk_units), step):
@@ -242,6 +277,11 @@ class KVTierCache(DynamicCache):
                 h = store.load([unit_keys[u] for u in group], dests, None)
                 state.handle_units[id(h)] = group
                 shared.append(h)
+            state.tier_handles["disk"] = list(shared)
+            state.tier_bytes["disk"] = len(disk_units) * lb * layout.num_layers
+        if mem_units:
+            state.tier_handles["memory"] = []
+            state.tier_bytes["memory"] = len(mem_units) * lb * layout.num_layers
         for layer in range(layout.num_layers):
             state.layer_handles[layer].extend(shared)
             if mem_units:
@@ -249,7 +289,10 @@ class KVTierCache(DynamicCache):
                 h = store.load([unit_keys[u] for u in mem_units], [[a[u]] for u in mem_units], [layer])
                 state.handle_units[id(h)] = mem_units
                 state.layer_handles[layer].append(h)
+                state.tier_handles["memory"].append(h)
         state.all_handles = [h for hs in state.layer_handles for h in hs]
+        for h in dict.fromkeys(state.all_handles):  # when each load finished, for the planner's bandwidths
+            _stamp_done(state, h)
         return state
 
     def _plan_saves(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
@@ -337,7 +380,14 @@ class KVTierCache(DynamicCache):
         w = plan.n_cached
         if w:
             assert staged is not None
-            sections = staged.view(dtype).view(-1, heads, 2, ct, hd).to(device)
+            sections = state.copies.copy(layer.index, staged.view(dtype).view(-1, heads, 2, ct, hd))
+            if sections is None:  # the host -> device copy failed: recompute every chunk it carried
+                carried: set[int] = set().union(*state.row_units)
+                self.connector.report_load_failure(len(carried), state.copies.failed(layer.index) or "copy failed")
+                valid = _valid_chunks(state.row_units, carried)
+                raise PrefixLoadError(f"layer {layer.index}: copying the loaded KV to {device} failed; "
+                                      f"prepare again capped to {valid} chunks per row", valid)
+            state.copies.ready(layer.index)  # the forward's stream waits for this layer's copy only
             for b, units in enumerate(state.row_units):
                 lead = w - len(units) * ct
                 if lead:
@@ -377,40 +427,92 @@ class KVTierCache(DynamicCache):
         return failed
 
     def _save_layer(self, state: _Prefill, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Gather this layer's part of each new chunk (on the KV's device), copy it to the host and write
+        it to the store; the last layer commits (publishes). On CUDA the copy runs on the save stream and
+        the writes on SaveCopies' worker once it completes, so the forward goes on at once."""
         if not state.saves or state.save_broken:
             return
         conn = self.connector
+        copies = conn.save_copies
         t0 = time.perf_counter()
         try:
+            heads, ct, hd = conn.layout.num_kv_heads, conn.chunk_tokens, conn.layout.head_size
+            lb = conn.layout.layer_bytes(ct)
+            chunks = sum(len(s.keys) for s in state.saves)
             if state.batches is None:
                 state.batches = []
                 for s in state.saves:
                     state.batches.append(conn.store.begin_save(s.keys, s.parent, s.depth))
-            heads, ct, hd = conn.layout.num_kv_heads, conn.chunk_tokens, conn.layout.head_size
+                if keys.is_cuda:
+                    state.save_buf = conn.save_pool.acquire(chunks * lb * len(self.layers))
+            first = layer * chunks
             for s, batch in zip(state.saves, state.batches):
                 n = len(s.keys)
                 cols = slice(s.column, s.column + n * ct)
-                sec = torch.empty((n, heads, 2, ct, hd), dtype=keys.dtype)
+                sec = torch.empty((n, heads, 2, ct, hd), dtype=keys.dtype, device=keys.device)
                 sec[:, :, 0] = keys[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
                 sec[:, :, 1] = values[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
-                raw = sec.view(n, -1).view(torch.uint8).numpy()
-                batch.write_layer(layer, [raw[i] for i in range(n)])
+                out = state.save_buf[first * lb:(first + n) * lb] if state.save_buf is not None else None
+                first += n
+                host, ready = copies.to_host(sec, out)
+                copies.then(ready, _writer(state, batch, layer, host, n), self._save_error(state))
             state.saved_layers += 1
             if state.saved_layers == len(self.layers):
-                for s, batch in zip(state.saves, state.batches):
-                    handle = batch.commit()
-                    conn.watch_save(handle, len(s.keys))
-                state.batches = None
+                copies.then(_DONE, self._committer(state), self._save_error(state))
         except Exception as e:  # noqa: BLE001 - a save never fails generation; counted and logged once
+            self._save_error(state)(e)
+        finally:
+            spent = time.perf_counter() - t0
+            state.save_s += spent
+            conn.add_save_seconds(spent)
+
+    def _committer(self, state: _Prefill) -> Callable[[], None]:
+        conn = self.connector
+
+        def commit() -> None:
+            if not state.save_broken:
+                for s, batch in zip(state.saves, state.batches or []):
+                    conn.watch_save(batch.commit(), len(s.keys))
+            self._release_save_buf(state)
+
+        return commit
+
+    def _save_error(self, state: _Prefill) -> Callable[[BaseException], None]:
+        conn = self.connector
+
+        def failed(e: BaseException) -> None:
+            if state.save_broken:
+                return
             state.save_broken = True
             self._abort_saves(state)
+            self._release_save_buf(state)
             conn.report_save_failure(sum(len(s.keys) for s in state.saves), f"{type(e).__name__}: {e}")
-        finally:
-            conn.add_save_seconds(time.perf_counter() - t0)
+
+        return failed
+
+    def _release_save_buf(self, state: _Prefill) -> None:
+        buf, state.save_buf = state.save_buf, None
+        if buf is not None:
+            self.connector.save_pool.release(buf)
+
+    def _release_staging(self, state: _Prefill) -> None:
+        buf, state.staging_buf = state.staging_buf, None
+        if buf is not None:
+            self.connector.staging_pool.release(buf, state.copies.last_event if state.copies else None)
 
     def _finish(self, state: _Prefill) -> None:
+        self._release_staging(state)
         self.load_wait_s = state.load_wait_s
+        self.forward_wait_s = state.load_wait_s - state.prepare_wait_s
+        self.forward_save_s = state.save_s
         self.connector.record_prefill(state.plan, state.load_wait_s)
+        for tier, handles in state.tier_handles.items():
+            if any(state.handle_failed.get(id(h)) for h in handles):
+                continue  # a failed load says nothing about the tier's speed
+            ends = [state.done_at.get(id(h)) for h in handles]
+            if handles and all(e is not None for e in ends):
+                seconds = max(e for e in ends if e is not None) - state.load_started
+                self.connector.observe_load(tier, state.tier_bytes[tier], seconds)
         self._state = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -424,19 +526,23 @@ class KVTierCache(DynamicCache):
                     h.wait()
                 except Exception:  # noqa: BLE001 - reported by _wait when it mattered; now unused
                     pass
+            self.connector.save_copies.drain()  # no write of this prefill runs after the abort
+            state.save_broken = True
             self._abort_saves(state)
+            self._release_save_buf(state)
+            self._release_staging(state)
         for layer in self._store_layers:
             layer.clear()
 
     @staticmethod
     def _abort_saves(state: _Prefill) -> None:
+        """Release the DRAM reservations of saves not committed (a committed batch ignores abort)."""
         if state.batches:
             for batch in state.batches:
                 try:
                     batch.abort()
                 except Exception:  # noqa: BLE001 - best effort release of DRAM reservations
                     pass
-        state.batches = None
 
 
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -457,7 +563,29 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
     return ids, mask
 
 
-def _make_plan(ids: torch.Tensor, lengths: list[int], cached: list[int], pad_id: int) -> PrefillPlan:
+_DONE = DoneEvent()
+
+
+def _writer(state: _Prefill, batch: Any, layer: int, host: torch.Tensor, n: int) -> Callable[[], None]:
+    def write() -> None:
+        if state.save_broken:
+            return
+        raw = host.reshape(n, -1).view(torch.uint8).numpy()
+        batch.write_layer(layer, [raw[i] for i in range(n)])
+
+    return write
+
+
+def _stamp_done(state: _Prefill, handle: Any) -> None:
+    add = getattr(handle, "add_done_callback", None)
+    if add is not None:
+        add(lambda h: state.done_at.__setitem__(id(h), time.perf_counter()))
+
+
+def _make_plan(ids: torch.Tensor, lengths: list[int], cached: list[int], pad_id: int,
+               device: torch.device | str = "cpu", skipped: list[int] | None = None) -> PrefillPlan:
+    """The plan's tensors are built on the CPU (from the token lists) and handed over on `device`,
+    the model's: a model on a GPU must not be given CPU input ids, masks or positions."""
     batch, total = ids.shape
     w = max(cached, default=0)
     suffix = [n - h for n, h in zip(lengths, cached)]
@@ -474,7 +602,10 @@ def _make_plan(ids: torch.Tensor, lengths: list[int], cached: list[int], pad_id:
         mask[b, width - s:] = 1
     padded = not bool(mask.all())
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, w:] if padded else None
-    return PrefillPlan(full[:, w:], mask if padded else None, positions, full, tuple(lengths), tuple(cached), w)
+    full = full.to(device)
+    return PrefillPlan(full[:, w:], mask.to(device) if padded else None,
+                       positions.to(device) if positions is not None else None, full, tuple(lengths),
+                       tuple(cached), w, tuple(skipped or [0] * batch))
 
 
 def _valid_chunks(row_units: list[list[int]], failed: set[int]) -> tuple[int, ...]:

@@ -17,22 +17,40 @@ layout must equal the store's.
 Failures are counted in `metrics` (the store's Metrics when it has one) with label
 connector="transformers" and logged once per kind per connector: load failures (chunks that
 were recomputed), save failures (chunks not stored: store full, read-only, I/O error).
+
+Never slower than recomputing: a stored chunk is loaded only where the load planner
+(kvtier.store.planner) estimates its load to be faster than computing its tokens. Its
+bandwidths start from a short probe of each tier when the connector opens (unless the process
+already knows that tier) and are refined by every load; the compute cost per token is measured
+on `prefill`'s forwards. Chunks recomputed that way are counted in LOADS_SKIPPED and shown per
+row in `plan.skipped_tokens`. `plan_loads=False` loads every stored chunk.
+
+Devices: the cache lives on the model's device (all its weights must be on one); the plan's
+input ids, mask and positions are handed to the model there. On CUDA (copy_engine.py) loads are
+staged in a reused page-locked buffer and copied per layer on a load stream the forward waits on
+by event; saves are copied to page-locked buffers on a save stream and written to the store and
+published by a worker thread once copied (`save_copies.drain()` waits for them: call it before
+closing the store). On the CPU the same code runs synchronously.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import torch
 
+from kvtier.connectors.copy_engine import model_device, same_device, shared_pools, synchronize
 from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
 from kvtier.connectors.transformers.compat import cache_kwarg, check_full_kv
 from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
 from kvtier.core import metrics as m
 from kvtier.core.errors import LayoutMismatchError
 from kvtier.core.keys import KeyChain, Namespace
+from kvtier.store import probe
+from kvtier.store.planner import ESTIMATES, MIN_OBSERVED_CHUNKS, CostEstimates, chunks_worth_loading
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +62,9 @@ MAX_ATTEMPTS = 4  # prepare + forward tries after load failures; the last one lo
 
 class TransformersConnector:
     def __init__(self, model: Any, store: Any, *, tenant_salt: str = "", fingerprint: str | None = None,
-                 overlap: bool = True, save: bool = True, load: bool = True, metrics: m.Metrics | None = None) -> None:
+                 overlap: bool = True, save: bool = True, load: bool = True, metrics: m.Metrics | None = None,
+                 device: torch.device | str | None = None, plan_loads: bool = True,
+                 estimates: CostEstimates | None = None) -> None:
         check_full_kv(model)
         self.model = model
         self.store = store
@@ -55,7 +75,10 @@ class TransformersConnector:
         if model_kv != self.layout:
             raise LayoutMismatchError(f"the model's KV layout {model_kv} differs from the store's {self.layout}")
         self.torch_dtype = next(d for d, name in TORCH_DTYPES.items() if name == self.layout.dtype)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
+        if device is not None and not same_device(torch.device(device), self.device):
+            raise LayoutMismatchError(f"device={torch.device(device)}: the model runs on {self.device}, and "
+                                      "kvtier's cache must live where the model computes its KV")
         self.fingerprint = fingerprint or model_identity(model)
         self.namespace = Namespace(self.fingerprint, self.layout.layout_id(self.chunk_tokens),
                                    tenant_salt=tenant_salt, hash_mode=self.hash_mode)
@@ -69,6 +92,15 @@ class TransformersConnector:
         self.metrics = metrics or getattr(store, "metrics", None) or m.Metrics()
         self._logged: set[str] = set()
         self._lock = threading.Lock()
+        self.plan_loads = plan_loads
+        # loads' host staging (pinned on CUDA), saves' pinned buffers and their copy worker: the process's
+        self.staging_pool, self.save_pool, self.save_copies = shared_pools(self.device)
+        self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.estimates = estimates if estimates is not None else ESTIMATES
+        self.engine_id = f"{self.fingerprint}|{self.device}|{self.layout.dtype}"
+        self.chunk_bytes = self.layout.num_layers * self.layout.layer_bytes(self.chunk_tokens)
+        if plan_loads:
+            self._probe_tiers()
 
     # -- keys and lookups ------------------------------------------------------------------------
     def chunk_keys(self, tokens: list[int]) -> list[bytes]:
@@ -83,6 +115,50 @@ class TransformersConnector:
             self.report_load_failure(0, f"lookup failed: {type(e).__name__}: {e}")
             return 0, ()
         return r.hits, tuple(r.tiers)
+
+    # -- load or recompute (store/planner.py) -----------------------------------------------------
+    def tier_id(self, tier: str) -> str:
+        return probe.tier_id(self.store, tier, str(self.device))
+
+    def chunks_worth_loading(self, tiers: tuple[str, ...]) -> int:
+        """How many leading stored chunks (held by `tiers`) are worth loading rather than recomputing."""
+        if not self.plan_loads or not tiers:
+            return len(tiers)
+        bandwidths = {t: self.estimates.bandwidth(self.tier_id(t)) for t in set(tiers)}
+        return chunks_worth_loading(tiers, self.chunk_bytes, self.chunk_tokens, bandwidths,
+                                    self.estimates.seconds_per_token(self.engine_id))
+
+    def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
+        if self.plan_loads:
+            self.estimates.observe_load(self.tier_id(tier), nbytes, seconds)
+
+    def observe_compute(self, tokens: int, seconds: float) -> None:
+        """A forward over `tokens` tokens took `seconds` (short forwards are left out: see planner.py)."""
+        if self.plan_loads and tokens >= MIN_OBSERVED_CHUNKS * self.chunk_tokens:
+            self.estimates.observe_compute(self.engine_id, tokens, seconds)
+
+    def report_skipped_loads(self, chunks: int) -> None:
+        self.metrics.inc(m.LOADS_SKIPPED, float(chunks), connector=CONNECTOR)
+
+    def _probe_tiers(self) -> None:
+        """Seed the bandwidth of each tier this process has no estimate for (a few ms each)."""
+        from kvtier.connectors.copy_engine import host_to_device_probe
+
+        tiered = getattr(self.store, "store", self.store)
+        mem_id = self.tier_id("memory")
+        if not self.estimates.has_bandwidth(mem_id):
+            n, s = probe.memcpy_probe()
+            h2d = host_to_device_probe(self.device)
+            if h2d is not None:  # DRAM -> GPU: a host copy, then the transfer
+                s += h2d[1] * n / h2d[0]
+            self.estimates.seed_bandwidth(mem_id, n, s)
+        disk = getattr(tiered, "disk", None)
+        root = getattr(disk, "root", None)
+        disk_id = self.tier_id("disk")
+        if root is not None and not self.estimates.has_bandwidth(disk_id):
+            got = probe.disk_probe(root)
+            if got is not None:
+                self.estimates.seed_bandwidth(disk_id, *got)
 
     # -- the one-call paths ----------------------------------------------------------------------
     def new_cache(self) -> KVTierCache:
@@ -106,9 +182,14 @@ class TransformersConnector:
                 caps = [0] * input_ids.shape[0]
             plan = cache.prepare(input_ids, attention_mask, max_chunks=caps)
             try:
+                t0 = time.perf_counter()
                 with torch.no_grad():
                     out = self.model(**plan.model_inputs(), **self.cache_kwargs(cache), use_cache=True,
                                      **forward_kwargs)
+                if self.plan_loads:
+                    synchronize(self.device)  # the logits are read next anyway: this costs the caller nothing
+                    seconds = time.perf_counter() - t0 - cache.forward_wait_s - cache.forward_save_s
+                    self.observe_compute(int(plan.input_ids.numel()), seconds)
                 return cache, out
             except PrefixLoadError as e:
                 caps = list(e.valid_chunks)

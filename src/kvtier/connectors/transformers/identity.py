@@ -9,7 +9,8 @@ output switches, every underscore field), plus the model class name; and (2) its
 every parameter's name, dtype and shape, and its bytes, all of them when the parameters
 total at most FULL_HASH_BYTES (256 MiB; the demo and test models, the 200M benchmark model
 is sampled), otherwise SAMPLES_PER_TENSOR windows of SAMPLE_BYTES at evenly spaced offsets
-of every tensor (first and last bytes included): a deterministic sample, cheap on a 70B model,
+of every tensor (first and last bytes included), gathered on the tensor's device so that only
+the windows are copied to the host: a deterministic sample, cheap on a 70B model on a GPU,
 that any retraining or fine-tune of a tensor changes. A change that touches none of the
 sampled windows (a sparse edit of a large model) would not be seen; pass an explicit
 `fingerprint=` (for example the checkpoint's revision hash) where that matters.
@@ -54,9 +55,15 @@ def config_text(config: Any) -> str:
 
 
 def _tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 view, on its own device (no copy for a contiguous tensor)."""
     if t.device.type == "meta":
         raise UnsupportedModelError("the model has weights on the meta device; load them before using kvtier")
-    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _to_host(raw: torch.Tensor) -> bytes:
+    """Bytes of a uint8 tensor, copied to the host: the one place weight bytes leave their device."""
+    return raw.to("cpu").numpy().tobytes()
 
 
 def weight_digest(model: torch.nn.Module) -> str:
@@ -71,12 +78,12 @@ def weight_digest(model: torch.nn.Module) -> str:
         raw = _tensor_bytes(p)
         n = raw.numel()
         if full or n <= SAMPLES_PER_TENSOR * SAMPLE_BYTES:
-            h.update(raw.numpy().tobytes())
+            h.update(_to_host(raw))
             continue
         last = n - SAMPLE_BYTES
-        for i in range(SAMPLES_PER_TENSOR):
-            off = last * i // (SAMPLES_PER_TENSOR - 1)
-            h.update(raw[off:off + SAMPLE_BYTES].numpy().tobytes())
+        offsets = [last * i // (SAMPLES_PER_TENSOR - 1) for i in range(SAMPLES_PER_TENSOR)]
+        # the windows are gathered where the tensor lives, and only they are copied to the host
+        h.update(_to_host(torch.cat([raw[off:off + SAMPLE_BYTES] for off in offsets])))
     return h.hexdigest()
 
 

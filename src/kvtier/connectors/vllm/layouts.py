@@ -32,7 +32,8 @@ Adapters (registry ADAPTERS):
 - FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION -> SplitLastAdapter: these backends read
   `kv.transpose(1, 2).split(head_size, -1)`, i.e. kv[b, h, n, :D] is K and kv[b, h, n, D:]
   is V of token n, for any stride order. Sections hold kvtier's canonical
-  [H, K|V, tokens, D] (strided copies through a CPU staging tensor, so GPU caches work);
+  [H, K|V, tokens, D] (strided copies through a CPU staging tensor, page-locked for a GPU
+  cache so a load's host -> GPU copy is asynchronous, so GPU caches work);
   kernel blocks smaller than vLLM's block are gathered in order.
 """
 
@@ -45,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvtier.connectors.copy_engine import staging_buffer
 from kvtier.connectors.vllm.model import UnsupportedModelError, torch_dtype_name
 from kvtier.core.layout import KVLayout
 
@@ -253,8 +255,14 @@ class SplitLastAdapter(BlockAdapter):
         return blocks.unflatten(-1, (2, d)).permute(1, 3, 0, 2, 4)
 
     def _staging(self) -> torch.Tensor:
+        """A host tensor for one block; page-locked when the cache is on a GPU (torch's caching host
+        allocator reuses it, and keeps it until an asynchronous copy from it has completed)."""
         lay, r = self.layout, self.ratio
-        return torch.empty((lay.num_kv_heads, 2, r, self.block_size // r, lay.head_size), dtype=self.kv.dtype)
+        shape = (lay.num_kv_heads, 2, r, self.block_size // r, lay.head_size)
+        if not self.kv.is_cuda:
+            return torch.empty(shape, dtype=self.kv.dtype)
+        flat, _ = staging_buffer(int(np.prod(shape)) * self.kv.element_size(), self.kv.device)
+        return flat.view(self.kv.dtype).view(shape)
 
     def save_source(self, block: int) -> np.ndarray:
         staging = self._staging()
@@ -266,7 +274,7 @@ class SplitLastAdapter(BlockAdapter):
         view = self._canonical_view(block)
 
         def finish() -> None:
-            view.copy_(staging)
+            view.copy_(staging, non_blocking=staging.is_pinned())  # ordered before the forward's kernels
 
         return _as_bytes(staging), finish
 

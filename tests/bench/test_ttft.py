@@ -1,0 +1,136 @@
+"""`kvtier bench ttft`: fair columns (warm, same runs, same statistic), the throttle, the device options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvtier.bench import ttft
+from kvtier.bench.common import median
+from kvtier.cli import build_parser
+from kvtier.core.errors import ConfigError
+
+CASE_KEYS = ("prompt_tokens", "no_kvtier_s", "miss_s", "dram_hit_s", "disk_hit_s", "dram_floor_s", "disk_floor_s",
+             "reduction_dram", "reduction_disk", "miss_published_s", "load_only_s", "load_gbps", "max_logit_diff",
+             "top1_equal")
+RUN_LISTS = {"no_kvtier_s": "no_kvtier_runs_s", "miss_s": "miss_runs_s", "miss_published_s": "miss_published_runs_s",
+             "dram_hit_s": "dram_hit_runs_s", "disk_hit_s": "disk_hit_runs_s", "load_only_s": "load_only_runs_s"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One small run, recording every plain forward's prompt (the warm-up must come first)."""
+    from kvtier.store.planner import ESTIMATES
+
+    ESTIMATES.forget()
+    plain_calls: list[torch.Tensor] = []
+    real_plain = ttft._Runner.plain
+
+    def spy(self, ids):
+        plain_calls.append(ids)
+        return real_plain(self, ids)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ttft._Runner, "plain", spy)
+    try:
+        out = tmp_path_factory.mktemp("ttft") / "ttft.json"
+        result = ttft.run_ttft_bench(str(out), quick=True, lengths=[64, 128], repeats=3)
+    finally:
+        mp.undo()
+    return result, json.loads(out.read_text()), plain_calls
+
+
+def test_json_has_every_key(quick_run):
+    result, data, _ = quick_run
+    assert data["cases"] == result["cases"] and len(data["cases"]) == 2
+    for case, detail in zip(data["cases"], data["details"]):
+        assert set(CASE_KEYS) <= set(case)
+        assert {"chunks_loaded", "chunks_recomputed", "dram_chunks_loaded", "dram_chunks_recomputed"} <= set(detail)
+        assert case["top1_equal"] is True and case["max_logit_diff"] < 1e-3
+        assert case["miss_published_s"] >= case["miss_s"] > 0
+    for key in ("device", "shape", "dtype", "repeats", "memcpy_bytes_per_s", "disk_read_bytes_per_s"):
+        assert key in data["setup"]
+    assert data["setup"]["device"] == "cpu" and "h2d_pinned_gbps" not in data["setup"]
+
+
+def test_every_column_is_the_median_of_the_same_number_of_runs(quick_run):
+    _, data, _ = quick_run
+    for case, detail in zip(data["cases"], data["details"]):
+        for column, runs in RUN_LISTS.items():
+            assert len(detail[runs]) == 3, column
+            assert case[column] == pytest.approx(median(detail[runs])), column
+
+
+def test_the_plain_baseline_is_not_the_first_forward(quick_run):
+    """Regression (issue 16): no_kvtier was the model's first forward ever, cold, while hits were warm."""
+    _, data, calls = quick_run
+    for n in (64, 128):
+        same_length = [ids for ids in calls if ids.shape[1] == n]
+        assert len(same_length) >= 1 + 3  # the warm-up, then the timed runs
+        warm, measured = same_length[0], same_length[-1]
+        assert not torch.equal(warm, measured)  # the first forward of this length warms up another prompt
+
+
+def test_unthrottled_disk_hits_load_chunks(quick_run):
+    _, data, _ = quick_run
+    for detail in data["details"]:
+        assert detail["disk_chunks_loaded_runs"][0] > 0  # the first disk hit: probed bandwidth, chunks load
+
+
+def test_throttled_disk_is_recomputed(tmp_path):
+    result = ttft.run_ttft_bench(str(tmp_path / "t.json"), quick=True, lengths=[64, 128], repeats=3,
+                                 throttle_disk_gbps=0.002)
+    assert result["setup"]["throttle_disk_gbps"] == 0.002
+    for case, detail in zip(result["cases"], result["details"]):
+        assert detail["chunks_loaded"] == 0 and detail["disk_chunks_loaded_runs"] == [0, 0, 0]
+        assert detail["chunks_recomputed"] == (case["prompt_tokens"] - 1) // 16
+        assert detail["disk_chunks_read"] == [0, 0, 0]
+        assert detail["dram_chunks_loaded"] > 0  # DRAM is not throttled
+        assert case["top1_equal"] is True
+
+
+def test_cpu_tiny_shape_runs(tmp_path):
+    result = ttft.run_ttft_bench(str(tmp_path / "t.json"), device="cpu", shape="tiny", lengths=[48], repeats=1)
+    setup = result["setup"]
+    assert (setup["device"], setup["shape"], setup["dtype"]) == ("cpu", "tiny", "float32")
+    assert [c["prompt_tokens"] for c in result["cases"]] == [48]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device="tpu"), "--device"),
+    (dict(shape="llama-70b"), "--shape"),
+    (dict(dtype="fp8"), "--dtype"),
+    (dict(throttle_disk_gbps=0.0), "--throttle-disk-gbps"),
+    (dict(lengths=[1]), "--lengths"),
+])
+def test_bad_options_name_the_flag(tmp_path, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ttft.run_ttft_bench(None, quick=True, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        ttft.run_ttft_bench(None, device="cuda", shape="llama-8b")
+
+
+def test_cli_flags():
+    args = build_parser().parse_args(["bench", "ttft", "--device", "cuda", "--shape", "llama-8b", "--dtype",
+                                      "bfloat16", "--lengths", "8192,32768", "--throttle-disk-gbps", "0.5",
+                                      "--repeats", "3"])
+    assert (args.device, args.shape, args.dtype, args.lengths, args.throttle_disk_gbps, args.repeats) == (
+        "cuda", "llama-8b", "bfloat16", [8192, 32768], 0.5, 3)
+
+
+def test_top1_agreement_ignores_near_ties():
+    ref = torch.tensor([[1.0, 0.9995, 0.0], [3.0, 1.0, 0.0]])
+    assert ttft.top1_agrees(ref, torch.tensor([[0.9995, 1.0, 0.0], [3.0, 1.0, 0.0]]), 1e-3)  # row 0: a near tie
+    assert not ttft.top1_agrees(ref, torch.tensor([[1.0, 0.9, 0.0], [1.0, 3.0, 0.0]]), 1e-3)
+
+
+def test_floors():
+    assert ttft._floor(10**9, 1e9, 0.5, 10.0, cuda=False) == pytest.approx(1.5)  # load then compute
+    assert ttft._floor(10**9, 1e9, 0.5, 10.0, cuda=True) == pytest.approx(1.0)  # overlapped: the larger
+    assert ttft._floor(10**9, 1e6, 0.5, 2.0, cuda=False) == 2.0  # never above recomputing

@@ -1,0 +1,82 @@
+"""The load planner: load exactly the prefix of a hit whose loading beats recomputing it."""
+
+import pytest
+
+from kvtier.store.planner import DECAY, CostEstimates, chunks_worth_loading
+
+MB = 1e6
+
+
+def test_unknown_compute_loads_everything():
+    assert chunks_worth_loading(["memory", "disk"], 10**6, 16, {"memory": 1.0, "disk": 1.0}, None) == 2
+
+
+def test_unknown_bandwidth_counts_as_paying():
+    assert chunks_worth_loading(["disk", "disk"], 10**6, 16, {}, 1e-3) == 2
+
+
+def test_fast_tier_loaded_slow_tier_recomputed():
+    # chunk: 1 MB, 16 tokens at 1 ms each = 16 ms to compute; DRAM 1 GB/s = 1 ms, disk 10 MB/s = 100 ms
+    bw = {"memory": 1000 * MB, "disk": 10 * MB}
+    assert chunks_worth_loading(["memory"] * 3 + ["disk"] * 2, 10**6, 16, bw, 1e-3) == 3
+    assert chunks_worth_loading(["disk"] * 4, 10**6, 16, bw, 1e-3) == 0
+    assert chunks_worth_loading(["memory"] * 4, 10**6, 16, bw, 1e-3) == 4
+
+
+def test_a_slow_chunk_inside_the_prefix_is_loaded_when_the_rest_pays_for_it():
+    # per chunk: memory saves 15 ms, disk costs 84 ms more than compute; 6 memory chunks after one disk
+    # chunk save 90 ms > 84 ms, so loading all 7 beats stopping before the disk chunk
+    bw = {"memory": 1000 * MB, "disk": 10 * MB}
+    tiers = ["disk"] + ["memory"] * 6
+    assert chunks_worth_loading(tiers, 10**6, 16, bw, 1e-3) == 7
+    assert chunks_worth_loading(tiers[:6], 10**6, 16, bw, 1e-3) == 0  # 5 memory chunks save only 75 ms
+
+
+def test_a_tie_does_not_load():
+    # load 16 ms == compute 16 ms: a load must strictly pay
+    assert chunks_worth_loading(["disk"], 16 * 10**3, 16, {"disk": 10**6}, 1e-3) == 0
+
+
+def test_bandwidth_probe_then_measurements_decay_the_probe():
+    est = CostEstimates()
+    assert est.bandwidth("d") is None
+    est.seed_bandwidth("d", 100, 1.0)
+    assert est.bandwidth("d") == 100 and est.source("d") == "probe"
+    est.observe_load("d", 10, 1.0)
+    assert est.bandwidth("d") == pytest.approx((100 * DECAY + 10) / (1.0 * DECAY + 1.0))
+    assert est.source("d") == "measured"
+    for _ in range(30):
+        est.observe_load("d", 10, 1.0)
+    assert est.bandwidth("d") == pytest.approx(10, rel=1e-3)
+
+
+def test_throttle_caps_and_seeds():
+    est = CostEstimates()
+    est.cap_bandwidth("d", 2e6)
+    assert est.bandwidth("d") == 2e6 and est.source("d") == "throttle"
+    est.observe_load("d", 1e9, 1.0)  # a page-cached read faster than the cap is still capped
+    assert est.bandwidth("d") == 2e6
+    with pytest.raises(ValueError, match="positive"):
+        est.cap_bandwidth("d", 0)
+    with pytest.raises(ValueError, match="positive"):
+        est.seed_bandwidth("d", 0, 1.0)
+
+
+def test_compute_cost_is_decayed_seconds_per_token():
+    est = CostEstimates()
+    assert est.seconds_per_token("m") is None
+    est.observe_compute("m", 100, 0.2)
+    assert est.seconds_per_token("m") == pytest.approx(0.2 / 100)
+    est.observe_compute("m", 1000, 1.0)
+    assert est.seconds_per_token("m") == pytest.approx((0.2 * DECAY + 1.0) / (100 * DECAY + 1000))
+    for _ in range(40):
+        est.observe_compute("m", 50, 0.5)
+    assert est.seconds_per_token("m") == pytest.approx(0.01, rel=1e-4)
+
+
+def test_zero_observations_are_ignored():
+    est = CostEstimates()
+    est.observe_load("d", 0, 1.0)
+    est.observe_compute("m", 10, 0.0)
+    assert est.bandwidth("d") is None and est.seconds_per_token("m") is None
+    assert est.snapshot() == {}
