@@ -41,7 +41,7 @@ class EventsConfig:
                 continue
             if not isinstance(value, str) or not value.startswith(ENDPOINT_SCHEMES):
                 raise ConfigError(f"events.{name} must be a ZMQ address starting with one of {ENDPOINT_SCHEMES}, got {value!r}")
-        if self.replay_endpoint is not None and self.replay_endpoint == self.endpoint:
+        if self.replay_endpoint == self.endpoint and not self.endpoint.endswith((":*", ":0")):
             raise ConfigError("events.replay_endpoint must differ from events.endpoint")
         if not isinstance(self.topic, str):
             raise ConfigError(f"events.topic must be a string, got {self.topic!r}")
