@@ -176,3 +176,14 @@ def test_subscriber_reads_vllms_own_publisher(tmp_path):
     finally:
         sub.close()
         pub.shutdown()
+
+
+def test_ties_go_to_the_instance_that_churns_least():
+    index = KVIndex(block_size=4)
+    index.apply("a", "k", batch(stored([1, 2, 3, 4, 5], "CPU")))
+    index.apply("b", "k", batch(stored([1], "CPU")))
+    index.apply("c", "k", batch(stored([1, 9], "CPU")))
+    assert [index.churn(x) for x in "abc"] == [5, 1, 2]
+    router = CacheAwareRouter(index, ["a", "b", "c"])
+    assert router.pick([1, 7]) == "b"  # all hold block 1: the least written-to wins
+    assert router.pick([1, 2]) == "a"  # a longer prefix beats churn

@@ -62,6 +62,7 @@ class KVIndex:
         self.rehash = rehash
         self.stats = IndexStats()
         self._views: dict[str, dict[str, _SourceView]] = {}  # instance -> source -> view
+        self._churn: dict[str, int] = {}  # instance -> blocks it has stored, all media, all time
 
     # -- folding events -----------------------------------------------------------------
     def apply(self, instance: str, source: str, batch: KVEventBatch) -> None:
@@ -74,6 +75,7 @@ class KVIndex:
                 held = view.by_medium.setdefault(event.medium or MEDIUM_GPU, set())
                 held.update(event.block_hashes)
                 self.stats.stored += len(event.block_hashes)
+                self._churn[instance] = self._churn.get(instance, 0) + len(event.block_hashes)
             elif isinstance(event, BlockRemoved):
                 held = view.by_medium.get(event.medium or MEDIUM_GPU)
                 if held is not None:
@@ -118,6 +120,12 @@ class KVIndex:
     @property
     def instances(self) -> list[str]:
         return list(self._views)
+
+    def churn(self, instance: str) -> int:
+        """How many blocks `instance` has stored so far: its caches' write pressure. Of two
+        instances that hold a prompt's prefix equally, the one that churns less keeps new blocks
+        longer."""
+        return self._churn.get(instance, 0)
 
     def blocks(self, instance: str, medium: str, source: str | None = None) -> set[BlockHash]:
         """Hashes `instance` holds on `medium` (from one source, or all)."""

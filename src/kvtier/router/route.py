@@ -7,8 +7,11 @@
 The load rule: an instance may take a request only while its count stays within
 `max_load_share` times the fair share (requests so far, this one included, over instances);
 the least-loaded instance may always take one, so there is always a choice. Among those
-allowed, the highest score wins; ties go to the least loaded, then to the first listed (which
-for a prompt nobody holds spreads requests round-robin).
+allowed, the highest score wins; ties go to the instance that has stored the fewest blocks so
+far (KVIndex.churn: its caches' write pressure, so new blocks live longest there), then to the
+least loaded, then to the first listed (for a prompt nobody holds, round-robin at the start).
+On the Mooncake conversation trace at 4 hosts the churn tie-break lifts the hit ratio from
+0.867x to 0.888x of one host with all their DRAM (kvtier bench fleet).
 """
 
 from __future__ import annotations
@@ -36,13 +39,13 @@ class CacheAwareRouter:
         loads = self.loads
         least = min(loads.values())
         limit = self.cap * (self.total + 1) / len(self.instances)
-        best: tuple[float, int] | None = None
+        best: tuple[float, int, int] | None = None
         choice = self.instances[0]
         for name in self.instances:
             load = loads[name]
             if load + 1 > limit and load != least:
                 continue
-            rank = (self.index.score(name, hashes), -load)
+            rank = (self.index.score(name, hashes), -self.index.churn(name), -load)
             if best is None or rank > best:
                 best, choice = rank, name
         loads[choice] += 1
