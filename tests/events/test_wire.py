@@ -51,9 +51,9 @@ def test_codec_roundtrip(encoding):
     assert batch.events == EVENTS and batch.data_parallel_rank == 1
 
 
-def test_block_hash_is_the_keys_first_8_bytes_big_endian():
+def test_block_hash_is_the_keys_low_64_bits_as_vllm_truncates_its_own():
     key = bytes(range(16))
-    assert block_hash_of(key) == 0x0001020304050607
+    assert block_hash_of(key) == 0x08090A0B0C0D0E0F == int.from_bytes(key, "big") & (2**64 - 1)
     assert block_hash_of(b"\xff" * 32) == 2**64 - 1
     with pytest.raises(ValueError, match="at least 8 bytes"):
         block_hash_of(b"short")
@@ -62,3 +62,10 @@ def test_block_hash_is_the_keys_first_8_bytes_big_endian():
 def test_unknown_encoding_is_refused():
     with pytest.raises(ValueError, match="encoding"):
         BatchCodec("json")
+
+
+def test_block_hash_matches_vllms_int_conversion(monkeypatch):
+    utils = pytest.importorskip("vllm.v1.core.kv_cache_utils")
+    monkeypatch.setenv("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "1")
+    key = bytes(range(100, 132))
+    assert utils.maybe_convert_block_hash(key) == block_hash_of(key)

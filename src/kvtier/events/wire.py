@@ -10,8 +10,9 @@ vLLM's class names, field names and field order. A batch is `[ts, [event, ...], 
   token_ids, block_size, lora_id, medium]`; subscribers written for those releases decode it.
 
 Block hashes: vLLM publishes a block's hash as bytes or, for reproducible hashing, an int.
-kvtier publishes `block_hash_of(key)`: the first 8 bytes of its chunk key, big-endian, as an
-unsigned 64-bit int (a documented truncation; see the README's "KV events" section).
+kvtier publishes `block_hash_of(key)`: the key read as a big-endian integer, masked to its low
+64 bits (its last 8 bytes), the same truncation vLLM applies to its own block hashes when
+VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES is set (see the README's "KV events" section).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ ENCODINGS = ("map", "array")
 
 
 def block_hash_of(key: bytes) -> int:
-    """The 64-bit block hash kvtier publishes for a chunk key: its first 8 bytes, big-endian."""
+    """The 64-bit block hash kvtier publishes for a chunk key: its last 8 bytes, big-endian
+    (vLLM's `int.from_bytes(hash, "big") & (2**64 - 1)`)."""
     if type(key) is not bytes or len(key) < 8:
         raise ValueError(f"a chunk key of at least 8 bytes is needed, got {key!r:.40}")
-    return int.from_bytes(key[:8], "big")
+    return int.from_bytes(key[-8:], "big")
 
 
 class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):  # type: ignore[call-arg]
