@@ -227,7 +227,7 @@ class _ReportingCache(_Cache):
 
     def take_batch(self, ts: float) -> KVEventBatch:
         events: list[BlockStored | BlockRemoved] = []
-        run: list[Key] = []
+        run: list[int | bytes] = []
         for i, (is_store, key) in enumerate(self.changes):
             run.append(key)
             if i + 1 == len(self.changes) or self.changes[i + 1][0] != is_store:

@@ -126,5 +126,5 @@ class BatchCodec:
         """A batch, or msgspec.DecodeError / ValidationError for bytes that are not one."""
         batch = self._decoder.decode(payload)
         if self.encoding == "map":
-            return batch  # type: ignore[no-any-return]
+            return batch  # type: ignore[no-any-return, return-value]
         return KVEventBatch(batch.ts, [_from_array(e) for e in batch.events], batch.data_parallel_rank)

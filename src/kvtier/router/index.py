@@ -77,9 +77,9 @@ class KVIndex:
                 self.stats.stored += len(event.block_hashes)
                 self._churn[instance] = self._churn.get(instance, 0) + len(event.block_hashes)
             elif isinstance(event, BlockRemoved):
-                held = view.by_medium.get(event.medium or MEDIUM_GPU)
-                if held is not None:
-                    held.difference_update(event.block_hashes)
+                holding = view.by_medium.get(event.medium or MEDIUM_GPU)
+                if holding is not None:
+                    holding.difference_update(event.block_hashes)
                 self.stats.removed += len(event.block_hashes)
             elif isinstance(event, AllBlocksCleared):
                 view.by_medium.clear()
