@@ -16,7 +16,9 @@ from kvtier.bench.fleet import (
     SharedTierModel,
     fleet_row,
     judge,
+    judge_routing,
     run_fleet_bench,
+    simulate_cache_aware,
     simulate_fleet,
 )
 from kvtier.bench.trace import TraceRequest, distinct_chunks, hash_key, simulate_tier
@@ -129,13 +131,16 @@ def test_run_writes_one_row_per_host_count(tmp_path):
     assert saved["rows"] == result["rows"]
     assert [r["hosts"] for r in saved["rows"]] == [1, 2, 4]
     for row in saved["rows"]:
-        ratios = {"private", "redis", "redis_exact_lru", "folder", "one_host", "one_host_lru"}
-        assert set(row) == {"hosts", "capacity_pct"} | ratios
+        ratios = {"private", "redis", "redis_exact_lru", "folder", "one_host", "one_host_lru", "cache_aware"}
+        assert set(row) == {"hosts", "capacity_pct", "max_load_share"} | ratios
+        assert 1.0 <= row["max_load_share"] <= 1.5 + 4 * row["hosts"] / 250
         assert row["capacity_pct"] == 1
         assert all(0.0 <= row[k] <= 1.0 for k in ratios)
     assert saved["rows"][0]["private"] == saved["rows"][0]["one_host"]
     assert saved["distinct_chunks"] == distinct_chunks(random_trace(11, 250))
     assert set(saved["target"]) >= {"hosts", "met", "vs_one_host"}
+    assert saved["routing_target"]["cache_aware_vs_one_host"] == pytest.approx(
+        saved["rows"][2]["cache_aware"] / saved["rows"][2]["one_host"])
     assert png.stat().st_size > 0
 
 
@@ -174,3 +179,34 @@ def test_cli_refuses_bad_host_counts(capsys):
         main(["bench", "fleet", "--hosts", "1,zero"])
     assert exc.value.code == 2
     assert "--hosts must be a comma-separated list of positive counts" in capsys.readouterr().err
+
+
+# Two conversations, A (1, 2, ...) and B (5, 6, ...), interleaved: round robin sends each
+# conversation's turns to both hosts; the router keeps each on the host that holds it.
+CONVERSATIONS = [req(1, 2), req(5, 6), req(1, 2, 3), req(5, 6, 7), req(1, 2, 3, 4), req(5, 6, 7, 8)]
+
+
+def test_cache_aware_routing_keeps_each_conversation_on_its_host():
+    # round robin: host 0 gets all of A, host 1 all of B here; shift B by one to make it alternate
+    alternating = [CONVERSATIONS[i] for i in (0, 1, 3, 2, 4, 5)]
+    assert simulate_fleet(alternating, 2, 4, dram_policy="lru").block_hits == [0, 2]
+    counts, share = simulate_cache_aware(alternating, 2, 4, dram_policy="lru")
+    # A: r0 cold, r3 hits 1,2, r4 hits 1,2,3; B: r1 cold, r2 hits 5,6, r5 hits 5,6,7
+    assert counts.block_hits == [2, 8] and share == 1.0
+
+
+def test_cache_aware_routing_respects_the_load_cap():
+    same = [req(1, 2, 3) for _ in range(40)]
+    counts, share = simulate_cache_aware(same, 4, 8, max_load_share=1.5)
+    assert share <= 1.5
+    unbounded_hits = simulate_cache_aware(same, 4, 8, max_load_share=100.0)[0].block_hits
+    assert sum(counts.block_hits) < sum(unbounded_hits)  # the cap costs hits: it is what spreads load
+
+
+def test_judge_routing_needs_the_share_and_the_load_cap():
+    requests = random_trace(7, 200)
+    rows = [fleet_row(requests, h, distinct_chunks(requests)) for h in (1, 4)]
+    verdict = judge_routing(rows)
+    assert verdict["cache_aware_vs_one_host"] == pytest.approx(rows[1].cache_aware / rows[1].one_host)
+    assert verdict["met"] == (rows[1].cache_aware >= 0.9 * rows[1].one_host and rows[1].max_load_share <= 1.5)
+    assert judge_routing(rows[:1])["met"] is None

@@ -18,7 +18,12 @@ the request is available somewhere: in the host's DRAM or in the shared tier), p
   rescans, modelled here as continuous; kvtier.tiers.shared_folder says how);
 - `one_host`: one host with DRAM for H percent, every request: the bound a shared tier aims at;
 - `one_host_lru`: the same with plain LRU, for reading `redis`: a server that evicts by recency
-  alone can at best approach this, not the DRAM default's `one_host`.
+  alone can at best approach this, not the DRAM default's `one_host`;
+- `cache_aware`: private DRAM as in `private`, no shared tier, but each request routed by
+  kvtier.router: every host's DRAM reports what it gains and loses as KV events (BlockStored /
+  BlockRemoved, medium CPU) into a KVIndex, and CacheAwareRouter sends the request to the host
+  with the longest cached prefix while keeping every host within 1.5x its fair share of requests;
+  `max_load_share` is the busiest host's request count over that fair share.
 
 The DRAM tiers and the folder run the real policy objects (kvtier.tiers.policies), with the
 defaults of MemoryTierConfig and SharedFolderTierConfig. A request on host h: lookup (each key in
@@ -46,6 +51,8 @@ from typing import Any
 
 from kvtier.bench.trace import DEFAULT_TRACE, HitCounts, TraceFormatError, TraceRequest, distinct_chunks, load_trace
 from kvtier.core.config import MemoryTierConfig, SharedFolderTierConfig
+from kvtier.events.wire import MEDIUM_CPU, BlockRemoved, BlockStored, KVEventBatch
+from kvtier.router import CacheAwareRouter, KVIndex
 from kvtier.tiers.policies import EvictionPolicy, make_policy
 
 DEFAULT_HOSTS = (1, 2, 4, 8, 16, 32, 64)
@@ -197,6 +204,78 @@ class _Cache:
         self.policy.insert(key, parent, depth)
 
 
+@dataclass(slots=True)
+class _ReportingCache(_Cache):
+    """A host's DRAM that records, as KV events, the chunks it gains and loses (as a host's
+    KVEventPublisher would publish them); `take_batch` hands them over once per request, in the
+    order they happened (runs of stores and removals)."""
+
+    changes: list[tuple[bool, Key]] = field(default_factory=list)  # (stored?, key)
+
+    def put(self, key: Key, parent: Key | None, depth: int) -> None:
+        if not self.policy.admit(key, parent, depth):
+            return
+        if len(self.resident) >= self.capacity:
+            victim = self.policy.evict(lambda k: k != parent)
+            if victim is None:
+                return
+            self.resident.discard(victim)
+            self.changes.append((False, victim))
+        self.resident.add(key)
+        self.policy.insert(key, parent, depth)
+        self.changes.append((True, key))
+
+    def take_batch(self, ts: float) -> KVEventBatch:
+        events: list[BlockStored | BlockRemoved] = []
+        run: list[int | bytes] = []
+        for i, (is_store, key) in enumerate(self.changes):
+            run.append(key)
+            if i + 1 == len(self.changes) or self.changes[i + 1][0] != is_store:
+                events.append(BlockStored(run, None, [], 1, None, MEDIUM_CPU, None) if is_store
+                              else BlockRemoved(run, MEDIUM_CPU))
+                run = []
+        self.changes.clear()
+        return KVEventBatch(ts, events)  # type: ignore[arg-type]
+
+
+def simulate_cache_aware(requests: Sequence[TraceRequest], hosts: int, dram_capacity: int,
+                         max_load_share: float = 1.5, dram_policy: str = DRAM_POLICY) -> tuple[HitCounts, float]:
+    """Private DRAM per host, requests routed by kvtier.router from the hosts' KV events; the hit
+    counts and the busiest host's share of requests over its fair share. Hits are counted from
+    the hosts' own DRAM; the index, fed only by events, decides where each request goes."""
+    counts = HitCounts()
+    drams = [_ReportingCache(make_policy(dram_policy), dram_capacity) for _ in range(hosts)]
+    names = [f"host-{h}" for h in range(hosts)]
+    index = KVIndex(block_size=1, weights={MEDIUM_CPU: 1.0})
+    router = CacheAwareRouter(index, names, max_load_share)
+    host_of = {name: h for h, name in enumerate(names)}
+    half_at = len(requests) // 2
+    for i, req in enumerate(requests):
+        keys = req.keys
+        h = host_of[router.pick(keys)]
+        dram = drams[h]
+        now = req.timestamp_ms / 1000.0
+        dram.policy.begin_request(now)
+        n = 0
+        for key in keys:
+            if key not in dram.resident:
+                break
+            n += 1
+        counts.add(0 if i < half_at else 1, req, n)
+        if n:
+            dram.policy.touch(keys[:n])
+        parent: Key | None = None
+        for depth, key in enumerate(keys):
+            if key in dram.resident:
+                if depth >= n:
+                    dram.policy.touch((key,))
+            else:
+                dram.put(key, parent, depth)
+            parent = key
+        index.apply(names[h], "kvtier", dram.take_batch(now))
+    return counts, router.max_load_share()
+
+
 @dataclass(slots=True, frozen=True)
 class SharedTierModel:
     """How the tier below every host's DRAM behaves: its policy, and whose hits touch it."""
@@ -273,17 +352,21 @@ class FleetRow:
     folder: float
     one_host: float
     one_host_lru: float
+    cache_aware: float = 0.0
+    max_load_share: float = 0.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {"hosts": self.hosts, "capacity_pct": self.capacity_pct, "private": self.private,
                 "redis": self.redis, "redis_exact_lru": self.redis_exact_lru, "folder": self.folder, "one_host": self.one_host,
-                "one_host_lru": self.one_host_lru}
+                "one_host_lru": self.one_host_lru, "cache_aware": self.cache_aware,
+                "max_load_share": self.max_load_share}
 
 
 def fleet_row(requests: Sequence[TraceRequest], hosts: int, distinct: int, capacity_pct: float = 1.0) -> FleetRow:
     """One row: hit ratios by chunk for H = `hosts` (shared tier and bound at H x capacity_pct percent)."""
     dram = max(1, round(distinct * capacity_pct / 100))
     shared = max(1, round(distinct * hosts * capacity_pct / 100))
+    routed, load_share = simulate_cache_aware(requests, hosts, dram)
     return FleetRow(
         hosts=hosts,
         capacity_pct=capacity_pct,
@@ -293,6 +376,8 @@ def fleet_row(requests: Sequence[TraceRequest], hosts: int, distinct: int, capac
         folder=simulate_fleet(requests, hosts, dram, FOLDER_MODEL, shared).block_ratio(),
         one_host=simulate_fleet(requests, 1, shared).block_ratio(),
         one_host_lru=simulate_fleet(requests, 1, shared, dram_policy="lru").block_ratio(),
+        cache_aware=routed.block_ratio(),
+        max_load_share=load_share,
     )
 
 
@@ -305,6 +390,20 @@ def judge(rows: Sequence[FleetRow], at_hosts: int = 4, share: float = 0.95) -> d
     ratios = {name: (getattr(row, name) / bound if bound else None) for name in ("redis", "folder", "private")}
     met = all(ratios[n] is not None and ratios[n] >= share for n in ("redis", "folder"))  # type: ignore[operator]
     return {"hosts": at_hosts, "share_required": share, "vs_one_host": ratios, "met": met}
+
+
+def judge_routing(rows: Sequence[FleetRow], at_hosts: int = 4, share: float = 0.9,
+                  max_load_share: float = 1.5) -> dict[str, Any]:
+    """The router's target: at `at_hosts` hosts, cache_aware reaches `share` of one_host with the
+    busiest host within `max_load_share` of its fair share."""
+    row = next((r for r in rows if r.hosts == at_hosts), None)
+    if row is None:
+        return {"hosts": at_hosts, "met": None, "why": f"no row for {at_hosts} hosts"}
+    ratio = row.cache_aware / row.one_host if row.one_host else None
+    met = ratio is not None and ratio >= share and row.max_load_share <= max_load_share
+    return {"hosts": at_hosts, "share_required": share, "max_load_share_allowed": max_load_share,
+            "cache_aware_vs_one_host": ratio, "private_vs_one_host": row.private / row.one_host if row.one_host else None,
+            "max_load_share": row.max_load_share, "met": met}
 
 
 def run_fleet_bench(
@@ -333,18 +432,21 @@ def run_fleet_bench(
         if not quiet:
             r = rows[-1]
             print(f"[{time.perf_counter() - started:6.1f}s] {h:3d} hosts: private {r.private:.4f}  redis {r.redis:.4f} (exact lru {r.redis_exact_lru:.4f})  "
-                  f"folder {r.folder:.4f}  one_host {r.one_host:.4f} (lru {r.one_host_lru:.4f})", file=sys.stderr, flush=True)
+                  f"folder {r.folder:.4f}  one_host {r.one_host:.4f} (lru {r.one_host_lru:.4f})  "
+                  f"cache_aware {r.cache_aware:.4f} (max load share {r.max_load_share:.3f})", file=sys.stderr, flush=True)
     result: dict[str, Any] = {
         "trace": str(trace_path),
         "requests": len(requests),
         "chunk_references": sum(len(r.hash_ids) for r in requests),
         "distinct_chunks": distinct,
         "routing": "round-robin",
+        "cache_aware_routing": "kvtier.router: longest cached prefix from the hosts' KV events, each host within 1.5x its fair share",
         "dram_policy": DRAM_POLICY,
         "folder_policy": FOLDER_POLICY,
         "redis_policy": "allkeys-lru: 5 samples, a pool of 16, a clock in seconds (redis_exact_lru: exact LRU)",
         "rows": [r.as_dict() for r in rows],
         "target": judge(rows),
+        "routing_target": judge_routing(rows),
         "seconds": time.perf_counter() - started,
     }
     if real_payload:
@@ -357,6 +459,11 @@ def run_fleet_bench(
         shares = ", ".join(f"{k} {v:.3f}x" for k, v in target.get("vs_one_host", {}).items() if v is not None)
         print(f"at {target['hosts']} hosts, against one host with their DRAM: {shares}; "
               f"target (redis and folder >= {target.get('share_required')}x): met = {target['met']}", file=sys.stderr)
+        routing = result["routing_target"]
+        if routing.get("cache_aware_vs_one_host") is not None:
+            print(f"at {routing['hosts']} hosts, cache_aware {routing['cache_aware_vs_one_host']:.3f}x one_host, max load share "
+                  f"{routing['max_load_share']:.3f}; target (>= {routing['share_required']}x, <= "
+                  f"{routing['max_load_share_allowed']}): met = {routing['met']}", file=sys.stderr)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if png_out is not None:
@@ -382,7 +489,8 @@ def plot(result: dict[str, Any], png_out: str | Path) -> bool:
                                ("redis_exact_lru", "--", "1% DRAM + Redis (H%, exact LRU)"),
                                ("folder", "-", "1% DRAM + shared folder (H%, owner evicts)"),
                                ("one_host_lru", "k:", "one host, H% DRAM, plain LRU"),
-                               ("private", ":", "1% DRAM per host, private")):
+                               ("private", ":", "1% DRAM per host, private"),
+                               ("cache_aware", "-", "1% DRAM per host, cache-aware routing")):
         ax.plot(x, [r[name] for r in rows], style, marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [str(h) for h in x])

@@ -18,6 +18,9 @@ numpy arrays, CPU torch tensors via .numpy()), so tiers need no torch.
 Keys, parents and depths are checked at each call (`check_key`, `check_chunk`): a bad one
 raises ValueError naming it before the tier takes a slot or a file for it.
     delete(key) -> bool, touch(keys), usage(), close()
+    add_observer(fn), remove_observer(fn)
+                                   `fn(TierChange)` hears every chunk the tier gains or
+                                   loses (kvtier.events publishes them as KV events)
     read_many(keys, layers, dests)  `read` of several chunks (batched by networked tiers)
     read_gbps() -> float | None     measured read bandwidth, for the load planner
 """
@@ -25,11 +28,14 @@ raises ValueError naming it before the tier takes a slot or a file for it.
 from __future__ import annotations
 
 import ctypes
+import logging
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,6 +46,7 @@ from kvtier.core.keys import HASH_MODES
 from kvtier.core.layout import KVLayout
 
 Buffer = Any  # an object supporting the buffer protocol
+_log = logging.getLogger(__name__)
 
 
 class TierWriteError(KVTierError):
@@ -124,10 +131,68 @@ class TierUsage:
     chunks: int
 
 
+class TierChange(NamedTuple):
+    """One thing a tier gained or lost, as its observers hear it.
+
+    `kind` is "stored" (with `meta`) or "removed" (meta None: an eviction, a delete, a chunk
+    dropped as corrupt)."""
+
+    kind: str
+    tier: str
+    key: bytes
+    meta: ChunkMeta | None = None
+
+
+TierObserver = Callable[[TierChange], None]
+
+
 class Tier(ABC):
     name: str
     layout: KVLayout
     chunk_tokens: int
+    # Observers and their pending changes: set per instance by add_observer; an empty tuple (no
+    # observer) keeps the recording calls on the hot path to one test.
+    _observers: tuple[TierObserver, ...] = ()
+    observer_errors: int = 0
+
+    def add_observer(self, fn: TierObserver) -> None:
+        """Call `fn(change)` for every chunk this tier gains or loses from now on.
+
+        Changes are recorded under the tier's lock, in the order they happened, and delivered
+        after it is released, one at a time, so `fn` may be slow without stalling readers. An
+        exception from `fn` is logged and counted (`observer_errors`), never raised into the tier."""
+        if not callable(fn):
+            raise ValueError(f"observer must be callable, got {type(fn).__name__}")
+        if not self._observers:
+            self._changes: deque[TierChange] = deque()
+            self._deliver_lock = threading.Lock()
+        self._observers = (*self._observers, fn)
+
+    def remove_observer(self, fn: TierObserver) -> None:
+        self._observers = tuple(o for o in self._observers if o is not fn)
+
+    def _record_stored(self, meta: ChunkMeta) -> None:
+        if self._observers:
+            self._changes.append(TierChange("stored", self.name, meta.key, meta))
+
+    def _record_removed(self, key: bytes) -> None:
+        if self._observers:
+            self._changes.append(TierChange("removed", self.name, key))
+
+    def _deliver_changes(self) -> None:
+        """Hand recorded changes to the observers; call with no tier lock held."""
+        if not self._observers:
+            return
+        with self._deliver_lock:
+            changes = self._changes
+            while changes:
+                change = changes.popleft()
+                for fn in self._observers:
+                    try:
+                        fn(change)
+                    except Exception:  # an observer's fault must not fail a save or a load
+                        self.observer_errors += 1
+                        _log.exception("tier %s: observer %r failed on %s", self.name, fn, change.kind)
 
     @cached_property
     def layer_bytes(self) -> int:

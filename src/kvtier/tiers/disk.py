@@ -393,6 +393,7 @@ class DiskTier(Tier):
     def _forget(self, key: bytes, entry: _Entry) -> None:
         with self._lock:
             self._unindex_locked(key, entry)
+        self._deliver_changes()
         self._report_usage()
 
     def _drop_corrupt(self, key: bytes, entry: _Entry, fd: int) -> None:
@@ -411,6 +412,7 @@ class DiskTier(Tier):
             # and perhaps rewritten meanwhile, and that newer file is not ours to delete.
             if self._unindex_locked(key, entry) and not self.read_only:
                 _unlink_quietly(entry.path)
+        self._deliver_changes()
         self._report_usage()
 
     def _unindex_locked(self, key: bytes, entry: _Entry) -> bool:
@@ -419,6 +421,7 @@ class DiskTier(Tier):
         del self._index[key]
         self._policy.remove(key)
         self._used -= entry.file_bytes
+        self._record_removed(key)
         return True
 
     # -- write -------------------------------------------------------------------------
@@ -489,6 +492,7 @@ class DiskTier(Tier):
                 self._index[key] = _Entry(final, total, meta.parent, meta.depth, (sig, table))
                 self._used += total
                 self._policy.insert(key, meta.parent, meta.depth)
+                self._record_stored(meta)
         except _PublishError as e:
             if e.cause.errno == errno.ENOSPC:
                 self.metrics.inc(m.WRITE_FAILURES, tier=self.name)
@@ -504,6 +508,7 @@ class DiskTier(Tier):
                 self._reserved -= total
                 self._writing.discard(key)
                 self._release_parent_locked(parent)
+            self._deliver_changes()
         self.metrics.inc(m.BYTES_WRITTEN, sum(s.length for s in header.sections), tier=self.name)
         self.metrics.inc(m.WRITE_SECONDS, time.perf_counter() - t0, tier=self.name)
         self._report_usage()
@@ -596,6 +601,7 @@ class DiskTier(Tier):
             self._used += entry.file_bytes
             self._policy.insert(victim, entry.parent, entry.depth)
             raise
+        self._record_removed(victim)
         self.metrics.inc(m.EVICTIONS, tier=self.name)
         return True
 
@@ -617,6 +623,8 @@ class DiskTier(Tier):
                 raise self._write_failed(key, "deleting", e) from e
             self._policy.remove(key)
             self._used -= entry.file_bytes
+            self._record_removed(key)
+        self._deliver_changes()
         self._report_usage()
         return True
 

@@ -223,6 +223,7 @@ class MemoryTier(Tier):
                 slot, evicted = victim
             res = Reservation(slot, key)
             self._reserved[slot] = res
+        self._deliver_changes()
         if evicted is not None and self._on_evict is not None:
             try:
                 self._on_evict(evicted, self.slot_view(slot))  # copies the bytes before returning
@@ -273,6 +274,8 @@ class MemoryTier(Tier):
                 self._free.append(res.slot)
                 raise
             self._index[res.key] = _Entry(res.slot, meta, int(pin))
+            self._record_stored(meta)
+        self._deliver_changes()
         self.metrics.inc(m.BYTES_WRITTEN, self.chunk_bytes, tier=self.name)
         self._report_usage()
         return True
@@ -313,6 +316,7 @@ class MemoryTier(Tier):
         if victim is None:
             return None
         entry = index.pop(victim)
+        self._record_removed(victim)
         self.metrics.inc(m.EVICTIONS, tier=self.name)
         return entry.slot, entry.meta
 
@@ -325,6 +329,8 @@ class MemoryTier(Tier):
             del self._index[key]
             self._policy.remove(key)
             self._free.append(entry.slot)
+            self._record_removed(key)
+        self._deliver_changes()
         self._report_usage()
         return True
 

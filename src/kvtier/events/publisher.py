@@ -1,0 +1,251 @@
+"""Publishes what kvtier's tiers gain and lose as vLLM-format KV events over ZMQ.
+
+    pub = KVEventPublisher(EventsConfig("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558"))
+    pub.attach_store(store)        # or attach(tier) per tier; called by whoever owns the store
+    ...
+    pub.flush(timeout_s)           # wait until everything recorded so far is on the wire
+    pub.close()
+
+Wire protocol (vLLM's ZmqEventPublisher): the PUB socket sends three frames per batch, the
+topic, an 8-byte big-endian sequence number (0, 1, 2, ...) and the msgpack batch. The ROUTER
+replay socket takes `[b"", start_seq (8 bytes, big-endian)]` from a DEALER (or REQ) and answers
+every buffered batch with seq >= start_seq as `[b"", topic, seq, payload]`, then an end marker
+`[b"", b"", -1 (8 bytes, signed), b""]`.
+
+Threads: tiers call the observer (`_on_change`) on their own threads, after releasing their
+locks; it only converts the change and puts it on a queue (never blocks: a full queue drops the
+event and counts it). One publisher thread owns both sockets: it answers replay requests and
+sends batches. Sockets are bound in the constructor, so a taken port fails there, at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import zmq
+
+from kvtier.core.errors import KVTierError
+from kvtier.events.config import EventsConfig
+from kvtier.events.wire import (
+    MEDIUM_CPU,
+    MEDIUM_STORAGE,
+    AllBlocksCleared,
+    BatchCodec,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    block_hash_of,
+)
+from kvtier.tiers.base import Tier, TierChange
+
+_log = logging.getLogger(__name__)
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+_STOP = object()
+
+
+class EventsBindError(KVTierError):
+    """An events socket could not be bound (the port is taken, the ipc folder is missing)."""
+
+
+def medium_of(tier: Tier) -> str:
+    """The vLLM medium a tier's chunks are published under: CPU for DRAM, STORAGE for the rest."""
+    return MEDIUM_CPU if tier.name == "memory" else MEDIUM_STORAGE
+
+
+class KVEventPublisher:
+    def __init__(self, config: EventsConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self._codec = BatchCodec(config.encoding)
+        self._topic = config.topic.encode("utf-8")
+        self._ctx = context or zmq.Context.instance()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.max_queue_size)
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
+        self._attached: list[tuple[Tier, Any]] = []
+        self._cond = threading.Condition()
+        self._enqueued = 0
+        self._sent = 0
+        self.stats = {"batches": 0, "events": 0, "dropped_queue_full": 0, "replay_requests": 0,
+                      "replay_bad_requests": 0, "send_errors": 0}
+        self._pub = self._bind(zmq.PUB, config.endpoint, "endpoint")
+        self._replay = None
+        if config.replay_endpoint is not None:
+            try:
+                self._replay = self._bind(zmq.ROUTER, config.replay_endpoint, "replay_endpoint")
+            except BaseException:
+                self._pub.close(linger=0)
+                raise
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kvtier-events", daemon=True)
+        self._thread.start()
+
+    def _bind(self, kind: int, endpoint: str, name: str) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.PUB:
+            sock.set_hwm(self.config.hwm)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            raise EventsBindError(f"events.{name} {endpoint}: cannot bind ({e.strerror})") from e
+        return sock
+
+    @property
+    def endpoint(self) -> str:
+        """The PUB socket's bound address (tcp://127.0.0.1:0 resolves to the port it got)."""
+        return self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def replay_endpoint(self) -> str | None:
+        return None if self._replay is None else self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # -- what the tiers tell us -------------------------------------------------------------
+    def attach(self, tier: Tier, medium: str | None = None) -> None:
+        """Publish `tier`'s changes from now on, after a BlockStored for each chunk it holds now."""
+        medium = medium or medium_of(tier)
+        block_size = tier.chunk_tokens
+
+        def on_change(change: TierChange) -> None:
+            self._put(self._event_of(change, medium, block_size))
+
+        tier.add_observer(on_change)
+        self._attached.append((tier, on_change))
+        keys = getattr(tier, "keys", None)
+        if keys is not None:
+            held = keys()
+            if held:
+                self._put(BlockStored([block_hash_of(k) for k in held], None, [], block_size, None, medium, None))
+
+    def attach_store(self, store: Any) -> None:
+        """Attach every tier of a TieredStore (DRAM, disk, the lower tiers)."""
+        for tier in list(store.tiers) + list(getattr(store, "lower_tiers", [])):
+            self.attach(tier)
+
+    def publish_cleared(self) -> None:
+        """AllBlocksCleared: subscribers drop everything they know of this publisher."""
+        self._put(AllBlocksCleared())
+
+    @staticmethod
+    def _event_of(change: TierChange, medium: str, block_size: int) -> KVEvent:
+        if change.kind == "stored":
+            meta = change.meta
+            parent = block_hash_of(meta.parent) if meta is not None and meta.depth > 0 else None
+            return BlockStored([block_hash_of(change.key)], parent, [], block_size, None, medium, None)
+        return BlockRemoved([block_hash_of(change.key)], medium)
+
+    def _put(self, event: KVEvent) -> None:
+        if self._closed:
+            return
+        with self._cond:
+            try:
+                self._queue.put_nowait(event)
+            except queue.Full:
+                self.stats["dropped_queue_full"] += 1
+                return
+            self._enqueued += 1
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every event put so far is sent; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            target = self._enqueued
+            while self._sent < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(left)
+        return True
+
+    # -- the publisher thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        seq = 0
+        max_events = self.config.batch_max_events
+        while True:
+            if self._replay is not None:
+                while self._replay.poll(0):
+                    self._serve_replay()
+            try:
+                first = self._queue.get(timeout=0.02)
+            except queue.Empty:
+                continue
+            if first is _STOP:
+                break
+            events = [first]
+            stop = False
+            while len(events) < max_events:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                events.append(item)
+            payload = self._codec.encode(time.time(), events, self.config.data_parallel_rank)
+            try:
+                self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
+            except zmq.ZMQError:
+                self.stats["send_errors"] += 1
+                _log.exception("kv events: sending batch %d failed (it stays replayable)", seq)
+            self._buffer.append((seq, payload))
+            seq += 1
+            self.stats["batches"] += 1
+            self.stats["events"] += len(events)
+            with self._cond:
+                self._sent += len(events)
+                self._cond.notify_all()
+            if stop:
+                break
+        with self._cond:
+            self._cond.notify_all()
+
+    def _serve_replay(self) -> None:
+        """Answer one replay request; a malformed one is counted and answered with the end marker."""
+        assert self._replay is not None
+        frames = self._replay.recv_multipart()
+        self.stats["replay_requests"] += 1
+        if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
+            self.stats["replay_bad_requests"] += 1
+            _log.warning("kv events: malformed replay request (%d frames) dropped", len(frames))
+            if len(frames) >= 2 and frames[1] == b"":
+                self._send_replay(frames[0], (b"", END_SEQ, b""))
+            return
+        client, _, start = frames
+        start_seq = int.from_bytes(start, "big")
+        for seq, payload in list(self._buffer):
+            if seq >= start_seq:
+                self._send_replay(client, (self._topic, seq.to_bytes(8, "big"), payload))
+        self._send_replay(client, (b"", END_SEQ, b""))
+
+    def _send_replay(self, client: bytes, frames: Iterable[bytes]) -> None:
+        assert self._replay is not None
+        try:
+            self._replay.send_multipart((client, b"", *frames), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # the client went away or is not reading: its loss, not ours
+            self.stats["send_errors"] += 1
+
+    def close(self) -> None:
+        """Detach from the tiers, send what is queued, stop the thread, close the sockets."""
+        if self._closed:
+            return
+        for tier, fn in self._attached:
+            tier.remove_observer(fn)
+        self._attached.clear()
+        self._queue.put(_STOP)
+        self._closed = True
+        self._thread.join(timeout=5.0)
+        self._pub.close(linger=0)
+        if self._replay is not None:
+            self._replay.close(linger=0)
+
+    def __enter__(self) -> KVEventPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
