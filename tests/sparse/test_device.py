@@ -92,3 +92,29 @@ def test_host_staging_reuses_its_buffer_and_copies_to_the_device() -> None:
     assert out.device.type == "cpu" and torch.equal(out, torch.full((2, 2, 16), 7, dtype=torch.uint8))
     assert not st.pinned  # pinned only for CUDA
     assert st.rows(10).shape == (10, 2, 16)
+
+
+@pytest.mark.parametrize("stream_tokens", [8, 65536])
+def test_chunked_prefill_attention_gathered_or_streamed_is_exact(stream_tokens: int) -> None:
+    """attend_dense: one fused sdpa over the gathered context (default) or online softmax over pieces
+    of `dense_stream_tokens` (8: a piece of 2 blocks, fewer than the 3 slots, so pieces of 3 blocks)
+    both equal causal sdpa over the whole context, GQA and a padding mask included."""
+    import torch.nn.functional as F
+
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=16, dense_stream_tokens=stream_tokens), LAYOUT, salt=b"p")
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(L, H, 45, D, generator=g), torch.randn(L, H, 45, D, generator=g)
+    for span in (slice(0, 40), slice(40, 45)):
+        for layer in range(L):
+            kv.append(layer, k[layer, :, span], v[layer, :, span])
+    q = torch.randn(2 * H, 5, D, generator=g)  # the last 5 positions, 2 query heads per KV head
+    pad = torch.ones(5, 45, dtype=torch.bool)
+    pad[:, :3] = False
+    causal = torch.arange(45).view(1, -1) <= torch.arange(40, 45).view(-1, 1)
+    for layer in range(L):
+        ref = F.scaled_dot_product_attention(q.unsqueeze(0), k[layer].repeat_interleave(2, 0).unsqueeze(0),
+                                             v[layer].repeat_interleave(2, 0).unsqueeze(0),
+                                             attn_mask=causal & pad, scale=D**-0.5)[0]
+        assert torch.allclose(kv.attend_dense(layer, q, D**-0.5, pad), ref, atol=1e-5)
+    store.close()
