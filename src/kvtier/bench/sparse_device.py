@@ -176,10 +176,11 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
     budget = plan.budget(context)
 
     model.set_attn_implementation("sdpa")
-    dense = DynamicCache(config=model.config)
-    logits = _prefill(model, ids, dense, plan.chunk)
-    dense_times, dense_peak = _peak_during(device, lambda: _decode(model, dense, logits, plan.steps, drift, device))
-    del dense
+    dense_cache: DynamicCache | None = DynamicCache(config=model.config)
+    logits = _prefill(model, ids, dense_cache, plan.chunk)
+    dense_times, dense_peak = _peak_during(device, lambda: _decode(model, dense_cache, logits, plan.steps, drift,
+                                                                  device))
+    dense_cache = None  # its KV freed before the sparse run measures its peak
 
     model.set_attn_implementation(ATTN_NAME)
     store, cache = _sparse_cache(model, plan, budget, 1, context)
@@ -287,12 +288,12 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
         for ctx in contexts:
             ids = torch.randint(0, model.config.vocab_size, (1, ctx)).to(device)
 
-            def dense() -> None:
+            def dense(ids: torch.Tensor = ids) -> None:
                 model.set_attn_implementation("sdpa")
                 c = DynamicCache(config=model.config)
                 _decode(model, c, _prefill(model, ids, c, plan.chunk), 2, 0.0, device)
 
-            def sparse() -> None:
+            def sparse(ids: torch.Tensor = ids, ctx: int = ctx) -> None:
                 model.set_attn_implementation(ATTN_NAME)
                 store, c = _sparse_cache(model, plan, plan.budget(ctx), 1, ctx)
                 try:

@@ -44,8 +44,8 @@ from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
 from kvtier.sparse.errors import BlockMissingError, SparseConfigError, WorkingSetMemoryError
 from kvtier.sparse.policies import make_policy, scores, sticky_topk
-from kvtier.sparse.summary import Summarizer, SummaryTable
 from kvtier.sparse.staging import HostStaging
+from kvtier.sparse.summary import Summarizer, SummaryTable
 from kvtier.sparse.working_set import EMPTY, WorkingSet
 from kvtier.store.tiered import SaveBatch, TieredStore
 from kvtier.store.transfer import TransferHandle
