@@ -118,3 +118,32 @@ def test_chunked_prefill_attention_gathered_or_streamed_is_exact(stream_tokens: 
                                              attn_mask=causal & pad, scale=D**-0.5)[0]
         assert torch.allclose(kv.attend_dense(layer, q, D**-0.5, pad), ref, atol=1e-5)
     store.close()
+
+
+def test_chunked_prefill_reuses_the_gathered_blocks_and_stays_exact() -> None:
+    """Three prefill chunks: each attend_dense after the first reads from the store only the blocks
+    completed since the previous chunk (the rest is kept gathered), and every output is exact."""
+    import torch.nn.functional as F
+
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=16), LAYOUT, salt=b"c")
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(L, H, 50, D, generator=g), torch.randn(L, H, 50, D, generator=g)
+    bounds = [(0, 18), (18, 35), (35, 50)]
+    for i, (lo, hi) in enumerate(bounds):
+        for layer in range(L):
+            kv.append(layer, k[layer, :, lo:hi], v[layer, :, lo:hi])
+            if i == 0:
+                continue
+            before = kv.fetched_bytes
+            q = torch.randn(2 * H, hi - lo, D, generator=g)
+            causal = torch.arange(hi).view(1, -1) <= torch.arange(lo, hi).view(-1, 1)
+            ref = F.scaled_dot_product_attention(q.unsqueeze(0), k[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0),
+                                                 v[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0),
+                                                 attn_mask=causal, scale=D**-0.5)[0]
+            assert torch.allclose(kv.attend_dense(layer, q, D**-0.5), ref, atol=1e-5)
+            if i == 2:  # blocks 0..7 were gathered by chunk 2: at most the 4 new blocks 8..11 are read
+                assert kv.fetched_bytes - before <= 4 * 2 * H * store.layer_bytes
+    kv.attend(0, torch.randn(2 * H, 1, D), D**-0.5)
+    assert 0 not in kv._gathered  # decode frees it
+    store.close()

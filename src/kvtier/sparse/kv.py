@@ -147,6 +147,9 @@ class SparseKV:
         self._staging = torch.empty(0, h, 2, self._section_bytes, dtype=torch.uint8)
         # decode's fill staging: row i = (K, V) of one (block, head) slice, then one copy to the device
         self._fill_staging = HostStaging((2, self._section_bytes), self.device)
+        # chunked prefill: layer -> (blocks, K, V [H, blocks * B, d]) gathered on the device by the last
+        # attend_dense, so the next chunk reads only the blocks completed since (dropped at decode)
+        self._gathered: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     # -- writing -------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -400,6 +403,7 @@ class SparseKV:
         `token_mask` [nq, T] (True = may attend) carries padding; causality is applied here.
         """
         ws = self.working[layer]
+        self._gathered.pop(layer, None)  # prefill is over: free its gathered KV
         hq, nq, d = q.shape
         h = self.layout.num_kv_heads
         if hq % h:
@@ -447,6 +451,7 @@ class SparseKV:
         step = max(ws.slots, self.config.dense_stream_tokens // bt, 1)
         if nb <= step:
             return self._attend_gathered(layer, q, scaling, token_mask, qpos)
+        self._gathered.pop(layer, None)
         qg = q.reshape(h, g * nq, d).float()
         m_run = torch.full((h, g * nq, 1), float("-inf"), device=dev)
         l_run = torch.zeros(h, g * nq, 1, device=dev)
@@ -487,17 +492,24 @@ class SparseKV:
         g = hq // h
         t = self.num_tokens[layer]
         nb = t // self.config.block_tokens
-        parts_k, parts_v = [], []
-        if nb:
-            k, v = self._fetch(layer, list(range(nb)))  # [n, H, B, d]
-            parts_k.append(k.permute(1, 0, 2, 3).reshape(h, -1, d))
-            parts_v.append(v.permute(1, 0, 2, 3).reshape(h, -1, d))
-        tk, tv = ws.tail()
-        parts_k.append(tk)
-        parts_v.append(tv)
         dtype = torch.float32 if q.device.type == "cpu" else ws.k.dtype
-        kk = torch.cat(parts_k, 1).to(q.device, dtype)
-        vv = torch.cat(parts_v, 1).to(q.device, dtype)
+        gk: torch.Tensor | None = None
+        gv: torch.Tensor | None = None
+        have = 0
+        if layer in self._gathered:
+            have, gk, gv = self._gathered[layer]
+        parts_k = [] if gk is None else [gk]
+        parts_v = [] if gv is None else [gv]
+        if nb > have:  # only the blocks completed since the last chunk (mostly still on the device, in _span)
+            k, v = self._fetch(layer, list(range(have, nb)))  # [n, H, B, d]
+            parts_k.append(k.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
+            parts_v.append(v.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
+        if parts_k:
+            gk, gv = (torch.cat(parts_k, 1), torch.cat(parts_v, 1)) if len(parts_k) > 1 else (parts_k[0], parts_v[0])
+            self._gathered[layer] = (nb, gk, gv)
+        tk, tv = ws.tail()
+        kk = torch.cat([gk, tk.to(dtype)], 1) if gk is not None else tk.to(dtype)
+        vv = torch.cat([gv, tv.to(dtype)], 1) if gv is not None else tv.to(dtype)
         pos = torch.arange(t, device=q.device)
         ok = pos.view(1, -1) <= qpos[:nq].view(-1, 1)  # [nq, t], the same for every head
         if token_mask is not None:
