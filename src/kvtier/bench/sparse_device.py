@@ -88,7 +88,7 @@ class Plan:
         self.block = 64 if big else 16
         self.sinks = self.block
         self.window = 2 * self.block
-        self.chunk = 8192 if device.type == "cuda" else 4096  # prefill chunk (bounds activation memory)
+        self.chunk = 16384 if device.type == "cuda" else 4096  # prefill chunk (bounds activation memory)
         self.steps = 4 if quick else 8
         if device.type == "cuda":
             self.decode_contexts: Sequence[int] = (8192, 32768) if quick else (32768, 131072)
@@ -104,7 +104,13 @@ class Plan:
         return max(int(context * fraction) // self.block * self.block, floor)
 
 
-def _sparse_cache(model, plan: Plan, budget: int, batch: int, context: int):
+def _sparse_cache(model, plan: Plan, budget: int, batch: int, context: int, hold_prefill: bool = True):
+    """A DRAM store for `batch` sequences of `context` tokens and a KVTierSparseCache over it.
+
+    hold_prefill: a chunked prefill keeps the context it gathered on the device, as a dense prefill
+    keeps its KV (sparse.dense_stream_tokens = the context); False keeps SparseConfig's default, so
+    longer contexts are streamed back from the store chunk by chunk (max_context: sparse must fit
+    where dense does not)."""
     from kvtier.connectors.transformers.sparse import KVTierSparseCache, model_kv_layout
     from kvtier.core.config import MemoryTierConfig, StoreConfig
     from kvtier.sparse import SparseConfig, sparse_store_layout
@@ -116,8 +122,9 @@ def _sparse_cache(model, plan: Plan, budget: int, batch: int, context: int):
     store = TieredStore(StoreConfig(chunk_tokens=plan.block,
                                     memory=MemoryTierConfig(capacity_bytes=int(kv_bytes * 1.1) + (64 << 20))),
                         sparse_store_layout(layout))
+    stream = {"dense_stream_tokens": context + plan.chunk} if hold_prefill else {}
     cfg = SparseConfig(policy="quest", budget_tokens=budget, block_tokens=plan.block, sink_tokens=plan.sinks,
-                       window_tokens=plan.window)
+                       window_tokens=plan.window, **stream)
     return store, KVTierSparseCache(store, cfg, model_config=model.config)
 
 
@@ -277,12 +284,12 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
 
     layout = model_kv_layout(model.config, "bfloat16" if model.dtype == torch.bfloat16 else "float32")
     per_token = layout.token_bytes_per_layer() * layout.num_layers
-    cap_context = plan.decode_contexts[0]
+    cap_context = 8192 if quick else 32768
     # weights + the cap's KV + activations of a prefill chunk (a generous fixed allowance)
     cap = weights_bytes + cap_context * per_token + (4 << 30)
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
-    contexts = [cap_context * m for m in ((1, 2, 4) if quick else (1, 2, 4, 8))]
+    contexts = [cap_context * m for m in ((1, 2) if quick else (1, 2, 4))]
     dense_max, sparse_done = 0, 0
     try:
         for ctx in contexts:
@@ -295,7 +302,7 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
 
             def sparse(ids: torch.Tensor = ids, ctx: int = ctx) -> None:
                 model.set_attn_implementation(ATTN_NAME)
-                store, c = _sparse_cache(model, plan, plan.budget(ctx), 1, ctx)
+                store, c = _sparse_cache(model, plan, plan.budget(ctx), 1, ctx, hold_prefill=False)
                 try:
                     _decode(model, c, _prefill(model, ids, c, plan.chunk), 2, 0.0, device)
                 finally:
@@ -315,7 +322,10 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
 def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> dict[str, Any]:
     """CUDA only: KV memory capped at the KV of four sequences of `batched_context` for both; dense
     decodes a batch of four, sparse the largest batch whose working sets and summaries fit the same
-    cap (bounded by what the host store can hold); tokens/s of each."""
+    cap (bounded by what the host store can hold, and by 8: each batch is prefilled in one forward,
+    whose activations grow with it); tokens/s of each. The cap is set after the prefill, for the
+    decode steps (a chunked prefill of a batch through the sparse cache would stream the growing
+    context back from the store for every chunk)."""
     import os
 
     from transformers import DynamicCache
@@ -329,9 +339,9 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
     budget = plan.budget(ctx)
     fast_per_seq = 2 * (budget // plan.block) * plan.block * layout.token_bytes_per_layer() * layout.num_layers * 1.25
     host_seqs = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.6 // seq_kv)
-    sparse_batch = max(1, min(int(kv_cap // fast_per_seq), host_seqs, 64))
+    sparse_batch = max(1, min(int(kv_cap // fast_per_seq), host_seqs, 8))
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (weights_bytes + kv_cap + (6 << 30)) / total), device)
+    cap_fraction = min(1.0, (weights_bytes + kv_cap + (6 << 30)) / total)
     out: dict[str, Any] = {"context_tokens": ctx, "budget_tokens": budget, "gpu_kv_cap_bytes": kv_cap}
     try:
         for name, batch in (("dense", 4), ("sparse", sparse_batch)):
@@ -344,7 +354,9 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
                 model.set_attn_implementation(ATTN_NAME)
                 store, cache = _sparse_cache(model, plan, budget, batch, ctx)
             try:
-                logits = _prefill(model, ids, cache, max(1024, plan.chunk // batch))
+                logits = _prefill(model, ids, cache, ctx)
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
                 times = _decode(model, cache, logits, plan.steps, 0.0, device)
                 out[f"{name}_batch"] = batch
                 out[f"{name}_tokens_per_s"] = batch / statistics.median(times[1:])
@@ -353,6 +365,7 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
                 out[f"{name}_tokens_per_s"] = 0.0
                 out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             finally:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
                 if store is not None:
                     store.close()
                 del cache
