@@ -72,3 +72,30 @@ def test_bad_device_and_shape_are_refused() -> None:
         device_rows("cpu", "huge")
     with pytest.raises(ValueError, match="--dtype 'int8'"):
         device_rows("cpu", "tiny", "int8")
+
+
+def test_the_cuda_only_rows_run_with_cuda_memory_calls_mocked(monkeypatch) -> None:
+    """max_context and batched need CUDA; here their code runs on the CPU with torch.cuda's memory
+    calls stubbed (no cap is enforced, so both complete): what a GPU session runs has no slip that
+    only a GPU would find. The numbers mean nothing on the CPU and are not checked."""
+    from kvtier.bench import sparse_device as sd
+    from kvtier.connectors.transformers.sparse import register
+
+    class Props:
+        total_memory = 1 << 34
+
+    caps: list[float] = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: caps.append(f))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    register()
+    device = torch.device("cpu")
+    plan = sd.Plan(device, "tiny", quick=True)
+    plan.cap_context, plan.batched_context, plan.steps = 256, 512, 3
+    model = sd.build_model("tiny", device, torch.float32, 4096)
+    mc = sd.max_context_row(model, plan, device, 1 << 20, quick=True)
+    assert mc["contexts_tried"] == [256, 512] and mc["dense_max_tokens"] == mc["sparse_completed_tokens"] == 512
+    b = sd.batched_row(model, plan, device, 1 << 20)
+    assert b["dense_batch"] == 4 and 1 <= b["sparse_batch"] <= 8
+    assert b["dense_tokens_per_s"] > 0 and b["sparse_tokens_per_s"] > 0
+    assert caps[-1] == 1.0  # every cap is lifted afterwards

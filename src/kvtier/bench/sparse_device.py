@@ -94,10 +94,12 @@ class Plan:
             self.decode_contexts: Sequence[int] = (8192, 32768) if quick else (32768, 131072)
             self.prefill_contexts: Sequence[int] = (8192,) if quick else (32768,)
             self.batched_context = 16384 if quick else 65536
+            self.cap_context = 8192 if quick else 32768  # max_context: memory capped at this much dense KV
         else:
             self.decode_contexts = (2048, 4096) if quick else (4096, 16384)
             self.prefill_contexts = (1024, 4096) if quick else (4096, 8192)
             self.batched_context = 1024
+            self.cap_context = 1024
 
     def budget(self, context: int, fraction: float = 1 / 16) -> int:
         floor = (self.sinks // self.block + self.window // self.block + 1) * self.block
@@ -284,7 +286,7 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
 
     layout = model_kv_layout(model.config, "bfloat16" if model.dtype == torch.bfloat16 else "float32")
     per_token = layout.token_bytes_per_layer() * layout.num_layers
-    cap_context = 8192 if quick else 32768
+    cap_context = plan.cap_context
     # weights + the cap's KV + activations of a prefill chunk (a generous fixed allowance)
     cap = weights_bytes + cap_context * per_token + (4 << 30)
     total = torch.cuda.get_device_properties(device).total_memory
