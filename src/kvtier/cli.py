@@ -180,7 +180,8 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
 def _cmd_bench_sparse(args: argparse.Namespace) -> int:
     from kvtier.bench.sparse import run_sparse_bench
 
-    run_sparse_bench(args.json, png_out=args.png, quick=args.quick)
+    run_sparse_bench(args.json, png_out=args.png, quick=args.quick, device=args.device, shape=args.shape,
+                     dtype=args.dtype)
     return 0
 
 
@@ -289,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     bsp.add_argument("--json", default="results/bench_sparse.json")
     bsp.add_argument("--png", default="results/bench_sparse.png")
     bsp.add_argument("--quick", action="store_true")
+    bsp.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                     help="run a random Llama decoding on this device (gpu_decode, prefill, max_context, batched) "
+                          "instead of the CPU rows")
+    bsp.add_argument("--shape", default=None, choices=["tiny", "llama-1b", "llama-8b"],
+                     help="random Llama shape for --device (tiny on cpu, llama-8b on cuda by default)")
+    bsp.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                     help="model dtype for --device (float32 on cpu, bfloat16 on cuda by default)")
     bsp.set_defaults(fn=_cmd_bench_sparse)
     bvl = bsub.add_parser("vllm", help="vLLM with and without kvtier: long-document QA and exact repeats (TTFT)")
     bvl.add_argument("--json", default="results/bench_vllm.json")

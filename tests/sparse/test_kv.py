@@ -28,10 +28,12 @@ def random_kv(t: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(L, H, t, D, generator=g), torch.randn(L, H, t, D, generator=g)
 
 
+@pytest.mark.parametrize("stage", [False, True])
 @pytest.mark.parametrize("policy", ["dense", "quest", "streaming", "mean", "hash", "oracle", "quest_mean", "quest_share"])
-def test_budget_larger_than_context_is_dense(policy: str) -> None:
+def test_budget_larger_than_context_is_dense(policy: str, stage: bool) -> None:
+    """Also with fetches staged through the host buffer, as on a GPU."""
     store = make_store()
-    kv = SparseKV(store, config(policy, budget=64), LAYOUT, salt=policy.encode())
+    kv = SparseKV(store, config(policy, budget=64), LAYOUT, salt=policy.encode(), stage_fetches=stage)
     k, v = random_kv(37)
     fill(kv, k, v, 21)
     q = torch.randn(4, 1, D, generator=torch.Generator().manual_seed(5))

@@ -565,13 +565,35 @@ def plot_accuracy(rows: list[dict[str, Any]], png_out: str | Path) -> None:
 
 
 def run_sparse_bench(json_out: str | Path | None, png_out: str | Path | None = None, quick: bool = False,
-                     decode_contexts: Sequence[int] | None = None) -> dict[str, Any]:
+                     decode_contexts: Sequence[int] | None = None, device: str | None = None,
+                     shape: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Accuracy (retrieval model), fidelity (stories260K, skipped without its weights) and decode speed.
 
     quick: fewer samples, shorter contexts (minutes). Runs single-threaded torch (restored after):
-    on a shared CPU, OpenMP threads waiting on each other cost more than they bring."""
+    on a shared CPU, OpenMP threads waiting on each other cost more than they bring.
+
+    With `device` (cpu or cuda; `shape` and `dtype` then default to tiny/float32 on the CPU and
+    llama-8b/bfloat16 on CUDA) it runs instead the rows of a random Llama decoding on that device
+    through the transformers connector (bench/sparse_device.py: `setup`, `gpu_decode`, `prefill`,
+    `max_context`, `batched`); the CPU rows above are what runs without it."""
     from kvtier.bench.common import write_json
     from kvtier.bench.models import stories_available
+
+    if device is not None or shape is not None or dtype is not None:
+        from kvtier.bench.sparse_device import device_rows
+
+        t_dev = time.perf_counter()
+        threads = torch.get_num_threads()
+        if (device or "cpu") == "cpu":
+            torch.set_num_threads(1)  # as the CPU rows below: a shared CPU's OpenMP threads stall each other
+        try:
+            rows = device_rows(device or "cpu", shape, dtype, quick)
+        finally:
+            torch.set_num_threads(threads)
+        rows["meta"] = {"quick": quick, "seconds": round(time.perf_counter() - t_dev, 1),
+                        "cpu_rows": "accuracy, fidelity and decode run without --device/--shape/--dtype"}
+        write_json(json_out, rows)
+        return rows
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -5,7 +5,9 @@
     POLICIES / make_policy  dense, streaming, quest, mean, hash, oracle (eval only), quest_mean, quest_share
     WorkingSet              the fast-memory slots of one layer, per KV head; fills only the (block, head)
                             slices that changed
-    SparseKV                one request's full KV in a TieredStore plus its working sets (all layers)
+    SparseKV                one request's full KV in a TieredStore plus its working sets (all layers), on the
+                            model's device (summaries, selection, slots and attention there; the KV in the store)
+    HostStaging             (sparse.staging) the reusable host buffer decode's fetches cross to the device by
     sparse_store_layout     the store layout SparseKV needs: one section per (layer, KV head, K or V)
 
 Engines reach this layer through connectors/ (transformers: attn_implementation="kvtier_sparse").

@@ -26,11 +26,15 @@ class SparseConfig:
     # retrieval_slots (its rank counts as rank / (1 + keep_margin)): fewer fetches per step, at the
     # cost of keeping a block that ranks a little below one it displaces. 0 = plain top-k.
     keep_margin: float = 0.0
+    # chunked prefill (a forward of several tokens after the first): contexts up to this many tokens
+    # are attended by one fused sdpa over the whole layer gathered from the store; longer ones are
+    # streamed in pieces of this size (the memory a layer's prefill attention may hold at once)
+    dense_stream_tokens: int = 65536
     hash_bits: int = 64
     summary_seed: int = 0  # seeds the sign-hash projection (part of the stored summary's meaning)
 
     def __post_init__(self) -> None:
-        for name in ("budget_tokens", "block_tokens", "retrieval_stride", "hash_bits"):
+        for name in ("budget_tokens", "block_tokens", "retrieval_stride", "hash_bits", "dense_stream_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise SparseConfigError(f"sparse.{name} must be a positive integer, got {value!r}")

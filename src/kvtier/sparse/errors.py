@@ -15,3 +15,7 @@ class BlockMissingError(KVTierError):
 
 class UnsupportedModelError(KVTierError, TypeError):
     """The model's attention is of a kind kvtier's sparse attention does not implement."""
+
+
+class WorkingSetMemoryError(KVTierError, MemoryError):
+    """The device ran out of memory for a working set (its slots are sized by sparse.budget_tokens)."""

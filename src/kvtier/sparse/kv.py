@@ -36,17 +36,29 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kvtier.core.codec import SECTION_SUMMARY
 from kvtier.core.keys import chunk_key, get_hash_mode, tokens_to_bytes
 from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
-from kvtier.sparse.errors import BlockMissingError, SparseConfigError
+from kvtier.sparse.errors import BlockMissingError, SparseConfigError, WorkingSetMemoryError
 from kvtier.sparse.policies import make_policy, scores, sticky_topk
+from kvtier.sparse.staging import HostStaging
 from kvtier.sparse.summary import Summarizer, SummaryTable
 from kvtier.sparse.working_set import EMPTY, WorkingSet
 from kvtier.store.tiered import SaveBatch, TieredStore
 from kvtier.store.transfer import TransferHandle
+
+
+def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """Masked attention of every KV head at once, q [H, G, d], k, v [H, L, d], mask [H, G or 1, L]
+    (True = keep): torch's fused sdpa on an accelerator, `masked_attention` on the CPU (faster
+    there for a few query rows, and what the CPU results were measured with)."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return masked_attention(q, k, v, mask, scaling)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -74,10 +86,16 @@ def sparse_store_layout(layout: KVLayout) -> KVLayout:
 
 
 class SparseKV:
-    """One request's KV: `layout` is the model's KV layout; the store's must be sparse_store_layout(layout)."""
+    """One request's KV: `layout` is the model's KV layout; the store's must be sparse_store_layout(layout).
+
+    `device` is where the model's tensors are: the summaries, selection, working sets and attention
+    run there; the full KV stays in the store (host DRAM, then disk). `stage_fetches` routes decode's
+    store reads through a host staging buffer and one batched copy per layer even on the CPU
+    (always on for an accelerator; on the CPU reads land in the slots directly unless asked)."""
 
     def __init__(self, store: TieredStore, config: SparseConfig, layout: KVLayout, *,
-                 salt: bytes | None = None) -> None:
+                 salt: bytes | None = None, device: torch.device | str | None = None,
+                 stage_fetches: bool | None = None) -> None:
         if store.chunk_tokens != config.block_tokens:
             raise SparseConfigError(
                 f"sparse.block_tokens {config.block_tokens} must equal the store's chunk_tokens {store.chunk_tokens}"
@@ -93,13 +111,22 @@ class SparseKV:
         self.config = config
         self.layout = layout
         self.dtype = TORCH_DTYPES[layout.dtype]
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         h, d, n_layers = layout.num_kv_heads, layout.head_size, layout.num_layers
-        self.summarizer = Summarizer(h, d, config.hash_bits, config.summary_seed)
+        self.summarizer = Summarizer(h, d, config.hash_bits, config.summary_seed, device=self.device)
         self.policy = make_policy(config.policy, self.summarizer.projection)
-        self.tables = [SummaryTable(h, d, config.hash_bits, self.policy.summary_fields, config.block_tokens)
-                       for _ in range(n_layers)]
+        self.tables = [SummaryTable(h, d, config.hash_bits, self.policy.summary_fields, config.block_tokens,
+                                    device=self.device) for _ in range(n_layers)]
         slots = config.slots
-        self.working = [WorkingSet(h, slots, config.block_tokens, d, self.dtype) for _ in range(n_layers)]
+        try:
+            self.working = [WorkingSet(h, slots, config.block_tokens, d, self.dtype, self.device)
+                            for _ in range(n_layers)]
+        except WorkingSetMemoryError as e:
+            raise WorkingSetMemoryError(
+                f"sparse.budget_tokens {config.budget_tokens} needs {self.budget_bytes()} bytes of working sets "
+                f"on {self.device} ({n_layers} layers x {h} KV heads x {slots + 1} slots of {config.block_tokens} "
+                f"tokens, K and V) and the device ran out of memory: lower the budget. ({e})") from e
+        self.stage_fetches = self.device.type != "cpu" if stage_fetches is None else stage_fetches
         self.num_tokens = [0] * n_layers
         self.block_keys: list[bytes] = []
         mode = get_hash_mode(store.config.hash_mode)
@@ -118,6 +145,11 @@ class SparseKV:
         self._section_bytes = store.layer_bytes  # one head's K (or V) of one block
         # fetch staging (grow-only, reused): _fetch's K and V are views of it, valid until the next fetch
         self._staging = torch.empty(0, h, 2, self._section_bytes, dtype=torch.uint8)
+        # decode's fill staging: row i = (K, V) of one (block, head) slice, then one copy to the device
+        self._fill_staging = HostStaging((2, self._section_bytes), self.device)
+        # chunked prefill: layer -> (blocks, K, V [H, blocks * B, d]) gathered on the device by the last
+        # attend_dense, so the next chunk reads only the blocks completed since (dropped at decode)
+        self._gathered: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     # -- writing -------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -195,13 +227,15 @@ class SparseKV:
                                f"layer 0's; append every layer the same tokens, in layer order")
         assert self._batch is not None
         h = self.layout.num_kv_heads
-        for plane, x in enumerate((k, v)):
-            raw = x.contiguous().view(torch.uint8).reshape(h, m, -1).numpy()  # [H, m, B*d*itemsize]
+        # one device -> host copy of the span's K and V (both planes at once), then byte views of it
+        host = torch.stack((k, v)).contiguous().view(torch.uint8).cpu().reshape(2, h, m, -1).numpy()
+        for plane in range(2):
+            raw = host[plane]  # [H, m, B*d*itemsize]
             for head in range(h):
                 self._batch.write_layer(self._section(layer, head, plane), list(raw[head]))
         self._span[layer] = (first, k, v)
-        for i in range(m):
-            self._batch_extras[i].append((SECTION_SUMMARY, layer, self.summarizer.encode(summaries, i)))
+        for i, data in enumerate(self.summarizer.encode_all(summaries)):
+            self._batch_extras[i].append((SECTION_SUMMARY, layer, data))
         if layer == n_layers - 1:
             handle = self._batch.commit([tuple(e) for e in self._batch_extras])
             self._saves.append(handle)
@@ -232,19 +266,24 @@ class SparseKV:
         The store reads run in this thread: a decode step reads a few slices per head and waits
         for them, so a hop to the store's worker and back would cost more than the copies."""
         ws = self.working[layer]
-        kb, vb = ws.byte_views()
         span = self._span.get(layer)
         if span is not None and int(blocks.max()) >= span[0]:
             first, sk, sv = span
             bt = self.config.block_tokens
             fresh = blocks >= first
-            for h, b, slot in zip(heads[fresh].tolist(), blocks[fresh].tolist(), slots[fresh].tolist()):
-                lo = (b - first) * bt
-                ws.k[h, slot] = sk[h, lo : lo + bt]
-                ws.v[h, slot] = sv[h, lo : lo + bt]
+            if fresh.any():
+                # one gather of the span's blocks for every (head, block) pair, on the device
+                th = torch.from_numpy(heads[fresh]).to(sk.device)
+                tb = torch.from_numpy(blocks[fresh] - first).to(sk.device)
+                ws.write_slots(heads[fresh], slots[fresh], sk.unflatten(1, (-1, bt))[th, tb],
+                               sv.unflatten(1, (-1, bt))[th, tb])
             heads, blocks, slots = heads[~fresh], blocks[~fresh], slots[~fresh]
         if not len(heads):
             return
+        if self.stage_fetches:
+            self._fill_staged(layer, heads, blocks, slots)
+            return
+        kb, vb = ws.byte_views()
         # one store read per head, of that head's K and V sections of every block it newly wants:
         # grouping the blocks by the set of heads that want them (to read each block's chunk once)
         # cost more in numpy and call overhead than it saved (a warm DRAM slice reads in ~20-26 us)
@@ -263,6 +302,32 @@ class SparseKV:
         finally:
             self.fetch_seconds += time.perf_counter() - t0
 
+    def _fill_staged(self, layer: int, heads: np.ndarray, blocks: np.ndarray, slots: np.ndarray) -> None:
+        """`_fill` for working sets off the host: every slice is read (verified) into row i of the
+        reused host staging buffer, then all of them go to the device in one copy (pinned memory and
+        a side stream on CUDA) and into their slots in one indexed write per plane."""
+        ws = self.working[layer]
+        bt, d = self.config.block_tokens, self.layout.head_size
+        rows = self._fill_staging.rows(len(heads))
+        arr = rows.numpy()
+        keys = self.block_keys
+        t0 = time.perf_counter()
+        try:
+            order = np.arange(len(heads))
+            for h in np.unique(heads).tolist():
+                mine = order[heads == h]
+                bl = blocks[mine].tolist()
+                dests = [[arr[i, 0], arr[i, 1]] for i in mine.tolist()]
+                result = self.store.load_here([keys[b] for b in bl], dests,
+                                              [self._section(layer, h, 0), self._section(layer, h, 1)])
+                if result.failed:
+                    raise self._missing(layer, f" head {h}", [bl[i] for i in result.failed])
+                self.fetched_bytes += 2 * self._section_bytes * len(bl)
+            on_device = self._fill_staging.to_device(rows).view(self.dtype).reshape(len(heads), 2, bt, d)
+            ws.write_slots(heads, slots, on_device[:, 0], on_device[:, 1])
+        finally:
+            self.fetch_seconds += time.perf_counter() - t0
+
     def _fetch(self, layer: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [n, H, B, d] of every head of `blocks` of `layer` (streamed dense attention and
         the oracle), read from the store (or the span being saved), every section verified.
@@ -274,7 +339,7 @@ class SparseKV:
             first, sk, sv = span
             stored = [b for b in blocks if b < first]
             k, v = self._fetch(layer, stored) if stored else (None, None)
-            new = torch.tensor([b - first for b in blocks if b >= first])
+            new = torch.tensor([b - first for b in blocks if b >= first], device=sk.device)
             nk = sk.unflatten(1, (-1, bt))[:, new].transpose(0, 1)
             nv = sv.unflatten(1, (-1, bt))[:, new].transpose(0, 1)
             if k is None or v is None:
@@ -294,6 +359,8 @@ class SparseKV:
             raise self._missing(layer, "", [blocks[i] for i in result.failed])
         self.fetched_bytes += 2 * h * sb * len(blocks)
         kv = staging.view(self.dtype).reshape(len(blocks), h, 2, bt, d)
+        if self.device.type != "cpu":
+            kv = kv.to(self.device)
         return kv[:, :, 0], kv[:, :, 1]
 
     def _select(self, layer: int, q: torch.Tensor, nb: int, scaling: float) -> np.ndarray:
@@ -316,14 +383,14 @@ class SparseKV:
         else:
             keys = self._candidate_keys(layer, lo, hi) if self.policy.needs_keys else None
             pri = self.policy.priority(q.float(), self.tables[layer], lo, hi, scaling, keys)
-            held = torch.from_numpy(ws.holds(lo, hi)) if cfg.keep_margin else None
+            held = torch.from_numpy(ws.holds(lo, hi)).to(self.device) if cfg.keep_margin else None
             picks = sticky_topk(pri, held, k, cfg.keep_margin) + lo
         self._picks[layer] = picks
         # sinks, then the window, then the picks
         wanted = np.empty((h, lo + nb - hi + k), dtype=np.int64)
         wanted[:, :lo] = np.arange(lo)
         wanted[:, lo : lo + nb - hi] = np.arange(hi, nb)
-        wanted[:, lo + nb - hi :] = picks.numpy()
+        wanted[:, lo + nb - hi :] = picks.cpu().numpy()  # the slot bookkeeping is on the host
         return wanted
 
     def _candidate_keys(self, layer: int, lo: int, hi: int) -> torch.Tensor:
@@ -336,6 +403,7 @@ class SparseKV:
         `token_mask` [nq, T] (True = may attend) carries padding; causality is applied here.
         """
         ws = self.working[layer]
+        self._gathered.pop(layer, None)  # prefill is over: free its gathered KV
         hq, nq, d = q.shape
         h = self.layout.num_kv_heads
         if hq % h:
@@ -351,7 +419,7 @@ class SparseKV:
         if nq > 1 or token_mask is not None:
             pos = ws.token_positions(nb * bt)  # [H, L]
             if nq > 1:
-                qpos = torch.arange(t - nq, t)
+                qpos = torch.arange(t - nq, t, device=pos.device)
                 valid = valid & (pos.unsqueeze(1) <= qpos.view(1, nq, 1))  # [H, nq, L]
             if token_mask is not None:
                 tm = token_mask[:, pos.clamp(0, t - 1)].permute(1, 0, 2)  # [H, nq, L]
@@ -359,12 +427,18 @@ class SparseKV:
         mask = valid if nq == 1 else valid.unsqueeze(1).expand(h, g, nq, -1).reshape(h, g * nq, -1)
         kk = ws.k.reshape(h, -1, d)
         vv = ws.v.reshape(h, -1, d)
-        out = masked_attention(qg.to(kk.dtype), kk, vv, mask, scaling)
+        out = attention_kernel(qg.to(kk.dtype), kk, vv, mask, scaling)
         return out.reshape(hq, nq, d).to(q.dtype)
 
     def attend_dense(self, layer: int, q: torch.Tensor, scaling: float,
                      token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact attention over the whole context, streaming stored blocks `slots` at a time."""
+        """Exact attention over the whole context (chunked prefill after the first chunk).
+
+        A context of at most `sparse.dense_stream_tokens` is gathered from the store in one read and
+        attended by one fused sdpa call, all heads at once: the streamed online-softmax below, run
+        piece by piece in unfused float32 ops, made a 4k-token chunked prefill 3.5x slower than
+        plain sdpa on the CPU. Longer contexts stream in pieces of that many tokens (or `slots`
+        blocks, if more), merged by online softmax, so a layer never holds more than a piece."""
         ws = self.working[layer]
         hq, nq, d = q.shape
         h = self.layout.num_kv_heads
@@ -372,11 +446,16 @@ class SparseKV:
         bt = self.config.block_tokens
         t = self.num_tokens[layer]
         nb = t // bt
+        dev = q.device
+        qpos = torch.arange(t - nq, t, device=dev).repeat(g)  # row r of a head is query token r % nq
+        step = max(ws.slots, self.config.dense_stream_tokens // bt, 1)
+        if nb <= step:
+            return self._attend_gathered(layer, q, scaling, token_mask, qpos)
+        self._gathered.pop(layer, None)
         qg = q.reshape(h, g * nq, d).float()
-        qpos = torch.arange(t - nq, t).repeat(g)  # row r of a head is query token r % nq
-        m_run = torch.full((h, g * nq, 1), float("-inf"))
-        l_run = torch.zeros(h, g * nq, 1)
-        o_run = torch.zeros(h, g * nq, d)
+        m_run = torch.full((h, g * nq, 1), float("-inf"), device=dev)
+        l_run = torch.zeros(h, g * nq, 1, device=dev)
+        o_run = torch.zeros(h, g * nq, d, device=dev)
 
         def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
             nonlocal m_run, l_run, o_run
@@ -393,16 +472,53 @@ class SparseKV:
             o_run = o_run * corr + p @ v.float()
             m_run = m_new
 
-        step = max(ws.slots, 1)
         for lo in range(0, nb, step):
             blocks = list(range(lo, min(nb, lo + step)))
             k, v = self._fetch(layer, blocks)
             merge(k.permute(1, 0, 2, 3).reshape(h, -1, d), v.permute(1, 0, 2, 3).reshape(h, -1, d),
-                  torch.arange(lo * bt, (lo + len(blocks)) * bt))
+                  torch.arange(lo * bt, (lo + len(blocks)) * bt, device=dev))
         tk, tv = ws.tail()
         if ws.tail_len:
-            merge(tk, tv, torch.arange(nb * bt, t))
+            merge(tk, tv, torch.arange(nb * bt, t, device=dev))
         return (o_run / l_run).reshape(hq, nq, d).to(q.dtype)
+
+    def _attend_gathered(self, layer: int, q: torch.Tensor, scaling: float, token_mask: torch.Tensor | None,
+                         qpos: torch.Tensor) -> torch.Tensor:
+        """`attend_dense` over the stored blocks and the tail gathered at once: one fused sdpa with
+        a causal (+ padding) mask, in float32 on the CPU and the KV's dtype on an accelerator."""
+        ws = self.working[layer]
+        hq, nq, d = q.shape
+        h = self.layout.num_kv_heads
+        g = hq // h
+        t = self.num_tokens[layer]
+        nb = t // self.config.block_tokens
+        dtype = torch.float32 if q.device.type == "cpu" else ws.k.dtype
+        gk: torch.Tensor | None = None
+        gv: torch.Tensor | None = None
+        have = 0
+        if layer in self._gathered:
+            have, gk, gv = self._gathered[layer]
+        parts_k = [] if gk is None else [gk]
+        parts_v = [] if gv is None else [gv]
+        if nb > have:  # only the blocks completed since the last chunk (mostly still on the device, in _span)
+            k, v = self._fetch(layer, list(range(have, nb)))  # [n, H, B, d]
+            parts_k.append(k.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
+            parts_v.append(v.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
+        if parts_k:
+            gk, gv = (torch.cat(parts_k, 1), torch.cat(parts_v, 1)) if len(parts_k) > 1 else (parts_k[0], parts_v[0])
+            self._gathered[layer] = (nb, gk, gv)
+        tk, tv = ws.tail()
+        kk = torch.cat([gk, tk.to(dtype)], 1) if gk is not None else tk.to(dtype)
+        vv = torch.cat([gv, tv.to(dtype)], 1) if gv is not None else tv.to(dtype)
+        pos = torch.arange(t, device=q.device)
+        ok = pos.view(1, -1) <= qpos[:nq].view(-1, 1)  # [nq, t], the same for every head
+        if token_mask is not None:
+            ok = ok & token_mask[:, :t]
+        # [1, Hq, nq, d] against [1, H, t, d] with enable_gqa, as transformers' sdpa calls it: the
+        # shape the CPU's flash kernel takes (query heads folded into rows ran ~2x slower)
+        out = F.scaled_dot_product_attention(q.unsqueeze(0).to(dtype), kk.unsqueeze(0), vv.unsqueeze(0), attn_mask=ok,
+                                             scale=scaling, enable_gqa=g > 1)
+        return out[0].to(q.dtype)
 
     # -- accounting ----------------------------------------------------------------
     def fast_tier_bytes(self) -> int:

@@ -66,14 +66,14 @@ class DensePolicy(SelectionPolicy):
     dense = True
 
     def priority(self, q, table, lo, hi, scaling, keys=None):
-        return torch.zeros(q.shape[0], hi - lo)
+        return torch.zeros(q.shape[0], hi - lo, device=q.device)
 
 
 class StreamingPolicy(SelectionPolicy):
     name = "streaming"
 
     def priority(self, q, table, lo, hi, scaling, keys=None):
-        return torch.arange(lo, hi, dtype=torch.float32).expand(q.shape[0], -1)
+        return torch.arange(lo, hi, dtype=torch.float32, device=q.device).expand(q.shape[0], -1)
 
 
 def scores(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -138,10 +138,11 @@ def hash_logits(q: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor, proje
     h, g, _ = q.shape
     n, m = codes.shape[1], codes.shape[2]
     qp = (q @ projection).unflatten(-1, (m, 8))  # [H, g, m, 8]
-    lut = torch.empty(h * m * 256, g)  # row (head, byte, value); fresh strides keep embedding_bag's fast path
-    lut.view(h, m, 256, g).copy_((qp @ _BYTE_SIGNS.T).permute(0, 2, 3, 1))
-    base = torch.arange(h, dtype=torch.int32).view(h, 1, 1) * (m * 256) + torch.arange(0, m * 256, 256,
-                                                                                       dtype=torch.int32)
+    dev = q.device
+    lut = torch.empty(h * m * 256, g, device=dev)  # row (head, byte, value); fresh strides keep embedding_bag's fast path
+    lut.view(h, m, 256, g).copy_((qp @ _BYTE_SIGNS.to(dev).T).permute(0, 2, 3, 1))
+    base = torch.arange(h, dtype=torch.int32, device=dev).view(h, 1, 1) * (m * 256) + torch.arange(
+        0, m * 256, 256, dtype=torch.int32, device=dev)
     idx = (codes.to(torch.int32) + base).view(h * n, m)
     est = F.embedding_bag(idx, lut, mode="sum").view(h, n, g).transpose(1, 2)  # [H, g, N]
     return est * norms.unsqueeze(1) * (math.sqrt(math.pi / 2) / (8 * m))
@@ -181,8 +182,8 @@ def sticky_topk(priority: torch.Tensor, held: torch.Tensor | None, k: int, margi
         return torch.topk(priority, k, dim=1, sorted=False).indices
     h, n = priority.shape
     order = torch.argsort(priority, dim=1, descending=True, stable=True)
-    rank = torch.empty(h, n)
-    rank.scatter_(1, order, torch.arange(n, dtype=torch.float32).expand(h, n))
+    rank = torch.empty(h, n, device=priority.device)
+    rank.scatter_(1, order, torch.arange(n, dtype=torch.float32, device=priority.device).expand(h, n))
     rank = torch.where(held, rank / (1.0 + margin), rank)
     return torch.topk(rank, k, dim=1, largest=False, sorted=False).indices
 

@@ -49,24 +49,28 @@ class BlockSummaries:
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """Sign bits of the last dim (a multiple of 8), packed little-endian into uint8."""
     bits = (x > 0).to(torch.uint8).unflatten(-1, (-1, 8))
-    return (bits * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8)
+    return (bits * _BIT_WEIGHTS.to(x.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_signs(codes: torch.Tensor) -> torch.Tensor:
     """+1/-1 float32 from packed sign bits: [..., bits/8] -> [..., bits]."""
-    bits = (codes.unsqueeze(-1) & _BIT_WEIGHTS).ne(0)
+    bits = (codes.unsqueeze(-1) & _BIT_WEIGHTS.to(codes.device)).ne(0)
     return bits.flatten(-2).to(torch.float32).mul_(2).sub_(1)
 
 
 class Summarizer:
-    """Computes and (de)serializes block summaries for one KV layout."""
+    """Computes and (de)serializes block summaries for one KV layout.
 
-    def __init__(self, kv_heads: int, head_size: int, hash_bits: int = 64, seed: int = 0) -> None:
+    `compute` runs on the device of the keys it is given (the projection lives on `device`, drawn on
+    the CPU from the seed so every device hashes alike); the stored bytes are made on the host."""
+
+    def __init__(self, kv_heads: int, head_size: int, hash_bits: int = 64, seed: int = 0,
+                 device: torch.device | str | None = None) -> None:
         self.kv_heads = kv_heads
         self.head_size = head_size
         self.hash_bits = hash_bits
         gen = torch.Generator().manual_seed(seed)
-        self.projection = torch.randn(head_size, hash_bits, generator=gen, dtype=torch.float32)
+        self.projection = torch.randn(head_size, hash_bits, generator=gen, dtype=torch.float32).to(device or "cpu")
 
     def stored_bytes(self, block_tokens: int) -> int:
         per_key = self.hash_bits // 8 + 4
@@ -81,15 +85,29 @@ class Summarizer:
         codes = pack_signs(blocks @ self.projection)
         return BlockSummaries(blocks.amin(2), blocks.amax(2), blocks.mean(2), codes, blocks.norm(dim=-1))
 
+    def encode_all(self, s: BlockSummaries) -> list[bytes]:
+        """Stored bytes of every block of `s`: one device -> host copy per field for the whole span
+        (not five small copies per block), then plain byte slicing."""
+        n = s.num_blocks
+        block_tokens = s.codes.shape[2]
+        header = _HEADER.pack(SUMMARY_MAGIC, SUMMARY_VERSION, self.kv_heads, self.head_size, self.hash_bits,
+                              block_tokens)
+        # [n, ...] per field, block-major, so block i's bytes are one contiguous row
+        fields = [t.transpose(0, 1).contiguous().cpu().numpy().astype("<f4", copy=False) for t in (s.kmin, s.kmax, s.kmean)]
+        fields.append(s.codes.transpose(0, 1).contiguous().cpu().numpy())
+        fields.append(s.norms.transpose(0, 1).contiguous().cpu().numpy().astype("<f4", copy=False))
+        rows = [f.reshape(n, -1) for f in fields]
+        return [header + b"".join(r[i].tobytes() for r in rows) for i in range(n)]
+
     def encode(self, s: BlockSummaries, i: int) -> bytes:
         """Stored bytes of block i of `s`."""
         block_tokens = s.codes.shape[2]
         parts = [_HEADER.pack(SUMMARY_MAGIC, SUMMARY_VERSION, self.kv_heads, self.head_size, self.hash_bits,
                               block_tokens)]
         for t in (s.kmin, s.kmax, s.kmean):
-            parts.append(t[:, i].contiguous().numpy().astype("<f4", copy=False).tobytes())
-        parts.append(s.codes[:, i].contiguous().numpy().tobytes())
-        parts.append(s.norms[:, i].contiguous().numpy().astype("<f4", copy=False).tobytes())
+            parts.append(t[:, i].contiguous().cpu().numpy().astype("<f4", copy=False).tobytes())
+        parts.append(s.codes[:, i].contiguous().cpu().numpy().tobytes())
+        parts.append(s.norms[:, i].contiguous().cpu().numpy().astype("<f4", copy=False).tobytes())
         return b"".join(parts)
 
     def decode(self, data: bytes) -> BlockSummaries:
@@ -123,7 +141,7 @@ class SummaryTable:
     """Fast-memory summaries of one layer: the fields a policy scans, grown in steps of `grow` blocks."""
 
     def __init__(self, kv_heads: int, head_size: int, hash_bits: int, fields: tuple[str, ...], block_tokens: int,
-                 grow: int = 64) -> None:
+                 grow: int = 64, device: torch.device | str | None = None) -> None:
         unknown = set(fields) - set(FIELDS)
         if unknown:
             raise ValueError(f"unknown summary fields {sorted(unknown)}; known: {FIELDS}")
@@ -136,8 +154,9 @@ class SummaryTable:
         self._dtype = {"kmin": torch.float32, "kmax": torch.float32, "kmean": torch.float32, "codes": torch.uint8,
                        "norms": torch.float32}
         self._kv_heads = kv_heads
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._data: dict[str, torch.Tensor] = {
-            f: torch.empty(kv_heads, 0, *self._shape[f], dtype=self._dtype[f]) for f in fields
+            f: torch.empty(kv_heads, 0, *self._shape[f], dtype=self._dtype[f], device=self.device) for f in fields
         }
 
     def append(self, s: BlockSummaries) -> None:
@@ -147,10 +166,10 @@ class SummaryTable:
             buf = self._data[f]
             if end > buf.shape[1]:
                 cap = -(-end // self._grow) * self._grow
-                new = torch.empty(self._kv_heads, cap, *self._shape[f], dtype=self._dtype[f])
+                new = torch.empty(self._kv_heads, cap, *self._shape[f], dtype=self._dtype[f], device=self.device)
                 new[:, : self.num_blocks] = buf[:, : self.num_blocks]
                 self._data[f] = buf = new
-            buf[:, self.num_blocks : end] = getattr(s, f)
+            buf[:, self.num_blocks : end] = getattr(s, f).to(self.device)
         self.num_blocks = end
 
     def get(self, field: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:

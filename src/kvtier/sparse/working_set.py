@@ -25,17 +25,31 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from kvtier.sparse.errors import WorkingSetMemoryError
+
 EMPTY = -1
+
+
+def allocate_slots(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed slot buffers; an out-of-memory on the device becomes WorkingSetMemoryError naming the
+    bytes asked for (SparseKV adds the budget that sized them)."""
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    except torch.OutOfMemoryError as e:
+        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        raise WorkingSetMemoryError(f"out of memory on {device} allocating {nbytes} bytes of working-set "
+                                    f"slots {tuple(shape)}: {e}") from e
 
 
 class WorkingSet:
     def __init__(self, kv_heads: int, slots: int, block_tokens: int, head_size: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         self.kv_heads = kv_heads
         self.slots = slots
         self.block_tokens = block_tokens
-        self.k = torch.zeros(kv_heads, slots + 1, block_tokens, head_size, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.k = allocate_slots((kv_heads, slots + 1, block_tokens, head_size), dtype, self.device)
+        self.v = allocate_slots(tuple(self.k.shape), dtype, self.device)
         self._block_of = np.full((kv_heads, slots), EMPTY, dtype=np.int64)
         self._last_used = np.zeros((kv_heads, slots), dtype=np.int64)
         self._wanted_slots = np.zeros((kv_heads, slots), dtype=bool)  # slots holding the last ensure's blocks
@@ -69,8 +83,8 @@ class WorkingSet:
         if slots <= self.slots:
             return
         h, _, b, d = self.k.shape
-        k = torch.zeros(h, slots + 1, b, d, dtype=self.k.dtype)
-        v = torch.zeros_like(k)
+        k = allocate_slots((h, slots + 1, b, d), self.k.dtype, self.device)
+        v = allocate_slots((h, slots + 1, b, d), self.k.dtype, self.device)
         k[:, : self.slots] = self.k[:, : self.slots]
         v[:, : self.slots] = self.v[:, : self.slots]
         k[:, slots] = self.k[:, self.slots]
@@ -108,8 +122,8 @@ class WorkingSet:
         held = self._slot_of[:, block]
         slot = np.where(held != EMPTY, held, cost.argmin(1))
         heads = self._heads
-        ts = torch.from_numpy(slot)
-        th = torch.from_numpy(heads)
+        ts = torch.from_numpy(slot).to(self.device)
+        th = torch.from_numpy(heads).to(self.device)
         self._clear(heads, slot)
         self.k[th, ts] = k
         self.v[th, ts] = v
@@ -199,11 +213,19 @@ class WorkingSet:
         valid = np.empty((h, s + 1, bt), dtype=bool)
         valid[:, :s] = self._wanted_slots[:, :, None]
         valid[:, s] = self._token_offsets < self.tail_len
-        return torch.from_numpy(valid.reshape(h, -1))
+        return torch.from_numpy(valid.reshape(h, -1)).to(self.device)
 
     def token_positions(self, tail_start: int) -> torch.Tensor:
         """[H, (slots + 1) * B] context position of every token of the buffers (the tail's block
         starts at `tail_start`); positions of EMPTY slots are negative."""
         starts = np.concatenate([self._block_of * self.block_tokens,
                                  np.full((self.kv_heads, 1), tail_start, dtype=np.int64)], 1)
-        return torch.from_numpy((starts[:, :, None] + self._token_offsets).reshape(self.kv_heads, -1))
+        return torch.from_numpy((starts[:, :, None] + self._token_offsets).reshape(self.kv_heads, -1)).to(self.device)
+
+    def write_slots(self, heads: np.ndarray, slots: np.ndarray, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K and V [n, B, d] of n (head, slot) pairs into the buffers in one indexed copy each (a
+        `fill` whose bytes came through a staging buffer, e.g. host -> GPU)."""
+        th = torch.from_numpy(np.ascontiguousarray(heads)).to(self.device)
+        ts = torch.from_numpy(np.ascontiguousarray(slots)).to(self.device)
+        self.k[th, ts] = k.to(self.device, self.k.dtype, non_blocking=True)
+        self.v[th, ts] = v.to(self.device, self.v.dtype, non_blocking=True)

@@ -109,14 +109,14 @@ def sparse_attention_forward(
         if attention_mask is not None:
             row = attention_mask[i if attention_mask.shape[0] == b else 0, 0]
             token_mask = row if row.dtype == torch.bool else row == 0
-            token_mask = token_mask.expand(nq, -1).cpu()
-        q = query[i].detach().cpu()
+            token_mask = token_mask.expand(nq, -1)
+        q = query[i].detach()  # attention runs where the model's tensors are
         if nq == 1:
             out = seq.attend(step.layer_idx, q, scale, token_mask)
         else:
             out = seq.attend_dense(step.layer_idx, q, scale, token_mask)
         outs.append(out)
-    attn = torch.stack(outs).to(query.device, query.dtype).transpose(1, 2).contiguous()
+    attn = torch.stack(outs).to(query.dtype).transpose(1, 2).contiguous()
     return attn, None
 
 
@@ -140,7 +140,7 @@ class SparseCacheLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.owner._ensure_sequences(key_states.shape[0])
+        self.owner._ensure_sequences(key_states.shape[0], key_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -150,8 +150,8 @@ class SparseCacheLayer(CacheLayerMixin):
         seqs = self.owner.sequences
         if key_states.shape[0] != len(seqs):
             raise ValueError(f"batch of {key_states.shape[0]} rows, but the cache holds {len(seqs)} sequences")
-        k = key_states.detach().cpu()
-        v = value_states.detach().cpu()
+        k = key_states.detach()  # SparseKV summarizes and keeps its working set on this device
+        v = value_states.detach()
         for i, seq in enumerate(seqs):
             seq.append(self.layer_idx, k[i], v[i])
         past = self.seen
@@ -207,7 +207,7 @@ class KVTierSparseCache(Cache):
         self._salts = list(salts) if salts is not None else None
         super().__init__(layers=[SparseCacheLayer(self, i) for i in range(layout.num_layers)])
 
-    def _ensure_sequences(self, batch: int) -> None:
+    def _ensure_sequences(self, batch: int, device: torch.device | None = None) -> None:
         if self.sequences:
             if len(self.sequences) != batch:
                 raise ValueError(f"batch of {batch} rows, but the cache holds {len(self.sequences)} sequences")
@@ -215,7 +215,7 @@ class KVTierSparseCache(Cache):
         salts = self._salts or [None] * batch  # type: ignore[list-item]
         if len(salts) != batch:
             raise ValueError(f"{len(salts)} salts for a batch of {batch}")
-        self.sequences = [SparseKV(self.store, self.config, self.layout, salt=s) for s in salts]
+        self.sequences = [SparseKV(self.store, self.config, self.layout, salt=s, device=device) for s in salts]
 
     def fast_tier_bytes(self) -> int:
         return sum(s.fast_tier_bytes() for s in self.sequences)
