@@ -26,45 +26,19 @@ from typing import Any
 
 import torch
 
-# The random Llama shapes of `bench ttft --shape` (bench/models.py's LLAMA_SHAPES on the "gpu"
-# branch); this copy is used only while that table is not in models.py.
-_SHAPES: dict[str, dict[str, int]] = {
-    "llama-8b": dict(num_layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256),
-    "llama-1b": dict(num_layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192, vocab=128256),
-    "tiny": dict(num_layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=512),
-}
+from kvtier.bench.models import LLAMA_SHAPES, random_llama_shaped
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def llama_shapes() -> dict[str, dict[str, int]]:
-    try:
-        from kvtier.bench.models import LLAMA_SHAPES  # type: ignore[attr-defined]
-    except ImportError:
-        return _SHAPES
+    """The shapes --shape names: the same table as `bench ttft --shape`."""
     return LLAMA_SHAPES
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, max_positions: int):
     """A random-weight Llama of `shape` built directly on `device` in `dtype`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shapes = llama_shapes()
-    if shape not in shapes:
-        raise ValueError(f"--shape {shape!r}: expected one of {', '.join(shapes)}")
-    s = shapes[shape]
-    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                      num_hidden_layers=s["num_layers"], num_attention_heads=s["heads"],
-                      num_key_value_heads=s["kv_heads"], max_position_embeddings=max_positions, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return random_llama_shaped(shape, device, dtype, max_positions=max_positions)
 
 
 def parse_device(name: str) -> torch.device:
