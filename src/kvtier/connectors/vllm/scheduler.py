@@ -227,7 +227,7 @@ class SchedulerSide:
                     handoff.partial_tokens != st.partial_tokens or handoff.chunks != len(chain.keys))):
                 raise HandoffError(f"it names {handoff.chunks} chunks + {handoff.partial_tokens} tokens, more than "
                                    f"or other than this prompt's {st.request.num_prompt_tokens} tokens")
-            published = list(chain.keys[:handoff.chunks])
+            published: list[bytes] = list(chain.keys[:handoff.chunks])
             if handoff.partial_tokens:
                 if st.partial is None:
                     raise HandoffError("it names a partial chunk, but this instance saves no partial chunks")
@@ -402,7 +402,7 @@ class SchedulerSide:
         """
         assert st.chain is not None and self.identity is not None
         whole = min(st.stored_upto, st.request.num_prompt_tokens // self.chunk_tokens, len(st.chain.keys))
-        published = list(st.chain.keys[:whole])
+        published: list[bytes] = list(st.chain.keys[:whole])
         partial = 0
         if st.partial is not None and st.partial_stored and whole == st.request.num_prompt_tokens // self.chunk_tokens:
             published.append(st.partial)
