@@ -21,13 +21,19 @@ HANDOFF = {"kvtier": {"v": 1, "chunks": 3}}
 class FakeInstance:
     """A vLLM-like OpenAI server that records what it was sent."""
 
-    def __init__(self, role: str, status: int = 200, stream_pieces: int = 3, hang_s: float = 0.0) -> None:
+    def __init__(self, role: str, status: int = 200, stream_pieces: int = 3, hang_s: float = 0.0,
+                 dies: bool = False) -> None:
         self.role, self.status, self.stream_pieces, self.hang_s = role, status, stream_pieces, hang_s
+        self.dies = dies  # drops the connection mid-request, as a killed instance does
         self.seen: list[tuple[str, dict[str, Any]]] = []
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.seen.append((request.path, body))
+        if self.dies:
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(1)
         if self.hang_s:
             await asyncio.sleep(self.hang_s)
         if self.status != 200:
@@ -183,6 +189,23 @@ def test_prefill_instance_down_sends_the_request_to_decode_without_params() -> N
         assert (await resp.json())["got"] is None  # computed at the decode instance; the client's params dropped
 
     run(scenario, prefill_down=True)
+
+
+def test_prefill_instance_killed_mid_request_falls_back_to_decode() -> None:
+    async def scenario(client: TestClient, prefill: FakeInstance, decode: FakeInstance) -> None:
+        resp = await client.post("/v1/completions", json={"prompt": "hi"})
+        assert resp.status == 200 and (await resp.json())["got"] is None
+        assert len(prefill.seen) == 1 and len(decode.seen) == 1
+
+    run(scenario, prefill=FakeInstance("prefill", dies=True))
+
+
+def test_decode_instance_killed_mid_request_is_a_502() -> None:
+    async def scenario(client: TestClient, prefill: FakeInstance, decode: FakeInstance) -> None:
+        resp = await client.post("/v1/completions", json={"prompt": "hi"})
+        assert resp.status == 502 and "decode instance" in (await resp.json())["error"]["message"]
+
+    run(scenario, decode=FakeInstance("decode", dies=True))
 
 
 def test_prefill_server_error_falls_back_to_decode_and_client_error_is_returned() -> None:
