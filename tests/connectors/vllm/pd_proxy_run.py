@@ -60,7 +60,7 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 
 def server(model: str, port: int, role: str, sock: str, shared: str, log: Path) -> subprocess.Popen:
-    cfg = pd_config(role, sock, shared)
+    cfg = pd_config(role, sock, shared, str(log) + ".stats.json")
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
             "--host", "127.0.0.1", "--skip-tokenizer-init", "--dtype", "float32", "--enforce-eager",
             "--max-model-len", "512", "--max-num-seqs", "4", "--block-size", "32",
@@ -108,6 +108,7 @@ def main() -> None:
                                  "ignore_eos": True, "stream": True, "return_token_ids": True})
         events = [line for line in streamed.decode().split("\n\n") if line.startswith("data: ")]
         out["stream"] = {"status": status, "events": len(events), "done": events[-1] == "data: [DONE]"}
+        out["decode_stats"] = json.loads((work / "decode.log.stats.json").read_text())
         os.killpg(procs[1].pid, signal.SIGKILL)  # the decode instance goes down
         procs[1].wait()
         t = time.monotonic()
