@@ -14,7 +14,7 @@ from kvtier.core.errors import KVTierError
 
 # Optional dependencies a subcommand may import, and the extra that installs each.
 _EXTRA_OF_MODULE = {"torch": "torch", "transformers": "transformers", "vllm": "vllm", "matplotlib": "bench",
-                    "redis": "redis"}
+                    "redis": "redis", "aiohttp": "proxy", "yarl": "proxy"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,7 +148,8 @@ def _cmd_bench_fleet(args: argparse.Namespace) -> int:
     from kvtier.bench.fleet import run_fleet_bench
 
     run_fleet_bench(_trace_path(args.trace), args.json, png_out=args.png or None, hosts=args.hosts,
-                    max_requests=args.max_requests, real_payload=args.real_payload)
+                    max_requests=args.max_requests, real_payload=args.real_payload, vllm_runs=not args.no_vllm,
+                    vllm_quick=args.vllm_quick)
     return 0
 
 
@@ -200,6 +201,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    import logging
+
+    from kvtier.proxy import ProxyConfig, run_proxy
+
+    cfg = ProxyConfig(args.prefill, args.decode, connect_timeout_s=args.connect_timeout,
+                      read_timeout_s=args.read_timeout)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s")
+    run_proxy(cfg, args.host, args.port)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from kvtier.service.server import serve_main
 
@@ -227,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the per-host store service", add_help=False)
     serve.add_argument("rest", nargs=argparse.REMAINDER)
     serve.set_defaults(fn=_cmd_serve)
+
+    proxy = sub.add_parser("proxy", help="OpenAI-compatible proxy: prefill on one vLLM instance, decode on another")
+    proxy.add_argument("--prefill", required=True, help="the prefill instance (kv_role kv_producer), http://host:port")
+    proxy.add_argument("--decode", required=True, help="the decode instance (kv_role kv_consumer), http://host:port")
+    proxy.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    proxy.add_argument("--port", type=positive_int, default=8000)
+    proxy.add_argument("--connect-timeout", type=positive_float, default=5.0,
+                       help="seconds to wait for an instance to accept a connection")
+    proxy.add_argument("--read-timeout", type=positive_float, default=600.0,
+                       help="seconds to wait between two pieces of an instance's answer")
+    proxy.set_defaults(fn=_cmd_proxy)
 
     store = sub.add_parser("store", help="inspect or clear a disk tier folder")
     ssub = store.add_subparsers(dest="store_command", required=True)
@@ -269,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     bfl.add_argument("--max-requests", type=positive_int, default=None)
     bfl.add_argument("--real-payload", action="store_true",
                      help="also move real chunks between two `kvtier serve` processes over one shared folder")
+    bfl.add_argument("--no-vllm", action="store_true",
+                     help="skip the vLLM engine runs vllm_shared and pd (four engines, minutes)")
+    bfl.add_argument("--vllm-quick", action="store_true", help="the engine runs on a tiny model and workload")
     bfl.set_defaults(fn=_cmd_bench_fleet)
     bsv = bsub.add_parser("service", help="store service lookup rate and shared-memory load throughput")
     bsv.add_argument("--json", default="results/bench_service.json")

@@ -148,7 +148,8 @@ def test_cli_bench_fleet(tmp_path, capsys):
     trace = tmp_path / "trace.jsonl"
     write_trace(trace, random_trace(13, 120))
     out = tmp_path / "sub" / "fleet.json"
-    assert main(["bench", "fleet", "--trace", str(trace), "--json", str(out), "--png", "", "--hosts", "1,2"]) == 0
+    assert main(["bench", "fleet", "--trace", str(trace), "--json", str(out), "--png", "", "--hosts", "1,2",
+                 "--no-vllm"]) == 0
     assert [r["hosts"] for r in json.loads(out.read_text())["rows"]] == [1, 2]
 
 

@@ -39,7 +39,7 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "kvtier", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("demo", "serve", "store", "bench"):
+    for cmd in ("demo", "serve", "proxy", "store", "bench"):
         assert cmd in out.stdout
 
 

@@ -415,8 +415,11 @@ def run_fleet_bench(
     max_requests: int | None = None,
     real_payload: bool = False,
     quiet: bool = False,
+    vllm_runs: bool = False,
+    vllm_quick: bool = False,
 ) -> dict[str, Any]:
-    """Simulate every H in `hosts`; write JSON (and a PNG); optionally the real-payload run."""
+    """Simulate every H in `hosts`; write JSON (and a PNG); optionally the real-payload run and the
+    vLLM engine runs `vllm_shared` and `pd` (bench/vllm_pd.py; `vllm_quick`: its small model)."""
     if not hosts or any(h < 1 for h in hosts):
         raise ValueError(f"hosts must be a non-empty list of positive counts, got {list(hosts)}")
     if capacity_pct <= 0:
@@ -454,6 +457,16 @@ def run_fleet_bench(
 
         result["folder_payload"] = run_payload(quiet=quiet)
         result["redis"] = redis_payload(quiet=quiet)
+    if vllm_runs:
+        from kvtier.bench.vllm_pd import run_engine_runs
+
+        engines = run_engine_runs(quick=vllm_quick)
+        result["vllm_shared"], result["pd"], result["vllm_details"] = (
+            engines["vllm_shared"], engines["pd"], engines["details"])
+        if not quiet:
+            for run in ("vllm_shared", "pd"):
+                print(f"{run}: " + ", ".join(f"{k} {v}" for k, v in result[run].items() if k != "cached_tokens"),
+                      file=sys.stderr)
     if not quiet:
         target = result["target"]
         shares = ", ".join(f"{k} {v:.3f}x" for k, v in target.get("vs_one_host", {}).items() if v is not None)

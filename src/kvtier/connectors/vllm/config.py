@@ -11,7 +11,10 @@
      "partial_chunks": true,     # also save each prompt's partial last chunk (2+ tokens), so an
                                  # exact repeat hits every prompt token but the last
      "model_fingerprint": "",    # override the computed model identity (config + weights)
-     "stats_path": ""}           # write the scheduler's counters (hits by tier, saves) to this JSON file
+     "stats_path": "",           # write the scheduler's counters (hits by tier, saves) to this JSON file
+     "remote_wait_s": 10.0}      # kv_consumer: how long a request handed over by a prefill instance
+                                 # (kv_transfer_params["kvtier"], see pd.py) waits for its chunks to
+                                 # appear in the store before it computes what is missing
 
 An unknown key or a bad value raises ConfigError naming it, so vLLM stops at start.
 """
@@ -39,6 +42,7 @@ class VLLMConnectorConfig:
     partial_chunks: bool = True
     model_fingerprint: str = ""
     stats_path: str = ""  # the scheduler rewrites this JSON file with its counters when they change
+    remote_wait_s: float = number_field(10.0, low=0)
 
     def __post_init__(self) -> None:
         check_fields(self, "kv_connector_extra_config")

@@ -18,7 +18,10 @@ Decisions (see scheduler.py / worker.py for the details):
   WAITING_FOR_REMOTE_KVS state): one store load per request starts in start_load_kv and
   wait_for_layer_load(layer i) waits only for layer i, the copies running on CPUs the
   forward pass does not use (cpus_left_free); saves are copied into the store's DRAM in the step that
-  computes them, so request_finished returns (False, None): blocks are freed at once.
+  computes them, so request_finished returns False: blocks are freed at once.
+- prefill/decode disaggregation (pd.py): with kv_role "kv_producer" a request that asks
+  ({"do_remote_decode": true} in kv_transfer_params) gets back, in its output's kv_transfer_params,
+  what it published; a "kv_consumer" given them waits (up to remote_wait_s) for those chunks.
 - requires_kv_delivery is False: kvtier is a best-effort cache, a dropped save is a miss.
 - handle_preemptions does nothing: no save is pending when a step ends.
 - kv_load_failure_policy must be "recompute" (checked at start; set
@@ -53,6 +56,7 @@ from kvtier.connectors.vllm.fingerprint import vllm_model_fingerprint
 from kvtier.connectors.vllm.layouts import SUB_BLOCK_CPU_ISAS
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.model import ModelKV, cpu_amx_supported, format_tag, model_kv, predict_cpu_isa
+from kvtier.connectors.vllm.pd import Identity
 from kvtier.connectors.vllm.plan import StepPlan
 from kvtier.connectors.vllm.scheduler import SchedulerSide
 from kvtier.connectors.vllm.worker import WorkerSide
@@ -250,9 +254,11 @@ class KVTierConnector(KVConnectorBase_V1):
                     roots[(salt, lora)] = ns.root()
                 return roots[(salt, lora)]
 
+            identity = Identity(fingerprint, layout_id.hex(), self.format_tag, chunk_tokens, hash_mode)
             self.scheduler = SchedulerSide(link, root_for, chunk_tokens, hash_mode, cfg.save_decode,
                                            load=ktc.is_kv_consumer, save=ktc.is_kv_producer, block_size=block_size,
-                                           partial_chunks=cfg.partial_chunks)
+                                           partial_chunks=cfg.partial_chunks, identity=identity,
+                                           remote_wait_s=cfg.remote_wait_s)
             log.info("kvtier connector (scheduler) ready: model %s..., format %s, chunk %d tokens, block %d tokens",
                      fingerprint[:12], self.format_tag, chunk_tokens, block_size)
         else:
@@ -301,8 +307,9 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
-        self.scheduler.request_finished(request)
-        return False, None
+        # False: the request's chunks were published within the steps that computed them (a producer
+        # included), so nothing reads its blocks after this and vLLM may free them at once
+        return False, self.scheduler.request_finished(request)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if self.scheduler is not None and connector_output.invalid_block_ids:

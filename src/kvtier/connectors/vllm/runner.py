@@ -3,7 +3,9 @@
     python -m kvtier.connectors.vllm.runner SPEC.json OUT.json
 
 SPEC: {"llm": {vllm.LLM kwargs}, "phases": [{"name": str, "prompts": [[ids]], "measure": bool,
-       "drop_cache_dir": str?}], "kvtier_stats_socket": str?}
+       "drop_cache_dir": str?, "kv_transfer_params": [dict | null]?}], "kvtier_stats_socket": str?}
+A phase's kv_transfer_params (one per prompt) go with its requests (prefill/decode handoffs,
+connectors/vllm/pd.py); each row then keeps the kv_transfer_params its output returned.
 Each prompt is sent alone (one request in flight), with max_tokens=1 and top-2 logprobs, so
 the wall time of the call is its time to first token. OUT: per phase, per request
 {"ttft_s", "token", "gap", "cached"} (gap = top-1 minus top-2 logprob), and at the end of the
@@ -54,11 +56,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     phases = []
     for phase in spec["phases"]:
         rows = []
-        for ids in phase["prompts"]:
+        params = phase.get("kv_transfer_params") or [None] * len(phase["prompts"])
+        for ids, kv_params in zip(phase["prompts"], params, strict=True):
             if phase.get("drop_cache_dir"):
                 drop_page_cache(phase["drop_cache_dir"])
+            req_sp = sp if kv_params is None else sp.clone()
+            if kv_params is not None:
+                req_sp.extra_args = {"kv_transfer_params": kv_params}
             t = time.perf_counter()
-            (out,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)
+            (out,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], req_sp, use_tqdm=False)
             ttft = time.perf_counter() - t
             comp = out.outputs[0]
             token = int(comp.token_ids[0])
@@ -66,7 +72,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             if comp.logprobs:
                 vals = sorted((lp.logprob for lp in comp.logprobs[0].values()), reverse=True)
                 gap = vals[0] - vals[1] if len(vals) > 1 else None
-            rows.append({"ttft_s": ttft, "token": token, "gap": gap, "cached": int(out.num_cached_tokens or 0)})
+            rows.append({"ttft_s": ttft, "token": token, "gap": gap, "cached": int(out.num_cached_tokens or 0),
+                         "prompt_tokens": len(ids), "kv_transfer_params": out.kv_transfer_params})
         entry = {"name": phase["name"], "measure": phase.get("measure", True), "requests": rows,
                  "vllm_counters": vllm_counters(llm)}
         if phase.get("stats_path"):

@@ -5,7 +5,8 @@ Called by KVTierConnector's scheduler-role methods:
     num_new_matched_tokens(request, num_computed)  store lookup with a lease -> loadable tokens
     after_alloc(request, block_ids, num_external)  turn the lease into a load of those blocks
     build_plan(scheduled, block_ids_of, spec)      this step's loads and saves (StepPlan)
-    request_finished(request)                      drop the request; release an unshipped lease
+    request_finished(request)                      drop the request; release an unshipped lease;
+                                                   a producer's handoff for the decode instance (pd.py)
     load_errors(block_ids)                         chunks whose load failed will be saved again
 
 A chunk is chunk_tokens tokens, a divisor of vLLM's block_size: chunk i of a request sits
@@ -43,12 +44,14 @@ their token ids do not identify their KV.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvtier.client.api import StoreClient
 from kvtier.connectors.vllm.link import StoreLink
+from kvtier.connectors.vllm.pd import Handoff, HandoffError, Identity, asks_for_handoff
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvtier.core.errors import KVTierError
 from kvtier.core.keys import KeyChain
@@ -83,6 +86,10 @@ class _ReqState:
     partial: bytes | None = None  # key of the prompt's partial last chunk (2..chunk_tokens-1 tokens)
     partial_tokens: int = 0
     partial_stored: bool = False  # in the store: saved by this request or loaded from it
+    handoff_checked: bool = False  # its kv_transfer_params were read (consumer)
+    awaited: frozenset[bytes] = frozenset()  # chunks a producer published that the store must show first
+    wait_until: float = 0.0  # ... until then; afterwards whatever is there is loaded, the rest computed
+    next_poll: float = 0.0
 
 
 def lora_name(request: Any) -> str:
@@ -102,7 +109,9 @@ def keyable(request: Any) -> bool:
 class SchedulerSide:
     def __init__(self, link: StoreLink, root_for: RootFor, chunk_tokens: int, hash_mode: str,
                  save_decode: bool = False, *, load: bool = True, save: bool = True,
-                 block_size: int | None = None, partial_chunks: bool = True) -> None:
+                 block_size: int | None = None, partial_chunks: bool = True, identity: Identity | None = None,
+                 remote_wait_s: float = 10.0, poll_s: float = 0.02,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         block_size = chunk_tokens if block_size is None else block_size
         if chunk_tokens <= 0 or block_size % chunk_tokens:
             raise ValueError(f"chunk_tokens {chunk_tokens} must divide vLLM's block_size {block_size}")
@@ -116,9 +125,14 @@ class SchedulerSide:
         self.hash_mode = hash_mode
         self.save_decode = save_decode
         self.partial_chunks = partial_chunks
+        self.identity = identity  # for handoffs (pd.py); None: this side neither makes nor accepts them
+        self.remote_wait_s = remote_wait_s
+        self.poll_s = poll_s
+        self.clock = clock
         self.reqs: dict[str, _ReqState] = {}
         self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0,
-                      "saved_partial_chunks": 0, "store_errors": 0}
+                      "saved_partial_chunks": 0, "store_errors": 0, "handoffs_made": 0, "handoffs_received": 0,
+                      "handoffs_rejected": 0, "handoff_timeouts": 0, "handoff_wait_polls": 0}
         self.loaded_by_tier: dict[str, int] = {}  # chunks planned for loading, by the tier that held them
         self.loaded_tokens_by_tier: dict[str, int] = {}  # the tokens those chunks count for
 
@@ -187,13 +201,68 @@ class SchedulerSide:
             chain.extend(list(tokens[chain.num_tokens:upto]))
 
     # -- vLLM's scheduler calls ------------------------------------------------------------
-    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
-        """Tokens after vLLM's own hit that the store can supply (whole chunks, never the last token)."""
+    def _accept_handoff(self, st: _ReqState) -> None:
+        """Read a producer's handoff from the request's kv_transfer_params, once: the chunks to wait for.
+
+        A malformed handoff, or one made for another model, layout, format or prompt, is refused
+        with a warning naming the difference: the request then only gets what the store holds
+        under its own keys (and recomputes the rest).
+        """
+        st.handoff_checked = True
+        params = getattr(st.request, "kv_transfer_params", None)
+        if not params or st.chain is None:
+            return
+        req_id = st.request.request_id
+        try:
+            handoff = Handoff.from_params(params)
+            if handoff is None:
+                return
+            if self.identity is None:
+                raise HandoffError("this instance was not given its identity; it cannot check handoffs")
+            diff = self.identity.mismatch(handoff.identity)
+            if diff:
+                raise HandoffError(f"made for another model or layout: {diff}")
+            chain = st.chain
+            if handoff.chunks > len(chain.keys) or (handoff.partial_tokens and (
+                    handoff.partial_tokens != st.partial_tokens or handoff.chunks != len(chain.keys))):
+                raise HandoffError(f"it names {handoff.chunks} chunks + {handoff.partial_tokens} tokens, more than "
+                                   f"or other than this prompt's {st.request.num_prompt_tokens} tokens")
+            published: list[bytes] = list(chain.keys[:handoff.chunks])
+            if handoff.partial_tokens:
+                if st.partial is None:
+                    raise HandoffError("it names a partial chunk, but this instance saves no partial chunks")
+                published.append(st.partial)
+            if published and published[-1].hex() != handoff.last_key:
+                raise HandoffError("its last_key is not this prompt's key (another prompt, cache salt or adapter)")
+        except HandoffError as e:
+            self.stats["handoffs_rejected"] += 1
+            log.warning("kvtier: request %s: kv_transfer_params refused (it loads only what the store holds under its own keys, computes the rest): %s", req_id, e)
+            return
+        self.stats["handoffs_received"] += 1
+        st.awaited = frozenset(published)
+        st.wait_until = self.clock() + self.remote_wait_s
+
+    def _awaited_hits(self, st: _ReqState, keys: Sequence[bytes]) -> int:
+        """How many leading `keys` the producer published: the hits to wait for."""
+        n = 0
+        while n < len(keys) and keys[n] in st.awaited:
+            n += 1
+        return n
+
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
+        """Tokens after vLLM's own hit that the store can supply (whole chunks, never the last token).
+
+        None (vLLM asks again next step) while a producer's handoff is not in the store yet.
+        """
         st = self._state(request)
         self._release(st)  # a repeated call replaces the previous lease
         st.local_tokens = num_computed_tokens
         if st.chain is None or not self.load:
             return 0
+        if not st.handoff_checked:
+            self._accept_handoff(st)
+        if st.awaited and self.clock() < st.next_poll:
+            return None  # waiting for the producer's chunks; do not poll the store every scheduler pass
         c = self.chunk_tokens
         start = num_computed_tokens // c
         if num_computed_tokens % c:
@@ -206,6 +275,20 @@ class SchedulerSide:
         keys = st.chain.keys[start:end] + ([final[0]] if final else [])
         reply = self._call(lambda cl: cl.lookup(keys, lease=True))
         self.stats["lookups"] += 1
+        if st.awaited and (reply.hits if reply is not None else 0) < self._awaited_hits(st, keys):
+            now = self.clock()
+            if now < st.wait_until:
+                if reply is not None and reply.lease_id is not None:
+                    lease_id = reply.lease_id
+                    self._call(lambda c: c.release(lease_id))
+                self.stats["handoff_wait_polls"] += 1
+                st.next_poll = now + self.poll_s
+                return None
+            self.stats["handoff_timeouts"] += 1
+            log.warning("kvtier: request %s: %d of the %d chunks its producer published are in the store after "
+                        "%.1f s; loading those, computing the rest", request.request_id,
+                        reply.hits if reply is not None else 0, len(st.awaited), self.remote_wait_s)
+        st.awaited = frozenset()
         if reply is None or reply.hits == 0:
             return 0
         st.lease = _Lease(reply.lease_id, start, reply.hits, tuple(reply.tiers))
@@ -296,15 +379,36 @@ class SchedulerSide:
         self.stats["saved_partial_chunks"] += 1
         st.partial_stored = True
 
-    def request_finished(self, request: Any) -> None:
+    def request_finished(self, request: Any) -> dict[str, Any] | None:
+        """Forget the request; a producer returns the handoff the request asked for (pd.py), else None."""
         gone = self.reqs.pop(request.request_id, None)
         if gone is None:
-            return
+            return None
         st = gone
         self._release(st)  # never shipped: ours to release (a shipped lease is the worker's)
         if st.load is not None and st.load.lease_id is not None:
             lease_id = st.load.lease_id
             self._call(lambda c: c.release(lease_id))
+        if not (self.save and self.identity is not None and st.chain is not None
+                and asks_for_handoff(getattr(request, "kv_transfer_params", None))):
+            return None
+        return self._handoff(st).to_params()
+
+    def _handoff(self, st: _ReqState) -> Handoff:
+        """What this request published: its prompt's whole chunks saved so far, and its partial chunk.
+
+        Saves were committed to the store's DRAM within the steps that computed them (worker.py),
+        so everything counted here is published when vLLM finishes the request.
+        """
+        assert st.chain is not None and self.identity is not None
+        whole = min(st.stored_upto, st.request.num_prompt_tokens // self.chunk_tokens, len(st.chain.keys))
+        published: list[bytes] = list(st.chain.keys[:whole])
+        partial = 0
+        if st.partial is not None and st.partial_stored and whole == st.request.num_prompt_tokens // self.chunk_tokens:
+            published.append(st.partial)
+            partial = st.partial_tokens
+        self.stats["handoffs_made"] += 1
+        return Handoff(self.identity, whole, partial, published[-1].hex() if published else "")
 
     def load_errors(self, block_ids: set[int]) -> None:
         """The worker could not load these blocks: their chunks are not in the store (any more)."""

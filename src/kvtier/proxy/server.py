@@ -1,0 +1,223 @@
+"""An OpenAI-compatible HTTP proxy for prefill/decode disaggregation through the store.
+
+    kvtier proxy --prefill http://10.0.0.1:8100 --decode http://10.0.0.2:8200 --port 8000
+
+Each POST /v1/completions or /v1/chat/completions goes first to the prefill instance (vLLM with
+kvtier as "kv_producer") with max_tokens=1, no streaming and kv_transfer_params
+{"do_remote_decode": true}: it computes the prompt, kvtier saves its chunks, and the response
+carries kv_transfer_params naming them (connectors/vllm/pd.py). The original request then goes
+to the decode instance ("kv_consumer") with those parameters: its kvtier waits for the chunks,
+loads them and decodes. The decode instance's answer (streamed or not) is passed through as is.
+
+Faults, each answered within a bounded time (connect_timeout_s, read_timeout_s):
+- a body that is not a JSON object, or has no prompt/messages: 400 with what is wrong;
+- the prefill instance down or failing (5xx, timeout): the request goes to the decode instance
+  without parameters, which computes the prompt itself (slower, same tokens); a 4xx from it (the
+  request is bad) is returned to the client as is;
+- the decode instance down: 503 naming it; a broken or timed-out answer: 502 / 504.
+
+aiohttp (client and server in one well-kept library, streaming both ways) instead of a
+hand-written HTTP layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from kvtier.core.config import check_fields, number_field
+from kvtier.core.errors import ConfigError
+
+log = logging.getLogger("kvtier.proxy")
+
+ASK_HANDOFF = {"do_remote_decode": True}  # vLLM's name for "keep this for a decode instance"
+ROUTES = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}  # path -> the field it needs
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date",
+               "server"}
+
+CLIENT_KEY = web.AppKey("client", aiohttp.ClientSession)
+
+
+def backend_url(value: str, name: str) -> str:
+    """An http(s)://host[:port] base URL; ConfigError naming the argument otherwise."""
+    try:
+        url = URL(value)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{name}: not a URL: {value!r} ({e})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{name}: expected an http:// or https:// URL with a host, got {value!r}")
+    return str(url).rstrip("/")
+
+
+@dataclass(slots=True, frozen=True)
+class ProxyConfig:
+    prefill_url: str
+    decode_url: str
+    connect_timeout_s: float = number_field(5.0, low=0, low_open=True)  # a backend that does not accept
+    read_timeout_s: float = number_field(600.0, low=0, low_open=True)  # between two reads of an answer
+
+    def __post_init__(self) -> None:
+        check_fields(self, "proxy")
+        object.__setattr__(self, "prefill_url", backend_url(self.prefill_url, "--prefill"))
+        object.__setattr__(self, "decode_url", backend_url(self.decode_url, "--decode"))
+
+
+CONFIG_KEY = web.AppKey("config", ProxyConfig)
+
+
+def error_response(status: int, message: str, kind: str) -> web.Response:
+    """An OpenAI-style error body, so clients' SDKs show the message."""
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The request as the prefill instance gets it: one token, no stream, asking for a handoff."""
+    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "min_tokens")}
+    out["max_tokens"] = 1
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    out["stream"] = False
+    out["kv_transfer_params"] = dict(ASK_HANDOFF)
+    return out
+
+
+async def _read_request(request: web.Request) -> dict[str, Any] | web.Response:
+    field = ROUTES[request.path]
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return error_response(400, f"the request body is not valid JSON: {e}", "invalid_request_error")
+    if not isinstance(body, dict):
+        return error_response(400, f"the request body must be a JSON object, got {type(body).__name__}",
+                              "invalid_request_error")
+    if field not in body:
+        return error_response(400, f"the request has no {field!r} field ({request.path} needs one)",
+                              "invalid_request_error")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        return error_response(400, f"'stream' must be true or false, got {body['stream']!r}", "invalid_request_error")
+    return body
+
+
+async def _prefill(session: aiohttp.ClientSession, cfg: ProxyConfig, path: str,
+                   body: dict[str, Any]) -> dict[str, Any] | web.Response | None:
+    """kv_transfer_params from the prefill instance; a Response to return for a 4xx; None when it failed."""
+    url = cfg.prefill_url + path
+    try:
+        async with session.post(url, json=prefill_body(body)) as resp:
+            data = await resp.read()
+            if 400 <= resp.status < 500:
+                return web.Response(body=data, status=resp.status, content_type=resp.content_type)
+            if resp.status >= 500:
+                log.warning("kvtier proxy: prefill %s answered %d; the decode instance computes the prompt",
+                            url, resp.status)
+                return None
+            params = json.loads(data).get("kv_transfer_params")
+            return params if isinstance(params, dict) else {}
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as e:
+        log.warning("kvtier proxy: prefill %s failed (%s: %s); the decode instance computes the prompt",
+                    url, type(e).__name__, e)
+        return None
+
+
+async def _decode(request: web.Request, session: aiohttp.ClientSession, cfg: ProxyConfig,
+                  body: dict[str, Any]) -> web.StreamResponse:
+    url = cfg.decode_url + request.path
+    try:
+        async with session.post(url, json=body) as resp:
+            out = web.StreamResponse(status=resp.status, reason=resp.reason)
+            for name, value in resp.headers.items():
+                if name.lower() not in HOP_HEADERS:
+                    out.headers[name] = value
+            await out.prepare(request)
+            try:
+                async for piece in resp.content.iter_any():
+                    await out.write(piece)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                # headers are gone: all that is left is to cut the stream, which clients see as an error
+                log.warning("kvtier proxy: decode %s broke off mid-answer (%s: %s)", url, type(e).__name__, e)
+                raise
+            await out.write_eof()
+            return out
+    except aiohttp.ClientConnectorError as e:
+        return error_response(503, f"the decode instance {cfg.decode_url} is unreachable: {e}", "service_unavailable")
+    except asyncio.TimeoutError:
+        return error_response(504, f"the decode instance {cfg.decode_url} did not answer within its timeout "
+                                   f"(connect {cfg.connect_timeout_s} s, read {cfg.read_timeout_s} s)", "timeout")
+    except aiohttp.ClientError as e:
+        return error_response(502, f"the decode instance {cfg.decode_url} failed: {type(e).__name__}: {e}",
+                              "bad_gateway")
+
+
+async def handle_generate(request: web.Request) -> web.StreamResponse:
+    body = await _read_request(request)
+    if isinstance(body, web.Response):
+        return body
+    session, cfg = request.app[CLIENT_KEY], request.app[CONFIG_KEY]
+    params = await _prefill(session, cfg, request.path, body)
+    if isinstance(params, web.Response):
+        return params
+    decode = dict(body)
+    if params:
+        decode["kv_transfer_params"] = params
+    else:
+        decode.pop("kv_transfer_params", None)  # a client's own parameters are not the producer's
+    return await _decode(request, session, cfg, decode)
+
+
+async def handle_models(request: web.Request) -> web.StreamResponse:
+    """/v1/models from the decode instance (both serve the same model)."""
+    session, cfg = request.app[CLIENT_KEY], request.app[CONFIG_KEY]
+    try:
+        async with session.get(cfg.decode_url + "/v1/models") as resp:
+            return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
+    except aiohttp.ClientConnectorError as e:
+        return error_response(503, f"the decode instance {cfg.decode_url} is unreachable: {e}", "service_unavailable")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return error_response(502, f"the decode instance {cfg.decode_url} failed: {type(e).__name__}: {e}",
+                              "bad_gateway")
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    """200 when both instances answer /health, else 503 naming the one that does not."""
+    session, cfg = request.app[CLIENT_KEY], request.app[CONFIG_KEY]
+    down = []
+    for name, base in (("prefill", cfg.prefill_url), ("decode", cfg.decode_url)):
+        try:
+            async with session.get(base + "/health") as resp:
+                if resp.status != 200:
+                    down.append(f"{name} {base} answered {resp.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            down.append(f"{name} {base}: {type(e).__name__}")
+    if down:
+        return error_response(503, "; ".join(down), "service_unavailable")
+    return web.json_response({"status": "ok"})
+
+
+def make_app(cfg: ProxyConfig) -> web.Application:
+    app = web.Application()
+    app[CONFIG_KEY] = cfg
+
+    async def client_session(app: web.Application):  # type: ignore[no-untyped-def]
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            app[CLIENT_KEY] = session
+            yield
+
+    app.cleanup_ctx.append(client_session)
+    for path in ROUTES:
+        app.router.add_post(path, handle_generate)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/health", handle_health)
+    return app
+
+
+def run_proxy(cfg: ProxyConfig, host: str, port: int) -> None:
+    log.info("kvtier proxy on %s:%d: prefill %s, decode %s", host, port, cfg.prefill_url, cfg.decode_url)
+    web.run_app(make_app(cfg), host=host, port=port, print=None)

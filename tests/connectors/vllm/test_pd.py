@@ -1,0 +1,189 @@
+"""Prefill/decode handoffs between a producer's and a consumer's scheduler side (pd.py), no engine.
+
+Two Sims share one in-process store: the producer (load off) computes and saves, the consumer
+(save off) gets the producer's kv_transfer_params on the same prompt and loads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from kvtier.connectors.vllm.pd import PARAMS_KEY, Handoff, HandoffError, Identity
+
+from .sim import BLOCK, LAYOUT, FakeRequest, Sim, make_client
+
+IDENT = Identity("test-model", LAYOUT.layout_id(BLOCK).hex(), "format=test", BLOCK, "sha256")
+PROMPT14 = list(range(200, 214))  # 3 whole chunks of 4 + a partial chunk of 2
+ASK = {"do_remote_decode": True}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pair(wait_s: float = 5.0) -> tuple[Sim, Sim, Clock]:
+    client = make_client()
+    producer, consumer = Sim(client), Sim(client)
+    clock = Clock()
+    producer.sched.load, producer.sched.identity = False, IDENT
+    consumer.sched.save, consumer.sched.identity = False, IDENT
+    consumer.sched.remote_wait_s, consumer.sched.clock = wait_s, clock
+    return producer, consumer, clock
+
+
+def prefill(producer: Sim, prompt: list[int], req_id: str = "p") -> dict:
+    req = FakeRequest(req_id, prompt)
+    req.kv_transfer_params = dict(ASK)  # type: ignore[attr-defined]
+    producer.admit(req)
+    producer.step({req: len(prompt)})
+    params = producer.sched.request_finished(req)
+    assert params is not None
+    return params
+
+
+def decode_request(prompt: list[int], params: dict | None, req_id: str = "d") -> FakeRequest:
+    req = FakeRequest(req_id, prompt)
+    req.kv_transfer_params = params  # type: ignore[attr-defined]
+    return req
+
+
+def test_producer_hands_over_what_it_published_and_consumer_loads_all_but_the_last_token() -> None:
+    producer, consumer, _ = pair()
+    params = prefill(producer, PROMPT14)
+    chain = producer.sched.reqs.get("p")
+    assert chain is None  # finished
+    handoff = Handoff.from_params(params)
+    assert handoff is not None and (handoff.chunks, handoff.partial_tokens) == (3, 2)
+    assert handoff.identity == IDENT
+    d = decode_request(PROMPT14, params)
+    assert consumer.admit(d) == 13  # every prompt token but the last: the decode side computes 1 token
+    consumer.step({d: 1})
+    assert consumer.tokens_are_right(d, 0, 14) and not consumer.failed
+    assert not consumer.plans[-1].saves  # a consumer saves nothing
+    assert consumer.sched.stats["handoffs_received"] == 1 and consumer.sched.stats["handoff_wait_polls"] == 0
+    assert handoff.last_key == consumer.sched.reqs["d"].chain.partial_key().hex()
+
+
+def test_producer_returns_params_only_when_asked() -> None:
+    producer, _, _ = pair()
+    req = FakeRequest("p", PROMPT14)
+    producer.admit(req)
+    producer.step({req: 14})
+    assert producer.sched.request_finished(req) is None
+
+
+def test_consumer_waits_until_the_store_shows_the_chunks_then_loads() -> None:
+    producer, consumer, clock = pair(wait_s=5.0)
+    params = prefill(_params_elsewhere(), PROMPT14)  # made on another store: the shared one is still empty
+    d = decode_request(PROMPT14, params)
+    assert consumer.sched.num_new_matched_tokens(d, 0) is None  # not there yet: vLLM asks again later
+    assert consumer.sched.num_new_matched_tokens(d, 0) is None  # within the poll interval: no store lookup
+    assert consumer.sched.stats["lookups"] == 1
+    assert consumer.leases() == 0  # a waiting request holds no lease
+    clock.now += 1.0
+    prefill(producer, PROMPT14)  # the chunks arrive
+    assert consumer.admit(d) == 13
+    consumer.step({d: 1})
+    assert consumer.tokens_are_right(d, 0, 14) and not consumer.failed
+    assert consumer.sched.stats["handoff_timeouts"] == 0
+
+
+def _params_elsewhere() -> Sim:
+    other = Sim(make_client())
+    other.sched.load, other.sched.identity = False, IDENT
+    return other
+
+
+def test_chunks_that_never_appear_are_computed_after_the_bound(caplog: pytest.LogCaptureFixture) -> None:
+    _, consumer, clock = pair(wait_s=2.0)
+    params = prefill(_params_elsewhere(), PROMPT14)  # published in another store: this one never sees them
+    d = decode_request(PROMPT14, params)
+    assert consumer.sched.num_new_matched_tokens(d, 0) is None
+    clock.now += 1.0
+    assert consumer.sched.num_new_matched_tokens(d, 0) is None
+    clock.now += 1.5  # past the bound
+    with caplog.at_level(logging.WARNING, logger="kvtier"):
+        assert consumer.admit(d) == 0  # computed here, no hang
+    assert "0 of the 4 chunks its producer published" in caplog.text
+    assert consumer.sched.stats["handoff_timeouts"] == 1
+    consumer.step({d: 14})
+    assert consumer.tokens_are_right(d, 0, 14)
+
+
+def test_chunks_partly_there_after_the_bound_load_what_is_there() -> None:
+    producer, consumer, clock = pair(wait_s=1.0)
+    params = prefill(_params_elsewhere(), PROMPT14)
+    prefill(producer, PROMPT14[:8])  # only the first 2 chunks reach the shared store
+    d = decode_request(PROMPT14, params)
+    assert consumer.sched.num_new_matched_tokens(d, 0) is None
+    clock.now += 2.0
+    assert consumer.admit(d) == 8
+    consumer.step({d: 6})
+    assert consumer.tokens_are_right(d, 0, 14) and not consumer.failed
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("model", "other-model", "model 'other-model' (producer) != 'test-model'"),
+    ("layout", "other-layout", "layout"),
+    ("chunk_tokens", 8, "chunk_tokens '8'"),
+    ("hash_mode", "xxh3", "hash_mode"),
+])
+def test_handoff_of_another_model_or_layout_is_refused_without_waiting(
+        field: str, value: object, named: str, caplog: pytest.LogCaptureFixture) -> None:
+    producer, consumer, _ = pair()
+    params = prefill(producer, PROMPT14)
+    params[PARAMS_KEY][field] = value
+    d = decode_request(PROMPT14, params)
+    with caplog.at_level(logging.WARNING, logger="kvtier"):
+        ext = consumer.sched.num_new_matched_tokens(d, 0)
+    assert ext == 13  # its own keys still hit what the store holds: right KV whatever the params say
+    assert "kv_transfer_params refused" in caplog.text and named in caplog.text
+    assert consumer.sched.stats["handoffs_rejected"] == 1
+
+
+def test_handoff_of_another_prompt_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    producer, consumer, _ = pair()
+    params = prefill(producer, PROMPT14)
+    other = PROMPT14[:-1] + [999]  # same length, another last token: another partial chunk key
+    d = decode_request(other, params)
+    with caplog.at_level(logging.WARNING, logger="kvtier"):
+        assert consumer.sched.num_new_matched_tokens(d, 0) == 12  # the shared whole chunks only
+    assert "last_key is not this prompt's key" in caplog.text
+    longer = decode_request(PROMPT14 + [5, 6, 7], params, "d2")  # the handoff names a partial chunk it lacks
+    with caplog.at_level(logging.WARNING, logger="kvtier"):
+        consumer.sched.num_new_matched_tokens(longer, 0)
+    assert consumer.sched.stats["handoffs_rejected"] == 2
+
+
+@pytest.mark.parametrize("raw,named", [
+    ("x", "expected an object"),
+    ({"v": 2}, ".v: expected 1"),
+    ({**Handoff(IDENT, 1, 0, "ab").to_params()[PARAMS_KEY], "chunks": -1}, ".chunks: expected an integer"),
+    ({**Handoff(IDENT, 1, 0, "ab").to_params()[PARAMS_KEY], "last_key": "zz"}, ".last_key: expected a hex"),
+    ({**Handoff(IDENT, 1, 0, "ab").to_params()[PARAMS_KEY], "model": 3}, ".model: expected a string"),
+    ({**Handoff(IDENT, 0, 0, "ab").to_params()[PARAMS_KEY]}, "last_key must be set exactly"),
+])
+def test_malformed_params_name_the_field(raw: object, named: str) -> None:
+    with pytest.raises(HandoffError, match=named.replace(".", r"\.").replace("(", r"\(")):
+        Handoff.from_params({PARAMS_KEY: raw})
+    assert Handoff.from_params({"other": 1}) is None
+
+
+def test_handoff_round_trips() -> None:
+    h = Handoff(IDENT, 3, 2, "00ff")
+    assert Handoff.from_params(h.to_params()) == h
+
+
+def test_aborted_waiting_request_leaves_no_state() -> None:
+    _, consumer, _ = pair()
+    params = prefill(_params_elsewhere(), PROMPT14)
+    d = decode_request(PROMPT14, params)
+    assert consumer.sched.num_new_matched_tokens(d, 0) is None
+    consumer.sched.request_finished(d)
+    assert "d" not in consumer.sched.reqs and consumer.leases() == 0
