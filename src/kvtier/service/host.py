@@ -64,6 +64,7 @@ class _Load:
     keys: list[bytes]
     pinned: list[bytes]
     deadline: float = float("inf")
+    started: float = 0.0  # perf_counter at load_begin: the memory tier's load latency ends at load_end
 
 
 @dataclass(slots=True)
@@ -118,16 +119,25 @@ class StoreHost:
         tiers: list[str] = []
         held = _Lease(owner, self._clock() + min(lease_s, self.max_lease_s))
         lower_at: dict[int, str] = {}  # index -> lower tier, for runs the lower tiers hold
+        timer = m.BatchTimer(self.store.metrics, m.LOOKUP_LATENCY)  # lower tiers time their own batches
         for i, key in enumerate(keys):
+            t0 = time.perf_counter()
             if lease:
                 if mem.pin(key) is not None:
                     held.pinned.append(key)
                     tiers.append("memory")
+                    timer.add(mem.name, time.perf_counter() - t0)
                     continue
             elif mem.contains(key):
                 tiers.append("memory")
+                timer.add(mem.name, time.perf_counter() - t0)
                 continue
-            if disk is not None and disk.contains(key):
+            t1 = time.perf_counter()
+            timer.add(mem.name, t1 - t0)
+            in_disk = disk is not None and disk.contains(key)
+            if disk is not None:
+                timer.add(disk.name, time.perf_counter() - t1)
+            if in_disk:
                 tiers.append("disk")
                 if lease:
                     held.promotions.append(self._promoter.submit(self._promote_pin, key))
@@ -141,6 +151,7 @@ class StoreHost:
                     held.promotions.append(self._promoter.submit(self._promote_pin, key))
                 continue
             break
+        timer.observe()
         self._touch(keys[: len(tiers)], tiers)
         if not lease or not tiers:
             return len(tiers), tiers, None
@@ -275,6 +286,7 @@ class StoreHost:
                    hold_s: float | None = None) -> LoadPins:
         hold = self.hold_bound(hold_s)
         self.wait_lease(lease_id)
+        started = time.perf_counter()
         mem = self.memory
         slots = [NO_SLOT] * len(keys)
         tiers = [""] * len(keys)
@@ -297,13 +309,17 @@ class StoreHost:
                 slot = mem.slot_of(promoted)
                 assert slot is not None  # pinned, so resident
                 slots[i], tiers[i] = slot, self._promoted_from(promoted)
+        if promotions:  # one observation per lower tier the batch promoted from
+            promoted_s = time.perf_counter() - started
+            for source in {t for t in tiers if t and t != "memory"}:
+                self.store.metrics.observe(m.LOAD_LATENCY, promoted_s, tier=source)
         checksums = []
         for key, slot in zip(keys, slots, strict=False):
             meta = mem.meta(key) if slot != NO_SLOT else None
             checksums.append(meta.checksums if meta is not None else ())
         load_id = next(self._ids)
         with self._lock:
-            self._loads[load_id] = _Load(owner, list(keys), pinned, self._clock() + hold)
+            self._loads[load_id] = _Load(owner, list(keys), pinned, self._clock() + hold, started)
         return LoadPins(load_id, slots, tiers, checksums, hold)
 
     def load_end(self, owner: OwnerId, load_id: int, corrupt: Sequence[int] = ()) -> None:
@@ -314,6 +330,8 @@ class StoreHost:
                                    "(its pins expired, or it was never begun)")
             del self._loads[load_id]
         self._finish_load(load)
+        if load.pinned:  # the chunks reached the client from the DRAM pool: begin to end
+            self.store.metrics.observe(m.LOAD_LATENCY, time.perf_counter() - load.started, tier=self.memory.name)
         for i in corrupt:
             if 0 <= i < len(load.keys):
                 self.store.metrics.inc(m.CHECKSUM_FAILURES, tier=self.memory.name)
@@ -361,6 +379,7 @@ class StoreHost:
         mem, disk = self.memory, self.store.disk
         layers = range(self.store.layout.num_layers)
         metas: list[ChunkMeta] = []
+        started = time.perf_counter()
         try:
             prev = save.parent
             for i, res in enumerate(save.reservations):
@@ -380,6 +399,7 @@ class StoreHost:
                 mem.unpin(meta.key)
             self._abort_save(save)
             raise
+        self.store.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - started, tier=mem.name)
         handle = self.store.persist(metas, pinned=[True] * len(metas))
         with self._lock:
             self._writes.setdefault(owner, []).append((save_id, handle))

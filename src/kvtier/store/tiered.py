@@ -118,6 +118,7 @@ class TieredStore:
         self._lower_writer = TransferEngine(1, "kvtier-lower-writer") if self.lower_tiers else None
         self._io = TransferEngine(config.io_threads, "kvtier-io")
         self._writer = TransferEngine(1, "kvtier-disk-writer")  # FIFO: parents before children
+        self._report_capacity()
         self._pending: set[TransferHandle] = set()
         self._demoting: dict[bytes, tuple[ChunkMeta, list[bytes]]] = {}  # write-back chunks in flight
         self._pending_lock = threading.Lock()
@@ -127,6 +128,21 @@ class TieredStore:
         self.write_wait_s = 10.0  # longest allocate_memory waits for the writer to free a DRAM slot
         self._closed = False
 
+    def _report_capacity(self) -> None:
+        """Each local tier's capacity and fill as gauges from the start (a networked tier's
+        usage is its server's, asked only on request)."""
+        for tier in self.tiers + self.lower_tiers:
+            if tier is self.memory or hasattr(tier, "capacity_bytes"):
+                u = tier.usage()
+                self.metrics.set(m.CAPACITY_BYTES, u.capacity_bytes, tier=tier.name)
+                self.metrics.set(m.USED_BYTES, u.used_bytes, tier=tier.name)
+
+    def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> int:
+        """Serve this store's metrics at http://host:port/metrics until close(); returns the
+        bound port (0 picks a free one). A port in use raises MetricsPortInUseError naming it."""
+        self._check_open()
+        return self.metrics.serve(port, host)
+
     # -- lookup --------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes], touch: bool = True) -> LookupResult:
         """How many leading `keys` are stored, and where. Hits are touched tail-first."""
@@ -134,10 +150,14 @@ class TieredStore:
         keys = _check_keys(keys)
         where: list[str] = []
         gap: tuple[int, str] = (-1, "")  # where the last lower run ended, and in which tier
+        timer = m.BatchTimer(self.metrics, m.LOOKUP_LATENCY)
         while True:
             for key in keys[len(where):]:
                 for tier in self.tiers:
-                    if tier.contains(key):
+                    t0 = time.perf_counter()
+                    found_here = tier.contains(key)
+                    timer.add(tier.name, time.perf_counter() - t0)
+                    if found_here:
                         where.append(tier.name)
                         break
                 else:
@@ -156,6 +176,7 @@ class TieredStore:
             gap = (start + len(found), found[0])
             for key, lower_name in zip(keys[start:], found):  # name the tier a load would read
                 where.append(next((t.name for t in self.tiers if t.contains(key)), lower_name))
+        timer.observe()
         if touch and where:
             for tier in self.tiers + self.lower_tiers:
                 hit = [k for k, w in zip(keys, where) if w == tier.name]
@@ -199,10 +220,13 @@ class TieredStore:
     def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]], layers: list[int]) -> LoadResult:
         tiers: list[str] = []
         failed: list[int] = []
+        timer = m.BatchTimer(self.metrics, m.LOAD_LATENCY)
         for i, key in enumerate(keys):
             source = ""
             for tier in self.tiers:
+                t0 = time.perf_counter()
                 meta = tier.read(key, layers, dests[i])
+                timer.add(tier.name, time.perf_counter() - t0)
                 if meta is not None:
                     source = tier.name
                     if tier is not self.memory and self.memory is not None:
@@ -214,6 +238,7 @@ class TieredStore:
             tiers.append(source)
             if not source:
                 failed.append(i)
+        timer.observe()
         if failed and self.lower_tiers:
             failed = self._load_lower(keys, dests, layers, failed, tiers)
         loaded = failed[0] if failed else len(keys)
@@ -243,7 +268,9 @@ class TieredStore:
         for tier in self.lower_tiers:
             if tier.name in skip:
                 continue
+            t0 = time.perf_counter()
             n = tier.lookup(rest)
+            self.metrics.observe(m.LOOKUP_LATENCY, time.perf_counter() - t0, tier=tier.name)
             if n:
                 return [tier.name] * n
         return []
@@ -262,7 +289,9 @@ class TieredStore:
         for tier in self.lower_tiers:
             if not failed:
                 break
+            t0 = time.perf_counter()
             metas = tier.read_many([keys[i] for i in failed], layers, [dests[i] for i in failed])
+            self.metrics.observe(m.LOAD_LATENCY, time.perf_counter() - t0, tier=tier.name)
             still: list[int] = []
             for i, meta in zip(failed, metas, strict=True):
                 if meta is None:
@@ -321,6 +350,7 @@ class TieredStore:
                 else:
                     sources.append(None)  # left DRAM before the save queued it: the chain stops here
             for tier in self.lower_tiers:
+                batch_t0 = time.perf_counter()
                 for i, meta in enumerate(metas):
                     src = sources[i]
                     if src is None:
@@ -337,6 +367,7 @@ class TieredStore:
                     if not ok:
                         errors.append(f"{tier.name}: chunk {i} not admitted (no room)")
                         break
+                self.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - batch_t0, tier=tier.name)
         finally:
             for i, meta in enumerate(metas):
                 self._unpin_written(pinned, i, meta.key)
@@ -411,6 +442,7 @@ class TieredStore:
     def _commit(self, batch: SaveBatch,
                 extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None) -> TransferHandle[SaveResult]:
         mem = self.memory
+        t0 = time.perf_counter()
         for i, res in enumerate(batch.reservations):
             filled = len(res.filled) if res is not None else sum(1 for d in batch.copies[i] if d)
             if filled != self.layout.num_layers:
@@ -445,6 +477,7 @@ class TieredStore:
             raise
         if mem is not None:
             mem.touch(batch.keys)
+            self.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - t0, tier=mem.name)
         # write-through: every chunk goes to disk; write-back: only those DRAM had no room for
         write_through = self.config.write_mode == "write-through"
         to_disk = [i for i in range(len(metas)) if self.disk is not None and (write_through or copies[i] is not None)]
@@ -497,6 +530,7 @@ class TieredStore:
         written = 0
         errors: list[str] = []
         io_failed = False
+        t0 = time.perf_counter()
         pinned = list(pinned)  # cleared as each chunk's pin is returned
         try:
             # the first failure stops the chain: a child is never written without its parent
@@ -540,6 +574,7 @@ class TieredStore:
         finally:
             for i, meta in enumerate(metas):
                 self._unpin_written(pinned, i, meta.key)
+            self.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - t0, tier=disk.name)
         result = SaveResult(len(metas), in_memory, written, tuple(errors))
         if io_failed:
             raise TierWriteError(
@@ -712,6 +747,7 @@ class TieredStore:
             return
         self.flush()
         self._closed = True
+        self.metrics.stop_serving()
         self._writer.shutdown()
         if self._lower_writer is not None:
             self._lower_writer.shutdown()
