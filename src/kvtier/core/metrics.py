@@ -51,6 +51,7 @@ FOREIGN_CHUNKS = "kvtier_tier_foreign_chunks_total"
 LOOKUP_LATENCY = "kvtier_tier_lookup_latency_seconds"
 LOAD_LATENCY = "kvtier_tier_load_latency_seconds"
 SAVE_LATENCY = "kvtier_tier_save_latency_seconds"
+SERVED_TOKENS = "kvtier_tier_served_tokens_total"
 # Per connector (label connector="vllm"|"transformers")
 HIT_TOKENS = "kvtier_connector_hit_tokens_total"
 COMPUTED_TOKENS = "kvtier_connector_computed_tokens_total"
@@ -82,6 +83,7 @@ HELP = {
     LOOKUP_LATENCY: "Seconds one batched lookup spent in the tier.",
     LOAD_LATENCY: "Seconds one batched load took to bring its chunks from the tier.",
     SAVE_LATENCY: "Seconds one batched save took to write its chunks into the tier.",
+    SERVED_TOKENS: "Prompt tokens loaded from the tier (chunks loaded times chunk_tokens), whoever asked.",
     HIT_TOKENS: "Prompt tokens served from the store.",
     COMPUTED_TOKENS: "Prompt tokens the engine computed (not served from the store).",
     LOAD_SECONDS: "Seconds spent loading KV into the engine.",
@@ -104,6 +106,11 @@ KINDS = {
     LOOKUP_LATENCY: HISTOGRAM, LOAD_LATENCY: HISTOGRAM, SAVE_LATENCY: HISTOGRAM,
     CONNECTOR_LOAD_TIME: HISTOGRAM, CONNECTOR_SAVE_TIME: HISTOGRAM,
 }
+
+# Series every tier has from the start, at 0: a rate or a ratio over them is defined before
+# the first failure or eviction (Prometheus's advice for labelled counters).
+TIER_COUNTERS = (HITS, MISSES, BYTES_READ, BYTES_WRITTEN, EVICTIONS, CHECKSUM_FAILURES, WRITE_FAILURES,
+                 SERVED_TOKENS)
 
 Labels = tuple[tuple[str, str], ...]
 

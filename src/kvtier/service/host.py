@@ -309,6 +309,9 @@ class StoreHost:
                 slot = mem.slot_of(promoted)
                 assert slot is not None  # pinned, so resident
                 slots[i], tiers[i] = slot, self._promoted_from(promoted)
+        from_memory = tiers.count("memory")
+        self._count_memory_reads(from_memory, len(keys) - from_memory)
+        self.store.count_served(tiers)
         if promotions:  # one observation per lower tier the batch promoted from
             promoted_s = time.perf_counter() - started
             for source in {t for t in tiers if t and t != "memory"}:
@@ -321,6 +324,16 @@ class StoreHost:
         with self._lock:
             self._loads[load_id] = _Load(owner, list(keys), pinned, self._clock() + hold, started)
         return LoadPins(load_id, slots, tiers, checksums, hold)
+
+    def _count_memory_reads(self, hits: int, misses: int) -> None:
+        """The DRAM tier's hits and misses for a load: its clients copy chunks out of the pool
+        themselves, so the service counts what MemoryTier.read would have counted."""
+        metrics, name = self.store.metrics, self.memory.name
+        if hits:
+            metrics.inc(m.HITS, hits, tier=name)
+            metrics.inc(m.BYTES_READ, hits * self.memory.chunk_bytes, tier=name)
+        if misses:
+            metrics.inc(m.MISSES, misses, tier=name)
 
     def load_end(self, owner: OwnerId, load_id: int, corrupt: Sequence[int] = ()) -> None:
         with self._lock:

@@ -129,9 +129,11 @@ class TieredStore:
         self._closed = False
 
     def _report_capacity(self) -> None:
-        """Each local tier's capacity and fill as gauges from the start (a networked tier's
-        usage is its server's, asked only on request)."""
+        """Each tier's counters at 0, and each local tier's capacity and fill as gauges, from
+        the start (a networked tier's usage is its server's, asked only on request)."""
         for tier in self.tiers + self.lower_tiers:
+            for name in m.TIER_COUNTERS:
+                self.metrics.inc(name, 0, tier=tier.name)
             if tier is self.memory or hasattr(tier, "capacity_bytes"):
                 u = tier.usage()
                 self.metrics.set(m.CAPACITY_BYTES, u.capacity_bytes, tier=tier.name)
@@ -242,7 +244,17 @@ class TieredStore:
         if failed and self.lower_tiers:
             failed = self._load_lower(keys, dests, layers, failed, tiers)
         loaded = failed[0] if failed else len(keys)
+        self.count_served(tiers)
         return LoadResult(loaded, tuple(failed), tuple(tiers))
+
+    def count_served(self, sources: Sequence[str]) -> None:
+        """Tokens loaded per source tier ("" = not loaded): one increment per tier per batch."""
+        chunks: dict[str, int] = {}
+        for source in sources:
+            if source:
+                chunks[source] = chunks.get(source, 0) + 1
+        for tier, n in chunks.items():
+            self.metrics.inc(m.SERVED_TOKENS, n * self.chunk_tokens, tier=tier)
 
     # -- lower tiers ---------------------------------------------------------------
     def _open_lower_tiers(self) -> list[Tier]:
