@@ -1,0 +1,96 @@
+"""kvtier's numbers reach vLLM's /metrics: the connector stats round trip through vLLM 0.32's own
+KVConnectorLogging and KVConnectorProm classes, with the scheduler and worker sides of the
+no-engine simulator (tests/connectors/vllm/sim.py) producing the numbers."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import REGISTRY
+
+from kvtier.connectors.vllm.connector import KVTierConnector
+from kvtier.connectors.vllm.stats import KVTierConnectorStats, StatsRecorder
+
+from .sim import FakeRequest, Sim
+
+PROMPT = list(range(100, 113))  # 13 tokens: 3 full chunks of 4 + 1
+
+
+def shell(sim: Sim, role: str) -> KVTierConnector:
+    """A KVTierConnector with only what its stats methods use (building a real one needs an engine)."""
+    conn = object.__new__(KVTierConnector)
+    conn.scheduler = sim.sched if role == "scheduler" else None
+    conn.worker = sim.worker if role == "worker" else None
+    conn._interval_stats = StatsRecorder()
+    return conn
+
+
+def prefill(sim: Sim, sched: KVTierConnector, req: FakeRequest) -> None:
+    ext = sim.admit(req)
+    sched._record_tokens(req, ext)  # what update_state_after_alloc adds after the scheduler's bookkeeping
+    sim.step({req: req.num_tokens - req.num_computed_tokens})
+
+
+def two_requests() -> tuple[KVTierConnector, KVTierConnector]:
+    sim = Sim()
+    sched, worker = shell(sim, "scheduler"), shell(sim, "worker")
+    prefill(sim, sched, FakeRequest("a", PROMPT))  # computes 13 tokens, saves 3 chunks
+    prefill(sim, sched, FakeRequest("b", PROMPT))  # 12 tokens from the store, computes 1
+    return sched, worker
+
+
+def test_each_side_reports_its_interval_then_starts_a_new_one():
+    sched, worker = two_requests()
+    s = sched.get_kv_connector_stats()
+    assert s is not None and s.data["hit_tokens"] == 12 and s.data["computed_tokens"] == 14
+    assert s.data["load_seconds"] == [] and s.data["save_seconds"] == []
+    w = worker.get_kv_connector_stats()
+    assert w is not None and w.data["hit_tokens"] == 0
+    assert len(w.data["load_seconds"]) == 1 and len(w.data["save_seconds"]) == 1  # b's load, a's save
+    assert all(t >= 0 for t in w.data["load_seconds"] + w.data["save_seconds"])
+    assert sched.get_kv_connector_stats() is None and worker.get_kv_connector_stats() is None
+
+
+def test_stats_aggregate_reduce_and_survive_serialization():
+    sched, worker = two_requests()
+    merged = worker.get_kv_connector_stats().aggregate(sched.get_kv_connector_stats())  # as vLLM's scheduler does
+    payload = pickle.loads(pickle.dumps(merged)).to_dict()
+    rebuilt = KVTierConnector.build_kv_connector_stats(payload)
+    assert isinstance(rebuilt, KVTierConnectorStats) and not rebuilt.is_empty()
+    summary = rebuilt.reduce()
+    assert summary["hit_tokens"] == 12 and summary["computed_tokens"] == 14
+    assert summary["load_requests"] == 1 and summary["save_requests"] == 1
+    assert KVTierConnector.build_kv_connector_stats(None).is_empty()
+
+
+def test_vllm_prometheus_and_log_lines_show_kvtier_numbers():
+    pytest.importorskip("vllm")
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging, KVConnectorProm
+
+    ktc = KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
+                           kv_connector_module_path="kvtier.connectors.vllm.connector")
+    sched, worker = two_requests()
+    payload = worker.get_kv_connector_stats().aggregate(sched.get_kv_connector_stats()).to_dict()
+
+    prom = KVConnectorProm(SimpleNamespace(kv_transfer_config=ktc), ["model_name", "engine"], {0: ["tiny", "0"]})
+    assert prom.prom_metrics is not None
+    try:
+        prom.observe(payload, engine_idx=0)
+        labels = {"model_name": "tiny", "engine": "0"}
+        value = REGISTRY.get_sample_value
+        assert value("vllm:kvtier_connector_hit_tokens_total", labels) == 12
+        assert value("vllm:kvtier_connector_computed_tokens_total", labels) == 14
+        assert value("vllm:kvtier_connector_load_time_seconds_count", labels) == 1
+        assert value("vllm:kvtier_connector_save_time_seconds_count", labels) == 1
+    finally:
+        for family in prom.prom_metrics.families:  # the global registry: leave it as we found it
+            REGISTRY.unregister(family)
+
+    logging = KVConnectorLogging(ktc)
+    logging.observe(payload)
+    lines: list[str] = []
+    logging.log(lambda fmt, *args: lines.append(fmt % args))
+    assert lines and "hit_tokens=12" in lines[0] and "computed_tokens=14" in lines[0]
