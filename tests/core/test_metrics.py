@@ -101,3 +101,22 @@ def test_metrics_port_in_use_is_a_clear_error_naming_it(tmp_path):
         assert store.metrics.served_port is None
         assert store.serve_metrics(0) != port  # the store still works and can serve elsewhere
         store.close()
+
+
+def test_null_metrics_record_nothing():
+    x = m.NullMetrics()
+    x.inc(m.HITS, 3, tier="memory")
+    x.counter(m.HITS, tier="memory").inc()
+    x.set(m.USED_BYTES, 1, tier="memory")
+    x.observe(m.LOOKUP_LATENCY, 0.1, tier="memory")
+    assert x.get(m.HITS, tier="memory") == 0 and x.snapshot() == {}
+
+
+def test_service_with_metrics_off_and_a_metrics_port_is_an_error_naming_both():
+    from kvtier.core.config import load_config
+    from kvtier.service.config import ServiceConfig
+
+    layout = {"num_layers": 1, "num_kv_heads": 1, "head_size": 8, "dtype": "float32"}
+    with pytest.raises(ValueError, match="service.metrics_port 9464 is set but service.metrics is false"):
+        load_config(ServiceConfig, {"layout": layout, "metrics": False, "metrics_port": 9464})
+    assert not load_config(ServiceConfig, {"layout": layout, "metrics": False}).metrics

@@ -244,6 +244,44 @@ class Metrics:
             thread.join(timeout=5)
 
 
+class _NullSeries:
+    """A series handle that records nothing."""
+
+    __slots__ = ()
+
+    def inc(self, value: float = 1.0) -> None:
+        return None
+
+    def set(self, value: float) -> None:
+        return None
+
+    def observe(self, value: float) -> None:
+        return None
+
+
+_NULL_SERIES = _NullSeries()
+
+
+class NullMetrics(Metrics):
+    """Records nothing: for measuring what recording metrics costs (kvtier serve with
+    `metrics: false`). Reads return 0; the registry stays empty."""
+
+    def counter(self, name: str, **labels: str) -> Any:
+        return _NULL_SERIES
+
+    def histogram(self, name: str, **labels: str) -> Any:
+        return _NULL_SERIES
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        return None
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        return None
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        return None
+
+
 class _CallbackCollector(Collector):
     def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self._collect = collect

@@ -38,6 +38,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 
+from kvtier.core import metrics as m
 from kvtier.core.config import load_config
 from kvtier.core.errors import ConfigError, KVTierError
 from kvtier.core.keys import get_hash_mode
@@ -194,7 +195,8 @@ class StoreServer:
         for path in sweep_stale_pools():
             log.info("removed %s, the shared-memory pool of a service that died without stopping", path)
         self._mm, self._pool_fd = create_pool(self.shm_path, self.pool_bytes, self.gid)
-        self.store = TieredStore(cfg.store, self.layout, memory_pool=self._mm)
+        self.store = TieredStore(cfg.store, self.layout, memory_pool=self._mm,
+                                 metrics=m.Metrics() if cfg.metrics else m.NullMetrics())
         self.host = StoreHost(self.store, max_lease_s=cfg.max_lease_s)
         self.store.metrics.add_collector(self._service_gauges)
         if cfg.metrics_port:  # before the socket: a port in use fails the start, naming it
