@@ -119,31 +119,27 @@ class StoreHost:
         tiers: list[str] = []
         held = _Lease(owner, self._clock() + min(lease_s, self.max_lease_s))
         lower_at: dict[int, str] = {}  # index -> lower tier, for runs the lower tiers hold
-        timer = m.BatchTimer(self.store.metrics, m.LOOKUP_LATENCY)  # lower tiers time their own batches
+        # lower tiers time their own batched lookups (store.lookup_lower)
+        timer = m.RunTimer(self.store.metrics, m.LOOKUP_LATENCY, {t.name for t in self.store.tiers}, mem.name)
         for i, key in enumerate(keys):
-            t0 = time.perf_counter()
+            if tiers and tiers[-1] != timer.tier:
+                timer.switch(tiers[-1])
             if lease:
                 if mem.pin(key) is not None:
                     held.pinned.append(key)
                     tiers.append("memory")
-                    timer.add(mem.name, time.perf_counter() - t0)
                     continue
             elif mem.contains(key):
                 tiers.append("memory")
-                timer.add(mem.name, time.perf_counter() - t0)
                 continue
-            t1 = time.perf_counter()
-            timer.add(mem.name, t1 - t0)
-            in_disk = disk is not None and disk.contains(key)
-            if disk is not None:
-                timer.add(disk.name, time.perf_counter() - t1)
-            if in_disk:
+            if disk is not None and disk.contains(key):
                 tiers.append("disk")
                 if lease:
                     held.promotions.append(self._promoter.submit(self._promote_pin, key))
                 continue
             if i not in lower_at and self.store.lower_tiers:  # one batched lookup per run
                 ended = lower_at.get(i - 1)  # a run that ended just before i: its tier lacks keys[i]
+                timer.pause()
                 lower_at.update(enumerate(self.store.lookup_lower(keys, i, (ended,) if ended else ()), start=i))
             if i in lower_at:
                 tiers.append(lower_at[i])

@@ -152,14 +152,15 @@ class TieredStore:
         keys = _check_keys(keys)
         where: list[str] = []
         gap: tuple[int, str] = (-1, "")  # where the last lower run ended, and in which tier
-        timer = m.BatchTimer(self.metrics, m.LOOKUP_LATENCY)
+        # lower tiers time their own batched lookups (lookup_lower)
+        timer = m.RunTimer(self.metrics, m.LOOKUP_LATENCY, {t.name for t in self.tiers},
+                           self.tiers[0].name if self.tiers else None)
         while True:
             for key in keys[len(where):]:
+                if where and where[-1] != timer.tier:
+                    timer.switch(where[-1])
                 for tier in self.tiers:
-                    t0 = time.perf_counter()
-                    found_here = tier.contains(key)
-                    timer.add(tier.name, time.perf_counter() - t0)
-                    if found_here:
+                    if tier.contains(key):
                         where.append(tier.name)
                         break
                 else:
@@ -171,6 +172,7 @@ class TieredStore:
                             continue
                     break
             start = len(where)
+            timer.pause()
             skip = (gap[1],) if gap[0] == start else ()  # that tier just said it lacks keys[start]
             found = self.lookup_lower(keys, start, skip) if start < len(keys) else []
             if not found:
