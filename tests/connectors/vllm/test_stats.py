@@ -116,7 +116,12 @@ def test_one_scrape_of_a_real_vllm_engine_shows_kvtier(tmp_path):
     build_tiny_llama(model)
     store.mkdir()
     socket_path = f"/tmp/kvtier-stats-{os.getpid()}.sock"
-    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU=os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"))
+    import kvtier
+
+    # the engine imports the kvtier this test runs (a relative PYTHONPATH=src would not resolve in cwd)
+    src = str(Path(kvtier.__file__).resolve().parents[1])
+    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU=os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"),
+               PYTHONPATH=os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]))
     runner = Path(__file__).resolve().parent / "stats_engine_run.py"
     try:
         r = subprocess.run([sys.executable, str(runner), str(model), str(out), socket_path, str(store)],
@@ -125,6 +130,7 @@ def test_one_scrape_of_a_real_vllm_engine_shows_kvtier(tmp_path):
         _stop_service(socket_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = json.loads(out.read_text())
+    assert got["counters"], f"no kvtier series among vLLM's metrics: {got}"
     first, second = got["cached"]
     # the second request loads 3 chunks of 32 tokens from the store, and the stored partial chunk
     # (all but the prompt's last token) when partial chunks are on
