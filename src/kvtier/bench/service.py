@@ -140,9 +140,9 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
                       "head_size": layout.head_size, "dtype": layout.dtype, "planes": layout.planes},
            "store": store_cfg, "socket_path": sock, "metrics": metrics}
     if metrics:  # served too, as an operator would run it (nobody scrapes during the bench)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            cfg["metrics_port"] = s.getsockname()[1]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            cfg["metrics_port"] = probe.getsockname()[1]
     Path(folder, "service.json").write_text(json.dumps(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "kvtier.service", "--config", str(Path(folder, "service.json")),
                              "--log-level", "WARNING"])

@@ -113,15 +113,17 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
     def __init__(self, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
                  per_engine_labelvalues: dict[int, list[object]]) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        hit = self._counter_cls(name=PROM_HIT_TOKENS, documentation=m.HELP[m.HIT_TOKENS], labelnames=labelnames)
-        computed = self._counter_cls(name=PROM_COMPUTED_TOKENS, documentation=m.HELP[m.COMPUTED_TOKENS],
-                                     labelnames=labelnames)
-        load = self._histogram_cls(name=PROM_LOAD_TIME, documentation=m.HELP[m.CONNECTOR_LOAD_TIME],
-                                   labelnames=labelnames, buckets=list(m.LATENCY_BUCKETS))
-        save = self._histogram_cls(name=PROM_SAVE_TIME, documentation=m.HELP[m.CONNECTOR_SAVE_TIME],
-                                   labelnames=labelnames, buckets=list(m.LATENCY_BUCKETS))
+        counter_cls: Any = self._counter_cls  # vLLM's wrappers of prometheus-client's classes
+        histogram_cls: Any = self._histogram_cls
+        hit = counter_cls(name=PROM_HIT_TOKENS, documentation=m.HELP[m.HIT_TOKENS], labelnames=labelnames)
+        computed = counter_cls(name=PROM_COMPUTED_TOKENS, documentation=m.HELP[m.COMPUTED_TOKENS],
+                               labelnames=labelnames)
+        load = histogram_cls(name=PROM_LOAD_TIME, documentation=m.HELP[m.CONNECTOR_LOAD_TIME],
+                             labelnames=labelnames, buckets=list(m.LATENCY_BUCKETS))
+        save = histogram_cls(name=PROM_SAVE_TIME, documentation=m.HELP[m.CONNECTOR_SAVE_TIME],
+                             labelnames=labelnames, buckets=list(m.LATENCY_BUCKETS))
         self.families = (hit, computed, load, save)
-        self._per_engine = {
+        self._per_engine: dict[int, dict[str, Any]] = {
             idx: {"hit_tokens": hit.labels(*values), "computed_tokens": computed.labels(*values),
                   "load_seconds": load.labels(*values), "save_seconds": save.labels(*values)}
             for idx, values in per_engine_labelvalues.items()}
