@@ -61,6 +61,7 @@ SAVE_SECONDS = "kvtier_connector_save_seconds_total"
 LOAD_FAILURES = "kvtier_connector_load_failures_total"
 SAVE_FAILURES = "kvtier_connector_save_failures_total"
 PREFILL_TOKENS = "kvtier_connector_prefill_tokens_total"
+LOADS_SKIPPED = "kvtier_connector_loads_skipped_total"
 CONNECTOR_LOAD_TIME = "kvtier_connector_load_time_seconds"
 CONNECTOR_SAVE_TIME = "kvtier_connector_save_time_seconds"
 
@@ -92,6 +93,7 @@ HELP = {
     LOAD_FAILURES: "Chunk loads that failed and were recomputed.",
     SAVE_FAILURES: "Chunks a save could not store.",
     PREFILL_TOKENS: "Prompt tokens the connector was asked to prefill.",
+    LOADS_SKIPPED: "Stored chunks recomputed because loading them was estimated slower than computing them.",
     CONNECTOR_LOAD_TIME: "Seconds the connector spent loading one request's KV.",
     CONNECTOR_SAVE_TIME: "Seconds the connector spent saving one request's KV.",
 }
