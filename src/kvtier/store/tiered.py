@@ -255,6 +255,10 @@ class TieredStore:
         for source in sources:
             if source:
                 chunks[source] = chunks.get(source, 0) + 1
+        self.count_served_chunks(chunks)
+
+    def count_served_chunks(self, chunks: dict[str, int]) -> None:
+        """Tokens of `chunks[tier]` chunks loaded from each tier (the service's loads)."""
         for tier, n in chunks.items():
             self.metrics.inc(m.SERVED_TOKENS, n * self.chunk_tokens, tier=tier)
 
