@@ -166,7 +166,8 @@ def _host_counts(text: str) -> tuple[int, ...]:
 def _cmd_bench_service(args: argparse.Namespace) -> int:
     from kvtier.bench.service import exit_status, run_service_bench
 
-    return exit_status(run_service_bench(args.json))
+    sizes = {"chunks": args.chunks} if args.chunks is not None else {}  # else the bench's default
+    return exit_status(run_service_bench(args.json, metrics=args.metrics == "on", **sizes))
 
 
 def _cmd_bench_ttft(args: argparse.Namespace) -> int:
@@ -299,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     bfl.set_defaults(fn=_cmd_bench_fleet)
     bsv = bsub.add_parser("service", help="store service lookup rate and shared-memory load throughput")
     bsv.add_argument("--json", default="results/bench_service.json")
+    bsv.add_argument("--chunks", type=positive_int, default=None, help="chunks in the chain loaded and looked up (720)")
+    bsv.add_argument("--metrics", choices=("on", "off"), default="on",
+                     help="off: the service records no metrics (to measure what they cost)")
     bsv.set_defaults(fn=_cmd_bench_service)
     btt = bsub.add_parser("ttft", help="time to first token with transformers: no kvtier, miss, DRAM and disk hits")
     btt.add_argument("--json", default="results/bench_ttft.json")

@@ -126,7 +126,8 @@ def _timed_section_copies(dest: np.ndarray, src: np.ndarray, section: int, runs:
 
 def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks: int = 720, runs: int = 5,
                       load_batch: int = 120, lookup_batch: int = 720, lookup_seconds: float = 1.0,
-                      layout: KVLayout = LAYOUT, chunk_tokens: int = CHUNK_TOKENS) -> dict[str, Any]:
+                      layout: KVLayout = LAYOUT, chunk_tokens: int = CHUNK_TOKENS,
+                      metrics: bool = True) -> dict[str, Any]:
     chunk_bytes = layout.chunk_bytes(chunk_tokens)
     lb = layout.layer_bytes(chunk_tokens)
     total = chunks * chunk_bytes
@@ -137,7 +138,11 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
     store_cfg = {"chunk_tokens": chunk_tokens, "memory": {"capacity_bytes": total}}
     cfg = {"layout": {"num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads,
                       "head_size": layout.head_size, "dtype": layout.dtype, "planes": layout.planes},
-           "store": store_cfg, "socket_path": sock}
+           "store": store_cfg, "socket_path": sock, "metrics": metrics}
+    if metrics:  # served too, as an operator would run it (nobody scrapes during the bench)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            cfg["metrics_port"] = probe.getsockname()[1]
     Path(folder, "service.json").write_text(json.dumps(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "kvtier.service", "--config", str(Path(folder, "service.json")),
                              "--log-level", "WARNING"])
@@ -220,6 +225,7 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
         "load_batch": load_batch,
         "lookup_batch": lookup_batch,
         "service_start_s": start_s,
+        "metrics": metrics,
     }
     print(f"kvtier service bench: {chunks} chunks of {chunk_bytes / 2**20:.2f} MiB "
           f"({total / 2**30:.2f} GiB per pass), median of {runs}; contents verified after every pass: "
@@ -246,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_out", default=None)
     parser.add_argument("--chunks", type=int, default=720)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--metrics", choices=("on", "off"), default="on",
+                        help="off: the service records no metrics (to measure what they cost)")
     args = parser.parse_args(argv)
-    return exit_status(run_service_bench(args.json_out, chunks=args.chunks, runs=args.runs))
+    return exit_status(run_service_bench(args.json_out, chunks=args.chunks, runs=args.runs,
+                                         metrics=args.metrics == "on"))
 
 
 def exit_status(result: dict[str, Any]) -> int:

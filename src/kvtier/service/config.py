@@ -5,6 +5,7 @@
     socket_path: /run/kvtier/kvtier.sock     # "" = /tmp/kvtier-<uid>/kvtier.sock (a private folder)
     group: kvusers                           # socket and pool become 0o660, the folder 0o750, for this group
     metrics_port: 9464                       # Prometheus on 127.0.0.1; 0 = off
+    metrics: true                            # false: record no metrics at all (measuring their cost)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ServiceConfig:
     max_lease_s: float = number_field(300.0, low=0, low_open=True)  # upper bound on any lease a client asks for
     message_timeout_s: float = number_field(5.0, low=0, low_open=True)  # a started message must complete within this
     max_clients: int = number_field(256, low=0, low_open=True)
+    metrics: bool = True  # false: a store that records nothing (NullMetrics), to measure what metrics cost
 
     def __post_init__(self) -> None:
         check_fields(self, "service")
@@ -35,5 +37,8 @@ class ServiceConfig:
             raise ConfigError("service.layout must be set (num_layers, num_kv_heads, head_size, dtype)")
         if self.store.memory is None:
             raise ConfigError("service.store.memory must be configured: the service owns the DRAM pool")
+        if not self.metrics and self.metrics_port:
+            raise ConfigError(f"service.metrics_port {self.metrics_port} is set but service.metrics is false: "
+                              "there would be nothing to serve; set metrics_port to 0 or metrics to true")
         if "/" in self.shm_name:
             raise ConfigError(f"service.shm_name must not contain '/', got {self.shm_name!r}")

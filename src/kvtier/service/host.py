@@ -64,6 +64,7 @@ class _Load:
     keys: list[bytes]
     pinned: list[bytes]
     deadline: float = float("inf")
+    started: float = 0.0  # perf_counter at load_begin: the memory tier's load latency ends at load_end
 
 
 @dataclass(slots=True)
@@ -118,20 +119,34 @@ class StoreHost:
         tiers: list[str] = []
         held = _Lease(owner, self._clock() + min(lease_s, self.max_lease_s))
         lower_at: dict[int, str] = {}  # index -> lower tier, for runs the lower tiers hold
+        # lower tiers time their own batched lookups (store.lookup_lower); DRAM's run is tracked in a
+        # local flag, so a DRAM hit costs one test of it and no clock read
+        timer = m.RunTimer(self.store.metrics, m.LOOKUP_LATENCY, {t.name for t in self.store.tiers}, mem.name)
+        memory_run = True
         for i, key in enumerate(keys):
             if lease:
                 if mem.pin(key) is not None:
                     held.pinned.append(key)
                     tiers.append("memory")
+                    if not memory_run:
+                        timer.switch(mem.name)
+                        memory_run = True
                     continue
             elif mem.contains(key):
                 tiers.append("memory")
+                if not memory_run:
+                    timer.switch(mem.name)
+                    memory_run = True
                 continue
+            memory_run = False
             if disk is not None and disk.contains(key):
                 tiers.append("disk")
+                if timer.tier != disk.name:
+                    timer.switch(disk.name)
                 if lease:
                     held.promotions.append(self._promoter.submit(self._promote_pin, key))
                 continue
+            timer.pause()  # lower tiers time their own batched lookups
             if i not in lower_at and self.store.lower_tiers:  # one batched lookup per run
                 ended = lower_at.get(i - 1)  # a run that ended just before i: its tier lacks keys[i]
                 lower_at.update(enumerate(self.store.lookup_lower(keys, i, (ended,) if ended else ()), start=i))
@@ -141,6 +156,7 @@ class StoreHost:
                     held.promotions.append(self._promoter.submit(self._promote_pin, key))
                 continue
             break
+        timer.observe()
         self._touch(keys[: len(tiers)], tiers)
         if not lease or not tiers:
             return len(tiers), tiers, None
@@ -275,6 +291,7 @@ class StoreHost:
                    hold_s: float | None = None) -> LoadPins:
         hold = self.hold_bound(hold_s)
         self.wait_lease(lease_id)
+        started = time.perf_counter()
         mem = self.memory
         slots = [NO_SLOT] * len(keys)
         tiers = [""] * len(keys)
@@ -297,14 +314,38 @@ class StoreHost:
                 slot = mem.slot_of(promoted)
                 assert slot is not None  # pinned, so resident
                 slots[i], tiers[i] = slot, self._promoted_from(promoted)
+        # counted from the few promotions, not by a pass over every chunk of the batch
+        served = {tiers[i]: 0 for i in promotions if tiers[i]}
+        for i in promotions:
+            if tiers[i]:
+                served[tiers[i]] += 1
+        from_memory = len(pinned) - sum(served.values())
+        self._count_memory_reads(from_memory, len(keys) - from_memory)
+        if from_memory:
+            served[mem.name] = from_memory
+        self.store.count_served_chunks(served)
+        if promotions:  # one observation per lower tier the batch promoted from
+            promoted_s = time.perf_counter() - started
+            for source in {t for t in tiers if t and t != "memory"}:
+                self.store.metrics.observe(m.LOAD_LATENCY, promoted_s, tier=source)
         checksums = []
         for key, slot in zip(keys, slots, strict=False):
             meta = mem.meta(key) if slot != NO_SLOT else None
             checksums.append(meta.checksums if meta is not None else ())
         load_id = next(self._ids)
         with self._lock:
-            self._loads[load_id] = _Load(owner, list(keys), pinned, self._clock() + hold)
+            self._loads[load_id] = _Load(owner, list(keys), pinned, self._clock() + hold, started)
         return LoadPins(load_id, slots, tiers, checksums, hold)
+
+    def _count_memory_reads(self, hits: int, misses: int) -> None:
+        """The DRAM tier's hits and misses for a load: its clients copy chunks out of the pool
+        themselves, so the service counts what MemoryTier.read would have counted."""
+        metrics, name = self.store.metrics, self.memory.name
+        if hits:
+            metrics.inc(m.HITS, hits, tier=name)
+            metrics.inc(m.BYTES_READ, hits * self.memory.chunk_bytes, tier=name)
+        if misses:
+            metrics.inc(m.MISSES, misses, tier=name)
 
     def load_end(self, owner: OwnerId, load_id: int, corrupt: Sequence[int] = ()) -> None:
         with self._lock:
@@ -314,6 +355,8 @@ class StoreHost:
                                    "(its pins expired, or it was never begun)")
             del self._loads[load_id]
         self._finish_load(load)
+        if load.pinned:  # the chunks reached the client from the DRAM pool: begin to end
+            self.store.metrics.observe(m.LOAD_LATENCY, time.perf_counter() - load.started, tier=self.memory.name)
         for i in corrupt:
             if 0 <= i < len(load.keys):
                 self.store.metrics.inc(m.CHECKSUM_FAILURES, tier=self.memory.name)
@@ -361,6 +404,7 @@ class StoreHost:
         mem, disk = self.memory, self.store.disk
         layers = range(self.store.layout.num_layers)
         metas: list[ChunkMeta] = []
+        started = time.perf_counter()
         try:
             prev = save.parent
             for i, res in enumerate(save.reservations):
@@ -380,6 +424,7 @@ class StoreHost:
                 mem.unpin(meta.key)
             self._abort_save(save)
             raise
+        self.store.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - started, tier=mem.name)
         handle = self.store.persist(metas, pinned=[True] * len(metas))
         with self._lock:
             self._writes.setdefault(owner, []).append((save_id, handle))

@@ -34,9 +34,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily
+
+from kvtier.core import metrics as m
 from kvtier.core.config import load_config
 from kvtier.core.errors import ConfigError, KVTierError
 from kvtier.core.keys import get_hash_mode
@@ -129,7 +131,6 @@ class StoreServer:
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
         self._pool_fd: int | None = None  # holds the pool's flock: the pool is live while it is open
-        self._http: ThreadingHTTPServer | None = None
         self._mm: Any = None
         self._ops: dict[str, Callable[[int, dict[str, Any]], dict[str, Any]]] = {
             "hello": self._op_hello, "lookup": self._op_lookup, "lease": self._op_lease,
@@ -194,8 +195,12 @@ class StoreServer:
         for path in sweep_stale_pools():
             log.info("removed %s, the shared-memory pool of a service that died without stopping", path)
         self._mm, self._pool_fd = create_pool(self.shm_path, self.pool_bytes, self.gid)
-        self.store = TieredStore(cfg.store, self.layout, memory_pool=self._mm)
+        self.store = TieredStore(cfg.store, self.layout, memory_pool=self._mm,
+                                 metrics=m.Metrics() if cfg.metrics else m.NullMetrics())
         self.host = StoreHost(self.store, max_lease_s=cfg.max_lease_s)
+        self.store.metrics.add_collector(self._service_gauges)
+        if cfg.metrics_port:  # before the socket: a port in use fails the start, naming it
+            self.metrics_port = self.store.metrics.serve(cfg.metrics_port, cfg.metrics_host)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
         if self.gid is not None:
@@ -206,8 +211,6 @@ class StoreServer:
         self._listener = listener
         self._spawn("kvtier-accept", self._accept_loop)
         self._spawn("kvtier-leases", self._reap_loop)
-        if cfg.metrics_port:
-            self._start_metrics()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -234,10 +237,8 @@ class StoreServer:
         self._cleanup()
 
     def _cleanup(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        if self.store is not None:
+            self.store.metrics.stop_serving()  # first: no scrape starts while the store closes
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -465,10 +466,22 @@ class StoreServer:
                 log.info("expired %d lease(s)", n)
 
     def render_metrics(self) -> str:
-        assert self.store is not None and self.host is not None
-        text = self.store.metrics.render_prometheus()
-        slots = self.store.memory.slot_counts() if self.store.memory is not None else {}
-        counts = self.host.counts()
+        """The store's metrics and the service's gauges, in Prometheus's text format."""
+        assert self.store is not None
+        return self.store.metrics.render_prometheus()
+
+    def _service_gauges(self) -> list[GaugeMetricFamily]:
+        """Computed at each scrape. A scrape racing the shutdown gets no service gauges rather
+        than an exception: the pool and the host may already be closed."""
+        store, host = self.store, self.host
+        if store is None or host is None or self._stopping.is_set():
+            return []
+        try:
+            slots = store.memory.slot_counts() if store.memory is not None else {}
+            counts = host.counts()
+        except (KVTierError, ValueError, OSError) as e:  # closed under us (ValueError: closed mmap)
+            log.debug("metrics scrape during shutdown: %s", e)
+            return []
         with self._conns_lock:
             clients = len(self._conns)
         gauges = {
@@ -477,33 +490,7 @@ class StoreServer:
             "kvtier_service_free_slots": (slots.get("free", 0), "Free DRAM pool slots."),
             "kvtier_service_pinned_slots": (slots.get("pinned", 0), "DRAM slots pinned by loads or leases."),
         }
-        lines = [text.rstrip("\n")]
-        for name, (value, help_text) in gauges.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
-
-    def _start_metrics(self) -> None:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path.split("?")[0] not in ("/metrics", "/"):
-                    self.send_error(404)
-                    return
-                body = server.render_metrics().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                return None
-
-        self._http = ThreadingHTTPServer((self.config.metrics_host, self.config.metrics_port), Handler)
-        self._http.daemon_threads = True
-        self.metrics_port = self._http.server_address[1]
-        threading.Thread(target=self._http.serve_forever, name="kvtier-metrics", daemon=True).start()
+        return [GaugeMetricFamily(name, help_text, value=value) for name, (value, help_text) in gauges.items()]
 
 
 def use_all_cpus() -> set[int]:

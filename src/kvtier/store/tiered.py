@@ -118,6 +118,7 @@ class TieredStore:
         self._lower_writer = TransferEngine(1, "kvtier-lower-writer") if self.lower_tiers else None
         self._io = TransferEngine(config.io_threads, "kvtier-io")
         self._writer = TransferEngine(1, "kvtier-disk-writer")  # FIFO: parents before children
+        self._report_capacity()
         self._pending: set[TransferHandle] = set()
         self._demoting: dict[bytes, tuple[ChunkMeta, list[bytes]]] = {}  # write-back chunks in flight
         self._pending_lock = threading.Lock()
@@ -127,6 +128,23 @@ class TieredStore:
         self.write_wait_s = 10.0  # longest allocate_memory waits for the writer to free a DRAM slot
         self._closed = False
 
+    def _report_capacity(self) -> None:
+        """Each tier's counters at 0, and each local tier's capacity and fill as gauges, from
+        the start (a networked tier's usage is its server's, asked only on request)."""
+        for tier in self.tiers + self.lower_tiers:
+            for name in m.TIER_COUNTERS:
+                self.metrics.inc(name, 0, tier=tier.name)
+            if tier is self.memory or hasattr(tier, "capacity_bytes"):
+                u = tier.usage()
+                self.metrics.set(m.CAPACITY_BYTES, u.capacity_bytes, tier=tier.name)
+                self.metrics.set(m.USED_BYTES, u.used_bytes, tier=tier.name)
+
+    def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> int:
+        """Serve this store's metrics at http://host:port/metrics until close(); returns the
+        bound port (0 picks a free one). A port in use raises MetricsPortInUseError naming it."""
+        self._check_open()
+        return self.metrics.serve(port, host)
+
     # -- lookup --------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes], touch: bool = True) -> LookupResult:
         """How many leading `keys` are stored, and where. Hits are touched tail-first."""
@@ -134,8 +152,13 @@ class TieredStore:
         keys = _check_keys(keys)
         where: list[str] = []
         gap: tuple[int, str] = (-1, "")  # where the last lower run ended, and in which tier
+        # lower tiers time their own batched lookups (lookup_lower)
+        timer = m.RunTimer(self.metrics, m.LOOKUP_LATENCY, {t.name for t in self.tiers},
+                           self.tiers[0].name if self.tiers else None)
         while True:
             for key in keys[len(where):]:
+                if where and where[-1] != timer.tier:
+                    timer.switch(where[-1])
                 for tier in self.tiers:
                     if tier.contains(key):
                         where.append(tier.name)
@@ -149,6 +172,7 @@ class TieredStore:
                             continue
                     break
             start = len(where)
+            timer.pause()
             skip = (gap[1],) if gap[0] == start else ()  # that tier just said it lacks keys[start]
             found = self.lookup_lower(keys, start, skip) if start < len(keys) else []
             if not found:
@@ -156,6 +180,7 @@ class TieredStore:
             gap = (start + len(found), found[0])
             for key, lower_name in zip(keys[start:], found):  # name the tier a load would read
                 where.append(next((t.name for t in self.tiers if t.contains(key)), lower_name))
+        timer.observe()
         if touch and where:
             for tier in self.tiers + self.lower_tiers:
                 hit = [k for k, w in zip(keys, where) if w == tier.name]
@@ -199,10 +224,13 @@ class TieredStore:
     def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]], layers: list[int]) -> LoadResult:
         tiers: list[str] = []
         failed: list[int] = []
+        timer = m.BatchTimer(self.metrics, m.LOAD_LATENCY)
         for i, key in enumerate(keys):
             source = ""
             for tier in self.tiers:
+                t0 = time.perf_counter()
                 meta = tier.read(key, layers, dests[i])
+                timer.add(tier.name, time.perf_counter() - t0)
                 if meta is not None:
                     source = tier.name
                     if tier is not self.memory and self.memory is not None:
@@ -214,10 +242,25 @@ class TieredStore:
             tiers.append(source)
             if not source:
                 failed.append(i)
+        timer.observe()
         if failed and self.lower_tiers:
             failed = self._load_lower(keys, dests, layers, failed, tiers)
         loaded = failed[0] if failed else len(keys)
+        self.count_served(tiers)
         return LoadResult(loaded, tuple(failed), tuple(tiers))
+
+    def count_served(self, sources: Sequence[str]) -> None:
+        """Tokens loaded per source tier ("" = not loaded): one increment per tier per batch."""
+        chunks: dict[str, int] = {}
+        for source in sources:
+            if source:
+                chunks[source] = chunks.get(source, 0) + 1
+        self.count_served_chunks(chunks)
+
+    def count_served_chunks(self, chunks: dict[str, int]) -> None:
+        """Tokens of `chunks[tier]` chunks loaded from each tier (the service's loads)."""
+        for tier, n in chunks.items():
+            self.metrics.inc(m.SERVED_TOKENS, n * self.chunk_tokens, tier=tier)
 
     # -- lower tiers ---------------------------------------------------------------
     def _open_lower_tiers(self) -> list[Tier]:
@@ -243,7 +286,9 @@ class TieredStore:
         for tier in self.lower_tiers:
             if tier.name in skip:
                 continue
+            t0 = time.perf_counter()
             n = tier.lookup(rest)
+            self.metrics.observe(m.LOOKUP_LATENCY, time.perf_counter() - t0, tier=tier.name)
             if n:
                 return [tier.name] * n
         return []
@@ -262,7 +307,9 @@ class TieredStore:
         for tier in self.lower_tiers:
             if not failed:
                 break
+            t0 = time.perf_counter()
             metas = tier.read_many([keys[i] for i in failed], layers, [dests[i] for i in failed])
+            self.metrics.observe(m.LOAD_LATENCY, time.perf_counter() - t0, tier=tier.name)
             still: list[int] = []
             for i, meta in zip(failed, metas, strict=True):
                 if meta is None:
@@ -311,6 +358,7 @@ class TieredStore:
                 else:
                     sources.append(None)  # left DRAM before the save queued it: the chain stops here
             for tier in self.lower_tiers:
+                batch_t0 = time.perf_counter()
                 for i, meta in enumerate(metas):
                     src = sources[i]
                     if src is None:
@@ -327,6 +375,7 @@ class TieredStore:
                     if not ok:
                         errors.append(f"{tier.name}: chunk {i} not admitted (no room)")
                         break
+                self.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - batch_t0, tier=tier.name)
         finally:
             for i, meta in enumerate(metas):
                 self._unpin_written(pinned, i, meta.key)
@@ -401,6 +450,7 @@ class TieredStore:
     def _commit(self, batch: SaveBatch,
                 extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None) -> TransferHandle[SaveResult]:
         mem = self.memory
+        t0 = time.perf_counter()
         for i, res in enumerate(batch.reservations):
             filled = len(res.filled) if res is not None else sum(1 for d in batch.copies[i] if d)
             if filled != self.layout.num_layers:
@@ -435,6 +485,7 @@ class TieredStore:
             raise
         if mem is not None:
             mem.touch(batch.keys)
+            self.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - t0, tier=mem.name)
         # write-through: every chunk goes to disk; write-back: only those DRAM had no room for
         write_through = self.config.write_mode == "write-through"
         to_disk = [i for i in range(len(metas)) if self.disk is not None and (write_through or copies[i] is not None)]
@@ -487,6 +538,7 @@ class TieredStore:
         written = 0
         errors: list[str] = []
         io_failed = False
+        t0 = time.perf_counter()
         pinned = list(pinned)  # cleared as each chunk's pin is returned
         try:
             # the first failure stops the chain: a child is never written without its parent
@@ -530,6 +582,7 @@ class TieredStore:
         finally:
             for i, meta in enumerate(metas):
                 self._unpin_written(pinned, i, meta.key)
+            self.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - t0, tier=disk.name)
         result = SaveResult(len(metas), in_memory, written, tuple(errors))
         if io_failed:
             raise TierWriteError(
@@ -704,6 +757,7 @@ class TieredStore:
             return
         self.flush()
         self._closed = True
+        self.metrics.stop_serving()
         self._writer.shutdown()
         if self._lower_writer is not None:
             self._lower_writer.shutdown()

@@ -227,10 +227,14 @@ class TransformersConnector:
     def record_prefill(self, plan: PrefillPlan, load_seconds: float) -> None:
         self.metrics.inc(m.HIT_TOKENS, float(sum(plan.cached_tokens)), connector=CONNECTOR)
         self.metrics.inc(PREFILL_TOKENS, float(sum(plan.prompt_tokens)), connector=CONNECTOR)
+        self.metrics.inc(m.COMPUTED_TOKENS, float(sum(plan.prompt_tokens) - sum(plan.cached_tokens)),
+                         connector=CONNECTOR)
         self.metrics.inc(m.LOAD_SECONDS, load_seconds, connector=CONNECTOR)
+        self.metrics.observe(m.CONNECTOR_LOAD_TIME, load_seconds, connector=CONNECTOR)
 
     def add_save_seconds(self, seconds: float) -> None:
         self.metrics.inc(m.SAVE_SECONDS, seconds, connector=CONNECTOR)
+        self.metrics.observe(m.CONNECTOR_SAVE_TIME, seconds, connector=CONNECTOR)
 
     def report_load_failure(self, chunks: int, reason: str) -> None:
         self.metrics.inc(m.LOAD_FAILURES, float(chunks), connector=CONNECTOR)

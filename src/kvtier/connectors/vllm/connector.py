@@ -59,6 +59,7 @@ from kvtier.connectors.vllm.model import ModelKV, cpu_amx_supported, format_tag,
 from kvtier.connectors.vllm.pd import Identity
 from kvtier.connectors.vllm.plan import StepPlan
 from kvtier.connectors.vllm.scheduler import SchedulerSide
+from kvtier.connectors.vllm.stats import KVTierConnectorStats, KVTierPromMetrics, StatsRecorder
 from kvtier.connectors.vllm.worker import WorkerSide
 from kvtier.core.config import ClientConfig
 from kvtier.core.errors import ConfigError, TierUnavailableError
@@ -263,6 +264,7 @@ class KVTierConnector(KVConnectorBase_V1):
                      fingerprint[:12], self.format_tag, chunk_tokens, block_size)
         else:
             self.worker = WorkerSide(link, self.model.layer_names, layout, block_size, chunk_tokens)
+        self._interval_stats = StatsRecorder()  # for vLLM's /metrics (get_kv_connector_stats)
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -278,6 +280,16 @@ class KVTierConnector(KVConnectorBase_V1):
         assert self.scheduler is not None
         block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
         self.scheduler.after_alloc(request, block_ids, num_external_tokens)
+        self._record_tokens(request, num_external_tokens)
+
+    def _record_tokens(self, request: Request, num_external_tokens: int) -> None:
+        """Hit tokens (from the store) and computed tokens (left for vLLM to prefill, after its
+        own prefix cache and the store) of a request being scheduled, for vLLM's /metrics."""
+        assert self.scheduler is not None
+        st = self.scheduler.reqs.get(request.request_id)
+        local = st.local_tokens if st is not None else 0
+        hit = max(num_external_tokens, 0)
+        self._interval_stats.add_tokens(hit, request.num_tokens - local - hit)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.scheduler is not None
@@ -365,6 +377,28 @@ class KVTierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         if self.worker is not None:
             self.worker.finish_step()
+
+    # -- stats for vLLM's /metrics (both roles) -------------------------------------------------
+    def get_kv_connector_stats(self) -> KVTierConnectorStats | None:
+        """This side's numbers since vLLM last asked: the scheduler's token counts, the worker's
+        per-request load and save times. vLLM merges both and feeds KVTierPromMetrics."""
+        if self.worker is not None:
+            ws = self.worker.stats
+            for seconds in ws.load_seconds:
+                self._interval_stats.add_load(seconds)
+            for seconds in ws.save_seconds:
+                self._interval_stats.add_save(seconds)
+            ws.load_seconds, ws.save_seconds = [], []
+        return self._interval_stats.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVTierConnectorStats | None:
+        return KVTierConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVTierPromMetrics:
+        return KVTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_failed_blocks() if self.worker is not None else set()

@@ -41,6 +41,7 @@ A failed chunk reports its block.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,9 @@ class WorkerStats:
     failed_chunks: int = 0
     saved_chunks: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
+    # per request, since vLLM last took them (get_kv_connector_stats): for vLLM's /metrics
+    load_seconds: list[float] = field(default_factory=list)
+    save_seconds: list[float] = field(default_factory=list)
 
 
 class WorkerSide:
@@ -110,6 +114,7 @@ class WorkerSide:
         self._saves: list[_Save] = []
         self._failed_blocks: set[int] = set()
         self.stats = WorkerStats()
+        self._loads_started = self._saves_started = 0.0  # perf_counter when the step's loads/saves began
 
     # -- setup ---------------------------------------------------------------------------
     def register(self, kv_caches: Mapping[str, Any], backend: str, num_blocks: int) -> None:
@@ -142,6 +147,7 @@ class WorkerSide:
         """
         if not self.plan.loads or self._loads:
             return
+        self._loads_started = time.perf_counter()
         if self.sub_block:
             self._start_staged_loads()
             return
@@ -262,6 +268,7 @@ class WorkerSide:
         failed = sum(1 for b in spec.block_ids if b in self._failed_blocks)  # a failed chunk fails its block
         self.stats.failed_chunks += failed
         self.stats.loaded_chunks += len(spec.block_ids) - failed
+        self.stats.load_seconds.append(time.perf_counter() - self._loads_started)
         if failed:
             log.warning("kvtier: load of %d of %d chunks failed for request %s; vLLM recomputes them",
                         failed, len(spec.block_ids), spec.req_id)
@@ -282,6 +289,7 @@ class WorkerSide:
         if adapter is None:
             return
         if not self._saves:
+            self._saves_started = time.perf_counter()
             client = self.link.client()
             for spec in self.plan.saves:
                 session = None
@@ -327,6 +335,7 @@ class WorkerSide:
                     continue
                 result = save.session.commit().wait()
                 self.stats.saved_chunks += result.in_memory
+                self.stats.save_seconds.append(time.perf_counter() - self._saves_started)
             except (ValueError, *STORE_ERRORS) as e:  # ValueError: a layer was never written
                 log.warning("kvtier: save of request %s not published: %s", save.spec.req_id, e)
                 if isinstance(e, STORE_ERRORS):
