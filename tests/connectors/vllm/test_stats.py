@@ -10,10 +10,12 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import REGISTRY
 
-from kvtier.connectors.vllm.connector import KVTierConnector
-from kvtier.connectors.vllm.stats import KVTierConnectorStats, StatsRecorder
+pytest.importorskip("vllm.distributed.kv_transfer.kv_connector.v1.base", reason="vllm is not installed")
 
-from .sim import FakeRequest, Sim
+from kvtier.connectors.vllm.connector import KVTierConnector  # noqa: E402
+from kvtier.connectors.vllm.stats import KVTierConnectorStats, StatsRecorder  # noqa: E402
+
+from .sim import FakeRequest, Sim  # noqa: E402
 
 PROMPT = list(range(100, 113))  # 13 tokens: 3 full chunks of 4 + 1
 
