@@ -71,6 +71,10 @@ def test_default_sockets_live_in_one_private_folder_per_user():
     assert shm.default_socket_path(TINY, CHUNK) == f"/tmp/kvtier-{uid}/vllm-{layout_hex}.sock"
     with pytest.raises(ValueError, match="chunk_tokens"):
         shm.default_socket_path(TINY)
+
+
+def test_the_vllm_connector_uses_the_same_default_socket_function():
+    pytest.importorskip("vllm.distributed.kv_transfer.kv_connector.v1.base", reason="vllm is not installed")
     from kvtier.connectors.vllm import connector
 
     assert connector.default_socket_path is shm.default_socket_path  # one function, no copy
@@ -222,6 +226,8 @@ def test_symlinks_planted_beside_the_socket_are_not_followed(shared, tmp_path):
         connect({"mode": "service", "socket_path": os.path.join(shared, "kv2.sock"), "auto_start": True,
                  "service_config": str(cfg_path)})
 
+    # the rest is the vLLM connector's service.json (its module imports vllm)
+    pytest.importorskip("vllm.distributed.kv_transfer.kv_connector.v1.base", reason="vllm is not installed")
     from kvtier.connectors.vllm.config import load_connector_config
     from kvtier.connectors.vllm.connector import write_service_config
 
