@@ -76,8 +76,24 @@ def test_router_follows_the_cache_within_the_load_cap():
     assert picks[0] == "b"
     assert router.max_load_share() <= 1.5 + 4 / 400  # one request of rounding at most
     assert picks.count("b") == max(picks.count(x) for x in "abcd")
-    fresh = CacheAwareRouter(KVIndex(block_size=4), ["a", "b", "c"])
-    assert [fresh.pick([42]) for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]  # nothing cached: round robin
+
+
+def test_a_cold_prefix_goes_to_its_sticky_instance_within_the_load_cap():
+    router = CacheAwareRouter(KVIndex(block_size=4), ["a", "b", "c", "d"], max_load_share=1.5)
+    home = router.sticky(42, router.instances)
+    assert router.sticky(42, router.instances) == home  # a pure function of the hash and the names
+    assert router.pick([42, 1]) == home and router.pick([42, 2]) != home  # 2 > 1.5 * 2 / 4: over the cap
+    loose = CacheAwareRouter(KVIndex(block_size=4), ["a", "b", "c", "d"], max_load_share=4.0)
+    assert [loose.pick([42, i]) for i in range(4)] == [home] * 4  # within the cap, always the same one
+    # different first blocks spread over every instance: the cold prefixes partition the caches
+    spread = CacheAwareRouter(KVIndex(block_size=4), ["a", "b", "c", "d"], max_load_share=4.0)
+    picks = [spread.pick([h]) for h in range(400)]
+    assert all(60 <= picks.count(x) <= 140 for x in "abcd")
+    # a cached prefix anywhere still wins over the sticky instance
+    index = KVIndex(block_size=4)
+    other = next(x for x in "abcd" if x != home)
+    index.apply(other, "kvtier", batch(stored([42], "CPU")))
+    assert CacheAwareRouter(index, list("abcd")).pick([42, 5]) == other
 
 
 def _wait_until(sub: EventSubscriber, want: int, timeout_s: float = 10.0) -> None:
