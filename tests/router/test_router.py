@@ -203,3 +203,14 @@ def test_ties_go_to_the_instance_that_churns_least():
     router = CacheAwareRouter(index, ["a", "b", "c"])
     assert router.pick([1, 7]) == "b"  # all hold block 1: the least written-to wins
     assert router.pick([1, 2]) == "a"  # a longer prefix beats churn
+
+
+def test_prompt_hashes_follow_what_events_named_parent_by_parent():
+    index = KVIndex(block_size=2)
+    index.apply("a", "vllm", batch(BlockStored([11, 12], None, [1, 2, 3, 4], 2, None, "GPU", None)))
+    index.apply("b", "vllm", batch(BlockStored([13], 12, [5, 6], 2, None, "GPU", None)))
+    assert index.prompt_hashes([1, 2, 3, 4, 5, 6, 7]) == [11, 12, 13]  # across instances, partial block ignored
+    assert index.prompt_hashes([1, 2, 9, 9, 5, 6]) == [11]  # a block nobody named ends it
+    assert index.prompt_hashes([3, 4]) == []  # the same tokens under another parent are another block
+    index.apply("c", "kvtier", batch(BlockStored([99], None, [], 2, None, "CPU", None)))  # no token_ids: nothing learnt
+    assert index.prompt_hashes([1, 2]) == [11]

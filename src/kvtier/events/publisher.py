@@ -122,7 +122,7 @@ class KVEventPublisher:
         self._attached.append((tier, on_change))
         keys = getattr(tier, "keys", None)
         if keys is not None:
-            plain = []
+            plain: list[int | bytes] = []
             for key in keys():
                 try:
                     section = tier.read_section(key, SECTION_BLOCK_HASHES, 0)
