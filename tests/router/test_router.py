@@ -76,8 +76,24 @@ def test_router_follows_the_cache_within_the_load_cap():
     assert picks[0] == "b"
     assert router.max_load_share() <= 1.5 + 4 / 400  # one request of rounding at most
     assert picks.count("b") == max(picks.count(x) for x in "abcd")
-    fresh = CacheAwareRouter(KVIndex(block_size=4), ["a", "b", "c"])
-    assert [fresh.pick([42]) for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]  # nothing cached: round robin
+
+
+def test_a_cold_prefix_goes_to_its_sticky_instance_within_the_load_cap():
+    router = CacheAwareRouter(KVIndex(block_size=4), ["a", "b", "c", "d"], max_load_share=1.5)
+    home = router.sticky(42, router.instances)
+    assert router.sticky(42, router.instances) == home  # a pure function of the hash and the names
+    assert router.pick([42, 1]) == home and router.pick([42, 2]) != home  # 2 > 1.5 * 2 / 4: over the cap
+    loose = CacheAwareRouter(KVIndex(block_size=4), ["a", "b", "c", "d"], max_load_share=4.0)
+    assert [loose.pick([42, i]) for i in range(4)] == [home] * 4  # within the cap, always the same one
+    # different first blocks spread over every instance: the cold prefixes partition the caches
+    spread = CacheAwareRouter(KVIndex(block_size=4), ["a", "b", "c", "d"], max_load_share=4.0)
+    picks = [spread.pick([h]) for h in range(400)]
+    assert all(60 <= picks.count(x) <= 140 for x in "abcd")
+    # a cached prefix anywhere still wins over the sticky instance
+    index = KVIndex(block_size=4)
+    other = next(x for x in "abcd" if x != home)
+    index.apply(other, "kvtier", batch(stored([42], "CPU")))
+    assert CacheAwareRouter(index, list("abcd")).pick([42, 5]) == other
 
 
 def _wait_until(sub: EventSubscriber, want: int, timeout_s: float = 10.0) -> None:
@@ -187,3 +203,14 @@ def test_ties_go_to_the_instance_that_churns_least():
     router = CacheAwareRouter(index, ["a", "b", "c"])
     assert router.pick([1, 7]) == "b"  # all hold block 1: the least written-to wins
     assert router.pick([1, 2]) == "a"  # a longer prefix beats churn
+
+
+def test_prompt_hashes_follow_what_events_named_parent_by_parent():
+    index = KVIndex(block_size=2)
+    index.apply("a", "vllm", batch(BlockStored([11, 12], None, [1, 2, 3, 4], 2, None, "GPU", None)))
+    index.apply("b", "vllm", batch(BlockStored([13], 12, [5, 6], 2, None, "GPU", None)))
+    assert index.prompt_hashes([1, 2, 3, 4, 5, 6, 7]) == [11, 12, 13]  # across instances, partial block ignored
+    assert index.prompt_hashes([1, 2, 9, 9, 5, 6]) == [11]  # a block nobody named ends it
+    assert index.prompt_hashes([3, 4]) == []  # the same tokens under another parent are another block
+    index.apply("c", "kvtier", batch(BlockStored([99], None, [], 2, None, "CPU", None)))  # no token_ids: nothing learnt
+    assert index.prompt_hashes([1, 2]) == [11]

@@ -22,7 +22,8 @@ the request is available somewhere: in the host's DRAM or in the shared tier), p
 - `cache_aware`: private DRAM as in `private`, no shared tier, but each request routed by
   kvtier.router: every host's DRAM reports what it gains and loses as KV events (BlockStored /
   BlockRemoved, medium CPU) into a KVIndex, and CacheAwareRouter sends the request to the host
-  with the longest cached prefix while keeping every host within 1.5x its fair share of requests;
+  with the longest cached prefix (a prefix cached nowhere: to its sticky host, by rendezvous hashing
+  of its first chunk) while keeping every host within 1.5x its fair share of requests;
   `max_load_share` is the busiest host's request count over that fair share.
 
 The DRAM tiers and the folder run the real policy objects (kvtier.tiers.policies), with the
@@ -443,7 +444,8 @@ def run_fleet_bench(
         "chunk_references": sum(len(r.hash_ids) for r in requests),
         "distinct_chunks": distinct,
         "routing": "round-robin",
-        "cache_aware_routing": "kvtier.router: longest cached prefix from the hosts' KV events, each host within 1.5x its fair share",
+        "cache_aware_routing": ("kvtier.router: longest cached prefix from the hosts' KV events (cached nowhere: the sticky "
+                                "host of the first chunk), each host within 1.5x its fair share"),
         "dram_policy": DRAM_POLICY,
         "folder_policy": FOLDER_POLICY,
         "redis_policy": "allkeys-lru: 5 samples, a pool of 16, a clock in seconds (redis_exact_lru: exact LRU)",

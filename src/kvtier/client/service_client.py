@@ -736,10 +736,13 @@ class _ServiceSave:
                     copy_memory(pool_addr + slot * c._chunk_bytes + layer * lb, buffer_address(view), lb)
         self._written.add(layer)
 
-    def commit(self) -> TransferHandle[SaveResult]:
+    def commit(self, extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None = None) -> TransferHandle[SaveResult]:
         c = self._client
         if self._done:
             raise ValueError("save batch already committed or aborted")
+        if extras is not None and len(extras) != len(self.keys):
+            self.abort()
+            raise ValueError(f"{len(self.keys)} keys but {len(extras)} extras")
         missing = c.layout.num_layers - len(self._written)
         if missing:
             self.abort()
@@ -749,7 +752,9 @@ class _ServiceSave:
             assert self._session is not None
             self._done = True
             try:
-                _s, r = c._request("commit", session=self._session, save=self._save_id)
+                fields: dict[str, Any] = {} if extras is None else {
+                    "extras": [[[kind, index, bytes(data)] for kind, index, data in chunk] for chunk in extras]}
+                _s, r = c._request("commit", session=self._session, save=self._save_id, **fields)
             except TierUnavailableError as e:
                 self._error = str(e)
             except p.ServiceError as e:

@@ -40,6 +40,7 @@ MAX_KEY_BYTES = 32
 SECTION_KV = 1  # one layer of KV payload; index = layer
 SECTION_SUMMARY = 2  # sparse-attention block summaries; index = layer
 SECTION_POSITIONS = 3  # RoPE positions for non-prefix reuse
+SECTION_BLOCK_HASHES = 4  # the engine's block hashes of the chunk's blocks (KV events); index 0
 
 _FIXED = struct.Struct("<8sHHI16sBBHIII32s32sQQ")
 _ENTRY = struct.Struct("<HHIQQQ")
@@ -163,3 +164,66 @@ def decode_header(data: bytes | bytearray | memoryview, file_bytes: int | None =
         raise CorruptChunkError(f"file has {file_bytes} bytes, header declares {total}")
     return ChunkHeader(layout_id, bytes(key[:key_len]), bytes(parent[:key_len]), depth, ntok,
                        tuple(sections), hdr, total)
+
+
+# -- SECTION_BLOCK_HASHES -------------------------------------------------------------------------
+# The engine's own hashes of the blocks a chunk holds (vLLM's, as its KV events publish them: a
+# 64-bit int, or bytes when vLLM publishes raw hashes), and the hash of the block before the
+# chunk's first (None at a prompt's start), so that kvtier's KV events name blocks the way the
+# engine's do. Layout (little-endian): version u8 (1), count u16, then count + 1 entries, the
+# parent first: tag u8 (0 none, 1 u64, 2 bytes), then a u64, or a u8 length and that many bytes.
+BlockHashValue = int | bytes
+_BH_VERSION = 1
+
+
+def encode_block_hashes(parent: BlockHashValue | None, hashes: list[BlockHashValue]) -> bytes:
+    """The SECTION_BLOCK_HASHES payload; ValueError for a hash that is neither a u64 nor <= 255 bytes."""
+    if not hashes or len(hashes) > 0xFFFF:
+        raise ValueError(f"block hashes: 1 to 65535 of them, got {len(hashes)}")
+    out = bytearray(struct.pack("<BH", _BH_VERSION, len(hashes)))
+    for i, h in enumerate([parent, *hashes]):
+        if h is None and i == 0:
+            out.append(0)
+        elif isinstance(h, bool) or not isinstance(h, (int, bytes)):
+            raise ValueError(f"block hash {i - 1 if i else 'parent'}: an int or bytes, got {type(h).__name__}")
+        elif isinstance(h, int):
+            if not 0 <= h < 1 << 64:
+                raise ValueError(f"block hash {i - 1 if i else 'parent'}: an int must fit in 64 bits, got {h}")
+            out += struct.pack("<BQ", 1, h)
+        else:
+            if len(h) > 255:
+                raise ValueError(f"block hash {i - 1 if i else 'parent'}: at most 255 bytes, got {len(h)}")
+            out += struct.pack("<BB", 2, len(h)) + h
+    return bytes(out)
+
+
+def decode_block_hashes(data: bytes | bytearray | memoryview) -> tuple[BlockHashValue | None, list[BlockHashValue]]:
+    """(parent, hashes) from a SECTION_BLOCK_HASHES payload; CorruptChunkError if it is not one."""
+    data = bytes(data)
+    try:
+        version, count = struct.unpack_from("<BH", data, 0)
+        if version != _BH_VERSION or count == 0:
+            raise CorruptChunkError(f"block hashes section: version {version}, {count} hashes")
+        at = 3
+        values: list[BlockHashValue | None] = []
+        for _ in range(count + 1):
+            tag = data[at]
+            at += 1
+            if tag == 0 and not values:
+                values.append(None)
+            elif tag == 1:
+                values.append(struct.unpack_from("<Q", data, at)[0])
+                at += 8
+            elif tag == 2:
+                n = data[at]
+                if at + 1 + n > len(data):
+                    raise CorruptChunkError("block hashes section: truncated")
+                values.append(data[at + 1:at + 1 + n])
+                at += 1 + n
+            else:
+                raise CorruptChunkError(f"block hashes section: bad tag {tag}")
+    except (struct.error, IndexError) as e:
+        raise CorruptChunkError("block hashes section: truncated") from e
+    if at != len(data):
+        raise CorruptChunkError(f"block hashes section: {len(data) - at} trailing bytes")
+    return values[0], [v for v in values[1:] if v is not None]

@@ -30,7 +30,8 @@ from typing import Any
 
 import zmq
 
-from kvtier.core.errors import KVTierError
+from kvtier.core.codec import SECTION_BLOCK_HASHES, decode_block_hashes
+from kvtier.core.errors import CorruptChunkError, KVTierError
 from kvtier.events.config import EventsConfig
 from kvtier.events.wire import (
     MEDIUM_CPU,
@@ -45,6 +46,7 @@ from kvtier.events.wire import (
 from kvtier.tiers.base import Tier, TierChange
 
 _log = logging.getLogger(__name__)
+BlockHash = int | bytes
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 _STOP = object()
 
@@ -71,7 +73,7 @@ class KVEventPublisher:
         self._enqueued = 0
         self._sent = 0
         self.stats = {"batches": 0, "events": 0, "dropped_queue_full": 0, "replay_requests": 0,
-                      "replay_bad_requests": 0, "send_errors": 0}
+                      "replay_bad_requests": 0, "send_errors": 0, "bad_block_hashes": 0}
         self._pub = self._bind(zmq.PUB, config.endpoint, "endpoint")
         self._replay = None
         if config.replay_endpoint is not None:
@@ -110,17 +112,29 @@ class KVEventPublisher:
         """Publish `tier`'s changes from now on, after a BlockStored for each chunk it holds now."""
         medium = medium or medium_of(tier)
         block_size = tier.chunk_tokens
+        held_hashes: dict[bytes, list[BlockHash]] = {}  # key -> the engine hashes published for it
 
         def on_change(change: TierChange) -> None:
-            self._put(self._event_of(change, medium, block_size))
+            for event in self._events_of(change, medium, block_size, held_hashes):
+                self._put(event)
 
         tier.add_observer(on_change)
         self._attached.append((tier, on_change))
         keys = getattr(tier, "keys", None)
         if keys is not None:
-            held = keys()
-            if held:
-                self._put(BlockStored([block_hash_of(k) for k in held], None, [], block_size, None, medium, None))
+            plain: list[int | bytes] = []
+            for key in keys():
+                try:
+                    section = tier.read_section(key, SECTION_BLOCK_HASHES, 0)
+                except Exception:  # a chunk unreadable now is published under its key; a load will drop it
+                    section = None
+                if section is None:
+                    plain.append(block_hash_of(key))
+                    continue
+                for event in self._stored_events(key, section, None, medium, block_size, held_hashes):
+                    self._put(event)
+            if plain:
+                self._put(BlockStored(plain, None, [], block_size, None, medium, None))
 
     def attach_store(self, store: Any) -> None:
         """Attach every tier of a TieredStore (DRAM, disk, the lower tiers)."""
@@ -131,13 +145,46 @@ class KVEventPublisher:
         """AllBlocksCleared: subscribers drop everything they know of this publisher."""
         self._put(AllBlocksCleared())
 
-    @staticmethod
-    def _event_of(change: TierChange, medium: str, block_size: int) -> KVEvent:
+    def _events_of(self, change: TierChange, medium: str, block_size: int,
+                   held_hashes: dict[bytes, list[BlockHash]]) -> list[KVEvent]:
+        """A tier change as events. A chunk stored with SECTION_BLOCK_HASHES (saved through the
+        vLLM connector) is published under the engine's block hashes, one BlockStored per block
+        (a chunk of several blocks fans out), and its removal as one BlockRemoved per block;
+        any other chunk under `block_hash_of(key)`."""
         if change.kind == "stored":
             meta = change.meta
-            parent = block_hash_of(meta.parent) if meta is not None and meta.depth > 0 else None
-            return BlockStored([block_hash_of(change.key)], parent, [], block_size, None, medium, None)
-        return BlockRemoved([block_hash_of(change.key)], medium)
+            section = None
+            if meta is not None:
+                section = next((data for kind, index, data in meta.extras
+                                if kind == SECTION_BLOCK_HASHES and index == 0), None)
+            parent_key = meta.parent if meta is not None and meta.depth > 0 else None
+            return self._stored_events(change.key, section, parent_key, medium, block_size, held_hashes)
+        hashes = held_hashes.pop(change.key, None)
+        if hashes is None:
+            return [BlockRemoved([block_hash_of(change.key)], medium)]
+        return [BlockRemoved([h], medium) for h in hashes]
+
+    def _stored_events(self, key: bytes, section: bytes | None, parent_key: bytes | None, medium: str,
+                       block_size: int, held_hashes: dict[bytes, list[BlockHash]]) -> list[KVEvent]:
+        if section is not None:
+            try:
+                parent, hashes = decode_block_hashes(section)
+                if block_size % len(hashes):
+                    raise CorruptChunkError(f"{len(hashes)} block hashes for a chunk of {block_size} tokens")
+            except CorruptChunkError as e:
+                self.stats["bad_block_hashes"] += 1
+                _log.warning("kv events: chunk %s: its block hashes section is unusable (%s); "
+                             "published under its key", key.hex()[:16], e)
+            else:
+                held_hashes[key] = hashes
+                per_block = block_size // len(hashes)
+                events: list[KVEvent] = []
+                for h in hashes:
+                    events.append(BlockStored([h], parent, [], per_block, None, medium, None))
+                    parent = h
+                return events
+        parent_hash = block_hash_of(parent_key) if parent_key is not None else None
+        return [BlockStored([block_hash_of(key)], parent_hash, [], block_size, None, medium, None)]
 
     def _put(self, event: KVEvent) -> None:
         if self._closed:

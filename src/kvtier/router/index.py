@@ -4,6 +4,7 @@
     index.clear(instance, source)         forget what one publisher told us (a restart, a lost gap)
     index.score(instance, hashes)         the weighted length of the longest cached prefix
     index.blocks(instance, medium)        the set of hashes held there (tests compare it exactly)
+    index.prompt_hashes(tokens)           a prompt's block hashes, as the events' token_ids named them
 
 An instance (one vLLM engine, the unit a request is routed to) may have several sources: vLLM's
 own publisher (medium GPU) and kvtier's (CPU, STORAGE). Each source's view is kept apart, so an
@@ -63,6 +64,8 @@ class KVIndex:
         self.stats = IndexStats()
         self._views: dict[str, dict[str, _SourceView]] = {}  # instance -> source -> view
         self._churn: dict[str, int] = {}  # instance -> blocks it has stored, all media, all time
+        self._named: dict[tuple[BlockHash | None, tuple[int, ...]], BlockHash] = {}  # (parent, tokens) -> hash
+        self.max_named = 1_000_000
 
     # -- folding events -----------------------------------------------------------------
     def apply(self, instance: str, source: str, batch: KVEventBatch) -> None:
@@ -74,6 +77,7 @@ class KVIndex:
                     continue
                 held = view.by_medium.setdefault(event.medium or MEDIUM_GPU, set())
                 held.update(event.block_hashes)
+                self._learn(event)
                 self.stats.stored += len(event.block_hashes)
                 self._churn[instance] = self._churn.get(instance, 0) + len(event.block_hashes)
             elif isinstance(event, BlockRemoved):
@@ -84,6 +88,34 @@ class KVIndex:
             elif isinstance(event, AllBlocksCleared):
                 view.by_medium.clear()
                 self.stats.cleared += 1
+
+    def _learn(self, event: BlockStored) -> None:
+        """Remember which hash each (parent hash, block tokens) got, from events that carry
+        token_ids (vLLM's own, and the connector's take_events): prompt_hashes then names a
+        prompt's blocks as the engines do, without the router re-implementing their hash."""
+        tokens, bs = event.token_ids, self.block_size
+        if not tokens or len(tokens) != len(event.block_hashes) * bs:
+            return
+        parent = event.parent_block_hash
+        for i, h in enumerate(event.block_hashes):
+            if len(self._named) >= self.max_named:
+                self._named.clear()  # a bound on memory: forget and relearn from new events
+            self._named[(parent, tuple(tokens[i * bs:(i + 1) * bs]))] = h
+            parent = h
+
+    def prompt_hashes(self, tokens: Sequence[int]) -> list[BlockHash]:
+        """The block hashes of the longest prefix of `tokens` whose blocks some event has named
+        (parent by parent, from the first block); a block no event named ends it."""
+        out: list[BlockHash] = []
+        parent: BlockHash | None = None
+        bs = self.block_size
+        for start in range(0, len(tokens) - bs + 1, bs):
+            h = self._named.get((parent, tuple(tokens[start:start + bs])))
+            if h is None:
+                break
+            out.append(h)
+            parent = h
+        return out
 
     def _foreign(self, instance: str, source: str, view: _SourceView, event: BlockStored) -> bool:
         if event.block_size != self.block_size:

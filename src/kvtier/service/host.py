@@ -398,9 +398,14 @@ class StoreHost:
                                          self._clock() + hold)
         return Allocation(save_id, slots, granted, hold)
 
-    def commit(self, owner: OwnerId, save_id: int) -> tuple[SaveResult, TransferHandle[SaveResult]]:
-        """Publish a filled allocation in chain order; the disk write is queued, not awaited."""
+    def commit(self, owner: OwnerId, save_id: int,
+               extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None = None) -> tuple[SaveResult, TransferHandle[SaveResult]]:
+        """Publish a filled allocation in chain order; the disk write is queued, not awaited.
+        `extras[i]`: optional sections stored with chunk i (its engine block hashes, ...)."""
         save = self._take_save(owner, save_id)
+        if extras is not None and len(extras) != len(save.keys):
+            self._abort_save(save)
+            raise ServiceError("invalid", f"commit: {len(save.keys)} chunks but {len(extras)} extras")
         mem, disk = self.memory, self.store.disk
         layers = range(self.store.layout.num_layers)
         metas: list[ChunkMeta] = []
@@ -412,7 +417,7 @@ class StoreHost:
                 if res is not None:
                     res.filled.update(layers)
                     meta = ChunkMeta(key, prev, save.first_depth + i, self.store.chunk_tokens,
-                                     mem.layer_checksums(res))
+                                     mem.layer_checksums(res), extras[i] if extras is not None else ())
                     # pinned as it is published, until its disk write lands: an allocation or
                     # promotion on another thread must not evict it while later chunks are
                     # still being checksummed (it would then never reach the disk tier)

@@ -14,7 +14,9 @@ Ops (fields -> reply fields), every key list is one message for many chunks:
     load_end    load, corrupt: [index]              -> {}   (error "unknown_load" once its hold expired)
     allocate    keys, parent, first_depth, hold_s,  -> save, slots (-1 = already stored), granted, hold_s
                 wait_s (longest wait for free slots)
-    commit      save                                -> chunks, in_memory, on_disk, errors
+    commit      save, extras (optional: per chunk,  -> chunks, in_memory, on_disk, errors
+                a list of [kind, index, bytes]
+                sections stored beside its KV)
     abort       save                                -> {}
     flush       {}                                  -> errors (this client's failed disk writes)
     stats       {}                                  -> the service's stats dict
@@ -242,3 +244,29 @@ def get_float(msg: dict[str, Any], name: str, default: float) -> float:
 def error_reply(req_id: Any, kind: str, message: str) -> dict[str, Any]:
     return {"id": req_id if isinstance(req_id, int) and not isinstance(req_id, bool) else 0,
             "ok": False, "kind": kind, "error": message}
+
+
+MAX_EXTRA_SECTIONS = 16  # optional sections one chunk may carry in a commit
+
+
+def get_extras(msg: dict[str, Any], name: str = "extras") -> list[tuple[tuple[int, int, bytes], ...]] | None:
+    """A commit's optional per-chunk sections: None when absent; ProtocolError when malformed
+    (the host checks there is one entry per chunk)."""
+    value = msg.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ProtocolError(f"field {name!r} must be a list of section lists, one per chunk")
+    out = []
+    for i, sections in enumerate(value):
+        if not isinstance(sections, list) or len(sections) > MAX_EXTRA_SECTIONS:
+            raise ProtocolError(f"field {name!r}[{i}] must be a list of at most {MAX_EXTRA_SECTIONS} sections")
+        chunk = []
+        for section in sections:
+            if (not isinstance(section, list) or len(section) != 3 or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 0xFFFF for x in section[:2])
+                    or not isinstance(section[2], bytes) or section[0] == 1):  # 1: SECTION_KV, never an extra
+                raise ProtocolError(f"field {name!r}[{i}]: each section is [kind (not 1), index, bytes]")
+            chunk.append((section[0], section[1], section[2]))
+        out.append(tuple(chunk))
+    return out

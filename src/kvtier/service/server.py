@@ -122,6 +122,7 @@ class StoreServer:
         self.store: TieredStore | None = None
         self.host: StoreHost | None = None
         self.metrics_port: int | None = None
+        self.events: Any = None  # a KVEventPublisher when config.events is set
         self._stopping = threading.Event()
         self._conns: dict[int, socket.socket] = {}
         self._conn_threads: dict[int, threading.Thread] = {}
@@ -201,6 +202,11 @@ class StoreServer:
         self.store.metrics.add_collector(self._service_gauges)
         if cfg.metrics_port:  # before the socket: a port in use fails the start, naming it
             self.metrics_port = self.store.metrics.serve(cfg.metrics_port, cfg.metrics_host)
+        if cfg.events is not None:  # the service's tiers' KV events, published once for every client
+            from kvtier.events.publisher import KVEventPublisher
+
+            self.events = KVEventPublisher(cfg.events_config())  # a taken port fails the start, naming it
+            self.events.attach_store(self.store)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
         if self.gid is not None:
@@ -250,6 +256,10 @@ class StoreServer:
             self.host.close()
         if self.store is not None:
             self.store.close()  # flushes pending disk writes
+        if self.events is not None:
+            self.events.flush(1.0)  # what the last disk writes stored, then the sockets close
+            self.events.close()
+            self.events = None
         if self._mm is not None:
             try:
                 os.unlink(self.shm_path)
@@ -428,7 +438,8 @@ class StoreServer:
         assert self.host is not None
         save_id = p.get_int(msg, "save")
         assert save_id is not None
-        result, _disk_write = self.host.commit(owner, save_id)  # disk write continues in the background
+        extras = p.get_extras(msg)
+        result, _disk_write = self.host.commit(owner, save_id, extras)  # disk write continues in the background
         # failed disk writes of this client's earlier saves, which finished since it last asked
         errors = list(result.errors) + self.host.take_disk_errors(owner)
         return {"chunks": result.chunks, "in_memory": result.in_memory, "on_disk": result.on_disk,

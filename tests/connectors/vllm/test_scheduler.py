@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -340,3 +341,31 @@ def test_two_requests_sharing_a_prefix_in_one_batch() -> None:
     assert sim.admit(c) == 12 and sim.admit(d) == 12
     sim.step({c: 1, d: 1})
     assert all(sim.block_is_right(r, k) for r in (c, d) for k in range(3))
+
+
+def test_saved_chunks_carry_vllms_block_hashes_and_are_reported_once() -> None:
+    from kvtier.core.codec import SECTION_BLOCK_HASHES, decode_block_hashes
+
+    sim = Sim()
+    sim.sched.convert_hash = lambda h: int.from_bytes(h, "big") & (2**64 - 1)  # vLLM's int form
+    a = FakeRequest("a", PROMPT)
+    a.block_hashes = [hashlib.sha256(repr(PROMPT[:(i + 1) * BLOCK]).encode()).digest()  # type: ignore[attr-defined]
+                      for i in range(len(PROMPT) // BLOCK)]
+    want = [sim.sched.convert_hash(h) for h in a.block_hashes]  # type: ignore[attr-defined]
+    run_prefill(sim, a)
+    (save,) = sim.plans[0].saves
+    assert save.block_hashes is not None
+    assert [decode_block_hashes(d) for d in save.block_hashes] == [
+        (None, [want[0]]), (want[0], [want[1]]), (want[1], [want[2]])]
+    store = sim.client.store
+    for key, data in zip(save.keys, save.block_hashes, strict=True):
+        assert store.read_section(key, SECTION_BLOCK_HASHES, 0) == data  # stored beside the chunk
+    blocks = sim.sched.take_saved_blocks()
+    assert [(b.block_hash, b.parent, b.token_ids) for b in blocks] == [
+        (want[i], want[i - 1] if i else None, PROMPT[i * BLOCK:(i + 1) * BLOCK]) for i in range(3)]
+    assert sim.sched.take_saved_blocks() == []  # taken once
+    b = FakeRequest("b", PROMPT)  # no block_hashes (not a vLLM request): saved without the section
+    sim2 = Sim()
+    sim2.sched.convert_hash = sim.sched.convert_hash
+    run_prefill(sim2, b)
+    assert sim2.plans[0].saves[0].block_hashes is None and sim2.sched.take_saved_blocks() == []

@@ -40,6 +40,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,7 @@ from kvtier.service.shm import default_socket_path, open_beside, prepare_socket_
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -260,6 +262,11 @@ class KVTierConnector(KVConnectorBase_V1):
                                            load=ktc.is_kv_consumer, save=ktc.is_kv_producer, block_size=block_size,
                                            partial_chunks=cfg.partial_chunks, identity=identity,
                                            remote_wait_s=cfg.remote_wait_s)
+            from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+            # chunks saved by this instance carry vLLM's block hashes (as its KV events publish
+            # them): the service's events then name blocks as vLLM's own do
+            self.scheduler.convert_hash = maybe_convert_block_hash
             log.info("kvtier connector (scheduler) ready: model %s..., format %s, chunk %d tokens, block %d tokens",
                      fingerprint[:12], self.format_tag, chunk_tokens, block_size)
         else:
@@ -399,6 +406,22 @@ class KVTierConnector(KVConnectorBase_V1):
     def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
                            per_engine_labelvalues: dict[int, list[object]]) -> KVTierPromMetrics:
         return KVTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """BlockStored (medium CPU) for each block this instance saved into the store since the
+        last call, under vLLM's block hashes: vLLM's own publisher carries them. Only this
+        instance's saves: the service publishes its tiers' events (evictions too) once, on its
+        own socket (service `events`), for every instance sharing it. A save is reported when it
+        is planned (the worker copies it within the same step); one the store then refuses (DRAM
+        full, the service down) is reported all the same, and never removed from this stream."""
+        if self.scheduler is None:
+            return ()
+        from vllm.distributed.kv_events import BlockStored
+
+        return [BlockStored(block_hashes=[b.block_hash], parent_block_hash=b.parent, token_ids=b.token_ids,
+                            block_size=self.chunk_tokens, lora_id=None, medium="CPU",
+                            lora_name=b.lora_name or None)
+                for b in self.scheduler.take_saved_blocks()]
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_failed_blocks() if self.worker is not None else set()

@@ -38,6 +38,10 @@ class SaveSpec:
     parent: bytes
     first_depth: int
     last_valid: int = 0
+    # per chunk, its SECTION_BLOCK_HASHES payload (vLLM's block hash of the chunk's block and of
+    # the block before it), stored beside the chunk so kvtier's KV events carry vLLM's hashes;
+    # None where vLLM's hashes are not known (sub-block chunks, a partial chunk)
+    block_hashes: list[bytes] | None = None
 
 
 @dataclass(slots=True)

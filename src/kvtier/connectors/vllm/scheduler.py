@@ -53,6 +53,7 @@ from kvtier.client.api import StoreClient
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.pd import Handoff, HandoffError, Identity, asks_for_handoff
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
+from kvtier.core.codec import encode_block_hashes
 from kvtier.core.errors import KVTierError
 from kvtier.core.keys import KeyChain
 from kvtier.service.protocol import LeaseError
@@ -106,6 +107,16 @@ def keyable(request: Any) -> bool:
     return not getattr(request, "mm_features", None)
 
 
+@dataclass(slots=True, frozen=True)
+class SavedBlock:
+    """One vLLM block this instance saved into the store (a BlockStored for take_events)."""
+
+    block_hash: int | bytes
+    parent: int | bytes | None
+    token_ids: list[int]
+    lora_name: str
+
+
 class SchedulerSide:
     def __init__(self, link: StoreLink, root_for: RootFor, chunk_tokens: int, hash_mode: str,
                  save_decode: bool = False, *, load: bool = True, save: bool = True,
@@ -133,6 +144,10 @@ class SchedulerSide:
         self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0,
                       "saved_partial_chunks": 0, "store_errors": 0, "handoffs_made": 0, "handoffs_received": 0,
                       "handoffs_rejected": 0, "handoff_timeouts": 0, "handoff_wait_polls": 0}
+        # vLLM's block hash -> the int or bytes its KV events publish (maybe_convert_block_hash);
+        # None: chunks are saved without SECTION_BLOCK_HASHES (their events carry kvtier's keys)
+        self.convert_hash: Callable[[Any], int | bytes] | None = None
+        self.saved_blocks: list[SavedBlock] = []
         self.loaded_by_tier: dict[str, int] = {}  # chunks planned for loading, by the tier that held them
         self.loaded_tokens_by_tier: dict[str, int] = {}  # the tokens those chunks count for
 
@@ -359,12 +374,37 @@ class SchedulerSide:
                 keys = st.chain.keys
                 parent = keys[first - 1] if first else st.chain.root
                 block_ids, offsets = self._places(blocks, first, done)
-                plan.saves.append(SaveSpec(req_id, list(keys[first:done]), block_ids, offsets, parent, first))
+                plan.saves.append(SaveSpec(req_id, list(keys[first:done]), block_ids, offsets, parent, first,
+                                           block_hashes=self._block_hash_sections(st, first, done)))
                 self.stats["saved_chunks"] += done - first
                 st.stored_upto = done
             if partial:
                 self._save_partial(st, plan, blocks)
         return plan
+
+    def _block_hash_sections(self, st: _ReqState, first: int, done: int) -> list[bytes] | None:
+        """SECTION_BLOCK_HASHES payloads of chunks [first, done) from vLLM's hashes of the request's
+        blocks (`request.block_hashes`, as its KV events publish them: `convert_hash`), and record
+        them for take_events; None when a chunk is not one whole block or the hashes are missing."""
+        hashes = getattr(st.request, "block_hashes", None)
+        if self.chunks_per_block != 1 or self.convert_hash is None or hashes is None or len(hashes) < done:
+            return None
+        convert = self.convert_hash
+        out = []
+        parent = convert(hashes[first - 1]) if first else None
+        tokens = st.request.all_token_ids if self.save_decode else st.request.prompt_token_ids
+        c = self.chunk_tokens
+        for i in range(first, done):
+            h = convert(hashes[i])
+            out.append(encode_block_hashes(parent, [h]))
+            self.saved_blocks.append(SavedBlock(h, parent, list(tokens[i * c:(i + 1) * c]), lora_name(st.request)))
+            parent = h
+        return out
+
+    def take_saved_blocks(self) -> list[SavedBlock]:
+        """The blocks this instance saved since the last call (for the connector's take_events)."""
+        out, self.saved_blocks = self.saved_blocks, []
+        return out
 
     def _save_partial(self, st: _ReqState, plan: StepPlan, blocks: Sequence[int]) -> None:
         """Save the prompt's partial last chunk once the prompt is computed and its parent is saved."""

@@ -52,6 +52,7 @@ from kvtier.client.api import LayeredLoad, SaveSession, WholeLoad
 from kvtier.connectors.vllm.layouts import BlockAdapter, UnsupportedLayoutError, make_adapter
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
+from kvtier.core.codec import SECTION_BLOCK_HASHES
 from kvtier.core.errors import KVTierError
 from kvtier.core.layout import KVLayout
 from kvtier.service.protocol import LeaseError
@@ -333,7 +334,9 @@ class WorkerSide:
                 if save.failed:
                     save.session.abort()
                     continue
-                result = save.session.commit().wait()
+                sections = save.spec.block_hashes
+                extras = None if sections is None else [((SECTION_BLOCK_HASHES, 0, data),) for data in sections]
+                result = save.session.commit(extras).wait()
                 self.stats.saved_chunks += result.in_memory
                 self.stats.save_seconds.append(time.perf_counter() - self._saves_started)
             except (ValueError, *STORE_ERRORS) as e:  # ValueError: a layer was never written

@@ -1,0 +1,216 @@
+"""Cache-aware routing proxy: each request goes to the vLLM instance that holds its prefix.
+
+    python -m kvtier.proxy.routing --block-size 16 --port 8000 \\
+        --instance http://10.0.0.1:8100=tcp://10.0.0.1:5557 \\
+        --instance http://10.0.0.2:8100=tcp://10.0.0.2:5557=tcp://10.0.0.2:5558
+
+Each `--instance URL=EVENTS[=REPLAY]` names an OpenAI-compatible vLLM instance and the ZMQ
+endpoint of its KV events (vLLM's `--kv-events-config`: its own GPU blocks, and through kvtier's
+connector `take_events()` the blocks it saved into kvtier), with the replay endpoint if any.
+kvtier.router folds them (KVIndex, one EventSubscriber per instance) and CacheAwareRouter picks
+the instance for each POST /v1/completions or /v1/chat/completions: the longest cached prefix,
+every instance kept within `max_load_share` (1.5) times its fair share of requests. The
+prompt's block hashes are those the events named for its tokens (KVIndex.prompt_hashes: events
+carry token_ids), so the router needs no copy of vLLM's hash function; a prompt given as text,
+or one no event named, scores 0 everywhere and goes to its sticky (or least-loaded) instance.
+GET /routing returns the per-instance request counts and the index's counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from kvtier.core.config import check_fields, number_field
+from kvtier.core.errors import ConfigError
+from kvtier.proxy.server import HOP_HEADERS, ROUTES, _read_request, backend_url, error_response
+from kvtier.router import CacheAwareRouter, EventSubscriber, KVIndex
+
+log = logging.getLogger("kvtier.proxy.routing")
+
+
+@dataclass(slots=True, frozen=True)
+class RoutedInstance:
+    url: str
+    events: str
+    replay: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class RoutingConfig:
+    instances: tuple[RoutedInstance, ...]
+    block_size: int = number_field(16, low=1)
+    max_load_share: float = number_field(1.5, low=1.0)
+    poll_interval_s: float = number_field(0.005, low=0, low_open=True)
+    connect_timeout_s: float = number_field(5.0, low=0, low_open=True)
+    read_timeout_s: float = number_field(600.0, low=0, low_open=True)
+    weights: dict[str, float] = field(default_factory=lambda: {"GPU": 1.0, "CPU": 0.8, "STORAGE": 0.5})
+
+    def __post_init__(self) -> None:
+        check_fields(self, "routing")
+        if not self.instances:
+            raise ConfigError("routing: name at least one --instance URL=EVENTS")
+        urls = [backend_url(i.url, "--instance") for i in self.instances]
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"routing: instances must be distinct, got {urls}")
+        object.__setattr__(self, "instances", tuple(RoutedInstance(u, i.events, i.replay)
+                                                      for u, i in zip(urls, self.instances, strict=True)))
+
+
+def parse_instance(value: str) -> RoutedInstance:
+    """URL=EVENTS[=REPLAY]; ConfigError naming what is wrong."""
+    parts = value.split("=")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"--instance: expected URL=EVENTS[=REPLAY] (e.g. http://h:8100=tcp://h:5557), got {value!r}")
+    for endpoint in parts[1:]:
+        if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"--instance {value!r}: {endpoint!r} is not a ZMQ endpoint (tcp://, ipc://)")
+    return RoutedInstance(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+
+def prompt_tokens(body: dict[str, Any]) -> list[int]:
+    """The prompt's token ids when it is given as ids (a list of ints, or a batch of one); else []."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    return []
+
+
+class Router:
+    """The index, its subscribers and the router, driven from the proxy's event loop."""
+
+    def __init__(self, cfg: RoutingConfig) -> None:
+        self.cfg = cfg
+        self.index = KVIndex(cfg.block_size, cfg.weights)
+        names = [i.url for i in cfg.instances]
+        self.router = CacheAwareRouter(self.index, names, cfg.max_load_share)
+        self.subscribers = [EventSubscriber(self.index, i.url, i.events, replay=i.replay, source="vllm")
+                            for i in cfg.instances]
+        self.routed_hit_blocks = 0
+
+    def poll(self) -> None:
+        for sub in self.subscribers:
+            sub.poll(0)
+
+    def pick(self, tokens: Sequence[int]) -> str:
+        self.poll()
+        hashes = self.index.prompt_hashes(tokens)
+        url = self.router.pick(hashes)
+        self.routed_hit_blocks += int(self.index.score(url, hashes) > 0)
+        return url
+
+    def stats(self) -> dict[str, Any]:
+        ix = self.index.stats
+        return {"requests": dict(self.router.loads), "max_load_share": self.router.max_load_share(),
+                "index": {"batches": ix.batches, "stored": ix.stored, "removed": ix.removed,
+                          "foreign_block_size": ix.foreign_block_size, "foreign_hash": ix.foreign_hash},
+                "subscribers": {s.instance: {"applied": s.stats.applied, "gaps": s.stats.gaps,
+                                             "unrecovered_gaps": s.stats.unrecovered_gaps,
+                                             "bad_messages": s.stats.bad_messages} for s in self.subscribers},
+                "requests_sent_to_a_cached_prefix": self.routed_hit_blocks}
+
+    def close(self) -> None:
+        for sub in self.subscribers:
+            sub.close()
+
+
+ROUTER_KEY = web.AppKey("router", Router)
+SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
+
+
+async def _forward(request: web.Request, base: str, body: dict[str, Any]) -> web.StreamResponse:
+    url = base + request.path
+    try:
+        async with request.app[SESSION_KEY].post(url, json=body) as resp:
+            out = web.StreamResponse(status=resp.status, reason=resp.reason)
+            for name, value in resp.headers.items():
+                if name.lower() not in HOP_HEADERS:
+                    out.headers[name] = value
+            out.headers["X-KVTier-Instance"] = base
+            await out.prepare(request)
+            async for piece in resp.content.iter_any():
+                await out.write(piece)
+            await out.write_eof()
+            return out
+    except aiohttp.ClientConnectorError as e:
+        return error_response(503, f"the instance {base} is unreachable: {e}", "service_unavailable")
+    except asyncio.TimeoutError:
+        return error_response(504, f"the instance {base} did not answer within its timeout", "timeout")
+    except aiohttp.ClientError as e:
+        return error_response(502, f"the instance {base} failed: {type(e).__name__}: {e}", "bad_gateway")
+
+
+async def handle_routed(request: web.Request) -> web.StreamResponse:
+    body = await _read_request(request)
+    if isinstance(body, web.Response):
+        return body
+    return await _forward(request, request.app[ROUTER_KEY].pick(prompt_tokens(body)), body)
+
+
+async def handle_routing_stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ROUTER_KEY].stats())
+
+
+def make_routing_app(cfg: RoutingConfig) -> web.Application:
+    app = web.Application()
+
+    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        router = Router(cfg)
+        app[ROUTER_KEY] = router
+
+        async def keep_polling() -> None:
+            while True:
+                router.poll()
+                await asyncio.sleep(cfg.poll_interval_s)
+
+        poller = asyncio.create_task(keep_polling())
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                app[SESSION_KEY] = session
+                yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            router.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    for path in ROUTES:
+        app.router.add_post(path, handle_routed)
+    app.router.add_get("/routing", handle_routing_stats)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvtier.proxy.routing", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--instance", action="append", required=True, help="URL=EVENTS[=REPLAY], once per instance")
+    ap.add_argument("--block-size", type=int, default=16, help="vLLM's --block-size (the events' block_size)")
+    ap.add_argument("--max-load-share", type=float, default=1.5)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    args = ap.parse_args(argv)
+    try:
+        cfg = RoutingConfig(tuple(parse_instance(v) for v in args.instance), block_size=args.block_size,
+                            max_load_share=args.max_load_share)
+    except ConfigError as e:
+        print(f"kvtier proxy: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO)
+    web.run_app(make_routing_app(cfg), host=args.host, port=args.port, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
