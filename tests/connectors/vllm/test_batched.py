@@ -9,11 +9,15 @@ copy_engine.SideStream; the CUDA run is scripts/gpu_check.sh.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 from kvtier.client.api import InProcessClient
+from kvtier.connectors.copy_engine import SaveCopies, SideStream
 from kvtier.connectors.vllm.layouts import ADAPTERS, SplitLastAdapter
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
@@ -226,5 +230,78 @@ def test_partial_last_chunk_is_saved_with_zeros_after_its_tokens() -> None:
         for n in names:
             assert torch.equal(dst[n][0], src[n][6])
             assert torch.equal(dst[n][1][:, :3], src[n][7][:, :3]) and dst[n][1][:, 3:].count_nonzero() == 0
+    finally:
+        client.close()
+
+
+class GateEvent:
+    """A copy's event that completes when the test says so (or fails like a CUDA error)."""
+
+    def __init__(self, gate: threading.Event, error: str | None = None) -> None:
+        self.gate, self.error = gate, error
+
+    def synchronize(self) -> None:
+        assert self.gate.wait(10)
+        if self.error:
+            raise RuntimeError(self.error)
+
+
+class GatedStream(SideStream):
+    """The CPU SideStream, except that its events complete only when the gate opens."""
+
+    def __init__(self, gate: threading.Event, error: str | None = None) -> None:
+        super().__init__("cpu")
+        self.gate, self.error = gate, error
+
+    def run(self, fn: Any, after_compute: bool = False) -> tuple[Any, Any]:
+        return fn(), GateEvent(self.gate, self.error)
+
+
+def threaded_saver(client: InProcessClient, src: dict[str, torch.Tensor], lay: KVLayout, gate: threading.Event,
+                   error: str | None = None) -> WorkerSide:
+    """A worker whose saves run as on CUDA: writes and commit on the copy thread, after the copy event."""
+    saver = worker_for(client, "FLASH_ATTN", src, lay)
+    saver._save_stream = GatedStream(gate, error)
+    saver._save_copies = SaveCopies("cpu", threaded=True)
+    return saver
+
+
+def test_chunks_are_published_only_once_their_copies_complete_and_the_forward_does_not_wait() -> None:
+    lay = layout("float32")
+    src = dict(zip(["l0", "l1"], random_views(lay, ORDERS["LBNHC"], seed=10), strict=True))
+    client = make_client(lay)
+    try:
+        root = client.namespace("batched-test").root()
+        keys = client.chunk_keys(root, list(range(3 * BLOCK)))
+        gate = threading.Event()
+        saver = threaded_saver(client, src, lay, gate)
+        run_step(saver, StepPlan(saves=[SaveSpec("r1", keys, [7, 8, 9], [0] * 3, root, 0)]))  # returns at once
+        assert client.lookup(keys).hits == 0  # copies not complete: nothing published
+        gate.set()
+        saver._save_copies.drain()
+        assert client.lookup(keys).hits == 3 and saver.stats.saved_chunks == 3
+        dst = {n: torch.zeros_like(t) for n, t in src.items()}
+        run_step(worker_for(client, "FLASH_ATTN", dst, lay), StepPlan(loads=[LoadSpec("r2", keys, [0, 1, 2], [0] * 3, None)]))
+        for n in src:
+            assert torch.equal(dst[n][:3], src[n][7:10])
+    finally:
+        client.close()
+
+
+def test_a_failed_save_copy_publishes_nothing_and_frees_its_slots() -> None:
+    lay = layout("float32")
+    src = dict(zip(["l0", "l1"], random_views(lay, ORDERS["LBNHC"], seed=11), strict=True))
+    client = make_client(lay)
+    try:
+        root = client.namespace("batched-test").root()
+        keys = client.chunk_keys(root, list(range(2 * BLOCK)))
+        gate = threading.Event()
+        gate.set()
+        saver = threaded_saver(client, src, lay, gate, error="CUDA error: an illegal memory access")
+        run_step(saver, StepPlan(saves=[SaveSpec("r1", keys, [1, 2], [0, 0], root, 0)]))
+        saver._save_copies.drain()
+        assert client.lookup(keys).hits == 0 and saver.stats.saved_chunks == 0
+        counts = client.store.memory.slot_counts()
+        assert counts["reserved"] == 0 and counts["resident"] == 0
     finally:
         client.close()
