@@ -82,6 +82,10 @@ class WholeLoad:
     def wait_layer(self, layer: int) -> None:
         self.handle.exception()  # waits; a failure is raised by wait()
 
+    def layer_ready(self, layer: int) -> bool:
+        """Whether wait_layer(layer) would return at once (lets a GPU connector queue copies early)."""
+        return self.handle.done()
+
     def wait(self) -> LoadResult:
         return self.handle.wait()
 

@@ -675,6 +675,11 @@ class _LayeredLoad:
             while self._left[j] and not self._stopped:
                 self._cond.wait()
 
+    def layer_ready(self, layer: int) -> bool:
+        """Whether wait_layer(layer) would return at once (lets a GPU connector queue copies early)."""
+        with self._cond:
+            return self._stopped or (self._begun and not self._left[self._position[layer]])
+
     def wait(self) -> LoadResult:
         return self._handle.wait()
 

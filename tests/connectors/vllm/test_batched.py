@@ -24,7 +24,7 @@ from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvtier.connectors.vllm.worker import WorkerSide
 from kvtier.core.config import MemoryTierConfig, StoreConfig
 from kvtier.core.layout import KVLayout
-from kvtier.store.tiered import TieredStore
+from kvtier.store.tiered import LoadResult, TieredStore
 from tests.connectors.vllm.test_layouts import vllm_views
 
 # vLLM 0.32's KVCacheLayout orders: the logical [L, B, H, N, C] axes in physical order, outermost first
@@ -171,27 +171,70 @@ def test_worker_round_trip_of_2048_blocks_through_the_store_is_bit_exact(backend
         client.close()
 
 
-def test_worker_wait_layer_places_only_that_layer() -> None:
-    lay = layout("float32", layers=3)
+class GatedLoad:
+    """A layered load whose layer j lands (a constant byte in every section) when gate j opens."""
+
+    def __init__(self, dests: list[list[np.ndarray]], layers: int) -> None:
+        self.dests = dests
+        self.gates = [threading.Event() for _ in range(layers)]
+        self.landed = [False] * layers
+
+    def _land(self, layer: int) -> None:
+        if not self.landed[layer]:
+            for row in self.dests:
+                row[layer][:] = layer + 1
+            self.landed[layer] = True
+
+    def layer_ready(self, layer: int) -> bool:
+        if self.gates[layer].is_set():
+            self._land(layer)
+        return self.landed[layer]
+
+    def wait_layer(self, layer: int) -> None:
+        assert self.gates[layer].wait(10)
+        self._land(layer)
+
+    def wait(self) -> LoadResult:
+        for j in range(len(self.gates)):
+            self.wait_layer(j)
+        return LoadResult(len(self.dests), (), ("memory",) * len(self.dests))
+
+
+class GatedClient:
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+        self.loads: list[GatedLoad] = []
+
+    def load_layers(self, keys: list[bytes], dests: list[list[np.ndarray]], lease_id: int | None) -> GatedLoad:
+        self.loads.append(GatedLoad(dests, self.layers))
+        return self.loads[-1]
+
+
+def test_wait_layer_places_its_layer_and_queues_the_later_layers_already_staged() -> None:
+    lay = layout("float32", layers=4)
     names = [f"l{i}" for i in range(lay.num_layers)]
-    src = dict(zip(names, random_views(lay, ORDERS["LBNHC"], seed=7), strict=True))
-    client = make_client(lay)
-    try:
-        root = client.namespace("batched-test").root()
-        keys = client.chunk_keys(root, list(range(4 * BLOCK)))
-        run_step(worker_for(client, "FLASH_ATTN", src, lay),
-                 StepPlan(saves=[SaveSpec("r1", keys, [10, 11, 12, 13], [0] * 4, root, 0)]))
-        dst = {n: torch.zeros_like(t) for n, t in src.items()}
-        loader = worker_for(client, "FLASH_ATTN", dst, lay)
-        loader.start_step(StepPlan(loads=[LoadSpec("r2", keys, [1, 2, 3, 4], [0] * 4, None)]))
-        loader.start_loads()
-        loader.wait_layer("l0")
-        assert torch.equal(dst["l0"][1:5], src["l0"][10:14])
-        assert dst["l1"].count_nonzero() == 0 and dst["l2"].count_nonzero() == 0  # not placed before their turn
-        loader.finish_step()
-        assert torch.equal(dst["l2"][1:5], src["l2"][10:14])
-    finally:
-        client.close()
+    client = GatedClient(lay.num_layers)
+    dst = dict(zip(names, vllm_views(lay.num_layers, 8, lay.num_kv_heads, BLOCK, 2 * lay.head_size, torch.float32,
+                                     ORDERS["LBNHC"]), strict=True))
+    worker = WorkerSide(StoreLink(lambda first: client, retry_after_s=0.0), tuple(names), lay, BLOCK)  # type: ignore[arg-type]
+    worker.register(dst, "FLASH_ATTN", 8)
+    worker.start_step(StepPlan(loads=[LoadSpec("r", [b"a" * 32, b"b" * 32], [5, 2], [0, 0], None)]))
+    worker.start_loads()
+    (load,) = client.loads
+    load.gates[0].set()
+    load.gates[2].set()  # staged out of order: layer 2 waits for layer 1 (layers are placed in order)
+
+    def placed(name: str, value: int) -> bool:
+        return bool((dst[name][[5, 2]].view(torch.uint8) == value).all()) and dst[name][[0, 1, 3, 4, 6, 7]].count_nonzero() == 0
+
+    worker.wait_layer("l0")
+    assert placed("l0", 1) and placed("l1", 0) and placed("l2", 0)
+    load.gates[1].set()
+    worker.wait_layer("l1")
+    assert placed("l1", 2) and placed("l2", 3) and placed("l3", 0)  # l2 queued early: it was staged
+    load.gates[3].set()
+    worker.finish_step()
+    assert placed("l3", 4) and worker.take_failed_blocks() == set()
 
 
 def test_worker_failed_chunk_is_zeroed_and_reported() -> None:

@@ -142,6 +142,8 @@ class WorkerSide:
         self._save_stream: SideStream | None = None
         self._save_copies: SaveCopies | None = None
         self._pool_watched: StoreClient | None = None  # the client whose pool was page-locked
+        self._layer_events: dict[int, Any] = {}  # batched loads: this step's copy event per layer
+        self._load_stream_ordered = False  # the load stream waited for the compute stream this step
 
     # -- setup ---------------------------------------------------------------------------
     def register(self, kv_caches: Mapping[str, Any], backend: str, num_blocks: int) -> None:
@@ -250,6 +252,7 @@ class WorkerSide:
         wait_layer moves each layer into vLLM's pages once it is there."""
         client = self._client()
         total = sum(len(spec.keys) for spec in self.plan.loads)
+        self._layer_events, self._load_stream_ordered = {}, False
         arena = self._batched_arena(total) if self.batched else self._staging(total)
         entries: list[_LayerLoad] = []
         row = 0
@@ -279,12 +282,15 @@ class WorkerSide:
         assert self._load_stream is not None
         rows = self._arena_t[layer][entry.row0:entry.row0 + len(spec.block_ids)]
         device = self.device
+        if not self._load_stream_ordered:  # after the work already queued on the compute stream (the
+            self._load_stream.run(lambda: None, after_compute=True)  # last step may still use these blocks)
+            self._load_stream_ordered = True
 
         def place() -> None:  # one host -> device copy and one index_copy_ for the layer's blocks
             adapter.scatter_device(spec.block_ids, rows.to(device, non_blocking=True))
 
         _, event = self._load_stream.run(place)
-        self._load_stream.wait(event)  # the forward's stream waits for this layer only
+        self._layer_events[layer] = event
         self._arena_event = event
 
     def wait_layer(self, name: str) -> None:
@@ -297,8 +303,25 @@ class WorkerSide:
                 if entry.load is not None:
                     entry.load.wait_layer(layer)
                     self._scatter(entry, layer)
+                    if self.batched:
+                        self._queue_ready_layers(entry, layer + 1)
+            if self._load_stream is not None and layer in self._layer_events:
+                self._load_stream.wait(self._layer_events[layer])  # the forward waits for this layer only
             return
         self._finish_loads()
+
+    def _queue_ready_layers(self, entry: _LayerLoad, first: int) -> None:
+        """Queue the copies of the layers from `first` on that the client already has in staging, so
+        the copy of layer i+1 runs while layer i computes (each still has its own event)."""
+        ready = getattr(entry.load, "layer_ready", None)
+        if ready is None:
+            return
+        for layer in range(first, len(self.layer_names)):
+            if entry.scattered[layer]:
+                continue
+            if not ready(layer):
+                return
+            self._scatter(entry, layer)
 
     def _finish_loads(self) -> None:
         """Wait for every load of the step; account failures, run finishers, release leases."""
