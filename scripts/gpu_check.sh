@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 17's GPU check in one go, for a session that has a CUDA machine (at most 13 minutes: each step has a time cap; most of it on an H200 should take far less).
+# Issue 17's GPU check in one go, for a session that has a CUDA machine (at most 9.5 minutes: each step has a
+# time cap that sums to 565 s; most of it on an H200 should take far less). Results: JSON and logs under $OUT.
 # Run from the repository root: `OUT=/some/dir bash scripts/gpu_check.sh` (default OUT: results/gpu).
 # It needs torch with CUDA, transformers, numpy, xxhash, rich; not vLLM, matplotlib or pytest.
 # Every step writes its JSON and log under $OUT and the script goes on when one fails.
@@ -32,21 +33,37 @@ PY
 cat "$OUT/env.txt"
 
 # 1. smoke: every code path on the GPU with a tiny model (seconds)
-step tiny_cuda 90 bench ttft --device cuda --shape tiny --lengths 512,2048 --repeats 2 \
+step tiny_cuda 45 bench ttft --device cuda --shape tiny --lengths 512,2048 --repeats 2 \
     --json "$OUT/ttft_tiny_cuda.json" --png ""
 # 2. the measured run: Llama-3.1-8B shape, bfloat16, 8k and 32k (issue 17 "How it is measured")
-step llama8b_bf16 360 bench ttft --device cuda --shape llama-8b --dtype bfloat16 \
+step llama8b_bf16 240 bench ttft --device cuda --shape llama-8b --dtype bfloat16 \
     --json "$OUT/ttft_llama8b_bf16.json" --png ""
 # 3. float32 at 8k: max_logit_diff <= 1e-3 and top1_equal
-step llama8b_fp32_8k 180 bench ttft --device cuda --shape llama-8b --dtype float32 --lengths 8192 \
+step llama8b_fp32_8k 90 bench ttft --device cuda --shape llama-8b --dtype float32 --lengths 8192 \
     --json "$OUT/ttft_llama8b_fp32_8k.json" --png ""
 # 4. never slower than recomputing from a slow disk (the planner must recompute every disk chunk)
-step llama8b_throttled 150 bench ttft --device cuda --shape llama-8b --dtype bfloat16 --lengths 8192 \
+step llama8b_throttled 75 bench ttft --device cuda --shape llama-8b --dtype bfloat16 --lengths 8192 \
     --throttle-disk-gbps 0.5 --json "$OUT/ttft_llama8b_throttled.json" --png ""
+# 5. vLLM GPU adapters (no vLLM needed): 2048 blocks of 16 tokens, Llama-8B KV (32 layers, 8 x 128, bf16),
+#    save -> load through the batched adapters and an in-process store, byte-exact under every
+#    KVCacheLayout order, load_gbps against pinned h2d; whether the store's pool is page-locked
+echo "== vllm_layouts" | tee -a "$OUT/summary.txt"
+timeout 115 "$PY" scripts/gpu_vllm_layouts.py --device cuda --json "$OUT/vllm_layouts.json" > "$OUT/vllm_layouts.log" 2>&1
+rc=$?
+tail -n 12 "$OUT/vllm_layouts.log"
+echo "== vllm_layouts: exit $rc" | tee -a "$OUT/summary.txt"
+[ "$rc" -eq 0 ] || status=1
 
 "$PY" - "$OUT" >> "$OUT/summary.txt" 2>&1 <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
+lay = out / "vllm_layouts.json"
+if lay.exists():
+    d = json.loads(lay.read_text())
+    print(f"vllm_layouts: h2d_pinned_gbps={d['setup'].get('h2d_pinned_gbps')}")
+    for c in d["cases"]:
+        print(f"  {c['order']}: layers {c['layers']} byte_exact {c['byte_exact']} load_gbps {c['load_gbps']:.1f} "
+              f"(x{c.get('load_vs_pinned', 0):.2f} pinned) save_s {c['save_s']:.3f} pool {c.get('pool', '')}")
 for f in sorted(out.glob("ttft_*.json")):
     d = json.loads(f.read_text())
     s = d["setup"]

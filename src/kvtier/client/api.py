@@ -12,6 +12,8 @@ benchmarks. They use only this module's `StoreClient`, obtained from `connect(co
     save(keys, parent, first_depth, srcs)    -> TransferHandle[SaveResult]
     begin_save(keys, parent, first_depth)    -> SaveSession: write_layer / commit / abort
     flush(), stats(), close()
+    watch_pool(watcher)                      tell watcher where the DRAM pool this client copies to and
+                                             from is mapped, and when it goes (GPU connectors page-lock it)
 
 Buffers are buffer-protocol objects: dests[i][j] receives layer layers[j] of chunk keys[i]
 and srcs[i][layer] holds layer `layer` of chunk keys[i], one C-contiguous section each
@@ -49,6 +51,7 @@ from kvtier.service.protocol import LeaseError
 from kvtier.store.tiered import LoadResult, SaveResult, TieredStore
 from kvtier.store.transfer import TransferHandle
 from kvtier.tiers.base import Buffer
+from kvtier.tiers.pool import PoolWatcher
 
 __all__ = ["InProcessClient", "LayeredLoad", "LoadResult", "LookupReply", "SaveResult", "SaveSession", "StoreClient", "connect"]
 
@@ -78,6 +81,10 @@ class WholeLoad:
 
     def wait_layer(self, layer: int) -> None:
         self.handle.exception()  # waits; a failure is raised by wait()
+
+    def layer_ready(self, layer: int) -> bool:
+        """Whether wait_layer(layer) would return at once (lets a GPU connector queue copies early)."""
+        return self.handle.done()
 
     def wait(self) -> LoadResult:
         return self.handle.wait()
@@ -208,6 +215,11 @@ class StoreClient(ABC):
     def flush(self) -> None:
         """Wait until the disk writes of every save so far are done."""
 
+    def watch_pool(self, watcher: PoolWatcher) -> None:
+        """watcher.mapped(region) for the DRAM pool in this process (now, and for each new mapping),
+        watcher.unmapped(region) before one goes. A client with no pool here tells nothing."""
+        return None
+
     @abstractmethod
     def stats(self) -> dict[str, Any]: ...
 
@@ -285,6 +297,9 @@ class InProcessClient(StoreClient):
 
     def flush(self) -> None:
         self.store.flush()
+
+    def watch_pool(self, watcher: PoolWatcher) -> None:
+        self.store.watch_pool(watcher)
 
     def stats(self) -> dict[str, Any]:
         return self._host.stats() if self._host is not None else self.store.stats()

@@ -73,6 +73,7 @@ from kvtier.service.shm import (
 from kvtier.store.tiered import LoadResult, SaveResult
 from kvtier.store.transfer import TransferEngine, TransferHandle
 from kvtier.tiers.base import Buffer, TierWriteError, as_bytes_view, buffer_address, copy_memory
+from kvtier.tiers.pool import PoolRegion, PoolWatcher, PoolWatchers
 
 log = logging.getLogger("kvtier.client")
 
@@ -107,6 +108,9 @@ class _Session:
         self.pool_bytes = pool_bytes
         self.num_slots = pool_bytes // chunk_bytes
         self.service_pid = service_pid
+
+    def region(self) -> PoolRegion:
+        return PoolRegion(self.pool_addr, self.pool_bytes)
 
     def check_slots(self, slots: object, n: int, what: str) -> list[int]:
         """The service's slot list for n chunks, each -1 or inside this session's pool."""
@@ -161,6 +165,7 @@ class ServiceClient(StoreClient):
         self._backoff = _RETRY_FIRST_S
         self.reconnects = 0
         self._session: _Session | None = None
+        self._pool_watchers = PoolWatchers()  # told of each session's pool mapping (GPU page-locking)
         first = self._connect()
         info = self._hello(first, layout)
         self._layout: KVLayout = info["layout"]
@@ -315,6 +320,7 @@ class ServiceClient(StoreClient):
             self._set_down()
             raise TierUnavailableError(f"the kvtier service on {self.socket_path} is unavailable: {e}") from None
         self._session = session
+        self._pool_watchers.mapped(session.region())
         self._backoff = _RETRY_FIRST_S
         self.reconnects += 1
         log.warning("kvtier: reconnected to the service on %s (pid %d)", self.socket_path, session.service_pid)
@@ -326,6 +332,7 @@ class ServiceClient(StoreClient):
             session.sock.close()  # the service returns whatever this connection held
             if self._session is session:
                 self._session = None
+                self._pool_watchers.unmapped(session.region())
                 log.warning("kvtier: store unavailable: the service on %s %s; lookups miss and saves are "
                             "dropped until it is back (reconnecting with back-off)", self.socket_path,
                             reason or "was cut off")
@@ -533,6 +540,12 @@ class ServiceClient(StoreClient):
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats")["stats"])
 
+    def watch_pool(self, watcher: PoolWatcher) -> None:
+        """The shared-memory pool of the live session (a reconnect maps a new one: told again)."""
+        with self._lock:
+            session = self._session
+            self._pool_watchers.add(watcher, session.region() if session is not None else None)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -541,6 +554,7 @@ class ServiceClient(StoreClient):
             session, self._session = self._session, None
             if session is not None:
                 session.sock.close()  # the service returns whatever this client still held
+                self._pool_watchers.unmapped(session.region())
         self._io.shutdown()
         if session is not None:
             del session.pool
@@ -660,6 +674,11 @@ class _LayeredLoad:
         with self._cond:
             while self._left[j] and not self._stopped:
                 self._cond.wait()
+
+    def layer_ready(self, layer: int) -> bool:
+        """Whether wait_layer(layer) would return at once (lets a GPU connector queue copies early)."""
+        with self._cond:
+            return self._stopped or (self._begun and not self._left[self._position[layer]])
 
     def wait(self) -> LoadResult:
         return self._handle.wait()

@@ -11,6 +11,11 @@
     SaveCopies(device)                device -> host copies of saves on another stream; what follows a copy
                                       (writing it to the store, publishing) runs once it completes, on a
                                       worker thread, so the forward never waits for a save
+    SideStream(device)                batched gathers/scatters on a side stream, an event per batch
+                                      (the vLLM GPU adapters: one per layer), waited on by the compute stream
+    HostRegistry, host_registry()     page-locked host ranges (cudaHostRegister), registered once each
+    page_lock_pool(owner, device)     page-lock a store's or service client's DRAM pool when the KV is on
+                                      CUDA (unregistered when the owner closes); skipped off CUDA
 
 The CUDA-only parts are a few lines behind `device.type == "cuda"`; the same code runs on CPU
 tensors synchronously (no stream, an event that is always complete), so the logic around it is
@@ -280,3 +285,147 @@ def shared_pools(device: torch.device | str) -> tuple[StagingPool, StagingPool, 
         if key not in _shared:
             _shared[key] = (StagingPool(device), StagingPool(device), SaveCopies(device))
         return _shared[key]
+
+
+# -- page-locking the store's DRAM pool ------------------------------------------------------------
+CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
+
+
+def _cuda_host_register(address: int, nbytes: int) -> str | None:
+    """cudaHostRegister through torch's cudart bindings; None on success, else the error's name."""
+    err = torch.cuda.cudart().cudaHostRegister(address, nbytes, CUDA_HOST_REGISTER_PORTABLE)
+    return None if int(err) == 0 else str(err)
+
+
+def _cuda_host_unregister(address: int) -> str | None:
+    err = torch.cuda.cudart().cudaHostUnregister(address)
+    return None if int(err) == 0 else str(err)
+
+
+class HostRegistry:
+    """Page-locked host ranges of this process, each registered once with CUDA however many stores
+    or connectors announce it, and unregistered when the last of them says it is going.
+
+    It is a PoolWatcher (tiers/pool.py): `mapped(region)` registers, `unmapped(region)` releases.
+    A range overlapping a different registered range, or one CUDA refuses (RLIMIT_MEMLOCK, no
+    driver), stays pageable: copies from it are slower and synchronous, logged once, never a
+    crash. `register`/`unregister` are injectable so the bookkeeping is tested without a GPU."""
+
+    def __init__(self, register: Callable[[int, int], str | None] = _cuda_host_register,
+                 unregister: Callable[[int], str | None] = _cuda_host_unregister) -> None:
+        self._register = register
+        self._unregister = unregister
+        self._ranges: dict[tuple[int, int], int] = {}  # (address, nbytes) -> announcements
+        self._lock = threading.Lock()
+
+    def mapped(self, region: Any) -> None:
+        self.acquire(region.address, region.nbytes)
+
+    def unmapped(self, region: Any) -> None:
+        self.release(region.address, region.nbytes)
+
+    def acquire(self, address: int, nbytes: int) -> bool:
+        """Page-lock [address, address + nbytes) unless it is already; whether it is page-locked."""
+        if address <= 0 or nbytes <= 0:
+            raise ValueError(f"host range at {address:#x} of {nbytes} bytes: both must be positive")
+        key = (address, nbytes)
+        with self._lock:
+            if key in self._ranges:
+                self._ranges[key] += 1
+                return True
+            end = address + nbytes
+            clash = next(((a, n) for a, n in self._ranges if a < end and address < a + n), None)
+            if clash is not None:
+                _warn_once("overlap", "kvtier: host range %#x+%d overlaps the page-locked range %#x+%d; "
+                           "it stays pageable", address, nbytes, *clash)
+                return False
+            err = self._register(address, nbytes)
+            if err is not None:
+                _warn_once("register", "kvtier: page-locking the DRAM pool (%d bytes) was refused (%s); "
+                           "copies to the GPU go through pageable memory, which is slower. Raise the "
+                           "locked-memory limit (ulimit -l) to fix this.", nbytes, err)
+                return False
+            self._ranges[key] = 1
+            return True
+
+    def release(self, address: int, nbytes: int) -> None:
+        """One announcement of the range is gone; unregistered with the last. Unknown ranges (never
+        registered, refused) are ignored: their owners do not know whether registration worked."""
+        key = (address, nbytes)
+        with self._lock:
+            count = self._ranges.get(key)
+            if count is None:
+                return
+            if count > 1:
+                self._ranges[key] = count - 1
+                return
+            del self._ranges[key]
+            err = self._unregister(address)
+        if err is not None:
+            log.warning("kvtier: unregistering page-locked host range %#x+%d failed: %s", address, nbytes, err)
+
+    def registered(self) -> dict[tuple[int, int], int]:
+        """(address, nbytes) -> how many owners announced it."""
+        with self._lock:
+            return dict(self._ranges)
+
+
+_host_registry: HostRegistry | None = None
+
+
+def host_registry() -> HostRegistry:
+    """The process's registry: page-locked memory belongs to the process, like shared_pools."""
+    global _host_registry
+    with _shared_lock:
+        if _host_registry is None:
+            _host_registry = HostRegistry()
+        return _host_registry
+
+
+def page_lock_pool(owner: Any, device: torch.device | str, registry: HostRegistry | None = None) -> bool:
+    """Page-lock the DRAM pool of `owner` (a StoreClient or TieredStore: anything with watch_pool)
+    when the KV lives on a CUDA device, so host <-> GPU copies out of its slots are asynchronous and
+    at full speed; it is unregistered when the owner closes (or a service client's session goes).
+    Whether a registration was asked for: False off CUDA (nothing to do) or without watch_pool."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    watch = getattr(owner, "watch_pool", None)
+    if watch is None:
+        return False
+    watch(registry if registry is not None else host_registry())
+    return True
+
+
+class SideStream:
+    """Copies and index ops queued on a side stream of `device`, each batch with an event.
+
+    `run(fn, after_compute)` runs fn with the side stream current (after the compute stream's work
+    so far when after_compute: a save of the layer just computed), records an event and returns
+    (fn's result, event). `wait(event)` makes the compute stream wait for it (no CPU wait);
+    `join()` makes it wait for everything queued. Tensors fn allocates belong to the side stream,
+    so they are reused only by later side-stream work. On the CPU fn runs at once and the event is
+    complete: the same calls, so the logic around them is tested on any machine."""
+
+    def __init__(self, device: torch.device | str, stream: Any = None) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._stream = (stream or torch.cuda.Stream(self.device)) if self.cuda else None
+
+    def run(self, fn: Callable[[], Any], after_compute: bool = False) -> tuple[Any, Any]:
+        if self._stream is None:
+            return fn(), DoneEvent()
+        if after_compute:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            out = fn()
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return out, event
+
+    def wait(self, event: Any) -> None:
+        if self._stream is not None and not isinstance(event, DoneEvent):
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def join(self) -> None:
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)

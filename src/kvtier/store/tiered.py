@@ -63,6 +63,7 @@ from kvtier.tiers.base import (
     check_key,
 )
 from kvtier.tiers.memory import MemoryTier, Reservation
+from kvtier.tiers.pool import PoolWatcher, PoolWatchers
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class TieredStore:
         self._write_progress = threading.Condition()
         self.write_wait_s = 10.0  # longest allocate_memory waits for the writer to free a DRAM slot
         self._closed = False
+        self._pool_watchers = PoolWatchers()
 
     def _report_capacity(self) -> None:
         """Each tier's counters at 0, and each local tier's capacity and fill as gauges, from
@@ -752,11 +754,18 @@ class TieredStore:
         out["metrics"] = self.metrics.snapshot()
         return out
 
+    def watch_pool(self, watcher: PoolWatcher) -> None:
+        """Tell `watcher` where the DRAM pool is (now) and when it goes (close): a GPU connector
+        page-locks it (connectors/copy_engine.py). A store without a DRAM tier has no pool to tell of."""
+        self._pool_watchers.add(watcher, self.memory.pool_region() if self.memory is not None else None)
+
     def close(self) -> None:
         if self._closed:
             return
         self.flush()
         self._closed = True
+        if self.memory is not None:
+            self._pool_watchers.unmapped(self.memory.pool_region())
         self.metrics.stop_serving()
         self._writer.shutdown()
         if self._lower_writer is not None:

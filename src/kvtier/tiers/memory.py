@@ -39,6 +39,7 @@ from kvtier.tiers.base import (
     copy_memory,
 )
 from kvtier.tiers.policies import make_policy
+from kvtier.tiers.pool import PoolRegion, aligned_pool
 
 SlotId = int
 
@@ -83,7 +84,7 @@ class MemoryTier(Tier):
             )
         size = self.num_slots * self.chunk_bytes
         if pool is None:
-            self._pool = np.empty(size, dtype=np.uint8)
+            self._pool = aligned_pool(size)  # page-aligned: a GPU connector may page-lock exactly it
         else:
             self._pool = np.frombuffer(pool, dtype=np.uint8)
             if self._pool.nbytes < size:
@@ -99,6 +100,10 @@ class MemoryTier(Tier):
         self._lock = threading.Lock()
         self._closed = False
         self._on_evict = on_evict
+
+    def pool_region(self) -> PoolRegion:
+        """Where the slots live in this process (for page-locking them; see tiers/pool.py)."""
+        return PoolRegion(self._pool_addr, self.num_slots * self.chunk_bytes)
 
     # -- views -------------------------------------------------------------------
     def layer_view(self, slot: SlotId, layer: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from kvtier.connectors.copy_engine import model_device, same_device, shared_pools, synchronize
+from kvtier.connectors.copy_engine import model_device, page_lock_pool, same_device, shared_pools, synchronize
 from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
 from kvtier.connectors.transformers.compat import cache_kwarg, check_full_kv
 from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
@@ -95,6 +95,7 @@ class TransformersConnector:
         self.plan_loads = plan_loads
         # loads' host staging (pinned on CUDA), saves' pinned buffers and their copy worker: the process's
         self.staging_pool, self.save_pool, self.save_copies = shared_pools(self.device)
+        page_lock_pool(store, self.device)  # on CUDA: the store's DRAM pool page-locked once (skipped elsewhere)
         self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.estimates = estimates if estimates is not None else ESTIMATES
         self.engine_id = f"{self.fingerprint}|{self.device}|{self.layout.dtype}"

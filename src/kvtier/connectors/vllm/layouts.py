@@ -32,9 +32,10 @@ Adapters (registry ADAPTERS):
 - FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION -> SplitLastAdapter: these backends read
   `kv.transpose(1, 2).split(head_size, -1)`, i.e. kv[b, h, n, :D] is K and kv[b, h, n, D:]
   is V of token n, for any stride order. Sections hold kvtier's canonical
-  [H, K|V, tokens, D] (strided copies through a CPU staging tensor, page-locked for a GPU
-  cache so a load's host -> GPU copy is asynchronous, so GPU caches work);
-  kernel blocks smaller than vLLM's block are gathered in order.
+  [H, K|V, tokens, D]; kernel blocks smaller than vLLM's block are gathered in order. The
+  worker moves a layer's blocks with one index op on the KV tensor's device (gather_device /
+  scatter_device: index_select / index_copy_ with index tensors), so a GPU cache costs one
+  host <-> GPU copy per layer, not one per block.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def _reshaped(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class BlockAdapter(ABC):
     canonical: bool  # True: sections hold canonical [H, 2, N, D]; False: opaque backend pages
     sub_block: bool = False  # True: moves chunks smaller than a block (gather_chunks / scatter_chunks)
+    batched: bool = False  # True: moves a layer's blocks with one index op (gather_device / scatter_device)
 
     def __init__(self, kv: torch.Tensor, layout: KVLayout, num_blocks: int, block_size: int,
                  chunk_tokens: int | None = None) -> None:
@@ -132,6 +134,12 @@ class BlockAdapter(ABC):
 
     def gather_chunks(self, blocks: list[int], offsets: list[int], out: np.ndarray | None = None) -> np.ndarray:
         raise UnsupportedLayoutError(f"{type(self).__name__} cannot move chunks smaller than a block")
+
+    def gather_device(self, blocks: list[int], last_valid: int = 0) -> torch.Tensor:
+        raise UnsupportedLayoutError(f"{type(self).__name__} has no batched device gather")
+
+    def scatter_device(self, blocks: list[int], sections: torch.Tensor) -> None:
+        raise UnsupportedLayoutError(f"{type(self).__name__} has no batched device scatter")
 
     def scatter_chunks(self, blocks: list[int], offsets: list[int], sections: np.ndarray) -> None:
         raise UnsupportedLayoutError(f"{type(self).__name__} cannot move chunks smaller than a block")
@@ -246,7 +254,49 @@ class CpuPageAdapter(BlockAdapter):
 
 
 class SplitLastAdapter(BlockAdapter):
+    """Batched (`batched`): a layer's blocks move with one index_select (save) or one index_copy_
+    (load) on the KV tensor, on its device, between vLLM's paged view and [n, section bytes] rows
+    of canonical sections; the per-block save_source / load_target (a host staging copy each)
+    remain for callers that move one block at a time."""
+
     canonical = True
+    batched = True
+
+    def _kernel_index(self, blocks: list[int]) -> torch.Tensor:
+        """Kernel-block ids of vLLM blocks `blocks`, in order, as an index tensor on the KV's device."""
+        r = self.ratio
+        b = torch.as_tensor(blocks, dtype=torch.long)
+        if len(blocks) and (int(b.min()) < 0 or int(b.max()) >= self.num_blocks):
+            raise ValueError(f"block ids must lie in 0..{self.num_blocks - 1}, got {min(blocks)}..{max(blocks)}")
+        if r > 1:
+            b = (b[:, None] * r + torch.arange(r)).reshape(-1)
+        return b.to(self.kv.device, non_blocking=True)
+
+    def gather_device(self, blocks: list[int], last_valid: int = 0) -> torch.Tensor:
+        """[n, section bytes] uint8 canonical sections of `blocks` on the KV's device: one
+        index_select and one permuting copy. `last_valid` > 0: the last chunk holds only that many
+        tokens; the rest of its section is zeroed (never what an earlier request left there)."""
+        lay, r, n = self.layout, self.ratio, len(blocks)
+        kbs, d = self.block_size // r, lay.head_size
+        picked = self.kv.index_select(0, self._kernel_index(blocks))  # [n*r, H, kbs, 2D], contiguous
+        canon = picked.view(n, r, lay.num_kv_heads, kbs, 2, d).permute(0, 2, 4, 1, 3, 5).contiguous()
+        if last_valid and n:
+            canon[-1].view(lay.num_kv_heads, 2, self.block_size, d)[:, :, last_valid:] = 0
+        return canon.view(n, -1).view(torch.uint8)
+
+    def scatter_device(self, blocks: list[int], sections: torch.Tensor) -> None:
+        """Copy [n, section bytes] canonical sections (uint8, on the KV's device) into `blocks`."""
+        lay, r, n = self.layout, self.ratio, len(blocks)
+        kbs, d = self.block_size // r, lay.head_size
+        if sections.shape != (n, lay.layer_bytes(self.block_size)) or sections.dtype != torch.uint8:
+            raise ValueError(f"sections must be uint8 [{n}, {lay.layer_bytes(self.block_size)}], "
+                             f"got {sections.dtype} {tuple(sections.shape)}")
+        src = sections.view(self.kv.dtype).view(n, lay.num_kv_heads, 2, r, kbs, d).permute(0, 3, 1, 4, 2, 5)
+        self.kv.index_copy_(0, self._kernel_index(blocks), src.reshape(n * r, lay.num_kv_heads, kbs, 2 * d))
+
+    def clear_block(self, block: int) -> None:
+        r = self.ratio
+        self.kv[block * r:(block + 1) * r].zero_()
 
     def _canonical_view(self, block: int) -> torch.Tensor:
         """[H, 2, r, kbs, D] view of vLLM block `block` (r kernel blocks of kbs tokens)."""

@@ -18,8 +18,9 @@ service round trips per layer, far more than the copies themselves). The client 
 layer by layer (StoreClient.load_layers), so wait_layer(layer i) waits only for layer i
 while the rest load during the forward pass; the client's transfer threads run on the
 CPUs vLLM left free (see connector.py), not on the cores of the forward pass, and a
-wait_layer that finds its layer behind copies the rest of it itself. Adapters that stage a chunk and copy it into place afterwards (the GPU
-layouts) wait for the whole load at the first layer instead. A failed chunk (evicted after its lease
+wait_layer that finds its layer behind copies the rest of it itself. Adapters whose
+load_target stages a chunk and copies it into place afterwards wait for the whole load at the
+first layer instead (the GPU layouts do not: they are batched, below). A failed chunk (evicted after its lease
 expired, corrupt, store gone) reports its block; blocks of a load whose store call failed
 are all reported. Saves: write_layer copies each layer into the store's DRAM staging
 during the forward pass and finish_step commits, so every chunk is published only with
@@ -36,6 +37,18 @@ per layer, reused across steps) and wait_layer(i) scatters layer i into vLLM's p
 one adapter call once the client has it; the client meanwhile copies the next layers.
 Saves gather each layer's chunks into one reused buffer (write_layer copies it at once).
 A failed chunk reports its block.
+
+Batched adapters (the GPU layouts FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION; adapter.batched):
+loads stage too, in a [chunks, section] host arena per layer (page-locked when the cache is on
+CUDA), and wait_layer(i) queues, on a load stream, one host -> device copy of layer i's rows and
+one index_copy_ into the KV tensor, records that layer's event and makes the forward's stream wait
+for it alone: no CPU wait for the GPU, no copy per block. Saves queue, on a save stream after the
+layer's compute, one index_select of the layer's blocks and one device -> host copy into a
+page-locked buffer; write_layer runs once that copy completes (on SaveCopies' worker thread on
+CUDA, at once on the CPU) and the commit is queued behind the writes, so chunks are published once
+their copies complete and the forward never waits for a save. A step's end makes the compute
+stream wait for the save stream (GPU-side), so blocks vLLM reuses are not overwritten under a
+copy still reading them. On a CPU cache the same calls run synchronously.
 """
 
 from __future__ import annotations
@@ -44,11 +57,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 
-from kvtier.client.api import LayeredLoad, SaveSession, WholeLoad
+from kvtier.client.api import LayeredLoad, SaveSession, StoreClient, WholeLoad
+from kvtier.connectors.copy_engine import DoneEvent, SaveCopies, SideStream, page_lock_pool, staging_buffer
 from kvtier.connectors.vllm.layouts import BlockAdapter, UnsupportedLayoutError, make_adapter
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
@@ -77,6 +93,7 @@ class _LayerLoad:
     layerwise: bool  # False: wait for the whole load at the first layer (finishers copy chunks into place)
     staged: list[np.ndarray] | None = None  # sub-block chunks: per layer, [chunks, section] staging rows
     scattered: list[bool] = field(default_factory=list)  # per layer: staging copied into vLLM's pages
+    row0: int = 0  # batched adapters: the first arena row of this load
 
 
 @dataclass(slots=True)
@@ -84,6 +101,7 @@ class _Save:
     spec: SaveSpec
     session: SaveSession | None
     failed: bool = False
+    error: BaseException | None = None  # batched saves: what a write on the copy thread raised
 
 
 @dataclass(slots=True)
@@ -116,6 +134,16 @@ class WorkerSide:
         self._failed_blocks: set[int] = set()
         self.stats = WorkerStats()
         self._loads_started = self._saves_started = 0.0  # perf_counter when the step's loads/saves began
+        self.batched = False  # the adapters move a layer's blocks with one index op (GPU layouts)
+        self.device = torch.device("cpu")
+        self._arena_t: list[torch.Tensor] = []  # batched loads: per layer, host [rows, section] (pinned on CUDA)
+        self._arena_event: Any = DoneEvent()  # the last copy out of the arena: it is reused after that
+        self._load_stream: SideStream | None = None
+        self._save_stream: SideStream | None = None
+        self._save_copies: SaveCopies | None = None
+        self._pool_watched: StoreClient | None = None  # the client whose pool was page-locked
+        self._layer_events: dict[int, Any] = {}  # batched loads: this step's copy event per layer
+        self._load_stream_ordered = False  # the load stream waited for the compute stream this step
 
     # -- setup ---------------------------------------------------------------------------
     def register(self, kv_caches: Mapping[str, Any], backend: str, num_blocks: int) -> None:
@@ -128,6 +156,26 @@ class WorkerSide:
         self.adapters = {name: make_adapter(backend, kv_caches[name], self.layout, num_blocks, self.block_size,
                                             self.chunk_tokens)
                          for name in self.layer_names}
+        kinds = {a.batched for a in self.adapters.values()}
+        devices = {kv_caches[name].device for name in self.layer_names}
+        if len(kinds) > 1 or len(devices) > 1:
+            raise UnsupportedLayoutError(f"KV cache layers on several devices {sorted(map(str, devices))} or "
+                                         "with different layouts are not supported")
+        self.device = devices.pop()
+        self.batched = kinds.pop() and not self.sub_block
+        if self.batched:
+            self._load_stream, self._save_stream = SideStream(self.device), SideStream(self.device)
+            self._save_copies = SaveCopies(self.device)
+        self._client()  # page-lock the store's pool now when the cache is on a GPU
+
+    def _client(self) -> StoreClient | None:
+        """The link's client; on CUDA its DRAM pool is page-locked (once per client: a reconnect
+        opens a new one) so the host side of every copy is pinned memory."""
+        client = self.link.client()
+        if client is not None and client is not self._pool_watched and self.device.type == "cuda":
+            page_lock_pool(client, self.device)
+            self._pool_watched = client
+        return client
 
     # -- steps ---------------------------------------------------------------------------
     def start_step(self, plan: StepPlan | None) -> None:
@@ -149,10 +197,10 @@ class WorkerSide:
         if not self.plan.loads or self._loads:
             return
         self._loads_started = time.perf_counter()
-        if self.sub_block:
+        if self.sub_block or self.batched:
             self._start_staged_loads()
             return
-        client = self.link.client()
+        client = self._client()
         entries: list[_LayerLoad] = []
         for spec in self.plan.loads:
             per_layer = [self.adapters[name].load_targets(spec.block_ids) for name in self.layer_names]
@@ -185,10 +233,27 @@ class WorkerSide:
             self._arena = [np.empty((rows, section), dtype=np.uint8) for _ in self.layer_names]
         return [a[:chunks] for a in self._arena]
 
+    def _batched_arena(self, chunks: int) -> list[np.ndarray]:
+        """Per layer, [chunks, section bytes] rows of the batched loads' host arena: page-locked on
+        CUDA (grown by a quarter at a time there: pinning gigabytes twice over costs more than
+        regrowing now and then), reused once the last copy out of it is done."""
+        section = self.layout.layer_bytes(self.chunk_tokens)
+        self._arena_event.synchronize()
+        have = self._arena_t[0].shape[0] if self._arena_t else 0
+        if have < chunks:
+            rows = max(chunks + chunks // 4, 2 * have) if self.device.type == "cuda" else max(2 * chunks, 2 * have)
+            self._arena_t = []  # the old arena goes before the new one is pinned
+            self._arena_t = [staging_buffer(rows * section, self.device)[0].view(rows, section)
+                             for _ in self.layer_names]
+        return [t[:chunks].numpy() for t in self._arena_t]
+
     def _start_staged_loads(self) -> None:
-        """Sub-block chunks: the client loads every layer into staging; wait_layer scatters it."""
-        client = self.link.client()
-        arena = self._staging(sum(len(spec.keys) for spec in self.plan.loads))
+        """Sub-block chunks and batched adapters: the client loads every layer into staging;
+        wait_layer moves each layer into vLLM's pages once it is there."""
+        client = self._client()
+        total = sum(len(spec.keys) for spec in self.plan.loads)
+        self._layer_events, self._load_stream_ordered = {}, False
+        arena = self._batched_arena(total) if self.batched else self._staging(total)
         entries: list[_LayerLoad] = []
         row = 0
         for spec in self.plan.loads:
@@ -202,7 +267,7 @@ class WorkerSide:
                 except STORE_ERRORS as e:
                     self.link.failed(e)
                     client = None
-            entries.append(_LayerLoad(spec, load, [None] * n, True, staged, [False] * len(self.layer_names)))
+            entries.append(_LayerLoad(spec, load, [None] * n, True, staged, [False] * len(self.layer_names), row - n))
         self._loads = entries
 
     def _scatter(self, entry: _LayerLoad, layer: int) -> None:
@@ -210,7 +275,23 @@ class WorkerSide:
             return
         entry.scattered[layer] = True
         spec = entry.spec
-        self.adapters[self.layer_names[layer]].scatter_chunks(spec.block_ids, spec.offsets, entry.staged[layer])
+        adapter = self.adapters[self.layer_names[layer]]
+        if not self.batched:
+            adapter.scatter_chunks(spec.block_ids, spec.offsets, entry.staged[layer])
+            return
+        assert self._load_stream is not None
+        rows = self._arena_t[layer][entry.row0:entry.row0 + len(spec.block_ids)]
+        device = self.device
+        if not self._load_stream_ordered:  # after the work already queued on the compute stream (the
+            self._load_stream.run(lambda: None, after_compute=True)  # last step may still use these blocks)
+            self._load_stream_ordered = True
+
+        def place() -> None:  # one host -> device copy and one index_copy_ for the layer's blocks
+            adapter.scatter_device(spec.block_ids, rows.to(device, non_blocking=True))
+
+        _, event = self._load_stream.run(place)
+        self._layer_events[layer] = event
+        self._arena_event = event
 
     def wait_layer(self, name: str) -> None:
         """Return once layer `name` of every load of this step is in vLLM's pages."""
@@ -222,8 +303,25 @@ class WorkerSide:
                 if entry.load is not None:
                     entry.load.wait_layer(layer)
                     self._scatter(entry, layer)
+                    if self.batched:
+                        self._queue_ready_layers(entry, layer + 1)
+            if self._load_stream is not None and layer in self._layer_events:
+                self._load_stream.wait(self._layer_events[layer])  # the forward waits for this layer only
             return
         self._finish_loads()
+
+    def _queue_ready_layers(self, entry: _LayerLoad, first: int) -> None:
+        """Queue the copies of the layers from `first` on that the client already has in staging, so
+        the copy of layer i+1 runs while layer i computes (each still has its own event)."""
+        ready = getattr(entry.load, "layer_ready", None)
+        if ready is None:
+            return
+        for layer in range(first, len(self.layer_names)):
+            if entry.scattered[layer]:
+                continue
+            if not ready(layer):
+                return
+            self._scatter(entry, layer)
 
     def _finish_loads(self) -> None:
         """Wait for every load of the step; account failures, run finishers, release leases."""
@@ -261,6 +359,8 @@ class WorkerSide:
         checksum failed (or the copy broke off): vLLM recomputes the prompt tokens of its block, but
         a chunk with the prompt's last token also reaches rows past the prompt's end, which the
         attention kernel reads masked, and masked NaNs still poison its output."""
+        if self._load_stream is not None:
+            self._load_stream.join()  # zeroed after every scatter queued on the load stream
         for block in dict.fromkeys(blocks):
             for adapter in self.adapters.values():
                 adapter.clear_block(block)
@@ -291,7 +391,7 @@ class WorkerSide:
             return
         if not self._saves:
             self._saves_started = time.perf_counter()
-            client = self.link.client()
+            client = self._client()
             for spec in self.plan.saves:
                 session = None
                 if client is not None:
@@ -302,6 +402,9 @@ class WorkerSide:
                         client = None
                 self._saves.append(_Save(spec, session, failed=session is None))
         layer = self.layer_index[name]
+        if self.batched:
+            self._save_layer_batched(adapter, layer)
+            return
         for save in self._saves:
             if save.failed or save.session is None:
                 continue
@@ -325,24 +428,71 @@ class WorkerSide:
                 save.failed = True
                 self.link.failed(e)
 
+    def _save_layer_batched(self, adapter: BlockAdapter, layer: int) -> None:
+        """One gather per save of this layer's blocks on the save stream (after the layer's compute),
+        one device -> host copy into page-locked memory, and write_layer once the copy is done."""
+        assert self._save_stream is not None and self._save_copies is not None
+        for save in self._saves:
+            if save.failed or save.session is None:
+                continue
+            spec, session = save.spec, save.session
+
+            def gather(spec: SaveSpec = spec) -> torch.Tensor:
+                sections = adapter.gather_device(spec.block_ids, spec.last_valid)
+                if not sections.is_cuda:
+                    return sections
+                host = staging_buffer(sections.numel(), sections.device)[0].view(sections.shape)
+                host.copy_(sections, non_blocking=True)
+                return host
+
+            try:
+                host, event = self._save_stream.run(gather, after_compute=True)
+            except RuntimeError as e:  # a CUDA error queueing the copy: this save is not published
+                self._save_failed(save, e)
+                continue
+
+            def write(session: SaveSession = session, host: torch.Tensor = host) -> None:
+                session.write_layer(layer, list(host.numpy()))
+
+            self._save_copies.then(event, write, partial(self._save_failed, save))
+
+    def _save_failed(self, save: _Save, e: BaseException) -> None:
+        """A batched save's copy or write failed: it is aborted at commit, never half published."""
+        save.failed = True
+        save.error = e
+        if isinstance(e, STORE_ERRORS):
+            self.link.failed(e)
+        else:
+            log.warning("kvtier: save of request %s failed: %s: %s", save.spec.req_id, type(e).__name__, e)
+
+    def _commit(self, save: _Save) -> None:
+        if save.session is None:
+            return
+        try:
+            if save.failed:
+                save.session.abort()
+                return
+            sections = save.spec.block_hashes
+            extras = None if sections is None else [((SECTION_BLOCK_HASHES, 0, data),) for data in sections]
+            result = save.session.commit(extras).wait()
+            self.stats.saved_chunks += result.in_memory
+            self.stats.save_seconds.append(time.perf_counter() - self._saves_started)
+        except (ValueError, *STORE_ERRORS) as e:  # ValueError: a layer was never written
+            log.warning("kvtier: save of request %s not published: %s", save.spec.req_id, e)
+            if isinstance(e, STORE_ERRORS):
+                self.link.failed(e)
+
     def finish_step(self) -> None:
         self._finish_loads()
+        if self._load_stream is not None:
+            self._load_stream.join()
         for save in self._saves:
-            if save.session is None:
-                continue
-            try:
-                if save.failed:
-                    save.session.abort()
-                    continue
-                sections = save.spec.block_hashes
-                extras = None if sections is None else [((SECTION_BLOCK_HASHES, 0, data),) for data in sections]
-                result = save.session.commit(extras).wait()
-                self.stats.saved_chunks += result.in_memory
-                self.stats.save_seconds.append(time.perf_counter() - self._saves_started)
-            except (ValueError, *STORE_ERRORS) as e:  # ValueError: a layer was never written
-                log.warning("kvtier: save of request %s not published: %s", save.spec.req_id, e)
-                if isinstance(e, STORE_ERRORS):
-                    self.link.failed(e)
+            if self._save_copies is None:
+                self._commit(save)
+            else:  # behind this save's writes: published once its copies completed
+                self._save_copies.then(DoneEvent(), partial(self._commit, save), partial(self._save_failed, save))
+        if self._save_stream is not None:
+            self._save_stream.join()  # vLLM may reuse these blocks next step: after the gathers read them
         self._saves = []
         self.plan = StepPlan()
 
