@@ -208,7 +208,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     from kvtier.proxy import ProxyConfig, run_proxy
 
     cfg = ProxyConfig(args.prefill, args.decode, connect_timeout_s=args.connect_timeout,
-                      read_timeout_s=args.read_timeout)
+                      read_timeout_s=args.read_timeout, prefill_timeout_s=args.prefill_timeout)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s")
     run_proxy(cfg, args.host, args.port)
     return 0
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for an instance to accept a connection")
     proxy.add_argument("--read-timeout", type=positive_float, default=600.0,
                        help="seconds to wait between two pieces of an instance's answer")
+    proxy.add_argument("--prefill-timeout", type=positive_float, default=120.0,
+                       help="seconds the whole prefill call may take; past it the decode instance computes the prompt")
     proxy.set_defaults(fn=_cmd_proxy)
 
     store = sub.add_parser("store", help="inspect or clear a disk tier folder")
