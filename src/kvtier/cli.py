@@ -149,7 +149,7 @@ def _cmd_bench_fleet(args: argparse.Namespace) -> int:
 
     run_fleet_bench(_trace_path(args.trace), args.json, png_out=args.png or None, hosts=args.hosts,
                     max_requests=args.max_requests, real_payload=args.real_payload, vllm_runs=not args.no_vllm,
-                    vllm_quick=args.vllm_quick)
+                    vllm_quick=args.vllm_quick, vllm_repeats=args.vllm_repeats)
     return 0
 
 
@@ -297,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     bfl.add_argument("--real-payload", action="store_true",
                      help="also move real chunks between two `kvtier serve` processes over one shared folder")
     bfl.add_argument("--no-vllm", action="store_true",
-                     help="skip the vLLM engine runs vllm_shared and pd (four engines, minutes)")
+                     help="skip the vLLM engine runs vllm_shared and pd (five engines at once, minutes)")
     bfl.add_argument("--vllm-quick", action="store_true", help="the engine runs on a tiny model and workload")
+    bfl.add_argument("--vllm-repeats", type=positive_int, default=3,
+                     help="passes of the engine runs' workload on fresh documents (ratios: their medians)")
     bfl.set_defaults(fn=_cmd_bench_fleet)
     bsv = bsub.add_parser("service", help="store service lookup rate and shared-memory load throughput")
     bsv.add_argument("--json", default="results/bench_service.json")
