@@ -152,6 +152,8 @@ def test_streaming_passes_through_piece_by_piece() -> None:
 
 @pytest.mark.parametrize("raw,named", [
     (b"{not json", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b'{"prompt": "\xff\xfe"}', "not valid JSON"),  # not UTF-8
     (b"[1, 2]", "must be a JSON object, got list"),
     (b'{"model": "m"}', "no 'prompt' field"),
     (b'{"prompt": "x", "stream": "yes"}', "'stream' must be true or false"),

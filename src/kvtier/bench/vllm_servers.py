@@ -147,8 +147,9 @@ class Server(Child):
                 count += float(line.rsplit(" ", 1)[1])
         return total, count
 
-    def ttft_of(self, send: Any) -> tuple[Any, float]:
-        """(send()'s result, the TTFT the server recorded for the one request send() made)."""
+    def ttft_of(self, send: Any, required: bool = True) -> tuple[Any, float | None]:
+        """(send()'s result, the TTFT the server recorded for the one request send() made); None
+        where it recorded none and not `required` (a request the proxy gave up on was aborted)."""
         before, n = self.ttft_sum()
         result = send()
         deadline = time.monotonic() + 30
@@ -157,17 +158,24 @@ class Server(Child):
             if m >= n + 1 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        if m == n and not required:
+            return result, None
         if m != n + 1:
             raise RuntimeError(f"{self.name}: expected one more TTFT sample, got {m - n}")
         return result, after - before
 
     def complete(self, model: str, ids: list[int], **extra: Any) -> tuple[dict[str, Any], float]:
         """(answer, server-side TTFT) of one request; an error answer raises."""
-        (status, answer, _), ttft = self.ttft_of(lambda: post(self.url + "/v1/completions",
+        (status, answer, _), ttft = self._ttft_of(lambda: post(self.url + "/v1/completions",
                                                              completion(model, ids, **extra)))
         if status != 200:
             raise RuntimeError(f"{self.name} answered {status}: {str(answer)[:400]}")
         return answer, ttft
+
+    def _ttft_of(self, send: Any) -> tuple[Any, float]:
+        result, ttft = self.ttft_of(send)
+        assert ttft is not None
+        return result, ttft
 
 
 def proxy_args(prefill_url: str, decode_url: str, port: int, prefill_timeout_s: float) -> list[str]:
