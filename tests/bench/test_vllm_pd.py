@@ -37,6 +37,15 @@ def test_ratios_computed_chunks_and_token_checks_of_one_repeat() -> None:
     assert pd["same_tokens"] is False  # 7 is not the prefill instance's 6
 
 
+def test_prompts_the_reference_missed_are_left_out_of_every_ratio() -> None:
+    run = _run()
+    run["rows"]["dram"][1]["cached"] = 0  # its pool lost the document: 0.30 s is no DRAM hit
+    r = report([run], QUICK)
+    assert r["details"]["reference_misses"] == [1]
+    assert r["vllm_shared"]["folder"]["ttft_ratio"] == pytest.approx(2.2)  # prompt 0 alone: 0.22 / 0.10
+    assert r["pd"]["ttft_ratio"] == pytest.approx(1.0) and r["pd"]["e2e_ttft_s"] == pytest.approx(1.0)
+
+
 def test_ratios_are_medians_over_repeats_and_checks_hold_for_all() -> None:
     runs = [_run(decode_ttft=t) for t in (0.2, 0.7, 0.3)]  # decode means 0.15, 0.4, 0.2 over dram's 0.2
     pd = report(runs, QUICK)["pd"]
