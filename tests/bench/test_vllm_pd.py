@@ -33,6 +33,7 @@ def test_ratios_computed_chunks_and_token_checks_of_one_repeat() -> None:
     pd = r["pd"]
     assert pd["ttft_ratio"] == pytest.approx(0.75)
     assert pd["e2e_ttft_s"] == pytest.approx(1.2) and pd["e2e_ttft_ratio"] == pytest.approx(6.0)
+    assert pd["e2e_over_prefill"] == pytest.approx((1.0 / 0.9 + 1.4 / 1.1) / 2)
     assert pd["max_computed_chunks"] == 2  # 100 tokens in chunks of QUICK's 64
     assert pd["same_tokens"] is False  # 7 is not the prefill instance's 6
 

@@ -22,7 +22,8 @@ Reported:
                (every chunk from the shared tier; later ones find the document in their own DRAM)
   pd           ttft_ratio: decode's mean TTFT / dram's; e2e_ttft_s and e2e_ttft_ratio: the
                client's wall time through the proxy (prefill + handoff + decode + the proxy's
-               hops) over dram's TTFT; max_computed_chunks (the most prompt chunks the decode
+               hops) over dram's TTFT; e2e_over_prefill: that wall time over the prefill server's
+               own TTFT of the prompt (vLLM computing it whole); max_computed_chunks (the most prompt chunks the decode
                instance computed for one request); same_tokens
   pd.faults    store_cleared, identity, decode_down, prefill_killed (run_faults), each with the
                client's status, token check and wall time against its bound
@@ -352,6 +353,10 @@ def _one(run: dict[str, Any], chunk: int) -> dict[str, Any]:
                "first_visit_ttft_ratio": _mean(rows["decode"], first) / _mean(rows["dram"], first),
                "e2e_ttft_s": _mean(rows["e2e"], hit), "e2e_ttft_ratio": _mean(rows["e2e"], hit) / ref,
                "prefill_ttft_s": statistics.fmean(r["ttft_s"] for r in rows["prefill"] if r["ttft_s"] is not None),
+               # what disaggregation adds to vLLM computing the prompt: the proxy's hops, the handoff,
+               # the decode instance's wait and load (prompts the proxy gave up prefilling left out)
+               "e2e_over_prefill": statistics.fmean(e["ttft_s"] / p["ttft_s"] for e, p in zip(
+                   rows["e2e"], rows["prefill"], strict=True) if p["ttft_s"] is not None),
                "prefill_fallbacks": sum(r["ttft_s"] is None for r in rows["prefill"]),
                "max_computed_chunks": max(computed), "same_tokens": [r["token"] for r in rows["decode"]] == reference,
                "cached_tokens": [r["cached"] for r in rows["decode"]]},
@@ -377,6 +382,7 @@ def report(runs: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
     pd = {"ttft_ratio": med(lambda e: e["pd"]["ttft_ratio"]),
           "first_visit_ttft_ratio": med(lambda e: e["pd"]["first_visit_ttft_ratio"]),
           "e2e_ttft_ratio": med(lambda e: e["pd"]["e2e_ttft_ratio"]), "e2e_ttft_s": med(lambda e: e["pd"]["e2e_ttft_s"]),
+          "e2e_over_prefill": med(lambda e: e["pd"]["e2e_over_prefill"]),
           "max_computed_chunks": max(e["pd"]["max_computed_chunks"] for e in each),
           "same_tokens": all(e["pd"]["same_tokens"] for e in each), "per_repeat": [e["pd"] for e in each]}
     return {"vllm_shared": vllm_shared, "pd": pd,
