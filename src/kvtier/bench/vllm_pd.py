@@ -205,7 +205,7 @@ def run_workload(fleet: Fleet, seed: int) -> dict[str, Any]:
     return {"rows": rows, "first_visit": first}
 
 
-def run_faults(fleet: Fleet, seed: int) -> dict[str, Any]:
+def run_faults(fleet: Fleet, seed: int, kill_after_s: float) -> dict[str, Any]:
     """The faults, on fresh prompts, each timed from the client's side; the prefill server is
     killed last. Tokens are checked against dram's answer (vLLM computing the whole prompt)."""
     sizes, model, servers = fleet.sizes, fleet.model, fleet.servers
@@ -259,29 +259,19 @@ def run_faults(fleet: Fleet, seed: int) -> dict[str, Any]:
         result["status"], result["answer"], result["wall_s"] = post(fleet.proxy.url + "/v1/completions",
                                                                     completion(model, ids))
 
+    _, answered_before = servers["prefill"].ttft_sum()
     sender = threading.Thread(target=send)
     sender.start()
-    while sender.is_alive() and not _running(servers["prefill"]):
-        time.sleep(0.02)
-    killed_while_running = sender.is_alive()  # else the prefill was done before it was seen running
+    time.sleep(kill_after_s)  # a fraction of the prefill's measured TTFT: it is computing the prompt
+    _, answered = servers["prefill"].ttft_sum()
     servers["prefill"].kill()
+    killed_while_running = answered == answered_before and sender.is_alive()  # before its first token
     sender.join()
     out["prefill_killed"] = {"status": result["status"], "same_token": token_of(result["answer"]) == ref,
-                             "killed_while_running": killed_while_running,
+                             "killed_while_running": killed_while_running, "killed_after_s": kill_after_s,
                              "wall_s": result["wall_s"], "cached": cached_of(result["answer"]),
                              "bound": f"prefill_timeout_s ({PREFILL_TIMEOUT_S} s) + the decode instance's compute"}
     return out
-
-
-def _running(server: Server) -> bool:
-    """True while the server has a request running (vllm:num_requests_running)."""
-    import urllib.request
-
-    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("vllm:num_requests_running") and float(line.rsplit(" ", 1)[1]) >= 1:
-                return True
-    return False
 
 
 def run_engine_runs(quick: bool = False, timeout_s: float = 900.0, repeats: int = 1) -> dict[str, Any]:
@@ -312,7 +302,8 @@ def run_engine_runs(quick: bool = False, timeout_s: float = 900.0, repeats: int 
             runs.append(run_workload(fleet, seed=100 + r))
             (work / "runs.json").write_text(json.dumps(runs))  # kept if a later step fails
         try:
-            faults = run_faults(fleet, seed=999)
+            prefill = [r["ttft_s"] for run in runs for r in run["rows"]["prefill"] if r["ttft_s"] is not None]
+            faults = run_faults(fleet, seed=999, kill_after_s=0.3 * statistics.median(prefill))
         except Exception as e:  # noqa: BLE001 - reported in the JSON; the measured runs stand
             faults = {"error": f"{type(e).__name__}: {e}"}
     finally:
