@@ -149,7 +149,7 @@ def _cmd_bench_fleet(args: argparse.Namespace) -> int:
 
     run_fleet_bench(_trace_path(args.trace), args.json, png_out=args.png or None, hosts=args.hosts,
                     max_requests=args.max_requests, real_payload=args.real_payload, vllm_runs=not args.no_vllm,
-                    vllm_quick=args.vllm_quick)
+                    vllm_quick=args.vllm_quick, vllm_repeats=args.vllm_repeats)
     return 0
 
 
@@ -208,7 +208,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     from kvtier.proxy import ProxyConfig, run_proxy
 
     cfg = ProxyConfig(args.prefill, args.decode, connect_timeout_s=args.connect_timeout,
-                      read_timeout_s=args.read_timeout)
+                      read_timeout_s=args.read_timeout, prefill_timeout_s=args.prefill_timeout)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s")
     run_proxy(cfg, args.host, args.port)
     return 0
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for an instance to accept a connection")
     proxy.add_argument("--read-timeout", type=positive_float, default=600.0,
                        help="seconds to wait between two pieces of an instance's answer")
+    proxy.add_argument("--prefill-timeout", type=positive_float, default=120.0,
+                       help="seconds the whole prefill call may take; past it the decode instance computes the prompt")
     proxy.set_defaults(fn=_cmd_proxy)
 
     store = sub.add_parser("store", help="inspect or clear a disk tier folder")
@@ -295,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     bfl.add_argument("--real-payload", action="store_true",
                      help="also move real chunks between two `kvtier serve` processes over one shared folder")
     bfl.add_argument("--no-vllm", action="store_true",
-                     help="skip the vLLM engine runs vllm_shared and pd (four engines, minutes)")
+                     help="skip the vLLM engine runs vllm_shared and pd (five engines at once, minutes)")
     bfl.add_argument("--vllm-quick", action="store_true", help="the engine runs on a tiny model and workload")
+    bfl.add_argument("--vllm-repeats", type=positive_int, default=3,
+                     help="passes of the engine runs' workload on fresh documents (ratios: their medians)")
     bfl.set_defaults(fn=_cmd_bench_fleet)
     bsv = bsub.add_parser("service", help="store service lookup rate and shared-memory load throughput")
     bsv.add_argument("--json", default="results/bench_service.json")

@@ -22,9 +22,10 @@ class FakeInstance:
     """A vLLM-like OpenAI server that records what it was sent."""
 
     def __init__(self, role: str, status: int = 200, stream_pieces: int = 3, hang_s: float = 0.0,
-                 dies: bool = False) -> None:
+                 dies: bool = False, refusal: dict[str, Any] | None = None) -> None:
         self.role, self.status, self.stream_pieces, self.hang_s = role, status, stream_pieces, hang_s
         self.dies = dies  # drops the connection mid-request, as a killed instance does
+        self.refusal = refusal  # a decode instance's output kv_transfer_params (a refused handoff)
         self.seen: list[tuple[str, dict[str, Any]]] = []
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -48,7 +49,8 @@ class FakeInstance:
                 await asyncio.sleep(0.01)
             await resp.write(b"data: [DONE]\n\n")
             return resp
-        return web.json_response({"choices": [{"text": "decoded"}], "got": body.get("kv_transfer_params")})
+        return web.json_response({"choices": [{"text": "decoded"}], "got": body.get("kv_transfer_params"),
+                                  "kv_transfer_params": self.refusal})
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -75,7 +77,8 @@ Scenario = Callable[[TestClient, FakeInstance, FakeInstance], Awaitable[None]]
 
 
 def run(scenario: Scenario, prefill: FakeInstance | None = None, decode: FakeInstance | None = None,
-        decode_down: bool = False, prefill_down: bool = False, read_timeout_s: float = 30.0) -> None:
+        decode_down: bool = False, prefill_down: bool = False, read_timeout_s: float = 30.0,
+        prefill_timeout_s: float = 30.0) -> None:
     prefill = prefill or FakeInstance("prefill")
     decode = decode or FakeInstance("decode")
 
@@ -90,7 +93,8 @@ def run(scenario: Scenario, prefill: FakeInstance | None = None, decode: FakeIns
             await server.start_server()
             servers.append(server)
             urls.append(str(server.make_url("")))
-        cfg = ProxyConfig(urls[0], urls[1], connect_timeout_s=2.0, read_timeout_s=read_timeout_s)
+        cfg = ProxyConfig(urls[0], urls[1], connect_timeout_s=2.0, read_timeout_s=read_timeout_s,
+                          prefill_timeout_s=prefill_timeout_s)
         async with TestClient(TestServer(make_app(cfg))) as client:
             try:
                 await asyncio.wait_for(scenario(client, prefill, decode), timeout=30)
@@ -106,7 +110,7 @@ def test_completion_goes_to_prefill_with_one_token_then_to_decode_with_its_param
         resp = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 20,
                                                            "min_tokens": 5, "stream": False})
         assert resp.status == 200
-        assert (await resp.json()) == {"choices": [{"text": "decoded"}], "got": HANDOFF}
+        assert (await resp.json()) == {"choices": [{"text": "decoded"}], "got": HANDOFF, "kv_transfer_params": None}
         ((path, sent),) = prefill.seen
         assert path == "/v1/completions"
         assert sent == {"model": "m", "prompt": "hi", "max_tokens": 1, "stream": False,
@@ -148,6 +152,8 @@ def test_streaming_passes_through_piece_by_piece() -> None:
 
 @pytest.mark.parametrize("raw,named", [
     (b"{not json", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b'{"prompt": "\xff\xfe"}', "not valid JSON"),  # not UTF-8
     (b"[1, 2]", "must be a JSON object, got list"),
     (b'{"model": "m"}', "no 'prompt' field"),
     (b'{"prompt": "x", "stream": "yes"}', "'stream' must be true or false"),
@@ -206,6 +212,40 @@ def test_decode_instance_killed_mid_request_is_a_502() -> None:
         assert resp.status == 502 and "decode instance" in (await resp.json())["error"]["message"]
 
     run(scenario, decode=FakeInstance("decode", dies=True))
+
+
+def test_prefill_instance_slower_than_its_bound_falls_back_to_decode() -> None:
+    async def scenario(client: TestClient, prefill: FakeInstance, decode: FakeInstance) -> None:
+        resp = await client.post("/v1/completions", json={"prompt": "hi"})
+        assert resp.status == 200 and (await resp.json())["got"] is None
+        assert len(prefill.seen) == 1 and len(decode.seen) == 1
+
+    # the prefill call never ends (a hung host); read_timeout_s alone (between reads) would wait 30 s
+    run(scenario, prefill=FakeInstance("prefill", hang_s=60.0), prefill_timeout_s=0.5)
+
+
+def test_decode_refusing_the_handoff_as_another_model_or_layout_is_a_502_naming_the_fields() -> None:
+    message = "made for another model or layout: layout '0a' (producer) != '0b' (this instance)"
+
+    async def scenario(client: TestClient, prefill: FakeInstance, decode: FakeInstance) -> None:
+        resp = await client.post("/v1/completions", json={"prompt": "hi"})
+        assert resp.status == 502
+        text = (await resp.json())["error"]["message"]
+        assert "refused the KV of the prefill instance" in text and message in text
+        assert decode.seen[0][1]["kv_transfer_params"] == HANDOFF  # it was given the producer's handoff
+
+    run(scenario, decode=FakeInstance("decode", refusal={"kvtier_refused": {"kind": "identity", "message": message}}))
+
+
+def test_decode_refusing_one_prompts_handoff_still_answers() -> None:
+    refusal = {"kvtier_refused": {"kind": "prompt", "message": "its last_key is not this prompt's key"}}
+
+    async def scenario(client: TestClient, prefill: FakeInstance, decode: FakeInstance) -> None:
+        resp = await client.post("/v1/completions", json={"prompt": "hi"})
+        assert resp.status == 200  # it computed the prompt without the handoff: a right answer, slower
+        assert (await resp.json())["kv_transfer_params"] == refusal
+
+    run(scenario, decode=FakeInstance("decode", refusal=refusal))
 
 
 def test_prefill_server_error_falls_back_to_decode_and_client_error_is_returned() -> None:

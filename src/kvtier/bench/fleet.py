@@ -418,9 +418,11 @@ def run_fleet_bench(
     quiet: bool = False,
     vllm_runs: bool = False,
     vllm_quick: bool = False,
+    vllm_repeats: int = 3,
 ) -> dict[str, Any]:
     """Simulate every H in `hosts`; write JSON (and a PNG); optionally the real-payload run and the
-    vLLM engine runs `vllm_shared` and `pd` (bench/vllm_pd.py; `vllm_quick`: its small model)."""
+    vLLM engine runs `vllm_shared` and `pd` (bench/vllm_pd.py; `vllm_quick`: its small model;
+    `vllm_repeats`: workload passes on fresh documents, ratios reported as their medians)."""
     if not hosts or any(h < 1 for h in hosts):
         raise ValueError(f"hosts must be a non-empty list of positive counts, got {list(hosts)}")
     if capacity_pct <= 0:
@@ -462,12 +464,13 @@ def run_fleet_bench(
     if vllm_runs:
         from kvtier.bench.vllm_pd import run_engine_runs
 
-        engines = run_engine_runs(quick=vllm_quick)
+        engines = run_engine_runs(quick=vllm_quick, repeats=vllm_repeats)
         result["vllm_shared"], result["pd"], result["vllm_details"] = (
             engines["vllm_shared"], engines["pd"], engines["details"])
         if not quiet:
             for run in ("vllm_shared", "pd"):
-                print(f"{run}: " + ", ".join(f"{k} {v}" for k, v in result[run].items() if k != "cached_tokens"),
+                print(f"{run}: " + ", ".join(f"{k} {v}" for k, v in result[run].items()
+                                             if k not in ("cached_tokens", "per_repeat")),
                       file=sys.stderr)
     if not quiet:
         target = result["target"]

@@ -9,12 +9,18 @@ carries kv_transfer_params naming them (connectors/vllm/pd.py). The original req
 to the decode instance ("kv_consumer") with those parameters: its kvtier waits for the chunks,
 loads them and decodes. The decode instance's answer (streamed or not) is passed through as is.
 
-Faults, each answered within a bounded time (connect_timeout_s, read_timeout_s):
+Faults, each answered within a bounded time (prefill_timeout_s for the whole prefill call, then
+connect_timeout_s and read_timeout_s for the decode instance's answer):
 - a body that is not a JSON object, or has no prompt/messages: 400 with what is wrong;
-- the prefill instance down or failing (5xx, timeout): the request goes to the decode instance
-  without parameters, which computes the prompt itself (slower, same tokens); a 4xx from it (the
-  request is bad) is returned to the client as is;
-- the decode instance down: 503 naming it; a broken or timed-out answer: 502 / 504.
+- the prefill instance down, killed mid-request, failing (5xx) or slower than prefill_timeout_s:
+  the request goes to the decode instance without parameters, which computes the prompt itself
+  (slower, same tokens); a 4xx from it (the request is bad) is returned to the client as is;
+- the decode instance down: 503 naming it; a broken or timed-out answer: 502 / 504;
+- the decode instance refused the handoff as made by an instance with another model, KV layout,
+  byte format, chunk size or hash mode (its output kv_transfer_params say so, pd.py): 502 naming
+  the fields that differ, since the two instances are misconfigured; it computed the answer
+  without the foreign KV. Only a non-streamed answer can be checked before it is sent; a
+  streamed one is passed through and the decode instance logs the error.
 
 aiohttp (client and server in one well-kept library, streaming both ways) instead of a
 hand-written HTTP layer.
@@ -32,6 +38,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from kvtier.connectors.vllm.pd import refusal_in
 from kvtier.core.config import check_fields, number_field
 from kvtier.core.errors import ConfigError
 
@@ -62,6 +69,8 @@ class ProxyConfig:
     decode_url: str
     connect_timeout_s: float = number_field(5.0, low=0, low_open=True)  # a backend that does not accept
     read_timeout_s: float = number_field(600.0, low=0, low_open=True)  # between two reads of an answer
+    # the prefill call as a whole (one token); past it the decode instance computes the prompt itself
+    prefill_timeout_s: float = number_field(120.0, low=0, low_open=True)
 
     def __post_init__(self) -> None:
         check_fields(self, "proxy")
@@ -110,7 +119,9 @@ async def _prefill(session: aiohttp.ClientSession, cfg: ProxyConfig, path: str,
     """kv_transfer_params from the prefill instance; a Response to return for a 4xx; None when it failed."""
     url = cfg.prefill_url + path
     try:
-        async with session.post(url, json=prefill_body(body)) as resp:
+        async with session.post(url, json=prefill_body(body),
+                                timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s,
+                                                              sock_connect=cfg.connect_timeout_s)) as resp:
             data = await resp.read()
             if 400 <= resp.status < 500:
                 return web.Response(body=data, status=resp.status, content_type=resp.content_type)
@@ -131,6 +142,8 @@ async def _decode(request: web.Request, session: aiohttp.ClientSession, cfg: Pro
     url = cfg.decode_url + request.path
     try:
         async with session.post(url, json=body) as resp:
+            if not body.get("stream"):
+                return _checked_answer(cfg, resp, await resp.read())
             out = web.StreamResponse(status=resp.status, reason=resp.reason)
             for name, value in resp.headers.items():
                 if name.lower() not in HOP_HEADERS:
@@ -153,6 +166,29 @@ async def _decode(request: web.Request, session: aiohttp.ClientSession, cfg: Pro
     except aiohttp.ClientError as e:
         return error_response(502, f"the decode instance {cfg.decode_url} failed: {type(e).__name__}: {e}",
                               "bad_gateway")
+
+
+def _checked_answer(cfg: ProxyConfig, resp: aiohttp.ClientResponse, data: bytes) -> web.Response:
+    """The decode instance's non-streamed answer as is, unless it refused the handoff as made by an
+    instance with another model or layout: then a 502 naming what differs."""
+    headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
+    refusal = None
+    if resp.status == 200:
+        try:
+            answer = json.loads(data)
+            refusal = refusal_in(answer.get("kv_transfer_params")) if isinstance(answer, dict) else None
+        except ValueError:
+            pass
+    if refusal is not None and refusal[0] == "identity":
+        log.error("kvtier proxy: the decode instance %s refused the prefill instance's KV: %s",
+                  cfg.decode_url, refusal[1])
+        return error_response(502, f"the decode instance {cfg.decode_url} refused the KV of the prefill instance "
+                                   f"{cfg.prefill_url}: {refusal[1]}; both must serve the same model with the same "
+                                   "KV layout and kvtier settings", "bad_gateway")
+    if refusal is not None:
+        log.warning("kvtier proxy: the decode instance %s refused the handoff and computed the prompt: %s",
+                    cfg.decode_url, refusal[1])
+    return web.Response(body=data, status=resp.status, reason=resp.reason, headers=headers)
 
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from kvtier.connectors.vllm.pd import PARAMS_KEY, Handoff, HandoffError, Identity
+from kvtier.connectors.vllm.pd import PARAMS_KEY, Handoff, HandoffError, Identity, refusal_in
 
 from .sim import BLOCK, LAYOUT, FakeRequest, Sim, make_client
 
@@ -144,7 +144,12 @@ def test_handoff_of_another_model_or_layout_is_refused_without_waiting(
         ext = consumer.sched.num_new_matched_tokens(d, 0)
     assert ext == 13  # its own keys still hit what the store holds: right KV whatever the params say
     assert "kv_transfer_params refused" in caplog.text and named in caplog.text
+    assert [r.levelno for r in caplog.records if "refused" in r.getMessage()] == [logging.ERROR]
     assert consumer.sched.stats["handoffs_rejected"] == 1
+    # the request's output kv_transfer_params report it, for the proxy to answer with an error
+    report = consumer.sched.request_finished(d)
+    assert refusal_in(report) is not None and refusal_in(report)[0] == "identity"  # type: ignore[index]
+    assert named in refusal_in(report)[1]  # type: ignore[index]
 
 
 def test_handoff_of_another_prompt_is_refused(caplog: pytest.LogCaptureFixture) -> None:
@@ -159,6 +164,20 @@ def test_handoff_of_another_prompt_is_refused(caplog: pytest.LogCaptureFixture) 
     with caplog.at_level(logging.WARNING, logger="kvtier"):
         consumer.sched.num_new_matched_tokens(longer, 0)
     assert consumer.sched.stats["handoffs_rejected"] == 2
+    assert [refusal_in(consumer.sched.request_finished(r)) for r in (d, longer)] == [
+        ("prompt", "its last_key is not this prompt's key (another prompt, cache salt or adapter)"),
+        ("prompt", "it names 3 chunks + 2 tokens, more than or other than this prompt's 17 tokens")]
+
+
+def test_malformed_handoff_is_reported_back_and_an_accepted_one_is_not() -> None:
+    producer, consumer, _ = pair()
+    params = prefill(producer, PROMPT14)
+    bad = decode_request(PROMPT14, {PARAMS_KEY: {"v": 9}}, "bad")
+    good = decode_request(PROMPT14, params, "good")
+    assert consumer.admit(bad) == 13 and consumer.admit(good) == 13  # the store's hits under its own keys
+    assert refusal_in(consumer.sched.request_finished(bad)) == (
+        "malformed", "kv_transfer_params['kvtier'].v: expected 1, got 9")
+    assert consumer.sched.request_finished(good) is None
 
 
 @pytest.mark.parametrize("raw,named", [

@@ -102,6 +102,9 @@ def test_handoff_of_another_prompt_is_refused_and_the_answer_is_right(runs: dict
     assert mismatch["tokens"] == runs["baseline"]["p5"]
     assert mismatch["cached"] == 64  # p5 shares p1's first 2 chunks: found under its own keys
     assert "kv_transfer_params refused" in runs["decode_log"]
+    # and says so in its output kv_transfer_params (what kvtier proxy reads)
+    assert mismatch["kv_transfer_params"]["kvtier_refused"]["kind"] == "prompt"
+    assert all(r["kv_transfer_params"] is None for r in runs["decode"]["rounds"]["pd"])  # accepted: nothing to say
     stats = runs["decode"]["stats"]
     assert (stats["handoffs_received"], stats["handoff_timeouts"], stats["handoffs_rejected"]) == (4, 1, 1)
     assert stats["saved_chunks"] == 0  # a kv_consumer saves nothing

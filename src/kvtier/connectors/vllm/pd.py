@@ -16,6 +16,10 @@ prompt, cache salt or LoRA adapter never matches), then waits, up to remote_wait
 store shows every published chunk (the background write to the shared tier may still be on its
 way) and loads them. Parameters that do not match, or chunks that never appear, cost a recompute
 and a warning, never wrong KV: keys are content digests, so whatever is found is right.
+A refused handoff is also reported back in the request's output kv_transfer_params
+({"kvtier_refused": {"kind": ..., "message": ...}}, `Refusal`): kvtier proxy turns a refusal of
+kind "identity" (the two instances run another model, layout, format, chunk size or hash mode:
+a deployment error, not one request's) into an HTTP error naming the fields that differ.
 
 The producer need not hold the request's blocks (request_finished returns False): nothing of
 its chunks is read from vLLM's pages after the step that computed them.
@@ -32,8 +36,35 @@ ASK_KEY = "do_remote_decode"  # the prefill request's flag asking for a handoff 
 HANDOFF_VERSION = 1
 
 
+REFUSED_KEY = "kvtier_refused"  # a consumer's output kv_transfer_params entry: the handoff it refused
+REFUSAL_KINDS = ("malformed", "identity", "prompt")
+
+
 class HandoffError(ValueError):
-    """kv_transfer_params["kvtier"] is malformed or was made for another model, layout or prompt."""
+    """kv_transfer_params["kvtier"] is malformed or was made for another model, layout or prompt.
+
+    `kind`: "malformed" (not a handoff of this version), "identity" (made by an instance with another
+    model, KV layout, byte format, chunk size or hash mode, or one that saves partial chunks where
+    this one does not), "prompt" (made for another prompt, cache salt or adapter).
+    """
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        assert kind in REFUSAL_KINDS, kind
+        self.kind = kind
+
+    def to_params(self) -> dict[str, Any]:
+        """The refusal as a consumer reports it in its request's output kv_transfer_params."""
+        return {REFUSED_KEY: {"kind": self.kind, "message": str(self)}}
+
+
+def refusal_in(params: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(kind, message) of the refusal a consumer reported in its output kv_transfer_params, else None."""
+    raw = params.get(REFUSED_KEY) if isinstance(params, Mapping) else None
+    if not isinstance(raw, Mapping):
+        return None
+    kind = raw.get("kind")
+    return (kind if kind in REFUSAL_KINDS else "malformed", str(raw.get("message", "")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,7 @@ class _ReqState:
     partial_stored: bool = False  # in the store: saved by this request or loaded from it
     handoff_checked: bool = False  # its kv_transfer_params were read (consumer)
     awaited: frozenset[bytes] = frozenset()  # chunks a producer published that the store must show first
+    refused: HandoffError | None = None  # the handoff its kv_transfer_params carried, refused (consumer)
     wait_until: float = 0.0  # ... until then; afterwards whatever is there is loaded, the rest computed
     next_poll: float = 0.0
 
@@ -233,25 +234,29 @@ class SchedulerSide:
             if handoff is None:
                 return
             if self.identity is None:
-                raise HandoffError("this instance was not given its identity; it cannot check handoffs")
+                raise HandoffError("this instance was not given its identity; it cannot check handoffs", "identity")
             diff = self.identity.mismatch(handoff.identity)
             if diff:
-                raise HandoffError(f"made for another model or layout: {diff}")
+                raise HandoffError(f"made for another model or layout: {diff}", "identity")
             chain = st.chain
             if handoff.chunks > len(chain.keys) or (handoff.partial_tokens and (
                     handoff.partial_tokens != st.partial_tokens or handoff.chunks != len(chain.keys))):
                 raise HandoffError(f"it names {handoff.chunks} chunks + {handoff.partial_tokens} tokens, more than "
-                                   f"or other than this prompt's {st.request.num_prompt_tokens} tokens")
+                                   f"or other than this prompt's {st.request.num_prompt_tokens} tokens", "prompt")
             published: list[bytes] = list(chain.keys[:handoff.chunks])
             if handoff.partial_tokens:
                 if st.partial is None:
-                    raise HandoffError("it names a partial chunk, but this instance saves no partial chunks")
+                    raise HandoffError("it names a partial chunk, but this instance saves no partial chunks "
+                                       "(partial_chunks differs between the two instances)", "identity")
                 published.append(st.partial)
             if published and published[-1].hex() != handoff.last_key:
-                raise HandoffError("its last_key is not this prompt's key (another prompt, cache salt or adapter)")
+                raise HandoffError("its last_key is not this prompt's key (another prompt, cache salt or adapter)",
+                                   "prompt")
         except HandoffError as e:
             self.stats["handoffs_rejected"] += 1
-            log.warning("kvtier: request %s: kv_transfer_params refused (it loads only what the store holds under its own keys, computes the rest): %s", req_id, e)
+            st.refused = e
+            # another model or layout is the deployment's error, not this request's: an error, not a warning
+            log.log(logging.ERROR if e.kind == "identity" else logging.WARNING, "kvtier: request %s: kv_transfer_params refused (it loads only what the store holds under its own keys, computes the rest): %s", req_id, e)
             return
         self.stats["handoffs_received"] += 1
         st.awaited = frozenset(published)
@@ -420,7 +425,8 @@ class SchedulerSide:
         st.partial_stored = True
 
     def request_finished(self, request: Any) -> dict[str, Any] | None:
-        """Forget the request; a producer returns the handoff the request asked for (pd.py), else None."""
+        """Forget the request; a producer returns the handoff the request asked for (pd.py), a consumer
+        the refusal of the handoff it was given (HandoffError.to_params), else None."""
         gone = self.reqs.pop(request.request_id, None)
         if gone is None:
             return None
@@ -429,6 +435,8 @@ class SchedulerSide:
         if st.load is not None and st.load.lease_id is not None:
             lease_id = st.load.lease_id
             self._call(lambda c: c.release(lease_id))
+        if st.refused is not None:
+            return st.refused.to_params()
         if not (self.save and self.identity is not None and st.chain is not None
                 and asks_for_handoff(getattr(request, "kv_transfer_params", None))):
             return None
