@@ -197,7 +197,7 @@ class SparseKV:
         win_lo = nb - cfg.window_blocks
         sinks = cfg.sink_blocks
 
-        def protected(block_of: np.ndarray) -> np.ndarray:
+        def protected(block_of: torch.Tensor) -> torch.Tensor:
             return (block_of != EMPTY) & ((block_of < sinks) | (block_of >= win_lo))
 
         hk = k.unflatten(1, (m, bt))
@@ -261,7 +261,7 @@ class SparseKV:
 
     def _fill(self, layer: int, heads: np.ndarray, blocks: np.ndarray, slots: np.ndarray) -> None:
         """The working set's `fill`: K and V of block blocks[i] of head heads[i] into slot slots[i],
-        read from the store one verified section each (or copied from the span being saved).
+        read from the store in one batched call, every section verified (or copied from the span being saved).
 
         The store reads run in this thread: a decode step reads a few slices per head and waits
         for them, so a hop to the store's worker and back would cost more than the copies."""
@@ -284,23 +284,26 @@ class SparseKV:
             self._fill_staged(layer, heads, blocks, slots)
             return
         kb, vb = ws.byte_views()
-        # one store read per head, of that head's K and V sections of every block it newly wants:
-        # grouping the blocks by the set of heads that want them (to read each block's chunk once)
-        # cost more in numpy and call overhead than it saved (a warm DRAM slice reads in ~20-26 us)
-        keys = self.block_keys
         t0 = time.perf_counter()
         try:
-            for h in np.unique(heads).tolist():
-                mine = heads == h
-                bl = blocks[mine].tolist()
-                dests = [[kb[h, s], vb[h, s]] for s in slots[mine].tolist()]
-                result = self.store.load_here([keys[b] for b in bl], dests,
-                                              [self._section(layer, h, 0), self._section(layer, h, 1)])
-                if result.failed:
-                    raise self._missing(layer, f" head {h}", [bl[i] for i in result.failed])
-                self.fetched_bytes += 2 * self._section_bytes * len(bl)
+            self._read_slices(layer, heads, blocks, [[kb[h, sl], vb[h, sl]] for h, sl in zip(heads.tolist(), slots.tolist())])
         finally:
             self.fetch_seconds += time.perf_counter() - t0
+
+    def _read_slices(self, layer: int, heads: np.ndarray, blocks: np.ndarray, dests: list[list[np.ndarray]]) -> None:
+        """K and V sections of block blocks[i] of head heads[i] of `layer` into dests[i] (two buffers):
+        one batched, verified store read for all of them; BlockMissingError names what no tier held."""
+        keys = self.block_keys
+        bl = blocks.tolist()
+        hs = heads.tolist()
+        base = layer * self.layout.num_kv_heads
+        result = self.store.load_here_each([keys[b] for b in bl], dests,
+                                           [((base + h) * 2, (base + h) * 2 + 1) for h in hs])
+        if result.failed:
+            bad = sorted({hs[i] for i in result.failed})
+            raise self._missing(layer, f" head{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}",
+                                [bl[i] for i in result.failed])
+        self.fetched_bytes += 2 * self._section_bytes * len(bl)
 
     def _fill_staged(self, layer: int, heads: np.ndarray, blocks: np.ndarray, slots: np.ndarray) -> None:
         """`_fill` for working sets off the host: every slice is read (verified) into row i of the
@@ -310,19 +313,9 @@ class SparseKV:
         bt, d = self.config.block_tokens, self.layout.head_size
         rows = self._fill_staging.rows(len(heads))
         arr = rows.numpy()
-        keys = self.block_keys
         t0 = time.perf_counter()
         try:
-            order = np.arange(len(heads))
-            for h in np.unique(heads).tolist():
-                mine = order[heads == h]
-                bl = blocks[mine].tolist()
-                dests = [[arr[i, 0], arr[i, 1]] for i in mine.tolist()]
-                result = self.store.load_here([keys[b] for b in bl], dests,
-                                              [self._section(layer, h, 0), self._section(layer, h, 1)])
-                if result.failed:
-                    raise self._missing(layer, f" head {h}", [bl[i] for i in result.failed])
-                self.fetched_bytes += 2 * self._section_bytes * len(bl)
+            self._read_slices(layer, heads, blocks, [[arr[i, 0], arr[i, 1]] for i in range(len(heads))])
             on_device = self._fill_staging.to_device(rows).view(self.dtype).reshape(len(heads), 2, bt, d)
             ws.write_slots(heads, slots, on_device[:, 0], on_device[:, 1])
         finally:
@@ -363,8 +356,8 @@ class SparseKV:
             kv = kv.to(self.device)
         return kv[:, :, 0], kv[:, :, 1]
 
-    def _select(self, layer: int, q: torch.Tensor, nb: int, scaling: float) -> np.ndarray:
-        """Blocks the working set must hold: [H, m] int64, rows padded with EMPTY."""
+    def _select(self, layer: int, q: torch.Tensor, nb: int, scaling: float) -> torch.Tensor:
+        """Blocks the working set must hold: [H, m] int64 on the device, rows padded with EMPTY."""
         cfg = self.config
         ws = self.working[layer]
         h = q.shape[0]
@@ -374,7 +367,7 @@ class SparseKV:
         if self.policy.dense or hi - lo <= k:
             if nb > ws.slots:
                 ws.grow(nb)
-            return np.broadcast_to(np.arange(nb), (h, nb))
+            return torch.arange(nb, device=self.device).expand(h, nb)
         step = self._steps[layer]
         self._steps[layer] += 1
         prev = self._picks[layer]
@@ -383,15 +376,12 @@ class SparseKV:
         else:
             keys = self._candidate_keys(layer, lo, hi) if self.policy.needs_keys else None
             pri = self.policy.priority(q.float(), self.tables[layer], lo, hi, scaling, keys)
-            held = torch.from_numpy(ws.holds(lo, hi)).to(self.device) if cfg.keep_margin else None
+            held = ws.holds(lo, hi) if cfg.keep_margin else None
             picks = sticky_topk(pri, held, k, cfg.keep_margin) + lo
         self._picks[layer] = picks
-        # sinks, then the window, then the picks
-        wanted = np.empty((h, lo + nb - hi + k), dtype=np.int64)
-        wanted[:, :lo] = np.arange(lo)
-        wanted[:, lo : lo + nb - hi] = np.arange(hi, nb)
-        wanted[:, lo + nb - hi :] = picks.cpu().numpy()  # the slot bookkeeping is on the host
-        return wanted
+        # sinks, then the window, then the picks: on the device, as the slot bookkeeping
+        always = torch.cat((torch.arange(lo, device=picks.device), torch.arange(hi, nb, device=picks.device)))
+        return torch.cat((always.expand(h, -1), picks), 1)
 
     def _candidate_keys(self, layer: int, lo: int, hi: int) -> torch.Tensor:
         k, _ = self._fetch(layer, list(range(lo, hi)))  # [n, H, B, d]
@@ -414,7 +404,7 @@ class SparseKV:
         nb = t // bt
         qg = q.reshape(h, g * nq, d)
         ws.ensure(self._select(layer, qg, nb, scaling),
-                  lambda heads, blocks, slots: self._fill(layer, heads, blocks, slots))
+                  lambda heads, blocks, slots: self._fill(layer, heads, blocks, slots), n_blocks=nb)
         valid = ws.token_mask().unsqueeze(1)  # [H, 1, L]: selected slots and the tail's tokens
         if nq > 1 or token_mask is not None:
             pos = ws.token_positions(nb * bt)  # [H, L]
