@@ -1,11 +1,15 @@
-"""Decode's hot path (issue 22): one batched store read per layer, the plan made with tensor ops."""
+"""Issue 22 on the CPU: one batched store read per layer at decode; prefill's writes on a background writer."""
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 
 from kvtier.sparse import SparseKV
+from kvtier.sparse.errors import SparseWriteError
 
 from .helpers import LAYOUT, config, make_store
 
@@ -38,4 +42,91 @@ def test_each_layer_reads_its_new_slices_in_one_store_call(stage: bool) -> None:
             # the slices of every head that wanted any, in one call; none when nothing changed
             assert calls[n_calls:] == ([new] if new else [])
     assert sum(calls) > 0
+    store.close()
+
+
+def _gate_writes(kv: SparseKV) -> threading.Event:
+    """Hold the background writer's jobs until someone drains it (so writes are surely pending)."""
+    gate = threading.Event()
+    real_begin = kv.store.begin_save
+    kv.store.begin_save = lambda *a: (gate.wait(30), real_begin(*a))[1]  # type: ignore[method-assign]
+    assert kv._writer is not None
+    real_drain = kv._writer.drain
+
+    def drain() -> None:
+        gate.set()
+        real_drain()
+
+    kv._writer.drain = drain  # type: ignore[method-assign]
+    return gate
+
+
+def test_a_read_right_after_prefill_returns_the_blocks_still_being_written() -> None:
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=512), LAYOUT, salt=b"aw")  # budget > context: dense
+    gate = _gate_writes(kv)
+    k, v = random_kv(64)
+    for layer in range(L):
+        kv.append(layer, k[layer], v[layer])
+    assert kv._writer is not None and kv._writer.pending == L and not gate.is_set()  # nothing written yet
+    q = torch.randn(2 * H, 1, D)
+    out = kv.attend(0, q, D**-0.5)  # reads blocks 1.. from the store: waits for the writer
+    assert gate.is_set() and kv._writer.pending == 0
+    ref = torch.nn.functional.scaled_dot_product_attention(q.reshape(H, 2, D), k[0], v[0], scale=D**-0.5)
+    torch.testing.assert_close(out, ref.reshape(2 * H, 1, D))
+    assert store.lookup(kv.block_keys).hits == len(kv.block_keys) == 64 // BT
+    kv.close()
+    store.close()
+
+
+def test_close_writes_everything_queued() -> None:
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=24), LAYOUT, salt=b"cl")
+    gate = _gate_writes(kv)
+    k, v = random_kv(96)
+    for lo in range(0, 96, 48):  # two prefill chunks queued behind the gate (the queue holds 2 x L jobs)
+        for layer in range(L):
+            kv.append(layer, k[layer, :, lo : lo + 48], v[layer, :, lo : lo + 48])
+    assert store.lookup(kv.block_keys).hits == 0
+    kv.close()
+    assert gate.is_set() and store.lookup(kv.block_keys).hits == 96 // BT
+    got = [np.zeros(store.layer_bytes, np.uint8)]
+    assert not store.load_here([kv.block_keys[-1]], [got], [kv._section(1, 1, 1)]).failed
+    assert torch.equal(torch.from_numpy(got[0]).view(torch.float32).view(BT, D), v[1, 1, 92:96])
+    store.close()
+
+
+def test_a_failed_background_write_is_reported() -> None:
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=24), LAYOUT, salt=b"wf")
+
+    def broken(*a):
+        raise OSError("disk on fire")
+
+    store.begin_save = broken  # type: ignore[method-assign]
+    k, v = random_kv(32)
+    for layer in range(L):
+        kv.append(layer, k[layer], v[layer])  # queued: the failure comes later
+    with pytest.raises(SparseWriteError, match="disk on fire"):
+        kv.flush()
+    with pytest.raises(SparseWriteError):  # and again: never forgotten
+        kv.attend(0, torch.randn(2 * H, 1, D), D**-0.5)
+    with pytest.raises(SparseWriteError):
+        kv.append(0, k[0, :, :BT], v[0, :, :BT])
+    with pytest.raises(SparseWriteError):
+        kv.close()
+    store.close()
+
+
+def test_synchronous_writes_raise_at_once() -> None:
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=24), LAYOUT, salt=b"ws", async_writes=False)
+
+    def broken(*a):
+        raise OSError("disk on fire")
+
+    store.begin_save = broken  # type: ignore[method-assign]
+    k, v = random_kv(32)
+    with pytest.raises(OSError, match="disk on fire"):
+        kv.append(0, k[0], v[0])
     store.close()

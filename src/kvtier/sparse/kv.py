@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,10 +46,24 @@ from kvtier.sparse.config import SparseConfig
 from kvtier.sparse.errors import BlockMissingError, SparseConfigError, WorkingSetMemoryError
 from kvtier.sparse.policies import make_policy, scores, sticky_topk
 from kvtier.sparse.staging import HostStaging
-from kvtier.sparse.summary import Summarizer, SummaryTable
+from kvtier.sparse.summary import BlockSummaries, Summarizer, SummaryTable
 from kvtier.sparse.working_set import EMPTY, WorkingSet
+from kvtier.sparse.writer import BackgroundWriter
 from kvtier.store.tiered import SaveBatch, TieredStore
 from kvtier.store.transfer import TransferHandle
+
+
+@dataclass(slots=True)
+class _SpanSave:
+    """A span's save in flight: keys and parent fixed by layer 0's append, the SaveBatch and the
+    summary sections filled by the writer's jobs, layer by layer."""
+
+    keys: list[bytes]
+    parent: bytes
+    first: int
+    m: int
+    extras: list[list[tuple[int, int, bytes]]]
+    batch: SaveBatch | None = None
 
 
 def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -91,11 +106,13 @@ class SparseKV:
     `device` is where the model's tensors are: the summaries, selection, working sets and attention
     run there; the full KV stays in the store (host DRAM, then disk). `stage_fetches` routes decode's
     store reads through a host staging buffer and one batched copy per layer even on the CPU
-    (always on for an accelerator; on the CPU reads land in the slots directly unless asked)."""
+    (always on for an accelerator; on the CPU reads land in the slots directly unless asked).
+    `async_writes` saves completed blocks and their summaries on a background writer (sparse.writer)
+    while the forward goes on; a store read waits for what is queued, `flush`/`close` for all of it."""
 
     def __init__(self, store: TieredStore, config: SparseConfig, layout: KVLayout, *,
                  salt: bytes | None = None, device: torch.device | str | None = None,
-                 stage_fetches: bool | None = None) -> None:
+                 stage_fetches: bool | None = None, async_writes: bool = True) -> None:
         if store.chunk_tokens != config.block_tokens:
             raise SparseConfigError(
                 f"sparse.block_tokens {config.block_tokens} must equal the store's chunk_tokens {store.chunk_tokens}"
@@ -132,9 +149,9 @@ class SparseKV:
         mode = get_hash_mode(store.config.hash_mode)
         self._hash = mode
         self._root = mode.digest(b"kvtier-sparse-request\0" + (salt if salt is not None else os.urandom(16)))
-        self._batch: SaveBatch | None = None
-        self._batch_range = (0, 0)
-        self._batch_extras: list[list[tuple[int, int, bytes]]] = []
+        self._open: _SpanSave | None = None  # the span whose layers are being appended
+        # prefill's writes run beside the forward (bounded: two spans of jobs); None = synchronous
+        self._writer = BackgroundWriter(max_pending=2 * n_layers) if async_writes else None
         self._saves: list[TransferHandle] = []
         # blocks of the span being saved (committed after the last layer): layer -> (first, K, V [H, mB, d])
         self._span: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
@@ -207,10 +224,13 @@ class SparseKV:
             if self.policy.dense or block < sinks or block >= win_lo:
                 ws.insert(block, hk[:, i], hv[:, i], protected)
 
-    def _save_layer(self, layer: int, first: int, m: int, k: torch.Tensor, v: torch.Tensor, summaries) -> None:
+    def _save_layer(self, layer: int, first: int, m: int, k: torch.Tensor, v: torch.Tensor,
+                    summaries: BlockSummaries) -> None:
+        """Queue layer `layer`'s part of the span's save (the background writer, or here when writes
+        are synchronous); the span's checks and keys are made here, in the forward's thread."""
         n_layers = self.layout.num_layers
         if layer == 0:
-            if self._batch is not None:
+            if self._open is not None:
                 raise RuntimeError("a new span started before every layer of the previous one was appended")
             parent = self.block_keys[-1] if self.block_keys else self._root
             keys = []
@@ -219,34 +239,65 @@ class SparseKV:
                 prev = chunk_key(self._hash, prev, tokens_to_bytes([b]))
                 keys.append(prev)
             self.block_keys.extend(keys)
-            self._batch = self.store.begin_save(keys, parent, first)
-            self._batch_range = (first, m)
-            self._batch_extras = [[] for _ in range(m)]
-        elif self._batch is None or self._batch_range != (first, m):
+            self._open = _SpanSave(keys, parent, first, m, [[] for _ in range(m)])
+        elif self._open is None or (self._open.first, self._open.m) != (first, m):
             raise RuntimeError(f"layer {layer} completed blocks {first}..{first + m - 1}, which do not match "
                                f"layer 0's; append every layer the same tokens, in layer order")
-        assert self._batch is not None
-        h = self.layout.num_kv_heads
-        # one device -> host copy of the span's K and V (both planes at once), then byte views of it
-        host = torch.stack((k, v)).contiguous().view(torch.uint8).cpu().reshape(2, h, m, -1).numpy()
-        for plane in range(2):
-            raw = host[plane]  # [H, m, B*d*itemsize]
-            for head in range(h):
-                self._batch.write_layer(self._section(layer, head, plane), list(raw[head]))
+        span = self._open
         self._span[layer] = (first, k, v)
-        for i, data in enumerate(self.summarizer.encode_all(summaries)):
-            self._batch_extras[i].append((SECTION_SUMMARY, layer, data))
-        if layer == n_layers - 1:
-            handle = self._batch.commit([tuple(e) for e in self._batch_extras])
-            self._saves.append(handle)
-            self._batch = None
+        last = layer == n_layers - 1
+        if last:
+            self._open = None
             self._span.clear()
+        if self._writer is None:
+            self._write_layer(span, layer, k, v, summaries, last)
+        else:
+            self._writer.submit(lambda: self._write_layer(span, layer, k, v, summaries, last))
+
+    def _write_layer(self, span: _SpanSave, layer: int, k: torch.Tensor, v: torch.Tensor,
+                     summaries: BlockSummaries, last: bool) -> None:
+        """Write one layer of a span into its SaveBatch (begun by layer 0's job); commit after the last."""
+        try:
+            if span.batch is None:
+                span.batch = self.store.begin_save(span.keys, span.parent, span.first)
+            h = self.layout.num_kv_heads
+            # one device -> host copy of the span's K and V (both planes at once), then byte views of it
+            host = torch.stack((k, v)).contiguous().view(torch.uint8).cpu().reshape(2, h, span.m, -1).numpy()
+            for plane in range(2):
+                raw = host[plane]  # [H, m, B*d*itemsize]
+                for head in range(h):
+                    span.batch.write_layer(self._section(layer, head, plane), list(raw[head]))
+            for i, data in enumerate(self.summarizer.encode_all(summaries)):
+                span.extras[i].append((SECTION_SUMMARY, layer, data))
+            if last:
+                self._saves.append(span.batch.commit([tuple(e) for e in span.extras]))
+        except BaseException:
+            if span.batch is not None:
+                span.batch.abort()
+            raise
+
+    def _await_writes(self) -> None:
+        """Before a store read: let the background writer land every queued block (a read right after
+        prefill finds what it wrote); raises SparseWriteError if a write failed."""
+        if self._writer is not None:
+            self._writer.drain()  # returns at once when nothing is queued (and no write failed)
 
     def flush(self) -> None:
-        """Wait for every save's lower-tier writes; re-raises a failed write."""
+        """Wait for every queued write and every save's lower-tier writes; re-raises a failed write
+        (SparseWriteError for the background writer's)."""
+        if self._writer is not None:
+            self._writer.drain()
         saves, self._saves = self._saves, []
         for h in saves:
             h.wait()
+
+    def close(self) -> None:
+        """`flush`, then stop the background writer (nothing queued is lost); idempotent."""
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
 
     # -- reading -------------------------------------------------------------------
     def _section(self, layer: int, head: int, plane: int) -> int:
@@ -293,6 +344,7 @@ class SparseKV:
     def _read_slices(self, layer: int, heads: np.ndarray, blocks: np.ndarray, dests: list[list[np.ndarray]]) -> None:
         """K and V sections of block blocks[i] of head heads[i] of `layer` into dests[i] (two buffers):
         one batched, verified store read for all of them; BlockMissingError names what no tier held."""
+        self._await_writes()
         keys = self.block_keys
         bl = blocks.tolist()
         hs = heads.tolist()
@@ -338,6 +390,7 @@ class SparseKV:
             if k is None or v is None:
                 return nk, nv
             return torch.cat([k, nk]), torch.cat([v, nv])
+        self._await_writes()
         sb = self._section_bytes
         if self._staging.shape[0] < len(blocks):
             # grow-only and reused: a fresh buffer of this size comes from mmap and faults in every
