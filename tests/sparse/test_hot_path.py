@@ -105,8 +105,11 @@ def test_a_failed_background_write_is_reported() -> None:
 
     store.begin_save = broken  # type: ignore[method-assign]
     k, v = random_kv(32)
-    for layer in range(L):
-        kv.append(layer, k[layer], v[layer])  # queued: the failure comes later
+    try:
+        for layer in range(L):
+            kv.append(layer, k[layer], v[layer])  # queued: the failure comes later (or at the next submit)
+    except SparseWriteError as e:
+        assert "disk on fire" in str(e)
     with pytest.raises(SparseWriteError, match="disk on fire"):
         kv.flush()
     with pytest.raises(SparseWriteError):  # and again: never forgotten
@@ -130,3 +133,54 @@ def test_synchronous_writes_raise_at_once() -> None:
     with pytest.raises(OSError, match="disk on fire"):
         kv.append(0, k[0], v[0])
     store.close()
+
+
+def _decode(prefetch: int, guess=None, steps: int = 12) -> tuple[torch.Tensor, SparseKV]:
+    """Attention outputs of a drifting decode over 2 layers (budget 1/8), with `prefetch` runners-up
+    read ahead; `guess` replaces the prefetcher's guesses (heads, blocks) -> (heads, blocks)."""
+    store = make_store(memory_bytes=1 << 24)
+    kv = SparseKV(store, config("quest", budget=64, window=8, prefetch_blocks=prefetch), LAYOUT, salt=b"pf")
+    if guess is not None:
+        assert kv._prefetch is not None
+        real_start = kv._prefetch.start
+        kv._prefetch.start = lambda layer, h, b, *a: real_start(layer, *guess(h, b), *a)  # type: ignore[method-assign]
+    k, v = random_kv(512, seed=5)
+    for layer in range(L):
+        kv.append(layer, k[layer], v[layer])
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(L, 2 * H, 1, D, generator=g)
+    outs = []
+    for _ in range(steps):
+        q = 0.95 * q + 0.3 * torch.randn(L, 2 * H, 1, D, generator=g)
+        for layer in range(L):
+            outs.append(kv.attend(layer, q[layer], D**-0.5))
+    kv.close()
+    store.close()
+    return torch.stack(outs), kv
+
+
+def test_prefetched_slices_are_used_and_change_nothing() -> None:
+    plain, kv0 = _decode(0)
+    out, kv = _decode(4)
+    assert torch.equal(out, plain)
+    assert kv._prefetch is not None and kv._prefetch.used_slices > 0
+    assert 0 < kv._prefetch.used_slices <= kv._prefetch.prefetched_slices
+    # what was filled from the prefetch was not read again at the step
+    assert sum(ws.fetched_slices for ws in kv.working) == sum(ws.fetched_slices for ws in kv0.working)
+
+
+@pytest.mark.parametrize("wrong", ["other_blocks", "other_heads", "missing_block"])
+def test_a_wrong_prefetch_never_changes_the_output(wrong: str) -> None:
+    plain, _ = _decode(0)
+    rng = np.random.default_rng(0)
+
+    def guess(heads: np.ndarray, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if wrong == "other_blocks":
+            return heads, rng.integers(0, 512 // BT, len(blocks))
+        if wrong == "other_heads":
+            return (heads + 1) % H, blocks
+        return heads, np.full(len(blocks), 10_000)  # in no tier: the read ahead fails and is dropped
+
+    out, kv = _decode(4, guess)
+    assert torch.equal(out, plain)
+    assert kv._prefetch is not None and kv._prefetch.prefetched_slices > 0 or wrong == "missing_block"

@@ -45,6 +45,7 @@ from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
 from kvtier.sparse.errors import BlockMissingError, SparseConfigError, WorkingSetMemoryError
 from kvtier.sparse.policies import make_policy, scores, sticky_topk
+from kvtier.sparse.prefetch import Prefetcher
 from kvtier.sparse.staging import HostStaging
 from kvtier.sparse.summary import BlockSummaries, Summarizer, SummaryTable
 from kvtier.sparse.working_set import EMPTY, WorkingSet
@@ -157,6 +158,9 @@ class SparseKV:
         self._span: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._steps = [0] * n_layers
         self._picks: list[torch.Tensor | None] = [None] * n_layers
+        # decode prefetch (sparse.prefetch_blocks): the runners-up of each layer's last selection
+        self._prefetch = Prefetcher(self.device, self._store_read, store.layer_bytes) if config.prefetch_blocks else None
+        self._runners: torch.Tensor | None = None  # set by _select, passed to ensure by attend
         self.fetched_bytes = 0  # KV bytes read from the store (decode's slices and streamed blocks)
         self.fetch_seconds = 0.0  # wall time of decode's store reads (`_fill`), for the bench's breakdown
         self._section_bytes = store.layer_bytes  # one head's K (or V) of one block
@@ -292,12 +296,14 @@ class SparseKV:
             h.wait()
 
     def close(self) -> None:
-        """`flush`, then stop the background writer (nothing queued is lost); idempotent."""
+        """`flush`, then stop the background writer (nothing queued is lost) and the prefetcher."""
         try:
             self.flush()
         finally:
             if self._writer is not None:
                 self._writer.close()
+            if self._prefetch is not None:
+                self._prefetch.close()
 
     # -- reading -------------------------------------------------------------------
     def _section(self, layer: int, head: int, plane: int) -> int:
@@ -329,6 +335,8 @@ class SparseKV:
                 ws.write_slots(heads[fresh], slots[fresh], sk.unflatten(1, (-1, bt))[th, tb],
                                sv.unflatten(1, (-1, bt))[th, tb])
             heads, blocks, slots = heads[~fresh], blocks[~fresh], slots[~fresh]
+        if self._prefetch is not None and len(heads):
+            heads, blocks, slots = self._fill_prefetched(layer, heads, blocks, slots)
         if not len(heads):
             return
         if self.stage_fetches:
@@ -341,10 +349,32 @@ class SparseKV:
         finally:
             self.fetch_seconds += time.perf_counter() - t0
 
+    def _fill_prefetched(self, layer: int, heads: np.ndarray, blocks: np.ndarray,
+                         slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fill the pairs the last prefetch of `layer` read ahead (one indexed device copy per plane);
+        returns the pairs still to read from the store."""
+        assert self._prefetch is not None
+        got = self._prefetch.take(layer)
+        if got is None:
+            return heads, blocks, slots
+        self.fetched_bytes += 2 * self._section_bytes * len(got.heads)  # read from the store, ahead
+        row = got.lookup(heads, blocks, 1 << 32)
+        hit = row >= 0
+        if hit.any():
+            idx = torch.from_numpy(row[hit]).to(got.rows.device)
+            self.working[layer].write_slots(heads[hit], slots[hit], got.rows[idx, 0], got.rows[idx, 1])
+            self._prefetch.used_slices += int(hit.sum())
+        return heads[~hit], blocks[~hit], slots[~hit]
+
     def _read_slices(self, layer: int, heads: np.ndarray, blocks: np.ndarray, dests: list[list[np.ndarray]]) -> None:
         """K and V sections of block blocks[i] of head heads[i] of `layer` into dests[i] (two buffers):
         one batched, verified store read for all of them; BlockMissingError names what no tier held."""
         self._await_writes()
+        self._store_read(layer, heads, blocks, dests)
+        self.fetched_bytes += 2 * self._section_bytes * len(blocks)
+
+    def _store_read(self, layer: int, heads: np.ndarray, blocks: np.ndarray, dests: list[list[np.ndarray]]) -> None:
+        """The store read of `_read_slices` alone (also the prefetcher's, on its worker thread)."""
         keys = self.block_keys
         bl = blocks.tolist()
         hs = heads.tolist()
@@ -355,7 +385,6 @@ class SparseKV:
             bad = sorted({hs[i] for i in result.failed})
             raise self._missing(layer, f" head{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}",
                                 [bl[i] for i in result.failed])
-        self.fetched_bytes += 2 * self._section_bytes * len(bl)
 
     def _fill_staged(self, layer: int, heads: np.ndarray, blocks: np.ndarray, slots: np.ndarray) -> None:
         """`_fill` for working sets off the host: every slice is read (verified) into row i of the
@@ -431,6 +460,10 @@ class SparseKV:
             pri = self.policy.priority(q.float(), self.tables[layer], lo, hi, scaling, keys)
             held = ws.holds(lo, hi) if cfg.keep_margin else None
             picks = sticky_topk(pri, held, k, cfg.keep_margin) + lo
+            p = min(cfg.prefetch_blocks, hi - lo - k)
+            if self._prefetch is not None and p > 0:  # the runners-up: the picks masked out, then top p
+                rest = pri.float().scatter(1, picks - lo, float("-inf"))
+                self._runners = torch.topk(rest, p, dim=1, sorted=False).indices + lo
         self._picks[layer] = picks
         # sinks, then the window, then the picks: on the device, as the slot bookkeeping
         always = torch.cat((torch.arange(lo, device=picks.device), torch.arange(hi, nb, device=picks.device)))
@@ -456,8 +489,16 @@ class SparseKV:
         t = self.num_tokens[layer]
         nb = t // bt
         qg = q.reshape(h, g * nq, d)
-        ws.ensure(self._select(layer, qg, nb, scaling),
-                  lambda heads, blocks, slots: self._fill(layer, heads, blocks, slots), n_blocks=nb)
+        self._runners = None
+        wanted = self._select(layer, qg, nb, scaling)
+        runners, self._runners = self._runners, None
+        ws.ensure(wanted, lambda heads, blocks, slots: self._fill(layer, heads, blocks, slots), n_blocks=nb,
+                  also=runners)
+        if self._prefetch is not None and runners is not None:
+            guess_heads, guess_pos = (ws.also_missing != EMPTY).nonzero()
+            self._await_writes()  # the worker reads only blocks already in the store
+            self._prefetch.start(layer, guess_heads, ws.also_missing[guess_heads, guess_pos], self.dtype,
+                                 (self.config.block_tokens, self.layout.head_size))
         valid = ws.token_mask().unsqueeze(1)  # [H, 1, L]: selected slots and the tail's tokens
         if nq > 1 or token_mask is not None:
             pos = ws.token_positions(nb * bt)  # [H, L]

@@ -69,6 +69,7 @@ class WorkingSet:
         self._clock = 0
         self.fetched_slices = 0  # (block, head) slices filled by `ensure`, summed over steps
         self.fetched_blocks = 0  # distinct blocks among them, per ensure, summed over steps
+        self.also_missing = np.empty((kv_heads, 0), dtype=np.int64)  # see `ensure`
 
     @property
     def block_of(self) -> torch.Tensor:
@@ -175,7 +176,8 @@ class WorkingSet:
         self._block_of.scatter_(1, spare_slot, torch.full_like(old, EMPTY))
 
     def ensure(self, wanted: np.ndarray | torch.Tensor,
-               fill: Callable[[np.ndarray, np.ndarray, np.ndarray], None], n_blocks: int | None = None) -> int:
+               fill: Callable[[np.ndarray, np.ndarray, np.ndarray], None], n_blocks: int | None = None,
+               also: torch.Tensor | None = None) -> int:
         """Make the working set hold wanted [H, m] (m <= slots, distinct per row, EMPTY = padding).
 
         `fill(heads, blocks, slots)` must write K and V of block blocks[i] of head heads[i] into
@@ -188,12 +190,16 @@ class WorkingSet:
         The plan is made on the device, all heads at once; its one transfer to the host is the
         [3, H, m] (need, block, slot) table `fill` is called with. `n_blocks` bounds the block ids
         (the context's blocks; without it the largest wanted id is read, a device sync off the CPU).
+        `also` [H, p] (blocks a prefetch may want next, not in `wanted`) rides along in the same copy:
+        afterwards `also_missing` [H, p] (host) holds those of them this working set did not hold
+        before the step, EMPTY elsewhere.
         """
         w = torch.as_tensor(wanted).to(self.device, torch.int64)
         h, m = w.shape
         if m > self.slots:
             raise ValueError(f"{m} blocks wanted but the working set has {self.slots} slots")
         self._clock += 1
+        self.also_missing = np.empty((h, 0), dtype=np.int64)
         if m == 0:
             self._wanted_slots.zero_()
             return 0
@@ -210,7 +216,16 @@ class WorkingSet:
         free_first = torch.argsort(keep[:, : self.slots].to(torch.int8), dim=1, stable=True)
         rank = (torch.cumsum(need, 1) - 1).clamp(min=0)
         dest = torch.where(need, free_first.gather(1, rank), self.slots)
-        plan = torch.stack((need.to(torch.int64), w, dest)).cpu().numpy()  # the one device -> host copy
+        table = torch.stack((need.to(torch.int64), w, dest)).view(3 * h, m)
+        if also is not None and also.shape[1]:
+            a = also.to(self.device, torch.int64)
+            self._fit_blocks(n_blocks if n_blocks is not None else int(a.max()) + 1)
+            a_held = self._slot_of.gather(1, torch.where(a == EMPTY, self._slot_of.shape[1] - 1, a)) != EMPTY
+            packed = torch.cat((table.reshape(-1), torch.where(a_held, EMPTY, a).reshape(-1))).cpu().numpy()
+            plan = packed[: 3 * h * m].reshape(3, h, m)  # the one device -> host copy
+            self.also_missing = packed[3 * h * m :].reshape(h, -1)
+        else:
+            plan = table.cpu().numpy().reshape(3, h, m)  # the one device -> host copy
         need_heads, need_pos = plan[0].nonzero()  # row-major: sorted by head
         self._wanted_slots = keep
         if not len(need_heads):
