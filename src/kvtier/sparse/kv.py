@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +60,7 @@ class _SpanSave:
     """A span's save in flight: keys and parent fixed by layer 0's append, the SaveBatch and the
     summary sections filled by the writer's jobs, layer by layer."""
 
-    keys: list[bytes]
+    keys: Sequence[bytes]
     parent: bytes
     first: int
     m: int
