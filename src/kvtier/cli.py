@@ -183,7 +183,7 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
     from kvtier.bench.sparse import run_sparse_bench
 
     run_sparse_bench(args.json, png_out=args.png, quick=args.quick, device=args.device, shape=args.shape,
-                     dtype=args.dtype)
+                     dtype=args.dtype, prefetch_blocks=args.prefetch_blocks)
     return 0
 
 
@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="random Llama shape for --device (tiny on cpu, llama-8b on cuda by default)")
     bsp.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                      help="model dtype for --device (float32 on cpu, bfloat16 on cuda by default)")
+    bsp.add_argument("--prefetch-blocks", type=int, default=None,
+                     help="decode prefetch for --device: runners-up read ahead per layer and KV head "
+                          "(SparseConfig.prefetch_blocks; default 4 on cuda, 0 on cpu)")
     bsp.set_defaults(fn=_cmd_bench_sparse)
     bvl = bsub.add_parser("vllm", help="vLLM with and without kvtier: long-document QA and exact repeats (TTFT)")
     bvl.add_argument("--json", default="results/bench_vllm.json")

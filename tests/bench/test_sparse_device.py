@@ -20,8 +20,8 @@ def _small(monkeypatch):
     """Shorter contexts and fewer steps than --quick's (the keys and the code path are the same)."""
     real = Plan.__init__
 
-    def small(self, device, shape, quick):
-        real(self, device, shape, quick)
+    def small(self, device, shape, quick, prefetch_blocks=None):
+        real(self, device, shape, quick, prefetch_blocks)
         # 2048 tokens at a 1/16 budget: 8 blocks of 16, 4 of them retrieved
         self.decode_contexts, self.prefill_contexts, self.steps = (2048,), (256,), 3
 
@@ -99,3 +99,14 @@ def test_the_cuda_only_rows_run_with_cuda_memory_calls_mocked(monkeypatch) -> No
     assert b["dense_batch"] == 4 and 1 <= b["sparse_batch"] <= 8
     assert b["dense_tokens_per_s"] > 0 and b["sparse_tokens_per_s"] > 0
     assert caps[-1] == 1.0  # every cap is lifted afterwards
+
+
+def test_prefetch_blocks_reach_the_rows_and_each_row_is_reported_as_it_ends() -> None:
+    seen: list[tuple[int, int]] = []
+    out = device_rows("cpu", "tiny", "float32", quick=True, prefetch_blocks=2,
+                      on_row=lambda partial: seen.append((len(partial["gpu_decode"]), len(partial.get("prefill", [])))))
+    assert out["setup"]["prefetch_blocks"] == 2
+    assert seen == [(1, 0), (2, 0), (2, 1)]  # two decode rows, then the prefill row
+    for row in out["gpu_decode"]:
+        assert row["prefetch_blocks"] == 2 and 0 <= row["prefetch_used_slices"] <= row["prefetched_slices"]
+    assert sum(r["prefetched_slices"] for r in out["gpu_decode"]) > 0

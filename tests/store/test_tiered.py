@@ -107,6 +107,32 @@ def test_load_here_loads_in_the_calling_thread_like_load(tmp_path):
         store.load_here(keys, dests, [1])
 
 
+def test_load_here_each_reads_its_own_sections_per_chunk(tmp_path):
+    """One call, each chunk with its own section list (sparse decode's (block, head) slices); a
+    chunk in DRAM, one only on disk (promoted), one missing; bad input is refused."""
+    store = make_store(tmp_path, mem_chunks=2)
+    keys = keys_for(list(range(16)))
+    save_chain(store, keys).wait()
+    store.flush()
+    store.memory.delete(keys[3])
+    store.disk.delete(keys[3])
+    order = [keys[2], keys[0], keys[3], keys[0], keys[1]]
+    sections = [[1], [0, 1], [0], [1], [1, 0]]
+    dests = [[np.zeros(LB, np.uint8) for _ in s] for s in sections]
+    res = store.load_here_each(order, dests, sections)
+    assert res.failed == (2,) and res.tiers[2] == ""
+    for i in (0, 1, 3, 4):
+        for d, layer in zip(dests[i], sections[i]):
+            assert np.array_equal(d, payload(order[i])[layer])
+    with pytest.raises(ValueError, match="destination buffers"):
+        store.load_here_each(order[:1], [[np.zeros(LB, np.uint8)]], [[0, 1]])
+    with pytest.raises(ValueError, match="outside"):
+        store.load_here_each(order[:1], [[np.zeros(LB, np.uint8)]], [[TINY.num_layers]])
+    with pytest.raises(ValueError, match="layer lists"):
+        store.load_here_each(order[:1], [[np.zeros(LB, np.uint8)]], [])
+    store.close()
+
+
 def test_save_layer_by_layer_invisible_until_commit():
     store = make_store(disk=False)
     keys = keys_for(list(range(8)))

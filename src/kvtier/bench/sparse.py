@@ -566,7 +566,8 @@ def plot_accuracy(rows: list[dict[str, Any]], png_out: str | Path) -> None:
 
 def run_sparse_bench(json_out: str | Path | None, png_out: str | Path | None = None, quick: bool = False,
                      decode_contexts: Sequence[int] | None = None, device: str | None = None,
-                     shape: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+                     shape: str | None = None, dtype: str | None = None,
+                     prefetch_blocks: int | None = None) -> dict[str, Any]:
     """Accuracy (retrieval model), fidelity (stories260K, skipped without its weights) and decode speed.
 
     quick: fewer samples, shorter contexts (minutes). Runs single-threaded torch (restored after):
@@ -579,7 +580,7 @@ def run_sparse_bench(json_out: str | Path | None, png_out: str | Path | None = N
     from kvtier.bench.common import write_json
     from kvtier.bench.models import stories_available
 
-    if device is not None or shape is not None or dtype is not None:
+    if device is not None or shape is not None or dtype is not None or prefetch_blocks is not None:
         from kvtier.bench.sparse_device import device_rows
 
         t_dev = time.perf_counter()
@@ -587,7 +588,8 @@ def run_sparse_bench(json_out: str | Path | None, png_out: str | Path | None = N
         if (device or "cpu") == "cpu":
             torch.set_num_threads(1)  # as the CPU rows below: a shared CPU's OpenMP threads stall each other
         try:
-            rows = device_rows(device or "cpu", shape, dtype, quick)
+            rows = device_rows(device or "cpu", shape, dtype, quick, prefetch_blocks,
+                               on_row=lambda partial: write_json(json_out, {**partial, "meta": {"partial": True}}))
         finally:
             torch.set_num_threads(threads)
         rows["meta"] = {"quick": quick, "seconds": round(time.perf_counter() - t_dev, 1),

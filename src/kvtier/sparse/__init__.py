@@ -8,6 +8,8 @@
     SparseKV                one request's full KV in a TieredStore plus its working sets (all layers), on the
                             model's device (summaries, selection, slots and attention there; the KV in the store)
     HostStaging             (sparse.staging) the reusable host buffer decode's fetches cross to the device by
+    Prefetcher              (sparse.prefetch) each layer's runners-up read ahead for the next step, beside compute
+    BackgroundWriter        (sparse.writer) prefill's blocks and summaries written to the store beside compute
     sparse_store_layout     the store layout SparseKV needs: one section per (layer, KV head, K or V)
 
 Engines reach this layer through connectors/ (transformers: attn_implementation="kvtier_sparse").

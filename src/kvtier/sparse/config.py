@@ -30,6 +30,9 @@ class SparseConfig:
     # are attended by one fused sdpa over the whole layer gathered from the store; longer ones are
     # streamed in pieces of this size (the memory a layer's prefill attention may hold at once)
     dense_stream_tokens: int = 65536
+    # decode prefetch: per layer and KV head, this many blocks ranked just below the picks are read
+    # ahead on a worker thread (and, on CUDA, copied on a side stream) for the next step; 0 = off
+    prefetch_blocks: int = 0
     hash_bits: int = 64
     summary_seed: int = 0  # seeds the sign-hash projection (part of the stored summary's meaning)
 
@@ -38,7 +41,7 @@ class SparseConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise SparseConfigError(f"sparse.{name} must be a positive integer, got {value!r}")
-        for name in ("sink_tokens", "window_tokens"):
+        for name in ("sink_tokens", "window_tokens", "prefetch_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SparseConfigError(f"sparse.{name} must be an integer >= 0, got {value!r}")

@@ -19,3 +19,7 @@ class UnsupportedModelError(KVTierError, TypeError):
 
 class WorkingSetMemoryError(KVTierError, MemoryError):
     """The device ran out of memory for a working set (its slots are sized by sparse.budget_tokens)."""
+
+
+class SparseWriteError(KVTierError):
+    """A block's KV or summaries could not be written to the store by the background writer."""

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,11 +46,26 @@ from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
 from kvtier.sparse.errors import BlockMissingError, SparseConfigError, WorkingSetMemoryError
 from kvtier.sparse.policies import make_policy, scores, sticky_topk
+from kvtier.sparse.prefetch import Prefetcher
 from kvtier.sparse.staging import HostStaging
-from kvtier.sparse.summary import Summarizer, SummaryTable
+from kvtier.sparse.summary import BlockSummaries, Summarizer, SummaryTable
 from kvtier.sparse.working_set import EMPTY, WorkingSet
+from kvtier.sparse.writer import BackgroundWriter
 from kvtier.store.tiered import SaveBatch, TieredStore
 from kvtier.store.transfer import TransferHandle
+
+
+@dataclass(slots=True)
+class _SpanSave:
+    """A span's save in flight: keys and parent fixed by layer 0's append, the SaveBatch and the
+    summary sections filled by the writer's jobs, layer by layer."""
+
+    keys: Sequence[bytes]
+    parent: bytes
+    first: int
+    m: int
+    extras: list[list[tuple[int, int, bytes]]]
+    batch: SaveBatch | None = None
 
 
 def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -91,11 +108,13 @@ class SparseKV:
     `device` is where the model's tensors are: the summaries, selection, working sets and attention
     run there; the full KV stays in the store (host DRAM, then disk). `stage_fetches` routes decode's
     store reads through a host staging buffer and one batched copy per layer even on the CPU
-    (always on for an accelerator; on the CPU reads land in the slots directly unless asked)."""
+    (always on for an accelerator; on the CPU reads land in the slots directly unless asked).
+    `async_writes` saves completed blocks and their summaries on a background writer (sparse.writer)
+    while the forward goes on; a store read waits for what is queued, `flush`/`close` for all of it."""
 
     def __init__(self, store: TieredStore, config: SparseConfig, layout: KVLayout, *,
                  salt: bytes | None = None, device: torch.device | str | None = None,
-                 stage_fetches: bool | None = None) -> None:
+                 stage_fetches: bool | None = None, async_writes: bool = True) -> None:
         if store.chunk_tokens != config.block_tokens:
             raise SparseConfigError(
                 f"sparse.block_tokens {config.block_tokens} must equal the store's chunk_tokens {store.chunk_tokens}"
@@ -132,14 +151,17 @@ class SparseKV:
         mode = get_hash_mode(store.config.hash_mode)
         self._hash = mode
         self._root = mode.digest(b"kvtier-sparse-request\0" + (salt if salt is not None else os.urandom(16)))
-        self._batch: SaveBatch | None = None
-        self._batch_range = (0, 0)
-        self._batch_extras: list[list[tuple[int, int, bytes]]] = []
+        self._open: _SpanSave | None = None  # the span whose layers are being appended
+        # prefill's writes run beside the forward (bounded: two spans of jobs); None = synchronous
+        self._writer = BackgroundWriter(max_pending=2 * n_layers) if async_writes else None
         self._saves: list[TransferHandle] = []
         # blocks of the span being saved (committed after the last layer): layer -> (first, K, V [H, mB, d])
         self._span: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._steps = [0] * n_layers
         self._picks: list[torch.Tensor | None] = [None] * n_layers
+        # decode prefetch (sparse.prefetch_blocks): the runners-up of each layer's last selection
+        self._prefetch = Prefetcher(self.device, self._store_read, store.layer_bytes) if config.prefetch_blocks else None
+        self._runners: torch.Tensor | None = None  # set by _select, passed to ensure by attend
         self.fetched_bytes = 0  # KV bytes read from the store (decode's slices and streamed blocks)
         self.fetch_seconds = 0.0  # wall time of decode's store reads (`_fill`), for the bench's breakdown
         self._section_bytes = store.layer_bytes  # one head's K (or V) of one block
@@ -197,7 +219,7 @@ class SparseKV:
         win_lo = nb - cfg.window_blocks
         sinks = cfg.sink_blocks
 
-        def protected(block_of: np.ndarray) -> np.ndarray:
+        def protected(block_of: torch.Tensor) -> torch.Tensor:
             return (block_of != EMPTY) & ((block_of < sinks) | (block_of >= win_lo))
 
         hk = k.unflatten(1, (m, bt))
@@ -207,10 +229,13 @@ class SparseKV:
             if self.policy.dense or block < sinks or block >= win_lo:
                 ws.insert(block, hk[:, i], hv[:, i], protected)
 
-    def _save_layer(self, layer: int, first: int, m: int, k: torch.Tensor, v: torch.Tensor, summaries) -> None:
+    def _save_layer(self, layer: int, first: int, m: int, k: torch.Tensor, v: torch.Tensor,
+                    summaries: BlockSummaries) -> None:
+        """Queue layer `layer`'s part of the span's save (the background writer, or here when writes
+        are synchronous); the span's checks and keys are made here, in the forward's thread."""
         n_layers = self.layout.num_layers
         if layer == 0:
-            if self._batch is not None:
+            if self._open is not None:
                 raise RuntimeError("a new span started before every layer of the previous one was appended")
             parent = self.block_keys[-1] if self.block_keys else self._root
             keys = []
@@ -219,34 +244,67 @@ class SparseKV:
                 prev = chunk_key(self._hash, prev, tokens_to_bytes([b]))
                 keys.append(prev)
             self.block_keys.extend(keys)
-            self._batch = self.store.begin_save(keys, parent, first)
-            self._batch_range = (first, m)
-            self._batch_extras = [[] for _ in range(m)]
-        elif self._batch is None or self._batch_range != (first, m):
+            self._open = _SpanSave(keys, parent, first, m, [[] for _ in range(m)])
+        elif self._open is None or (self._open.first, self._open.m) != (first, m):
             raise RuntimeError(f"layer {layer} completed blocks {first}..{first + m - 1}, which do not match "
                                f"layer 0's; append every layer the same tokens, in layer order")
-        assert self._batch is not None
-        h = self.layout.num_kv_heads
-        # one device -> host copy of the span's K and V (both planes at once), then byte views of it
-        host = torch.stack((k, v)).contiguous().view(torch.uint8).cpu().reshape(2, h, m, -1).numpy()
-        for plane in range(2):
-            raw = host[plane]  # [H, m, B*d*itemsize]
-            for head in range(h):
-                self._batch.write_layer(self._section(layer, head, plane), list(raw[head]))
+        span = self._open
         self._span[layer] = (first, k, v)
-        for i, data in enumerate(self.summarizer.encode_all(summaries)):
-            self._batch_extras[i].append((SECTION_SUMMARY, layer, data))
-        if layer == n_layers - 1:
-            handle = self._batch.commit([tuple(e) for e in self._batch_extras])
-            self._saves.append(handle)
-            self._batch = None
+        last = layer == n_layers - 1
+        if last:
+            self._open = None
             self._span.clear()
+        if self._writer is None:
+            self._write_layer(span, layer, k, v, summaries, last)
+        else:
+            self._writer.submit(lambda: self._write_layer(span, layer, k, v, summaries, last))
+
+    def _write_layer(self, span: _SpanSave, layer: int, k: torch.Tensor, v: torch.Tensor,
+                     summaries: BlockSummaries, last: bool) -> None:
+        """Write one layer of a span into its SaveBatch (begun by layer 0's job); commit after the last."""
+        try:
+            if span.batch is None:
+                span.batch = self.store.begin_save(span.keys, span.parent, span.first)
+            h = self.layout.num_kv_heads
+            # one device -> host copy of the span's K and V (both planes at once), then byte views of it
+            host = torch.stack((k, v)).contiguous().view(torch.uint8).cpu().reshape(2, h, span.m, -1).numpy()
+            for plane in range(2):
+                raw = host[plane]  # [H, m, B*d*itemsize]
+                for head in range(h):
+                    span.batch.write_layer(self._section(layer, head, plane), list(raw[head]))
+            for i, data in enumerate(self.summarizer.encode_all(summaries)):
+                span.extras[i].append((SECTION_SUMMARY, layer, data))
+            if last:
+                self._saves.append(span.batch.commit([tuple(e) for e in span.extras]))
+        except BaseException:
+            if span.batch is not None:
+                span.batch.abort()
+            raise
+
+    def _await_writes(self) -> None:
+        """Before a store read: let the background writer land every queued block (a read right after
+        prefill finds what it wrote); raises SparseWriteError if a write failed."""
+        if self._writer is not None:
+            self._writer.drain()  # returns at once when nothing is queued (and no write failed)
 
     def flush(self) -> None:
-        """Wait for every save's lower-tier writes; re-raises a failed write."""
+        """Wait for every queued write and every save's lower-tier writes; re-raises a failed write
+        (SparseWriteError for the background writer's)."""
+        if self._writer is not None:
+            self._writer.drain()
         saves, self._saves = self._saves, []
         for h in saves:
             h.wait()
+
+    def close(self) -> None:
+        """`flush`, then stop the background writer (nothing queued is lost) and the prefetcher."""
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            if self._prefetch is not None:
+                self._prefetch.close()
 
     # -- reading -------------------------------------------------------------------
     def _section(self, layer: int, head: int, plane: int) -> int:
@@ -261,7 +319,7 @@ class SparseKV:
 
     def _fill(self, layer: int, heads: np.ndarray, blocks: np.ndarray, slots: np.ndarray) -> None:
         """The working set's `fill`: K and V of block blocks[i] of head heads[i] into slot slots[i],
-        read from the store one verified section each (or copied from the span being saved).
+        read from the store in one batched call, every section verified (or copied from the span being saved).
 
         The store reads run in this thread: a decode step reads a few slices per head and waits
         for them, so a hop to the store's worker and back would cost more than the copies."""
@@ -278,29 +336,56 @@ class SparseKV:
                 ws.write_slots(heads[fresh], slots[fresh], sk.unflatten(1, (-1, bt))[th, tb],
                                sv.unflatten(1, (-1, bt))[th, tb])
             heads, blocks, slots = heads[~fresh], blocks[~fresh], slots[~fresh]
+        if self._prefetch is not None and len(heads):
+            heads, blocks, slots = self._fill_prefetched(layer, heads, blocks, slots)
         if not len(heads):
             return
         if self.stage_fetches:
             self._fill_staged(layer, heads, blocks, slots)
             return
         kb, vb = ws.byte_views()
-        # one store read per head, of that head's K and V sections of every block it newly wants:
-        # grouping the blocks by the set of heads that want them (to read each block's chunk once)
-        # cost more in numpy and call overhead than it saved (a warm DRAM slice reads in ~20-26 us)
-        keys = self.block_keys
         t0 = time.perf_counter()
         try:
-            for h in np.unique(heads).tolist():
-                mine = heads == h
-                bl = blocks[mine].tolist()
-                dests = [[kb[h, s], vb[h, s]] for s in slots[mine].tolist()]
-                result = self.store.load_here([keys[b] for b in bl], dests,
-                                              [self._section(layer, h, 0), self._section(layer, h, 1)])
-                if result.failed:
-                    raise self._missing(layer, f" head {h}", [bl[i] for i in result.failed])
-                self.fetched_bytes += 2 * self._section_bytes * len(bl)
+            self._read_slices(layer, heads, blocks, [[kb[h, sl], vb[h, sl]] for h, sl in zip(heads.tolist(), slots.tolist())])
         finally:
             self.fetch_seconds += time.perf_counter() - t0
+
+    def _fill_prefetched(self, layer: int, heads: np.ndarray, blocks: np.ndarray,
+                         slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fill the pairs the last prefetch of `layer` read ahead (one indexed device copy per plane);
+        returns the pairs still to read from the store."""
+        assert self._prefetch is not None
+        got = self._prefetch.take(layer)
+        if got is None:
+            return heads, blocks, slots
+        self.fetched_bytes += 2 * self._section_bytes * len(got.heads)  # read from the store, ahead
+        row = got.lookup(heads, blocks, 1 << 32)
+        hit = row >= 0
+        if hit.any():
+            idx = torch.from_numpy(row[hit]).to(got.rows.device)
+            self.working[layer].write_slots(heads[hit], slots[hit], got.rows[idx, 0], got.rows[idx, 1])
+            self._prefetch.used_slices += int(hit.sum())
+        return heads[~hit], blocks[~hit], slots[~hit]
+
+    def _read_slices(self, layer: int, heads: np.ndarray, blocks: np.ndarray, dests: list[list[np.ndarray]]) -> None:
+        """K and V sections of block blocks[i] of head heads[i] of `layer` into dests[i] (two buffers):
+        one batched, verified store read for all of them; BlockMissingError names what no tier held."""
+        self._await_writes()
+        self._store_read(layer, heads, blocks, dests)
+        self.fetched_bytes += 2 * self._section_bytes * len(blocks)
+
+    def _store_read(self, layer: int, heads: np.ndarray, blocks: np.ndarray, dests: list[list[np.ndarray]]) -> None:
+        """The store read of `_read_slices` alone (also the prefetcher's, on its worker thread)."""
+        keys = self.block_keys
+        bl = blocks.tolist()
+        hs = heads.tolist()
+        base = layer * self.layout.num_kv_heads
+        result = self.store.load_here_each([keys[b] for b in bl], dests,
+                                           [((base + h) * 2, (base + h) * 2 + 1) for h in hs])
+        if result.failed:
+            bad = sorted({hs[i] for i in result.failed})
+            raise self._missing(layer, f" head{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}",
+                                [bl[i] for i in result.failed])
 
     def _fill_staged(self, layer: int, heads: np.ndarray, blocks: np.ndarray, slots: np.ndarray) -> None:
         """`_fill` for working sets off the host: every slice is read (verified) into row i of the
@@ -310,19 +395,9 @@ class SparseKV:
         bt, d = self.config.block_tokens, self.layout.head_size
         rows = self._fill_staging.rows(len(heads))
         arr = rows.numpy()
-        keys = self.block_keys
         t0 = time.perf_counter()
         try:
-            order = np.arange(len(heads))
-            for h in np.unique(heads).tolist():
-                mine = order[heads == h]
-                bl = blocks[mine].tolist()
-                dests = [[arr[i, 0], arr[i, 1]] for i in mine.tolist()]
-                result = self.store.load_here([keys[b] for b in bl], dests,
-                                              [self._section(layer, h, 0), self._section(layer, h, 1)])
-                if result.failed:
-                    raise self._missing(layer, f" head {h}", [bl[i] for i in result.failed])
-                self.fetched_bytes += 2 * self._section_bytes * len(bl)
+            self._read_slices(layer, heads, blocks, [[arr[i, 0], arr[i, 1]] for i in range(len(heads))])
             on_device = self._fill_staging.to_device(rows).view(self.dtype).reshape(len(heads), 2, bt, d)
             ws.write_slots(heads, slots, on_device[:, 0], on_device[:, 1])
         finally:
@@ -345,6 +420,7 @@ class SparseKV:
             if k is None or v is None:
                 return nk, nv
             return torch.cat([k, nk]), torch.cat([v, nv])
+        self._await_writes()
         sb = self._section_bytes
         if self._staging.shape[0] < len(blocks):
             # grow-only and reused: a fresh buffer of this size comes from mmap and faults in every
@@ -363,8 +439,8 @@ class SparseKV:
             kv = kv.to(self.device)
         return kv[:, :, 0], kv[:, :, 1]
 
-    def _select(self, layer: int, q: torch.Tensor, nb: int, scaling: float) -> np.ndarray:
-        """Blocks the working set must hold: [H, m] int64, rows padded with EMPTY."""
+    def _select(self, layer: int, q: torch.Tensor, nb: int, scaling: float) -> torch.Tensor:
+        """Blocks the working set must hold: [H, m] int64 on the device, rows padded with EMPTY."""
         cfg = self.config
         ws = self.working[layer]
         h = q.shape[0]
@@ -374,7 +450,7 @@ class SparseKV:
         if self.policy.dense or hi - lo <= k:
             if nb > ws.slots:
                 ws.grow(nb)
-            return np.broadcast_to(np.arange(nb), (h, nb))
+            return torch.arange(nb, device=self.device).expand(h, nb)
         step = self._steps[layer]
         self._steps[layer] += 1
         prev = self._picks[layer]
@@ -383,15 +459,16 @@ class SparseKV:
         else:
             keys = self._candidate_keys(layer, lo, hi) if self.policy.needs_keys else None
             pri = self.policy.priority(q.float(), self.tables[layer], lo, hi, scaling, keys)
-            held = torch.from_numpy(ws.holds(lo, hi)).to(self.device) if cfg.keep_margin else None
+            held = ws.holds(lo, hi) if cfg.keep_margin else None
             picks = sticky_topk(pri, held, k, cfg.keep_margin) + lo
+            p = min(cfg.prefetch_blocks, hi - lo - k)
+            if self._prefetch is not None and p > 0:  # the runners-up: the picks masked out, then top p
+                rest = pri.float().scatter(1, picks - lo, float("-inf"))
+                self._runners = torch.topk(rest, p, dim=1, sorted=False).indices + lo
         self._picks[layer] = picks
-        # sinks, then the window, then the picks
-        wanted = np.empty((h, lo + nb - hi + k), dtype=np.int64)
-        wanted[:, :lo] = np.arange(lo)
-        wanted[:, lo : lo + nb - hi] = np.arange(hi, nb)
-        wanted[:, lo + nb - hi :] = picks.cpu().numpy()  # the slot bookkeeping is on the host
-        return wanted
+        # sinks, then the window, then the picks: on the device, as the slot bookkeeping
+        always = torch.cat((torch.arange(lo, device=picks.device), torch.arange(hi, nb, device=picks.device)))
+        return torch.cat((always.expand(h, -1), picks), 1)
 
     def _candidate_keys(self, layer: int, lo: int, hi: int) -> torch.Tensor:
         k, _ = self._fetch(layer, list(range(lo, hi)))  # [n, H, B, d]
@@ -413,8 +490,16 @@ class SparseKV:
         t = self.num_tokens[layer]
         nb = t // bt
         qg = q.reshape(h, g * nq, d)
-        ws.ensure(self._select(layer, qg, nb, scaling),
-                  lambda heads, blocks, slots: self._fill(layer, heads, blocks, slots))
+        self._runners = None
+        wanted = self._select(layer, qg, nb, scaling)
+        runners, self._runners = self._runners, None
+        ws.ensure(wanted, lambda heads, blocks, slots: self._fill(layer, heads, blocks, slots), n_blocks=nb,
+                  also=runners)
+        if self._prefetch is not None and runners is not None:
+            guess_heads, guess_pos = (ws.also_missing != EMPTY).nonzero()
+            self._await_writes()  # the worker reads only blocks already in the store
+            self._prefetch.start(layer, guess_heads, ws.also_missing[guess_heads, guess_pos], self.dtype,
+                                 (self.config.block_tokens, self.layout.head_size))
         valid = ws.token_mask().unsqueeze(1)  # [H, 1, L]: selected slots and the tail's tokens
         if nq > 1 or token_mask is not None:
             pos = ws.token_positions(nb * bt)  # [H, L]

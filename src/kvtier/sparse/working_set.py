@@ -10,12 +10,17 @@ a block are sections with their own checksums: a block one head wants costs that
 bytes, not all heads').
 
 The slot bookkeeping (which block each slot holds, when it was last used, which slots the
-last `ensure` wanted) is a few hundred integers per layer, kept in numpy arrays: a decode
-step runs it once per layer, where torch's per-op overhead on tensors this small would cost
-more than the fetches it plans. `block_of` is a tensor view of the same memory. Its inverse,
-`_slot_of` [H, blocks] (the slot holding each block, EMPTY if none; int32, 4 bytes per block
-and head, like one summary channel), answers "which wanted blocks are here" with one gather
-instead of comparing every wanted block with every slot.
+last `ensure` wanted) lives in small tensors on the working set's device, and `ensure` plans
+a step with batched tensor ops over all heads at once (a gather finds the wanted blocks that
+are held, a cumulative sum and a stable sort hand the r-th missing block of a head the r-th
+free slot), so on an accelerator selection and planning never leave it. One small copy per
+layer brings the plan to the host (`ensure`'s single device -> host transfer), because the
+store, which the host addresses, must read the missing slices. `_slot_of` [H, blocks + 1]
+(the slot holding each block, EMPTY if none; 8 bytes per block and head) answers "which
+wanted blocks are here" with one gather instead of comparing every wanted block with every
+slot. Every per-head table has one spare column past its last real entry: masked-off
+entries of a batched scatter are pointed there, so a plan needs no compaction (nonzero,
+which would sync the device) before it is applied.
 """
 
 from __future__ import annotations
@@ -50,23 +55,26 @@ class WorkingSet:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.k = allocate_slots((kv_heads, slots + 1, block_tokens, head_size), dtype, self.device)
         self.v = allocate_slots(tuple(self.k.shape), dtype, self.device)
-        self._block_of = np.full((kv_heads, slots), EMPTY, dtype=np.int64)
-        self._last_used = np.zeros((kv_heads, slots), dtype=np.int64)
-        self._wanted_slots = np.zeros((kv_heads, slots), dtype=bool)  # slots holding the last ensure's blocks
+        dev = self.device
+        # [H, slots + 1]: the last column is the spare (never a real slot; see the module docstring)
+        self._block_of = torch.full((kv_heads, slots + 1), EMPTY, dtype=torch.int64, device=dev)
+        self._last_used = torch.zeros(kv_heads, slots + 1, dtype=torch.int64, device=dev)
+        self._wanted_slots = torch.zeros(kv_heads, slots + 1, dtype=torch.bool, device=dev)
         # inverse of _block_of, grown on demand; its last column stays EMPTY, so looking up EMPTY
         # (index -1) answers "not held" without masking the padding out first
-        self._slot_of = np.full((kv_heads, 1), EMPTY, dtype=np.int32)
-        self._heads = np.arange(kv_heads)
-        self._token_offsets = np.arange(block_tokens)
+        self._slot_of = torch.full((kv_heads, 1), EMPTY, dtype=torch.int64, device=dev)
+        self._heads = torch.arange(kv_heads, device=dev)
+        self._token_offsets = torch.arange(block_tokens, device=dev)
         self.tail_len = 0
         self._clock = 0
         self.fetched_slices = 0  # (block, head) slices filled by `ensure`, summed over steps
         self.fetched_blocks = 0  # distinct blocks among them, per ensure, summed over steps
+        self.also_missing = np.empty((kv_heads, 0), dtype=np.int64)  # see `ensure`
 
     @property
     def block_of(self) -> torch.Tensor:
-        """[H, slots] block id held by each slot (EMPTY if none); shares memory with the bookkeeping."""
-        return torch.from_numpy(self._block_of)
+        """[H, slots] block id held by each slot (EMPTY if none), on the device; a view of the bookkeeping."""
+        return self._block_of[:, : self.slots]
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +83,7 @@ class WorkingSet:
     def byte_views(self) -> tuple[np.ndarray, np.ndarray]:
         """K and V buffers as uint8 arrays [H, slots + 1, B, d * itemsize] sharing their memory:
         `kb[h, s]` is slot s of head h, one C-contiguous buffer a store read can fill in place
-        (uint8, since numpy has no bfloat16). Valid until `grow`."""
+        (uint8, since numpy has no bfloat16). Valid until `grow`; host working sets only."""
         return self.k.view(torch.uint8).numpy(), self.v.view(torch.uint8).numpy()
 
     def grow(self, slots: int) -> None:
@@ -89,10 +97,16 @@ class WorkingSet:
         v[:, : self.slots] = self.v[:, : self.slots]
         k[:, slots] = self.k[:, self.slots]
         v[:, slots] = self.v[:, self.slots]
-        extra = slots - self.slots
-        self._block_of = np.concatenate([self._block_of, np.full((h, extra), EMPTY, dtype=np.int64)], 1)
-        self._last_used = np.concatenate([self._last_used, np.zeros((h, extra), dtype=np.int64)], 1)
-        self._wanted_slots = np.concatenate([self._wanted_slots, np.zeros((h, extra), dtype=bool)], 1)
+        n = self.slots
+
+        def widen(t: torch.Tensor, fill: int | bool) -> torch.Tensor:
+            out = torch.full((h, slots + 1), fill, dtype=t.dtype, device=self.device)
+            out[:, :n] = t[:, :n]
+            return out
+
+        self._block_of = widen(self._block_of, EMPTY)
+        self._last_used = widen(self._last_used, 0)
+        self._wanted_slots = widen(self._wanted_slots, False)
         self.k, self.v, self.slots = k, v, slots
 
     # -- tail ------------------------------------------------------------------------
@@ -111,97 +125,120 @@ class WorkingSet:
         self.tail_len = 0
 
     # -- full blocks -----------------------------------------------------------------
-    def insert(self, block: int, k: torch.Tensor, v: torch.Tensor, protected: Callable[[np.ndarray], np.ndarray]) -> None:
+    def insert(self, block: int, k: torch.Tensor, v: torch.Tensor,
+               protected: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Place a just-completed block ([H, B, d] each) in every head, evicting per head an empty
         slot, else the least recently used slot whose block is not `protected` (sinks, window)."""
-        bo = self._block_of
-        cost = self._last_used.copy()
-        cost[protected(bo)] = np.iinfo(np.int64).max
-        cost[bo == EMPTY] = -1
+        bo = self.block_of
+        cost = self._last_used[:, : self.slots].clone()
+        cost.masked_fill_(protected(bo), torch.iinfo(torch.int64).max)
+        cost.masked_fill_(bo == EMPTY, -1)
         self._fit_blocks(block + 1)
         held = self._slot_of[:, block]
-        slot = np.where(held != EMPTY, held, cost.argmin(1))
-        heads = self._heads
-        ts = torch.from_numpy(slot).to(self.device)
-        th = torch.from_numpy(heads).to(self.device)
-        self._clear(heads, slot)
-        self.k[th, ts] = k
-        self.v[th, ts] = v
-        self._place(heads, slot, np.full(self.kv_heads, block))
+        slot = torch.where(held != EMPTY, held, cost.argmin(1))
+        everyone = torch.ones(self.kv_heads, dtype=torch.bool, device=self.device)
+        self._clear(slot[:, None], everyone[:, None])
+        self.k[self._heads, slot] = k
+        self.v[self._heads, slot] = v
+        self._place(slot[:, None], torch.full((self.kv_heads, 1), block, device=self.device), everyone[:, None])
         self._clock += 1
-        self._last_used[heads, slot] = self._clock
+        self._last_used[self._heads, slot] = self._clock
 
     def _fit_blocks(self, n: int) -> None:
         """Make _slot_of cover block ids < n (doubling, so a growing context reallocates rarely)."""
         have = self._slot_of.shape[1] - 1
         if n > have:
-            grown = np.full((self.kv_heads, max(n, 2 * have, 64) + 1), EMPTY, dtype=np.int32)
+            grown = torch.full((self.kv_heads, max(n, 2 * have, 64) + 1), EMPTY, dtype=torch.int64, device=self.device)
             grown[:, :have] = self._slot_of[:, :have]
             self._slot_of = grown
 
-    def holds(self, lo: int, hi: int) -> np.ndarray:
-        """[H, hi - lo] bool: whether each head's working set holds blocks lo..hi-1 (held but not
-        necessarily wanted by the last `ensure`)."""
+    def holds(self, lo: int, hi: int) -> torch.Tensor:
+        """[H, hi - lo] bool on the device: whether each head's working set holds blocks lo..hi-1
+        (held but not necessarily wanted by the last `ensure`)."""
         self._fit_blocks(hi)
         return self._slot_of[:, lo:hi] != EMPTY
 
-    def _place(self, heads: np.ndarray, slots: np.ndarray, blocks: np.ndarray) -> None:
-        """Record that slot slots[i] of head heads[i], `_clear`ed before its bytes were written, now
-        holds blocks[i] (pairs distinct)."""
-        self._block_of[heads, slots] = blocks
-        self._slot_of[heads, blocks] = slots
+    def _place(self, slots: torch.Tensor, blocks: torch.Tensor, on: torch.Tensor) -> None:
+        """Where `on` [H, m]: record that slot slots[h, j] of head h, `_clear`ed before its bytes were
+        written, now holds blocks[h, j] (distinct per head). Entries off `on` touch only spare columns."""
+        spare_slot = torch.where(on, slots, self.slots)
+        self._block_of.scatter_(1, spare_slot, torch.where(on, blocks, EMPTY))
+        spare_block = torch.where(on, blocks, self._slot_of.shape[1] - 1)
+        self._slot_of.scatter_(1, spare_block, torch.where(on, slots, EMPTY))
 
-    def _clear(self, heads: np.ndarray, slots: np.ndarray) -> None:
-        """Mark slot slots[i] of head heads[i] empty (its bytes are about to be overwritten)."""
-        old = self._block_of[heads, slots]
-        gone = old != EMPTY
-        self._slot_of[heads[gone], old[gone]] = EMPTY
-        self._block_of[heads, slots] = EMPTY
+    def _clear(self, slots: torch.Tensor, on: torch.Tensor) -> None:
+        """Where `on` [H, m]: mark slot slots[h, j] of head h empty (its bytes are about to be overwritten)."""
+        spare_slot = torch.where(on, slots, self.slots)
+        old = self._block_of.gather(1, spare_slot)
+        gone = on & (old != EMPTY)
+        self._slot_of.scatter_(1, torch.where(gone, old, self._slot_of.shape[1] - 1),
+                               torch.full_like(old, EMPTY))
+        self._block_of.scatter_(1, spare_slot, torch.full_like(old, EMPTY))
 
     def ensure(self, wanted: np.ndarray | torch.Tensor,
-               fill: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> int:
+               fill: Callable[[np.ndarray, np.ndarray, np.ndarray], None], n_blocks: int | None = None,
+               also: torch.Tensor | None = None) -> int:
         """Make the working set hold wanted [H, m] (m <= slots, distinct per row, EMPTY = padding).
 
         `fill(heads, blocks, slots)` must write K and V of block blocks[i] of head heads[i] into
         slot slots[i] of head heads[i] (`byte_views`, or self.k / self.v), or raise; the pairs come
-        sorted by head. Only the pairs a head lacks are asked for. Returns how many (block, head)
-        slices were filled. Afterwards `token_mask()` marks the tokens of exactly these blocks.
-        If `fill` raises, the slots it was to fill are left empty (never marked as holding a block
-        whose bytes may not have arrived).
+        sorted by head, as host arrays. Only the pairs a head lacks are asked for. Returns how many
+        (block, head) slices were filled. Afterwards `token_mask()` marks the tokens of exactly these
+        blocks. If `fill` raises, the slots it was to fill are left empty (never marked as holding a
+        block whose bytes may not have arrived).
+
+        The plan is made on the device, all heads at once; its one transfer to the host is the
+        [3, H, m] (need, block, slot) table `fill` is called with. `n_blocks` bounds the block ids
+        (the context's blocks; without it the largest wanted id is read, a device sync off the CPU).
+        `also` [H, p] (blocks a prefetch may want next, not in `wanted`) rides along in the same copy:
+        afterwards `also_missing` [H, p] (host) holds those of them this working set did not hold
+        before the step, EMPTY elsewhere.
         """
-        w = np.asarray(wanted)
+        w = torch.as_tensor(wanted).to(self.device, torch.int64)
         h, m = w.shape
         if m > self.slots:
             raise ValueError(f"{m} blocks wanted but the working set has {self.slots} slots")
         self._clock += 1
-        if m:
-            self._fit_blocks(int(w.max()) + 1)
-        rows = self._heads[:, None]
-        held = self._slot_of[rows, w]  # [H, m] slot of each wanted block, EMPTY if not held (or padding)
-        have = held != EMPTY
-        keep = np.zeros((h, self.slots + 1), dtype=bool)
-        keep[rows, held] = True  # the misses mark the spare last column
-        keep = keep[:, : self.slots]
-        self._last_used[keep] = self._clock
-        self._wanted_slots = keep
-        need = ~have & (w != EMPTY)
-        if not need.any():
+        self.also_missing = np.empty((h, 0), dtype=np.int64)
+        if m == 0:
+            self._wanted_slots.zero_()
             return 0
-        need_heads, need_pos = need.nonzero()  # row-major: sorted by head
-        need_blocks = w[need_heads, need_pos]
-        # the r-th missing block of head h goes to the r-th free slot of head h
-        need_rank = np.cumsum(need, 1)[need_heads, need_pos] - 1
-        free = ~keep
-        free_rank = np.cumsum(free, 1) - 1
-        free_heads, free_slots = free.nonzero()
-        slot_of_rank = np.full((h, self.slots), EMPTY, dtype=np.int64)
-        slot_of_rank[free_heads, free_rank[free_heads, free_slots]] = free_slots
-        dest = slot_of_rank[need_heads, need_rank]
-        self._clear(need_heads, dest)
-        fill(need_heads, need_blocks, dest)
-        self._place(need_heads, dest, need_blocks)
-        self._last_used[need_heads, dest] = self._clock
-        keep[need_heads, dest] = True
+        self._fit_blocks(int(w.max()) + 1 if n_blocks is None else n_blocks)
+        padding = w == EMPTY
+        held = self._slot_of.gather(1, torch.where(padding, self._slot_of.shape[1] - 1, w))  # [H, m], EMPTY if not held
+        have = held != EMPTY
+        keep = torch.zeros(h, self.slots + 1, dtype=torch.bool, device=self.device)
+        keep.scatter_(1, torch.where(have, held, self.slots), True)  # the misses mark the spare column
+        keep[:, self.slots] = False
+        self._last_used.masked_fill_(keep, self._clock)
+        need = ~have & ~padding  # [H, m]
+        # the r-th missing block of head h goes to the r-th free slot of head h (slots in index order)
+        free_first = torch.argsort(keep[:, : self.slots].to(torch.int8), dim=1, stable=True)
+        rank = (torch.cumsum(need, 1) - 1).clamp(min=0)
+        dest = torch.where(need, free_first.gather(1, rank), self.slots)
+        table = torch.stack((need.to(torch.int64), w, dest)).view(3 * h, m)
+        if also is not None and also.shape[1]:
+            a = also.to(self.device, torch.int64)
+            self._fit_blocks(n_blocks if n_blocks is not None else int(a.max()) + 1)
+            a_held = self._slot_of.gather(1, torch.where(a == EMPTY, self._slot_of.shape[1] - 1, a)) != EMPTY
+            packed = torch.cat((table.reshape(-1), torch.where(a_held, EMPTY, a).reshape(-1))).cpu().numpy()
+            plan = packed[: 3 * h * m].reshape(3, h, m)  # the one device -> host copy
+            self.also_missing = packed[3 * h * m :].reshape(h, -1)
+        else:
+            plan = table.cpu().numpy().reshape(3, h, m)  # the one device -> host copy
+        need_heads, need_pos = plan[0].nonzero()  # row-major: sorted by head
+        self._wanted_slots = keep
+        if not len(need_heads):
+            return 0
+        need_blocks = plan[1][need_heads, need_pos]
+        dest_slots = plan[2][need_heads, need_pos]
+        self._clear(dest, need)
+        fill(need_heads, need_blocks, dest_slots)
+        self._place(dest, w, need)
+        self._last_used.scatter_(1, dest, torch.where(need, self._clock, self._last_used.gather(1, dest)))
+        keep = keep.scatter(1, dest, need | keep.gather(1, dest))
+        keep[:, self.slots] = False
+        self._wanted_slots = keep
         self.fetched_slices += len(need_heads)
         self.fetched_blocks += len(np.unique(need_blocks))
         return len(need_heads)
@@ -210,22 +247,22 @@ class WorkingSet:
         """[H, (slots + 1) * B] bool: the tokens attention may read, i.e. those of the slots the last
         `ensure` wanted and the tail's filled part (a view of k and v flattened over slots)."""
         h, s, bt = self.kv_heads, self.slots, self.block_tokens
-        valid = np.empty((h, s + 1, bt), dtype=bool)
-        valid[:, :s] = self._wanted_slots[:, :, None]
+        valid = torch.empty(h, s + 1, bt, dtype=torch.bool, device=self.device)
+        valid[:, :s] = self._wanted_slots[:, :s, None]
         valid[:, s] = self._token_offsets < self.tail_len
-        return torch.from_numpy(valid.reshape(h, -1)).to(self.device)
+        return valid.reshape(h, -1)
 
     def token_positions(self, tail_start: int) -> torch.Tensor:
         """[H, (slots + 1) * B] context position of every token of the buffers (the tail's block
         starts at `tail_start`); positions of EMPTY slots are negative."""
-        starts = np.concatenate([self._block_of * self.block_tokens,
-                                 np.full((self.kv_heads, 1), tail_start, dtype=np.int64)], 1)
-        return torch.from_numpy((starts[:, :, None] + self._token_offsets).reshape(self.kv_heads, -1)).to(self.device)
+        starts = self._block_of * self.block_tokens
+        starts[:, self.slots] = tail_start
+        return (starts[:, :, None] + self._token_offsets).reshape(self.kv_heads, -1)
 
     def write_slots(self, heads: np.ndarray, slots: np.ndarray, k: torch.Tensor, v: torch.Tensor) -> None:
         """K and V [n, B, d] of n (head, slot) pairs into the buffers in one indexed copy each (a
         `fill` whose bytes came through a staging buffer, e.g. host -> GPU)."""
-        th = torch.from_numpy(np.ascontiguousarray(heads)).to(self.device)
-        ts = torch.from_numpy(np.ascontiguousarray(slots)).to(self.device)
+        th = torch.from_numpy(np.ascontiguousarray(heads)).to(self.device, non_blocking=True)
+        ts = torch.from_numpy(np.ascontiguousarray(slots)).to(self.device, non_blocking=True)
         self.k[th, ts] = k.to(self.device, self.k.dtype, non_blocking=True)
         self.v[th, ts] = v.to(self.device, self.v.dtype, non_blocking=True)

@@ -198,7 +198,8 @@ class TieredStore:
         layers: Sequence[int] | None = None,
     ) -> TransferHandle[LoadResult]:
         """Copy `layers` (default: all) of each chunk into dests[i][j]; runs on a worker thread."""
-        return self._io.submit("load", self._load_now, list(keys), dests, self._load_layers(keys, dests, layers))
+        layer_list = self._load_layers(keys, dests, layers)
+        return self._io.submit("load", self._load_now, list(keys), dests, [layer_list] * len(keys))
 
     def _load_layers(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
                      layers: Sequence[int] | None) -> list[int]:
@@ -221,13 +222,37 @@ class TieredStore:
                   layers: Sequence[int] | None = None) -> LoadResult:
         """`load_sync` run in the calling thread: for a caller that would only wait (sparse decode's
         few changed blocks per layer), the hop to a worker and back costs more than the copies."""
-        return self._load_now(list(keys), dests, self._load_layers(keys, dests, layers))
+        layer_list = self._load_layers(keys, dests, layers)
+        return self._load_now(list(keys), dests, [layer_list] * len(keys))
 
-    def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]], layers: list[int]) -> LoadResult:
+    def load_here_each(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]],
+                       layers_each: Sequence[Sequence[int]]) -> LoadResult:
+        """`load_here` where chunk i moves its own sections layers_each[i] into dests[i]: one call for
+        a batch of (chunk, sections) pairs (sparse decode's newly selected (block, KV head) slices of
+        one layer, each head wanting different blocks). A key may appear more than once."""
+        self._check_open()
+        _check_keys(keys)
+        if not len(keys) == len(dests) == len(layers_each):
+            raise ValueError(f"{len(keys)} keys, {len(dests)} destination lists and {len(layers_each)} layer lists")
+        n_layers = self.layout.num_layers
+        each: list[list[int]] = []
+        for d, ls in zip(dests, layers_each):
+            ls = list(ls)
+            if len(d) != len(ls):
+                raise ValueError(f"a chunk needs {len(ls)} destination buffers, got {len(d)}")
+            if any(not 0 <= x < n_layers for x in ls):
+                raise ValueError(f"layers {ls} outside 0..{n_layers - 1}")
+            each.append(ls)
+        return self._load_now(list(keys), dests, each)
+
+    def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]],
+                  layers_of: list[list[int]]) -> LoadResult:
+        """Load sections layers_of[i] of chunk i into dests[i] (one list shared by every chunk for a plain load)."""
         tiers: list[str] = []
         failed: list[int] = []
         timer = m.BatchTimer(self.metrics, m.LOAD_LATENCY)
         for i, key in enumerate(keys):
+            layers = layers_of[i]
             source = ""
             for tier in self.tiers:
                 t0 = time.perf_counter()
@@ -246,7 +271,10 @@ class TieredStore:
                 failed.append(i)
         timer.observe()
         if failed and self.lower_tiers:
-            failed = self._load_lower(keys, dests, layers, failed, tiers)
+            groups: dict[tuple[int, ...], list[int]] = {}  # one lower-tier batch per distinct section list
+            for i in failed:
+                groups.setdefault(tuple(layers_of[i]), []).append(i)
+            failed = sorted(j for ls, idx in groups.items() for j in self._load_lower(keys, dests, list(ls), idx, tiers))
         loaded = failed[0] if failed else len(keys)
         self.count_served(tiers)
         return LoadResult(loaded, tuple(failed), tuple(tiers))

@@ -227,6 +227,11 @@ class KVTierSparseCache(Cache):
         for s in self.sequences:
             s.flush()
 
+    def close(self) -> None:
+        """Flush every sequence's writes and stop its background writer and prefetcher."""
+        for s in self.sequences:
+            s.close()
+
 
 def model_kv_layout(model_config: Any, dtype: str) -> KVLayout:
     """The model's KV layout (layers, KV heads, head size) in `dtype`; UnsupportedModelError for

@@ -1,0 +1,83 @@
+"""BackgroundWriter: a span's blocks and summaries go to the store while later prefill chunks compute.
+
+Who calls: SparseKV (`append` -> `_save_layer`), one writer per request, from the forward's
+thread. `submit(job)` queues one layer's save (device -> host copy, the per-(head, plane) section
+writes, the summaries' encoding, and after the last layer the commit) and returns at once; jobs
+run in order on one worker thread, so a span's layers reach the store's SaveBatch in layer order.
+
+    submit(job)     queue a job; blocks while `max_pending` jobs wait (bounded memory: each holds
+                    one layer's new KV); raises the first failed job's error (SparseWriteError)
+    pending         jobs queued or running
+    drain()         wait until every queued job ran; raises SparseWriteError if one failed
+    close()         drain, then let the worker end; the writer is unusable after
+
+A failed job is never dropped silently: its error is kept and raised by every later submit,
+drain and close (the blocks it was to write are not in the store, and a read of them would
+raise BlockMissingError anyway; this says why). The worker thread starts on the first job and
+ends when the queue runs dry, so an idle request holds no thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+from kvtier.sparse.errors import SparseWriteError
+
+
+class BackgroundWriter:
+    def __init__(self, max_pending: int = 8, name: str = "kvtier-sparse-writer") -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=max_pending)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._name = name
+
+    @property
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise_failed()
+        if self._closed:
+            raise RuntimeError("submit to a closed BackgroundWriter")
+        self._queue.put(job)  # blocks while the queue is full
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+
+    def drain(self) -> None:
+        self._queue.join()
+        self._raise_failed()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._closed = True
+
+    def _raise_failed(self) -> None:
+        if self._error is not None:
+            raise SparseWriteError(f"a background write of sparse KV to the store failed: {self._error!r}") \
+                from self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    self._thread = None  # submit starts a new worker for the next job
+                    return
+            try:
+                if self._error is None:  # after a failure later jobs are skipped (their spans would be
+                    job()                # children of a chunk that never landed)
+            except BaseException as e:  # kept and re-raised to the caller, never lost on this thread
+                self._error = e
+            finally:
+                self._queue.task_done()
