@@ -10,7 +10,9 @@ from kvtier.bench.fleet import (
     FOLDER_MODEL,
     FOLDER_OWNER_TOUCHES_MODEL,
     REDIS_EXACT_LRU_MODEL,
+    REDIS_LFU_MODEL,
     REDIS_MODEL,
+    RedisLFU,
     RedisLRU,
     ServerLRU,
     SharedTierModel,
@@ -79,9 +81,53 @@ def test_redis_lru_evicts_the_longest_idle_by_its_clock_in_seconds():
     policy.begin_request(10.0)
     policy.touch([keys[0]])
     assert policy.evict(lambda k: True) == keys[1]
-    assert policy.evict(lambda k: k != keys[2]) == keys[3]  # the pool keeps a candidate that may not go
-    assert policy.evict(lambda k: True) == keys[2]
+    assert policy.evict(lambda k: k != keys[2]) == keys[2]  # the server has no pins: can_evict does not bind it
+    assert policy.evict(lambda k: True) == keys[3]
     assert len(policy) == 1 and keys[0] in policy
+
+
+def test_redis_pool_evicts_the_first_of_equal_scores_and_keeps_scores_as_sampled():
+    policy = RedisLRU(samples=16)
+    keys = [hash_key(i) for i in range(3)]
+    for key in keys:  # all in the same second: equal idle times
+        policy.insert(key, None, 0)
+    policy.begin_request(5.0)
+    # one sampling offers all three; a newer entry sits left of equal scores, so the first sampled goes first
+    first = policy.evict(lambda k: True)
+    assert first in keys
+    policy.touch([k for k in keys if k != first])  # now fresh, but the pool still holds their old idle times
+    second = policy.evict(lambda k: True)
+    assert second in keys and second != first  # a stale pool entry is evicted, as evict.c does
+
+
+def test_redis_lfu_counts_logarithmically_and_decays_by_the_minute():
+    policy = RedisLFU(samples=16)
+    a, b = hash_key(1), hash_key(2)
+    policy.insert(a, None, 0)
+    policy.insert(b, None, 0)
+    assert policy._decayed(a) == RedisLFU.INIT  # a new key starts at LFU_INIT_VAL
+    policy.touch([a])
+    assert policy._decayed(a) == RedisLFU.INIT + 1  # at or below the start value an access always counts
+    for _ in range(99):
+        policy.touch([a])
+    # then ever more rarely: Redis's documented table for lfu-log-factor 10 gives ~10 after 100 hits, ~18 after 1000
+    assert 8 <= policy._decayed(a) <= 12
+    for _ in range(900):
+        policy.touch([a])
+    assert 14 <= policy._decayed(a) <= 24  # (one seeded draw; the expectation is ~19)
+    counted = policy._decayed(a)
+    policy.begin_request(3 * 60.0 + 1)  # three whole minutes later: three decrements
+    assert policy._decayed(a) == counted - 3 and policy._decayed(b) == RedisLFU.INIT - 3
+    assert policy.evict(lambda k: True) == b  # the lower counter goes first
+    policy.begin_request(60.0 * 60)
+    assert policy._decayed(a) == 0  # decays to zero, not below
+
+
+def test_redis_lfu_runs_the_trace_reproducibly():
+    requests = random_trace(9, 300)
+    distinct = distinct_chunks(requests)
+    runs = [simulate_fleet(requests, 4, 3, REDIS_LFU_MODEL, distinct // 20).block_hits for _ in range(2)]
+    assert runs[0] == runs[1] and sum(runs[0]) > 0
 
 
 def test_redis_lru_is_reproducible_and_runs_the_trace():
@@ -131,7 +177,8 @@ def test_run_writes_one_row_per_host_count(tmp_path):
     assert saved["rows"] == result["rows"]
     assert [r["hosts"] for r in saved["rows"]] == [1, 2, 4]
     for row in saved["rows"]:
-        ratios = {"private", "redis", "redis_exact_lru", "folder", "one_host", "one_host_lru", "cache_aware"}
+        ratios = {"private", "redis", "redis_exact_lru", "redis_default_samples", "redis_lfu", "folder", "one_host",
+                  "one_host_lru", "cache_aware"}
         assert set(row) == {"hosts", "capacity_pct", "max_load_share"} | ratios
         assert 1.0 <= row["max_load_share"] <= 1.5 + 4 * row["hosts"] / 250
         assert row["capacity_pct"] == 1

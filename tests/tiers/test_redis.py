@@ -23,6 +23,7 @@ from kvtier.bench.redis_servers import RedisClusterServers, RedisServer, redis_s
 from kvtier.core import metrics as m  # noqa: E402
 from kvtier.core.codec import SECTION_SUMMARY  # noqa: E402
 from kvtier.core.config import (  # noqa: E402
+    REDIS_RECOMMENDED_SETTINGS,
     LowerTierConfig,
     MemoryTierConfig,
     RedisTierConfig,
@@ -225,6 +226,34 @@ def test_a_chunk_whose_parent_the_server_evicted_is_never_served(tmp_path):
         tier.close()
     finally:
         server.stop()
+
+
+def test_the_servers_eviction_settings_are_checked_at_start(tmp_path, shared_server, caplog):
+    # the shared server runs Redis's defaults: no maxmemory, noeviction
+    with caplog.at_level("WARNING", logger="kvtier.tiers.redis"):
+        tier = RedisTier(TINY, CHUNK, cfg(shared_server.url))
+    assert any("maxmemory is 0" in w for w in tier.settings_warnings)
+    assert any("noeviction never evicts" in w for w in tier.settings_warnings)
+    assert "noeviction" in caplog.text
+    tier.close()
+    recommended = [a for k, v in REDIS_RECOMMENDED_SETTINGS.items() for a in (f"--{k}", v)]
+    for extra, expected in (
+            (("--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lru"), ["maxmemory-samples 5 "]),
+            (("--maxmemory", "8mb", *recommended), []),
+            (("--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lfu"), ["allkeys-lfu (kvtier recommends allkeys-lru)"])):
+        server = RedisServer(tmp_path, extra=extra).start()
+        try:
+            tier = RedisTier(TINY, CHUNK, cfg(server.url))
+            assert len(tier.settings_warnings) == len(expected)
+            assert all(e in w for e, w in zip(expected, tier.settings_warnings))
+            tier.close()
+            # a server that refuses CONFIG (renamed away, as managed services do) is simply not checked
+            server.cli("ACL", "SETUSER", "default", "-config")
+            tier = RedisTier(TINY, CHUNK, cfg(server.url))
+            assert tier.settings_warnings == [] and tier.lookup(keys_for(1)) == 0
+            tier.close()
+        finally:
+            server.stop()
 
 
 def test_bad_values_are_counted_misses(tier, shared_server):

@@ -8,10 +8,14 @@ the request is available somewhere: in the host's DRAM or in the shared tier), p
 
 - `private`: each host has DRAM for `capacity_pct` (1) percent of the trace's distinct chunks, alone;
 - `redis`: the same DRAM in front of a Redis server holding H percent of the distinct chunks and
-  evicting like its `allkeys-lru` (RedisLRU: sampled keys, a pool of candidates, a clock in
-  seconds; it knows nothing of chains, so it may evict a parent and strand its children, which
-  then hold memory until sampled themselves); `redis_exact_lru` is the same with exact LRU; a GET (a load) and a SET NX (a save, even of a key the server
-  holds) refresh a key, EXISTS (a lookup) does not, nor does a hit the host serves from its own DRAM;
+  evicting like its `allkeys-lru` with kvtier's recommended `maxmemory-samples`
+  (REDIS_RECOMMENDED_SETTINGS; RedisLRU: sampled keys, evict.c's pool of candidates, a clock in
+  seconds; it knows nothing of chains, so it may evict a parent, even the one of the key being
+  written, and strand its children, which then hold memory until sampled themselves);
+  `redis_default_samples` the same with Redis's default 5 samples, `redis_lfu` with
+  `allkeys-lfu` (RedisLFU), `redis_exact_lru` with exact LRU; a GET (a load) and a SET NX (a
+  save, even of a key the server holds) refresh a key, EXISTS (a lookup) does not, nor does a
+  hit the host serves from its own DRAM;
 - `folder`: the same DRAM in front of a shared folder of H percent, evicted by its owner with the
   shared-folder tier's default policy. The owner's policy learns every chunk any host writes and
   every host's hits in the folder (the owner adopts new files and replays moved mtimes at its
@@ -39,7 +43,6 @@ kvtier.bench.redis, merged in when that module exists.
 
 from __future__ import annotations
 
-import bisect
 import json
 import random
 import sys
@@ -47,11 +50,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kvtier.bench.trace import DEFAULT_TRACE, HitCounts, TraceFormatError, TraceRequest, distinct_chunks, load_trace
-from kvtier.core.config import MemoryTierConfig, SharedFolderTierConfig
+from kvtier.core.config import REDIS_RECOMMENDED_SETTINGS, MemoryTierConfig, SharedFolderTierConfig
 from kvtier.events.wire import MEDIUM_CPU, BlockRemoved, BlockStored, KVEventBatch
 from kvtier.router import CacheAwareRouter, KVIndex
 from kvtier.tiers.policies import EvictionPolicy, make_policy
@@ -104,17 +108,47 @@ class ServerLRU(EvictionPolicy):
         return len(self._order)
 
 
-class RedisLRU(EvictionPolicy):
-    """Redis's `allkeys-lru` as the server runs it (evict.c, Redis 3.0 and later): each key keeps
-    the LRU clock of its last access, in whole seconds (LRU_CLOCK_RESOLUTION); an eviction samples
-    `samples` keys (maxmemory-samples, 5), merges them into a pool of the 16 best candidates seen
-    so far (the longest idle, as of when they were sampled), and evicts the best pool entry that
-    still exists. Sampling is seeded, so a run is reproducible. Time is the trace's
-    (`begin_request`), so the clock ticks as it would for a server serving the trace live.
-    """
+class _EvictionPool:
+    """The server's pool of eviction candidates (evict.c's EVPOOL, 16 entries): scores ascending,
+    a higher score evicted first. A sampled key enters if the pool has room or it scores above the
+    lowest entry (which then drops out); among equal scores a newer entry sits to the left, so the
+    one that entered first goes first. Entries keep the score they had when sampled; a pick takes
+    the highest entry out, and an entry whose key is gone (a ghost) is dropped on the way."""
 
-    name = "redis-allkeys-lru"
-    POOL = 16  # EVPOOL_SIZE
+    SIZE = 16  # EVPOOL_SIZE
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, Key]] = []  # (score, key), ascending by score
+
+    def offer(self, score: int, key: Key) -> None:
+        entries = self.entries
+        k = 0
+        while k < len(entries) and entries[k][0] < score:
+            k += 1
+        if len(entries) < self.SIZE:
+            entries.insert(k, (score, key))
+        elif k > 0:  # full: drop the lowest, insert just left of the first entry >= score
+            entries.pop(0)
+            entries.insert(k - 1, (score, key))
+
+    def pick(self, exists: Callable[[Key], bool]) -> Key | None:
+        while self.entries:
+            _score, key = self.entries.pop()
+            if exists(key):
+                return key
+        return None
+
+
+class _RedisSampled(EvictionPolicy):
+    """What Redis's sampled eviction shares between allkeys-lru and allkeys-lfu: a key set to
+    sample `samples` keys from (maxmemory-samples, 5) and the pool. Each eviction samples once,
+    offers the samples to the pool with the policy's score, and evicts the pool's best entry that
+    still exists, sampling again while none does (performEvictions). The server may evict any
+    key, a parent included (it knows nothing of chains). Sampling is uniform and seeded (Redis
+    takes a few keys from consecutive buckets of its hash table starting at a random one: keys
+    in random order, so a uniform sample stands for it), so a run is reproducible. `can_evict`
+    (the simulator's guard of the parent of the key being written) does not bind the server. The clock is
+    the trace's (`begin_request`), as for a server serving the trace live."""
 
     def __init__(self, samples: int = 5, seed: int = 0) -> None:
         super().__init__()
@@ -122,23 +156,32 @@ class RedisLRU(EvictionPolicy):
         self._rng = random.Random(seed)
         self._keys: list[Key] = []  # for uniform sampling, with its inverse:
         self._pos: dict[Key, int] = {}
-        self._clock: dict[Key, int] = {}  # key -> second of its last access
-        self._pool: list[tuple[int, Key]] = []  # (idle seconds when sampled, key), ascending
-        self._now = 0
+        self._pool = _EvictionPool()
+        self._now = 0.0
 
     def begin_request(self, now: float) -> None:
-        self._now = int(now)
+        self._now = now
+
+    def _score(self, key: Key) -> int:
+        raise NotImplementedError
+
+    def _accessed(self, key: Key, new: bool) -> None:
+        raise NotImplementedError
+
+    def _forget(self, key: Key) -> None:
+        raise NotImplementedError
 
     def insert(self, key: Key, parent: Key | None, depth: int) -> None:
-        if key not in self._pos:
+        new = key not in self._pos
+        if new:
             self._pos[key] = len(self._keys)
             self._keys.append(key)
-        self._clock[key] = self._now
+        self._accessed(key, new)
 
     def touch(self, keys: Sequence[Key]) -> None:
         for key in keys:
-            if key in self._clock:
-                self._clock[key] = self._now
+            if key in self._pos:
+                self._accessed(key, False)
 
     def remove(self, key: Key) -> None:
         i = self._pos.pop(key, None)
@@ -148,31 +191,16 @@ class RedisLRU(EvictionPolicy):
         if i < len(self._keys):
             self._keys[i] = last
             self._pos[last] = i
-        del self._clock[key]
+        self._forget(key)
 
     def evict(self, can_evict: Callable[[Key], bool]) -> Key | None:
-        keys, pool = self._keys, self._pool
-        for _ in range(4):  # a few rounds, in case the pool holds only keys that may not go
+        keys = self._keys
+        for _ in range(64):  # bounded: a pool of keys that may not go (never, for the server)
             if not keys:
                 return None
             for i in self._rng.sample(range(len(keys)), min(self.samples, len(keys))):
-                key = keys[i]
-                idle = self._now - self._clock[key]
-                if len(pool) < self.POOL or idle > pool[0][0]:
-                    bisect.insort(pool, (idle, key))
-                    if len(pool) > self.POOL:
-                        pool.pop(0)
-            kept = []
-            victim = None
-            while pool:
-                entry = pool.pop()
-                if entry[1] in self._pos and can_evict(entry[1]):
-                    victim = entry[1]
-                    break
-                if entry[1] in self._pos:
-                    kept.append(entry)
-            for entry in kept:
-                bisect.insort(pool, entry)
+                self._pool.offer(self._score(keys[i]), keys[i])
+            victim = self._pool.pick(self._pos.__contains__)  # the server has no pins: can_evict does not bind it
             if victim is not None:
                 self.remove(victim)
                 return victim
@@ -183,6 +211,72 @@ class RedisLRU(EvictionPolicy):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+class RedisLRU(_RedisSampled):
+    """`maxmemory-policy allkeys-lru` (evict.c, Redis 3.0 and later): each key keeps the LRU clock
+    of its last access in whole seconds (LRU_CLOCK_RESOLUTION 1000 ms); the score is its idle
+    time."""
+
+    name = "redis-allkeys-lru"
+
+    def __init__(self, samples: int = 5, seed: int = 0) -> None:
+        super().__init__(samples, seed)
+        self._clock: dict[Key, int] = {}  # key -> second of its last access
+
+    def _score(self, key: Key) -> int:
+        return int(self._now) - self._clock[key]
+
+    def _accessed(self, key: Key, new: bool) -> None:
+        self._clock[key] = int(self._now)
+
+    def _forget(self, key: Key) -> None:
+        del self._clock[key]
+
+
+class RedisLFU(_RedisSampled):
+    """`maxmemory-policy allkeys-lfu` (evict.c, Redis 4.0 and later): each key keeps an 8-bit
+    logarithmic counter and the minute of its last access. A new key starts at 5 (LFU_INIT_VAL).
+    An access first decays the counter by one per `decay_minutes` (lfu-decay-time, 1) elapsed
+    since the last access, then raises it by one with probability 1 / ((counter - 5) * log_factor
+    + 1) (lfu-log-factor, 10; certainly while at or below 5), saturating at 255, and stamps the
+    minute. The score is 255 minus the decayed counter (the stamp is not moved by sampling)."""
+
+    name = "redis-allkeys-lfu"
+    INIT = 5  # LFU_INIT_VAL
+
+    def __init__(self, samples: int = 5, seed: int = 0, log_factor: int = 10, decay_minutes: int = 1) -> None:
+        super().__init__(samples, seed)
+        self.log_factor = log_factor
+        self.decay_minutes = decay_minutes
+        self._counter: dict[Key, int] = {}
+        self._minute: dict[Key, int] = {}  # minute of the last access (the LDT field)
+
+    def _decayed(self, key: Key) -> int:
+        counter = self._counter[key]
+        if self.decay_minutes:
+            periods = (int(self._now // 60) - self._minute[key]) // self.decay_minutes
+            counter = max(0, counter - periods)
+        return counter
+
+    def _score(self, key: Key) -> int:
+        return 255 - self._decayed(key)
+
+    def _accessed(self, key: Key, new: bool) -> None:
+        if new:
+            counter = self.INIT
+        else:
+            counter = self._decayed(key)
+            if counter < 255:
+                base = max(0, counter - self.INIT)
+                if self._rng.random() < 1.0 / (base * self.log_factor + 1):
+                    counter += 1
+        self._counter[key] = counter
+        self._minute[key] = int(self._now // 60)
+
+    def _forget(self, key: Key) -> None:
+        del self._counter[key]
+        del self._minute[key]
 
 
 @dataclass(slots=True)
@@ -287,7 +381,13 @@ class SharedTierModel:
     saves_touch: bool = False  # a save of a chunk the tier holds refreshes it (Redis's SET NX looks the key up)
 
 
-REDIS_MODEL = SharedTierModel("redis", RedisLRU, "every host", saves_touch=True)
+REDIS_SAMPLES = int(REDIS_RECOMMENDED_SETTINGS["maxmemory-samples"])
+REDIS_MODEL = SharedTierModel("redis", partial(RedisLRU, REDIS_SAMPLES), "every host", saves_touch=True)
+# allkeys-lru as an untuned server runs it (maxmemory-samples 5), and allkeys-lfu (lfu-log-factor 10,
+# lfu-decay-time 1) with the recommended samples: for comparison
+REDIS_DEFAULT_SAMPLES_MODEL = SharedTierModel("redis, 5 samples", partial(RedisLRU, 5), "every host", saves_touch=True)
+REDIS_LFU_MODEL = SharedTierModel("redis, allkeys-lfu", partial(RedisLFU, REDIS_SAMPLES), "every host",
+                                  saves_touch=True)
 REDIS_EXACT_LRU_MODEL = SharedTierModel("redis, exact LRU", ServerLRU, "every host", saves_touch=True)
 FOLDER_MODEL = SharedTierModel("folder", lambda: make_policy(FOLDER_POLICY), "every host")
 # The folder as it would be if only the owner's own hits reached its policy (before mtime touches)
@@ -355,12 +455,15 @@ class FleetRow:
     one_host_lru: float
     cache_aware: float = 0.0
     max_load_share: float = 0.0
+    redis_default_samples: float = 0.0
+    redis_lfu: float = 0.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {"hosts": self.hosts, "capacity_pct": self.capacity_pct, "private": self.private,
                 "redis": self.redis, "redis_exact_lru": self.redis_exact_lru, "folder": self.folder, "one_host": self.one_host,
                 "one_host_lru": self.one_host_lru, "cache_aware": self.cache_aware,
-                "max_load_share": self.max_load_share}
+                "max_load_share": self.max_load_share, "redis_default_samples": self.redis_default_samples,
+                "redis_lfu": self.redis_lfu}
 
 
 def fleet_row(requests: Sequence[TraceRequest], hosts: int, distinct: int, capacity_pct: float = 1.0) -> FleetRow:
@@ -379,6 +482,8 @@ def fleet_row(requests: Sequence[TraceRequest], hosts: int, distinct: int, capac
         one_host_lru=simulate_fleet(requests, 1, shared, dram_policy="lru").block_ratio(),
         cache_aware=routed.block_ratio(),
         max_load_share=load_share,
+        redis_default_samples=simulate_fleet(requests, hosts, dram, REDIS_DEFAULT_SAMPLES_MODEL, shared).block_ratio(),
+        redis_lfu=simulate_fleet(requests, hosts, dram, REDIS_LFU_MODEL, shared).block_ratio(),
     )
 
 
@@ -437,7 +542,8 @@ def run_fleet_bench(
         rows.append(fleet_row(requests, h, distinct, capacity_pct))
         if not quiet:
             r = rows[-1]
-            print(f"[{time.perf_counter() - started:6.1f}s] {h:3d} hosts: private {r.private:.4f}  redis {r.redis:.4f} (exact lru {r.redis_exact_lru:.4f})  "
+            print(f"[{time.perf_counter() - started:6.1f}s] {h:3d} hosts: private {r.private:.4f}  redis {r.redis:.4f} (exact lru {r.redis_exact_lru:.4f}, "
+                  f"5 samples {r.redis_default_samples:.4f}, lfu {r.redis_lfu:.4f})  "
                   f"folder {r.folder:.4f}  one_host {r.one_host:.4f} (lru {r.one_host_lru:.4f})  "
                   f"cache_aware {r.cache_aware:.4f} (max load share {r.max_load_share:.3f})", file=sys.stderr, flush=True)
     result: dict[str, Any] = {
@@ -450,7 +556,10 @@ def run_fleet_bench(
                                 "host of the first chunk), each host within 1.5x its fair share"),
         "dram_policy": DRAM_POLICY,
         "folder_policy": FOLDER_POLICY,
-        "redis_policy": "allkeys-lru: 5 samples, a pool of 16, a clock in seconds (redis_exact_lru: exact LRU)",
+        "redis_policy": (f"allkeys-lru, maxmemory-samples {REDIS_SAMPLES} (kvtier's recommended settings): a pool "
+                         "of 16, a clock in seconds; redis_default_samples: the same with Redis's default 5 "
+                         f"samples; redis_lfu: allkeys-lfu, {REDIS_SAMPLES} samples, lfu-log-factor 10, "
+                         "lfu-decay-time 1; redis_exact_lru: exact LRU"),
         "rows": [r.as_dict() for r in rows],
         "target": judge(rows),
         "routing_target": judge_routing(rows),
@@ -503,7 +612,9 @@ def plot(result: dict[str, Any], png_out: str | Path) -> bool:
     x = [r["hosts"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, style, label in (("one_host", "k--", "one host, H% DRAM (bound)"),
-                               ("redis", "-", "1% DRAM + Redis (H%, allkeys-lru)"),
+                               ("redis", "-", f"1% DRAM + Redis (H%, allkeys-lru, {REDIS_SAMPLES} samples)"),
+                               ("redis_default_samples", ":", "1% DRAM + Redis (H%, allkeys-lru, 5 samples)"),
+                               ("redis_lfu", ":", f"1% DRAM + Redis (H%, allkeys-lfu, {REDIS_SAMPLES} samples)"),
                                ("redis_exact_lru", "--", "1% DRAM + Redis (H%, exact LRU)"),
                                ("folder", "-", "1% DRAM + shared folder (H%, owner evicts)"),
                                ("one_host_lru", "k:", "one host, H% DRAM, plain LRU"),
