@@ -327,11 +327,12 @@ class RunTimer:
 
     __slots__ = ("_timer", "_counted", "tier", "_t0")
 
-    def __init__(self, metrics: Metrics, name: str, counted: frozenset[str] | set[str], first: str | None) -> None:
+    def __init__(self, metrics: Metrics, name: str, counted: frozenset[str] | set[str], first: str | None,
+                 started: float | None = None) -> None:
         self._timer = BatchTimer(metrics, name)
         self._counted = counted
         self.tier = first
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() if started is None else started  # `first`'s run began then
 
     def switch(self, tier: str | None) -> None:
         now = time.perf_counter()
