@@ -40,12 +40,11 @@ import numpy as np
 from kvtier.bench.service import (
     CHUNK_TOKENS,
     LAYOUT,
-    chunk_payload,
+    _wait_for_socket,
     save_chain,
     start_service,
     stop_service,
     verify_chain,
-    _wait_for_socket,
 )
 from kvtier.client import connect
 from kvtier.core.layout import KVLayout
@@ -125,11 +124,11 @@ def _one_round(chunks: int, runs: int, load_batch: int, lookup_batch: int, looku
             for j in range(slices):
                 for mode in order if j % 2 == 0 else order[::-1]:
                     cpu0 = _cpu_seconds(procs[mode].pid)
-                    n, s = _lookup_slice(clients[mode], keys, lookup_batch, lookup_seconds / slices,
-                                         lookup_calls[mode])
+                    n, took_s = _lookup_slice(clients[mode], keys, lookup_batch, lookup_seconds / slices,
+                                              lookup_calls[mode])
                     lookup_cpu[mode] += _cpu_seconds(procs[mode].pid) - cpu0
                     found[mode] += n
-                    spent[mode] += s
+                    spent[mode] += took_s
             load_s = dict.fromkeys(MODES, 0.0)
             for mode in MODES:
                 dests[mode].fill(0)
