@@ -10,7 +10,8 @@ same chain of chunks saved into each. Each of `runs` runs measures, for both ser
 - loads: one pass loading every chunk (ServiceClient.load, `load_batch` chunks per call),
   alternating batches between the two services, each into its own destination, verified
   after the pass (zeroed before it).
-Which service goes first alternates from run to run. Interleaving this finely is what makes
+Which service goes first alternates from run to run (and which is started first, from round to
+round). Interleaving this finely is what makes
 the comparison fair on a shared machine: load from other processes falls on both services
 alike. Reported: the median of the runs per service and the ratio on/off of the medians (1.0:
 metrics cost nothing; the target is >= 0.95). `rounds` repeats the whole comparison with fresh
@@ -87,7 +88,9 @@ def _load_batch(client: Any, keys: list[bytes], dest: np.ndarray, start: int, ba
 
 
 def _one_round(chunks: int, runs: int, load_batch: int, lookup_batch: int, lookup_seconds: float,
-               slices: int, layout: KVLayout, chunk_tokens: int) -> dict[str, Any]:
+               slices: int, layout: KVLayout, chunk_tokens: int, started: tuple[str, ...]) -> dict[str, Any]:
+    """One comparison; `started` is the order the services are started, filled and given their
+    destination arrays in (alternated by round, so that memory placement favours neither)."""
     lb = layout.layer_bytes(chunk_tokens)
     total = chunks * layout.chunk_bytes(chunk_tokens)
     base = np.random.default_rng(0).integers(0, 256, (layout.num_layers, lb), dtype=np.uint8)
@@ -95,15 +98,15 @@ def _one_round(chunks: int, runs: int, load_batch: int, lookup_batch: int, looku
     procs: dict[str, Any] = {}
     clients: dict[str, Any] = {}
     try:
-        for mode in MODES:
+        for mode in started:
             sock, procs[mode] = start_service(folders[mode], layout, chunk_tokens, total, mode == "on")
             _wait_for_socket(sock, procs[mode])
             clients[mode] = connect({"mode": "service", "socket_path": sock}, layout=layout)
         root = clients["on"].namespace("bench-service").root()
         keys = clients["on"].chunk_keys(root, list(range(chunks * chunk_tokens)))
-        for mode in MODES:
+        for mode in started:
             save_chain(clients[mode], root, keys, base)
-        dests = {mode: np.zeros((chunks, layout.num_layers, lb), dtype=np.uint8) for mode in MODES}
+        dests = {mode: np.zeros((chunks, layout.num_layers, lb), dtype=np.uint8) for mode in started}
         for mode in MODES:  # warm-up: one lookup slice and one pass each, not timed
             _lookup_slice(clients[mode], keys, lookup_batch, 0.05)
             for s in range(0, chunks, load_batch):
@@ -183,8 +186,8 @@ def run_metrics_overhead(json_out: str | os.PathLike[str] | None = None, *, chun
         raise ValueError("chunks, runs, rounds, load_batch, lookup_batch and slices must be >= 1, "
                          f"lookup_seconds > 0 (got {chunks}, {runs}, {rounds}, {load_batch}, {lookup_batch}, "
                          f"{slices}, {lookup_seconds})")
-    results = [_one_round(chunks, runs, load_batch, lookup_batch, lookup_seconds, slices, layout, chunk_tokens)
-               for _ in range(rounds)]
+    results = [_one_round(chunks, runs, load_batch, lookup_batch, lookup_seconds, slices, layout, chunk_tokens,
+                          MODES if i % 2 == 0 else MODES[::-1]) for i in range(rounds)]
     lookup_ratios = [r["lookup_ratio"] for r in results]
     load_ratios = [r["load_ratio"] for r in results]
     lookup_call_ratios = [r["lookup_call_ratio"] for r in results]
