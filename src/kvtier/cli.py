@@ -167,7 +167,14 @@ def _cmd_bench_service(args: argparse.Namespace) -> int:
     from kvtier.bench.service import exit_status, run_service_bench
 
     sizes = {"chunks": args.chunks} if args.chunks is not None else {}  # else the bench's default
-    return exit_status(run_service_bench(args.json, metrics=args.metrics == "on", **sizes))
+    if args.metrics_overhead:
+        from kvtier.bench.metrics_overhead import run_metrics_overhead
+
+        result = run_metrics_overhead(args.json or "results/bench_service_metrics.json", rounds=args.rounds,
+                                      **sizes)
+        return 0 if result["verified"] else 1
+    return exit_status(run_service_bench(args.json or "results/bench_service.json",
+                                         metrics=args.metrics == "on", **sizes))
 
 
 def _cmd_bench_ttft(args: argparse.Namespace) -> int:
@@ -303,10 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="passes of the engine runs' workload on fresh documents (ratios: their medians)")
     bfl.set_defaults(fn=_cmd_bench_fleet)
     bsv = bsub.add_parser("service", help="store service lookup rate and shared-memory load throughput")
-    bsv.add_argument("--json", default="results/bench_service.json")
+    bsv.add_argument("--json", default=None,
+                     help="results/bench_service.json (with --metrics-overhead: results/bench_service_metrics.json)")
     bsv.add_argument("--chunks", type=positive_int, default=None, help="chunks in the chain loaded and looked up (720)")
     bsv.add_argument("--metrics", choices=("on", "off"), default="on",
                      help="off: the service records no metrics (to measure what they cost)")
+    bsv.add_argument("--metrics-overhead", action="store_true",
+                     help="lookups and loads of a service with metrics on and one with them off, interleaved, "
+                          "5 runs each: the on/off ratio of the medians")
+    bsv.add_argument("--rounds", type=positive_int, default=1,
+                     help="with --metrics-overhead: repeat the whole comparison (fresh services) this many times")
     bsv.set_defaults(fn=_cmd_bench_service)
     btt = bsub.add_parser("ttft", help="time to first token with transformers: no kvtier, miss, DRAM and disk hits")
     btt.add_argument("--json", default="results/bench_ttft.json")

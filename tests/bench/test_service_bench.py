@@ -56,3 +56,22 @@ def test_a_wrong_middle_pass_makes_the_command_fail(tmp_path, swap_in_middle_pas
     saved = json.loads(out.read_text())
     assert saved["verified"] is False
     assert saved["verified_runs"] == {"service": [True, False, True], "inprocess": [True, True, True]}
+
+
+def test_metrics_overhead_interleaves_verified_runs_of_both_services(tmp_path, monkeypatch):
+    import kvtier.bench.metrics_overhead as overhead
+
+    small = functools.partial(overhead.run_metrics_overhead, chunks=8, runs=3, load_batch=4, lookup_batch=8,
+                              lookup_seconds=0.06, slices=2)
+    monkeypatch.setattr(overhead, "run_metrics_overhead", small)
+    out = tmp_path / "overhead.json"
+    assert cli_main(["bench", "service", "--metrics-overhead", "--rounds", "2", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["verified"] is True and saved["runs"] == 3 and len(saved["rounds"]) == 2
+    for r in saved["rounds"]:
+        assert r["verified_runs"] == {"on": [True] * 3, "off": [True] * 3}
+        for series in ("lookup_chunks_per_s", "load_bytes_per_s"):
+            runs = r[series]["runs"]
+            assert len(runs["on"]) == len(runs["off"]) == 3 and min(runs["on"] + runs["off"]) > 0
+        assert r["lookup_ratio"] == r["lookup_chunks_per_s"]["median"]["on"] / r["lookup_chunks_per_s"]["median"]["off"]
+    assert saved["load_ratios"] == [r["load_ratio"] for r in saved["rounds"]]

@@ -120,3 +120,39 @@ def test_service_with_metrics_off_and_a_metrics_port_is_an_error_naming_both():
     with pytest.raises(ValueError, match="service.metrics_port 9464 is set but service.metrics is false"):
         load_config(ServiceConfig, {"layout": layout, "metrics": False, "metrics_port": 9464})
     assert not load_config(ServiceConfig, {"layout": layout, "metrics": False}).metrics
+
+
+def test_scrapes_racing_an_in_process_store_close_raise_nothing(tmp_path, capfd):
+    import threading
+    import urllib.error
+
+    from tests.service.util import wait_until
+
+    store = make_store(tmp_path)
+    port = store.serve_metrics(0)
+    keys = keys_for(list(range(12)))
+    save_chain(store, keys).wait()
+    stop = threading.Event()
+    answered: list[int] = []
+    unexpected: list[BaseException] = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+                answered.append(1)
+            except (OSError, urllib.error.URLError):
+                pass  # the server is gone: that is fine
+            except BaseException as e:  # noqa: BLE001 - anything else fails the test below
+                unexpected.append(e)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: len(answered) >= 6)  # scrapes are being served when the close comes
+    store.close()  # stops serving first, then closes the tiers
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert answered and not unexpected
+    assert "Traceback" not in capfd.readouterr().err

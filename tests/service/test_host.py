@@ -327,3 +327,40 @@ def test_allocate_waits_for_free_slots_no_longer_than_asked(tmp_path):
     host.abort(1, held.save_id)
     host.abort(2, alloc.save_id)
     store.close()
+
+
+def test_metrics_are_recorded_once_per_batch_per_tier(tmp_path):
+    """A lookup DRAM answers whole, one that reaches the disk, and loads from each: one latency
+    observation per tier per batch, and counts added once per batch with the batch's numbers."""
+    from kvtier.core import metrics as m
+
+    store, host = make(slots=2, disk_root=tmp_path / "disk")
+    a = keys(4)
+    fill(host, 1, a[:2])
+    store.flush()
+    fill(host, 1, a[2:], parent=a[1])
+    store.flush()  # DRAM holds a[2:], the disk all four
+    get = store.metrics.get
+    assert host.lookup(1, a[2:])[:2] == (2, ["memory", "memory"])
+    assert get(m.LOOKUP_LATENCY + "_count", tier="memory") == 1
+    assert get(m.LOOKUP_LATENCY + "_count", tier="disk") == 0
+    assert host.lookup(1, a)[:2] == (4, ["disk", "disk", "memory", "memory"])
+    assert get(m.LOOKUP_LATENCY + "_count", tier="memory") == 2
+    assert get(m.LOOKUP_LATENCY + "_count", tier="disk") == 1
+
+    pins = host.load_begin(1, a[2:])
+    host.load_end(1, pins.load_id)
+    assert get(m.HITS, tier="memory") == 2 and get(m.MISSES, tier="memory") == 0
+    assert get(m.BYTES_READ, tier="memory") == 2 * store.memory.chunk_bytes
+    assert get(m.SERVED_TOKENS, tier="memory") == 2 * CHUNK
+    assert get(m.LOAD_LATENCY + "_count", tier="memory") == 1
+
+    pins = host.load_begin(1, a[:2])  # DRAM misses, promoted from the disk
+    assert pins.tiers == ["disk", "disk"]
+    host.load_end(1, pins.load_id)
+    assert get(m.HITS, tier="memory") == 2 and get(m.MISSES, tier="memory") == 2
+    assert get(m.SERVED_TOKENS, tier="disk") == 2 * CHUNK and get(m.SERVED_TOKENS, tier="memory") == 2 * CHUNK
+    assert get(m.LOAD_LATENCY + "_count", tier="disk") == 1
+    assert get(m.LOAD_LATENCY + "_count", tier="memory") == 2  # the copies out of DRAM: begin to end
+    host.close()
+    store.close()

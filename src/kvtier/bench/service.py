@@ -46,7 +46,7 @@ LAYOUT = KVLayout(num_layers=12, num_kv_heads=8, head_size=128, dtype="float32")
 CHUNK_TOKENS = 16
 
 
-def _chunk_payload(base: np.ndarray, i: int) -> np.ndarray:
+def chunk_payload(base: np.ndarray, i: int) -> np.ndarray:
     """[layers, layer_bytes] bytes of chunk i: a shared random block xor'ed per chunk, stamped."""
     out = np.bitwise_xor(base, np.uint8((i * 13 + 7) & 0xFF))
     for layer in range(out.shape[0]):
@@ -54,8 +54,8 @@ def _chunk_payload(base: np.ndarray, i: int) -> np.ndarray:
     return out
 
 
-def _verify(dest: np.ndarray, base: np.ndarray, n: int) -> bool:
-    return all(np.array_equal(dest[i], _chunk_payload(base, i)) for i in range(n))
+def verify_chain(dest: np.ndarray, base: np.ndarray, n: int) -> bool:
+    return all(np.array_equal(dest[i], chunk_payload(base, i)) for i in range(n))
 
 
 def _wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> float:
@@ -93,6 +93,44 @@ def _timed_loads(client: Any, keys: list[bytes], dest: np.ndarray, batch: int, r
         times.append(time.perf_counter() - t0)
         verified.append(verify(dest))
     return times, verified
+
+
+def start_service(folder: str, layout: KVLayout, chunk_tokens: int, pool_bytes: int,
+                   metrics: bool) -> tuple[str, subprocess.Popen[bytes]]:
+    """A `python -m kvtier.service` child with its socket and config in `folder`; with metrics,
+    they are also served on a free port, as an operator would run it (nobody scrapes during
+    the bench)."""
+    sock = os.path.join(folder, "kv.sock")
+    store_cfg = {"chunk_tokens": chunk_tokens, "memory": {"capacity_bytes": pool_bytes}}
+    cfg: dict[str, Any] = {"layout": {"num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads,
+                                      "head_size": layout.head_size, "dtype": layout.dtype,
+                                      "planes": layout.planes},
+                           "store": store_cfg, "socket_path": sock, "metrics": metrics}
+    if metrics:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            cfg["metrics_port"] = probe.getsockname()[1]
+    Path(folder, "service.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.service", "--config", str(Path(folder, "service.json")),
+                             "--log-level", "WARNING"])
+    return sock, proc
+
+
+def stop_service(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def save_chain(client: Any, root: bytes, keys: list[bytes], base: np.ndarray) -> None:
+    """Every chunk of the chain into the client's store's DRAM, 64 chunks per save."""
+    for s in range(0, len(keys), 64):
+        part = keys[s:s + 64]
+        srcs = [list(chunk_payload(base, s + i)) for i in range(len(part))]
+        parent = root if s == 0 else keys[s - 1]
+        res = client.save(part, parent, s, srcs).wait()
+        if res.in_memory != len(part):
+            raise RuntimeError(f"save kept {res.in_memory} of {len(part)} chunks in DRAM")
 
 
 def _timed_copies(dest: np.ndarray, src: np.ndarray, runs: int) -> list[float]:
@@ -134,18 +172,7 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (layout.num_layers, lb), dtype=np.uint8)
     folder = tempfile.mkdtemp(prefix="kvtier-bench-", dir="/tmp")
-    sock = os.path.join(folder, "kv.sock")
-    store_cfg = {"chunk_tokens": chunk_tokens, "memory": {"capacity_bytes": total}}
-    cfg = {"layout": {"num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads,
-                      "head_size": layout.head_size, "dtype": layout.dtype, "planes": layout.planes},
-           "store": store_cfg, "socket_path": sock, "metrics": metrics}
-    if metrics:  # served too, as an operator would run it (nobody scrapes during the bench)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            cfg["metrics_port"] = probe.getsockname()[1]
-    Path(folder, "service.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.service", "--config", str(Path(folder, "service.json")),
-                             "--log-level", "WARNING"])
+    sock, proc = start_service(folder, layout, chunk_tokens, total, metrics)
     try:
         start_s = _wait_for_socket(sock, proc)
         svc = connect({"mode": "service", "socket_path": sock}, layout=layout)
@@ -154,13 +181,7 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
         root = svc.namespace("bench-service").root()
         keys = svc.chunk_keys(root, list(range(chunks * chunk_tokens)))
         for client in (svc, local):  # the same chain into both stores, 64 chunks per save
-            for s in range(0, chunks, 64):
-                part = keys[s:s + 64]
-                srcs = [list(_chunk_payload(base, s + i)) for i in range(len(part))]
-                parent = root if s == 0 else keys[s - 1]
-                res = client.save(part, parent, s, srcs).wait()
-                if res.in_memory != len(part):
-                    raise RuntimeError(f"save kept {res.in_memory} of {len(part)} chunks in DRAM")
+            save_chain(client, root, keys, base)
 
         # lookups: batched messages, every key a hit
         rates = []
@@ -176,7 +197,7 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
         dest.fill(0)  # fault the pages in before timing
 
         def verify(d: np.ndarray) -> bool:
-            return _verify(d, base, chunks)
+            return verify_chain(d, base, chunks)
 
         svc_times, svc_ok = _timed_loads(svc, keys, dest, load_batch, runs, verify)
         local_times, local_ok = _timed_loads(local, keys, dest, load_batch, runs, verify)
@@ -199,9 +220,7 @@ def run_service_bench(json_out: str | os.PathLike[str] | None = None, *, chunks:
         svc.close()
         local.close()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+        stop_service(proc)
         shutil.rmtree(folder, ignore_errors=True)
 
     load_gbps = total / statistics.median(svc_times) / 1e9

@@ -114,6 +114,9 @@ KINDS = {
 # the first failure or eviction (Prometheus's advice for labelled counters).
 TIER_COUNTERS = (HITS, MISSES, BYTES_READ, BYTES_WRITTEN, EVICTIONS, CHECKSUM_FAILURES, WRITE_FAILURES,
                  SERVED_TOKENS)
+# Likewise every connector's counters, from the connector's start: "loads skipped" in particular
+# stays 0 on a CPU, where loading always pays, and its panel should say 0 rather than "no data".
+CONNECTOR_COUNTERS = (HIT_TOKENS, COMPUTED_TOKENS, PREFILL_TOKENS, LOADS_SKIPPED, LOAD_FAILURES, SAVE_FAILURES)
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -327,11 +330,12 @@ class RunTimer:
 
     __slots__ = ("_timer", "_counted", "tier", "_t0")
 
-    def __init__(self, metrics: Metrics, name: str, counted: frozenset[str] | set[str], first: str | None) -> None:
+    def __init__(self, metrics: Metrics, name: str, counted: frozenset[str] | set[str], first: str | None,
+                 started: float | None = None) -> None:
         self._timer = BatchTimer(metrics, name)
         self._counted = counted
         self.tier = first
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() if started is None else started  # `first`'s run began then
 
     def switch(self, tier: str | None) -> None:
         now = time.perf_counter()

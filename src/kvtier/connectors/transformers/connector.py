@@ -90,6 +90,8 @@ class TransformersConnector:
         self.save_enabled = save
         self.load_enabled = load
         self.metrics = metrics or getattr(store, "metrics", None) or m.Metrics()
+        for name in m.CONNECTOR_COUNTERS:  # exposed at 0 from the start (see CONNECTOR_COUNTERS)
+            self.metrics.inc(name, 0, connector=CONNECTOR)
         self._logged: set[str] = set()
         self._lock = threading.Lock()
         self.plan_loads = plan_loads
