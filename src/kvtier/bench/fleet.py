@@ -287,16 +287,19 @@ class _Cache:
     capacity: int
     resident: set[Key] = field(default_factory=set)
 
-    def put(self, key: Key, parent: Key | None, depth: int) -> None:
+    def put(self, key: Key, parent: Key | None, depth: int) -> tuple[bool, Key | None]:
+        """Store `key` if the policy admits it and room can be made; (stored?, the key evicted for it)."""
         if not self.policy.admit(key, parent, depth):
-            return
+            return False, None
+        victim = None
         if len(self.resident) >= self.capacity:
             victim = self.policy.evict(lambda k: k != parent)
             if victim is None:
-                return
+                return False, None
             self.resident.discard(victim)
         self.resident.add(key)
         self.policy.insert(key, parent, depth)
+        return True, victim
 
 
 @dataclass(slots=True)
@@ -307,18 +310,13 @@ class _ReportingCache(_Cache):
 
     changes: list[tuple[bool, Key]] = field(default_factory=list)  # (stored?, key)
 
-    def put(self, key: Key, parent: Key | None, depth: int) -> None:
-        if not self.policy.admit(key, parent, depth):
-            return
-        if len(self.resident) >= self.capacity:
-            victim = self.policy.evict(lambda k: k != parent)
-            if victim is None:
-                return
-            self.resident.discard(victim)
+    def put(self, key: Key, parent: Key | None, depth: int) -> tuple[bool, Key | None]:
+        stored, victim = _Cache.put(self, key, parent, depth)  # not super(): slots dataclasses
+        if victim is not None:
             self.changes.append((False, victim))
-        self.resident.add(key)
-        self.policy.insert(key, parent, depth)
-        self.changes.append((True, key))
+        if stored:
+            self.changes.append((True, key))
+        return stored, victim
 
     def take_batch(self, ts: float) -> KVEventBatch:
         events: list[BlockStored | BlockRemoved] = []

@@ -153,21 +153,6 @@ def odirect_read_bandwidth(folder: Path, mib: int) -> float | None:
         path.unlink()
 
 
-def h2d_pinned_bandwidth(device: str, gib: float = 1.0) -> float:
-    """Bytes/s of the best of 3 copies of one pinned host tensor of `gib` GiB to the GPU."""
-    n = int(gib * (1 << 30))
-    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(n, dtype=torch.uint8, device=device)
-    best = float("inf")
-    for _ in range(3):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return n / best
-
-
 def _open_store(layout: Any, root: Path, chunk: int, dram_bytes: int, throttle_gbps: float | None) -> Any:
     from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
     from kvtier.store.throttle import throttle_disk
@@ -336,7 +321,11 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
     disk_bw = disk_read_bandwidth(root, size["disk_mib"])
     setup.update(memcpy_bytes_per_s=mem_bw, disk_read_bytes_per_s=disk_bw)
     if cuda:
-        setup["h2d_pinned_gbps"] = h2d_pinned_bandwidth(device) / 1e9
+        from kvtier.connectors.copy_engine import host_to_device_probe
+
+        probe = host_to_device_probe(device, 1 << 30)  # best of 3 pinned copies of 1 GiB
+        assert probe is not None  # CUDA
+        setup["h2d_pinned_gbps"] = probe[0] / probe[1] / 1e9
         odirect = odirect_read_bandwidth(root, size["disk_mib"])
         setup["odirect_read_gbps"] = odirect / 1e9 if odirect else None
         dram_floor_bw = setup["h2d_pinned_gbps"] * 1e9
