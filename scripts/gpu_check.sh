@@ -4,6 +4,7 @@
 # Run from the repository root: `OUT=/some/dir bash scripts/gpu_check.sh` (default OUT: results/gpu).
 # It needs torch with CUDA, transformers, numpy, xxhash, rich; not vLLM, matplotlib or pytest.
 # Every step writes its JSON and log under $OUT and the script goes on when one fails.
+# ONLY="a b" runs only the named steps, SKIP="a b" leaves them out, CAP_<step>=S changes a step's time cap.
 set -u
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
@@ -14,8 +15,12 @@ status=0
 step() {  # step NAME TIMEOUT_S ARGS...: one bench run, its log and exit code kept
     local name=$1 limit=$2
     shift 2
+    case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped (SKIP)" | tee -a "$OUT/summary.txt"; return;; esac
+    case " ${ONLY:-$name} " in *" $name "*) ;; *) return;; esac
+    local var="CAP_$name"
+    limit=${!var:-$limit}
     echo "== $name: $*" | tee -a "$OUT/summary.txt"
-    timeout "$limit" "$PY" -m kvtier "$@" > "$OUT/$name.log" 2>&1
+    timeout "$limit" "$PY" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$OUT/$name.log"
     echo "== $name: exit $rc" | tee -a "$OUT/summary.txt"
@@ -33,26 +38,21 @@ PY
 cat "$OUT/env.txt"
 
 # 1. smoke: every code path on the GPU with a tiny model (seconds)
-step tiny_cuda 45 bench ttft --device cuda --shape tiny --lengths 512,2048 --repeats 2 \
+step tiny_cuda 45 -m kvtier bench ttft --device cuda --shape tiny --lengths 512,2048 --repeats 2 \
     --json "$OUT/ttft_tiny_cuda.json" --png ""
 # 2. the measured run: Llama-3.1-8B shape, bfloat16, 8k and 32k (issue 17 "How it is measured")
-step llama8b_bf16 240 bench ttft --device cuda --shape llama-8b --dtype bfloat16 \
+step llama8b_bf16 240 -m kvtier bench ttft --device cuda --shape llama-8b --dtype bfloat16 \
     --json "$OUT/ttft_llama8b_bf16.json" --png ""
 # 3. float32 at 8k: max_logit_diff <= 1e-3 and top1_equal
-step llama8b_fp32_8k 90 bench ttft --device cuda --shape llama-8b --dtype float32 --lengths 8192 \
+step llama8b_fp32_8k 90 -m kvtier bench ttft --device cuda --shape llama-8b --dtype float32 --lengths 8192 \
     --json "$OUT/ttft_llama8b_fp32_8k.json" --png ""
 # 4. never slower than recomputing from a slow disk (the planner must recompute every disk chunk)
-step llama8b_throttled 75 bench ttft --device cuda --shape llama-8b --dtype bfloat16 --lengths 8192 \
+step llama8b_throttled 75 -m kvtier bench ttft --device cuda --shape llama-8b --dtype bfloat16 --lengths 8192 \
     --throttle-disk-gbps 0.5 --json "$OUT/ttft_llama8b_throttled.json" --png ""
 # 5. vLLM GPU adapters (no vLLM needed): 2048 blocks of 16 tokens, Llama-8B KV (32 layers, 8 x 128, bf16),
 #    save -> load through the batched adapters and an in-process store, byte-exact under every
 #    KVCacheLayout order, load_gbps against pinned h2d; whether the store's pool is page-locked
-echo "== vllm_layouts" | tee -a "$OUT/summary.txt"
-timeout 115 "$PY" scripts/gpu_vllm_layouts.py --device cuda --json "$OUT/vllm_layouts.json" > "$OUT/vllm_layouts.log" 2>&1
-rc=$?
-tail -n 12 "$OUT/vllm_layouts.log"
-echo "== vllm_layouts: exit $rc" | tee -a "$OUT/summary.txt"
-[ "$rc" -eq 0 ] || status=1
+step vllm_layouts 115 scripts/gpu_vllm_layouts.py --device cuda --json "$OUT/vllm_layouts.json"
 
 "$PY" - "$OUT" >> "$OUT/summary.txt" 2>&1 <<'PY'
 import json, pathlib, sys

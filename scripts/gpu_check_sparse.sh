@@ -7,6 +7,7 @@
 # JSON after every row, so a step cut short by its cap keeps the rows it finished.
 #   QUICK=1   the bench's --quick sizes (8k/32k decode, 8k prefill, 16k batched) instead of the issue's
 #   PREFETCH=N  decode prefetch blocks for the bench (default: the bench's, 4 on CUDA)
+#   ONLY="a b" runs only the named steps, SKIP="a b" leaves them out, CAP_<step>=S changes a step's time cap
 set -u
 OUT=${OUT:-results/gpu_sparse}
 mkdir -p "$OUT"
@@ -17,6 +18,10 @@ status=0
 step() {  # step NAME TIMEOUT_S ARGS...: one kvtier run, its log and exit code kept
     local name=$1 limit=$2
     shift 2
+    case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped (SKIP)" | tee -a "$OUT/summary.txt"; return;; esac
+    case " ${ONLY:-$name} " in *" $name "*) ;; *) return;; esac
+    local var="CAP_$name"
+    limit=${!var:-$limit}
     echo "== $name: $*" | tee -a "$OUT/summary.txt"
     timeout "$limit" "$PY" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
@@ -48,9 +53,10 @@ from kvtier.sparse import SparseConfig, sparse_store_layout
 from kvtier.store.tiered import TieredStore
 
 register()
-dev = torch.device("cuda")
+dev = torch.device(os.environ.get("DEVICE", "cuda"))  # DEVICE=cpu: a dry run of the same code
 report = []
-for shape, ctx in (("tiny", 2048), ("llama-1b", 4096)):
+shapes = os.environ.get("CHECK_SHAPES", "tiny:2048,llama-1b:4096")  # shape:context pairs
+for shape, ctx in ((p.split(":")[0], int(p.split(":")[1])) for p in shapes.split(",")):
     model = build_model(shape, dev, torch.float32, 16384)
     layout = model_kv_layout(model.config, "float32")
     ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=dev)
@@ -62,7 +68,7 @@ for shape, ctx in (("tiny", 2048), ("llama-1b", 4096)):
             out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             toks = [out.logits[:, -1].argmax(-1, keepdim=True)]
             for i in range(steps - 1):
-                if count_syncs and i == steps // 2:  # one warm step, counted
+                if count_syncs and dev.type == "cuda" and i == steps // 2:  # one warm step, counted
                     torch.cuda.synchronize()
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
@@ -87,7 +93,8 @@ for shape, ctx in (("tiny", 2048), ("llama-1b", 4096)):
         toks, syncs = greedy(cache, ATTN_NAME, count_syncs=True)
         seq = cache.sequences[0]
         cache.flush()
-        assert seq.working[0].k.is_cuda and seq.tables[0].device.type == "cuda", "working set / summaries not on the GPU"
+        assert seq.working[0].k.device.type == dev.type and seq.tables[0].device.type == dev.type, \
+            "working set / summaries not on the model's device"
         assert store.lookup(seq.block_keys).hits == len(seq.block_keys), "a written block is missing from the store"
         pf = seq._prefetch
         row = {"shape": shape, "ctx": ctx, "budget": budget, "prefetch_blocks": prefetch, "staged": seq.stage_fetches,
@@ -106,7 +113,8 @@ for shape, ctx in (("tiny", 2048), ("llama-1b", 4096)):
     pair = by_budget[ctx // 8]
     assert torch.equal(pair[0], pair[1]), "prefetch changed the tokens"
     del model
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 json.dump(report, open(os.path.join(os.environ["OUT"], "check_sparse_cuda.json"), "w"), indent=2)
 print("OK")
 PY

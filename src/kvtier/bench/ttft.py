@@ -414,6 +414,9 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
                   f"(floor {case['dram_floor_s']:.4f}), disk hit {disk_s:.4f} s (floor {case['disk_floor_s']:.4f}; "
                   f"{details[-1]['chunks_loaded']} chunks loaded, {details[-1]['chunks_recomputed']} recomputed); "
                   f"load only {load_s:.4f} s ({case['load_gbps']:.2f} GB/s); max |dlogit| {max_diff:.1e}")
+            # a run cut short (a device lease's time cap) keeps the lengths it finished
+            write_json(json_out, {"cases": cases, "setup": setup, "details": details,
+                                  "partial": "the lengths finished so far; overlap not run yet"})
 
         overlap, overlap_diff = _overlap(bench, prompt, size["overlap_tokens"], runs)
     finally:
