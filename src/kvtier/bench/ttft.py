@@ -340,6 +340,7 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
           + (f"; disk reads throttled to {throttle_disk_gbps} GB/s" if throttle_disk_gbps else ""))
 
     bench = _Runner(model, layout, root / "store", chunk, dram_bytes, device, throttle_disk_gbps)
+    setup["direct_loads"] = bench.conn.direct_loads  # DRAM hits copied straight out of the page-locked pool
     vocab = model.config.vocab_size
     cases: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []

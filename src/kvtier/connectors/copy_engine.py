@@ -8,6 +8,7 @@
     StagingPool(device)               one reusable (pinned on CUDA) host buffer: pinning costs more than copying
     shared_pools(device)              the process's (load pool, save pool, SaveCopies) for a device
     LayerCopies(device, stream)       per-layer host -> device copies on a side stream, one event each
+                                      (gather: a group of layers straight out of a page-locked pool)
     SaveCopies(device)                device -> host copies of saves on another stream; what follows a copy
                                       (writing it to the store, publishing) runs once it completes, on a
                                       worker thread, so the forward never waits for a save
@@ -28,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -193,6 +194,37 @@ class LayerCopies:
             return out
         except RuntimeError as e:  # a CUDA error (or out of memory) while queueing the copy
             self._failed[layer] = f"{type(e).__name__}: {e}"
+            return None
+
+    def gather(self, layers: Sequence[int], pieces: Sequence[tuple[int, torch.Tensor]], rows: int,
+               row_bytes: int) -> torch.Tensor | None:
+        """One device buffer uint8 [rows, row_bytes] filled from host pieces (first row, uint8 host
+        tensor covering whole rows from there), as one event shared by `layers`: the copies of a
+        group of layers straight out of a page-locked pool. Rows no piece covers are left unwritten.
+        None when queueing failed (see failed())."""
+        try:
+            if self._stream is None:
+                out = torch.empty((rows, row_bytes), dtype=torch.uint8, device=self.device)
+                flat = out.view(-1)
+                for row, src in pieces:
+                    flat[row * row_bytes:row * row_bytes + src.numel()].copy_(src)
+                event: Any = DoneEvent()
+            else:
+                with torch.cuda.stream(self._stream):
+                    out = torch.empty((rows, row_bytes), dtype=torch.uint8, device=self.device)
+                    flat = out.view(-1)
+                    for row, src in pieces:
+                        flat[row * row_bytes:row * row_bytes + src.numel()].copy_(src, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+                out.record_stream(torch.cuda.current_stream(self.device))  # freed only after compute used it
+            for layer in layers:
+                self._events[layer] = event
+            self.last_event = event
+            return out
+        except RuntimeError as e:  # a CUDA error (or out of memory) while queueing the copies
+            for layer in layers:
+                self._failed[layer] = f"{type(e).__name__}: {e}"
             return None
 
     def ready(self, layer: int) -> None:

@@ -38,10 +38,12 @@ read bandwidth.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -129,6 +131,7 @@ class TieredStore:
         self.write_wait_s = 10.0  # longest allocate_memory waits for the writer to free a DRAM slot
         self._closed = False
         self._pool_watchers = PoolWatchers()
+        self._verify: TransferEngine | None = None  # verify_borrowed's threads, started on first use
 
     def _report_capacity(self) -> None:
         """Each tier's counters at 0, and each local tier's capacity and fill as gauges, from
@@ -782,6 +785,51 @@ class TieredStore:
         out["metrics"] = self.metrics.snapshot()
         return out
 
+    # -- borrowed DRAM reads (a GPU connector copies straight out of the page-locked pool) ---------
+    def borrow_memory(self, keys: Sequence[bytes]) -> list[Any]:
+        """Pin each key's chunk in DRAM for reads in place (None where it is not in DRAM): its slot
+        is `entry.slot` in pool_array(), chunk_bytes long, layer-major. Nothing evicts or reuses a
+        borrowed slot until release_borrowed(); check each section read with verify_borrowed()
+        before using the bytes."""
+        self._check_open()
+        _check_keys(keys)
+        if self.memory is None:
+            return [None] * len(keys)
+        return list(self.memory.borrow(keys))
+
+    def pool_array(self) -> np.ndarray:
+        """The DRAM pool as one uint8 array (what borrowed slots index into)."""
+        if self.memory is None:
+            raise ValueError("this store has no DRAM tier")
+        return self.memory.pool_array()
+
+    def verify_borrowed(self, entries: Sequence[Any], layers: Sequence[int]) -> TransferHandle[LoadResult]:
+        """Check sections `layers` of borrowed chunks against their checksums, on the store's verify
+        threads (the checksum releases the GIL, so several groups verify at once). The result is a
+        LoadResult over `entries`: a None entry (not borrowed) or a mismatch is failed."""
+        self._check_open()
+        memory = self.memory
+        layer_list = list(layers)
+        if any(not 0 <= x < self.layout.num_layers for x in layer_list):
+            raise ValueError(f"layers {layer_list} outside 0..{self.layout.num_layers - 1}")
+
+        def run() -> LoadResult:
+            failed = tuple(i for i, e in enumerate(entries)
+                           if e is None or memory is None or not memory.verify_borrowed(e, layer_list))
+            loaded = failed[0] if failed else len(entries)
+            return LoadResult(loaded, failed, tuple("" if i in failed else "memory" for i in range(len(entries))))
+
+        with self._pending_lock:
+            if self._verify is None:
+                threads = max(self.config.io_threads, min(8, os.cpu_count() or 1))
+                self._verify = TransferEngine(threads, "kvtier-verify")
+        return self._verify.submit("verify", run)
+
+    def release_borrowed(self, entries: Sequence[Any]) -> None:
+        """End a borrow_memory(): the slots may be evicted or reused again (safe after close)."""
+        if self.memory is not None:
+            self.memory.release(entries)
+
     def watch_pool(self, watcher: PoolWatcher) -> None:
         """Tell `watcher` where the DRAM pool is (now) and when it goes (close): a GPU connector
         page-locks it (connectors/copy_engine.py). A store without a DRAM tier has no pool to tell of."""
@@ -799,6 +847,8 @@ class TieredStore:
         if self._lower_writer is not None:
             self._lower_writer.shutdown()
         self._io.shutdown()
+        if self._verify is not None:
+            self._verify.shutdown()
         for tier in self.tiers + self.lower_tiers:
             tier.close()
 

@@ -49,6 +49,7 @@ class _Entry:
     slot: SlotId
     meta: ChunkMeta
     refs: int = 0
+    condemned: bool = False  # failed a borrowed read's checksum: unindexed, its slot freed at the last release
 
 
 @dataclass(slots=True)
@@ -156,6 +157,70 @@ class MemoryTier(Tier):
             if entry is None or entry.refs <= 0:
                 raise ValueError("unpin of a chunk that is not pinned")
             entry.refs -= 1
+
+    # -- borrowing: reads straight out of the pool -------------------------------------
+    def pool_array(self) -> np.ndarray:
+        """The whole pool (every slot) as one uint8 array: borrowed sections are read from it in place."""
+        return self._pool[: self.num_slots * self.chunk_bytes]
+
+    def borrow(self, keys: Sequence[bytes]) -> list[_Entry | None]:
+        """Pin each resident chunk (None where absent) so that its slot can be read in place, as a
+        GPU connector's host -> device copies do from a page-locked pool: no eviction or delete
+        reuses a borrowed slot until release(). Check the sections read with verify_borrowed()
+        before the bytes are used."""
+        for key in keys:
+            check_key(key)
+        self._check_open()
+        out: list[_Entry | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._index.get(key)
+                if entry is not None:
+                    entry.refs += 1
+                out.append(entry)
+        found = sum(e is not None for e in out)
+        if found:
+            self._hits.inc(found)
+        if found < len(out):
+            self.metrics.inc(m.MISSES, len(out) - found, tier=self.name)
+        return out
+
+    def verify_borrowed(self, entry: _Entry, layers: Sequence[int]) -> bool:
+        """Whether the borrowed chunk's sections `layers` match their checksums (True without
+        verify_reads). A mismatch is counted and the chunk unindexed at once (no lookup finds it
+        again); its slot is freed at its last release."""
+        t0 = time.perf_counter()
+        lb = self.layer_bytes
+        ok = True
+        if self.config.verify_reads:
+            sums = entry.meta.checksums
+            ok = all(checksum(self.layer_view(entry.slot, layer)) == sums[layer] for layer in layers)
+        self._bytes_read.inc(len(layers) * lb)
+        self._read_seconds.inc(time.perf_counter() - t0)
+        if not ok:
+            self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
+            key = entry.meta.key
+            with self._lock:
+                entry.condemned = True
+                if self._index.get(key) is entry:
+                    del self._index[key]
+                    self._policy.remove(key)
+                    self._record_removed(key)
+            self._deliver_changes()
+            self._report_usage()
+        return ok
+
+    def release(self, entries: Sequence[_Entry | None]) -> None:
+        """Drop borrow()'s references (None entries are skipped). Safe after close()."""
+        with self._lock:
+            for entry in entries:
+                if entry is None:
+                    continue
+                if entry.refs <= 0:
+                    raise ValueError("release of a chunk that is not borrowed")
+                entry.refs -= 1
+                if entry.condemned and entry.refs == 0:
+                    self._free.append(entry.slot)
 
     # -- read ----------------------------------------------------------------------
     def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:

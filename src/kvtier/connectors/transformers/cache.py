@@ -131,6 +131,10 @@ class _Prefill:
     copies: Any = None  # LayerCopies: host -> device copies of the staged layers
     staging_buf: torch.Tensor | None = None  # the staging pool's buffer, until its copies are done
     save_buf: torch.Tensor | None = None  # the save pool's buffer (CUDA), until the saves are written
+    direct: bool = False  # DRAM chunks copied straight out of the store's pool (connector.direct_loads)
+    borrowed: list[Any] | None = None  # direct: the store's borrowed entries, released once copied
+    group_start: list[int] = field(default_factory=list)  # direct: per layer, the first layer of its group
+    group_bufs: dict[int, torch.Tensor | None] = field(default_factory=dict)  # direct: group -> device copy
 
 
 class _StoreLayer(DynamicLayer):
@@ -252,6 +256,8 @@ class KVTierCache(DynamicCache):
             row_units.append(units)
         n_units = len(unit_keys)
         lb = layout.layer_bytes(conn.chunk_tokens)
+        if n_units and conn.direct_loads and all(t == "memory" for t in unit_tier):
+            return self._start_direct(plan, keys, found, width, unit_keys, row_units)
         per_layer = n_units * lb
         buf = conn.staging_pool.acquire(per_layer * layout.num_layers) if n_units else None
         staging: list[torch.Tensor | None] = [
@@ -294,6 +300,71 @@ class KVTierCache(DynamicCache):
         for h in dict.fromkeys(state.all_handles):  # when each load finished, for the planner's bandwidths
             _stamp_done(state, h)
         return state
+
+    def _start_direct(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
+                      width: int, unit_keys: list[bytes], row_units: list[list[int]]) -> _Prefill:
+        """A prefix wholly in DRAM, copied straight out of the store's pool (connector.direct_loads):
+        the chunks are borrowed (no eviction reuses their slots), each group of layers is one batch
+        of copies from their slots on the load stream (one event) and one checksum job on the
+        store's verify threads; layer i's update waits for its group's copy event and check only."""
+        conn = self.connector
+        layout = conn.layout
+        store = conn.store
+        n_layers = layout.num_layers
+        lb = layout.layer_bytes(conn.chunk_tokens)
+        cb = conn.chunk_bytes
+        state = _Prefill(plan, width, [None] * n_layers, [[] for _ in range(n_layers)], {}, {}, row_units,
+                         self._plan_saves(plan, keys, found, width))
+        state.copies = LayerCopies(conn.device, conn.load_stream)
+        state.direct = True
+        state.load_started = time.perf_counter()
+        entries = store.borrow_memory(unit_keys)  # a chunk evicted since the lookup is None: failed below
+        state.borrowed = entries
+        pool = conn.pool_tensor()
+        units = list(range(len(unit_keys)))
+        state.tier_handles["memory"] = []
+        state.tier_bytes["memory"] = len(unit_keys) * cb
+        group = conn.load_group_layers
+        for g0 in range(0, n_layers, group):
+            g1 = min(n_layers, g0 + group)
+            check = store.verify_borrowed(entries, range(g0, g1))
+            state.handle_units[id(check)] = units
+            state.tier_handles["memory"].append(check)
+            span = (g1 - g0) * lb
+            pieces: list[tuple[int, torch.Tensor]] = []
+            whole = g0 == 0 and g1 == n_layers  # whole chunks: neighbouring slots are one piece
+            for u, e in enumerate(entries):
+                if e is None:
+                    continue
+                start = e.slot * cb + g0 * lb
+                if whole and pieces:
+                    row, prev = pieces[-1]
+                    if prev.data_ptr() + prev.numel() == pool[start:].data_ptr() and row + prev.numel() // span == u:
+                        pieces[-1] = (row, pool[prev.data_ptr() - pool.data_ptr():start + span])
+                        continue
+                pieces.append((u, pool[start:start + span]))
+            state.group_bufs[g0] = state.copies.gather(range(g0, g1), pieces, len(unit_keys), span)
+            for layer in range(g0, g1):
+                state.group_start.append(g0)
+                state.layer_handles[layer].append(check)
+        state.all_handles = [h for hs in state.layer_handles for h in hs]
+        for h in dict.fromkeys(state.all_handles):  # when each check finished, for the planner's bandwidths
+            _stamp_done(state, h)
+        return state
+
+    def _release_borrowed(self, state: _Prefill) -> None:
+        """Hand the borrowed chunks back once every copy out of their slots has completed (on CUDA
+        on the save-copy worker after the last copy's event; on the CPU at once)."""
+        entries, state.borrowed = state.borrowed, None
+        if not entries:
+            return
+        store = self.connector.store
+        event = state.copies.last_event if state.copies is not None and state.copies.last_event else _DONE
+
+        def failed(e: BaseException) -> None:
+            self.connector._log_once("release", "kvtier: releasing borrowed DRAM chunks failed: %s", e)
+
+        self.connector.save_copies.then(event, lambda: store.release_borrowed(entries), failed)
 
     def _plan_saves(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
                     width: int) -> list[_RowSave]:
@@ -379,8 +450,11 @@ class KVTierCache(DynamicCache):
         state.staging[layer.index] = None
         w = plan.n_cached
         if w:
-            assert staged is not None
-            sections = state.copies.copy(layer.index, staged.view(dtype).view(-1, heads, 2, ct, hd))
+            if state.direct:
+                sections = self._direct_sections(state, layer.index)
+            else:
+                assert staged is not None
+                sections = state.copies.copy(layer.index, staged.view(dtype).view(-1, heads, 2, ct, hd))
             if sections is None:  # the host -> device copy failed: recompute every chunk it carried
                 carried: set[int] = set().union(*state.row_units)
                 self.connector.report_load_failure(len(carried), state.copies.failed(layer.index) or "copy failed")
@@ -407,6 +481,23 @@ class KVTierCache(DynamicCache):
         layer.device = device
         layer.dtype = dtype
         state.load_wait_s += time.perf_counter() - t0
+
+    def _direct_sections(self, state: _Prefill, layer: int) -> torch.Tensor | None:
+        """Layer's sections [units, heads, 2, chunk tokens, head size] inside its group's device copy
+        (None when the group's copies failed); the group's buffer is dropped with its last layer."""
+        conn = self.connector
+        layout = conn.layout
+        g0 = state.group_start[layer]
+        buf = state.group_bufs.get(g0)
+        if buf is None:
+            return None
+        lb = layout.layer_bytes(conn.chunk_tokens)
+        off = (layer - g0) * lb
+        out = buf[:, off:off + lb].view(conn.torch_dtype).view(
+            buf.shape[0], layout.num_kv_heads, 2, conn.chunk_tokens, layout.head_size)
+        if layer + 1 == len(state.group_start) or state.group_start[layer + 1] != g0:
+            state.group_bufs[g0] = None
+        return out
 
     def _wait(self, state: _Prefill, handle: Any) -> set[int]:
         key = id(handle)
@@ -502,6 +593,7 @@ class KVTierCache(DynamicCache):
 
     def _finish(self, state: _Prefill) -> None:
         self._release_staging(state)
+        self._release_borrowed(state)
         self.load_wait_s = state.load_wait_s
         self.forward_wait_s = state.load_wait_s - state.prepare_wait_s
         self.forward_save_s = state.save_s
@@ -531,6 +623,7 @@ class KVTierCache(DynamicCache):
             self._abort_saves(state)
             self._release_save_buf(state)
             self._release_staging(state)
+            self._release_borrowed(state)
         for layer in self._store_layers:
             layer.clear()
 

@@ -26,9 +26,15 @@ on `prefill`'s forwards. Chunks recomputed that way are counted in LOADS_SKIPPED
 row in `plan.skipped_tokens`. `plan_loads=False` loads every stored chunk.
 
 Devices: the cache lives on the model's device (all its weights must be on one); the plan's
-input ids, mask and positions are handed to the model there. On CUDA (copy_engine.py) loads are
-staged in a reused page-locked buffer and copied per layer on a load stream the forward waits on
-by event; saves are copied to page-locked buffers on a save stream and written to the store and
+input ids, mask and positions are handed to the model there. On CUDA (copy_engine.py), when the
+store is an in-process TieredStore whose DRAM pool is page-locked, a prefix wholly in DRAM is
+copied straight out of the pool's slots (`direct_loads`): its chunks are borrowed (pinned against
+eviction), each group of layers (about DIRECT_GROUP_BYTES per chunk) is one batch of copies on
+the load stream with one event, verified against its checksums on the store's verify threads
+while it copies, and layer i's update waits for its group's event and check only; the chunks
+are released once the copies completed. Other loads (disk hits, a service client) are staged
+in a reused page-locked buffer and copied per layer on a load stream the forward waits on by
+event; saves are copied to page-locked buffers on a save stream and written to the store and
 published by a worker thread once copied (`save_copies.drain()` waits for them: call it before
 closing the store). On the CPU the same code runs synchronously.
 """
@@ -42,7 +48,14 @@ from typing import Any
 
 import torch
 
-from kvtier.connectors.copy_engine import model_device, page_lock_pool, same_device, shared_pools, synchronize
+from kvtier.connectors.copy_engine import (
+    host_registry,
+    model_device,
+    page_lock_pool,
+    same_device,
+    shared_pools,
+    synchronize,
+)
 from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
 from kvtier.connectors.transformers.compat import cache_kwarg, check_full_kv
 from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
@@ -58,13 +71,14 @@ CONNECTOR = "transformers"
 SAVE_FAILURES = m.SAVE_FAILURES
 PREFILL_TOKENS = m.PREFILL_TOKENS
 MAX_ATTEMPTS = 4  # prepare + forward tries after load failures; the last one loads nothing
+DIRECT_GROUP_BYTES = 4 << 20  # direct loads: layers per copy group so that one chunk's piece is about this big
 
 
 class TransformersConnector:
     def __init__(self, model: Any, store: Any, *, tenant_salt: str = "", fingerprint: str | None = None,
                  overlap: bool = True, save: bool = True, load: bool = True, metrics: m.Metrics | None = None,
                  device: torch.device | str | None = None, plan_loads: bool = True,
-                 estimates: CostEstimates | None = None) -> None:
+                 estimates: CostEstimates | None = None, direct_loads: bool | None = None) -> None:
         check_full_kv(model)
         self.model = model
         self.store = store
@@ -99,11 +113,36 @@ class TransformersConnector:
         self.staging_pool, self.save_pool, self.save_copies = shared_pools(self.device)
         page_lock_pool(store, self.device)  # on CUDA: the store's DRAM pool page-locked once (skipped elsewhere)
         self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.direct_loads = self._pick_direct_loads(direct_loads)
+        self._pool_tensor: torch.Tensor | None = None
+        lb = self.layout.layer_bytes(self.chunk_tokens)
+        self.load_group_layers = max(1, min(self.layout.num_layers, -(-DIRECT_GROUP_BYTES // lb)))
         self.estimates = estimates if estimates is not None else ESTIMATES
         self.engine_id = f"{self.fingerprint}|{self.device}|{self.layout.dtype}"
         self.chunk_bytes = self.layout.num_layers * self.layout.layer_bytes(self.chunk_tokens)
         if plan_loads:
             self._probe_tiers()
+
+    def _pick_direct_loads(self, want: bool | None) -> bool:
+        """direct_loads: None = on where it pays (CUDA, and the store's DRAM pool page-locked);
+        True (tests, or a CPU run of the same code) needs an in-process store with a DRAM tier."""
+        store = self.store
+        able = callable(getattr(store, "borrow_memory", None)) and getattr(store, "memory", None) is not None
+        if want is None:
+            if not able or self.device.type != "cuda":
+                return False
+            region = store.memory.pool_region()
+            return (region.address, region.nbytes) in host_registry().registered()
+        if want and not able:
+            raise ValueError("direct_loads=True needs an in-process TieredStore with a DRAM tier (a kvtier serve "
+                             "client's loads are copied through staging)")
+        return bool(want)
+
+    def pool_tensor(self) -> torch.Tensor:
+        """The store's DRAM pool as one uint8 host tensor (direct loads copy out of its slots)."""
+        if self._pool_tensor is None:
+            self._pool_tensor = torch.from_numpy(self.store.pool_array())
+        return self._pool_tensor
 
     # -- keys and lookups ------------------------------------------------------------------------
     def chunk_keys(self, tokens: list[int]) -> list[bytes]:
