@@ -23,16 +23,18 @@ class _Spy:
 
     def __init__(self, store) -> None:
         self.calls: list[list[int]] = []
+        self.sizes: list[int] = []
         self._real = store.verify_borrowed
         store.verify_borrowed = self
 
     def __call__(self, entries, layers):
         self.calls.append(list(layers))
+        self.sizes.append(len(entries))
         return self._real(entries, layers)
 
 
-@pytest.mark.parametrize("group", [1, 2, 4])
-def test_direct_hit_equals_recompute(group):
+@pytest.mark.parametrize("group,job_bytes", [(1, 64 << 20), (2, 64 << 20), (4, 64 << 20), (1, 1)])
+def test_direct_hit_equals_recompute(group, job_bytes, monkeypatch):
     model = tiny_model(num_layers=4)
     ids = prompt(128, 27, seed=31)
     store = make_store(model, None)
@@ -40,10 +42,13 @@ def test_direct_hit_equals_recompute(group):
     conn = TransformersConnector(model, store, direct_loads=True)
     conn.load_group_layers = group
     spy = _Spy(store)
+    monkeypatch.setattr("kvtier.connectors.transformers.cache.VERIFY_JOB_BYTES", job_bytes)  # 1: a job per chunk
     plan, got = hit_logits(conn, ids)
     assert plan.cached_tokens == (24,)
     assert (got - last_logits(model, ids)).abs().max().item() <= TOL
-    assert spy.calls == [list(range(g, min(4, g + group))) for g in range(0, 4, group)]
+    groups = [list(range(g, min(4, g + group))) for g in range(0, 4, group)]
+    assert [c for i, c in enumerate(spy.calls) if c not in spy.calls[:i]] == groups
+    assert set(spy.sizes) == ({1} if job_bytes == 1 else {6})  # 6 chunks: one job per group, or one per chunk
     assert set(_refs(store)) == {0}  # every borrowed chunk handed back
     store.close()
 

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from kvtier.connectors.transformers.connector import TransformersConnector
 
 DISK_LOAD_GROUPS = 4  # whole-chunk disk loads are split in this many requests (parallel I/O threads)
+VERIFY_JOB_BYTES = 64 << 20  # direct loads: bytes checked per job on the store's verify threads
 
 
 class PrefixLoadError(KVTierError):
@@ -306,7 +307,8 @@ class KVTierCache(DynamicCache):
         """A prefix wholly in DRAM, copied straight out of the store's pool (connector.direct_loads):
         the chunks are borrowed (no eviction reuses their slots), each group of layers is one batch
         of copies from their slots on the load stream (one event) and one checksum job on the
-        store's verify threads; layer i's update waits for its group's copy event and check only."""
+        store's verify threads (a few jobs per group); layer i's update waits for its group's copy
+        event and checks only."""
         conn = self.connector
         layout = conn.layout
         store = conn.store
@@ -327,10 +329,14 @@ class KVTierCache(DynamicCache):
         group = conn.load_group_layers
         for g0 in range(0, n_layers, group):
             g1 = min(n_layers, g0 + group)
-            check = store.verify_borrowed(entries, range(g0, g1))
-            state.handle_units[id(check)] = units
-            state.tier_handles["memory"].append(check)
             span = (g1 - g0) * lb
+            checks = []  # a few jobs per group, so the first group's layers are checked by several threads at once
+            step = max(1, VERIFY_JOB_BYTES // span)
+            for u0 in range(0, len(entries), step):
+                check = store.verify_borrowed(entries[u0:u0 + step], range(g0, g1))
+                state.handle_units[id(check)] = units[u0:u0 + step]
+                checks.append(check)
+            state.tier_handles["memory"].extend(checks)
             pieces: list[tuple[int, torch.Tensor]] = []
             whole = g0 == 0 and g1 == n_layers  # whole chunks: neighbouring slots are one piece
             for u, e in enumerate(entries):
@@ -346,7 +352,7 @@ class KVTierCache(DynamicCache):
             state.group_bufs[g0] = state.copies.gather(range(g0, g1), pieces, len(unit_keys), span)
             for layer in range(g0, g1):
                 state.group_start.append(g0)
-                state.layer_handles[layer].append(check)
+                state.layer_handles[layer].extend(checks)
         state.all_handles = [h for hs in state.layer_handles for h in hs]
         for h in dict.fromkeys(state.all_handles):  # when each check finished, for the planner's bandwidths
             _stamp_done(state, h)
