@@ -295,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LRU vs the default policy on every generated trace and --trace: ratio per capacity")
     btr.set_defaults(fn=_cmd_bench_trace)
     bfl = bsub.add_parser("fleet", help="one cache for many hosts: private DRAM vs a Redis or shared-folder tier")
-    bfl.add_argument("--trace", default=None, type=readable_file,
-                     help="a Mooncake-format jsonl trace (default: the conversation trace beside the checkout)")
+    bfl.add_argument("--trace", default=None, type=trace_spec,
+                     help="a Mooncake-format jsonl trace (default: the conversation trace beside the checkout), "
+                          "or synthetic:NAME for a generated trace (kvtier.bench.traces)")
     bfl.add_argument("--json", default="results/bench_fleet.json")
     bfl.add_argument("--png", default="results/bench_fleet.png", help="hit ratio against hosts ('' for none)")
     bfl.add_argument("--hosts", type=_host_counts, default=(1, 2, 4, 8, 16, 32, 64), help="e.g. 1,2,4,8")

@@ -41,6 +41,7 @@ with `cluster-require-full-coverage no`); the tier recovers by itself when the s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -82,6 +83,7 @@ from kvtier.tiers.base import (
     check_dests,
     chunk_sections,
 )
+from kvtier.tiers.redis_owner import AccessLog, OwnerReport
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +216,9 @@ class RedisTier(Tier):
             log.warning("kvtier: %s tier: hiredis is not installed; redis-py parses replies in Python "
                         "(pip install 'kvtier[redis]' brings the C parser)", self.name)
         self._single: _Route | None = None
+        self._access: AccessLog | None = None  # owner-managed mode's records (and replay, on the owner)
+        self._stop = threading.Event()
+        self._access_thread: threading.Thread | None = None
         try:
             if config.cluster:
                 self._connect_cluster(at_start=True)
@@ -224,6 +229,11 @@ class RedisTier(Tier):
                 self._check_single_at_start()
         except ValueError as e:
             raise TierUnavailableError(f"{self.name}.url {config.url!r} does not parse: {e}") from None
+        if config.capacity_bytes:
+            self._access = AccessLog(self)
+            self._access_thread = threading.Thread(target=self._access_loop, name="kvtier-redis-accesses",
+                                                   daemon=True)
+            self._access_thread.start()
 
     # -- connections ---------------------------------------------------------------------
     def _new_breaker(self) -> CircuitBreaker:
@@ -272,6 +282,10 @@ class RedisTier(Tier):
             return
         want = REDIS_RECOMMENDED_SETTINGS
         found: list[str] = []
+        cap = self.config.capacity_bytes
+        if cap and not self.config.cluster and got["maxmemory"].isdigit() and 0 < int(got["maxmemory"]) <= cap:
+            found.append(f"maxmemory {got['maxmemory']} is not above capacity_bytes {cap}: the server evicts "
+                         "before kvtier's owner does (set it above capacity_bytes, as a backstop)")
         if got["maxmemory"] in ("0", ""):
             found.append("maxmemory is 0: the server has no memory bound and never evicts")
         policy = got["maxmemory-policy"]
@@ -517,7 +531,11 @@ class RedisTier(Tier):
         return present
 
     def touch(self, keys: Sequence[bytes]) -> None:
-        """Nothing to do: the server's LRU clock advances on every GET a load makes."""
+        """Server-managed: nothing to do (the server's LRU clock advances on every GET a load
+        makes). Owner-managed: the hits (leading keys of one chain, in chain order) are buffered
+        as one access record for the owner's policy; no round trip here."""
+        if self._access is not None:
+            self._access.record_hits(keys)
 
     # -- read --------------------------------------------------------------------------------
     def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
@@ -720,7 +738,10 @@ class RedisTier(Tier):
         rkey = self.redis_key(meta.key)
         ttl_ms = int(self.config.ttl_s * 1000) or None
         args: tuple[Any, ...] = ("SET", rkey, memoryview(value), "NX") + (("PX", ttl_ms) if ttl_ms else ())
-        reply = self._pipelined([rkey], lambda _i: [args])[0]
+        if self._access is None:
+            reply = self._pipelined([rkey], lambda _i: [args])[0]
+        else:
+            reply = self._write_with_records(rkey, args)
         if reply is _NO_VALUE:
             raise TierWriteError(f"{self.name}: server unavailable, chunk {meta.key.hex()[:16]} not written")
         result = reply[0]  # type: ignore[index]
@@ -728,7 +749,60 @@ class RedisTier(Tier):
             raise TierWriteError(f"{self.name}: chunk {meta.key.hex()[:16]} not written: {result}")
         if result:
             self.metrics.inc(m.BYTES_WRITTEN, len(value), tier=self.name)
+            if self._access is not None:  # stored by this SET: the owner accounts it (a chunk that was there is not news)
+                self._access.record_save(meta.key, meta.parent, meta.depth, len(value))
         return True
+
+    def _write_with_records(self, rkey: bytes, args: tuple[Any, ...]) -> list[Any] | object:
+        """The SET of a chunk with the buffered access records (XADDs) in the same exchange: one
+        pipeline when the stream lives on the chunk's server, else both nodes in parallel."""
+        assert self._access is not None
+        records = self._access.take()
+        route = self._route_of(rkey)
+        stream_route = self._route_of(self._access.stream) if records else None
+        if route is None:
+            self._access.give_back(records)
+            return _NO_VALUE
+        if records and stream_route is route:
+            replies = self._exchange([(route, records + [args])], [1])[0]
+            self._access.delivered(records, replies[:len(records)] if replies is not None else None)
+            return replies[len(records):] if replies is not None else _NO_VALUE
+        jobs: list[tuple[_Route, list[tuple[Any, ...]]]] = [(route, [args])]
+        if records and stream_route is not None:
+            jobs.append((stream_route, records))
+        results = self._exchange(jobs, [1, 0][:len(jobs)])
+        if records:
+            self._access.delivered(records, results[1] if len(results) > 1 else None)
+        return results[0] if results[0] is not None else _NO_VALUE
+
+    # -- owner-managed mode (tiers/redis_owner.py) ----------------------------------------------
+    def _access_loop(self) -> None:
+        """Every flush_s: send this host's access records; the owner replays the stream and evicts.
+        A failure is logged and kept in the report (owner_report().last_error); the next period retries."""
+        assert self._access is not None
+        while not self._stop.wait(self.config.flush_s):
+            try:
+                self._access.step()
+                self._access.report.last_error = ""
+            except Exception as e:  # noqa: BLE001 - a daemon loop: log, keep, retry next period
+                self._access.report.last_error = f"{type(e).__name__}: {e}"
+                self.metrics.inc(m.WRITE_FAILURES, tier=self.name)
+                log.exception("kvtier: %s tier: access-stream step failed", self.name)
+
+    def owner_step(self) -> OwnerReport:
+        """Run one step of owner-managed mode now (the background thread runs one every flush_s):
+        flush this host's records; on the owner, replay the stream, evict, rescan when due."""
+        self._check_open()
+        if self._access is None:
+            raise ValueError(f"{self.name}: not owner-managed (capacity_bytes is 0)")
+        self._access.step()
+        return self.owner_report()
+
+    def owner_report(self) -> OwnerReport:
+        """What owner-managed mode has done (a copy); ValueError for a server-managed tier."""
+        if self._access is None:
+            raise ValueError(f"{self.name}: not owner-managed (capacity_bytes is 0)")
+        return dataclasses.replace(self._access.report)
 
     def delete(self, key: bytes) -> bool:
         self._check_open()
@@ -740,9 +814,13 @@ class RedisTier(Tier):
 
     # -- usage / close ---------------------------------------------------------------------
     def usage(self) -> TierUsage:
-        """The servers' own figures (all keys, not only kvtier's): used memory, maxmemory, keys.
-        Zeros for a server that does not answer."""
+        """The owner's accounting (this tier's chunk values against capacity_bytes) on the owner of
+        an owner-managed tier; otherwise the servers' own figures (all keys, not only kvtier's):
+        used memory, maxmemory, keys. Zeros for a server that does not answer."""
         self._check_open()
+        if self._access is not None and self._access.view is not None:
+            view = self._access.view
+            return TierUsage(view.used, self.config.capacity_bytes, len(view.sizes))
         routes = [self._single] if self._single is not None else self._primaries()
         used = cap = chunks = 0
         for route in routes:
@@ -789,6 +867,14 @@ class RedisTier(Tier):
     def close(self) -> None:
         if self._closed:
             return
+        self._stop.set()
+        if self._access_thread is not None and self._access_thread is not threading.current_thread():
+            self._access_thread.join()
+        if self._access is not None:
+            try:
+                self._access.flush()  # this host's last records (bounded by the timeouts, skipped while the breaker is open)
+            except (RedisError, OSError) as e:
+                log.debug("kvtier: %s tier: last access records not sent: %s", self.name, e)
         self._closed = True
         try:
             if self._single is not None:

@@ -1,0 +1,530 @@
+"""Owner-managed capacity for the Redis tier (RedisTierConfig.capacity_bytes > 0).
+
+Who calls: RedisTier, which builds one AccessLog per tier in owner-managed mode: `record_hits`
+from its touch() (the store's lookup threads), `record_save` from its write() (the store's
+lower-tier writer thread), and `step()` from the tier's own background thread every `flush_s`.
+
+Why: a server's allkeys-lru samples keys and knows nothing of chains, so it evicts parents under
+live children; kvtier's prefix-aware policies keep more of the fleet's prefixes (kvtier bench
+fleet, Mooncake trace, 4 hosts: 1.06x of one host with their DRAM for the owner-managed model,
+0.86x for the server's sampled LRU, 0.88x for exact LRU). They need every host's accesses in one
+order, which is what a Redis Stream is:
+
+- Every host appends its accesses to the stream `{<namespace>:<layout>}.accesses` (XADD with an
+  approximate MAXLEN of `stream_maxlen`): a save (key, parent, depth, value bytes) once its
+  SET NX stored the chunk, and the hits of each lookup (the leading keys of one chain, in chain
+  order: the owner's policy applies them tail first, so the head ends freshest, as the shared
+  folder's mtime replay does). Records are buffered and sent with the next chunk write's
+  pipeline or by the tier's background thread, never in a lookup's or a load's round trip.
+- The one host that sets `owner` replays the stream from its last id (XREAD, in MULTI with
+  XINFO STREAM and a GET of the epoch key) into `make_policy(policy)`, accounts each chunk's
+  value bytes, and DELs the policy's victims (leaves before their parents) while the accounted
+  bytes exceed `capacity_bytes`. Only the owner deletes (besides any host's deletion of a value
+  that fails verification).
+- On start, the owner SCANs the namespace's chunk keys on every primary, reads each one's size
+  (STRLEN) and header (GETRANGE: its parent and depth, verified), inserts them parents first,
+  trims, and then follows the stream from the id it read before the scan. The same rescan runs
+  every `rescan_s` (reconciling: keys it did not know are adopted, keys gone are forgotten,
+  the policy's order kept) and whenever the stream lost records the owner had not read:
+  entries trimmed past its last id (the owner fell `stream_maxlen` records behind: XINFO's
+  max-deleted-entry-id is past it) or a server that lost its data (the epoch key, which the
+  owner sets with SET NX beside the stream, is gone). Each such resync is counted.
+
+Operations: run the server with `maxmemory` above capacity_bytes plus the stream (about 100 bytes
+a record) and key overheads, `maxmemory-policy allkeys-lru`, as a backstop. If the owner is down,
+nothing is evicted by kvtier: the chunks grow to the server's maxmemory and its LRU evicts, as in
+server-managed mode, and the non-owners' records wait in the stream (those trimmed meanwhile are
+recovered by the resync when the owner returns). A dead server costs this mode nothing on the hot
+path: records wait in a bounded buffer (the oldest dropped and counted) behind the tier's circuit
+breaker. In a cluster, a restarted node other than the stream's loses its chunks without the owner
+noticing until its next rescan (their DELs then find nothing); it only evicts early meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from kvtier.core import metrics as m
+from kvtier.core.errors import CorruptChunkError
+from kvtier.tiers.policies import EvictionPolicy, make_policy
+
+if TYPE_CHECKING:
+    from kvtier.tiers.redis import RedisTier
+
+log = logging.getLogger(__name__)
+
+MAX_BUFFERED = 20_000  # access records a host holds while the server cannot take them
+READ_COUNT = 4096  # stream records the owner reads per XREAD
+SCAN_COUNT = 1000  # keys per SCAN step (and per pipeline of STRLEN/GETRANGE)
+StreamId = tuple[int, int]
+
+
+@dataclass(slots=True, frozen=True)
+class Save:
+    """A chunk a host stored (its SET NX created the key)."""
+
+    key: bytes
+    parent: bytes | None
+    depth: int
+    size: int
+
+
+@dataclass(slots=True, frozen=True)
+class Hits:
+    """A lookup's hits in this tier: leading keys of one chain, in chain order."""
+
+    keys: tuple[bytes, ...]
+
+
+@dataclass(slots=True)
+class OwnerReport:
+    """What the owner has done since it started (a non-owner's stays at zeros but `dropped`)."""
+
+    synced: bool = False  # the owner's view is built (it evicts only then)
+    used_bytes: int = 0
+    chunks: int = 0
+    applied: int = 0  # stream records replayed
+    evicted: int = 0  # chunks the owner deleted for room
+    rescans: int = 0  # full scans of the keys (start, periodic, resync)
+    resyncs: int = 0  # rescans forced by lost records (stream trimmed past the owner, server data lost)
+    vanished: int = 0  # chunks the owner accounted but found gone (rescans, DELs that found nothing)
+    corrupt: int = 0  # values a rescan found corrupt (deleted)
+    dropped: int = 0  # access records this host dropped: its buffer was full while the server was away
+    last_error: str = ""  # the background thread's last failure, if any
+
+
+def encode_record(record: Save | Hits) -> list[bytes]:
+    """A record's stream entry fields (flat name, value pairs; binary keys as they are)."""
+    if isinstance(record, Save):
+        return [b"op", b"s", b"k", record.key, b"p", record.parent or b"", b"d", b"%d" % record.depth,
+                b"n", b"%d" % record.size]
+    width = len(record.keys[0]) if record.keys else 0
+    if any(len(k) != width for k in record.keys):
+        raise ValueError("keys of one hit record must have one length")
+    return [b"op", b"h", b"w", b"%d" % width, b"k", b"".join(record.keys)]
+
+
+def decode_record(fields: Sequence[Any]) -> Save | Hits | None:
+    """The record of a stream entry's fields; None for an entry kvtier did not write."""
+    try:
+        f = {bytes(fields[i]): bytes(fields[i + 1]) for i in range(0, len(fields) - 1, 2)}
+        op = f.get(b"op")
+        if op == b"s":
+            return Save(f[b"k"], f[b"p"] or None, int(f[b"d"]), int(f[b"n"]))
+        if op == b"h":
+            width, blob = int(f[b"w"]), f[b"k"]
+            if width <= 0 or len(blob) % width:
+                return None
+            return Hits(tuple(blob[i:i + width] for i in range(0, len(blob), width)))
+    except (KeyError, ValueError, TypeError, IndexError):
+        return None
+    return None
+
+
+def parse_id(raw: Any) -> StreamId:
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(sid: StreamId) -> bytes:
+    return b"%d-%d" % sid
+
+
+class OwnerView:
+    """The owner's accounting: each chunk's value bytes and the policy that orders them."""
+
+    def __init__(self, policy_name: str, capacity_bytes: int) -> None:
+        self.policy: EvictionPolicy = make_policy(policy_name)
+        self.capacity_bytes = capacity_bytes
+        self.sizes: dict[bytes, int] = {}
+        self.used = 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.sizes
+
+    def save(self, rec: Save) -> bool:
+        """Account a stored chunk; False if the policy refuses it (it is then to be deleted)."""
+        if rec.key in self.sizes:
+            return True
+        if not self.policy.admit(rec.key, rec.parent, rec.depth):
+            return False
+        self.sizes[rec.key] = rec.size
+        self.used += rec.size
+        self.policy.insert(rec.key, rec.parent, rec.depth)
+        return True
+
+    def hits(self, rec: Hits) -> None:
+        known = [k for k in rec.keys if k in self.sizes]
+        if known:
+            self.policy.touch(known)
+
+    def forget(self, key: bytes) -> bool:
+        size = self.sizes.pop(key, None)
+        if size is None:
+            return False
+        self.used -= size
+        self.policy.remove(key)
+        return True
+
+    def victims(self) -> list[bytes]:
+        """Evict (in the policy's order, tails before heads) until the accounted bytes fit."""
+        out = []
+        while self.used > self.capacity_bytes:
+            key = self.policy.evict(_any)
+            if key is None:
+                break
+            self.used -= self.sizes.pop(key)
+            out.append(key)
+        return out
+
+
+def _any(_key: bytes) -> bool:
+    return True
+
+
+class AccessLog:
+    """One tier's side of owner-managed capacity: buffered records for every host, the replay and
+    eviction for the owner. `step()` runs on the tier's background thread (or a test's)."""
+
+    def __init__(self, tier: RedisTier) -> None:
+        c = tier.config
+        self.tier = tier
+        self.owner = c.owner
+        self.capacity_bytes = c.capacity_bytes
+        self.maxlen = c.stream_maxlen
+        tag = f"{{{c.namespace}:{tier._layout_id[:8].hex()}}}"  # one hash slot for the stream and the epoch
+        self.stream = f"{tag}.accesses".encode()
+        self.epoch_key = f"{tag}.epoch".encode()
+        self.report = OwnerReport()
+        self._buffer: list[list[bytes]] = []  # encoded records not yet sent, oldest first
+        self._buffer_lock = threading.Lock()
+        self._step_lock = threading.Lock()  # one step at a time (the thread's, or a caller's)
+        self.view: OwnerView | None = None
+        self._last_id: StreamId = (0, 0)
+        self._read_count = 0  # records the stream ever added up to _last_id (see _trimmed_past)
+        self._epoch: bytes = b""
+        self._doomed: list[bytes] = []  # victims whose DEL has not gone through yet
+        self._next_rescan = 0.0
+
+    # -- every host: records ------------------------------------------------------------------
+    def record_hits(self, keys: Sequence[bytes]) -> None:
+        if keys:
+            self._append([encode_record(Hits(tuple(bytes(k) for k in keys)))])
+
+    def record_save(self, key: bytes, parent: bytes | None, depth: int, size: int) -> None:
+        self._append([encode_record(Save(bytes(key), bytes(parent) if parent else None, depth, size))])
+
+    def _append(self, records: list[list[bytes]], front: bool = False) -> None:
+        with self._buffer_lock:
+            self._buffer = records + self._buffer if front else self._buffer + records
+            over = len(self._buffer) - MAX_BUFFERED
+            if over > 0:
+                del self._buffer[:over]
+                self.report.dropped += over
+
+    def take(self) -> list[tuple[Any, ...]]:
+        """The buffered records as XADD commands (the buffer is emptied; `give_back` on failure)."""
+        with self._buffer_lock:
+            records, self._buffer = self._buffer, []
+        return [("XADD", self.stream, "MAXLEN", "~", self.maxlen, "*", *fields) for fields in records]
+
+    def give_back(self, commands: Sequence[tuple[Any, ...]]) -> None:
+        """Records a failed exchange did not deliver: first in line for the next one."""
+        self._append([list(cmd[6:]) for cmd in commands], front=True)
+
+    def flush(self) -> bool:
+        """Send the buffered records in one pipeline; False if the server could not take them."""
+        commands = self.take()
+        if not commands:
+            return True
+        route = self.tier._route_of(self.stream)
+        replies = self.tier._exchange([(route, commands)], [0])[0] if route is not None else None
+        return self.delivered(commands, replies)
+
+    def delivered(self, commands: Sequence[tuple[Any, ...]], replies: Sequence[Any] | None) -> bool:
+        """Settle an exchange of `commands` (XADDs of take()): records not delivered go back to the
+        buffer; those the server refused (the stream's name holds another type, OOM) are dropped."""
+        if replies is None:
+            self.give_back(commands)
+            return False
+        bad = [r for r in replies if isinstance(r, Exception)]
+        if bad:
+            self.report.dropped += len(bad)
+            log.warning("kvtier: %s tier: %d access records refused: %s", self.tier.name, len(bad), bad[0])
+        return True
+
+    # -- the owner ------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Flush this host's records; the owner then replays the stream, evicts, and rescans when due."""
+        with self._step_lock:
+            self.flush()
+            if not self.owner:
+                return
+            due = self.tier.config.rescan_s > 0 and time.monotonic() >= self._next_rescan
+            if (self.view is None or due) and not self._rescan():
+                return
+            while True:
+                got = self._poll()
+                if got is None:  # could not ask, or a rescan is needed and failed
+                    break
+                if got < READ_COUNT:
+                    break
+            self._trim()
+
+    def _ask(self, commands: list[tuple[Any, ...]]) -> list[Any] | None:
+        route = self.tier._route_of(self.stream)
+        return self.tier._exchange([(route, commands)], [0])[0] if route is not None else None
+
+    def _poll(self) -> int | None:
+        """Replay the next records; how many (None: server unavailable, or records were lost)."""
+        replies = self._ask([("MULTI",), ("GET", self.epoch_key), ("XINFO", "STREAM", self.stream),
+                             ("XREAD", "COUNT", READ_COUNT, "STREAMS", self.stream, format_id(self._last_id)),
+                             ("EXEC",)])
+        if replies is None:
+            return None
+        result = replies[-1]
+        if isinstance(result, Exception) or not isinstance(result, list) or len(result) != 3:
+            log.warning("kvtier: %s tier: the owner's stream read failed: %s", self.tier.name, result)
+            return None
+        epoch, info, entries = result
+        lost = ""
+        if epoch != self._epoch:
+            lost = "the server lost the owner's epoch key (restarted or flushed)"
+        elif not isinstance(info, Exception):  # an error: no stream yet
+            lost = self._trimmed_past(info)
+        if lost:
+            log.warning("kvtier: %s tier: owner resyncs: %s", self.tier.name, lost)
+            self.report.resyncs += 1
+            self._rescan(fresh=True)
+            return None
+        n = 0
+        streams = entries.values() if isinstance(entries, dict) else [items for _name, items in entries or ()]
+        for items in streams:  # XREAD's reply: a RESP3 map or a RESP2 list of (stream, entries)
+            for sid, fields in items:
+                self._apply(decode_record(fields))
+                self._last_id = parse_id(sid)
+                n += 1
+        self.report.applied += n
+        self._read_count += n
+        return n
+
+    def _trimmed_past(self, info: Any) -> str:
+        """Why records after the owner's last id are gone ("" if none are), from XINFO STREAM's
+        reply taken atomically with the XREAD: the stream added `entries-added` records and holds
+        `length`, so the oldest entries-added - length were trimmed; the owner has read (or its
+        last rescan covered) the first `_read_count`. (XTRIM does not move max-deleted-entry-id.)"""
+        fields = _info_fields(info)
+        added, length = fields.get(b"entries-added"), fields.get(b"length")
+        if isinstance(added, int) and isinstance(length, int):  # Redis 7
+            if added - length > self._read_count:
+                return (f"the stream was trimmed past the owner's last id {format_id(self._last_id).decode()} "
+                        f"({added - length - self._read_count} records unread)")
+            return ""
+        first = fields.get(b"first-entry")  # older servers: the entry the owner read last is gone
+        if first and self._last_id != (0, 0) and parse_id(first[0]) > self._last_id:
+            return f"the stream's first entry is past the owner's last id {format_id(self._last_id).decode()}"
+        return ""
+
+    def _apply(self, record: Save | Hits | None) -> None:
+        view = self.view
+        if view is None or record is None:
+            return
+        if isinstance(record, Save):
+            if not view.save(record):
+                self._doomed.append(record.key)
+        else:
+            view.hits(record)
+
+    def _trim(self) -> None:
+        view = self.view
+        if view is None:
+            return
+        self._doomed.extend(view.victims())
+        if not self._doomed:
+            return
+        doomed, self._doomed = self._doomed, []
+        rkeys = [self.tier.redis_key(k) for k in doomed]
+        replies = self.tier._pipelined(rkeys, lambda i: [("DEL", rkeys[i])])
+        evicted = 0
+        for key, reply in zip(doomed, replies):
+            if not isinstance(reply, list):  # not asked: try again at the next step
+                self._doomed.append(key)
+            elif reply[0] == 1:
+                evicted += 1
+            else:
+                self.report.vanished += 1  # gone already (a non-owner dropped it as corrupt, a lost node)
+        self.report.evicted += evicted
+        if evicted:
+            self.tier.metrics.inc(m.EVICTIONS, evicted, tier=self.tier.name)
+        self._report_usage()
+
+    def _report_usage(self) -> None:
+        if self.view is not None:
+            self.report.used_bytes, self.report.chunks = self.view.used, len(self.view.sizes)
+            self.tier.metrics.set(m.USED_BYTES, self.view.used, tier=self.tier.name)
+
+    def _rescan(self, fresh: bool = False) -> bool:
+        """Build (at start, `fresh` on a resync) or reconcile (periodically) the view from the keys
+        the servers hold; False if a server could not be asked (the owner then evicts nothing
+        until a later step's rescan succeeds).
+
+        A build orders what it finds as the stream remembers it: chunks with no save record left
+        first (older than any record, parents first), then the retained records up to the point of
+        the scan replayed in order (saves of chunks still there, and hits), and the stream is then
+        followed from that point. A reconcile keeps the view and its order, adopts chunks it did
+        not know and forgets chunks that are gone."""
+        token = os.urandom(8).hex().encode()
+        head = self._ask([("SET", self.epoch_key, token, "NX"), ("GET", self.epoch_key),
+                          ("XINFO", "STREAM", self.stream)])
+        if head is None or isinstance(head[1], Exception) or not head[1]:
+            return False
+        info = {} if isinstance(head[2], Exception) else _info_fields(head[2])  # an error: no stream yet
+        scan_id = parse_id(info.get(b"last-generated-id", b"0-0"))
+        scan_count = info.get(b"entries-added", 0)
+        found = self._scan_keys()
+        if found is None:
+            return False
+        build = fresh or self.view is None
+        view = OwnerView(self.tier.config.policy, self.capacity_bytes) if build else self.view
+        assert view is not None
+        if not build:
+            for key in [k for k in view.sizes if k not in found]:
+                view.forget(key)
+                self.report.vanished += 1
+        elif self.view is not None:
+            self.report.vanished += sum(1 for k in self.view.sizes if k not in found)
+        new = self._read_headers([k for k in found if k not in view])
+        if new is None:
+            return False
+        history: list[Save | Hits] = []
+        if build:
+            retained = self._read_history(scan_id)
+            if retained is None:
+                return False
+            history = retained
+        recorded = {r.key for r in history if isinstance(r, Save)}
+        for rec in sorted((r for r in new if r.key not in recorded), key=lambda r: r.depth):  # parents first
+            if not view.save(rec):
+                self._doomed.append(rec.key)
+        sizes = {r.key: r.size for r in new}
+        for record in history:
+            if isinstance(record, Hits):
+                view.hits(record)
+            elif record.key in sizes and not view.save(Save(record.key, record.parent, record.depth,
+                                                           sizes[record.key])):
+                self._doomed.append(record.key)
+        if build:
+            self._last_id, self._read_count = scan_id, int(scan_count) if isinstance(scan_count, int) else 0
+        self.view, self._epoch = view, head[1]
+        self.report.rescans += 1
+        self.report.synced = True
+        self._next_rescan = time.monotonic() + self.tier.config.rescan_s
+        self._report_usage()
+        return True
+
+    def _read_history(self, upto: StreamId) -> list[Save | Hits] | None:
+        """The records the stream still holds up to `upto`, oldest first (XRANGE, in batches)."""
+        out: list[Save | Hits] = []
+        if upto == (0, 0):
+            return out
+        start = b"-"
+        while True:
+            replies = self._ask([("XRANGE", self.stream, start, format_id(upto), "COUNT", READ_COUNT)])
+            if replies is None:
+                return None
+            items = replies[0]
+            if isinstance(items, Exception):
+                return out  # the name holds no stream (another type): nothing to learn from
+            for sid, fields in items:
+                record = decode_record(fields)
+                if record is not None:
+                    out.append(record)
+                start = b"(" + bytes(sid)
+            if len(items) < READ_COUNT:
+                return out
+
+    def _scan_keys(self) -> set[bytes] | None:
+        """Every chunk key of this tier (namespace and layout) on every primary, by SCAN."""
+        tier = self.tier
+        prefix = tier._prefix
+        pattern = _glob_escape(prefix) + b"*"
+        found: set[bytes] = set()
+        routes = [tier._single] if tier._single is not None else tier._primaries()
+        if not routes:
+            return None
+        for route in routes:
+            if route is None or not route.breaker.allow():
+                return None
+            cursor = 0
+            try:
+                while True:
+                    cursor, names = route.client.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
+                    for name in names:
+                        try:
+                            found.add(bytes.fromhex(bytes(name)[len(prefix):].decode()))
+                        except ValueError:
+                            continue  # not a chunk name kvtier writes
+                    if cursor == 0:
+                        break
+            except (RedisError, OSError) as e:
+                route.breaker.failed()
+                log.warning("kvtier: %s tier: owner's scan of %s failed: %s", tier.name, route.name, e)
+                return None
+            route.breaker.succeeded()
+        return found
+
+    def _read_headers(self, keys: list[bytes]) -> list[Save] | None:
+        """Each key's parent, depth (its verified header) and value size; corrupt values deleted."""
+        from kvtier.tiers.redis import _Foreign
+
+        tier = self.tier
+        hdr = tier._kv_header
+        out: list[Save] = []
+        for start in range(0, len(keys), SCAN_COUNT):
+            batch = keys[start:start + SCAN_COUNT]
+            rkeys = [tier.redis_key(k) for k in batch]
+            replies = tier._pipelined(rkeys, lambda i, names=rkeys: [("STRLEN", names[i]),
+                                                                     ("GETRANGE", names[i], 0, hdr - 1)])
+            for key, rkey, reply in zip(batch, rkeys, replies):
+                if not isinstance(reply, list):
+                    return None
+                size, data = reply
+                if isinstance(size, ResponseError) or not size:
+                    continue  # another type (dropped below when read), or gone since the scan
+                try:
+                    header, _kv = tier._header(key, tier._full_header(rkey, data), int(size))
+                except KeyError:
+                    continue
+                except CorruptChunkError as e:
+                    self.report.corrupt += 1
+                    tier._drop_corrupt(rkey, e)
+                    continue
+                except _Foreign:  # another layout under a colliding name: not this tier's to account
+                    continue
+                out.append(Save(key, header.parent, header.depth, int(size)))
+        return out
+
+
+def _info_fields(info: Any) -> dict[bytes, Any]:
+    """XINFO STREAM's reply as a dict: a RESP3 map, or RESP2's flat list of names and values."""
+    if isinstance(info, dict):
+        return {k if isinstance(k, bytes) else str(k).encode(): v for k, v in info.items()}
+    return {bytes(info[i]): info[i + 1] for i in range(0, len(info) - 1, 2)}
+
+
+def _glob_escape(name: bytes) -> bytes:
+    """`name` as a SCAN MATCH pattern that matches it literally."""
+    text = name.decode("latin-1")
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text).encode("latin-1")
+
+
+__all__ = ["AccessLog", "Hits", "OwnerReport", "OwnerView", "Save", "decode_record", "encode_record"]

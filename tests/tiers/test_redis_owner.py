@@ -1,0 +1,310 @@
+"""The Redis tier's owner-managed mode (capacity_bytes > 0) against real redis-server processes on
+loopback: the owner replays every host's access records from a Redis Stream into kvtier's policy
+and deletes victims; non-owners only append. Tests drive the owner's steps by hand (owner_step)
+with a long flush_s, so the background thread stays out of the way; one test lets it run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("redis")
+
+from kvtier.bench.redis_servers import RedisClusterServers, RedisServer, redis_server_available  # noqa: E402
+from kvtier.core.config import LowerTierConfig, MemoryTierConfig, RedisTierConfig, StoreConfig  # noqa: E402
+from kvtier.core.errors import ConfigError  # noqa: E402
+from kvtier.store import TieredStore  # noqa: E402
+from kvtier.tiers.redis import RedisTier  # noqa: E402
+from kvtier.tiers.redis_owner import Hits, OwnerView, Save, decode_record, encode_record  # noqa: E402
+from tests.conftest import CHUNK, TINY, payload  # noqa: E402
+from tests.tiers.test_redis import (  # noqa: E402
+    TIMEOUT_S,
+    keys_for,
+    metas_for,
+    read_all,
+    timed,
+    wait_for,
+    write_chain,
+)
+
+pytestmark = pytest.mark.skipif(not redis_server_available(), reason="redis-server and redis-cli are not installed")
+
+SLOW = 3600.0  # flush_s of tests that step by hand
+
+
+def ocfg(url: str, capacity_chunks: int, owner: bool, **kw) -> RedisTierConfig:
+    base = dict(url=url, timeout_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S, backoff_s=0.2, max_backoff_s=0.4,
+                breaker_failures=2, capacity_bytes=capacity_chunks * VALUE_BYTES, owner=owner, flush_s=SLOW,
+                rescan_s=0.0, policy="lru")
+    base.update(kw)
+    return RedisTierConfig(**base)
+
+
+def _value_bytes() -> int:
+    meta = metas_for(keys_for(1, salt=999))[0]
+    return len(RedisTier.encode.__get__(_Encoder())(meta, payload(meta.key)))
+
+
+class _Encoder:
+    """Just enough of a RedisTier to run its encode() without a server."""
+
+    layout = TINY
+    _layout_id = TINY.layout_id(CHUNK)
+    layer_bytes = TINY.layer_bytes(CHUNK)
+
+
+VALUE_BYTES = _value_bytes()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis-owner")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def srv(shared_server):
+    shared_server.cli("FLUSHALL")
+    return shared_server
+
+
+def stored(srv, tier, keys) -> list[bool]:
+    return [srv.cli("EXISTS", tier.redis_key(k).decode()).strip() == "1" for k in keys]
+
+
+# -- pure parts -----------------------------------------------------------------------------------
+def test_records_round_trip_and_foreign_entries_are_ignored():
+    save = Save(b"k" * 16, b"p" * 16, 3, 12345)
+    assert decode_record(encode_record(save)) == save
+    root = Save(b"k" * 16, None, 0, 1)
+    assert decode_record(encode_record(root)) == root
+    hits = Hits((b"a" * 16, b"b" * 16))
+    assert decode_record(encode_record(hits)) == hits
+    assert decode_record([b"op", b"x"]) is None
+    assert decode_record([b"op", b"h", b"w", b"3", b"k", b"abcd"]) is None  # not a whole number of keys
+    assert decode_record([b"something", b"else"]) is None
+
+
+def test_owner_view_evicts_tails_first_to_capacity():
+    view = OwnerView("lru", capacity_bytes=300)
+    chain = [bytes([i]) * 16 for i in range(4)]
+    parent = None
+    for depth, key in enumerate(chain):
+        assert view.save(Save(key, parent, depth, 100))
+        parent = key
+    assert view.used == 400
+    assert view.victims() == [chain[3]]  # the tail, though it is the newest
+    assert view.used == 300 and chain[3] not in view
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ConfigError, match="owner.*capacity_bytes"):
+        RedisTierConfig(url="redis://127.0.0.1:6379", owner=True)
+    with pytest.raises(ConfigError, match="ttl_s"):
+        RedisTierConfig(url="redis://127.0.0.1:6379", capacity_bytes=1 << 30, ttl_s=60)
+    with pytest.raises(ConfigError, match="redis.policy"):
+        RedisTierConfig(url="redis://127.0.0.1:6379", capacity_bytes=1 << 30, policy="mru")
+    with pytest.raises(ConfigError, match="redis.stream_maxlen"):
+        RedisTierConfig(url="redis://127.0.0.1:6379", capacity_bytes=1 << 30, stream_maxlen=10)
+    with pytest.raises(ConfigError, match="redis.flush_s"):
+        RedisTierConfig(url="redis://127.0.0.1:6379", capacity_bytes=1 << 30, flush_s=0)
+    assert RedisTierConfig(url="redis://127.0.0.1:6379").mode == "server"  # the default is unchanged
+    assert RedisTierConfig(url="redis://127.0.0.1:6379", capacity_bytes=1).mode == "owner"
+
+
+# -- against a server -----------------------------------------------------------------------------
+def test_owner_evicts_to_capacity_with_kvtiers_policy_tails_first(srv):
+    owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 6, owner=True))
+    host = RedisTier(TINY, CHUNK, ocfg(srv.url, 6, owner=False))
+    a, b = keys_for(4, salt=1), keys_for(4, salt=2)
+    write_chain(host, a)
+    host.owner_step()  # the non-owner sends its records; it never evicts
+    write_chain(owner, b)
+    assert stored(srv, owner, a + b) == [True] * 8
+    report = owner.owner_step()
+    assert report.synced and report.evicted == 2 and report.used_bytes == 6 * VALUE_BYTES
+    # LRU over chains: chain a is older; its two tails go, its head stays (leaves before parents)
+    assert stored(srv, owner, a) == [True, True, False, False]
+    assert stored(srv, owner, b) == [True] * 4
+    assert owner.lookup(a) == 2 and owner.usage().used_bytes == 6 * VALUE_BYTES
+    host.close()
+    owner.close()
+
+
+def test_a_non_owners_hits_keep_its_chunks_alive(srv):
+    owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 6, owner=True))
+    host = RedisTier(TINY, CHUNK, ocfg(srv.url, 6, owner=False))
+    a, b, c = keys_for(3, salt=3), keys_for(3, salt=4), keys_for(3, salt=5)
+    write_chain(owner, a)
+    write_chain(owner, b)
+    owner.owner_step()
+    # the non-owner hits chain a (a lookup through the store touches it): a is now fresher than b
+    assert host.lookup(a) == 3
+    host.touch(a)
+    host.owner_step()
+    write_chain(owner, c)
+    owner.owner_step()
+    assert stored(srv, owner, a) == [True] * 3
+    assert stored(srv, owner, b) == [False] * 3
+    assert stored(srv, owner, c) == [True] * 3
+    # without the non-owner's record, a would have gone first: the same run with no touch
+    srv.cli("FLUSHALL")
+    owner2 = RedisTier(TINY, CHUNK, ocfg(srv.url, 6, owner=True))
+    write_chain(owner2, a)
+    write_chain(owner2, b)
+    owner2.owner_step()
+    assert host.lookup(a) == 3  # a lookup alone is no hit: only touch() records one
+    write_chain(owner2, c)
+    owner2.owner_step()
+    assert stored(srv, owner2, a) == [False] * 3 and stored(srv, owner2, b) == [True] * 3
+    for t in (host, owner, owner2):
+        t.close()
+
+
+def test_hits_through_a_store_reach_the_owner(srv):
+    owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 6, owner=True))
+    store = TieredStore(StoreConfig(chunk_tokens=CHUNK, memory=MemoryTierConfig(capacity_bytes=TINY.chunk_bytes(CHUNK)),
+                                    lower_tiers=(LowerTierConfig(redis=ocfg(srv.url, 6, owner=False)),)), TINY)
+    a, b, c = keys_for(3, salt=6), keys_for(3, salt=7), keys_for(3, salt=8)
+    store.save(a, metas_for(a)[0].parent, 0, [payload(k) for k in a]).wait()
+    store.flush()
+    write_chain(owner, b)
+    owner.owner_step()
+    lower = store.lower_tiers[0]
+    assert store.lookup(a).hits == 3  # one chunk of DRAM: the rest of a is found in Redis and touched
+    lower.owner_step()
+    write_chain(owner, c)
+    report = owner.owner_step()
+    assert report.evicted == 3
+    assert stored(srv, owner, b) == [False] * 3 and stored(srv, owner, c) == [True] * 3
+    assert stored(srv, owner, a)[1:] == [True, True]
+    store.close()
+    owner.close()
+
+
+def test_owner_restart_rebuilds_from_the_keys(srv):
+    owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 100, owner=True))
+    a, b = keys_for(5, salt=9), keys_for(3, salt=10)
+    write_chain(owner, a)
+    write_chain(owner, b)
+    owner.owner_step()
+    owner.close()
+    # a value that is not a kvtier chunk under a chunk's name: the rebuild drops it
+    srv.cli("SET", owner.redis_key(keys_for(1, salt=11)[0]).decode(), "garbage")
+    again = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=True))  # restarted with less room
+    report = again.owner_step()
+    assert report.rescans == 1 and report.corrupt == 1
+    assert report.chunks == 4 and report.evicted == 4
+    # the rebuilt view knows the chains: tails went first, each chain keeps its head run
+    assert again.lookup(a) + again.lookup(b) == 4
+    assert sum(stored(srv, again, a + b)) == 4
+    again.close()
+
+
+def test_stream_trimmed_past_the_owner_resyncs_by_rescan(srv):
+    owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 100, owner=True))
+    owner.owner_step()
+    host = RedisTier(TINY, CHUNK, ocfg(srv.url, 100, owner=False, stream_maxlen=1000))
+    keys = keys_for(3, salt=12)
+    write_chain(host, keys)
+    host.owner_step()
+    stream = owner._access.stream.decode()  # type: ignore[union-attr]
+    for _ in range(3):  # records the owner has not read, then trimmed away past its last id
+        host.touch(keys)
+        host.owner_step()
+    srv.cli("XTRIM", stream, "MAXLEN", "0")
+    report = owner.owner_step()
+    assert report.resyncs == 1 and report.rescans == 2
+    assert report.chunks == 3  # the rescan found the chunks whose save records were lost
+    assert owner.owner_step().resyncs == 1  # and it follows the stream again
+    # a server that lost its data (FLUSHALL: the epoch key is gone) is a resync too
+    srv.cli("FLUSHALL")
+    report = owner.owner_step()
+    assert report.resyncs == 2 and report.chunks == 0 and report.vanished == 3
+    host.close()
+    owner.close()
+
+
+def test_owner_down_nothing_is_evicted_then_it_catches_up(srv):
+    host = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=False))
+    keys = keys_for(8, salt=13)
+    write_chain(host, keys)
+    host.owner_step()
+    assert all(stored(srv, host, keys))  # no owner: nothing evicted (the server's maxmemory is the backstop)
+    owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=True))
+    report = owner.owner_step()
+    assert report.chunks == 4 and sum(stored(srv, host, keys)) == 4 and host.lookup(keys) == 4
+    host.close()
+    owner.close()
+
+
+def test_background_thread_evicts_without_being_asked(srv):
+    owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=True, flush_s=0.05))
+    host = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=False, flush_s=0.05))
+    keys = keys_for(8, salt=14)
+    write_chain(host, keys)
+    assert wait_for(lambda: sum(stored(srv, host, keys)) == 4)
+    assert wait_for(lambda: owner.owner_report().evicted == 4)
+    assert owner.owner_report().last_error == ""
+    host.close()
+    owner.close()
+
+
+def test_dead_server_gives_misses_fast_and_records_wait(tmp_path):
+    server = RedisServer(tmp_path).start()
+    try:
+        host = RedisTier(TINY, CHUNK, ocfg(server.url, 100, owner=False))
+        keys = keys_for(3, salt=15)
+        write_chain(host, keys)
+        server.kill()
+        host.touch(keys)  # buffered: no round trip
+        assert timed("owner mode, server killed: lookup", host.lookup, keys) == 0
+        metas, _ = timed("owner mode, server killed: read", read_all, host, keys)
+        assert metas == [None] * 3
+        timed("owner mode, server killed: flush", host.owner_step)
+        # the first two saves' records went out with the next writes' pipelines; the last save's
+        # and the hit record wait in the buffer
+        assert host._access is not None and len(host._access._buffer) == 2
+        server.start()
+        assert wait_for(lambda: (host.owner_step(), not host._access._buffer)[1])  # type: ignore[union-attr]
+        host.close()
+    finally:
+        server.stop()
+
+
+def test_maxmemory_at_or_below_capacity_is_warned(tmp_path):
+    server = RedisServer(tmp_path, extra=("--maxmemory", "1mb", "--maxmemory-policy", "allkeys-lru")).start()
+    try:
+        tier = RedisTier(TINY, CHUNK, ocfg(server.url, 10_000, owner=True))
+        assert any("not above capacity_bytes" in w for w in tier.settings_warnings)
+        tier.close()
+    finally:
+        server.stop()
+
+
+# -- Redis Cluster ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    servers = RedisClusterServers(tmp_path_factory.mktemp("cluster-owner")).start()
+    yield servers
+    servers.stop()
+
+
+def test_cluster_owner_scans_every_master_and_evicts(cluster):
+    host = RedisTier(TINY, CHUNK, ocfg(cluster.url, 100, owner=False, cluster=True))
+    keys = keys_for(24, salt=16)
+    write_chain(host, keys)
+    host.touch(keys[:4])
+    host.owner_step()
+    owner = RedisTier(TINY, CHUNK, ocfg(cluster.url, 10, owner=True, cluster=True))
+    report = owner.owner_step()
+    assert report.chunks == 10 and report.evicted == 14
+    assert owner.lookup(keys) == 10  # the chain's head run stays whole
+    more = keys_for(4, salt=17)
+    write_chain(host, more)
+    host.owner_step()  # the last save's record (the others went out with the next writes)
+    report = owner.owner_step()  # the records through the stream's node, the DELs on every master
+    assert report.chunks == 10 and report.evicted == 18 and owner.lookup(more) == 4
+    host.close()
+    owner.close()
