@@ -12,6 +12,7 @@ from kvtier.bench.fleet import (
     REDIS_EXACT_LRU_MODEL,
     REDIS_LFU_MODEL,
     REDIS_MODEL,
+    REDIS_OWNER_MODEL,
     RedisLFU,
     RedisLRU,
     ServerLRU,
@@ -25,6 +26,7 @@ from kvtier.bench.fleet import (
 )
 from kvtier.bench.trace import TraceRequest, distinct_chunks, hash_key, simulate_tier
 from kvtier.cli import main
+from kvtier.core.config import REDIS_RECOMMENDED_MODE
 from kvtier.tiers.policies import make_policy
 from tests.bench.test_trace import random_trace
 
@@ -163,9 +165,27 @@ def test_judge_compares_redis_and_folder_with_one_host_at_four_hosts():
     rows = [fleet_row(requests, h, distinct_chunks(requests)) for h in (1, 4)]
     verdict = judge(rows)
     bound = rows[1].one_host
-    assert verdict["vs_one_host"]["redis"] == pytest.approx(rows[1].redis / bound)
-    assert verdict["met"] == (rows[1].redis >= 0.95 * bound and rows[1].folder >= 0.95 * bound)
+    # the recommended mode is owner-managed: redis is judged on redis_owner, the server's LRU reported beside it
+    assert verdict["redis_mode"] == REDIS_RECOMMENDED_MODE == "owner"
+    assert verdict["vs_one_host"]["redis"] == pytest.approx(rows[1].redis_owner / bound)
+    assert verdict["vs_one_host"]["redis_server_lru"] == pytest.approx(rows[1].redis / bound)
+    assert verdict["met"] == (rows[1].redis_owner >= 0.95 * bound and rows[1].folder >= 0.95 * bound)
+    server = judge(rows, redis_mode="server")
+    assert server["vs_one_host"]["redis"] == pytest.approx(rows[1].redis / bound)
+    assert server["met"] == (rows[1].redis >= 0.95 * bound and rows[1].folder >= 0.95 * bound)
+    with pytest.raises(ValueError, match="redis_mode"):
+        judge(rows, redis_mode="sampled")
     assert judge(rows[:1])["met"] is None
+
+
+def test_redis_owner_is_the_folders_model_fed_every_hosts_saves_and_hits():
+    # one model, not two copies: the owner's policy (the tiers' default) sees every host's hits, and
+    # a save of a chunk the tier holds is no access (an owner-managed SET NX that finds the key records nothing)
+    assert REDIS_OWNER_MODEL is FOLDER_MODEL
+    assert REDIS_OWNER_MODEL.touched_by == "every host" and not REDIS_OWNER_MODEL.saves_touch
+    requests = random_trace(3, 150)
+    row = fleet_row(requests, 4, distinct_chunks(requests))
+    assert row.redis_owner == row.folder
 
 
 def test_run_writes_one_row_per_host_count(tmp_path):
@@ -178,7 +198,7 @@ def test_run_writes_one_row_per_host_count(tmp_path):
     assert [r["hosts"] for r in saved["rows"]] == [1, 2, 4]
     for row in saved["rows"]:
         ratios = {"private", "redis", "redis_exact_lru", "redis_default_samples", "redis_lfu", "folder", "one_host",
-                  "one_host_lru", "cache_aware"}
+                  "one_host_lru", "cache_aware", "redis_owner"}
         assert set(row) == {"hosts", "capacity_pct", "max_load_share"} | ratios
         assert 1.0 <= row["max_load_share"] <= 1.5 + 4 * row["hosts"] / 250
         assert row["capacity_pct"] == 1

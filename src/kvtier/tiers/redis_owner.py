@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError, ResponseError
@@ -469,8 +470,9 @@ class AccessLog:
                 while True:
                     cursor, names = route.client.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
                     for name in names:
+                        raw = name if isinstance(name, bytes) else str(name).encode()
                         try:
-                            found.add(bytes.fromhex(bytes(name)[len(prefix):].decode()))
+                            found.add(bytes.fromhex(raw[len(prefix):].decode()))
                         except ValueError:
                             continue  # not a chunk name kvtier writes
                     if cursor == 0:
@@ -492,8 +494,7 @@ class AccessLog:
         for start in range(0, len(keys), SCAN_COUNT):
             batch = keys[start:start + SCAN_COUNT]
             rkeys = [tier.redis_key(k) for k in batch]
-            replies = tier._pipelined(rkeys, lambda i, names=rkeys: [("STRLEN", names[i]),
-                                                                     ("GETRANGE", names[i], 0, hdr - 1)])
+            replies = tier._pipelined(rkeys, partial(_size_and_header, rkeys, hdr))
             for key, rkey, reply in zip(batch, rkeys, replies):
                 if not isinstance(reply, list):
                     return None
@@ -512,6 +513,11 @@ class AccessLog:
                     continue
                 out.append(Save(key, header.parent, header.depth, int(size)))
         return out
+
+
+def _size_and_header(rkeys: Sequence[bytes], header_bytes: int, i: int) -> list[tuple[Any, ...]]:
+    """The commands that read key i's value size and header."""
+    return [("STRLEN", rkeys[i]), ("GETRANGE", rkeys[i], 0, header_bytes - 1)]
 
 
 def _info_fields(info: Any) -> dict[bytes, Any]:
