@@ -757,6 +757,15 @@ class RedisTier(Tier):
         """The SET of a chunk with the buffered access records (XADDs) in the same exchange: one
         pipeline when the stream lives on the chunk's server, else both nodes in parallel."""
         assert self._access is not None
+        if not self._access.send_lock.acquire(blocking=False):  # a flush is sending: its records go first
+            return self._pipelined([rkey], lambda _i: [args])[0]
+        try:
+            return self._write_and_send(rkey, args)
+        finally:
+            self._access.send_lock.release()
+
+    def _write_and_send(self, rkey: bytes, args: tuple[Any, ...]) -> list[Any] | object:
+        assert self._access is not None
         records = self._access.take()
         route = self._route_of(rkey)
         stream_route = self._route_of(self._access.stream) if records else None

@@ -208,6 +208,10 @@ class AccessLog:
         self.report = OwnerReport()
         self._buffer: list[list[bytes]] = []  # encoded records not yet sent, oldest first
         self._buffer_lock = threading.Lock()
+        # held while records are in flight, so they reach the stream in the order they were taken
+        # (a child's save after its parent's): the background flush holds it; a chunk write takes
+        # the records along only if it can have it at once
+        self.send_lock = threading.Lock()
         self._step_lock = threading.Lock()  # one step at a time (the thread's, or a caller's)
         self.view: OwnerView | None = None
         self._last_id: StreamId = (0, 0)
@@ -218,8 +222,13 @@ class AccessLog:
 
     # -- every host: records ------------------------------------------------------------------
     def record_hits(self, keys: Sequence[bytes]) -> None:
-        if keys:
-            self._append([encode_record(Hits(tuple(bytes(k) for k in keys)))])
+        if not keys:
+            return
+        run = tuple(bytes(k) for k in keys)
+        if len({len(k) for k in run}) == 1:
+            self._append([encode_record(Hits(run))])
+        else:  # keys of several lengths (never within one namespace): one record each, never an error here
+            self._append([encode_record(Hits((k,))) for k in run])
 
     def record_save(self, key: bytes, parent: bytes | None, depth: int, size: int) -> None:
         self._append([encode_record(Save(bytes(key), bytes(parent) if parent else None, depth, size))])
@@ -244,12 +253,13 @@ class AccessLog:
 
     def flush(self) -> bool:
         """Send the buffered records in one pipeline; False if the server could not take them."""
-        commands = self.take()
-        if not commands:
-            return True
-        route = self.tier._route_of(self.stream)
-        replies = self.tier._exchange([(route, commands)], [0])[0] if route is not None else None
-        return self.delivered(commands, replies)
+        with self.send_lock:
+            commands = self.take()
+            if not commands:
+                return True
+            route = self.tier._route_of(self.stream)
+            replies = self.tier._exchange([(route, commands)], [0])[0] if route is not None else None
+            return self.delivered(commands, replies)
 
     def delivered(self, commands: Sequence[tuple[Any, ...]], replies: Sequence[Any] | None) -> bool:
         """Settle an exchange of `commands` (XADDs of take()): records not delivered go back to the
