@@ -8,14 +8,20 @@ hiredis parser).
     read_many(keys, layers, d)   one pipelined GET (whole chunks) or GETRANGEs of the header and
                                  the asked layers (layer-wise loads) per key, per node
     write(meta, layers)          SET NX [PX ttl] of the whole chunk (content-addressed: idempotent)
-    delete(key), usage(), close(); touch() is a no-op (the server's LRU sees every read)
+    delete(key), usage(), close(); touch() is a no-op (the server's LRU sees every read), or in
+                                 owner-managed mode buffers a hit record for the owner
+    owner_step(), owner_report()  owner-managed mode: one step now; what it has done
 
 Key: b"<namespace>:<layout id, 8 bytes hex>:<chunk key hex>". Value: exactly the bytes a disk
 tier file holds (core/codec.py: the 4 KiB header, then each section 4 KiB-aligned with its own
 xxh3 checksum), so a reader verifies every section it copies and can fetch one layer alone
 with GETRANGE. No pickle: a value that is not a kvtier chunk of this layout is a miss.
 
-Capacity and eviction belong to the server: `maxmemory`, `maxmemory-policy allkeys-lru` and
+Capacity and eviction belong to the server (`capacity_bytes` 0, the default) or to one owner host
+(`capacity_bytes` > 0, recommended: tiers/redis_owner.py; every host buffers its saves and hits as
+records for a Redis Stream, touch() included, and sends them with its next write's pipeline or
+from a background thread every `flush_s`; the owner replays them into kvtier's policy and DELs
+victims). Server-managed mode: `maxmemory`, `maxmemory-policy allkeys-lru` and
 `maxmemory-samples 64` (core.config.REDIS_RECOMMENDED_SETTINGS; the tier logs a warning at start
 where a server's settings differ, if the server lets it read them). Measured by `kvtier bench
 fleet` on the Mooncake trace (its `redis` column models these settings): Redis's default 5
