@@ -308,3 +308,46 @@ def test_cluster_owner_scans_every_master_and_evicts(cluster):
     assert report.chunks == 10 and report.evicted == 18 and owner.lookup(more) == 4
     host.close()
     owner.close()
+
+
+# -- the fleet simulation's model, checked against the real tier ------------------------------------
+def test_real_stores_over_an_owner_managed_tier_hit_exactly_as_the_fleet_simulation(srv):
+    """Four TieredStores (1 host's DRAM each) over one owner-managed Redis tier replay a trace
+    round-robin, every host's records flushed and the owner stepped after each request: the chunk
+    hits equal simulate_fleet's with REDIS_OWNER_MODEL (the `redis_owner` column) exactly."""
+    import numpy as np
+
+    from kvtier.bench.fleet import REDIS_OWNER_MODEL, simulate_fleet
+    from kvtier.bench.trace import HitCounts, distinct_chunks
+    from kvtier.core.keys import Namespace
+    from tests.bench.test_trace import random_trace
+
+    hosts, requests = 4, random_trace(7, 300)
+    distinct = distinct_chunks(requests)
+    dram, shared = round(distinct * 2 / 100), round(distinct * 2 * hosts / 100)
+    root = Namespace("fleet", TINY.layout_id(CHUNK)).root()
+    stores = [TieredStore(StoreConfig(
+        chunk_tokens=CHUNK, memory=MemoryTierConfig(capacity_bytes=dram * TINY.chunk_bytes(CHUNK)),
+        lower_tiers=(LowerTierConfig(redis=ocfg(srv.url, shared, owner=h == 0, policy="guarded")),)), TINY)
+        for h in range(hosts)]
+    counts = HitCounts()
+    for i, req in enumerate(requests):
+        store = stores[i % hosts]
+        keys = [(x + 1).to_bytes(32, "big") for x in req.hash_ids]
+        n = store.lookup(keys).hits
+        counts.add(0 if i < len(requests) // 2 else 1, req, n)
+        if n:
+            bufs = [[np.zeros(TINY.layer_bytes(CHUNK), np.uint8) for _ in range(TINY.num_layers)] for _ in range(n)]
+            assert store.load_sync(keys[:n], bufs).loaded == n
+        if n < len(keys):
+            store.save(keys[n:], keys[n - 1] if n else root, n, [payload(k) for k in keys[n:]]).wait()
+        store.flush()
+        for s in stores[1:] + stores[:1]:  # the others' records, then the owner replays and evicts
+            s.lower_tiers[0].owner_step()
+    report = stores[0].lower_tiers[0].owner_report()
+    assert report.chunks == shared and report.evicted > 0 and report.resyncs == 0
+    assert REDIS_OWNER_MODEL.make_policy().name == "guarded"
+    assert sum(counts.block_hits) > 100
+    assert counts.block_hits == simulate_fleet(requests, hosts, dram, REDIS_OWNER_MODEL, shared).block_hits
+    for s in stores:
+        s.close()
