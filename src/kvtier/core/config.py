@@ -150,7 +150,7 @@ REDIS_RECOMMENDED_SETTINGS: dict[str, str] = {"maxmemory-policy": "allkeys-lru",
 # default: the server's maxmemory and allkeys-lru) or "owner" (capacity_bytes > 0: one owner host
 # runs kvtier's eviction policy, fed every host's saves and hits through a Redis Stream). Owner
 # mode is recommended: kvtier bench fleet on the Mooncake trace, 4 hosts, against one host with
-# their DRAM: 1.06x owner-managed (the shared folder's model), 0.86x the server's sampled LRU,
+# their DRAM: 1.05x owner-managed (the shared folder's model), 0.86x the server's sampled LRU,
 # 0.88x even an exact LRU; the gain is kvtier's prefix-aware policy, which the server cannot run.
 REDIS_MODES = ("server", "owner")
 REDIS_RECOMMENDED_MODE = "owner"
