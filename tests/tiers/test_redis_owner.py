@@ -14,6 +14,7 @@ from kvtier.bench.redis_servers import RedisClusterServers, RedisServer, redis_s
 from kvtier.core.config import LowerTierConfig, MemoryTierConfig, RedisTierConfig, StoreConfig  # noqa: E402
 from kvtier.core.errors import ConfigError  # noqa: E402
 from kvtier.store import TieredStore  # noqa: E402
+from kvtier.tiers.base import TierWriteError  # noqa: E402
 from kvtier.tiers.redis import RedisTier  # noqa: E402
 from kvtier.tiers.redis_owner import Hits, OwnerView, Save, decode_record, encode_record  # noqa: E402
 from tests.conftest import CHUNK, TINY, payload  # noqa: E402
@@ -263,12 +264,43 @@ def test_dead_server_gives_misses_fast_and_records_wait(tmp_path):
         metas, _ = timed("owner mode, server killed: read", read_all, host, keys)
         assert metas == [None] * 3
         timed("owner mode, server killed: flush", host.owner_step)
+        late = metas_for(keys_for(2, salt=18))
+        with pytest.raises(TierWriteError):  # the write and the records it carries: not delivered, kept
+            timed("owner mode, server killed: write", host.write, late[0], payload(late[0].key))
+        owner = RedisTier(TINY, CHUNK, ocfg(server.url, 100, owner=True, start_degraded=True))
+        assert not timed("owner mode, server killed: owner step", owner.owner_step).synced
+        owner.close()
         # the first two saves' records went out with the next writes' pipelines; the last save's
         # and the hit record wait in the buffer
         assert host._access is not None and len(host._access._buffer) == 2
         server.start()
         assert wait_for(lambda: (host.owner_step(), not host._access._buffer)[1])  # type: ignore[union-attr]
         host.close()
+    finally:
+        server.stop()
+
+
+def test_paused_server_owner_and_hosts_wait_a_timeout_at_most_then_catch_up(tmp_path):
+    server = RedisServer(tmp_path).start()
+    try:
+        owner = RedisTier(TINY, CHUNK, ocfg(server.url, 4, owner=True))
+        host = RedisTier(TINY, CHUNK, ocfg(server.url, 4, owner=False))
+        owner.owner_step()
+        keys = keys_for(6, salt=19)
+        write_chain(host, keys)
+        server.pause()
+        try:
+            host.touch(keys[:2])
+            for _ in range(3):
+                assert timed("owner mode, server paused: lookup", host.lookup, keys) == 0
+                timed("owner mode, server paused: host flush", host.owner_step)
+                timed("owner mode, server paused: owner step", owner.owner_step)
+        finally:
+            server.resume()
+        assert wait_for(lambda: (host.owner_step(), owner.owner_step().evicted == 2)[1])
+        assert host.lookup(keys) == 4 and owner.owner_report().resyncs == 0
+        host.close()
+        owner.close()
     finally:
         server.stop()
 
