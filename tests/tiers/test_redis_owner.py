@@ -14,6 +14,7 @@ from kvtier.bench.redis_servers import RedisClusterServers, RedisServer, redis_s
 from kvtier.core.config import LowerTierConfig, MemoryTierConfig, RedisTierConfig, StoreConfig  # noqa: E402
 from kvtier.core.errors import ConfigError  # noqa: E402
 from kvtier.store import TieredStore  # noqa: E402
+from kvtier.tiers import redis_owner  # noqa: E402
 from kvtier.tiers.base import TierWriteError  # noqa: E402
 from kvtier.tiers.redis import RedisTier  # noqa: E402
 from kvtier.tiers.redis_owner import Hits, OwnerView, Save, decode_record, encode_record  # noqa: E402
@@ -252,7 +253,7 @@ def test_background_thread_evicts_without_being_asked(srv):
     owner.close()
 
 
-def test_dead_server_gives_misses_fast_and_records_wait(tmp_path):
+def test_dead_server_gives_misses_fast_and_records_wait(tmp_path, monkeypatch):
     server = RedisServer(tmp_path).start()
     try:
         host = RedisTier(TINY, CHUNK, ocfg(server.url, 100, owner=False))
@@ -273,6 +274,11 @@ def test_dead_server_gives_misses_fast_and_records_wait(tmp_path):
         # the first two saves' records went out with the next writes' pipelines; the last save's
         # and the hit record wait in the buffer
         assert host._access is not None and len(host._access._buffer) == 2
+        monkeypatch.setattr(redis_owner, "MAX_BUFFERED", 4)  # a long outage: the buffer keeps the newest
+        for _ in range(5):
+            host.touch(keys)
+        assert len(host._access._buffer) == 4 and host.owner_report().dropped == 3
+        monkeypatch.undo()
         server.start()
         assert wait_for(lambda: (host.owner_step(), not host._access._buffer)[1])  # type: ignore[union-attr]
         host.close()

@@ -46,6 +46,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -206,7 +207,7 @@ class AccessLog:
         self.stream = f"{tag}.accesses".encode()
         self.epoch_key = f"{tag}.epoch".encode()
         self.report = OwnerReport()
-        self._buffer: list[list[bytes]] = []  # encoded records not yet sent, oldest first
+        self._buffer: deque[list[bytes]] = deque()  # encoded records not yet sent, oldest first
         self._buffer_lock = threading.Lock()
         # held while records are in flight, so they reach the stream in the order they were taken
         # (a child's save after its parent's): the background flush holds it; a chunk write takes
@@ -235,16 +236,18 @@ class AccessLog:
 
     def _append(self, records: list[list[bytes]], front: bool = False) -> None:
         with self._buffer_lock:
-            self._buffer = records + self._buffer if front else self._buffer + records
-            over = len(self._buffer) - MAX_BUFFERED
-            if over > 0:
-                del self._buffer[:over]
-                self.report.dropped += over
+            if front:
+                self._buffer.extendleft(reversed(records))
+            else:
+                self._buffer.extend(records)
+            while len(self._buffer) > MAX_BUFFERED:  # the oldest go first
+                self._buffer.popleft()
+                self.report.dropped += 1
 
     def take(self) -> list[tuple[Any, ...]]:
         """The buffered records as XADD commands (the buffer is emptied; `give_back` on failure)."""
         with self._buffer_lock:
-            records, self._buffer = self._buffer, []
+            records, self._buffer = self._buffer, deque()
         return [("XADD", self.stream, "MAXLEN", "~", self.maxlen, "*", *fields) for fields in records]
 
     def give_back(self, commands: Sequence[tuple[Any, ...]]) -> None:
