@@ -20,6 +20,13 @@ the request is available somewhere: in the host's DRAM or in the shared tier), p
   shared-folder tier's default policy. The owner's policy learns every chunk any host writes and
   every host's hits in the folder (the owner adopts new files and replays moved mtimes at its
   rescans, modelled here as continuous; kvtier.tiers.shared_folder says how);
+- `redis_owner`: the same DRAM in front of an owner-managed Redis tier (RedisTierConfig.capacity_bytes
+  > 0): the owner host's kvtier policy (RedisTierConfig.policy) learns every host's saves and hits
+  from the access stream, in stream order, and deletes its victims. That is the folder's model
+  (FOLDER_MODEL, reused: the column equals `folder` while the two tiers' default policies agree);
+  tests/tiers/test_redis_owner.py replays a trace through real stores over a real owner-managed
+  tier and gets exactly these hits. `judge` reads it for redis when the recommended mode
+  (core.config.REDIS_RECOMMENDED_MODE) is "owner";
 - `one_host`: one host with DRAM for H percent, every request: the bound a shared tier aims at;
 - `one_host_lru`: the same with plain LRU, for reading `redis`: a server that evicts by recency
   alone can at best approach this, not the DRAM default's `one_host`;
