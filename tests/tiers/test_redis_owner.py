@@ -228,6 +228,22 @@ def test_stream_trimmed_past_the_owner_resyncs_by_rescan(srv):
     owner.close()
 
 
+def test_periodic_rescan_adopts_unrecorded_chunks_and_forgets_vanished_ones(srv):
+    owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 100, owner=True, rescan_s=1e-6))  # a rescan every step
+    a = keys_for(3, salt=20)
+    write_chain(owner, a)
+    owner.owner_step()
+    plain = RedisTier(TINY, CHUNK, ocfg(srv.url, 0, owner=False, capacity_bytes=0))  # server-managed: no records
+    b = keys_for(2, salt=21)
+    write_chain(plain, b)
+    srv.cli("DEL", owner.redis_key(a[2]).decode())  # gone behind the owner's back
+    report = owner.owner_step()
+    assert report.rescans == 2 and report.resyncs == 0  # at start, then at this step
+    assert report.chunks == 4 and report.vanished == 1 and report.used_bytes == 4 * VALUE_BYTES
+    plain.close()
+    owner.close()
+
+
 def test_owner_down_nothing_is_evicted_then_it_catches_up(srv):
     host = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=False))
     keys = keys_for(8, salt=13)
