@@ -109,6 +109,8 @@ def test_config_errors_are_clear():
         RedisTierConfig(url="redis://127.0.0.1:6379", capacity_bytes=1 << 30, policy="mru")
     with pytest.raises(ConfigError, match="redis.stream_maxlen"):
         RedisTierConfig(url="redis://127.0.0.1:6379", capacity_bytes=1 << 30, stream_maxlen=10)
+    with pytest.raises(ConfigError, match="redis.owner_lease_s"):
+        RedisTierConfig(url="redis://127.0.0.1:6379", capacity_bytes=1 << 30, owner=True, owner_lease_s=0)
     with pytest.raises(ConfigError, match="redis.flush_s"):
         RedisTierConfig(url="redis://127.0.0.1:6379", capacity_bytes=1 << 30, flush_s=0)
     assert RedisTierConfig(url="redis://127.0.0.1:6379").mode == "server"  # the default is unchanged
@@ -255,6 +257,26 @@ def test_owner_down_nothing_is_evicted_then_it_catches_up(srv):
     assert report.chunks == 4 and sum(stored(srv, host, keys)) == 4 and host.lookup(keys) == 4
     host.close()
     owner.close()
+
+
+def test_a_second_owner_stands_by_and_takes_over_when_the_first_goes(srv):
+    first = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=True, owner_lease_s=0.3))
+    second = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=True, owner_lease_s=0.3))
+    assert first.owner_step().leader
+    keys = keys_for(6, salt=22)
+    write_chain(second, keys)
+    report = second.owner_step()  # its records are sent, but it neither replays nor evicts
+    assert not report.leader and not report.synced and report.evicted == 0
+    assert first.owner_step().evicted == 2
+    # the first stops renewing (a hung or dead host): once its lease runs out the second takes over
+    assert wait_for(lambda: second.owner_step().leader)
+    assert second.owner_report().chunks == 4
+    report = first.owner_step()
+    assert not report.leader and report.lease_lost == 1  # and it stands by, evicting nothing
+    # a planned stop gives the lease up at once
+    second.close()
+    assert first.owner_step().leader
+    first.close()
 
 
 def test_background_thread_evicts_without_being_asked(srv):

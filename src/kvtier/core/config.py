@@ -165,7 +165,8 @@ class RedisTierConfig:
       (set `maxmemory`, `maxmemory-policy allkeys-lru` and `maxmemory-samples 64` there:
       REDIS_RECOMMENDED_SETTINGS); kvtier only bounds how long it waits for it.
     - owner-managed (`capacity_bytes` > 0, recommended: REDIS_RECOMMENDED_MODE): every host appends
-      its saves and hits to a Redis Stream; the one host that sets `owner` replays it into kvtier's
+      its saves and hits to a Redis Stream; the host that sets `owner` (of several, the one holding
+      the owner lease) replays it into kvtier's
       eviction policy (`policy`) and deletes victims to keep this tier's chunks within
       `capacity_bytes`. The server then runs with `maxmemory` above capacity_bytes (and the
       stream), allkeys-lru still, as a backstop: while the owner is down nothing is evicted but by
@@ -185,7 +186,8 @@ class RedisTierConfig:
     start_degraded: bool = False  # an unreachable server at start: misses until it answers, not an error
     # owner-managed mode (capacity_bytes > 0): see the class docstring and tiers/redis_owner.py
     capacity_bytes: int = size_field(0)  # bytes of this tier's chunk values the owner keeps; 0 = server-managed
-    owner: bool = False  # exactly one host per namespace: replays the access stream and evicts
+    owner: bool = False  # replays the access stream and evicts; several may be set: one holds the lease, the others stand by
+    owner_lease_s: float = number_field(10.0, low=0, low_open=True)  # an owner that stops renewing its lease is replaced after this
     policy: str = choice_field(DEFAULT_POLICY, EVICTION_POLICY_NAMES)  # the owner's eviction policy
     stream_maxlen: int = number_field(100_000, low=1000)  # access records kept (XADD MAXLEN ~): how far the owner may lag
     flush_s: float = number_field(0.1, low=0, low_open=True)  # period of the access-record flush and the owner's replay

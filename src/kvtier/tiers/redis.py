@@ -888,6 +888,7 @@ class RedisTier(Tier):
         if self._access is not None:
             try:
                 self._access.flush()  # this host's last records (bounded by the timeouts, skipped while the breaker is open)
+                self._access.release()  # a standby owner takes over at its next step
             except (RedisError, OSError) as e:
                 log.debug("kvtier: %s tier: last access records not sent: %s", self.name, e)
         self._closed = True

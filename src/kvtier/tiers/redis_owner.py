@@ -16,22 +16,26 @@ order, which is what a Redis Stream is:
   order: the owner's policy applies them tail first, so the head ends freshest, as the shared
   folder's mtime replay does). Records are buffered and sent with the next chunk write's
   pipeline or by the tier's background thread, never in a lookup's or a load's round trip.
-- The one host that sets `owner` replays the stream from its last id (XREAD, in MULTI with
+- An owner (a host that sets `owner`; of several, the one holding the owner lease, a key beside
+  the stream taken with SET NX PX `owner_lease_s` and renewed at its steps, the others standing by
+  until it lapses or is released at close) replays the stream from its last id (XREAD, in MULTI with
   XINFO STREAM and a GET of the epoch key) into `make_policy(policy)`, accounts each chunk's
   value bytes, and DELs the policy's victims (leaves before their parents) while the accounted
   bytes exceed `capacity_bytes`. Only the owner deletes (besides any host's deletion of a value
   that fails verification).
-- On start, the owner SCANs the namespace's chunk keys on every primary, reads each one's size
-  (STRLEN) and header (GETRANGE: its parent and depth, verified), inserts them parents first,
-  trims, and then follows the stream from the id it read before the scan. The same rescan runs
-  every `rescan_s` (reconciling: keys it did not know are adopted, keys gone are forgotten,
-  the policy's order kept) and whenever the stream lost records the owner had not read:
-  entries trimmed past its last id (the owner fell `stream_maxlen` records behind: XINFO's
-  max-deleted-entry-id is past it) or a server that lost its data (the epoch key, which the
-  owner sets with SET NX beside the stream, is gone). Each such resync is counted.
+- On start (and on taking the lease over), the owner SCANs the namespace's chunk keys on every
+  primary, reads each one's size (STRLEN) and header (GETRANGE: its parent and depth, verified),
+  orders them as the records the stream still holds say (chunks with no save record left first,
+  parents first, then the retained records replayed), trims, and follows the stream from the
+  point of the scan. A reconciling rescan runs every `rescan_s` (keys it did not know are
+  adopted, keys gone are forgotten, the policy's order kept), and a fresh one whenever the stream
+  lost records the owner had not read: trimmed past its last id (it fell `stream_maxlen` records
+  behind: XINFO STREAM's entries-added minus length exceeds the records it has read; XTRIM does
+  not move max-deleted-entry-id) or a server that lost its data (the epoch key, which the owner
+  sets with SET NX beside the stream, is gone). Each such resync is counted.
 
 Operations: run the server with `maxmemory` above capacity_bytes plus the stream (about 100 bytes
-a record) and key overheads, `maxmemory-policy allkeys-lru`, as a backstop. If the owner is down,
+a record) and key overheads, `maxmemory-policy allkeys-lru`, as a backstop. If no owner runs,
 nothing is evicted by kvtier: the chunks grow to the server's maxmemory and its LRU evicts, as in
 server-managed mode, and the non-owners' records wait in the stream (those trimmed meanwhile are
 recovered by the resync when the owner returns). A dead server costs this mode nothing on the hot
@@ -100,6 +104,8 @@ class OwnerReport:
     vanished: int = 0  # chunks the owner accounted but found gone (rescans, DELs that found nothing)
     corrupt: int = 0  # values a rescan found corrupt (deleted)
     dropped: int = 0  # access records this host dropped: its buffer was full while the server was away
+    leader: bool = False  # this owner holds the owner lease (the others stand by)
+    lease_lost: int = 0  # times another owner took the lease from this one (it had stopped renewing)
     last_error: str = ""  # the background thread's last failure, if any
 
 
@@ -206,6 +212,9 @@ class AccessLog:
         tag = f"{{{c.namespace}:{tier._layout_id[:8].hex()}}}"  # one hash slot for the stream and the epoch
         self.stream = f"{tag}.accesses".encode()
         self.epoch_key = f"{tag}.epoch".encode()
+        self.lease_key = f"{tag}.owner".encode()
+        self._lease_ms = max(1, int(c.owner_lease_s * 1000))
+        self._token = os.urandom(8).hex().encode()  # this owner's name in the lease
         self.report = OwnerReport()
         self._buffer: deque[list[bytes]] = deque()  # encoded records not yet sent, oldest first
         self._buffer_lock = threading.Lock()
@@ -281,7 +290,7 @@ class AccessLog:
         """Flush this host's records; the owner then replays the stream, evicts, and rescans when due."""
         with self._step_lock:
             self.flush()
-            if not self.owner:
+            if not self.owner or not self._hold_lease():
                 return
             due = self.tier.config.rescan_s > 0 and time.monotonic() >= self._next_rescan
             if (self.view is None or due) and not self._rescan():
@@ -293,6 +302,39 @@ class AccessLog:
                 if got < READ_COUNT:
                     break
             self._trim()
+
+    def _hold_lease(self) -> bool:
+        """Take or renew the owner lease (SET NX PX; PEXPIRE once half of it has run): whether this
+        owner may replay and evict now. Another owner holding it: stand by, dropping the view (it
+        is rebuilt on taking over). An unavailable server: no step."""
+        replies = self._ask([("SET", self.lease_key, self._token, "NX", "PX", self._lease_ms),
+                             ("GET", self.lease_key), ("PTTL", self.lease_key)])
+        if replies is None:
+            return False
+        holder, ttl = replies[1], replies[2]
+        if holder != self._token:
+            if self.report.leader:
+                self.report.leader = False
+                self.report.lease_lost += 1
+                self.view = None
+                self._doomed.clear()
+                log.warning("kvtier: %s tier: another owner took the owner lease; this one stands by", self.tier.name)
+            return False
+        if isinstance(ttl, int) and 0 <= ttl < self._lease_ms // 2:
+            self._ask([("PEXPIRE", self.lease_key, self._lease_ms)])
+        if not self.report.leader:
+            self.report.leader = True
+            log.info("kvtier: %s tier: this host holds the owner lease", self.tier.name)
+        return True
+
+    def release(self) -> None:
+        """Give the lease up (at close) so a standby owner takes over at its next step."""
+        if not self.owner or not self.report.leader:
+            return
+        replies = self._ask([("GET", self.lease_key)])
+        if replies is not None and replies[0] == self._token:
+            self._ask([("DEL", self.lease_key)])
+        self.report.leader = False
 
     def _ask(self, commands: list[tuple[Any, ...]]) -> list[Any] | None:
         route = self.tier._route_of(self.stream)
