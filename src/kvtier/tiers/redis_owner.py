@@ -215,6 +215,7 @@ class AccessLog:
         self.lease_key = f"{tag}.owner".encode()
         self._lease_ms = max(1, int(c.owner_lease_s * 1000))
         self._token = os.urandom(8).hex().encode()  # this owner's name in the lease
+        self._lease_at = 0.0  # when this owner last took or renewed the lease (monotonic)
         self.report = OwnerReport()
         self._buffer: deque[list[bytes]] = deque()  # encoded records not yet sent, oldest first
         self._buffer_lock = threading.Lock()
@@ -322,10 +323,18 @@ class AccessLog:
             return False
         if isinstance(ttl, int) and 0 <= ttl < self._lease_ms // 2:
             self._ask([("PEXPIRE", self.lease_key, self._lease_ms)])
+        self._lease_at = time.monotonic()
         if not self.report.leader:
             self.report.leader = True
             log.info("kvtier: %s tier: this host holds the owner lease", self.tier.name)
         return True
+
+    def _keep_lease(self) -> None:
+        """Within a long rescan: renew the lease every third of it (it is this owner's: the step
+        that began the rescan held it), so a standby does not take over a busy owner."""
+        if time.monotonic() - self._lease_at > self._lease_ms / 3000:
+            self._ask([("PEXPIRE", self.lease_key, self._lease_ms)])
+            self._lease_at = time.monotonic()
 
     def release(self) -> None:
         """Give the lease up (at close) so a standby owner takes over at its next step."""
@@ -524,6 +533,7 @@ class AccessLog:
             try:
                 while True:
                     cursor, names = route.client.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
+                    self._keep_lease()
                     for name in names:
                         raw = name if isinstance(name, bytes) else str(name).encode()
                         try:
@@ -547,6 +557,7 @@ class AccessLog:
         hdr = tier._kv_header
         out: list[Save] = []
         for start in range(0, len(keys), SCAN_COUNT):
+            self._keep_lease()
             batch = keys[start:start + SCAN_COUNT]
             rkeys = [tier.redis_key(k) for k in batch]
             replies = tier._pipelined(rkeys, partial(_size_and_header, rkeys, hdr))
