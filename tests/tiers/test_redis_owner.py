@@ -100,6 +100,32 @@ def test_owner_view_evicts_tails_first_to_capacity():
     assert view.used == 300 and chain[3] not in view
 
 
+def test_hit_records_carry_key_prefixes_the_owner_maps_back():
+    view = OwnerView("lru", capacity_bytes=200)
+    a, b = b"\x01" * 32, b"\x02" * 32
+    view.save(Save(a, None, 0, 100))
+    view.save(Save(b, None, 0, 100))
+    view.save(Save(b"\x03" * 32, None, 0, 100))
+    view.hits(decode_record(encode_record(Hits((a[:redis_owner.HIT_KEY_BYTES], b"\x09" * 8)))))  # type: ignore[arg-type]
+    assert view.victims() == [b]  # a was touched through its prefix; the unknown prefix is ignored
+    assert b[:redis_owner.HIT_KEY_BYTES] not in view.by_prefix
+
+
+def test_touch_interval_records_a_hosts_hit_on_a_chunk_once_per_interval(srv):
+    host = RedisTier(TINY, CHUNK, ocfg(srv.url, 100, owner=False, touch_interval_s=3600.0))
+    keys = keys_for(3, salt=23)
+    host.touch(keys)
+    host.touch(keys[:2])
+    host.touch(keys)
+    assert host._access is not None and len(host._access._buffer) == 1
+    every = RedisTier(TINY, CHUNK, ocfg(srv.url, 100, owner=False))  # the default, 0: every hit
+    every.touch(keys)
+    every.touch(keys)
+    assert every._access is not None and len(every._access._buffer) == 2
+    host.close()
+    every.close()
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ConfigError, match="owner.*capacity_bytes"):
         RedisTierConfig(url="redis://127.0.0.1:6379", owner=True)

@@ -191,6 +191,7 @@ class RedisTierConfig:
     policy: str = choice_field(DEFAULT_POLICY, EVICTION_POLICY_NAMES)  # the owner's eviction policy
     stream_maxlen: int = number_field(100_000, low=1000)  # access records kept (XADD MAXLEN ~): how far the owner may lag
     flush_s: float = number_field(0.1, low=0, low_open=True)  # period of the access-record flush and the owner's replay
+    touch_interval_s: float = number_field(0.0, low=0)  # record a host's hit on a chunk at most once per interval (0: every hit)
     rescan_s: float = number_field(600.0, low=0)  # owner: period of a full rescan of the keys (0: only at start and resync)
 
     def __post_init__(self) -> None:

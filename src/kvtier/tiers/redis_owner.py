@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 MAX_BUFFERED = 20_000  # access records a host holds while the server cannot take them
 READ_COUNT = 4096  # stream records the owner reads per XREAD
+HIT_KEY_BYTES = 8  # bytes of each key a hit record carries (a 32-byte key: a quarter of the stream)
 SCAN_COUNT = 1000  # keys per SCAN step (and per pipeline of STRLEN/GETRANGE)
 StreamId = tuple[int, int]
 
@@ -85,7 +86,9 @@ class Save:
 
 @dataclass(slots=True, frozen=True)
 class Hits:
-    """A lookup's hits in this tier: leading keys of one chain, in chain order."""
+    """A lookup's hits in this tier: keys of one chain, in chain order, each as its first
+    HIT_KEY_BYTES bytes (a chunk key is a cryptographic digest: the owner maps the prefix back to
+    the key it accounts; a rare collision only moves one touch to the other chunk)."""
 
     keys: tuple[bytes, ...]
 
@@ -154,6 +157,7 @@ class OwnerView:
         self.policy: EvictionPolicy = make_policy(policy_name)
         self.capacity_bytes = capacity_bytes
         self.sizes: dict[bytes, int] = {}
+        self.by_prefix: dict[bytes, bytes] = {}  # a key's first HIT_KEY_BYTES -> the key (hit records)
         self.used = 0
 
     def __contains__(self, key: object) -> bool:
@@ -166,20 +170,26 @@ class OwnerView:
         if not self.policy.admit(rec.key, rec.parent, rec.depth):
             return False
         self.sizes[rec.key] = rec.size
+        self.by_prefix[rec.key[:HIT_KEY_BYTES]] = rec.key
         self.used += rec.size
         self.policy.insert(rec.key, rec.parent, rec.depth)
         return True
 
     def hits(self, rec: Hits) -> None:
-        known = [k for k in rec.keys if k in self.sizes]
+        known = [k for k in (self.by_prefix.get(p) for p in rec.keys) if k is not None]
         if known:
             self.policy.touch(known)
 
+    def _drop(self, key: bytes) -> None:
+        self.used -= self.sizes.pop(key)
+        prefix = key[:HIT_KEY_BYTES]
+        if self.by_prefix.get(prefix) == key:
+            del self.by_prefix[prefix]
+
     def forget(self, key: bytes) -> bool:
-        size = self.sizes.pop(key, None)
-        if size is None:
+        if key not in self.sizes:
             return False
-        self.used -= size
+        self._drop(key)
         self.policy.remove(key)
         return True
 
@@ -190,7 +200,7 @@ class OwnerView:
             key = self.policy.evict(_any)
             if key is None:
                 break
-            self.used -= self.sizes.pop(key)
+            self._drop(key)
             out.append(key)
         return out
 
@@ -219,6 +229,8 @@ class AccessLog:
         self.report = OwnerReport()
         self._buffer: deque[list[bytes]] = deque()  # encoded records not yet sent, oldest first
         self._buffer_lock = threading.Lock()
+        self._touch_interval = c.touch_interval_s
+        self._touched: dict[bytes, float] = {}  # key -> when this host last recorded a hit on it
         # held while records are in flight, so they reach the stream in the order they were taken
         # (a child's save after its parent's): the background flush holds it; a chunk write takes
         # the records along only if it can have it at once
@@ -233,13 +245,28 @@ class AccessLog:
 
     # -- every host: records ------------------------------------------------------------------
     def record_hits(self, keys: Sequence[bytes]) -> None:
+        if self._touch_interval > 0:
+            keys = self._not_recently_touched(keys)
         if not keys:
             return
-        run = tuple(bytes(k) for k in keys)
+        run = tuple(bytes(k[:HIT_KEY_BYTES]) for k in keys)
         if len({len(k) for k in run}) == 1:
             self._append([encode_record(Hits(run))])
         else:  # keys of several lengths (never within one namespace): one record each, never an error here
             self._append([encode_record(Hits((k,))) for k in run])
+
+    def _not_recently_touched(self, keys: Sequence[bytes]) -> list[bytes]:
+        """`keys` less those this host recorded a hit on within touch_interval_s (as the shared
+        folder's non-owners touch a file's mtime at most once per interval)."""
+        now = time.monotonic()
+        interval = self._touch_interval
+        with self._buffer_lock:
+            fresh = [k for k in keys if now - self._touched.get(k, -interval) >= interval]
+            for k in fresh:
+                self._touched[k] = now
+            if len(self._touched) > 4 * MAX_BUFFERED:  # forget hits older than the interval
+                self._touched = {k: t for k, t in self._touched.items() if now - t < interval}
+        return fresh
 
     def record_save(self, key: bytes, parent: bytes | None, depth: int, size: int) -> None:
         self._append([encode_record(Save(bytes(key), bytes(parent) if parent else None, depth, size))])
