@@ -17,7 +17,7 @@ from kvtier.store import TieredStore  # noqa: E402
 from kvtier.tiers import redis_owner  # noqa: E402
 from kvtier.tiers.base import TierWriteError  # noqa: E402
 from kvtier.tiers.redis import RedisTier  # noqa: E402
-from kvtier.tiers.redis_owner import Hits, OwnerView, Save, decode_record, encode_record  # noqa: E402
+from kvtier.tiers.redis_owner import Hits, OwnerView, Save, coalesce, decode_entry, encode_record  # noqa: E402
 from tests.conftest import CHUNK, TINY, payload  # noqa: E402
 from tests.tiers.test_redis import (  # noqa: E402
     TIMEOUT_S,
@@ -78,14 +78,25 @@ def stored(srv, tier, keys) -> list[bool]:
 # -- pure parts -----------------------------------------------------------------------------------
 def test_records_round_trip_and_foreign_entries_are_ignored():
     save = Save(b"k" * 16, b"p" * 16, 3, 12345)
-    assert decode_record(encode_record(save)) == save
+    assert decode_entry(encode_record(save)) == [save]
     root = Save(b"k" * 16, None, 0, 1)
-    assert decode_record(encode_record(root)) == root
-    hits = Hits((b"a" * 16, b"b" * 16))
-    assert decode_record(encode_record(hits)) == hits
-    assert decode_record([b"op", b"x"]) is None
-    assert decode_record([b"op", b"h", b"w", b"3", b"k", b"abcd"]) is None  # not a whole number of keys
-    assert decode_record([b"something", b"else"]) is None
+    assert decode_entry(encode_record(root)) == [root]
+    hits = Hits((b"a" * 8, b"b" * 8))
+    assert decode_entry(encode_record(hits)) == [hits]
+    assert decode_entry([b"op", b"x"]) == []
+    assert decode_entry([b"op", b"h", b"w", b"3", b"k", b"abcd"]) == []  # not a whole number of keys
+    assert decode_entry([b"op", b"h", b"w", b"1", b"k", b"abcd", b"r", b"1,2"]) == []  # counts do not add up
+    assert decode_entry([b"something", b"else"]) == []
+
+
+def test_consecutive_hit_records_share_one_entry_in_order():
+    h1, h2, h3 = Hits((b"a" * 8,)), Hits((b"b" * 8, b"c" * 8)), Hits((b"d" * 8,))
+    s1 = Save(b"k" * 16, None, 0, 1)
+    entries = coalesce([encode_record(r) for r in (h1, h2, s1, h3)])
+    assert len(entries) == 3
+    assert [r for e in entries for r in decode_entry(e)] == [h1, h2, s1, h3]
+    many = coalesce([encode_record(h1)] * 5, max_runs=2)
+    assert len(many) == 3 and [r for e in many for r in decode_entry(e)] == [h1] * 5
 
 
 def test_owner_view_evicts_tails_first_to_capacity():
@@ -106,7 +117,7 @@ def test_hit_records_carry_key_prefixes_the_owner_maps_back():
     view.save(Save(a, None, 0, 100))
     view.save(Save(b, None, 0, 100))
     view.save(Save(b"\x03" * 32, None, 0, 100))
-    view.hits(decode_record(encode_record(Hits((a[:redis_owner.HIT_KEY_BYTES], b"\x09" * 8)))))  # type: ignore[arg-type]
+    view.hits(decode_entry(encode_record(Hits((a[:redis_owner.HIT_KEY_BYTES], b"\x09" * 8))))[0])  # type: ignore[arg-type]
     assert view.victims() == [b]  # a was touched through its prefix; the unknown prefix is ignored
     assert b[:redis_owner.HIT_KEY_BYTES] not in view.by_prefix
 

@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 MAX_BUFFERED = 20_000  # access records a host holds while the server cannot take them
 READ_COUNT = 4096  # stream records the owner reads per XREAD
+MAX_RUNS_PER_ENTRY = 512  # hit records one stream entry may carry
 HIT_KEY_BYTES = 8  # bytes of each key a hit record carries (a 32-byte key: a quarter of the stream)
 SCAN_COUNT = 1000  # keys per SCAN step (and per pipeline of STRLEN/GETRANGE)
 StreamId = tuple[int, int]
@@ -123,21 +124,51 @@ def encode_record(record: Save | Hits) -> list[bytes]:
     return [b"op", b"h", b"w", b"%d" % width, b"k", b"".join(record.keys)]
 
 
-def decode_record(fields: Sequence[Any]) -> Save | Hits | None:
-    """The record of a stream entry's fields; None for an entry kvtier did not write."""
+def decode_entry(fields: Sequence[Any]) -> list[Save | Hits]:
+    """The records of a stream entry's fields (several hit records may share one entry: their key
+    counts in `r`); none for an entry kvtier did not write."""
     try:
         f = {bytes(fields[i]): bytes(fields[i + 1]) for i in range(0, len(fields) - 1, 2)}
         op = f.get(b"op")
         if op == b"s":
-            return Save(f[b"k"], f[b"p"] or None, int(f[b"d"]), int(f[b"n"]))
+            return [Save(f[b"k"], f[b"p"] or None, int(f[b"d"]), int(f[b"n"]))]
         if op == b"h":
             width, blob = int(f[b"w"]), f[b"k"]
             if width <= 0 or len(blob) % width:
-                return None
-            return Hits(tuple(blob[i:i + width] for i in range(0, len(blob), width)))
+                return []
+            keys = [blob[i:i + width] for i in range(0, len(blob), width)]
+            runs = [int(n) for n in f[b"r"].split(b",")] if b"r" in f else [len(keys)]
+            if sum(runs) != len(keys) or min(runs) <= 0:
+                return []
+            out: list[Save | Hits] = []
+            for n in runs:
+                out.append(Hits(tuple(keys[:n])))
+                keys = keys[n:]
+            return out
     except (KeyError, ValueError, TypeError, IndexError):
-        return None
-    return None
+        return []
+    return []
+
+
+def coalesce(entries: Sequence[list[bytes]], max_runs: int = MAX_RUNS_PER_ENTRY) -> list[list[bytes]]:
+    """Entries (encode_record's) with each run of consecutive hit records of one key width merged
+    into one entry of up to `max_runs` records: one XADD for a flush's hits, order kept."""
+    out: list[list[bytes]] = []
+    runs: list[int] = []  # key counts of the hit entry being built (out[-1]), if one is
+    for fields in entries:
+        if fields[1] == b"h" and runs and out[-1][3] == fields[3] and len(runs) < max_runs:
+            width = int(fields[3])
+            out[-1][5] += fields[5]
+            runs.append(len(fields[5]) // width)
+            out[-1][7] = b",".join(b"%d" % n for n in runs)
+            continue
+        if fields[1] == b"h" and b"r" not in fields:
+            out.append([*fields[:6], b"r", b"%d" % (len(fields[5]) // int(fields[3]))])
+            runs = [len(fields[5]) // int(fields[3])]
+        else:
+            out.append(list(fields))
+            runs = []
+    return out
 
 
 def parse_id(raw: Any) -> StreamId:
@@ -285,7 +316,7 @@ class AccessLog:
         """The buffered records as XADD commands (the buffer is emptied; `give_back` on failure)."""
         with self._buffer_lock:
             records, self._buffer = self._buffer, deque()
-        return [("XADD", self.stream, "MAXLEN", "~", self.maxlen, "*", *fields) for fields in records]
+        return [("XADD", self.stream, "MAXLEN", "~", self.maxlen, "*", *fields) for fields in coalesce(records)]
 
     def give_back(self, commands: Sequence[tuple[Any, ...]]) -> None:
         """Records a failed exchange did not deliver: first in line for the next one."""
@@ -402,7 +433,8 @@ class AccessLog:
         streams = entries.values() if isinstance(entries, dict) else [items for _name, items in entries or ()]
         for items in streams:  # XREAD's reply: a RESP3 map or a RESP2 list of (stream, entries)
             for sid, fields in items:
-                self._apply(decode_record(fields))
+                for record in decode_entry(fields):
+                    self._apply(record)
                 self._last_id = parse_id(sid)
                 n += 1
         self.report.applied += n
@@ -426,9 +458,9 @@ class AccessLog:
             return f"the stream's first entry is past the owner's last id {format_id(self._last_id).decode()}"
         return ""
 
-    def _apply(self, record: Save | Hits | None) -> None:
+    def _apply(self, record: Save | Hits) -> None:
         view = self.view
-        if view is None or record is None:
+        if view is None:
             return
         if isinstance(record, Save):
             if not view.save(record):
@@ -537,9 +569,7 @@ class AccessLog:
             if isinstance(items, Exception):
                 return out  # the name holds no stream (another type): nothing to learn from
             for sid, fields in items:
-                record = decode_record(fields)
-                if record is not None:
-                    out.append(record)
+                out.extend(decode_entry(fields))
                 start = b"(" + bytes(sid)
             if len(items) < READ_COUNT:
                 return out
@@ -626,4 +656,4 @@ def _glob_escape(name: bytes) -> bytes:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text).encode("latin-1")
 
 
-__all__ = ["AccessLog", "Hits", "OwnerReport", "OwnerView", "Save", "decode_record", "encode_record"]
+__all__ = ["AccessLog", "Hits", "OwnerReport", "OwnerView", "Save", "coalesce", "decode_entry", "encode_record"]
