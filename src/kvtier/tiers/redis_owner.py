@@ -35,8 +35,8 @@ order, which is what a Redis Stream is:
   sets with SET NX beside the stream, is gone). Each such resync is counted.
 
 Operations: run the server with `maxmemory` above capacity_bytes plus the stream (measured on
-Redis 7.0: ~100 bytes a save record, ~10 + 8 per key a hit record) and key overheads, `maxmemory-policy allkeys-lru`, as a backstop. If no owner runs,
-nothing is evicted by kvtier: the chunks grow to the server's maxmemory and its LRU evicts, as in
+Redis 7.0: ~100 bytes a save record, ~10 + 8 per key a hit record) and key overheads,
+`maxmemory-policy allkeys-lru`, as a backstop. If no owner runs, nothing is evicted by kvtier: the chunks grow to the server's maxmemory and its LRU evicts, as in
 server-managed mode, and the non-owners' records wait in the stream (those trimmed meanwhile are
 recovered by the resync when the owner returns). A dead server costs this mode nothing on the hot
 path: records wait in a bounded buffer (the oldest dropped and counted) behind the tier's circuit
