@@ -37,8 +37,8 @@ print("RLIMIT_MEMLOCK", resource.getrlimit(resource.RLIMIT_MEMLOCK), "cpus", os.
 PY
 cat "$OUT/env.txt"
 
-# 1. smoke: every code path on the GPU with a tiny model (seconds)
-step tiny_cuda 45 -m kvtier bench ttft --device cuda --shape tiny --lengths 512,2048 --repeats 2 \
+# 1. smoke: every code path on the GPU with a tiny model (seconds), in float32 (max_logit_diff <= 1e-3)
+step tiny_cuda 45 -m kvtier bench ttft --device cuda --shape tiny --dtype float32 --lengths 512,2048 --repeats 2 \
     --json "$OUT/ttft_tiny_cuda.json" --png ""
 # 2. the measured run: Llama-3.1-8B shape, bfloat16, 8k and 32k (issue 17 "How it is measured")
 step llama8b_bf16 240 -m kvtier bench ttft --device cuda --shape llama-8b --dtype bfloat16 \
