@@ -49,6 +49,13 @@ def parse_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _cap_memory(fraction: float, device: torch.device) -> None:
+    """torch.cuda.set_per_process_memory_fraction with an explicit device index: it refuses a
+    torch.device("cuda") without one (ValueError on the H200 run)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -272,7 +279,7 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
     # weights + the cap's KV + activations of a prefill chunk (a generous fixed allowance)
     cap = weights_bytes + cap_context * per_token + (4 << 30)
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    _cap_memory(min(1.0, cap / total), device)
     contexts = [cap_context * m for m in ((1, 2) if quick else (1, 2, 4))]
     dense_max, sparse_done = 0, 0
     try:
@@ -297,7 +304,7 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
             if _runs(sparse):
                 sparse_done = ctx
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        _cap_memory(1.0, device)
         model.set_attn_implementation("sdpa")
     return {"gpu_memory_cap_bytes": int(cap), "dense_max_tokens": dense_max, "sparse_completed_tokens": sparse_done,
             "contexts_tried": contexts}
@@ -340,7 +347,7 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
             try:
                 logits = _prefill(model, ids, cache, ctx)
                 torch.cuda.empty_cache()
-                torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
+                _cap_memory(cap_fraction, device)
                 times = _decode(model, cache, logits, plan.steps, 0.0, device)
                 out[f"{name}_batch"] = batch
                 out[f"{name}_tokens_per_s"] = batch / statistics.median(times[1:])
@@ -349,13 +356,13 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
                 out[f"{name}_tokens_per_s"] = 0.0
                 out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             finally:
-                torch.cuda.set_per_process_memory_fraction(1.0, device)
+                _cap_memory(1.0, device)
                 if store is not None:
                     store.close()
                 del cache
                 torch.cuda.empty_cache()
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        _cap_memory(1.0, device)
         model.set_attn_implementation("sdpa")
     return out
 
