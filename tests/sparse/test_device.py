@@ -147,3 +147,50 @@ def test_chunked_prefill_reuses_the_gathered_blocks_and_stays_exact() -> None:
     kv.attend(0, torch.randn(2 * H, 1, D), D**-0.5)
     assert 0 not in kv._gathered  # decode frees it
     store.close()
+
+
+def test_the_context_prefill_gathered_is_released_when_decoding_starts() -> None:
+    """Regression (H200 run: sparse_kv_gpu_bytes above dense's): a chunked prefill keeps the context
+    gathered on the device for its next chunk; decode must hold only working sets and summaries."""
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=16), LAYOUT, salt=b"r")
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(L, H, 60, D, generator=g), torch.randn(L, H, 60, D, generator=g)
+    for lo, hi in ((0, 30), (30, 60)):
+        for layer in range(L):
+            kv.append(layer, k[layer, :, lo:hi], v[layer, :, lo:hi])
+            if lo:
+                kv.attend_dense(layer, torch.randn(2 * H, hi - lo, D, generator=g), D**-0.5)
+    kv.flush()
+    held = kv.device_bytes()
+    assert held["prefill_gathered"] == L * 2 * H * 60 * D * 4  # all 15 blocks of every layer, K and V
+    kv.attend(0, torch.randn(2 * H, 1, D, generator=g), D**-0.5)  # the first decode step frees every layer's
+    held = kv.device_bytes()
+    assert held["prefill_gathered"] == 0 and held["span"] == 0
+    assert held["working_sets"] == sum(ws.nbytes for ws in kv.working)
+    assert sum(held.values()) == kv.fast_tier_bytes()
+    kv.close()
+    store.close()
+
+
+def test_release_prefill_frees_the_gathered_context_and_a_later_chunk_stays_exact() -> None:
+    import torch.nn.functional as F
+
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=16), LAYOUT, salt=b"p")
+    g = torch.Generator().manual_seed(6)
+    k, v = torch.randn(L, H, 40, D, generator=g), torch.randn(L, H, 40, D, generator=g)
+    for lo, hi in ((0, 16), (16, 28), (28, 40)):
+        for layer in range(L):
+            kv.append(layer, k[layer, :, lo:hi], v[layer, :, lo:hi])
+            if lo:
+                q = torch.randn(2 * H, hi - lo, D, generator=g)
+                causal = torch.arange(hi).view(1, -1) <= torch.arange(lo, hi).view(-1, 1)
+                ref = F.scaled_dot_product_attention(
+                    q.unsqueeze(0), k[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0),
+                    v[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0), attn_mask=causal, scale=D**-0.5)[0]
+                assert torch.allclose(kv.attend_dense(layer, q, D**-0.5), ref, atol=1e-5)
+        kv.release_prefill()
+        assert kv.device_bytes()["prefill_gathered"] == 0
+    kv.close()
+    store.close()

@@ -179,6 +179,8 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
     try:
         logits = _prefill(model, ids, cache, plan.chunk)
         cache.flush()
+        cache.release_prefill()  # the context prefill kept gathered is not decode's: freed before its peak
+        _sync(device)
         first_fill = [0]
 
         def after(i: int) -> None:  # the first step fills the whole working set: churn counts the rest
@@ -191,6 +193,7 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
         slices = sum(ws.fetched_slices for ws in seq.working) - first_fill[0]
         picks = seq.config.retrieval_slots * seq.layout.num_kv_heads * seq.layout.num_layers
         fast_bytes = cache.fast_tier_bytes()
+        held = seq.device_bytes()  # what the cache holds on the device after decode, by kind
         pf = seq._prefetch
         prefetch = {"prefetch_blocks": plan.prefetch,
                     "prefetched_slices": pf.prefetched_slices if pf is not None else 0,
@@ -207,7 +210,7 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
             "sparse_token_ms": 1e3 * statistics.median(sparse_times[1:]),
             "dense_kv_gpu_bytes": None if dense_peak is None or weights_bytes is None else dense_peak - weights_bytes,
             "sparse_kv_gpu_bytes": None if sparse_peak is None or weights_bytes is None else sparse_peak - weights_bytes,
-            "sparse_fast_tier_bytes": fast_bytes, "steps": plan.steps, **prefetch}
+            "sparse_fast_tier_bytes": fast_bytes, "sparse_held_bytes": held, "steps": plan.steps, **prefetch}
 
 
 def prefill_row(model, plan: Plan, device: torch.device, context: int, repeats: int = 3) -> dict[str, Any]:

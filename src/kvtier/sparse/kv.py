@@ -480,7 +480,8 @@ class SparseKV:
         `token_mask` [nq, T] (True = may attend) carries padding; causality is applied here.
         """
         ws = self.working[layer]
-        self._gathered.pop(layer, None)  # prefill is over: free its gathered KV
+        if self._gathered:
+            self.release_prefill()  # prefill is over: decode holds only working sets, summaries, staging
         hq, nq, d = q.shape
         h = self.layout.num_kv_heads
         if hq % h:
@@ -604,6 +605,27 @@ class SparseKV:
         out = F.scaled_dot_product_attention(q.unsqueeze(0).to(dtype), kk.unsqueeze(0), vv.unsqueeze(0), attn_mask=ok,
                                              scale=scaling, enable_gqa=g > 1)
         return out[0].to(q.dtype)
+
+    def release_prefill(self) -> None:
+        """Free what a chunked prefill kept on the device for the next chunk: every layer's gathered
+        context (up to `dense_stream_tokens` of KV per layer, as much as a dense cache holds). Decode
+        drops it at its first step; a caller that measures decode memory releases it before. A later
+        chunked prefill reads the context back from the store."""
+        self._gathered.clear()
+
+    def device_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this request holds on its device (or host, for a CPU request), by kind: what
+        `device_bytes` counts, for accounting tests and the bench's breakdown."""
+        return {
+            "working_sets": [t for ws in self.working for t in (ws.k, ws.v)],
+            "summaries": [t for table in self.tables for t in table.tensors()],
+            "prefill_gathered": [t for _, gk, gv in self._gathered.values() for t in (gk, gv)],
+            "span": [t for _, sk, sv in self._span.values() for t in (sk, sv)],
+        }
+
+    def device_bytes(self) -> dict[str, int]:
+        """Bytes of `device_tensors` by kind."""
+        return {kind: sum(t.numel() * t.element_size() for t in ts) for kind, ts in self.device_tensors().items()}
 
     # -- accounting ----------------------------------------------------------------
     def fast_tier_bytes(self) -> int:
