@@ -37,11 +37,13 @@ read bandwidth.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -129,6 +131,7 @@ class TieredStore:
         self.write_wait_s = 10.0  # longest allocate_memory waits for the writer to free a DRAM slot
         self._closed = False
         self._pool_watchers = PoolWatchers()
+        self._pool_rows: Any = None  # gather_here's torch view of the DRAM pool, [sections of every slot, layer_bytes]
 
     def _report_capacity(self) -> None:
         """Each tier's counters at 0, and each local tier's capacity and fill as gauges, from
@@ -244,6 +247,94 @@ class TieredStore:
                 raise ValueError(f"layers {ls} outside 0..{n_layers - 1}")
             each.append(ls)
         return self._load_now(list(keys), dests, each)
+
+    def gather_here(self, keys: Sequence[bytes], sections: Sequence[int] | np.ndarray, span: int,
+                    out: np.ndarray) -> LoadResult:
+        """Row i of `out` ([n, span * layer_bytes] uint8, C-contiguous) = sections sections[i] ..
+        sections[i] + span - 1 of chunk keys[i] (consecutive, so one run of bytes in a chunk), each
+        verified, in the calling thread. A key may appear more than once.
+
+        For sparse decode, which reads hundreds of (block, KV head) slices per layer and step: the
+        DRAM tier's hits are copied by one batched index_select out of its pool (its chunks pinned
+        meanwhile) and checksummed row by row, where `load_here_each` pays a tier call per slice,
+        several times the cost of its bytes. What DRAM lacks (or fails its checksum) is loaded as
+        `load_here_each` does, from any tier."""
+        self._check_open()
+        _check_keys(keys)
+        n, lb, n_layers = len(keys), self.layer_bytes, self.layout.num_layers
+        secs = np.asarray(sections, dtype=np.int64)
+        if secs.shape != (n,):
+            raise ValueError(f"{n} keys but sections of shape {secs.shape}")
+        if not 1 <= span <= n_layers:
+            raise ValueError(f"span {span} outside 1..{n_layers}")
+        if n and (secs.min() < 0 or secs.max() + span > n_layers):
+            raise ValueError(f"sections {secs.min()}..{secs.max() + span - 1} outside 0..{n_layers - 1}")
+        if out.dtype != np.uint8 or out.shape != (n, span * lb) or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writable C-contiguous uint8 array of shape {(n, span * lb)}, "
+                             f"got {out.dtype} {out.shape}")
+        mem = self.memory
+        todo = list(range(n))
+        if mem is not None and n:
+            todo = self._gather_memory(mem, list(keys), secs, span, out)
+        if todo:
+            views = out.reshape(n, span, lb)
+            res = self.load_here_each([keys[i] for i in todo], [list(views[i]) for i in todo],
+                                      [range(secs[i], secs[i] + span) for i in todo])
+            failed = tuple(todo[j] for j in res.failed)
+        else:
+            failed = ()
+        self.count_served_chunks({"memory": n - len(todo)} if n > len(todo) else {})
+        return LoadResult(failed[0] if failed else n, failed, ())
+
+    def _gather_memory(self, mem: MemoryTier, keys: list[bytes], secs: np.ndarray, span: int,
+                       out: np.ndarray) -> list[int]:
+        """`gather_here`'s DRAM part: copies and verifies every row whose chunk is in DRAM; returns
+        the rows still to load (absent, or a section failed its checksum)."""
+        import torch
+
+        lb, n_layers = self.layer_bytes, self.layout.num_layers
+        slots: dict[bytes, int | None] = {}
+        for key in keys:
+            if key not in slots:
+                slots[key] = mem.pin(key)
+        try:
+            hit = [i for i, key in enumerate(keys) if slots[key] is not None]
+            if not hit:
+                return list(range(len(keys)))
+            if self._pool_rows is None:
+                region = mem.pool_region()
+                pool = np.ctypeslib.as_array((ctypes.c_ubyte * region.nbytes).from_address(region.address))
+                self._pool_rows = torch.from_numpy(pool).view(-1, lb)  # one row per section of a slot
+            rows = np.array([slots[keys[i]] for i in hit], dtype=np.int64) * n_layers + secs[hit]
+            idx = torch.from_numpy((rows[:, None] + np.arange(span)).reshape(-1))
+            dest = torch.from_numpy(out)
+            if len(hit) == len(keys):
+                torch.index_select(self._pool_rows, 0, idx, out=dest.view(-1, lb))
+            else:
+                dest[torch.tensor(hit)] = torch.index_select(self._pool_rows, 0, idx).view(len(hit), -1)
+            bad: set[int] = set()
+            if mem.config.verify_reads:
+                sections = out.reshape(len(keys), span, lb)
+                sums: dict[bytes, tuple[int, ...]] = {}
+                for i in hit:
+                    key = keys[i]
+                    if key not in sums:
+                        meta = mem.meta(key)
+                        sums[key] = meta.checksums if meta is not None else ()
+                    want = sums[key]
+                    s0 = int(secs[i])
+                    for j in range(span):
+                        if not want or checksum(sections[i, j]) != want[s0 + j]:
+                            bad.add(i)
+                            break
+            mem.metrics.inc(m.HITS, len(hit) - len(bad), tier=mem.name)
+            mem.metrics.inc(m.BYTES_READ, (len(hit) - len(bad)) * span * lb, tier=mem.name)
+        finally:
+            for key, slot in slots.items():
+                if slot is not None:
+                    mem.unpin(key)
+        done = set(hit) - bad
+        return [i for i in range(len(keys)) if i not in done]
 
     def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]],
                   layers_of: list[list[int]]) -> LoadResult:
