@@ -160,7 +160,7 @@ class SparseKV:
         self._steps = [0] * n_layers
         self._picks: list[torch.Tensor | None] = [None] * n_layers
         # decode prefetch (sparse.prefetch_blocks): the runners-up of each layer's last selection
-        self._prefetch = Prefetcher(self.device, self._store_read, store.layer_bytes) if config.prefetch_blocks else None
+        self._prefetch = Prefetcher(self.device, self._store_gather, store.layer_bytes) if config.prefetch_blocks else None
         self._runners: torch.Tensor | None = None  # set by _select, passed to ensure by attend
         self.fetched_bytes = 0  # KV bytes read from the store (decode's slices and streamed blocks)
         self.fetch_seconds = 0.0  # wall time of decode's store reads (`_fill`), for the bench's breakdown
@@ -212,6 +212,7 @@ class SparseKV:
         summaries = self.summarizer.compute(k, bt)
         self.tables[layer].append(summaries)
         self._save_layer(layer, first, m, k, v, summaries)
+        self._extend_gathered(layer, first, k, v)
         ws = self.working[layer]
         nb = first + m
         if self.policy.dense:
@@ -228,6 +229,27 @@ class SparseKV:
             block = first + i
             if self.policy.dense or block < sinks or block >= win_lo:
                 ws.insert(block, hk[:, i], hv[:, i], protected)
+
+    def _extend_gathered(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """While a prefill appends the context from its start: keep its completed blocks gathered on
+        the device (as `_attend_gathered` would gather them) while the context fits one gathered
+        piece, so the next chunk's attend_dense reads nothing back from the store and never waits for
+        the background writer (on the H200 that read-back and wait made a 32k prefill 5.45x dense).
+        A context past the piece, a released prefill (decode), or a gap leaves the gathered as it is."""
+        have = self._gathered.get(layer)
+        n = have[0] if have is not None else 0
+        m = k.shape[1] // self.config.block_tokens
+        if n != first or first + m > self._gather_blocks(layer):
+            return
+        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        gk, gv = k.to(dtype), v.to(dtype)
+        if have is not None:
+            gk, gv = torch.cat([have[1], gk], 1), torch.cat([have[2], gv], 1)
+        self._gathered[layer] = (first + m, gk, gv)
+
+    def _gather_blocks(self, layer: int) -> int:
+        """Most blocks attend_dense attends gathered at once (past it, it streams pieces)."""
+        return max(self.working[layer].slots, self.config.dense_stream_tokens // self.config.block_tokens, 1)
 
     def _save_layer(self, layer: int, first: int, m: int, k: torch.Tensor, v: torch.Tensor,
                     summaries: BlockSummaries) -> None:
@@ -375,7 +397,7 @@ class SparseKV:
         self.fetched_bytes += 2 * self._section_bytes * len(blocks)
 
     def _store_read(self, layer: int, heads: np.ndarray, blocks: np.ndarray, dests: list[list[np.ndarray]]) -> None:
-        """The store read of `_read_slices` alone (also the prefetcher's, on its worker thread)."""
+        """The store read of `_read_slices` alone, into separate K and V buffers per pair."""
         keys = self.block_keys
         bl = blocks.tolist()
         hs = heads.tolist()
@@ -383,9 +405,24 @@ class SparseKV:
         result = self.store.load_here_each([keys[b] for b in bl], dests,
                                            [((base + h) * 2, (base + h) * 2 + 1) for h in hs])
         if result.failed:
-            bad = sorted({hs[i] for i in result.failed})
-            raise self._missing(layer, f" head{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}",
-                                [bl[i] for i in result.failed])
+            self._raise_missing(layer, hs, bl, result.failed)
+
+    def _store_gather(self, layer: int, heads: np.ndarray, blocks: np.ndarray, out: np.ndarray) -> None:
+        """K and V of block blocks[i] of head heads[i] of `layer` into row i of out ([n, 2, section
+        bytes] uint8): one `gather_here` (a head's K and V are consecutive sections, one run of bytes
+        in the chunk), so hundreds of slices cost one batched copy, not a store call each. Also the
+        prefetcher's read, on its worker thread. BlockMissingError names what no tier held."""
+        keys = self.block_keys
+        bl = blocks.tolist()
+        sections = (layer * self.layout.num_kv_heads + heads) * 2
+        result = self.store.gather_here([keys[b] for b in bl], sections, 2, out.reshape(len(bl), -1))
+        if result.failed:
+            self._raise_missing(layer, heads.tolist(), bl, result.failed)
+
+    def _raise_missing(self, layer: int, hs: list[int], bl: list[int], failed: Sequence[int]) -> None:
+        bad = sorted({hs[i] for i in failed})
+        raise self._missing(layer, f" head{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}",
+                            [bl[i] for i in failed])
 
     def _fill_staged(self, layer: int, heads: np.ndarray, blocks: np.ndarray, slots: np.ndarray) -> None:
         """`_fill` for working sets off the host: every slice is read (verified) into row i of the
@@ -397,7 +434,9 @@ class SparseKV:
         arr = rows.numpy()
         t0 = time.perf_counter()
         try:
-            self._read_slices(layer, heads, blocks, [[arr[i, 0], arr[i, 1]] for i in range(len(heads))])
+            self._await_writes()
+            self._store_gather(layer, heads, blocks, arr)
+            self.fetched_bytes += 2 * self._section_bytes * len(blocks)
             on_device = self._fill_staging.to_device(rows).view(self.dtype).reshape(len(heads), 2, bt, d)
             ws.write_slots(heads, slots, on_device[:, 0], on_device[:, 1])
         finally:
@@ -534,7 +573,7 @@ class SparseKV:
         nb = t // bt
         dev = q.device
         qpos = torch.arange(t - nq, t, device=dev).repeat(g)  # row r of a head is query token r % nq
-        step = max(ws.slots, self.config.dense_stream_tokens // bt, 1)
+        step = self._gather_blocks(layer)
         if nb <= step:
             return self._attend_gathered(layer, q, scaling, token_mask, qpos)
         self._gathered.pop(layer, None)
