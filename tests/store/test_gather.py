@@ -72,3 +72,30 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="span"):
         store.gather_here(keys, [0], 0, np.zeros((1, 0), dtype=np.uint8))
     store.close()
+
+
+def test_write_rows_equals_writing_each_section() -> None:
+    n = 3
+    rng = np.random.default_rng(1)
+    stores = []
+    for batched in (False, True):
+        store = TieredStore(StoreConfig(chunk_tokens=4, memory=MemoryTierConfig(capacity_bytes=8 * 6 * 128)), LAYOUT)
+        payload = rng.integers(0, 256, size=(n, 6, store.layer_bytes), dtype=np.uint8) if not stores else stores[0][1]
+        keys = [bytes([i + 9]) * 16 for i in range(n)]
+        batch = store.begin_save(keys, b"\0" * 16, 0)
+        if batched:
+            batch.write_layer(0, [payload[i, 0] for i in range(n)])
+            batch.write_rows(1, 3, np.ascontiguousarray(payload[:, 1:4].reshape(n, -1)))
+            batch.write_rows(4, 2, np.ascontiguousarray(payload[:, 4:6].reshape(n, -1)))
+        else:
+            for s in range(6):
+                batch.write_layer(s, [payload[i, s] for i in range(n)])
+        batch.commit().wait()
+        stores.append((store, payload, keys))
+    for store, payload, keys in stores:
+        out = np.zeros((n, 6 * store.layer_bytes), dtype=np.uint8)
+        assert store.gather_here(keys, [0] * n, 6, out).failed == ()  # verified against the commit's checksums
+        assert np.array_equal(out, payload.reshape(n, -1))
+        with pytest.raises(ValueError, match="outside"):
+            store.begin_save([b"\x55" * 16], b"\0" * 16, 0).write_rows(5, 2, np.zeros((1, 2 * 128), np.uint8))
+        store.close()

@@ -286,6 +286,18 @@ class TieredStore:
         self.count_served_chunks({"memory": n - len(todo)} if n > len(todo) else {})
         return LoadResult(failed[0] if failed else n, failed, ())
 
+    def pool_rows(self) -> Any:
+        """The DRAM pool as a torch uint8 tensor [slots x sections, layer_bytes] (row slot * sections +
+        section), sharing its memory: for batched copies in and out (gather_here, SaveBatch.write_rows)."""
+        if self._pool_rows is None:
+            import torch
+
+            assert self.memory is not None
+            region = self.memory.pool_region()
+            pool = np.ctypeslib.as_array((ctypes.c_ubyte * region.nbytes).from_address(region.address))
+            self._pool_rows = torch.from_numpy(pool).view(-1, self.layer_bytes)
+        return self._pool_rows
+
     def _gather_memory(self, mem: MemoryTier, keys: list[bytes], secs: np.ndarray, span: int,
                        out: np.ndarray) -> list[int]:
         """`gather_here`'s DRAM part: copies and verifies every row whose chunk is in DRAM; returns
@@ -301,17 +313,14 @@ class TieredStore:
             hit = [i for i, key in enumerate(keys) if slots[key] is not None]
             if not hit:
                 return list(range(len(keys)))
-            if self._pool_rows is None:
-                region = mem.pool_region()
-                pool = np.ctypeslib.as_array((ctypes.c_ubyte * region.nbytes).from_address(region.address))
-                self._pool_rows = torch.from_numpy(pool).view(-1, lb)  # one row per section of a slot
+            pool_rows = self.pool_rows()
             rows = np.array([slots[keys[i]] for i in hit], dtype=np.int64) * n_layers + secs[hit]
             idx = torch.from_numpy((rows[:, None] + np.arange(span)).reshape(-1))
             dest = torch.from_numpy(out)
             if len(hit) == len(keys):
-                torch.index_select(self._pool_rows, 0, idx, out=dest.view(-1, lb))
+                torch.index_select(pool_rows, 0, idx, out=dest.view(-1, lb))
             else:
-                dest[torch.tensor(hit)] = torch.index_select(self._pool_rows, 0, idx).view(len(hit), -1)
+                dest[torch.tensor(hit)] = torch.index_select(pool_rows, 0, idx).view(len(hit), -1)
             bad: set[int] = set()
             if mem.config.verify_reads:
                 sections = out.reshape(len(keys), span, lb)
@@ -968,6 +977,35 @@ class SaveBatch:
                     raise ValueError(f"layer {layer} source has {view.nbytes} bytes, a section has "
                                      f"{self.store.layer_bytes}")
                 self.copies[i][layer] = view.tobytes()
+
+    def write_rows(self, first: int, span: int, data: np.ndarray) -> None:
+        """`write_layer` of sections first .. first + span - 1 of every chunk at once: data[i] ([n chunks,
+        span * layer_bytes] uint8, C-contiguous) holds chunk i's, in section order. The chunks with a DRAM
+        slot are filled by one batched index_copy into the pool (a save of many small sections, e.g.
+        sparse prefill's per-(layer, KV head) ones, costs a copy per section in Python otherwise)."""
+        if self._done:
+            raise ValueError("write to a save batch that was committed or aborted")
+        lb, num_layers = self.store.layer_bytes, self.store.layout.num_layers
+        n = len(self.keys)
+        if not 1 <= span or first < 0 or first + span > num_layers:
+            raise ValueError(f"sections {first}..{first + span - 1} outside 0..{num_layers - 1}")
+        if data.dtype != np.uint8 or data.shape != (n, span * lb) or not data.flags.c_contiguous:
+            raise ValueError(f"data must be a C-contiguous uint8 array of shape {(n, span * lb)}, "
+                             f"got {data.dtype} {data.shape}")
+        import torch
+
+        held = [i for i, res in enumerate(self.reservations) if res is not None]
+        if held:
+            slots = np.array([self.reservations[i].slot for i in held], dtype=np.int64)  # type: ignore[union-attr]
+            idx = torch.from_numpy((slots[:, None] * num_layers + first + np.arange(span)).reshape(-1))
+            src = torch.from_numpy(data if len(held) == n else data[held]).view(-1, lb)
+            self.store.pool_rows().index_copy_(0, idx, src)
+            for i in held:
+                self.reservations[i].filled.update(range(first, first + span))  # type: ignore[union-attr]
+        for i, res in enumerate(self.reservations):
+            if res is None:
+                for j in range(span):
+                    self.copies[i][first + j] = data[i, j * lb : (j + 1) * lb].tobytes()
 
     def commit(self, extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None = None) -> TransferHandle[SaveResult]:
         if self._done:
