@@ -172,6 +172,7 @@ class SparseKV:
         # chunked prefill: layer -> (blocks, K, V [H, blocks * B, d]) gathered on the device by the last
         # attend_dense, so the next chunk reads only the blocks completed since (dropped at decode)
         self._gathered: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._gather_buf: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # what _gathered's views are of
 
     # -- writing -------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -242,10 +243,29 @@ class SparseKV:
         if n != first or first + m > self._gather_blocks(layer):
             return
         dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        gk, gv = k.to(dtype), v.to(dtype)
-        if have is not None:
-            gk, gv = torch.cat([have[1], gk], 1), torch.cat([have[2], gv], 1)
-        self._gathered[layer] = (first + m, gk, gv)
+        self._gather_append(layer, k.to(dtype), v.to(dtype))
+
+    def _gather_append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append whole blocks k, v [H, n, d] (in the gathered dtype, on the device) to `layer`'s gathered
+        context. They are written into a buffer grown by doubling (up to `_gather_blocks`), so a prefill
+        of c chunks copies its context a few times, not c times (a torch.cat per chunk did)."""
+        have = self._gathered.get(layer)
+        n0 = have[0] * self.config.block_tokens if have is not None else 0
+        need = n0 + k.shape[1]
+        buf = self._gather_buf.get(layer)
+        if buf is None or buf[0].shape[1] < need or buf[0].dtype != k.dtype or buf[0].device != k.device:
+            limit = self._gather_blocks(layer) * self.config.block_tokens
+            cap = max(need, min(limit, 2 * (buf[0].shape[1] if buf is not None else 0)))
+            h, _, d = k.shape
+            grown = (torch.empty(h, cap, d, dtype=k.dtype, device=k.device),
+                     torch.empty(h, cap, d, dtype=k.dtype, device=k.device))
+            if have is not None:
+                grown[0][:, :n0] = have[1]
+                grown[1][:, :n0] = have[2]
+            buf = self._gather_buf[layer] = grown
+        buf[0][:, n0:need] = k
+        buf[1][:, n0:need] = v
+        self._gathered[layer] = (need // self.config.block_tokens, buf[0][:, :need], buf[1][:, :need])
 
     def _gather_blocks(self, layer: int) -> int:
         """Most blocks attend_dense attends gathered at once (past it, it streams pieces)."""
@@ -288,12 +308,11 @@ class SparseKV:
             if span.batch is None:
                 span.batch = self.store.begin_save(span.keys, span.parent, span.first)
             h = self.layout.num_kv_heads
-            # one device -> host copy of the span's K and V (both planes at once), then byte views of it
-            host = torch.stack((k, v)).contiguous().view(torch.uint8).cpu().reshape(2, h, span.m, -1).numpy()
-            for plane in range(2):
-                raw = host[plane]  # [H, m, B*d*itemsize]
-                for head in range(h):
-                    span.batch.write_layer(self._section(layer, head, plane), list(raw[head]))
+            # block-major on the device ([m, H, plane, B*d]: a layer's (head, plane) sections are consecutive
+            # in a chunk), one device -> host copy, then one batched write of the m blocks' 2H sections each
+            rows = torch.stack((k, v), 1).unflatten(2, (span.m, -1)).permute(2, 0, 1, 3, 4).contiguous()
+            host = rows.view(torch.uint8).cpu().numpy().reshape(span.m, -1)
+            span.batch.write_rows(self._section(layer, 0, 0), 2 * h, host)
             for i, data in enumerate(self.summarizer.encode_all(summaries)):
                 span.extras[i].append((SECTION_SUMMARY, layer, data))
             if last:
@@ -577,6 +596,7 @@ class SparseKV:
         if nb <= step:
             return self._attend_gathered(layer, q, scaling, token_mask, qpos)
         self._gathered.pop(layer, None)
+        self._gather_buf.pop(layer, None)
         qg = q.reshape(h, g * nq, d).float()
         m_run = torch.full((h, g * nq, 1), float("-inf"), device=dev)
         l_run = torch.zeros(h, g * nq, 1, device=dev)
@@ -618,20 +638,15 @@ class SparseKV:
         t = self.num_tokens[layer]
         nb = t // self.config.block_tokens
         dtype = torch.float32 if q.device.type == "cpu" else ws.k.dtype
-        gk: torch.Tensor | None = None
-        gv: torch.Tensor | None = None
-        have = 0
-        if layer in self._gathered:
-            have, gk, gv = self._gathered[layer]
-        parts_k = [] if gk is None else [gk]
-        parts_v = [] if gv is None else [gv]
+        have = self._gathered[layer][0] if layer in self._gathered else 0
         if nb > have:  # only the blocks completed since the last chunk (mostly still on the device, in _span)
             k, v = self._fetch(layer, list(range(have, nb)))  # [n, H, B, d]
-            parts_k.append(k.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
-            parts_v.append(v.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
-        if parts_k:
-            gk, gv = (torch.cat(parts_k, 1), torch.cat(parts_v, 1)) if len(parts_k) > 1 else (parts_k[0], parts_v[0])
-            self._gathered[layer] = (nb, gk, gv)
+            self._gather_append(layer, k.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype),
+                                v.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
+        gk: torch.Tensor | None = None
+        gv: torch.Tensor | None = None
+        if layer in self._gathered:
+            _, gk, gv = self._gathered[layer]
         tk, tv = ws.tail()
         kk = torch.cat([gk, tk.to(dtype)], 1) if gk is not None else tk.to(dtype)
         vv = torch.cat([gv, tv.to(dtype)], 1) if gv is not None else tv.to(dtype)
@@ -651,6 +666,7 @@ class SparseKV:
         drops it at its first step; a caller that measures decode memory releases it before. A later
         chunked prefill reads the context back from the store."""
         self._gathered.clear()
+        self._gather_buf.clear()
 
     def device_tensors(self) -> dict[str, list[torch.Tensor]]:
         """The tensors this request holds on its device (or host, for a CPU request), by kind: what
@@ -658,7 +674,7 @@ class SparseKV:
         return {
             "working_sets": [t for ws in self.working for t in (ws.k, ws.v)],
             "summaries": [t for table in self.tables for t in table.tensors()],
-            "prefill_gathered": [t for _, gk, gv in self._gathered.values() for t in (gk, gv)],
+            "prefill_gathered": [t for pair in self._gather_buf.values() for t in pair],
             "span": [t for _, sk, sv in self._span.values() for t in (sk, sv)],
         }
 
