@@ -94,12 +94,19 @@ def test_host_staging_reuses_its_buffer_and_copies_to_the_device() -> None:
     assert st.rows(10).shape == (10, 2, 16)
 
 
-@pytest.mark.parametrize("stream_tokens", [8, 65536])
-def test_chunked_prefill_attention_gathered_or_streamed_is_exact(stream_tokens: int) -> None:
+@pytest.mark.parametrize("stream_tokens,score_bytes", [(8, None), (8, 600), (65536, None)])
+def test_chunked_prefill_attention_gathered_or_streamed_is_exact(stream_tokens: int, score_bytes: int | None,
+                                                                 monkeypatch) -> None:
     """attend_dense: one fused sdpa over the gathered context (default) or online softmax over pieces
-    of `dense_stream_tokens` (8: a piece of 2 blocks, fewer than the 3 slots, so pieces of 3 blocks)
-    both equal causal sdpa over the whole context, GQA and a padding mask included."""
+    of `dense_stream_tokens` (8: a piece of 2 blocks, fewer than the 3 slots, so pieces of 3 blocks;
+    score_bytes 600: a few query rows at a time, as a long chunk on a GPU) all equal causal sdpa over
+    the whole context, GQA and a padding mask included."""
     import torch.nn.functional as F
+
+    from kvtier.sparse import kv as kv_module
+
+    if score_bytes is not None:
+        monkeypatch.setattr(kv_module, "_STREAM_SCORE_BYTES", score_bytes)
 
     store = make_store()
     kv = SparseKV(store, config("quest", budget=16, dense_stream_tokens=stream_tokens), LAYOUT, salt=b"p")

@@ -98,7 +98,7 @@ def _sparse_cache(model, plan: Plan, budget: int, batch: int, context: int, hold
     per repeat, so without this it would time the kernel's page faults).
 
     hold_prefill: a chunked prefill keeps the context it gathered on the device, as a dense prefill
-    keeps its KV (sparse.dense_stream_tokens = the context); False keeps SparseConfig's default, so
+    keeps its KV (sparse.dense_stream_tokens = the context); False sets it to one prefill chunk, so
     longer contexts are streamed back from the store chunk by chunk (max_context: sparse must fit
     where dense does not)."""
     from kvtier.connectors.transformers.sparse import KVTierSparseCache, model_kv_layout
@@ -117,7 +117,8 @@ def _sparse_cache(model, plan: Plan, budget: int, batch: int, context: int, hold
 
         region = store.memory.pool_region()
         ctypes.memset(region.address, 0, region.nbytes)
-    stream = {"dense_stream_tokens": context + plan.chunk} if hold_prefill else {}
+    # not holding: only a chunk's worth is gathered; longer contexts stream back from the store
+    stream = {"dense_stream_tokens": context + plan.chunk if hold_prefill else plan.chunk}
     cfg = SparseConfig(policy="quest", budget_tokens=budget, block_tokens=plan.block, sink_tokens=plan.sinks,
                        window_tokens=plan.window, prefetch_blocks=plan.prefetch, **stream)
     return store, KVTierSparseCache(store, cfg, model_config=model.config)

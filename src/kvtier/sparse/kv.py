@@ -92,6 +92,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.softmax(s, dim=-1) @ v
 
 
+# streamed chunked-prefill attention scores at most this many bytes of float32 scores at once
+_STREAM_SCORE_BYTES = 256 << 20
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -597,25 +600,34 @@ class SparseKV:
             return self._attend_gathered(layer, q, scaling, token_mask, qpos)
         self._gathered.pop(layer, None)
         self._gather_buf.pop(layer, None)
-        qg = q.reshape(h, g * nq, d).float()
-        m_run = torch.full((h, g * nq, 1), float("-inf"), device=dev)
-        l_run = torch.zeros(h, g * nq, 1, device=dev)
-        o_run = torch.zeros(h, g * nq, d, device=dev)
+        # matmuls in float32 on the CPU (the measured results), in the KV's dtype with float32 softmax
+        # state on an accelerator (as its fused sdpa computes); scores are made for at most
+        # _STREAM_SCORE_BYTES of query rows at a time, so a long chunk never materializes [H, rows, piece]
+        mm = torch.float32 if dev.type == "cpu" else ws.k.dtype
+        rows = g * nq
+        qg = q.reshape(h, rows, d).to(mm)
+        m_run = torch.full((h, rows, 1), float("-inf"), device=dev)
+        l_run = torch.zeros(h, rows, 1, device=dev)
+        o_run = torch.zeros(h, rows, d, device=dev)
 
         def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-            nonlocal m_run, l_run, o_run
-            s = (qg @ k.float().transpose(1, 2)) * scaling  # [H, G, L]
-            ok = pos.view(1, -1) <= qpos.view(-1, 1)  # [G, L]
-            if token_mask is not None:
-                ok = ok & token_mask[:, pos].repeat(g, 1)
-            s = s.masked_fill(~ok, float("-inf"))
-            m_new = torch.maximum(m_run, s.amax(-1, keepdim=True))
-            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - safe)
-            corr = torch.exp(m_run - safe)
-            l_run = l_run * corr + p.sum(-1, keepdim=True)
-            o_run = o_run * corr + p @ v.float()
-            m_run = m_new
+            kt, vm = k.to(mm).transpose(1, 2), v.to(mm)
+            per = max(1, _STREAM_SCORE_BYTES // (4 * h * max(1, pos.numel())))
+            for r0 in range(0, rows, per):
+                r = slice(r0, min(rows, r0 + per))
+                sc = (qg[:, r] @ kt).float() * scaling  # [H, R, L]
+                ok = pos.view(1, -1) <= qpos[r].view(-1, 1)  # [R, L]
+                if token_mask is not None:
+                    ok = ok & token_mask[:, pos].repeat(g, 1)[r]
+                sc = sc.masked_fill(~ok, float("-inf"))
+                m_old = m_run[:, r]
+                m_new = torch.maximum(m_old, sc.amax(-1, keepdim=True))
+                safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+                p = torch.exp(sc - safe)
+                corr = torch.exp(m_old - safe)
+                l_run[:, r] = l_run[:, r] * corr + p.sum(-1, keepdim=True)
+                o_run[:, r] = o_run[:, r] * corr + (p.to(mm) @ vm).float()
+                m_run[:, r] = m_new
 
         for lo in range(0, nb, step):
             blocks = list(range(lo, min(nb, lo + step)))
