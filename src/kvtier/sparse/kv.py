@@ -49,7 +49,7 @@ from kvtier.sparse.policies import make_policy, scores, sticky_topk
 from kvtier.sparse.prefetch import Prefetcher
 from kvtier.sparse.staging import HostStaging
 from kvtier.sparse.summary import BlockSummaries, Summarizer, SummaryTable
-from kvtier.sparse.working_set import EMPTY, WorkingSet
+from kvtier.sparse.working_set import EMPTY, WorkingSet, host_indices_to
 from kvtier.sparse.writer import BackgroundWriter
 from kvtier.store.tiered import SaveBatch, TieredStore
 from kvtier.store.transfer import TransferHandle
@@ -375,8 +375,7 @@ class SparseKV:
             fresh = blocks >= first
             if fresh.any():
                 # one gather of the span's blocks for every (head, block) pair, on the device
-                th = torch.from_numpy(heads[fresh]).to(sk.device)
-                tb = torch.from_numpy(blocks[fresh] - first).to(sk.device)
+                th, tb = host_indices_to(sk.device, heads[fresh], blocks[fresh] - first)
                 ws.write_slots(heads[fresh], slots[fresh], sk.unflatten(1, (-1, bt))[th, tb],
                                sv.unflatten(1, (-1, bt))[th, tb])
             heads, blocks, slots = heads[~fresh], blocks[~fresh], slots[~fresh]
@@ -406,7 +405,7 @@ class SparseKV:
         row = got.lookup(heads, blocks, 1 << 32)
         hit = row >= 0
         if hit.any():
-            idx = torch.from_numpy(row[hit]).to(got.rows.device)
+            (idx,) = host_indices_to(got.rows.device, row[hit])
             self.working[layer].write_slots(heads[hit], slots[hit], got.rows[idx, 0], got.rows[idx, 1])
             self._prefetch.used_slices += int(hit.sum())
         return heads[~hit], blocks[~hit], slots[~hit]
