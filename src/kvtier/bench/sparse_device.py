@@ -360,6 +360,8 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
                 store, cache = _sparse_cache(model, plan, budget, batch, ctx)
             try:
                 logits = _prefill(model, ids, cache, ctx)
+                if store is not None:
+                    cache.release_prefill()  # the context prefill kept gathered: not decode's, freed before the cap
                 torch.cuda.empty_cache()
                 _cap_memory(cap_fraction, device)
                 times = _decode(model, cache, logits, plan.steps, 0.0, device)
