@@ -193,10 +193,12 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
         cache.release_prefill()  # the context prefill kept gathered is not decode's: freed before its peak
         _sync(device)
         first_fill = [0]
+        first_fill_s = [0.0]
 
         def after(i: int) -> None:  # the first step fills the whole working set: churn counts the rest
             if i == 0:
                 first_fill[0] = sum(ws.fetched_slices for seq in cache.sequences for ws in seq.working)
+                first_fill_s[0] = sum(seq.fetch_seconds for seq in cache.sequences)
 
         sparse_times, sparse_peak = _peak_during(device, lambda: _decode(model, cache, logits, plan.steps, drift,
                                                                         device, after))
@@ -209,7 +211,9 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
         prefetch = {"prefetch_blocks": plan.prefetch,
                     "prefetched_slices": pf.prefetched_slices if pf is not None else 0,
                     "prefetch_used_slices": pf.used_slices if pf is not None else 0,
-                    "fetched_slices": slices}
+                    "fetched_slices": slices,
+                    # host wall time of the working sets' fills (store gather + copy to the device), per step
+                    "fill_ms_per_step": 1e3 * (seq.fetch_seconds - first_fill_s[0]) / max(1, plan.steps - 1)}
         cache.close()
     finally:
         store.close()
