@@ -99,3 +99,22 @@ def test_write_rows_equals_writing_each_section() -> None:
         with pytest.raises(ValueError, match="outside"):
             store.begin_save([b"\x55" * 16], b"\0" * 16, 0).write_rows(5, 2, np.zeros((1, 2 * 128), np.uint8))
         store.close()
+
+
+def test_a_large_gather_verifies_on_several_threads_and_still_catches_corruption(monkeypatch) -> None:
+    from kvtier.store import tiered
+
+    monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)  # every gather verifies on threads
+    store, keys, payload = saved_store(8)
+    assert store.memory is not None
+    slot = store.memory.slot_of(keys[6])
+    assert slot is not None
+    store.memory.layer_view(slot, 2)[5] ^= 0x01
+    out = np.zeros((8, store.layer_bytes), dtype=np.uint8)
+    res = store.gather_here(keys, [2] * 8, 1, out)
+    assert res.failed == (6,)  # no disk to reload it from: reported, never served
+    for i in range(8):
+        if i != 6:
+            assert np.array_equal(out[i], payload[i, 2])
+    assert store._verify_pool is not None
+    store.close()

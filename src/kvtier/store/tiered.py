@@ -42,6 +42,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,7 @@ class TieredStore:
         self.write_wait_s = 10.0  # longest allocate_memory waits for the writer to free a DRAM slot
         self._closed = False
         self._pool_watchers = PoolWatchers()
+        self._verify_pool: ThreadPoolExecutor | None = None  # gather_here's parallel checksums
         self._pool_rows: Any = None  # gather_here's torch view of the DRAM pool, [sections of every slot, layer_bytes]
 
     def _report_capacity(self) -> None:
@@ -323,19 +325,22 @@ class TieredStore:
                 dest[torch.tensor(hit)] = torch.index_select(pool_rows, 0, idx).view(len(hit), -1)
             bad: set[int] = set()
             if mem.config.verify_reads:
-                sections = out.reshape(len(keys), span, lb)
                 sums: dict[bytes, tuple[int, ...]] = {}
                 for i in hit:
-                    key = keys[i]
-                    if key not in sums:
-                        meta = mem.meta(key)
-                        sums[key] = meta.checksums if meta is not None else ()
-                    want = sums[key]
-                    s0 = int(secs[i])
-                    for j in range(span):
-                        if not want or checksum(sections[i, j]) != want[s0 + j]:
-                            bad.add(i)
-                            break
+                    if keys[i] not in sums:
+                        meta = mem.meta(keys[i])
+                        sums[keys[i]] = meta.checksums if meta is not None else ()
+                sections = out.reshape(len(keys), span, lb)
+                work = [(sections[i], sums[keys[i]], int(secs[i]), i) for i in hit]
+                parts = _VERIFY_THREADS if len(work) * span * lb >= _VERIFY_PARALLEL_BYTES else 1
+                if parts > 1:  # xxh3 releases the GIL: a large gather's checksums run on several cores
+                    if self._verify_pool is None:
+                        self._verify_pool = ThreadPoolExecutor(parts, thread_name_prefix="kvtier-verify")
+                    step = -(-len(work) // parts)
+                    for found in self._verify_pool.map(_failed_rows, [work[p : p + step] for p in range(0, len(work), step)]):
+                        bad.update(found)
+                else:
+                    bad.update(_failed_rows(work))
             mem.metrics.inc(m.HITS, len(hit) - len(bad), tier=mem.name)
             mem.metrics.inc(m.BYTES_READ, (len(hit) - len(bad)) * span * lb, tier=mem.name)
         finally:
@@ -899,6 +904,8 @@ class TieredStore:
         if self._lower_writer is not None:
             self._lower_writer.shutdown()
         self._io.shutdown()
+        if self._verify_pool is not None:
+            self._verify_pool.shutdown()
         for tier in self.tiers + self.lower_tiers:
             tier.close()
 
@@ -911,6 +918,21 @@ class TieredStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError("the store is closed")
+
+
+# gather_here verifies a batch of at least this many bytes on _VERIFY_THREADS threads
+_VERIFY_PARALLEL_BYTES = 4 << 20
+_VERIFY_THREADS = 4
+
+
+def _failed_rows(work: Sequence[tuple[np.ndarray, tuple[int, ...], int, int]]) -> list[int]:
+    """Of (sections [span, layer_bytes], the chunk's checksums, first section, row), the rows whose
+    sections do not match their checksums (or whose chunk had none)."""
+    bad = []
+    for sections, want, s0, row in work:
+        if not want or any(checksum(sections[j]) != want[s0 + j] for j in range(len(sections))):
+            bad.append(row)
+    return bad
 
 
 def _check_keys(keys: Sequence[bytes], name: str = "keys") -> Sequence[bytes]:
