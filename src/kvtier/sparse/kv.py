@@ -176,6 +176,7 @@ class SparseKV:
         # attend_dense, so the next chunk reads only the blocks completed since (dropped at decode)
         self._gathered: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._gather_buf: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # what _gathered's views are of
+        self._gather_parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prefill blocks not yet in it
 
     # -- writing -------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -240,13 +241,21 @@ class SparseKV:
         piece, so the next chunk's attend_dense reads nothing back from the store and never waits for
         the background writer (on the H200 that read-back and wait made a 32k prefill 5.45x dense).
         A context past the piece, a released prefill (decode), or a gap leaves the gathered as it is."""
+        bt = self.config.block_tokens
         have = self._gathered.get(layer)
-        n = have[0] if have is not None else 0
-        m = k.shape[1] // self.config.block_tokens
+        parts = self._gather_parts.get(layer, [])
+        n = (have[0] if have is not None else 0) + sum(pk.shape[1] for pk, _ in parts) // bt
+        m = k.shape[1] // bt
         if n != first or first + m > self._gather_blocks(layer):
             return
+        self._gather_parts[layer] = [*parts, (k, v)]  # referenced, not copied: gathered by the next attend_dense, if any comes
+
+    def _gather_pending(self, layer: int) -> None:
+        """Copy the blocks `_extend_gathered` kept for `layer` into its gathered context."""
+        parts = self._gather_parts.pop(layer, [])
         dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        self._gather_append(layer, k.to(dtype), v.to(dtype))
+        for k, v in parts:
+            self._gather_append(layer, k.to(dtype), v.to(dtype))
 
     def _gather_append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append whole blocks k, v [H, n, d] (in the gathered dtype, on the device) to `layer`'s gathered
@@ -544,7 +553,7 @@ class SparseKV:
         `token_mask` [nq, T] (True = may attend) carries padding; causality is applied here.
         """
         ws = self.working[layer]
-        if self._gathered:
+        if self._gathered or self._gather_parts:
             self.release_prefill()  # prefill is over: decode holds only working sets, summaries, staging
         hq, nq, d = q.shape
         h = self.layout.num_kv_heads
@@ -603,6 +612,7 @@ class SparseKV:
             return self._attend_gathered(layer, q, scaling, token_mask, qpos)
         self._gathered.pop(layer, None)
         self._gather_buf.pop(layer, None)
+        self._gather_parts.pop(layer, None)
         # matmuls in float32 on the CPU (the measured results), in the KV's dtype with float32 softmax
         # state on an accelerator (as its fused sdpa computes); scores are made for at most
         # _STREAM_SCORE_BYTES of query rows at a time, so a long chunk never materializes [H, rows, piece]
@@ -653,6 +663,7 @@ class SparseKV:
         t = self.num_tokens[layer]
         nb = t // self.config.block_tokens
         dtype = torch.float32 if q.device.type == "cpu" else ws.k.dtype
+        self._gather_pending(layer)
         have = self._gathered[layer][0] if layer in self._gathered else 0
         if nb > have:  # only the blocks completed since the last chunk (mostly still on the device, in _span)
             k, v = self._fetch(layer, list(range(have, nb)))  # [n, H, B, d]
@@ -682,6 +693,7 @@ class SparseKV:
         chunked prefill reads the context back from the store."""
         self._gathered.clear()
         self._gather_buf.clear()
+        self._gather_parts.clear()
 
     def device_tensors(self) -> dict[str, list[torch.Tensor]]:
         """The tensors this request holds on its device (or host, for a CPU request), by kind: what
@@ -689,7 +701,8 @@ class SparseKV:
         return {
             "working_sets": [t for ws in self.working for t in (ws.k, ws.v)],
             "summaries": [t for table in self.tables for t in table.tensors()],
-            "prefill_gathered": [t for pair in self._gather_buf.values() for t in pair],
+            "prefill_gathered": [t for pair in self._gather_buf.values() for t in pair]
+            + [t for parts in self._gather_parts.values() for pair in parts for t in pair],
             "span": [t for _, sk, sv in self._span.values() for t in (sk, sv)],
         }
 

@@ -290,7 +290,7 @@ class TieredStore:
 
     def pool_rows(self) -> Any:
         """The DRAM pool as a torch uint8 tensor [slots x sections, layer_bytes] (row slot * sections +
-        section), sharing its memory: for batched copies in and out (gather_here, SaveBatch.write_rows)."""
+        section), sharing its memory: gather_here's batched copies out of it."""
         if self._pool_rows is None:
             import torch
 
@@ -1002,9 +1002,9 @@ class SaveBatch:
 
     def write_rows(self, first: int, span: int, data: np.ndarray) -> None:
         """`write_layer` of sections first .. first + span - 1 of every chunk at once: data[i] ([n chunks,
-        span * layer_bytes] uint8, C-contiguous) holds chunk i's, in section order. The chunks with a DRAM
-        slot are filled by one batched index_copy into the pool (a save of many small sections, e.g.
-        sparse prefill's per-(layer, KV head) ones, costs a copy per section in Python otherwise)."""
+        span * layer_bytes] uint8, C-contiguous) holds chunk i's, in section order. A chunk with a DRAM
+        slot takes one copy into the pool (a save of many small sections, e.g. sparse prefill's per-(layer,
+        KV head) ones, costs a call and a copy per section otherwise)."""
         if self._done:
             raise ValueError("write to a save batch that was committed or aborted")
         lb, num_layers = self.store.layer_bytes, self.store.layout.num_layers
@@ -1014,16 +1014,18 @@ class SaveBatch:
         if data.dtype != np.uint8 or data.shape != (n, span * lb) or not data.flags.c_contiguous:
             raise ValueError(f"data must be a C-contiguous uint8 array of shape {(n, span * lb)}, "
                              f"got {data.dtype} {data.shape}")
-        import torch
-
-        held = [i for i, res in enumerate(self.reservations) if res is not None]
-        if held:
-            slots = np.array([self.reservations[i].slot for i in held], dtype=np.int64)  # type: ignore[union-attr]
-            idx = torch.from_numpy((slots[:, None] * num_layers + first + np.arange(span)).reshape(-1))
-            src = torch.from_numpy(data if len(held) == n else data[held]).view(-1, lb)
-            self.store.pool_rows().index_copy_(0, idx, src)
-            for i in held:
-                self.reservations[i].filled.update(range(first, first + span))  # type: ignore[union-attr]
+        mem = self.store.memory
+        if mem is not None:
+            # one memmove per chunk (its sections are one run in the slot): single-threaded on purpose, as
+            # a background save must not take the cores of the forward it runs beside (a multi-threaded
+            # torch copy here made a CPU prefill slower)
+            pool = mem.pool_region().address
+            src = data.ctypes.data
+            run = span * lb
+            for i, res in enumerate(self.reservations):
+                if res is not None:
+                    ctypes.memmove(pool + (res.slot * num_layers + first) * lb, src + i * run, run)
+                    res.filled.update(range(first, first + span))
         for i, res in enumerate(self.reservations):
             if res is None:
                 for j in range(span):
