@@ -322,7 +322,8 @@ class SparseKV:
             h = self.layout.num_kv_heads
             # block-major on the device ([m, H, plane, B*d]: a layer's (head, plane) sections are consecutive
             # in a chunk), one device -> host copy, then one batched write of the m blocks' 2H sections each
-            rows = torch.stack((k, v), 1).unflatten(2, (span.m, -1)).permute(2, 0, 1, 3, 4).contiguous()
+            rows = torch.stack((k.unflatten(1, (span.m, -1)).transpose(0, 1),
+                                v.unflatten(1, (span.m, -1)).transpose(0, 1)), 2)  # one copy, already block-major
             if rows.is_cuda:  # into page-locked memory: a pageable device->host copy runs at a fraction of the bus
                 pinned = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
                 pinned.copy_(rows)
