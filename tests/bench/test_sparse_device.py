@@ -86,7 +86,15 @@ def test_the_cuda_only_rows_run_with_cuda_memory_calls_mocked(monkeypatch) -> No
 
     caps: list[float] = []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: caps.append(f))
+
+    def set_fraction(f: float, device: object = None) -> None:
+        # as torch does on a GPU: a torch.device("cuda") without an index is refused (the H200 run's crash)
+        if not isinstance(device, int):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        caps.append(f)
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     register()
     device = torch.device("cpu")

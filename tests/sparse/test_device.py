@@ -94,12 +94,19 @@ def test_host_staging_reuses_its_buffer_and_copies_to_the_device() -> None:
     assert st.rows(10).shape == (10, 2, 16)
 
 
-@pytest.mark.parametrize("stream_tokens", [8, 65536])
-def test_chunked_prefill_attention_gathered_or_streamed_is_exact(stream_tokens: int) -> None:
+@pytest.mark.parametrize("stream_tokens,score_bytes", [(8, None), (8, 600), (65536, None)])
+def test_chunked_prefill_attention_gathered_or_streamed_is_exact(stream_tokens: int, score_bytes: int | None,
+                                                                 monkeypatch) -> None:
     """attend_dense: one fused sdpa over the gathered context (default) or online softmax over pieces
-    of `dense_stream_tokens` (8: a piece of 2 blocks, fewer than the 3 slots, so pieces of 3 blocks)
-    both equal causal sdpa over the whole context, GQA and a padding mask included."""
+    of `dense_stream_tokens` (8: a piece of 2 blocks, fewer than the 3 slots, so pieces of 3 blocks;
+    score_bytes 600: a few query rows at a time, as a long chunk on a GPU) all equal causal sdpa over
+    the whole context, GQA and a padding mask included."""
     import torch.nn.functional as F
+
+    from kvtier.sparse import kv as kv_module
+
+    if score_bytes is not None:
+        monkeypatch.setattr(kv_module, "_STREAM_SCORE_BYTES", score_bytes)
 
     store = make_store()
     kv = SparseKV(store, config("quest", budget=16, dense_stream_tokens=stream_tokens), LAYOUT, salt=b"p")
@@ -146,4 +153,51 @@ def test_chunked_prefill_reuses_the_gathered_blocks_and_stays_exact() -> None:
                 assert kv.fetched_bytes - before <= 4 * 2 * H * store.layer_bytes
     kv.attend(0, torch.randn(2 * H, 1, D), D**-0.5)
     assert 0 not in kv._gathered  # decode frees it
+    store.close()
+
+
+def test_the_context_prefill_gathered_is_released_when_decoding_starts() -> None:
+    """Regression (H200 run: sparse_kv_gpu_bytes above dense's): a chunked prefill keeps the context
+    gathered on the device for its next chunk; decode must hold only working sets and summaries."""
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=16), LAYOUT, salt=b"r")
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(L, H, 60, D, generator=g), torch.randn(L, H, 60, D, generator=g)
+    for lo, hi in ((0, 30), (30, 60)):
+        for layer in range(L):
+            kv.append(layer, k[layer, :, lo:hi], v[layer, :, lo:hi])
+            if lo:
+                kv.attend_dense(layer, torch.randn(2 * H, hi - lo, D, generator=g), D**-0.5)
+    kv.flush()
+    held = kv.device_bytes()
+    assert held["prefill_gathered"] >= L * 2 * H * 60 * D * 4  # all 15 blocks of every layer, K and V
+    kv.attend(0, torch.randn(2 * H, 1, D, generator=g), D**-0.5)  # the first decode step frees every layer's
+    held = kv.device_bytes()
+    assert held["prefill_gathered"] == 0 and held["span"] == 0
+    assert held["working_sets"] == sum(ws.nbytes for ws in kv.working)
+    assert sum(held.values()) == kv.fast_tier_bytes()
+    kv.close()
+    store.close()
+
+
+def test_release_prefill_frees_the_gathered_context_and_a_later_chunk_stays_exact() -> None:
+    import torch.nn.functional as F
+
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=16), LAYOUT, salt=b"p")
+    g = torch.Generator().manual_seed(6)
+    k, v = torch.randn(L, H, 40, D, generator=g), torch.randn(L, H, 40, D, generator=g)
+    for lo, hi in ((0, 16), (16, 28), (28, 40)):
+        for layer in range(L):
+            kv.append(layer, k[layer, :, lo:hi], v[layer, :, lo:hi])
+            if lo:
+                q = torch.randn(2 * H, hi - lo, D, generator=g)
+                causal = torch.arange(hi).view(1, -1) <= torch.arange(lo, hi).view(-1, 1)
+                ref = F.scaled_dot_product_attention(
+                    q.unsqueeze(0), k[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0),
+                    v[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0), attn_mask=causal, scale=D**-0.5)[0]
+                assert torch.allclose(kv.attend_dense(layer, q, D**-0.5), ref, atol=1e-5)
+        kv.release_prefill()
+        assert kv.device_bytes()["prefill_gathered"] == 0
+    kv.close()
     store.close()

@@ -31,6 +31,8 @@ def test_each_layer_reads_its_new_slices_in_one_store_call(stage: bool) -> None:
     calls: list[int] = []
     real_each = store.load_here_each
     store.load_here_each = lambda keys, dests, sections: (calls.append(len(keys)), real_each(keys, dests, sections))[1]
+    real_gather = store.gather_here  # staged fills read all their slices with one gather
+    store.gather_here = lambda keys, secs, span, out: (calls.append(len(keys)), real_gather(keys, secs, span, out))[1]
     store.load_here = lambda *a, **kw: pytest.fail("decode read the store per head")  # type: ignore[method-assign]
     g = torch.Generator().manual_seed(3)
     for _ in range(6):
@@ -184,3 +186,32 @@ def test_a_wrong_prefetch_never_changes_the_output(wrong: str) -> None:
     out, kv = _decode(4, guess)
     assert torch.equal(out, plain)
     assert kv._prefetch is not None and kv._prefetch.prefetched_slices > 0 or wrong == "missing_block"
+
+
+def test_a_chunked_prefill_reads_nothing_back_and_never_waits_for_the_writer() -> None:
+    """Regression (H200: prefill through the sparse cache 5.45x dense at 32k): the second chunk's
+    attention re-read the first chunk from the store, after waiting for its background writes. The
+    prefill's completed blocks stay gathered on the device instead; outputs are unchanged."""
+    import torch.nn.functional as F
+
+    store = make_store()
+    kv = SparseKV(store, config("quest", budget=16), LAYOUT, salt=b"g")
+    k, v = random_kv(40, seed=4)
+    assert kv._writer is not None
+    kv._writer.drain = lambda: pytest.fail("prefill waited for the background writer")  # type: ignore[method-assign]
+    store.load_here = lambda *a, **kw: pytest.fail("prefill read the context back")  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(1)
+    for lo, hi in ((0, 17), (17, 30), (30, 40)):
+        for layer in range(L):
+            kv.append(layer, k[layer, :, lo:hi], v[layer, :, lo:hi])
+            if lo:
+                q = torch.randn(2 * H, hi - lo, D, generator=g)
+                causal = torch.arange(hi).view(1, -1) <= torch.arange(lo, hi).view(-1, 1)
+                ref = F.scaled_dot_product_attention(
+                    q.unsqueeze(0), k[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0),
+                    v[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0), attn_mask=causal, scale=D**-0.5)[0]
+                assert torch.allclose(kv.attend_dense(layer, q, D**-0.5), ref, atol=1e-5)
+    assert kv.fetched_bytes == 0
+    del kv._writer.drain
+    kv.close()
+    store.close()

@@ -49,6 +49,13 @@ def parse_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _cap_memory(fraction: float, device: torch.device) -> None:
+    """torch.cuda.set_per_process_memory_fraction with an explicit device index: it refuses a
+    torch.device("cuda") without one (ValueError on the H200 run)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -82,11 +89,16 @@ class Plan:
         return max(int(context * fraction) // self.block * self.block, floor)
 
 
-def _sparse_cache(model, plan: Plan, budget: int, batch: int, context: int, hold_prefill: bool = True):
+def _sparse_cache(model, plan: Plan, budget: int, batch: int, context: int, hold_prefill: bool = True,
+                  prefault: bool = False):
     """A DRAM store for `batch` sequences of `context` tokens and a KVTierSparseCache over it.
 
+    prefault: touch every page of the store's DRAM pool now (a fresh pool's pages are faulted in by
+    the first writes, which a long-running store pays once at start; prefill_row times a fresh store
+    per repeat, so without this it would time the kernel's page faults).
+
     hold_prefill: a chunked prefill keeps the context it gathered on the device, as a dense prefill
-    keeps its KV (sparse.dense_stream_tokens = the context); False keeps SparseConfig's default, so
+    keeps its KV (sparse.dense_stream_tokens = the context); False sets it to one prefill chunk, so
     longer contexts are streamed back from the store chunk by chunk (max_context: sparse must fit
     where dense does not)."""
     from kvtier.connectors.transformers.sparse import KVTierSparseCache, model_kv_layout
@@ -100,7 +112,13 @@ def _sparse_cache(model, plan: Plan, budget: int, batch: int, context: int, hold
     store = TieredStore(StoreConfig(chunk_tokens=plan.block,
                                     memory=MemoryTierConfig(capacity_bytes=int(kv_bytes * 1.1) + (64 << 20))),
                         sparse_store_layout(layout))
-    stream = {"dense_stream_tokens": context + plan.chunk} if hold_prefill else {}
+    if prefault and store.memory is not None:
+        import ctypes
+
+        region = store.memory.pool_region()
+        ctypes.memset(region.address, 0, region.nbytes)
+    # not holding: only a chunk's worth is gathered; longer contexts stream back from the store
+    stream = {"dense_stream_tokens": context + plan.chunk if hold_prefill else plan.chunk}
     cfg = SparseConfig(policy="quest", budget_tokens=budget, block_tokens=plan.block, sink_tokens=plan.sinks,
                        window_tokens=plan.window, prefetch_blocks=plan.prefetch, **stream)
     return store, KVTierSparseCache(store, cfg, model_config=model.config)
@@ -172,11 +190,15 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
     try:
         logits = _prefill(model, ids, cache, plan.chunk)
         cache.flush()
+        cache.release_prefill()  # the context prefill kept gathered is not decode's: freed before its peak
+        _sync(device)
         first_fill = [0]
+        first_fill_s = [0.0]
 
         def after(i: int) -> None:  # the first step fills the whole working set: churn counts the rest
             if i == 0:
                 first_fill[0] = sum(ws.fetched_slices for seq in cache.sequences for ws in seq.working)
+                first_fill_s[0] = sum(seq.fetch_seconds for seq in cache.sequences)
 
         sparse_times, sparse_peak = _peak_during(device, lambda: _decode(model, cache, logits, plan.steps, drift,
                                                                         device, after))
@@ -184,11 +206,14 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
         slices = sum(ws.fetched_slices for ws in seq.working) - first_fill[0]
         picks = seq.config.retrieval_slots * seq.layout.num_kv_heads * seq.layout.num_layers
         fast_bytes = cache.fast_tier_bytes()
+        held = seq.device_bytes()  # what the cache holds on the device after decode, by kind
         pf = seq._prefetch
         prefetch = {"prefetch_blocks": plan.prefetch,
                     "prefetched_slices": pf.prefetched_slices if pf is not None else 0,
                     "prefetch_used_slices": pf.used_slices if pf is not None else 0,
-                    "fetched_slices": slices}
+                    "fetched_slices": slices,
+                    # host wall time of the working sets' fills (store gather + copy to the device), per step
+                    "fill_ms_per_step": 1e3 * (seq.fetch_seconds - first_fill_s[0]) / max(1, plan.steps - 1)}
         cache.close()
     finally:
         store.close()
@@ -200,7 +225,7 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
             "sparse_token_ms": 1e3 * statistics.median(sparse_times[1:]),
             "dense_kv_gpu_bytes": None if dense_peak is None or weights_bytes is None else dense_peak - weights_bytes,
             "sparse_kv_gpu_bytes": None if sparse_peak is None or weights_bytes is None else sparse_peak - weights_bytes,
-            "sparse_fast_tier_bytes": fast_bytes, "steps": plan.steps, **prefetch}
+            "sparse_fast_tier_bytes": fast_bytes, "sparse_held_bytes": held, "steps": plan.steps, **prefetch}
 
 
 def prefill_row(model, plan: Plan, device: torch.device, context: int, repeats: int = 3) -> dict[str, Any]:
@@ -223,7 +248,7 @@ def prefill_row(model, plan: Plan, device: torch.device, context: int, repeats: 
 
     def sparse(n: int) -> float:
         model.set_attn_implementation(ATTN_NAME)
-        store, cache = _sparse_cache(model, plan, plan.budget(n), 1, n)
+        store, cache = _sparse_cache(model, plan, plan.budget(n), 1, n, prefault=True)
         try:
             _sync(device)
             t = time.perf_counter()
@@ -243,7 +268,7 @@ def prefill_row(model, plan: Plan, device: torch.device, context: int, repeats: 
         d.append(dense(context))
         s.append(sparse(context))
     return {"context_tokens": context, "dense_s": statistics.median(d), "sparse_s": statistics.median(s),
-            "chunk_tokens": plan.chunk, "repeats": repeats}
+            "chunk_tokens": plan.chunk, "repeats": repeats, "store_pool_prefaulted": True}
 
 
 def _runs(fn: Callable[[], Any]) -> bool:
@@ -272,7 +297,7 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
     # weights + the cap's KV + activations of a prefill chunk (a generous fixed allowance)
     cap = weights_bytes + cap_context * per_token + (4 << 30)
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    _cap_memory(min(1.0, cap / total), device)
     contexts = [cap_context * m for m in ((1, 2) if quick else (1, 2, 4))]
     dense_max, sparse_done = 0, 0
     try:
@@ -297,7 +322,7 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
             if _runs(sparse):
                 sparse_done = ctx
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        _cap_memory(1.0, device)
         model.set_attn_implementation("sdpa")
     return {"gpu_memory_cap_bytes": int(cap), "dense_max_tokens": dense_max, "sparse_completed_tokens": sparse_done,
             "contexts_tried": contexts}
@@ -339,8 +364,10 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
                 store, cache = _sparse_cache(model, plan, budget, batch, ctx)
             try:
                 logits = _prefill(model, ids, cache, ctx)
+                if store is not None:
+                    cache.release_prefill()  # the context prefill kept gathered: not decode's, freed before the cap
                 torch.cuda.empty_cache()
-                torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
+                _cap_memory(cap_fraction, device)
                 times = _decode(model, cache, logits, plan.steps, 0.0, device)
                 out[f"{name}_batch"] = batch
                 out[f"{name}_tokens_per_s"] = batch / statistics.median(times[1:])
@@ -349,13 +376,13 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
                 out[f"{name}_tokens_per_s"] = 0.0
                 out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             finally:
-                torch.cuda.set_per_process_memory_fraction(1.0, device)
+                _cap_memory(1.0, device)
                 if store is not None:
                     store.close()
                 del cache
                 torch.cuda.empty_cache()
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        _cap_memory(1.0, device)
         model.set_attn_implementation("sdpa")
     return out
 

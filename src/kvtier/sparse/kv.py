@@ -49,7 +49,7 @@ from kvtier.sparse.policies import make_policy, scores, sticky_topk
 from kvtier.sparse.prefetch import Prefetcher
 from kvtier.sparse.staging import HostStaging
 from kvtier.sparse.summary import BlockSummaries, Summarizer, SummaryTable
-from kvtier.sparse.working_set import EMPTY, WorkingSet
+from kvtier.sparse.working_set import EMPTY, WorkingSet, host_indices_to
 from kvtier.sparse.writer import BackgroundWriter
 from kvtier.store.tiered import SaveBatch, TieredStore
 from kvtier.store.transfer import TransferHandle
@@ -91,6 +91,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         s = torch.where(mask, s, float("-inf"))  # one op; masked_fill(~mask) is two and ~2x slower here
     return torch.softmax(s, dim=-1) @ v
 
+
+# streamed chunked-prefill attention scores at most this many bytes of float32 scores at once
+_STREAM_SCORE_BYTES = 256 << 20
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -160,7 +163,7 @@ class SparseKV:
         self._steps = [0] * n_layers
         self._picks: list[torch.Tensor | None] = [None] * n_layers
         # decode prefetch (sparse.prefetch_blocks): the runners-up of each layer's last selection
-        self._prefetch = Prefetcher(self.device, self._store_read, store.layer_bytes) if config.prefetch_blocks else None
+        self._prefetch = Prefetcher(self.device, self._store_gather, store.layer_bytes) if config.prefetch_blocks else None
         self._runners: torch.Tensor | None = None  # set by _select, passed to ensure by attend
         self.fetched_bytes = 0  # KV bytes read from the store (decode's slices and streamed blocks)
         self.fetch_seconds = 0.0  # wall time of decode's store reads (`_fill`), for the bench's breakdown
@@ -172,6 +175,8 @@ class SparseKV:
         # chunked prefill: layer -> (blocks, K, V [H, blocks * B, d]) gathered on the device by the last
         # attend_dense, so the next chunk reads only the blocks completed since (dropped at decode)
         self._gathered: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._gather_buf: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # what _gathered's views are of
+        self._gather_parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prefill blocks not yet in it
 
     # -- writing -------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -212,6 +217,7 @@ class SparseKV:
         summaries = self.summarizer.compute(k, bt)
         self.tables[layer].append(summaries)
         self._save_layer(layer, first, m, k, v, summaries)
+        self._extend_gathered(layer, first, k, v)
         ws = self.working[layer]
         nb = first + m
         if self.policy.dense:
@@ -228,6 +234,54 @@ class SparseKV:
             block = first + i
             if self.policy.dense or block < sinks or block >= win_lo:
                 ws.insert(block, hk[:, i], hv[:, i], protected)
+
+    def _extend_gathered(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """While a prefill appends the context from its start: keep its completed blocks gathered on
+        the device (as `_attend_gathered` would gather them) while the context fits one gathered
+        piece, so the next chunk's attend_dense reads nothing back from the store and never waits for
+        the background writer (on the H200 that read-back and wait made a 32k prefill 5.45x dense).
+        A context past the piece, a released prefill (decode), or a gap leaves the gathered as it is."""
+        bt = self.config.block_tokens
+        have = self._gathered.get(layer)
+        parts = self._gather_parts.get(layer, [])
+        n = (have[0] if have is not None else 0) + sum(pk.shape[1] for pk, _ in parts) // bt
+        m = k.shape[1] // bt
+        if n != first or first + m > self._gather_blocks(layer):
+            return
+        self._gather_parts[layer] = [*parts, (k, v)]  # referenced, not copied: gathered by the next attend_dense, if any comes
+
+    def _gather_pending(self, layer: int) -> None:
+        """Copy the blocks `_extend_gathered` kept for `layer` into its gathered context."""
+        parts = self._gather_parts.pop(layer, [])
+        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        for k, v in parts:
+            self._gather_append(layer, k.to(dtype), v.to(dtype))
+
+    def _gather_append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append whole blocks k, v [H, n, d] (in the gathered dtype, on the device) to `layer`'s gathered
+        context. They are written into a buffer grown by doubling (up to `_gather_blocks`), so a prefill
+        of c chunks copies its context a few times, not c times (a torch.cat per chunk did)."""
+        have = self._gathered.get(layer)
+        n0 = have[0] * self.config.block_tokens if have is not None else 0
+        need = n0 + k.shape[1]
+        buf = self._gather_buf.get(layer)
+        if buf is None or buf[0].shape[1] < need or buf[0].dtype != k.dtype or buf[0].device != k.device:
+            limit = self._gather_blocks(layer) * self.config.block_tokens
+            cap = max(need, min(limit, 2 * (buf[0].shape[1] if buf is not None else 0)))
+            h, _, d = k.shape
+            grown = (torch.empty(h, cap, d, dtype=k.dtype, device=k.device),
+                     torch.empty(h, cap, d, dtype=k.dtype, device=k.device))
+            if have is not None:
+                grown[0][:, :n0] = have[1]
+                grown[1][:, :n0] = have[2]
+            buf = self._gather_buf[layer] = grown
+        buf[0][:, n0:need] = k
+        buf[1][:, n0:need] = v
+        self._gathered[layer] = (need // self.config.block_tokens, buf[0][:, :need], buf[1][:, :need])
+
+    def _gather_blocks(self, layer: int) -> int:
+        """Most blocks attend_dense attends gathered at once (past it, it streams pieces)."""
+        return max(self.working[layer].slots, self.config.dense_stream_tokens // self.config.block_tokens, 1)
 
     def _save_layer(self, layer: int, first: int, m: int, k: torch.Tensor, v: torch.Tensor,
                     summaries: BlockSummaries) -> None:
@@ -266,12 +320,16 @@ class SparseKV:
             if span.batch is None:
                 span.batch = self.store.begin_save(span.keys, span.parent, span.first)
             h = self.layout.num_kv_heads
-            # one device -> host copy of the span's K and V (both planes at once), then byte views of it
-            host = torch.stack((k, v)).contiguous().view(torch.uint8).cpu().reshape(2, h, span.m, -1).numpy()
-            for plane in range(2):
-                raw = host[plane]  # [H, m, B*d*itemsize]
-                for head in range(h):
-                    span.batch.write_layer(self._section(layer, head, plane), list(raw[head]))
+            # block-major on the device ([m, H, plane, B*d]: a layer's (head, plane) sections are consecutive
+            # in a chunk), one device -> host copy, then one batched write of the m blocks' 2H sections each
+            rows = torch.stack((k.unflatten(1, (span.m, -1)).transpose(0, 1),
+                                v.unflatten(1, (span.m, -1)).transpose(0, 1)), 2)  # one copy, already block-major
+            if rows.is_cuda:  # into page-locked memory: a pageable device->host copy runs at a fraction of the bus
+                pinned = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+                pinned.copy_(rows)
+                rows = pinned
+            host = rows.view(torch.uint8).cpu().numpy().reshape(span.m, -1)
+            span.batch.write_rows(self._section(layer, 0, 0), 2 * h, host)
             for i, data in enumerate(self.summarizer.encode_all(summaries)):
                 span.extras[i].append((SECTION_SUMMARY, layer, data))
             if last:
@@ -331,8 +389,7 @@ class SparseKV:
             fresh = blocks >= first
             if fresh.any():
                 # one gather of the span's blocks for every (head, block) pair, on the device
-                th = torch.from_numpy(heads[fresh]).to(sk.device)
-                tb = torch.from_numpy(blocks[fresh] - first).to(sk.device)
+                th, tb = host_indices_to(sk.device, heads[fresh], blocks[fresh] - first)
                 ws.write_slots(heads[fresh], slots[fresh], sk.unflatten(1, (-1, bt))[th, tb],
                                sv.unflatten(1, (-1, bt))[th, tb])
             heads, blocks, slots = heads[~fresh], blocks[~fresh], slots[~fresh]
@@ -362,7 +419,7 @@ class SparseKV:
         row = got.lookup(heads, blocks, 1 << 32)
         hit = row >= 0
         if hit.any():
-            idx = torch.from_numpy(row[hit]).to(got.rows.device)
+            (idx,) = host_indices_to(got.rows.device, row[hit])
             self.working[layer].write_slots(heads[hit], slots[hit], got.rows[idx, 0], got.rows[idx, 1])
             self._prefetch.used_slices += int(hit.sum())
         return heads[~hit], blocks[~hit], slots[~hit]
@@ -375,7 +432,7 @@ class SparseKV:
         self.fetched_bytes += 2 * self._section_bytes * len(blocks)
 
     def _store_read(self, layer: int, heads: np.ndarray, blocks: np.ndarray, dests: list[list[np.ndarray]]) -> None:
-        """The store read of `_read_slices` alone (also the prefetcher's, on its worker thread)."""
+        """The store read of `_read_slices` alone, into separate K and V buffers per pair."""
         keys = self.block_keys
         bl = blocks.tolist()
         hs = heads.tolist()
@@ -383,9 +440,24 @@ class SparseKV:
         result = self.store.load_here_each([keys[b] for b in bl], dests,
                                            [((base + h) * 2, (base + h) * 2 + 1) for h in hs])
         if result.failed:
-            bad = sorted({hs[i] for i in result.failed})
-            raise self._missing(layer, f" head{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}",
-                                [bl[i] for i in result.failed])
+            self._raise_missing(layer, hs, bl, result.failed)
+
+    def _store_gather(self, layer: int, heads: np.ndarray, blocks: np.ndarray, out: np.ndarray) -> None:
+        """K and V of block blocks[i] of head heads[i] of `layer` into row i of out ([n, 2, section
+        bytes] uint8): one `gather_here` (a head's K and V are consecutive sections, one run of bytes
+        in the chunk), so hundreds of slices cost one batched copy, not a store call each. Also the
+        prefetcher's read, on its worker thread. BlockMissingError names what no tier held."""
+        keys = self.block_keys
+        bl = blocks.tolist()
+        sections = (layer * self.layout.num_kv_heads + heads) * 2
+        result = self.store.gather_here([keys[b] for b in bl], sections, 2, out.reshape(len(bl), -1))
+        if result.failed:
+            self._raise_missing(layer, heads.tolist(), bl, result.failed)
+
+    def _raise_missing(self, layer: int, hs: list[int], bl: list[int], failed: Sequence[int]) -> None:
+        bad = sorted({hs[i] for i in failed})
+        raise self._missing(layer, f" head{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}",
+                            [bl[i] for i in failed])
 
     def _fill_staged(self, layer: int, heads: np.ndarray, blocks: np.ndarray, slots: np.ndarray) -> None:
         """`_fill` for working sets off the host: every slice is read (verified) into row i of the
@@ -397,7 +469,9 @@ class SparseKV:
         arr = rows.numpy()
         t0 = time.perf_counter()
         try:
-            self._read_slices(layer, heads, blocks, [[arr[i, 0], arr[i, 1]] for i in range(len(heads))])
+            self._await_writes()
+            self._store_gather(layer, heads, blocks, arr)
+            self.fetched_bytes += 2 * self._section_bytes * len(blocks)
             on_device = self._fill_staging.to_device(rows).view(self.dtype).reshape(len(heads), 2, bt, d)
             ws.write_slots(heads, slots, on_device[:, 0], on_device[:, 1])
         finally:
@@ -480,7 +554,8 @@ class SparseKV:
         `token_mask` [nq, T] (True = may attend) carries padding; causality is applied here.
         """
         ws = self.working[layer]
-        self._gathered.pop(layer, None)  # prefill is over: free its gathered KV
+        if self._gathered or self._gather_parts:
+            self.release_prefill()  # prefill is over: decode holds only working sets, summaries, staging
         hq, nq, d = q.shape
         h = self.layout.num_kv_heads
         if hq % h:
@@ -533,29 +608,40 @@ class SparseKV:
         nb = t // bt
         dev = q.device
         qpos = torch.arange(t - nq, t, device=dev).repeat(g)  # row r of a head is query token r % nq
-        step = max(ws.slots, self.config.dense_stream_tokens // bt, 1)
+        step = self._gather_blocks(layer)
         if nb <= step:
             return self._attend_gathered(layer, q, scaling, token_mask, qpos)
         self._gathered.pop(layer, None)
-        qg = q.reshape(h, g * nq, d).float()
-        m_run = torch.full((h, g * nq, 1), float("-inf"), device=dev)
-        l_run = torch.zeros(h, g * nq, 1, device=dev)
-        o_run = torch.zeros(h, g * nq, d, device=dev)
+        self._gather_buf.pop(layer, None)
+        self._gather_parts.pop(layer, None)
+        # matmuls in float32 on the CPU (the measured results), in the KV's dtype with float32 softmax
+        # state on an accelerator (as its fused sdpa computes); scores are made for at most
+        # _STREAM_SCORE_BYTES of query rows at a time, so a long chunk never materializes [H, rows, piece]
+        mm = torch.float32 if dev.type == "cpu" else ws.k.dtype
+        rows = g * nq
+        qg = q.reshape(h, rows, d).to(mm)
+        m_run = torch.full((h, rows, 1), float("-inf"), device=dev)
+        l_run = torch.zeros(h, rows, 1, device=dev)
+        o_run = torch.zeros(h, rows, d, device=dev)
 
         def merge(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-            nonlocal m_run, l_run, o_run
-            s = (qg @ k.float().transpose(1, 2)) * scaling  # [H, G, L]
-            ok = pos.view(1, -1) <= qpos.view(-1, 1)  # [G, L]
-            if token_mask is not None:
-                ok = ok & token_mask[:, pos].repeat(g, 1)
-            s = s.masked_fill(~ok, float("-inf"))
-            m_new = torch.maximum(m_run, s.amax(-1, keepdim=True))
-            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - safe)
-            corr = torch.exp(m_run - safe)
-            l_run = l_run * corr + p.sum(-1, keepdim=True)
-            o_run = o_run * corr + p @ v.float()
-            m_run = m_new
+            kt, vm = k.to(mm).transpose(1, 2), v.to(mm)
+            per = max(1, _STREAM_SCORE_BYTES // (4 * h * max(1, pos.numel())))
+            for r0 in range(0, rows, per):
+                r = slice(r0, min(rows, r0 + per))
+                sc = (qg[:, r] @ kt).float() * scaling  # [H, R, L]
+                ok = pos.view(1, -1) <= qpos[r].view(-1, 1)  # [R, L]
+                if token_mask is not None:
+                    ok = ok & token_mask[:, pos].repeat(g, 1)[r]
+                sc = sc.masked_fill(~ok, float("-inf"))
+                m_old = m_run[:, r]
+                m_new = torch.maximum(m_old, sc.amax(-1, keepdim=True))
+                safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+                p = torch.exp(sc - safe)
+                corr = torch.exp(m_old - safe)
+                l_run[:, r] = l_run[:, r] * corr + p.sum(-1, keepdim=True)
+                o_run[:, r] = o_run[:, r] * corr + (p.to(mm) @ vm).float()
+                m_run[:, r] = m_new
 
         for lo in range(0, nb, step):
             blocks = list(range(lo, min(nb, lo + step)))
@@ -578,20 +664,16 @@ class SparseKV:
         t = self.num_tokens[layer]
         nb = t // self.config.block_tokens
         dtype = torch.float32 if q.device.type == "cpu" else ws.k.dtype
-        gk: torch.Tensor | None = None
-        gv: torch.Tensor | None = None
-        have = 0
-        if layer in self._gathered:
-            have, gk, gv = self._gathered[layer]
-        parts_k = [] if gk is None else [gk]
-        parts_v = [] if gv is None else [gv]
+        self._gather_pending(layer)
+        have = self._gathered[layer][0] if layer in self._gathered else 0
         if nb > have:  # only the blocks completed since the last chunk (mostly still on the device, in _span)
             k, v = self._fetch(layer, list(range(have, nb)))  # [n, H, B, d]
-            parts_k.append(k.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
-            parts_v.append(v.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
-        if parts_k:
-            gk, gv = (torch.cat(parts_k, 1), torch.cat(parts_v, 1)) if len(parts_k) > 1 else (parts_k[0], parts_v[0])
-            self._gathered[layer] = (nb, gk, gv)
+            self._gather_append(layer, k.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype),
+                                v.permute(1, 0, 2, 3).reshape(h, -1, d).to(q.device, dtype))
+        gk: torch.Tensor | None = None
+        gv: torch.Tensor | None = None
+        if layer in self._gathered:
+            _, gk, gv = self._gathered[layer]
         tk, tv = ws.tail()
         kk = torch.cat([gk, tk.to(dtype)], 1) if gk is not None else tk.to(dtype)
         vv = torch.cat([gv, tv.to(dtype)], 1) if gv is not None else tv.to(dtype)
@@ -604,6 +686,30 @@ class SparseKV:
         out = F.scaled_dot_product_attention(q.unsqueeze(0).to(dtype), kk.unsqueeze(0), vv.unsqueeze(0), attn_mask=ok,
                                              scale=scaling, enable_gqa=g > 1)
         return out[0].to(q.dtype)
+
+    def release_prefill(self) -> None:
+        """Free what a chunked prefill kept on the device for the next chunk: every layer's gathered
+        context (up to `dense_stream_tokens` of KV per layer, as much as a dense cache holds). Decode
+        drops it at its first step; a caller that measures decode memory releases it before. A later
+        chunked prefill reads the context back from the store."""
+        self._gathered.clear()
+        self._gather_buf.clear()
+        self._gather_parts.clear()
+
+    def device_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this request holds on its device (or host, for a CPU request), by kind: what
+        `device_bytes` counts, for accounting tests and the bench's breakdown."""
+        return {
+            "working_sets": [t for ws in self.working for t in (ws.k, ws.v)],
+            "summaries": [t for table in self.tables for t in table.tensors()],
+            "prefill_gathered": [t for pair in self._gather_buf.values() for t in pair]
+            + [t for parts in self._gather_parts.values() for pair in parts for t in pair],
+            "span": [t for _, sk, sv in self._span.values() for t in (sk, sv)],
+        }
+
+    def device_bytes(self) -> dict[str, int]:
+        """Bytes of `device_tensors` by kind."""
+        return {kind: sum(t.numel() * t.element_size() for t in ts) for kind, ts in self.device_tensors().items()}
 
     # -- accounting ----------------------------------------------------------------
     def fast_tier_bytes(self) -> int:

@@ -48,10 +48,11 @@ class Prefetched:
 
 class Prefetcher:
     def __init__(self, device: torch.device,
-                 read: Callable[[int, np.ndarray, np.ndarray, list[list[np.ndarray]]], None],
+                 read: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None],
                  row_bytes: int) -> None:
-        """`read(layer, heads, blocks, dests)` is SparseKV's verified batched store read (two
-        buffers, K and V, per pair); `row_bytes` the bytes of one head's K (or V) of a block."""
+        """`read(layer, heads, blocks, out)` is SparseKV's verified batched store read (row i of
+        out [n, 2, row_bytes] uint8 = K and V of pair i); `row_bytes` the bytes of one head's K (or V)
+        of a block."""
         self.device = device
         self._read = read
         self._row_bytes = row_bytes
@@ -78,7 +79,7 @@ class Prefetcher:
         host = torch.empty(n, 2, self._row_bytes, dtype=torch.uint8, pin_memory=self._cuda)
         arr = host.numpy()
         try:
-            self._read(layer, heads, blocks, [[arr[i, 0], arr[i, 1]] for i in range(n)])
+            self._read(layer, heads, blocks, arr)
         except Exception:  # a guess that cannot be read is dropped; the plan's own read reports it
             return None
         rows = host.view(dtype).view(n, 2, *row_shape)

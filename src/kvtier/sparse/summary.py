@@ -177,6 +177,10 @@ class SummaryTable:
         hi = self.num_blocks if hi is None else hi
         return self._data[field][:, lo:hi]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The buffers of every field (capacity, not just the rows in use)."""
+        return list(self._data.values())
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._data.values())

@@ -262,7 +262,18 @@ class WorkingSet:
     def write_slots(self, heads: np.ndarray, slots: np.ndarray, k: torch.Tensor, v: torch.Tensor) -> None:
         """K and V [n, B, d] of n (head, slot) pairs into the buffers in one indexed copy each (a
         `fill` whose bytes came through a staging buffer, e.g. host -> GPU)."""
-        th = torch.from_numpy(np.ascontiguousarray(heads)).to(self.device, non_blocking=True)
-        ts = torch.from_numpy(np.ascontiguousarray(slots)).to(self.device, non_blocking=True)
+        th, ts = host_indices_to(self.device, heads, slots)
         self.k[th, ts] = k.to(self.device, self.k.dtype, non_blocking=True)
         self.v[th, ts] = v.to(self.device, self.v.dtype, non_blocking=True)
+
+
+def host_indices_to(device: torch.device, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Host int arrays as int64 tensors on `device`, in one copy. On CUDA the copy is from page-locked
+    memory: a copy from pageable memory first waits for everything queued on the stream (a hidden
+    device sync per call, several per layer and decode step); pinned, it is queued like a kernel."""
+    n = len(arrays[0])
+    packed = torch.from_numpy(np.stack([np.asarray(a, dtype=np.int64) for a in arrays]))
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    on = packed.to(device, non_blocking=True)
+    return tuple(on[i, :n] for i in range(len(arrays)))

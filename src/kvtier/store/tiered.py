@@ -37,11 +37,13 @@ read bandwidth.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +134,8 @@ class TieredStore:
         self._closed = False
         self._pool_watchers = PoolWatchers()
         self._verify: TransferEngine | None = None  # verify_borrowed's threads, started on first use
+        self._verify_pool: ThreadPoolExecutor | None = None  # gather_here's parallel checksums
+        self._pool_rows: Any = None  # gather_here's torch view of the DRAM pool, [sections of every slot, layer_bytes]
 
     def _report_capacity(self) -> None:
         """Each tier's counters at 0, and each local tier's capacity and fill as gauges, from
@@ -247,6 +251,106 @@ class TieredStore:
                 raise ValueError(f"layers {ls} outside 0..{n_layers - 1}")
             each.append(ls)
         return self._load_now(list(keys), dests, each)
+
+    def gather_here(self, keys: Sequence[bytes], sections: Sequence[int] | np.ndarray, span: int,
+                    out: np.ndarray) -> LoadResult:
+        """Row i of `out` ([n, span * layer_bytes] uint8, C-contiguous) = sections sections[i] ..
+        sections[i] + span - 1 of chunk keys[i] (consecutive, so one run of bytes in a chunk), each
+        verified, in the calling thread. A key may appear more than once.
+
+        For sparse decode, which reads hundreds of (block, KV head) slices per layer and step: the
+        DRAM tier's hits are copied by one batched index_select out of its pool (its chunks pinned
+        meanwhile) and checksummed row by row, where `load_here_each` pays a tier call per slice,
+        several times the cost of its bytes. What DRAM lacks (or fails its checksum) is loaded as
+        `load_here_each` does, from any tier."""
+        self._check_open()
+        _check_keys(keys)
+        n, lb, n_layers = len(keys), self.layer_bytes, self.layout.num_layers
+        secs = np.asarray(sections, dtype=np.int64)
+        if secs.shape != (n,):
+            raise ValueError(f"{n} keys but sections of shape {secs.shape}")
+        if not 1 <= span <= n_layers:
+            raise ValueError(f"span {span} outside 1..{n_layers}")
+        if n and (secs.min() < 0 or secs.max() + span > n_layers):
+            raise ValueError(f"sections {secs.min()}..{secs.max() + span - 1} outside 0..{n_layers - 1}")
+        if out.dtype != np.uint8 or out.shape != (n, span * lb) or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writable C-contiguous uint8 array of shape {(n, span * lb)}, "
+                             f"got {out.dtype} {out.shape}")
+        mem = self.memory
+        todo = list(range(n))
+        if mem is not None and n:
+            todo = self._gather_memory(mem, list(keys), secs, span, out)
+        if todo:
+            views = out.reshape(n, span, lb)
+            res = self.load_here_each([keys[i] for i in todo], [list(views[i]) for i in todo],
+                                      [range(secs[i], secs[i] + span) for i in todo])
+            failed = tuple(todo[j] for j in res.failed)
+        else:
+            failed = ()
+        self.count_served_chunks({"memory": n - len(todo)} if n > len(todo) else {})
+        return LoadResult(failed[0] if failed else n, failed, ())
+
+    def pool_rows(self) -> Any:
+        """The DRAM pool as a torch uint8 tensor [slots x sections, layer_bytes] (row slot * sections +
+        section), sharing its memory: gather_here's batched copies out of it."""
+        if self._pool_rows is None:
+            import torch
+
+            assert self.memory is not None
+            region = self.memory.pool_region()
+            pool = np.ctypeslib.as_array((ctypes.c_ubyte * region.nbytes).from_address(region.address))
+            self._pool_rows = torch.from_numpy(pool).view(-1, self.layer_bytes)
+        return self._pool_rows
+
+    def _gather_memory(self, mem: MemoryTier, keys: list[bytes], secs: np.ndarray, span: int,
+                       out: np.ndarray) -> list[int]:
+        """`gather_here`'s DRAM part: copies and verifies every row whose chunk is in DRAM; returns
+        the rows still to load (absent, or a section failed its checksum)."""
+        import torch
+
+        lb, n_layers = self.layer_bytes, self.layout.num_layers
+        slots: dict[bytes, int | None] = {}
+        for key in keys:
+            if key not in slots:
+                slots[key] = mem.pin(key)
+        try:
+            hit = [i for i, key in enumerate(keys) if slots[key] is not None]
+            if not hit:
+                return list(range(len(keys)))
+            pool_rows = self.pool_rows()
+            rows = np.array([slots[keys[i]] for i in hit], dtype=np.int64) * n_layers + secs[hit]
+            idx = torch.from_numpy((rows[:, None] + np.arange(span)).reshape(-1))
+            dest = torch.from_numpy(out)
+            if len(hit) == len(keys):
+                torch.index_select(pool_rows, 0, idx, out=dest.view(-1, lb))
+            else:
+                dest[torch.tensor(hit)] = torch.index_select(pool_rows, 0, idx).view(len(hit), -1)
+            bad: set[int] = set()
+            if mem.config.verify_reads:
+                sums: dict[bytes, tuple[int, ...]] = {}
+                for i in hit:
+                    if keys[i] not in sums:
+                        meta = mem.meta(keys[i])
+                        sums[keys[i]] = meta.checksums if meta is not None else ()
+                sections = out.reshape(len(keys), span, lb)
+                work = [(sections[i], sums[keys[i]], int(secs[i]), i) for i in hit]
+                parts = _VERIFY_THREADS if len(work) * span * lb >= _VERIFY_PARALLEL_BYTES else 1
+                if parts > 1:  # xxh3 releases the GIL: a large gather's checksums run on several cores
+                    if self._verify_pool is None:
+                        self._verify_pool = ThreadPoolExecutor(parts, thread_name_prefix="kvtier-verify")
+                    step = -(-len(work) // parts)
+                    for found in self._verify_pool.map(_failed_rows, [work[p : p + step] for p in range(0, len(work), step)]):
+                        bad.update(found)
+                else:
+                    bad.update(_failed_rows(work))
+            mem.metrics.inc(m.HITS, len(hit) - len(bad), tier=mem.name)
+            mem.metrics.inc(m.BYTES_READ, (len(hit) - len(bad)) * span * lb, tier=mem.name)
+        finally:
+            for key, slot in slots.items():
+                if slot is not None:
+                    mem.unpin(key)
+        done = set(hit) - bad
+        return [i for i in range(len(keys)) if i not in done]
 
     def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]],
                   layers_of: list[list[int]]) -> LoadResult:
@@ -849,6 +953,8 @@ class TieredStore:
         self._io.shutdown()
         if self._verify is not None:
             self._verify.shutdown()
+        if self._verify_pool is not None:
+            self._verify_pool.shutdown()
         for tier in self.tiers + self.lower_tiers:
             tier.close()
 
@@ -861,6 +967,21 @@ class TieredStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError("the store is closed")
+
+
+# gather_here verifies a batch of at least this many bytes on _VERIFY_THREADS threads
+_VERIFY_PARALLEL_BYTES = 4 << 20
+_VERIFY_THREADS = 4
+
+
+def _failed_rows(work: Sequence[tuple[np.ndarray, tuple[int, ...], int, int]]) -> list[int]:
+    """Of (sections [span, layer_bytes], the chunk's checksums, first section, row), the rows whose
+    sections do not match their checksums (or whose chunk had none)."""
+    bad = []
+    for sections, want, s0, row in work:
+        if not want or any(checksum(sections[j]) != want[s0 + j] for j in range(len(sections))):
+            bad.append(row)
+    return bad
 
 
 def _check_keys(keys: Sequence[bytes], name: str = "keys") -> Sequence[bytes]:
@@ -927,6 +1048,37 @@ class SaveBatch:
                     raise ValueError(f"layer {layer} source has {view.nbytes} bytes, a section has "
                                      f"{self.store.layer_bytes}")
                 self.copies[i][layer] = view.tobytes()
+
+    def write_rows(self, first: int, span: int, data: np.ndarray) -> None:
+        """`write_layer` of sections first .. first + span - 1 of every chunk at once: data[i] ([n chunks,
+        span * layer_bytes] uint8, C-contiguous) holds chunk i's, in section order. A chunk with a DRAM
+        slot takes one copy into the pool (a save of many small sections, e.g. sparse prefill's per-(layer,
+        KV head) ones, costs a call and a copy per section otherwise)."""
+        if self._done:
+            raise ValueError("write to a save batch that was committed or aborted")
+        lb, num_layers = self.store.layer_bytes, self.store.layout.num_layers
+        n = len(self.keys)
+        if not 1 <= span or first < 0 or first + span > num_layers:
+            raise ValueError(f"sections {first}..{first + span - 1} outside 0..{num_layers - 1}")
+        if data.dtype != np.uint8 or data.shape != (n, span * lb) or not data.flags.c_contiguous:
+            raise ValueError(f"data must be a C-contiguous uint8 array of shape {(n, span * lb)}, "
+                             f"got {data.dtype} {data.shape}")
+        mem = self.store.memory
+        if mem is not None:
+            # one memmove per chunk (its sections are one run in the slot): single-threaded on purpose, as
+            # a background save must not take the cores of the forward it runs beside (a multi-threaded
+            # torch copy here made a CPU prefill slower)
+            pool = mem.pool_region().address
+            src = data.ctypes.data
+            run = span * lb
+            for i, res in enumerate(self.reservations):
+                if res is not None:
+                    ctypes.memmove(pool + (res.slot * num_layers + first) * lb, src + i * run, run)
+                    res.filled.update(range(first, first + span))
+        for i, res in enumerate(self.reservations):
+            if res is None:
+                for j in range(span):
+                    self.copies[i][first + j] = data[i, j * lb : (j + 1) * lb].tobytes()
 
     def commit(self, extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None = None) -> TransferHandle[SaveResult]:
         if self._done:

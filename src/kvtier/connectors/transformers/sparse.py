@@ -227,6 +227,12 @@ class KVTierSparseCache(Cache):
         for s in self.sequences:
             s.flush()
 
+    def release_prefill(self) -> None:
+        """Free the context a chunked prefill kept gathered on the device (decode frees it at its
+        first step anyway; call this first when measuring decode's memory)."""
+        for s in self.sequences:
+            s.release_prefill()
+
     def close(self) -> None:
         """Flush every sequence's writes and stop its background writer and prefetcher."""
         for s in self.sequences:
