@@ -92,11 +92,17 @@ def test_malformed_and_unknown_messages_get_errors(svc, good):
         (pack({"op": "lease", "id": 12, "keys": [b"\x09" * 32]}), "unknown_key"),
         (pack({"op": "release", "id": 13, "lease": 77}), "lease"),
         (pack({"op": "release", "id": 14}), "protocol"),
+        (pack({"op": "wait_lower", "id": 15, "keys": [b"k" * 32], "timeout_s": -1}), "protocol"),
+        (pack({"op": "wait_lower", "id": 16, "keys": [b"k" * 32], "timeout_s": p.MAX_WAIT_LOWER_S + 1}), "protocol"),
+        (pack({"op": "wait_lower", "id": 17, "keys": [b"k" * 32], "timeout_s": "soon"}), "protocol"),
+        (pack({"op": "wait_lower", "id": 18, "keys": "abc", "timeout_s": 1}), "protocol"),
     ]
     for body, kind in cases:
         reply = ask(s, body)
         assert reply is not None and reply["ok"] is False and reply["kind"] == kind, (body, reply)
         still_serves(good)
+    reply = ask(s, pack({"op": "wait_lower", "id": 19, "keys": good.test_keys, "timeout_s": 1}))
+    assert reply["ok"] and reply["pending"] == 0  # no lower tiers: nothing to wait for
     assert ask(s, pack({"op": "hello", "id": 99}))["ok"]  # the connection is still usable
     s.close()
 

@@ -364,3 +364,43 @@ def test_metrics_are_recorded_once_per_batch_per_tier(tmp_path):
     assert get(m.LOAD_LATENCY + "_count", tier="memory") == 2  # the copies out of DRAM: begin to end
     host.close()
     store.close()
+
+
+def test_wait_lower_waits_for_saves_in_progress_of_those_keys(tmp_path):
+    """A GPU worker commits a step's saves after vLLM may have finished the request: a producer's
+    wait for its handoff's chunks (wait_lower) covers a save allocated and not yet committed."""
+    import threading
+
+    from kvtier.core.config import LowerTierConfig
+
+    cfg = StoreConfig(chunk_tokens=CHUNK, memory=MemoryTierConfig(capacity_bytes=8 * TINY.chunk_bytes(CHUNK)),
+                      lower_tiers=(LowerTierConfig(name="shared", disk=DiskTierConfig(root=str(tmp_path / "shared"),
+                                                                                    capacity_bytes=1 << 30)),))
+    store = TieredStore(cfg, TINY)
+    clock = Clock()
+    host = StoreHost(store, clock=clock)
+    a, other = keys(3), keys(1, start=900)
+    alloc = host.allocate(1, a, ROOT, 0)
+    assert host.wait_lower(a, 0.0) == 3 and host.wait_lower(other, 0.0) == 0  # being saved; not
+    out = {}
+    waiter = threading.Thread(target=lambda: out.setdefault("pending", host.wait_lower(a, 30.0)))
+    waiter.start()
+    for key, slot in zip(a, alloc.slots, strict=True):
+        for layer, data in enumerate(payload(key)):
+            host.memory.layer_view(slot, layer)[:] = data
+    host.commit(1, alloc.save_id)
+    waiter.join()
+    assert out["pending"] == 0 and store.lower_tiers[0].lookup(a) == 3  # committed and written
+    # an aborted save, an expired one and a dropped owner's end the wait too
+    host.abort(1, host.allocate(1, other, ROOT, 0).save_id)
+    host.allocate(2, other, ROOT, 0, hold_s=5)
+    clock.now += 10
+    assert host.expire() == 1 and host.wait_lower(other, 0.0) == 0
+    host.allocate(3, other, ROOT, 0)
+    assert host.wait_lower(other, 0.0) == 1
+    host.drop_owner(3)
+    assert host.wait_lower(other, 0.0) == 0
+    with pytest.raises(ValueError, match="timeout_s"):
+        host.wait_lower(a, -1.0)
+    host.close()
+    store.close()

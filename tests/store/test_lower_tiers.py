@@ -209,3 +209,72 @@ def test_in_process_client_finds_chunks_of_a_lower_tier(tmp_path):
     assert client.load(keys, dests).wait().loaded == 2
     assert_exact(keys, dests)
     client.close()
+
+
+class GatedWrites:
+    """A lower tier's write that blocks, for the keys in `gated`, until `open` is set."""
+
+    def __init__(self, tier, gated) -> None:
+        import threading
+
+        self.open = threading.Event()
+        self.gated = set(gated)
+        self._write = tier.write
+        tier.write = self
+
+    def __call__(self, meta, layers):
+        if meta.key in self.gated:
+            assert self.open.wait(30), "the test never opened the gate"
+        return self._write(meta, layers)
+
+
+def test_wait_lower_waits_for_the_named_chunks_lower_writes_only(tmp_path):
+    store = make_store(tmp_path, [folder(tmp_path / "l1")])
+    shared = store.lower_tiers[0]
+    a, b = keys_for(2, salt=1), keys_for(2, salt=2)
+    gate = GatedWrites(shared, b)
+    save_chain(store, a)
+    b_written = save_chain(store, b)  # in DRAM at once (the handle is its lower write's), held at the gate
+    assert store.lookup(b).hits == 2 and not b_written.done()
+    assert store.wait_lower(a, 10.0) == 0  # a's write, queued first, ended
+    assert shared.lookup(a) == 2
+    assert store.wait_lower(b, 0.0) == 2 and store.wait_lower(a + b, 0.01) == 2  # b's still running
+    assert store.wait_lower(keys_for(1, salt=3), 0.0) == 0  # never saved: nothing to wait for
+    gate.open.set()
+    assert store.wait_lower(b, 10.0) == 0
+    assert b_written.done() and shared.lookup(b) == 2  # written once the wait ended
+    store.close()
+
+
+def test_wait_lower_counts_a_failed_write_as_ended(tmp_path):
+    from kvtier.tiers.base import TierWriteError
+
+    store = make_store(tmp_path, [folder(tmp_path / "l1")])
+    shared = store.lower_tiers[0]
+
+    def fail(meta, layers):
+        raise TierWriteError("injected")
+
+    shared.write = fail
+    keys = keys_for(2)
+    handle = save_chain(store, keys)
+    assert store.wait_lower(keys, 10.0) == 0
+    with pytest.raises(TierWriteError, match="injected"):
+        handle.wait()
+    assert shared.lookup(keys) == 0 and store.lookup(keys).hits == 2  # a miss there, DRAM still has them
+    assert not store._lower_pending  # nothing left to wait for
+    store.close()
+
+
+def test_wait_lower_without_lower_tiers_and_bad_input(tmp_path):
+    store = make_store(tmp_path, [])
+    keys = keys_for(2)
+    save_chain(store, keys).wait()
+    assert store.wait_lower(keys, 1.0) == 0
+    with pytest.raises(ValueError, match="timeout_s"):
+        store.wait_lower(keys, -1.0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        store.wait_lower(keys, float("nan"))
+    with pytest.raises(ValueError, match=r"keys\[1\]"):
+        store.wait_lower([keys[0], b"short"], 1.0)
+    store.close()

@@ -215,6 +215,12 @@ class StoreClient(ABC):
     def flush(self) -> None:
         """Wait until the disk writes of every save so far are done."""
 
+    @abstractmethod
+    def wait_lower(self, keys: Sequence[bytes], timeout_s: float) -> int:
+        """Wait, at most `timeout_s`, until the lower-tier writes (shared folder, Redis) queued for
+        these chunks have ended; return how many of them still had one running then (0: none).
+        A chunk with no queued write (never saved, already written) is not waited for."""
+
     def watch_pool(self, watcher: PoolWatcher) -> None:
         """watcher.mapped(region) for the DRAM pool in this process (now, and for each new mapping),
         watcher.unmapped(region) before one goes. A client with no pool here tells nothing."""
@@ -297,6 +303,12 @@ class InProcessClient(StoreClient):
 
     def flush(self) -> None:
         self.store.flush()
+
+    def wait_lower(self, keys: Sequence[bytes], timeout_s: float) -> int:
+        keys = self._check_keys(keys)
+        if self._host is None:
+            return self.store.wait_lower(keys, timeout_s)
+        return self._host.wait_lower(keys, timeout_s)
 
     def watch_pool(self, watcher: PoolWatcher) -> None:
         self.store.watch_pool(watcher)

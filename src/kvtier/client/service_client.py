@@ -537,6 +537,19 @@ class ServiceClient(StoreClient):
             raise TierWriteError(f"kvtier service: {len(errors)} disk write(s) of this client's saves failed: "
                                  + "; ".join(str(e) for e in errors[:3]))
 
+    def wait_lower(self, keys: Sequence[bytes], timeout_s: float) -> int:
+        """The service waits (on this connection) for the chunks' lower-tier writes; this client
+        waits for its answer request_timeout_s longer. TierUnavailableError while it is down."""
+        keys = self._check_keys(keys)
+        if not 0 <= timeout_s <= p.MAX_WAIT_LOWER_S:  # NaN too
+            raise ValueError(f"timeout_s must be within 0..{p.MAX_WAIT_LOWER_S} s, got {timeout_s!r}")
+        r = self._call("wait_lower", keys=keys, timeout_s=float(timeout_s),
+                       timeout=timeout_s + self.config.request_timeout_s)
+        pending = r.get("pending")
+        if isinstance(pending, bool) or not isinstance(pending, int) or not 0 <= pending <= len(keys):
+            raise p.ProtocolError("the service's wait_lower reply is malformed", fatal=True)
+        return pending
+
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats")["stats"])
 

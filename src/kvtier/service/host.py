@@ -13,6 +13,8 @@ pins of loads in progress, reserved slots of unfinished saves) is listed under i
     allocate(owner, keys, parent, depth, hold_s) reserve DRAM slots for a chain
     commit(owner, save_id) / abort(...)       publish in chain order, then disk in background
     take_disk_errors(owner, wait)             failed disk writes of the owner's saves, once each
+    wait_lower(keys, timeout_s)               until saves of these keys are committed (or aborted)
+                                              and their lower-tier writes have ended
     expire(now), drop_owner(owner)
 
 A lease pins DRAM hits at once; a disk hit is promoted into DRAM by a background thread
@@ -32,6 +34,7 @@ import itertools
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,6 +111,10 @@ class StoreHost:
         self._leases: dict[LeaseId, _Lease] = {}
         self._loads: dict[int, _Load] = {}
         self._saves: dict[int, _Save] = {}
+        # keys of saves allocated and not yet committed (to the point of queuing their lower-tier
+        # writes) or aborted; notified whenever one ends, for wait_lower
+        self._saving: Counter[bytes] = Counter()
+        self._saves_ended = threading.Condition(self._lock)
         self._writes: dict[OwnerId, list[tuple[int, TransferHandle[SaveResult]]]] = {}  # disk writes of saves
         self._ids = itertools.count(1)
         self._promoter = ThreadPoolExecutor(max(2, store.config.io_threads), thread_name_prefix="kvtier-promote")
@@ -416,6 +423,7 @@ class StoreHost:
         with self._lock:
             self._saves[save_id] = _Save(owner, list(keys), parent, first_depth, reservations, granted,
                                          self._clock() + hold)
+            self._saving.update(keys)
         return Allocation(save_id, slots, granted, hold)
 
     def commit(self, owner: OwnerId, save_id: int,
@@ -450,7 +458,10 @@ class StoreHost:
             self._abort_save(save)
             raise
         self.store.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - started, tier=mem.name)
-        handle = self.store.persist(metas, pinned=[True] * len(metas))
+        try:
+            handle = self.store.persist(metas, pinned=[True] * len(metas))
+        finally:
+            self._end_save(save)  # its lower-tier writes are queued: store.wait_lower sees them from here
         with self._lock:
             self._writes.setdefault(owner, []).append((save_id, handle))
         done = save.keys[: save.granted]
@@ -501,6 +512,38 @@ class StoreHost:
         for res in save.reservations:
             if res is not None:
                 self.memory.abort(res)
+        self._end_save(save)
+
+    def _end_save(self, save: _Save) -> None:
+        with self._lock:
+            self._saving.subtract(save.keys)
+            for key in save.keys:
+                if self._saving[key] <= 0:
+                    del self._saving[key]
+            self._saves_ended.notify_all()
+
+    def wait_lower(self, keys: Sequence[bytes], timeout_s: float) -> int:
+        """Wait, at most `timeout_s`, until every save of `keys` in progress here is committed (or
+        aborted) and the lower-tier writes of `keys` have ended (TieredStore.wait_lower); return how
+        many of `keys` were still being saved or written then (0: none).
+
+        A save in progress counts too: a GPU worker commits a step's saves once their device-to-host
+        copies complete (connectors/vllm/worker.py), which may be after vLLM finished the request
+        whose handoff waits here.
+        """
+        if not timeout_s >= 0:  # NaN too
+            raise ValueError(f"timeout_s must be a number of seconds >= 0, got {timeout_s!r}")
+        deadline = time.monotonic() + timeout_s
+        wanted = set(keys)
+        with self._saves_ended:
+            while True:
+                saving = sum(1 for k in wanted if k in self._saving)
+                left = deadline - time.monotonic()
+                if not saving or left <= 0:
+                    break
+                self._saves_ended.wait(left)
+        writing = self.store.wait_lower(keys, max(0.0, deadline - time.monotonic()))
+        return min(len(keys), saving + writing)
 
     # -- owners ------------------------------------------------------------------------
     def drop_owner(self, owner: OwnerId) -> None:

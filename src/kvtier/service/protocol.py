@@ -19,6 +19,8 @@ Ops (fields -> reply fields), every key list is one message for many chunks:
                 sections stored beside its KV)
     abort       save                                -> {}
     flush       {}                                  -> errors (this client's failed disk writes)
+    wait_lower  keys, timeout_s (at most             -> pending (how many of keys still had a lower-tier
+                MAX_WAIT_LOWER_S)                       write running when the wait ended)
     stats       {}                                  -> the service's stats dict
 
 Payload bytes never travel here: slots are indices into the shared-memory pool, and the
@@ -46,6 +48,7 @@ HEADER = struct.Struct("<I")
 MAX_MESSAGE_BYTES = 16 << 20
 MAX_KEY_BYTES = 32  # the codec's limit (kvtier.core.codec.MAX_KEY_BYTES)
 MAX_FDS = 1  # descriptors a reply may carry (the pool, with hello)
+MAX_WAIT_LOWER_S = 300.0  # the longest wait_lower the service grants (a longer one is refused)
 
 
 class ServiceError(KVTierError):

@@ -137,7 +137,7 @@ class StoreServer:
             "hello": self._op_hello, "lookup": self._op_lookup, "lease": self._op_lease,
             "release": self._op_release, "load_begin": self._op_load_begin, "load_end": self._op_load_end,
             "allocate": self._op_allocate, "commit": self._op_commit, "abort": self._op_abort,
-            "flush": self._op_flush, "stats": self._op_stats,
+            "flush": self._op_flush, "wait_lower": self._op_wait_lower, "stats": self._op_stats,
         }
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -456,6 +456,15 @@ class StoreServer:
         assert self.store is not None and self.host is not None
         self.store.flush()
         return {"errors": self.host.take_disk_errors(owner, wait=True)}
+
+    def _op_wait_lower(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        """Block this client's connection (its own thread) until the keys' lower-tier writes end."""
+        assert self.host is not None
+        keys = p.get_keys(msg, key_bytes=self.key_bytes)
+        timeout_s = p.get_float(msg, "timeout_s", 0.0)
+        if not 0 <= timeout_s <= p.MAX_WAIT_LOWER_S:
+            raise p.ProtocolError(f"field 'timeout_s' must be within 0..{p.MAX_WAIT_LOWER_S} s, got {timeout_s}")
+        return {"pending": self.host.wait_lower(keys, timeout_s)}
 
     def _op_stats(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         return {"stats": self.stats()}

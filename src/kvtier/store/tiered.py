@@ -6,6 +6,7 @@ Who calls: the client layer (in-process mode), the host service, tests and bench
     load(keys, dests, layers) -> handle copy chunks (all layers or some) into caller buffers
     save(keys, parent, depth, srcs)     stage into DRAM now, write the disk tier in the background
     begin_save(keys, parent, depth)     the same, filled layer by layer (vLLM's save_kv_layer)
+    wait_lower(keys, timeout_s)         wait until these chunks' lower-tier writes have ended
     flush(), close()                    wait for pending disk writes
 
 Buffers are plain buffer-protocol objects; `dests[i][j]` receives layer `layers[j]` of
@@ -32,7 +33,9 @@ from them in one batch per tier and promotes full-chunk hits to DRAM. Every save
 to each of them (write-through, whatever write_mode says) by one more FIFO writer thread,
 parents first, each chunk pinned in DRAM until its lower writes are done; a lower tier that
 fails stops that chain in that tier only. `read_bandwidths()` reports each tier's measured
-read bandwidth.
+read bandwidth. `wait_lower(keys)` waits for the queued lower-tier writes of just those chunks
+(a prefill instance answers a disaggregated request only once its chunks are in the shared
+tiers the decode instance reads; connectors/vllm/pd.py).
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class TieredStore:
         self._writer = TransferEngine(1, "kvtier-disk-writer")  # FIFO: parents before children
         self._report_capacity()
         self._pending: set[TransferHandle] = set()
+        self._lower_pending: dict[bytes, TransferHandle] = {}  # chunk -> its queued lower-tier write
         self._demoting: dict[bytes, tuple[ChunkMeta, list[bytes]]] = {}  # write-back chunks in flight
         self._pending_lock = threading.Lock()
         self._write_pins = 0  # DRAM chunks pinned until their disk write lands
@@ -475,8 +479,44 @@ class TieredStore:
         self._count_write_pins(sum(pinned))
         handle = self._lower_writer.submit("save-lower", self._write_lower, list(metas), list(copies), pinned,
                                           in_memory)
+        with self._pending_lock:
+            for meta in metas:
+                self._lower_pending[meta.key] = handle
+
+        def _landed(h: TransferHandle) -> None:  # runs at once when the write already ended
+            with self._pending_lock:
+                for meta in metas:
+                    if self._lower_pending.get(meta.key) is h:
+                        del self._lower_pending[meta.key]
+
+        handle.add_done_callback(_landed)
         self._track(handle, count_failures=False)  # a failed chain is logged; the lower tier counts its own
         return handle
+
+    def wait_lower(self, keys: Sequence[bytes], timeout_s: float) -> int:
+        """Wait, at most `timeout_s`, until the lower-tier writes queued for `keys` have ended;
+        return how many of `keys` still had one running then (0: every write ended).
+
+        A key with no queued write (never saved here, already written, or a store without lower
+        tiers) is not waited for. A write that ended in an error counts as ended: the lower tier
+        counted and logged it, and a reader then finds the chunk missing, never half written.
+        """
+        if not timeout_s >= 0:  # NaN too
+            raise ValueError(f"timeout_s must be a number of seconds >= 0, got {timeout_s!r}")
+        keys = _check_keys(keys)
+        with self._pending_lock:
+            handles = {id(h): h for h in (self._lower_pending.get(k) for k in keys) if h is not None}
+        deadline = time.monotonic() + timeout_s
+        for h in handles.values():
+            try:
+                h.wait(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            except Exception:  # noqa: BLE001 - an ended write; its error went to the log and the tier's counters
+                pass
+        with self._pending_lock:
+            running = [self._lower_pending.get(k) for k in keys]
+        return sum(1 for write in running if write is not None and not write.done())
 
     def _write_lower(self, metas: list[ChunkMeta], copies: list[list[bytes] | None],
                      pinned: list[bool], in_memory: int) -> SaveResult:

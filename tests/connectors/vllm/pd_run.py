@@ -50,6 +50,16 @@ def generate(llm, batch: list[list[int]], max_tokens: int, params: list[dict | N
              "kv_transfer_params": o.kv_transfer_params} for o in outs]
 
 
+def in_shared(shared: str, params: dict | None) -> bool:
+    """Whether the shared folder holds the handoff's last chunk (written after all its others)."""
+    from kvtier.tiers.disk import chunk_path
+
+    try:
+        return os.path.exists(chunk_path(shared, bytes.fromhex(params["kvtier"]["last_key"])))  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def wait_for_files(shared: str, params: dict[str, dict], timeout_s: float = 60.0) -> None:
     """Until the shared folder holds each handoff's last chunk (the service writes it in the background)."""
     from kvtier.tiers.disk import chunk_path
@@ -70,8 +80,11 @@ def main() -> None:
         ask = {"do_remote_decode": True}
         results = generate(llm, [ps[n] for n in PREFILLED], 1, [dict(ask) for _ in PREFILLED])
         params = {n: r["kv_transfer_params"] for n, r in zip(PREFILLED, results)}
+        # the producer answers once its chunks are in the shared folder (publish_wait_s)
+        in_folder = {n: in_shared(shared, p) for n, p in params.items()}
         wait_for_files(shared, params)
-        result = {"params": params, "first": {n: r["tokens"] for n, r in zip(PREFILLED, results)}}
+        result = {"params": params, "first": {n: r["tokens"] for n, r in zip(PREFILLED, results)},
+                  "in_folder_at_answer": in_folder}
     else:
         stats = out + ".stats.json"
         with open(sys.argv[6]) as f:

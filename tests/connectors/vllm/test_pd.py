@@ -7,10 +7,18 @@ Two Sims share one in-process store: the producer (load off) computes and saves,
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 
+from kvtier.client.api import InProcessClient
 from kvtier.connectors.vllm.pd import PARAMS_KEY, Handoff, HandoffError, Identity, refusal_in
+from kvtier.core.config import DiskTierConfig, LowerTierConfig, MemoryTierConfig, StoreConfig
+from kvtier.core.errors import TierUnavailableError
+from kvtier.store.tiered import SaveResult, TieredStore
+from kvtier.store.transfer import TransferHandle
 
 from .sim import BLOCK, LAYOUT, FakeRequest, Sim, make_client
 
@@ -206,3 +214,130 @@ def test_aborted_waiting_request_leaves_no_state() -> None:
     assert consumer.sched.num_new_matched_tokens(d, 0) is None
     consumer.sched.request_finished(d)
     assert "d" not in consumer.sched.reqs and consumer.leases() == 0
+
+
+# -- the producer answers once its chunks are in the shared tier (publish_wait_s) -------------------
+def host_store(shared: Path, read_only: bool = False) -> TieredStore:
+    """One host's store: its own DRAM over the shared folder (a lower tier), as two hosts mounting one."""
+    folder = DiskTierConfig(root=str(shared), capacity_bytes=1 << 30, read_only=read_only)
+    cfg = StoreConfig(chunk_tokens=BLOCK, memory=MemoryTierConfig(capacity_bytes=64 * LAYOUT.chunk_bytes(BLOCK)),
+                      lower_tiers=(LowerTierConfig(name="shared", disk=folder),))
+    return TieredStore(cfg, LAYOUT)
+
+
+class HeldWrites:
+    """The shared tier's writes held until `release` is set; `asked` is set (and the keys recorded)
+    when the producer asks the store to wait for them."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self.release, self.asked = threading.Event(), threading.Event()
+        self.keys: list[bytes] = []
+        shared = store.lower_tiers[0]
+        write, wait_lower = shared.write, store.wait_lower
+
+        def held_write(meta, layers):  # type: ignore[no-untyped-def]
+            assert self.release.wait(30), "the test never released the writes"
+            return write(meta, layers)
+
+        def asking(keys, timeout_s):  # type: ignore[no-untyped-def]
+            self.keys = list(keys)
+            self.asked.set()
+            return wait_lower(keys, timeout_s)
+
+        shared.write = held_write  # type: ignore[method-assign]
+        store.wait_lower = asking  # type: ignore[method-assign]
+
+
+class _CommitToDram:
+    """A save session that answers its commit once the chunks are in DRAM, as the host service does
+    (the in-process store's commit handle is its lower-tier write's)."""
+
+    def __init__(self, batch) -> None:  # type: ignore[no-untyped-def]
+        self.batch = batch
+
+    def write_layer(self, layer, srcs) -> None:  # type: ignore[no-untyped-def]
+        self.batch.write_layer(layer, srcs)
+
+    def abort(self) -> None:
+        self.batch.abort()
+
+    def commit(self, extras=None) -> TransferHandle[SaveResult]:  # type: ignore[no-untyped-def]
+        n = len(self.batch.keys)
+        self.batch.commit(extras)  # published in DRAM now; the lower tiers are written in the background
+        done: Future[SaveResult] = Future()
+        done.set_result(SaveResult(n, n, 0))
+        return TransferHandle(0, "save", done)
+
+
+class ServiceLikeClient(InProcessClient):
+    def begin_save(self, keys, parent, first_depth):  # type: ignore[no-untyped-def]
+        return _CommitToDram(super().begin_save(keys, parent, first_depth))
+
+
+def producer_on(store: TieredStore, publish_wait_s: float = 10.0) -> Sim:
+    producer = Sim(ServiceLikeClient(store))
+    producer.sched.load, producer.sched.identity = False, IDENT
+    producer.sched.publish_wait_s = publish_wait_s
+    return producer
+
+
+def test_producer_answers_only_once_the_shared_tier_holds_its_chunks(tmp_path: Path) -> None:
+    store = host_store(tmp_path / "shared")
+    held = HeldWrites(store)
+    producer = producer_on(store)
+    # released only once the producer waits: answering earlier would find the folder empty
+    releaser = threading.Thread(target=lambda: held.asked.wait(30) and held.release.set())
+    releaser.start()
+    params = prefill(producer, PROMPT14)
+    releaser.join()
+    handoff = Handoff.from_params(params)
+    assert handoff is not None and (handoff.chunks, handoff.partial_tokens) == (3, 2)
+    assert len(held.keys) == 4 and held.keys[-1].hex() == handoff.last_key  # 3 chunks + the partial one
+    assert store.lower_tiers[0].lookup(held.keys) == 4  # in the shared folder when the answer goes out
+    stats = producer.sched.stats
+    assert (stats["handoff_publish_waits"], stats["handoff_publish_timeouts"]) == (1, 0)
+    # the decode instance, another host over the same folder, finds them at its first lookup
+    consumer = Sim(InProcessClient(host_store(tmp_path / "shared", read_only=True)))
+    consumer.sched.save, consumer.sched.identity = False, IDENT
+    d = decode_request(PROMPT14, params)
+    assert consumer.admit(d) == 13
+    consumer.step({d: 1})
+    assert consumer.tokens_are_right(d, 0, 14) and not consumer.failed
+    assert consumer.sched.stats["handoff_wait_polls"] == 0
+    store.close()
+
+
+def test_producer_answers_after_its_bound_when_the_writes_lag(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    store = host_store(tmp_path / "shared")
+    held = HeldWrites(store)
+    producer = producer_on(store, publish_wait_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="kvtier"):
+        params = prefill(producer, PROMPT14)  # answered: the consumer's own bounded wait takes it from here
+    assert Handoff.from_params(params) is not None
+    assert "4 chunks of its handoff are still being written" in caplog.text
+    assert producer.sched.stats["handoff_publish_timeouts"] == 1
+    held.release.set()
+    store.close()
+
+
+def test_producer_with_publish_wait_0_does_not_wait(tmp_path: Path) -> None:
+    store = host_store(tmp_path / "shared")
+    held = HeldWrites(store)
+    producer = producer_on(store, publish_wait_s=0.0)
+    assert Handoff.from_params(prefill(producer, PROMPT14)) is not None
+    assert not held.asked.is_set() and producer.sched.stats["handoff_publish_waits"] == 0
+    held.release.set()
+    store.close()
+
+
+def test_producer_answers_when_the_store_fails_during_the_wait() -> None:
+    producer, _, _ = pair()
+
+    def down(keys, timeout_s):  # type: ignore[no-untyped-def]
+        raise TierUnavailableError("the service went away")
+
+    producer.client.wait_lower = down  # type: ignore[method-assign]
+    params = prefill(producer, PROMPT14)
+    assert Handoff.from_params(params) is not None  # the handoff still goes out: the consumer's wait bounds the rest
+    assert producer.sched.stats["store_errors"] == 1

@@ -3,7 +3,8 @@
 Three engine launches (subprocesses), as two hosts sharing one folder would run them:
 1. baseline: vLLM alone (e2e_run.py);
 2. prefill: kv_role kv_producer with its own `kvtier serve`, max_tokens=1 and {"do_remote_decode": true}
-   on p1..p4; the outputs' kv_transfer_params name the published chunks;
+   on p1..p4; the outputs' kv_transfer_params name the published chunks, already in the shared folder
+   when vLLM answers;
 3. decode: kv_role kv_consumer with another `kvtier serve` (its own pool, empty), the same shared
    folder below it; p1..p3 with their handoffs load every prompt token but the last; p4's last chunk
    is deleted from the folder in between (the store lost it): it waits remote_wait_s, loads what is
@@ -80,6 +81,8 @@ def test_prefill_instance_hands_over_what_it_published(runs: dict) -> None:
     # p1: 100 tokens = 3 chunks of 32 + 4; p2: 150 = 4 + 22; p3: 130 = 4 + 2; p4: 140 = 4 + 12
     got = {n: (p["kvtier"]["chunks"], p["kvtier"]["partial_tokens"]) for n, p in prefill["params"].items()}
     assert got == {"p1": (3, 4), "p2": (4, 22), "p3": (4, 2), "p4": (4, 12)}
+    # answered only once the shared folder (the decode instance's store) held what it names
+    assert prefill["in_folder_at_answer"] == {n: True for n in ("p1", "p2", "p3", "p4")}
 
 
 def test_decode_instance_loads_every_prompt_token_but_the_last_with_vllm_alones_tokens(runs: dict) -> None:

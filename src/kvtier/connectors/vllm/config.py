@@ -12,9 +12,12 @@
                                  # exact repeat hits every prompt token but the last
      "model_fingerprint": "",    # override the computed model identity (config + weights)
      "stats_path": "",           # write the scheduler's counters (hits by tier, saves) to this JSON file
-     "remote_wait_s": 10.0}      # kv_consumer: how long a request handed over by a prefill instance
+     "remote_wait_s": 10.0,      # kv_consumer: how long a request handed over by a prefill instance
                                  # (kv_transfer_params["kvtier"], see pd.py) waits for its chunks to
                                  # appear in the store before it computes what is missing
+     "publish_wait_s": 10.0}     # kv_producer: how long a request that asked for a handoff waits, before
+                                 # vLLM answers it, for its chunks to be written to the store's lower tiers
+                                 # (the shared folder / Redis a decode instance reads); 0 = do not wait
 
 An unknown key or a bad value raises ConfigError naming it, so vLLM stops at start.
 """
@@ -43,6 +46,7 @@ class VLLMConnectorConfig:
     model_fingerprint: str = ""
     stats_path: str = ""  # the scheduler rewrites this JSON file with its counters when they change
     remote_wait_s: float = number_field(10.0, low=0)
+    publish_wait_s: float = number_field(10.0, low=0, high=300.0)  # at most the service's MAX_WAIT_LOWER_S
 
     def __post_init__(self) -> None:
         check_fields(self, "kv_connector_extra_config")

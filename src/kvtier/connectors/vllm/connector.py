@@ -21,7 +21,8 @@ Decisions (see scheduler.py / worker.py for the details):
   computes them, so request_finished returns False: blocks are freed at once.
 - prefill/decode disaggregation (pd.py): with kv_role "kv_producer" a request that asks
   ({"do_remote_decode": true} in kv_transfer_params) gets back, in its output's kv_transfer_params,
-  what it published; a "kv_consumer" given them waits (up to remote_wait_s) for those chunks.
+  what it published, once those chunks are written to the store's lower tiers (request_finished
+  waits up to publish_wait_s); a "kv_consumer" given them waits (up to remote_wait_s) for those chunks.
 - requires_kv_delivery is False: kvtier is a best-effort cache, a dropped save is a miss.
 - handle_preemptions does nothing: no save is pending when a step ends.
 - kv_load_failure_policy must be "recompute" (checked at start; set
@@ -261,7 +262,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self.scheduler = SchedulerSide(link, root_for, chunk_tokens, hash_mode, cfg.save_decode,
                                            load=ktc.is_kv_consumer, save=ktc.is_kv_producer, block_size=block_size,
                                            partial_chunks=cfg.partial_chunks, identity=identity,
-                                           remote_wait_s=cfg.remote_wait_s)
+                                           remote_wait_s=cfg.remote_wait_s, publish_wait_s=cfg.publish_wait_s)
             from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
             # chunks saved by this instance carry vLLM's block hashes (as its KV events publish
@@ -326,8 +327,11 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
-        # False: the request's chunks were published within the steps that computed them (a producer
-        # included), so nothing reads its blocks after this and vLLM may free them at once
+        # False: the request's chunks were copied into the store's DRAM within the steps that computed
+        # them (a producer included), so nothing reads its blocks after this and vLLM may free them at
+        # once. Holding them (True) would not delay the answer either: vLLM sends a finished request's
+        # kv_transfer_params at once; a producer's wait for its lower-tier writes is in the scheduler's
+        # request_finished, which vLLM calls before it sends them
         return False, self.scheduler.request_finished(request)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:

@@ -4,7 +4,11 @@ A prefill instance (kv_role "kv_producer") computes a prompt and saves its chunk
 store in the very step that computes them (worker.py), so by the time vLLM calls request_finished
 they are published in its DRAM, and its lower tiers (a shared folder, Redis) get them in the
 background. A request that asked for it (kv_transfer_params {"do_remote_decode": true}, as vLLM's
-disaggregation proxies send) then gets back, in its output's kv_transfer_params, a `Handoff`:
+disaggregation proxies send) is answered only once those background writes of its chunks have
+ended (request_finished waits, up to publish_wait_s, on the store's wait_lower: vLLM sends the
+answer after request_finished returns), so the decode instance the proxy then calls finds them at
+once: the write is paid in the prefill leg, not inside the decode instance's TTFT. It then gets
+back, in its output's kv_transfer_params, a `Handoff`:
 
     {"kvtier": {"v": 1, "model": ..., "layout": ..., "format": ..., "chunk_tokens": 32,
                 "hash_mode": "sha256", "chunks": 3, "partial_tokens": 5, "last_key": "<hex>"}}
@@ -13,8 +17,8 @@ A decode instance (kv_role "kv_consumer") given those parameters on the same pro
 against its own identity (model fingerprint, KV layout, byte format, chunk size, hash mode) and
 against its own key chain of the prompt (`last_key`: the last published chunk's key, so another
 prompt, cache salt or LoRA adapter never matches), then waits, up to remote_wait_s, until its
-store shows every published chunk (the background write to the shared tier may still be on its
-way) and loads them. Parameters that do not match, or chunks that never appear, cost a recompute
+store shows every published chunk (a safety net: the producer's wait may have ended at its bound,
+or the shared tier may show a write late) and loads them. Parameters that do not match, or chunks that never appear, cost a recompute
 and a warning, never wrong KV: keys are content digests, so whatever is found is right.
 A refused handoff is also reported back in the request's output kv_transfer_params
 ({"kvtier_refused": {"kind": ..., "message": ...}}, `Refusal`): kvtier proxy turns a refusal of
@@ -22,7 +26,10 @@ kind "identity" (the two instances run another model, layout, format, chunk size
 a deployment error, not one request's) into an HTTP error naming the fields that differ.
 
 The producer need not hold the request's blocks (request_finished returns False): nothing of
-its chunks is read from vLLM's pages after the step that computed them.
+its chunks is read from vLLM's pages after the step that computed them. Holding them would not
+delay the answer either (vLLM sends a finished request's kv_transfer_params at once, whatever
+request_finished says of its blocks), hence the wait inside request_finished. That wait blocks the
+prefill engine's scheduler loop: other requests finishing in that step are answered late too.
 """
 
 from __future__ import annotations

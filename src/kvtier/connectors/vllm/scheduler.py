@@ -6,7 +6,8 @@ Called by KVTierConnector's scheduler-role methods:
     after_alloc(request, block_ids, num_external)  turn the lease into a load of those blocks
     build_plan(scheduled, block_ids_of, spec)      this step's loads and saves (StepPlan)
     request_finished(request)                      drop the request; release an unshipped lease;
-                                                   a producer's handoff for the decode instance (pd.py)
+                                                   a producer's handoff for the decode instance (pd.py),
+                                                   once its chunks are in the lower tiers (wait_lower)
     load_errors(block_ids)                         chunks whose load failed will be saved again
 
 A chunk is chunk_tokens tokens, a divisor of vLLM's block_size: chunk i of a request sits
@@ -122,7 +123,7 @@ class SchedulerSide:
     def __init__(self, link: StoreLink, root_for: RootFor, chunk_tokens: int, hash_mode: str,
                  save_decode: bool = False, *, load: bool = True, save: bool = True,
                  block_size: int | None = None, partial_chunks: bool = True, identity: Identity | None = None,
-                 remote_wait_s: float = 10.0, poll_s: float = 0.02,
+                 remote_wait_s: float = 10.0, poll_s: float = 0.02, publish_wait_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         block_size = chunk_tokens if block_size is None else block_size
         if chunk_tokens <= 0 or block_size % chunk_tokens:
@@ -140,11 +141,13 @@ class SchedulerSide:
         self.identity = identity  # for handoffs (pd.py); None: this side neither makes nor accepts them
         self.remote_wait_s = remote_wait_s
         self.poll_s = poll_s
+        self.publish_wait_s = publish_wait_s  # producer: bound on waiting for a handoff's lower-tier writes
         self.clock = clock
         self.reqs: dict[str, _ReqState] = {}
         self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0,
                       "saved_partial_chunks": 0, "store_errors": 0, "handoffs_made": 0, "handoffs_received": 0,
-                      "handoffs_rejected": 0, "handoff_timeouts": 0, "handoff_wait_polls": 0}
+                      "handoffs_rejected": 0, "handoff_timeouts": 0, "handoff_wait_polls": 0,
+                      "handoff_publish_waits": 0, "handoff_publish_timeouts": 0, "handoff_publish_wait_ms": 0}
         # vLLM's block hash -> the int or bytes its KV events publish (maybe_convert_block_hash);
         # None: chunks are saved without SECTION_BLOCK_HASHES (their events carry kvtier's keys)
         self.convert_hash: Callable[[Any], int | bytes] | None = None
@@ -440,13 +443,18 @@ class SchedulerSide:
         if not (self.save and self.identity is not None and st.chain is not None
                 and asks_for_handoff(getattr(request, "kv_transfer_params", None))):
             return None
-        return self._handoff(st).to_params()
+        handoff, published = self._handoff(st)
+        self._wait_published(request.request_id, published)
+        return handoff.to_params()
 
-    def _handoff(self, st: _ReqState) -> Handoff:
-        """What this request published: its prompt's whole chunks saved so far, and its partial chunk.
+    def _handoff(self, st: _ReqState) -> tuple[Handoff, list[bytes]]:
+        """What this request published, and those chunks' keys: its prompt's whole chunks saved so
+        far, and its partial chunk.
 
         Saves were committed to the store's DRAM within the steps that computed them (worker.py),
-        so everything counted here is published when vLLM finishes the request.
+        so everything counted here is in this host's DRAM when vLLM finishes the request; its
+        lower tiers (where another host's decode instance finds it) are written in the background,
+        which _wait_published waits for.
         """
         assert st.chain is not None and self.identity is not None
         whole = min(st.stored_upto, st.request.num_prompt_tokens // self.chunk_tokens, len(st.chain.keys))
@@ -456,7 +464,27 @@ class SchedulerSide:
             published.append(st.partial)
             partial = st.partial_tokens
         self.stats["handoffs_made"] += 1
-        return Handoff(self.identity, whole, partial, published[-1].hex() if published else "")
+        return Handoff(self.identity, whole, partial, published[-1].hex() if published else ""), published
+
+    def _wait_published(self, req_id: str, keys: list[bytes]) -> None:
+        """Wait, up to publish_wait_s, until the store's lower tiers (shared folder, Redis) hold the
+        chunks of a handoff: vLLM sends the prefill's answer, and so the proxy the decode request, only
+        after this returns, so the decode instance finds them at once instead of waiting for them
+        inside its own TTFT. It blocks this engine's scheduler loop meanwhile: the price of a handoff
+        is paid in the prefill leg. Chunks still being written after the bound (or a store that is
+        down) are left to the consumer's own bounded wait (remote_wait_s).
+        """
+        if not keys or self.publish_wait_s <= 0:
+            return
+        started = self.clock()
+        pending = self._call(lambda c: c.wait_lower(keys, self.publish_wait_s))
+        self.stats["handoff_publish_waits"] += 1
+        self.stats["handoff_publish_wait_ms"] += round(1000 * (self.clock() - started))
+        if pending:
+            self.stats["handoff_publish_timeouts"] += 1
+            log.warning("kvtier: request %s: %d of the %d chunks of its handoff are still being written to the "
+                        "lower tiers after %.1f s; answering now (the decode instance waits for the rest)",
+                        req_id, pending, len(keys), self.publish_wait_s)
 
     def load_errors(self, block_ids: set[int]) -> None:
         """The worker could not load these blocks: their chunks are not in the store (any more)."""
