@@ -103,6 +103,7 @@ def test_the_cuda_only_rows_run_with_cuda_memory_calls_mocked(monkeypatch) -> No
     model = sd.build_model("tiny", device, torch.float32, 4096)
     mc = sd.max_context_row(model, plan, device, 1 << 20, quick=True)
     assert mc["contexts_tried"] == [256, 512] and mc["dense_max_tokens"] == mc["sparse_completed_tokens"] == 512
+    assert mc["failures"] == {}
     b = sd.batched_row(model, plan, device, 1 << 20)
     assert b["dense_batch"] == 4 and 1 <= b["sparse_batch"] <= 8
     assert b["dense_tokens_per_s"] > 0 and b["sparse_tokens_per_s"] > 0
@@ -118,3 +119,15 @@ def test_prefetch_blocks_reach_the_rows_and_each_row_is_reported_as_it_ends() ->
     for row in out["gpu_decode"]:
         assert row["prefetch_blocks"] == 2 and 0 <= row["prefetch_used_slices"] <= row["prefetched_slices"]
     assert sum(r["prefetched_slices"] for r in out["gpu_decode"]) > 0
+
+
+def test_runs_names_the_out_of_memory_that_stopped_a_run(monkeypatch) -> None:
+    from kvtier.bench import sparse_device as sd
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def oom() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert sd._runs(lambda: None) is None
+    assert sd._runs(oom) == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"

@@ -271,15 +271,15 @@ def prefill_row(model, plan: Plan, device: torch.device, context: int, repeats: 
             "chunk_tokens": plan.chunk, "repeats": repeats, "store_pool_prefaulted": True}
 
 
-def _runs(fn: Callable[[], Any]) -> bool:
-    """Whether fn() completes without a CUDA out-of-memory (the cache is emptied after)."""
+def _runs(fn: Callable[[], Any]) -> str | None:
+    """None when fn() completes, else the out-of-memory it raised, named (the cache is emptied after)."""
     from kvtier.sparse.errors import WorkingSetMemoryError
 
     try:
         fn()
-        return True
-    except (torch.OutOfMemoryError, WorkingSetMemoryError):
-        return False
+        return None
+    except (torch.OutOfMemoryError, WorkingSetMemoryError) as e:
+        return f"{type(e).__name__}: {str(e)[:300]}"
     finally:
         torch.cuda.empty_cache()
 
@@ -300,6 +300,7 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
     _cap_memory(min(1.0, cap / total), device)
     contexts = [cap_context * m for m in ((1, 2) if quick else (1, 2, 4))]
     dense_max, sparse_done = 0, 0
+    failures: dict[str, dict[str, str]] = {}
     try:
         for ctx in contexts:
             ids = torch.randint(0, model.config.vocab_size, (1, ctx)).to(device)
@@ -317,15 +318,19 @@ def max_context_row(model, plan: Plan, device: torch.device, weights_bytes: int,
                 finally:
                     store.close()
 
-            if _runs(dense):
-                dense_max = ctx
-            if _runs(sparse):
-                sparse_done = ctx
+            for name, fn in (("dense", dense), ("sparse", sparse)):
+                error = _runs(fn)
+                if error is not None:  # what stopped it, so a failed run says why
+                    failures.setdefault(str(ctx), {})[name] = error
+                elif name == "dense":
+                    dense_max = ctx
+                else:
+                    sparse_done = ctx
     finally:
         _cap_memory(1.0, device)
         model.set_attn_implementation("sdpa")
     return {"gpu_memory_cap_bytes": int(cap), "dense_max_tokens": dense_max, "sparse_completed_tokens": sparse_done,
-            "contexts_tried": contexts}
+            "contexts_tried": contexts, "failures": failures}
 
 
 def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> dict[str, Any]:
