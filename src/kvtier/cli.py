@@ -159,7 +159,7 @@ def _cmd_bench_fleet(args: argparse.Namespace) -> int:
 
     run_fleet_bench(_trace_path(args.trace), args.json, png_out=args.png or None, hosts=args.hosts,
                     max_requests=args.max_requests, real_payload=args.real_payload, vllm_runs=not args.no_vllm,
-                    vllm_quick=args.vllm_quick, vllm_repeats=args.vllm_repeats)
+                    vllm_quick=args.vllm_quick, vllm_repeats=args.vllm_repeats, engine_runs=args.vllm_runs)
     return 0
 
 
@@ -171,6 +171,14 @@ def _host_counts(text: str) -> tuple[int, ...]:
     if not counts or any(c < 1 for c in counts):
         raise argparse.ArgumentTypeError(f"--hosts must be a comma-separated list of positive counts, got {text!r}")
     return counts
+
+
+def _engine_runs(text: str) -> tuple[str, ...]:
+    known = ("pd", "routing")
+    runs = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not runs or any(r not in known for r in runs):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(known)}, got {text!r}")
+    return runs
 
 
 def _cmd_bench_service(args: argparse.Namespace) -> int:
@@ -363,8 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     bfl.add_argument("--real-payload", action="store_true",
                      help="also move real chunks between two `kvtier serve` processes over one shared folder")
     bfl.add_argument("--no-vllm", action="store_true",
-                     help="skip the vLLM engine runs vllm_shared and pd (five engines at once, minutes)")
+                     help="skip the vLLM engine runs (vllm_shared and pd: five engines at once; routing: two; minutes)")
     bfl.add_argument("--vllm-quick", action="store_true", help="the engine runs on a tiny model and workload")
+    bfl.add_argument("--vllm-runs", type=_engine_runs, default=("pd", "routing"),
+                     help="which engine runs: pd (vllm_shared and pd, five servers), routing (two servers behind "
+                          "the routing proxy against round robin); comma-separated (default: pd,routing)")
     bfl.add_argument("--vllm-repeats", type=positive_int, default=3,
                      help="passes of the engine runs' workload on fresh documents (ratios: their medians)")
     bfl.set_defaults(fn=_cmd_bench_fleet)

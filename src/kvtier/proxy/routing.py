@@ -122,6 +122,8 @@ class Router:
                 "subscribers": {s.instance: {"applied": s.stats.applied, "gaps": s.stats.gaps,
                                              "unrecovered_gaps": s.stats.unrecovered_gaps,
                                              "bad_messages": s.stats.bad_messages} for s in self.subscribers},
+                "blocks": {i.url: {m: len(self.index.blocks(i.url, m)) for m in self.cfg.weights}
+                           for i in self.cfg.instances},
                 "requests_sent_to_a_cached_prefix": self.routed_hit_blocks}
 
     def close(self) -> None:
