@@ -78,6 +78,8 @@ def test_report_compares_the_arms_after_first_visits() -> None:
     assert r["cache_aware"]["placement"] == {0: ["r0", "r0", "r0"]} and r["max_load_share"] == 2.0
     assert r["round_robin"]["requests_per_server"] == {"r0": 2, "r1": 1}
     assert set(ARMS) <= set(r) and "cache_aware_ttft_s 0.3000" in routing_line(r)
+    assert r["hit_ttft_by_previous_server"] == {"after_other_server": {"requests": 1, "mean_ttft_s": 0.4},
+                                               "after_same_server": {"requests": 2, "mean_ttft_s": pytest.approx(0.3)}}
 
 
 def test_unknown_engine_runs_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
