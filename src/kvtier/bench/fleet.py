@@ -38,7 +38,10 @@ and write those not in the shared tier to it, parents first (write-through, as t
 
 With `real_payload=True` it also moves real chunks through two `kvtier serve` processes sharing
 one folder (kvtier.bench.fleet_payload); the Redis payload figures are helper "redis"'s
-kvtier.bench.redis, merged in when that module exists.
+kvtier.bench.redis, merged in when that module exists. With `vllm_runs=True`, the engine runs
+named in `engine_runs`: "pd" (kvtier.bench.vllm_pd: `vllm_shared` and `pd`) and "routing"
+(kvtier.bench.vllm_routing: the `routing` row, two vLLM servers behind the routing proxy against
+round robin; the simulated rows' own routing is `simulated_routing`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ vLLM's own KV memory holds ~1.5 prompts (as `bench vllm`'s apc_small), so reuse 
 kvtier's DRAM, which holds every document of both arms on each server (no evictions: what
 differs between the arms is only whether a request finds its document on the server it is sent
 to). TTFT is the server's own (vllm:time_to_first_token_seconds), read from whichever server
-took the request.
+took the request. Two things keep taking turns on one machine out of the comparison (Pair and
+run_stream say what was measured without them): each engine's OpenMP threads on a core of its
+own, and a short unmeasured prompt to each server before each measured request.
 
 Reported (`routing` in the fleet JSON): cache_aware_ttft_s and round_robin_ttft_s (means over the
 rounds after each document's first visit, which is cold in both arms), ttft_ratio (cache_aware
