@@ -63,7 +63,7 @@ def test_ttft_is_read_from_the_server_that_took_the_request() -> None:
 
 
 def _row(arm: str, rnd: int, doc: int, server: str, ttft: float, cached: int) -> dict:
-    return {"arm": arm, "round": rnd, "doc": doc, "server": server, "ttft_s": ttft, "cached": cached,
+    return {"arm": arm, "round": rnd, "doc": doc, "server": server, "ttft_s": ttft, "wall_s": ttft + 0.01, "cached": cached,
             "prompt_tokens": 100, "token": 7}
 
 
@@ -74,6 +74,7 @@ def test_report_compares_the_arms_after_first_visits() -> None:
     r = report(rows, Stream(docs=1, questions=3))
     assert r["cache_aware_ttft_s"] == pytest.approx(0.3) and r["round_robin_ttft_s"] == pytest.approx(0.7)
     assert r["ttft_ratio"] == pytest.approx(0.3 / 0.7)
+    assert r["cache_aware"]["mean_wall_s"] == pytest.approx(0.31)
     assert r["cache_aware"]["first_visit_ttft_s"] == 1.0 and r["round_robin"]["cached_fraction"] == pytest.approx(0.48)
     assert r["cache_aware"]["placement"] == {0: ["r0", "r0", "r0"]} and r["max_load_share"] == 2.0
     assert r["round_robin"]["requests_per_server"] == {"r0": 2, "r1": 1}

@@ -220,6 +220,8 @@ def report(rows: list[dict[str, Any]], stream: Stream) -> dict[str, Any]:
         placement = {d: [r["server"] for r in mine if r["doc"] == d] for d in range(stream.docs)}
         out[arm] = {"mean_ttft_s": statistics.fmean(r["ttft_s"] for r in warm),
                     "p50_ttft_s": statistics.median(r["ttft_s"] for r in warm),
+                    # the client's time (cache_aware's includes the proxy's hop and its routing)
+                    "mean_wall_s": statistics.fmean(r["wall_s"] for r in warm),
                     "first_visit_ttft_s": statistics.fmean(r["ttft_s"] for r in mine if r["round"] == 0),
                     "cached_fraction": sum(r["cached"] for r in warm) / sum(r["prompt_tokens"] for r in warm),
                     "requests_per_server": per_server,
