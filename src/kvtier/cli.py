@@ -48,6 +48,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _load_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 1 (1 keeps the loads even), got {text!r}")
+    return value
+
+
 def readable_file(text: str) -> str:
     path = Path(text)
     if not path.exists():
@@ -149,7 +159,7 @@ def _cmd_bench_fleet(args: argparse.Namespace) -> int:
 
     run_fleet_bench(_trace_path(args.trace), args.json, png_out=args.png or None, hosts=args.hosts,
                     max_requests=args.max_requests, real_payload=args.real_payload, vllm_runs=not args.no_vllm,
-                    vllm_quick=args.vllm_quick, vllm_repeats=args.vllm_repeats)
+                    vllm_quick=args.vllm_quick, vllm_repeats=args.vllm_repeats, engine_runs=args.vllm_runs)
     return 0
 
 
@@ -161,6 +171,14 @@ def _host_counts(text: str) -> tuple[int, ...]:
     if not counts or any(c < 1 for c in counts):
         raise argparse.ArgumentTypeError(f"--hosts must be a comma-separated list of positive counts, got {text!r}")
     return counts
+
+
+def _engine_runs(text: str) -> tuple[str, ...]:
+    known = ("pd", "routing")
+    runs = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not runs or any(r not in known for r in runs):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(known)}, got {text!r}")
+    return runs
 
 
 def _cmd_bench_service(args: argparse.Namespace) -> int:
@@ -209,14 +227,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _proxy_mode(args: argparse.Namespace) -> str:
+    """"routing" (--instance) or "pd" (--prefill and --decode); argparse's error for a mix or neither."""
+    parser: argparse.ArgumentParser = args.proxy_parser
+    routing = [name for name, value in (("--instance", args.instance), ("--block-size", args.block_size),
+                                        ("--max-load-share", args.max_load_share)) if value is not None]
+    pd = [name for name, value in (("--prefill", args.prefill), ("--decode", args.decode),
+                                   ("--prefill-timeout", args.prefill_timeout)) if value is not None]
+    if routing and pd:
+        parser.error(f"{', '.join(pd)} (prefill/decode) and {', '.join(routing)} (cache-aware routing) are two "
+                     "modes; give one")
+    if routing:
+        if args.instance is None:
+            parser.error(f"{', '.join(routing)} needs --instance URL=EVENTS[=REPLAY] (once per vLLM instance)")
+        return "routing"
+    if args.prefill is None or args.decode is None:
+        missing = " and ".join(n for n, v in (("--prefill", args.prefill), ("--decode", args.decode)) if v is None)
+        hint = "" if pd else " for prefill/decode, or --instance URL=EVENTS[=REPLAY] for cache-aware routing"
+        parser.error(f"{missing} {'is' if ' and ' not in missing else 'are'} required{hint}")
+    return "pd"
+
+
 def _cmd_proxy(args: argparse.Namespace) -> int:
     import logging
 
+    mode = _proxy_mode(args)
+    fmt = "%(levelname)s %(asctime)s %(message)s"
+    if mode == "routing":
+        from kvtier.proxy.routing import RoutingConfig, parse_instance, run_routing_proxy
+
+        given = {"block_size": args.block_size, "max_load_share": args.max_load_share}
+        rcfg = RoutingConfig(tuple(parse_instance(v) for v in args.instance), connect_timeout_s=args.connect_timeout,
+                             read_timeout_s=args.read_timeout, **{k: v for k, v in given.items() if v is not None})
+        logging.basicConfig(level=logging.INFO, format=fmt)
+        run_routing_proxy(rcfg, args.host, args.port)
+        return 0
+
     from kvtier.proxy import ProxyConfig, run_proxy
 
+    timeout = {} if args.prefill_timeout is None else {"prefill_timeout_s": args.prefill_timeout}
     cfg = ProxyConfig(args.prefill, args.decode, connect_timeout_s=args.connect_timeout,
-                      read_timeout_s=args.read_timeout, prefill_timeout_s=args.prefill_timeout)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s")
+                      read_timeout_s=args.read_timeout, **timeout)
+    logging.basicConfig(level=logging.INFO, format=fmt)
     run_proxy(cfg, args.host, args.port)
     return 0
 
@@ -249,18 +301,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("rest", nargs=argparse.REMAINDER)
     serve.set_defaults(fn=_cmd_serve)
 
-    proxy = sub.add_parser("proxy", help="OpenAI-compatible proxy: prefill on one vLLM instance, decode on another")
-    proxy.add_argument("--prefill", required=True, help="the prefill instance (kv_role kv_producer), http://host:port")
-    proxy.add_argument("--decode", required=True, help="the decode instance (kv_role kv_consumer), http://host:port")
+    proxy = sub.add_parser("proxy", help="OpenAI-compatible proxy: prefill/decode disaggregation over two vLLM "
+                                         "instances, or cache-aware routing over several",
+                           description="Two modes: --prefill URL --decode URL (prefill on one instance, decode on "
+                                       "the other, KV handed over through the store), or --instance URL=EVENTS "
+                                       "[--instance ...] (each request to the instance that caches its prefix, "
+                                       "learned from the instances' KV events).")
     proxy.add_argument("--host", default="127.0.0.1", help="address to listen on")
     proxy.add_argument("--port", type=positive_int, default=8000)
     proxy.add_argument("--connect-timeout", type=positive_float, default=5.0,
                        help="seconds to wait for an instance to accept a connection")
     proxy.add_argument("--read-timeout", type=positive_float, default=600.0,
                        help="seconds to wait between two pieces of an instance's answer")
-    proxy.add_argument("--prefill-timeout", type=positive_float, default=120.0,
-                       help="seconds the whole prefill call may take; past it the decode instance computes the prompt")
-    proxy.set_defaults(fn=_cmd_proxy)
+    pdg = proxy.add_argument_group("prefill/decode disaggregation")
+    pdg.add_argument("--prefill", help="the prefill instance (kv_role kv_producer), http://host:port")
+    pdg.add_argument("--decode", help="the decode instance (kv_role kv_consumer), http://host:port")
+    pdg.add_argument("--prefill-timeout", type=positive_float, default=None,
+                     help="seconds the whole prefill call may take; past it the decode instance computes the prompt "
+                          "(default 120)")
+    rtg = proxy.add_argument_group("cache-aware routing")
+    rtg.add_argument("--instance", action="append", default=None, metavar="URL=EVENTS[=REPLAY]",
+                     help="a vLLM instance, the ZMQ endpoint of its KV events (its --kv-events-config) and of their "
+                          "replay socket if any; once per instance")
+    rtg.add_argument("--block-size", type=positive_int, default=None,
+                     help="the instances' --block-size, which their events carry (default 16)")
+    rtg.add_argument("--max-load-share", type=_load_share, default=None,
+                     help="each instance gets at most this times its fair share of requests (default 1.5)")
+    proxy.set_defaults(fn=_cmd_proxy, proxy_parser=proxy)
 
     store = sub.add_parser("store", help="inspect or clear a disk tier folder")
     ssub = store.add_subparsers(dest="store_command", required=True)
@@ -305,8 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     bfl.add_argument("--real-payload", action="store_true",
                      help="also move real chunks between two `kvtier serve` processes over one shared folder")
     bfl.add_argument("--no-vllm", action="store_true",
-                     help="skip the vLLM engine runs vllm_shared and pd (five engines at once, minutes)")
+                     help="skip the vLLM engine runs (vllm_shared and pd: five engines at once; routing: two; minutes)")
     bfl.add_argument("--vllm-quick", action="store_true", help="the engine runs on a tiny model and workload")
+    bfl.add_argument("--vllm-runs", type=_engine_runs, default=("pd", "routing"),
+                     help="which engine runs: pd (vllm_shared and pd, five servers), routing (two servers behind "
+                          "the routing proxy against round robin); comma-separated (default: pd,routing)")
     bfl.add_argument("--vllm-repeats", type=positive_int, default=3,
                      help="passes of the engine runs' workload on fresh documents (ratios: their medians)")
     bfl.set_defaults(fn=_cmd_bench_fleet)

@@ -45,7 +45,10 @@ and write those not in the shared tier to it, parents first (write-through, as t
 
 With `real_payload=True` it also moves real chunks through two `kvtier serve` processes sharing
 one folder (kvtier.bench.fleet_payload); the Redis payload figures are helper "redis"'s
-kvtier.bench.redis, merged in when that module exists.
+kvtier.bench.redis, merged in when that module exists. With `vllm_runs=True`, the engine runs
+named in `engine_runs`: "pd" (kvtier.bench.vllm_pd: `vllm_shared` and `pd`) and "routing"
+(kvtier.bench.vllm_routing: the `routing` row, two vLLM servers behind the routing proxy against
+round robin; the simulated rows' own routing is `simulated_routing`).
 """
 
 from __future__ import annotations
@@ -546,6 +549,18 @@ def judge_routing(rows: Sequence[FleetRow], at_hosts: int = 4, share: float = 0.
             "max_load_share": row.max_load_share, "met": met}
 
 
+ENGINE_RUNS = ("pd", "routing")
+
+
+def routing_line(row: dict[str, Any]) -> str:
+    ca, rr = row["cache_aware"], row["round_robin"]
+    return (f"routing (2 vLLM servers, real payloads): cache_aware_ttft_s {row['cache_aware_ttft_s']:.4f}, "
+            f"round_robin_ttft_s {row['round_robin_ttft_s']:.4f} (ratio {row['ttft_ratio']:.3f}); cached fraction "
+            f"{ca['cached_fraction']:.3f} vs {rr['cached_fraction']:.3f}; first visits {ca['first_visit_ttft_s']:.4f} "
+            f"vs {rr['first_visit_ttft_s']:.4f} s; cache_aware requests {ca['requests_per_server']} "
+            f"(max load share {row['max_load_share']:.3f})")
+
+
 def run_fleet_bench(
     trace_path: str | Path = DEFAULT_TRACE,
     json_out: str | Path | None = None,
@@ -558,10 +573,16 @@ def run_fleet_bench(
     vllm_runs: bool = False,
     vllm_quick: bool = False,
     vllm_repeats: int = 3,
+    engine_runs: Sequence[str] = ENGINE_RUNS,
 ) -> dict[str, Any]:
     """Simulate every H in `hosts`; write JSON (and a PNG); optionally the real-payload run and the
     vLLM engine runs `vllm_shared` and `pd` (bench/vllm_pd.py; `vllm_quick`: its small model;
-    `vllm_repeats`: workload passes on fresh documents, ratios reported as their medians)."""
+    `vllm_repeats`: workload passes on fresh documents, ratios reported as their medians), and
+    `routing` (bench/vllm_routing.py: two servers behind the routing proxy, against round robin);
+    `engine_runs` picks among them ("pd" runs vllm_shared and pd)."""
+    unknown = [r for r in engine_runs if r not in ENGINE_RUNS]
+    if unknown:
+        raise ValueError(f"unknown engine runs {unknown}; known: {', '.join(ENGINE_RUNS)}")
     if not hosts or any(h < 1 for h in hosts):
         raise ValueError(f"hosts must be a non-empty list of positive counts, got {list(hosts)}")
     if capacity_pct <= 0:
@@ -585,7 +606,7 @@ def run_fleet_bench(
         "requests": len(requests),
         "chunk_references": sum(len(r.hash_ids) for r in requests),
         "distinct_chunks": distinct,
-        "routing": "round-robin",
+        "simulated_routing": "round-robin",  # of the simulated rows (`routing` is the engine row)
         "cache_aware_routing": ("kvtier.router: longest cached prefix from the hosts' KV events (cached nowhere: the sticky "
                                 "host of the first chunk), each host within 1.5x its fair share"),
         "dram_policy": DRAM_POLICY,
@@ -607,7 +628,7 @@ def run_fleet_bench(
 
         result["folder_payload"] = run_payload(quiet=quiet)
         result["redis"] = redis_payload(quiet=quiet)
-    if vllm_runs:
+    if vllm_runs and "pd" in engine_runs:
         from kvtier.bench.vllm_pd import run_engine_runs
 
         engines = run_engine_runs(quick=vllm_quick, repeats=vllm_repeats)
@@ -618,6 +639,12 @@ def run_fleet_bench(
                 print(f"{run}: " + ", ".join(f"{k} {v}" for k, v in result[run].items()
                                              if k not in ("cached_tokens", "per_repeat")),
                       file=sys.stderr)
+    if vllm_runs and "routing" in engine_runs:
+        from kvtier.bench.vllm_routing import run_routing_runs
+
+        result["routing"] = run_routing_runs(quick=vllm_quick)
+        if not quiet:
+            print(routing_line(result["routing"]), file=sys.stderr)
     if not quiet:
         target = result["target"]
         shares = ", ".join(f"{k} {v:.3f}x" for k, v in target.get("vs_one_host", {}).items() if v is not None)

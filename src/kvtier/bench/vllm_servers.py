@@ -83,6 +83,8 @@ def server_args(llm: dict[str, Any], port: int) -> list[str]:
     args.append("--enable-prefix-caching" if llm["enable_prefix_caching"] else "--no-enable-prefix-caching")
     if llm.get("kv_transfer_config"):
         args += ["--kv-transfer-config", json.dumps(llm["kv_transfer_config"])]
+    if llm.get("kv_events_config"):
+        args += ["--kv-events-config", json.dumps(llm["kv_events_config"])]
     return args
 
 
@@ -181,3 +183,12 @@ class Server(Child):
 def proxy_args(prefill_url: str, decode_url: str, port: int, prefill_timeout_s: float) -> list[str]:
     return [sys.executable, "-m", "kvtier", "proxy", "--prefill", prefill_url, "--decode", decode_url,
             "--port", str(port), "--prefill-timeout", str(prefill_timeout_s)]
+
+
+def routing_proxy_args(instances: list[str], block_size: int, port: int) -> list[str]:
+    """`kvtier proxy` in its routing mode (bench/vllm_routing.py); `instances` as --instance takes them
+    (URL=EVENTS[=REPLAY])."""
+    args = [sys.executable, "-m", "kvtier", "proxy", "--block-size", str(block_size), "--port", str(port)]
+    for inst in instances:
+        args += ["--instance", inst]
+    return args

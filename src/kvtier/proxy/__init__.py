@@ -1,4 +1,5 @@
-"""`kvtier proxy`: an OpenAI-compatible front for a prefill and a decode vLLM instance (server.py)."""
+"""`kvtier proxy`: an OpenAI-compatible front for vLLM instances, in one of two modes: a prefill and
+a decode instance (server.py), or cache-aware routing over several instances (routing.py)."""
 
 from kvtier.proxy.server import ProxyConfig, make_app, run_proxy
 

@@ -1,8 +1,11 @@
-"""Cache-aware routing proxy: each request goes to the vLLM instance that holds its prefix.
+"""`kvtier proxy --instance ...`: each request goes to the vLLM instance that holds its prefix.
 
-    python -m kvtier.proxy.routing --block-size 16 --port 8000 \\
+    kvtier proxy --block-size 16 --port 8000 \\
         --instance http://10.0.0.1:8100=tcp://10.0.0.1:5557 \\
         --instance http://10.0.0.2:8100=tcp://10.0.0.2:5557=tcp://10.0.0.2:5558
+
+(`python -m kvtier.proxy.routing ARGS` is an alias of `kvtier proxy ARGS`; the command line is
+parsed once, in kvtier.cli.)
 
 Each `--instance URL=EVENTS[=REPLAY]` names an OpenAI-compatible vLLM instance and the ZMQ
 endpoint of its KV events (vLLM's `--kv-events-config`: its own GPU blocks, and through kvtier's
@@ -13,12 +16,13 @@ every instance kept within `max_load_share` (1.5) times its fair share of reques
 prompt's block hashes are those the events named for its tokens (KVIndex.prompt_hashes: events
 carry token_ids), so the router needs no copy of vLLM's hash function; a prompt given as text,
 or one no event named, scores 0 everywhere and goes to its sticky (or least-loaded) instance.
-GET /routing returns the per-instance request counts and the index's counters.
+GET /routing returns the per-instance request counts and the index's counters; GET /health is 200
+when every instance answers its /health (else 503 naming those that do not); GET /v1/models is
+the first instance's answer (all serve the same model).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -118,6 +122,8 @@ class Router:
                 "subscribers": {s.instance: {"applied": s.stats.applied, "gaps": s.stats.gaps,
                                              "unrecovered_gaps": s.stats.unrecovered_gaps,
                                              "bad_messages": s.stats.bad_messages} for s in self.subscribers},
+                "blocks": {i.url: {m: len(self.index.blocks(i.url, m)) for m in self.cfg.weights}
+                           for i in self.cfg.instances},
                 "requests_sent_to_a_cached_prefix": self.routed_hit_blocks}
 
     def close(self) -> None:
@@ -162,6 +168,35 @@ async def handle_routing_stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[ROUTER_KEY].stats())
 
 
+async def handle_health(request: web.Request) -> web.Response:
+    """200 when every instance answers /health, else 503 naming the ones that do not."""
+    session, cfg = request.app[SESSION_KEY], request.app[ROUTER_KEY].cfg
+    down = []
+    for inst in cfg.instances:
+        try:
+            async with session.get(inst.url + "/health") as resp:
+                if resp.status != 200:
+                    down.append(f"{inst.url} answered {resp.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            down.append(f"{inst.url}: {type(e).__name__}")
+    if down:
+        return error_response(503, "; ".join(down), "service_unavailable")
+    return web.json_response({"status": "ok"})
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    """/v1/models from the first instance that answers."""
+    session, cfg = request.app[SESSION_KEY], request.app[ROUTER_KEY].cfg
+    failures = []
+    for inst in cfg.instances:
+        try:
+            async with session.get(inst.url + "/v1/models") as resp:
+                return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            failures.append(f"{inst.url}: {type(e).__name__}")
+    return error_response(503, "no instance answered /v1/models: " + "; ".join(failures), "service_unavailable")
+
+
 def make_routing_app(cfg: RoutingConfig) -> web.Application:
     app = web.Application()
 
@@ -190,27 +225,25 @@ def make_routing_app(cfg: RoutingConfig) -> web.Application:
     for path in ROUTES:
         app.router.add_post(path, handle_routed)
     app.router.add_get("/routing", handle_routing_stats)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/v1/models", handle_models)
     return app
 
 
+def run_routing_proxy(cfg: RoutingConfig, host: str, port: int) -> None:
+    log.info("kvtier proxy on %s:%d: cache-aware routing over %s (block size %d, max load share %.2f)",
+             host, port, ", ".join(i.url for i in cfg.instances), cfg.block_size, cfg.max_load_share)
+    web.run_app(make_routing_app(cfg), host=host, port=port, print=None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvtier.proxy.routing", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--instance", action="append", required=True, help="URL=EVENTS[=REPLAY], once per instance")
-    ap.add_argument("--block-size", type=int, default=16, help="vLLM's --block-size (the events' block_size)")
-    ap.add_argument("--max-load-share", type=float, default=1.5)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    args = ap.parse_args(argv)
-    try:
-        cfg = RoutingConfig(tuple(parse_instance(v) for v in args.instance), block_size=args.block_size,
-                            max_load_share=args.max_load_share)
-    except ConfigError as e:
-        print(f"kvtier proxy: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO)
-    web.run_app(make_routing_app(cfg), host=args.host, port=args.port, print=None)
-    return 0
+    """`kvtier proxy` under another name (the routing mode's first entry point)."""
+    from kvtier.cli import main as cli_main
+
+    return cli_main(["proxy", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
