@@ -92,6 +92,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.softmax(s, dim=-1) @ v
 
 
+# the prefill writer's queue holds at most this much of the new KV (on the GPU until each job's copy)
+WRITER_MAX_BYTES = 1 << 30
 # streamed chunked-prefill attention scores at most this many bytes of float32 scores at once
 _STREAM_SCORE_BYTES = 256 << 20
 
@@ -156,7 +158,7 @@ class SparseKV:
         self._root = mode.digest(b"kvtier-sparse-request\0" + (salt if salt is not None else os.urandom(16)))
         self._open: _SpanSave | None = None  # the span whose layers are being appended
         # prefill's writes run beside the forward (bounded: two spans of jobs); None = synchronous
-        self._writer = BackgroundWriter(max_pending=2 * n_layers) if async_writes else None
+        self._writer = BackgroundWriter(max_pending=2 * n_layers, max_bytes=WRITER_MAX_BYTES) if async_writes else None
         self._saves: list[TransferHandle] = []
         # blocks of the span being saved (committed after the last layer): layer -> (first, K, V [H, mB, d])
         self._span: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
@@ -311,7 +313,8 @@ class SparseKV:
         if self._writer is None:
             self._write_layer(span, layer, k, v, summaries, last)
         else:
-            self._writer.submit(lambda: self._write_layer(span, layer, k, v, summaries, last))
+            self._writer.submit(lambda: self._write_layer(span, layer, k, v, summaries, last),
+                                k.numel() * k.element_size() + v.numel() * v.element_size())
 
     def _write_layer(self, span: _SpanSave, layer: int, k: torch.Tensor, v: torch.Tensor,
                      summaries: BlockSummaries, last: bool) -> None:

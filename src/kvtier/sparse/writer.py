@@ -5,8 +5,10 @@ thread. `submit(job)` queues one layer's save (device -> host copy, the per-(hea
 writes, the summaries' encoding, and after the last layer the commit) and returns at once; jobs
 run in order on one worker thread, so a span's layers reach the store's SaveBatch in layer order.
 
-    submit(job)     queue a job; blocks while `max_pending` jobs wait (bounded memory: each holds
-                    one layer's new KV); raises the first failed job's error (SparseWriteError)
+    submit(job, nbytes)  queue a job; blocks while `max_pending` jobs wait, or while the jobs waiting
+                    hold `max_bytes` (each holds one layer's new KV, on the GPU until its copy: a
+                    prefill's 16k-token chunks would otherwise queue gigabytes of it); one job is always
+                    let in; raises the first failed job's error (SparseWriteError)
     pending         jobs queued or running
     drain()         wait until every queued job ran; raises SparseWriteError if one failed
     close()         drain, then let the worker end; the writer is unusable after
@@ -27,10 +29,15 @@ from kvtier.sparse.errors import SparseWriteError
 
 
 class BackgroundWriter:
-    def __init__(self, max_pending: int = 8, name: str = "kvtier-sparse-writer") -> None:
+    def __init__(self, max_pending: int = 8, name: str = "kvtier-sparse-writer", max_bytes: int | None = None) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=max_pending)
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1 (or None: no bound), got {max_bytes}")
+        self._queue: queue.Queue[tuple[Callable[[], None], int]] = queue.Queue(maxsize=max_pending)
+        self.max_bytes = max_bytes
+        self._bytes = 0  # what the queued and running jobs hold
+        self._room = threading.Condition()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -41,11 +48,21 @@ class BackgroundWriter:
     def pending(self) -> int:
         return self._queue.unfinished_tasks
 
-    def submit(self, job: Callable[[], None]) -> None:
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def submit(self, job: Callable[[], None], nbytes: int = 0) -> None:
         self._raise_failed()
         if self._closed:
             raise RuntimeError("submit to a closed BackgroundWriter")
-        self._queue.put(job)  # blocks while the queue is full
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        with self._room:  # jobs ahead of this one hold a worker running, so the wait ends
+            while self.max_bytes is not None and self._bytes and self._bytes + nbytes > self.max_bytes:
+                self._room.wait()
+            self._bytes += nbytes
+        self._queue.put((job, nbytes))  # blocks while the queue is full
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
@@ -70,7 +87,7 @@ class BackgroundWriter:
         while True:
             with self._lock:
                 try:
-                    job = self._queue.get_nowait()
+                    job, nbytes = self._queue.get_nowait()
                 except queue.Empty:
                     self._thread = None  # submit starts a new worker for the next job
                     return
@@ -80,4 +97,7 @@ class BackgroundWriter:
             except BaseException as e:  # kept and re-raised to the caller, never lost on this thread
                 self._error = e
             finally:
+                with self._room:  # a skipped job frees its bytes too
+                    self._bytes -= nbytes
+                    self._room.notify_all()
                 self._queue.task_done()
