@@ -46,7 +46,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,8 +136,7 @@ class TieredStore:
         self.write_wait_s = 10.0  # longest allocate_memory waits for the writer to free a DRAM slot
         self._closed = False
         self._pool_watchers = PoolWatchers()
-        self._verify: TransferEngine | None = None  # verify_borrowed's threads, started on first use
-        self._verify_pool: ThreadPoolExecutor | None = None  # gather_here's parallel checksums
+        self._verify: TransferEngine | None = None  # checksum threads (verify_borrowed, gather_here), started on first use
         self._pool_rows: Any = None  # gather_here's torch view of the DRAM pool, [sections of every slot, layer_bytes]
 
     def _report_capacity(self) -> None:
@@ -340,11 +338,10 @@ class TieredStore:
                 work = [(sections[i], sums[keys[i]], int(secs[i]), i) for i in hit]
                 parts = _VERIFY_THREADS if len(work) * span * lb >= _VERIFY_PARALLEL_BYTES else 1
                 if parts > 1:  # xxh3 releases the GIL: a large gather's checksums run on several cores
-                    if self._verify_pool is None:
-                        self._verify_pool = ThreadPoolExecutor(parts, thread_name_prefix="kvtier-verify")
                     step = -(-len(work) // parts)
-                    for found in self._verify_pool.map(_failed_rows, [work[p : p + step] for p in range(0, len(work), step)]):
-                        bad.update(found)
+                    engine = self._verify_engine()
+                    for h in [engine.submit("verify", _failed_rows, work[p : p + step]) for p in range(0, len(work), step)]:
+                        bad.update(h.wait())
                 else:
                     bad.update(_failed_rows(work))
             mem.metrics.inc(m.HITS, len(hit) - len(bad), tier=mem.name)
@@ -963,11 +960,16 @@ class TieredStore:
             loaded = failed[0] if failed else len(entries)
             return LoadResult(loaded, failed, tuple("" if i in failed else "memory" for i in range(len(entries))))
 
+        return self._verify_engine().submit("verify", run)
+
+    def _verify_engine(self) -> TransferEngine:
+        """The store's checksum threads (xxh3 releases the GIL, so checks of a large read run on
+        several cores): started on first use, as many as the I/O threads or up to 8 cores."""
         with self._pending_lock:
             if self._verify is None:
                 threads = max(self.config.io_threads, min(8, os.cpu_count() or 1))
                 self._verify = TransferEngine(threads, "kvtier-verify")
-        return self._verify.submit("verify", run)
+            return self._verify
 
     def release_borrowed(self, entries: Sequence[Any]) -> None:
         """End a borrow_memory(): the slots may be evicted or reused again (safe after close)."""
@@ -993,8 +995,6 @@ class TieredStore:
         self._io.shutdown()
         if self._verify is not None:
             self._verify.shutdown()
-        if self._verify_pool is not None:
-            self._verify_pool.shutdown()
         for tier in self.tiers + self.lower_tiers:
             tier.close()
 
