@@ -36,7 +36,7 @@ from aiohttp import web
 
 from kvtier.core.config import check_fields, number_field
 from kvtier.core.errors import ConfigError
-from kvtier.proxy.server import HOP_HEADERS, ROUTES, _read_request, backend_url, error_response
+from kvtier.proxy.server import HOP_HEADERS, ROUTES, _read_request, backend_url, error_response, health_of
 from kvtier.router import CacheAwareRouter, EventSubscriber, KVIndex
 
 log = logging.getLogger("kvtier.proxy.routing")
@@ -170,18 +170,7 @@ async def handle_routing_stats(request: web.Request) -> web.Response:
 
 async def handle_health(request: web.Request) -> web.Response:
     """200 when every instance answers /health, else 503 naming the ones that do not."""
-    session, cfg = request.app[SESSION_KEY], request.app[ROUTER_KEY].cfg
-    down = []
-    for inst in cfg.instances:
-        try:
-            async with session.get(inst.url + "/health") as resp:
-                if resp.status != 200:
-                    down.append(f"{inst.url} answered {resp.status}")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            down.append(f"{inst.url}: {type(e).__name__}")
-    if down:
-        return error_response(503, "; ".join(down), "service_unavailable")
-    return web.json_response({"status": "ok"})
+    return await health_of(request.app[SESSION_KEY], [(inst.url, inst.url) for inst in request.app[ROUTER_KEY].cfg.instances])
 
 
 async def handle_models(request: web.Request) -> web.Response:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,20 +221,27 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
                               "bad_gateway")
 
 
-async def handle_health(request: web.Request) -> web.Response:
-    """200 when both instances answer /health, else 503 naming the one that does not."""
-    session, cfg = request.app[CLIENT_KEY], request.app[CONFIG_KEY]
+async def health_of(session: aiohttp.ClientSession, backends: Sequence[tuple[str, str]]) -> web.Response:
+    """200 when every backend (its name in messages, its base URL) answers /health, else 503 naming
+    those that do not."""
     down = []
-    for name, base in (("prefill", cfg.prefill_url), ("decode", cfg.decode_url)):
+    for backend, base in backends:
         try:
             async with session.get(base + "/health") as resp:
                 if resp.status != 200:
-                    down.append(f"{name} {base} answered {resp.status}")
+                    down.append(f"{backend} answered {resp.status}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            down.append(f"{name} {base}: {type(e).__name__}")
+            down.append(f"{backend}: {type(e).__name__}")
     if down:
         return error_response(503, "; ".join(down), "service_unavailable")
     return web.json_response({"status": "ok"})
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    """200 when both instances answer /health, else 503 naming the one that does not."""
+    cfg = request.app[CONFIG_KEY]
+    return await health_of(request.app[CLIENT_KEY], [(f"prefill {cfg.prefill_url}", cfg.prefill_url),
+                                                      (f"decode {cfg.decode_url}", cfg.decode_url)])
 
 
 def make_app(cfg: ProxyConfig) -> web.Application:
