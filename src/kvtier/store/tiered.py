@@ -955,10 +955,10 @@ class TieredStore:
             raise ValueError(f"layers {layer_list} outside 0..{self.layout.num_layers - 1}")
 
         def run() -> LoadResult:
-            failed = tuple(i for i, e in enumerate(entries)
-                           if e is None or memory is None or not memory.verify_borrowed(e, layer_list))
+            ok = [e is not None and memory is not None and memory.verify_borrowed(e, layer_list) for e in entries]
+            failed = tuple(i for i, good in enumerate(ok) if not good)
             loaded = failed[0] if failed else len(entries)
-            return LoadResult(loaded, failed, tuple("" if i in failed else "memory" for i in range(len(entries))))
+            return LoadResult(loaded, failed, tuple("memory" if good else "" for good in ok))
 
         return self._verify_engine().submit("verify", run)
 

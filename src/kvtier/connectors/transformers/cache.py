@@ -337,18 +337,17 @@ class KVTierCache(DynamicCache):
                 state.handle_units[id(check)] = units[u0:u0 + step]
                 checks.append(check)
             state.tier_handles["memory"].extend(checks)
-            pieces: list[tuple[int, torch.Tensor]] = []
+            runs: list[list[int]] = []  # [first row, pool offset, rows]
             whole = g0 == 0 and g1 == n_layers  # whole chunks: neighbouring slots are one piece
             for u, e in enumerate(entries):
                 if e is None:
                     continue
                 start = e.slot * cb + g0 * lb
-                if whole and pieces:
-                    row, prev = pieces[-1]
-                    if prev.data_ptr() + prev.numel() == pool[start:].data_ptr() and row + prev.numel() // span == u:
-                        pieces[-1] = (row, pool[prev.data_ptr() - pool.data_ptr():start + span])
-                        continue
-                pieces.append((u, pool[start:start + span]))
+                if whole and runs and runs[-1][0] + runs[-1][2] == u and runs[-1][1] + runs[-1][2] * span == start:
+                    runs[-1][2] += 1
+                else:
+                    runs.append([u, start, 1])
+            pieces = [(row, pool[off:off + n * span]) for row, off, n in runs]
             state.group_bufs[g0] = state.copies.gather(range(g0, g1), pieces, len(unit_keys), span)
             for layer in range(g0, g1):
                 state.group_start.append(g0)
