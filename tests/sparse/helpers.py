@@ -35,3 +35,18 @@ def config(policy: str = "quest", budget: int = 16, block: int = 4, sinks: int =
            **kw) -> SparseConfig:
     return SparseConfig(policy=policy, budget_tokens=budget, block_tokens=block, sink_tokens=sinks,
                         window_tokens=window, **kw)
+
+
+def dense_chunk_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int, scale: float,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain attention of queries q [Hq, hi - lo, d] at positions lo..hi-1 over k, v [H, >= hi, d]
+    (Hq a multiple of H: grouped queries), causal, and-ed with `mask` [hi - lo, hi] when given: the
+    reference for SparseKV.attend_dense after a chunked prefill."""
+    import torch.nn.functional as F
+
+    group = q.shape[0] // k.shape[0]
+    causal = torch.arange(hi).view(1, -1) <= torch.arange(lo, hi).view(-1, 1)
+    return F.scaled_dot_product_attention(
+        q.unsqueeze(0), k[:, :hi].repeat_interleave(group, 0).unsqueeze(0),
+        v[:, :hi].repeat_interleave(group, 0).unsqueeze(0),
+        attn_mask=causal if mask is None else causal & mask, scale=scale)[0]

@@ -11,7 +11,7 @@ from kvtier.sparse import BlockMissingError, SparseKV
 from kvtier.sparse.errors import WorkingSetMemoryError
 from kvtier.sparse.staging import HostStaging
 
-from .helpers import LAYOUT, config, make_store
+from .helpers import LAYOUT, config, dense_chunk_ref, make_store
 
 L, H, D, BT = 2, 2, 8, 4
 
@@ -101,7 +101,6 @@ def test_chunked_prefill_attention_gathered_or_streamed_is_exact(stream_tokens: 
     of `dense_stream_tokens` (8: a piece of 2 blocks, fewer than the 3 slots, so pieces of 3 blocks;
     score_bytes 600: a few query rows at a time, as a long chunk on a GPU) all equal causal sdpa over
     the whole context, GQA and a padding mask included."""
-    import torch.nn.functional as F
 
     from kvtier.sparse import kv as kv_module
 
@@ -118,11 +117,8 @@ def test_chunked_prefill_attention_gathered_or_streamed_is_exact(stream_tokens: 
     q = torch.randn(2 * H, 5, D, generator=g)  # the last 5 positions, 2 query heads per KV head
     pad = torch.ones(5, 45, dtype=torch.bool)
     pad[:, :3] = False
-    causal = torch.arange(45).view(1, -1) <= torch.arange(40, 45).view(-1, 1)
     for layer in range(L):
-        ref = F.scaled_dot_product_attention(q.unsqueeze(0), k[layer].repeat_interleave(2, 0).unsqueeze(0),
-                                             v[layer].repeat_interleave(2, 0).unsqueeze(0),
-                                             attn_mask=causal & pad, scale=D**-0.5)[0]
+        ref = dense_chunk_ref(q, k[layer], v[layer], 40, 45, D**-0.5, pad)
         assert torch.allclose(kv.attend_dense(layer, q, D**-0.5, pad), ref, atol=1e-5)
     store.close()
 
@@ -130,7 +126,6 @@ def test_chunked_prefill_attention_gathered_or_streamed_is_exact(stream_tokens: 
 def test_chunked_prefill_reuses_the_gathered_blocks_and_stays_exact() -> None:
     """Three prefill chunks: each attend_dense after the first reads from the store only the blocks
     completed since the previous chunk (the rest is kept gathered), and every output is exact."""
-    import torch.nn.functional as F
 
     store = make_store()
     kv = SparseKV(store, config("quest", budget=16), LAYOUT, salt=b"c")
@@ -144,10 +139,7 @@ def test_chunked_prefill_reuses_the_gathered_blocks_and_stays_exact() -> None:
                 continue
             before = kv.fetched_bytes
             q = torch.randn(2 * H, hi - lo, D, generator=g)
-            causal = torch.arange(hi).view(1, -1) <= torch.arange(lo, hi).view(-1, 1)
-            ref = F.scaled_dot_product_attention(q.unsqueeze(0), k[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0),
-                                                 v[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0),
-                                                 attn_mask=causal, scale=D**-0.5)[0]
+            ref = dense_chunk_ref(q, k[layer], v[layer], lo, hi, D**-0.5)
             assert torch.allclose(kv.attend_dense(layer, q, D**-0.5), ref, atol=1e-5)
             if i == 2:  # blocks 0..7 were gathered by chunk 2: at most the 4 new blocks 8..11 are read
                 assert kv.fetched_bytes - before <= 4 * 2 * H * store.layer_bytes
@@ -181,7 +173,6 @@ def test_the_context_prefill_gathered_is_released_when_decoding_starts() -> None
 
 
 def test_release_prefill_frees_the_gathered_context_and_a_later_chunk_stays_exact() -> None:
-    import torch.nn.functional as F
 
     store = make_store()
     kv = SparseKV(store, config("quest", budget=16), LAYOUT, salt=b"p")
@@ -192,10 +183,7 @@ def test_release_prefill_frees_the_gathered_context_and_a_later_chunk_stays_exac
             kv.append(layer, k[layer, :, lo:hi], v[layer, :, lo:hi])
             if lo:
                 q = torch.randn(2 * H, hi - lo, D, generator=g)
-                causal = torch.arange(hi).view(1, -1) <= torch.arange(lo, hi).view(-1, 1)
-                ref = F.scaled_dot_product_attention(
-                    q.unsqueeze(0), k[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0),
-                    v[layer, :, :hi].repeat_interleave(2, 0).unsqueeze(0), attn_mask=causal, scale=D**-0.5)[0]
+                ref = dense_chunk_ref(q, k[layer], v[layer], lo, hi, D**-0.5)
                 assert torch.allclose(kv.attend_dense(layer, q, D**-0.5), ref, atol=1e-5)
         kv.release_prefill()
         assert kv.device_bytes()["prefill_gathered"] == 0
