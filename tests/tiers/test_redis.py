@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("redis")
 
-from kvtier.bench.redis_servers import RedisClusterServers, RedisServer, redis_server_available  # noqa: E402
+from kvtier.bench.redis_servers import RedisServer, redis_server_available  # noqa: E402
 from kvtier.core import metrics as m  # noqa: E402
 from kvtier.core.codec import SECTION_SUMMARY  # noqa: E402
 from kvtier.core.config import (  # noqa: E402
@@ -484,13 +484,6 @@ def test_a_store_keeps_serving_dram_while_redis_is_down(server):
 
 
 # -- Redis Cluster --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    servers = RedisClusterServers(tmp_path_factory.mktemp("cluster")).start()
-    yield servers
-    servers.stop()
-
-
 def test_cluster_round_trip_across_nodes(cluster):
     tier = RedisTier(TINY, CHUNK, cfg(cluster.url, cluster=True))
     keys = keys_for(24, salt=20)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("redis")
 
-from kvtier.bench.redis_servers import RedisClusterServers, RedisServer, redis_server_available  # noqa: E402
+from kvtier.bench.redis_servers import RedisServer, redis_server_available  # noqa: E402
 from kvtier.core.config import LowerTierConfig, MemoryTierConfig, RedisTierConfig, StoreConfig  # noqa: E402
 from kvtier.core.errors import ConfigError  # noqa: E402
 from kvtier.store import TieredStore  # noqa: E402
@@ -397,13 +397,6 @@ def test_maxmemory_at_or_below_capacity_is_warned(tmp_path):
 
 
 # -- Redis Cluster ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    servers = RedisClusterServers(tmp_path_factory.mktemp("cluster-owner")).start()
-    yield servers
-    servers.stop()
-
-
 def test_cluster_owner_scans_every_master_and_evicts(cluster):
     host = RedisTier(TINY, CHUNK, ocfg(cluster.url, 100, owner=False, cluster=True))
     keys = keys_for(24, salt=16)
