@@ -63,7 +63,11 @@ if lay.exists():
     print(f"vllm_layouts: h2d_pinned_gbps={d['setup'].get('h2d_pinned_gbps')}")
     for c in d["cases"]:
         print(f"  {c['order']}: layers {c['layers']} byte_exact {c['byte_exact']} load_gbps {c['load_gbps']:.1f} "
-              f"(x{c.get('load_vs_pinned', 0):.2f} pinned) save_s {c['save_s']:.3f} pool {c.get('pool', '')}")
+              f"(x{c.get('load_vs_pinned', 0):.2f} pinned, direct_chunks {c.get('direct_chunks')}) "
+              f"save_s {c['save_s']:.3f} pool {c.get('pool', '')}")
+        if "staged_load_gbps" in c:
+            print(f"    staged: byte_exact {c['staged_byte_exact']} load_gbps {c['staged_load_gbps']:.1f} "
+                  f"(x{c.get('staged_load_vs_pinned', 0):.2f} pinned)")
 for f in sorted(out.glob("ttft_*.json")):
     d = json.loads(f.read_text())
     s = d["setup"]

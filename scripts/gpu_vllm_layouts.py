@@ -3,8 +3,12 @@ adapters and a real in-process store, under every KVCacheLayout order, with load
 same run's pinned host -> device bandwidth; and whether the store's DRAM pool is page-locked.
 
     python scripts/gpu_vllm_layouts.py --device cuda --json OUT.json        (the GPU check)
-    python scripts/gpu_vllm_layouts.py --device cpu --layers 2 --heads 2 --head-size 8 --blocks 256
+    python scripts/gpu_vllm_layouts.py --device cpu --layers 2 --heads 2 --head-size 8 --blocks 256 --direct on
                                                                             (a dry run of the same code)
+
+The measured order's loads run twice: as the worker runs them by default (direct loads straight
+out of the page-locked pool on CUDA: `direct_chunks` counts them) and through the staging arena
+(`staged_*` keys), side by side in the same run.
 
 No vLLM needed: the KV views are built the way vLLM 0.32's create_kv_cache_views builds them (one
 flat buffer per cache, logical [L, B, H, N, C] with strides from the layout's permutation). The
@@ -90,7 +94,7 @@ def pool_check(client: InProcessClient, device: str) -> dict[str, Any]:
     return out
 
 
-def check_order(name: str, lay: KVLayout, args: argparse.Namespace, repeats: int) -> dict[str, Any]:
+def check_order(name: str, lay: KVLayout, args: argparse.Namespace, repeats: int, measured: bool) -> dict[str, Any]:
     blocks, block = args.blocks, args.block
     cfg = StoreConfig(chunk_tokens=block, hash_mode="sha256",
                       memory=MemoryTierConfig(capacity_bytes=(blocks + 8) * lay.chunk_bytes(block)))
@@ -101,29 +105,38 @@ def check_order(name: str, lay: KVLayout, args: argparse.Namespace, repeats: int
         g = torch.Generator(device=args.device).manual_seed(1)
         for kv in src.values():
             kv.copy_(torch.randn(kv.shape, generator=g, device=args.device).to(kv.dtype))
-        dst = dict(zip(names, kv_views(lay, blocks, block, ORDERS[name], args.device), strict=True))
         root = client.namespace(f"gpu-layouts-{name}").root()
         keys = client.chunk_keys(root, list(range(blocks * block)))
         saved_blocks = np.random.default_rng(2).permutation(blocks).tolist()
 
-        def worker(kv: dict[str, torch.Tensor]) -> WorkerSide:
-            w = WorkerSide(StoreLink(lambda first: client, retry_after_s=0.0), tuple(names), lay, block)
+        def worker(kv: dict[str, torch.Tensor], direct: bool | None = None) -> WorkerSide:
+            w = WorkerSide(StoreLink(lambda first: client, retry_after_s=0.0), tuple(names), lay, block,
+                           direct_loads=direct)
             w.register(kv, "FLASH_ATTN", blocks)
             return w
 
-        saver, loader = worker(src), worker(dst)
+        saver = worker(src)
         save_s = run_steps(saver, StepPlan(saves=[SaveSpec("s", keys, saved_blocks, [0] * blocks, root, 0)]))
         load_plan = StepPlan(loads=[LoadSpec("l", keys, list(range(blocks)), [0] * blocks, None)])
-        loads = [run_steps(loader, load_plan) for _ in range(repeats + 1)][1:]  # the first pins the arena
-        failed = loader.take_failed_blocks()
         index = torch.tensor(saved_blocks, device=args.device)
-        exact = all(torch.equal(dst[n].view(torch.uint8), src[n].index_select(0, index).view(torch.uint8))
-                    for n in names)
         nbytes = blocks * lay.chunk_bytes(block)
-        load_s = statistics.median(loads)
-        row = {"order": name, "layers": lay.num_layers, "blocks": blocks, "bytes": nbytes, "byte_exact": exact,
-               "failed_blocks": len(failed), "saved_chunks": saver.stats.saved_chunks,
-               "save_s": save_s, "load_s": load_s, "loads_s": loads, "load_gbps": nbytes / load_s / 1e9}
+        row: dict[str, Any] = {"order": name, "layers": lay.num_layers, "blocks": blocks, "bytes": nbytes,
+                               "saved_chunks": saver.stats.saved_chunks, "save_s": save_s}
+        # the default (direct loads out of the page-locked pool where they run) and, for the measured
+        # order, the staged path beside it (the pool copied into a pinned arena first)
+        direct_mode = {"auto": None, "on": True, "off": False}[args.direct]
+        for mode, direct in [("", direct_mode)] + ([("staged_", False)] if measured else []):
+            dst = dict(zip(names, kv_views(lay, blocks, block, ORDERS[name], args.device), strict=True))
+            loader = worker(dst, direct)
+            loads = [run_steps(loader, load_plan) for _ in range(repeats + 1)][1:]  # the first pins the arena
+            failed = loader.take_failed_blocks()
+            exact = all(torch.equal(dst[n].view(torch.uint8), src[n].index_select(0, index).view(torch.uint8))
+                        for n in names)
+            load_s = statistics.median(loads)
+            row.update({f"{mode}byte_exact": exact, f"{mode}failed_blocks": len(failed),
+                        f"{mode}direct_chunks": loader.stats.direct_chunks,  # over the warm-up and the repeats f"{mode}load_s": load_s,
+                        f"{mode}loads_s": loads, f"{mode}load_gbps": nbytes / load_s / 1e9})
+            del dst
         if name == "LBNHC":
             row["pool"] = pool_check(client, args.device)
         return row
@@ -143,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--orders", default=",".join(ORDERS), help="comma-separated KVCacheLayout orders (first: measured)")
+    ap.add_argument("--direct", choices=["auto", "on", "off"], default="auto",
+                    help="the worker's direct_loads (auto: where the pool is page-locked on CUDA; on: also a CPU dry run)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     setup: dict[str, Any] = {"device": args.device, "torch": torch.__version__}
@@ -154,16 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(args.orders.split(",")):
         layers = args.layers if i == 0 else args.other_layers
         lay = KVLayout(num_layers=layers, num_kv_heads=args.heads, head_size=args.head_size, dtype=args.dtype)
-        row = check_order(name, lay, args, args.repeats if i == 0 else 1)
+        row = check_order(name, lay, args, args.repeats if i == 0 else 1, measured=i == 0)
         if "h2d_pinned_gbps" in setup:
             row["load_vs_pinned"] = row["load_gbps"] / setup["h2d_pinned_gbps"]
+            if "staged_load_gbps" in row:
+                row["staged_load_vs_pinned"] = row["staged_load_gbps"] / setup["h2d_pinned_gbps"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"setup": setup, "cases": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    ok = all(r["byte_exact"] and not r["failed_blocks"] and r["saved_chunks"] == r["blocks"] for r in rows)
+    ok = all(r["byte_exact"] and not r["failed_blocks"] and r["saved_chunks"] == r["blocks"]
+             and r.get("staged_byte_exact", True) and not r.get("staged_failed_blocks") for r in rows)
     print("all byte-exact" if ok else "NOT byte-exact or incomplete", file=sys.stderr)
     return 0 if ok else 1
 

@@ -283,6 +283,14 @@ class InProcessClient(StoreClient):
             self._host.wait_lease(lease_id)  # disk hits of the lease are now in DRAM
         return self.store.load(keys, arrays, layer_list)
 
+    def borrow_memory(self, keys: Sequence[bytes], lease_id: int | None = None) -> list[Any]:
+        """TieredStore.borrow_memory (chunks pinned in DRAM for reads in place; None where absent),
+        once the lease's disk hits are in DRAM: a GPU worker's direct loads out of the pool."""
+        keys = self._check_keys(keys)
+        if self._host is not None and lease_id is not None:
+            self._host.wait_lease(lease_id)
+        return self.store.borrow_memory(keys)
+
     def release(self, lease_id: int) -> None:
         if self._host is None:
             raise LeaseError(f"lease {lease_id} is not held (this store has no DRAM tier to pin in)")

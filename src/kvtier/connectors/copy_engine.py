@@ -9,6 +9,8 @@
     shared_pools(device)              the process's (load pool, save pool, SaveCopies) for a device
     LayerCopies(device, stream)       per-layer host -> device copies on a side stream, one event each
                                       (gather: a group of layers straight out of a page-locked pool)
+    pool_runs(starts, span)           (first row, pool offset, rows) runs of rows read out of a pool:
+                                      neighbouring slots are one copy
     SaveCopies(device)                device -> host copies of saves on another stream; what follows a copy
                                       (writing it to the store, publishing) runs once it completes, on a
                                       worker thread, so the forward never waits for a save
@@ -39,6 +41,8 @@ from kvtier.sparse.errors import UnsupportedModelError
 log = logging.getLogger(__name__)
 
 PROBE_BYTES = 64 << 20
+DIRECT_GROUP_BYTES = 4 << 20  # direct loads: layers per copy group so that one chunk's piece is about this big
+VERIFY_JOB_BYTES = 64 << 20  # direct loads: bytes checked per job on the store's verify threads
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
@@ -160,6 +164,19 @@ class DoneEvent:
 
     def synchronize(self) -> None:
         return None
+
+
+def pool_runs(starts: Sequence[tuple[int, int]], span: int) -> list[list[int]]:
+    """[first row, pool offset, rows] runs for rows read out of a pool: `starts` are (row, pool offset
+    of the row's `span` bytes) in row order; a row that follows the last run in both row and offset
+    extends it, so neighbouring slots move as one copy rather than one per row."""
+    runs: list[list[int]] = []
+    for row, off in starts:
+        if runs and runs[-1][0] + runs[-1][2] == row and runs[-1][1] + runs[-1][2] * span == off:
+            runs[-1][2] += 1
+        else:
+            runs.append([row, off, 1])
+    return runs
 
 
 class LayerCopies:

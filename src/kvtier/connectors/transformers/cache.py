@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvtier.connectors.copy_engine import DoneEvent, LayerCopies
+from kvtier.connectors.copy_engine import VERIFY_JOB_BYTES, DoneEvent, LayerCopies, pool_runs
 from kvtier.connectors.transformers.compat import DynamicCache, DynamicLayer, UnsupportedModelError
 from kvtier.core.errors import KVTierError, LayoutMismatchError
 
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
     from kvtier.connectors.transformers.connector import TransformersConnector
 
 DISK_LOAD_GROUPS = 4  # whole-chunk disk loads are split in this many requests (parallel I/O threads)
-VERIFY_JOB_BYTES = 64 << 20  # direct loads: bytes checked per job on the store's verify threads
 
 
 class PrefixLoadError(KVTierError):
@@ -337,16 +336,8 @@ class KVTierCache(DynamicCache):
                 state.handle_units[id(check)] = units[u0:u0 + step]
                 checks.append(check)
             state.tier_handles["memory"].extend(checks)
-            runs: list[list[int]] = []  # [first row, pool offset, rows]
-            whole = g0 == 0 and g1 == n_layers  # whole chunks: neighbouring slots are one piece
-            for u, e in enumerate(entries):
-                if e is None:
-                    continue
-                start = e.slot * cb + g0 * lb
-                if whole and runs and runs[-1][0] + runs[-1][2] == u and runs[-1][1] + runs[-1][2] * span == start:
-                    runs[-1][2] += 1
-                else:
-                    runs.append([u, start, 1])
+            # whole chunks (one group of every layer): neighbouring slots are one piece
+            runs = pool_runs([(u, e.slot * cb + g0 * lb) for u, e in enumerate(entries) if e is not None], span)
             pieces = [(row, pool[off:off + n * span]) for row, off, n in runs]
             state.group_bufs[g0] = state.copies.gather(range(g0, g1), pieces, len(unit_keys), span)
             for layer in range(g0, g1):

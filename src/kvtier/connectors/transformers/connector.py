@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from kvtier.connectors.copy_engine import (
+    DIRECT_GROUP_BYTES,
     host_registry,
     model_device,
     page_lock_pool,
@@ -71,7 +72,6 @@ CONNECTOR = "transformers"
 SAVE_FAILURES = m.SAVE_FAILURES
 PREFILL_TOKENS = m.PREFILL_TOKENS
 MAX_ATTEMPTS = 4  # prepare + forward tries after load failures; the last one loads nothing
-DIRECT_GROUP_BYTES = 4 << 20  # direct loads: layers per copy group so that one chunk's piece is about this big
 
 
 class TransformersConnector:

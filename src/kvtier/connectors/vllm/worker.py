@@ -49,6 +49,16 @@ CUDA, at once on the CPU) and the commit is queued behind the writes, so chunks 
 their copies complete and the forward never waits for a save. A step's end makes the compute
 stream wait for the save stream (GPU-side), so blocks vLLM reuses are not overwritten under a
 copy still reading them. On a CPU cache the same calls run synchronously.
+
+Direct loads (batched adapters, an in-process store, its DRAM pool page-locked on CUDA; forced
+with direct_loads=True, which runs the same code on CPU tensors): a step's hits are not copied into
+the arena at all. Their chunks are borrowed from the store (pinned against eviction), checked
+against their checksums on the store's verify threads while the GPU copies them straight out of
+the pool's slots on the load stream, in batches of about DIRECT_DEVICE_BYTES (one copy per run of
+neighbouring slots, then one index_copy_ per layer into vLLM's pages), and handed back once the
+last copy completed. The host does no copy of its own, so a load runs at the pinned host -> device
+speed rather than at one CPU thread's memcpy. A chunk gone from DRAM or failing its checksum is
+reported at the step's end with its blocks zeroed, as for a staged load.
 """
 
 from __future__ import annotations
@@ -63,8 +73,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtier.client.api import LayeredLoad, SaveSession, StoreClient, WholeLoad
-from kvtier.connectors.copy_engine import DoneEvent, SaveCopies, SideStream, page_lock_pool, staging_buffer
+from kvtier.client.api import InProcessClient, LayeredLoad, SaveSession, StoreClient, WholeLoad
+from kvtier.connectors.copy_engine import (
+    DIRECT_GROUP_BYTES,
+    VERIFY_JOB_BYTES,
+    DoneEvent,
+    SaveCopies,
+    SideStream,
+    host_registry,
+    page_lock_pool,
+    pool_runs,
+    staging_buffer,
+)
 from kvtier.connectors.vllm.layouts import BlockAdapter, UnsupportedLayoutError, make_adapter
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
@@ -72,10 +92,13 @@ from kvtier.core.codec import SECTION_BLOCK_HASHES
 from kvtier.core.errors import KVTierError
 from kvtier.core.layout import KVLayout
 from kvtier.service.protocol import LeaseError
+from kvtier.store.tiered import LoadResult, TieredStore
+from kvtier.store.transfer import TransferHandle
 
 log = logging.getLogger("kvtier.connectors.vllm")
 
 STORE_ERRORS = (KVTierError, OSError)
+DIRECT_DEVICE_BYTES = 256 << 20  # direct loads: device bytes of one batch of chunks copied out of the pool
 
 
 def _chain(fns: list[Callable[[], None]]) -> Callable[[], None]:
@@ -97,6 +120,16 @@ class _LayerLoad:
 
 
 @dataclass(slots=True)
+class _DirectLoads:
+    """A step's loads copied straight out of an in-process store's page-locked DRAM pool."""
+    store: TieredStore
+    entries: list[list[Any]]  # per load spec, its borrowed chunks (None: not in DRAM, failed)
+    checks: list[list[tuple[TransferHandle[LoadResult], int, int]]]  # per spec: (verify job, its chunks u0..u1)
+    copy_error: str | None = None  # queueing a copy failed: every chunk of the step is failed
+    last_event: Any = None  # the last copy out of the pool: the borrowed slots are released after it
+
+
+@dataclass(slots=True)
 class _Save:
     spec: SaveSpec
     session: SaveSession | None
@@ -109,6 +142,7 @@ class WorkerStats:
     loaded_chunks: int = 0
     failed_chunks: int = 0
     saved_chunks: int = 0
+    direct_chunks: int = 0  # chunks loaded straight out of the store's pool (direct loads)
     tiers: dict[str, int] = field(default_factory=dict)
     # per request, since vLLM last took them (get_kv_connector_stats): for vLLM's /metrics
     load_seconds: list[float] = field(default_factory=list)
@@ -117,8 +151,11 @@ class WorkerStats:
 
 class WorkerSide:
     def __init__(self, link: StoreLink, layer_names: tuple[str, ...], layout: KVLayout, block_size: int,
-                 chunk_tokens: int | None = None) -> None:
+                 chunk_tokens: int | None = None, direct_loads: bool | None = None) -> None:
         self.link = link
+        # None: direct loads where they pay (a batched GPU layout, an in-process store, its pool page-locked);
+        # True: wherever the layout is batched and the store in-process (tests run the same code on the CPU)
+        self.direct_loads = direct_loads
         self.layer_names = layer_names
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.layout = layout
@@ -144,6 +181,8 @@ class WorkerSide:
         self._pool_watched: StoreClient | None = None  # the client whose pool was page-locked
         self._layer_events: dict[int, Any] = {}  # batched loads: this step's copy event per layer
         self._load_stream_ordered = False  # the load stream waited for the compute stream this step
+        self._direct: _DirectLoads | None = None  # this step's direct loads until they are finished
+        self._pool_t: tuple[TieredStore, torch.Tensor] | None = None  # the pool direct loads copy out of
 
     # -- setup ---------------------------------------------------------------------------
     def register(self, kv_caches: Mapping[str, Any], backend: str, num_blocks: int) -> None:
@@ -163,10 +202,16 @@ class WorkerSide:
                                          "with different layouts are not supported")
         self.device = devices.pop()
         self.batched = kinds.pop() and not self.sub_block
+        if self.direct_loads and not self.batched:
+            raise UnsupportedLayoutError(f"direct_loads=True needs a batched GPU layout (FLASH_ATTN, TRITON_ATTN, "
+                                         f"FLEX_ATTENTION) with whole-block chunks, not {backend}")
         if self.batched:
             self._load_stream, self._save_stream = SideStream(self.device), SideStream(self.device)
             self._save_copies = SaveCopies(self.device)
-        self._client()  # page-lock the store's pool now when the cache is on a GPU
+        client = self._client()  # page-lock the store's pool now when the cache is on a GPU
+        if self.direct_loads and client is not None and self._direct_store(client) is None:
+            raise ValueError("direct_loads=True needs an in-process store with a DRAM tier (a kvtier serve "
+                             "client's loads are copied through staging)")
 
     def _client(self) -> StoreClient | None:
         """The link's client; on CUDA its DRAM pool is page-locked (once per client: a reconnect
@@ -194,9 +239,15 @@ class WorkerSide:
         client copies every layer's sections straight into vLLM's pages, layer by layer,
         and the lease is released once, after the forward pass.
         """
-        if not self.plan.loads or self._loads:
+        if not self.plan.loads or self._loads or self._direct is not None:
             return
         self._loads_started = time.perf_counter()
+        client = self._client()
+        store = self._direct_store(client) if client is not None else None
+        if store is not None:
+            assert isinstance(client, InProcessClient)
+            self._start_direct_loads(client, store)
+            return
         if self.sub_block or self.batched:
             self._start_staged_loads()
             return
@@ -218,6 +269,127 @@ class WorkerSide:
                     client = None
             entries.append(_LayerLoad(spec, load, finishers, layerwise))
         self._loads = entries
+
+    def _direct_store(self, client: StoreClient) -> TieredStore | None:
+        """The in-process store whose pool this step's loads copy out of (None: load through staging)."""
+        if not self.batched or self.direct_loads is False or not isinstance(client, InProcessClient):
+            return None
+        store = client.store
+        if store.memory is None:
+            return None
+        if self.direct_loads is None:  # where it pays: the copies out of a page-locked pool are asynchronous
+            if self.device.type != "cuda":
+                return None
+            region = store.memory.pool_region()
+            if (region.address, region.nbytes) not in host_registry().registered():
+                return None
+        return store
+
+    def _pool_tensor(self, store: TieredStore) -> torch.Tensor:
+        if self._pool_t is None or self._pool_t[0] is not store:
+            self._pool_t = (store, torch.from_numpy(store.pool_array()))
+        return self._pool_t[1]
+
+    def _start_direct_loads(self, client: InProcessClient, store: TieredStore) -> None:
+        """Every load of the step straight out of the store's DRAM pool: the chunks are borrowed (no
+        eviction reuses their slots), checked on the store's verify threads while they are copied, and
+        copied on the load stream in batches of about DIRECT_DEVICE_BYTES: one copy per run of
+        neighbouring slots (a group of about DIRECT_GROUP_BYTES of layers per chunk, so usually whole
+        chunks) into a device buffer, then one index_copy_ per layer into vLLM's pages. Each layer
+        has its group's event; nothing waits on the CPU. A chunk not in DRAM or failing its checksum is
+        reported failed at the step's end and its blocks zeroed (vLLM recomputes them)."""
+        lay = self.layout
+        n_layers = lay.num_layers
+        lb = lay.layer_bytes(self.chunk_tokens)
+        cb = n_layers * lb
+        step = _DirectLoads(store, [], [])
+        blocks: list[int] = []  # every borrowed chunk of the step: its block and entry, in one list
+        found: list[Any] = []
+        per_job = max(1, VERIFY_JOB_BYTES // cb)
+        for spec in self.plan.loads:
+            entries: list[Any] = [None] * len(spec.keys)
+            checks: list[tuple[TransferHandle[LoadResult], int, int]] = []
+            try:
+                entries = client.borrow_memory(spec.keys, spec.lease_id)
+                for u0 in range(0, len(entries), per_job):
+                    u1 = min(len(entries), u0 + per_job)
+                    checks.append((store.verify_borrowed(entries[u0:u1], range(n_layers)), u0, u1))
+            except STORE_ERRORS as e:
+                self.link.failed(e)
+                checks = []
+            step.entries.append(entries)
+            step.checks.append(checks)
+            for block, entry in zip(spec.block_ids, entries, strict=True):
+                if entry is not None:
+                    blocks.append(block)
+                    found.append(entry)
+        self._direct = step
+        self._layer_events = {}
+        if not found:
+            return
+        assert self._load_stream is not None
+        self._load_stream.run(lambda: None, after_compute=True)  # the last step may still read these blocks
+        pool = self._pool_tensor(store)
+        group = max(1, min(n_layers, -(-DIRECT_GROUP_BYTES // lb)))
+        for g0 in range(0, n_layers, group):
+            g1 = min(n_layers, g0 + group)
+            span = (g1 - g0) * lb
+            rows = max(1, DIRECT_DEVICE_BYTES // span)
+
+            def place(g0: int = g0, g1: int = g1, span: int = span, rows: int = rows) -> None:
+                for r0 in range(0, len(found), rows):
+                    part = found[r0:r0 + rows]
+                    buf = torch.empty((len(part), span), dtype=torch.uint8, device=self.device)
+                    flat = buf.view(-1)
+                    for row, off, n in pool_runs([(i, e.slot * cb + g0 * lb) for i, e in enumerate(part)], span):
+                        flat[row * span:(row + n) * span].copy_(pool[off:off + n * span], non_blocking=True)
+                    for layer in range(g0, g1):
+                        j = (layer - g0) * lb
+                        self.adapters[self.layer_names[layer]].scatter_device(blocks[r0:r0 + rows], buf[:, j:j + lb])
+
+            try:
+                _, event = self._load_stream.run(place)
+            except RuntimeError as e:  # a CUDA error (or out of memory) queueing the copies: all recomputed
+                step.copy_error = f"{type(e).__name__}: {e}"
+                log.warning("kvtier: direct load copies failed (%s); vLLM recomputes those blocks", step.copy_error)
+                break
+            for layer in range(g0, g1):
+                self._layer_events[layer] = event
+            step.last_event = event
+
+    def _finish_direct_loads(self, step: _DirectLoads) -> None:
+        """Wait for the step's checksum jobs; report (and zero) every chunk that failed; hand the
+        borrowed chunks back once the last copy out of their slots has completed."""
+        for spec, entries, checks in zip(self.plan.loads, step.entries, step.checks, strict=True):
+            failed = {i for i, e in enumerate(entries) if e is None}
+            if step.copy_error is not None or (not checks and entries):
+                failed = set(range(len(entries)))
+            else:
+                for handle, u0, u1 in checks:
+                    try:
+                        failed.update(u0 + i for i in handle.wait().failed)
+                    except STORE_ERRORS as e:
+                        self.link.failed(e)
+                        failed.update(range(u0, u1))
+            good = len(entries) - len(failed)
+            if good:
+                self.stats.tiers["memory"] = self.stats.tiers.get("memory", 0) + good
+                self.stats.direct_chunks += good
+            if failed:
+                bad = sorted(failed)
+                self._fail_load(spec, bad)
+                self._clear_blocks([spec.block_ids[i] for i in bad])
+            self._load_done(spec)
+        borrowed = [e for entries in step.entries for e in entries if e is not None]
+        if borrowed:
+            store = step.store
+
+            def release_failed(e: BaseException) -> None:
+                log.warning("kvtier: releasing borrowed DRAM chunks failed: %s: %s", type(e).__name__, e)
+
+            assert self._save_copies is not None
+            self._save_copies.then(step.last_event or DoneEvent(), lambda: store.release_borrowed(borrowed),
+                                   release_failed)
 
     def _staging(self, chunks: int) -> list[np.ndarray]:
         """Per layer, [chunks, section bytes] rows of the staging arena (grown, never shrunk).
@@ -295,6 +467,11 @@ class WorkerSide:
 
     def wait_layer(self, name: str) -> None:
         """Return once layer `name` of every load of this step is in vLLM's pages."""
+        if self._direct is not None:  # the forward's stream waits for this layer's copies (no CPU wait)
+            event = self._layer_events.get(self.layer_index.get(name, -1))
+            if event is not None and self._load_stream is not None:
+                self._load_stream.wait(event)
+            return
         if not self._loads:
             return
         layer = self.layer_index.get(name)
@@ -325,6 +502,10 @@ class WorkerSide:
 
     def _finish_loads(self) -> None:
         """Wait for every load of the step; account failures, run finishers, release leases."""
+        if self._direct is not None:
+            step, self._direct = self._direct, None
+            self._finish_direct_loads(step)
+            return
         entries, self._loads = self._loads, []
         for entry in entries:
             spec = entry.spec
