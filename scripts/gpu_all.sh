@@ -13,14 +13,15 @@ mkdir -p "$OUT"
 work=$(mktemp -d /tmp/kvtier-gpu-XXXX)
 export PYTHONUNBUFFERED=1
 total=${TOTAL:-560}
-COPY_STEPS=${COPY_STEPS:-"llama8b_bf16 vllm_layouts llama8b_throttled"}  # issue 17's measured steps, in order
+COPY_STEPS=${COPY_STEPS:-"llama8b_bf16 vllm_layouts vllm_layouts_service llama8b_throttled"}  # issue 17's measured steps, in order
 (
     OUT=$work/sparse ONLY=correctness CAP_correctness=${CAP_correctness:-70} bash scripts/gpu_check_sparse.sh \
         > "$work/sparse_correctness.out" 2>&1 &
     OUT=$work/copy ONLY=tiny_cuda CAP_tiny_cuda=45 bash scripts/gpu_check.sh > "$work/copy_tiny.out" 2>&1
     wait
     OUT=$work/copy ONLY="$COPY_STEPS" CAP_llama8b_bf16=${CAP_llama8b_bf16:-180} \
-        CAP_vllm_layouts=${CAP_vllm_layouts:-60} CAP_llama8b_throttled=${CAP_llama8b_throttled:-50} \
+        CAP_vllm_layouts=${CAP_vllm_layouts:-60} CAP_vllm_layouts_service=${CAP_vllm_layouts_service:-45} \
+        CAP_llama8b_throttled=${CAP_llama8b_throttled:-50} \
         CAP_llama8b_fp32_8k=${CAP_llama8b_fp32_8k:-60} bash scripts/gpu_check.sh
     OUT=$work/sparse ONLY=llama8b CAP_llama8b=${CAP_sparse:-200} bash scripts/gpu_check_sparse.sh
 ) &

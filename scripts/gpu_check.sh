@@ -53,14 +53,19 @@ step llama8b_throttled 75 -m kvtier bench ttft --device cuda --shape llama-8b --
 #    save -> load through the batched adapters and an in-process store, byte-exact under every
 #    KVCacheLayout order, load_gbps against pinned h2d; whether the store's pool is page-locked
 step vllm_layouts 115 scripts/gpu_vllm_layouts.py --device cuda --json "$OUT/vllm_layouts.json"
+# 6. the same load through a `kvtier serve` started there (what vLLM's worker talks to): the worker's direct
+#    loads read the service's shared-memory pool, registered with CUDA by the client
+step vllm_layouts_service 60 scripts/gpu_vllm_layouts.py --device cuda --client service --orders LBNHC \
+    --json "$OUT/vllm_layouts_service.json"
 
 "$PY" - "$OUT" >> "$OUT/summary.txt" 2>&1 <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-lay = out / "vllm_layouts.json"
-if lay.exists():
+for lay in (out / "vllm_layouts.json", out / "vllm_layouts_service.json"):
+    if not lay.exists():
+        continue
     d = json.loads(lay.read_text())
-    print(f"vllm_layouts: h2d_pinned_gbps={d['setup'].get('h2d_pinned_gbps')}")
+    print(f"{lay.stem}: client {d['setup'].get('client')} h2d_pinned_gbps={d['setup'].get('h2d_pinned_gbps')}")
     for c in d["cases"]:
         print(f"  {c['order']}: layers {c['layers']} byte_exact {c['byte_exact']} load_gbps {c['load_gbps']:.1f} "
               f"(x{c.get('load_vs_pinned', 0):.2f} pinned, direct_chunks {c.get('direct_chunks')}) "

@@ -3,6 +3,7 @@ adapters and a real in-process store, under every KVCacheLayout order, with load
 same run's pinned host -> device bandwidth; and whether the store's DRAM pool is page-locked.
 
     python scripts/gpu_vllm_layouts.py --device cuda --json OUT.json        (the GPU check)
+    python scripts/gpu_vllm_layouts.py --device cuda --client service ...   (through a `kvtier serve`, as vLLM)
     python scripts/gpu_vllm_layouts.py --device cpu --layers 2 --heads 2 --head-size 8 --blocks 256 --direct on
                                                                             (a dry run of the same code)
 
@@ -20,16 +21,21 @@ to every layer placed (synchronized), after one warm-up round trip; the median o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvtier.client.api import InProcessClient
+from kvtier.client.api import InProcessClient, StoreClient, connect
 from kvtier.connectors.copy_engine import host_registry, host_to_device_probe, synchronize
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
@@ -71,15 +77,14 @@ def run_steps(worker: WorkerSide, plan: StepPlan) -> float:
     return time.perf_counter() - t0
 
 
-def pool_check(client: InProcessClient, device: str) -> dict[str, Any]:
-    """Is the store's pool page-locked, and how fast does a slice of it reach the device."""
-    mem = client.store.memory
-    assert mem is not None
-    region = mem.pool_region()
+def pool_check(client: StoreClient, device: str) -> dict[str, Any]:
+    """Is the client's pool page-locked, and how fast does a slice of it reach the device."""
+    region = client.lendable_pool()
+    assert region is not None
     out: dict[str, Any] = {"pool_bytes": region.nbytes,
                            "registered": (region.address, region.nbytes) in host_registry().registered()}
     n = min(region.nbytes, 1 << 30)
-    src = torch.from_numpy(np.frombuffer(mem._pool, dtype=np.uint8)[:n])  # noqa: SLF001 - a check script
+    src = torch.frombuffer((ctypes.c_uint8 * n).from_address(region.address), dtype=torch.uint8)
     out["pool_is_pinned"] = bool(src.is_pinned()) if torch.device(device).type == "cuda" else False
     if torch.device(device).type == "cuda":
         dst = torch.empty(n, dtype=torch.uint8, device=device)
@@ -98,50 +103,78 @@ def check_order(name: str, lay: KVLayout, args: argparse.Namespace, repeats: int
     blocks, block = args.blocks, args.block
     cfg = StoreConfig(chunk_tokens=block, hash_mode="sha256",
                       memory=MemoryTierConfig(capacity_bytes=(blocks + 8) * lay.chunk_bytes(block)))
-    client = InProcessClient(TieredStore(cfg, lay))
-    try:
-        names = [f"model.layers.{i}.self_attn.attn" for i in range(lay.num_layers)]
-        src = dict(zip(names, kv_views(lay, blocks, block, ORDERS[name], args.device), strict=True))
-        g = torch.Generator(device=args.device).manual_seed(1)
-        for kv in src.values():
-            kv.copy_(torch.randn(kv.shape, generator=g, device=args.device).to(kv.dtype))
-        root = client.namespace(f"gpu-layouts-{name}").root()
-        keys = client.chunk_keys(root, list(range(blocks * block)))
-        saved_blocks = np.random.default_rng(2).permutation(blocks).tolist()
+    with contextlib.ExitStack() as stack:
+        client = open_client(args.client, cfg, lay, stack)
+        return check_order_with(client, name, lay, args, repeats, measured)
 
-        def worker(kv: dict[str, torch.Tensor], direct: bool | None = None) -> WorkerSide:
-            w = WorkerSide(StoreLink(lambda first: client, retry_after_s=0.0), tuple(names), lay, block,
-                           direct_loads=direct)
-            w.register(kv, "FLASH_ATTN", blocks)
-            return w
 
-        saver = worker(src)
-        save_s = run_steps(saver, StepPlan(saves=[SaveSpec("s", keys, saved_blocks, [0] * blocks, root, 0)]))
-        load_plan = StepPlan(loads=[LoadSpec("l", keys, list(range(blocks)), [0] * blocks, None)])
-        index = torch.tensor(saved_blocks, device=args.device)
-        nbytes = blocks * lay.chunk_bytes(block)
-        row: dict[str, Any] = {"order": name, "layers": lay.num_layers, "blocks": blocks, "bytes": nbytes,
-                               "saved_chunks": saver.stats.saved_chunks, "save_s": save_s}
-        # the default (direct loads out of the page-locked pool where they run) and, for the measured
-        # order, the staged path beside it (the pool copied into a pinned arena first)
-        direct_mode = {"auto": None, "on": True, "off": False}[args.direct]
-        for mode, direct in [("", direct_mode)] + ([("staged_", False)] if measured else []):
-            dst = dict(zip(names, kv_views(lay, blocks, block, ORDERS[name], args.device), strict=True))
-            loader = worker(dst, direct)
-            loads = [run_steps(loader, load_plan) for _ in range(repeats + 1)][1:]  # the first pins the arena
-            failed = loader.take_failed_blocks()
-            exact = all(torch.equal(dst[n].view(torch.uint8), src[n].index_select(0, index).view(torch.uint8))
-                        for n in names)
-            load_s = statistics.median(loads)
-            row.update({f"{mode}byte_exact": exact, f"{mode}failed_blocks": len(failed),
-                        f"{mode}direct_chunks": loader.stats.direct_chunks,  # over the warm-up and the repeats f"{mode}load_s": load_s,
-                        f"{mode}loads_s": loads, f"{mode}load_gbps": nbytes / load_s / 1e9})
-            del dst
-        if name == "LBNHC":
-            row["pool"] = pool_check(client, args.device)
-        return row
-    finally:
-        client.close()
+def open_client(kind: str, cfg: StoreConfig, lay: KVLayout, stack: contextlib.ExitStack) -> StoreClient:
+    """An in-process store, or a `kvtier serve` started here (what vLLM's worker talks to) and its client."""
+    if kind == "inprocess":
+        return stack.enter_context(InProcessClient(TieredStore(cfg, lay)))
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="kvt-", dir="/tmp"))
+    sock = os.path.join(folder, "kv.sock")
+    conf = {"layout": {"num_layers": lay.num_layers, "num_kv_heads": lay.num_kv_heads, "head_size": lay.head_size,
+                       "dtype": lay.dtype},
+            "store": {"chunk_tokens": cfg.chunk_tokens, "hash_mode": cfg.hash_mode,
+                      "memory": {"capacity_bytes": cfg.memory.capacity_bytes if cfg.memory else 0}},
+            "socket_path": sock}
+    path = os.path.join(folder, "service.json")
+    with open(path, "w") as f:
+        json.dump(conf, f)
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.service", "--config", path])
+    stack.callback(lambda: (proc.terminate(), proc.wait(timeout=60)))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"kvtier service did not start (exit {proc.poll()})")
+        time.sleep(0.05)
+    return stack.enter_context(connect({"mode": "service", "socket_path": sock, "connect_timeout_s": 60}))
+
+
+def check_order_with(client: StoreClient, name: str, lay: KVLayout, args: argparse.Namespace, repeats: int,
+                     measured: bool) -> dict[str, Any]:
+    blocks, block = args.blocks, args.block
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(lay.num_layers)]
+    src = dict(zip(names, kv_views(lay, blocks, block, ORDERS[name], args.device), strict=True))
+    g = torch.Generator(device=args.device).manual_seed(1)
+    for kv in src.values():
+        kv.copy_(torch.randn(kv.shape, generator=g, device=args.device).to(kv.dtype))
+    root = client.namespace(f"gpu-layouts-{name}").root()
+    keys = client.chunk_keys(root, list(range(blocks * block)))
+    saved_blocks = np.random.default_rng(2).permutation(blocks).tolist()
+
+    def worker(kv: dict[str, torch.Tensor], direct: bool | None = None) -> WorkerSide:
+        w = WorkerSide(StoreLink(lambda first: client, retry_after_s=0.0), tuple(names), lay, block,
+                       direct_loads=direct)
+        w.register(kv, "FLASH_ATTN", blocks)
+        return w
+
+    saver = worker(src)
+    save_s = run_steps(saver, StepPlan(saves=[SaveSpec("s", keys, saved_blocks, [0] * blocks, root, 0)]))
+    load_plan = StepPlan(loads=[LoadSpec("l", keys, list(range(blocks)), [0] * blocks, None)])
+    index = torch.tensor(saved_blocks, device=args.device)
+    nbytes = blocks * lay.chunk_bytes(block)
+    row: dict[str, Any] = {"order": name, "layers": lay.num_layers, "blocks": blocks, "bytes": nbytes,
+                           "saved_chunks": saver.stats.saved_chunks, "save_s": save_s}
+    # the default (direct loads out of the page-locked pool where they run) and, for the measured
+    # order, the staged path beside it (the pool copied into a pinned arena first)
+    direct_mode = {"auto": None, "on": True, "off": False}[args.direct]
+    for mode, direct in [("", direct_mode)] + ([("staged_", False)] if measured else []):
+        dst = dict(zip(names, kv_views(lay, blocks, block, ORDERS[name], args.device), strict=True))
+        loader = worker(dst, direct)
+        loads = [run_steps(loader, load_plan) for _ in range(repeats + 1)][1:]  # the first pins the arena
+        failed = loader.take_failed_blocks()
+        exact = all(torch.equal(dst[n].view(torch.uint8), src[n].index_select(0, index).view(torch.uint8))
+                    for n in names)
+        load_s = statistics.median(loads)
+        row.update({f"{mode}byte_exact": exact, f"{mode}failed_blocks": len(failed),
+                    f"{mode}direct_chunks": loader.stats.direct_chunks,  # over the warm-up and the repeats
+                    f"{mode}load_s": load_s, f"{mode}loads_s": loads, f"{mode}load_gbps": nbytes / load_s / 1e9})
+        del dst
+    if name == "LBNHC":
+        row["pool"] = pool_check(client, args.device)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--orders", default=",".join(ORDERS), help="comma-separated KVCacheLayout orders (first: measured)")
     ap.add_argument("--direct", choices=["auto", "on", "off"], default="auto",
                     help="the worker's direct_loads (auto: where the pool is page-locked on CUDA; on: also a CPU dry run)")
+    ap.add_argument("--client", choices=["inprocess", "service"], default="inprocess",
+                    help="the store the worker loads from: in this process, or a `kvtier serve` (vLLM's case)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    setup: dict[str, Any] = {"device": args.device, "torch": torch.__version__}
+    setup: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "client": args.client}
     probe = host_to_device_probe(args.device, 1 << 30)
     if probe is not None:
         setup["h2d_pinned_gbps"] = probe[0] / probe[1] / 1e9

@@ -14,6 +14,9 @@ benchmarks. They use only this module's `StoreClient`, obtained from `connect(co
     flush(), stats(), close()
     watch_pool(watcher)                      tell watcher where the DRAM pool this client copies to and
                                              from is mapped, and when it goes (GPU connectors page-lock it)
+    lendable_pool()                          the pool region borrow() lends slots of (None: it lends none)
+    borrow(keys, lease_id)                   -> BorrowedChunks: chunks pinned in that pool for reads in
+                                             place (a GPU worker copies straight out of its slots), or None
 
 Buffers are buffer-protocol objects: dests[i][j] receives layer layers[j] of chunk keys[i]
 and srcs[i][layer] holds layer `layer` of chunk keys[i], one C-contiguous section each
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any, Protocol
@@ -51,9 +55,9 @@ from kvtier.service.protocol import LeaseError
 from kvtier.store.tiered import LoadResult, SaveResult, TieredStore
 from kvtier.store.transfer import TransferHandle
 from kvtier.tiers.base import Buffer
-from kvtier.tiers.pool import PoolWatcher
+from kvtier.tiers.pool import PoolRegion, PoolWatcher
 
-__all__ = ["InProcessClient", "LayeredLoad", "LoadResult", "LookupReply", "SaveResult", "SaveSession", "StoreClient", "connect"]
+__all__ = ["BorrowedChunks", "InProcessClient", "LayeredLoad", "LoadResult", "LookupReply", "SaveResult", "SaveSession", "StoreClient", "connect"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -167,6 +171,65 @@ def dest_arrays(layout: KVLayout, chunk_tokens: int, keys: Sequence[bytes], dest
     return layer_list, arrays
 
 
+class BorrowedChunks(ABC):
+    """Chunks pinned in a client's DRAM pool so that the caller reads their slots in place (a GPU
+    worker's copies straight out of a page-locked pool): key i is at `slots[i]` (-1: not in DRAM,
+    count it failed), its bytes pool[slot * chunk_bytes:][:chunk_bytes], one section per layer in
+    order. Nothing reuses a borrowed slot until end(). Use no byte that verify() did not pass."""
+
+    pool: np.ndarray  # the pool the slots index, uint8
+    slots: list[int]
+
+    @abstractmethod
+    def verify(self, first: int, last: int) -> TransferHandle[LoadResult]:
+        """Check every layer of chunks first .. last-1 against their checksums, on background threads
+        (the checksum releases the GIL): a LoadResult over those chunks (indices from `first`) whose
+        `failed` holds the absent and the corrupt ones."""
+
+    @abstractmethod
+    def end(self) -> bool:
+        """Hand the chunks back, once every copy out of their slots has completed (corrupt ones are
+        dropped from the store). False: the copies cannot be trusted (the pins expired meanwhile, and
+        the slots may have been reused): count every chunk failed."""
+
+
+class NothingBorrowed(BorrowedChunks):
+    """A borrow that found no chunk (the service was down): every chunk fails, nothing to hand back."""
+
+    def __init__(self, n: int) -> None:
+        self.pool = np.empty(0, dtype=np.uint8)
+        self.slots = [-1] * n
+
+    def verify(self, first: int, last: int) -> TransferHandle[LoadResult]:
+        n = last - first
+        done: Future[LoadResult] = Future()
+        done.set_result(LoadResult(0, tuple(range(n)), ("",) * n))
+        return TransferHandle(0, "verify", done)
+
+    def end(self) -> bool:
+        return True
+
+
+class _StoreBorrow(BorrowedChunks):
+    """Chunks borrowed from an in-process TieredStore's DRAM tier."""
+
+    def __init__(self, store: TieredStore, keys: Sequence[bytes]) -> None:
+        self.store = store
+        self.entries = store.borrow_memory(keys)
+        self.pool = store.pool_array()
+        self.slots = [-1 if e is None else int(e.slot) for e in self.entries]
+        self._ended = False
+
+    def verify(self, first: int, last: int) -> TransferHandle[LoadResult]:
+        return self.store.verify_borrowed(self.entries[first:last], range(self.store.layout.num_layers))
+
+    def end(self) -> bool:
+        if not self._ended:
+            self._ended = True
+            self.store.release_borrowed(self.entries)
+        return True
+
+
 class StoreClient(ABC):
     @property
     @abstractmethod
@@ -226,6 +289,15 @@ class StoreClient(ABC):
         watcher.unmapped(region) before one goes. A client with no pool here tells nothing."""
         return None
 
+    def lendable_pool(self) -> PoolRegion | None:
+        """The DRAM pool region borrow() lends slots of now (None: this client lends none)."""
+        return None
+
+    def borrow(self, keys: Sequence[bytes], lease_id: int | None = None) -> BorrowedChunks | None:
+        """Pin `keys`' chunks in this client's DRAM pool for reads in place (after the lease's disk
+        hits reached DRAM). None: this client cannot lend slots; load through load_layers."""
+        return None
+
     @abstractmethod
     def stats(self) -> dict[str, Any]: ...
 
@@ -283,13 +355,16 @@ class InProcessClient(StoreClient):
             self._host.wait_lease(lease_id)  # disk hits of the lease are now in DRAM
         return self.store.load(keys, arrays, layer_list)
 
-    def borrow_memory(self, keys: Sequence[bytes], lease_id: int | None = None) -> list[Any]:
-        """TieredStore.borrow_memory (chunks pinned in DRAM for reads in place; None where absent),
-        once the lease's disk hits are in DRAM: a GPU worker's direct loads out of the pool."""
+    def lendable_pool(self) -> PoolRegion | None:
+        return self.store.memory.pool_region() if self.store.memory is not None else None
+
+    def borrow(self, keys: Sequence[bytes], lease_id: int | None = None) -> BorrowedChunks | None:
         keys = self._check_keys(keys)
+        if self.store.memory is None:
+            return None
         if self._host is not None and lease_id is not None:
-            self._host.wait_lease(lease_id)
-        return self.store.borrow_memory(keys)
+            self._host.wait_lease(lease_id)  # disk hits of the lease are now in DRAM
+        return _StoreBorrow(self.store, keys)
 
     def release(self, lease_id: int) -> None:
         if self._host is None:

@@ -49,8 +49,10 @@ from typing import Any
 import numpy as np
 
 from kvtier.client.api import (
+    BorrowedChunks,
     LayeredLoad,
     LookupReply,
+    NothingBorrowed,
     SaveSession,
     StoreClient,
     check_keys,
@@ -177,6 +179,7 @@ class ServiceClient(StoreClient):
         self._verify: bool = info["verify_reads"]
         self._session = self._map(first, info)
         self._io = TransferEngine(config.transfer_threads, "kvtier-client", config.transfer_cpus)
+        self._verify_io: TransferEngine | None = None  # borrowed chunks' checksum threads, started on first use
 
     @property
     def service_pid(self) -> int:
@@ -559,6 +562,27 @@ class ServiceClient(StoreClient):
             session = self._session
             self._pool_watchers.add(watcher, session.region() if session is not None else None)
 
+    def lendable_pool(self) -> PoolRegion | None:
+        session = self._session
+        return session.region() if session is not None else None
+
+    def borrow(self, keys: Sequence[bytes], lease_id: int | None = None) -> BorrowedChunks:
+        """load_begin without the copies: the service pins the chunks in the shared pool and this
+        client's caller reads their slots in place (a GPU worker's copies out of the page-locked
+        mapping); end() is load_end, with the chunks verify() found corrupt."""
+        keys = self._check_keys(keys)
+        begun = self._begin_load(keys, lease_id)
+        if begun is None:  # the service is down: every chunk is recomputed
+            return NothingBorrowed(len(keys))
+        return _ServiceBorrow(self, *begun)
+
+    def _verify_engine(self) -> TransferEngine:
+        with self._lock:
+            if self._verify_io is None:
+                threads = max(self.config.transfer_threads, min(8, os.cpu_count() or 1))
+                self._verify_io = TransferEngine(threads, "kvtier-client-verify", self.config.transfer_cpus)
+            return self._verify_io
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -569,9 +593,62 @@ class ServiceClient(StoreClient):
                 session.sock.close()  # the service returns whatever this client still held
                 self._pool_watchers.unmapped(session.region())
         self._io.shutdown()
+        if self._verify_io is not None:
+            self._verify_io.shutdown()
         if session is not None:
             del session.pool
             close_quietly(session.mm)
+
+
+class _ServiceBorrow(BorrowedChunks):
+    """Chunks the service pinned for this client (load_begin) and the caller reads in place."""
+
+    def __init__(self, client: ServiceClient, session: _Session, reply: dict[str, Any], trust_until: float) -> None:
+        self._c = client
+        self._session = session
+        self._reply = reply
+        self._trust_until = trust_until
+        self.pool = session.pool
+        self.slots = list(reply["slots"])
+        self._sums: list[list[int]] = reply["checksums"]
+        self._corrupt: list[int] = []
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def verify(self, first: int, last: int) -> TransferHandle[LoadResult]:
+        c = self._c
+        if not 0 <= first <= last <= len(self.slots):
+            raise ValueError(f"chunks {first}..{last - 1} outside 0..{len(self.slots) - 1}")
+
+        def run() -> LoadResult:
+            cb, lb, n_layers = c._chunk_bytes, c._layer_bytes, c._layout.num_layers
+            failed = []
+            for i in range(first, last):
+                slot = self.slots[i]
+                if slot < 0:
+                    failed.append(i - first)
+                    continue
+                base = slot * cb
+                if c._verify and any(checksum(self.pool[base + j * lb:base + (j + 1) * lb].data) != self._sums[i][j]
+                                     for j in range(n_layers)):
+                    failed.append(i - first)
+                    with self._lock:
+                        self._corrupt.append(i)
+            tiers = tuple("" if i - first in failed else str(self._reply["tiers"][i]) for i in range(first, last))
+            return LoadResult(failed[0] if failed else last - first, tuple(failed), tiers)
+
+        return c._verify_engine().submit("verify", run)
+
+    def end(self) -> bool:
+        if self._ended:
+            return True
+        self._ended = True
+        with self._lock:
+            corrupt = sorted(self._corrupt)
+        trusted = self._c._end_load(self._session, self._reply.get("load"), corrupt, self._trust_until)
+        if not trusted:
+            log.warning("kvtier: a direct load outlived its pins (%d chunks); they count as failed", len(self.slots))
+        return trusted
 
 
 class _LayeredLoad:

@@ -10,6 +10,10 @@ reported (vLLM recomputes it), never served.
 
 from __future__ import annotations
 
+import ctypes
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,9 +25,12 @@ from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvtier.connectors.vllm.worker import WorkerSide
 from kvtier.core import metrics as m
+from kvtier.core.config import DiskTierConfig, StoreConfig
 from kvtier.core.layout import KVLayout
+from kvtier.store.tiered import TieredStore
 from tests.connectors.vllm.test_batched import BLOCK, BLOCKS, ORDERS, bits, layout, make_client, random_views, run_step
 from tests.connectors.vllm.test_layouts import vllm_views
+from tests.service.util import ServiceProcess, cleanup, short_tmpdir
 
 NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(3)]
 
@@ -186,7 +193,7 @@ def test_a_copy_that_fails_to_queue_fails_the_step_and_releases_the_chunks(monke
         client.close()
 
 
-def test_direct_loads_off_by_default_on_the_cpu_and_refused_where_it_cannot_run() -> None:
+def test_direct_loads_off_by_default_on_the_cpu_and_refused_where_it_cannot_run(tmp_path: Path) -> None:
     lay = layout("float32", layers=2)
     client = make_client(lay)
     try:
@@ -199,10 +206,58 @@ def test_direct_loads_off_by_default_on_the_cpu_and_refused_where_it_cannot_run(
         with pytest.raises(UnsupportedLayoutError, match="direct_loads=True needs a batched GPU layout"):
             worker(client, cpu_views, lay, backend="CPU_ATTN")
 
-        class ServiceLike:  # any client that cannot lend its DRAM slots
-            layout = lay
-
-        with pytest.raises(ValueError, match="needs an in-process store"):
-            worker(ServiceLike(), empty_views(lay), lay)
     finally:
         client.close()
+    disk_only = InProcessClient(TieredStore(StoreConfig(chunk_tokens=BLOCK, hash_mode="sha256", memory=None, disk=DiskTierConfig(
+        root=str(tmp_path), capacity_bytes=1 << 24)), lay))
+    try:
+        with pytest.raises(ValueError, match="lends none: no DRAM tier"):
+            worker(disk_only, empty_views(lay), lay)
+    finally:
+        disk_only.close()
+
+
+def test_direct_loads_through_a_kvtier_serve_client(tmp_path: Path) -> None:
+    """The worker of a real vLLM deployment talks to `kvtier serve`: its direct loads read the
+    service's shared-memory pool in place between load_begin and load_end, and a corrupt section is
+    reported to the service (which drops the chunk), never served."""
+    lay = layout("float32", layers=2)
+    folder = short_tmpdir()
+    cfg = {"layout": {"num_layers": lay.num_layers, "num_kv_heads": lay.num_kv_heads, "head_size": lay.head_size,
+                      "dtype": lay.dtype},
+           "store": {"chunk_tokens": BLOCK, "hash_mode": "sha256",
+                     "memory": {"capacity_bytes": 64 * lay.chunk_bytes(BLOCK)}},
+           "socket_path": os.path.join(folder, "kv.sock"), "message_timeout_s": 1.0}
+    try:
+        with ServiceProcess(cfg, folder) as service:
+            client = service.client()
+            try:
+                src, keys, blocks = saved(client, lay, chunks=20)  # type: ignore[arg-type]
+                region = client.lendable_pool()
+                assert region is not None
+                session_pool = np.frombuffer((ctypes.c_uint8 * region.nbytes).from_address(region.address), np.uint8)
+                lease = client.lookup(keys, lease=True)
+                dst = empty_views(lay, fill=5.0)
+                loader = worker(client, dst, lay)
+                run_step(loader, StepPlan(loads=[LoadSpec("l", keys, list(range(30, 50)), [0] * 20, lease.lease_id)]))
+                assert loader.take_failed_blocks() == set() and loader.stats.direct_chunks == 20
+                for name in dst:
+                    assert same_kv(dst[name], list(range(30, 50)), src[name], blocks)
+                # corrupt chunk 7 in the shared pool: found by its checksum, dropped by the service
+                borrow = client.borrow(keys[7:8])
+                assert borrow is not None and borrow.slots[0] >= 0
+                slot = borrow.slots[0]
+                assert borrow.end()
+                session_pool[slot * lay.chunk_bytes(BLOCK) + 3] ^= 0xFF
+                run_step(loader, StepPlan(loads=[LoadSpec("l2", keys, list(range(30, 50)), [0] * 20, None)]))
+                assert loader.take_failed_blocks() == {37}
+                for name in dst:
+                    assert dst[name][37].count_nonzero() == 0
+                    assert same_kv(dst[name], list(range(30, 37)), src[name], blocks[:7])
+                assert client.lookup(keys).hits == 7  # the service unindexed the corrupt chunk
+                host = client.stats()["host"]
+                assert host["loads"] == 0 and host["leases"] == 0  # every pin went back
+            finally:
+                client.close()
+    finally:
+        cleanup(folder)

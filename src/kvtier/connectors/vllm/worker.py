@@ -50,15 +50,17 @@ their copies complete and the forward never waits for a save. A step's end makes
 stream wait for the save stream (GPU-side), so blocks vLLM reuses are not overwritten under a
 copy still reading them. On a CPU cache the same calls run synchronously.
 
-Direct loads (batched adapters, an in-process store, its DRAM pool page-locked on CUDA; forced
-with direct_loads=True, which runs the same code on CPU tensors): a step's hits are not copied into
-the arena at all. Their chunks are borrowed from the store (pinned against eviction), checked
-against their checksums on the store's verify threads while the GPU copies them straight out of
-the pool's slots on the load stream, in batches of about DIRECT_DEVICE_BYTES (one copy per run of
-neighbouring slots, then one index_copy_ per layer into vLLM's pages), and handed back once the
-last copy completed. The host does no copy of its own, so a load runs at the pinned host -> device
-speed rather than at one CPU thread's memcpy. A chunk gone from DRAM or failing its checksum is
-reported at the step's end with its blocks zeroed, as for a staged load.
+Direct loads (batched adapters and a client that lends its DRAM pool's slots, StoreClient.borrow:
+the `kvtier serve` client's shared-memory mapping or an in-process store; on CUDA with that pool
+page-locked; forced with direct_loads=True, which runs the same code on CPU tensors): a step's hits
+are not copied into the arena at all. Their chunks are borrowed (pinned by the service or the store
+against eviction), checked against their checksums on verify threads while the GPU copies them
+straight out of the pool's slots on the load stream, in batches of about DIRECT_DEVICE_BYTES (one
+copy per run of neighbouring slots, then one index_copy_ per layer into vLLM's pages), and handed
+back at the step's end, once the last copy completed. The host does no copy of its own, so a load
+runs at the pinned host -> device speed rather than at one CPU thread's memcpy. A chunk gone from
+DRAM, failing its checksum, or copied after the service's pins expired is reported at the step's
+end with its blocks zeroed, as for a staged load.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtier.client.api import InProcessClient, LayeredLoad, SaveSession, StoreClient, WholeLoad
+from kvtier.client.api import BorrowedChunks, LayeredLoad, SaveSession, StoreClient, WholeLoad
 from kvtier.connectors.copy_engine import (
     DIRECT_GROUP_BYTES,
     VERIFY_JOB_BYTES,
@@ -92,7 +94,7 @@ from kvtier.core.codec import SECTION_BLOCK_HASHES
 from kvtier.core.errors import KVTierError
 from kvtier.core.layout import KVLayout
 from kvtier.service.protocol import LeaseError
-from kvtier.store.tiered import LoadResult, TieredStore
+from kvtier.store.tiered import LoadResult
 from kvtier.store.transfer import TransferHandle
 
 log = logging.getLogger("kvtier.connectors.vllm")
@@ -121,12 +123,11 @@ class _LayerLoad:
 
 @dataclass(slots=True)
 class _DirectLoads:
-    """A step's loads copied straight out of an in-process store's page-locked DRAM pool."""
-    store: TieredStore
-    entries: list[list[Any]]  # per load spec, its borrowed chunks (None: not in DRAM, failed)
+    """A step's loads copied straight out of the store client's page-locked DRAM pool."""
+    borrows: list[BorrowedChunks | None]  # per load spec (None: the borrow itself failed)
     checks: list[list[tuple[TransferHandle[LoadResult], int, int]]]  # per spec: (verify job, its chunks u0..u1)
     copy_error: str | None = None  # queueing a copy failed: every chunk of the step is failed
-    last_event: Any = None  # the last copy out of the pool: the borrowed slots are released after it
+    last_event: Any = None  # the last copy out of the pool: the chunks are handed back after it
 
 
 @dataclass(slots=True)
@@ -153,8 +154,8 @@ class WorkerSide:
     def __init__(self, link: StoreLink, layer_names: tuple[str, ...], layout: KVLayout, block_size: int,
                  chunk_tokens: int | None = None, direct_loads: bool | None = None) -> None:
         self.link = link
-        # None: direct loads where they pay (a batched GPU layout, an in-process store, its pool page-locked);
-        # True: wherever the layout is batched and the store in-process (tests run the same code on the CPU)
+        # None: direct loads where they pay (a batched GPU layout, a client that lends its DRAM pool's slots,
+        # that pool page-locked); True: wherever the layout is batched and the client lends (tests, on the CPU)
         self.direct_loads = direct_loads
         self.layer_names = layer_names
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
@@ -181,8 +182,8 @@ class WorkerSide:
         self._pool_watched: StoreClient | None = None  # the client whose pool was page-locked
         self._layer_events: dict[int, Any] = {}  # batched loads: this step's copy event per layer
         self._load_stream_ordered = False  # the load stream waited for the compute stream this step
-        self._direct: _DirectLoads | None = None  # this step's direct loads until they are finished
-        self._pool_t: tuple[TieredStore, torch.Tensor] | None = None  # the pool direct loads copy out of
+        self._direct_step: _DirectLoads | None = None  # this step's direct loads until they are finished
+        self._pool_t: tuple[tuple[int, int], torch.Tensor] | None = None  # the pool direct loads copy out of
 
     # -- setup ---------------------------------------------------------------------------
     def register(self, kv_caches: Mapping[str, Any], backend: str, num_blocks: int) -> None:
@@ -209,9 +210,9 @@ class WorkerSide:
             self._load_stream, self._save_stream = SideStream(self.device), SideStream(self.device)
             self._save_copies = SaveCopies(self.device)
         client = self._client()  # page-lock the store's pool now when the cache is on a GPU
-        if self.direct_loads and client is not None and self._direct_store(client) is None:
-            raise ValueError("direct_loads=True needs an in-process store with a DRAM tier (a kvtier serve "
-                             "client's loads are copied through staging)")
+        if self.direct_loads and client is not None and client.lendable_pool() is None:
+            raise ValueError(f"direct_loads=True needs a store client that lends its DRAM pool's slots "
+                             f"({type(client).__name__} lends none: no DRAM tier, or not connected)")
 
     def _client(self) -> StoreClient | None:
         """The link's client; on CUDA its DRAM pool is page-locked (once per client: a reconnect
@@ -239,14 +240,12 @@ class WorkerSide:
         client copies every layer's sections straight into vLLM's pages, layer by layer,
         and the lease is released once, after the forward pass.
         """
-        if not self.plan.loads or self._loads or self._direct is not None:
+        if not self.plan.loads or self._loads or self._direct_step is not None:
             return
         self._loads_started = time.perf_counter()
         client = self._client()
-        store = self._direct_store(client) if client is not None else None
-        if store is not None:
-            assert isinstance(client, InProcessClient)
-            self._start_direct_loads(client, store)
+        if client is not None and self._direct(client):
+            self._start_direct_loads(client)
             return
         if self.sub_block or self.batched:
             self._start_staged_loads()
@@ -270,66 +269,66 @@ class WorkerSide:
             entries.append(_LayerLoad(spec, load, finishers, layerwise))
         self._loads = entries
 
-    def _direct_store(self, client: StoreClient) -> TieredStore | None:
-        """The in-process store whose pool this step's loads copy out of (None: load through staging)."""
-        if not self.batched or self.direct_loads is False or not isinstance(client, InProcessClient):
-            return None
-        store = client.store
-        if store.memory is None:
-            return None
-        if self.direct_loads is None:  # where it pays: the copies out of a page-locked pool are asynchronous
-            if self.device.type != "cuda":
-                return None
-            region = store.memory.pool_region()
-            if (region.address, region.nbytes) not in host_registry().registered():
-                return None
-        return store
+    def _direct(self, client: StoreClient) -> bool:
+        """Whether this step's loads copy straight out of the client's DRAM pool (else through staging)."""
+        if not self.batched or self.direct_loads is False or (self.direct_loads is None and self.device.type != "cuda"):
+            return False
+        region = client.lendable_pool()
+        if region is None:
+            return False
+        # where it pays (None): copies out of a page-locked pool are asynchronous, out of a pageable one not
+        return bool(self.direct_loads) or (region.address, region.nbytes) in host_registry().registered()
 
-    def _pool_tensor(self, store: TieredStore) -> torch.Tensor:
-        if self._pool_t is None or self._pool_t[0] is not store:
-            self._pool_t = (store, torch.from_numpy(store.pool_array()))
+    def _pool_tensor(self, pool: np.ndarray) -> torch.Tensor:
+        """`pool` as a host tensor (one per mapping: a service reconnect maps a new pool)."""
+        where = (int(pool.ctypes.data), pool.nbytes)
+        if self._pool_t is None or self._pool_t[0] != where:
+            self._pool_t = (where, torch.from_numpy(pool))
         return self._pool_t[1]
 
-    def _start_direct_loads(self, client: InProcessClient, store: TieredStore) -> None:
-        """Every load of the step straight out of the store's DRAM pool: the chunks are borrowed (no
-        eviction reuses their slots), checked on the store's verify threads while they are copied, and
-        copied on the load stream in batches of about DIRECT_DEVICE_BYTES: one copy per run of
-        neighbouring slots (a group of about DIRECT_GROUP_BYTES of layers per chunk, so usually whole
-        chunks) into a device buffer, then one index_copy_ per layer into vLLM's pages. Each layer
-        has its group's event; nothing waits on the CPU. A chunk not in DRAM or failing its checksum is
-        reported failed at the step's end and its blocks zeroed (vLLM recomputes them)."""
+    def _start_direct_loads(self, client: StoreClient) -> None:
+        """Every load of the step straight out of the client's DRAM pool: the chunks are borrowed (no
+        eviction reuses their slots), checked on verify threads while they are copied, and copied on
+        the load stream in batches of about DIRECT_DEVICE_BYTES: one copy per run of neighbouring
+        slots (a group of about DIRECT_GROUP_BYTES of layers per chunk, so usually whole chunks) into
+        a device buffer, then one index_copy_ per layer into vLLM's pages. Each layer has its group's
+        event; nothing waits on the CPU. A chunk not in DRAM or failing its checksum is reported
+        failed at the step's end and its blocks zeroed (vLLM recomputes them)."""
         lay = self.layout
         n_layers = lay.num_layers
         lb = lay.layer_bytes(self.chunk_tokens)
         cb = n_layers * lb
-        step = _DirectLoads(store, [], [])
-        blocks: list[int] = []  # every borrowed chunk of the step: its block and entry, in one list
-        found: list[Any] = []
+        step = _DirectLoads([], [])
+        self._direct_step = step
+        self._layer_events = {}
+        pieces: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}  # pool address -> (pool, blocks, slots)
         per_job = max(1, VERIFY_JOB_BYTES // cb)
         for spec in self.plan.loads:
-            entries: list[Any] = [None] * len(spec.keys)
+            borrow: BorrowedChunks | None = None
             checks: list[tuple[TransferHandle[LoadResult], int, int]] = []
             try:
-                entries = client.borrow_memory(spec.keys, spec.lease_id)
-                for u0 in range(0, len(entries), per_job):
-                    u1 = min(len(entries), u0 + per_job)
-                    checks.append((store.verify_borrowed(entries[u0:u1], range(n_layers)), u0, u1))
+                borrow = client.borrow(spec.keys, spec.lease_id)
+                if borrow is not None:
+                    for u0 in range(0, len(spec.keys), per_job):
+                        u1 = min(len(spec.keys), u0 + per_job)
+                        checks.append((borrow.verify(u0, u1), u0, u1))
             except STORE_ERRORS as e:
                 self.link.failed(e)
                 checks = []
-            step.entries.append(entries)
+            step.borrows.append(borrow)
             step.checks.append(checks)
-            for block, entry in zip(spec.block_ids, entries, strict=True):
-                if entry is not None:
+            if borrow is None or not checks:
+                continue
+            pool, blocks, slots = pieces.setdefault(int(borrow.pool.ctypes.data),
+                                                    (self._pool_tensor(borrow.pool), [], []))
+            for block, slot in zip(spec.block_ids, borrow.slots, strict=True):
+                if slot >= 0:
                     blocks.append(block)
-                    found.append(entry)
-        self._direct = step
-        self._layer_events = {}
-        if not found:
+                    slots.append(slot)
+        if not pieces:
             return
         assert self._load_stream is not None
         self._load_stream.run(lambda: None, after_compute=True)  # the last step may still read these blocks
-        pool = self._pool_tensor(store)
         group = max(1, min(n_layers, -(-DIRECT_GROUP_BYTES // lb)))
         for g0 in range(0, n_layers, group):
             g1 = min(n_layers, g0 + group)
@@ -337,15 +336,17 @@ class WorkerSide:
             rows = max(1, DIRECT_DEVICE_BYTES // span)
 
             def place(g0: int = g0, g1: int = g1, span: int = span, rows: int = rows) -> None:
-                for r0 in range(0, len(found), rows):
-                    part = found[r0:r0 + rows]
-                    buf = torch.empty((len(part), span), dtype=torch.uint8, device=self.device)
-                    flat = buf.view(-1)
-                    for row, off, n in pool_runs([(i, e.slot * cb + g0 * lb) for i, e in enumerate(part)], span):
-                        flat[row * span:(row + n) * span].copy_(pool[off:off + n * span], non_blocking=True)
-                    for layer in range(g0, g1):
-                        j = (layer - g0) * lb
-                        self.adapters[self.layer_names[layer]].scatter_device(blocks[r0:r0 + rows], buf[:, j:j + lb])
+                for pool, blocks, slots in pieces.values():
+                    for r0 in range(0, len(slots), rows):
+                        part = slots[r0:r0 + rows]
+                        buf = torch.empty((len(part), span), dtype=torch.uint8, device=self.device)
+                        flat = buf.view(-1)
+                        for row, off, n in pool_runs([(i, slot * cb + g0 * lb) for i, slot in enumerate(part)], span):
+                            flat[row * span:(row + n) * span].copy_(pool[off:off + n * span], non_blocking=True)
+                        for layer in range(g0, g1):
+                            j = (layer - g0) * lb
+                            self.adapters[self.layer_names[layer]].scatter_device(blocks[r0:r0 + rows],
+                                                                                  buf[:, j:j + lb])
 
             try:
                 _, event = self._load_stream.run(place)
@@ -358,20 +359,28 @@ class WorkerSide:
             step.last_event = event
 
     def _finish_direct_loads(self, step: _DirectLoads) -> None:
-        """Wait for the step's checksum jobs; report (and zero) every chunk that failed; hand the
-        borrowed chunks back once the last copy out of their slots has completed."""
-        for spec, entries, checks in zip(self.plan.loads, step.entries, step.checks, strict=True):
-            failed = {i for i, e in enumerate(entries) if e is None}
-            if step.copy_error is not None or (not checks and entries):
-                failed = set(range(len(entries)))
-            else:
-                for handle, u0, u1 in checks:
-                    try:
-                        failed.update(u0 + i for i in handle.wait().failed)
-                    except STORE_ERRORS as e:
-                        self.link.failed(e)
-                        failed.update(range(u0, u1))
-            good = len(entries) - len(failed)
+        """Wait for the step's copies and checksum jobs, hand the borrowed chunks back, and report (and
+        zero) every chunk that failed: absent, corrupt, not copied, or copied after its pins expired."""
+        if step.last_event is not None:
+            step.last_event.synchronize()  # the copies out of the pool are done: the slots may go back
+        for spec, borrow, checks in zip(self.plan.loads, step.borrows, step.checks, strict=True):
+            n = len(spec.keys)
+            failed: set[int] = set()
+            for handle, u0, u1 in checks:
+                try:
+                    failed.update(u0 + i for i in handle.wait().failed)
+                except STORE_ERRORS as e:
+                    self.link.failed(e)
+                    failed.update(range(u0, u1))
+            trusted = False
+            if borrow is not None:
+                try:
+                    trusted = borrow.end()
+                except STORE_ERRORS as e:
+                    self.link.failed(e)
+            if not trusted or not checks or step.copy_error is not None:
+                failed = set(range(n))
+            good = n - len(failed)
             if good:
                 self.stats.tiers["memory"] = self.stats.tiers.get("memory", 0) + good
                 self.stats.direct_chunks += good
@@ -380,16 +389,6 @@ class WorkerSide:
                 self._fail_load(spec, bad)
                 self._clear_blocks([spec.block_ids[i] for i in bad])
             self._load_done(spec)
-        borrowed = [e for entries in step.entries for e in entries if e is not None]
-        if borrowed:
-            store = step.store
-
-            def release_failed(e: BaseException) -> None:
-                log.warning("kvtier: releasing borrowed DRAM chunks failed: %s: %s", type(e).__name__, e)
-
-            assert self._save_copies is not None
-            self._save_copies.then(step.last_event or DoneEvent(), lambda: store.release_borrowed(borrowed),
-                                   release_failed)
 
     def _staging(self, chunks: int) -> list[np.ndarray]:
         """Per layer, [chunks, section bytes] rows of the staging arena (grown, never shrunk).
@@ -467,7 +466,7 @@ class WorkerSide:
 
     def wait_layer(self, name: str) -> None:
         """Return once layer `name` of every load of this step is in vLLM's pages."""
-        if self._direct is not None:  # the forward's stream waits for this layer's copies (no CPU wait)
+        if self._direct_step is not None:  # the forward's stream waits for this layer's copies (no CPU wait)
             event = self._layer_events.get(self.layer_index.get(name, -1))
             if event is not None and self._load_stream is not None:
                 self._load_stream.wait(event)
@@ -502,8 +501,8 @@ class WorkerSide:
 
     def _finish_loads(self) -> None:
         """Wait for every load of the step; account failures, run finishers, release leases."""
-        if self._direct is not None:
-            step, self._direct = self._direct, None
+        if self._direct_step is not None:
+            step, self._direct_step = self._direct_step, None
             self._finish_direct_loads(step)
             return
         entries, self._loads = self._loads, []
