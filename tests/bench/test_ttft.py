@@ -134,3 +134,24 @@ def test_floors():
     assert ttft._floor(10**9, 1e9, 0.5, 10.0, cuda=False) == pytest.approx(1.5)  # load then compute
     assert ttft._floor(10**9, 1e9, 0.5, 10.0, cuda=True) == pytest.approx(1.0)  # overlapped: the larger
     assert ttft._floor(10**9, 1e6, 0.5, 2.0, cuda=False) == 2.0  # never above recomputing
+
+
+def test_pool_copy_probe_runs_the_direct_load_steps_on_any_device():
+    """The CUDA setup diagnostic (the store pool's copy speed, alone and beside its checksums), run
+    here on the CPU: every figure is measured and positive, over whole pieces of the pool."""
+    from kvtier.bench.ttft import pool_copy_probe
+    from kvtier.core.config import MemoryTierConfig, StoreConfig
+    from kvtier.core.layout import KVLayout
+    from kvtier.store.tiered import TieredStore
+
+    store = TieredStore(StoreConfig(chunk_tokens=16, memory=MemoryTierConfig(capacity_bytes=9 << 20)),
+                        KVLayout(num_layers=2, num_kv_heads=2, head_size=8, dtype="float32"))
+    try:
+        got = pool_copy_probe(store, "cpu", nbytes=8 << 20, piece=1 << 20, runs=2)
+        assert got["bytes"] == 8 << 20 and got["piece_bytes"] == 1 << 20 and got["pool_is_pinned"] is False
+        assert all(got[k] > 0 for k in ("one_copy_gbps", "pieces_gbps", "pieces_with_checksums_gbps",
+                                         "checksums_alone_gbps"))
+        with pytest.raises(ValueError, match="smaller than one"):
+            pool_copy_probe(store, "cpu", nbytes=8 << 20, piece=64 << 20)
+    finally:
+        store.close()

@@ -153,6 +153,63 @@ def odirect_read_bandwidth(folder: Path, mib: int) -> float | None:
         path.unlink()
 
 
+def pool_copy_probe(store: Any, device: str, nbytes: int = 1 << 30, piece: int = 4 << 20,
+                    runs: int = 3) -> dict[str, Any]:
+    """Where a direct DRAM load's time goes (CUDA setup diagnostics): copies straight out of the
+    store's DRAM pool (page-locked on CUDA) to `device`, as one copy, as `piece`-byte copies (a
+    direct load's piece size), and as those pieces while the store's verify threads checksum the
+    same bytes (as a direct load does), plus the checksums alone; GB/s, best of `runs`."""
+    from kvtier.core.codec import checksum
+
+    pool_np = store.pool_array()
+    pool = torch.from_numpy(pool_np)
+    n = min(nbytes, pool.numel()) // piece * piece
+    if n == 0:
+        raise ValueError(f"the pool ({pool.numel()} bytes) is smaller than one {piece}-byte piece")
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    cuda = torch.device(device).type == "cuda"
+    engine = store._verify_engine()  # noqa: SLF001 - the same threads a direct load checks on
+    job = 64 << 20
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def best(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(runs):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return n / min(times) / 1e9
+
+    def pieces() -> None:
+        for o in range(0, n, piece):
+            dst[o:o + piece].copy_(pool[o:o + piece], non_blocking=True)
+
+    def sums() -> list[Any]:
+        return [engine.submit("probe", lambda o=o: [checksum(pool_np[i:i + piece].data)
+                                                   for i in range(o, min(n, o + job), piece)])
+                for o in range(0, n, job)]
+
+    def both() -> None:
+        handles = sums()
+        pieces()
+        for h in handles:
+            h.wait()
+
+    def sums_alone() -> None:
+        for h in sums():
+            h.wait()
+
+    return {"bytes": n, "piece_bytes": piece, "pool_is_pinned": bool(pool.is_pinned()) if cuda else False,
+            "one_copy_gbps": best(lambda: dst.copy_(pool[:n], non_blocking=True)),
+            "pieces_gbps": best(pieces), "pieces_with_checksums_gbps": best(both),
+            "checksums_alone_gbps": best(sums_alone)}
+
+
 def _open_store(layout: Any, root: Path, chunk: int, dram_bytes: int, throttle_gbps: float | None) -> Any:
     from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
     from kvtier.store.throttle import throttle_disk
@@ -341,6 +398,9 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
 
     bench = _Runner(model, layout, root / "store", chunk, dram_bytes, device, throttle_disk_gbps)
     setup["direct_loads"] = bench.conn.direct_loads  # DRAM hits copied straight out of the page-locked pool
+    if cuda:  # where a direct load's time goes: the pool's copy speed, alone and beside its checksums
+        setup["pool_copy"] = pool_copy_probe(bench.store, device)
+        print("pool -> GPU: " + ", ".join(f"{k} {v:.1f}" for k, v in setup["pool_copy"].items() if k.endswith("gbps")))
     vocab = model.config.vocab_size
     cases: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
