@@ -56,7 +56,7 @@ def generate(llm, batch: list[list[int]]) -> list[dict]:
     return [{"tokens": list(o.outputs[0].token_ids), "cached": int(o.num_cached_tokens or 0)} for o in outs]
 
 
-def kvtier_config(socket_path: str, store_dir: str, chunk_tokens: int = BLOCK) -> dict:
+def kvtier_config(socket_path: str, store_dir: str, chunk_tokens: int = BLOCK, stats_path: str = "") -> dict:
     return {
         "kv_connector": "KVTierConnector",
         "kv_connector_module_path": "kvtier.connectors.vllm",
@@ -68,6 +68,7 @@ def kvtier_config(socket_path: str, store_dir: str, chunk_tokens: int = BLOCK) -
                       "disk": {"root": store_dir}},
             "retry_after_s": 0.5,
             "connect_timeout_s": 60,
+            "stats_path": stats_path,
         },
     }
 
@@ -100,7 +101,8 @@ def main() -> None:
     else:
         socket_path, store_dir = sys.argv[4:6]
         chunk = 8 if mode.endswith("8") else BLOCK
-        llm = make_llm(model, kvtier_config(socket_path, store_dir, chunk), prefix_caching=mode == "reuse8")
+        stats_path = out + ".stats.json" if mode == "save" else ""  # the scheduler's counters
+        llm = make_llm(model, kvtier_config(socket_path, store_dir, chunk, stats_path), prefix_caching=mode == "reuse8")
         if mode == "save8":
             rounds["single"] = generate(llm, [ps["p1"], ps["p2"]])
             rounds["pair"] = generate(llm, [ps["p3"], ps["p4"]])
@@ -120,6 +122,9 @@ def main() -> None:
             rounds["dead"] = generate(llm, [ps[n] for n in ("p1", "p2", "p5")])
             rounds["dead_again"] = generate(llm, [ps["p7"]])
         result = {"rounds": rounds}
+        if stats_path:
+            with open(stats_path) as f:
+                result["stats"] = json.load(f)
     with open(out, "w") as f:
         json.dump(result, f)
 

@@ -95,7 +95,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         base = json.loads((tmp / "baseline.json").read_text())
         out["baseline"] = dict(zip(base["names"], (r["tokens"] for r in base["rounds"]["all"])))
         _run([str(model), str(tmp / "save.json"), "save", socket_path, str(store)], tmp / "save.log")
-        out["save"] = json.loads((tmp / "save.json").read_text())["rounds"]
+        saved = json.loads((tmp / "save.json").read_text())
+        out["save"], out["save_stats"] = saved["rounds"], saved["stats"]
         out["reuse_log"] = _run([str(model), str(tmp / "reuse.json"), "reuse", socket_path, str(store)],
                                 tmp / "reuse.log")
         out["reuse"] = json.loads((tmp / "reuse.json").read_text())["rounds"]
@@ -119,6 +120,14 @@ def test_first_process_saves_with_baseline_output(runs: dict) -> None:
     assert [r["cached"] for r in runs["save"]["single"] + runs["save"]["pair"][:1]] == [0, 0, 0]
     # p4 may start a step after p3 and then already hit the 3 chunks p3 saved: same output either way
     assert runs["save"]["pair"][1]["cached"] in (0, 96)
+
+
+def test_workers_time_forwards_for_the_schedulers_load_planner(runs: dict) -> None:
+    """The save run's prefills load nothing: vLLM's worker times them and hands (tokens, seconds) to
+    the scheduler through its worker metadata (the load planner's compute cost per token)."""
+    stats = runs["save_stats"]
+    assert stats["compute_samples"] >= 1
+    assert stats["planner_recomputed_chunks"] == 0  # nothing was hit, so nothing was planned
 
 
 def test_second_process_gets_external_hits_with_same_output(runs: dict) -> None:

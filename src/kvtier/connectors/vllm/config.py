@@ -15,9 +15,13 @@
      "remote_wait_s": 10.0,      # kv_consumer: how long a request handed over by a prefill instance
                                  # (kv_transfer_params["kvtier"], see pd.py) waits for its chunks to
                                  # appear in the store before it computes what is missing
-     "publish_wait_s": 10.0}     # kv_producer: how long a request that asked for a handoff waits, before
+     "publish_wait_s": 10.0,     # kv_producer: how long a request that asked for a handoff waits, before
                                  # vLLM answers it, for its chunks to be written to the store's lower tiers
                                  # (the shared folder / Redis a decode instance reads); 0 = do not wait
+     "plan_loads": true}         # never slower than recomputing: a hit from below DRAM (disk, shared
+                                 # folder, Redis) is loaded only where its tier's measured read bandwidth
+                                 # beats the engine's measured prefill speed (store/planner.py); false
+                                 # loads every hit
 
 An unknown key or a bad value raises ConfigError naming it, so vLLM stops at start.
 """
@@ -47,6 +51,7 @@ class VLLMConnectorConfig:
     stats_path: str = ""  # the scheduler rewrites this JSON file with its counters when they change
     remote_wait_s: float = number_field(10.0, low=0)
     publish_wait_s: float = number_field(10.0, low=0, high=300.0)  # at most the service's MAX_WAIT_LOWER_S
+    plan_loads: bool = True  # the load planner: hits from tiers slower than recomputing are recomputed
 
     def __post_init__(self) -> None:
         check_fields(self, "kv_connector_extra_config")

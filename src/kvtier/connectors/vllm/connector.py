@@ -9,8 +9,9 @@
 vLLM builds one instance in the EngineCore process (scheduler role, scheduler.py) and one
 per Worker process (worker role, worker.py); both talk to the host's `kvtier serve`
 (started on first use with `auto_start`), which shares the cache between vLLM processes
-and keeps it across restarts. Only the plan (keys, block ids, lease ids) travels between
-the roles, in KVTierConnectorMetadata.
+and keeps it across restarts. The plan (keys, block ids, lease ids, the step's token count)
+travels from the scheduler to the workers in KVTierConnectorMetadata; the workers' timed
+forwards come back in KVTierWorkerMetadata.
 
 Decisions (see scheduler.py / worker.py for the details):
 - chunk size: the store's chunk_tokens, vLLM's block_size or a divisor of it (chunks smaller
@@ -23,6 +24,11 @@ Decisions (see scheduler.py / worker.py for the details):
   ({"do_remote_decode": true} in kv_transfer_params) gets back, in its output's kv_transfer_params,
   what it published, once those chunks are written to the store's lower tiers (request_finished
   waits up to publish_wait_s); a "kv_consumer" given them waits (up to remote_wait_s) for those chunks.
+- never slower than recomputing (plan_loads, on by default): the scheduler loads a hit from a tier
+  below DRAM (disk, shared folder, Redis) only where that tier's read bandwidth, as the store
+  measures it, moves a chunk faster than the engine computes its tokens; the compute cost comes
+  from the workers, which time forwards without loads (CUDA events on a GPU) and report (tokens,
+  seconds) through build_connector_worker_meta. DRAM hits are always loaded.
 - requires_kv_delivery is False: kvtier is a best-effort cache, a dropped save is a miss.
 - handle_preemptions does nothing: no save is pending when a step ends.
 - kv_load_failure_policy must be "recompute" (checked at start; set
@@ -49,6 +55,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 
 from kvtier.client.api import StoreClient
@@ -86,6 +93,19 @@ log = logging.getLogger("kvtier.connectors.vllm")
 @dataclass
 class KVTierConnectorMetadata(KVConnectorMetadata):
     plan: StepPlan
+
+
+@dataclass
+class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, each step: (tokens, seconds) of forwards without loads (the planner's
+    compute cost); vLLM merges every worker's with `aggregate`."""
+
+    compute: list[tuple[int, float]]
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, KVTierWorkerMetadata):
+            return KVTierWorkerMetadata(self.compute + other.compute)
+        return self
 
 
 def write_service_config(path: str, layout: KVLayout, cfg: VLLMConnectorConfig, socket_path: str) -> None:
@@ -262,7 +282,9 @@ class KVTierConnector(KVConnectorBase_V1):
             self.scheduler = SchedulerSide(link, root_for, chunk_tokens, hash_mode, cfg.save_decode,
                                            load=ktc.is_kv_consumer, save=ktc.is_kv_producer, block_size=block_size,
                                            partial_chunks=cfg.partial_chunks, identity=identity,
-                                           remote_wait_s=cfg.remote_wait_s, publish_wait_s=cfg.publish_wait_s)
+                                           remote_wait_s=cfg.remote_wait_s, publish_wait_s=cfg.publish_wait_s,
+                                           chunk_bytes=layout.chunk_bytes(chunk_tokens), plan_loads=cfg.plan_loads,
+                                           engine_id=f"vllm:{fingerprint}:{self.format_tag}")
             from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
             # chunks saved by this instance carry vLLM's block hashes (as its KV events publish
@@ -312,6 +334,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
         plan = self.scheduler.build_plan(scheduler_output.num_scheduled_tokens, block_ids_of,
                                          scheduler_output.scheduled_spec_decode_tokens)
+        plan.computed_tokens = int(scheduler_output.total_num_scheduled_tokens)
         if self.config.stats_path and plan:
             self._write_stats()
         return KVTierConnectorMetadata(plan)
@@ -335,8 +358,21 @@ class KVTierConnector(KVConnectorBase_V1):
         return False, self.scheduler.request_finished(request)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        if self.scheduler is not None and connector_output.invalid_block_ids:
+        if self.scheduler is None:
+            return
+        if connector_output.invalid_block_ids:
             self.scheduler.load_errors(set(connector_output.invalid_block_ids))
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, KVTierWorkerMetadata) and meta.compute:
+            self.scheduler.observe_compute(meta.compute)
+
+    def build_connector_worker_meta(self) -> KVTierWorkerMetadata | None:
+        """The worker's timed forwards (tokens, seconds) since the last step, for the scheduler's
+        load planner (vLLM aggregates every worker's and hands them to update_connector_output)."""
+        if self.worker is None:
+            return None
+        samples = self.worker.take_compute_samples()
+        return KVTierWorkerMetadata(samples) if samples else None
 
     # -- worker role ---------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

@@ -48,6 +48,9 @@ class SaveSpec:
 class StepPlan:
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    # the tokens this step's forward computes (vLLM's scheduled tokens): the worker times forwards
+    # without loads and reports (tokens, seconds), the load planner's compute cost
+    computed_tokens: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.loads or self.saves)

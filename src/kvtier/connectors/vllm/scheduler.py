@@ -9,6 +9,16 @@ Called by KVTierConnector's scheduler-role methods:
                                                    a producer's handoff for the decode instance (pd.py),
                                                    once its chunks are in the lower tiers (wait_lower)
     load_errors(block_ids)                         chunks whose load failed will be saved again
+    observe_compute(samples)                       the workers' timed forwards (tokens, seconds): the
+                                                   load planner's compute cost per token
+
+Never slower than recomputing (plan_loads): a lookup's hits are cut to the leading chunks the
+load planner (store/planner.py) finds worth loading: a chunk from a tier below DRAM costs
+chunk_bytes / that tier's read bandwidth (the store's own measure, asked for at most every
+BANDWIDTH_REFRESH_S), computing it chunk_tokens x the engine's cost per token (from the
+workers); DRAM hits always load, and without a compute estimate or a bandwidth every hit loads.
+The chunks cut are computed by vLLM and saved again (into DRAM, where the next request finds
+them); their lease is released with the rest.
 
 A chunk is chunk_tokens tokens, a divisor of vLLM's block_size: chunk i of a request sits
 in its block i // (block_size // chunk_tokens) at token offset (i % ...) * chunk_tokens.
@@ -58,10 +68,12 @@ from kvtier.core.codec import encode_block_hashes
 from kvtier.core.errors import KVTierError
 from kvtier.core.keys import KeyChain
 from kvtier.service.protocol import LeaseError
+from kvtier.store.planner import ESTIMATES, CostEstimates, chunks_worth_loading
 
 log = logging.getLogger("kvtier.connectors.vllm")
 
 RootFor = Callable[[str, str], bytes]  # (cache_salt, lora_name) -> namespace root key
+BANDWIDTH_REFRESH_S = 5.0  # the load planner asks the store for its tiers' read bandwidths at most this often
 
 
 @dataclass(slots=True)
@@ -124,7 +136,8 @@ class SchedulerSide:
                  save_decode: bool = False, *, load: bool = True, save: bool = True,
                  block_size: int | None = None, partial_chunks: bool = True, identity: Identity | None = None,
                  remote_wait_s: float = 10.0, poll_s: float = 0.02, publish_wait_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, chunk_bytes: int = 0, plan_loads: bool = True,
+                 estimates: CostEstimates | None = None, engine_id: str = "vllm") -> None:
         block_size = chunk_tokens if block_size is None else block_size
         if chunk_tokens <= 0 or block_size % chunk_tokens:
             raise ValueError(f"chunk_tokens {chunk_tokens} must divide vLLM's block_size {block_size}")
@@ -154,6 +167,14 @@ class SchedulerSide:
         self.saved_blocks: list[SavedBlock] = []
         self.loaded_by_tier: dict[str, int] = {}  # chunks planned for loading, by the tier that held them
         self.loaded_tokens_by_tier: dict[str, int] = {}  # the tokens those chunks count for
+        # the load planner (never slower than recomputing): chunk_bytes 0 or plan_loads False loads every hit
+        self.chunk_bytes = chunk_bytes
+        self.plan_loads = plan_loads and chunk_bytes > 0
+        self.estimates = estimates if estimates is not None else ESTIMATES
+        self.engine_id = engine_id
+        self._bandwidths_at = -float("inf")  # when the tiers' read bandwidths were last asked of the store
+        self.stats["planner_recomputed_chunks"] = 0
+        self.stats["compute_samples"] = 0  # forwards the workers timed (the planner's compute cost)
 
     # -- helpers -------------------------------------------------------------------------
     def _state(self, request: Any) -> _ReqState:
@@ -316,10 +337,56 @@ class SchedulerSide:
             return 0
         st.lease = _Lease(reply.lease_id, start, reply.hits, tuple(reply.tiers))
         self.stats["hit_chunks"] += reply.hits
+        worth = self._worth_loading(tuple(reply.tiers[:reply.hits]))
+        if worth < reply.hits:  # loading the rest is estimated slower than computing it: vLLM computes it
+            self.stats["planner_recomputed_chunks"] += reply.hits - worth
+            if worth == 0:
+                self._release(st)
+                return 0
+            return worth * c
         if final is not None and reply.hits == len(keys):  # every chunk, the final one too
             st.lease.final_key, st.lease.final_tokens, st.lease.final_partial = final
             return (reply.hits - 1) * c + final[1]
         return reply.hits * c
+
+    # -- the load planner ----------------------------------------------------------------
+    def tier_id(self, tier: str) -> str:
+        return f"vllm-store:{tier}"
+
+    def observe_compute(self, samples: Sequence[tuple[int, float]]) -> None:
+        """(tokens, seconds) of the workers' forwards without loads: the compute cost per token."""
+        for tokens, seconds in samples:
+            self.estimates.observe_compute(self.engine_id, int(tokens), float(seconds))
+            self.stats["compute_samples"] += 1
+
+    def _refresh_bandwidths(self) -> None:
+        """The store's measured read bandwidth of each tier below DRAM (at most every
+        BANDWIDTH_REFRESH_S): disk, shared folder, Redis. DRAM hits are always loaded: the worker
+        copies them itself, at host memory or PCIe speed, which no measure of the store's sees and
+        which beat recomputing on every machine measured (CPU and H200)."""
+        now = self.clock()
+        if now - self._bandwidths_at < BANDWIDTH_REFRESH_S:
+            return
+        self._bandwidths_at = now
+        stats = self._call(lambda c: c.stats())
+        if not isinstance(stats, Mapping):
+            return
+        for name, tier in stats.items():
+            gbps = tier.get("read_gbps") if isinstance(tier, Mapping) and name != "memory" else None
+            if isinstance(gbps, (int, float)) and not isinstance(gbps, bool) and gbps > 0:
+                self.estimates.seed_bandwidth(self.tier_id(str(name)), float(gbps) * 1e9, 1.0, source="store")
+
+    def _worth_loading(self, tiers: tuple[str, ...]) -> int:
+        """Leading hit chunks whose loading is estimated faster than computing them (all of them
+        without a compute estimate, or with the planner off)."""
+        if not self.plan_loads or all(t == "memory" for t in tiers):
+            return len(tiers)
+        spt = self.estimates.seconds_per_token(self.engine_id)
+        if spt is None:
+            return len(tiers)
+        self._refresh_bandwidths()
+        bandwidths = {t: None if t == "memory" else self.estimates.bandwidth(self.tier_id(t)) for t in set(tiers)}
+        return chunks_worth_loading(tiers, self.chunk_bytes, self.chunk_tokens, bandwidths, spt)
 
     def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
         st = self.reqs.get(request.request_id)

@@ -9,6 +9,9 @@ Called by KVTierConnector's worker-role methods, in vLLM's step order:
     save_layer(name)                           copy this layer of every chunk to save into the store's DRAM
     finish_step()                              wait for any load left, commit the saves (publish)
     take_failed_blocks()                       block ids whose load failed (vLLM recomputes them)
+    take_compute_samples()                     (tokens, seconds) of the forwards without loads since the
+                                               last call (timed from start_step to finish_step; CUDA
+                                               events on a GPU): the scheduler's load planner
     shutdown()                                 flush disk writes, close
 
 Loads are batched: one load per request covers every layer, so the service pins each
@@ -94,6 +97,7 @@ from kvtier.core.codec import SECTION_BLOCK_HASHES
 from kvtier.core.errors import KVTierError
 from kvtier.core.layout import KVLayout
 from kvtier.service.protocol import LeaseError
+from kvtier.store.planner import MIN_OBSERVED_CHUNKS
 from kvtier.store.tiered import LoadResult
 from kvtier.store.transfer import TransferHandle
 
@@ -183,6 +187,9 @@ class WorkerSide:
         self._layer_events: dict[int, Any] = {}  # batched loads: this step's copy event per layer
         self._load_stream_ordered = False  # the load stream waited for the compute stream this step
         self._direct_step: _DirectLoads | None = None  # this step's direct loads until they are finished
+        self._timing: tuple[int, Any] | None = None  # (tokens, start mark) of this step's forward, when timed
+        self._pending_timings: list[tuple[int, Any, Any]] = []  # CUDA: (tokens, start, end events) not done yet
+        self._compute_samples: list[tuple[int, float]] = []  # (tokens, seconds) for take_compute_samples
         self._pool_t: tuple[tuple[int, int], torch.Tensor] | None = None  # the pool direct loads copy out of
 
     # -- setup ---------------------------------------------------------------------------
@@ -225,8 +232,46 @@ class WorkerSide:
 
     # -- steps ---------------------------------------------------------------------------
     def start_step(self, plan: StepPlan | None) -> None:
-        self.plan = plan or StepPlan()
+        self.plan = plan if plan is not None else StepPlan()
         self._saves = []
+        self._resolve_timings()
+        self._timing = None
+        tokens = self.plan.computed_tokens
+        if not self.plan.loads and tokens >= MIN_OBSERVED_CHUNKS * self.chunk_tokens:
+            # a forward without loads: its time per token is the load planner's compute cost
+            self._timing = (tokens, self._mark())
+
+    def _mark(self) -> Any:
+        """A point in the forward's time: a CUDA event on the compute stream, else perf_counter."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            return event
+        return time.perf_counter()
+
+    def _end_timing(self) -> None:
+        if self._timing is None:
+            return
+        tokens, start = self._timing
+        self._timing = None
+        end = self._mark()
+        if isinstance(start, float):
+            self._compute_samples.append((tokens, end - start))
+        else:
+            self._pending_timings.append((tokens, start, end))
+
+    def _resolve_timings(self) -> None:
+        """Turn the CUDA events of finished forwards into (tokens, seconds) samples."""
+        while self._pending_timings and self._pending_timings[0][2].query():
+            tokens, start, end = self._pending_timings.pop(0)
+            self._compute_samples.append((tokens, start.elapsed_time(end) / 1e3))
+
+    def take_compute_samples(self) -> list[tuple[int, float]]:
+        """(tokens, seconds) of forwards without loads since the last call: the scheduler's load
+        planner weighs loading a stored chunk against computing its tokens with them."""
+        self._resolve_timings()
+        out, self._compute_samples = self._compute_samples, []
+        return out
 
     def _fail_load(self, spec: LoadSpec, indices: list[int] | None = None) -> None:
         blocks = spec.block_ids if indices is None else [spec.block_ids[i] for i in indices]
@@ -663,6 +708,7 @@ class WorkerSide:
                 self.link.failed(e)
 
     def finish_step(self) -> None:
+        self._end_timing()
         self._finish_loads()
         if self._load_stream is not None:
             self._load_stream.join()
