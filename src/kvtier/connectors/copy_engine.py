@@ -14,6 +14,7 @@
     SaveCopies(device)                device -> host copies of saves on another stream; what follows a copy
                                       (writing it to the store, publishing) runs once it completes, on a
                                       worker thread, so the forward never waits for a save
+                                      (to_pool: straight into a page-locked pool's reserved slots)
     SideStream(device)                batched gathers/scatters on a side stream, an event per batch
                                       (the vLLM GPU adapters: one per layer), waited on by the compute stream
     HostRegistry, host_registry()     page-locked host ranges (cudaHostRegister), registered once each
@@ -286,6 +287,36 @@ class SaveCopies:
             event.record(self._stream)
         t.record_stream(self._stream)  # the device tensor is not reused before the copy is done
         return host, event
+
+    def to_pool(self, src: torch.Tensor, pieces: Sequence[tuple[int, torch.Tensor]]) -> Any:
+        """Copy rows of `src` (uint8 [rows, row_bytes] where the KV lives) straight into host tensors,
+        one copy per piece (first row, uint8 host tensor covering whole rows from there: a run of a
+        store's page-locked DRAM slots); the event of them all. On CUDA on the save stream after the
+        compute stream's work so far (the layer just computed), on the CPU at once (a complete event).
+        The save side of LayerCopies.gather. When queueing fails, the copies already queued are waited
+        for before the error is raised, so none still writes into a slot its caller then gives back."""
+        flat = src.reshape(-1)
+        row_bytes = src.shape[1]
+        if not src.is_cuda:
+            for row, dst in pieces:
+                dst.copy_(flat[row * row_bytes:row * row_bytes + dst.numel()])
+            return DoneEvent()
+        assert self._stream is not None
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(self._stream):
+                for row, dst in pieces:
+                    dst.copy_(flat[row * row_bytes:row * row_bytes + dst.numel()], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        except RuntimeError:
+            try:
+                self._stream.synchronize()
+            except RuntimeError:  # a CUDA error: the stream runs nothing more
+                pass
+            raise
+        src.record_stream(self._stream)  # the device buffer is not reused before its copies are done
+        return event
 
     def then(self, event: Any, fn: Callable[[], None], on_error: Callable[[BaseException], None]) -> None:
         if not self.threaded:

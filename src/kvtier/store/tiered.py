@@ -631,11 +631,11 @@ class TieredStore:
                 raise ValueError(f"save of chunk {i}: {filled} of {self.layout.num_layers} layers written")
         checksums: list[tuple[int, ...]] = []
         copies: list[list[bytes] | None] = []
+        slot_sums = batch.slot_checksums()  # computed on the verify threads as the sections were written
         for i in range(len(batch.keys)):
-            res = batch.reservations[i]
-            if res is not None:
-                assert mem is not None
-                checksums.append(mem.layer_checksums(res))
+            sums = slot_sums[i]
+            if sums is not None:
+                checksums.append(sums)
                 copies.append(None)
             else:
                 layers_data = batch.copies[i]
@@ -1009,6 +1009,9 @@ class TieredStore:
             raise StoreClosedError("the store is closed")
 
 
+# a save's section checksums are computed in jobs of about this many bytes on the verify threads
+SAVE_CHECKSUM_JOB_BYTES = 32 << 20
+
 # gather_here verifies a batch of at least this many bytes on _VERIFY_THREADS threads
 _VERIFY_PARALLEL_BYTES = 4 << 20
 _VERIFY_THREADS = 4
@@ -1022,6 +1025,11 @@ def _failed_rows(work: Sequence[tuple[np.ndarray, tuple[int, ...], int, int]]) -
         if not want or any(checksum(sections[j]) != want[s0 + j] for j in range(len(sections))):
             bad.append(row)
     return bad
+
+
+def _slot_sums(mem: MemoryTier, slots: Sequence[int], first: int, span: int) -> list[list[int]]:
+    """Checksums of sections first .. first + span - 1 of each slot, read from the pool."""
+    return [[checksum(mem.layer_view(slot, first + j)) for j in range(span)] for slot in slots]
 
 
 def _check_keys(keys: Sequence[bytes], name: str = "keys") -> Sequence[bytes]:
@@ -1046,6 +1054,13 @@ class SaveBatch:
 
     Each chunk gets a DRAM slot at once; when DRAM has no room, its layers are copied
     aside and the chunk goes to the disk tier only.
+
+    The sections are written by write_layer / write_rows (copies into the slots), or in place by
+    the caller (a GPU connector copies device -> page-locked pool at slot_offsets(), then calls
+    mark_filled once the copies completed). Each write starts the checksums of what it wrote on
+    the store's verify threads at once (xxh3 releases the GIL), so commit() only collects them
+    and publishes: it does not checksum a whole save on one thread. A checksum always reads the
+    slot after its write, and a section written again is checksummed again (the later one wins).
     """
 
     def __init__(self, store: TieredStore, keys: list[bytes], parent: bytes, first_depth: int) -> None:
@@ -1057,6 +1072,8 @@ class SaveBatch:
         self.reservations: list[Reservation | None] = []
         self.copies: list[list[bytes]] = []
         self._done = False
+        # (first section, span, chunks, handle of their checksums [chunk][section]), in write order
+        self._sums: list[tuple[int, int, list[int], TransferHandle[list[list[int]]]]] = []
         prev = parent
         try:
             for i, key in enumerate(keys):
@@ -1088,6 +1105,71 @@ class SaveBatch:
                     raise ValueError(f"layer {layer} source has {view.nbytes} bytes, a section has "
                                      f"{self.store.layer_bytes}")
                 self.copies[i][layer] = view.tobytes()
+        self._checksum_later(layer, 1)
+
+    def slot_offsets(self) -> list[int | None]:
+        """Per chunk, where its DRAM slot starts in the store's pool_array() (chunk_bytes long, section
+        j at offset + j * layer_bytes); None for a chunk without a slot (write it with write_layer or
+        write_rows). What a caller copying in place (mark_filled) writes to."""
+        if self._done:
+            raise ValueError("slot_offsets of a save batch that was committed or aborted")
+        chunk_bytes = self.store.layout.num_layers * self.store.layer_bytes
+        return [res.slot * chunk_bytes if res is not None else None for res in self.reservations]
+
+    def mark_filled(self, first: int, span: int) -> None:
+        """Sections first .. first + span - 1 of every chunk were written in place at slot_offsets() by
+        copies that have completed (never call it before: the checksums start now, over the slot's
+        bytes). Every chunk must have a slot."""
+        if self._done:
+            raise ValueError("mark_filled of a save batch that was committed or aborted")
+        self._check_sections(first, span)
+        missing = [i for i, res in enumerate(self.reservations) if res is None]
+        if missing:
+            raise ValueError(f"chunks {missing[:8]} have no DRAM slot to fill in place; write them with write_layer")
+        for res in self.reservations:
+            assert res is not None
+            res.filled.update(range(first, first + span))
+        self._checksum_later(first, span)
+
+    def slot_checksums(self) -> list[tuple[int, ...] | None]:
+        """Per chunk with a slot, its section checksums (waiting for those still running; a section no
+        write checksummed is checksummed here); None for a chunk without one. Raises what a checksum
+        job raised."""
+        mem = self.store.memory
+        num_layers = self.store.layout.num_layers
+        got: list[list[int | None]] = [[None] * num_layers for _ in self.reservations]
+        for first, span, chunks, handle in self._sums:
+            for i, done in zip(chunks, handle.wait()):
+                got[i][first:first + span] = done
+        out: list[tuple[int, ...] | None] = []
+        for res, row in zip(self.reservations, got):
+            if res is None or mem is None:
+                out.append(None)
+                continue
+            out.append(tuple(s if s is not None else checksum(mem.layer_view(res.slot, j)) for j, s in enumerate(row)))
+        return out
+
+    def _checksum_later(self, first: int, span: int) -> None:
+        """Queue the checksums of sections first .. first + span - 1 of every chunk with a slot (just
+        written), in jobs of about SAVE_CHECKSUM_JOB_BYTES on the store's verify threads."""
+        mem = self.store.memory
+        chunks = [i for i, res in enumerate(self.reservations) if res is not None]
+        if mem is None or not chunks:
+            return
+        step = max(1, SAVE_CHECKSUM_JOB_BYTES // (span * self.store.layer_bytes))
+        engine = self.store._verify_engine()
+        for k in range(0, len(chunks), step):
+            part = chunks[k:k + step]
+            slots = [self.reservations[i].slot for i in part]  # type: ignore[union-attr]
+            self._sums.append((first, span, part, engine.submit("checksum", _slot_sums, mem, slots, first, span)))
+
+    def _check_sections(self, first: int, span: int) -> None:
+        num_layers = self.store.layout.num_layers
+        for name, value in (("first", first), ("span", span)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if span < 1 or first < 0 or first + span > num_layers:
+            raise ValueError(f"sections {first}..{first + span - 1} outside 0..{num_layers - 1}")
 
     def write_rows(self, first: int, span: int, data: np.ndarray) -> None:
         """`write_layer` of sections first .. first + span - 1 of every chunk at once: data[i] ([n chunks,
@@ -1098,8 +1180,7 @@ class SaveBatch:
             raise ValueError("write to a save batch that was committed or aborted")
         lb, num_layers = self.store.layer_bytes, self.store.layout.num_layers
         n = len(self.keys)
-        if not 1 <= span or first < 0 or first + span > num_layers:
-            raise ValueError(f"sections {first}..{first + span - 1} outside 0..{num_layers - 1}")
+        self._check_sections(first, span)
         if data.dtype != np.uint8 or data.shape != (n, span * lb) or not data.flags.c_contiguous:
             raise ValueError(f"data must be a C-contiguous uint8 array of shape {(n, span * lb)}, "
                              f"got {data.dtype} {data.shape}")
@@ -1119,6 +1200,7 @@ class SaveBatch:
             if res is None:
                 for j in range(span):
                     self.copies[i][first + j] = data[i, j * lb : (j + 1) * lb].tobytes()
+        self._checksum_later(first, span)
 
     def commit(self, extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None = None) -> TransferHandle[SaveResult]:
         if self._done:

@@ -40,13 +40,19 @@ layer i's update makes the forward wait for (an event, not a CPU wait); a copy t
 a PrefixLoadError like a failed load, so those chunks are recomputed, never half-served.
 
 After a layer has computed every column of the plan, its part of each new full chunk is
-written to a store save (begin_save / write_layer); the last layer commits it. Chunks already
+written to a store save (begin_save / write_layer); the last layer commits it. With the
+connector's `direct_saves` (on CUDA with a page-locked DRAM pool; forced on the CPU in tests)
+each layer is copied straight into the chunks' reserved DRAM slots (SaveBatch.slot_offsets,
+one copy per run of neighbouring destinations) and marked filled once the copy completed
+(mark_filled, which starts its checksums on the store's verify threads), so publishing after
+the forward costs no host copy and no checksum pass; a failed copy aborts the whole save. Chunks already
 stored, and chunks another row of the batch saves, are skipped. A failed save never fails
 generation: it is counted and logged once by the connector.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +137,11 @@ class _Prefill:
     copies: Any = None  # LayerCopies: host -> device copies of the staged layers
     staging_buf: torch.Tensor | None = None  # the staging pool's buffer, until its copies are done
     save_buf: torch.Tensor | None = None  # the save pool's buffer (CUDA), until the saves are written
+    save_offsets: list[list[int]] | None = None  # direct saves: per batch, its chunks' slots in the pool
+    save_event: Any = None  # direct saves: the latest copy into the pool (waited for before an abort)
+    # held while a layer's saves are queued and while a failure aborts them: no copy into a slot is
+    # queued after the abort gave the slots back
+    save_lock: threading.RLock = field(default_factory=threading.RLock)
     direct: bool = False  # DRAM chunks copied straight out of the store's pool (connector.direct_loads)
     borrowed: list[Any] | None = None  # direct: the store's borrowed entries, released once copied
     group_start: list[int] = field(default_factory=list)  # direct: per layer, the first layer of its group
@@ -516,13 +527,17 @@ class KVTierCache(DynamicCache):
     def _save_layer(self, state: _Prefill, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Gather this layer's part of each new chunk (on the KV's device), copy it to the host and write
         it to the store; the last layer commits (publishes). On CUDA the copy runs on the save stream and
-        the writes on SaveCopies' worker once it completes, so the forward goes on at once."""
+        the writes on SaveCopies' worker once it completes, so the forward goes on at once. Direct saves
+        copy into the reserved slots themselves and the worker only marks them filled."""
         if not state.saves or state.save_broken:
             return
         conn = self.connector
         copies = conn.save_copies
         t0 = time.perf_counter()
+        state.save_lock.acquire()
         try:
+            if state.save_broken:  # a copy of an earlier layer failed meanwhile (on the save worker)
+                return
             heads, ct, hd = conn.layout.num_kv_heads, conn.chunk_tokens, conn.layout.head_size
             lb = conn.layout.layer_bytes(ct)
             chunks = sum(len(s.keys) for s in state.saves)
@@ -530,15 +545,23 @@ class KVTierCache(DynamicCache):
                 state.batches = []
                 for s in state.saves:
                     state.batches.append(conn.store.begin_save(s.keys, s.parent, s.depth))
-                if keys.is_cuda:
+                state.save_offsets = _direct_offsets(state.batches) if conn.direct_saves else None
+                if state.save_offsets is None and keys.is_cuda:
                     state.save_buf = conn.save_pool.acquire(chunks * lb * len(self.layers))
             first = layer * chunks
-            for s, batch in zip(state.saves, state.batches):
+            for i, (s, batch) in enumerate(zip(state.saves, state.batches)):
                 n = len(s.keys)
                 cols = slice(s.column, s.column + n * ct)
                 sec = torch.empty((n, heads, 2, ct, hd), dtype=keys.dtype, device=keys.device)
                 sec[:, :, 0] = keys[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
                 sec[:, :, 1] = values[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
+                if state.save_offsets is not None:  # straight into the slots, marked filled once copied
+                    pool = conn.pool_tensor()
+                    starts = [(row, off + layer * lb) for row, off in enumerate(state.save_offsets[i])]
+                    pieces = [(row, pool[off:off + k * lb]) for row, off, k in pool_runs(starts, lb)]
+                    state.save_event = ready = copies.to_pool(sec.view(n, -1).view(torch.uint8), pieces)
+                    copies.then(ready, _filler(state, batch, layer), self._save_error(state))
+                    continue
                 out = state.save_buf[first * lb:(first + n) * lb] if state.save_buf is not None else None
                 first += n
                 host, ready = copies.to_host(sec, out)
@@ -549,6 +572,7 @@ class KVTierCache(DynamicCache):
         except Exception as e:  # noqa: BLE001 - a save never fails generation; counted and logged once
             self._save_error(state)(e)
         finally:
+            state.save_lock.release()
             spent = time.perf_counter() - t0
             state.save_s += spent
             conn.add_save_seconds(spent)
@@ -568,10 +592,11 @@ class KVTierCache(DynamicCache):
         conn = self.connector
 
         def failed(e: BaseException) -> None:
-            if state.save_broken:
-                return
-            state.save_broken = True
-            self._abort_saves(state)
+            with state.save_lock:
+                if state.save_broken:
+                    return
+                state.save_broken = True
+                self._abort_saves(state)
             self._release_save_buf(state)
             conn.report_save_failure(sum(len(s.keys) for s in state.saves), f"{type(e).__name__}: {e}")
 
@@ -625,7 +650,14 @@ class KVTierCache(DynamicCache):
 
     @staticmethod
     def _abort_saves(state: _Prefill) -> None:
-        """Release the DRAM reservations of saves not committed (a committed batch ignores abort)."""
+        """Release the DRAM reservations of saves not committed (a committed batch ignores abort), once
+        no direct save's copy still writes into their slots."""
+        event, state.save_event = state.save_event, None
+        if event is not None:
+            try:
+                event.synchronize()
+            except Exception:  # noqa: BLE001 - a CUDA error: the save stream runs nothing more
+                pass
         if state.batches:
             for batch in state.batches:
                 try:
@@ -663,6 +695,28 @@ def _writer(state: _Prefill, batch: Any, layer: int, host: torch.Tensor, n: int)
         batch.write_layer(layer, [raw[i] for i in range(n)])
 
     return write
+
+
+def _filler(state: _Prefill, batch: Any, layer: int) -> Callable[[], None]:
+    """Direct saves: once layer's copies into the slots completed, they count as written (and their
+    checksums start on the store's verify threads)."""
+    def fill() -> None:
+        if not state.save_broken:
+            batch.mark_filled(layer, 1)
+
+    return fill
+
+
+def _direct_offsets(batches: Sequence[Any]) -> list[list[int]] | None:
+    """Each batch's slot offsets in the store's pool, or None when a chunk has no slot (DRAM full: its
+    layers go aside through write_layer, so the whole save is staged)."""
+    out = []
+    for batch in batches:
+        offsets = batch.slot_offsets()
+        if any(off is None for off in offsets):
+            return None
+        out.append([int(off) for off in offsets])
+    return out
 
 
 def _stamp_done(state: _Prefill, handle: Any) -> None:

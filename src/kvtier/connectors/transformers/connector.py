@@ -34,9 +34,13 @@ the load stream with one event, verified against its checksums on the store's ve
 while it copies, and layer i's update waits for its group's event and check only; the chunks
 are released once the copies completed. Other loads (disk hits, a service client) are staged
 in a reused page-locked buffer and copied per layer on a load stream the forward waits on by
-event; saves are copied to page-locked buffers on a save stream and written to the store and
-published by a worker thread once copied (`save_copies.drain()` waits for them: call it before
-closing the store). On the CPU the same code runs synchronously.
+event. Saves are copied on a save stream after each layer's compute: with `direct_saves` (the
+same condition as direct_loads) straight into the DRAM slots the store reserved for them (no
+staging, no host copy), each layer marked filled by a worker thread once its copy completed,
+which starts its checksums on the store's verify threads; otherwise into a page-locked buffer
+that the worker writes to the store. After the last layer the worker publishes
+(`save_copies.drain()` waits for it: call it before closing the store). On the CPU the same
+code runs synchronously.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ class TransformersConnector:
     def __init__(self, model: Any, store: Any, *, tenant_salt: str = "", fingerprint: str | None = None,
                  overlap: bool = True, save: bool = True, load: bool = True, metrics: m.Metrics | None = None,
                  device: torch.device | str | None = None, plan_loads: bool = True,
-                 estimates: CostEstimates | None = None, direct_loads: bool | None = None) -> None:
+                 estimates: CostEstimates | None = None, direct_loads: bool | None = None,
+                 direct_saves: bool | None = None) -> None:
         check_full_kv(model)
         self.model = model
         self.store = store
@@ -113,7 +118,8 @@ class TransformersConnector:
         self.staging_pool, self.save_pool, self.save_copies = shared_pools(self.device)
         page_lock_pool(store, self.device)  # on CUDA: the store's DRAM pool page-locked once (skipped elsewhere)
         self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.direct_loads = self._pick_direct_loads(direct_loads)
+        self.direct_loads = self._pick_direct(direct_loads, "direct_loads")
+        self.direct_saves = self._pick_direct(direct_saves, "direct_saves")
         self._pool_tensor: torch.Tensor | None = None
         lb = self.layout.layer_bytes(self.chunk_tokens)
         self.load_group_layers = max(1, min(self.layout.num_layers, -(-DIRECT_GROUP_BYTES // lb)))
@@ -123,9 +129,9 @@ class TransformersConnector:
         if plan_loads:
             self._probe_tiers()
 
-    def _pick_direct_loads(self, want: bool | None) -> bool:
-        """direct_loads: None = on where it pays (CUDA, and the store's DRAM pool page-locked);
-        True (tests, or a CPU run of the same code) needs an in-process store with a DRAM tier."""
+    def _pick_direct(self, want: bool | None, option: str) -> bool:
+        """direct_loads / direct_saves: None = on where it pays (CUDA, and the store's DRAM pool
+        page-locked); True (tests, or a CPU run of the same code) needs an in-process store with a DRAM tier."""
         store = self.store
         able = callable(getattr(store, "borrow_memory", None)) and getattr(store, "memory", None) is not None
         if want is None:
@@ -134,8 +140,8 @@ class TransformersConnector:
             region = store.memory.pool_region()
             return (region.address, region.nbytes) in host_registry().registered()
         if want and not able:
-            raise ValueError("direct_loads=True needs an in-process TieredStore with a DRAM tier (a kvtier serve "
-                             "client's loads are copied through staging)")
+            raise ValueError(f"{option}=True needs an in-process TieredStore with a DRAM tier (a kvtier serve "
+                             "client's loads and saves are copied through staging)")
         return bool(want)
 
     def pool_tensor(self) -> torch.Tensor:
