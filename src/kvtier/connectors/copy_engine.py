@@ -42,7 +42,7 @@ from kvtier.sparse.errors import UnsupportedModelError
 log = logging.getLogger(__name__)
 
 PROBE_BYTES = 64 << 20
-DIRECT_GROUP_BYTES = 4 << 20  # direct loads: layers per copy group so that one chunk's piece is about this big
+DIRECT_GROUP_BYTES = 4 << 20  # direct loads and saves: layers per copy group so that one chunk's piece is about this big
 VERIFY_JOB_BYTES = 64 << 20  # direct loads: bytes checked per job on the store's verify threads
 _warned: set[str] = set()
 _warned_lock = threading.Lock()

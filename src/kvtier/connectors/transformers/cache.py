@@ -42,10 +42,13 @@ a PrefixLoadError like a failed load, so those chunks are recomputed, never half
 After a layer has computed every column of the plan, its part of each new full chunk is
 written to a store save (begin_save / write_layer); the last layer commits it. With the
 connector's `direct_saves` (on CUDA with a page-locked DRAM pool; forced on the CPU in tests)
-each layer is copied straight into the chunks' reserved DRAM slots (SaveBatch.slot_offsets,
-one copy per run of neighbouring destinations) and marked filled once the copy completed
-(mark_filled, which starts its checksums on the store's verify threads), so publishing after
-the forward costs no host copy and no checksum pass; a failed copy aborts the whole save. Chunks already
+each group of layers (connector.save_group_layers, about DIRECT_GROUP_BYTES per chunk, like the
+load groups) is gathered into one device buffer and copied straight into the chunks' reserved
+DRAM slots (SaveBatch.slot_offsets: a chunk's layers are contiguous in its slot, so one copy
+per chunk, and one per run of neighbouring slots when a group holds every layer), then marked
+filled once the copy completed (mark_filled, which starts its checksums on the store's verify
+threads). Publishing after the forward then costs the last group's copy and checksums, no host
+copy and no checksum pass over the whole save; a failed copy aborts the whole save. Chunks already
 stored, and chunks another row of the batch saves, are skipped. A failed save never fails
 generation: it is counted and logged once by the connector.
 """
@@ -139,6 +142,8 @@ class _Prefill:
     save_buf: torch.Tensor | None = None  # the save pool's buffer (CUDA), until the saves are written
     save_offsets: list[list[int]] | None = None  # direct saves: per batch, its chunks' slots in the pool
     save_event: Any = None  # direct saves: the latest copy into the pool (waited for before an abort)
+    # direct saves: (batch, first layer of a group) -> [its device buffer [chunks, layers, section], layers gathered]
+    save_groups: dict[tuple[int, int], list[Any]] = field(default_factory=dict)
     # held while a layer's saves are queued and while a failure aborts them: no copy into a slot is
     # queued after the abort gave the slots back
     save_lock: threading.RLock = field(default_factory=threading.RLock)
@@ -552,15 +557,23 @@ class KVTierCache(DynamicCache):
             for i, (s, batch) in enumerate(zip(state.saves, state.batches)):
                 n = len(s.keys)
                 cols = slice(s.column, s.column + n * ct)
-                sec = torch.empty((n, heads, 2, ct, hd), dtype=keys.dtype, device=keys.device)
+                if state.save_offsets is not None:  # into the group's buffer, copied to the slots once complete
+                    g0, group = self._save_group(state, i, layer, (n, heads, 2, ct, hd), keys)
+                    sec = group[0][:, layer - g0]
+                else:
+                    sec = torch.empty((n, heads, 2, ct, hd), dtype=keys.dtype, device=keys.device)
                 sec[:, :, 0] = keys[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
                 sec[:, :, 1] = values[s.row, :, cols].view(heads, n, ct, hd).transpose(0, 1)
-                if state.save_offsets is not None:  # straight into the slots, marked filled once copied
-                    pool = conn.pool_tensor()
-                    starts = [(row, off + layer * lb) for row, off in enumerate(state.save_offsets[i])]
-                    pieces = [(row, pool[off:off + k * lb]) for row, off, k in pool_runs(starts, lb)]
-                    state.save_event = ready = copies.to_pool(sec.view(n, -1).view(torch.uint8), pieces)
-                    copies.then(ready, _filler(state, batch, layer), self._save_error(state))
+                if state.save_offsets is not None:
+                    group[1] += 1
+                    span = group[0].shape[1]
+                    if group[1] == span:  # every layer of the group gathered: one copy per run of slots
+                        del state.save_groups[(i, g0)]
+                        pool = conn.pool_tensor()
+                        starts = [(row, off + g0 * lb) for row, off in enumerate(state.save_offsets[i])]
+                        pieces = [(row, pool[off:off + k * span * lb]) for row, off, k in pool_runs(starts, span * lb)]
+                        state.save_event = ready = copies.to_pool(group[0].view(n, -1).view(torch.uint8), pieces)
+                        copies.then(ready, _filler(state, batch, g0, span), self._save_error(state))
                     continue
                 out = state.save_buf[first * lb:(first + n) * lb] if state.save_buf is not None else None
                 first += n
@@ -576,6 +589,19 @@ class KVTierCache(DynamicCache):
             spent = time.perf_counter() - t0
             state.save_s += spent
             conn.add_save_seconds(spent)
+
+    def _save_group(self, state: _Prefill, batch: int, layer: int, section: tuple[int, ...],
+                    like: torch.Tensor) -> tuple[int, list[Any]]:
+        """Direct saves: (first layer, [device buffer [chunks, layers, *section], layers gathered so far])
+        of the group of layers (connector.save_group_layers) that `layer` belongs to, for one batch."""
+        size = self.connector.save_group_layers
+        g0 = layer - layer % size
+        group = state.save_groups.get((batch, g0))
+        if group is None:
+            span = min(size, len(self.layers) - g0)
+            buf = torch.empty((section[0], span, *section[1:]), dtype=like.dtype, device=like.device)
+            group = state.save_groups[(batch, g0)] = [buf, 0]
+        return g0, group
 
     def _committer(self, state: _Prefill) -> Callable[[], None]:
         conn = self.connector
@@ -697,12 +723,12 @@ def _writer(state: _Prefill, batch: Any, layer: int, host: torch.Tensor, n: int)
     return write
 
 
-def _filler(state: _Prefill, batch: Any, layer: int) -> Callable[[], None]:
-    """Direct saves: once layer's copies into the slots completed, they count as written (and their
-    checksums start on the store's verify threads)."""
+def _filler(state: _Prefill, batch: Any, first: int, span: int) -> Callable[[], None]:
+    """Direct saves: once the copies of layers first .. first + span - 1 into the slots completed, they
+    count as written (and their checksums start on the store's verify threads)."""
     def fill() -> None:
         if not state.save_broken:
-            batch.mark_filled(layer, 1)
+            batch.mark_filled(first, span)
 
     return fill
 

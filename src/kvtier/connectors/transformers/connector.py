@@ -36,8 +36,9 @@ are released once the copies completed. Other loads (disk hits, a service client
 in a reused page-locked buffer and copied per layer on a load stream the forward waits on by
 event. Saves are copied on a save stream after each layer's compute: with `direct_saves` (the
 same condition as direct_loads) straight into the DRAM slots the store reserved for them (no
-staging, no host copy), each layer marked filled by a worker thread once its copy completed,
-which starts its checksums on the store's verify threads; otherwise into a page-locked buffer
+staging, no host copy), a group of layers (`save_group_layers`) per copy, each group marked
+filled by a worker thread once its copy completed, which starts its checksums on the store's
+verify threads; otherwise into a page-locked buffer
 that the worker writes to the store. After the last layer the worker publishes
 (`save_copies.drain()` waits for it: call it before closing the store). On the CPU the same
 code runs synchronously.
@@ -123,6 +124,7 @@ class TransformersConnector:
         self._pool_tensor: torch.Tensor | None = None
         lb = self.layout.layer_bytes(self.chunk_tokens)
         self.load_group_layers = max(1, min(self.layout.num_layers, -(-DIRECT_GROUP_BYTES // lb)))
+        self.save_group_layers = self.load_group_layers  # direct saves: layers per device -> pool copy
         self.estimates = estimates if estimates is not None else ESTIMATES
         self.engine_id = f"{self.fingerprint}|{self.device}|{self.layout.dtype}"
         self.chunk_bytes = self.layout.num_layers * self.layout.layer_bytes(self.chunk_tokens)
