@@ -78,6 +78,20 @@ def test_copying_writes_checksum_as_they_go(how, monkeypatch):
     store.close()
 
 
+def test_checksums_in_the_writing_thread_start_no_threads():
+    keys = keys_for(list(range(3 * CHUNK)))
+    store = _store()
+    batch = store.begin_save(keys, ROOT, 0)
+    batch.checksum_threads = False  # a CPU forward saving as it goes
+    _fill_in_place(store, batch, keys, range(LAYERS))
+    assert all(handle.done() for *_, handle in batch._sums)  # noqa: SLF001 - computed by mark_filled itself
+    batch.commit().wait()
+    assert store._verify is None  # noqa: SLF001 - no checksum thread was started
+    for k in keys:
+        assert store.memory.meta(k).checksums == tuple(checksum(s) for s in payload(k))
+    store.close()
+
+
 def test_large_writes_are_checksummed_in_several_jobs(monkeypatch):
     monkeypatch.setattr(tiered_mod, "SAVE_CHECKSUM_JOB_BYTES", 2 * LB)  # two chunks' section per job
     keys = keys_for(list(range(5 * CHUNK)))

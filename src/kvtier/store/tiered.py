@@ -5,7 +5,8 @@ Who calls: the client layer (in-process mode), the host service, tests and bench
     lookup(keys) -> LookupResult        leading chunks available, and in which tier
     load(keys, dests, layers) -> handle copy chunks (all layers or some) into caller buffers
     save(keys, parent, depth, srcs)     stage into DRAM now, write the disk tier in the background
-    begin_save(keys, parent, depth)     the same, filled layer by layer (vLLM's save_kv_layer)
+    begin_save(keys, parent, depth)     the same, filled layer by layer (vLLM's save_kv_layer), or in
+                                        place (slot_offsets / mark_filled: a GPU connector's direct saves)
     wait_lower(keys, timeout_s)         wait until these chunks' lower-tier writes have ended
     flush(), close()                    wait for pending disk writes
 
@@ -1061,6 +1062,8 @@ class SaveBatch:
     the store's verify threads at once (xxh3 releases the GIL), so commit() only collects them
     and publishes: it does not checksum a whole save on one thread. A checksum always reads the
     slot after its write, and a section written again is checksummed again (the later one wins).
+    `checksum_threads = False` checksums in the writing thread instead (a CPU forward saving as it
+    goes: threads woken beside it would take its cores).
     """
 
     def __init__(self, store: TieredStore, keys: list[bytes], parent: bytes, first_depth: int) -> None:
@@ -1074,6 +1077,7 @@ class SaveBatch:
         self._done = False
         # (first section, span, chunks, handle of their checksums [chunk][section]), in write order
         self._sums: list[tuple[int, int, list[int], TransferHandle[list[list[int]]]]] = []
+        self.checksum_threads = True
         prev = parent
         try:
             for i, key in enumerate(keys):
@@ -1155,6 +1159,11 @@ class SaveBatch:
         mem = self.store.memory
         chunks = [i for i, res in enumerate(self.reservations) if res is not None]
         if mem is None or not chunks:
+            return
+        if not self.checksum_threads:
+            slots = [self.reservations[i].slot for i in chunks]  # type: ignore[union-attr]
+            self._sums.append((first, span, chunks, self.store._io.completed("checksum",
+                                                                            _slot_sums(mem, slots, first, span))))
             return
         step = max(1, SAVE_CHECKSUM_JOB_BYTES // (span * self.store.layer_bytes))
         engine = self.store._verify_engine()

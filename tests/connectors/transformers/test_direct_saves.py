@@ -205,6 +205,17 @@ def test_direct_saves_needs_an_in_process_store_with_dram_and_is_off_on_the_cpu(
     disk_only.close()
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_cpu_forward_checksums_its_saves_without_threads_beside_it(direct):
+    model = tiny_model()
+    ids = prompt(128, 27, seed=48)
+    store = make_store(model, None)
+    _connector(model, store, direct_saves=direct).prefill(ids)
+    assert store.lookup(TransformersConnector(model, store).chunk_keys(ids[0].tolist())).hits == 6
+    assert store._verify is None  # noqa: SLF001 - on the CPU the writes checksummed in the forward's thread
+    store.close()
+
+
 def test_to_pool_copies_rows_into_host_pieces():
     src = torch.arange(4 * 8, dtype=torch.uint8).view(4, 8)
     pool = torch.zeros(64, dtype=torch.uint8)

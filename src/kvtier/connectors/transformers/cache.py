@@ -549,7 +549,10 @@ class KVTierCache(DynamicCache):
             if state.batches is None:
                 state.batches = []
                 for s in state.saves:
-                    state.batches.append(conn.store.begin_save(s.keys, s.parent, s.depth))
+                    started = conn.store.begin_save(s.keys, s.parent, s.depth)
+                    state.batches.append(started)
+                    if hasattr(started, "checksum_threads"):  # an in-process store's SaveBatch
+                        started.checksum_threads = keys.is_cuda  # on the CPU: not beside the forward's threads
                 state.save_offsets = _direct_offsets(state.batches) if conn.direct_saves else None
                 if state.save_offsets is None and keys.is_cuda:
                     state.save_buf = conn.save_pool.acquire(chunks * lb * len(self.layers))
