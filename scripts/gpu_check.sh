@@ -77,7 +77,7 @@ for f in sorted(out.glob("ttft_*.json")):
     d = json.loads(f.read_text())
     s = d["setup"]
     print(f"{f.name}: h2d_pinned_gbps={s.get('h2d_pinned_gbps')} odirect_read_gbps={s.get('odirect_read_gbps')} "
-          f"direct_loads={s.get('direct_loads')} pool_copy={s.get('pool_copy')} overlap={d.get('overlap')}")
+          f"direct_loads={s.get('direct_loads')} direct_saves={s.get('direct_saves')} pool_copy={s.get('pool_copy')} overlap={d.get('overlap')}")
     for c, x in zip(d["cases"], d["details"]):
         print(f"  {c['prompt_tokens']:>6}: plain {c['no_kvtier_s']:.4f} miss {c['miss_s']:.4f} "
               f"(published {c['miss_published_s']:.4f}) dram {c['dram_hit_s']:.4f} (floor {c['dram_floor_s']:.4f}) "

@@ -95,6 +95,7 @@ def test_cpu_tiny_shape_runs(tmp_path):
     result = ttft.run_ttft_bench(str(tmp_path / "t.json"), device="cpu", shape="tiny", lengths=[48], repeats=1)
     setup = result["setup"]
     assert (setup["device"], setup["shape"], setup["dtype"]) == ("cpu", "tiny", "float32")
+    assert (setup["direct_loads"], setup["direct_saves"]) == (False, False)  # both only on CUDA by default
     assert [c["prompt_tokens"] for c in result["cases"]] == [48]
 
 

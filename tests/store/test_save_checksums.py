@@ -24,6 +24,12 @@ def _store(chunks: int = 8) -> TieredStore:
     return TieredStore(StoreConfig(chunk_tokens=CHUNK, memory=MemoryTierConfig(capacity_bytes=chunks * CB)), TINY)
 
 
+def _begin(store: TieredStore, keys, threads: bool = True):
+    batch = store.begin_save(keys, ROOT, 0)
+    batch.checksum_threads = threads
+    return batch
+
+
 def _fill_in_place(store: TieredStore, batch, keys, layers) -> None:
     """What a direct save does: copy each layer into the slots, then mark it filled."""
     pool = store.pool_array()
@@ -41,7 +47,7 @@ def test_filled_in_place_equals_a_plain_save():
     keys = keys_for(list(range(4 * CHUNK)))
     plain, direct = _store(), _store()
     plain.save(keys, ROOT, 0, [payload(k) for k in keys]).wait()
-    batch = direct.begin_save(keys, ROOT, 0)
+    batch = _begin(direct, keys)
     offsets = batch.slot_offsets()
     assert len(set(offsets)) == len(keys) and all(off is not None and off % CB == 0 for off in offsets)
     _fill_in_place(direct, batch, keys, reversed(range(LAYERS)))  # any order
@@ -57,11 +63,12 @@ def test_filled_in_place_equals_a_plain_save():
     direct.close()
 
 
+@pytest.mark.parametrize("threads", [True, False])
 @pytest.mark.parametrize("how", ["write_layer", "write_rows"])
-def test_copying_writes_checksum_as_they_go(how, monkeypatch):
+def test_copying_writes_checksum_as_they_go(how, threads, monkeypatch):
     keys = keys_for(list(range(3 * CHUNK)))
     store = _store()
-    batch = store.begin_save(keys, ROOT, 0)
+    batch = _begin(store, keys, threads)
     for layer in range(LAYERS):
         if how == "write_layer":
             batch.write_layer(layer, [payload(k)[layer] for k in keys])
@@ -82,7 +89,7 @@ def test_checksums_in_the_writing_thread_start_no_threads():
     keys = keys_for(list(range(3 * CHUNK)))
     store = _store()
     batch = store.begin_save(keys, ROOT, 0)
-    batch.checksum_threads = False  # a CPU forward saving as it goes
+    assert batch.checksum_threads is False  # the default: in the writing thread (a CPU forward saving as it goes)
     _fill_in_place(store, batch, keys, range(LAYERS))
     assert all(handle.done() for *_, handle in batch._sums)  # noqa: SLF001 - computed by mark_filled itself
     batch.commit().wait()
@@ -96,7 +103,7 @@ def test_large_writes_are_checksummed_in_several_jobs(monkeypatch):
     monkeypatch.setattr(tiered_mod, "SAVE_CHECKSUM_JOB_BYTES", 2 * LB)  # two chunks' section per job
     keys = keys_for(list(range(5 * CHUNK)))
     store = _store()
-    batch = store.begin_save(keys, ROOT, 0)
+    batch = _begin(store, keys)
     _fill_in_place(store, batch, keys, range(LAYERS))
     assert [len(chunks) for _, _, chunks, _ in batch._sums] == [2, 2, 1] * LAYERS  # noqa: SLF001
     batch.commit().wait()
@@ -107,7 +114,7 @@ def test_large_writes_are_checksummed_in_several_jobs(monkeypatch):
 def test_a_section_written_again_is_checksummed_again():
     keys = keys_for(list(range(2 * CHUNK)))
     store = _store()
-    batch = store.begin_save(keys, ROOT, 0)
+    batch = _begin(store, keys)
     pool = store.pool_array()
     off = batch.slot_offsets()[1]
     pool[off:off + LB] = 7  # a first, wrong version of chunk 1's layer 0
@@ -124,7 +131,7 @@ def test_a_section_written_again_is_checksummed_again():
 def test_an_unwritten_section_publishes_nothing():
     keys = keys_for(list(range(2 * CHUNK)))
     store = _store()
-    batch = store.begin_save(keys, ROOT, 0)
+    batch = _begin(store, keys)
     _fill_in_place(store, batch, keys, range(LAYERS - 1))
     with pytest.raises(ValueError, match=f"{LAYERS - 1} of {LAYERS} layers written"):
         batch.commit()
@@ -140,7 +147,7 @@ def test_a_failed_checksum_publishes_nothing(monkeypatch):
     monkeypatch.setattr(tiered_mod, "_slot_sums", broken)
     keys = keys_for(list(range(2 * CHUNK)))
     store = _store()
-    batch = store.begin_save(keys, ROOT, 0)
+    batch = _begin(store, keys)
     _fill_in_place(store, batch, keys, range(LAYERS))
     with pytest.raises(OSError, match="checksum thread failed"):
         batch.commit()
@@ -152,7 +159,7 @@ def test_a_failed_checksum_publishes_nothing(monkeypatch):
 def test_in_place_bad_input():
     keys = keys_for(list(range(2 * CHUNK)))
     store = _store()
-    batch = store.begin_save(keys, ROOT, 0)
+    batch = _begin(store, keys)
     for first, span in ((-1, 1), (0, 0), (LAYERS - 1, 2), (LAYERS, 1)):
         with pytest.raises(ValueError, match="outside"):
             batch.mark_filled(first, span)
@@ -170,7 +177,7 @@ def test_in_place_bad_input():
 def test_chunks_without_a_slot_cannot_be_filled_in_place():
     keys = keys_for(list(range(3 * CHUNK)))
     store = _store(chunks=2)
-    batch = store.begin_save(keys, ROOT, 0)
+    batch = _begin(store, keys)
     offsets = batch.slot_offsets()
     assert offsets[2] is None and None not in offsets[:2]  # DRAM has room for two
     with pytest.raises(ValueError, match=r"chunks \[2\] have no DRAM slot"):

@@ -398,6 +398,7 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
 
     bench = _Runner(model, layout, root / "store", chunk, dram_bytes, device, throttle_disk_gbps)
     setup["direct_loads"] = bench.conn.direct_loads  # DRAM hits copied straight out of the page-locked pool
+    setup["direct_saves"] = bench.conn.direct_saves  # misses copied straight into the reserved pool slots
     if cuda:  # where a direct load's time goes: the pool's copy speed, alone and beside its checksums
         setup["pool_copy"] = pool_copy_probe(bench.store, device)
         print("pool -> GPU: " + ", ".join(f"{k} {v:.1f}" for k, v in setup["pool_copy"].items() if k.endswith("gbps")))

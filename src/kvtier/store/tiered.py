@@ -1058,12 +1058,12 @@ class SaveBatch:
 
     The sections are written by write_layer / write_rows (copies into the slots), or in place by
     the caller (a GPU connector copies device -> page-locked pool at slot_offsets(), then calls
-    mark_filled once the copies completed). Each write starts the checksums of what it wrote on
-    the store's verify threads at once (xxh3 releases the GIL), so commit() only collects them
-    and publishes: it does not checksum a whole save on one thread. A checksum always reads the
-    slot after its write, and a section written again is checksummed again (the later one wins).
-    `checksum_threads = False` checksums in the writing thread instead (a CPU forward saving as it
-    goes: threads woken beside it would take its cores).
+    mark_filled once the copies completed). Each write checksums what it wrote at once, so
+    commit() only collects the checksums and publishes: it does not checksum a whole save on one
+    thread. By default in the writing thread; with `checksum_threads = True` on the store's verify
+    threads (xxh3 releases the GIL), for a writer whose host threads are otherwise idle (a GPU
+    connector: threads woken beside a CPU forward would take its cores). A checksum always reads
+    the slot after its write, and a section written again is checksummed again (the later one wins).
     """
 
     def __init__(self, store: TieredStore, keys: list[bytes], parent: bytes, first_depth: int) -> None:
@@ -1077,7 +1077,7 @@ class SaveBatch:
         self._done = False
         # (first section, span, chunks, handle of their checksums [chunk][section]), in write order
         self._sums: list[tuple[int, int, list[int], TransferHandle[list[list[int]]]]] = []
-        self.checksum_threads = True
+        self.checksum_threads = False
         prev = parent
         try:
             for i, key in enumerate(keys):
