@@ -632,7 +632,7 @@ class TieredStore:
                 raise ValueError(f"save of chunk {i}: {filled} of {self.layout.num_layers} layers written")
         checksums: list[tuple[int, ...]] = []
         copies: list[list[bytes] | None] = []
-        slot_sums = batch.slot_checksums()  # computed on the verify threads as the sections were written
+        slot_sums = batch.slot_checksums()  # computed as the sections were written (collected here)
         for i in range(len(batch.keys)):
             sums = slot_sums[i]
             if sums is not None:
@@ -1154,8 +1154,8 @@ class SaveBatch:
         return out
 
     def _checksum_later(self, first: int, span: int) -> None:
-        """Queue the checksums of sections first .. first + span - 1 of every chunk with a slot (just
-        written), in jobs of about SAVE_CHECKSUM_JOB_BYTES on the store's verify threads."""
+        """Checksum sections first .. first + span - 1 of every chunk with a slot (just written): now, or
+        with checksum_threads in jobs of about SAVE_CHECKSUM_JOB_BYTES on the store's verify threads."""
         mem = self.store.memory
         chunks = [i for i, res in enumerate(self.reservations) if res is not None]
         if mem is None or not chunks:

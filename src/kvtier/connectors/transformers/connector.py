@@ -38,10 +38,9 @@ event. Saves are copied on a save stream after each layer's compute: with `direc
 same condition as direct_loads) straight into the DRAM slots the store reserved for them (no
 staging, no host copy), a group of layers (`save_group_layers`) per copy, each group marked
 filled by a worker thread once its copy completed, which starts its checksums on the store's
-verify threads; otherwise into a page-locked buffer
-that the worker writes to the store. After the last layer the worker publishes
-(`save_copies.drain()` waits for it: call it before closing the store). On the CPU the same
-code runs synchronously.
+verify threads; otherwise into a page-locked buffer that the worker writes to the store. After
+the last layer the worker publishes (`save_copies.drain()` waits for it: call it before closing
+the store). On the CPU the same code runs synchronously, checksums in the forward's thread.
 """
 
 from __future__ import annotations
