@@ -118,3 +118,41 @@ def test_a_large_gather_verifies_on_several_threads_and_still_catches_corruption
             assert np.array_equal(out[i], payload[i, 2])
     assert store._verify is not None  # noqa: SLF001 - the checks ran on the store's checksum threads
     store.close()
+
+
+def test_without_a_gil_free_checksum_a_large_gather_verifies_here_and_still_catches_corruption(monkeypatch) -> None:
+    from kvtier.store import tiered
+
+    monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)
+    monkeypatch.setattr(tiered, "CHECKSUM_AT_RELEASES_GIL", False)  # threads would only take turns
+    store, keys, payload = saved_store(8)
+    assert store.memory is not None
+    slot = store.memory.slot_of(keys[3])
+    assert slot is not None
+    store.memory.layer_view(slot, 1)[0] ^= 0x80
+    out = np.zeros((8, 2 * store.layer_bytes), dtype=np.uint8)
+    res = store.gather_here(keys, [0] * 8, 2, out)
+    assert res.failed == (3,)
+    for i in range(8):
+        if i != 3:
+            assert np.array_equal(out[i], payload[i, 0:2].reshape(-1))
+    assert store._verify is None  # noqa: SLF001 - checked in the calling thread
+    store.close()
+
+
+def test_threaded_verification_finds_a_corrupt_section_anywhere_in_a_row(monkeypatch) -> None:
+    from kvtier.store import tiered
+
+    monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)
+    store, keys, payload = saved_store(8)
+    assert store.memory is not None
+    for key, section in ((keys[2], 3), (keys[5], 4)):  # first and second section of rows 2 and 5
+        slot = store.memory.slot_of(key)
+        assert slot is not None
+        store.memory.layer_view(slot, section)[-1] ^= 0x01
+    out = np.zeros((8, 2 * store.layer_bytes), dtype=np.uint8)
+    res = store.gather_here(keys, [3] * 8, 2, out)
+    assert res.failed == (2, 5)
+    for i in (0, 1, 3, 4, 6, 7):
+        assert np.array_equal(out[i], payload[i, 3:5].reshape(-1))
+    store.close()

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.core import metrics as m
-from kvtier.core.codec import checksum
+from kvtier.core.codec import CHECKSUM_AT_RELEASES_GIL, checksum, checksum_at
 from kvtier.core.config import StoreConfig
 from kvtier.core.errors import StoreClosedError
 from kvtier.core.layout import KVLayout
@@ -311,47 +311,48 @@ class TieredStore:
         import torch
 
         lb, n_layers = self.layer_bytes, self.layout.num_layers
-        slots: dict[bytes, int | None] = {}
-        for key in keys:
-            if key not in slots:
-                slots[key] = mem.pin(key)
+        n = len(keys)
+        distinct = list(dict.fromkeys(keys))
+        pinned = mem.pin_entries(distinct)  # one lock for the batch, not one pin and unpin per chunk
         try:
-            hit = [i for i, key in enumerate(keys) if slots[key] is not None]
+            entry_of = dict(zip(distinct, pinned))
+            entries = [entry_of[key] for key in keys]
+            hit_entries = [e for e in entries if e is not None]
+            whole = len(hit_entries) == n
+            hit = list(range(n)) if whole else [i for i, e in enumerate(entries) if e is not None]
             if not hit:
-                return list(range(len(keys)))
-            pool_rows = self.pool_rows()
-            rows = np.array([slots[keys[i]] for i in hit], dtype=np.int64) * n_layers + secs[hit]
+                return list(range(n))
+            slots = np.fromiter((e.slot for e in hit_entries), dtype=np.int64, count=len(hit))
+            rows = slots * n_layers + (secs if whole else secs[hit])
             idx = torch.from_numpy((rows[:, None] + np.arange(span)).reshape(-1))
             dest = torch.from_numpy(out)
-            if len(hit) == len(keys):
-                torch.index_select(pool_rows, 0, idx, out=dest.view(-1, lb))
+            if whole:
+                torch.index_select(self.pool_rows(), 0, idx, out=dest.view(-1, lb))
             else:
-                dest[torch.tensor(hit)] = torch.index_select(pool_rows, 0, idx).view(len(hit), -1)
-            bad: set[int] = set()
+                dest[torch.tensor(hit)] = torch.index_select(self.pool_rows(), 0, idx).view(len(hit), -1)
+            bad: list[int] = []
             if mem.config.verify_reads:
-                sums: dict[bytes, tuple[int, ...]] = {}
-                for i in hit:
-                    if keys[i] not in sums:
-                        meta = mem.meta(keys[i])
-                        sums[keys[i]] = meta.checksums if meta is not None else ()
-                sections = out.reshape(len(keys), span, lb)
-                work = [(sections[i], sums[keys[i]], int(secs[i]), i) for i in hit]
-                parts = _VERIFY_THREADS if len(work) * span * lb >= _VERIFY_PARALLEL_BYTES else 1
-                if parts > 1:  # xxh3 releases the GIL: a large gather's checksums run on several cores
-                    step = -(-len(work) // parts)
+                firsts = secs.tolist()
+                parts = _VERIFY_THREADS if len(hit) * span * lb >= _VERIFY_PARALLEL_BYTES else 1
+                if parts > 1 and CHECKSUM_AT_RELEASES_GIL:  # a large gather's checksums run on several cores
+                    at = [(e.meta.checksums, firsts[i], i) for i, e in zip(hit, hit_entries)]
+                    step = -(-len(at) // parts)
                     engine = self._verify_engine()
-                    for h in [engine.submit("verify", _failed_rows, work[p : p + step]) for p in range(0, len(work), step)]:
-                        bad.update(h.wait())
-                else:
-                    bad.update(_failed_rows(work))
+                    base = out.ctypes.data
+                    for h in [engine.submit("verify", _failed_rows_at, base, span, lb, at[p : p + step])
+                              for p in range(0, len(at), step)]:
+                        bad.extend(h.wait())
+                else:  # here: with checksums that hold the GIL, threads would only take turns
+                    sections = out.reshape(n, span, lb)
+                    bad = _failed_rows([(sections[i], e.meta.checksums, firsts[i], i) for i, e in zip(hit, hit_entries)])
             mem.metrics.inc(m.HITS, len(hit) - len(bad), tier=mem.name)
             mem.metrics.inc(m.BYTES_READ, (len(hit) - len(bad)) * span * lb, tier=mem.name)
         finally:
-            for key, slot in slots.items():
-                if slot is not None:
-                    mem.unpin(key)
-        done = set(hit) - bad
-        return [i for i in range(len(keys)) if i not in done]
+            mem.release(pinned)
+        if whole and not bad:
+            return []
+        done = set(hit).difference(bad)
+        return [i for i in range(n) if i not in done]
 
     def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]],
                   layers_of: list[list[int]]) -> LoadResult:
@@ -1019,8 +1020,31 @@ def _failed_rows(work: Sequence[tuple[np.ndarray, tuple[int, ...], int, int]]) -
     sections do not match their checksums (or whose chunk had none)."""
     bad = []
     for sections, want, s0, row in work:
-        if not want or any(checksum(sections[j]) != want[s0 + j] for j in range(len(sections))):
+        if not want:
             bad.append(row)
+            continue
+        for j, section in enumerate(sections, s0):  # a plain loop: this runs for every slice of a decode step
+            if checksum(section) != want[j]:
+                bad.append(row)
+                break
+    return bad
+
+
+def _failed_rows_at(base: int, span: int, lb: int, work: Sequence[tuple[tuple[int, ...], int, int]]) -> list[int]:
+    """`_failed_rows` for rows laid out from address `base` (row i's `span` sections of `lb` bytes at
+    base + i * span * lb), given as (checksums, first section, row), hashed by codec.checksum_at,
+    which lets go of the GIL: what the store's verify threads run, so that they verify at once."""
+    bad = []
+    for want, s0, row in work:
+        if not want:
+            bad.append(row)
+            continue
+        at = base + row * span * lb
+        for j in range(s0, s0 + span):
+            if checksum_at(at, lb) != want[j]:
+                bad.append(row)
+                break
+            at += lb
     return bad
 
 
