@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvtier.core.codec import CHECKSUM_AT_RELEASES_GIL
 from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
 from kvtier.core.layout import KVLayout
 from kvtier.store.tiered import TieredStore
@@ -155,4 +156,29 @@ def test_threaded_verification_finds_a_corrupt_section_anywhere_in_a_row(monkeyp
     assert res.failed == (2, 5)
     for i in (0, 1, 3, 4, 6, 7):
         assert np.array_equal(out[i], payload[i, 3:5].reshape(-1))
+    store.close()
+
+
+@pytest.mark.skipif(not CHECKSUM_AT_RELEASES_GIL, reason="this xxhash build exports no XXH3_64bits to call without the GIL")
+def test_a_gather_on_a_background_thread_verifies_without_the_gil_and_catches_corruption(monkeypatch) -> None:
+    import threading
+
+    from kvtier.store import tiered
+
+    used: list[int] = []
+    real = tiered._failed_rows_at
+    monkeypatch.setattr(tiered, "_failed_rows_at", lambda *a: (used.append(len(a[-1])), real(*a))[1])
+    store, keys, payload = saved_store(4)
+    assert store.memory is not None
+    slot = store.memory.slot_of(keys[1])
+    assert slot is not None
+    store.memory.layer_view(slot, 2)[7] ^= 0x10
+    out = np.zeros((4, 2 * store.layer_bytes), dtype=np.uint8)
+    got: list[tuple[int, ...]] = []
+    worker = threading.Thread(target=lambda: got.append(store.gather_here(keys, [1] * 4, 2, out).failed))
+    worker.start()
+    worker.join()
+    assert got == [(1,)] and used == [4]  # a small gather, hashed in the worker's own thread
+    for i in (0, 2, 3):
+        assert np.array_equal(out[i], payload[i, 1:3].reshape(-1))
     store.close()

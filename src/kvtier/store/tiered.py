@@ -342,6 +342,11 @@ class TieredStore:
                     for h in [engine.submit("verify", _failed_rows_at, base, span, lb, at[p : p + step])
                               for p in range(0, len(at), step)]:
                         bad.extend(h.wait())
+                elif CHECKSUM_AT_RELEASES_GIL and threading.current_thread() is not threading.main_thread():
+                    # a background reader (sparse decode's prefetcher) hashes without holding the GIL,
+                    # so the forward's thread is not held up meanwhile
+                    bad = _failed_rows_at(out.ctypes.data, span, lb,
+                                          [(e.meta.checksums, firsts[i], i) for i, e in zip(hit, hit_entries)])
                 else:  # here: with checksums that hold the GIL, threads would only take turns
                     sections = out.reshape(n, span, lb)
                     bad = _failed_rows([(sections[i], e.meta.checksums, firsts[i], i) for i, e in zip(hit, hit_entries)])
