@@ -106,6 +106,7 @@ def test_a_large_gather_verifies_on_several_threads_and_still_catches_corruption
     from kvtier.store import tiered
 
     monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)  # every gather verifies on threads
+    monkeypatch.setattr(tiered, "_VERIFY_THREADS", 4)  # as on a machine with cores to spare
     store, keys, payload = saved_store(8)
     assert store.memory is not None
     slot = store.memory.slot_of(keys[6])
@@ -145,6 +146,7 @@ def test_threaded_verification_finds_a_corrupt_section_anywhere_in_a_row(monkeyp
     from kvtier.store import tiered
 
     monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)
+    monkeypatch.setattr(tiered, "_VERIFY_THREADS", 3)  # rows 2 and 5 checked by different threads
     store, keys, payload = saved_store(8)
     assert store.memory is not None
     for key, section in ((keys[2], 3), (keys[5], 4)):  # first and second section of rows 2 and 5
@@ -181,4 +183,17 @@ def test_a_gather_on_a_background_thread_verifies_without_the_gil_and_catches_co
     assert got == [(1,)] and used == [4]  # a small gather, hashed in the worker's own thread
     for i in (0, 2, 3):
         assert np.array_equal(out[i], payload[i, 1:3].reshape(-1))
+    store.close()
+
+
+def test_a_machine_without_a_core_to_spare_verifies_a_large_gather_here(monkeypatch) -> None:
+    from kvtier.store import tiered
+
+    monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)
+    monkeypatch.setattr(tiered, "_VERIFY_THREADS", 1)
+    store, keys, payload = saved_store(4)
+    out = np.zeros((4, store.layer_bytes), dtype=np.uint8)
+    assert store.gather_here(keys, [2] * 4, 1, out).failed == ()
+    assert np.array_equal(out, payload[:, 2])
+    assert store._verify is None  # noqa: SLF001 - no checksum threads were started
     store.close()

@@ -1013,9 +1013,18 @@ class TieredStore:
             raise StoreClosedError("the store is closed")
 
 
-# gather_here verifies a batch of at least this many bytes on _VERIFY_THREADS threads
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# gather_here verifies a batch of at least this many bytes on _VERIFY_THREADS threads, leaving a core
+# to the caller (on 2 cores, threaded checks of a 340-slice sparse decode fill cost 1.1 ms more per
+# layer than checking in the caller: scripts/profile_sparse_fill.py --drift 0.8); fewer than 2: here
 _VERIFY_PARALLEL_BYTES = 4 << 20
-_VERIFY_THREADS = 4
+_VERIFY_THREADS = min(4, _usable_cores() - 1)
 
 
 def _failed_rows(out: memoryview, span: int, lb: int, work: Sequence[tuple[tuple[int, ...], int, int]]) -> list[int]:
