@@ -8,6 +8,8 @@
 #   QUICK=1   the bench's --quick sizes (8k/32k decode, 8k prefill, 16k batched) instead of the issue's
 #   PREFETCH=N  decode prefetch blocks for the bench (default: the bench's, 4 on CUDA)
 #   ONLY="a b" runs only the named steps, SKIP="a b" leaves them out, CAP_<step>=S changes a step's time cap
+#   FILL=1    also runs step 3 (about a minute): the per-layer host time of decode's fill at 128k, split
+#             into its parts (scripts/profile_sparse_fill.py --device cuda); ONLY=fill runs it alone
 set -u
 OUT=${OUT:-results/gpu_sparse}
 mkdir -p "$OUT"
@@ -127,6 +129,12 @@ args=(-m kvtier bench sparse --device cuda --shape llama-8b)
 [ -n "${PREFETCH:-}" ] && args+=(--prefetch-blocks "$PREFETCH")
 step llama8b 260 "${args[@]}" --json "$OUT/sparse_llama8b.json"
 
+# 3. (FILL=1 or ONLY=fill) where decode's host time per layer goes at the 8B layer shape, 128k context,
+#    budget 1/16, drift 0.98: selection, plan, gather+verify, staging copy, write_slots, prefetch
+if [ -n "${FILL:-}" ] || [[ " ${ONLY:-} " == *" fill "* ]]; then
+    step fill 120 scripts/profile_sparse_fill.py --device cuda --threads "$(nproc)" --json "$OUT/fill_profile.json"
+fi
+
 "$PY" - "$OUT" >> "$OUT/summary.txt" 2>&1 <<'PY'
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("sparse_*.json")):
@@ -140,6 +148,12 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("sparse_*.json")):
         print("  prefill", r, "ratio", r["sparse_s"] / r["dense_s"])
     print("  max_context", d.get("max_context"))
     print("  batched", d.get("batched"))
+fill = pathlib.Path(sys.argv[1]) / "fill_profile.json"
+if fill.is_file():
+    d = json.loads(fill.read_text())
+    print("fill_profile: churn", d["retrieval_churn"], "slices/layer", d["new_slices_per_layer_step"],
+          "ms per layer and step", {k: round(v, 3) for k, v in d["ms_per_layer_step"].items()},
+          "bytes-alone floor ms", round(d["gather_verify_floor_ms"], 3))
 PY
 cat "$OUT/summary.txt"
 exit $status

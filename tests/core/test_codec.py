@@ -57,3 +57,16 @@ def test_truncated_and_size_mismatch():
 
 def test_checksum_is_xxh3_64():
     assert codec.checksum(b"") == 0x2D06800538D394C2
+
+
+@pytest.mark.parametrize("releases_gil", [True, False])
+def test_checksum_at_equals_checksum_of_the_bytes(monkeypatch, releases_gil: bool) -> None:
+    import ctypes
+
+    if not releases_gil:
+        monkeypatch.setattr(codec, "_xxh3_at", None)  # the fallback: checksum over a ctypes view
+    data = bytes((i * 7) % 251 for i in range(20000))
+    buf = ctypes.create_string_buffer(data, len(data))
+    base = ctypes.addressof(buf)
+    for start, n in ((0, 0), (5, 3), (100, 240), (0, len(data)), (4096, 8192)):
+        assert codec.checksum_at(base + start, n) == codec.checksum(data[start : start + n])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvtier.core.codec import CHECKSUM_AT_RELEASES_GIL
 from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
 from kvtier.core.layout import KVLayout
 from kvtier.store.tiered import TieredStore
@@ -105,6 +106,7 @@ def test_a_large_gather_verifies_on_several_threads_and_still_catches_corruption
     from kvtier.store import tiered
 
     monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)  # every gather verifies on threads
+    monkeypatch.setattr(tiered, "_VERIFY_THREADS", 4)  # as on a machine with cores to spare
     store, keys, payload = saved_store(8)
     assert store.memory is not None
     slot = store.memory.slot_of(keys[6])
@@ -117,4 +119,81 @@ def test_a_large_gather_verifies_on_several_threads_and_still_catches_corruption
         if i != 6:
             assert np.array_equal(out[i], payload[i, 2])
     assert store._verify is not None  # noqa: SLF001 - the checks ran on the store's checksum threads
+    store.close()
+
+
+def test_without_a_gil_free_checksum_a_large_gather_verifies_here_and_still_catches_corruption(monkeypatch) -> None:
+    from kvtier.store import tiered
+
+    monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)
+    monkeypatch.setattr(tiered, "CHECKSUM_AT_RELEASES_GIL", False)  # threads would only take turns
+    store, keys, payload = saved_store(8)
+    assert store.memory is not None
+    slot = store.memory.slot_of(keys[3])
+    assert slot is not None
+    store.memory.layer_view(slot, 1)[0] ^= 0x80
+    out = np.zeros((8, 2 * store.layer_bytes), dtype=np.uint8)
+    res = store.gather_here(keys, [0] * 8, 2, out)
+    assert res.failed == (3,)
+    for i in range(8):
+        if i != 3:
+            assert np.array_equal(out[i], payload[i, 0:2].reshape(-1))
+    assert store._verify is None  # noqa: SLF001 - checked in the calling thread
+    store.close()
+
+
+def test_threaded_verification_finds_a_corrupt_section_anywhere_in_a_row(monkeypatch) -> None:
+    from kvtier.store import tiered
+
+    monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)
+    monkeypatch.setattr(tiered, "_VERIFY_THREADS", 3)  # rows 2 and 5 checked by different threads
+    store, keys, payload = saved_store(8)
+    assert store.memory is not None
+    for key, section in ((keys[2], 3), (keys[5], 4)):  # first and second section of rows 2 and 5
+        slot = store.memory.slot_of(key)
+        assert slot is not None
+        store.memory.layer_view(slot, section)[-1] ^= 0x01
+    out = np.zeros((8, 2 * store.layer_bytes), dtype=np.uint8)
+    res = store.gather_here(keys, [3] * 8, 2, out)
+    assert res.failed == (2, 5)
+    for i in (0, 1, 3, 4, 6, 7):
+        assert np.array_equal(out[i], payload[i, 3:5].reshape(-1))
+    store.close()
+
+
+@pytest.mark.skipif(not CHECKSUM_AT_RELEASES_GIL, reason="this xxhash build exports no XXH3_64bits to call without the GIL")
+def test_a_gather_on_a_background_thread_verifies_without_the_gil_and_catches_corruption(monkeypatch) -> None:
+    import threading
+
+    from kvtier.store import tiered
+
+    used: list[int] = []
+    real = tiered._failed_rows_at
+    monkeypatch.setattr(tiered, "_failed_rows_at", lambda *a: (used.append(len(a[-1])), real(*a))[1])
+    store, keys, payload = saved_store(4)
+    assert store.memory is not None
+    slot = store.memory.slot_of(keys[1])
+    assert slot is not None
+    store.memory.layer_view(slot, 2)[7] ^= 0x10
+    out = np.zeros((4, 2 * store.layer_bytes), dtype=np.uint8)
+    got: list[tuple[int, ...]] = []
+    worker = threading.Thread(target=lambda: got.append(store.gather_here(keys, [1] * 4, 2, out).failed))
+    worker.start()
+    worker.join()
+    assert got == [(1,)] and used == [4]  # a small gather, hashed in the worker's own thread
+    for i in (0, 2, 3):
+        assert np.array_equal(out[i], payload[i, 1:3].reshape(-1))
+    store.close()
+
+
+def test_a_machine_without_a_core_to_spare_verifies_a_large_gather_here(monkeypatch) -> None:
+    from kvtier.store import tiered
+
+    monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)
+    monkeypatch.setattr(tiered, "_VERIFY_THREADS", 1)
+    store, keys, payload = saved_store(4)
+    out = np.zeros((4, store.layer_bytes), dtype=np.uint8)
+    assert store.gather_here(keys, [2] * 4, 1, out).failed == ()
+    assert np.array_equal(out, payload[:, 2])
+    assert store._verify is None  # noqa: SLF001 - no checksum threads were started
     store.close()

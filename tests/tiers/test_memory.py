@@ -86,6 +86,24 @@ def test_pinned_chunk_not_evicted():
         t.unpin(k1)
 
 
+def test_pin_entries_pins_a_batch_counts_nothing_and_release_frees_it():
+    t = tier(2)
+    k1, k2 = key_of(1), key_of(2)
+    put(t, k1)
+    put(t, k2)
+    hits = t.metrics.snapshot()
+    entries = t.pin_entries([k1, key_of(9), k1])
+    assert entries[1] is None and entries[0] is entries[2] and entries[0] is not None
+    assert entries[0].slot == t.slot_of(k1) and entries[0].refs == 2
+    assert t.metrics.snapshot() == hits  # gather_here counts what it serves, after its checksums
+    put(t, key_of(3))
+    assert t.contains(k1) and not t.contains(k2)  # the pinned chunk was not the victim
+    t.release(entries)
+    assert entries[0].refs == 0
+    put(t, key_of(4))
+    assert not t.contains(k1)
+
+
 def test_reservation_invisible_until_commit_and_abort_frees():
     t = tier(1)
     k = key_of(1)

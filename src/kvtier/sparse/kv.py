@@ -423,7 +423,8 @@ class SparseKV:
         hit = row >= 0
         if hit.any():
             (idx,) = host_indices_to(got.rows.device, row[hit])
-            self.working[layer].write_slots(heads[hit], slots[hit], got.rows[idx, 0], got.rows[idx, 1])
+            picked = got.rows.index_select(0, idx)  # one gather of K and V
+            self.working[layer].write_slots(heads[hit], slots[hit], picked[:, 0], picked[:, 1])
             self._prefetch.used_slices += int(hit.sum())
         return heads[~hit], blocks[~hit], slots[~hit]
 

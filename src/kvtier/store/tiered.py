@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.core import metrics as m
-from kvtier.core.codec import checksum
+from kvtier.core.codec import CHECKSUM_AT_RELEASES_GIL, checksum, checksum_at
 from kvtier.core.config import StoreConfig
 from kvtier.core.errors import StoreClosedError
 from kvtier.core.layout import KVLayout
@@ -312,47 +312,51 @@ class TieredStore:
         import torch
 
         lb, n_layers = self.layer_bytes, self.layout.num_layers
-        slots: dict[bytes, int | None] = {}
-        for key in keys:
-            if key not in slots:
-                slots[key] = mem.pin(key)
+        n = len(keys)
+        distinct = list(dict.fromkeys(keys))
+        pinned = mem.pin_entries(distinct)  # one lock for the batch, not one pin and unpin per chunk
         try:
-            hit = [i for i, key in enumerate(keys) if slots[key] is not None]
+            entry_of = dict(zip(distinct, pinned))
+            entries = [entry_of[key] for key in keys]
+            hit_entries = [e for e in entries if e is not None]
+            whole = len(hit_entries) == n
+            hit = list(range(n)) if whole else [i for i, e in enumerate(entries) if e is not None]
             if not hit:
-                return list(range(len(keys)))
-            pool_rows = self.pool_rows()
-            rows = np.array([slots[keys[i]] for i in hit], dtype=np.int64) * n_layers + secs[hit]
+                return list(range(n))
+            slots = np.fromiter((e.slot for e in hit_entries), dtype=np.int64, count=len(hit))
+            rows = slots * n_layers + (secs if whole else secs[hit])
             idx = torch.from_numpy((rows[:, None] + np.arange(span)).reshape(-1))
             dest = torch.from_numpy(out)
-            if len(hit) == len(keys):
-                torch.index_select(pool_rows, 0, idx, out=dest.view(-1, lb))
+            if whole:
+                torch.index_select(self.pool_rows(), 0, idx, out=dest.view(-1, lb))
             else:
-                dest[torch.tensor(hit)] = torch.index_select(pool_rows, 0, idx).view(len(hit), -1)
-            bad: set[int] = set()
+                dest[torch.tensor(hit)] = torch.index_select(self.pool_rows(), 0, idx).view(len(hit), -1)
+            bad: list[int] = []
             if mem.config.verify_reads:
-                sums: dict[bytes, tuple[int, ...]] = {}
-                for i in hit:
-                    if keys[i] not in sums:
-                        meta = mem.meta(keys[i])
-                        sums[keys[i]] = meta.checksums if meta is not None else ()
-                sections = out.reshape(len(keys), span, lb)
-                work = [(sections[i], sums[keys[i]], int(secs[i]), i) for i in hit]
-                parts = _VERIFY_THREADS if len(work) * span * lb >= _VERIFY_PARALLEL_BYTES else 1
-                if parts > 1:  # xxh3 releases the GIL: a large gather's checksums run on several cores
+                firsts = secs.tolist()
+                work = [(e.meta.checksums, firsts[i], i) for i, e in zip(hit, hit_entries)]
+                parts = _VERIFY_THREADS if len(hit) * span * lb >= _VERIFY_PARALLEL_BYTES else 1
+                if parts > 1 and CHECKSUM_AT_RELEASES_GIL:  # a large gather's checksums run on several cores
                     step = -(-len(work) // parts)
                     engine = self._verify_engine()
-                    for h in [engine.submit("verify", _failed_rows, work[p : p + step]) for p in range(0, len(work), step)]:
-                        bad.update(h.wait())
-                else:
-                    bad.update(_failed_rows(work))
+                    base = out.ctypes.data
+                    for h in [engine.submit("verify", _failed_rows_at, base, span, lb, work[p : p + step])
+                              for p in range(0, len(work), step)]:
+                        bad.extend(h.wait())
+                elif CHECKSUM_AT_RELEASES_GIL and threading.current_thread() is not threading.main_thread():
+                    # a background reader (sparse decode's prefetcher) hashes without holding the GIL,
+                    # so the forward's thread is not held up meanwhile
+                    bad = _failed_rows_at(out.ctypes.data, span, lb, work)
+                else:  # here: with checksums that hold the GIL, threads would only take turns
+                    bad = _failed_rows(out.data.cast("B"), span, lb, work)
             mem.metrics.inc(m.HITS, len(hit) - len(bad), tier=mem.name)
             mem.metrics.inc(m.BYTES_READ, (len(hit) - len(bad)) * span * lb, tier=mem.name)
         finally:
-            for key, slot in slots.items():
-                if slot is not None:
-                    mem.unpin(key)
-        done = set(hit) - bad
-        return [i for i in range(len(keys)) if i not in done]
+            mem.release(pinned)
+        if whole and not bad:
+            return []
+        done = set(hit).difference(bad)
+        return [i for i in range(n) if i not in done]
 
     def _load_now(self, keys: list[bytes], dests: Sequence[Sequence[Buffer]],
                   layers_of: list[list[int]]) -> LoadResult:
@@ -1013,18 +1017,55 @@ class TieredStore:
 # a save's section checksums are computed in jobs of about this many bytes on the verify threads
 SAVE_CHECKSUM_JOB_BYTES = 32 << 20
 
-# gather_here verifies a batch of at least this many bytes on _VERIFY_THREADS threads
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# gather_here verifies a batch of at least this many bytes on _VERIFY_THREADS threads, leaving a core
+# to the caller (on 2 cores, threaded checks of a 340-slice sparse decode fill cost 1.1 ms more per
+# layer than checking in the caller: scripts/profile_sparse_fill.py --drift 0.8); fewer than 2: here
 _VERIFY_PARALLEL_BYTES = 4 << 20
-_VERIFY_THREADS = 4
+_VERIFY_THREADS = min(4, _usable_cores() - 1)
 
 
-def _failed_rows(work: Sequence[tuple[np.ndarray, tuple[int, ...], int, int]]) -> list[int]:
-    """Of (sections [span, layer_bytes], the chunk's checksums, first section, row), the rows whose
-    sections do not match their checksums (or whose chunk had none)."""
+def _failed_rows(out: memoryview, span: int, lb: int, work: Sequence[tuple[tuple[int, ...], int, int]]) -> list[int]:
+    """Of the rows of `out` (a flat byte view; row i's `span` sections of `lb` bytes at i * span * lb),
+    given as (the chunk's checksums, first section, row), those whose sections do not match their
+    checksums (or whose chunk had none). Sections are hashed as slices of the memoryview: a decode
+    step checks hundreds, and numpy row views cost ~2x the hashing itself."""
     bad = []
-    for sections, want, s0, row in work:
-        if not want or any(checksum(sections[j]) != want[s0 + j] for j in range(len(sections))):
+    for want, s0, row in work:
+        if not want:
             bad.append(row)
+            continue
+        at = row * span * lb
+        for j in range(s0, s0 + span):
+            if checksum(out[at : at + lb]) != want[j]:
+                bad.append(row)
+                break
+            at += lb
+    return bad
+
+
+def _failed_rows_at(base: int, span: int, lb: int, work: Sequence[tuple[tuple[int, ...], int, int]]) -> list[int]:
+    """`_failed_rows` for rows laid out from address `base` (row i's `span` sections of `lb` bytes at
+    base + i * span * lb), given as (checksums, first section, row), hashed by codec.checksum_at,
+    which lets go of the GIL: what the store's verify threads run, so that they verify at once."""
+    bad = []
+    for want, s0, row in work:
+        if not want:
+            bad.append(row)
+            continue
+        at = base + row * span * lb
+        for j in range(s0, s0 + span):
+            if checksum_at(at, lb) != want[j]:
+                bad.append(row)
+                break
+            at += lb
     return bad
 
 

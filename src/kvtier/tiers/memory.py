@@ -147,6 +147,18 @@ class MemoryTier(Tier):
             entry.refs += 1
             return entry.slot
 
+    def pin_entries(self, keys: Sequence[bytes]) -> list[_Entry | None]:
+        """`pin` of many resident chunks under one lock, counting nothing (the caller counts what it
+        serves): each key's entry (slot and meta) with a reference taken, None where absent. Give
+        them back with release(). TieredStore.gather_here pins a decode step's hundreds of blocks so."""
+        with self._lock:
+            index = self._index
+            out = [index.get(key) for key in keys]
+            for entry in out:
+                if entry is not None:
+                    entry.refs += 1
+        return out
+
     def slot_of(self, key: bytes) -> SlotId | None:
         entry = self._index.get(key)
         return entry.slot if entry else None
