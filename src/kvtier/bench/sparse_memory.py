@@ -41,22 +41,24 @@ _SELF = __file__
 
 
 def _caller_label() -> str:
-    """file:function:line of the innermost kvtier frame below the dispatch (else the innermost frame
-    outside torch: a model's own op)."""
+    """module.function:line of the innermost frame below the dispatch outside torch: kvtier's own
+    functions (sparse.kv.attend:...), or a library's (transformers.models.llama.modeling_llama...)
+    for the model's activations."""
     f: FrameType | None = sys._getframe(2)
-    outside = None
     while f is not None:
         name = f.f_code.co_filename
         if name == _SELF and f.f_code.co_name == "memory_breakdown":
-            return outside or "memory_breakdown (the step's q, k, v)"
+            return "memory_breakdown (the step's q, k, v)"
         if name != _SELF and "/torch/" not in name:
             if "/kvtier/" in name:
-                short = name.rsplit("/kvtier/", 1)[1].removesuffix(".py").replace("/", ".")
-                return f"{short}.{f.f_code.co_name}:{f.f_lineno}"
-            if outside is None:
-                outside = f"{name.rsplit('/', 1)[-1]}.{f.f_code.co_name}:{f.f_lineno}"
+                short = name.rsplit("/kvtier/", 1)[1]
+            elif "-packages/" in name:
+                short = name.rsplit("-packages/", 1)[1]
+            else:
+                short = name.rsplit("/", 1)[-1]
+            return f"{short.removesuffix('.py').replace('/', '.')}.{f.f_code.co_name}:{f.f_lineno}"
         f = f.f_back
-    return outside or "?"
+    return "?"
 
 
 @dataclass(slots=True)
