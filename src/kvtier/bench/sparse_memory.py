@@ -119,6 +119,9 @@ class LiveTensorTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         flat_in, _ = tree_flatten((args, kwargs))
         inputs = {(str(t.device), t.untyped_storage().data_ptr()) for t in flat_in if isinstance(t, torch.Tensor)}
+        # drop what died since the last op first: an allocator hands a freed address out again at once,
+        # and a new storage at the address of a dead one must not pass for the dead one
+        self._prune()
         out = func(*args, **kwargs)
         flat_out, _ = tree_flatten(out)
         label = None
@@ -127,12 +130,14 @@ class LiveTensorTracker(TorchDispatchMode):
                 continue
             st = t.untyped_storage()
             key = (str(t.device), st.data_ptr())
-            if key in inputs or key in self.live or st.nbytes() == 0:
+            if key in inputs or st.nbytes() == 0 or (key in self.live and not self.live[key].ref.expired()):
                 continue  # a view or in-place result of an input, or already counted
             label = label or _caller_label()
             if t.device.type != self.device_type or (t.device.type == "cpu" and label.startswith(HOST_BUFFERS)):
                 self.host_bytes[label] = max(self.host_bytes.get(label, 0), st.nbytes())
                 continue
+            if key in self.live:  # a dead storage's address, reused
+                self.current -= self.live.pop(key).nbytes
             self.live[key] = _Live(StorageWeakRef(st), st.nbytes(), label)
             self.current += st.nbytes()
         self._prune()
