@@ -2,7 +2,7 @@
 # Issue 22's GPU check (sparse attention on the GPU) in one go, for a session with a CUDA machine.
 # Run from the repository root: `OUT=/some/dir bash scripts/gpu_check_sparse.sh` (default OUT: results/gpu_sparse).
 # Needs torch with CUDA and transformers (no vLLM, matplotlib or pytest). The whole run is capped at
-# under 6 minutes (steps: 10 + 80 + 260 s), so a 15-minute device lease leaves room for a rerun. Every
+# under 7 minutes (steps: 10 + 80 + 60 + 260 s), so a 15-minute device lease leaves room for a rerun. Every
 # step writes its JSON and log under $OUT and the script goes on when one fails; the bench writes its
 # JSON after every row, so a step cut short by its cap keeps the rows it finished.
 #   QUICK=1   the bench's --quick sizes (8k/32k decode, 8k prefill, 16k batched) instead of the issue's
@@ -122,7 +122,13 @@ print("OK")
 PY
 export OUT
 step correctness 80 "$OUT/check_sparse_cuda.py"
-# 2. the measured run of the issue (llama-8b, bf16): 32k and 128k decode at budget 1/16 (drift 0 and
+# 2. where decode's GPU memory goes (scripts/sparse_memory.py): 4 layers of the 8B shape at 128k tokens
+#    of random bf16 KV, budget 1/16, quest, prefetch 4; held bytes by kind, the transient peak of a step by
+#    allocating function, torch.cuda.max_memory_allocated over the same steps, and a memory snapshot
+#    (open memory_snapshot.pickle at pytorch.org/memory_viz) for what the dispatch-level count cannot see
+step memory 60 scripts/sparse_memory.py --device cuda --layers 4 --context 131072 --dtype bfloat16 \
+    --prefetch-blocks 4 --json "$OUT/sparse_memory.json" --cuda-snapshot "$OUT/memory_snapshot.pickle"
+# 3. the measured run of the issue (llama-8b, bf16): 32k and 128k decode at budget 1/16 (drift 0 and
 #    0.98), 32k prefill, capped memory, 64k batched; QUICK=1 for the smaller sizes
 args=(-m kvtier bench sparse --device cuda --shape llama-8b)
 [ -n "${QUICK:-}" ] && args+=(--quick)
@@ -143,7 +149,8 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("sparse_*.json")):
     for r in d.get("gpu_decode", []):
         print("  decode", {k: r.get(k) for k in ("context_tokens", "budget_tokens", "drift", "retrieval_churn",
               "dense_token_ms", "sparse_token_ms", "dense_kv_gpu_bytes", "sparse_kv_gpu_bytes",
-              "prefetch_used_slices", "prefetched_slices", "fetched_slices")})
+              "prefetch_used_slices", "prefetched_slices", "fetched_slices", "sparse_held_bytes",
+              "sparse_unaccounted_before_decode_bytes", "sparse_traced_step")})
     for r in d.get("prefill", []):
         print("  prefill", r, "ratio", r["sparse_s"] / r["dense_s"])
     print("  max_context", d.get("max_context"))

@@ -44,6 +44,11 @@ def test_cli_quick_cpu_tiny_reports_the_device_and_every_key(tmp_path) -> None:
         assert 0.0 <= row["retrieval_churn"] <= 1.0
         # GPU memory peaks exist only on CUDA: never filled in on the CPU
         assert row["dense_kv_gpu_bytes"] is None and row["sparse_kv_gpu_bytes"] is None
+        assert row["sparse_unaccounted_before_decode_bytes"] is None
+        # one traced step after the timed ones: its transients by allocating function (sparse attention's among them)
+        traced = row["sparse_traced_step"]
+        assert traced["transient_peak_bytes"] > 0 and traced["cuda_peak_over_before_bytes"] is None
+        assert sum(traced["at_peak"].values()) <= traced["transient_peak_bytes"]
     (pre,) = data["prefill"]
     assert pre["context_tokens"] == 256 and pre["dense_s"] > 0 and pre["sparse_s"] > 0
     assert set(data["max_context"]) >= {"gpu_memory_cap_bytes", "dense_max_tokens", "sparse_completed_tokens"}

@@ -168,6 +168,27 @@ def _peak_during(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, int 
     return out, int(torch.cuda.max_memory_allocated(device))
 
 
+def _traced_step(model, cache, device: torch.device) -> dict[str, Any]:
+    """One more decode step (not timed, not counted in churn) under kvtier.bench.sparse_memory's
+    LiveTensorTracker: the peak of the bytes it allocated on the device, by allocating function
+    (kvtier's innermost frame, else the model's), and on CUDA max_memory_allocated over it minus what
+    was allocated before it. Tells a GPU run which transients a decode step's peak is made of."""
+    from kvtier.bench.sparse_memory import LiveTensorTracker
+
+    x = torch.randint(0, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(0)).to(device)
+    tracker = LiveTensorTracker(device_type=device.type)
+    _sync(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad(), tracker:
+        model(input_ids=x, past_key_values=cache, use_cache=True)
+    _sync(device)
+    cuda_peak = int(torch.cuda.max_memory_allocated(device)) - base if device.type == "cuda" else None
+    top = dict(sorted(tracker.at_peak.items(), key=lambda kv: -kv[1])[:12])
+    return {"transient_peak_bytes": tracker.peak, "at_peak": top, "cuda_peak_over_before_bytes": cuda_peak}
+
+
 def decode_row(model, plan: Plan, device: torch.device, context: int, drift: float,
                weights_bytes: int | None) -> dict[str, Any]:
     from transformers import DynamicCache
@@ -192,6 +213,11 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
         cache.flush()
         cache.release_prefill()  # the context prefill kept gathered is not decode's: freed before its peak
         _sync(device)
+        # what is allocated on the GPU before decode beyond the weights and what the cache says it holds
+        # (working sets, summaries, ...): a leftover of prefill would show here
+        held_before = sum(sum(s.device_bytes().values()) for s in cache.sequences)
+        unaccounted = (torch.cuda.memory_allocated(device) - weights_bytes - held_before
+                       if device.type == "cuda" and weights_bytes is not None else None)
         first_fill = [0]
         first_fill_s = [0.0]
 
@@ -214,6 +240,7 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
                     "fetched_slices": slices,
                     # host wall time of the working sets' fills (store gather + copy to the device), per step
                     "fill_ms_per_step": 1e3 * (seq.fetch_seconds - first_fill_s[0]) / max(1, plan.steps - 1)}
+        traced = _traced_step(model, cache, device)
         cache.close()
     finally:
         store.close()
@@ -225,7 +252,8 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
             "sparse_token_ms": 1e3 * statistics.median(sparse_times[1:]),
             "dense_kv_gpu_bytes": None if dense_peak is None or weights_bytes is None else dense_peak - weights_bytes,
             "sparse_kv_gpu_bytes": None if sparse_peak is None or weights_bytes is None else sparse_peak - weights_bytes,
-            "sparse_fast_tier_bytes": fast_bytes, "sparse_held_bytes": held, "steps": plan.steps, **prefetch}
+            "sparse_fast_tier_bytes": fast_bytes, "sparse_held_bytes": held, "steps": plan.steps,
+            "sparse_unaccounted_before_decode_bytes": unaccounted, "sparse_traced_step": traced, **prefetch}
 
 
 def prefill_row(model, plan: Plan, device: torch.device, context: int, repeats: int = 3) -> dict[str, Any]:

@@ -139,8 +139,10 @@ class SparseKV:
         h, d, n_layers = layout.num_kv_heads, layout.head_size, layout.num_layers
         self.summarizer = Summarizer(h, d, config.hash_bits, config.summary_seed, device=self.device)
         self.policy = make_policy(config.policy, self.summarizer.projection)
+        # Quest's bounds (and the mean) in the KV's dtype when it is 16-bit: half the table, still true bounds
+        bounds = self.dtype if self.dtype in (torch.bfloat16, torch.float16) else torch.float32
         self.tables = [SummaryTable(h, d, config.hash_bits, self.policy.summary_fields, config.block_tokens,
-                                    device=self.device) for _ in range(n_layers)]
+                                    device=self.device, bounds_dtype=bounds) for _ in range(n_layers)]
         slots = config.slots
         try:
             self.working = [WorkingSet(h, slots, config.block_tokens, d, self.dtype, self.device)

@@ -87,12 +87,33 @@ def quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     return scores(q.clamp(min=0), kmax) + scores(q.clamp(max=0), kmin)
 
 
+def summary_logits(q: torch.Tensor, table: SummaryTable, lo: int, hi: int, bound: bool, mean: bool) -> torch.Tensor:
+    """[H, g, n] over blocks lo..hi-1: the Quest bound (`bound`) plus q . kmean (`mean`).
+
+    A float32 table is read in place (the matmuls as they always were). A 16-bit one (SparseKV keeps
+    the bounds in the KV's dtype) is upcast a piece at a time (SummaryTable.upcast_pieces) and scored
+    by one matmul per piece: relu(q).kmax + min(q, 0).kmin + q.kmean is [relu(q), min(q, 0), q] .
+    [kmax, kmin, kmean], so the kernels per layer stay as few as the float32 path's."""
+    if table.bounds_dtype == torch.float32:
+        out = quest_bound(q, table.get("kmin", lo, hi), table.get("kmax", lo, hi)) if bound else None
+        if mean:
+            m = scores(q, table.get("kmean", lo, hi))
+            out = m if out is None else out + m
+        assert out is not None, "neither the bound nor the mean asked for"
+        return out
+    fields: tuple[str, ...] = (("kmax", "kmin") if bound else ()) + (("kmean",) if mean else ())
+    qs = ((q.clamp(min=0), q.clamp(max=0)) if bound else ()) + ((q,) if mean else ())
+    qq = torch.cat(qs, -1) if len(qs) > 1 else qs[0]
+    parts = [scores(qq, rows) for rows in table.upcast_pieces(fields, lo, hi)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
 class QuestPolicy(SelectionPolicy):
     name = "quest"
     summary_fields = ("kmin", "kmax")
 
     def priority(self, q, table, lo, hi, scaling, keys=None):
-        return group_mass(quest_bound(q, table.get("kmin", lo, hi), table.get("kmax", lo, hi)) * scaling)
+        return group_mass(summary_logits(q, table, lo, hi, bound=True, mean=False) * scaling)
 
 
 class MeanPolicy(SelectionPolicy):
@@ -100,7 +121,7 @@ class MeanPolicy(SelectionPolicy):
     summary_fields = ("kmean",)
 
     def priority(self, q, table, lo, hi, scaling, keys=None):
-        return group_mass(scores(q, table.get("kmean", lo, hi)) * scaling)
+        return group_mass(summary_logits(q, table, lo, hi, bound=False, mean=True) * scaling)
 
 
 class QuestMeanPolicy(SelectionPolicy):
@@ -108,9 +129,7 @@ class QuestMeanPolicy(SelectionPolicy):
     summary_fields = ("kmin", "kmax", "kmean")
 
     def priority(self, q, table, lo, hi, scaling, keys=None):
-        bound = quest_bound(q, table.get("kmin", lo, hi), table.get("kmax", lo, hi))
-        mean = scores(q, table.get("kmean", lo, hi))
-        return group_mass((bound + mean) * (0.5 * scaling))
+        return group_mass(summary_logits(q, table, lo, hi, bound=True, mean=True) * (0.5 * scaling))
 
 
 class QuestSharePolicy(SelectionPolicy):
@@ -120,13 +139,36 @@ class QuestSharePolicy(SelectionPolicy):
     def priority(self, q, table, lo, hi, scaling, keys=None):
         # every block the table holds (0..num_blocks): the candidates lo..hi-1 and the blocks kept
         # anyway; only summaries and the current query are read
-        n = table.num_blocks
-        bound = quest_bound(q, table.get("kmin", 0, n), table.get("kmax", 0, n)) * scaling  # [H, g, n]
+        bound = summary_logits(q, table, 0, table.num_blocks, bound=True, mean=False) * scaling  # [H, g, n]
         return torch.softmax(bound, dim=-1)[..., lo:hi].amax(1)
 
 
 # the +-1 signs of the 8 bits of every byte value, little-endian as pack_signs writes them
 _BYTE_SIGNS = unpack_signs(torch.arange(256, dtype=torch.uint8).unsqueeze(1))  # [256, 8]
+
+
+def hash_lut(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """hash_logits' lookup table for queries q [H, g, d]: row (head, code byte, byte value) = that
+    byte's partial sum of sign(r_j.k) (r_j.q) over its 8 bits, [H * bits/8 * 256, g]."""
+    h, g, _ = q.shape
+    m = projection.shape[1] // 8
+    qp = (q @ projection).unflatten(-1, (m, 8))  # [H, g, m, 8]
+    dev = q.device
+    lut = torch.empty(h * m * 256, g, device=dev)  # fresh strides keep embedding_bag's fast path
+    lut.view(h, m, 256, g).copy_((qp @ _BYTE_SIGNS.to(dev).T).permute(0, 2, 3, 1))
+    return lut
+
+
+def hash_lookup(lut: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Estimated q.k [H, g, N] of keys with codes [H, N, bits/8] and norms [H, N] from `hash_lut`."""
+    h, n, m = codes.shape
+    g = lut.shape[1]
+    dev = codes.device
+    base = torch.arange(h, dtype=torch.int32, device=dev).view(h, 1, 1) * (m * 256) + torch.arange(
+        0, m * 256, 256, dtype=torch.int32, device=dev)
+    idx = (codes.to(torch.int32) + base).view(h * n, m)
+    est = F.embedding_bag(idx, lut, mode="sum").view(h, n, g).transpose(1, 2)  # [H, g, N]
+    return est * norms.unsqueeze(1) * (math.sqrt(math.pi / 2) / (8 * m))
 
 
 def hash_logits(q: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -135,17 +177,12 @@ def hash_logits(q: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor, proje
     |k| sqrt(pi/2) / bits * sum_j sign(r_j.k) (r_j.q) is unbiased. The sum over bits is one
     lookup per code byte in a [256] table of that byte's partial sums (no unpacked bits), gathered
     and summed by one embedding_bag over int32 indices."""
-    h, g, _ = q.shape
-    n, m = codes.shape[1], codes.shape[2]
-    qp = (q @ projection).unflatten(-1, (m, 8))  # [H, g, m, 8]
-    dev = q.device
-    lut = torch.empty(h * m * 256, g, device=dev)  # row (head, byte, value); fresh strides keep embedding_bag's fast path
-    lut.view(h, m, 256, g).copy_((qp @ _BYTE_SIGNS.to(dev).T).permute(0, 2, 3, 1))
-    base = torch.arange(h, dtype=torch.int32, device=dev).view(h, 1, 1) * (m * 256) + torch.arange(
-        0, m * 256, 256, dtype=torch.int32, device=dev)
-    idx = (codes.to(torch.int32) + base).view(h * n, m)
-    est = F.embedding_bag(idx, lut, mode="sum").view(h, n, g).transpose(1, 2)  # [H, g, N]
-    return est * norms.unsqueeze(1) * (math.sqrt(math.pi / 2) / (8 * m))
+    return hash_lookup(hash_lut(q, projection), codes, norms)
+
+
+# the hash policy's scan holds at most about this many bytes of per-key temporaries at once (int32
+# lookup indices, float32 estimates): at 128k tokens of 8 KV heads a one-piece scan held ~100 MiB
+HASH_SCAN_BYTES = 8 << 20
 
 
 class HashPolicy(SelectionPolicy):
@@ -154,10 +191,20 @@ class HashPolicy(SelectionPolicy):
 
     def priority(self, q, table, lo, hi, scaling, keys=None):
         assert self.projection is not None, "the hash policy needs the summarizer's projection"
-        codes = table.get("codes", lo, hi)  # [H, n, B, bits/8]
-        h, n, bt, _ = codes.shape
-        est = hash_logits(q, codes.flatten(1, 2), table.get("norms", lo, hi).flatten(1), self.projection)
-        return group_mass(est.view(h, q.shape[1], n, bt).amax(-1) * scaling)
+        h, g = q.shape[0], q.shape[1]
+        if hi <= lo:
+            return torch.zeros(h, 0, device=q.device)
+        lut = hash_lut(q, self.projection)
+        bt, m = table.get("codes", lo, lo).shape[2:]
+        step = max(1, HASH_SCAN_BYTES // (h * bt * (8 * m + 12 * g)))  # idx twice, est three times, per key
+        parts = []
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            codes = table.get("codes", a, b)  # [H, n, B, bits/8]
+            est = hash_lookup(lut, codes.flatten(1, 2), table.get("norms", a, b).flatten(1))
+            parts.append(est.view(h, g, b - a, bt).amax(-1))
+        best = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        return group_mass(best * scaling)
 
 
 class OraclePolicy(SelectionPolicy):

@@ -6,7 +6,8 @@ block `hash_bits` sign bits of the key projected on a fixed seeded Gaussian matr
 key's norm (a sign-hash sketch as in HATA/KVComp: with 64 bits, 12 bytes per key instead of
 4 * head_size). It is stored as the chunk's SECTION_SUMMARY section (index = layer) so a
 reload finds it without touching the KV, and a SummaryTable keeps the fields the active
-policy needs in fast memory: O(context / block_tokens) rows per KV head.
+policy needs in fast memory: O(context / block_tokens) rows per KV head (the bounds in the KV's
+dtype when it is 16-bit, rounded outward: see SummaryTable).
 
 Stored bytes (little-endian): b"KVSM", u16 version, u16 kv_heads, u16 head_size, u16 hash_bits,
 u16 block_tokens, then float32 min, max, mean as [kv_heads, head_size] each, the packed bits
@@ -16,6 +17,7 @@ u16 block_tokens, then float32 min, max, mean as [kv_heads, head_size] each, the
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,9 @@ SUMMARY_MAGIC = b"KVSM"
 SUMMARY_VERSION = 2
 _HEADER = struct.Struct("<4sHHHHH")
 FIELDS = ("kmin", "kmax", "kmean", "codes", "norms")
+# a scan upcasts at most this many bytes of 16-bit summaries to float32 at once (SummaryTable.upcast_pieces):
+# 2048 blocks (128k tokens) of an 8B layer's kmin and kmax in one piece, one matmul per layer
+SCAN_CHUNK_BYTES = 32 << 20
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -137,27 +142,60 @@ class Summarizer:
         return BlockSummaries(out[0], out[1], out[2], torch.from_numpy(codes.copy()), torch.from_numpy(norms))
 
 
+BOUND_FIELDS = ("kmin", "kmax", "kmean")
+
+
+def round_outward(x: torch.Tensor, dtype: torch.dtype, toward: float) -> torch.Tensor:
+    """x (float32) in `dtype`, each value rounded to the nearest one of `dtype` and then, where that
+    moved it the wrong way, one step further toward `toward` (-inf: the result is <= x, +inf: >= x),
+    so a per-channel min (max) stays a lower (upper) bound of every key it summarizes."""
+    y = x.to(dtype)
+    wrong = y.float() > x if toward < 0 else y.float() < x
+    return torch.where(wrong, torch.nextafter(y, torch.full_like(y, toward)), y)
+
+
 class SummaryTable:
-    """Fast-memory summaries of one layer: the fields a policy scans, grown in steps of `grow` blocks."""
+    """Fast-memory summaries of one layer: the fields a policy scans, grown in steps of `grow` blocks.
+
+    `bounds_dtype` is the dtype kmin, kmax and kmean are kept in: float32 by default; SparseKV passes
+    the KV's dtype when it is 16-bit (bfloat16 / float16), halving the table (at 128k tokens of an
+    8B-shaped layer, 16 MiB of Quest bounds in float32 were 1/32 of the layer's KV, half of a 1/16
+    budget). The min and max of keys stored in that dtype are values of it, so the cast loses
+    nothing; `round_outward` keeps them true bounds for any input all the same. The mean is rounded
+    to nearest. Policies upcast what they scan to float32 a piece of blocks at a time (`upcast_pieces`)."""
 
     def __init__(self, kv_heads: int, head_size: int, hash_bits: int, fields: tuple[str, ...], block_tokens: int,
-                 grow: int = 64, device: torch.device | str | None = None) -> None:
+                 grow: int = 64, device: torch.device | str | None = None,
+                 bounds_dtype: torch.dtype = torch.float32) -> None:
         unknown = set(fields) - set(FIELDS)
         if unknown:
             raise ValueError(f"unknown summary fields {sorted(unknown)}; known: {FIELDS}")
+        if bounds_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"bounds_dtype must be float32, bfloat16 or float16, got {bounds_dtype}")
         self.fields = fields
         self.num_blocks = 0
         self._grow = grow
         self._shape: dict[str, tuple[int, ...]] = {
             "kmin": (head_size,), "kmax": (head_size,), "kmean": (head_size,),
             "codes": (block_tokens, hash_bits // 8), "norms": (block_tokens,)}
-        self._dtype = {"kmin": torch.float32, "kmax": torch.float32, "kmean": torch.float32, "codes": torch.uint8,
+        self._dtype = {"kmin": bounds_dtype, "kmax": bounds_dtype, "kmean": bounds_dtype, "codes": torch.uint8,
                        "norms": torch.float32}
+        self.bounds_dtype = bounds_dtype
         self._kv_heads = kv_heads
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._data: dict[str, torch.Tensor] = {
             f: torch.empty(kv_heads, 0, *self._shape[f], dtype=self._dtype[f], device=self.device) for f in fields
         }
+
+    def _stored(self, field: str, x: torch.Tensor) -> torch.Tensor:
+        """A field of BlockSummaries as this table keeps it (the bounds rounded outward)."""
+        x = x.to(self.device)
+        dtype = self._dtype[field]
+        if x.dtype == dtype:
+            return x
+        if field in ("kmin", "kmax") and dtype != torch.float32:
+            return round_outward(x.float(), dtype, float("-inf") if field == "kmin" else float("inf"))
+        return x.to(dtype)
 
     def append(self, s: BlockSummaries) -> None:
         n = s.num_blocks
@@ -169,13 +207,31 @@ class SummaryTable:
                 new = torch.empty(self._kv_heads, cap, *self._shape[f], dtype=self._dtype[f], device=self.device)
                 new[:, : self.num_blocks] = buf[:, : self.num_blocks]
                 self._data[f] = buf = new
-            buf[:, self.num_blocks : end] = getattr(s, f).to(self.device)
+            buf[:, self.num_blocks : end] = self._stored(f, getattr(s, f))
         self.num_blocks = end
 
     def get(self, field: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """Rows [lo, hi) of one field: [H, hi - lo, ...] (a view, no copy)."""
+        """Rows [lo, hi) of one field: [H, hi - lo, ...] (a view, no copy), in the table's dtype."""
         hi = self.num_blocks if hi is None else hi
         return self._data[field][:, lo:hi]
+
+    def upcast_pieces(self, fields: tuple[str, ...], lo: int, hi: int,
+                      max_bytes: int | None = None) -> Iterator[torch.Tensor]:
+        """Blocks lo..hi-1 of per-channel `fields` (kmin, kmax, kmean) in float32, side by side:
+        [H, n, len(fields) * head_size] pieces of consecutive blocks, each at most `max_bytes`, so a
+        scan of a 16-bit table multiplies one upcast piece by one matmul and never holds the whole
+        layer in float32 (`max_bytes` None: SCAN_CHUNK_BYTES)."""
+        if any(f not in BOUND_FIELDS for f in fields):
+            raise ValueError(f"upcast_pieces takes per-channel fields {BOUND_FIELDS}, got {fields}")
+        d = self._shape["kmin"][0]
+        per_block = self._kv_heads * len(fields) * d * 4
+        step = max(1, (SCAN_CHUNK_BYTES if max_bytes is None else max_bytes) // per_block)
+        for a in range(lo, max(hi, lo + 1), step):
+            b = min(hi, a + step)
+            out = torch.empty(self._kv_heads, b - a, len(fields) * d, device=self.device)
+            for i, f in enumerate(fields):
+                out[..., i * d : (i + 1) * d].copy_(self.get(f, a, b))
+            yield out
 
     def tensors(self) -> list[torch.Tensor]:
         """The buffers of every field (capacity, not just the rows in use)."""
