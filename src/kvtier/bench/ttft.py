@@ -159,7 +159,7 @@ def pool_copy_probe(store: Any, device: str, nbytes: int = 1 << 30, piece: int =
     store's DRAM pool (page-locked on CUDA) to `device`, as one copy, as `piece`-byte copies (a
     direct load's piece size), and as those pieces while the store's verify threads checksum the
     same bytes (as a direct load does), plus the checksums alone; GB/s, best of `runs`."""
-    from kvtier.core.codec import checksum
+    from kvtier.core.codec import checksum_at
 
     pool_np = store.pool_array()
     pool = torch.from_numpy(pool_np)
@@ -190,7 +190,8 @@ def pool_copy_probe(store: Any, device: str, nbytes: int = 1 << 30, piece: int =
             dst[o:o + piece].copy_(pool[o:o + piece], non_blocking=True)
 
     def sums() -> list[Any]:
-        return [engine.submit("probe", lambda o=o: [checksum(pool_np[i:i + piece].data)
+        base = int(pool_np.ctypes.data)
+        return [engine.submit("probe", lambda o=o: [checksum_at(base + i, piece)
                                                    for i in range(o, min(n, o + job), piece)])
                 for o in range(0, n, job)]
 

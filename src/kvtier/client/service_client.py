@@ -59,7 +59,7 @@ from kvtier.client.api import (
     check_save_args,
     dest_arrays,
 )
-from kvtier.core.codec import checksum
+from kvtier.core.codec import checksum_at
 from kvtier.core.config import ClientConfig
 from kvtier.core.errors import KVTierError, LayoutMismatchError, TierUnavailableError
 from kvtier.core.layout import KVLayout
@@ -493,7 +493,7 @@ class ServiceClient(StoreClient):
                 for layer, dest in zip(layers, dests[i], strict=False):
                     off = base + layer * lb
                     copy_out_of_pool(dest, pool[off:off + lb])
-                    if self._verify and checksum(dest.data) != sums[i][layer]:
+                    if self._verify and checksum_at(dest.ctypes.data, lb) != sums[i][layer]:
                         corrupt.append(i)
                         failed.append(i)
                         break
@@ -629,8 +629,8 @@ class _ServiceBorrow(BorrowedChunks):
                     failed.append(i - first)
                     continue
                 base = slot * cb
-                if c._verify and any(checksum(self.pool[base + j * lb:base + (j + 1) * lb].data) != self._sums[i][j]
-                                     for j in range(n_layers)):
+                at = self._session.pool_addr + base  # on verify threads: checksum_at lets go of the GIL
+                if c._verify and any(checksum_at(at + j * lb, lb) != self._sums[i][j] for j in range(n_layers)):
                     failed.append(i - first)
                     with self._lock:
                         self._corrupt.append(i)
@@ -741,7 +741,7 @@ class _LayeredLoad:
         dest = self._dests[i][j]
         off = self._slots[i] * c._chunk_bytes + layer * lb
         copy_out_of_pool(dest, self._session.pool[off:off + lb])
-        ok = not c._verify or checksum(dest.data) == self._sums[i][layer]
+        ok = not c._verify or checksum_at(dest.ctypes.data, lb) == self._sums[i][layer]
         with self._cond:
             if not ok and i not in self._bad:
                 self._bad.add(i)

@@ -1071,7 +1071,8 @@ def _failed_rows_at(base: int, span: int, lb: int, work: Sequence[tuple[tuple[in
 
 def _slot_sums(mem: MemoryTier, slots: Sequence[int], first: int, span: int) -> list[list[int]]:
     """Checksums of sections first .. first + span - 1 of each slot, read from the pool."""
-    return [[checksum(mem.layer_view(slot, first + j)) for j in range(span)] for slot in slots]
+    lb = mem.layer_bytes
+    return [[checksum_at(mem.layer_view(slot, first + j).ctypes.data, lb) for j in range(span)] for slot in slots]
 
 
 def _check_keys(keys: Sequence[bytes], name: str = "keys") -> Sequence[bytes]:
