@@ -183,7 +183,7 @@ class BorrowedChunks(ABC):
     @abstractmethod
     def verify(self, first: int, last: int) -> TransferHandle[LoadResult]:
         """Check every layer of chunks first .. last-1 against their checksums, on background threads
-        (the checksum releases the GIL): a LoadResult over those chunks (indices from `first`) whose
+        (codec.checksum_at lets go of the GIL): a LoadResult over those chunks (indices from `first`) whose
         `failed` holds the absent and the corrupt ones."""
 
     @abstractmethod

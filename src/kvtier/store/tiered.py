@@ -951,7 +951,7 @@ class TieredStore:
 
     def verify_borrowed(self, entries: Sequence[Any], layers: Sequence[int]) -> TransferHandle[LoadResult]:
         """Check sections `layers` of borrowed chunks against their checksums, on the store's verify
-        threads (the checksum releases the GIL, so several groups verify at once). The result is a
+        threads (codec.checksum_at lets go of the GIL, so several groups verify at once). The result is a
         LoadResult over `entries`: a None entry (not borrowed) or a mismatch is failed."""
         self._check_open()
         memory = self.memory
@@ -968,7 +968,7 @@ class TieredStore:
         return self._verify_engine().submit("verify", run)
 
     def _verify_engine(self) -> TransferEngine:
-        """The store's checksum threads (xxh3 releases the GIL, so checks of a large read run on
+        """The store's checksum threads (codec.checksum_at lets go of the GIL, so checks of a large read run on
         several cores): started on first use, as many as the I/O threads or up to 8 cores."""
         with self._pending_lock:
             if self._verify is None:
@@ -1103,7 +1103,7 @@ class SaveBatch:
     mark_filled once the copies completed). Each write checksums what it wrote at once, so
     commit() only collects the checksums and publishes: it does not checksum a whole save on one
     thread. By default in the writing thread; with `checksum_threads = True` on the store's verify
-    threads (xxh3 releases the GIL), for a writer whose host threads are otherwise idle (a GPU
+    threads (codec.checksum_at lets go of the GIL), for a writer whose host threads are otherwise idle (a GPU
     connector: threads woken beside a CPU forward would take its cores). A checksum always reads
     the slot after its write, and a section written again is checksummed again (the later one wins).
     """
