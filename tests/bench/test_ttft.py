@@ -87,8 +87,12 @@ def test_throttled_disk_is_recomputed(tmp_path):
         assert detail["chunks_loaded"] == 0 and detail["disk_chunks_loaded_runs"] == [0, 0, 0]
         assert detail["chunks_recomputed"] == (case["prompt_tokens"] - 1) // 16
         assert detail["disk_chunks_read"] == [0, 0, 0]
-        assert detail["dram_chunks_loaded"] > 0  # DRAM is not throttled
         assert case["top1_equal"] is True
+    # only the disk is throttled: DRAM's estimate is measured (whether its loads pay at 64 tokens is the
+    # planner's call on timings this noisy machine makes, so the DRAM hit's chunk count is not asserted)
+    sources = {tier.split("->")[0].split(":")[0]: est["source"] for tier, est in result["setup"]["estimates"].items()
+               if "->" in tier}
+    assert sources["disk"] == "throttle" and sources["memory"] != "throttle"
 
 
 def test_cpu_tiny_shape_runs(tmp_path):
