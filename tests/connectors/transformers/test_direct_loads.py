@@ -165,3 +165,41 @@ def test_verify_borrowed_rejects_bad_layers():
     with pytest.raises(ValueError, match="outside"):
         store.verify_borrowed([], [5])
     store.close()
+
+
+@pytest.mark.parametrize("direct_saves", [False, True])
+def test_cache_dropped_mid_prefill_gives_back_its_chunks_and_reservations(direct_saves):
+    """A cache dropped while its forward is under way (an exception in the model, no discard())
+    hands its borrowed chunks and its saves' DRAM reservations back when it is collected, instead
+    of pinning them for the life of the process."""
+    import gc
+
+    model = tiny_model()
+    store = make_store(model, None)
+    ids = prompt(128, 27, seed=39)
+    TransformersConnector(model, store).prefill(ids[:, :16])  # 4 chunks stored
+    conn = TransformersConnector(model, store, direct_loads=True, direct_saves=direct_saves)
+    mem = store.memory
+    cache = conn.new_cache()
+    plan = cache.prepare(ids)  # borrows the 4 stored chunks
+    assert plan.cached_tokens == (16,)
+    assert set(_refs(store)) == {1}
+
+    def fail(*_args):
+        raise RuntimeError("out of memory in the last layer")
+
+    hook = model.model.layers[-1].register_forward_pre_hook(fail)  # the layers before reserved slots for saves
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"), torch.no_grad():
+            model(**plan.model_inputs(), **conn.cache_kwargs(cache), use_cache=True)
+    finally:
+        hook.remove()
+    assert len(mem._free) + len(mem._index) < mem.num_slots  # noqa: SLF001 - slots reserved for the saves
+    del cache, plan
+    gc.collect()
+    conn.save_copies.drain()  # the release runs after the last copy out of the slots
+    assert set(_refs(store)) == {0}
+    assert len(mem._free) + len(mem._index) == mem.num_slots  # noqa: SLF001 - every reservation went back
+    _, got = hit_logits(conn, ids)  # the store works as before
+    assert (got - last_logits(model, ids)).abs().max().item() <= TOL
+    store.close()

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -193,6 +194,7 @@ class KVTierCache(DynamicCache):
         self._store_layers = [_StoreLayer(self, i) for i in range(connector.layout.num_layers)]
         self.layers = list(self._store_layers)
         self._state: _Prefill | None = None
+        self._janitor: Any = None  # weakref.finalize: a prefill dropped mid-way gives back what it holds
         self.last_plan: PrefillPlan | None = None
         self.load_wait_s = 0.0  # time the forward waited for loads and scattered them (last prefill)
         self.forward_wait_s = 0.0  # the part of load_wait_s spent inside the forward (not in prepare)
@@ -237,6 +239,7 @@ class KVTierCache(DynamicCache):
             return plan
         state = self._start_loads(plan, keys, found, load_n, width)
         self._state = state
+        self._track_prefill(state)
         for layer in self._store_layers:
             layer.fill = plan.n_cached
         if not overlap:
@@ -364,19 +367,20 @@ class KVTierCache(DynamicCache):
             _stamp_done(state, h)
         return state
 
-    def _release_borrowed(self, state: _Prefill) -> None:
+    @staticmethod
+    def _release_borrowed(conn: TransformersConnector, state: _Prefill) -> None:
         """Hand the borrowed chunks back once every copy out of their slots has completed (on CUDA
         on the save-copy worker after the last copy's event; on the CPU at once)."""
         entries, state.borrowed = state.borrowed, None
         if not entries:
             return
-        store = self.connector.store
+        store = conn.store
         event = state.copies.last_event if state.copies is not None and state.copies.last_event else _DONE
 
         def failed(e: BaseException) -> None:
-            self.connector._log_once("release", "kvtier: releasing borrowed DRAM chunks failed: %s", e)
+            conn._log_once("release", "kvtier: releasing borrowed DRAM chunks failed: %s", e)
 
-        self.connector.save_copies.then(event, lambda: store.release_borrowed(entries), failed)
+        conn.save_copies.then(event, lambda: store.release_borrowed(entries), failed)
 
     def _plan_saves(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
                     width: int) -> list[_RowSave]:
@@ -613,7 +617,7 @@ class KVTierCache(DynamicCache):
             if not state.save_broken:
                 for s, batch in zip(state.saves, state.batches or []):
                     conn.watch_save(batch.commit(), len(s.keys))
-            self._release_save_buf(state)
+            self._release_save_buf(self.connector, state)
 
         return commit
 
@@ -626,24 +630,27 @@ class KVTierCache(DynamicCache):
                     return
                 state.save_broken = True
                 self._abort_saves(state)
-            self._release_save_buf(state)
+            self._release_save_buf(self.connector, state)
             conn.report_save_failure(sum(len(s.keys) for s in state.saves), f"{type(e).__name__}: {e}")
 
         return failed
 
-    def _release_save_buf(self, state: _Prefill) -> None:
+    @staticmethod
+    def _release_save_buf(conn: TransformersConnector, state: _Prefill) -> None:
         buf, state.save_buf = state.save_buf, None
         if buf is not None:
-            self.connector.save_pool.release(buf)
+            conn.save_pool.release(buf)
 
-    def _release_staging(self, state: _Prefill) -> None:
+    @staticmethod
+    def _release_staging(conn: TransformersConnector, state: _Prefill) -> None:
         buf, state.staging_buf = state.staging_buf, None
         if buf is not None:
-            self.connector.staging_pool.release(buf, state.copies.last_event if state.copies else None)
+            conn.staging_pool.release(buf, state.copies.last_event if state.copies else None)
 
     def _finish(self, state: _Prefill) -> None:
-        self._release_staging(state)
-        self._release_borrowed(state)
+        self._forget_prefill()
+        self._release_staging(self.connector, state)
+        self._release_borrowed(self.connector, state)
         self.load_wait_s = state.load_wait_s
         self.forward_wait_s = state.load_wait_s - state.prepare_wait_s
         self.forward_save_s = state.save_s
@@ -662,20 +669,38 @@ class KVTierCache(DynamicCache):
         """Drop this cache's contents and any prefill in flight (waits for its loads, aborts its save)."""
         state = self._state
         self._state = None
+        self._forget_prefill()
         if state is not None:
-            for h in state.all_handles:
-                try:
-                    h.wait()
-                except Exception:  # noqa: BLE001 - reported by _wait when it mattered; now unused
-                    pass
-            self.connector.save_copies.drain()  # no write of this prefill runs after the abort
-            state.save_broken = True
-            self._abort_saves(state)
-            self._release_save_buf(state)
-            self._release_staging(state)
-            self._release_borrowed(state)
+            self._drop_prefill(self.connector, state)
         for layer in self._store_layers:
             layer.clear()
+
+    def _track_prefill(self, state: _Prefill) -> None:
+        """A prefill in flight holds store resources (borrowed chunks, DRAM reservations, pooled
+        buffers): a cache dropped before its prefill ends (no discard(), an exception in the forward)
+        gives them back when it is collected, instead of pinning them for the process's life."""
+        self._forget_prefill()
+        self._janitor = weakref.finalize(self, KVTierCache._drop_prefill, self.connector, state)
+
+    def _forget_prefill(self) -> None:
+        janitor, self._janitor = self._janitor, None
+        if janitor is not None:
+            janitor.detach()
+
+    @staticmethod
+    def _drop_prefill(conn: TransformersConnector, state: _Prefill) -> None:
+        """Wait for a prefill's loads, abort its saves and hand back what it holds."""
+        for h in state.all_handles:
+            try:
+                h.wait()
+            except Exception:  # noqa: BLE001 - reported by _wait when it mattered; now unused
+                pass
+        conn.save_copies.drain()  # no write of this prefill runs after the abort
+        state.save_broken = True
+        KVTierCache._abort_saves(state)
+        KVTierCache._release_save_buf(conn, state)
+        KVTierCache._release_staging(conn, state)
+        KVTierCache._release_borrowed(conn, state)
 
     @staticmethod
     def _abort_saves(state: _Prefill) -> None:
