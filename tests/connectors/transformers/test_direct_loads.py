@@ -4,6 +4,8 @@ pinned against eviction and released, and a corrupt or vanished chunk recomputed
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -196,7 +198,9 @@ def test_cache_dropped_mid_prefill_gives_back_its_chunks_and_reservations(direct
         hook.remove()
     assert len(mem._free) + len(mem._index) < mem.num_slots  # noqa: SLF001 - slots reserved for the saves
     del cache, plan
-    gc.collect()
+    gc.collect()  # the finalizer hands the clean-up to a thread of its own: wait for it
+    for t in [t for t in threading.enumerate() if t.name == "kvtier-drop-prefill"]:
+        t.join(10)
     conn.save_copies.drain()  # the release runs after the last copy out of the slots
     assert set(_refs(store)) == {0}
     assert len(mem._free) + len(mem._index) == mem.num_slots  # noqa: SLF001 - every reservation went back

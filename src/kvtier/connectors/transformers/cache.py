@@ -680,12 +680,20 @@ class KVTierCache(DynamicCache):
         buffers): a cache dropped before its prefill ends (no discard(), an exception in the forward)
         gives them back when it is collected, instead of pinning them for the process's life."""
         self._forget_prefill()
-        self._janitor = weakref.finalize(self, KVTierCache._drop_prefill, self.connector, state)
+        self._janitor = weakref.finalize(self, KVTierCache._drop_later, self.connector, state)
 
     def _forget_prefill(self) -> None:
         janitor, self._janitor = self._janitor, None
         if janitor is not None:
             janitor.detach()
+
+    @staticmethod
+    def _drop_later(conn: TransformersConnector, state: _Prefill) -> None:
+        """The finalizer: the garbage collector may run it on any thread, an I/O thread of the store
+        included, where waiting for the prefill's loads would wait for itself; so it waits nowhere and
+        hands the work to a thread of its own."""
+        threading.Thread(target=KVTierCache._drop_prefill, args=(conn, state), name="kvtier-drop-prefill",
+                         daemon=True).start()
 
     @staticmethod
     def _drop_prefill(conn: TransformersConnector, state: _Prefill) -> None:
