@@ -24,9 +24,7 @@ import argparse
 import contextlib
 import ctypes
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvtier.bench.service import _wait_for_socket, start_service, stop_service
 from kvtier.client.api import InProcessClient, StoreClient, connect
 from kvtier.connectors.copy_engine import host_registry, host_to_device_probe, synchronize
 from kvtier.connectors.vllm.link import StoreLink
@@ -113,23 +112,11 @@ def open_client(kind: str, cfg: StoreConfig, lay: KVLayout, stack: contextlib.Ex
     if kind == "inprocess":
         return stack.enter_context(InProcessClient(TieredStore(cfg, lay)))
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="kvt-", dir="/tmp"))
-    sock = os.path.join(folder, "kv.sock")
-    conf = {"layout": {"num_layers": lay.num_layers, "num_kv_heads": lay.num_kv_heads, "head_size": lay.head_size,
-                       "dtype": lay.dtype},
-            "store": {"chunk_tokens": cfg.chunk_tokens, "hash_mode": cfg.hash_mode,
-                      "memory": {"capacity_bytes": cfg.memory.capacity_bytes if cfg.memory else 0}},
-            "socket_path": sock}
-    path = os.path.join(folder, "service.json")
-    with open(path, "w") as f:
-        json.dump(conf, f)
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.service", "--config", path])
-    stack.callback(lambda: (proc.terminate(), proc.wait(timeout=60)))
-    deadline = time.monotonic() + 60
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"kvtier service did not start (exit {proc.poll()})")
-        time.sleep(0.05)
-    return stack.enter_context(connect({"mode": "service", "socket_path": sock, "connect_timeout_s": 60}))
+    assert cfg.memory is not None
+    sock, proc = start_service(folder, lay, cfg.chunk_tokens, cfg.memory.capacity_bytes, metrics=False)
+    stack.callback(stop_service, proc)
+    _wait_for_socket(sock, proc, timeout=60.0)
+    return stack.enter_context(connect({"mode": "service", "socket_path": sock}, layout=lay))
 
 
 def check_order_with(client: StoreClient, name: str, lay: KVLayout, args: argparse.Namespace, repeats: int,
