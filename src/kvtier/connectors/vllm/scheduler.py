@@ -160,7 +160,9 @@ class SchedulerSide:
         self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0,
                       "saved_partial_chunks": 0, "store_errors": 0, "handoffs_made": 0, "handoffs_received": 0,
                       "handoffs_rejected": 0, "handoff_timeouts": 0, "handoff_wait_polls": 0,
-                      "handoff_publish_waits": 0, "handoff_publish_timeouts": 0, "handoff_publish_wait_ms": 0}
+                      "handoff_publish_waits": 0, "handoff_publish_timeouts": 0, "handoff_publish_wait_ms": 0,
+                      # the load planner: hit chunks it left to vLLM to compute; forwards the workers timed
+                      "planner_recomputed_chunks": 0, "compute_samples": 0}
         # vLLM's block hash -> the int or bytes its KV events publish (maybe_convert_block_hash);
         # None: chunks are saved without SECTION_BLOCK_HASHES (their events carry kvtier's keys)
         self.convert_hash: Callable[[Any], int | bytes] | None = None
@@ -173,8 +175,6 @@ class SchedulerSide:
         self.estimates = estimates if estimates is not None else ESTIMATES
         self.engine_id = engine_id
         self._bandwidths_at = -float("inf")  # when the tiers' read bandwidths were last asked of the store
-        self.stats["planner_recomputed_chunks"] = 0
-        self.stats["compute_samples"] = 0  # forwards the workers timed (the planner's compute cost)
 
     # -- helpers -------------------------------------------------------------------------
     def _state(self, request: Any) -> _ReqState:
