@@ -622,20 +622,21 @@ class _ServiceBorrow(BorrowedChunks):
 
         def run() -> LoadResult:
             cb, lb, n_layers = c._chunk_bytes, c._layer_bytes, c._layout.num_layers
-            failed = []
+            failed: list[int] = []
+            tiers: list[str] = []
             for i in range(first, last):
                 slot = self.slots[i]
-                if slot < 0:
+                ok = slot >= 0
+                if ok and c._verify:  # on verify threads: checksum_at lets go of the GIL
+                    at = self._session.pool_addr + slot * cb
+                    ok = all(checksum_at(at + j * lb, lb) == self._sums[i][j] for j in range(n_layers))
+                    if not ok:
+                        with self._lock:
+                            self._corrupt.append(i)
+                if not ok:
                     failed.append(i - first)
-                    continue
-                base = slot * cb
-                at = self._session.pool_addr + base  # on verify threads: checksum_at lets go of the GIL
-                if c._verify and any(checksum_at(at + j * lb, lb) != self._sums[i][j] for j in range(n_layers)):
-                    failed.append(i - first)
-                    with self._lock:
-                        self._corrupt.append(i)
-            tiers = tuple("" if i - first in failed else str(self._reply["tiers"][i]) for i in range(first, last))
-            return LoadResult(failed[0] if failed else last - first, tuple(failed), tiers)
+                tiers.append(str(self._reply["tiers"][i]) if ok else "")
+            return LoadResult(failed[0] if failed else last - first, tuple(failed), tuple(tiers))
 
         return c._verify_engine().submit("verify", run)
 
