@@ -134,13 +134,6 @@ def wait_for(pred, timeout_s: float = 10.0) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def server(tmp_path):
     server = RedisServer(tmp_path).start()

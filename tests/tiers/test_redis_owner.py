@@ -58,13 +58,6 @@ class _Encoder:
 VALUE_BYTES = _value_bytes()
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis-owner")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def srv(shared_server):
     shared_server.cli("FLUSHALL")
