@@ -33,22 +33,31 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_port(cluster_bus: bool = False) -> int:
-    """A loopback port nobody listens on (and port + 10000 too, for a cluster node's bus)."""
+def free_port(cluster_bus: bool = False, avoid: frozenset[int] | set[int] = frozenset()) -> int:
+    """A loopback port nobody listens on (and port + 10000 too, for a cluster node's bus), outside
+    `avoid`: the ports (and bus ports) already handed to servers that are not started yet."""
     for _ in range(200):
         port = random.randint(20000, 39999)
+        mine = {port, port + 10000} if cluster_bus else {port}
+        if mine & avoid:
+            continue
         if _port_free(port) and (not cluster_bus or _port_free(port + 10000)):
             return port
     raise RuntimeError("no free loopback port found")
+
+
+def _ports_of(servers: list[RedisServer]) -> set[int]:
+    """The ports `servers` will listen on, with their cluster bus ports."""
+    return {p for s in servers for p in ((s.port, s.port + 10000) if s.cluster else (s.port,))}
 
 
 class RedisServer:
     """One redis-server child process on 127.0.0.1:<port>."""
 
     def __init__(self, folder: str | os.PathLike[str], port: int | None = None, *,
-                 cluster: bool = False, extra: tuple[str, ...] = ()) -> None:
+                 cluster: bool = False, extra: tuple[str, ...] = (), avoid: frozenset[int] | set[int] = frozenset()) -> None:
         self.cluster = cluster
-        self.port = port or free_port(cluster_bus=cluster)
+        self.port = port or free_port(cluster_bus=cluster, avoid=avoid)
         self.folder = Path(folder) / f"redis-{self.port}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.extra = extra
@@ -75,9 +84,24 @@ class RedisServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited: {self.log_tail()}")
             if self.cli("PING", check=False).strip() == "PONG":
-                return self
+                # the answer must come from this child: another server that took the port between
+                # free_port and now would answer too, and pausing or killing this child would then
+                # leave the port serving (a fault test would test nothing)
+                pid = self._answering_pid()
+                if pid == self.proc.pid:
+                    return self
+                if pid is not None:
+                    self.kill()
+                    raise RuntimeError(f"port {self.port} is served by another process (pid {pid}), "
+                                       f"not the redis-server started on it")
             time.sleep(0.02)
         raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout_s} s")
+
+    def _answering_pid(self) -> int | None:
+        for line in self.cli("INFO", "server", check=False).splitlines():
+            if line.startswith("process_id:"):
+                return int(line.split(":", 1)[1])
+        return None
 
     def log_tail(self) -> str:
         try:
@@ -132,7 +156,9 @@ class RedisClusterServers:
     when one master is lost, the slots of the others keep serving."""
 
     def __init__(self, folder: str | os.PathLike[str], masters: int = 3) -> None:
-        self.nodes = [RedisServer(folder, cluster=True) for _ in range(masters)]
+        self.nodes: list[RedisServer] = []
+        for _ in range(masters):  # distinct ports: none on another node's port or bus port
+            self.nodes.append(RedisServer(folder, cluster=True, avoid=_ports_of(self.nodes)))
 
     @property
     def url(self) -> str:
