@@ -352,7 +352,7 @@ class InProcessClient(StoreClient):
         keys = self._check_keys(keys)
         layer_list, arrays = dest_arrays(self.layout, self.chunk_tokens, keys, dests, layers)
         if self._host is not None and lease_id is not None:
-            self._host.wait_lease(lease_id)  # disk hits of the lease are now in DRAM
+            self._host.wait_lease(lease_id, keys)  # these keys' disk hits are now in DRAM
         return self.store.load(keys, arrays, layer_list)
 
     def lendable_pool(self) -> PoolRegion | None:
@@ -363,7 +363,7 @@ class InProcessClient(StoreClient):
         if self.store.memory is None:
             return None
         if self._host is not None and lease_id is not None:
-            self._host.wait_lease(lease_id)  # disk hits of the lease are now in DRAM
+            self._host.wait_lease(lease_id, keys)  # these keys' disk hits are now in DRAM
         return _StoreBorrow(self.store, keys)
 
     def release(self, lease_id: int) -> None:

@@ -58,7 +58,7 @@ class _Lease:
     owner: OwnerId
     deadline: float
     pinned: list[bytes] = field(default_factory=list)
-    promotions: list[Future[bytes | None]] = field(default_factory=list)
+    promotions: dict[bytes, Future[bytes | None]] = field(default_factory=dict)  # disk hits: key -> its promotion
 
 
 @dataclass(slots=True)
@@ -167,8 +167,8 @@ class StoreHost:
                 tiers.append("disk")
                 if timer.tier != disk.name:
                     timer.switch(disk.name)
-                if lease:
-                    held.promotions.append(self._promoter.submit(self._promote_pin, key))
+                if lease and key not in held.promotions:  # (a key twice in one lookup: promoted once)
+                    held.promotions[key] = self._promoter.submit(self._promote_pin, key)
                 continue
             timer.pause()  # lower tiers time their own batched lookups
             if i not in lower_at and self.store.lower_tiers:  # one batched lookup per run
@@ -176,8 +176,8 @@ class StoreHost:
                 lower_at.update(enumerate(self.store.lookup_lower(keys, i, (ended,) if ended else ()), start=i))
             if i in lower_at:
                 tiers.append(lower_at[i])
-                if lease:
-                    held.promotions.append(self._promoter.submit(self._promote_pin, key))
+                if lease and key not in held.promotions:  # (a key twice in one lookup: promoted once)
+                    held.promotions[key] = self._promoter.submit(self._promote_pin, key)
                 continue
             break
         if timer is None:
@@ -228,15 +228,19 @@ class StoreHost:
             raise ServiceError("invalid", f"hold_s must be positive, got {requested}")
         return min(requested, self.max_lease_s)
 
-    def wait_lease(self, lease_id: LeaseId | None) -> bool:
-        """Wait for the lease's disk promotions and extend it; False if it is not held."""
+    def wait_lease(self, lease_id: LeaseId | None, keys: Sequence[bytes] | None = None) -> bool:
+        """Wait for the lease's disk promotions (of `keys` only, when given: a load of part of a
+        lease, as when vLLM's load planner recomputes its slow hits, waits for nothing else) and
+        extend it; False if it is not held."""
         if lease_id is None:
             return False
         with self._lock:
             held = self._leases.get(lease_id)
         if held is None:
             return False
-        for fut in list(held.promotions):
+        promotions = held.promotions
+        waits = list(promotions.values()) if keys is None else [promotions[k] for k in keys if k in promotions]
+        for fut in waits:
             try:
                 fut.result()
             except Exception:  # noqa: BLE001 - the load reports the chunk as failed
@@ -255,15 +259,23 @@ class StoreHost:
                     return lease_id
 
     def _unpin_lease(self, held: _Lease) -> None:
+        """Unpin a lease's chunks without waiting for its promotions: a release must not wait on
+        disk reads (the vLLM scheduler releases the hits its load planner chose to recompute, on
+        its own thread; measured, a throttled disk's promotions made it wait 2.2 s per request).
+        Promotions not started are cancelled; one under way unpins its chunk when it ends."""
         for key in held.pinned:
             self.memory.unpin(key)
-        for fut in held.promotions:
-            try:
-                promoted = fut.result()
-            except Exception:  # noqa: BLE001 - a failed promotion pinned nothing
-                promoted = None
-            if promoted is not None:
-                self.memory.unpin(promoted)
+        for fut in held.promotions.values():
+            if not fut.cancel():
+                fut.add_done_callback(self._unpin_promoted)
+
+    def _unpin_promoted(self, fut: Future[bytes | None]) -> None:
+        try:
+            promoted = fut.result()
+        except Exception:  # noqa: BLE001 - a failed promotion pinned nothing
+            promoted = None
+        if promoted is not None:
+            self.memory.unpin(promoted)
 
     def _touch(self, keys: Sequence[bytes], tiers: Sequence[str]) -> None:
         disk = self.store.disk
@@ -317,7 +329,7 @@ class StoreHost:
     def load_begin(self, owner: OwnerId, keys: Sequence[bytes], lease_id: LeaseId | None = None,
                    hold_s: float | None = None) -> LoadPins:
         hold = self.hold_bound(hold_s)
-        self.wait_lease(lease_id)
+        self.wait_lease(lease_id, keys)
         started = time.perf_counter()
         mem = self.memory
         slots = [NO_SLOT] * len(keys)
