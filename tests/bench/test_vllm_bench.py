@@ -80,3 +80,21 @@ def test_engines_report_their_counters():
 
     kwargs = bench._llm_kwargs(Path("/m"), bench.QUICK, 1000)
     assert kwargs["disable_log_stats"] is False  # else LLM.get_metrics() refuses
+
+
+def test_planner_summary_compares_the_slow_disk_run_with_recomputing():
+    out = {"phases": [
+        {"name": "warmup", "requests": [], "stats": {"planner_recomputed_chunks": 2}},
+        {"name": "round0", "requests": [], "stats": {"planner_recomputed_chunks": 14}},
+    ]}
+    slow = {"p50_ttft_s": 0.22, "mean_ttft_s": 0.25, "hit_tokens_by_tier": {"kvtier_memory": 64}}
+    recompute = {"p50_ttft_s": 0.2, "mean_ttft_s": 0.2}
+    p = bench.planner_summary(slow, recompute, out, ["round0"])
+    assert p["p50_ratio"] == pytest.approx(1.1) and p["mean_ratio"] == pytest.approx(1.25)
+    assert p["planner_recomputed_chunks"] == 12 and p["disk_tokens_loaded"] == 0 and p["met"]
+    # a disk hit loaded (or a ratio over the target) is not met
+    slow["hit_tokens_by_tier"]["kvtier_disk"] = 32
+    assert not bench.planner_summary(slow, recompute, out, ["round0"])["met"]
+    slow["hit_tokens_by_tier"] = {}
+    slow["p50_ttft_s"] = 0.25
+    assert not bench.planner_summary(slow, recompute, out, ["round0"])["met"]

@@ -14,6 +14,11 @@ evicted a document before it is asked about again.
   kvtier_dram  as apc_small + kvtier, DRAM tier larger than the working set
   kvtier_disk  as apc_small + kvtier, DRAM tier for one document; the disk tier's files are
                dropped from the page cache before every request, so hits come from disk
+  kvtier_disk_slow  as kvtier_disk with the disk's reads capped at SLOW_DISK_GBPS (the store's
+               `disk.read_throttle_gbps` testing aid), far slower than recomputing: the load
+               planner must recompute those hits, so its TTFT stays near apc_small's ("never
+               slower than recomputing"; `planner` in the JSON: the ratio and the disk tokens
+               loaded, which should be 0)
 Workload 2, exact repeats: R long prompts (tails after their last whole block spread
 evenly over 1..block tokens), then the same R prompts again, P times (measured).
 ExampleConnector loads the whole blocks before the prompt's last token and recomputes the
@@ -61,6 +66,8 @@ from kvtier.bench.common import print_table, write_json
 from kvtier.core.config import default_cache_dir
 
 GAP = 1e-3
+SLOW_DISK_GBPS = 0.002  # kvtier_disk_slow's disk: 2 MB/s, hundreds of times slower than the CPU's prefill
+PLANNER_TARGET = 1.2  # kvtier_disk_slow's p50 TTFT at most this times apc_small's
 
 
 @dataclass(slots=True, frozen=True)
@@ -158,12 +165,12 @@ def _llm_kwargs(model: Path, sizes: Sizes, kv_tokens: int, prefix_caching: bool 
 
 
 def _kvtier_config(socket_path: str, dram_bytes: int, disk_root: str | None, stats_path: str,
-                   chunk_tokens: int | None = None) -> dict[str, Any]:
+                   chunk_tokens: int | None = None, disk_gbps: float = 0.0) -> dict[str, Any]:
     store: dict[str, Any] = {"memory": {"capacity_bytes": dram_bytes}}
     if chunk_tokens is not None:
         store["chunk_tokens"] = chunk_tokens
     if disk_root:
-        store["disk"] = {"root": disk_root}
+        store["disk"] = {"root": disk_root, "read_throttle_gbps": disk_gbps}
     return {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connectors.vllm",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"socket_path": socket_path, "store": store, "stats_path": stats_path,
@@ -273,6 +280,22 @@ def counter_mismatches(checks: dict[str, Any]) -> list[str]:
             or c.get("unexpected_external_hits")]
 
 
+def planner_summary(slow: dict[str, Any], recompute: dict[str, Any], out: dict[str, Any],
+                    measured: list[str]) -> dict[str, Any]:
+    """kvtier_disk_slow against apc_small (vLLM recomputing everything, same engine config, same
+    requests and statistic): the ratios, the disk tokens loaded in the measured rounds and the
+    chunks the planner chose to recompute (kvtier's scheduler counter over the measured rounds)."""
+    stats = [_phase(out, name).get("stats") or {} for name in ("warmup", measured[-1])]
+    recomputed = int(stats[1].get("planner_recomputed_chunks", 0)) - int(stats[0].get("planner_recomputed_chunks", 0))
+    p50 = slow["p50_ttft_s"] / recompute["p50_ttft_s"]
+    disk = int(slow["hit_tokens_by_tier"].get("kvtier_disk", 0))
+    return {"p50_ratio": p50, "mean_ratio": slow["mean_ttft_s"] / recompute["mean_ttft_s"],
+            "disk_tokens_loaded": disk, "planner_recomputed_chunks": recomputed,
+            "disk_read_gbps_cap": SLOW_DISK_GBPS, "target_p50_ratio": PLANNER_TARGET,
+            "met": p50 <= PLANNER_TARGET and disk == 0,
+            "measures": "kvtier_disk_slow's TTFT over apc_small's (vLLM alone recomputing), same requests"}
+
+
 def first_token_check(ref: list[dict[str, Any]], rows: list[dict[str, Any]], checks: dict[str, int]) -> None:
     """Count first-token mismatches where the reference's top-2 gap exceeds GAP; the two runs must
     have answered the same requests (strict: a missing request is an error, not a shorter check)."""
@@ -327,17 +350,19 @@ def run_vllm_bench(json_out: str | None, quick: bool = False, workload: str = "a
                                     "phases": phases}, work, timeout)
             finally:
                 _stop_service(sock)
-            sock = f"/tmp/kvtier-bench-{os.getpid()}-disk.sock"
-            stats = str(work / "kvtier_disk.stats.json")
-            disk_root = work / "disk"
-            kcfg = _kvtier_config(sock, int(1.2 * doc_bytes), str(disk_root), stats)
-            phases = [dict(p, stats_path=stats, drop_cache_dir=str(disk_root)) for p in w1]
-            try:
-                outs["kvtier_disk"] = _run_engine(
-                    "kvtier_disk", {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=kcfg),
-                                    "phases": phases}, work, timeout)
-            finally:
-                _stop_service(sock)
+            for run, gbps in (("kvtier_disk", 0.0), ("kvtier_disk_slow", SLOW_DISK_GBPS)):
+                sock = f"/tmp/kvtier-bench-{os.getpid()}-{run}.sock"
+                stats = str(work / f"{run}.stats.json")
+                disk_root = work / "disk"
+                shutil.rmtree(disk_root, ignore_errors=True)
+                kcfg = _kvtier_config(sock, int(1.2 * doc_bytes), str(disk_root), stats, disk_gbps=gbps)
+                phases = [dict(p, stats_path=stats, drop_cache_dir=str(disk_root)) for p in w1]
+                try:
+                    outs[run] = _run_engine(
+                        run, {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=kcfg),
+                              "phases": phases}, work, timeout)
+                finally:
+                    _stop_service(sock)
         if workload in ("all", "repeat"):
             example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                        "kv_connector_extra_config": {"shared_storage_path": str(work / "example")}}
@@ -373,7 +398,7 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
         return [r for name in measured for r in _phase(out, name)["requests"]]
 
     counter_checks: dict[str, Any] = {}
-    for run in ("apc_small", "apc_ample", "kvtier_dram", "kvtier_disk"):
+    for run in ("apc_small", "apc_ample", "kvtier_dram", "kvtier_disk", "kvtier_disk_slow"):
         if run not in outs:
             continue
         out = outs[run]
@@ -392,7 +417,8 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
 
     checks = {"checked": 0, "mismatches": 0}
     pairs: list[tuple[str, str, list[str]]] = [(run, "apc_small", ["warmup", *measured])
-                                               for run in ("apc_ample", "kvtier_dram", "kvtier_disk")]
+                                               for run in ("apc_ample", "kvtier_dram", "kvtier_disk",
+                                                           "kvtier_disk_slow")]
     pairs += [(run, "example_repeat", ["repeat_first", "repeat"]) for run in ("kvtier_repeat", "repeat_floor")]
     for run, ref_run, names in pairs:
         if run not in outs or ref_run not in outs:
@@ -409,13 +435,16 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
                   f"same engine config for both connectors; kvtier stores chunks of {sizes.repeat_chunk} tokens "
                   f"and each prompt's partial last chunk (it recomputes the last token, ExampleConnector the "
                   f"1..{sizes.repeat_block} tokens after the last whole block before it)"}
+    if "kvtier_disk_slow" in result and "apc_small" in result:
+        result["planner"] = planner_summary(result["kvtier_disk_slow"], result["apc_small"],
+                                            outs["kvtier_disk_slow"], measured)
     result["details"] = {"sizes": asdict(sizes), "workload": workload, "repeat_floor": floor,
                          "kvtier_repeat_chunk_tokens": sizes.repeat_chunk,
                          "init_s": {k: v["init_s"] for k, v in outs.items()},
                          "first_token_check": checks, "counter_checks": counter_checks,
                          "counter_mismatches": counter_mismatches(counter_checks), "work_folder": str(work)}
     rows_t = [[k, v["mean_ttft_s"], v["p50_ttft_s"], v["p90_ttft_s"], v["total_s"], json.dumps(v["hit_tokens_by_tier"])]
-              for k, v in result.items() if k != "details"]
+              for k, v in result.items() if k not in ("details", "planner")]
     if floor is not None:
         rows_t.append(["(repeat_floor)", floor["mean_ttft_s"], floor["p50_ttft_s"], floor["p90_ttft_s"], floor["total_s"],
                        json.dumps(floor["hit_tokens_by_tier"])])
@@ -425,6 +454,12 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
     print(f"first-token check: {checks['mismatches']} mismatches of {checks['checked']} (gap > {GAP})")
     print("hit tokens: vLLM's counters (vllm:prefix_cache_hits, vllm:external_prefix_cache_hits) and kvtier's "
           "per-tier counters over the measured phases")
+    if "planner" in result:
+        p = result["planner"]
+        print(f"never slower than recomputing (disk reads capped at {SLOW_DISK_GBPS} GB/s): kvtier_disk_slow / "
+              f"apc_small p50 TTFT {p['p50_ratio']:.2f}x (mean {p['mean_ratio']:.2f}x; target <= {PLANNER_TARGET}), "
+              f"disk tokens loaded {p['disk_tokens_loaded']}, chunks the planner recomputed "
+              f"{p['planner_recomputed_chunks']}: {'met' if p['met'] else 'NOT met'}")
     for run in result["details"]["counter_mismatches"]:
         print(f"COUNTER MISMATCH in {run}: {json.dumps(counter_checks[run])}")
     write_json(json_out, result)

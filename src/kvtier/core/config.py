@@ -134,6 +134,10 @@ class DiskTierConfig:
     policy: str = choice_field(DEFAULT_POLICY, EVICTION_POLICY_NAMES)
     fsync: bool = False  # fsync before publish: survives power loss, not only process crashes
     read_only: bool = False  # open as a reader of a folder another process owns
+    # a testing aid: reads never go faster than this many GB/s (0: no cap), and the tier reports
+    # the cap as its read bandwidth from the start, so the load planner's "never slower than
+    # recomputing" shows on any disk (`kvtier bench vllm`'s kvtier_disk_slow run)
+    read_throttle_gbps: float = number_field(0.0, low=0)
 
     def __post_init__(self) -> None:
         check_fields(self, "store.disk")

@@ -4,41 +4,17 @@ The "never slower than recomputing" rule (planner.py) only shows where the disk 
 compute; a throttle makes that happen on any machine. `throttle_disk(store, gbps)` hangs a
 `ReadThrottle` on the store's disk tier (its `read_hook`, called after every chunk read with
 the bytes read and when the read started) and tells the cost estimates the tier's speed, so
-the planner knows it from the first request instead of learning it from slow loads.
+the planner knows it from the first request instead of learning it from slow loads. A store
+built from a config gets the same throttle from `disk.read_throttle_gbps` (a `kvtier serve`
+behind vLLM: its disk tier then reports the cap as its read bandwidth from the start).
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 from kvtier.store.planner import ESTIMATES, CostEstimates
-
-
-class ReadThrottle:
-    """Reads through one throttle share `bytes_per_s`: each read reserves the next free interval
-    of nbytes / bytes_per_s on one virtual channel and sleeps until that interval ends."""
-
-    def __init__(self, bytes_per_s: float) -> None:
-        if not bytes_per_s > 0:
-            raise ValueError(f"--throttle-disk-gbps must be positive, got {bytes_per_s / 1e9!r}")
-        self.bytes_per_s = float(bytes_per_s)
-        self._free_at = 0.0  # time.perf_counter() when the channel is free again
-        self._lock = threading.Lock()
-
-    def __call__(self, nbytes: int, started: float | None = None) -> float:
-        """Sleep until `nbytes` read from `started` (perf_counter; default now) fit under the cap; returns the sleep."""
-        now = time.perf_counter()
-        start = now if started is None else min(started, now)
-        with self._lock:
-            begin = max(start, self._free_at)
-            end = begin + nbytes / self.bytes_per_s
-            self._free_at = end
-        wait = end - now
-        if wait > 0:
-            time.sleep(wait)
-        return max(wait, 0.0)
+from kvtier.tiers.throttle import ReadThrottle
 
 
 def throttle_disk(store: Any, gbps: float, estimates: CostEstimates = ESTIMATES) -> ReadThrottle:

@@ -101,6 +101,7 @@ from kvtier.tiers.base import (
     chunk_sections,
 )
 from kvtier.tiers.policies import make_policy
+from kvtier.tiers.throttle import ReadThrottle
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,8 @@ class DiskTier(Tier):
         self.foreign_chunks = 0  # files of another layout found at open (left alone, counted in used bytes)
         self.foreign_bytes = 0
         self.read_hook: Callable[[int, float], object] | None = None  # (bytes, started): a read throttle
+        if config.read_throttle_gbps > 0:
+            self.read_hook = ReadThrottle(config.read_throttle_gbps * 1e9)
 
         self.root = _open_root(config)
         self._chunks_dir = os.path.join(self.root, CHUNKS_DIR)
@@ -280,6 +283,15 @@ class DiskTier(Tier):
         self.metrics.inc(m.BYTES_READ, len(layers) * self.layer_bytes, tier=self.name)
         self.metrics.inc(m.READ_SECONDS, time.perf_counter() - t0, tier=self.name)
         return ChunkMeta(h.key, h.parent, h.depth, h.num_tokens, table.checksums, extras)
+
+    def read_gbps(self) -> float | None:
+        """Measured read bandwidth; under a read throttle, at most the cap, and the cap itself
+        before the first read (the load planner knows a throttled disk from the first request)."""
+        measured = super().read_gbps()
+        cap = self.read_hook.bytes_per_s / 1e9 if isinstance(self.read_hook, ReadThrottle) else None
+        if cap is None:
+            return measured
+        return cap if measured is None else min(measured, cap)
 
     def read_section(self, key: bytes, kind: int, index: int) -> bytes | None:
         check_key(key)

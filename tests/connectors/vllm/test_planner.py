@@ -12,6 +12,7 @@ import pytest
 from kvtier.client.api import InProcessClient
 from kvtier.connectors.vllm.connector import KVTierConnector, KVTierWorkerMetadata
 from kvtier.connectors.vllm.plan import LoadSpec, StepPlan
+from kvtier.core import metrics as m
 from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
 from kvtier.store.planner import CostEstimates
 from kvtier.store.tiered import TieredStore
@@ -22,9 +23,9 @@ PROMPT = list(range(300, 313))  # 13 tokens: 3 whole chunks of 4 + 1
 CHUNK_BYTES = LAYOUT.chunk_bytes(BLOCK)
 
 
-def disk_sim(tmp_path, estimates: CostEstimates) -> Sim:
+def disk_sim(tmp_path, estimates: CostEstimates, throttle_gbps: float = 0.0) -> Sim:
     cfg = StoreConfig(chunk_tokens=BLOCK, memory=MemoryTierConfig(capacity_bytes=64 * CHUNK_BYTES),
-                      disk=DiskTierConfig(root=str(tmp_path), capacity_bytes=1 << 24))
+                      disk=DiskTierConfig(root=str(tmp_path), capacity_bytes=1 << 24, read_throttle_gbps=throttle_gbps))
     sim = Sim(InProcessClient(TieredStore(cfg, LAYOUT)))
     sim.sched.chunk_bytes = CHUNK_BYTES
     sim.sched.plan_loads = True
@@ -73,6 +74,23 @@ def test_disk_hits_slower_than_computing_are_recomputed(tmp_path, monkeypatch, d
     assert sim.leases() == 0
     if hit == 4:  # the recomputed chunks were saved again: into DRAM, where the next request finds them
         assert sim.client.lookup(sim.sched.reqs["b"].chain.keys[:3]).tiers == ("memory",) * 3
+
+
+def test_a_configured_disk_throttle_reaches_the_planner_through_the_stores_stats(tmp_path) -> None:
+    """No stand-in for the store's stats: the disk tier's `read_throttle_gbps` (what `kvtier bench
+    vllm`'s kvtier_disk_slow run sets in its service config) is the bandwidth the store reports
+    before any disk read, so the first disk hit is already recomputed."""
+    est = CostEstimates()
+    sim = disk_sim(tmp_path, est, throttle_gbps=CHUNK_BYTES / 0.010 / 1e9)  # a chunk in 10 ms
+    admit_and_run(sim, FakeRequest("a", PROMPT))
+    stored_on_disk_only(sim, "a", [1, 2])
+    assert sim.client.store.disk.metrics.get(m.BYTES_READ, tier="disk") == 0  # never read yet
+    sim.sched.observe_compute([(1000, 1.0)])  # 4 ms per chunk
+    sim.sched._bandwidths_at = float("-inf")  # noqa: SLF001 - asked again now
+    b = FakeRequest("b", PROMPT)
+    assert admit_and_run(sim, b) == 4
+    assert sim.tokens_are_right(b, 0, 13) and not sim.failed
+    assert sim.sched.stats["planner_recomputed_chunks"] == 2 and sim.leases() == 0
 
 
 def test_no_compute_estimate_or_planner_off_loads_every_hit(tmp_path, monkeypatch) -> None:
