@@ -27,7 +27,7 @@ def test_a_port_served_by_another_redis_is_refused_not_handed_out(tmp_path):
 def test_cluster_nodes_never_draw_each_others_port_or_bus_port(tmp_path, monkeypatch):
     # the draws repeat a port and hit another node's bus port: each node must draw again
     draws = itertools.chain([21000, 21000, 31000, 22000, 21000, 31000, 22000, 23000], itertools.repeat(24000))
-    monkeypatch.setattr(redis_servers.random, "randint", lambda lo, hi: next(draws))
+    monkeypatch.setattr(redis_servers._rng, "randint", lambda lo, hi: next(draws))
     monkeypatch.setattr(redis_servers, "_port_free", lambda port: True)
     nodes = RedisClusterServers(tmp_path).nodes
     assert [n.port for n in nodes] == [21000, 22000, 23000]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 HOST = "127.0.0.1"
+_rng = random.SystemRandom()  # port draws no seeding elsewhere in the process can repeat
 
 
 def redis_server_available() -> bool:
@@ -37,7 +38,7 @@ def free_port(cluster_bus: bool = False, avoid: frozenset[int] | set[int] = froz
     """A loopback port nobody listens on (and port + 10000 too, for a cluster node's bus), outside
     `avoid`: the ports (and bus ports) already handed to servers that are not started yet."""
     for _ in range(200):
-        port = random.randint(20000, 39999)
+        port = _rng.randint(20000, 39999)
         mine = {port, port + 10000} if cluster_bus else {port}
         if mine & avoid:
             continue
