@@ -262,6 +262,33 @@ def test_trust_margin_before_the_service_hold_ends():
     assert _trusted_for(30.0) == 25.0 and _trusted_for(2.0) == 1.0
 
 
+def test_a_save_written_over_longer_than_its_hold_is_renewed_and_published(folder):
+    """Bug: a vLLM step whose forward outlasted the save's hold (an 8k-token prefill on this CPU:
+    36 s against 30 s) lost every chunk it saved, silently. The client now renews the slots as
+    it writes its layers; here the layers are written over twice the hold."""
+    import time
+
+    with ServiceProcess(service_config(folder), folder) as svc:
+        c = svc.client(lease_timeout_s=4.0)  # held 4 s, trusted 2 s, renewed after 1 s
+        root, keys = chain(c, 3, start=900)
+        session = c.begin_save(keys, root, 0)
+        sources = [payload(k) for k in keys]
+        started = time.monotonic()
+        layer = 0
+        while time.monotonic() - started < 8.0:  # a write every 0.25 s for 8 s
+            session.write_layer(layer % TINY.num_layers, [src[layer % TINY.num_layers] for src in sources])
+            layer += 1
+            time.sleep(0.25)
+        for i in range(TINY.num_layers):
+            session.write_layer(i, [src[i] for src in sources])
+        res = session.commit().wait()
+        assert res.errors == () and res.in_memory == 3
+        dests = new_dests(3)
+        assert c.load(keys, dests).wait().loaded == 3 and exact(keys, dests)
+        assert c.stats()["slots"]["reserved"] == 0
+        c.close()
+
+
 def test_copies_made_after_the_trusted_part_of_a_hold_are_not_used(folder, monkeypatch):
     """A client that finds its pins or slots past their trusted time (it was stalled) fails the
     load and drops the save rather than use slots the service may have handed on."""

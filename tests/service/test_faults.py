@@ -96,6 +96,9 @@ def test_malformed_and_unknown_messages_get_errors(svc, good):
         (pack({"op": "wait_lower", "id": 16, "keys": [b"k" * 32], "timeout_s": p.MAX_WAIT_LOWER_S + 1}), "protocol"),
         (pack({"op": "wait_lower", "id": 17, "keys": [b"k" * 32], "timeout_s": "soon"}), "protocol"),
         (pack({"op": "wait_lower", "id": 18, "keys": "abc", "timeout_s": 1}), "protocol"),
+        (pack({"op": "renew", "id": 19, "save": 424242, "hold_s": 5}), "unknown_save"),
+        (pack({"op": "renew", "id": 20, "hold_s": 5}), "protocol"),
+        (pack({"op": "renew", "id": 21, "save": 1, "hold_s": 0}), "invalid"),
     ]
     for body, kind in cases:
         reply = ask(s, body)

@@ -370,6 +370,34 @@ def test_load_pins_and_save_slots_expire_with_the_lease_bound_while_the_owner_st
     assert e.value.kind == "unknown_save"
 
 
+def test_a_renewed_save_keeps_its_slots_past_its_first_hold():
+    """A live client whose forward outlasts one hold renews its save as it writes: the slots stay
+    reserved and the commit publishes; another owner cannot renew it, and an expired one is gone."""
+    clock = Clock()
+    store, host = make(slots=8, clock=clock)
+    ks = keys(3, start=800)
+    alloc = host.allocate(7, ks, ROOT, 0, hold_s=5)
+    for _ in range(3):  # 15 s in all, three times the hold
+        clock.now += 4
+        assert host.renew_save(7, alloc.save_id, hold_s=5) == 5
+        assert host.expire() == 0
+    with pytest.raises(ServiceError) as e:
+        host.renew_save(8, alloc.save_id, hold_s=5)  # not this owner's save
+    assert e.value.kind == "unknown_save"
+    mem = host.memory
+    for key, slot in zip(ks, alloc.slots, strict=True):
+        for layer, data in enumerate(payload(key)):
+            mem.layer_view(slot, layer)[:] = data
+    assert host.commit(7, alloc.save_id)[0].in_memory == 3
+    late = host.allocate(7, keys(2, start=900), ROOT, 0, hold_s=5)
+    clock.now += 5.1
+    assert host.expire() == 1
+    with pytest.raises(ServiceError) as e:
+        host.renew_save(7, late.save_id, hold_s=5)  # too late: its slots went back
+    assert e.value.kind == "unknown_save"
+    assert store.memory.slot_counts()["reserved"] == 0
+
+
 def test_hold_is_capped_by_max_lease_and_must_be_positive():
     store, host = make()
     host.max_lease_s = 2.0

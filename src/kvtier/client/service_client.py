@@ -789,6 +789,7 @@ class _ServiceSave:
         self._session: _Session | None = None
         self._save_id: object = None
         self._trust_until = 0.0
+        self._renew_after = 0.0
         self._error = ""
         self.slots: list[int] = [-1] * len(keys)
         self.granted = 0
@@ -813,12 +814,44 @@ class _ServiceSave:
         self.granted = granted
         self._session = s
         self._save_id = r.get("save")
-        self._trust_until = asked + _trusted_for(min(float(hold), client.config.lease_timeout_s))
+        self._trust(asked, float(hold))
+
+    def _trust(self, asked: float, hold: float) -> None:
+        """Trust the slots for the trusted part of `hold` from `asked` (when the request was sent),
+        and renew them once half of that has passed."""
+        self._trust_until = asked + _trusted_for(min(hold, self._client.config.lease_timeout_s))
+        self._renew_after = asked + (self._trust_until - asked) / 2
+
+    def _renew(self) -> None:
+        """Ask the service to hold the slots again from now: a save whose layers are written over a
+        forward longer than one hold (an 8k-token prefill step on a CPU took 36 s against a 30 s
+        hold, and every chunk of it was dropped) keeps its slots while it keeps writing."""
+        asked = time.monotonic()
+        try:
+            _s, r = self._client._request("renew", session=self._session, save=self._save_id,
+                                          hold_s=self._client.config.lease_timeout_s)
+        except TierUnavailableError:
+            self._renew_after = self._trust_until  # the service is gone: the commit reports it
+            return
+        except p.ServiceError as e:
+            if e.kind == "unknown_save":
+                self._trust_until = asked  # expired on the service already: never write its slots again
+            else:  # a service without renewals (an older kvtier): the first hold is all there is
+                self._renew_after = self._trust_until
+            return
+        hold = r.get("hold_s")
+        if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not hold > 0:
+            assert self._session is not None
+            self._client._distrust(self._session)
+            raise p.ProtocolError("the service's renew reply names no hold time", fatal=True)
+        self._trust(asked, float(hold))
 
     def _usable(self) -> bool:
         """Whether the reserved slots may still be written (the service holds them for twice this)."""
         if self._session is None:
             return False
+        if self._renew_after <= time.monotonic() < self._trust_until:
+            self._renew()
         if time.monotonic() >= self._trust_until:
             self._error = "its reserved slots outlived their hold (the client was stalled); not saved"
             self._abandon()

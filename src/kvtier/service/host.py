@@ -11,6 +11,7 @@ pins of loads in progress, reserved slots of unfinished saves) is listed under i
     load_begin(owner, keys, lease_id, hold_s) pin each chunk in DRAM (promoting disk hits)
     load_end(owner, load_id, corrupt)         unpin; drop chunks the client found corrupt
     allocate(owner, keys, parent, depth, hold_s) reserve DRAM slots for a chain
+    renew_save(owner, save_id, hold_s)        hold those slots hold_s from now (a live client's long save)
     commit(owner, save_id) / abort(...)       publish in chain order, then disk in background
     take_disk_errors(owner, wait)             failed disk writes of the owner's saves, once each
     wait_lower(keys, timeout_s)               until saves of these keys are committed (or aborted)
@@ -511,6 +512,18 @@ class StoreHost:
 
     def abort(self, owner: OwnerId, save_id: int) -> None:
         self._abort_save(self._take_save(owner, save_id))
+
+    def renew_save(self, owner: OwnerId, save_id: int, hold_s: float | None = None) -> float:
+        """Hold a save's reserved slots `hold_s` (bounded like allocate's) from now: a live client
+        whose forward outlasts one hold (a long prefill step on a slow engine) renews as it writes,
+        and a stalled one, which does not, still loses them. Returns the hold granted."""
+        hold = self.hold_bound(hold_s)
+        with self._lock:
+            save = self._saves.get(save_id)
+            if save is None or save.owner != owner:
+                raise ServiceError("unknown_save", f"save {save_id} is not in progress for this client")
+            save.deadline = max(save.deadline, self._clock() + hold)
+        return hold
 
     def _take_save(self, owner: OwnerId, save_id: int) -> _Save:
         with self._lock:

@@ -14,6 +14,8 @@ Ops (fields -> reply fields), every key list is one message for many chunks:
     load_end    load, corrupt: [index]              -> {}   (error "unknown_load" once its hold expired)
     allocate    keys, parent, first_depth, hold_s,  -> save, slots (-1 = already stored), granted, hold_s
                 wait_s (longest wait for free slots)
+    renew       save, hold_s                        -> hold_s (error "unknown_save" once its hold expired):
+                                                       the slots are held hold_s from now
     commit      save, extras (optional: per chunk,  -> chunks, in_memory, on_disk, errors
                 a list of [kind, index, bytes]
                 sections stored beside its KV)

@@ -136,8 +136,8 @@ class StoreServer:
         self._ops: dict[str, Callable[[int, dict[str, Any]], dict[str, Any]]] = {
             "hello": self._op_hello, "lookup": self._op_lookup, "lease": self._op_lease,
             "release": self._op_release, "load_begin": self._op_load_begin, "load_end": self._op_load_end,
-            "allocate": self._op_allocate, "commit": self._op_commit, "abort": self._op_abort,
-            "flush": self._op_flush, "wait_lower": self._op_wait_lower, "stats": self._op_stats,
+            "allocate": self._op_allocate, "renew": self._op_renew, "commit": self._op_commit,
+            "abort": self._op_abort, "flush": self._op_flush, "wait_lower": self._op_wait_lower, "stats": self._op_stats,
         }
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -433,6 +433,12 @@ class StoreServer:
                                    p.get_bytes(msg, "parent", self.key_bytes), depth, p.get_float(msg, "hold_s", 30.0),
                                    wait_s)
         return {"save": alloc.save_id, "slots": alloc.slots, "granted": alloc.granted, "hold_s": alloc.hold_s}
+
+    def _op_renew(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        save_id = p.get_int(msg, "save")
+        assert save_id is not None
+        return {"hold_s": self.host.renew_save(owner, save_id, p.get_float(msg, "hold_s", 30.0))}
 
     def _op_commit(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None

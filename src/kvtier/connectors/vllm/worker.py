@@ -701,6 +701,9 @@ class WorkerSide:
             extras = None if sections is None else [((SECTION_BLOCK_HASHES, 0, data),) for data in sections]
             result = save.session.commit(extras).wait()
             self.stats.saved_chunks += result.in_memory
+            if result.errors:  # not raised: a save the store could not keep is still a computed prefill
+                log.warning("kvtier: save of request %s (%d chunks, %d stored in DRAM): %s", save.spec.req_id,
+                            len(save.spec.keys), result.in_memory, "; ".join(result.errors)[:500])
             self.stats.save_seconds.append(time.perf_counter() - self._saves_started)
         except (ValueError, *STORE_ERRORS) as e:  # ValueError: a layer was never written
             log.warning("kvtier: save of request %s not published: %s", save.spec.req_id, e)
