@@ -265,17 +265,19 @@ def test_trust_margin_before_the_service_hold_ends():
 def test_a_save_written_over_longer_than_its_hold_is_renewed_and_published(folder):
     """Bug: a vLLM step whose forward outlasted the save's hold (an 8k-token prefill on this CPU:
     36 s against 30 s) lost every chunk it saved, silently. The client now renews the slots as
-    it writes its layers; here the layers are written over twice the hold."""
+    it writes its layers; here the layers are written over 1.25 times the hold."""
     import time
 
     with ServiceProcess(service_config(folder), folder) as svc:
-        c = svc.client(lease_timeout_s=4.0)  # held 4 s, trusted 2 s, renewed after 1 s
+        # held 6 s, trusted 3 s, renewed after 1.5 s: a stall of over 1.25 s between two writes
+        # would lose the slots (as it should); the writes come every 0.25 s for 7.5 s
+        c = svc.client(lease_timeout_s=6.0)
         root, keys = chain(c, 3, start=900)
         session = c.begin_save(keys, root, 0)
         sources = [payload(k) for k in keys]
         started = time.monotonic()
         layer = 0
-        while time.monotonic() - started < 8.0:  # a write every 0.25 s for 8 s
+        while time.monotonic() - started < 7.5:
             session.write_layer(layer % TINY.num_layers, [src[layer % TINY.num_layers] for src in sources])
             layer += 1
             time.sleep(0.25)
