@@ -183,13 +183,7 @@ class MemoryTier(Tier):
         for key in keys:
             check_key(key)
         self._check_open()
-        out: list[_Entry | None] = []
-        with self._lock:
-            for key in keys:
-                entry = self._index.get(key)
-                if entry is not None:
-                    entry.refs += 1
-                out.append(entry)
+        out = self.pin_entries(keys)
         found = sum(e is not None for e in out)
         if found:
             self._hits.inc(found)
