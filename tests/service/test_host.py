@@ -41,6 +41,32 @@ def fill(host, owner, ks, parent=ROOT):
     return host.commit(owner, alloc.save_id)[0]
 
 
+def on_disk_only(host, store, ks):
+    """Save `ks`, wait for their disk writes, then drop them from DRAM: every one is a disk hit."""
+    fill(host, 1, ks)
+    store.flush()
+    for k in ks:
+        store.memory.delete(k)
+
+
+def hold_disk_reads(store, held=lambda key: True):
+    """Hold every promotion's read of a chunk `held` accepts until the returned event is set; the
+    keys whose reads started are appended to the returned list (the read side of _gate_disk_writes)."""
+    import threading
+
+    gate, started = threading.Event(), []
+    real = store.read_lower
+
+    def read(key, layers, dests):
+        started.append(key)
+        if held(key):
+            assert gate.wait(10)
+        return real(key, layers, dests)
+
+    store.read_lower = read
+    return gate, started
+
+
 def test_lease_blocks_eviction_until_released():
     store, host = make(slots=4)
     a = keys(2)
@@ -173,19 +199,8 @@ def test_release_does_not_wait_for_the_leases_disk_promotions(tmp_path):
 
     store, host = make(slots=8, disk_root=tmp_path / "disk")
     a = keys(6)
-    fill(host, 1, a)
-    store.flush()
-    for k in a:
-        store.memory.delete(k)
-    gate, started = threading.Event(), []
-    real = store.read_lower
-
-    def held_read(key, layers, dests):
-        started.append(key)
-        assert gate.wait(10)
-        return real(key, layers, dests)
-
-    store.read_lower = held_read
+    on_disk_only(host, store, a)
+    gate, started = hold_disk_reads(store)
     threads = host._promoter._max_workers  # noqa: SLF001 - how many promotions run at once
     assert threads < 6
     hits, tiers, lease = host.lookup(2, a, lease=True)
@@ -214,19 +229,8 @@ def test_a_load_of_part_of_a_lease_waits_only_for_its_own_promotions(tmp_path):
 
     store, host = make(slots=8, disk_root=tmp_path / "disk")
     a = keys(3)
-    fill(host, 1, a)
-    store.flush()
-    for k in a:
-        store.memory.delete(k)
-    gate = threading.Event()
-    real = store.read_lower
-
-    def read(key, layers, dests):
-        if key == a[2]:  # the hit the planner does not load: its read is held
-            assert gate.wait(10)
-        return real(key, layers, dests)
-
-    store.read_lower = read
+    on_disk_only(host, store, a)
+    gate, _started = hold_disk_reads(store, lambda key: key == a[2])  # the hit the planner does not load
     hits, tiers, lease = host.lookup(2, a, lease=True)
     assert hits == 3 and tiers == ["disk"] * 3
     out = {}
@@ -295,10 +299,7 @@ def test_disk_hit_promotion_waits_for_disk_writes_instead_of_failing(tmp_path):
     write could not promote them (no slot) and failed them, though the writer frees slots soon."""
     store, host = make(slots=4, disk_root=tmp_path / "disk")
     old, new = keys(4), keys(4, start=5000)
-    fill(host, 1, old)
-    store.flush()
-    for k in old:
-        store.memory.delete(k)
+    on_disk_only(host, store, old)
     gate = _gate_disk_writes(store)
     fill(host, 1, new)  # 4 slots pinned by queued writes
     import threading

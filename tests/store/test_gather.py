@@ -28,6 +28,14 @@ def saved_store(n: int, tmp_path=None, memory_chunks: int = 16) -> tuple[TieredS
     return store, keys, payload
 
 
+def flip(store: TieredStore, key: bytes, section: int, index: int, bits: int) -> None:
+    """Corrupt byte `index` of `key`'s section in its DRAM slot (xor `bits`)."""
+    assert store.memory is not None
+    slot = store.memory.slot_of(key)
+    assert slot is not None
+    store.memory.layer_view(slot, section)[index] ^= bits
+
+
 def test_rows_equal_the_sections_read_one_by_one() -> None:
     store, keys, payload = saved_store(5)
     pick = [(3, 0), (0, 4), (3, 2), (1, 0), (4, 4)]  # (chunk, first section); a chunk twice
@@ -41,10 +49,7 @@ def test_rows_equal_the_sections_read_one_by_one() -> None:
 
 def test_a_corrupt_section_in_dram_is_reloaded_from_disk(tmp_path) -> None:
     store, keys, payload = saved_store(3, tmp_path)
-    assert store.memory is not None
-    slot = store.memory.slot_of(keys[1])
-    assert slot is not None
-    store.memory.layer_view(slot, 3)[0] ^= 0xFF  # DRAM copy of chunk 1's section 3 corrupted
+    flip(store, keys[1], 3, 0, 0xFF)  # DRAM copy of chunk 1's section 3 corrupted
     out = np.zeros((2, store.layer_bytes), dtype=np.uint8)
     res = store.gather_here([keys[1], keys[2]], [3, 3], 1, out)
     assert res.failed == ()
@@ -108,10 +113,7 @@ def test_a_large_gather_verifies_on_several_threads_and_still_catches_corruption
     monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)  # every gather verifies on threads
     monkeypatch.setattr(tiered, "_VERIFY_THREADS", 4)  # as on a machine with cores to spare
     store, keys, payload = saved_store(8)
-    assert store.memory is not None
-    slot = store.memory.slot_of(keys[6])
-    assert slot is not None
-    store.memory.layer_view(slot, 2)[5] ^= 0x01
+    flip(store, keys[6], 2, 5, 0x01)
     out = np.zeros((8, store.layer_bytes), dtype=np.uint8)
     res = store.gather_here(keys, [2] * 8, 1, out)
     assert res.failed == (6,)  # no disk to reload it from: reported, never served
@@ -128,10 +130,7 @@ def test_without_a_gil_free_checksum_a_large_gather_verifies_here_and_still_catc
     monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)
     monkeypatch.setattr(tiered, "CHECKSUM_AT_RELEASES_GIL", False)  # threads would only take turns
     store, keys, payload = saved_store(8)
-    assert store.memory is not None
-    slot = store.memory.slot_of(keys[3])
-    assert slot is not None
-    store.memory.layer_view(slot, 1)[0] ^= 0x80
+    flip(store, keys[3], 1, 0, 0x80)
     out = np.zeros((8, 2 * store.layer_bytes), dtype=np.uint8)
     res = store.gather_here(keys, [0] * 8, 2, out)
     assert res.failed == (3,)
@@ -148,11 +147,8 @@ def test_threaded_verification_finds_a_corrupt_section_anywhere_in_a_row(monkeyp
     monkeypatch.setattr(tiered, "_VERIFY_PARALLEL_BYTES", 1)
     monkeypatch.setattr(tiered, "_VERIFY_THREADS", 3)  # rows 2 and 5 checked by different threads
     store, keys, payload = saved_store(8)
-    assert store.memory is not None
     for key, section in ((keys[2], 3), (keys[5], 4)):  # first and second section of rows 2 and 5
-        slot = store.memory.slot_of(key)
-        assert slot is not None
-        store.memory.layer_view(slot, section)[-1] ^= 0x01
+        flip(store, key, section, -1, 0x01)
     out = np.zeros((8, 2 * store.layer_bytes), dtype=np.uint8)
     res = store.gather_here(keys, [3] * 8, 2, out)
     assert res.failed == (2, 5)
@@ -171,10 +167,7 @@ def test_a_gather_on_a_background_thread_verifies_without_the_gil_and_catches_co
     real = tiered._failed_rows_at
     monkeypatch.setattr(tiered, "_failed_rows_at", lambda *a: (used.append(len(a[-1])), real(*a))[1])
     store, keys, payload = saved_store(4)
-    assert store.memory is not None
-    slot = store.memory.slot_of(keys[1])
-    assert slot is not None
-    store.memory.layer_view(slot, 2)[7] ^= 0x10
+    flip(store, keys[1], 2, 7, 0x10)
     out = np.zeros((4, 2 * store.layer_bytes), dtype=np.uint8)
     got: list[tuple[int, ...]] = []
     worker = threading.Thread(target=lambda: got.append(store.gather_here(keys, [1] * 4, 2, out).failed))
