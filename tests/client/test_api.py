@@ -134,6 +134,24 @@ def test_lease_and_release(client):
         client.release(12345)
 
 
+def test_trim_drops_part_of_a_lease(client):
+    root, keys = chain(client, 4)
+    save_chain(client, keys, root).wait()
+    look = client.lookup(keys, lease=True)
+    assert client.stats()["slots"]["pinned"] == 4
+    client.trim(look.lease_id, keys[2:] + [b"\x04" * 32])  # a key the lease does not hold is ignored
+    assert client.stats()["slots"]["pinned"] == 2
+    dests = new_dests(2)
+    assert client.load(keys[:2], dests, lease_id=look.lease_id).wait().loaded == 2 and exact(keys[:2], dests)
+    client.trim(look.lease_id, keys[2:])  # trimmed twice: nothing more to drop
+    client.release(look.lease_id)
+    assert client.stats()["slots"]["pinned"] == 0  # the kept pins ended once, the dropped ones once
+    with pytest.raises(LeaseError):
+        client.trim(look.lease_id, keys[:1])
+    with pytest.raises(ValueError):
+        client.trim(12345, [b"short"])
+
+
 def test_lease_on_nothing_returns_no_lease(client):
     root, keys = chain(client, 2)
     assert client.lookup(keys, lease=True) == type(client.lookup(keys))(0, (), None)

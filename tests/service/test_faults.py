@@ -99,6 +99,9 @@ def test_malformed_and_unknown_messages_get_errors(svc, good):
         (pack({"op": "renew", "id": 19, "save": 424242, "hold_s": 5}), "unknown_save"),
         (pack({"op": "renew", "id": 20, "hold_s": 5}), "protocol"),
         (pack({"op": "renew", "id": 21, "save": 1, "hold_s": 0}), "invalid"),
+        (pack({"op": "trim", "id": 22, "lease": 77, "keys": [b"k" * 32]}), "lease"),
+        (pack({"op": "trim", "id": 23, "keys": [b"k" * 32]}), "protocol"),
+        (pack({"op": "trim", "id": 24, "lease": 77, "keys": [b"k"]}), "protocol"),
     ]
     for body, kind in cases:
         reply = ask(s, body)

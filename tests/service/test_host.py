@@ -251,6 +251,35 @@ def test_a_load_of_part_of_a_lease_waits_only_for_its_own_promotions(tmp_path):
     store.close()
 
 
+def test_trim_ends_the_dropped_keys_pins_and_promotions_and_keeps_the_rest(tmp_path):
+    store, host = make(slots=8, disk_root=tmp_path / "disk")
+    a = keys(5)
+    on_disk_only(host, store, a[2:])  # a[0:2] in DRAM, a[2:5] on disk
+    fill(host, 1, a[:2])
+    store.flush()  # their disk writes done: no write pins them
+    gate, started = hold_disk_reads(store)
+    host._promoter.shutdown(wait=True)  # noqa: SLF001 - one promotion at a time: the rest queue
+    from concurrent.futures import ThreadPoolExecutor
+    host._promoter = ThreadPoolExecutor(1)  # noqa: SLF001
+    hits, tiers, lease = host.lookup(2, a, lease=True)
+    assert hits == 5 and tiers == ["memory"] * 2 + ["disk"] * 3
+    assert host.trim(lease, [a[1], a[3], a[4]]) == 3  # one DRAM pin, two promotions (a[3] queued or running)
+    assert store.memory.slot_counts()["pinned"] == 1  # a[0]; a[2]'s promotion pins once its read ends
+    gate.set()
+    host._promoter.shutdown(wait=True)  # noqa: SLF001
+    assert a[4] not in started  # cancelled before it read
+    assert store.memory.slot_counts()["pinned"] == 2  # a[0] and the promoted a[2]: the lease's rest
+    pins = host.load_begin(2, [a[0], a[2]], lease)
+    assert NO_SLOT not in pins.slots
+    host.load_end(2, pins.load_id)
+    host.release(lease)
+    assert store.memory.slot_counts()["pinned"] == 0
+    with pytest.raises(LeaseError):
+        host.trim(lease, a)
+    host.close()
+    store.close()
+
+
 def _gate_disk_writes(store):
     """Hold every disk write until the returned event is set."""
     import threading

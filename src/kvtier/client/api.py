@@ -9,6 +9,8 @@ benchmarks. They use only this module's `StoreClient`, obtained from `connect(co
     load(keys, dests, layers, lease_id)      -> TransferHandle[LoadResult]           (worker)
     load_layers(keys, dests, lease_id)       -> LayeredLoad: wait_layer(layer), wait() (worker)
     release(lease_id)                        end a lease (LeaseError if not held)
+    trim(lease_id, keys)                     drop these keys from a lease, keep the rest (hits a load
+                                             planner chose to recompute: their disk reads stop)
     save(keys, parent, first_depth, srcs)    -> TransferHandle[SaveResult]
     begin_save(keys, parent, first_depth)    -> SaveSession: write_layer / commit / abort
     flush(), stats(), close()
@@ -268,6 +270,11 @@ class StoreClient(ABC):
     def release(self, lease_id: int) -> None: ...
 
     @abstractmethod
+    def trim(self, lease_id: int, keys: Sequence[bytes]) -> None:
+        """Drop `keys` from the lease (their pins end, their disk promotions not started are
+        cancelled); the lease keeps its other keys. LeaseError if the lease is not held."""
+
+    @abstractmethod
     def save(self, keys: Sequence[bytes], parent: bytes, first_depth: int,
              srcs: Sequence[Sequence[Buffer]]) -> TransferHandle[SaveResult]: ...
 
@@ -370,6 +377,12 @@ class InProcessClient(StoreClient):
         if self._host is None:
             raise LeaseError(f"lease {lease_id} is not held (this store has no DRAM tier to pin in)")
         self._host.release(lease_id)
+
+    def trim(self, lease_id: int, keys: Sequence[bytes]) -> None:
+        keys = self._check_keys(keys)
+        if self._host is None:
+            raise LeaseError(f"lease {lease_id} is not held (this store has no DRAM tier to pin in)")
+        self._host.trim(lease_id, keys)
 
     def save(self, keys: Sequence[bytes], parent: bytes, first_depth: int,
              srcs: Sequence[Sequence[Buffer]]) -> TransferHandle[SaveResult]:

@@ -431,6 +431,13 @@ class ServiceClient(StoreClient):
         except TierUnavailableError as e:
             raise p.LeaseError(f"lease {lease_id} is not held: {e}") from None
 
+    def trim(self, lease_id: int, keys: Sequence[bytes]) -> None:
+        keys = self._check_keys(keys)
+        try:
+            self._call("trim", lease=lease_id, keys=keys)
+        except TierUnavailableError as e:
+            raise p.LeaseError(f"lease {lease_id} is not held: {e}") from None
+
     def load(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]], layers: Sequence[int] | None = None,
              lease_id: int | None = None) -> TransferHandle[LoadResult]:
         keys = self._check_keys(keys)

@@ -8,6 +8,7 @@ pins of loads in progress, reserved slots of unfinished saves) is listed under i
     lookup(owner, keys, lease, lease_s)       leading hits and tiers; optionally lease them
     lease(owner, keys, lease_s)               lease exactly these keys (all must exist)
     release(lease_id)                         LeaseError if not held
+    trim(lease_id, keys)                      drop these keys from a lease, keep the rest
     load_begin(owner, keys, lease_id, hold_s) pin each chunk in DRAM (promoting disk hits)
     load_end(owner, load_id, corrupt)         unpin; drop chunks the client found corrupt
     allocate(owner, keys, parent, depth, hold_s) reserve DRAM slots for a chain
@@ -36,7 +37,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -207,6 +208,25 @@ class StoreHost:
             raise LeaseError(f"lease {lease_id} is not held (released, expired, or never taken)")
         self._unpin_lease(held)
 
+    def trim(self, lease_id: LeaseId, keys: Sequence[bytes]) -> int:
+        """Drop `keys` from a lease and keep the rest: their DRAM pins end, and their disk
+        promotions not started are cancelled (one under way unpins its chunk when it ends), as
+        release() does for a whole lease. The vLLM scheduler trims the hits its load planner
+        chose to recompute, so their reads stop taking the disk from loads that pay. A key the
+        lease does not hold is ignored. Returns how many of the lease's pins and promotions ended."""
+        drop = set(keys)
+        with self._lock:
+            held = self._leases.get(lease_id)
+            if held is None:
+                raise LeaseError(f"lease {lease_id} is not held (released, expired, or never taken)")
+            # new containers, not edits in place: wait_lease reads a lease's promotions unlocked
+            unpin = [k for k in held.pinned if k in drop]
+            held.pinned = [k for k in held.pinned if k not in drop]
+            cut = [f for k, f in held.promotions.items() if k in drop]
+            held.promotions = {k: f for k, f in held.promotions.items() if k not in drop}
+        self._end_pins(unpin, cut)
+        return len(unpin) + len(cut)
+
     def expire(self, now: float | None = None) -> int:
         """Release every lease, load pin and save reservation past its deadline; returns how many."""
         now = self._clock() if now is None else now
@@ -264,9 +284,12 @@ class StoreHost:
         disk reads (the vLLM scheduler releases the hits its load planner chose to recompute, on
         its own thread; measured, a throttled disk's promotions made it wait 2.2 s per request).
         Promotions not started are cancelled; one under way unpins its chunk when it ends."""
-        for key in held.pinned:
+        self._end_pins(held.pinned, held.promotions.values())
+
+    def _end_pins(self, pinned: Iterable[bytes], promotions: Iterable[Future[bytes | None]]) -> None:
+        for key in pinned:
             self.memory.unpin(key)
-        for fut in held.promotions.values():
+        for fut in promotions:
             if not fut.cancel():
                 fut.add_done_callback(self._unpin_promoted)
 

@@ -10,6 +10,8 @@ Ops (fields -> reply fields), every key list is one message for many chunks:
     lookup      keys, lease: bool, lease_s          -> hits, tiers, lease (id or nil)
     lease       keys, lease_s                       -> lease (error "unknown_key" if any is absent)
     release     lease                               -> {}   (error "lease" if not held)
+    trim        lease, keys                         -> dropped (pins and promotions ended); the lease
+                                                       keeps its other keys (error "lease" if not held)
     load_begin  keys, lease (id or nil), hold_s     -> load, slots (-1 = failed), tiers, checksums, hold_s
     load_end    load, corrupt: [index]              -> {}   (error "unknown_load" once its hold expired)
     allocate    keys, parent, first_depth, hold_s,  -> save, slots (-1 = already stored), granted, hold_s

@@ -135,7 +135,8 @@ class StoreServer:
         self._mm: Any = None
         self._ops: dict[str, Callable[[int, dict[str, Any]], dict[str, Any]]] = {
             "hello": self._op_hello, "lookup": self._op_lookup, "lease": self._op_lease,
-            "release": self._op_release, "load_begin": self._op_load_begin, "load_end": self._op_load_end,
+            "release": self._op_release, "trim": self._op_trim, "load_begin": self._op_load_begin,
+            "load_end": self._op_load_end,
             "allocate": self._op_allocate, "renew": self._op_renew, "commit": self._op_commit,
             "abort": self._op_abort, "flush": self._op_flush, "wait_lower": self._op_wait_lower, "stats": self._op_stats,
         }
@@ -407,6 +408,12 @@ class StoreServer:
         assert lease_id is not None
         self.host.release(lease_id)
         return {}
+
+    def _op_trim(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        lease_id = p.get_int(msg, "lease")
+        assert lease_id is not None
+        return {"dropped": self.host.trim(lease_id, p.get_keys(msg, key_bytes=self.key_bytes))}
 
     def _op_load_begin(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None

@@ -5,6 +5,8 @@ the scheduler. With fake requests, the CPU worker and a real in-process store (m
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -74,6 +76,44 @@ def test_disk_hits_slower_than_computing_are_recomputed(tmp_path, monkeypatch, d
     assert sim.leases() == 0
     if hit == 4:  # the recomputed chunks were saved again: into DRAM, where the next request finds them
         assert sim.client.lookup(sim.sched.reqs["b"].chain.keys[:3]).tiers == ("memory",) * 3
+
+
+def test_hits_cut_by_the_planner_are_trimmed_from_the_lease(tmp_path, monkeypatch) -> None:
+    """The lease keeps only the hits that will load: the cut ones' pins end at once and their
+    disk promotions not started never read (before, they read and stayed pinned until the
+    worker's release, spending the disk on chunks vLLM recomputes)."""
+    est = CostEstimates()
+    sim = disk_sim(tmp_path, est)
+    admit_and_run(sim, FakeRequest("a", PROMPT))
+    keys = stored_on_disk_only(sim, "a", [1, 2])
+    sim.sched.observe_compute([(1000, 1.0)])  # 4 ms per chunk
+    read_gbps(sim, monkeypatch, CHUNK_BYTES / 0.010 / 1e9)  # a disk chunk in 10 ms: chunks 1 and 2 cut
+    host = sim.client._host  # noqa: SLF001
+    store = sim.client.store
+    gate, reads = threading.Event(), []
+    real = store.read_lower
+
+    def held_read(key, layers, dests):  # the promotions' disk reads wait until the trim is done
+        reads.append(key)
+        assert gate.wait(10)
+        return real(key, layers, dests)
+
+    monkeypatch.setattr(store, "read_lower", held_read)
+    monkeypatch.setattr(host, "_promoter", ThreadPoolExecutor(1))  # one read at a time: chunk 2's is queued
+    b = FakeRequest("b", PROMPT)
+    assert sim.sched.num_new_matched_tokens(b, 0) == 4
+    lease = sim.sched.reqs["b"].lease
+    assert lease is not None and lease.hits == 1 and lease.tiers == ("memory",)
+    gate.set()
+    host._promoter.shutdown(wait=True)  # noqa: SLF001 - the promotion under way ends
+    assert reads == [keys[1]]  # chunk 2's promotion was cancelled before it read
+    assert store.memory.slot_counts()["pinned"] == 1  # only the chunk that loads is still pinned
+    sim.blocks["b"] = [sim.free.pop() for _ in range(-(-b.num_tokens // sim.block_size))]  # as Sim.admit
+    sim.sched.after_alloc(b, sim.blocks["b"], 4)
+    b.num_computed_tokens = 4
+    sim.step({b: b.num_tokens - 4})
+    assert sim.tokens_are_right(b, 0, 13) and not sim.failed
+    assert sim.leases() == 0 and store.memory.slot_counts()["pinned"] == 0
 
 
 def test_a_configured_disk_throttle_reaches_the_planner_through_the_stores_stats(tmp_path) -> None:

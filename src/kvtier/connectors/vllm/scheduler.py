@@ -18,7 +18,8 @@ chunk_bytes / that tier's read bandwidth (the store's own measure, asked for at 
 BANDWIDTH_REFRESH_S), computing it chunk_tokens x the engine's cost per token (from the
 workers); DRAM hits always load, and without a compute estimate or a bandwidth every hit loads.
 The chunks cut are computed by vLLM and saved again (into DRAM, where the next request finds
-them); their lease is released with the rest.
+them); they are trimmed from the lease at once (or the lease released, when nothing is worth
+loading), so their disk promotions not started never read.
 
 A chunk is chunk_tokens tokens, a divisor of vLLM's block_size: chunk i of a request sits
 in its block i // (block_size // chunk_tokens) at token offset (i % ...) * chunk_tokens.
@@ -343,6 +344,11 @@ class SchedulerSide:
             if worth == 0:
                 self._release(st)
                 return 0
+            # the lease drops the rest: their disk promotions stop taking reads from loads that pay
+            lease_id, cut = reply.lease_id, keys[worth:reply.hits]
+            if lease_id is not None:
+                self._call(lambda cl: cl.trim(lease_id, cut))
+            st.lease = _Lease(lease_id, start, worth, tuple(reply.tiers[:worth]))
             return worth * c
         if final is not None and reply.hits == len(keys):  # every chunk, the final one too
             st.lease.final_key, st.lease.final_tokens, st.lease.final_partial = final
