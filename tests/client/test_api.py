@@ -152,6 +152,25 @@ def test_trim_drops_part_of_a_lease(client):
         client.trim(12345, [b"short"])
 
 
+def test_a_leased_chunk_a_borrow_found_corrupt_is_released_cleanly(client):
+    """Bug (in-process): a lease pinned by key; a borrow that found the chunk corrupt unindexed it,
+    so the lease's release raised and leaked the slot and the lease's other pins."""
+    root, keys = chain(client, 2)
+    save_chain(client, keys, root).wait()
+    client.flush()
+    lease = client.lookup(keys, lease=True).lease_id
+    borrowed = client.borrow(keys, lease)
+    assert borrowed is not None
+    cb = TINY.chunk_bytes(CHUNK)
+    borrowed.pool[borrowed.slots[0] * cb + 5] ^= 0xFF  # a bit flips in DRAM
+    assert borrowed.verify(0, 2).wait().failed == (0,)
+    assert borrowed.end() is True  # the pins held: the one failed chunk is reported by verify
+    client.release(lease)
+    assert client.lookup(keys).hits == 0  # the corrupt chunk is gone (its child stays until evicted)
+    slots = client.stats()["slots"]
+    assert slots["pinned"] == 0 and slots["free"] + slots["resident"] + slots["reserved"] == slots["slots"]
+
+
 def test_lease_on_nothing_returns_no_lease(client):
     root, keys = chain(client, 2)
     assert client.lookup(keys, lease=True) == type(client.lookup(keys))(0, (), None)

@@ -280,6 +280,50 @@ def test_trim_ends_the_dropped_keys_pins_and_promotions_and_keeps_the_rest(tmp_p
     store.close()
 
 
+def test_a_second_commit_of_a_resident_key_writes_disk_with_the_resident_bytes_checksums(tmp_path):
+    """Bug: a commit that found its key already published (another engine saved the same prefix,
+    its KV differing in the low bits) handed its own checksums to the disk write, which paired
+    them with the resident chunk's bytes: the disk copy never verified, and the chunk was lost
+    once DRAM let it go."""
+    import threading
+
+    import numpy as np
+
+    store, host = make(slots=8, disk_root=tmp_path)
+    mem = host.memory
+    k, k2 = keys(2)
+    a = host.allocate(1, [k, k2], ROOT, 0)  # engine A saves [k, k2]
+    b = host.allocate(2, [k], ROOT, 0)  # engine B saves [k]
+    for slot in a.slots:
+        for layer in range(TINY.num_layers):
+            mem.layer_view(slot, layer)[:] = 1
+    for layer in range(TINY.num_layers):
+        mem.layer_view(b.slots[0], layer)[:] = 2
+    real, in_a, go = mem.layer_checksums, threading.Event(), threading.Event()
+
+    def slow(res):  # A is still checksumming k2 when B commits k
+        if res.key == k2:
+            in_a.set()
+            assert go.wait(5)
+        return real(res)
+
+    mem.layer_checksums = slow
+    t = threading.Thread(target=host.commit, args=(1, a.save_id))
+    t.start()
+    assert in_a.wait(5)  # A's k is published
+    host.commit(2, b.save_id)  # B's k: already resident, B's slot freed
+    go.set()
+    t.join()
+    store.flush()
+    for key in (k2, k):
+        assert mem.delete(key)
+    out = [np.zeros(TINY.layer_bytes(CHUNK), np.uint8) for _ in range(TINY.num_layers)]
+    assert store.disk.read(k, list(range(TINY.num_layers)), out) is not None
+    assert all((o == 1).all() for o in out)  # A's bytes, under A's checksums
+    host.close()
+    store.close()
+
+
 def _gate_disk_writes(store):
     """Hold every disk write until the returned event is set."""
     import threading

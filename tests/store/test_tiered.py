@@ -590,3 +590,20 @@ def test_disk_write_seconds_are_counted_once(tmp_path, monkeypatch):
     store.close()
     # the disk tier reads the clock before and after its write: one second, counted by it alone
     assert store.metrics.get(m.WRITE_SECONDS, tier="disk") == 1.0
+
+
+def test_extras_that_cannot_be_stored_are_refused_at_the_save(tmp_path):
+    """Bug: a bad extra section (SECTION_KV, a str) was committed to DRAM and failed only on the
+    background disk write, so the chunk never reached disk and its chain stopped there."""
+    from kvtier.core.codec import SECTION_KV, SECTION_SUMMARY
+
+    store = make_store(tmp_path)
+    keys = keys_for(list(range(4)))
+    for bad in ((SECTION_KV, 0, b"xx"), (SECTION_SUMMARY, 0, "text"), (SECTION_SUMMARY, -1, b"x"), (7,)):
+        with pytest.raises(ValueError, match=r"extras\[0\]\[0\]"):
+            store.save(keys, ROOT, 0, [payload(k) for k in keys], extras=[(bad,)])
+    counts = store.memory.slot_counts()
+    assert counts["reserved"] == 0 and counts["resident"] == 0  # nothing published, no slot kept
+    r = store.save(keys, ROOT, 0, [payload(k) for k in keys], extras=[((SECTION_SUMMARY, 0, b"ok"),)]).wait()
+    assert r.on_disk == 1 and store.read_section(keys[0], SECTION_SUMMARY, 0) == b"ok"
+    store.close()

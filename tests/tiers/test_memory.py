@@ -75,15 +75,17 @@ def test_pinned_chunk_not_evicted():
     k1, k2 = key_of(1), key_of(2)
     put(t, k1)
     put(t, k2)
-    assert t.pin(k1) is not None
+    e1 = t.pin_entry(k1)
+    assert e1 is not None and e1.meta.key == k1
     put(t, key_of(3))
     assert t.contains(k1) and not t.contains(k2)
-    t.pin(key_of(3))
+    e3 = t.pin_entry(key_of(3))
     assert put(t, key_of(4)) is False  # everything pinned: no room
-    t.unpin(k1)
+    t.release([e1])
     assert put(t, key_of(4)) is True and not t.contains(k1)
     with pytest.raises(ValueError, match="not pinned"):
-        t.unpin(k1)
+        t.release([e1])
+    t.release([e3])
 
 
 def test_pin_entries_pins_a_batch_counts_nothing_and_release_frees_it():
@@ -228,3 +230,52 @@ def test_write_layer_outside_the_layout_is_refused_not_written_into_the_next_slo
     for got, want in zip(dests, payload(a)):
         assert np.array_equal(got, want)
     t.abort(res)
+
+
+def test_a_read_racing_a_borrow_that_condemns_the_chunk_frees_its_slot(monkeypatch):
+    """Bug: read() dropped its reference without the condemned check release() makes, so a
+    borrower that condemned the chunk and released first left its slot out of the pool for good."""
+    import threading
+
+    import kvtier.tiers.memory as memmod
+
+    t = tier(2)
+    k = key_of(0)
+    put(t, k)
+    in_copy, go_on = threading.Event(), threading.Event()
+    real_copy = memmod.copy_memory
+
+    def held_copy(dst, src, n):  # the reader is inside its copy
+        in_copy.set()
+        assert go_on.wait(5)
+        real_copy(dst, src, n)
+
+    monkeypatch.setattr(memmod, "copy_memory", held_copy)
+    reader = threading.Thread(target=t.read, args=(k, [0, 1], [np.zeros(LB, np.uint8) for _ in range(2)]))
+    reader.start()
+    assert in_copy.wait(5)
+    monkeypatch.setattr(memmod, "copy_memory", real_copy)
+    (entry,) = t.borrow([k])
+    t.pool_array()[entry.slot * t.chunk_bytes] ^= 0xFF
+    assert not t.verify_borrowed(entry, [0])
+    t.release([entry])
+    go_on.set()
+    reader.join(5)
+    assert t.slot_counts() == {"slots": 2, "free": 2, "reserved": 0, "resident": 0, "pinned": 0}
+
+
+def test_a_read_that_fails_its_checksum_condemns_the_chunk_even_while_pinned():
+    t = tier(2)
+    k = key_of(0)
+    put(t, k)
+    pin = t.pin_entry(k)  # a lease holds it
+    assert pin is not None
+    t.pool_array()[pin.slot * t.chunk_bytes + 3] ^= 0xFF
+    assert t.read(k, [0, 1], [np.zeros(LB, np.uint8) for _ in range(2)]) is None
+    assert not t.contains(k)  # before: a pinned chunk stayed indexed, found by every lookup
+    put(t, k)  # saved again, in another slot: the old entry's pin is still out
+    t.release([pin])  # the lease ends: the pin goes back to the entry it was taken on
+    counts = t.slot_counts()
+    assert counts == {"slots": 2, "free": 1, "reserved": 0, "resident": 1, "pinned": 0}
+    out = [np.zeros(LB, np.uint8) for _ in range(2)]
+    assert t.read(k, [0, 1], out) is not None and all(np.array_equal(o, p) for o, p in zip(out, payload(k)))

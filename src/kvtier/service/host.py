@@ -47,7 +47,7 @@ from kvtier.service.protocol import LeaseError, ServiceError
 from kvtier.store.tiered import SaveResult, TieredStore
 from kvtier.store.transfer import TransferHandle
 from kvtier.tiers.base import ChunkMeta
-from kvtier.tiers.memory import MemoryTier, Reservation
+from kvtier.tiers.memory import ChunkEntry, MemoryTier, Reservation
 
 OwnerId = int
 LeaseId = int
@@ -59,15 +59,15 @@ DEFAULT_HOLD_S = 30.0  # how long a load's pins / a save's slots are held when t
 class _Lease:
     owner: OwnerId
     deadline: float
-    pinned: list[bytes] = field(default_factory=list)
-    promotions: dict[bytes, Future[bytes | None]] = field(default_factory=dict)  # disk hits: key -> its promotion
+    pinned: list[ChunkEntry] = field(default_factory=list)  # DRAM hits, each pinned once
+    promotions: dict[bytes, Future[ChunkEntry | None]] = field(default_factory=dict)  # disk hits: key -> its promotion
 
 
 @dataclass(slots=True)
 class _Load:
     owner: OwnerId
     keys: list[bytes]
-    pinned: list[bytes]
+    entries: list[ChunkEntry | None]  # per key, the entry pinned for it (None: not served)
     deadline: float = float("inf")
     started: float = 0.0  # perf_counter at load_begin: the memory tier's load latency ends at load_end
 
@@ -147,8 +147,9 @@ class StoreHost:
         memory_run = True
         for i, key in enumerate(keys):
             if lease:
-                if mem.pin(key) is not None:
-                    held.pinned.append(key)
+                entry = mem.pin_entry(key)
+                if entry is not None:
+                    held.pinned.append(entry)
                     tiers.append("memory")
                     if not memory_run:
                         assert timer is not None
@@ -220,8 +221,8 @@ class StoreHost:
             if held is None:
                 raise LeaseError(f"lease {lease_id} is not held (released, expired, or never taken)")
             # new containers, not edits in place: wait_lease reads a lease's promotions unlocked
-            unpin = [k for k in held.pinned if k in drop]
-            held.pinned = [k for k in held.pinned if k not in drop]
+            unpin = [e for e in held.pinned if e.meta.key in drop]
+            held.pinned = [e for e in held.pinned if e.meta.key not in drop]
             cut = [f for k, f in held.promotions.items() if k in drop]
             held.promotions = {k: f for k, f in held.promotions.items() if k not in drop}
         self._end_pins(unpin, cut)
@@ -286,20 +287,19 @@ class StoreHost:
         Promotions not started are cancelled; one under way unpins its chunk when it ends."""
         self._end_pins(held.pinned, held.promotions.values())
 
-    def _end_pins(self, pinned: Iterable[bytes], promotions: Iterable[Future[bytes | None]]) -> None:
-        for key in pinned:
-            self.memory.unpin(key)
+    def _end_pins(self, pinned: list[ChunkEntry], promotions: Iterable[Future[ChunkEntry | None]]) -> None:
+        self.memory.release(pinned)
         for fut in promotions:
             if not fut.cancel():
                 fut.add_done_callback(self._unpin_promoted)
 
-    def _unpin_promoted(self, fut: Future[bytes | None]) -> None:
+    def _unpin_promoted(self, fut: Future[ChunkEntry | None]) -> None:
         try:
             promoted = fut.result()
         except Exception:  # noqa: BLE001 - a failed promotion pinned nothing
             promoted = None
         if promoted is not None:
-            self.memory.unpin(promoted)
+            self.memory.release([promoted])
 
     def _touch(self, keys: Sequence[bytes], tiers: Sequence[str]) -> None:
         disk = self.store.disk
@@ -316,12 +316,13 @@ class StoreHost:
                 lower.touch(hit)
 
     # -- promotion ---------------------------------------------------------------------
-    def _promote_pin(self, key: bytes) -> bytes | None:
+    def _promote_pin(self, key: bytes) -> ChunkEntry | None:
         """Pin `key` in DRAM, reading it from disk (or a lower tier) into a fresh slot if needed;
-        None if impossible."""
+        its pinned entry, or None if impossible."""
         mem = self.memory
-        if mem.pin(key) is not None:
-            return key
+        entry = mem.pin_entry(key)
+        if entry is not None:
+            return entry
         if self.store.disk is None and not self.store.lower_tiers:
             return None
         res = self.store.allocate_memory(key)  # waits for pending disk writes to free a slot
@@ -336,10 +337,9 @@ class StoreHost:
         meta = found[1] if found is not None else None
         if meta is None:
             mem.abort(res)
-            return key if mem.pin(key) is not None else None  # promoted by another thread meanwhile?
+            return mem.pin_entry(key)  # promoted by another thread meanwhile?
         res.filled.update(layers)
-        mem.commit(res, meta)  # False: promoted by another thread first; ours is freed
-        return key if mem.pin(key) is not None else None
+        return mem.commit_pinned(res, meta)[1]  # (promoted by another thread first: that one, ours freed)
 
     def _promoted_from(self, key: bytes) -> str:
         """The tier below DRAM a promoted chunk came from: the disk tier if it has the chunk,
@@ -358,13 +358,12 @@ class StoreHost:
         mem = self.memory
         slots = [NO_SLOT] * len(keys)
         tiers = [""] * len(keys)
-        pinned: list[bytes] = []
-        promotions: dict[int, Future[bytes | None]] = {}
+        entries: list[ChunkEntry | None] = [None] * len(keys)
+        promotions: dict[int, Future[ChunkEntry | None]] = {}
         for i, key in enumerate(keys):
-            slot = mem.pin(key)
-            if slot is not None:
-                slots[i], tiers[i] = slot, "memory"
-                pinned.append(key)
+            entry = mem.pin_entry(key)
+            if entry is not None:
+                slots[i], tiers[i], entries[i] = entry.slot, "memory", entry
             elif self.store.lower_tiers or (self.store.disk is not None and self.store.disk.contains(key)):
                 promotions[i] = self._promoter.submit(self._promote_pin, key)  # a lower miss pins nothing
         for i, fut in promotions.items():
@@ -373,12 +372,9 @@ class StoreHost:
             except Exception:  # noqa: BLE001 - a failed read is a failed chunk, reported by index
                 promoted = None
             if promoted is not None:
-                pinned.append(promoted)
-                slot = mem.slot_of(promoted)
-                assert slot is not None  # pinned, so resident
-                slots[i], tiers[i] = slot, self._promoted_from(promoted)
+                slots[i], tiers[i], entries[i] = promoted.slot, self._promoted_from(keys[i]), promoted
         # counted from the few promotions, not by a pass over every chunk of the batch
-        from_memory = len(pinned)
+        from_memory = sum(e is not None for e in entries)
         if promotions:
             served = {tiers[i]: 0 for i in promotions if tiers[i]}
             for i in promotions:
@@ -392,13 +388,10 @@ class StoreHost:
         self._count_memory_reads(from_memory, len(keys) - from_memory)  # a promoted chunk was a DRAM miss
         if from_memory:
             self._mem_served_tokens.inc(from_memory * self.store.chunk_tokens)
-        checksums = []
-        for key, slot in zip(keys, slots, strict=False):
-            meta = mem.meta(key) if slot != NO_SLOT else None
-            checksums.append(meta.checksums if meta is not None else ())
+        checksums = [e.meta.checksums if e is not None else () for e in entries]  # of the pinned entry's bytes
         load_id = next(self._ids)
         with self._lock:
-            self._loads[load_id] = _Load(owner, list(keys), pinned, self._clock() + hold, started)
+            self._loads[load_id] = _Load(owner, list(keys), entries, self._clock() + hold, started)
         return LoadPins(load_id, slots, tiers, checksums, hold)
 
     def _count_memory_reads(self, hits: int, misses: int) -> None:
@@ -417,17 +410,16 @@ class StoreHost:
                 raise ServiceError("unknown_load", f"load {load_id} is not in progress for this client "
                                    "(its pins expired, or it was never begun)")
             del self._loads[load_id]
-        self._finish_load(load)
-        if load.pinned:  # the chunks reached the client from the DRAM pool: begin to end
-            self._mem_load_latency.observe(time.perf_counter() - load.started)
         for i in corrupt:
-            if 0 <= i < len(load.keys):
-                self.store.metrics.inc(m.CHECKSUM_FAILURES, tier=self.memory.name)
-                self.memory.delete(load.keys[i])
+            entry = load.entries[i] if 0 <= i < len(load.entries) else None
+            if entry is not None:  # the bytes the client copied failed their checksum: never served again
+                self.memory.condemn(entry)
+        self._finish_load(load)
+        if any(e is not None for e in load.entries):  # the chunks reached the client from the DRAM pool
+            self._mem_load_latency.observe(time.perf_counter() - load.started)
 
     def _finish_load(self, load: _Load) -> None:
-        for key in load.pinned:
-            self.memory.unpin(key)
+        self.memory.release(load.entries)
 
     # -- saves -------------------------------------------------------------------------
     def allocate(self, owner: OwnerId, keys: Sequence[bytes], parent: bytes, first_depth: int,
@@ -473,6 +465,7 @@ class StoreHost:
         mem, disk = self.memory, self.store.disk
         layers = range(self.store.layout.num_layers)
         metas: list[ChunkMeta] = []
+        pinned: list[ChunkEntry] = []
         started = time.perf_counter()
         try:
             prev = save.parent
@@ -484,18 +477,19 @@ class StoreHost:
                                      mem.layer_checksums(res), extras[i] if extras is not None else ())
                     # pinned as it is published, until its disk write lands: an allocation or
                     # promotion on another thread must not evict it while later chunks are
-                    # still being checksummed (it would then never reach the disk tier)
-                    mem.commit(res, meta, pin=True)  # False: another writer stored it first
+                    # still being checksummed (it would then never reach the disk tier).
+                    # Another writer may have stored the key first: its entry is pinned, and
+                    # persist writes its meta (the checksums of its bytes) with them
+                    pinned.append(mem.commit_pinned(res, meta)[1])
                     metas.append(meta)
                 prev = key
         except BaseException:
-            for meta in metas:
-                mem.unpin(meta.key)
+            mem.release(pinned)
             self._abort_save(save)
             raise
         self.store.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - started, tier=mem.name)
         try:
-            handle = self.store.persist(metas, pinned=[True] * len(metas))
+            handle = self.store.persist(metas, pinned=pinned)
         finally:
             self._end_save(save)  # its lower-tier writes are queued: store.wait_lower sees them from here
         with self._lock:

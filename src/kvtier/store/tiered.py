@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.core import metrics as m
-from kvtier.core.codec import CHECKSUM_AT_RELEASES_GIL, checksum, checksum_at
+from kvtier.core.codec import CHECKSUM_AT_RELEASES_GIL, SECTION_KV, checksum, checksum_at
 from kvtier.core.config import StoreConfig
 from kvtier.core.errors import StoreClosedError
 from kvtier.core.layout import KVLayout
@@ -69,7 +69,7 @@ from kvtier.tiers.base import (
     check_chunk,
     check_key,
 )
-from kvtier.tiers.memory import MemoryTier, Reservation
+from kvtier.tiers.memory import ChunkEntry, MemoryTier, Reservation
 from kvtier.tiers.pool import PoolWatcher, PoolWatchers
 
 log = logging.getLogger(__name__)
@@ -475,10 +475,9 @@ class TieredStore:
         if self._lower_writer is None or not metas:
             return None
         mem = self.memory
-        pinned: list[bool] = []
-        for meta, copy in zip(metas, copies, strict=True):
-            pinned.append(copy is None and mem is not None and mem.pin(meta.key) is not None)
-        self._count_write_pins(sum(pinned))
+        pinned = [mem.pin_entry(meta.key) if copy is None and mem is not None else None
+                  for meta, copy in zip(metas, copies, strict=True)]
+        self._count_write_pins(sum(e is not None for e in pinned))
         handle = self._lower_writer.submit("save-lower", self._write_lower, list(metas), list(copies), pinned,
                                           in_memory)
         with self._pending_lock:
@@ -521,19 +520,18 @@ class TieredStore:
         return sum(1 for write in running if write is not None and not write.done())
 
     def _write_lower(self, metas: list[ChunkMeta], copies: list[list[bytes] | None],
-                     pinned: list[bool], in_memory: int) -> SaveResult:
+                     pinned: list[ChunkEntry | None], in_memory: int) -> SaveResult:
         mem = self.memory
         errors: list[str] = []
         try:
             sources: list[list[Buffer] | None] = []
-            for i, meta in enumerate(metas):
-                copy = copies[i]
+            for i in range(len(metas)):
+                copy, entry = copies[i], pinned[i]
                 if copy is not None:
                     sources.append(list(copy))
-                elif pinned[i] and mem is not None:
-                    slot = mem.slot_of(meta.key)
-                    assert slot is not None  # pinned above, so still resident
-                    sources.append([mem.layer_view(slot, layer) for layer in range(self.layout.num_layers)])
+                elif entry is not None and mem is not None and not entry.condemned:
+                    metas[i] = entry.meta  # the checksums of the bytes written: the resident chunk's
+                    sources.append([mem.layer_view(entry.slot, layer) for layer in range(self.layout.num_layers)])
                 else:
                     sources.append(None)  # left DRAM before the save queued it: the chain stops here
             for tier in self.lower_tiers:
@@ -556,15 +554,15 @@ class TieredStore:
                         break
                 self.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - batch_t0, tier=tier.name)
         finally:
-            for i, meta in enumerate(metas):
-                self._unpin_written(pinned, i, meta.key)
+            for i in range(len(metas)):
+                self._unpin_written(pinned, i)
         if errors:
             raise TierWriteError(f"lower tiers: {len(errors)} chains stopped early: " + "; ".join(errors[:3]))
         return SaveResult(len(metas), in_memory, 0)
 
     def _promote(self, meta: ChunkMeta, layers: list[int], bufs: Sequence[Buffer]) -> None:
-        if not self.config.promote_on_hit or len(layers) != self.layout.num_layers or self.memory is None:
-            return
+        if not self.config.promote_on_hit or self.memory is None or sorted(layers) != list(range(self.layout.num_layers)):
+            return  # only a read of every layer (each once) has a whole chunk to promote
         if self.memory.contains(meta.key):
             return
         ordered = [bufs[layers.index(layer)] for layer in range(self.layout.num_layers)]
@@ -630,6 +628,7 @@ class TieredStore:
                 extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None) -> TransferHandle[SaveResult]:
         mem = self.memory
         t0 = time.perf_counter()
+        _check_extras(extras, len(batch.keys))  # before anything is published: a bad one failed only on disk
         for i, res in enumerate(batch.reservations):
             filled = len(res.filled) if res is not None else sum(1 for d in batch.copies[i] if d)
             if filled != self.layout.num_layers:
@@ -647,31 +646,31 @@ class TieredStore:
                 checksums.append(tuple(checksum(d) for d in layers_data))
                 copies.append(layers_data)
         metas = self._metas(batch, checksums, extras)
-        in_memory = 0
-        pinned: list[bool] = []
+        pinned: list[ChunkEntry | None] = []
         try:
             for i, meta in enumerate(metas):
                 res = batch.reservations[i]
                 if res is not None and mem is not None:
-                    mem.commit(res, meta)  # False: another writer stored it first; same bytes
-                pin = mem is not None and mem.pin(meta.key) is not None
-                pinned.append(pin)
-                in_memory += pin
+                    # pinned as it is published: no eviction slips in before its disk write. Another
+                    # writer may have stored the key first (its bytes may differ in their low bits):
+                    # the resident entry is what is pinned, and its meta goes with its bytes below
+                    pinned.append(mem.commit_pinned(res, meta)[1])
+                else:
+                    pinned.append(mem.pin_entry(meta.key) if mem is not None else None)
         except BaseException:
-            for key, pin in zip(batch.keys, pinned):
-                if pin and mem is not None:
-                    mem.unpin(key)
+            if mem is not None:
+                mem.release(pinned)
             raise
+        in_memory = sum(e is not None for e in pinned)
         if mem is not None:
             mem.touch(batch.keys)
             self.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - t0, tier=mem.name)
         # write-through: every chunk goes to disk; write-back: only those DRAM had no room for
         write_through = self.config.write_mode == "write-through"
         to_disk = [i for i in range(len(metas)) if self.disk is not None and (write_through or copies[i] is not None)]
-        for i, (key, pin) in enumerate(zip(batch.keys, pinned)):
-            if pin and mem is not None and i not in to_disk:
-                mem.unpin(key)
-        self._count_write_pins(sum(1 for i in to_disk if pinned[i]))
+        if mem is not None:
+            mem.release([e for i, e in enumerate(pinned) if i not in to_disk])
+        self._count_write_pins(sum(1 for i in to_disk if pinned[i] is not None))
         lower = self._queue_lower(metas, copies, in_memory)
         if not to_disk:
             return lower or self._io.completed("save", SaveResult(len(metas), in_memory, 0))
@@ -680,23 +679,24 @@ class TieredStore:
         self._track(handle)
         return handle
 
-    def persist(self, metas: Sequence[ChunkMeta], pinned: Sequence[bool] | None = None) -> TransferHandle[SaveResult]:
+    def persist(self, metas: Sequence[ChunkMeta],
+                pinned: Sequence[ChunkEntry | None] | None = None) -> TransferHandle[SaveResult]:
         """Queue the lower-tier write of chunks already committed to DRAM (the host service's
         save path: clients fill shared-memory slots, the service commits, then calls this).
-        Resident chunks are pinned until written; a chunk no longer in DRAM is an error.
-        `pinned[i]`: the caller already pinned chunk i (committed with pin=True) and hands
-        that pin over, so the chunk cannot be evicted between its commit and its write."""
+        Resident chunks are pinned until written (each written with its resident entry's meta);
+        a chunk no longer in DRAM is an error. `pinned[i]`: the entry the caller pinned for
+        chunk i (MemoryTier.commit_pinned) and hands over, so the chunk cannot be evicted between
+        its commit and its write."""
         self._check_open()
         mem = self.memory
         metas = list(metas)
         pins = list(pinned) if pinned is not None else [
-            mem is not None and mem.pin(meta.key) is not None for meta in metas]
-        in_memory = sum(pins)
+            mem.pin_entry(meta.key) if mem is not None else None for meta in metas]
+        in_memory = sum(e is not None for e in pins)
         lower = self._queue_lower(metas, [None] * len(metas), in_memory)
         if self.disk is None or self.config.write_mode == "write-back":
-            for meta, pin in zip(metas, pins):
-                if pin and mem is not None:
-                    mem.unpin(meta.key)
+            if mem is not None:
+                mem.release(pins)
             return lower or self._io.completed("save", SaveResult(len(metas), in_memory, 0))
         self._count_write_pins(in_memory)
         handle = self._writer.submit("save", self._write_disk, metas, [None] * len(metas), pins, in_memory)
@@ -704,7 +704,7 @@ class TieredStore:
         return handle
 
     def _write_disk(self, metas: list[ChunkMeta], copies: list[list[bytes] | None],
-                    pinned: list[bool], in_memory: int) -> SaveResult:
+                    pinned: list[ChunkEntry | None], in_memory: int) -> SaveResult:
         """The writer thread's part of a save: chunks to disk in chain order.
 
         A chunk the disk tier refuses (no room without cutting a chain, parent missing, disk
@@ -724,7 +724,7 @@ class TieredStore:
             for i, meta in enumerate(metas):
                 if disk.contains(meta.key):
                     written += 1
-                    self._unpin_written(pinned, i, meta.key)
+                    self._unpin_written(pinned, i)
                     continue
                 if meta.depth > 0 and not disk.contains(meta.parent):
                     missing = self._write_ancestors(meta.parent)
@@ -732,13 +732,16 @@ class TieredStore:
                         self.metrics.inc(m.WRITES_REFUSED, tier=disk.name)
                         errors.append(f"chunk {i}: {missing}")
                         break
-                copy = copies[i]
+                copy, entry = copies[i], pinned[i]
                 if copy is not None:
                     layers: list[Buffer] = list(copy)
-                elif pinned[i] and mem is not None:
-                    slot = mem.slot_of(meta.key)  # pinned by the save, so still resident
-                    assert slot is not None
-                    layers = [mem.layer_view(slot, layer) for layer in range(self.layout.num_layers)]
+                elif entry is not None and entry.condemned:  # a reader found its DRAM bytes corrupt
+                    self.metrics.inc(m.WRITES_REFUSED, tier=disk.name)
+                    errors.append(f"chunk {i}: failed its checksum in DRAM before its disk write")
+                    break
+                elif entry is not None and mem is not None:
+                    meta = entry.meta  # the checksums of the bytes written: the resident chunk's
+                    layers = [mem.layer_view(entry.slot, layer) for layer in range(self.layout.num_layers)]
                 else:
                     self.metrics.inc(m.WRITES_REFUSED, tier=disk.name)
                     errors.append(f"chunk {i}: evicted from DRAM before its disk write")
@@ -757,10 +760,10 @@ class TieredStore:
                                   "its chain or a write in flight needs, or not admitted by its policy)")
                     break
                 written += 1
-                self._unpin_written(pinned, i, meta.key)  # at once: a slot for the next save
+                self._unpin_written(pinned, i)  # at once: a slot for the next save
         finally:
-            for i, meta in enumerate(metas):
-                self._unpin_written(pinned, i, meta.key)
+            for i in range(len(metas)):
+                self._unpin_written(pinned, i)
             self.metrics.observe(m.SAVE_LATENCY, time.perf_counter() - t0, tier=disk.name)
         result = SaveResult(len(metas), in_memory, written, tuple(errors))
         if io_failed:
@@ -791,12 +794,12 @@ class TieredStore:
         for key in reversed(missing):
             if disk.contains(key):
                 continue
-            slot = mem.pin(key) if mem is not None else None
+            entry = mem.pin_entry(key) if mem is not None else None
             try:
-                if slot is not None:
+                if entry is not None:
                     assert mem is not None
-                    meta = mem.meta(key)
-                    layers: list[Buffer] = [mem.layer_view(slot, layer) for layer in range(self.layout.num_layers)]
+                    meta = entry.meta
+                    layers: list[Buffer] = [mem.layer_view(entry.slot, layer) for layer in range(self.layout.num_layers)]
                 else:
                     with self._pending_lock:
                         demoting = self._demoting.get(key)
@@ -811,8 +814,8 @@ class TieredStore:
                 if not ok:
                     return f"its ancestor {key.hex()[:16]} was refused by the disk tier (no room)"
             finally:
-                if slot is not None and mem is not None:
-                    mem.unpin(key)
+                if entry is not None and mem is not None:
+                    mem.release([entry])
         return ""
 
     def _count_write_pins(self, n: int) -> None:
@@ -820,12 +823,13 @@ class TieredStore:
             with self._write_progress:
                 self._write_pins += n
 
-    def _unpin_written(self, pinned: list[bool], i: int, key: bytes) -> None:
+    def _unpin_written(self, pinned: list[ChunkEntry | None], i: int) -> None:
         """Return the pin `persist`/`_commit` took on chunk i for its disk write (once)."""
-        if not pinned[i] or self.memory is None:
+        entry = pinned[i]
+        if entry is None or self.memory is None:
             return
-        pinned[i] = False
-        self.memory.unpin(key)
+        pinned[i] = None
+        self.memory.release([entry])
         with self._write_progress:
             self._write_pins -= 1
             self._write_gen += 1
@@ -870,9 +874,18 @@ class TieredStore:
         lb = self.layer_bytes
         data = payload.tobytes()
         layers = [data[i * lb:(i + 1) * lb] for i in range(self.layout.num_layers)]
+        mem = self.memory
+        if mem is not None and mem.config.verify_reads and any(
+                checksum(layer) != want for layer, want in zip(layers, meta.checksums, strict=True)):
+            # the slot's bytes went bad in DRAM: served from this queue (_read_demoting) or written
+            # to disk, they would be wrong KV under a good key. Dropped, as a failed read drops it.
+            mem.metrics.inc(m.CHECKSUM_FAILURES, tier=mem.name)
+            log.warning("kvtier: chunk %s failed its checksum as it left DRAM; dropped, not written to disk",
+                        meta.key.hex()[:16])
+            return
         with self._pending_lock:
             self._demoting[meta.key] = (meta, layers)  # readable until the disk write lands
-        handle = self._writer.submit("demote", self._write_disk, [meta], [layers], [False], 0)
+        handle = self._writer.submit("demote", self._write_disk, [meta], [layers], [None], 0)
         self._track(handle)
 
         def _landed(_h: TransferHandle) -> None:
@@ -1090,6 +1103,22 @@ def _check_keys(keys: Sequence[bytes], name: str = "keys") -> Sequence[bytes]:
             elif len(key) != first:
                 raise ValueError(f"{name}[{i}] has {len(key)} bytes but {name}[0] has {first}")
     return keys
+
+
+def _check_extras(extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None, n: int) -> None:
+    """ValueError naming the first extra section that cannot be stored beside a chunk's KV."""
+    if extras is None:
+        return
+    if len(extras) != n:
+        raise ValueError(f"{n} keys but {len(extras)} extras")
+    for i, sections in enumerate(extras):
+        for j, section in enumerate(sections):
+            ok = isinstance(section, tuple) and len(section) == 3
+            kind, index, data = section if ok else (None, None, None)
+            if not (ok and type(kind) is int and type(index) is int and 0 <= kind <= 0xFFFF and kind != SECTION_KV
+                    and 0 <= index <= 0xFFFF and isinstance(data, bytes)):
+                raise ValueError(f"extras[{i}][{j}] must be (kind, index, bytes) with kind and index in 0..65535 "
+                                 f"and kind not SECTION_KV ({SECTION_KV}), got {section!r:.80}")
 
 
 class SaveBatch:

@@ -45,7 +45,7 @@ SlotId = int
 
 
 @dataclass(slots=True)
-class _Entry:
+class ChunkEntry:
     slot: SlotId
     meta: ChunkMeta
     refs: int = 0
@@ -95,7 +95,7 @@ class MemoryTier(Tier):
         self._bytes_read = self.metrics.counter(m.BYTES_READ, tier=self.name)
         self._read_seconds = self.metrics.counter(m.READ_SECONDS, tier=self.name)
         self._policy = make_policy(config.policy)
-        self._index: dict[bytes, _Entry] = {}
+        self._index: dict[bytes, ChunkEntry] = {}
         self._free: list[SlotId] = list(range(self.num_slots - 1, -1, -1))
         self._reserved: dict[SlotId, Reservation] = {}
         self._lock = threading.Lock()
@@ -138,16 +138,19 @@ class MemoryTier(Tier):
             self._policy.touch(keys)
 
     # -- pinning -------------------------------------------------------------------
-    def pin(self, key: bytes) -> SlotId | None:
-        """Take a reference on a resident chunk so it cannot be evicted; None if absent."""
+    # A pin is a reference on one resident entry, returned through release(entries), never by
+    # key: a chunk found corrupt while pinned is unindexed at once, and its key may be saved
+    # again while the old entry's pins are still out, so a key no longer names the pinned entry.
+    def pin_entry(self, key: bytes) -> ChunkEntry | None:
+        """Take a reference on a resident chunk so it cannot be evicted (its entry: slot and
+        meta; give it back with release([entry])); None if absent."""
         with self._lock:
             entry = self._index.get(key)
-            if entry is None:
-                return None
-            entry.refs += 1
-            return entry.slot
+            if entry is not None:
+                entry.refs += 1
+            return entry
 
-    def pin_entries(self, keys: Sequence[bytes]) -> list[_Entry | None]:
+    def pin_entries(self, keys: Sequence[bytes]) -> list[ChunkEntry | None]:
         """`pin` of many resident chunks under one lock, counting nothing (the caller counts what it
         serves): each key's entry (slot and meta) with a reference taken, None where absent. Give
         them back with release(). TieredStore.gather_here pins a decode step's hundreds of blocks so."""
@@ -163,19 +166,12 @@ class MemoryTier(Tier):
         entry = self._index.get(key)
         return entry.slot if entry else None
 
-    def unpin(self, key: bytes) -> None:
-        with self._lock:
-            entry = self._index.get(key)
-            if entry is None or entry.refs <= 0:
-                raise ValueError("unpin of a chunk that is not pinned")
-            entry.refs -= 1
-
     # -- borrowing: reads straight out of the pool -------------------------------------
     def pool_array(self) -> np.ndarray:
         """The whole pool (every slot) as one uint8 array: borrowed sections are read from it in place."""
         return self._pool[: self.num_slots * self.chunk_bytes]
 
-    def borrow(self, keys: Sequence[bytes]) -> list[_Entry | None]:
+    def borrow(self, keys: Sequence[bytes]) -> list[ChunkEntry | None]:
         """Pin each resident chunk (None where absent) so that its slot can be read in place, as a
         GPU connector's host -> device copies do from a page-locked pool: no eviction or delete
         reuses a borrowed slot until release(). Check the sections read with verify_borrowed()
@@ -191,7 +187,7 @@ class MemoryTier(Tier):
             self.metrics.inc(m.MISSES, len(out) - found, tier=self.name)
         return out
 
-    def verify_borrowed(self, entry: _Entry, layers: Sequence[int]) -> bool:
+    def verify_borrowed(self, entry: ChunkEntry, layers: Sequence[int]) -> bool:
         """Whether the borrowed chunk's sections `layers` match their checksums (True without
         verify_reads). A mismatch is counted and the chunk unindexed at once (no lookup finds it
         again); its slot is freed at its last release."""
@@ -205,29 +201,43 @@ class MemoryTier(Tier):
         self._bytes_read.inc(len(layers) * lb)
         self._read_seconds.inc(time.perf_counter() - t0)
         if not ok:
-            self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
-            key = entry.meta.key
-            with self._lock:
-                entry.condemned = True
-                if self._index.get(key) is entry:
-                    del self._index[key]
-                    self._policy.remove(key)
-                    self._record_removed(key)
-            self._deliver_changes()
-            self._report_usage()
+            self.condemn(entry)
         return ok
 
-    def release(self, entries: Sequence[_Entry | None]) -> None:
-        """Drop borrow()'s references (None entries are skipped). Safe after close()."""
+    def condemn(self, entry: ChunkEntry) -> None:
+        """A pinned chunk whose bytes a reader found corrupt (the service's clients check what they
+        copy out of the pool): unindexed at once, its slot freed at its last release."""
+        self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
+        with self._lock:
+            self._condemn(entry)
+        self._deliver_changes()
+        self._report_usage()
+
+    def _condemn(self, entry: ChunkEntry) -> None:
+        """Under the lock: a chunk whose bytes failed their checksum leaves the index at once (no
+        lookup finds it again) even while pinned; its slot is freed at its last release."""
+        entry.condemned = True
+        key = entry.meta.key
+        if self._index.get(key) is entry:
+            del self._index[key]
+            self._policy.remove(key)
+            self._record_removed(key)
+
+    def release(self, entries: Sequence[ChunkEntry | None]) -> None:
+        """Drop the references borrow(), pin_entry(), pin_entries() or commit_pinned() took (None
+        entries are skipped). Safe after close()."""
         with self._lock:
             for entry in entries:
-                if entry is None:
-                    continue
-                if entry.refs <= 0:
-                    raise ValueError("release of a chunk that is not borrowed")
-                entry.refs -= 1
-                if entry.condemned and entry.refs == 0:
-                    self._free.append(entry.slot)
+                if entry is not None:
+                    self._unref(entry)
+
+    def _unref(self, entry: ChunkEntry) -> None:
+        """Under the lock: drop one reference; a condemned chunk's slot is free at its last one."""
+        if entry.refs <= 0:
+            raise ValueError(f"release of chunk {entry.meta.key.hex()[:16]}, which is not pinned")
+        entry.refs -= 1
+        if entry.condemned and entry.refs == 0:
+            self._free.append(entry.slot)
 
     # -- read ----------------------------------------------------------------------
     def read(self, key: bytes, layers: Sequence[int], dests: Sequence[Buffer]) -> ChunkMeta | None:
@@ -256,10 +266,13 @@ class MemoryTier(Tier):
                     break
         finally:
             with self._lock:
-                entry.refs -= 1
+                if not ok:
+                    self._condemn(entry)  # pinned by others too: gone from the index all the same
+                self._unref(entry)  # the last reference (a borrower may have condemned it too) frees it
         if not ok:
             self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
-            self.delete(key)
+            self._deliver_changes()
+            self._report_usage()
             return None
         self._hits.inc()
         self._bytes_read.inc(len(layers) * lb)
@@ -324,11 +337,20 @@ class MemoryTier(Tier):
     def layer_checksums(self, res: Reservation) -> tuple[int, ...]:
         return tuple(checksum(self.layer_view(res.slot, layer)) for layer in range(self.layout.num_layers))
 
-    def commit(self, res: Reservation, meta: ChunkMeta, pin: bool = False) -> bool:
-        """Publish a filled reservation. False if the key was already resident (slot freed).
+    def commit(self, res: Reservation, meta: ChunkMeta) -> bool:
+        """Publish a filled reservation. False if the key was already resident (slot freed)."""
+        return self._publish(res, meta, False)[0]
 
-        With `pin`, the resident chunk (ours or the one already there) is pinned in the same
-        step, so no eviction can slip in between publishing and pinning."""
+    def commit_pinned(self, res: Reservation, meta: ChunkMeta) -> tuple[bool, ChunkEntry]:
+        """commit() that pins the resident chunk in the same step, so no eviction can slip in
+        between publishing and pinning: (whether ours was published, the resident entry, ours or
+        the one already there; its meta is the one to write to lower tiers: its checksums are
+        those of its slot's bytes). Give the pin back with release([entry])."""
+        published, entry = self._publish(res, meta, True)
+        assert entry is not None
+        return published, entry
+
+    def _publish(self, res: Reservation, meta: ChunkMeta, pin: bool) -> tuple[bool, ChunkEntry | None]:
         if len(res.filled) != self.layout.num_layers:
             missing = sorted(set(range(self.layout.num_layers)) - res.filled)
             raise ValueError(f"commit of chunk with unfilled layers {missing[:8]}")
@@ -342,7 +364,7 @@ class MemoryTier(Tier):
             if existing is not None:
                 self._free.append(res.slot)
                 existing.refs += pin
-                return False
+                return False, existing
             try:
                 # the policy first: if it fails, the slot goes back rather than into an index
                 # entry no eviction could ever choose
@@ -350,12 +372,12 @@ class MemoryTier(Tier):
             except BaseException:
                 self._free.append(res.slot)
                 raise
-            self._index[res.key] = _Entry(res.slot, meta, int(pin))
+            entry = self._index[res.key] = ChunkEntry(res.slot, meta, int(pin))
             self._record_stored(meta)
         self._deliver_changes()
         self.metrics.inc(m.BYTES_WRITTEN, self.chunk_bytes, tier=self.name)
         self._report_usage()
-        return True
+        return True, entry
 
     def abort(self, res: Reservation) -> None:
         with self._lock:

@@ -142,7 +142,7 @@ def test_borrowed_chunks_are_not_evicted_until_released():
     assert store.memory.contains(keys[0]) and store.memory.contains(keys[1])
     assert not store.memory.contains(keys[2])
     store.release_borrowed(entries)
-    with pytest.raises(ValueError, match="not borrowed"):
+    with pytest.raises(ValueError, match="not pinned"):
         store.release_borrowed(entries)
     conn.prefill(prompt(128, 25, seed=38))
     assert not store.memory.contains(keys[0])
