@@ -755,6 +755,30 @@ def test_a_child_whose_parent_is_not_on_disk_is_refused(tmp_path):
     assert put(t, key_of(3), parent=key_of(2), depth=2)
 
 
+@pytest.mark.parametrize("gone", ["corrupt", "deleted"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_a_parent_saved_again_under_its_child_is_a_leaf_only_once_the_child_goes(tmp_path, policy, gone):
+    """A chunk dropped as corrupt or deleted while its child stays on disk, then saved again: its
+    policy restarted its child count at 0, so it could be evicted under its child, and once the
+    child left the count stood at -1: never a leaf again, so it stayed forever and, on a full
+    disk, every write that only it could make room for was refused."""
+    t = open_tier(tmp_path, capacity=2 * FILE, policy=policy)
+    a, b = chain(t, [1, 2])
+    if gone == "corrupt":
+        _flip(t.path_of(a), ALIGN + 3)
+        assert read(t, a)[0] is None
+    else:
+        assert t.delete(a)
+    assert t.keys() == [b] and put(t, a)
+    # full; b is the parent of the write, so only a could make room, and b is its child
+    assert not put(t, key_of(3), parent=b, depth=2)
+    assert sorted(t.keys()) == sorted([a, b])
+    assert t.delete(b)
+    (c,) = chain(t, [3])
+    assert put(t, key_of(4), parent=c, depth=1)  # full again; a, a leaf now, makes the room
+    assert sorted(t.keys()) == sorted([c, key_of(4)])
+
+
 def test_header_cache_hits_after_write_and_after_open(tmp_path, monkeypatch):
     from kvtier.tiers import disk as disk_module
 

@@ -245,6 +245,61 @@ def test_leaves_first_on_random_trees(name: str) -> None:
         assert len(policy) == len(tier.resident)
 
 
+@pytest.mark.parametrize("gone", ["removed", "evicted past its pinned child", "never cached"])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_parent_cached_under_a_cached_child_is_a_leaf_only_once_the_child_goes(name: str, gone: str) -> None:
+    """A parent that left while its child stayed cached (deleted, corrupt, or evicted when only
+    non-leaves could go), or that was not cached when its child came, is cached under that child.
+    Its child count used to restart at 0: a leaf that could go under its child, and at -1 once the
+    child left, never a leaf again (a tier that evicts only leaves, the disk, never evicted it)."""
+    policy = make_policy(name)
+    if gone == "never cached":
+        policy.insert(b"b", b"a", 1)
+    else:
+        policy.insert(b"a", None, 0)
+        policy.insert(b"b", b"a", 1)
+        if gone == "removed":
+            policy.remove(b"a")
+        else:
+            assert policy.evict(lambda k: k != b"b") == b"a"
+    policy.insert(b"a", None, 0)
+    assert not policy.is_leaf(b"a")
+    assert policy.evict(lambda k: k != b"b" and policy.is_leaf(k)) is None  # the disk's rule
+    policy.remove(b"b")
+    assert policy.is_leaf(b"a") and policy.evict(policy.is_leaf) == b"a"
+    assert len(policy) == 0 and not policy._children  # no count outlives the keys it counts
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_child_counts_match_the_cached_tree_through_removes_and_fallback_evictions(name: str) -> None:
+    rng = random.Random(5)
+    policy = make_policy(name)
+    parent_of: dict[bytes, bytes | None] = {}  # cached key -> its parent
+    keys = [b"k%d" % i for i in range(40)]
+    for step in range(3000):
+        key = rng.choice(keys)
+        if key not in parent_of:
+            i = int(key[1:])
+            parent_of[key] = parent = b"k%d" % rng.randrange(i) if i and rng.random() < 0.8 else None
+            policy.insert(key, parent, 0 if parent is None else 1)
+        elif rng.random() < 0.3:
+            policy.remove(key)
+            del parent_of[key]
+        else:
+            # pin a random share: when every leaf is pinned, a non-leaf goes (the fallback)
+            pinned = rng.sample(sorted(parent_of), rng.randrange(len(parent_of) + 1))
+            victim = policy.evict(set(parent_of).difference(pinned).__contains__)
+            if victim is not None:
+                del parent_of[victim]
+        has_child = {p for p in parent_of.values() if p is not None}
+        for k in parent_of:
+            assert policy.is_leaf(k) == (k not in has_child), (step, k)
+        assert min(policy._children.values(), default=0) >= 0
+    for key in list(parent_of):
+        policy.remove(key)
+    assert len(policy) == 0 and not policy._children
+
+
 class ScanLRU(EvictionPolicy):
     """The reference LRU: an ordered dict scanned by _pick_from_order."""
 

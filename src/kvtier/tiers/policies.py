@@ -57,24 +57,35 @@ class EvictionPolicy(ABC):
     name: ClassVar[str]
 
     def __init__(self) -> None:
-        self._parent: dict[Key, Key | None] = {}
+        self._parent: dict[Key, Key | None] = {}  # cached key -> its parent
+        # key -> how many cached keys name it as parent. A key that is not cached keeps its count
+        # while it is above 0 (removed, or not yet cached, under cached children): cached again,
+        # it starts with its true count, and a child leaving later never takes it below 0 (at -1
+        # it would never be a leaf again, and a tier that evicts only leaves would keep it forever)
         self._children: dict[Key, int] = {}
 
     # -- structure bookkeeping shared by all policies ------------------------------
     def _link(self, key: Key, parent: Key | None) -> None:
         self._parent[key] = parent
-        self._children.setdefault(key, 0)
-        if parent is not None and parent in self._children:
-            self._children[parent] += 1
+        children = self._children
+        children.setdefault(key, 0)
+        if parent is not None:
+            children[parent] = children.get(parent, 0) + 1
 
     def _unlink(self, key: Key) -> None:
         parent = self._parent.pop(key, None)
-        self._children.pop(key, None)
-        if parent is not None and parent in self._children:
-            left = self._children[parent] - 1
-            self._children[parent] = left
-            if left == 0:
+        children = self._children
+        if not children.get(key):  # a count above 0 outlives the key (see __init__)
+            children.pop(key, None)
+        if parent is not None:
+            left = children[parent] - 1
+            if left:
+                children[parent] = left
+            elif parent in self._parent:
+                children[parent] = 0
                 self._became_leaf(parent)
+            else:
+                del children[parent]
 
     def _became_leaf(self, key: Key) -> None:
         """Hook: `key` just lost its last cached child (policies with leaf indexes re-file it)."""
