@@ -23,7 +23,9 @@ lease bound (lease_timeout_s), and this client stops trusting them before that (
 Faults: a request the service does not answer within request_timeout_s, or a lost
 connection, marks the service down: lookups then miss, loads report every chunk failed,
 saves put their chunks in SaveResult.errors (never half-written data published), and the
-client reconnects with back-off (0.1 s doubling to 5 s) on a later call. An operation
+client reconnects with back-off (0.1 s doubling to 5 s) on a later call. The service frees a
+dropped connection's slots and pins at once, so the operations begun on it end there too: a
+save copies nothing more, a load whose copies ran past the drop counts as failed. An operation
 begun before the service restarted finishes as failed: its slots belong to the old pool.
 
 Auto-start: with `auto_start` and no service answering, the client runs
@@ -97,9 +99,16 @@ class _Session:
     Replaced when the service restarts. An operation begun on a session (a load's pins, a
     save's slots) finishes on it or not at all: its slots mean nothing in another pool. A
     dropped session's mapping is left to the garbage collector, since a transfer thread may
-    still be copying from it (into memory no one else uses any more)."""
+    still be copying from it (into memory no one else uses any more).
 
-    __slots__ = ("sock", "mm", "pool", "pool_addr", "pool_bytes", "num_slots", "service_pid")
+    When the socket closes the service returns at once what the connection held (drop_owner):
+    a save's slots may go to another client's save while a save begun here still has layers
+    to write. So copies into the pool pass a gate (begin_copy/end_copy) that close() shuts
+    before it closes the socket, and a load's copies count only if they ended before
+    closed_at."""
+
+    __slots__ = ("sock", "mm", "pool", "pool_addr", "pool_bytes", "num_slots", "service_pid", "closed_at",
+                 "_gate", "_copying")
 
     def __init__(self, sock: socket.socket, mm: mmap.mmap, pool_bytes: int, chunk_bytes: int,
                  service_pid: int) -> None:
@@ -110,9 +119,36 @@ class _Session:
         self.pool_bytes = pool_bytes
         self.num_slots = pool_bytes // chunk_bytes
         self.service_pid = service_pid
+        self.closed_at: float | None = None  # time.monotonic() when close() began
+        self._gate = threading.Condition()  # guards closed_at and _copying
+        self._copying = 0  # copies into the pool under way
 
     def region(self) -> PoolRegion:
         return PoolRegion(self.pool_addr, self.pool_bytes)
+
+    def begin_copy(self) -> bool:
+        """Whether a copy into the pool may start (pair with end_copy): False once closing."""
+        with self._gate:
+            if self.closed_at is not None:
+                return False
+            self._copying += 1
+            return True
+
+    def end_copy(self) -> None:
+        with self._gate:
+            self._copying -= 1
+            if not self._copying:
+                self._gate.notify_all()
+
+    def close(self) -> None:
+        """Refuse new copies into the pool, wait for those under way (bounded memcpys, made
+        without any lock of the client's), then close the socket, which frees the slots."""
+        with self._gate:
+            if self.closed_at is None:
+                self.closed_at = time.monotonic()
+            while self._copying:
+                self._gate.wait()
+        self.sock.close()
 
     def check_slots(self, slots: object, n: int, what: str) -> list[int]:
         """The service's slot list for n chunks, each -1 or inside this session's pool."""
@@ -332,7 +368,7 @@ class ServiceClient(StoreClient):
     def _set_down(self, session: _Session | None = None, reason: str = "") -> None:
         """Drop `session` (holding _lock) and schedule the next reconnect attempt."""
         if session is not None:
-            session.sock.close()  # the service returns whatever this connection held
+            session.close()  # the service returns whatever this connection held
             if self._session is session:
                 self._session = None
                 self._pool_watchers.unmapped(session.region())
@@ -468,12 +504,17 @@ class ServiceClient(StoreClient):
         return s, r, asked + _trusted_for(min(float(hold), self.config.lease_timeout_s))
 
     def _end_load(self, s: _Session, load_id: object, corrupt: list[int], trust_until: float) -> bool:
-        """load_end; False when the copies cannot be trusted (the pins may have expired meanwhile)."""
-        in_time = time.monotonic() < trust_until
+        """load_end; False when the copies cannot be trusted (the pins may have expired meanwhile,
+        or ended with the connection, which another request may have dropped during the copies)."""
+        copied = time.monotonic()
+        in_time = copied < trust_until
         try:
             self._request("load_end", session=s, load=load_id, corrupt=corrupt)
         except TierUnavailableError:
-            return in_time  # the pins were held until now at least: what was copied in time stands
+            # the pins lasted until the connection closed: the copies stand if they ended before
+            # that (as they did when it was this load_end that timed out)
+            closed_at = s.closed_at
+            return in_time and (closed_at is None or closed_at > copied)
         except p.ServiceError as e:
             if e.kind == "unknown_load":
                 return False  # expired on the service: the slots may have been reused during the copies
@@ -597,7 +638,7 @@ class ServiceClient(StoreClient):
             self._closed = True
             session, self._session = self._session, None
             if session is not None:
-                session.sock.close()  # the service returns whatever this client still held
+                session.close()  # the service returns whatever this client still held
                 self._pool_watchers.unmapped(session.region())
         self._io.shutdown()
         if self._verify_io is not None:
@@ -837,8 +878,8 @@ class _ServiceSave:
         try:
             _s, r = self._client._request("renew", session=self._session, save=self._save_id,
                                           hold_s=self._client.config.lease_timeout_s)
-        except TierUnavailableError:
-            self._renew_after = self._trust_until  # the service is gone: the commit reports it
+        except TierUnavailableError:  # the connection was set down: _usable() abandons the save
+            self._trust_until = asked  # never write its slots again, whatever the cause
             return
         except p.ServiceError as e:
             if e.kind == "unknown_save":
@@ -854,11 +895,16 @@ class _ServiceSave:
         self._trust(asked, float(hold))
 
     def _usable(self) -> bool:
-        """Whether the reserved slots may still be written (the service holds them for twice this)."""
-        if self._session is None:
+        """Whether the reserved slots may still be written: the service holds them for twice the
+        trusted time, and until this client's connection closes."""
+        s = self._session
+        if s is None:
             return False
-        if self._renew_after <= time.monotonic() < self._trust_until:
+        if s.closed_at is None and self._renew_after <= time.monotonic() < self._trust_until:
             self._renew()
+        if s.closed_at is not None:
+            self._lose()
+            return False
         if time.monotonic() >= self._trust_until:
             self._error = "its reserved slots outlived their hold (the client was stalled); not saved"
             self._abandon()
@@ -879,11 +925,17 @@ class _ServiceSave:
             if view.nbytes != lb:
                 raise ValueError(f"layer {layer} source has {view.nbytes} bytes, a section has {lb}")
         if self._usable():
-            assert self._session is not None
-            pool_addr = self._session.pool_addr
-            for slot, view in zip(self.slots, views, strict=False):
-                if slot >= 0:
-                    copy_memory(pool_addr + slot * c._chunk_bytes + layer * lb, buffer_address(view), lb)
+            s = self._session
+            assert s is not None
+            if not s.begin_copy():  # the connection was dropped since _usable()
+                self._lose()
+            else:
+                try:
+                    for slot, view in zip(self.slots, views, strict=False):
+                        if slot >= 0:
+                            copy_memory(s.pool_addr + slot * c._chunk_bytes + layer * lb, buffer_address(view), lb)
+                finally:
+                    s.end_copy()
         self._written.add(layer)
 
     def commit(self, extras: Sequence[tuple[tuple[int, int, bytes], ...]] | None = None) -> TransferHandle[SaveResult]:
@@ -920,11 +972,17 @@ class _ServiceSave:
         error = f"chunks 0..{n - 1}: not saved: {self._error}"
         return c._io.completed("save", SaveResult(n, 0, 0, (error,)))
 
+    def _lose(self) -> None:
+        """The connection the slots were reserved on closed: the service returned them then and
+        may have given them to another client's save, so nothing more is copied into them."""
+        self._error = "the connection its slots were reserved on was lost; not saved"
+        self._abandon()
+
     def _abandon(self) -> None:
         """Give the slots back (best effort: they expire on the service anyway)."""
         session, self._session = self._session, None
-        if session is None:
-            return
+        if session is None or session.closed_at is not None:
+            return  # a closed connection's slots went back when it closed
         try:
             self._client._request("abort", session=session, save=self._save_id)
         except KVTierError:
