@@ -19,7 +19,7 @@ from kvtier.core.errors import ConfigError  # noqa: E402
 
 
 def make(extra: dict[str, Any] | None = None, policy: str = "recompute", sliding_window: int | None = None,
-         use_mla: bool = False, is_hybrid: bool = False) -> KVTierConnector:
+         use_mla: bool = False, is_hybrid: bool = False, dtype: torch.dtype = torch.float32) -> KVTierConnector:
     ktc = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.connectors.vllm",
                            kv_role="kv_both", kv_connector_extra_config=extra or {},
                            kv_load_failure_policy=policy)
@@ -28,7 +28,7 @@ def make(extra: dict[str, Any] | None = None, policy: str = "recompute", sliding
         kv_transfer_config=ktc, model_config=model_config,
         cache_config=SimpleNamespace(block_size=32, cache_dtype="auto"),
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1))
-    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=dtype)
     kv_cache_config = SimpleNamespace(kv_cache_groups=[KVCacheGroupSpec(["l0", "l1"], spec)], num_blocks=8)
     return KVTierConnector(vllm_config, kv_base.KVConnectorRole.SCHEDULER, kv_cache_config)  # type: ignore[arg-type]
 
@@ -58,6 +58,25 @@ def test_mla_and_hybrid_models_are_refused_at_start() -> None:
         make(use_mla=True)
     with pytest.raises(UnsupportedModelError, match="hybrid"):
         make(is_hybrid=True)
+
+
+@pytest.mark.parametrize(("amx", "dtype", "partial"), [
+    (True, torch.bfloat16, False),  # vLLM's AMX kernel: a page layout clear_tokens does not know
+    (True, torch.float32, True),  # fp32 runs the vec kernel even where AMX is present
+    (False, torch.bfloat16, True),
+])
+def test_partial_chunks_only_where_the_page_layout_is_known(monkeypatch, tmp_path, amx, dtype, partial) -> None:
+    import kvtier.connectors.vllm.connector as connector
+
+    monkeypatch.setattr(connector, "cpu_amx_supported", lambda: amx)
+    conn = make({"model_fingerprint": "test-model", "store": {"chunk_tokens": 32, "memory": {"capacity_bytes": 1 << 20}}},
+                dtype=dtype)
+    try:
+        assert conn.scheduler is not None
+        assert conn.cpu_isa == ("amx" if amx and dtype == torch.bfloat16 else "vec")
+        assert conn.scheduler.partial_chunks is partial
+    finally:
+        conn.shutdown()
 
 
 DETACHED_STARTER = """

@@ -170,3 +170,32 @@ def test_matches_vllm_create_kv_cache_views_when_installed() -> None:
     assert [tuple(v.shape) for v in views] == [tuple(v.shape) for v in ours]
     assert [v.stride() for v in views] == [v.stride() for v in ours]
     CpuPageAdapter(views[1], layout(), 4, 16)
+
+
+@pytest.mark.parametrize("isa", ["vec", "vec16"])
+def test_clear_tokens_matches_vllms_own_cpu_kernel_for_a_partial_chunk(isa: str) -> None:
+    """A partial chunk is saved from a block the forward filled past the prompt; cleared, it must
+    equal the block vLLM's kernel writes for the prompt's tokens alone. Checked with vLLM's real
+    reshape_and_cache op for the ISAs kvtier saves partial chunks on (the AMX kernel packs K in
+    VNNI groups: the connector turns partial chunks off there)."""
+    vllm_ops = pytest.importorskip("vllm._custom_ops", reason="vllm is not installed")
+    h, d, n, valid = 2, 32, 32, 5
+    torch.manual_seed(0)
+    key = torch.randn(n, h, d, dtype=torch.bfloat16) + 3
+    val = torch.randn(n, h, d, dtype=torch.bfloat16) + 3
+
+    def section_after(tokens: int) -> tuple[np.ndarray, CpuPageAdapter]:
+        kv = torch.full((2, h, n, 2 * d), 7.0, dtype=torch.bfloat16)  # block 1: what an earlier request left
+        if tokens < n:
+            kv[1].zero_()
+        k_cache, v_cache = kv.view(2, h, 2 * n, d).chunk(2, dim=2)  # as CPUAttentionBackendImpl.forward
+        vllm_ops.cpu_attn_reshape_and_cache(key[:tokens], val[:tokens], k_cache, v_cache,
+                                            torch.arange(n, n + tokens), isa)
+        lay = KVLayout(num_layers=1, num_kv_heads=h, head_size=d, dtype="bfloat16")
+        adapter = CpuPageAdapter(kv, lay, 2, n, n)
+        return adapter.save_source(1).copy(), adapter
+
+    want, _ = section_after(valid)
+    got, adapter = section_after(n)
+    adapter.clear_tokens(got, valid)
+    assert np.array_equal(got, want)

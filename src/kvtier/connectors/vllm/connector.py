@@ -279,9 +279,16 @@ class KVTierConnector(KVConnectorBase_V1):
                 return roots[(salt, lora)]
 
             identity = Identity(fingerprint, layout_id.hex(), self.format_tag, chunk_tokens, hash_mode)
+            # a partial chunk's tail is zeroed in the page's own layout (clear_tokens), which is checked
+            # against vLLM's kernels for the vec ISAs only: AMX packs K in 16-token VNNI groups, and its
+            # partial chunks would keep other tokens' K/V and lose half of their own
+            partial = cfg.partial_chunks and (not self.is_cpu or self.cpu_isa in SUB_BLOCK_CPU_ISAS)
+            if cfg.partial_chunks and not partial:
+                log.info("kvtier: partial last chunks are off: the CPU kernel's page layout (ISA %s) is not one "
+                         "kvtier can clear a chunk's tail in", self.cpu_isa)
             self.scheduler = SchedulerSide(link, root_for, chunk_tokens, hash_mode, cfg.save_decode,
                                            load=ktc.is_kv_consumer, save=ktc.is_kv_producer, block_size=block_size,
-                                           partial_chunks=cfg.partial_chunks, identity=identity,
+                                           partial_chunks=partial, identity=identity,
                                            remote_wait_s=cfg.remote_wait_s, publish_wait_s=cfg.publish_wait_s,
                                            chunk_bytes=layout.chunk_bytes(chunk_tokens), plan_loads=cfg.plan_loads,
                                            engine_id=f"vllm:{fingerprint}:{self.format_tag}")
