@@ -51,6 +51,10 @@ class StepPlan:
     # the tokens this step's forward computes (vLLM's scheduled tokens): the worker times forwards
     # without loads and reports (tokens, seconds), the load planner's compute cost
     computed_tokens: int = 0
+    # how many steps with failed loads the scheduler had heard of when it built this plan: a
+    # worker whose previous step's load failed knows from it whether this step was scheduled
+    # before the rollback (async scheduling), and so may have computed over the failed blocks
+    load_failures_seen: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.loads or self.saves)

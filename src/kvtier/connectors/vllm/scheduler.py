@@ -152,6 +152,7 @@ class SchedulerSide:
         self.hash_mode = hash_mode
         self.save_decode = save_decode
         self.partial_chunks = partial_chunks
+        self.load_failures_seen = 0
         self.identity = identity  # for handoffs (pd.py); None: this side neither makes nor accepts them
         self.remote_wait_s = remote_wait_s
         self.poll_s = poll_s
@@ -424,7 +425,7 @@ class SchedulerSide:
 
     def build_plan(self, num_scheduled: Mapping[str, int], block_ids_of: Callable[[str], Sequence[int] | None],
                    spec_tokens: Mapping[str, Sequence[int]] | None = None) -> StepPlan:
-        plan = StepPlan()
+        plan = StepPlan(load_failures_seen=self.load_failures_seen)
         for pending in self.reqs.values():
             if pending.load is not None:
                 plan.loads.append(pending.load)
@@ -561,6 +562,8 @@ class SchedulerSide:
 
     def load_errors(self, block_ids: set[int]) -> None:
         """The worker could not load these blocks: their chunks are not in the store (any more)."""
+        if block_ids:
+            self.load_failures_seen += 1  # one report per step that had failures (plan.load_failures_seen)
         for st in self.reqs.values():
             bad = [chunk for b, chunk in st.loaded.items() if b in block_ids]
             if bad:

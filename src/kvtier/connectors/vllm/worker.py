@@ -174,6 +174,9 @@ class WorkerSide:
         self._loads: list[_LayerLoad] = []  # this step's loads until they are finished
         self._saves: list[_Save] = []
         self._failed_blocks: set[int] = set()
+        self._step = 0  # steps started
+        self._load_failed_at = -2  # the step in which a load last failed
+        self._failed_steps = 0  # steps in which a load failed (the scheduler hears of each once)
         self.stats = WorkerStats()
         self._loads_started = self._saves_started = 0.0  # perf_counter when the step's loads/saves began
         self.batched = False  # the adapters move a layer's blocks with one index op (GPU layouts)
@@ -232,6 +235,7 @@ class WorkerSide:
 
     # -- steps ---------------------------------------------------------------------------
     def start_step(self, plan: StepPlan | None) -> None:
+        self._step += 1
         self.plan = plan if plan is not None else StepPlan()
         self._saves = []
         self._resolve_timings()
@@ -276,6 +280,9 @@ class WorkerSide:
     def _fail_load(self, spec: LoadSpec, indices: list[int] | None = None) -> None:
         blocks = spec.block_ids if indices is None else [spec.block_ids[i] for i in indices]
         self._failed_blocks.update(blocks)
+        if self._load_failed_at != self._step:
+            self._load_failed_at = self._step
+            self._failed_steps += 1
 
     def start_loads(self) -> None:
         """Submit this step's loads: one store load per request covering every layer.
@@ -715,6 +722,21 @@ class WorkerSide:
         self._finish_loads()
         if self._load_stream is not None:
             self._load_stream.join()
+        failed_now = self._load_failed_at == self._step
+        scheduled_blind = (self._load_failed_at == self._step - 1
+                           and self.plan.load_failures_seen < self._failed_steps)
+        if self._saves and (failed_now or scheduled_blind):
+            # KV computed in this step may have attended over a failed load's blocks (zeroed, or
+            # half copied): of the requests that loaded them, of any sharing them through vLLM's
+            # prefix cache, and, with async scheduling, in the step scheduled before vLLM heard of
+            # the failure and rolled them back. Published, it would stay under its key (the store
+            # keeps a key's first copy) and be served. None of the step's saves is published; the
+            # failed requests' chunks are saved again once recomputed (SchedulerSide.load_errors).
+            log.warning("kvtier: a load failed in %s; its %d saves are dropped",
+                        "this step" if failed_now else "the step before, and this one was scheduled before vLLM "
+                        "heard of it", len(self._saves))
+            for save in self._saves:
+                save.failed = True
         for save in self._saves:
             if self._save_copies is None:
                 self._commit(save)
@@ -726,6 +748,11 @@ class WorkerSide:
         self.plan = StepPlan()
 
     def take_failed_blocks(self) -> set[int]:
+        """The blocks whose loads failed, for this step's output. With speculative decoding vLLM
+        asks before wait_for_save (finish_step runs after the drafter), so the step's loads are
+        finished here: a failure must reach vLLM in the step it happened, or vLLM samples from
+        the zeroed blocks and caches them as computed."""
+        self._finish_loads()
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
