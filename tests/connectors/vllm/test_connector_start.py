@@ -79,6 +79,15 @@ def test_partial_chunks_only_where_the_page_layout_is_known(monkeypatch, tmp_pat
         conn.shutdown()
 
 
+def test_cuda_graphs_are_piecewise_so_the_layer_hooks_run() -> None:
+    """vLLM forces PIECEWISE CUDA graphs only for a connector that asks: in a FULL graph replay
+    wait_for_layer_load and save_kv_layer never run (no wait for a load's copies, saves lost)."""
+    assert KVTierConnector.requires_piecewise_for_cudagraph({}) is True
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    assert KVConnectorBase_V1.requires_piecewise_for_cudagraph({}) is False  # the default kvtier overrides
+
+
 DETACHED_STARTER = """
 import os, sys
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # a vLLM CPU worker is pinned to its compute cores

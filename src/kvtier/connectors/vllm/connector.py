@@ -446,6 +446,14 @@ class KVTierConnector(KVConnectorBase_V1):
         return self._interval_stats.take()
 
     @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """True: loads and saves are layer by layer (wait_for_layer_load, save_kv_layer), which vLLM
+        runs between graph pieces only. vLLM's default FULL_AND_PIECEWISE mode replays a FULL graph
+        for a batch of one-token requests (an exact repeat's first step is one), skipping both: its
+        attention would read blocks the load stream is still copying, and its saves would be lost."""
+        return True
+
+    @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVTierConnectorStats | None:
         return KVTierConnectorStats(data=dict(data or {}))
 
