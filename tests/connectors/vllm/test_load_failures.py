@@ -112,3 +112,4 @@ def test_a_failed_load_is_reported_in_its_own_step_when_vllm_asks_before_wait_fo
     w.finish_step()  # finalize_kv_connector, after the drafter
     assert reported == {sim.blocks["b"][1]}
     assert w.take_failed_blocks() == set()  # reported once
+

@@ -101,6 +101,7 @@ class _ReqState:
     partial: bytes | None = None  # key of the prompt's partial last chunk (2..chunk_tokens-1 tokens)
     partial_tokens: int = 0
     partial_stored: bool = False  # in the store: saved by this request or loaded from it
+    prompt_tokens: int = 0  # the prompt length the chain and partial chunk were keyed for
     handoff_checked: bool = False  # its kv_transfer_params were read (consumer)
     awaited: frozenset[bytes] = frozenset()  # chunks a producer published that the store must show first
     refused: HandoffError | None = None  # the handoff its kv_transfer_params carried, refused (consumer)
@@ -182,16 +183,33 @@ class SchedulerSide:
     def _state(self, request: Any) -> _ReqState:
         st = self.reqs.get(request.request_id)
         if st is None:
-            chain = None
-            if keyable(request):
-                root = self.root_for(getattr(request, "cache_salt", None) or "", lora_name(request))
-                chain = KeyChain(root, self.chunk_tokens, self.hash_mode)
-                chain.extend(list(request.prompt_token_ids))
-            st = self.reqs[request.request_id] = _ReqState(request, chain)
-            tail = request.num_prompt_tokens % self.chunk_tokens
-            if chain is not None and self.partial_chunks and tail >= 2:  # 1 token: nothing to load
-                st.partial, st.partial_tokens = chain.partial_key(), tail
+            st = self.reqs[request.request_id] = _ReqState(request, None)
+            self._key_prompt(st)
+        elif request.num_prompt_tokens != st.prompt_tokens:
+            self._key_prompt(st)  # a streaming session's next input: its prompt grew
         return st
+
+    def _key_prompt(self, st: _ReqState) -> None:
+        """Key the request's prompt (its chain, its partial last chunk). Again when vLLM grows a
+        streaming session's prompt in place (same request id: the computed outputs and the new
+        input appended, the last sampled token discarded): the chain may hold that discarded token
+        and the partial chunk was the old prompt's, so both are made anew, and what was stored
+        counts only as far as the new chain agrees with the old."""
+        request, old = st.request, st.chain
+        st.prompt_tokens = request.num_prompt_tokens
+        st.chain, st.partial, st.partial_tokens, st.partial_stored = None, None, 0, False
+        if not keyable(request):
+            return
+        root = self.root_for(getattr(request, "cache_salt", None) or "", lora_name(request))
+        chain = st.chain = KeyChain(root, self.chunk_tokens, self.hash_mode)
+        chain.extend(list(request.prompt_token_ids))
+        if old is not None:
+            same = next((i for i, (a, b) in enumerate(zip(old.keys, chain.keys, strict=False)) if a != b),
+                        min(len(old.keys), len(chain.keys)))
+            st.stored_upto = min(st.stored_upto, same)
+        tail = request.num_prompt_tokens % self.chunk_tokens
+        if self.partial_chunks and tail >= 2:  # 1 token: nothing to load
+            st.partial, st.partial_tokens = chain.partial_key(), tail
 
     def _final_chunk(self, st: _ReqState, num_tokens: int, end: int) -> tuple[bytes, int, bool] | None:
         """(key, tokens to claim, partial?) of chunk `end` when it holds the request's last token.
@@ -437,6 +455,8 @@ class SchedulerSide:
         c = self.chunk_tokens
         for req_id, n_sched in num_scheduled.items() if self.save else ():
             st = self.reqs.get(req_id)
+            if st is not None and st.request.num_prompt_tokens != st.prompt_tokens:
+                self._key_prompt(st)  # a streaming session resumed with its blocks: vLLM asked no lookup
             if st is None or st.chain is None:
                 continue
             req = st.request
