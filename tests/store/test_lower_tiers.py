@@ -7,6 +7,7 @@ tests/tiers/test_redis.py runs the same paths against real Redis servers.
 import numpy as np
 import pytest
 
+from kvtier.core import metrics as m
 from kvtier.core.config import (
     DiskTierConfig,
     LowerTierConfig,
@@ -278,3 +279,50 @@ def test_wait_lower_without_lower_tiers_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"keys\[1\]"):
         store.wait_lower([keys[0], b"short"], 1.0)
     store.close()
+
+
+def _nfs_then_disk(tmp_path):
+    from kvtier.core.config import SharedFolderTierConfig
+
+    return [LowerTierConfig(name="nfs", shared_folder=SharedFolderTierConfig(root=str(tmp_path / "nfs"), owner=False)),
+            folder(tmp_path / "l2", name="l2")]
+
+
+def _eio_under(monkeypatch, root) -> None:
+    """Every stat/open/utime under `root` fails with EIO: an NFS soft mount whose server is away."""
+    import errno
+    import os
+
+    root = str(root)
+    for name in ("stat", "open", "utime"):
+        real = getattr(os, name)
+
+        def failing(path, *a, _real=real, **kw):
+            if isinstance(path, str) and path.startswith(root):
+                raise OSError(errno.EIO, "Input/output error", path)
+            return _real(path, *a, **kw)
+
+        monkeypatch.setattr(os, name, failing)
+
+
+def test_a_failing_shared_mount_is_a_miss_in_its_tier_and_the_tiers_below_serve(tmp_path, monkeypatch):
+    """Bug: the shared folder re-raised every I/O error but a vanished file's, so a failing mount
+    failed the engine's lookups and loads, and a chain's write stopped in every tier below it."""
+    keys = keys_for(4)
+    a = make_store(tmp_path, _nfs_then_disk(tmp_path))
+    save_chain(a, keys[:3]).wait()
+    a.flush()
+    a.close()
+    b = make_store(tmp_path, _nfs_then_disk(tmp_path))
+    _eio_under(monkeypatch, tmp_path / "nfs")
+    look = b.lookup(keys[:3])
+    assert look.hits == 3 and look.tiers == ("l2",) * 3
+    res, dests = load(b, keys[:3])
+    assert res.loaded == 3 and res.tiers == ("l2",) * 3
+    assert_exact(keys[:3], dests)
+    with pytest.raises(Exception, match="nfs"):  # the failing tier's chain stops, and says so
+        b.save(keys[3:], keys[2], 3, [payload(keys[3])]).wait()
+    b.flush()
+    assert b.lower_tiers[1].contains(keys[3])  # the tier below still got it
+    assert b.metrics.get(m.READ_ERRORS, tier="nfs") > 0
+    b.close()

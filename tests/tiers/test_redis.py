@@ -29,7 +29,7 @@ from kvtier.core.config import (  # noqa: E402
     RedisTierConfig,
     StoreConfig,
 )
-from kvtier.core.errors import ConfigError, TierUnavailableError  # noqa: E402
+from kvtier.core.errors import ConfigError, CorruptChunkError, TierUnavailableError  # noqa: E402
 from kvtier.core.keys import Namespace, chunk_keys  # noqa: E402
 from kvtier.core.layout import KVLayout  # noqa: E402
 from kvtier.store import TieredStore  # noqa: E402
@@ -291,12 +291,32 @@ def test_ttl_expires_chunks(shared_server):
     tier.close()
 
 
+def test_a_value_evicted_between_a_reads_round_trips_is_a_miss_not_corruption(tier):
+    """A read's header and layer GETRANGEs are not atomic: a value evicted between them leaves
+    empty layer replies. That is a miss; before, it counted as corruption and sent a DEL (which
+    could take a copy another host had just stored). A value still there and cut short is corrupt."""
+    keys = keys_for(1, salt=41)
+    write_chain(tier, keys)
+    rkey = tier.redis_key(keys[0])
+    r = tier._single.client
+    header = r.getrange(rkey, 0, tier._kv_header - 1)
+    views = [memoryview(d) for d in dests(1)[0]]
+    replies = [header] + [b""] * TINY.num_layers
+    with pytest.raises(CorruptChunkError, match="short value"):
+        tier._unpack_layers(keys[0], rkey, replies, list(range(TINY.num_layers)), views)
+    r.delete(rkey)  # evicted
+    assert tier._unpack_layers(keys[0], rkey, replies, list(range(TINY.num_layers)), views) is None
+
+
 def test_bad_config_and_servers_are_clear_errors_at_start(shared_server, tmp_path):
     for url in ("localhost:6379", "redis://", "redis://h:notaport", "http://h:1", "redis://h:1/db0", ""):
         with pytest.raises(ConfigError, match="url"):
             RedisTierConfig(url=url)
     with pytest.raises(ConfigError, match="timeout_s"):
         RedisTierConfig(url="redis://h:1", timeout_s=0)
+    for ttl in (-1.0, 0.0005, float("nan")):  # 0.5 ms rounded to no expiry at all, silently (an audit found)
+        with pytest.raises(ConfigError, match="ttl_s"):
+            RedisTierConfig(url="redis://h:1", ttl_s=ttl)
     with pytest.raises(TierUnavailableError, match="set cluster: true|Cluster"):
         # a plain server asked to be a cluster: redis-py's cluster discovery refuses it
         RedisTier(TINY, CHUNK, cfg(shared_server.url, cluster=True))

@@ -365,3 +365,31 @@ def test_a_host_extends_a_chain_whose_head_another_host_wrote(tmp_path):
     assert read(owner, k2)[0].parent == k1
     for t in (owner, a, b):
         t.close()
+
+
+def test_the_owner_deletes_only_the_corrupt_copy_it_read_not_one_published_since(tmp_path, monkeypatch):
+    """Bug: the owner dropped a chunk that failed its checksum by unlinking its path, which by then
+    could hold a good copy another host had renamed over it: lost to every host."""
+    import kvtier.tiers.disk as disk_mod
+
+    owner, member = open_tier(tmp_path, True), open_tier(tmp_path, False)
+    key = put(owner, 1)
+    path = chunk_path(tmp_path, key)
+    with open(path, "r+b") as f:  # a torn copy: one payload byte wrong, its header fine
+        f.seek(ALIGN + 7)
+        b = f.read(1)
+        f.seek(ALIGN + 7)
+        f.write(bytes([b[0] ^ 0xFF]))
+    real = disk_mod._preadv_sections
+
+    def read_then_another_host_publishes(fd, sections, views):
+        real(fd, sections, views)
+        monkeypatch.setattr(disk_mod, "_preadv_sections", real)
+        put(member, 1)  # the same prefix computed on another host: a good copy renamed over the path
+
+    monkeypatch.setattr(disk_mod, "_preadv_sections", read_then_another_host_publishes)
+    assert read(owner, key)[0] is None  # the torn copy it read: a miss
+    assert os.path.exists(path)  # the good copy stays
+    assert read(member, key)[0] is not None
+    owner.close()
+    member.close()

@@ -208,8 +208,8 @@ class RedisTierConfig:
         for name in ("connect_timeout_s", "timeout_s", "backoff_s", "max_backoff_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.ttl_s < 0:
-            raise ConfigError(f"ttl_s must be >= 0 (0 = no expiry), got {self.ttl_s!r}")
+        if not (self.ttl_s == 0 or self.ttl_s >= 0.001):  # Redis expires in whole milliseconds (NaN too)
+            raise ConfigError(f"ttl_s must be 0 (no expiry) or at least 0.001 (1 ms), got {self.ttl_s!r}")
         if self.breaker_failures <= 0:
             raise ConfigError(f"breaker_failures must be positive, got {self.breaker_failures!r}")
         if self.max_connections <= 0:

@@ -544,7 +544,7 @@ class TieredStore:
                     t0 = time.perf_counter()
                     try:
                         ok = tier.write(meta, src)
-                    except TierWriteError as e:
+                    except (TierWriteError, OSError) as e:  # stops this tier's chain only, not the others'
                         self.metrics.inc(m.WRITE_FAILURES, tier=tier.name)
                         errors.append(f"{tier.name}: chunk {i}: {e}")
                         break

@@ -664,12 +664,20 @@ class RedisTier(Tier):
                 if str(part).startswith("WRONGTYPE"):
                     raise CorruptChunkError(f"not a kvtier chunk: {part}")
                 return None  # MOVED, ASK, ...: a miss
+            if not part and not self._still_there(rkey):
+                return None  # evicted or deleted between this read's round trips (they are not atomic): a miss
             if len(part) != s.length:
                 raise CorruptChunkError(f"layer {layer}: short value")
             if checksum(part) != s.checksum:
                 raise CorruptChunkError(f"layer {layer} checksum mismatch")
             view[:] = part
         return ChunkMeta(header.key, header.parent, header.depth, header.num_tokens, tuple(s.checksum for s in kv))
+
+    def _still_there(self, rkey: bytes) -> bool:
+        """Whether the value exists (True when the server cannot say): a value cut short is corrupt
+        only if it is still there; gone, it was evicted while it was being read."""
+        replies = self._pipelined([rkey], lambda _i: [("EXISTS", rkey)])[0]
+        return replies is _NO_VALUE or bool(replies[0])  # type: ignore[index]
 
     def _fetch_ranges(self, rkey: bytes, ranges: Sequence[tuple[int, int]]) -> list[Any] | None:
         """GETRANGE of each (offset, length) of one value; None when the server cannot be asked."""

@@ -153,8 +153,9 @@ class SharedFolderTier(DiskTier):
         try:
             os.stat(entry.path)
         except OSError as e:
-            if e.errno not in _GONE:
-                raise
+            if e.errno not in _GONE:  # EIO, ETIMEDOUT (a soft mount whose server is away): a miss for now
+                self._read_failed(key, e)
+                return False
             self._forget(key, entry)
             return False
         self._checked[key] = now
@@ -170,9 +171,9 @@ class SharedFolderTier(DiskTier):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            if e.errno in _GONE:
-                return None
-            raise
+            if e.errno not in _GONE:  # a shared mount's I/O error is a miss, never the engine's lookup failing
+                self._read_failed(key, e)
+            return None
         try:
             st = os.fstat(fd)
             sig = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -188,9 +189,9 @@ class SharedFolderTier(DiskTier):
             self._bad[key] = sig
             return None
         except OSError as e:
-            if e.errno in _GONE:
-                return None
-            raise
+            if e.errno not in _GONE:
+                self._read_failed(key, e)
+            return None
         finally:
             os.close(fd)
         with self._lock:
@@ -219,10 +220,8 @@ class SharedFolderTier(DiskTier):
                 continue
             try:
                 os.utime(entry.path)
-            except OSError as e:
-                if e.errno not in _GONE and e.errno not in (errno.EPERM, errno.EACCES, errno.EROFS):
-                    raise
-                continue  # gone (a later lookup misses), or not ours to touch: recency is only a hint
+            except OSError:
+                continue  # gone (a later lookup misses), not ours to touch, or the mount failing: only a hint
             self._touched[key] = now
 
     # -- reads: a file that vanished under us is a miss -----------------------------------------
@@ -230,9 +229,7 @@ class SharedFolderTier(DiskTier):
         try:
             return super().read(key, layers, dests)
         except OSError as e:
-            if e.errno not in _GONE:
-                raise
-        self._forget_key(key)
+            self._read_failed(key, e)  # gone: forgotten; another I/O error: counted, kept for later
         self.metrics.inc(m.MISSES, tier=self.name)
         return None
 
@@ -240,9 +237,7 @@ class SharedFolderTier(DiskTier):
         try:
             return super().read_section(key, kind, index)
         except OSError as e:
-            if e.errno not in _GONE:
-                raise
-        self._forget_key(key)
+            self._read_failed(key, e)
         return None
 
     def _read_failed(self, key: bytes, e: OSError) -> None:
@@ -293,7 +288,7 @@ class SharedFolderTier(DiskTier):
             # only if the index still holds the entry we read: a newer file is not ours to judge
             if self._unindex_locked(key, entry):
                 if self.owner:
-                    _unlink_quietly(entry.path)
+                    _unlink_if_unchanged(entry.path, sig)
                 elif sig is not None:
                     self._bad[key] = sig
         self._report_usage()
@@ -379,7 +374,7 @@ class SharedFolderTier(DiskTier):
             except CorruptChunkError:
                 corrupt += 1
                 self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
-                _unlink_quietly(path)
+                _unlink_if_unchanged(path, (fst.st_ino, fst.st_size, fst.st_mtime_ns))
                 continue
             finally:
                 os.close(fd)
@@ -471,3 +466,16 @@ def _make_folders(root: str) -> None:
 
 
 __all__ = ["RescanReport", "SharedFolderTier", "SharedFolderTierConfig"]
+
+
+def _unlink_if_unchanged(path: str, sig: tuple[int, int, int] | None) -> None:
+    """Remove the corrupt file that was read (inode, size, mtime `sig`), not a good copy another
+    host has renamed over the same path since (it would be lost to every host)."""
+    if sig is not None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return  # gone already, or unreadable: the next read judges it again
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != sig:
+            return
+    _unlink_quietly(path)
