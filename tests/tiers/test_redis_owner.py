@@ -309,6 +309,27 @@ def test_a_second_owner_stands_by_and_takes_over_when_the_first_goes(srv):
     first.close()
 
 
+def test_a_late_save_record_of_a_chunk_the_owner_adopted_and_evicted_is_not_saved_again(srv):
+    """Bug (flaky test_background_thread_evicts_without_being_asked): a host writes a chunk, then
+    flushes its record. An owner rescan between the two adopted the chunk from its scan and
+    evicted it; the late record then added it back to the view, accounted but gone, and the
+    owner evicted a real chunk to make room for it."""
+    owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=True))
+    host = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=False))
+    keys = keys_for(8, salt=23)
+    write_chain(host, keys[:7])
+    host.owner_step()  # the records of chunks 0..6 are in the stream
+    write_chain(host, keys[7:])  # chunk 7 is stored, its record still buffered on the host
+    report = owner.owner_step()  # builds its view: 7 adopted from the scan; evicts the tail
+    assert report.evicted == 4 and stored(srv, host, keys) == [True] * 4 + [False] * 4
+    host.owner_step()  # 7's record arrives
+    report = owner.owner_step()
+    assert report.evicted == 4 and report.chunks == 4
+    assert stored(srv, host, keys) == [True] * 4 + [False] * 4  # before: chunk 3 evicted for a phantom 7
+    host.close()
+    owner.close()
+
+
 def test_background_thread_evicts_without_being_asked(srv):
     owner = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=True, flush_s=0.05))
     host = RedisTier(TINY, CHUNK, ocfg(srv.url, 4, owner=False, flush_s=0.05))

@@ -72,6 +72,7 @@ READ_COUNT = 4096  # stream records the owner reads per XREAD
 MAX_RUNS_PER_ENTRY = 512  # hit records one stream entry may carry
 HIT_KEY_BYTES = 8  # bytes of each key a hit record carries (a 32-byte key: a quarter of the stream)
 SCAN_COUNT = 1000  # keys per SCAN step (and per pipeline of STRLEN/GETRANGE)
+MAX_ADOPTED = 1 << 20  # adopted chunks whose save record has not arrived, at most (then forgotten)
 StreamId = tuple[int, int]
 
 
@@ -272,6 +273,9 @@ class AccessLog:
         self._read_count = 0  # records the stream ever added up to _last_id (see _trimmed_past)
         self._epoch: bytes = b""
         self._doomed: list[bytes] = []  # victims whose DEL has not gone through yet
+        # chunks a rescan adopted before their save record arrived (a host writes, then flushes its
+        # records): that late record is of the write already accounted, not a new one
+        self._adopted: set[bytes] = set()
         self._next_rescan = 0.0
 
     # -- every host: records ------------------------------------------------------------------
@@ -463,6 +467,12 @@ class AccessLog:
         if view is None:
             return
         if isinstance(record, Save):
+            if record.key in self._adopted:
+                self._adopted.discard(record.key)
+                if record.key not in view:
+                    # the late record of a write a rescan adopted and this owner has evicted since:
+                    # saved again it would be a chunk accounted but gone, and a real one evicted for it
+                    return
             if not view.save(record):
                 self._doomed.append(record.key)
         else:
@@ -536,7 +546,10 @@ class AccessLog:
                 return False
             history = retained
         recorded = {r.key for r in history if isinstance(r, Save)}
+        if build or len(self._adopted) > MAX_ADOPTED:
+            self._adopted.clear()  # bounded: a record skipped wrongly costs only accounting, which rescans repair
         for rec in sorted((r for r in new if r.key not in recorded), key=lambda r: r.depth):  # parents first
+            self._adopted.add(rec.key)
             if not view.save(rec):
                 self._doomed.append(rec.key)
         sizes = {r.key: r.size for r in new}
