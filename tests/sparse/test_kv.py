@@ -228,6 +228,28 @@ def test_bad_configurations() -> None:
             SparseConfig(keep_margin=margin)
 
 
+def test_the_latest_tokens_block_is_attended_even_with_no_window() -> None:
+    """Bug: with window_tokens 0 the block holding the latest token (the tail empty once it filled
+    the block) was a candidate like any other: the query could leave itself out."""
+    from kvtier.core.config import MemoryTierConfig, StoreConfig
+    from kvtier.sparse import sparse_store_layout
+    from kvtier.store.tiered import TieredStore
+
+    layout = KVLayout(1, 1, 4)
+    store = TieredStore(StoreConfig(chunk_tokens=2, memory=MemoryTierConfig(capacity_bytes=1 << 20)),
+                        sparse_store_layout(layout))
+    cfg = SparseConfig(policy="quest", budget_tokens=6, block_tokens=2, sink_tokens=0, window_tokens=0)
+    assert cfg.window_blocks == 1
+    kv = SparseKV(store, cfg, layout, async_writes=False)
+    k = torch.tensor([[[5.0, 0, 0, 0]] * 4 + [[-5.0, 0, 0, 0]] * 2])  # blocks 0, 1 match the query; block 2 not
+    v = torch.arange(24, dtype=torch.float32).view(1, 6, 4)
+    kv.append(0, k, v)  # 6 tokens: the latest (position 5) in block 2, the tail empty
+    kv.attend(0, torch.tensor([[[1.0, 0, 0, 0]]]), 1.0)
+    ws = kv.working[0]
+    assert 5 in ws.token_positions(6)[ws.token_mask()].tolist()
+    store.close()
+
+
 def test_layers_must_append_the_same_span() -> None:
     store = make_store()
     kv = SparseKV(store, config(), LAYOUT, salt=b"o")

@@ -72,7 +72,10 @@ class SparseConfig:
 
     @property
     def window_blocks(self) -> int:
-        return -(-self.window_tokens // self.block_tokens)
+        """The latest blocks always attended: at least one, the block holding the latest token when
+        the tail is empty (with window_tokens 0 that block was a candidate the selection could drop:
+        a token that did not attend to itself)."""
+        return max(1, -(-self.window_tokens // self.block_tokens))
 
     @property
     def slots(self) -> int:

@@ -221,3 +221,70 @@ def test_models_that_drop_tokens_are_refused(tmp_path):
     with pytest.raises(UnsupportedModelError):
         TransformersConnector(model, make_store(tiny_model(), None))
     check_full_kv(tiny_model())
+
+
+def _held(store) -> tuple[int, int]:
+    """(DRAM reservations, references on resident chunks) the store holds for someone."""
+    mem = store.memory
+    return len(mem._reserved), sum(e.refs for e in mem._index.values())  # noqa: SLF001
+
+
+def test_a_forward_that_fails_gives_back_what_its_prefill_held_at_once(tmp_path):
+    """Bug: only a PrefixLoadError was handled; any other failure (out of memory, an interrupt)
+    left the prefill's borrowed chunks and reserved save slots held until a garbage-collection
+    pass happened to free the cache (it refers to itself through its layers)."""
+    import gc
+
+    model = tiny_model(num_layers=3)
+    ids = prompt(model.config.vocab_size, 30, seed=1)
+    store = make_store(model, None)
+    conn = TransformersConnector(model, store, plan_loads=False, direct_loads=True, direct_saves=True)
+    conn.prefill(ids[:, :13])
+
+    def boom(module, args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    hook = model.model.layers[2].register_forward_pre_hook(boom)
+    gc.disable()  # nothing may depend on a collection
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            conn.prefill(ids)
+        assert _held(store) == (0, 0)
+    finally:
+        gc.enable()
+        hook.remove()
+    conn.prefill(ids)  # and the next prefill runs as usual
+    assert _held(store) == (0, 0)
+
+
+def test_a_refused_generate_gives_back_its_borrowed_chunks(tmp_path):
+    model = tiny_model()
+    ids = prompt(128, 13, seed=1)
+    store = make_store(model, None)
+    conn = TransformersConnector(model, store, plan_loads=False, direct_loads=True)
+    conn.prefill(ids)
+    with pytest.raises(LayoutMismatchError):
+        kvtier_generate(model, ids, conn, max_new_tokens=3, pad_token_id=0, num_beams=2)
+    assert _held(store) == (0, 0)
+
+
+def test_max_length_counts_the_callers_prompt_when_rows_hit_unequally(tmp_path):
+    """Bug: with rows hitting the store unequally generate runs on a wider input, and transformers
+    counted max_length over it: fewer new tokens than model.generate gave, or an error."""
+    model = tiny_model()
+    vocab = model.config.vocab_size
+    base = prompt(vocab, 30, seed=3)
+    store = make_store(model, None)
+    conn = TransformersConnector(model, store, plan_loads=False)
+    conn.prefill(base[:, :21])  # 5 chunks of 4 stored
+    rows = [base[0, :26], prompt(vocab, 13, seed=5)[0]]
+    ids = torch.zeros((2, 26), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):  # left padded
+        ids[b, 26 - len(row):], mask[b, 26 - len(row):] = row, 1
+    for kwargs in ({"max_length": 30}, {"max_length": 34, "min_length": 33}):
+        ref = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kwargs)
+        got = kvtier_generate(model, ids, conn, mask, do_sample=False, pad_token_id=0, **kwargs)
+        assert got.shape == ref.shape and torch.equal(got[:, :26], ids)
+    with pytest.raises(ValueError, match="max_length"):
+        kvtier_generate(model, ids, conn, mask, max_length=26, do_sample=False, pad_token_id=0)

@@ -129,6 +129,18 @@ def test_layout_mismatch_is_refused(models) -> None:
         KVTierSparseCache(store(), cfg("quest", 16))
 
 
+def test_a_store_of_another_dtype_is_refused(models) -> None:
+    """Bug: a float32 model over a bfloat16 sparse store was accepted and its KV silently rounded
+    (a full budget then no longer equalled dense), where the prefix connector refuses it."""
+    _, sparse = models
+    bf16 = TieredStore(StoreConfig(chunk_tokens=BLOCK, memory=MemoryTierConfig(capacity_bytes=1 << 22)),
+                       sparse_store_layout(KVLayout(2, 2, 16, "bfloat16")))
+    cache = KVTierSparseCache(bf16, cfg("dense", 12), model_config=sparse.config)
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LayoutMismatchError, match="float32.*bfloat16"), torch.no_grad():
+        sparse(input_ids=ids, past_key_values=cache, use_cache=True)
+
+
 def test_unsupported_attention_is_refused() -> None:
     class Attn(torch.nn.Module):
         sliding_window = 128

@@ -242,11 +242,22 @@ class TransformersConnector:
                 return cache, out
             except PrefixLoadError as e:
                 caps = list(e.valid_chunks)
+            except BaseException:
+                # a failed forward (out of memory, an interrupt): give back at once what the prefill
+                # holds (borrowed chunks, reserved DRAM slots, staging); the cache refers to itself
+                # through its layers, so only a garbage-collection pass would have freed them
+                cache.discard()
+                raise
         raise AssertionError("unreachable: the last attempt loads nothing")
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **gen_kwargs: Any) -> Any:
-        """model.generate with the stored prefix loaded; same return value as generate on input_ids."""
+        """model.generate with the stored prefix loaded; same return value as generate on input_ids.
+
+        With a batch whose rows hit the store unequally, generate runs on a wider input (each row's
+        cached and computed columns aligned, padding between them): max_length and min_length are
+        counted over `input_ids` all the same, but logits processors that read the prompt
+        (repetition_penalty, no_repeat_ngram_size) also see that padding."""
         if self.cache_kwarg in gen_kwargs or "past_key_values" in gen_kwargs or "cache" in gen_kwargs:
             raise ValueError("kvtier_generate brings its own cache; do not pass one")
         if input_ids.shape[1] == 0:  # transformers cannot run an empty prompt; start from BOS as generate() does
@@ -264,11 +275,16 @@ class TransformersConnector:
             kwargs = dict(gen_kwargs)
             if plan.attention_mask is not None:
                 kwargs["attention_mask"] = plan.attention_mask
+            if plan.full_input_ids.shape[1] != input_ids.shape[1]:
+                _lengths_from_the_callers_prompt(kwargs, self.model.generation_config, input_ids.shape[1])
             try:
                 out = self.model.generate(plan.full_input_ids, **self.cache_kwargs(cache), **kwargs)
             except PrefixLoadError as e:
                 caps = list(e.valid_chunks)
                 continue
+            except BaseException:
+                cache.discard()  # as in prefill: nothing stays held until a garbage-collection pass
+                raise
             return _restore_prompt(out, input_ids, plan)
         raise AssertionError("unreachable: the last attempt loads nothing")
 
@@ -329,6 +345,28 @@ def kvtier_generate(model: Any, input_ids: torch.Tensor, store: Any,
     if conn.model is not model:
         raise ValueError("the connector was built for another model")
     return conn.generate(input_ids, attention_mask, **gen_kwargs)
+
+
+def _lengths_from_the_callers_prompt(kwargs: dict[str, Any], default: Any, width: int) -> None:
+    """generate runs on the plan's input, wider than the caller's (rows' cached and uncached columns
+    aligned), and transformers counts max_length and min_length over the input it runs: they become
+    max_new_tokens and min_new_tokens over the caller's width, as model.generate would count them."""
+    config = kwargs.get("generation_config") or default
+    if kwargs.get("max_new_tokens") is None and getattr(config, "max_new_tokens", None) is None:
+        max_length = kwargs.pop("max_length", None)
+        if max_length is None:
+            max_length = getattr(config, "max_length", None)
+        if max_length is not None:
+            if max_length <= width:
+                raise ValueError(f"Input length of input_ids is {width}, but `max_length` is set to {max_length}: "
+                                 "increase `max_length` or set `max_new_tokens`")
+            kwargs["max_new_tokens"] = max_length - width
+    if kwargs.get("min_new_tokens") is None:
+        min_length = kwargs.pop("min_length", None)
+        if min_length is None:
+            min_length = getattr(config, "min_length", None)
+        if min_length:
+            kwargs["min_new_tokens"] = max(0, min_length - width)
 
 
 def _restore_prompt(out: Any, input_ids: torch.Tensor, plan: PrefillPlan) -> Any:

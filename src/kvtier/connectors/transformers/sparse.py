@@ -44,7 +44,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from kvtier.connectors.transformers.compat import decoder_config
-from kvtier.connectors.transformers.identity import config_layout
+from kvtier.connectors.transformers.identity import TORCH_DTYPES, config_layout
 from kvtier.core.errors import LayoutMismatchError
 from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
@@ -139,6 +139,10 @@ class SparseCacheLayer(CacheLayerMixin):
         self.seen = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        want = self.owner.layout.dtype
+        if TORCH_DTYPES.get(key_states.dtype) != want:  # cast silently, KV would be rounded: dense no longer equal
+            raise LayoutMismatchError(f"layer {self.layer_idx}: the model's KV is {key_states.dtype}, the sparse "
+                                      f"store holds {want}: open the store with the model's dtype")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.owner._ensure_sequences(key_states.shape[0], key_states.device)
         self.is_initialized = True
