@@ -5,8 +5,9 @@
 
 A random-weight Llama of a named shape (shared with `bench ttft`) is built on the device and
 decodes through the transformers connector (attn_implementation="kvtier_sparse" with a
-KVTierSparseCache over a DRAM TieredStore) against the same model with a plain DynamicCache
-and sdpa. Every row is measured, never filled in: the CUDA-only rows (`max_context` and
+KVTierSparseCache over a DRAM TieredStore) against the same model with sdpa over a preallocated
+StaticCache in the decode rows (a DynamicCache copies its whole KV at every step) and a
+DynamicCache in the prefill rows. Every row is measured, never filled in: the CUDA-only rows (`max_context` and
 `batched` need a memory cap, `torch.cuda.set_per_process_memory_fraction`, and GPU KV bytes come
 from `torch.cuda.max_memory_allocated`) report `null` values and a `skipped` reason elsewhere.
 
@@ -189,10 +190,18 @@ def _traced_step(model, cache, device: torch.device) -> dict[str, Any]:
     return {"transient_peak_bytes": tracker.peak, "at_peak": top, "cuda_peak_over_before_bytes": cuda_peak}
 
 
+def _dense_decode_cache(model, max_tokens: int) -> Any:
+    """The dense arm's cache for decode rows: preallocated (transformers' StaticCache), as the CPU
+    decode bench's dense reads a preallocated KV. A DynamicCache concatenates every layer's whole K
+    and V with each new token (reading and writing the cache once more per step), which would make
+    the baseline slower than dense decode is (an audit found it)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_tokens)
+
+
 def decode_row(model, plan: Plan, device: torch.device, context: int, drift: float,
                weights_bytes: int | None) -> dict[str, Any]:
-    from transformers import DynamicCache
-
     from kvtier.connectors.transformers.sparse import ATTN_NAME
 
     gen = torch.Generator().manual_seed(context)
@@ -200,7 +209,7 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
     budget = plan.budget(context)
 
     model.set_attn_implementation("sdpa")
-    dense_cache: DynamicCache | None = DynamicCache(config=model.config)
+    dense_cache: Any = _dense_decode_cache(model, context + plan.steps)
     logits = _prefill(model, ids, dense_cache, plan.chunk)
     dense_times, dense_peak = _peak_during(device, lambda: _decode(model, dense_cache, logits, plan.steps, drift,
                                                                   device))
@@ -253,7 +262,8 @@ def decode_row(model, plan: Plan, device: torch.device, context: int, drift: flo
             "dense_kv_gpu_bytes": None if dense_peak is None or weights_bytes is None else dense_peak - weights_bytes,
             "sparse_kv_gpu_bytes": None if sparse_peak is None or weights_bytes is None else sparse_peak - weights_bytes,
             "sparse_fast_tier_bytes": fast_bytes, "sparse_held_bytes": held, "steps": plan.steps,
-            "sparse_unaccounted_before_decode_bytes": unaccounted, "sparse_traced_step": traced, **prefetch}
+            "sparse_unaccounted_before_decode_bytes": unaccounted, "sparse_traced_step": traced,
+            "dense_cache": "StaticCache", **prefetch}
 
 
 def prefill_row(model, plan: Plan, device: torch.device, context: int, repeats: int = 3) -> dict[str, Any]:
@@ -370,8 +380,6 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
     context back from the store for every chunk)."""
     import os
 
-    from transformers import DynamicCache
-
     from kvtier.connectors.transformers.sparse import ATTN_NAME, model_kv_layout
 
     ctx = plan.batched_context
@@ -384,14 +392,15 @@ def batched_row(model, plan: Plan, device: torch.device, weights_bytes: int) -> 
     sparse_batch = max(1, min(int(kv_cap // fast_per_seq), host_seqs, 8))
     total = torch.cuda.get_device_properties(device).total_memory
     cap_fraction = min(1.0, (weights_bytes + kv_cap + (6 << 30)) / total)
-    out: dict[str, Any] = {"context_tokens": ctx, "budget_tokens": budget, "gpu_kv_cap_bytes": kv_cap}
+    out: dict[str, Any] = {"context_tokens": ctx, "budget_tokens": budget, "gpu_kv_cap_bytes": kv_cap,
+                           "dense_cache": "StaticCache"}
     try:
         for name, batch in (("dense", 4), ("sparse", sparse_batch)):
             ids = torch.randint(0, model.config.vocab_size, (batch, ctx)).to(device)
             store = None
             if name == "dense":
                 model.set_attn_implementation("sdpa")
-                cache: Any = DynamicCache(config=model.config)
+                cache: Any = _dense_decode_cache(model, ctx + plan.steps)
             else:
                 model.set_attn_implementation(ATTN_NAME)
                 store, cache = _sparse_cache(model, plan, budget, batch, ctx)
