@@ -82,7 +82,7 @@ for f in sorted(out.glob("ttft_*.json")):
         print(f"  {c['prompt_tokens']:>6}: plain {c['no_kvtier_s']:.4f} miss {c['miss_s']:.4f} "
               f"(published {c['miss_published_s']:.4f}) dram {c['dram_hit_s']:.4f} (floor {c['dram_floor_s']:.4f}) "
               f"disk {c['disk_hit_s']:.4f} (floor {c['disk_floor_s']:.4f}) load_gbps {c['load_gbps']:.1f} "
-              f"max_logit_diff {c['max_logit_diff']:.2e} top1_equal {c['top1_equal']} "
+              f"max_logit_diff {c['max_logit_diff']:.2e} top1_equal {c['top1_equal']} (decisive {c.get('top1_decisive')}) "
               f"disk chunks loaded {x['chunks_loaded']} recomputed {x['chunks_recomputed']}")
 PY
 cat "$OUT/summary.txt"

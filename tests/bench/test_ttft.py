@@ -14,7 +14,7 @@ from kvtier.core.errors import ConfigError
 
 CASE_KEYS = ("prompt_tokens", "no_kvtier_s", "miss_s", "dram_hit_s", "disk_hit_s", "dram_floor_s", "disk_floor_s",
              "reduction_dram", "reduction_disk", "miss_published_s", "load_only_s", "load_gbps", "max_logit_diff",
-             "top1_equal")
+             "top1_equal", "top1_decisive")
 RUN_LISTS = {"no_kvtier_s": "no_kvtier_runs_s", "miss_s": "miss_runs_s", "miss_published_s": "miss_published_runs_s",
              "dram_hit_s": "dram_hit_runs_s", "disk_hit_s": "disk_hit_runs_s", "load_only_s": "load_only_runs_s"}
 
@@ -47,8 +47,10 @@ def test_json_has_every_key(quick_run):
     assert data["cases"] == result["cases"] and len(data["cases"]) == 2
     for case, detail in zip(data["cases"], data["details"]):
         assert set(CASE_KEYS) <= set(case)
-        assert {"chunks_loaded", "chunks_recomputed", "dram_chunks_loaded", "dram_chunks_recomputed"} <= set(detail)
+        assert {"chunks_loaded", "chunks_recomputed", "dram_chunks_loaded", "dram_chunks_recomputed",
+                "disk_device_read_bytes"} <= set(detail)
         assert case["top1_equal"] is True and case["max_logit_diff"] < 1e-3
+        assert isinstance(case["top1_decisive"], bool)
         assert case["miss_published_s"] >= case["miss_s"] > 0
     for key in ("device", "shape", "dtype", "repeats", "memcpy_bytes_per_s", "disk_read_bytes_per_s"):
         assert key in data["setup"]
@@ -160,3 +162,15 @@ def test_pool_copy_probe_runs_the_direct_load_steps_on_any_device():
             pool_copy_probe(store, "cpu", nbytes=8 << 20, piece=64 << 20)
     finally:
         store.close()
+
+
+def test_top1_equal_says_when_it_compared_nothing() -> None:
+    """top1_equal's tolerance is the run's own max_logit_diff (issue 17's definition): logits far off
+    leave no row decisive and top1_equal true. top1_decisive says whether anything was compared."""
+    import torch
+
+    ref = torch.tensor([[5.0, 1.0, 0.0]])
+    garbage = torch.tensor([[0.0, 0.0, 9.0]])
+    diff = float((ref - garbage).abs().max())
+    assert ttft.top1_agrees(ref, garbage, diff) is True and ttft.top1_decisive(ref, diff) is False
+    assert ttft.top1_agrees(ref, garbage, 1e-3) is False and ttft.top1_decisive(ref, 1e-3) is True

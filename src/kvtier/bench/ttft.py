@@ -27,6 +27,9 @@ prompt, so no column pays first-call costs), every column below is the median of
     max_logit_diff    largest |logit - plain's| over every DRAM and disk hit
     top1_equal        every hit's top-1 token equals plain's wherever plain's top-1/top-2 gap
                       exceeds max_logit_diff
+    top1_decisive     whether plain's top-1/top-2 gap exceeded max_logit_diff: only then did
+                      top1_equal compare anything (hits whose logits are far off make the gap
+                      small beside the tolerance, and top1_equal true without a comparison)
 
 details[] per case: chunks_loaded / chunks_recomputed (disk hit: stored chunks loaded, and stored
 chunks recomputed because the load planner found loading slower), the same for the DRAM hit
@@ -51,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtier.bench.common import drop_page_cache, median, print_table, write_json
+from kvtier.bench.common import device_read_bytes, drop_page_cache, median, print_table, write_json
 from kvtier.bench.models import LLAMA_SHAPES
 from kvtier.core.errors import ConfigError
 
@@ -224,6 +227,19 @@ def _open_store(layout: Any, root: Path, chunk: int, dram_bytes: int, throttle_g
     return store
 
 
+def _device_read_bytes() -> int | None:
+    try:
+        return device_read_bytes()
+    except (OSError, RuntimeError):
+        return None
+
+
+def top1_decisive(ref: torch.Tensor, tolerance: float) -> bool:
+    """Whether every row of ref has a top-1/top-2 gap above `tolerance` (top1_agrees compares it)."""
+    top = torch.topk(ref.float(), 2, dim=-1).values
+    return bool(((top[..., 0] - top[..., 1]) > tolerance).all())
+
+
 def top1_agrees(ref: torch.Tensor, got: torch.Tensor, tolerance: float) -> bool:
     """got's top-1 equals ref's wherever ref's top-1/top-2 gap exceeds `tolerance` (per row)."""
     ref, got = ref.float(), got.float()
@@ -310,14 +326,20 @@ class _Runner:
             comp_s, _ = self.timed(self.model, **plan.model_inputs(), **nosave.cache_kwargs(cache), logits_to_keep=1)
         return load_s, comp_s, plan
 
-    def disk_hit(self, ids: torch.Tensor) -> tuple[float, Any, torch.Tensor, int]:
+    def disk_hit(self, ids: torch.Tensor) -> tuple[float, Any, torch.Tensor, int, int | None]:
+        """(seconds, plan, logits, chunks the disk tier served, bytes read from a block device by
+        this process meanwhile: near 0 when the folder is on tmpfs, or when dropping the page cache
+        did nothing, and the "disk" hit read RAM; None where /proc/self/io is missing)."""
         from kvtier.core import metrics as m
 
         self.reopen()
         assert self.store.disk is not None
         drop_page_cache([self.store.disk.path_of(k) for k in self.conn.chunk_keys(ids[0].tolist())])
+        before = _device_read_bytes()
         s, (plan, got) = self.timed(self.through, ids)
-        return s, plan, got, int(self.store.metrics.get(m.HITS, tier="disk"))
+        after = _device_read_bytes()
+        dev = after - before if before is not None and after is not None else None
+        return s, plan, got, int(self.store.metrics.get(m.HITS, tier="disk")), dev
 
 
 def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.PathLike[str] | None = None,
@@ -425,6 +447,7 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
             ref = None
             base_runs, miss_runs, published_runs, dram_runs, load_runs, comp_runs = [], [], [], [], [], []
             disk_runs, disk_reads, disk_loaded, diffs, top1 = [], [], [], [], []
+            disk_dev: list[int | None] = []
             dram_plan = disk_plan = load_plan = None
             for _ in range(runs):
                 s, logits = bench.timed(bench.plain, ids)
@@ -441,7 +464,8 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
                 load_s, comp_s, load_plan = bench.load_then_compute(ids)
                 load_runs.append(load_s)
                 comp_runs.append(comp_s)
-                s, disk_plan, got, reads = bench.disk_hit(ids)
+                s, disk_plan, got, reads, dev = bench.disk_hit(ids)
+                disk_dev.append(dev)
                 disk_runs.append(s)
                 disk_reads.append(reads)
                 disk_loaded.append(disk_plan.cached_tokens[0] // chunk)
@@ -460,7 +484,8 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
                     "disk_floor_s": _floor(stored, disk_floor_bw, comp_s, base_s, cuda),
                     "reduction_dram": 1 - dram_s / base_s, "reduction_disk": 1 - disk_s / base_s,
                     "load_only_s": load_s, "load_gbps": placed / load_s / 1e9 if load_s else 0.0,
-                    "max_logit_diff": max_diff, "top1_equal": all(top1_agrees(ref, g, max_diff) for g in top1)}
+                    "max_logit_diff": max_diff, "top1_equal": all(top1_agrees(ref, g, max_diff) for g in top1),
+                    "top1_decisive": top1_decisive(ref, max_diff)}
             cases.append(case)
             details.append({"prompt_tokens": n, "stored_tokens": stored // token_bytes, "bytes_stored": stored,
                             "chunks_loaded": disk_plan.cached_tokens[0] // chunk,
@@ -468,6 +493,7 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
                             "dram_chunks_loaded": dram_plan.cached_tokens[0] // chunk,
                             "dram_chunks_recomputed": dram_plan.skipped_tokens[0] // chunk,
                             "disk_chunks_read": disk_reads, "disk_chunks_loaded_runs": disk_loaded,
+                            "disk_device_read_bytes": disk_dev,
                             "suffix_compute_s": comp_s,
                             "no_kvtier_runs_s": base_runs, "miss_runs_s": miss_runs,
                             "miss_published_runs_s": published_runs, "dram_hit_runs_s": dram_runs,
@@ -477,6 +503,11 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
                   f"(floor {case['dram_floor_s']:.4f}), disk hit {disk_s:.4f} s (floor {case['disk_floor_s']:.4f}; "
                   f"{details[-1]['chunks_loaded']} chunks loaded, {details[-1]['chunks_recomputed']} recomputed); "
                   f"load only {load_s:.4f} s ({case['load_gbps']:.2f} GB/s); max |dlogit| {max_diff:.1e}")
+            loaded_bytes = details[-1]["chunks_loaded"] * chunk * token_bytes
+            if loaded_bytes and all(d is not None and d < loaded_bytes // 10 for d in disk_dev):
+                print(f"  warning: the disk hits read {max(d or 0 for d in disk_dev)} bytes from a block device for "
+                      f"{loaded_bytes} loaded: the disk tier's folder is on tmpfs, or dropping its page cache did "
+                      "nothing; those hits read RAM (pass --root on a real disk)")
             # a run cut short (a device lease's time cap) keeps the lengths it finished
             write_json(json_out, {"cases": cases, "setup": setup, "details": details,
                                   "partial": "the lengths finished so far; overlap not run yet"})
