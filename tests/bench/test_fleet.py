@@ -176,6 +176,10 @@ def test_judge_compares_redis_and_folder_with_one_host_at_four_hosts():
     with pytest.raises(ValueError, match="redis_mode"):
         judge(rows, redis_mode="sampled")
     assert judge(rows[:1])["met"] is None
+    # reported beside it: one host holding the fleet's DRAM and the shared tier's bytes together
+    whole = rows[1].one_host_all
+    assert whole >= bound  # more memory, on the same trace and policy
+    assert verdict["vs_one_host_all"]["folder"] == pytest.approx(rows[1].folder / whole)
 
 
 def test_redis_owner_is_the_folders_model_fed_every_hosts_saves_and_hits():
@@ -198,7 +202,7 @@ def test_run_writes_one_row_per_host_count(tmp_path):
     assert [r["hosts"] for r in saved["rows"]] == [1, 2, 4]
     for row in saved["rows"]:
         ratios = {"private", "redis", "redis_exact_lru", "redis_default_samples", "redis_lfu", "folder", "one_host",
-                  "one_host_lru", "cache_aware", "redis_owner"}
+                  "one_host_lru", "one_host_all", "cache_aware", "redis_owner"}
         assert set(row) == {"hosts", "capacity_pct", "max_load_share"} | ratios
         assert 1.0 <= row["max_load_share"] <= 1.5 + 4 * row["hosts"] / 250
         assert row["capacity_pct"] == 1

@@ -46,6 +46,16 @@ def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:
             os.close(fd)
 
 
+def drop_folder_cache(folder: str | os.PathLike[str]) -> None:
+    """Evict a disk or shared-folder tier's chunk files from the page cache (a file removed
+    meanwhile is skipped): the next read of them is a read of the device, as another host's is."""
+    for file in Path(folder).glob("chunks/*/*.kvc"):
+        try:
+            drop_page_cache([file])
+        except OSError:
+            pass
+
+
 def device_read_bytes() -> int:
     """Bytes this process caused to be read from a block device (/proc/self/io read_bytes)."""
     with open("/proc/self/io") as f:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.bench.common import drop_folder_cache
 from kvtier.core.layout import KVLayout
 
 LAYOUT = KVLayout(num_layers=12, num_kv_heads=8, head_size=128, dtype="float32")
@@ -105,6 +106,7 @@ def run_payload(chunks: int = 64, layout: KVLayout = LAYOUT, quiet: bool = False
         seen_s = time.perf_counter() - t0
         dest = np.zeros((chunks, layout.num_layers, layout.layer_bytes(CHUNK_TOKENS)), dtype=np.uint8)
         dests = [list(dest[i]) for i in range(chunks)]
+        drop_folder_cache(root)  # host A wrote them here: host B's read must not find them in memory
         t0 = time.perf_counter()
         first = b.load(keys, dests).wait()
         folder_load_s = time.perf_counter() - t0

@@ -19,8 +19,12 @@ reported per repeat and as their median.
 Reported:
   vllm_shared  ttft_ratio: shared's mean TTFT / dram's, same_tokens; the same for "redis"
                (shared_redis); first_visit_ttft_ratio: only the first question on each document
-               (every chunk from the shared tier; later ones find the document in their own DRAM)
-  pd           ttft_ratio: decode's mean TTFT / dram's; e2e_ttft_s and e2e_ttft_ratio: the
+               (every chunk from the shared tier; later ones find the document in their own DRAM).
+               The folder's files are dropped from the page cache before each of shared's
+               requests (this host wrote them; another host's would not hold them)
+  pd           ttft_ratio: decode's mean TTFT / dram's (the decode instance reads the handoff
+               right after the prefill wrote it, from this host's page cache as a same-host
+               reader would; no cold read is measured there); e2e_ttft_s and e2e_ttft_ratio: the
                client's wall time through the proxy (prefill + handoff + decode + the proxy's
                hops) over dram's TTFT; e2e_over_prefill: that wall time over the prefill server's
                own TTFT of the prompt (vLLM computing it whole); max_computed_chunks (the most prompt chunks the decode
@@ -44,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvtier.bench.common import drop_folder_cache
 from kvtier.bench.vllm import QUICK, Sizes, _kvtier_config, _llm_kwargs, _stop_service, build_model
 from kvtier.bench.vllm_servers import (
     Child,
@@ -199,6 +204,8 @@ def run_workload(fleet: Fleet, seed: int) -> dict[str, Any]:
         # the prefill's service writes its chunks to both shared tiers in the background, in chain order
         _wait(fleet.published(handoff), 120, "the prefill's chunks in the shared folder and Redis")
         for name in ("dram", "shared", "shared_redis"):
+            if name == "shared":  # "another host": the folder's files are not in its memory (this host wrote them)
+                drop_folder_cache(fleet.shared)
             answer, ttft = servers[name].complete(model, ids)
             rows[name].append({"ttft_s": ttft, "token": token_of(answer), "cached": cached_of(answer),
                                "prompt_tokens": len(ids)})
