@@ -214,3 +214,89 @@ def test_prompt_hashes_follow_what_events_named_parent_by_parent():
     assert index.prompt_hashes([3, 4]) == []  # the same tokens under another parent are another block
     index.apply("c", "kvtier", batch(BlockStored([99], None, [], 2, None, "CPU", None)))  # no token_ids: nothing learnt
     assert index.prompt_hashes([1, 2]) == [11]
+
+
+def _drain(sub: EventSubscriber, want, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sub.poll(100)
+        if want():
+            return True
+    return False
+
+
+def test_a_restarted_publisher_is_followed_from_its_batch_0(tmp_path):
+    """Bug: a restarted publisher numbers its batches from 0 again; the subscriber counted them as
+    duplicates and kept the old view (DRAM the restart emptied) until the numbers passed the old ones."""
+    index = KVIndex(block_size=4)
+    pub = KVEventPublisher(ipc_config(tmp_path, batch_max_events=1))
+    sub = EventSubscriber(index, "e", pub.endpoint, replay=pub.replay_endpoint)
+    try:
+        time.sleep(0.2)
+        for h in range(1, 6):
+            pub._put(stored([h], "CPU"))
+        assert pub.flush()
+        assert _drain(sub, lambda: sub.last_seq == 4)
+        pub.close()
+        pub = KVEventPublisher(ipc_config(tmp_path, batch_max_events=1))  # the service restarts
+        time.sleep(0.5)
+        sub.poll(100)
+        pub._put(stored([100], "CPU"))
+        pub._put(stored([101], "CPU"))
+        assert pub.flush()
+        assert _drain(sub, lambda: index.blocks("e", "CPU") == {100, 101})
+        assert sub.stats.restarts == 1
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_a_replay_cut_short_or_events_dropped_on_a_full_queue_clear_the_view(tmp_path):
+    """Bugs: a replay past the ROUTER's high-water mark lost batches silently and later replayed
+    batches were applied without a gap check; events dropped on a full publisher queue left no
+    gap at all. Either way removed blocks stayed in the index with no loss counted."""
+    index = KVIndex(block_size=4)
+    pub = KVEventPublisher(ipc_config(tmp_path, batch_max_events=1, max_queue_size=4))
+    sub = EventSubscriber(index, "e", pub.endpoint, replay=pub.replay_endpoint)
+    try:
+        time.sleep(0.2)
+        for h in range(100):
+            pub._put(stored([h], "CPU"))
+            assert pub.flush()
+        assert _drain(sub, lambda: sub.last_seq == 99)
+        for h in range(100):  # faster than the thread sends: some are dropped
+            pub._put(BlockRemoved([h], "CPU"))
+        assert pub.flush()
+        assert pub.stats["dropped_queue_full"] > 0
+        _drain(sub, lambda: False, timeout_s=2.0)
+        held = index.blocks("e", "CPU")
+        assert held == set() or sub.stats.unrecovered_gaps > 0, (len(held), sub.stats)
+        assert not held - {h for h in range(100)}  # nothing it never stored
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_a_long_replay_arrives_whole(tmp_path):
+    n = 3000  # past the replay socket's default high-water mark of 1000
+    index = KVIndex(block_size=4)
+    pub = KVEventPublisher(ipc_config(tmp_path, batch_max_events=1, buffer_steps=5000))
+    sub = EventSubscriber(index, "e", pub.endpoint, replay=pub.replay_endpoint)
+    try:
+        time.sleep(0.2)
+        pub._put(stored([0], "CPU"))
+        assert pub.flush()
+        assert _drain(sub, lambda: sub.last_seq == 0)
+        for h in range(1, n):
+            pub._put(stored([h], "CPU"))
+        assert pub.flush(30)
+        time.sleep(0.3)
+        while sub._sub.poll(200):  # lost live
+            sub._sub.recv_multipart()
+        pub._put(stored([n], "CPU"))
+        assert pub.flush()
+        assert _drain(sub, lambda: sub.last_seq == n, timeout_s=20)
+        assert index.blocks("e", "CPU") == set(range(n + 1)) and sub.stats.unrecovered_gaps == 0
+    finally:
+        sub.close()
+        pub.close()

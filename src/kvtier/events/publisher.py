@@ -72,6 +72,7 @@ class KVEventPublisher:
         self._cond = threading.Condition()
         self._enqueued = 0
         self._sent = 0
+        self._dropped = False  # events were dropped (queue full) since the last batch was numbered
         self.stats = {"batches": 0, "events": 0, "dropped_queue_full": 0, "replay_requests": 0,
                       "replay_bad_requests": 0, "send_errors": 0, "bad_block_hashes": 0}
         self._pub = self._bind(zmq.PUB, config.endpoint, "endpoint")
@@ -91,6 +92,8 @@ class KVEventPublisher:
         sock.setsockopt(zmq.LINGER, 0)
         if kind == zmq.PUB:
             sock.set_hwm(self.config.hwm)
+        else:  # a ROUTER drops replies past its high-water mark, silently: room for a whole replay
+            sock.setsockopt(zmq.SNDHWM, self.config.buffer_steps + 16)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
@@ -194,6 +197,7 @@ class KVEventPublisher:
                 self._queue.put_nowait(event)
             except queue.Full:
                 self.stats["dropped_queue_full"] += 1
+                self._dropped = True  # the next batch skips a number: subscribers see the loss as a gap
                 return
             self._enqueued += 1
 
@@ -234,6 +238,10 @@ class KVEventPublisher:
                     stop = True
                     break
                 events.append(item)
+            with self._cond:
+                if self._dropped:  # a number no batch gets, so no replay can fill: every subscriber's
+                    seq += 1       # view of this source is cleared, never left holding what the lost events changed
+                    self._dropped = False
             payload = self._codec.encode(time.time(), events, self.config.data_parallel_rank)
             try:
                 self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))

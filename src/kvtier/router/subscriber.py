@@ -8,8 +8,11 @@ Sequence numbers: a batch numbered past the last one applied plus one means batc
 (the PUB socket's high-water mark, a subscriber that joined late). The subscriber then asks the
 replay socket for everything from the first missing number, applies it in order, and goes on.
 If the replay cannot fill the gap (no replay socket, it timed out, the publisher's buffer no
-longer reaches back that far), the source's view is cleared (better no hint than a wrong one)
-and the loss counted in `stats`. Duplicates (a replayed batch arriving again live) are skipped.
+longer reaches back that far, or it skips numbers), the source's view is cleared (better no
+hint than a wrong one) and the loss counted in `stats`. Duplicates (a replayed batch arriving
+again live) are skipped. A restarted publisher numbers its batches from 0 again: a live batch
+numbered at or below the last one applied but stamped later than every batch applied is such a
+restart, and the source's view is cleared and followed from it (`stats.restarts`).
 A message that does not decode is dropped and counted, never raised.
 """
 
@@ -37,6 +40,7 @@ class SubscriberStats:
     replayed: int = 0
     unrecovered_gaps: int = 0
     replay_timeouts: int = 0
+    restarts: int = 0
 
 
 class EventSubscriber:
@@ -51,6 +55,7 @@ class EventSubscriber:
         self.replay_timeout_ms = replay_timeout_ms
         self.stats = SubscriberStats()
         self.last_seq: int | None = None
+        self.last_ts: float | None = None  # the latest stamp of a batch applied (a restart's are later)
         self._codec = BatchCodec(encoding)
         self._ctx = context or zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
@@ -76,10 +81,20 @@ class EventSubscriber:
         if seq < 0:
             self.stats.bad_messages += 1
             return
+        batch: KVEventBatch | None = None
         if self.last_seq is not None and seq <= self.last_seq:
-            self.stats.duplicates += 1
-            return
+            batch = self._decode(seq, frames[2]) if live else None
+            if batch is None or self.last_ts is None or not batch.ts > self.last_ts:
+                self.stats.duplicates += 1
+                return
+            self.stats.restarts += 1  # numbered from 0 again, stamped after all we have: a new publisher
+            _log.warning("kv events from %s: batch %d after %d, stamped later: the publisher restarted; "
+                         "forgetting its view and following it from there", self.source, seq, self.last_seq)
+            self.index.clear(self.instance, self.source)
+            self.last_seq = None
         expected = 0 if self.last_seq is None else self.last_seq + 1
+        if not live and seq > expected:  # a replay that skips numbers (the replay socket dropped replies)
+            self._lost(expected, f"the replay skipped to batch {seq}")
         if live and seq > expected:
             self.stats.gaps += 1
             lost_before = self.stats.unrecovered_gaps
@@ -90,18 +105,25 @@ class EventSubscriber:
             reached = -1 if self.last_seq is None else self.last_seq
             if reached + 1 < seq and self.stats.unrecovered_gaps == lost_before:
                 self._lost(reached + 1, f"the replay ended before batch {seq}")
+        if batch is None:
+            batch = self._decode(seq, frames[2])
+            if batch is None:
+                self.last_seq = seq
+                return
+        self._apply(seq, batch)
+
+    def _decode(self, seq: int, payload: bytes) -> KVEventBatch | None:
         try:
-            batch = self._codec.decode(frames[2])
+            return self._codec.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             self.stats.bad_messages += 1
             _log.warning("kv events from %s: batch %d does not decode (%s); dropped", self.source, seq, e)
-            self.last_seq = seq
-            return
-        self._apply(seq, batch)
+            return None
 
     def _apply(self, seq: int, batch: KVEventBatch) -> None:
         self.index.apply(self.instance, self.source, batch)
         self.last_seq = seq
+        self.last_ts = batch.ts if self.last_ts is None else max(self.last_ts, batch.ts)
         self.stats.applied += 1
 
     def _resync(self, start: int) -> None:
@@ -129,6 +151,7 @@ class EventSubscriber:
                 return
             if first and seq > start:
                 self._lost(start, f"the replay buffer starts at {seq}")
+                self.last_seq = seq - 1  # followed from there (the view is cleared)
             first = False
             self.stats.replayed += 1
             self._receive(frames, live=False)
