@@ -53,7 +53,7 @@ class FakeInstance:
                                   "kv_transfer_params": self.refusal})
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)  # as vLLM, which takes long prompts
         app.router.add_post("/v1/completions", self.generate)
         app.router.add_post("/v1/chat/completions", self.generate)
         app.router.add_get("/health", self.health)
@@ -285,3 +285,69 @@ def test_bad_backend_urls_name_the_argument(prefill: str, decode: str, named: st
 def test_bad_timeout_names_the_field() -> None:
     with pytest.raises(ConfigError, match="proxy.read_timeout_s"):
         ProxyConfig("http://a:1", "http://b:2", read_timeout_s=0)
+
+
+def test_a_prompt_past_a_mebibyte_is_proxied_and_bad_bodies_get_json_errors():
+    """Bugs: aiohttp's default 1 MiB body limit refused a prompt of 200k token ids (plain text 413),
+    and a charset Python does not know was a 500."""
+    prompt = list(range(200_000))
+
+    async def scenario(client, prefill, decode):
+        resp = await client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 4})
+        assert resp.status == 200, (resp.status, (await resp.text())[:200])
+        resp = await client.post("/v1/completions", data=json.dumps({"prompt": "hi"}).encode(),
+                                 headers={"Content-Type": "application/json; charset=bogus"})
+        assert resp.status == 400 and "charset" in (await resp.json())["error"]["message"]
+        resp = await client.post("/v1/completions", data=b"[" * ((64 << 20) + 1),
+                                 headers={"Content-Type": "application/json"})
+        assert resp.status == 413 and "bytes" in (await resp.json())["error"]["message"]
+
+    run(scenario)
+
+
+class _StallingInstance(FakeInstance):
+    """A decode instance whose stream stops after its first piece, past the proxy's read timeout."""
+
+    async def generate(self, request):
+        await request.json()
+        if self.role == "prefill":
+            return web.json_response({"choices": [{"text": "x"}], "kv_transfer_params": {"k": 1}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"t": 0}\n\n')
+        await asyncio.sleep(3)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+def test_a_stream_broken_mid_answer_is_cut_not_followed_by_a_second_response():
+    """Bug: after the stream's headers were sent, an upstream read timeout became an error response
+    written into the same connection: a second status line inside the stream, then a terminator
+    that looked like a clean end."""
+    async def main() -> bytes:
+        pre = TestServer(_StallingInstance("prefill").app(), host="127.0.0.1")
+        dec = TestServer(_StallingInstance("decode").app(), host="127.0.0.1")
+        await pre.start_server()
+        await dec.start_server()
+        cfg = ProxyConfig(str(pre.make_url("")), str(dec.make_url("")), connect_timeout_s=2.0, read_timeout_s=0.5)
+        proxy = TestServer(make_app(cfg), host="127.0.0.1")
+        await proxy.start_server()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        body = json.dumps({"prompt": "hi", "stream": True}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        raw = b""
+        try:
+            while piece := await asyncio.wait_for(reader.read(65536), timeout=3):
+                raw += piece
+        except asyncio.TimeoutError:
+            pass
+        writer.close()
+        for server in (proxy, pre, dec):
+            await server.close()
+        return raw
+
+    raw = asyncio.run(main())
+    assert raw.count(b"HTTP/1.1") == 1 and b'data: {"t": 0}' in raw  # the first piece, then the cut
+    assert not raw.endswith(b"0\r\n\r\n")  # no clean chunked end: the client sees the stream broken

@@ -36,7 +36,15 @@ from aiohttp import web
 
 from kvtier.core.config import check_fields, number_field
 from kvtier.core.errors import ConfigError
-from kvtier.proxy.server import HOP_HEADERS, ROUTES, _read_request, backend_url, error_response, health_of
+from kvtier.proxy.server import (
+    MAX_BODY_BYTES,
+    ROUTES,
+    _read_request,
+    backend_url,
+    error_response,
+    health_of,
+    relay_stream,
+)
 from kvtier.router import CacheAwareRouter, EventSubscriber, KVIndex
 
 log = logging.getLogger("kvtier.proxy.routing")
@@ -139,16 +147,7 @@ async def _forward(request: web.Request, base: str, body: dict[str, Any]) -> web
     url = base + request.path
     try:
         async with request.app[SESSION_KEY].post(url, json=body) as resp:
-            out = web.StreamResponse(status=resp.status, reason=resp.reason)
-            for name, value in resp.headers.items():
-                if name.lower() not in HOP_HEADERS:
-                    out.headers[name] = value
-            out.headers["X-KVTier-Instance"] = base
-            await out.prepare(request)
-            async for piece in resp.content.iter_any():
-                await out.write(piece)
-            await out.write_eof()
-            return out
+            return await relay_stream(request, resp, url, {"X-KVTier-Instance": base})
     except aiohttp.ClientConnectorError as e:
         return error_response(503, f"the instance {base} is unreachable: {e}", "service_unavailable")
     except asyncio.TimeoutError:
@@ -187,7 +186,7 @@ async def handle_models(request: web.Request) -> web.Response:
 
 
 def make_routing_app(cfg: RoutingConfig) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         router = Router(cfg)

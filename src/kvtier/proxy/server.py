@@ -47,6 +47,9 @@ log = logging.getLogger("kvtier.proxy")
 
 ASK_HANDOFF = {"do_remote_decode": True}  # vLLM's name for "keep this for a decode instance"
 ROUTES = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}  # path -> the field it needs
+# a request body's limit: aiohttp's default (1 MiB) refused prompts of about 150k token ids, the long
+# prompts disaggregation is for; 64 MiB holds some 9M
+MAX_BODY_BYTES = 64 << 20
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date",
                "server"}
 
@@ -104,6 +107,10 @@ async def _read_request(request: web.Request) -> dict[str, Any] | web.Response:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return error_response(400, f"the request body is not valid JSON: {e}", "invalid_request_error")
+    except LookupError as e:  # Content-Type names a charset Python does not know
+        return error_response(400, f"the request's charset is unknown: {e}", "invalid_request_error")
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"the request body is over {MAX_BODY_BYTES} bytes", "invalid_request_error")
     if not isinstance(body, dict):
         return error_response(400, f"the request body must be a JSON object, got {type(body).__name__}",
                               "invalid_request_error")
@@ -145,20 +152,7 @@ async def _decode(request: web.Request, session: aiohttp.ClientSession, cfg: Pro
         async with session.post(url, json=body) as resp:
             if not body.get("stream"):
                 return _checked_answer(cfg, resp, await resp.read())
-            out = web.StreamResponse(status=resp.status, reason=resp.reason)
-            for name, value in resp.headers.items():
-                if name.lower() not in HOP_HEADERS:
-                    out.headers[name] = value
-            await out.prepare(request)
-            try:
-                async for piece in resp.content.iter_any():
-                    await out.write(piece)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                # headers are gone: all that is left is to cut the stream, which clients see as an error
-                log.warning("kvtier proxy: decode %s broke off mid-answer (%s: %s)", url, type(e).__name__, e)
-                raise
-            await out.write_eof()
-            return out
+            return await relay_stream(request, resp, url)
     except aiohttp.ClientConnectorError as e:
         return error_response(503, f"the decode instance {cfg.decode_url} is unreachable: {e}", "service_unavailable")
     except asyncio.TimeoutError:
@@ -167,6 +161,30 @@ async def _decode(request: web.Request, session: aiohttp.ClientSession, cfg: Pro
     except aiohttp.ClientError as e:
         return error_response(502, f"the decode instance {cfg.decode_url} failed: {type(e).__name__}: {e}",
                               "bad_gateway")
+
+
+async def relay_stream(request: web.Request, resp: aiohttp.ClientResponse, url: str,
+                       headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """Stream `resp` to the client as it arrives. Once the headers are sent an upstream failure can
+    no longer become an error response (written into the stream, it would corrupt it): the
+    connection is cut instead, which clients see as an error."""
+    out = web.StreamResponse(status=resp.status, reason=resp.reason)
+    for name, value in resp.headers.items():
+        if name.lower() not in HOP_HEADERS:
+            out.headers[name] = value
+    out.headers.update(headers or {})
+    await out.prepare(request)
+    try:
+        async for piece in resp.content.iter_any():
+            await out.write(piece)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        log.warning("kvtier proxy: %s broke off mid-answer (%s: %s); the client's stream is cut",
+                    url, type(e).__name__, e)
+        if request.transport is not None:
+            request.transport.abort()
+        return out
+    await out.write_eof()
+    return out
 
 
 def _checked_answer(cfg: ProxyConfig, resp: aiohttp.ClientResponse, data: bytes) -> web.Response:
@@ -245,7 +263,7 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 def make_app(cfg: ProxyConfig) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[CONFIG_KEY] = cfg
 
     async def client_session(app: web.Application):  # type: ignore[no-untyped-def]
