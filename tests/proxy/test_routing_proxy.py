@@ -100,3 +100,44 @@ def test_bad_instances_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="at least one"):
         RoutingConfig(())
     assert prompt_tokens({"prompt": [[1, 2]]}) == [1, 2] and prompt_tokens({"prompt": "hi"}) == []
+
+
+def test_a_gap_whose_replay_never_answers_does_not_stall_the_proxy(tmp_path) -> None:
+    """Bug: the subscribers were polled on the event loop, and a gap's resync waits (2 s) for the
+    replay socket: an instance whose replay endpoint is down froze every request meanwhile. They are
+    polled on a worker thread now; a request routes by load while the index is busy."""
+    asyncio.run(_stall_free(tmp_path))
+
+
+async def _stall_free(tmp_path) -> None:
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    endpoint = f"ipc://{tmp_path}/ev"
+    pub.bind(endpoint)
+    fake = Instance("a")
+    server = TestServer(fake.app())
+    await server.start_server()
+    url = str(server.make_url("")).rstrip("/")
+    cfg = RoutingConfig((parse_instance(f"{url}={endpoint}=ipc://{tmp_path}/nobody"),), block_size=BS)
+    client = TestClient(TestServer(make_routing_app(cfg)))
+    await client.start_server()
+    try:
+        await asyncio.sleep(0.3)  # the subscriber joins
+        started = time.monotonic()
+        publish(pub, 5, list(range(8)), [1, 2])  # batches 0..4 never seen: a gap, and no replay answers
+        await asyncio.sleep(0.2)  # the poller is in its resync now (2 s)
+        for _ in range(10):
+            resp = await client.post("/v1/completions", json={"prompt": list(range(8)), "max_tokens": 1})
+            assert resp.status == 200
+        took = time.monotonic() - started
+        assert took < 1.0, f"the loop stood still behind the resync: {took:.2f} s for 0.2 s of sleep and 10 requests"
+        for _ in range(200):
+            stats = await (await client.get("/routing")).json()
+            if stats["subscribers"][url]["unrecovered_gaps"]:
+                break
+            await asyncio.sleep(0.02)
+        assert stats["subscribers"][url]["unrecovered_gaps"] == 1
+    finally:
+        await client.close()
+        await server.close()
+        pub.close(linger=0)

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,7 @@ from kvtier.proxy.server import (
 from kvtier.router import CacheAwareRouter, EventSubscriber, KVIndex
 
 log = logging.getLogger("kvtier.proxy.routing")
+INDEX_WAIT_S = 0.02  # the longest a request waits for the index while the poller applies events
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,7 +102,10 @@ def prompt_tokens(body: dict[str, Any]) -> list[int]:
 
 
 class Router:
-    """The index, its subscribers and the router, driven from the proxy's event loop."""
+    """The index, its subscribers and the router. The subscribers are polled on a worker thread (a
+    gap's resync waits for the replay socket, up to seconds for an instance that is down: on the
+    event loop that stalled every request, stream and /health); the index is read under the same
+    lock, and a request that finds it busy for long is routed by load alone (a cache miss at worst)."""
 
     def __init__(self, cfg: RoutingConfig) -> None:
         self.cfg = cfg
@@ -110,19 +115,32 @@ class Router:
         self.subscribers = [EventSubscriber(self.index, i.url, i.events, replay=i.replay, source="vllm")
                             for i in cfg.instances]
         self.routed_hit_blocks = 0
+        self.picked_without_index = 0
+        self._lock = threading.Lock()
 
     def poll(self) -> None:
-        for sub in self.subscribers:
-            sub.poll(0)
+        """Apply what the subscribers have received (the poller's thread)."""
+        with self._lock:
+            for sub in self.subscribers:
+                sub.poll(0)
 
     def pick(self, tokens: Sequence[int]) -> str:
-        self.poll()
-        hashes = self.index.prompt_hashes(tokens)
-        url = self.router.pick(hashes)
-        self.routed_hit_blocks += int(self.index.score(url, hashes) > 0)
+        if not self._lock.acquire(timeout=INDEX_WAIT_S):
+            self.picked_without_index += 1
+            return self.router.pick_by_load()
+        try:
+            hashes = self.index.prompt_hashes(tokens)
+            url = self.router.pick(hashes)
+            self.routed_hit_blocks += int(self.index.score(url, hashes) > 0)
+        finally:
+            self._lock.release()
         return url
 
     def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         ix = self.index.stats
         return {"requests": dict(self.router.loads), "max_load_share": self.router.max_load_share(),
                 "index": {"batches": ix.batches, "stored": ix.stored, "removed": ix.removed,
@@ -132,11 +150,13 @@ class Router:
                                              "bad_messages": s.stats.bad_messages} for s in self.subscribers},
                 "blocks": {i.url: {m: len(self.index.blocks(i.url, m)) for m in self.cfg.weights}
                            for i in self.cfg.instances},
-                "requests_sent_to_a_cached_prefix": self.routed_hit_blocks}
+                "requests_sent_to_a_cached_prefix": self.routed_hit_blocks,
+                "requests_routed_without_the_index": self.picked_without_index}
 
     def close(self) -> None:
-        for sub in self.subscribers:
-            sub.close()
+        with self._lock:  # not while the poller's thread is in a poll (zmq sockets are single-threaded)
+            for sub in self.subscribers:
+                sub.close()
 
 
 ROUTER_KEY = web.AppKey("router", Router)
@@ -194,7 +214,7 @@ def make_routing_app(cfg: RoutingConfig) -> web.Application:
 
         async def keep_polling() -> None:
             while True:
-                router.poll()
+                await asyncio.to_thread(router.poll)
                 await asyncio.sleep(cfg.poll_interval_s)
 
         poller = asyncio.create_task(keep_polling())

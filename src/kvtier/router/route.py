@@ -81,6 +81,14 @@ class CacheAwareRouter:
         self.total += 1
         return choice
 
+    def pick_by_load(self) -> str:
+        """The least-loaded instance, the index not read (a router whose index is busy)."""
+        loads = self.loads
+        choice = min(self.instances, key=lambda name: loads[name])
+        loads[choice] += 1
+        self.total += 1
+        return choice
+
     def max_load_share(self) -> float:
         """The busiest instance's request count over the fair share (1.0 = perfectly even)."""
         if self.total == 0:
