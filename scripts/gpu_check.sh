@@ -9,7 +9,7 @@ set -u
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3: what the GPU machine names for sure
 status=0
 
 step() {  # step NAME TIMEOUT_S ARGS...: one bench run, its log and exit code kept

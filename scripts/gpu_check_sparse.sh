@@ -14,7 +14,7 @@ set -u
 OUT=${OUT:-results/gpu_sparse}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3: what the GPU machine names for sure
 status=0
 
 step() {  # step NAME TIMEOUT_S ARGS...: one kvtier run, its log and exit code kept
@@ -122,20 +122,20 @@ print("OK")
 PY
 export OUT
 step correctness 80 "$OUT/check_sparse_cuda.py"
-# 2. where decode's GPU memory goes (scripts/sparse_memory.py): 4 layers of the 8B shape at 128k tokens
-#    of random bf16 KV, budget 1/16, quest, prefetch 4; held bytes by kind, the transient peak of a step by
-#    allocating function, torch.cuda.max_memory_allocated over the same steps, and a memory snapshot
-#    (open memory_snapshot.pickle at pytorch.org/memory_viz) for what the dispatch-level count cannot see
-step memory 60 scripts/sparse_memory.py --device cuda --layers 4 --context 131072 --dtype bfloat16 \
-    --prefetch-blocks 4 --json "$OUT/sparse_memory.json" --cuda-snapshot "$OUT/memory_snapshot.pickle"
-# 3. the measured run of the issue (llama-8b, bf16): 32k and 128k decode at budget 1/16 (drift 0 and
+# 2. the measured run of the issue (llama-8b, bf16): 32k and 128k decode at budget 1/16 (drift 0 and
 #    0.98), 32k prefill, capped memory, 64k batched; QUICK=1 for the smaller sizes
 args=(-m kvtier bench sparse --device cuda --shape llama-8b)
 [ -n "${QUICK:-}" ] && args+=(--quick)
 [ -n "${PREFETCH:-}" ] && args+=(--prefetch-blocks "$PREFETCH")
 step llama8b 260 "${args[@]}" --json "$OUT/sparse_llama8b.json"
+# 3. (after the measured run: a run cut short loses this, not that) where decode's GPU memory goes (scripts/sparse_memory.py): 4 layers of the 8B shape at 128k tokens
+#    of random bf16 KV, budget 1/16, quest, prefetch 4; held bytes by kind, the transient peak of a step by
+#    allocating function, torch.cuda.max_memory_allocated over the same steps, and a memory snapshot
+#    (open memory_snapshot.pickle at pytorch.org/memory_viz) for what the dispatch-level count cannot see
+step memory 60 scripts/sparse_memory.py --device cuda --layers 4 --context 131072 --dtype bfloat16 \
+    --prefetch-blocks 4 --json "$OUT/sparse_memory.json" --cuda-snapshot "$OUT/memory_snapshot.pickle"
 
-# 3. (FILL=1 or ONLY=fill) where decode's host time per layer goes at the 8B layer shape, 128k context,
+# 4. (FILL=1 or ONLY=fill) where decode's host time per layer goes at the 8B layer shape, 128k context,
 #    budget 1/16, drift 0.98: selection, plan, gather+verify, staging copy, write_slots, prefetch
 if [ -n "${FILL:-}" ] || [[ " ${ONLY:-} " == *" fill "* ]]; then
     step fill 120 scripts/profile_sparse_fill.py --device cuda --threads "$(nproc)" --json "$OUT/fill_profile.json"

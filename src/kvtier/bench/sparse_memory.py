@@ -209,7 +209,9 @@ def memory_breakdown(*, device: str = "cpu", layers: int = 2, kv_heads: int = 8,
                 base = torch.cuda.memory_allocated(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
                 if cuda_snapshot:
-                    torch.cuda.memory._record_memory_history(max_entries=200000)
+                    # Python frames only: resolving C++ frames runs addr2line, which took minutes per
+                    # snapshot with some binutils (torch later changed its default), past this step's cap
+                    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
             tracker = LiveTensorTracker(device_type=dev.type)
             step_s = []
             with tracker:

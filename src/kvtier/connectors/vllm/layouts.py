@@ -270,6 +270,8 @@ class SplitLastAdapter(BlockAdapter):
             raise ValueError(f"block ids must lie in 0..{self.num_blocks - 1}, got {min(blocks)}..{max(blocks)}")
         if r > 1:
             b = (b[:, None] * r + torch.arange(r)).reshape(-1)
+        if self.kv.device.type == "cuda":  # from pageable memory the copy would first wait for the stream's queue
+            b = b.pin_memory()
         return b.to(self.kv.device, non_blocking=True)
 
     def gather_device(self, blocks: list[int], last_valid: int = 0) -> torch.Tensor:
