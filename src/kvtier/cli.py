@@ -8,9 +8,9 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from kvtier.core.errors import KVTierError
+from kvtier.core.errors import ConfigError, KVTierError
 
 # Optional dependencies a subcommand may import, and the extra that installs each.
 _EXTRA_OF_MODULE = {"torch": "torch", "transformers": "transformers", "vllm": "vllm", "matplotlib": "bench",
@@ -35,6 +35,13 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1..65535, got {value}")
     return value
 
 
@@ -260,7 +267,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         rcfg = RoutingConfig(tuple(parse_instance(v) for v in args.instance), connect_timeout_s=args.connect_timeout,
                              read_timeout_s=args.read_timeout, **{k: v for k, v in given.items() if v is not None})
         logging.basicConfig(level=logging.INFO, format=fmt)
-        run_routing_proxy(rcfg, args.host, args.port)
+        _listening(run_routing_proxy, rcfg, args.host, args.port)
         return 0
 
     from kvtier.proxy import ProxyConfig, run_proxy
@@ -269,8 +276,16 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     cfg = ProxyConfig(args.prefill, args.decode, connect_timeout_s=args.connect_timeout,
                       read_timeout_s=args.read_timeout, **timeout)
     logging.basicConfig(level=logging.INFO, format=fmt)
-    run_proxy(cfg, args.host, args.port)
+    _listening(run_proxy, cfg, args.host, args.port)
     return 0
+
+
+def _listening(run: Any, cfg: Any, host: str, port: int) -> None:
+    """Run a proxy; an address it cannot resolve or bind is a one-line error, not a traceback."""
+    try:
+        run(cfg, host, port)
+    except OSError as e:  # socket.gaierror for a host that does not resolve, EADDRINUSE, EACCES, ...
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -308,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "[--instance ...] (each request to the instance that caches its prefix, "
                                        "learned from the instances' KV events).")
     proxy.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    proxy.add_argument("--port", type=positive_int, default=8000)
+    proxy.add_argument("--port", type=port_number, default=8000)
     proxy.add_argument("--connect-timeout", type=positive_float, default=5.0,
                        help="seconds to wait for an instance to accept a connection")
     proxy.add_argument("--read-timeout", type=positive_float, default=600.0,

@@ -216,3 +216,17 @@ def test_routing_proxy_process_sends_each_prefix_to_its_holder_within_the_load_c
     fakes[1].close()
     status, answer = get_json(url + "/health")
     assert status == 503 and fakes[1].url in answer["error"]["message"] and fakes[0].url not in answer["error"]["message"]
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["proxy", "--port", "70000", "--prefill", "http://a:1", "--decode", "http://b:2"], "1..65535"),
+    (["proxy", "--host", "no.such.host.invalid", "--port", "8123", "--prefill", "http://a:1",
+      "--decode", "http://b:2"], "cannot listen"),
+    (["proxy", "--instance", "http://h:1=tcp://*:5557"], "address to bind"),
+])
+def test_bad_listen_addresses_and_bind_endpoints_are_one_line_errors(argv, says, capsys) -> None:
+    """Bug: these were tracebacks (OverflowError, gaierror, a ZMQError from a wildcard endpoint,
+    the form vLLM's --kv-events-config takes) with exit code 1, not the README's one line and 2."""
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err

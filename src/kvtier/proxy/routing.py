@@ -88,6 +88,9 @@ def parse_instance(value: str) -> RoutedInstance:
     for endpoint in parts[1:]:
         if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"--instance {value!r}: {endpoint!r} is not a ZMQ endpoint (tcp://, ipc://)")
+        if endpoint.startswith("tcp://*") or endpoint.startswith("tcp://0.0.0.0"):
+            raise ConfigError(f"--instance {value!r}: {endpoint!r} is an address to bind (what vLLM's "
+                              "--kv-events-config takes); name the host the instance publishes on, e.g. tcp://h:5557")
     return RoutedInstance(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
 
