@@ -300,3 +300,20 @@ def test_a_long_replay_arrives_whole(tmp_path):
     finally:
         sub.close()
         pub.close()
+
+
+def test_a_prefix_in_use_stays_named_when_the_name_table_fills() -> None:
+    """Bug: a full name table was cleared at once, and vLLM names a block only when it caches it: a
+    hot prefix it kept cached became unroutable for good. Names now go least recently used first,
+    and a prompt asking for a name uses it."""
+    index = KVIndex(block_size=2)
+    index.max_named = 100
+    index.apply("b", "vllm", batch(BlockStored([7001, 7002], None, [1, 2, 3, 4], 2, None, "GPU", None)))
+    hot = [1, 2, 3, 4, 50, 51]
+    for i in range(300):  # other traffic names 300 blocks; the hot prompt comes back now and then
+        index.apply("a", "vllm", batch(BlockStored([i], None, [10_000 + 2 * i, 10_001 + 2 * i], 2, None, "GPU", None)))
+        if i % 50 == 0:
+            assert index.prompt_hashes(hot) == [7001, 7002]
+    assert index.prompt_hashes(hot) == [7001, 7002]
+    assert len(index._named) == 100  # noqa: SLF001 - still bounded
+    assert index.prompt_hashes([10_000, 10_001]) == []  # the oldest unused names went

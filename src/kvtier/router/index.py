@@ -19,6 +19,7 @@ per source: its hashes would never match a prompt's, and it would skew nothing b
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -64,7 +65,8 @@ class KVIndex:
         self.stats = IndexStats()
         self._views: dict[str, dict[str, _SourceView]] = {}  # instance -> source -> view
         self._churn: dict[str, int] = {}  # instance -> blocks it has stored, all media, all time
-        self._named: dict[tuple[BlockHash | None, tuple[int, ...]], BlockHash] = {}  # (parent, tokens) -> hash
+        # (parent, tokens) -> hash, least recently named or asked first
+        self._named: OrderedDict[tuple[BlockHash | None, tuple[int, ...]], BlockHash] = OrderedDict()
         self.max_named = 1_000_000
 
     # -- folding events -----------------------------------------------------------------
@@ -97,10 +99,15 @@ class KVIndex:
         if not tokens or len(tokens) != len(event.block_hashes) * bs:
             return
         parent = event.parent_block_hash
+        named = self._named
         for i, h in enumerate(event.block_hashes):
-            if len(self._named) >= self.max_named:
-                self._named.clear()  # a bound on memory: forget and relearn from new events
-            self._named[(parent, tuple(tokens[i * bs:(i + 1) * bs]))] = h
+            key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
+            named[key] = h
+            named.move_to_end(key)
+            if len(named) > self.max_named:
+                # a bound on memory: the least recently used name goes (clearing them all lost hot
+                # prefixes for good: vLLM names a block once, when it is cached)
+                named.popitem(last=False)
             parent = h
 
     def prompt_hashes(self, tokens: Sequence[int]) -> list[BlockHash]:
@@ -109,10 +116,13 @@ class KVIndex:
         out: list[BlockHash] = []
         parent: BlockHash | None = None
         bs = self.block_size
+        named = self._named
         for start in range(0, len(tokens) - bs + 1, bs):
-            h = self._named.get((parent, tuple(tokens[start:start + bs])))
+            key = (parent, tuple(tokens[start:start + bs]))
+            h = named.get(key)
             if h is None:
                 break
+            named.move_to_end(key)  # asked for: kept over names no prompt uses
             out.append(h)
             parent = h
         return out
