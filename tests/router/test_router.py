@@ -317,3 +317,17 @@ def test_a_prefix_in_use_stays_named_when_the_name_table_fills() -> None:
     assert index.prompt_hashes(hot) == [7001, 7002]
     assert len(index._named) == 100  # noqa: SLF001 - still bounded
     assert index.prompt_hashes([10_000, 10_001]) == []  # the oldest unused names went
+
+
+def test_a_source_that_never_removes_stays_bounded_oldest_first() -> None:
+    """The vLLM connector's CPU blocks reach vLLM's stream as stores only (their evictions are in
+    the service's stream): a router fed by vLLM's stream alone grew its index without bound."""
+    index = KVIndex(block_size=4)
+    index.max_blocks = 50
+    for h in range(200):
+        index.apply("a", "vllm", batch(stored([h], "CPU")))
+        if h == 170:
+            index.apply("a", "vllm", batch(stored([121], "CPU")))  # stored again while held: the newest now
+    assert index.blocks("a", "CPU") == set(range(151, 200)) | {121}
+    index.apply("a", "vllm", batch(BlockRemoved([199], "CPU")))
+    assert 199 not in index.blocks("a", "CPU") and len(index.blocks("a", "CPU")) == 49

@@ -46,7 +46,8 @@ class IndexStats:
 
 @dataclass(slots=True)
 class _SourceView:
-    by_medium: dict[str, set[BlockHash]] = field(default_factory=dict)
+    # medium -> the hashes held, oldest stored first (an ordered set: O(1) to drop the oldest)
+    by_medium: dict[str, OrderedDict[BlockHash, None]] = field(default_factory=dict)
     warned: bool = False
 
 
@@ -68,6 +69,11 @@ class KVIndex:
         # (parent, tokens) -> hash, least recently named or asked first
         self._named: OrderedDict[tuple[BlockHash | None, tuple[int, ...]], BlockHash] = OrderedDict()
         self.max_named = 1_000_000
+        # per instance, source and medium: a source that never removes what it stored (the vLLM
+        # connector's CPU blocks reach vLLM's stream stored only; their evictions are in the
+        # service's stream) would otherwise grow without bound; the oldest stored go first, as the
+        # store's own eviction would mostly take them
+        self.max_blocks = 4_000_000
 
     # -- folding events -----------------------------------------------------------------
     def apply(self, instance: str, source: str, batch: KVEventBatch) -> None:
@@ -77,15 +83,22 @@ class KVIndex:
             if isinstance(event, BlockStored):
                 if self._foreign(instance, source, view, event):
                     continue
-                held = view.by_medium.setdefault(event.medium or MEDIUM_GPU, set())
-                held.update(event.block_hashes)
+                held = view.by_medium.get(event.medium or MEDIUM_GPU)
+                if held is None:
+                    held = view.by_medium[event.medium or MEDIUM_GPU] = OrderedDict()
+                for h in event.block_hashes:
+                    held[h] = None
+                    held.move_to_end(h)  # stored again: the newest
+                while len(held) > self.max_blocks:
+                    held.popitem(last=False)
                 self._learn(event)
                 self.stats.stored += len(event.block_hashes)
                 self._churn[instance] = self._churn.get(instance, 0) + len(event.block_hashes)
             elif isinstance(event, BlockRemoved):
                 holding = view.by_medium.get(event.medium or MEDIUM_GPU)
                 if holding is not None:
-                    holding.difference_update(event.block_hashes)
+                    for h in event.block_hashes:
+                        holding.pop(h, None)
                 self.stats.removed += len(event.block_hashes)
             elif isinstance(event, AllBlocksCleared):
                 view.by_medium.clear()
@@ -174,7 +187,7 @@ class KVIndex:
         out: set[BlockHash] = set()
         for name, view in self._views.get(instance, {}).items():
             if source is None or name == source:
-                out |= view.by_medium.get(medium, set())
+                out.update(view.by_medium.get(medium, ()))
         return out
 
     def score(self, instance: str, hashes: Sequence[BlockHash]) -> float:
