@@ -199,3 +199,37 @@ def test_a_failing_observer_never_fails_the_tier(tmp_path):
         assert removed and set(store.memory.keys()) <= stored
     finally:
         store.close()
+
+
+def test_a_chunk_another_storage_tier_still_holds_is_not_reported_removed(tmp_path):
+    """Bug: the disk tier and every lower tier publish as STORAGE, and an index keeps one set per
+    medium: a disk eviction erased a chunk a lower tier (Redis, a shared folder) still held."""
+    from kvtier.core.config import DiskTierConfig, LowerTierConfig, MemoryTierConfig, StoreConfig
+    from kvtier.core.keys import chunk_keys
+    from kvtier.events import BlockRemoved, BlockStored, KVEventPublisher, block_hash_of
+    from kvtier.store import TieredStore
+    from tests.conftest import CHUNK, TINY, payload
+    from tests.events.helpers import ROOT
+
+    cfg = StoreConfig(chunk_tokens=CHUNK, memory=MemoryTierConfig(capacity_bytes=8 * TINY.chunk_bytes(CHUNK)),
+                      disk=DiskTierConfig(root=str(tmp_path / "disk"), capacity_bytes=1 << 24),
+                      lower_tiers=(LowerTierConfig(name="l2", disk=DiskTierConfig(root=str(tmp_path / "l2"),
+                                                                                   capacity_bytes=1 << 24)),))
+    store = TieredStore(cfg, TINY)
+    pub = KVEventPublisher(ipc_config(tmp_path))
+    seen: list = []
+    pub._put = seen.append  # noqa: SLF001 - the events as the tiers' changes produce them
+    pub.attach_store(store)
+    keys = chunk_keys(ROOT, list(range(2 * CHUNK)), CHUNK)
+    store.save(keys, ROOT, 0, [payload(k) for k in keys]).wait()
+    store.flush()
+    store.wait_lower(keys, 10)
+    h = block_hash_of(keys[1])
+    storage = [e for e in seen if isinstance(e, BlockStored) and e.medium == "STORAGE" and h in e.block_hashes]
+    assert len(storage) == 1  # announced once, though two storage tiers hold it
+    assert store.disk.delete(keys[1])
+    assert not any(isinstance(e, BlockRemoved) and e.medium == "STORAGE" for e in seen)  # l2 still holds it
+    assert store.lower_tiers[0].delete(keys[1])
+    assert [e.block_hashes for e in seen if isinstance(e, BlockRemoved) and e.medium == "STORAGE"] == [[h]]
+    pub.close()
+    store.close()

@@ -73,6 +73,7 @@ class KVEventPublisher:
         self._enqueued = 0
         self._sent = 0
         self._dropped = False  # events were dropped (queue full) since the last batch was numbered
+        self._holders: dict[tuple[str, bytes], int] = {}  # (medium, chunk key) -> attached tiers holding it
         self.stats = {"batches": 0, "events": 0, "dropped_queue_full": 0, "replay_requests": 0,
                       "replay_bad_requests": 0, "send_errors": 0, "bad_block_hashes": 0}
         self._pub = self._bind(zmq.PUB, config.endpoint, "endpoint")
@@ -118,8 +119,10 @@ class KVEventPublisher:
         held_hashes: dict[bytes, list[BlockHash]] = {}  # key -> the engine hashes published for it
 
         def on_change(change: TierChange) -> None:
-            for event in self._events_of(change, medium, block_size, held_hashes):
-                self._put(event)
+            events = self._events_of(change, medium, block_size, held_hashes)
+            if self._first_or_last(medium, change.key, change.kind == "stored"):
+                for event in events:
+                    self._put(event)
 
         tier.add_observer(on_change)
         self._attached.append((tier, on_change))
@@ -127,6 +130,8 @@ class KVEventPublisher:
         if keys is not None:
             plain: list[int | bytes] = []
             for key in keys():
+                if not self._first_or_last(medium, key, True):
+                    continue  # another tier of this medium announced it
                 try:
                     section = tier.read_section(key, SECTION_BLOCK_HASHES, 0)
                 except Exception:  # a chunk unreadable now is published under its key; a load will drop it
@@ -138,6 +143,23 @@ class KVEventPublisher:
                     self._put(event)
             if plain:
                 self._put(BlockStored(plain, None, [], block_size, None, medium, None))
+
+    def _first_or_last(self, medium: str, key: bytes, stored: bool) -> bool:
+        """Count the tiers of `medium` holding `key`: whether this change is the first tier to
+        store it or the last to drop it, the only ones its subscribers hear of. The disk tier and
+        the lower tiers all publish as STORAGE, and the index keeps one set per medium: a disk
+        eviction would otherwise erase a chunk Redis still holds."""
+        slot = (medium, key)
+        with self._cond:
+            held = self._holders.get(slot, 0)
+            if stored:
+                self._holders[slot] = held + 1
+                return held == 0
+            if held <= 1:
+                self._holders.pop(slot, None)
+                return True
+            self._holders[slot] = held - 1
+            return False
 
     def attach_store(self, store: Any) -> None:
         """Attach every tier of a TieredStore (DRAM, disk, the lower tiers)."""
