@@ -207,7 +207,7 @@ def test_nan_from_json_and_yaml_files_is_refused(tmp_path):
     [
         (lambda: ClientConfig(lease_timeout_s=math.nan), r"client\.lease_timeout_s: expected a finite number"),
         (lambda: ClientConfig(connect_timeout_s=-1.0), r"client\.connect_timeout_s must be > 0"),
-        (lambda: StoreConfig(chunk_tokens=0), r"store\.chunk_tokens must be > 0"),
+        (lambda: StoreConfig(chunk_tokens=0), r"store\.chunk_tokens must be in \(0, 1048576\]"),
         (lambda: StoreConfig(hash_mode="md5"), r"store\.hash_mode 'md5' is unknown"),
         (lambda: MemoryTierConfig(capacity_bytes=-1), r"store\.memory\.capacity_bytes: expected a byte size"),
         (lambda: DiskTierConfig(root="/x", capacity_bytes=1.5), r"store\.disk\.capacity_bytes: expected a byte size"),

@@ -46,7 +46,10 @@ def parse_size(value: Any, key: str) -> int:
     if isinstance(value, int):
         n = value
     elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+        try:
+            n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+        except OverflowError:
+            raise ConfigError(f"{key}: byte size {value!r} is too large") from None
     else:
         raise ConfigError(f"{key}: expected a byte size such as 1073741824 or '1GiB', got {value!r}")
     if n < 0:
@@ -94,8 +97,11 @@ def check_field(f: dataclasses.Field[Any], value: Any, key: str) -> None:
         low, low_open, high = f.metadata["range"]
         kind = "an integer" if f.metadata["integer"] else "a number"
         wanted = int if f.metadata["integer"] else (int, float)
+        if isinstance(value, tuple) and not isinstance(f.default, tuple):
+            raise ConfigError(f"{key}: expected {kind} {_range_text(low, low_open, high)}, got {value!r}")
         for v in value if isinstance(value, tuple) else (value,):
-            if isinstance(v, bool) or not isinstance(v, wanted) or not math.isfinite(v):
+            # (an int is finite however large: math.isfinite would overflow on it)
+            if isinstance(v, bool) or not isinstance(v, wanted) or (isinstance(v, float) and not math.isfinite(v)):
                 raise ConfigError(f"{key}: expected {kind} {_range_text(low, low_open, high)}, got {value!r}")
             if (v <= low if low_open else v < low) or (high is not None and v > high):
                 raise ConfigError(f"{key} must be {_range_text(low, low_open, high)}, got {value!r}")
@@ -180,13 +186,13 @@ class RedisTierConfig:
     url: str = ""  # redis://[user:password@]host:port[/db], rediss://..., unix:///path.sock
     cluster: bool = False  # url names one node of a Redis Cluster; the others are discovered
     namespace: str = "kvtier"  # prefix of every key kvtier writes
-    ttl_s: float = 0.0  # expire each chunk this long after it is written; 0 = never (the server's LRU evicts)
-    connect_timeout_s: float = 0.5
-    timeout_s: float = 1.0  # longest a command waits for its reply before it counts as a miss
-    breaker_failures: int = 3  # consecutive failures that open the circuit breaker
-    backoff_s: float = 0.5  # first wait before an open breaker lets one trial through; doubles per failure
-    max_backoff_s: float = 10.0
-    max_connections: int = 32
+    ttl_s: float = number_field(0.0, low=0)  # expire each chunk this long after it is written; 0 = never (the server's LRU evicts)
+    connect_timeout_s: float = number_field(0.5, low=0, low_open=True)
+    timeout_s: float = number_field(1.0, low=0, low_open=True)  # longest a command waits for its reply before it counts as a miss
+    breaker_failures: int = number_field(3, low=1)  # consecutive failures that open the circuit breaker
+    backoff_s: float = number_field(0.5, low=0, low_open=True)  # first wait before an open breaker lets one trial through; doubles per failure
+    max_backoff_s: float = number_field(10.0, low=0, low_open=True)
+    max_connections: int = number_field(32, low=1)
     start_degraded: bool = False  # an unreachable server at start: misses until it answers, not an error
     # owner-managed mode (capacity_bytes > 0): see the class docstring and tiers/redis_owner.py
     capacity_bytes: int = size_field(0)  # bytes of this tier's chunk values the owner keeps; 0 = server-managed
@@ -200,6 +206,8 @@ class RedisTierConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "redis")
+        if not isinstance(self.url, str):
+            raise ConfigError(f"redis.url: expected a string such as redis://host:6379, got {self.url!r}")
         _check_redis_url(self.url)
         if not self.namespace or any(c.isspace() for c in self.namespace):
             raise ConfigError(f"namespace must be a non-empty string without spaces, got {self.namespace!r}")
@@ -297,7 +305,7 @@ LOWER_TIER_KINDS = ("disk", "redis", "shared_folder")
 
 @dataclass(slots=True, frozen=True)
 class StoreConfig:
-    chunk_tokens: int = number_field(16, low=0, low_open=True)
+    chunk_tokens: int = number_field(16, low=0, low_open=True, high=1 << 20)
     hash_mode: str = choice_field(DEFAULT_HASH_MODE, sorted(HASH_MODES))
     memory: MemoryTierConfig | None = field(default_factory=MemoryTierConfig)
     disk: DiskTierConfig | None = None
@@ -361,9 +369,15 @@ def _convert(tp: Any, value: Any, key: str, is_size: bool) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int past a float's range
+            raise ConfigError(f"{key}: {value!r} is too large") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -100,8 +100,13 @@ def _frame(*fields: bytes) -> bytes:
     return b"".join(parts)
 
 
+MAX_CHUNK_TOKENS = 1 << 20  # StoreConfig.chunk_tokens' bound too
+
+
 def _token_array(tokens: Sequence[int]) -> array:
     """Token ids as a little-endian uint32 array; a clear error for ids out of range."""
+    if isinstance(tokens, (bytes, bytearray, memoryview)):  # array() would read them as raw machine words
+        tokens = list(tokens)  # each byte one token id, as the C path reads them
     try:
         arr = array("I", tokens)
     except (OverflowError, TypeError):
@@ -136,8 +141,8 @@ class Namespace:
         get_hash_mode(self.hash_mode)
         if not self.model_fingerprint:
             raise ConfigError("namespace.model_fingerprint must not be empty")
-        if self.tp_rank < 0:
-            raise ConfigError(f"namespace.tp_rank must be >= 0, got {self.tp_rank}")
+        if isinstance(self.tp_rank, bool) or not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < 2**32:
+            raise ConfigError(f"namespace.tp_rank must be an integer in 0..2**32-1, got {self.tp_rank!r}")
 
     def root(self) -> ChunkKey:
         """The parent key of every chain's first chunk."""
@@ -196,8 +201,8 @@ class KeyChain:
         hash_mode: str = DEFAULT_HASH_MODE,
         extra_keys: Sequence[bytes] = (),
     ) -> None:
-        if chunk_tokens <= 0:
-            raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        if not 0 < chunk_tokens <= MAX_CHUNK_TOKENS:  # (the C loop allocates a chunk's bytes per call)
+            raise ConfigError(f"chunk_tokens must be in 1..{MAX_CHUNK_TOKENS}, got {chunk_tokens}")
         self._mode = get_hash_mode(hash_mode)
         if len(root) != self._mode.key_bytes:
             raise ValueError(

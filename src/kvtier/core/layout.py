@@ -44,7 +44,7 @@ class KVLayout:
                 raise ConfigError(f"layout.{name} must be a positive integer, got {value!r}")
         if self.planes not in (1, 2):
             raise ConfigError(f"layout.planes must be 1 or 2, got {self.planes!r}")
-        if self.dtype not in DTYPE_SIZES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_SIZES:
             raise ConfigError(
                 f"layout.dtype {self.dtype!r} is not supported; choose one of {sorted(DTYPE_SIZES)}"
             )

@@ -34,6 +34,7 @@ No torch: probes that need the accelerator live with the connectors.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ class CostEstimates:
             self._rates[tier_id] = _Rate(float(bytes_per_s), 1.0, THROTTLE, float(bytes_per_s), 1)
 
     def observe_load(self, tier_id: str, nbytes: float, seconds: float) -> None:
-        if nbytes <= 0 or seconds <= 0:
+        if not (0 < nbytes < math.inf and 0 < seconds < math.inf):  # NaN and inf too: one would stay in the sums
             return
         with self._lock:
             r = self._rates.setdefault(tier_id, _Rate())
@@ -117,7 +118,7 @@ class CostEstimates:
             return 1.0 / rate if rate else None
 
     def observe_compute(self, engine_id: str, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or seconds <= 0:
+        if not (0 < tokens < math.inf and 0 < seconds < math.inf):  # NaN and inf too: one would stay in the sums
             return
         with self._lock:
             r = self._compute.setdefault(engine_id, _Rate(source="measured"))

@@ -29,10 +29,15 @@ class TransferHandle(Generic[R]):
 
     def wait(self, timeout: float | None = None) -> R:
         """Block until done; return the result or raise the worker's exception."""
+        # the wait's own timeout apart from the worker's: concurrent.futures.TimeoutError is the
+        # built-in TimeoutError, which a worker raises too (a socket or NFS timeout in a write)
         try:
-            return self._future.result(timeout)
+            error = self._future.exception(timeout)
         except FutureTimeout:
             raise TimeoutError(f"{self.kind} transfer {self.id} did not finish in {timeout} s") from None
+        if error is not None:
+            raise error
+        return self._future.result()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         return self._future.exception(timeout)
