@@ -341,3 +341,49 @@ def test_producer_answers_when_the_store_fails_during_the_wait() -> None:
     params = prefill(producer, PROMPT14)
     assert Handoff.from_params(params) is not None  # the handoff still goes out: the consumer's wait bounds the rest
     assert producer.sched.stats["store_errors"] == 1
+
+
+def _producer_whose_store_lost_the_prompt() -> tuple[Sim, FakeRequest]:
+    """A producer that saved PROMPT14, then lost it from its store (evicted, or the service
+    restarted) while vLLM's own prefix cache kept the blocks: the next request hits vLLM's cache."""
+    producer = Sim(make_client())
+    producer.sched.load, producer.sched.identity = False, IDENT
+    a = FakeRequest("a", PROMPT14)
+    producer.admit(a)
+    producer.step({a: 14})
+    producer.finish(a)
+    producer.client.flush()
+    for key in producer.client.store.memory.keys():
+        assert producer.client.store.memory.delete(key)
+    b = FakeRequest("b", PROMPT14)
+    b.kv_transfer_params = dict(ASK)  # type: ignore[attr-defined]
+    producer.admit(b, local_hit_tokens=12)  # vLLM's own hit: 3 blocks
+    producer.step({b: 2})
+    return producer, b
+
+
+def test_a_handoff_names_only_chunks_the_store_holds() -> None:
+    """Bug: the handoff counted vLLM's own prefix hit (and saves only planned) as published; a
+    consumer told of chunks nobody held waited its whole remote_wait_s, then computed the prompt."""
+    producer, b = _producer_whose_store_lost_the_prompt()
+    params = producer.sched.request_finished(b)
+    handoff = Handoff.from_params(params)
+    assert handoff is not None and handoff.chunks == 0 and handoff.last_key == ""
+    assert producer.sched.stats["handoff_chunks_missing"] == 4  # 3 whole chunks and the partial one
+    consumer = Sim(producer.client)
+    consumer.sched.save, consumer.sched.identity, consumer.sched.clock = False, IDENT, Clock()
+    assert consumer.sched.num_new_matched_tokens(decode_request(PROMPT14, params), 0) == 0  # no wait
+
+
+def test_an_aborted_producer_request_hands_off_nothing_and_waits_for_nothing() -> None:
+    from types import SimpleNamespace
+
+    producer, consumer, _ = pair()
+    r = FakeRequest("p", PROMPT14)
+    r.kv_transfer_params = dict(ASK)  # type: ignore[attr-defined]
+    producer.admit(r)
+    producer.step({r: 14})
+    r.status = SimpleNamespace(name="FINISHED_ABORTED")  # type: ignore[attr-defined]
+    waits = producer.sched.stats["handoff_publish_waits"]
+    assert producer.sched.request_finished(r) is None
+    assert producer.sched.stats["handoff_publish_waits"] == waits

@@ -162,6 +162,7 @@ class SchedulerSide:
         self.reqs: dict[str, _ReqState] = {}
         self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0,
                       "saved_partial_chunks": 0, "store_errors": 0, "handoffs_made": 0, "handoffs_received": 0,
+                      "handoff_chunks_missing": 0,
                       "handoffs_rejected": 0, "handoff_timeouts": 0, "handoff_wait_polls": 0,
                       "handoff_publish_waits": 0, "handoff_publish_timeouts": 0, "handoff_publish_wait_ms": 0,
                       # the load planner: hit chunks it left to vLLM to compute; forwards the workers timed
@@ -537,9 +538,26 @@ class SchedulerSide:
         if not (self.save and self.identity is not None and st.chain is not None
                 and asks_for_handoff(getattr(request, "kv_transfer_params", None))):
             return None
+        if getattr(getattr(request, "status", None), "name", "") == "FINISHED_ABORTED":
+            return None  # vLLM drops an aborted request's params: no handoff, no wait blocking the engine
         handoff, published = self._handoff(st)
         self._wait_published(request.request_id, published)
-        return handoff.to_params()
+        return self._as_stored(handoff, published).to_params()
+
+    def _as_stored(self, handoff: Handoff, published: list[bytes]) -> Handoff:
+        """The handoff cut to the chunks the store holds now. stored_upto counts vLLM's own prefix
+        hit and saves planned, not committed (a save dropped after a failed load, a store that lost
+        the chunks or restarted): a consumer told of chunks that are not there waits remote_wait_s
+        for them and then computes the prompt anyway."""
+        if not published:
+            return handoff
+        reply = self._call(lambda c: c.lookup(published))
+        hits = reply.hits if reply is not None else 0
+        if hits == len(published):
+            return handoff
+        self.stats["handoff_chunks_missing"] += len(published) - hits
+        whole = min(handoff.chunks, hits)
+        return Handoff(handoff.identity, whole, 0, published[whole - 1].hex() if whole else "")
 
     def _handoff(self, st: _ReqState) -> tuple[Handoff, list[bytes]]:
         """What this request published, and those chunks' keys: its prompt's whole chunks saved so
