@@ -167,14 +167,21 @@ def test_handoff_of_another_prompt_is_refused(caplog: pytest.LogCaptureFixture) 
     d = decode_request(other, params)
     with caplog.at_level(logging.WARNING, logger="kvtier"):
         assert consumer.sched.num_new_matched_tokens(d, 0) == 12  # the shared whole chunks only
-    assert "last_key is not this prompt's key" in caplog.text
+    assert "made for another prompt" in caplog.text
     longer = decode_request(PROMPT14 + [5, 6, 7], params, "d2")  # the handoff names a partial chunk it lacks
     with caplog.at_level(logging.WARNING, logger="kvtier"):
         consumer.sched.num_new_matched_tokens(longer, 0)
     assert consumer.sched.stats["handoffs_rejected"] == 2
     assert [refusal_in(consumer.sched.request_finished(r)) for r in (d, longer)] == [
-        ("prompt", "its last_key is not this prompt's key (another prompt, cache salt or adapter)"),
-        ("prompt", "it names 3 chunks + 2 tokens, more than or other than this prompt's 17 tokens")]
+        ("prompt", "it was made for another prompt (14 tokens; this one has 14 and differs)"),
+        ("prompt", "it was made for another prompt (14 tokens; this one has 17)")]
+    # a handoff without the prompt fields (the previous format) is still checked by its chunks' keys
+    for key in ("prompt_tokens", "prompt_digest"):
+        del params[PARAMS_KEY][key]
+    old = decode_request(other, params, "d3")
+    consumer.sched.num_new_matched_tokens(old, 0)
+    assert refusal_in(consumer.sched.request_finished(old)) == (
+        "prompt", "its last_key is not this prompt's key (another prompt, cache salt or adapter)")
 
 
 def test_malformed_handoff_is_reported_back_and_an_accepted_one_is_not() -> None:
@@ -387,3 +394,29 @@ def test_an_aborted_producer_request_hands_off_nothing_and_waits_for_nothing() -
     waits = producer.sched.stats["handoff_publish_waits"]
     assert producer.sched.request_finished(r) is None
     assert producer.sched.stats["handoff_publish_waits"] == waits
+
+
+@pytest.mark.parametrize(("producer_prompt", "consumer_prompt"), [
+    (PROMPT14[:8], PROMPT14),  # a shorter prompt whose whole chunks this one extends
+    (PROMPT14[:9], PROMPT14[:8] + [999]),  # same length, another last token (a 1-token tail: no partial chunk)
+])
+def test_a_handoff_made_for_another_prompt_sharing_its_chunks_is_refused(producer_prompt, consumer_prompt) -> None:
+    """Bug: only the published chunks' keys were compared, so a handoff for a prompt the consumer's
+    merely extends (or that differs after its last whole chunk) was accepted, with no warning."""
+    producer, consumer, _ = pair()
+    params = prefill(producer, producer_prompt)
+    d = decode_request(consumer_prompt, params)
+    consumer.sched.num_new_matched_tokens(d, 0)
+    assert consumer.sched.stats["handoffs_rejected"] == 1
+    assert refusal_in(consumer.sched.request_finished(d))[0] == "prompt"
+
+
+def test_a_handoff_without_the_prompt_fields_is_still_read() -> None:
+    """A producer of the previous format (no prompt_tokens / prompt_digest) is still understood."""
+    producer, consumer, _ = pair()
+    params = prefill(producer, PROMPT14)
+    for key in ("prompt_tokens", "prompt_digest"):
+        del params[PARAMS_KEY][key]
+    assert Handoff.from_params(params).prompt_tokens == -1
+    d = decode_request(PROMPT14, params)
+    assert consumer.sched.num_new_matched_tokens(d, 0) == 13

@@ -11,12 +11,16 @@ once: the write is paid in the prefill leg, not inside the decode instance's TTF
 back, in its output's kv_transfer_params, a `Handoff`:
 
     {"kvtier": {"v": 1, "model": ..., "layout": ..., "format": ..., "chunk_tokens": 32,
-                "hash_mode": "sha256", "chunks": 3, "partial_tokens": 5, "last_key": "<hex>"}}
+                "hash_mode": "sha256", "chunks": 3, "partial_tokens": 5, "last_key": "<hex>",
+                "prompt_tokens": 101, "prompt_digest": "<hex>"}}
 
-A decode instance (kv_role "kv_consumer") given those parameters on the same prompt checks them
-against its own identity (model fingerprint, KV layout, byte format, chunk size, hash mode) and
-against its own key chain of the prompt (`last_key`: the last published chunk's key, so another
-prompt, cache salt or LoRA adapter never matches), then waits, up to remote_wait_s, until its
+(`chunks` counts only what the store holds when the request ends, checked by a lookup.) A decode
+instance (kv_role "kv_consumer") given those parameters on the same prompt checks them against its
+own identity (model fingerprint, KV layout, byte format, chunk size, hash mode), against its
+prompt (`prompt_tokens` and `prompt_digest`: a prompt that only shares or extends the producer's
+whole chunks is refused too; a handoff without them, from an older producer, is checked by its
+keys alone) and against its own key chain of the prompt (`last_key`: the last published chunk's
+key, so another cache salt or LoRA adapter never matches), then waits, up to remote_wait_s, until its
 store shows every published chunk (a safety net: the producer's wait may have ended at its bound,
 or the shared tier may show a write late) and loads them. Parameters that do not match, or chunks that never appear, cost a recompute
 and a warning, never wrong KV: keys are content digests, so whatever is found is right.
@@ -34,7 +38,9 @@ prefill engine's scheduler loop: other requests finishing in that step are answe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from array import array
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,13 +106,20 @@ class Handoff:
     chunks: int  # whole prompt chunks published: chain keys [0, chunks)
     partial_tokens: int  # > 0: the prompt's partial last chunk of that many tokens is published too
     last_key: str  # hex digest of the last published chunk's key ("" when nothing was published)
+    # the producer's whole prompt: its length and prompt_digest(); a consumer refuses a handoff made
+    # for another prompt, even one its own extends or shares all whole chunks with (-1, "": not sent)
+    prompt_tokens: int = -1
+    prompt_digest: str = ""
 
     def to_params(self) -> dict[str, Any]:
         ident = self.identity
-        return {PARAMS_KEY: {"v": HANDOFF_VERSION, "model": ident.model, "layout": ident.layout,
-                             "format": ident.format, "chunk_tokens": ident.chunk_tokens,
-                             "hash_mode": ident.hash_mode, "chunks": self.chunks,
-                             "partial_tokens": self.partial_tokens, "last_key": self.last_key}}
+        out = {"v": HANDOFF_VERSION, "model": ident.model, "layout": ident.layout,
+               "format": ident.format, "chunk_tokens": ident.chunk_tokens,
+               "hash_mode": ident.hash_mode, "chunks": self.chunks,
+               "partial_tokens": self.partial_tokens, "last_key": self.last_key}
+        if self.prompt_tokens >= 0:
+            out["prompt_tokens"], out["prompt_digest"] = self.prompt_tokens, self.prompt_digest
+        return {PARAMS_KEY: out}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> Handoff | None:
@@ -137,11 +150,18 @@ class Handoff:
             bytes.fromhex(last_key)
         except ValueError:
             raise HandoffError(f"{where}.last_key: expected a hex digest, got {last_key[:40]!r}") from None
+        prompt = (count("prompt_tokens"), text("prompt_digest")) if "prompt_tokens" in raw else (-1, "")
         handoff = cls(Identity(text("model"), text("layout"), text("format"), count("chunk_tokens"),
-                               text("hash_mode")), count("chunks"), count("partial_tokens"), last_key)
+                               text("hash_mode")), count("chunks"), count("partial_tokens"), last_key, *prompt)
         if bool(last_key) != bool(handoff.chunks or handoff.partial_tokens):
             raise HandoffError(f"{where}: last_key must be set exactly when chunks or partial_tokens are")
         return handoff
+
+
+def prompt_digest(root: bytes, tokens: Sequence[int]) -> str:
+    """The digest of a whole prompt under its namespace root (model, layout, salt, adapter): what a
+    consumer compares to tell the producer's prompt from one that only shares its whole chunks."""
+    return hashlib.sha256(bytes(root) + array("I", list(tokens)).tobytes()).hexdigest()[:32]
 
 
 def asks_for_handoff(params: Mapping[str, Any] | None) -> bool:

@@ -63,7 +63,7 @@ from typing import Any
 
 from kvtier.client.api import StoreClient
 from kvtier.connectors.vllm.link import StoreLink
-from kvtier.connectors.vllm.pd import Handoff, HandoffError, Identity, asks_for_handoff
+from kvtier.connectors.vllm.pd import Handoff, HandoffError, Identity, asks_for_handoff, prompt_digest
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvtier.core.codec import encode_block_hashes
 from kvtier.core.errors import KVTierError
@@ -284,6 +284,12 @@ class SchedulerSide:
             if diff:
                 raise HandoffError(f"made for another model or layout: {diff}", "identity")
             chain = st.chain
+            prompt = st.request.prompt_token_ids
+            if handoff.prompt_tokens >= 0 and (handoff.prompt_tokens != len(prompt) or handoff.prompt_digest
+                                               != prompt_digest(chain.root, prompt)):
+                raise HandoffError(f"it was made for another prompt ({handoff.prompt_tokens} tokens; this one has "
+                                   f"{len(prompt)}{' and differs' if handoff.prompt_tokens == len(prompt) else ''})",
+                                   "prompt")
             if handoff.chunks > len(chain.keys) or (handoff.partial_tokens and (
                     handoff.partial_tokens != st.partial_tokens or handoff.chunks != len(chain.keys))):
                 raise HandoffError(f"it names {handoff.chunks} chunks + {handoff.partial_tokens} tokens, more than "
@@ -557,7 +563,8 @@ class SchedulerSide:
             return handoff
         self.stats["handoff_chunks_missing"] += len(published) - hits
         whole = min(handoff.chunks, hits)
-        return Handoff(handoff.identity, whole, 0, published[whole - 1].hex() if whole else "")
+        return Handoff(handoff.identity, whole, 0, published[whole - 1].hex() if whole else "",
+                       handoff.prompt_tokens, handoff.prompt_digest)
 
     def _handoff(self, st: _ReqState) -> tuple[Handoff, list[bytes]]:
         """What this request published, and those chunks' keys: its prompt's whole chunks saved so
@@ -576,7 +583,9 @@ class SchedulerSide:
             published.append(st.partial)
             partial = st.partial_tokens
         self.stats["handoffs_made"] += 1
-        return Handoff(self.identity, whole, partial, published[-1].hex() if published else ""), published
+        prompt = st.request.prompt_token_ids
+        return Handoff(self.identity, whole, partial, published[-1].hex() if published else "",
+                       len(prompt), prompt_digest(st.chain.root, prompt)), published
 
     def _wait_published(self, req_id: str, keys: list[bytes]) -> None:
         """Wait, up to publish_wait_s, until the store's lower tiers (shared folder, Redis) hold the
