@@ -58,10 +58,12 @@ from kvtier.tiers.disk import (
     TMP_DIR,
     TMP_SUFFIX,
     DiskTier,
+    FileSig,
     _Entry,
     _iter_chunk_files,
     _read_header_bytes,
     _scandir,
+    _sig,
     _unlink_quietly,
 )
 
@@ -176,7 +178,7 @@ class SharedFolderTier(DiskTier):
             return None
         try:
             st = os.fstat(fd)
-            sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+            sig = _sig(st)
             if self._bad.get(key) == sig:
                 return None
             raw = _read_header_bytes(fd, header_size(self.layout.num_layers), st.st_size)
@@ -279,7 +281,7 @@ class SharedFolderTier(DiskTier):
         sig = None
         try:
             st = os.fstat(fd) if fd >= 0 else os.stat(entry.path)
-            sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+            sig = _sig(st)
         except OSError:
             pass
         with self._lock:
@@ -366,6 +368,7 @@ class SharedFolderTier(DiskTier):
                 raise
             try:
                 fst = os.fstat(fd)
+                sig = _sig(fst)
                 raw = _read_header_bytes(fd, header_size(self.layout.num_layers), fst.st_size)
                 header = decode_header(raw, fst.st_size)
                 if header.layout_id != self._layout_id:
@@ -374,11 +377,10 @@ class SharedFolderTier(DiskTier):
             except CorruptChunkError:
                 corrupt += 1
                 self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
-                _unlink_if_unchanged(path, (fst.st_ino, fst.st_size, fst.st_mtime_ns))
+                _unlink_if_unchanged(path, sig)
                 continue
             finally:
                 os.close(fd)
-            sig = (fst.st_ino, fst.st_size, fst.st_mtime_ns)
             found[key] = (_Entry(path, fst.st_size, header.parent, header.depth, (sig, table)), fst.st_mtime_ns)
         adopted = vanished = touched = 0
         with self._lock:
@@ -465,10 +467,7 @@ def _make_folders(root: str) -> None:
         raise TierUnavailableError(f"shared_folder.root {root}: cannot create {sub}/: {e.strerror}") from None
 
 
-__all__ = ["RescanReport", "SharedFolderTier", "SharedFolderTierConfig"]
-
-
-def _unlink_if_unchanged(path: str, sig: tuple[int, int, int] | None) -> None:
+def _unlink_if_unchanged(path: str, sig: FileSig | None) -> None:
     """Remove the corrupt file that was read (inode, size, mtime `sig`), not a good copy another
     host has renamed over the same path since (it would be lost to every host)."""
     if sig is not None:
@@ -476,6 +475,10 @@ def _unlink_if_unchanged(path: str, sig: tuple[int, int, int] | None) -> None:
             st = os.stat(path)
         except OSError:
             return  # gone already, or unreadable: the next read judges it again
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != sig:
+        if _sig(st) != sig:
             return
     _unlink_quietly(path)
+
+
+__all__ = ["RescanReport", "SharedFolderTier", "SharedFolderTierConfig"]
+
