@@ -173,6 +173,14 @@ def _trusted_for(hold_s: float) -> float:
     return hold_s - min(hold_s / 2, 5.0)
 
 
+def _hold_in(reply: dict[str, Any], what: str) -> float:
+    """The seconds a reply says the service holds its pins or slots; ProtocolError if it names none."""
+    hold = reply.get("hold_s")
+    if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not hold > 0:
+        raise p.ProtocolError(f"the service's {what} reply names no hold time", fatal=True)
+    return float(hold)
+
+
 def _all_failed(n: int) -> LoadResult:
     return LoadResult(0, tuple(range(n)), ("",) * n)
 
@@ -462,16 +470,15 @@ class ServiceClient(StoreClient):
         return LookupReply(hits, tuple(tiers), lease_id)
 
     def release(self, lease_id: int) -> None:
-        try:
-            self._call("release", lease=lease_id)
-        except TierUnavailableError as e:
-            raise p.LeaseError(f"lease {lease_id} is not held: {e}") from None
+        self._lease_op("release", lease_id)
 
     def trim(self, lease_id: int, keys: Sequence[bytes]) -> None:
-        keys = self._check_keys(keys)
+        self._lease_op("trim", lease_id, keys=self._check_keys(keys))
+
+    def _lease_op(self, op: str, lease_id: int, **fields: Any) -> None:
         try:
-            self._call("trim", lease=lease_id, keys=keys)
-        except TierUnavailableError as e:
+            self._call(op, lease=lease_id, **fields)
+        except TierUnavailableError as e:  # its pins went with the service's connection
             raise p.LeaseError(f"lease {lease_id} is not held: {e}") from None
 
     def load(self, keys: Sequence[bytes], dests: Sequence[Sequence[Buffer]], layers: Sequence[int] | None = None,
@@ -490,18 +497,17 @@ class ServiceClient(StoreClient):
             return None
         try:
             s.check_slots(r.get("slots"), len(keys), "load")
-            tiers, sums, hold = r.get("tiers"), r.get("checksums"), r.get("hold_s")
+            tiers, sums = r.get("tiers"), r.get("checksums")
             if not isinstance(tiers, list) or len(tiers) != len(keys) or not isinstance(sums, list) or len(sums) != len(keys):
                 raise p.ProtocolError("the service's load reply is malformed", fatal=True)
             n_layers = self._layout.num_layers
             if any(slot >= 0 and (type(c) is not list or len(c) != n_layers) for slot, c in zip(r["slots"], sums)):
                 raise p.ProtocolError("the service's load reply has no checksum per layer", fatal=True)
-            if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not hold > 0:
-                raise p.ProtocolError("the service's load reply names no hold time", fatal=True)
+            hold = _hold_in(r, "load")
         except p.ProtocolError:
             self._distrust(s)
             raise
-        return s, r, asked + _trusted_for(min(float(hold), self.config.lease_timeout_s))
+        return s, r, asked + _trusted_for(min(hold, self.config.lease_timeout_s))
 
     def _end_load(self, s: _Session, load_id: object, corrupt: list[int], trust_until: float) -> bool:
         """load_end; False when the copies cannot be trusted (the pins may have expired meanwhile,
@@ -851,18 +857,17 @@ class _ServiceSave:
             return
         try:
             self.slots = s.check_slots(r.get("slots"), len(keys), "save")
-            granted, hold = r.get("granted"), r.get("hold_s")
+            granted = r.get("granted")
             if isinstance(granted, bool) or not isinstance(granted, int) or not 0 <= granted <= len(keys):
                 raise p.ProtocolError("the service's allocate reply is malformed", fatal=True)
-            if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not hold > 0:
-                raise p.ProtocolError("the service's allocate reply names no hold time", fatal=True)
+            hold = _hold_in(r, "allocate")
         except p.ProtocolError:
             client._distrust(s)
             raise
         self.granted = granted
         self._session = s
         self._save_id = r.get("save")
-        self._trust(asked, float(hold))
+        self._trust(asked, hold)
 
     def _trust(self, asked: float, hold: float) -> None:
         """Trust the slots for the trusted part of `hold` from `asked` (when the request was sent),
@@ -887,12 +892,13 @@ class _ServiceSave:
             else:  # a service without renewals (an older kvtier): the first hold is all there is
                 self._renew_after = self._trust_until
             return
-        hold = r.get("hold_s")
-        if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not hold > 0:
+        try:
+            hold = _hold_in(r, "renew")
+        except p.ProtocolError:
             assert self._session is not None
             self._client._distrust(self._session)
-            raise p.ProtocolError("the service's renew reply names no hold time", fatal=True)
-        self._trust(asked, float(hold))
+            raise
+        self._trust(asked, hold)
 
     def _usable(self) -> bool:
         """Whether the reserved slots may still be written: the service holds them for twice the
