@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvtier.client.api import StoreClient
@@ -186,9 +186,13 @@ class SchedulerSide:
         if st is None:
             st = self.reqs[request.request_id] = _ReqState(request, None)
             self._key_prompt(st)
-        elif request.num_prompt_tokens != st.prompt_tokens:
-            self._key_prompt(st)  # a streaming session's next input: its prompt grew
+        else:
+            self._rekey_if_grown(st)
         return st
+
+    def _rekey_if_grown(self, st: _ReqState) -> None:
+        if st.request.num_prompt_tokens != st.prompt_tokens:
+            self._key_prompt(st)  # a streaming session's next input: its prompt grew
 
     def _key_prompt(self, st: _ReqState) -> None:
         """Key the request's prompt (its chain, its partial last chunk). Again when vLLM grows a
@@ -462,8 +466,8 @@ class SchedulerSide:
         c = self.chunk_tokens
         for req_id, n_sched in num_scheduled.items() if self.save else ():
             st = self.reqs.get(req_id)
-            if st is not None and st.request.num_prompt_tokens != st.prompt_tokens:
-                self._key_prompt(st)  # a streaming session resumed with its blocks: vLLM asked no lookup
+            if st is not None:
+                self._rekey_if_grown(st)  # a session resumed with its blocks: vLLM asked no lookup
             if st is None or st.chain is None:
                 continue
             req = st.request
@@ -563,8 +567,8 @@ class SchedulerSide:
             return handoff
         self.stats["handoff_chunks_missing"] += len(published) - hits
         whole = min(handoff.chunks, hits)
-        return Handoff(handoff.identity, whole, 0, published[whole - 1].hex() if whole else "",
-                       handoff.prompt_tokens, handoff.prompt_digest)
+        return replace(handoff, chunks=whole, partial_tokens=0,
+                       last_key=published[whole - 1].hex() if whole else "")
 
     def _handoff(self, st: _ReqState) -> tuple[Handoff, list[bytes]]:
         """What this request published, and those chunks' keys: its prompt's whole chunks saved so
