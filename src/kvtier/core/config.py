@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvtier.core.errors import ConfigError
-from kvtier.core.keys import DEFAULT_HASH_MODE, HASH_MODES
+from kvtier.core.keys import DEFAULT_HASH_MODE, HASH_MODES, MAX_CHUNK_TOKENS
 from kvtier.core.layout import KVLayout
 
 T = TypeVar("T")
@@ -213,15 +213,8 @@ class RedisTierConfig:
             raise ConfigError(f"namespace must be a non-empty string without spaces, got {self.namespace!r}")
         if self.cluster and self.url.startswith("unix:"):
             raise ConfigError("cluster: a Redis Cluster is reached over TCP, not a unix socket url")
-        for name in ("connect_timeout_s", "timeout_s", "backoff_s", "max_backoff_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if not (self.ttl_s == 0 or self.ttl_s >= 0.001):  # Redis expires in whole milliseconds (NaN too)
+        if 0 < self.ttl_s < 0.001:  # Redis expires in whole milliseconds: it would round to no expiry
             raise ConfigError(f"ttl_s must be 0 (no expiry) or at least 0.001 (1 ms), got {self.ttl_s!r}")
-        if self.breaker_failures <= 0:
-            raise ConfigError(f"breaker_failures must be positive, got {self.breaker_failures!r}")
-        if self.max_connections <= 0:
-            raise ConfigError(f"max_connections must be positive, got {self.max_connections!r}")
         if self.owner and not self.capacity_bytes:
             raise ConfigError("redis.owner: only an owner-managed tier has an owner; set redis.capacity_bytes > 0 "
                               "(the bytes the owner keeps) or leave owner false")
@@ -305,7 +298,7 @@ LOWER_TIER_KINDS = ("disk", "redis", "shared_folder")
 
 @dataclass(slots=True, frozen=True)
 class StoreConfig:
-    chunk_tokens: int = number_field(16, low=0, low_open=True, high=1 << 20)
+    chunk_tokens: int = number_field(16, low=0, low_open=True, high=MAX_CHUNK_TOKENS)
     hash_mode: str = choice_field(DEFAULT_HASH_MODE, sorted(HASH_MODES))
     memory: MemoryTierConfig | None = field(default_factory=MemoryTierConfig)
     disk: DiskTierConfig | None = None

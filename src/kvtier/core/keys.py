@@ -100,7 +100,7 @@ def _frame(*fields: bytes) -> bytes:
     return b"".join(parts)
 
 
-MAX_CHUNK_TOKENS = 1 << 20  # StoreConfig.chunk_tokens' bound too
+MAX_CHUNK_TOKENS = 1 << 20  # KeyChain's and StoreConfig.chunk_tokens' bound
 
 
 def _token_array(tokens: Sequence[int]) -> array:
