@@ -234,19 +234,21 @@ def _device_read_bytes() -> int | None:
         return None
 
 
-def top1_decisive(ref: torch.Tensor, tolerance: float) -> bool:
-    """Whether every row of ref has a top-1/top-2 gap above `tolerance` (top1_agrees compares it)."""
+def _decisive_rows(ref: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Per row of ref, whether its top-1/top-2 gap exceeds `tolerance`."""
     top = torch.topk(ref.float(), 2, dim=-1).values
-    return bool(((top[..., 0] - top[..., 1]) > tolerance).all())
+    return (top[..., 0] - top[..., 1]) > tolerance
+
+
+def top1_decisive(ref: torch.Tensor, tolerance: float) -> bool:
+    """Whether every row of ref is decisive, so that top1_agrees compares it."""
+    return bool(_decisive_rows(ref, tolerance).all())
 
 
 def top1_agrees(ref: torch.Tensor, got: torch.Tensor, tolerance: float) -> bool:
     """got's top-1 equals ref's wherever ref's top-1/top-2 gap exceeds `tolerance` (per row)."""
-    ref, got = ref.float(), got.float()
-    top = torch.topk(ref, 2, dim=-1).values
-    decisive = (top[..., 0] - top[..., 1]) > tolerance
-    same = ref.argmax(-1) == got.argmax(-1)
-    return bool((same | ~decisive).all())
+    same = ref.float().argmax(-1) == got.float().argmax(-1)
+    return bool((same | ~_decisive_rows(ref, tolerance)).all())
 
 
 def _floor(loaded: int, bandwidth: float, compute_s: float, plain_s: float, cuda: bool) -> float:
