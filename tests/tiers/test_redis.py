@@ -308,6 +308,53 @@ def test_a_value_evicted_between_a_reads_round_trips_is_a_miss_not_corruption(ti
     assert tier._unpack_layers(keys[0], rkey, replies, list(range(TINY.num_layers)), views) is None
 
 
+def test_a_value_re_saved_between_a_reads_round_trips_is_not_deleted(tier):
+    """A layer-wise read takes the header and the layers in separate commands. When another host
+    replaces the value between them (an eviction, then a valid re-save of the same chunk with other
+    bytes: KV computed on another GPU), the read sees one value's checksums over the other's bytes.
+    That read is a counted miss, but the delete is conditional on the header the read saw, so the
+    valid new value stays and the next read is served it. Before, a plain DEL dropped it."""
+    from kvtier.core.codec import checksum
+
+    keys = keys_for(1, salt=43)
+    write_chain(tier, keys)
+    rkey = tier.redis_key(keys[0])
+    r = tier._single.client
+    other_bytes = [np.ascontiguousarray(p[::-1]) for p in payload(keys[0])]  # another valid copy
+    meta = metas_for(keys)[0]
+    other = ChunkMeta(meta.key, meta.parent, meta.depth, meta.num_tokens,
+                      tuple(checksum(b) for b in other_bytes))
+    replacement = bytes(tier.encode(other, other_bytes))
+    real = tier._pipelined
+    swapped = []
+
+    def interleaved(rkeys, commands):
+        out = real(rkeys, commands)
+        if not swapped:  # the read's header came from the old value, its layers from the new one
+            swapped.append(True)
+            r.set(rkey, replacement)
+            again = real(rkeys, commands)
+            out = [o[:1] + a[1:] for o, a in zip(out, again)]
+        return out
+
+    tier._pipelined = interleaved
+    try:
+        assert tier.read_many(keys, [1], dests(1, 1)) == [None]  # layer 1 alone: header, then GETRANGE
+    finally:
+        tier._pipelined = real
+    assert swapped and tier.metrics.get(m.CHECKSUM_FAILURES, tier="redis") == 1
+    assert r.get(rkey) == replacement  # kept
+    got = dests(1, 1)
+    assert tier.read_many(keys, [1], got)[0] is not None and np.array_equal(got[0][0], other_bytes[1])
+    # the value the read saw, still there and corrupt: deleted (whole reads compare its length too)
+    r.setrange(rkey, tier._kv_header + 5, b"\xff\xfe")
+    seen = r.get(rkey)
+    tier._drop_corrupt(rkey, CorruptChunkError("test"), seen, len(seen) + 1)  # another length: kept
+    assert r.exists(rkey) == 1
+    tier._drop_corrupt(rkey, CorruptChunkError("test"), seen, len(seen))
+    assert r.exists(rkey) == 0
+
+
 def test_bad_config_and_servers_are_clear_errors_at_start(shared_server, tmp_path):
     for url in ("localhost:6379", "redis://", "redis://h:notaport", "http://h:1", "redis://h:1/db0", ""):
         with pytest.raises(ConfigError, match="url"):

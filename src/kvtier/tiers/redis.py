@@ -98,6 +98,16 @@ log = logging.getLogger(__name__)
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError, OSError)
 
 
+# Delete KEYS[1] only if it still starts with ARGV[1] (and, when ARGV[2] >= 0, is ARGV[2] bytes
+# long): the value a reader found corrupt, not a valid one stored under the name since.
+_DELETE_IF_SAME = """
+local n = tonumber(ARGV[2])
+if n >= 0 and redis.call('STRLEN', KEYS[1]) ~= n then return 0 end
+if redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[1]) - 1) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+
 class _Foreign(Exception):
     """A value of another KV layout under this tier's name for a key: miss, do not delete."""
 
@@ -583,7 +593,8 @@ class RedisTier(Tier):
                     self.foreign_chunks += 1
                     self.metrics.inc(m.FOREIGN_CHUNKS, tier=self.name)
                 except CorruptChunkError as e:
-                    self._drop_corrupt(rkeys[i], e)
+                    seen = reply[0]  # type: ignore[index]
+                    self._drop_corrupt(rkeys[i], e, seen, len(seen) if whole and isinstance(seen, bytes) else None)
             out.append(meta)
             hits += meta is not None
         if hits:
@@ -720,15 +731,28 @@ class RedisTier(Tier):
             self.metrics.inc(m.FOREIGN_CHUNKS, tier=self.name)
             return None
         except CorruptChunkError as e:
-            self._drop_corrupt(rkey, e)
+            self._drop_corrupt(rkey, e, reply[0])
             return None
         self.metrics.inc(m.BYTES_READ, s.length, tier=self.name)
         return bytes(part[0])
 
-    def _drop_corrupt(self, rkey: bytes, why: Exception) -> None:
-        """A value failed validation: count it and delete it (best effort), never serve it."""
+    def _drop_corrupt(self, rkey: bytes, why: Exception, seen: Any = None, size: int | None = None) -> None:
+        """A value failed validation: count it and delete it (best effort), never serve it.
+
+        `seen` is the start of the value as this read saw it (its header), `size` its length
+        where the read knew it. With them the delete is conditional (one Lua script, atomic on the
+        server): a read's round trips are not atomic, so the value may have been replaced since,
+        by another host's valid save of the same chunk, and that one must stay. Without them, or
+        where the server runs no scripts, a plain DEL."""
         self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
         log.warning("kvtier: %s tier: dropping %s: %s", self.name, rkey.decode(errors="replace"), why)
+        if isinstance(seen, (bytes, bytearray, memoryview)) and len(seen):
+            prefix = bytes(seen[:self._kv_header])
+            args = ("EVAL", _DELETE_IF_SAME, 1, rkey, prefix, -1 if size is None else int(size))
+            reply = self._pipelined([rkey], lambda _i: [args])[0]
+            if reply is _NO_VALUE or not isinstance(reply[0], ResponseError):  # type: ignore[index]
+                return
+            log.debug("kvtier: %s tier: conditional delete refused (%s); plain DEL", self.name, reply[0])  # type: ignore[index]
         self._pipelined([rkey], lambda _i: [("DEL", rkey)])
 
     # -- write ---------------------------------------------------------------------------
