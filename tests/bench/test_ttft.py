@@ -174,3 +174,41 @@ def test_top1_equal_says_when_it_compared_nothing() -> None:
     diff = float((ref - garbage).abs().max())
     assert ttft.top1_agrees(ref, garbage, diff) is True and ttft.top1_decisive(ref, diff) is False
     assert ttft.top1_agrees(ref, garbage, 1e-3) is False and ttft.top1_decisive(ref, 1e-3) is True
+
+
+def test_reopened_stores_share_one_pool_locked_once(tmp_path, monkeypatch) -> None:
+    """The runner reopens its store about 15 times a run. Every store keeps its slots in the runner's
+    one pool, and on CUDA the runner holds the pool's page-lock from start to close, so a reopen
+    neither unregisters nor registers it again (CUDA's calls are faked here; what they are asked is
+    what counts). A reopened store finds nothing of the one before."""
+    from kvtier.bench.models import random_llama
+    from kvtier.connectors import copy_engine
+    from kvtier.connectors.transformers import model_layout
+
+    calls: list[tuple[str, int]] = []
+    registry = copy_engine.HostRegistry(register=lambda a, n: calls.append(("register", a)),
+                                        unregister=lambda a: calls.append(("unregister", a)))
+    monkeypatch.setattr(copy_engine, "_host_registry", registry)
+    model = random_llama(**ttft._sizes(True, "cpu", None)["model"])
+    model.to(torch.float32)
+    layout = model_layout(model)
+    bench = ttft._Runner(model, layout, tmp_path / "store", 16, 4 << 20, "cuda", None)
+    bench.cuda = False  # the calls below run on the CPU; only the pool's page-lock is CUDA's here
+    address = int(bench.pool.ctypes.data)
+    try:
+        bench.store.watch_pool(registry)  # what page_lock_pool does on CUDA for each connector's store
+        assert bench.store.memory.pool_region().address == address
+        ids = torch.randint(3, model.config.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
+        bench.through(ids)
+        bench.store.flush()
+        for clear in (False, True):
+            bench.reopen(clear=clear)
+            bench.store.watch_pool(registry)
+            assert bench.store.memory.pool_region().address == address
+            assert bench.store.memory.keys() == []  # the pool's old bytes are nobody's chunks
+        assert bench.miss(ids)[0] > 0  # asserts that the emptied store found nothing
+        assert calls == [("register", address)]
+    finally:
+        bench.close()
+    assert calls == [("register", address), ("unregister", address)]
+    assert registry.registered() == {}

@@ -214,14 +214,15 @@ def pool_copy_probe(store: Any, device: str, nbytes: int = 1 << 30, piece: int =
             "checksums_alone_gbps": best(sums_alone)}
 
 
-def _open_store(layout: Any, root: Path, chunk: int, dram_bytes: int, throttle_gbps: float | None) -> Any:
+def _open_store(layout: Any, root: Path, chunk: int, dram_bytes: int, throttle_gbps: float | None,
+                pool: Any = None) -> Any:
     from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
     from kvtier.store.throttle import throttle_disk
     from kvtier.store.tiered import TieredStore
 
     cfg = StoreConfig(chunk_tokens=chunk, memory=MemoryTierConfig(capacity_bytes=dram_bytes),
                       disk=DiskTierConfig(root=str(root), capacity_bytes=64 << 30))
-    store = TieredStore(cfg, layout)
+    store = TieredStore(cfg, layout, memory_pool=pool)
     if throttle_gbps is not None:
         throttle_disk(store, throttle_gbps)
     return store
@@ -258,16 +259,30 @@ def _floor(loaded: int, bandwidth: float, compute_s: float, plain_s: float, cuda
 
 
 class _Runner:
-    """The model, the store and the timed calls of one benchmark run."""
+    """The model, the store and the timed calls of one benchmark run.
+
+    Every store it opens (the run reopens one about 15 times, to empty DRAM) keeps its DRAM slots in
+    one pool, allocated once. On CUDA the runner holds that pool's page-lock for the whole run, so a
+    reopen does not unregister and register it again: a few seconds each for a 10 GiB pool, spent
+    outside every timed call but inside a device lease's minutes. A running server keeps its pool
+    locked too. A reopened store starts with an empty index, so nothing of the old one is found."""
 
     def __init__(self, model: Any, layout: Any, root: Path, chunk: int, dram_bytes: int, device: str,
                  throttle_gbps: float | None) -> None:
         from kvtier.connectors.transformers import TransformersConnector
+        from kvtier.tiers.pool import aligned_pool
 
         self.model, self.layout, self.root, self.chunk = model, layout, root, chunk
         self.dram_bytes, self.device, self.throttle = dram_bytes, device, throttle_gbps
         self.cuda = device.startswith("cuda")
-        self.store = _open_store(layout, root, chunk, dram_bytes, throttle_gbps)
+        chunk_bytes = layout.chunk_bytes(chunk)
+        self.pool = aligned_pool(max(1, dram_bytes // chunk_bytes) * chunk_bytes)
+        self._locked = False
+        if self.cuda:
+            from kvtier.connectors.copy_engine import host_registry
+
+            self._locked = host_registry().acquire(int(self.pool.ctypes.data), self.pool.nbytes)
+        self.store = _open_store(layout, root, chunk, dram_bytes, throttle_gbps, self.pool)
         self.conn = TransformersConnector(model, self.store)
         self.fingerprint = self.conn.fingerprint
 
@@ -290,8 +305,17 @@ class _Runner:
         self.store.close()
         if clear:
             clear_root(self.root)
-        self.store = _open_store(self.layout, self.root, self.chunk, self.dram_bytes, self.throttle)
+        self.store = _open_store(self.layout, self.root, self.chunk, self.dram_bytes, self.throttle, self.pool)
         self.conn = TransformersConnector(self.model, self.store, fingerprint=self.fingerprint)
+
+    def close(self) -> None:
+        self.conn.save_copies.drain()
+        self.store.close()
+        if self._locked:  # the store's own page-lock announcement went with its close
+            from kvtier.connectors.copy_engine import host_registry
+
+            host_registry().release(int(self.pool.ctypes.data), self.pool.nbytes)
+            self._locked = False
 
     def plain(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -516,8 +540,7 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
 
         overlap, overlap_diff = _overlap(bench, prompt, size["overlap_tokens"], runs)
     finally:
-        bench.conn.save_copies.drain()
-        bench.store.close()
+        bench.close()
         if tmp is not None:
             tmp.cleanup()
 
