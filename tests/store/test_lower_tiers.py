@@ -326,3 +326,25 @@ def test_a_failing_shared_mount_is_a_miss_in_its_tier_and_the_tiers_below_serve(
     assert b.lower_tiers[1].contains(keys[3])  # the tier below still got it
     assert b.metrics.get(m.READ_ERRORS, tier="nfs") > 0
     b.close()
+
+
+def test_a_chunk_found_corrupt_in_dram_before_its_lower_write_is_reported_as_corrupt(tmp_path):
+    """A chunk pinned for its lower-tier write that a borrower finds corrupt is never written, and
+    the save's error says so (it said "evicted from DRAM", which sent a reader after capacity)."""
+    import threading
+
+    store = make_store(tmp_path, [folder(tmp_path / "shared")])
+    gate = threading.Event()
+    store._lower_writer.submit("block", gate.wait)  # noqa: SLF001 - the lower writer is busy
+    keys = keys_for(2, salt=77)
+    h = save_chain(store, keys)
+    entries = store.borrow_memory(keys[:1])
+    store.pool_array()[entries[0].slot * store.memory.chunk_bytes] ^= 0xFF
+    assert store.verify_borrowed(entries, [0]).wait().failed == (0,)
+    store.release_borrowed(entries)
+    gate.set()
+    with pytest.raises(Exception, match="chunk 0 was found corrupt in DRAM before its write"):
+        h.wait(10)
+    shared = store.lower_tiers[0]
+    assert not shared.contains(keys[0]) and not shared.contains(keys[1])
+    store.close()

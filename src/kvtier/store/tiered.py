@@ -524,7 +524,7 @@ class TieredStore:
         mem = self.memory
         errors: list[str] = []
         try:
-            sources: list[list[Buffer] | None] = []
+            sources: list[list[Buffer] | str] = []  # a chunk's layers, or why it has none
             for i in range(len(metas)):
                 copy, entry = copies[i], pinned[i]
                 if copy is not None:
@@ -532,14 +532,16 @@ class TieredStore:
                 elif entry is not None and mem is not None and not entry.condemned:
                     metas[i] = entry.meta  # the checksums of the bytes written: the resident chunk's
                     sources.append([mem.layer_view(entry.slot, layer) for layer in range(self.layout.num_layers)])
-                else:
-                    sources.append(None)  # left DRAM before the save queued it: the chain stops here
+                elif entry is not None:  # a reader found its DRAM bytes corrupt: never written anywhere
+                    sources.append("was found corrupt in DRAM before its write")
+                else:  # left DRAM before the save queued it: the chain stops here
+                    sources.append("was evicted from DRAM before its write")
             for tier in self.lower_tiers:
                 batch_t0 = time.perf_counter()
                 for i, meta in enumerate(metas):
                     src = sources[i]
-                    if src is None:
-                        errors.append(f"{tier.name}: chunk {i} was evicted from DRAM before its write")
+                    if isinstance(src, str):
+                        errors.append(f"{tier.name}: chunk {i} {src}")
                         break
                     t0 = time.perf_counter()
                     try:
