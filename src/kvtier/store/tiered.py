@@ -116,12 +116,18 @@ class TieredStore:
             from kvtier.tiers.disk import DiskTier
 
             self.disk = DiskTier(layout, config.chunk_tokens, config.disk, self.metrics)
-        if config.memory is not None:
-            on_evict = self._demote if (config.write_mode == "write-back" and self.disk) else None
-            self.memory = MemoryTier(layout, config.chunk_tokens, config.memory, self.metrics,
-                                     pool=memory_pool, on_evict=on_evict)
-        self.tiers: list[Tier] = [t for t in (self.memory, self.disk) if t is not None]
-        self.lower_tiers: list[Tier] = self._open_lower_tiers()
+        try:  # the disk tier holds its folder's owner lock: a failure below must not keep it
+            if config.memory is not None:
+                on_evict = self._demote if (config.write_mode == "write-back" and self.disk) else None
+                self.memory = MemoryTier(layout, config.chunk_tokens, config.memory, self.metrics,
+                                         pool=memory_pool, on_evict=on_evict)
+            self.tiers: list[Tier] = [t for t in (self.memory, self.disk) if t is not None]
+            self.lower_tiers: list[Tier] = self._open_lower_tiers()
+        except BaseException:
+            for tier in (self.memory, self.disk):
+                if tier is not None:
+                    tier.close()
+            raise
         # FIFO as well: each lower tier gets a chain's parents before its children
         self._lower_writer = TransferEngine(1, "kvtier-lower-writer") if self.lower_tiers else None
         self._io = TransferEngine(config.io_threads, "kvtier-io")
@@ -416,9 +422,7 @@ class TieredStore:
         except BaseException:
             for tier in opened:
                 tier.close()
-            for tier in self.tiers:
-                tier.close()
-            raise
+            raise  # __init__ closes the DRAM and disk tiers
         return opened
 
     def lookup_lower(self, keys: Sequence[bytes], start: int = 0, skip: Sequence[str] = ()) -> list[str]:

@@ -68,7 +68,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,7 +212,11 @@ class DiskTier(Tier):
             except OSError as e:
                 self._release_owner_lock()
                 raise TierUnavailableError(f"disk.root {self.root} is not writable: {e.strerror}") from None
-        self._rebuild_index()
+        try:
+            self._rebuild_index()
+        except OSError as e:  # the chunks folder itself cannot be listed (EACCES, EIO)
+            self._release_owner_lock()
+            raise TierUnavailableError(f"disk.root {self.root}: cannot read its chunk files: {e}") from None
 
     # -- paths -------------------------------------------------------------------------
     def path_of(self, key: bytes) -> str:
@@ -534,7 +538,11 @@ class DiskTier(Tier):
         renamed = False
         step = "creating a temporary file for"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # the tmp folder went (as above): made again, once
+                os.makedirs(self._tmp_dir, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             step = "writing"
             _writev_all(fd, bufs)
             if self.config.fsync:
@@ -546,7 +554,16 @@ class DiskTier(Tier):
             step = "publishing"
             bucket = os.path.dirname(final)
             self._ensure_bucket(bucket)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:
+                if not os.path.exists(tmp):
+                    raise
+                # the bucket folder went since it was made (`kvtier store clear` on a shared
+                # folder other hosts still write into): made again, once
+                self._buckets.discard(bucket)
+                self._ensure_bucket(bucket)
+                os.rename(tmp, final)
             renamed = True
             if self.config.fsync:
                 _fsync_dir(bucket)
@@ -676,11 +693,13 @@ class DiskTier(Tier):
             if entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
                 _unlink_quietly(entry.path)
 
-    def _drop_orphans(self, found: dict[bytes, tuple[_Entry, int]], unread: set[bytes]) -> None:
+    def _drop_orphans(self, found: dict[bytes, tuple[_Entry, int]], unread: set[bytes],
+                      unread_buckets: Collection[str] = ()) -> None:
         """Remove from `found` every chunk whose chain does not reach a head (depth 0) through
         chunks in `found`: no lookup could reach it (its parent was corrupt, or lost in a crash).
         The owner deletes its file (counted); a chain that runs into a file an I/O error kept
-        unread is only skipped (not indexed, not deleted): it may be fine at the next open."""
+        unread, or into a missing parent whose bucket folder could not be listed, is only
+        skipped (not indexed, not deleted): it may be fine at the next open."""
         status: dict[bytes, str] = {}
         for key in found:
             trail: list[bytes] = []
@@ -690,7 +709,7 @@ class DiskTier(Tier):
                 if k in status:
                     verdict = status[k]
                     break
-                if k in unread:
+                if k in unread or (k not in found and bytes(k).hex()[:2] in unread_buckets):
                     verdict = "unread"
                     break
                 if k not in found or k in on_trail:  # missing parent, or a cycle (not kvtier's)
@@ -717,7 +736,8 @@ class DiskTier(Tier):
     def _rebuild_index(self) -> None:
         found: dict[bytes, tuple[_Entry, int]] = {}
         unread: set[bytes] = set()  # headers an I/O error kept us from reading: left alone
-        for path, key, st in _iter_chunk_files(self._chunks_dir):
+        unread_buckets: set[str] = set()  # bucket folders an I/O error kept us from listing: left alone
+        for path, key, st in _iter_chunk_files(self._chunks_dir, unread_buckets):
             try:
                 header = _read_header_file(path, st.st_size)
                 if header.layout_id != self._layout_id:
@@ -745,7 +765,7 @@ class DiskTier(Tier):
                 "kvtier: disk.root %s holds %d chunk files (%d bytes) written for another KV layout or chunk "
                 "size; they are not served, and count against capacity_bytes", self.root,
                 self.foreign_chunks, self.foreign_bytes)
-        self._drop_orphans(found, unread)
+        self._drop_orphans(found, unread, unread_buckets)
 
         # Oldest file first, but a parent always before its children, so the policy links
         # every child to its parent (and never evicts a head before its tail).
@@ -834,20 +854,35 @@ def _scandir(path: str) -> list[os.DirEntry[str]]:
         return []
 
 
-def _iter_chunk_files(chunks_dir: str) -> Iterator[tuple[str, bytes, os.stat_result]]:
-    """(path, key, stat) of every file named like a chunk: chunks/<hh>/<hex>.kvc."""
+def _iter_chunk_files(chunks_dir: str, unread_buckets: set[str] | None = None,
+                      ) -> Iterator[tuple[str, bytes, os.stat_result]]:
+    """(path, key, stat) of every file named like a chunk: chunks/<hh>/<hex>.kvc.
+
+    With `unread_buckets`, a bucket folder that cannot be listed, or holds a file that cannot be
+    stat'ed (EACCES, EIO), is skipped and its name added there (logged): the caller leaves what
+    may be in it alone. Without, that error is raised. chunks_dir itself unreadable: raised."""
     for bucket in _scandir(chunks_dir):
         if not _BUCKET_NAME.match(bucket.name) or not bucket.is_dir(follow_symlinks=False):
             continue
-        for f in _scandir(bucket.path):
-            if not _CHUNK_NAME.match(f.name) or not f.name.startswith(bucket.name):
-                continue
-            try:
-                st = f.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if f.is_file(follow_symlinks=False):
-                yield f.path, bytes.fromhex(f.name[: -len(CHUNK_SUFFIX)]), st
+        try:
+            files = _scandir(bucket.path)
+            stats = []
+            for f in files:
+                if not _CHUNK_NAME.match(f.name) or not f.name.startswith(bucket.name):
+                    continue
+                try:
+                    st = f.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if f.is_file(follow_symlinks=False):
+                    stats.append((f.path, bytes.fromhex(f.name[: -len(CHUNK_SUFFIX)]), st))
+        except OSError as e:
+            if unread_buckets is None:
+                raise
+            unread_buckets.add(bucket.name)
+            log.warning("kvtier: cannot read the chunk files in %s (%s); they are left alone", bucket.path, e)
+            continue
+        yield from stats
 
 
 def _read_header_bytes(fd: int, guess: int, file_bytes: int) -> bytes:

@@ -91,6 +91,8 @@ class RescanReport:
     evicted: int  # chunks evicted to get back under capacity
     used_bytes: int
     chunks: int
+    orphans: int = 0  # chunk files whose chain reached no head at this rescan and the one before (deleted)
+    unread: int = 0  # chunk files (or bucket folders) an I/O error kept from being read (left alone)
 
 
 class SharedFolderTier(DiskTier):
@@ -111,6 +113,7 @@ class SharedFolderTier(DiskTier):
         self._checked: dict[bytes, float] = {}  # non-owner: key -> when its file was last seen
         self._touched: dict[bytes, float] = {}  # non-owner: key -> when it last set the file's mtime
         self._mtimes: dict[bytes, int] = {}  # owner: key -> the file's mtime_ns when last indexed or touched
+        self._orphaned: dict[bytes, FileSig] = {}  # owner: files the last rescan found orphaned (deleted if still so)
         self._bad: dict[bytes, tuple[int, int, int]] = {}  # key -> (inode, size, mtime) that failed
         self._stop = threading.Event()
         self._rescan_lock = threading.Lock()  # one rescan at a time (the background one, or a caller's)
@@ -299,7 +302,10 @@ class SharedFolderTier(DiskTier):
     def write(self, meta: ChunkMeta, layers: Sequence[Buffer]) -> bool:
         if not self.owner and meta.key in self._index:
             self._present(meta.key)  # revalidate: a chunk the owner evicted since is forgotten, so stored again
-        if meta.depth > 0 and meta.parent not in self._index:
+        if meta.depth > 0 and meta.parent in self._index and not self.owner:
+            self._checked.pop(meta.parent, None)  # a stat now: a child whose parent the owner evicted is refused
+            self._present(meta.parent)  # (its rescan drops what slips in between: an orphan)
+        elif meta.depth > 0 and meta.parent not in self._index:
             self._find(meta.parent)  # a parent another host wrote: the disk tier checks its parent is indexed
         stored = super().write(meta, layers)
         if stored and self.owner and meta.key not in self._mtimes:
@@ -352,8 +358,10 @@ class SharedFolderTier(DiskTier):
         on_disk: set[bytes] = set()
         found: dict[bytes, tuple[_Entry, int]] = {}
         corrupt = 0
+        unread: set[bytes] = set()  # files an I/O error kept from being read: neither adopted nor dropped
+        unread_buckets: set[str] = set()
         moved: list[tuple[int, bytes, bool]] = []  # (mtime, key, moved since we knew it) of indexed chunks
-        for path, key, st in _iter_chunk_files(self._chunks_dir):
+        for path, key, st in _iter_chunk_files(self._chunks_dir, unread_buckets):
             on_disk.add(key)
             if key in before:
                 known = mtimes.get(key)
@@ -362,10 +370,11 @@ class SharedFolderTier(DiskTier):
                 continue
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                if e.errno in _GONE:
-                    continue
-                raise
+            except OSError as e:  # gone since it was listed: nothing to do; EACCES, EIO: one file, not the rescan
+                if e.errno not in _GONE:
+                    unread.add(key)
+                    self._read_failed(key, e)
+                continue
             try:
                 fst = os.fstat(fd)
                 sig = _sig(fst)
@@ -379,10 +388,20 @@ class SharedFolderTier(DiskTier):
                 self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
                 _unlink_if_unchanged(path, sig)
                 continue
+            except OSError as e:
+                if e.errno not in _GONE:
+                    unread.add(key)
+                    self._read_failed(key, e)
+                continue
             finally:
                 os.close(fd)
             found[key] = (_Entry(path, fst.st_size, header.parent, header.depth, (sig, table)), fst.st_mtime_ns)
+        for key in before:  # a bucket that could not be listed: its indexed chunks did not vanish
+            if bytes(key).hex()[:2] in unread_buckets:
+                on_disk.add(key)
         adopted = vanished = touched = 0
+        orphans: list[_Entry] = []  # found orphaned by the last rescan too, unchanged: deleted
+        seen_orphaned: dict[bytes, FileSig] = {}
         with self._lock:
             for key, entry in before.items():
                 if key not in on_disk and self._unindex_locked(key, entry):
@@ -394,12 +413,31 @@ class SharedFolderTier(DiskTier):
                         touched += 1
                     self._mtimes[key] = mtime
             # oldest first, a parent before its children (as the disk tier's index rebuild does)
+            # A chain is adopted only when it reaches a head (depth 0) or an indexed chunk: the
+            # disk tier drops such orphans at open, and a lookup could never reach them. A file
+            # orphaned at one rescan may only have been listed before its parent was published
+            # (a scan is not atomic); orphaned, unchanged, at the next one too, it is deleted.
             for key in sorted(found, key=lambda k: (found[k][1], found[k][0].depth)):
                 chain: list[bytes] = []
                 k: bytes | None = key
                 while k is not None and k in found and k not in self._index and k not in chain:
                     chain.append(k)
                     k = found[k][0].parent
+                if not chain:
+                    continue
+                top = found[chain[-1]][0]
+                if top.depth != 0 and top.parent not in self._index:
+                    parent = top.parent
+                    if parent is not None and (parent in unread or bytes(parent).hex()[:2] in unread_buckets):
+                        continue  # may be fine at the next rescan
+                    for c in chain:
+                        entry = found.pop(c)[0]
+                        assert entry.cache is not None  # set for every file this rescan read
+                        if self._orphaned.get(c) == entry.cache[0]:
+                            orphans.append(entry)
+                        else:
+                            seen_orphaned[c] = entry.cache[0]
+                    continue
                 for k in reversed(chain):
                     entry = found[k][0]
                     self._index[k] = entry
@@ -411,9 +449,15 @@ class SharedFolderTier(DiskTier):
             used, chunks = self._used, len(self._index)
             for key in [k for k in self._mtimes if k not in self._index]:
                 del self._mtimes[key]
+        self._orphaned = seen_orphaned
+        for entry in orphans:
+            self.metrics.inc(m.ORPHANS_DROPPED, tier=self.name)
+            assert entry.cache is not None
+            _unlink_if_unchanged(entry.path, entry.cache[0])
         temps = self._remove_stale_temp_files()
         self._report_usage()
-        return RescanReport(adopted, touched, vanished, corrupt, temps, evicted, used, chunks)
+        return RescanReport(adopted, touched, vanished, corrupt, temps, evicted, used, chunks, len(orphans),
+                            len(unread) + len(unread_buckets))
 
     def _rescan_loop(self) -> None:
         while not self._stop.wait(self.shared_config.rescan_s):
