@@ -607,3 +607,19 @@ def test_extras_that_cannot_be_stored_are_refused_at_the_save(tmp_path):
     r = store.save(keys, ROOT, 0, [payload(k) for k in keys], extras=[((SECTION_SUMMARY, 0, b"ok"),)]).wait()
     assert r.on_disk == 1 and store.read_section(keys[0], SECTION_SUMMARY, 0) == b"ok"
     store.close()
+
+
+def test_write_back_chunks_only_dram_holds_go_to_disk_at_close(tmp_path):
+    """Write-back writes a chunk to disk when DRAM evicts it; a clean close wrote nothing of what
+    DRAM still held, so a reopened store found none of it (an audit found). Now close writes it."""
+    store = make_store(tmp_path, mem_chunks=4, write_mode="write-back")
+    keys = keys_for(list(range(16)))
+    assert save_chain(store, keys).wait().in_memory == 4
+    assert store.disk.lookup(keys) == 0
+    store.close()
+    store = make_store(tmp_path, mem_chunks=4, write_mode="write-back")
+    assert store.disk.lookup(keys) == 4
+    res, dests = load_all(store, keys)
+    assert res.loaded == 4 and res.tiers == ("disk",) * 4
+    assert_exact(keys, dests)
+    store.close()

@@ -1008,6 +1008,8 @@ class TieredStore:
     def close(self) -> None:
         if self._closed:
             return
+        if self.config.write_mode == "write-back":
+            self._write_back_resident()
         self.flush()
         self._closed = True
         if self.memory is not None:
@@ -1021,6 +1023,26 @@ class TieredStore:
             self._verify.shutdown()
         for tier in self.tiers + self.lower_tiers:
             tier.close()
+
+    def _write_back_resident(self) -> None:
+        """Write-back: the chunks only DRAM holds go to disk as the store closes, parents first, as
+        their eviction would have sent them (a clean close loses nothing that was saved; a crash
+        loses what DRAM held, as it does in any write-back cache)."""
+        mem, disk = self.memory, self.disk
+        if mem is None or disk is None:
+            return
+        keep: list[ChunkEntry] = []
+        drop: list[ChunkEntry] = []
+        for e in mem.pin_entries(mem.keys()):
+            if e is not None:
+                (drop if e.condemned or disk.contains(e.meta.key) else keep).append(e)
+        mem.release(drop)
+        if not keep:
+            return
+        keep.sort(key=lambda e: e.meta.depth)  # a parent before its children
+        self._count_write_pins(len(keep))
+        self._track(self._writer.submit("write-back", self._write_disk, [e.meta for e in keep],
+                                        [None] * len(keep), list(keep), len(keep)))
 
     def __enter__(self) -> TieredStore:
         return self
