@@ -491,7 +491,8 @@ class ServiceClient(StoreClient):
         """load_begin, checked: (session, reply, trust_until), or None while the service is down."""
         asked = time.monotonic()
         try:
-            s, r = self._request("load_begin", keys=keys, lease=lease_id, hold_s=self.config.lease_timeout_s)
+            s, r = self._request("load_begin", keys=keys, lease=lease_id, hold_s=self.config.lease_timeout_s,
+                                 wait_s=self.config.request_timeout_s / 2)  # promotions past it: failed chunks
         except TierUnavailableError as e:
             log.debug("kvtier: load failed: %s", e)
             return None

@@ -250,10 +250,21 @@ class StoreHost:
             raise ServiceError("invalid", f"hold_s must be positive, got {requested}")
         return min(requested, self.max_lease_s)
 
-    def wait_lease(self, lease_id: LeaseId | None, keys: Sequence[bytes] | None = None) -> bool:
+    def wait_bound(self, wait_s: float | None) -> float | None:
+        """A client's bound on a request's waits (None: unbounded), at most max_lease_s: a wait
+        past the hold it buys is of no use, and a huge one overflows the waits' timeouts."""
+        if wait_s is None:
+            return None
+        if not wait_s >= 0:
+            raise ServiceError("invalid", f"wait_s must be >= 0, got {wait_s}")
+        return min(wait_s, self.max_lease_s)
+
+    def wait_lease(self, lease_id: LeaseId | None, keys: Sequence[bytes] | None = None,
+                   deadline: float | None = None) -> bool:
         """Wait for the lease's disk promotions (of `keys` only, when given: a load of part of a
         lease, as when vLLM's load planner recomputes its slow hits, waits for nothing else) and
-        extend it; False if it is not held."""
+        extend it; False if it is not held. `deadline` (time.monotonic()) bounds the wait: a
+        promotion still running then is the load's failed chunk, not a timed-out request."""
         if lease_id is None:
             return False
         with self._lock:
@@ -264,8 +275,8 @@ class StoreHost:
         waits = list(promotions.values()) if keys is None else [promotions[k] for k in keys if k in promotions]
         for fut in waits:
             try:
-                fut.result()
-            except Exception:  # noqa: BLE001 - the load reports the chunk as failed
+                fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - the load reports the chunk as failed (TimeoutError too)
                 pass
         with self._lock:
             if lease_id in self._leases:
@@ -351,9 +362,15 @@ class StoreHost:
 
     # -- loads -------------------------------------------------------------------------
     def load_begin(self, owner: OwnerId, keys: Sequence[bytes], lease_id: LeaseId | None = None,
-                   hold_s: float | None = None) -> LoadPins:
+                   hold_s: float | None = None, wait_s: float | None = None) -> LoadPins:
+        """Pin `keys` in DRAM for the caller to copy, promoting from the tiers below. `wait_s`
+        bounds the wait for promotions (the client gives up on a reply after its request
+        timeout, and then drops its connection, and with it its other leases and saves): a
+        chunk not in DRAM by then is reported missing (-1), and unpinned when it lands."""
         hold = self.hold_bound(hold_s)
-        self.wait_lease(lease_id, keys)
+        bound = self.wait_bound(wait_s)
+        deadline = None if bound is None else time.monotonic() + bound
+        self.wait_lease(lease_id, keys, deadline)
         started = time.perf_counter()
         mem = self.memory
         slots = [NO_SLOT] * len(keys)
@@ -368,7 +385,10 @@ class StoreHost:
                 promotions[i] = self._promoter.submit(self._promote_pin, key)  # a lower miss pins nothing
         for i, fut in promotions.items():
             try:
-                promoted = fut.result()
+                promoted = fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except TimeoutError:  # past the client's bound: a failed chunk; its pin ends when it lands
+                promoted = None
+                self._end_pins([], [fut])
             except Exception:  # noqa: BLE001 - a failed read is a failed chunk, reported by index
                 promoted = None
             if promoted is not None:
@@ -427,25 +447,32 @@ class StoreHost:
         """Reserve slots for the chain; `wait_s` bounds the total wait for disk writes to free
         slots (the client gives up on a reply after its request timeout: better a shorter grant)."""
         hold = self.hold_bound(hold_s)
-        wait_until = None if wait_s is None else time.monotonic() + max(0.0, wait_s)
+        bound = self.wait_bound(wait_s)
+        wait_until = None if bound is None else time.monotonic() + bound
         mem, disk = self.memory, self.store.disk
         reservations: list[Reservation | None] = []
         slots: list[int] = []
         granted = len(keys)
         prev = parent
-        for i, key in enumerate(keys):
-            if mem.contains(key) or (disk is not None and disk.contains(key)):
-                reservations.append(None)
-                slots.append(NO_SLOT)
-            else:
-                left = None if wait_until is None else max(0.0, wait_until - time.monotonic())
-                res = self.store.allocate_memory(key, prev, first_depth + i, wait_s=left)  # waits for disk writes
-                if res is None:
-                    granted = i
-                    break
-                reservations.append(res)
-                slots.append(res.slot)
-            prev = key
+        try:
+            for i, key in enumerate(keys):
+                if mem.contains(key) or (disk is not None and disk.contains(key)):
+                    reservations.append(None)
+                    slots.append(NO_SLOT)
+                else:
+                    left = None if wait_until is None else max(0.0, wait_until - time.monotonic())
+                    res = self.store.allocate_memory(key, prev, first_depth + i, wait_s=left)  # waits for disk writes
+                    if res is None:
+                        granted = i
+                        break
+                    reservations.append(res)
+                    slots.append(res.slot)
+                prev = key
+        except BaseException:  # no save holds them yet: given back here, or never
+            for res in reservations:
+                if res is not None:
+                    mem.abort(res)
+            raise
         slots.extend([NO_SLOT] * (len(keys) - len(slots)))
         save_id = next(self._ids)
         with self._lock:

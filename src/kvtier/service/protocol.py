@@ -12,7 +12,9 @@ Ops (fields -> reply fields), every key list is one message for many chunks:
     release     lease                               -> {}   (error "lease" if not held)
     trim        lease, keys                         -> dropped (pins and promotions ended); the lease
                                                        keeps its other keys (error "lease" if not held)
-    load_begin  keys, lease (id or nil), hold_s     -> load, slots (-1 = failed), tiers, checksums, hold_s
+    load_begin  keys, lease (id or nil), hold_s,    -> load, slots (-1 = failed), tiers, checksums, hold_s
+                wait_s (optional: longest wait for
+                promotions; later ones are failed)
     load_end    load, corrupt: [index]              -> {}   (error "unknown_load" once its hold expired)
     allocate    keys, parent, first_depth, hold_s,  -> save, slots (-1 = already stored), granted, hold_s
                 wait_s (longest wait for free slots)
@@ -50,6 +52,9 @@ from kvtier.core.errors import KVTierError
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<I")
 MAX_MESSAGE_BYTES = 16 << 20
+MAX_CONTAINERS = 1 << 20  # arrays and maps one message may unpack into (decode)
+MAX_ARRAY_LEN = 1 << 20  # a 1M-token prompt in 16-token chunks is 65,536 keys
+MAX_MAP_LEN = 1 << 16
 MAX_KEY_BYTES = 32  # the codec's limit (kvtier.core.codec.MAX_KEY_BYTES)
 MAX_FDS = 1  # descriptors a reply may carry (the pool, with hello)
 MAX_WAIT_LOWER_S = 300.0  # the longest wait_lower the service grants (a longer one is refused)
@@ -95,8 +100,22 @@ def encode(msg: dict[str, Any]) -> bytes:
 
 
 def decode(body: bytes) -> dict[str, Any]:
+    """A message's map. A body of up to MAX_MESSAGE_BYTES cannot unpack into more than
+    MAX_CONTAINERS arrays and maps, nor an array longer than MAX_ARRAY_LEN: one byte is a whole
+    empty array, so 16 MiB of them would otherwise take over a GiB of Python objects."""
+    left = [MAX_CONTAINERS]
+
+    def counted(obj: Any) -> Any:
+        left[0] -= 1
+        if left[0] < 0:
+            raise ProtocolError(f"a message holds more than {MAX_CONTAINERS} arrays and maps")
+        return obj
+
     try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, list_hook=counted, object_hook=counted,
+                              max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN)
+    except ProtocolError:
+        raise
     except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
         raise ProtocolError(f"undecodable message: {type(e).__name__}") from None
     if not isinstance(msg, dict):

@@ -30,6 +30,7 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -184,6 +185,9 @@ class StoreServer:
     def _start_locked(self) -> None:
         cfg = self.config
         if os.path.lexists(self.socket_path):
+            if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):  # a mistyped path: never deleted
+                raise ConfigError(f"socket_path {self.socket_path} names an existing file that is not a socket; "
+                                  "choose another path")
             if answers(self.socket_path):  # another user's listener, or a service without our lock
                 raise AlreadyRunningError(f"something already answers on {self.socket_path}")
             log.info("replacing stale socket %s left by a dead service", self.socket_path)
@@ -417,8 +421,9 @@ class StoreServer:
 
     def _op_load_begin(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None
+        wait_s = p.get_float(msg, "wait_s", 0.0) if "wait_s" in msg else None
         pins = self.host.load_begin(owner, p.get_keys(msg, key_bytes=self.key_bytes),
-                                    p.get_int(msg, "lease", optional=True), p.get_float(msg, "hold_s", 30.0))
+                                    p.get_int(msg, "lease", optional=True), p.get_float(msg, "hold_s", 30.0), wait_s)
         return {"load": pins.load_id, "slots": pins.slots, "tiers": pins.tiers,
                 "checksums": [list(c) for c in pins.checksums], "hold_s": pins.hold_s}
 
