@@ -50,9 +50,12 @@ class SparseConfig:
             raise SparseConfigError(f"sparse.keep_margin must be a finite number >= 0, got {m!r}")
         if self.hash_bits % 8:
             raise SparseConfigError(f"sparse.hash_bits must be a multiple of 8, got {self.hash_bits}")
+        seed = self.summary_seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 63:
+            raise SparseConfigError(f"sparse.summary_seed must be an integer in [0, 2**63), got {seed!r}")
         from kvtier.sparse.policies import POLICIES
 
-        if self.policy not in POLICIES:
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise SparseConfigError(f"sparse.policy {self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
         if self.budget_tokens % self.block_tokens:
             raise SparseConfigError(

@@ -15,8 +15,9 @@ KV written straight in). Single-threaded: one forward pass at a time.
     fast_tier_bytes(), budget_bytes(), flush()
 
 Blocks are chunks of the store (block_tokens == the store's chunk_tokens), keyed by a chain
-private to this request (a random salt by default): the KV of a generated continuation is
-not a prompt prefix anyone else can reuse.
+private to this instance (a random nonce, after the caller's salt if any): the KV of a generated
+continuation is not a prompt prefix anyone else can reuse, and keys that name no content must
+never be shared (a second instance would read the first one's blocks).
 
 Store layout (`sparse_store_layout`): a chunk's sections are not one per model layer but one
 per (layer, KV head, plane), each [block_tokens, head_size] with its own checksum. GQA heads
@@ -157,11 +158,15 @@ class SparseKV:
         self.block_keys: list[bytes] = []
         mode = get_hash_mode(store.config.hash_mode)
         self._hash = mode
-        self._root = mode.digest(b"kvtier-sparse-request\0" + (salt if salt is not None else os.urandom(16)))
+        # a random nonce always: the blocks' keys name no content, so two instances given one salt
+        # (a cache reset for the next prompt, two rows, two requests) must never name each other's
+        # blocks (the store keeps a key's first copy: the second would read the first's KV)
+        self._root = mode.digest(b"kvtier-sparse-request\0" + (salt or b"") + b"\0" + os.urandom(16))
         self._open: _SpanSave | None = None  # the span whose layers are being appended
         # prefill's writes run beside the forward (bounded: two spans of jobs); None = synchronous
         self._writer = BackgroundWriter(max_pending=2 * n_layers, max_bytes=WRITER_MAX_BYTES) if async_writes else None
         self._saves: list[TransferHandle] = []
+        self._landing: list[TransferHandle] = []  # saves of blocks with no DRAM slot, not yet read after
         # blocks of the span being saved (committed after the last layer): layer -> (first, K, V [H, mB, d])
         self._span: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._steps = [0] * n_layers
@@ -338,7 +343,11 @@ class SparseKV:
             for i, data in enumerate(self.summarizer.encode_all(summaries)):
                 span.extras[i].append((SECTION_SUMMARY, layer, data))
             if last:
-                self._saves.append(span.batch.commit([tuple(e) for e in span.extras]))
+                resident = all(o is not None for o in span.batch.slot_offsets())
+                handle = span.batch.commit([tuple(e) for e in span.extras])
+                self._saves.append(handle)
+                if not resident:  # blocks DRAM had no slot for are readable once their disk write lands
+                    self._landing.append(handle)
         except BaseException:
             if span.batch is not None:
                 span.batch.abort()
@@ -346,9 +355,18 @@ class SparseKV:
 
     def _await_writes(self) -> None:
         """Before a store read: let the background writer land every queued block (a read right after
-        prefill finds what it wrote); raises SparseWriteError if a write failed."""
+        prefill finds what it wrote); raises SparseWriteError if a write failed. Blocks that got no
+        DRAM slot (no DRAM tier, or DRAM full of chunks pinned for their disk writes) are readable
+        only once the store's disk write lands: those saves are waited for too (a failed one is
+        the read's BlockMissingError, and flush's error)."""
         if self._writer is not None:
             self._writer.drain()  # returns at once when nothing is queued (and no write failed)
+        landing, self._landing = self._landing, []
+        for h in landing:
+            try:
+                h.wait()
+            except Exception:  # noqa: BLE001 - reported by flush (the handle is in _saves too)
+                pass
 
     def flush(self) -> None:
         """Wait for every queued write and every save's lower-tier writes; re-raises a failed write
@@ -360,14 +378,19 @@ class SparseKV:
             h.wait()
 
     def close(self) -> None:
-        """`flush`, then stop the background writer (nothing queued is lost) and the prefetcher."""
-        try:
-            self.flush()
-        finally:
-            if self._writer is not None:
-                self._writer.close()
-            if self._prefetch is not None:
-                self._prefetch.close()
+        """`flush`, then stop the background writer (nothing queued is lost) and the prefetcher;
+        each is stopped whatever the others raise, and the first error is raised after."""
+        errors: list[BaseException] = []
+        for step in (self.flush, self._writer.close if self._writer is not None else None,
+                     self._prefetch.close if self._prefetch is not None else None):
+            if step is None:
+                continue
+            try:
+                step()
+            except BaseException as e:  # noqa: BLE001 - raised below, after the rest is stopped
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     # -- reading -------------------------------------------------------------------
     def _section(self, layer: int, head: int, plane: int) -> int:
@@ -608,6 +631,8 @@ class SparseKV:
         ws = self.working[layer]
         hq, nq, d = q.shape
         h = self.layout.num_kv_heads
+        if hq % h:
+            raise SparseConfigError(f"{hq} query heads is not a multiple of {h} KV heads")
         g = hq // h
         bt = self.config.block_tokens
         t = self.num_tokens[layer]

@@ -238,9 +238,16 @@ class KVTierSparseCache(Cache):
             s.release_prefill()
 
     def close(self) -> None:
-        """Flush every sequence's writes and stop its background writer and prefetcher."""
+        """Flush every sequence's writes and stop its background writer and prefetcher: every
+        sequence, whatever another raises; the first error is raised after."""
+        errors: list[BaseException] = []
         for s in self.sequences:
-            s.close()
+            try:
+                s.close()
+            except BaseException as e:  # noqa: BLE001 - raised below, after every row is closed
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def model_kv_layout(model_config: Any, dtype: str) -> KVLayout:
