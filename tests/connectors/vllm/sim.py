@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kvtier.client.api import InProcessClient
+from kvtier.connectors.vllm.fingerprint import lora_extras
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.plan import StepPlan
 from kvtier.connectors.vllm.scheduler import SchedulerSide
@@ -59,6 +60,7 @@ class FakeRequest:
 class FakeLora:
     lora_name: str
     lora_int_id: int = 1
+    lora_path: str = ""
 
 
 def token_value(tokens: list[int], pos: int, layer: int) -> float:
@@ -87,8 +89,8 @@ def make_client(capacity_chunks: int = 64, lease_timeout_s: float = 30.0) -> InP
     return InProcessClient(TieredStore(cfg, LAYOUT), lease_timeout_s=lease_timeout_s)
 
 
-def root_for(salt: str, lora: str) -> bytes:
-    return Namespace("test-model", LAYOUT.layout_id(BLOCK), 0, salt, "sha256", ("format=test", f"lora={lora}")).root()
+def root_for(salt: str, lora: str) -> bytes:  # as the connector makes it
+    return Namespace("test-model", LAYOUT.layout_id(BLOCK), 0, salt, "sha256", ("format=test", *lora_extras(lora))).root()
 
 
 class Sim:

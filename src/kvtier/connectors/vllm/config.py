@@ -28,6 +28,8 @@ An unknown key or a bad value raises ConfigError naming it, so vLLM stops at sta
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +57,11 @@ class VLLMConnectorConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "kv_connector_extra_config")
+        if self.stats_path:
+            folder = os.path.dirname(os.path.abspath(self.stats_path))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ConfigError(f"kv_connector_extra_config.stats_path {self.stats_path!r}: its folder {folder} "
+                                  "does not exist or is not writable")
 
 
 def load_connector_config(extra: Mapping[str, Any] | None, block_size: int) -> VLLMConnectorConfig:

@@ -40,6 +40,7 @@ Decisions (see scheduler.py / worker.py for the details):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -47,6 +48,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,7 +63,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvtier.client.api import StoreClient
 from kvtier.connectors.vllm import version
 from kvtier.connectors.vllm.config import VLLMConnectorConfig, load_connector_config
-from kvtier.connectors.vllm.fingerprint import vllm_model_fingerprint
+from kvtier.connectors.vllm.fingerprint import lora_extras, vllm_model_fingerprint
 from kvtier.connectors.vllm.layouts import SUB_BLOCK_CPU_ISAS
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.model import ModelKV, cpu_amx_supported, format_tag, model_kv, predict_cpu_isa
@@ -88,6 +90,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier.connectors.vllm")
+MAX_ROOTS = 4096  # namespace roots the scheduler keeps made, one per (cache_salt, LoRA) in use
 
 
 @dataclass
@@ -231,6 +234,7 @@ class KVTierConnector(KVConnectorBase_V1):
             raise ConfigError(f"kv_connector_extra_config.allow_fail_policy: expected true or false, got {allow_fail!r}")
         block_size = int(vllm_config.cache_config.block_size)
         self.config = load_connector_config(extra, block_size)
+        self._stats_failed = False  # the last write of stats_path failed (warned once per failing run)
         policy = getattr(ktc, "kv_load_failure_policy", "fail")
         if policy != "recompute" and not allow_fail:
             raise ConfigError(
@@ -269,14 +273,20 @@ class KVTierConnector(KVConnectorBase_V1):
             fingerprint = cfg.model_fingerprint or vllm_model_fingerprint(vllm_config)
             layout_id = layout.layout_id(chunk_tokens)
             hash_mode = client.hash_mode
-            roots: dict[tuple[str, str], bytes] = {}
+            # bounded: a deployment may give every user (or request) a cache_salt of its own
+            roots: OrderedDict[tuple[str, str], bytes] = OrderedDict()
 
             def root_for(salt: str, lora: str) -> bytes:
-                if (salt, lora) not in roots:
+                root = roots.get((salt, lora))
+                if root is None:
                     ns = Namespace(fingerprint, layout_id, 0, salt, hash_mode,
-                                   (f"format={self.format_tag}", f"lora={lora}"))
-                    roots[(salt, lora)] = ns.root()
-                return roots[(salt, lora)]
+                                   (f"format={self.format_tag}", *lora_extras(lora)))
+                    root = roots[(salt, lora)] = ns.root()
+                    if len(roots) > MAX_ROOTS:
+                        roots.popitem(last=False)
+                else:
+                    roots.move_to_end((salt, lora))
+                return root
 
             identity = Identity(fingerprint, layout_id.hex(), self.format_tag, chunk_tokens, hash_mode)
             # a partial chunk's tail is zeroed in the page's own layout (clear_tokens), which is checked
@@ -347,13 +357,24 @@ class KVTierConnector(KVConnectorBase_V1):
         return KVTierConnectorMetadata(plan)
 
     def _write_stats(self) -> None:
+        """Rewrite stats_path (from vLLM's schedule(): a full disk or a removed folder is a warning,
+        never an error that would stop the engine)."""
         assert self.scheduler is not None
         data = {**self.scheduler.stats, "loaded_chunks_by_tier": self.scheduler.loaded_by_tier,
                 "loaded_tokens_by_tier": self.scheduler.loaded_tokens_by_tier, "chunk_tokens": self.chunk_tokens}
-        tmp = f"{self.config.stats_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, self.config.stats_path)
+        tmp = f"{self.config.stats_path}.{os.getpid()}.tmp"  # two engines given one path do not share it
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.config.stats_path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not self._stats_failed:
+                log.warning("kvtier: cannot write stats_path %s (%s); the engine goes on", self.config.stats_path, e)
+            self._stats_failed = True
+        else:
+            self._stats_failed = False
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None

@@ -12,14 +12,18 @@ identified by id and revision.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import os
 import struct
 from collections.abc import Mapping
 from typing import Any
 
 from kvtier.core.keys import model_fingerprint
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz")
 FULL_HASH_BYTES = 64 << 20
@@ -48,8 +52,14 @@ def file_identity(path: str) -> str:
     return h.hexdigest()
 
 
-def weight_identity(model: str, revision: str | None = None) -> str:
-    folder = model if os.path.isdir(model) else _hub_snapshot(model, revision)
+def weight_identity(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
+    """See the module's text. A hub id is looked for in `download_dir` (vLLM's --download-dir,
+    where it downloaded the model) first, then in the default Hugging Face cache."""
+    folder = model if os.path.isdir(model) else None
+    if folder is None and download_dir:
+        folder = _hub_snapshot(model, revision, download_dir)
+    if folder is None:
+        folder = _hub_snapshot(model, revision)
     if folder is None:
         return f"hub:{model}@{revision or 'main'}"
     parts = []
@@ -63,13 +73,26 @@ def weight_identity(model: str, revision: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def _hub_snapshot(model: str, revision: str | None) -> str | None:
+def _hub_snapshot(model: str, revision: str | None, cache_dir: str | None = None) -> str | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return str(snapshot_download(model, revision=revision, local_files_only=True))
+        return str(snapshot_download(model, revision=revision, local_files_only=True, cache_dir=cache_dir))
     except Exception:  # noqa: BLE001 - not installed, not cached, or not a hub id: identify by name
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def lora_extras(lora: str) -> tuple[str, ...]:
+    """The namespace extras of a LoRA adapter, given as scheduler.lora_key makes it ("" for none,
+    else "name\npath"): its name and the identity of its weight files, as the base model's are
+    identified (an adapter of one name at another path, or rebuilt with other weights, is other
+    KV). A path that is no local folder is identified by the path itself. Cached per process."""
+    if not lora:
+        return ("lora=",)
+    name, _, path = lora.partition("\n")
+    identity = weight_identity(path) if path and os.path.isdir(path) else f"path:{path}"
+    return (f"lora={name}", "lora_weights=" + hashlib.sha256(identity.encode()).hexdigest())
 
 
 def canonical_config(config: Mapping[str, Any]) -> str:
@@ -88,4 +111,10 @@ def vllm_model_fingerprint(vllm_config: Any) -> str:
         "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),
     }
     text = canonical_config(hf) + "\n" + json.dumps(engine, sort_keys=True)
-    return model_fingerprint(text, weight_identity(str(mc.model), getattr(mc, "revision", None)))
+    download_dir = getattr(getattr(vllm_config, "load_config", None), "download_dir", None)
+    weights = weight_identity(str(mc.model), getattr(mc, "revision", None), download_dir)
+    if weights.startswith("hub:"):
+        log.warning("kvtier: the weights of %s were not found on this host; its KV is keyed by its id and "
+                    "revision only, so new weights pushed under that revision would share its keys (set "
+                    "kv_connector_extra_config.model_fingerprint, or pin a revision)", mc.model)
+    return model_fingerprint(text, weights)

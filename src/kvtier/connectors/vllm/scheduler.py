@@ -73,7 +73,7 @@ from kvtier.store.planner import ESTIMATES, CostEstimates, chunks_worth_loading
 
 log = logging.getLogger("kvtier.connectors.vllm")
 
-RootFor = Callable[[str, str], bytes]  # (cache_salt, lora_name) -> namespace root key
+RootFor = Callable[[str, str], bytes]  # (cache_salt, lora_key(request)) -> namespace root key
 BANDWIDTH_REFRESH_S = 5.0  # the load planner asks the store for its tiers' read bandwidths at most this often
 
 
@@ -112,6 +112,16 @@ class _ReqState:
 def lora_name(request: Any) -> str:
     lora = getattr(request, "lora_request", None)
     return str(getattr(lora, "lora_name", "") or "") if lora is not None else ""
+
+
+def lora_key(request: Any) -> str:
+    """The LoRA adapter a request's KV depends on, for its namespace: "" for none, else its name and
+    path ("name\npath"; the connector identifies the weights there). vLLM's own block hashes key
+    an adapter by name and path too; by name alone, two adapters of one name shared their KV."""
+    lora = getattr(request, "lora_request", None)
+    if lora is None:
+        return ""
+    return f"{lora_name(request)}\n{getattr(lora, 'lora_path', '') or ''}"
 
 
 def keyable(request: Any) -> bool:
@@ -205,7 +215,7 @@ class SchedulerSide:
         st.chain, st.partial, st.partial_tokens, st.partial_stored = None, None, 0, False
         if not keyable(request):
             return
-        root = self.root_for(getattr(request, "cache_salt", None) or "", lora_name(request))
+        root = self.root_for(getattr(request, "cache_salt", None) or "", lora_key(request))
         chain = st.chain = KeyChain(root, self.chunk_tokens, self.hash_mode)
         chain.extend(list(request.prompt_token_ids))
         if old is not None:
