@@ -29,7 +29,6 @@ An unknown key or a bad value raises ConfigError naming it, so vLLM stops at sta
 from __future__ import annotations
 
 import os
-
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
