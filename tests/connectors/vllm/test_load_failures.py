@@ -113,3 +113,38 @@ def test_a_failed_load_is_reported_in_its_own_step_when_vllm_asks_before_wait_fo
     assert reported == {sim.blocks["b"][1]}
     assert w.take_failed_blocks() == set()  # reported once
 
+
+
+OTHER = list(range(500, 513))
+
+
+def test_a_neighbours_saves_dropped_for_a_failed_load_are_saved_again() -> None:
+    """Bug: the worker drops every save of a step with a failed load (a neighbour may share the
+    failed blocks), but the scheduler rewound only the failed request: c's chunks counted as saved,
+    were never saved again, and a repeat of c's prompt missed the store."""
+    sim = CausalSim()
+    a = FakeRequest("a", PROMPT[:9])
+    sim.admit(a)
+    sim.step({a: 9})
+    b = FakeRequest("b", PROMPT)
+    assert sim.admit(b) == 8
+    lose_chunk_1(sim, "b")
+    c = FakeRequest("c", OTHER)
+    assert sim.admit(c) == 0
+    plan = sim.step({b: 5, c: 13})  # b's load fails; c computes its prompt and plans chunks 0-2
+    assert ("c", 0, 3) in [(s.req_id, s.first_depth, len(s.keys)) for s in plan.saves]
+    assert sim.failed
+    sim.sched.load_errors(sim.failed)
+    sim.failed = set()
+    assert sim.client.lookup(sim.sched.reqs["c"].chain.keys).hits == 0  # dropped with the step's saves
+    b.num_computed_tokens = 4
+    c.output_token_ids.append(7)
+    plan = sim.step({b: 9, c: 1})
+    assert ("c", 0, 3) in [(s.req_id, s.first_depth, len(s.keys)) for s in plan.saves]  # planned again
+    sim.step({c: 1})
+    sim.finish(b)
+    sim.finish(c)
+    d = FakeRequest("d", OTHER)
+    assert sim.admit(d) == 12
+    sim.step({d: 1})
+    assert not sim.failed and all(sim.block_is_right(d, i) for i in range(3))

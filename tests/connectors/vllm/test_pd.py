@@ -350,29 +350,49 @@ def test_producer_answers_when_the_store_fails_during_the_wait() -> None:
     assert producer.sched.stats["store_errors"] == 1
 
 
-def _producer_whose_store_lost_the_prompt() -> tuple[Sim, FakeRequest]:
+def _lose_the_store(producer: Sim) -> None:
+    producer.client.flush()
+    for key in producer.client.store.memory.keys():
+        assert producer.client.store.memory.delete(key)
+
+
+def _producer_whose_store_lost_the_prompt(lose_again: bool = False) -> tuple[Sim, FakeRequest]:
     """A producer that saved PROMPT14, then lost it from its store (evicted, or the service
-    restarted) while vLLM's own prefix cache kept the blocks: the next request hits vLLM's cache."""
+    restarted) while vLLM's own prefix cache kept the blocks: the next request hits vLLM's cache.
+    `lose_again`: the store loses the chunks once more after that request saved them again."""
     producer = Sim(make_client())
     producer.sched.load, producer.sched.identity = False, IDENT
     a = FakeRequest("a", PROMPT14)
     producer.admit(a)
     producer.step({a: 14})
     producer.finish(a)
-    producer.client.flush()
-    for key in producer.client.store.memory.keys():
-        assert producer.client.store.memory.delete(key)
+    _lose_the_store(producer)
     b = FakeRequest("b", PROMPT14)
     b.kv_transfer_params = dict(ASK)  # type: ignore[attr-defined]
     producer.admit(b, local_hit_tokens=12)  # vLLM's own hit: 3 blocks
     producer.step({b: 2})
+    if lose_again:
+        _lose_the_store(producer)
     return producer, b
+
+
+def test_a_producer_saves_again_what_its_store_lost_of_vllms_own_hit() -> None:
+    """Bug: chunks vLLM had cached counted as stored, so the ones the store had lost were never
+    saved again, and the handoff named none of them: the decode instance computed the prompt."""
+    producer, b = _producer_whose_store_lost_the_prompt()
+    params = producer.sched.request_finished(b)
+    handoff = Handoff.from_params(params)
+    assert handoff is not None and handoff.chunks == 3  # the 3 whole chunks, saved again (and the partial one)
+    assert producer.sched.stats["handoff_chunks_missing"] == 0
+    consumer = Sim(producer.client)
+    consumer.sched.save, consumer.sched.identity, consumer.sched.clock = False, IDENT, Clock()
+    assert consumer.sched.num_new_matched_tokens(decode_request(PROMPT14, params), 0) == 13
 
 
 def test_a_handoff_names_only_chunks_the_store_holds() -> None:
     """Bug: the handoff counted vLLM's own prefix hit (and saves only planned) as published; a
     consumer told of chunks nobody held waited its whole remote_wait_s, then computed the prompt."""
-    producer, b = _producer_whose_store_lost_the_prompt()
+    producer, b = _producer_whose_store_lost_the_prompt(lose_again=True)
     params = producer.sched.request_finished(b)
     handoff = Handoff.from_params(params)
     assert handoff is not None and handoff.chunks == 0 and handoff.last_key == ""

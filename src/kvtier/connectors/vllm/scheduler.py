@@ -164,6 +164,7 @@ class SchedulerSide:
         self.save_decode = save_decode
         self.partial_chunks = partial_chunks
         self.load_failures_seen = 0
+        self._recent_saves: list[list[tuple[str, int, bool]]] = []  # the last two plans' saves (load_errors)
         self.identity = identity  # for handoffs (pd.py); None: this side neither makes nor accepts them
         self.remote_wait_s = remote_wait_s
         self.poll_s = poll_s
@@ -439,10 +440,9 @@ class SchedulerSide:
         if st is None:
             return
         lease = st.lease
-        local = st.local_tokens // self.chunk_tokens  # vLLM had these cached: saved when computed
+        self._count_local_stored(st)
         if num_external_tokens <= 0 or lease is None or st.chain is None:
             self._release(st)
-            st.stored_upto = max(st.stored_upto, local)
             return
         whole = lease.hits - (lease.final_key is not None)
         n = min(num_external_tokens // self.chunk_tokens, whole)
@@ -459,8 +459,23 @@ class SchedulerSide:
             tokens = lease.final_tokens if i == n else self.chunk_tokens
             self.loaded_tokens_by_tier[tier] = self.loaded_tokens_by_tier.get(tier, 0) + tokens
         st.lease = None  # handed to the load; shipped by build_plan
-        st.stored_upto = max(st.stored_upto, start + n + (final and not lease.final_partial))
+        if st.stored_upto >= start:  # else the save from stored_upto covers vLLM's chunks the store lost
+            st.stored_upto = max(st.stored_upto, start + n + (final and not lease.final_partial))
         st.partial_stored = st.partial_stored or (final and lease.final_partial)
+
+    def _count_local_stored(self, st: _ReqState) -> None:
+        """Chunks vLLM had cached (its own prefix hit) count as stored only as far as the store
+        holds them: they were saved when computed, unless the store was down or full then, or
+        evicted them since (its lookups start after vLLM's hit, so nothing kept them fresh
+        there). Those it lost are saved again from vLLM's blocks (build_plan). The lookup
+        touches the rest, so a prefix hot in vLLM's cache stays in the store for other engines."""
+        local = st.local_tokens // self.chunk_tokens
+        if not self.save or st.chain is None or local <= st.stored_upto:
+            return
+        keys = st.chain.keys[st.stored_upto:local]
+        reply = self._call(lambda cl: cl.lookup(keys))
+        if reply is not None:
+            st.stored_upto += reply.hits
 
     def build_plan(self, num_scheduled: Mapping[str, int], block_ids_of: Callable[[str], Sequence[int] | None],
                    spec_tokens: Mapping[str, Sequence[int]] | None = None) -> StepPlan:
@@ -474,6 +489,7 @@ class SchedulerSide:
                 self.stats["loaded_chunks"] += len(pending.load.keys)
                 pending.load = None
         c = self.chunk_tokens
+        saved: list[tuple[str, int, bool]] = []  # (request, first chunk saved, a partial chunk)
         for req_id, n_sched in num_scheduled.items() if self.save else ():
             st = self.reqs.get(req_id)
             if st is not None:
@@ -499,10 +515,14 @@ class SchedulerSide:
                 block_ids, offsets = self._places(blocks, first, done)
                 plan.saves.append(SaveSpec(req_id, list(keys[first:done]), block_ids, offsets, parent, first,
                                            block_hashes=self._block_hash_sections(st, first, done)))
+                saved.append((req_id, first, False))
                 self.stats["saved_chunks"] += done - first
                 st.stored_upto = done
-            if partial:
-                self._save_partial(st, plan, blocks)
+            if partial and self._save_partial(st, plan, blocks):
+                saved.append((req_id, 0, True))
+        # the worker drops a step's saves when a load failed in it, or in the step before when this
+        # plan was made before the scheduler heard of that (load_errors rewinds both plans' requests)
+        self._recent_saves = [self._recent_saves[-1], saved] if self._recent_saves else [saved]
         return plan
 
     def _block_hash_sections(self, st: _ReqState, first: int, done: int) -> list[bytes] | None:
@@ -529,18 +549,20 @@ class SchedulerSide:
         out, self.saved_blocks = self.saved_blocks, []
         return out
 
-    def _save_partial(self, st: _ReqState, plan: StepPlan, blocks: Sequence[int]) -> None:
-        """Save the prompt's partial last chunk once the prompt is computed and its parent is saved."""
+    def _save_partial(self, st: _ReqState, plan: StepPlan, blocks: Sequence[int]) -> bool:
+        """Save the prompt's partial last chunk once the prompt is computed and its parent is saved;
+        whether it was planned."""
         assert st.chain is not None and st.partial is not None
         idx = st.request.num_prompt_tokens // self.chunk_tokens  # its chunk index
         if st.stored_upto < idx or len(blocks) * self.chunks_per_block <= idx:
-            return  # its parent is not in the store (a failed load is recomputed first)
+            return False  # its parent is not in the store (a failed load is recomputed first)
         block_ids, offsets = self._places(blocks, idx, idx + 1)
         parent = st.chain.keys[idx - 1] if idx else st.chain.root
         plan.saves.append(SaveSpec(st.request.request_id, [st.partial], block_ids, offsets, parent, idx,
                                    last_valid=st.partial_tokens))
         self.stats["saved_partial_chunks"] += 1
         st.partial_stored = True
+        return True
 
     def request_finished(self, request: Any) -> dict[str, Any] | None:
         """Forget the request; a producer returns the handoff the request asked for (pd.py), a consumer
@@ -630,3 +652,14 @@ class SchedulerSide:
             if bad:
                 st.stored_upto = min(st.stored_upto, min(bad))
                 st.partial_stored = False  # a failed partial chunk is saved again once recomputed
+        if block_ids:  # the worker dropped these plans' saves: every request in them saves again
+            for plan_saves in self._recent_saves:
+                for req_id, first, partial in plan_saves:
+                    st = self.reqs.get(req_id)
+                    if st is None:
+                        continue
+                    if partial:
+                        st.partial_stored = False
+                    else:
+                        st.stored_upto = min(st.stored_upto, first)
+            self._recent_saves = []
