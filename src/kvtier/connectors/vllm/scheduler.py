@@ -655,11 +655,11 @@ class SchedulerSide:
         if block_ids:  # the worker dropped these plans' saves: every request in them saves again
             for plan_saves in self._recent_saves:
                 for req_id, first, partial in plan_saves:
-                    st = self.reqs.get(req_id)
-                    if st is None:
+                    saver = self.reqs.get(req_id)
+                    if saver is None:
                         continue
                     if partial:
-                        st.partial_stored = False
+                        saver.partial_stored = False
                     else:
-                        st.stored_upto = min(st.stored_upto, first)
+                        saver.stored_upto = min(saver.stored_upto, first)
             self._recent_saves = []
