@@ -499,7 +499,11 @@ class StoreServer:
     def _reap_loop(self) -> None:
         assert self.host is not None
         while not self._stopping.wait(0.25):
-            n = self.host.expire()
+            try:
+                n = self.host.expire()
+            except Exception:  # one bad hold must not end every later expiry: logged, tried again
+                log.exception("expiring leases failed; trying again")
+                continue
             if n:
                 log.info("expired %d lease(s)", n)
 
