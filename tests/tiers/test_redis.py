@@ -349,10 +349,33 @@ def test_a_value_re_saved_between_a_reads_round_trips_is_not_deleted(tier):
     # the value the read saw, still there and corrupt: deleted (whole reads compare its length too)
     r.setrange(rkey, tier._kv_header + 5, b"\xff\xfe")
     seen = r.get(rkey)
-    tier._drop_corrupt(rkey, CorruptChunkError("test"), seen, len(seen) + 1)  # another length: kept
+    pieces = [(0, seen[:tier._kv_header]), (tier._kv_header, seen[tier._kv_header:])]
+    tier._drop_corrupt(rkey, CorruptChunkError("test"), pieces, len(seen) + 1)  # another length: kept
     assert r.exists(rkey) == 1
-    tier._drop_corrupt(rkey, CorruptChunkError("test"), seen, len(seen))
+    tier._drop_corrupt(rkey, CorruptChunkError("test"), pieces, len(seen))
     assert r.exists(rkey) == 0
+
+
+def test_a_corrupt_value_dropped_and_saved_again_with_the_same_bytes_stays(tier):
+    """Two readers find one corrupt value (a flipped bit in a section: its header intact); the
+    first deletes it and a host saves the chunk again, byte for byte what it was before the flip.
+    The second reader's delete compared the header and length only, both the same, and dropped
+    the valid copy; it now also compares the section that failed (its SHA-1, in the script)."""
+    keys = keys_for(1, salt=44)
+    write_chain(tier, keys)
+    rkey = tier.redis_key(keys[0])
+    r = tier._single.client
+    good = r.get(rkey)
+    r.setrange(rkey, tier._kv_header + 7, bytes([good[tier._kv_header + 7] ^ 0xFF]))
+    corrupt = r.get(rkey)
+    with pytest.raises(CorruptChunkError) as late:  # the second reader's verdict, before it deletes
+        tier._unpack_whole(keys[0], corrupt, [0, 1], [memoryview(d) for d in dests(1)[0]])
+    assert read_all(tier, keys)[0] == [None] and r.exists(rkey) == 0  # the first reader drops it
+    write_chain(tier, keys)  # saved again: the same bytes as before the flip
+    assert r.get(rkey) == good
+    tier._drop_corrupt(rkey, late.value)
+    assert r.get(rkey) == good  # deleted before
+    assert read_all(tier, keys)[0][0] is not None
 
 
 def test_bad_config_and_servers_are_clear_errors_at_start(shared_server, tmp_path):
@@ -364,6 +387,9 @@ def test_bad_config_and_servers_are_clear_errors_at_start(shared_server, tmp_pat
     for ttl in (-1.0, 0.0005, float("nan")):  # 0.5 ms rounded to no expiry at all, silently (an audit found)
         with pytest.raises(ConfigError, match="ttl_s"):
             RedisTierConfig(url="redis://h:1", ttl_s=ttl)
+    for namespace in (123, "", "a b"):  # 123: a TypeError before
+        with pytest.raises(ConfigError, match="namespace"):
+            RedisTierConfig(url="redis://h:1", namespace=namespace)
     with pytest.raises(TierUnavailableError, match="set cluster: true|Cluster"):
         # a plain server asked to be a cluster: redis-py's cluster discovery refuses it
         RedisTier(TINY, CHUNK, cfg(shared_server.url, cluster=True))
@@ -710,3 +736,24 @@ def test_cluster_master_with_a_replica_killed_its_slots_come_back_after_failover
         tier.close()
     finally:
         replica.stop()
+
+
+def test_a_full_connection_pool_is_busy_not_a_failed_server(shared_server):
+    """More of this process's threads at once than max_connections: redis-py raises
+    MaxConnectionsError (a ConnectionError), which counted as a server failure and opened the
+    breaker on a healthy server. Now those requests are misses and the breaker stays closed."""
+    shared_server.cli("FLUSHALL")
+    tier = RedisTier(TINY, CHUNK, cfg(shared_server.url, max_connections=2, breaker_failures=2))
+    keys = keys_for(3, salt=7)
+    write_chain(tier, keys)
+    pool = tier._single.client.connection_pool
+    held = [pool.get_connection(), pool.get_connection()]  # two other threads mid-request
+    try:
+        for _ in range(3):
+            assert tier.lookup(keys) == 0  # busy: a miss
+    finally:
+        for c in held:
+            pool.release(c)
+    assert not tier.breaker_open()
+    assert tier.lookup(keys) == 3
+    tier.close()

@@ -209,7 +209,7 @@ class RedisTierConfig:
         if not isinstance(self.url, str):
             raise ConfigError(f"redis.url: expected a string such as redis://host:6379, got {self.url!r}")
         _check_redis_url(self.url)
-        if not self.namespace or any(c.isspace() for c in self.namespace):
+        if not isinstance(self.namespace, str) or not self.namespace or any(c.isspace() for c in self.namespace):
             raise ConfigError(f"namespace must be a non-empty string without spaces, got {self.namespace!r}")
         if self.cluster and self.url.startswith("unix:"):
             raise ConfigError("cluster: a Redis Cluster is reached over TCP, not a unix socket url")

@@ -63,6 +63,7 @@ from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
+    MaxConnectionsError,
     NoScriptError,
     RedisClusterException,
     RedisError,
@@ -98,14 +99,29 @@ log = logging.getLogger(__name__)
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError, OSError)
 
 
-# Delete KEYS[1] only if it still starts with ARGV[1] (and, when ARGV[2] >= 0, is ARGV[2] bytes
-# long): the value a reader found corrupt, not a valid one stored under the name since.
+# Delete KEYS[1] only if it is still ARGV[1] bytes long (when ARGV[1] >= 0) and each (offset,
+# length, sha1 hex) triple after that still names what it holds: the value a reader found
+# corrupt (its header and the part that failed), not a valid one stored under the name since.
 _DELETE_IF_SAME = """
-local n = tonumber(ARGV[2])
+local n = tonumber(ARGV[1])
 if n >= 0 and redis.call('STRLEN', KEYS[1]) ~= n then return 0 end
-if redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[1]) - 1) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 3 do
+  local off = tonumber(ARGV[i])
+  local got = redis.call('GETRANGE', KEYS[1], off, off + tonumber(ARGV[i + 1]) - 1)
+  if redis.sha1hex(got) ~= ARGV[i + 2] then return 0 end
+end
 return redis.call('DEL', KEYS[1])
 """
+
+
+class _CorruptValue(CorruptChunkError):
+    """A value that failed validation, with what the reader saw of it: (offset, bytes) pieces
+    (its header and the part that failed), and its length where the read knew it."""
+
+    def __init__(self, message: str, seen: Sequence[tuple[int, Any]], size: int | None = None) -> None:
+        super().__init__(message)
+        self.seen = [(off, bytes(b)) for off, b in seen]
+        self.size = size
 
 
 class _Foreign(Exception):
@@ -429,6 +445,18 @@ class RedisTier(Tier):
             conn = None
             try:
                 conn = pool.get_connection()
+            except MaxConnectionsError:  # this process's own threads hold every connection: busy, not down
+                unavailable += keys_per_job[j]  # misses now; the breaker is for servers that fail
+                log.debug("kvtier: %s tier: %s: every pooled connection is in use (max_connections)",
+                          self.name, route.name)
+                continue
+            except (*_UNAVAILABLE, RedisError) as e:
+                route.breaker.failed()
+                failed_routes += 1
+                unavailable += keys_per_job[j]
+                log.debug("kvtier: %s tier: %s unavailable: %s", self.name, route.name, e)
+                continue
+            try:
                 conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
             except (*_UNAVAILABLE, RedisError) as e:
                 if conn is not None:
@@ -593,8 +621,10 @@ class RedisTier(Tier):
                     self.foreign_chunks += 1
                     self.metrics.inc(m.FOREIGN_CHUNKS, tier=self.name)
                 except CorruptChunkError as e:
-                    seen = reply[0]  # type: ignore[index]
-                    self._drop_corrupt(rkeys[i], e, seen, len(seen) if whole and isinstance(seen, bytes) else None)
+                    first = reply[0]  # type: ignore[index]
+                    size = len(first) if whole and isinstance(first, bytes) else None
+                    self._drop_corrupt(rkeys[i], e, [(0, first[:self._kv_header])]
+                                       if isinstance(first, bytes) and first else None, size)
             out.append(meta)
             hits += meta is not None
         if hits:
@@ -642,18 +672,20 @@ class RedisTier(Tier):
         except KeyError:
             return None
         data = memoryview(value)
+        head = [(0, data[:header.header_bytes])]
         for layer, view in zip(layers, views):
             s = kv[layer]
             part = data[s.offset:s.offset + s.length]
             if checksum(part) != s.checksum:
-                raise CorruptChunkError(f"layer {layer} checksum mismatch")
+                raise _CorruptValue(f"layer {layer} checksum mismatch", head + [(s.offset, part)], len(value))
             view[:] = part  # one memcpy; the lengths match (checked against the layout above)
         extras = []
         for s in header.sections:
             if s.kind != SECTION_KV:
                 part = data[s.offset:s.offset + s.length]
                 if checksum(part) != s.checksum:
-                    raise CorruptChunkError(f"section ({s.kind}, {s.index}) checksum mismatch")
+                    raise _CorruptValue(f"section ({s.kind}, {s.index}) checksum mismatch", head + [(s.offset, part)],
+                                        len(value))
                 extras.append((s.kind, s.index, bytes(part)))
         return ChunkMeta(header.key, header.parent, header.depth, header.num_tokens,
                          tuple(s.checksum for s in kv), tuple(extras))
@@ -661,9 +693,11 @@ class RedisTier(Tier):
     def _unpack_layers(self, key: bytes, rkey: bytes, replies: list[Any], layers: list[int],
                        views: list[memoryview]) -> ChunkMeta | None:
         try:
-            header, kv = self._header(key, self._full_header(rkey, replies[0]), None)
+            raw = self._full_header(rkey, replies[0])
+            header, kv = self._header(key, raw, None)
         except KeyError:
             return None
+        head = [(0, raw[:header.header_bytes])]
         parts: list[Any] | None = replies[1:]
         if header.header_bytes != self._kv_header:  # extra sections moved the layers: fetch them again
             parts = self._fetch_ranges(rkey, [(kv[layer].offset, kv[layer].length) for layer in layers])
@@ -678,9 +712,9 @@ class RedisTier(Tier):
             if not part and not self._still_there(rkey):
                 return None  # evicted or deleted between this read's round trips (they are not atomic): a miss
             if len(part) != s.length:
-                raise CorruptChunkError(f"layer {layer}: short value")
+                raise _CorruptValue(f"layer {layer}: short value", head + [(s.offset, part)])
             if checksum(part) != s.checksum:
-                raise CorruptChunkError(f"layer {layer} checksum mismatch")
+                raise _CorruptValue(f"layer {layer} checksum mismatch", head + [(s.offset, part)])
             view[:] = part
         return ChunkMeta(header.key, header.parent, header.depth, header.num_tokens, tuple(s.checksum for s in kv))
 
@@ -715,7 +749,8 @@ class RedisTier(Tier):
         if reply is None:
             return None
         try:
-            header, _kv = self._header(key, self._full_header(rkey, reply[0]), None)
+            raw = self._full_header(rkey, reply[0])
+            header, _kv = self._header(key, raw, None)
             s = header.section(kind, index)
             if s is None:
                 return None
@@ -723,7 +758,8 @@ class RedisTier(Tier):
             if part is None or isinstance(part[0], Exception) or len(part[0]) != s.length:
                 return None
             if checksum(part[0]) != s.checksum:
-                raise CorruptChunkError(f"section ({kind}, {index}) checksum mismatch")
+                raise _CorruptValue(f"section ({kind}, {index}) checksum mismatch",
+                                    [(0, raw[:header.header_bytes]), (s.offset, part[0])])
         except KeyError:
             return None
         except _Foreign:
@@ -731,24 +767,31 @@ class RedisTier(Tier):
             self.metrics.inc(m.FOREIGN_CHUNKS, tier=self.name)
             return None
         except CorruptChunkError as e:
-            self._drop_corrupt(rkey, e, reply[0])
+            first = reply[0]
+            self._drop_corrupt(rkey, e, [(0, first)] if isinstance(first, bytes) else None)
             return None
         self.metrics.inc(m.BYTES_READ, s.length, tier=self.name)
         return bytes(part[0])
 
-    def _drop_corrupt(self, rkey: bytes, why: Exception, seen: Any = None, size: int | None = None) -> None:
+    def _drop_corrupt(self, rkey: bytes, why: Exception, seen: Sequence[tuple[int, Any]] | None = None,
+                      size: int | None = None) -> None:
         """A value failed validation: count it and delete it (best effort), never serve it.
 
-        `seen` is the start of the value as this read saw it (its header), `size` its length
-        where the read knew it. With them the delete is conditional (one Lua script, atomic on the
-        server): a read's round trips are not atomic, so the value may have been replaced since,
-        by another host's valid save of the same chunk, and that one must stay. Without them, or
-        where the server runs no scripts, a plain DEL."""
+        `seen`: (offset, bytes) pieces of the value as this read saw it (its header, and the
+        part that failed its checksum where one did), `size` its length where the read knew
+        it; a _CorruptValue carries its own. With them the delete is conditional (one Lua
+        script, atomic on the server): the value may have been replaced since (a read's round
+        trips are not atomic; another reader dropped it and a host saved the chunk again), and
+        a valid copy must stay. Without them, or where the server runs no scripts, a plain DEL."""
         self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
         log.warning("kvtier: %s tier: dropping %s: %s", self.name, rkey.decode(errors="replace"), why)
-        if isinstance(seen, (bytes, bytearray, memoryview)) and len(seen):
-            prefix = bytes(seen[:self._kv_header])
-            args = ("EVAL", _DELETE_IF_SAME, 1, rkey, prefix, -1 if size is None else int(size))
+        if isinstance(why, _CorruptValue):
+            seen, size = why.seen, why.size
+        pieces = [(off, bytes(b)) for off, b in seen or () if len(b)]
+        if pieces:
+            args: tuple[Any, ...] = ("EVAL", _DELETE_IF_SAME, 1, rkey, -1 if size is None else int(size))
+            for off, b in pieces:
+                args += (off, len(b), hashlib.sha1(b, usedforsecurity=False).hexdigest())
             reply = self._pipelined([rkey], lambda _i: [args])[0]
             if reply is _NO_VALUE or not isinstance(reply[0], ResponseError):  # type: ignore[index]
                 return

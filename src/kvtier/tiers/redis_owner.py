@@ -643,7 +643,7 @@ class AccessLog:
                     continue
                 except CorruptChunkError as e:
                     self.report.corrupt += 1
-                    tier._drop_corrupt(rkey, e, data, int(size))
+                    tier._drop_corrupt(rkey, e, [(0, data)] if isinstance(data, bytes) else None, int(size))
                     continue
                 except _Foreign:  # another layout under a colliding name: not this tier's to account
                     continue
