@@ -73,6 +73,11 @@ MAX_RUNS_PER_ENTRY = 512  # hit records one stream entry may carry
 HIT_KEY_BYTES = 8  # bytes of each key a hit record carries (a 32-byte key: a quarter of the stream)
 SCAN_COUNT = 1000  # keys per SCAN step (and per pipeline of STRLEN/GETRANGE)
 MAX_ADOPTED = 1 << 20  # adopted chunks whose save record has not arrived, at most (then forgotten)
+# renew the owner lease only while it is still this owner's (a plain PEXPIRE could extend another's)
+_RENEW_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 StreamId = tuple[int, int]
 
 
@@ -357,7 +362,11 @@ class AccessLog:
                 return
             due = self.tier.config.rescan_s > 0 and time.monotonic() >= self._next_rescan
             if (self.view is None or due) and not self._rescan():
-                return
+                if self.view is None:
+                    return
+                # a periodic reconcile that could not ask every server (a lost cluster node): the
+                # view goes on from the stream, and evicting on the nodes that answer goes on too
+                self._next_rescan = time.monotonic() + min(self.tier.config.rescan_s, 30.0)
             while True:
                 got = self._poll()
                 if got is None:  # could not ask, or a rescan is needed and failed
@@ -377,14 +386,10 @@ class AccessLog:
         holder, ttl = replies[1], replies[2]
         if holder != self._token:
             if self.report.leader:
-                self.report.leader = False
-                self.report.lease_lost += 1
-                self.view = None
-                self._doomed.clear()
-                log.warning("kvtier: %s tier: another owner took the owner lease; this one stands by", self.tier.name)
+                self._lost_lease()
             return False
-        if isinstance(ttl, int) and 0 <= ttl < self._lease_ms // 2:
-            self._ask([("PEXPIRE", self.lease_key, self._lease_ms)])
+        if isinstance(ttl, int) and 0 <= ttl < self._lease_ms // 2 and not self._renew_lease():
+            return False
         self._lease_at = time.monotonic()
         if not self.report.leader:
             self.report.leader = True
@@ -392,11 +397,41 @@ class AccessLog:
         return True
 
     def _keep_lease(self) -> None:
-        """Within a long rescan: renew the lease every third of it (it is this owner's: the step
-        that began the rescan held it), so a standby does not take over a busy owner."""
+        """Within a long rescan: renew the lease every third of it, so a standby does not take over
+        a busy owner (if it did meanwhile, this owner learns it at its next renewal or trim)."""
         if time.monotonic() - self._lease_at > self._lease_ms / 3000:
-            self._ask([("PEXPIRE", self.lease_key, self._lease_ms)])
+            self._renew_lease()
             self._lease_at = time.monotonic()
+
+    def _renew_lease(self) -> bool:
+        """PEXPIRE the lease if it is still this owner's (one script); False when another owner
+        holds it now: this one stands by. An unavailable server: True (the lease runs out)."""
+        replies = self._ask([("EVAL", _RENEW_IF_MINE, 1, self.lease_key, self._token, self._lease_ms)])
+        if replies is None or isinstance(replies[0], Exception):
+            return True
+        if replies[0] == 0:
+            self._lost_lease()
+            return False
+        return True
+
+    def _lost_lease(self) -> None:
+        if self.report.leader:
+            self.report.leader = False
+            self.report.lease_lost += 1
+            log.warning("kvtier: %s tier: another owner took the owner lease; this one stands by", self.tier.name)
+        self.view = None
+        self._doomed.clear()
+
+    def _still_owner(self) -> bool:
+        """Whether the lease is this owner's right now (asked just before evicting: an owner
+        stalled past its lease must not delete what the next owner's view keeps)."""
+        replies = self._ask([("GET", self.lease_key)])
+        if replies is None:
+            return False
+        if replies[0] != self._token:
+            self._lost_lease()
+            return False
+        return True
 
     def release(self) -> None:
         """Give the lease up (at close) so a standby owner takes over at its next step."""
@@ -485,12 +520,16 @@ class AccessLog:
         self._doomed.extend(view.victims())
         if not self._doomed:
             return
+        if not self._still_owner():
+            return
         doomed, self._doomed = self._doomed, []
         rkeys = [self.tier.redis_key(k) for k in doomed]
         replies = self.tier._pipelined(rkeys, lambda i: [("DEL", rkeys[i])])
         evicted = 0
         for key, reply in zip(doomed, replies):
-            if not isinstance(reply, list):  # not asked: try again at the next step
+            if not isinstance(reply, list) or isinstance(reply[0], Exception):
+                # not asked, or refused (MOVED/ASK/TRYAGAIN while a cluster reshards: the slot map is
+                # reloaded): deleted at the next step, never forgotten while it is still stored
                 self._doomed.append(key)
             elif reply[0] == 1:
                 evicted += 1
