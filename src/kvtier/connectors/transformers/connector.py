@@ -62,7 +62,7 @@ from kvtier.connectors.copy_engine import (
     synchronize,
 )
 from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
-from kvtier.connectors.transformers.compat import cache_kwarg, check_full_kv
+from kvtier.connectors.transformers.compat import UnsupportedModelError, cache_kwarg, check_full_kv, text_config
 from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
 from kvtier.core import metrics as m
 from kvtier.core.errors import LayoutMismatchError
@@ -104,7 +104,12 @@ class TransformersConnector:
         self.root = self.namespace.root()
         self.cache_kwarg = cache_kwarg(model)
         pad = getattr(model.config, "pad_token_id", None)
-        self.pad_token_id = pad if isinstance(pad, int) and pad >= 0 else 0
+        vocab = getattr(text_config(model), "vocab_size", None)
+        # the filler of the masked columns between a row's cached and computed tokens: a pad id the
+        # embeddings do not have (a tokenizer's added pad token, never resized in) would be out of range
+        self.pad_token_id = 0
+        if isinstance(pad, int) and pad >= 0 and (not isinstance(vocab, int) or pad < vocab):
+            self.pad_token_id = pad
         self.overlap = overlap
         self.save_enabled = save
         self.load_enabled = load
@@ -224,6 +229,12 @@ class TransformersConnector:
         Returns (cache, output); output.logits[:, -1] are the logits after each row's last
         prompt token, and the cache holds the whole prompt (cache.last_plan says what was reused).
         """
+        _refuse_unkeyed_inputs(forward_kwargs)
+        if cache is not None and getattr(cache, "connector", None) is not self:
+            raise ValueError("prefill(cache=...): the cache belongs to another connector; its keys name another "
+                             "model's KV (make it with this connector's new_cache())")
+        if input_ids.dim() == 2 and 0 in input_ids.shape:
+            raise ValueError(f"prefill of an empty batch or prompt (input_ids {tuple(input_ids.shape)})")
         cache = cache or self.new_cache()
         caps = None
         for attempt in range(MAX_ATTEMPTS):
@@ -260,6 +271,9 @@ class TransformersConnector:
         (repetition_penalty, no_repeat_ngram_size) also see that padding."""
         if self.cache_kwarg in gen_kwargs or "past_key_values" in gen_kwargs or "cache" in gen_kwargs:
             raise ValueError("kvtier_generate brings its own cache; do not pass one")
+        _refuse_unkeyed_inputs(gen_kwargs)
+        if input_ids.dim() == 2 and input_ids.shape[0] == 0:
+            raise ValueError("generate of an empty batch (input_ids has 0 rows)")
         if input_ids.shape[1] == 0:  # transformers cannot run an empty prompt; start from BOS as generate() does
             bos = self.model.generation_config.bos_token_id
             if bos is None:
@@ -273,8 +287,10 @@ class TransformersConnector:
                 caps = [0] * input_ids.shape[0]
             plan = cache.prepare(input_ids, attention_mask, max_chunks=caps)
             kwargs = dict(gen_kwargs)
-            if plan.attention_mask is not None:
-                kwargs["attention_mask"] = plan.attention_mask
+            # always a mask: without one, generate() guesses it from pad_token_id and masks prompt
+            # tokens that equal it, and that KV would be saved under the prompt's keys
+            kwargs["attention_mask"] = (plan.attention_mask if plan.attention_mask is not None
+                                        else torch.ones_like(plan.full_input_ids))
             if plan.full_input_ids.shape[1] != input_ids.shape[1]:
                 _lengths_from_the_callers_prompt(kwargs, self.model.generation_config, input_ids.shape[1])
             try:
@@ -330,6 +346,21 @@ class TransformersConnector:
                 return
             self._logged.add(kind)
         log.warning(msg, *args)
+
+
+# inputs beside the token ids that change the KV (images, audio, embeddings given for the ids):
+# kvtier's keys are computed from the token ids alone, so such requests are refused, not keyed wrong
+_UNKEYED_INPUTS = ("inputs_embeds", "input_features", "input_values")
+_UNKEYED_PREFIXES = ("pixel_", "image_", "video_", "audio_")
+
+
+def _refuse_unkeyed_inputs(kwargs: dict[str, Any]) -> None:
+    bad = sorted(k for k, v in kwargs.items() if v is not None
+                 and (k in _UNKEYED_INPUTS or k.startswith(_UNKEYED_PREFIXES)))
+    if bad:
+        raise UnsupportedModelError(
+            f"kvtier keys a prompt's KV by its token ids alone, and {', '.join(bad)} change that KV too: "
+            "multimodal and embedding inputs are not supported (run the model without kvtier for them)")
 
 
 def kvtier_generate(model: Any, input_ids: torch.Tensor, store: Any,

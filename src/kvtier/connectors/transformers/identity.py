@@ -67,12 +67,21 @@ def _to_host(raw: torch.Tensor) -> bytes:
 
 
 def weight_digest(model: torch.nn.Module) -> str:
+    """The parameters' digest, then (only where the model has any, so the digest of a model
+    without them is what it always was) its persistent buffers': a quantized model (GPTQ, AWQ)
+    keeps its weights in buffers (qweight, scales), which change its KV as much as parameters."""
     params = sorted(model.named_parameters(), key=lambda kv: kv[0])
-    total = sum(p.numel() * p.element_size() for _, p in params)
+    saved = model.state_dict(keep_vars=True).keys()
+    buffers = sorted(((n, b) for n, b in model.named_buffers() if n in saved), key=lambda kv: kv[0])
+    tensors: list[tuple[str, torch.Tensor | None]] = [*params, *([("\0buffers", None)] if buffers else []), *buffers]
+    total = sum(p.numel() * p.element_size() for _, p in params + buffers)
     full = total <= FULL_HASH_BYTES
     h = hashlib.blake2b(digest_size=32)
     h.update(b"full" if full else f"sampled-{SAMPLES_PER_TENSOR}x{SAMPLE_BYTES}".encode())
-    for name, p in params:
+    for name, p in tensors:
+        if p is None:  # where the buffers start
+            h.update(name.encode())
+            continue
         head = f"{name}|{str(p.dtype)}|{tuple(p.shape)}".encode()
         h.update(struct.pack("<I", len(head)) + head)
         raw = _tensor_bytes(p)
