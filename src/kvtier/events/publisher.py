@@ -20,6 +20,7 @@ sends batches. Sockets are bound in the constructor, so a taken port fails there
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -72,7 +73,9 @@ class KVEventPublisher:
         self._cond = threading.Condition()
         self._enqueued = 0
         self._sent = 0
-        self._dropped = False  # events were dropped (queue full) since the last batch was numbered
+        # where events were dropped (queue full): after how many enqueued events each loss sits. The
+        # batch before a loss ends there, and the next skips a number (subscribers see a gap there)
+        self._drops: collections.deque[int] = collections.deque()
         self._holders: dict[tuple[str, bytes], int] = {}  # (medium, chunk key) -> attached tiers holding it
         self.stats = {"batches": 0, "events": 0, "dropped_queue_full": 0, "replay_requests": 0,
                       "replay_bad_requests": 0, "send_errors": 0, "bad_block_hashes": 0}
@@ -219,7 +222,8 @@ class KVEventPublisher:
                 self._queue.put_nowait(event)
             except queue.Full:
                 self.stats["dropped_queue_full"] += 1
-                self._dropped = True  # the next batch skips a number: subscribers see the loss as a gap
+                if not self._drops or self._drops[-1] != self._enqueued:
+                    self._drops.append(self._enqueued)
                 return
             self._enqueued += 1
 
@@ -238,6 +242,7 @@ class KVEventPublisher:
     # -- the publisher thread -----------------------------------------------------------------
     def _run(self) -> None:
         seq = 0
+        taken = 0  # events taken off the queue so far (as _enqueued counts them)
         max_events = self.config.batch_max_events
         while True:
             if self._replay is not None:
@@ -249,9 +254,18 @@ class KVEventPublisher:
                 continue
             if first is _STOP:
                 break
+            with self._cond:
+                # a loss before this batch's first event: a number no batch gets, so no replay can fill
+                # it, and every subscriber's view of this source is cleared (never left holding what
+                # the lost events changed). Events from before the loss went in the batches before it.
+                while self._drops and self._drops[0] <= taken:
+                    self._drops.popleft()
+                    seq += 1
+                end = self._drops[0] if self._drops else None  # this batch ends at the next loss
             events = [first]
+            taken += 1
             stop = False
-            while len(events) < max_events:
+            while len(events) < max_events and taken != end:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -260,27 +274,34 @@ class KVEventPublisher:
                     stop = True
                     break
                 events.append(item)
-            with self._cond:
-                if self._dropped:  # a number no batch gets, so no replay can fill: every subscriber's
-                    seq += 1       # view of this source is cleared, never left holding what the lost events changed
-                    self._dropped = False
-            payload = self._codec.encode(time.time(), events, self.config.data_parallel_rank)
-            try:
-                self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
-            except zmq.ZMQError:
-                self.stats["send_errors"] += 1
-                _log.exception("kv events: sending batch %d failed (it stays replayable)", seq)
-            self._buffer.append((seq, payload))
+                taken += 1
+            self._send(seq, events)
             seq += 1
-            self.stats["batches"] += 1
-            self.stats["events"] += len(events)
             with self._cond:
                 self._sent += len(events)
                 self._cond.notify_all()
+                announce = bool(self._drops) and self._drops[0] == taken
+                if announce:
+                    self._drops.popleft()
+            if announce:  # a loss right after this batch: an empty batch past the skipped number shows
+                seq += 1  # the gap now, not only when a later event comes (its view is cleared at once)
+                self._send(seq, [])
+                seq += 1
             if stop:
                 break
         with self._cond:
             self._cond.notify_all()
+
+    def _send(self, seq: int, events: list[KVEvent]) -> None:
+        payload = self._codec.encode(time.time(), events, self.config.data_parallel_rank)
+        try:
+            self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
+        except zmq.ZMQError:
+            self.stats["send_errors"] += 1
+            _log.exception("kv events: sending batch %d failed (it stays replayable)", seq)
+        self._buffer.append((seq, payload))
+        self.stats["batches"] += 1
+        self.stats["events"] += len(events)
 
     def _serve_replay(self) -> None:
         """Answer one replay request; a malformed one is counted and answered with the end marker."""

@@ -38,11 +38,13 @@ from aiohttp import web
 from kvtier.core.config import check_fields, number_field
 from kvtier.core.errors import ConfigError
 from kvtier.proxy.server import (
+    HEALTH_TIMEOUT_S,
     MAX_BODY_BYTES,
     ROUTES,
     _read_request,
     backend_url,
     error_response,
+    forwarded_headers,
     health_of,
     relay_stream,
 )
@@ -91,7 +93,23 @@ def parse_instance(value: str) -> RoutedInstance:
         if endpoint.startswith("tcp://*") or endpoint.startswith("tcp://0.0.0.0"):
             raise ConfigError(f"--instance {value!r}: {endpoint!r} is an address to bind (what vLLM's "
                               "--kv-events-config takes); name the host the instance publishes on, e.g. tcp://h:5557")
+        _check_connectable(value, endpoint)
     return RoutedInstance(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+
+def _check_connectable(value: str, endpoint: str) -> None:
+    """ZMQ's own parse of the endpoint (a throwaway socket's connect: nothing is sent), so a bad
+    one is refused here, not met in the poller (the replay socket connects at the first gap)."""
+    import zmq
+
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        raise ConfigError(f"--instance {value!r}: {endpoint!r} is not an endpoint ZMQ can connect to: {e}") from None
+    finally:
+        sock.close()
 
 
 def prompt_tokens(body: dict[str, Any]) -> list[int]:
@@ -169,7 +187,7 @@ SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
 async def _forward(request: web.Request, base: str, body: dict[str, Any]) -> web.StreamResponse:
     url = base + request.path
     try:
-        async with request.app[SESSION_KEY].post(url, json=body) as resp:
+        async with request.app[SESSION_KEY].post(url, json=body, headers=forwarded_headers(request)) as resp:
             return await relay_stream(request, resp, url, {"X-KVTier-Instance": base})
     except aiohttp.ClientConnectorError as e:
         return error_response(503, f"the instance {base} is unreachable: {e}", "service_unavailable")
@@ -187,7 +205,8 @@ async def handle_routed(request: web.Request) -> web.StreamResponse:
 
 
 async def handle_routing_stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[ROUTER_KEY].stats())
+    # off the event loop: the poller may hold the index for seconds (a replay socket that is down)
+    return web.json_response(await asyncio.to_thread(request.app[ROUTER_KEY].stats))
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -201,7 +220,8 @@ async def handle_models(request: web.Request) -> web.Response:
     failures = []
     for inst in cfg.instances:
         try:
-            async with session.get(inst.url + "/v1/models") as resp:
+            async with session.get(inst.url + "/v1/models", headers=forwarded_headers(request),
+                                   timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as resp:
                 return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             failures.append(f"{inst.url}: {type(e).__name__}")
@@ -217,7 +237,11 @@ def make_routing_app(cfg: RoutingConfig) -> web.Application:
 
         async def keep_polling() -> None:
             while True:
-                await asyncio.to_thread(router.poll)
+                try:
+                    await asyncio.to_thread(router.poll)
+                except Exception:  # one bad poll must not freeze the index for good: logged, polled again
+                    log.exception("kvtier proxy: applying KV events failed; polling on")
+                    await asyncio.sleep(1.0)
                 await asyncio.sleep(cfg.poll_interval_s)
 
         poller = asyncio.create_task(keep_polling())
@@ -244,7 +268,7 @@ def make_routing_app(cfg: RoutingConfig) -> web.Application:
 def run_routing_proxy(cfg: RoutingConfig, host: str, port: int) -> None:
     log.info("kvtier proxy on %s:%d: cache-aware routing over %s (block size %d, max load share %.2f)",
              host, port, ", ".join(i.url for i in cfg.instances), cfg.block_size, cfg.max_load_share)
-    web.run_app(make_routing_app(cfg), host=host, port=port, print=None)
+    web.run_app(make_routing_app(cfg), host=host, port=port, print=None, handler_cancellation=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,7 +53,20 @@ MAX_BODY_BYTES = 64 << 20
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date",
                "server"}
 
+# a client's request headers the proxy does not pass on: hop-by-hop ones, those aiohttp sets for the
+# body it sends (the proxy may rewrite it), and Accept-Encoding (answers are relayed as decoded)
+_NOT_FORWARDED = {"host", "content-length", "content-type", "transfer-encoding", "connection", "keep-alive",
+                  "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization", "proxy-authenticate",
+                  "accept-encoding", "expect"}
+HEALTH_TIMEOUT_S = 5.0  # each instance's /health (and /v1/models) answer, checked side by side
+
 CLIENT_KEY = web.AppKey("client", aiohttp.ClientSession)
+
+
+def forwarded_headers(request: web.Request) -> dict[str, str]:
+    """The client's headers an instance gets with its request (Authorization for a vLLM started
+    with --api-key, X-Request-Id, ...): all but the hop-by-hop and body ones."""
+    return {name: value for name, value in request.headers.items() if name.lower() not in _NOT_FORWARDED}
 
 
 def backend_url(value: str, name: str) -> str:
@@ -107,6 +120,8 @@ async def _read_request(request: web.Request) -> dict[str, Any] | web.Response:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return error_response(400, f"the request body is not valid JSON: {e}", "invalid_request_error")
+    except RecursionError:
+        return error_response(400, "the request body nests too deeply to parse", "invalid_request_error")
     except LookupError as e:  # Content-Type names a charset Python does not know
         return error_response(400, f"the request's charset is unknown: {e}", "invalid_request_error")
     except web.HTTPRequestEntityTooLarge:
@@ -123,11 +138,11 @@ async def _read_request(request: web.Request) -> dict[str, Any] | web.Response:
 
 
 async def _prefill(session: aiohttp.ClientSession, cfg: ProxyConfig, path: str,
-                   body: dict[str, Any]) -> dict[str, Any] | web.Response | None:
+                   body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any] | web.Response | None:
     """kv_transfer_params from the prefill instance; a Response to return for a 4xx; None when it failed."""
     url = cfg.prefill_url + path
     try:
-        async with session.post(url, json=prefill_body(body),
+        async with session.post(url, json=prefill_body(body), headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s,
                                                               sock_connect=cfg.connect_timeout_s)) as resp:
             data = await resp.read()
@@ -149,7 +164,7 @@ async def _decode(request: web.Request, session: aiohttp.ClientSession, cfg: Pro
                   body: dict[str, Any]) -> web.StreamResponse:
     url = cfg.decode_url + request.path
     try:
-        async with session.post(url, json=body) as resp:
+        async with session.post(url, json=body, headers=forwarded_headers(request)) as resp:
             if not body.get("stream"):
                 return _checked_answer(cfg, resp, await resp.read())
             return await relay_stream(request, resp, url)
@@ -215,7 +230,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     if isinstance(body, web.Response):
         return body
     session, cfg = request.app[CLIENT_KEY], request.app[CONFIG_KEY]
-    params = await _prefill(session, cfg, request.path, body)
+    params = await _prefill(session, cfg, request.path, body, forwarded_headers(request))
     if isinstance(params, web.Response):
         return params
     decode = dict(body)
@@ -230,7 +245,8 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
     """/v1/models from the decode instance (both serve the same model)."""
     session, cfg = request.app[CLIENT_KEY], request.app[CONFIG_KEY]
     try:
-        async with session.get(cfg.decode_url + "/v1/models") as resp:
+        async with session.get(cfg.decode_url + "/v1/models", headers=forwarded_headers(request),
+                               timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as resp:
             return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
     except aiohttp.ClientConnectorError as e:
         return error_response(503, f"the decode instance {cfg.decode_url} is unreachable: {e}", "service_unavailable")
@@ -241,15 +257,17 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
 
 async def health_of(session: aiohttp.ClientSession, backends: Sequence[tuple[str, str]]) -> web.Response:
     """200 when every backend (its name in messages, its base URL) answers /health, else 503 naming
-    those that do not."""
-    down = []
-    for backend, base in backends:
+    those that do not. Asked side by side, each within HEALTH_TIMEOUT_S (a hung instance is
+    down, not a /health that hangs with it)."""
+
+    async def check(backend: str, base: str) -> str | None:
         try:
-            async with session.get(base + "/health") as resp:
-                if resp.status != 200:
-                    down.append(f"{backend} answered {resp.status}")
+            async with session.get(base + "/health", timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as resp:
+                return None if resp.status == 200 else f"{backend} answered {resp.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            down.append(f"{backend}: {type(e).__name__}")
+            return f"{backend}: {type(e).__name__}"
+
+    down = [d for d in await asyncio.gather(*(check(b, base) for b, base in backends)) if d is not None]
     if down:
         return error_response(503, "; ".join(down), "service_unavailable")
     return web.json_response({"status": "ok"})
@@ -282,4 +300,5 @@ def make_app(cfg: ProxyConfig) -> web.Application:
 
 def run_proxy(cfg: ProxyConfig, host: str, port: int) -> None:
     log.info("kvtier proxy on %s:%d: prefill %s, decode %s", host, port, cfg.prefill_url, cfg.decode_url)
-    web.run_app(make_app(cfg), host=host, port=port, print=None)
+    # handler_cancellation: a client gone mid-request cancels its upstream call, as it did in tests
+    web.run_app(make_app(cfg), host=host, port=port, print=None, handler_cancellation=True)

@@ -29,6 +29,7 @@ _log = logging.getLogger(__name__)
 
 BlockHash = int | bytes
 MEDIUM_GPU = "GPU"
+VLLM_SOURCE = "vllm"  # the source name of a vLLM instance's own stream (its GPU blocks, the connector's CPU ones)
 DEFAULT_WEIGHTS = {MEDIUM_GPU: 1.0, "CPU": 0.8, "STORAGE": 0.5}
 # rehash(parent_hash, token_ids_of_one_block) -> that block's hash under the router's setting
 Rehash = Callable[[BlockHash | None, Sequence[int]], BlockHash]
@@ -101,7 +102,10 @@ class KVIndex:
                         holding.pop(h, None)
                 self.stats.removed += len(event.block_hashes)
             elif isinstance(event, AllBlocksCleared):
-                view.by_medium.clear()
+                if source == VLLM_SOURCE:  # vLLM resetting its prefix cache: its GPU blocks only; the
+                    view.by_medium.pop(MEDIUM_GPU, None)  # connector's CPU blocks stay in the store
+                else:
+                    view.by_medium.clear()
                 self.stats.cleared += 1
 
     def _learn(self, event: BlockStored) -> None:

@@ -19,6 +19,7 @@ A message that does not decode is dropped and counted, never raised.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import msgspec
@@ -114,11 +115,16 @@ class EventSubscriber:
 
     def _decode(self, seq: int, payload: bytes) -> KVEventBatch | None:
         try:
-            return self._codec.decode(payload)
+            batch = self._codec.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             self.stats.bad_messages += 1
             _log.warning("kv events from %s: batch %d does not decode (%s); dropped", self.source, seq, e)
             return None
+        if not math.isfinite(batch.ts):  # an infinite stamp would make every later batch look older
+            self.stats.bad_messages += 1
+            _log.warning("kv events from %s: batch %d is stamped %r; dropped", self.source, seq, batch.ts)
+            return None
+        return batch
 
     def _apply(self, seq: int, batch: KVEventBatch) -> None:
         self.index.apply(self.instance, self.source, batch)
