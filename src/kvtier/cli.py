@@ -222,7 +222,11 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
 def _cmd_bench_vllm(args: argparse.Namespace) -> int:
     from kvtier.bench.vllm import run_vllm_bench
 
-    run_vllm_bench(args.json, quick=args.quick, workload=args.workload)
+    result = run_vllm_bench(args.json, quick=args.quick, workload=args.workload)
+    wrong = result["details"]["first_token_mismatch_runs"]
+    if wrong:  # a run that served another first token than vLLM alone: the timings do not count
+        print(f"kvtier bench vllm: first-token mismatches in {', '.join(wrong)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -418,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated prompt lengths (default 8192,32768 on cuda)")
     btt.add_argument("--throttle-disk-gbps", type=float, default=None,
                      help="testing aid: cap the disk tier's reads at this many GB/s (the floors use it)")
-    btt.add_argument("--repeats", type=int, default=None, help="runs per column, medians reported (default 3; 5 quick)")
+    btt.add_argument("--repeats", type=positive_int, default=None, help="runs per column, medians reported (default 3; 5 quick)")
     btt.set_defaults(fn=_cmd_bench_ttft)
     bsp = bsub.add_parser("sparse", help="sparse attention: retrieval accuracy, fidelity, decode speed")
     bsp.add_argument("--json", default="results/bench_sparse.json")

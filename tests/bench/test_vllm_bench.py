@@ -98,3 +98,34 @@ def test_planner_summary_compares_the_slow_disk_run_with_recomputing():
     slow["hit_tokens_by_tier"] = {}
     slow["p50_ttft_s"] = 0.25
     assert not bench.planner_summary(slow, recompute, out, ["round0"])["met"]
+
+
+def _out(tokens: list[int], connector: bool) -> dict:
+    def phase(name: str, toks: list[int]) -> dict:
+        p = {"name": name, "measure": name != "warmup",
+             "requests": [{"ttft_s": 0.1, "token": t, "gap": 1.0, "cached": 0, "prompt_tokens": 10} for t in toks],
+             "vllm_counters": {"vllm:prefix_cache_hits": 0, "vllm:external_prefix_cache_hits": 0}}
+        if connector:
+            p["stats"] = {"loaded_tokens_by_tier": {}}
+        return p
+
+    return {"init_s": 1.0, "phases": [phase("warmup", tokens[:3]), phase("round0", tokens[3:])]}
+
+
+def test_a_first_token_mismatch_names_its_run(tmp_path):
+    """The first-token check was one count over every pair, and `kvtier bench vllm` exited 0
+    whatever it said: a kvtier run that served another token than vLLM alone was not named."""
+    good, bad = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 6]
+    outs = {"apc_small": _out(good, False), "apc_ample": _out(good, False), "kvtier_dram": _out(bad, True)}
+    res = bench._report(outs, bench.QUICK, str(tmp_path / "r.json"), tmp_path, [10])
+    details = res["details"]
+    assert details["first_token_check"] == {"checked": 12, "mismatches": 1}
+    assert details["first_token_mismatch_runs"] == ["kvtier_dram"]
+    assert details["first_token_checks"]["kvtier_dram"] == {"reference": "apc_small", "checked": 6, "mismatches": 1}
+    assert details["first_token_checks"]["apc_ample"]["mismatches"] == 0
+
+
+def test_p90_is_the_nearest_rank():
+    rows = [{"ttft_s": float(i)} for i in range(1, 11)]
+    assert bench._summary(rows, {})["p90_ttft_s"] == 9.0  # 10.0 before (round half to even)
+    assert bench._summary(rows[:1], {})["p90_ttft_s"] == 1.0

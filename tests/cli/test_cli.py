@@ -167,3 +167,27 @@ def test_bench_trace_default_is_found_from_any_folder(tmp_path, monkeypatch, cap
     (tmp_path / "shared" / "trace.jsonl").unlink()
     assert main(["bench", "trace", "--json", "", "--png", ""]) == 2
     _one_line_error(capsys, "argument --trace: the default trace", "is missing")
+
+
+@pytest.mark.parametrize("args", [
+    ["demo", "--model", "{empty}", "--quick"],  # a folder that holds no model: a traceback before
+    ["bench", "ttft", "--quick", "--repeats", "-1"],  # an AssertionError after building the model before
+    ["bench", "ttft", "--quick", "--repeats", "0"],  # silently the default before
+    ["bench", "tiers", "--gib", "1e12", "--runs", "1"],  # generated keys for 1e12 GiB before, forever
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, args):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{empty}", str(tmp_path / "empty")) for a in args]
+    r = subprocess.run([sys.executable, "-m", "kvtier.cli", *args, "--json", str(tmp_path / "o.json")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-800:]
+
+
+def test_bench_sparse_on_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    r = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "sparse", "--device", "cuda", "--quick",
+                        "--json", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no CUDA device" in r.stderr, r.stderr[-800:]

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from kvtier.bench.common import print_table, write_json
+from kvtier.core.errors import ConfigError
 
 CHUNK_TOKENS = 16
 NOISE_SCALE = 1e-3  # logit differences below this fraction of the logits' scale are float32 noise
@@ -65,7 +66,10 @@ def demo_model(model_path: str | None, quick: bool = False) -> tuple[Any, str]:
     if model_path:
         from transformers import AutoModelForCausalLM
 
-        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        try:
+            model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        except (OSError, ValueError) as e:  # not a folder, or not a causal LM's: one line, not a traceback
+            raise ConfigError(f"--model {model_path!r}: not a transformers causal language model ({e})") from None
         model.eval()
         n = sum(p.numel() for p in model.parameters())
         return model, f"{type(model).__name__} from {model_path} ({n / 1e6:.1f}M parameters, float32)"
@@ -234,7 +238,6 @@ def run_demo(model_path: str | None = None, cache_dir: str | None = None, turns:
 
     from kvtier.connectors.transformers import TransformersConnector, model_identity
     from kvtier.core.config import default_cache_dir
-    from kvtier.core.errors import ConfigError
 
     if turns < 1 or conversations < 1:
         raise ConfigError("turns and conversations must be at least 1")

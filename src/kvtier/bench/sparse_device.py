@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from kvtier.bench.models import LLAMA_SHAPES, random_llama_shaped
+from kvtier.core.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,9 +45,9 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, max_positi
 
 def parse_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected cpu or cuda")
+        raise ConfigError(f"--device {name!r}: expected cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device on this machine")
+        raise ConfigError("--device cuda: torch sees no CUDA device on this machine")
     return torch.device(name)
 
 

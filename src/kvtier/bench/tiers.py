@@ -40,6 +40,7 @@ import numpy as np
 
 from kvtier.bench.common import device_read_bytes, drop_page_cache, median, print_table, write_json
 from kvtier.core.config import DiskTierConfig, MemoryTierConfig, StoreConfig
+from kvtier.core.errors import ConfigError
 from kvtier.core.keys import KEY_BACKEND, ChunkKey, Namespace, chunk_keys
 from kvtier.core.layout import KVLayout
 from kvtier.store import TieredStore
@@ -307,6 +308,14 @@ def bench_hash(runs: int, chunk: int = 128, tokens_per_run: int = 256 * 1024,
 
 
 def run_tiers_bench(json_out: str | None, root: str | None = None, gib: float = 1.0, runs: int = 5) -> dict[str, Any]:
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        memory = None
+    # the payload, the DRAM pool it is saved into and the buffers it is loaded back into
+    if not gib > 0 or (memory is not None and 3 * gib * (1 << 30) > memory):
+        raise ConfigError(f"--gib {gib}: a measurement holds about 3x that in memory, and this machine has "
+                          f"{(memory or 0) / 2**30:.1f} GiB")
     cb = LAYOUT.chunk_bytes(CHUNK_TOKENS)
     n = max(8, int(gib * (1 << 30)) // cb + 1)
     print(f"kvtier bench tiers: {n} chunks of {cb / 2**20:.2f} MiB ({n * cb / 2**30:.2f} GiB) per measurement, "

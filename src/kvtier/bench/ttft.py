@@ -390,7 +390,9 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
         if any(n < 2 for n in lengths):
             raise ConfigError(f"--lengths: every prompt needs at least 2 tokens, got {lengths}")
         size["lengths"] = list(lengths)
-    runs = repeats or size["repeats"]
+    runs = size["repeats"] if repeats is None else repeats
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ConfigError(f"--repeats {repeats!r}: expected a whole number >= 1")
     torch_dtype = DTYPES[dtype or ("bfloat16" if cuda else "float32")]
     threads, why = pick_torch_threads()
     torch.set_num_threads(threads)

@@ -49,6 +49,7 @@ for the EngineCore and kvtier's threads.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -213,7 +214,7 @@ def _run_engine(name: str, spec: dict[str, Any], work: Path, timeout_s: float) -
 
 def _summary(rows: list[dict[str, Any]], by_tier: dict[str, int]) -> dict[str, Any]:
     ttfts = sorted(r["ttft_s"] for r in rows)
-    p90 = ttfts[min(len(ttfts) - 1, max(0, round(0.9 * len(ttfts) + 0.5) - 1))]
+    p90 = ttfts[max(0, math.ceil(0.9 * len(ttfts)) - 1)]  # nearest rank
     return {"mean_ttft_s": statistics.fmean(ttfts), "p50_ttft_s": statistics.median(ttfts), "p90_ttft_s": p90,
             "total_s": sum(ttfts), "hit_tokens_by_tier": by_tier}
 
@@ -415,17 +416,24 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
         else:
             result[run] = summary
 
+    # each run against vLLM alone (apc_small; repeat_floor, vLLM with no connector, for the repeats)
     checks = {"checked": 0, "mismatches": 0}
+    per_run: dict[str, dict[str, Any]] = {}
     pairs: list[tuple[str, str, list[str]]] = [(run, "apc_small", ["warmup", *measured])
                                                for run in ("apc_ample", "kvtier_dram", "kvtier_disk",
                                                            "kvtier_disk_slow")]
-    pairs += [(run, "example_repeat", ["repeat_first", "repeat"]) for run in ("kvtier_repeat", "repeat_floor")]
+    pairs += [(run, "repeat_floor", ["repeat_first", "repeat"]) for run in ("kvtier_repeat", "example_repeat")]
     for run, ref_run, names in pairs:
         if run not in outs or ref_run not in outs:
             continue
         ref = [r for name in names for r in _phase(outs[ref_run], name)["requests"]]
         rows = [r for name in names for r in _phase(outs[run], name)["requests"]]
-        first_token_check(ref, rows, checks)
+        one = {"checked": 0, "mismatches": 0}
+        first_token_check(ref, rows, one)
+        per_run[run] = {"reference": ref_run, **one}
+        checks["checked"] += one["checked"]
+        checks["mismatches"] += one["mismatches"]
+    mismatched = [run for run, c in per_run.items() if c["mismatches"]]
     workload = {
         "qa": f"{sizes.docs} documents x {sizes.doc_tokens} tokens + {sizes.question_tokens}-token questions, "
               f"block {sizes.block}, {sizes.rounds} measured rounds",
@@ -441,7 +449,8 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
     result["details"] = {"sizes": asdict(sizes), "workload": workload, "repeat_floor": floor,
                          "kvtier_repeat_chunk_tokens": sizes.repeat_chunk,
                          "init_s": {k: v["init_s"] for k, v in outs.items()},
-                         "first_token_check": checks, "counter_checks": counter_checks,
+                         "first_token_check": checks, "first_token_checks": per_run,
+                         "first_token_mismatch_runs": mismatched, "counter_checks": counter_checks,
                          "counter_mismatches": counter_mismatches(counter_checks), "work_folder": str(work)}
     rows_t = [[k, v["mean_ttft_s"], v["p50_ttft_s"], v["p90_ttft_s"], v["total_s"], json.dumps(v["hit_tokens_by_tier"])]
               for k, v in result.items() if k not in ("details", "planner")]
@@ -452,6 +461,9 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
     for name, text in workload.items():
         print(f"workload {name}: {text}")
     print(f"first-token check: {checks['mismatches']} mismatches of {checks['checked']} (gap > {GAP})")
+    for run in mismatched:
+        c = per_run[run]
+        print(f"FIRST-TOKEN MISMATCH in {run}: {c['mismatches']} of {c['checked']} against {c['reference']}")
     print("hit tokens: vLLM's counters (vllm:prefix_cache_hits, vllm:external_prefix_cache_hits) and kvtier's "
           "per-tier counters over the measured phases")
     if "planner" in result:
