@@ -177,3 +177,33 @@ def test_a_store_whose_dram_tier_fails_lets_its_disk_folder_go(tmp_path):
     with pytest.raises(ConfigError, match="memory pool"):
         TieredStore(cfg, TINY, memory_pool=np.zeros(7, np.uint8))
     TieredStore(cfg, TINY).close()  # refused before: "owned by another process" (this one)
+
+
+def _bump_format(path: str) -> None:
+    """Make a chunk file one written by a newer kvtier (its format version, bytes 8-9, one higher)."""
+    from kvtier.core.codec import FORMAT_VERSION
+
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write((FORMAT_VERSION + 1).to_bytes(2, "little"))
+
+
+def test_chunks_of_a_newer_format_are_left_alone_not_deleted_as_corrupt(tmp_path):
+    """A shared folder in a rolling upgrade: the hosts still on this version found the upgraded
+    hosts' chunks "corrupt" and deleted them (the owner at its rescans and at its open)."""
+    owner = shared(tmp_path, True)
+    member = shared(tmp_path, False)
+    newer, ours = key_of(1), key_of(2)
+    assert put(member, newer) and put(member, ours)
+    _bump_format(chunk_path(tmp_path, newer))
+    report = owner.rescan()
+    assert report.adopted == 1 and report.corrupt == 0 and newer not in owner.keys()
+    assert os.path.exists(chunk_path(tmp_path, newer))  # deleted before
+    reader = shared(tmp_path, False)
+    assert reader.lookup([newer]) == 0 and newer not in reader._bad  # a miss, not marked bad
+    owner.close()
+    reopened = shared(tmp_path, True)  # the disk tier's index rebuild at the owner's open
+    assert os.path.exists(chunk_path(tmp_path, newer)) and reopened.foreign_chunks == 1
+    assert reopened.metrics.get(m.CHECKSUM_FAILURES, tier=reopened.name) == 0
+    for tier in (reopened, member, reader):
+        tier.close()

@@ -757,3 +757,18 @@ def test_a_full_connection_pool_is_busy_not_a_failed_server(shared_server):
     assert not tier.breaker_open()
     assert tier.lookup(keys) == 3
     tier.close()
+
+
+def test_a_value_of_a_newer_chunk_format_is_a_miss_left_alone(tier):
+    """Hosts mid-upgrade share the tier: a value a newer kvtier wrote is no corrupt value to drop."""
+    from kvtier.core.codec import FORMAT_VERSION
+
+    keys = keys_for(1, salt=45)
+    write_chain(tier, keys)
+    rkey = tier.redis_key(keys[0])
+    r = tier._single.client
+    r.setrange(rkey, 8, (FORMAT_VERSION + 1).to_bytes(2, "little"))
+    assert read_all(tier, keys)[0] == [None]
+    assert tier.read_many(keys, [1], dests(1, 1)) == [None]
+    assert r.exists(rkey) == 1 and tier.metrics.get(m.CHECKSUM_FAILURES, tier="redis") == 0  # deleted before
+    assert tier.foreign_chunks == 2

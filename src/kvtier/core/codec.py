@@ -31,7 +31,7 @@ from typing import Any
 
 import xxhash
 
-from kvtier.core.errors import CorruptChunkError
+from kvtier.core.errors import CorruptChunkError, NewerFormatError
 
 MAGIC = b"KVTCHNK1"
 FORMAT_VERSION = 1
@@ -174,6 +174,8 @@ def decode_header(data: bytes | bytearray | memoryview, file_bytes: int | None =
      key, parent, total, hsum) = _FIXED.unpack_from(data, 0)
     if magic != MAGIC:
         raise CorruptChunkError("bad magic: not a kvtier chunk")
+    if version > FORMAT_VERSION:
+        raise NewerFormatError(f"chunk format version {version} is newer than this kvtier's {FORMAT_VERSION}")
     if version != FORMAT_VERSION:
         raise CorruptChunkError(f"unsupported chunk format version {version}")
     if hdr != header_size(nsec) or len(data) < hdr:

@@ -24,6 +24,11 @@ class CorruptChunkError(KVTierError):
     """A stored chunk failed validation (magic, version, checksum, length)."""
 
 
+class NewerFormatError(CorruptChunkError):
+    """A chunk written in a newer chunk format than this kvtier reads (a host upgraded first, on a
+    shared tier): a miss here, and left alone, never deleted as corrupt."""
+
+
 class StoreClosedError(KVTierError):
     """An operation was attempted on a closed store or tier."""
 

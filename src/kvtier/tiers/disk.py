@@ -86,7 +86,7 @@ from kvtier.core.codec import (
     header_size,
 )
 from kvtier.core.config import DiskTierConfig
-from kvtier.core.errors import CorruptChunkError, StoreClosedError, TierUnavailableError
+from kvtier.core.errors import CorruptChunkError, NewerFormatError, StoreClosedError, TierUnavailableError
 from kvtier.core.layout import KVLayout
 from kvtier.tiers.base import (
     Buffer,
@@ -746,6 +746,10 @@ class DiskTier(Tier):
                     continue
                 table = self._verify_header(header, key)
             except FileNotFoundError:
+                continue
+            except NewerFormatError:  # a newer kvtier's (a shared folder mid-upgrade): left alone, counted
+                self.foreign_chunks += 1
+                self.foreign_bytes += st.st_size
                 continue
             except CorruptChunkError:
                 self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)

@@ -79,7 +79,7 @@ from redis.utils import HIREDIS_AVAILABLE
 from kvtier.core import metrics as m
 from kvtier.core.codec import SECTION_KV, ChunkHeader, Section, checksum, decode_header, encode_header, header_size
 from kvtier.core.config import REDIS_RECOMMENDED_SETTINGS, RedisTierConfig
-from kvtier.core.errors import CorruptChunkError, StoreClosedError, TierUnavailableError
+from kvtier.core.errors import CorruptChunkError, NewerFormatError, StoreClosedError, TierUnavailableError
 from kvtier.core.layout import KVLayout
 from kvtier.tiers.base import (
     Buffer,
@@ -650,7 +650,10 @@ class RedisTier(Tier):
             raise KeyError(key)  # MOVED/ASK (a slot in migration), NOPERM, ...: a miss, nothing to drop
         if data is None or data == b"":
             raise KeyError(key)
-        header = decode_header(data, value_bytes)
+        try:
+            header = decode_header(data, value_bytes)
+        except NewerFormatError:  # a newer kvtier's (a host upgraded first): a miss, left for it
+            raise _Foreign() from None
         if header.layout_id != self._layout_id:
             raise _Foreign()
         if header.key != bytes(key):

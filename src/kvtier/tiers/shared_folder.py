@@ -50,7 +50,7 @@ from typing import Any
 from kvtier.core import metrics as m
 from kvtier.core.codec import decode_header, header_size
 from kvtier.core.config import DiskTierConfig, SharedFolderTierConfig
-from kvtier.core.errors import CorruptChunkError, TierUnavailableError
+from kvtier.core.errors import CorruptChunkError, NewerFormatError, TierUnavailableError
 from kvtier.core.layout import KVLayout
 from kvtier.tiers.base import Buffer, ChunkMeta, TierUsage, TierWriteError
 from kvtier.tiers.disk import (
@@ -189,6 +189,8 @@ class SharedFolderTier(DiskTier):
             if header.layout_id != self._layout_id:
                 return None  # another configuration's chunk under a colliding name: not ours
             table = self._verify_header(header, key)
+        except NewerFormatError:  # a newer kvtier's (a host upgraded first): a miss, not bad
+            return None
         except CorruptChunkError:
             self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
             self._bad[key] = sig
@@ -383,6 +385,8 @@ class SharedFolderTier(DiskTier):
                 if header.layout_id != self._layout_id:
                     continue
                 table = self._verify_header(header, key)
+            except NewerFormatError:  # a newer kvtier's, mid-upgrade: neither adopted nor deleted
+                continue
             except CorruptChunkError:
                 corrupt += 1
                 self.metrics.inc(m.CHECKSUM_FAILURES, tier=self.name)
