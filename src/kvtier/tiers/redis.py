@@ -715,7 +715,8 @@ class RedisTier(Tier):
             if not part and not self._still_there(rkey):
                 return None  # evicted or deleted between this read's round trips (they are not atomic): a miss
             if len(part) != s.length:
-                raise _CorruptValue(f"layer {layer}: short value", head + [(s.offset, part)])
+                # GETRANGE stops at the value's end: it was exactly this long
+                raise _CorruptValue(f"layer {layer}: short value", head + [(s.offset, part)], s.offset + len(part))
             if checksum(part) != s.checksum:
                 raise _CorruptValue(f"layer {layer} checksum mismatch", head + [(s.offset, part)])
             view[:] = part

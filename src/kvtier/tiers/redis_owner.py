@@ -385,8 +385,7 @@ class AccessLog:
             return False
         holder, ttl = replies[1], replies[2]
         if holder != self._token:
-            if self.report.leader:
-                self._lost_lease()
+            self._lost_lease()  # a view left from before (a renewal found the lease gone) is dropped too
             return False
         if isinstance(ttl, int) and 0 <= ttl < self._lease_ms // 2 and not self._renew_lease():
             return False
