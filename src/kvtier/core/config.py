@@ -302,7 +302,7 @@ class StoreConfig:
     hash_mode: str = choice_field(DEFAULT_HASH_MODE, sorted(HASH_MODES))
     memory: MemoryTierConfig | None = field(default_factory=MemoryTierConfig)
     disk: DiskTierConfig | None = None
-    # or "write-back": disk written only on DRAM eviction
+    # or "write-back": disk written only on DRAM eviction, and at a clean close (what DRAM still holds)
     write_mode: str = choice_field("write-through", WRITE_MODES)
     promote_on_hit: bool = True
     io_threads: int = number_field(2, low=0, low_open=True)
