@@ -772,3 +772,22 @@ def test_a_value_of_a_newer_chunk_format_is_a_miss_left_alone(tier):
     assert tier.read_many(keys, [1], dests(1, 1)) == [None]
     assert r.exists(rkey) == 1 and tier.metrics.get(m.CHECKSUM_FAILURES, tier="redis") == 0  # deleted before
     assert tier.foreign_chunks == 2
+
+
+def test_a_short_value_s_conditional_delete_compares_its_length(tier):
+    """A value cut short (a torn write) fails a layer-wise read as "short value". If a host saves
+    the chunk again, whole, before that reader's delete, the bytes the reader saw are a prefix of
+    the valid value, so only the length (GETRANGE stopped at the short value's end) tells them apart."""
+    keys = keys_for(1, salt=46)
+    write_chain(tier, keys)
+    rkey = tier.redis_key(keys[0])
+    r = tier._single.client
+    good = r.get(rkey)
+    offset = tier._kv_offsets(tier._kv_header)[1]
+    r.set(rkey, good[:offset + 100])  # torn inside layer 1
+    replies = [r.getrange(rkey, 0, tier._kv_header - 1), r.getrange(rkey, offset, offset + LB - 1)]
+    with pytest.raises(CorruptChunkError, match="short value") as seen:
+        tier._unpack_layers(keys[0], rkey, replies, [1], [memoryview(dests(1, 1)[0][0])])
+    r.set(rkey, good)  # saved again, whole
+    tier._drop_corrupt(rkey, seen.value)
+    assert r.get(rkey) == good  # deleted before: the part it saw is the valid value's prefix
