@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import msgpack
 import pytest
@@ -30,6 +31,22 @@ from tests.service.util import (
     short_tmpdir,
     wait_until,
 )
+
+
+def stop_process(pid: int) -> None:
+    """SIGSTOP `pid` and wait until every one of its threads is stopped: kill() only queues the
+    signal, and a thread running on another core can still answer a request meanwhile (seen once
+    in CI, on a loaded machine)."""
+    os.kill(pid, signal.SIGSTOP)
+    for _ in range(1000):
+        try:
+            states = [open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0]
+                      for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:  # no /proc (or a thread just ended): the signal is what we can do
+            return
+        if all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.005)
 
 
 def chain(client, n: int, start: int = 0, name: str = "faults"):
@@ -56,7 +73,7 @@ def test_a_frozen_service_is_a_miss_not_a_hang_and_the_client_comes_back(folder)
     assert save_chain(c, keys, root).wait().in_memory == 3
     assert svc.proc is not None
     thaw = threading.Timer(20.0, lambda: os.kill(svc.proc.pid, signal.SIGCONT))  # old code: blocks until this
-    os.kill(svc.proc.pid, signal.SIGSTOP)
+    stop_process(svc.proc.pid)
     thaw.start()
     try:
         assert c.lookup(keys, lease=True).hits == 0  # timed out: a miss
