@@ -445,19 +445,12 @@ class RedisTier(Tier):
             conn = None
             try:
                 conn = pool.get_connection()
+                conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
             except MaxConnectionsError:  # this process's own threads hold every connection: busy, not down
                 unavailable += keys_per_job[j]  # misses now; the breaker is for servers that fail
                 log.debug("kvtier: %s tier: %s: every pooled connection is in use (max_connections)",
                           self.name, route.name)
                 continue
-            except (*_UNAVAILABLE, RedisError) as e:
-                route.breaker.failed()
-                failed_routes += 1
-                unavailable += keys_per_job[j]
-                log.debug("kvtier: %s tier: %s unavailable: %s", self.name, route.name, e)
-                continue
-            try:
-                conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
             except (*_UNAVAILABLE, RedisError) as e:
                 if conn is not None:
                     conn.disconnect()
