@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvtier.store.planner import DECAY, CostEstimates, chunks_worth_loading
+from kvtier.store.planner import DECAY, CostEstimates, chunks_worth_loading, head_and_loads
 
 MB = 1e6
 
@@ -80,3 +80,58 @@ def test_zero_observations_are_ignored():
     est.observe_compute("m", 10, 0.0)
     assert est.bandwidth("d") is None and est.seconds_per_token("m") is None
     assert est.snapshot() == {}
+
+
+def test_head_and_loads_splits_where_loading_and_computing_take_as_long():
+    # 8 chunks, each 1 ms to load and 1 ms to compute: serial is 8 ms either way, the head 4 + the tail 4 in parallel
+    assert head_and_loads(["disk"] * 8, 10**6, 16, {"disk": 1e9}, 1e-3 / 16) == (4, 8)
+    # loading twice as slow: compute 2/3 of the prefix while the last third loads
+    assert head_and_loads(["disk"] * 9, 10**6, 16, {"disk": 5e8}, 1e-3 / 16) == (6, 9)
+
+
+def test_head_and_loads_keeps_the_serial_plan_where_a_head_gains_little():
+    # loading 100x cheaper than computing (DRAM on a CPU): load everything, no head
+    assert head_and_loads(["memory"] * 8, 10**6, 16, {"memory": 1e11}, 1e-3 / 16) == (0, 8)
+    # no compute estimate yet, or one chunk: today's plan
+    assert head_and_loads(["disk"] * 8, 10**6, 16, {"disk": 1e9}, None) == (0, 8)
+    assert head_and_loads(["disk"], 10**6, 16, {"disk": 1e6}, 1e-3 / 16) == (0, 0)
+    # far too slow to load anything in time: recompute
+    assert head_and_loads(["disk"] * 8, 10**6, 16, {"disk": 1e3}, 1e-3 / 16) == (0, 0)
+
+
+def test_head_and_loads_matches_an_exhaustive_search():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(500):
+        tiers = [rng.choice(["memory", "disk", "redis"]) for _ in range(rng.randint(2, 10))]
+        bw = {"memory": rng.choice([None, 1e8, 1e9]), "disk": rng.uniform(1e5, 1e9), "redis": rng.uniform(1e5, 1e9)}
+        spt = rng.choice([1e-6, 1e-5, 1e-4])
+        k, n = head_and_loads(tiers, 10**4, 16, bw, spt)
+        c = 16 * spt
+        load = [10**4 / bw[t] if bw[t] else 0.0 for t in tiers]
+        u = len(tiers)
+
+        def cost(k, n, c=c, load=load, u=u):
+            return (max(k * c, sum(load[k:n])) if k else sum(load[:n])) + (u - n) * c
+
+        serial = chunks_worth_loading(tiers, 10**4, 16, bw, spt)
+        best = min([cost(0, serial)] + [cost(a, b) + c for b in range(2, u + 1) for a in range(1, b)])
+        assert cost(k, n) + (c if k else 0) == pytest.approx(best, rel=1e-9, abs=1e-15)
+
+
+def test_a_head_must_gain_more_than_its_measured_overhead():
+    est = CostEstimates()
+    est.observe_head("e", 64, 0.5)  # no compute estimate yet: nothing to measure the overhead against
+    assert est.head_overhead("e") is None
+    est.observe_compute("e", 1000, 1.0)  # 1 ms per token
+    est.observe_head("e", 64, 0.064 + 0.010)  # 10 ms beyond its tokens
+    assert est.head_overhead("e") == pytest.approx(0.010)
+    est.observe_head("e", 64, 0.030)  # faster than estimated: no negative overhead
+    assert 0 < est.head_overhead("e") < 0.010
+    # 8 chunks of 16 tokens at 1 ms per token, loads as slow: a head saves 64 ms
+    args = (["disk"] * 8, 10**6, 16, {"disk": 10**6 / 0.016}, 1e-3)
+    assert head_and_loads(*args, head_overhead_s=0.050) == (4, 8)
+    assert head_and_loads(*args, head_overhead_s=0.070) == (0, 0)
+    est.forget()
+    assert est.head_overhead("e") is None

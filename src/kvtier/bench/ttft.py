@@ -31,9 +31,11 @@ prompt, so no column pays first-call costs), every column below is the median of
                       top1_equal compare anything (hits whose logits are far off make the gap
                       small beside the tolerance, and top1_equal true without a comparison)
 
-details[] per case: chunks_loaded / chunks_recomputed (disk hit: stored chunks loaded, and stored
-chunks recomputed because the load planner found loading slower), the same for the DRAM hit
-(dram_chunks_*), every run's time, bytes and the planner's estimates.
+details[] per case: chunks_loaded / chunks_recomputed / chunks_head (disk hit: stored chunks loaded;
+stored chunks recomputed with the suffix because the load planner found loading slower; stored
+chunks computed by a head forward while the rest of the prefix loaded, planner.head_and_loads), the
+same for the DRAM hit (dram_chunks_*), every run's time, bytes and the planner's estimates. The
+floors assume loading then computing: a hit that computes a head while its tail loads can beat them.
 
 `--throttle-disk-gbps X` caps the disk tier's reads at X 1e9 B/s (kvtier.store.throttle), so
 that "never slower than recomputing" shows on any machine: the planner then recomputes what the
@@ -518,8 +520,10 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
             details.append({"prompt_tokens": n, "stored_tokens": stored // token_bytes, "bytes_stored": stored,
                             "chunks_loaded": disk_plan.cached_tokens[0] // chunk,
                             "chunks_recomputed": disk_plan.skipped_tokens[0] // chunk,
+                            "chunks_head": disk_plan.head_tokens[0] // chunk,
                             "dram_chunks_loaded": dram_plan.cached_tokens[0] // chunk,
                             "dram_chunks_recomputed": dram_plan.skipped_tokens[0] // chunk,
+                            "dram_chunks_head": dram_plan.head_tokens[0] // chunk,
                             "disk_chunks_read": disk_reads, "disk_chunks_loaded_runs": disk_loaded,
                             "disk_device_read_bytes": disk_dev,
                             "suffix_compute_s": comp_s,
@@ -529,7 +533,8 @@ def run_ttft_bench(json_out: str | os.PathLike[str] | None, png_out: str | os.Pa
                             "suffix_compute_runs_s": comp_runs, "max_logit_diffs": diffs})
             print(f"{n:>6} tokens: no_kvtier {base_s:.4f} s, miss {case['miss_s']:.4f} s, DRAM hit {dram_s:.4f} s "
                   f"(floor {case['dram_floor_s']:.4f}), disk hit {disk_s:.4f} s (floor {case['disk_floor_s']:.4f}; "
-                  f"{details[-1]['chunks_loaded']} chunks loaded, {details[-1]['chunks_recomputed']} recomputed); "
+                  f"{details[-1]['chunks_loaded']} chunks loaded, {details[-1]['chunks_recomputed']} recomputed, "
+                  f"{details[-1]['chunks_head']} in a head); "
                   f"load only {load_s:.4f} s ({case['load_gbps']:.2f} GB/s); max |dlogit| {max_diff:.1e}")
             loaded_bytes = details[-1]["chunks_loaded"] * chunk * token_bytes
             if loaded_bytes and all(d is not None and d < loaded_bytes // 10 for d in disk_dev):

@@ -62,6 +62,7 @@ LOAD_FAILURES = "kvtier_connector_load_failures_total"
 SAVE_FAILURES = "kvtier_connector_save_failures_total"
 PREFILL_TOKENS = "kvtier_connector_prefill_tokens_total"
 LOADS_SKIPPED = "kvtier_connector_loads_skipped_total"
+HEAD_TOKENS = "kvtier_connector_head_tokens_total"
 CONNECTOR_LOAD_TIME = "kvtier_connector_load_time_seconds"
 CONNECTOR_SAVE_TIME = "kvtier_connector_save_time_seconds"
 
@@ -94,6 +95,7 @@ HELP = {
     SAVE_FAILURES: "Chunks a save could not store.",
     PREFILL_TOKENS: "Prompt tokens the connector was asked to prefill.",
     LOADS_SKIPPED: "Stored chunks recomputed because loading them was estimated slower than computing them.",
+    HEAD_TOKENS: "Stored prompt tokens computed by a head forward while the rest of their prefix loaded.",
     CONNECTOR_LOAD_TIME: "Seconds the connector spent loading one request's KV.",
     CONNECTOR_SAVE_TIME: "Seconds the connector spent saving one request's KV.",
 }
@@ -116,7 +118,8 @@ TIER_COUNTERS = (HITS, MISSES, BYTES_READ, BYTES_WRITTEN, EVICTIONS, CHECKSUM_FA
                  SERVED_TOKENS)
 # Likewise every connector's counters, from the connector's start: "loads skipped" in particular
 # stays 0 on a CPU, where loading always pays, and its panel should say 0 rather than "no data".
-CONNECTOR_COUNTERS = (HIT_TOKENS, COMPUTED_TOKENS, PREFILL_TOKENS, LOADS_SKIPPED, LOAD_FAILURES, SAVE_FAILURES)
+CONNECTOR_COUNTERS = (HIT_TOKENS, COMPUTED_TOKENS, PREFILL_TOKENS, LOADS_SKIPPED, HEAD_TOKENS, LOAD_FAILURES,
+                      SAVE_FAILURES)
 
 Labels = tuple[tuple[str, str], ...]
 

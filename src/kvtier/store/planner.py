@@ -19,6 +19,7 @@ The estimates (`CostEstimates`) are decayed sums, so later measurements outweigh
     observe_load(tier_id, n, s)     a load of n bytes that took s seconds
     seconds_per_token(engine_id)    marginal compute cost of one prompt token
     observe_compute(engine_id, tokens, s)   a forward over `tokens` tokens that took s seconds
+    head_overhead(engine_id)        what a head forward (head_and_loads) costs beyond its tokens
 
 Compute is seconds / tokens over the decayed observations. Connectors report only forwards of
 at least a few chunks (MIN_OBSERVED_CHUNKS): a short forward is mostly fixed per-forward cost,
@@ -69,6 +70,7 @@ class CostEstimates:
     def __init__(self) -> None:
         self._rates: dict[str, _Rate] = {}
         self._compute: dict[str, _Rate] = {}  # tokens per second
+        self._head: dict[str, tuple[float, float]] = {}  # engine -> decayed (sum of extra seconds, weight)
         self._lock = threading.Lock()
 
     # -- tiers -----------------------------------------------------------------------------
@@ -126,10 +128,30 @@ class CostEstimates:
             r.seconds = r.seconds * DECAY + seconds
             r.samples += 1
 
+    def observe_head(self, engine_id: str, tokens: int, seconds: float) -> None:
+        """A head forward (head_and_loads) over `tokens` took `seconds`: what it took beyond the per-token
+        estimate is its fixed cost (a forward's own overhead, and on a CPU the loads' threads beside it)."""
+        if not (0 < tokens < math.inf and 0 <= seconds < math.inf):
+            return
+        spt = self.seconds_per_token(engine_id)
+        if spt is None:
+            return
+        extra = max(0.0, seconds - tokens * spt)
+        with self._lock:
+            total, weight = self._head.get(engine_id, (0.0, 0.0))
+            self._head[engine_id] = (total * DECAY + extra, weight * DECAY + 1.0)
+
+    def head_overhead(self, engine_id: str) -> float | None:
+        """Seconds a head forward costs beyond its tokens' compute; None before one was timed."""
+        with self._lock:
+            got = self._head.get(engine_id)
+            return got[0] / got[1] if got else None
+
     def forget(self) -> None:
         with self._lock:
             self._rates.clear()
             self._compute.clear()
+            self._head.clear()
 
     def snapshot(self) -> dict[str, dict[str, float | str | None]]:
         """What is known, for benchmarks' JSON: {id: {bandwidth|seconds_per_token, source, samples}}."""
@@ -168,6 +190,49 @@ def chunks_worth_loading(tiers: Sequence[str], chunk_bytes: int, chunk_tokens: i
         if acc < best:
             best, best_n = acc, i + 1
     return best_n
+
+
+def head_and_loads(tiers: Sequence[str], chunk_bytes: int, chunk_tokens: int,
+                   bandwidths: Mapping[str, float | None], seconds_per_token: float | None,
+                   head_overhead_s: float | None = None) -> tuple[int, int]:
+    """Compute the head of a stored prefix while its tail loads ("Compute Or Load KV Cache? Why Not Both?").
+
+    Returns (head, n): chunks [0, head) are computed by a forward of their own while chunks
+    [head, n) load, then the rest, stored chunks [n, len(tiers)) included, is computed with the
+    uncached suffix. Computing the head needs no stored KV, so it runs while the tail's bytes
+    move: the estimate is max(head compute, tail load) + compute of [n, len). (0, n) is the
+    serial plan of chunks_worth_loading, estimated sum(load[:n]) + compute[n:]; a head is
+    planned only where it beats that by more than its forward's fixed cost: `head_overhead_s`
+    (CostEstimates.head_overhead, measured on earlier heads), and never less than one chunk's
+    compute. Where loading is far cheaper than computing (DRAM on a CPU) the plan stays serial.
+    """
+    serial = chunks_worth_loading(tiers, chunk_bytes, chunk_tokens, bandwidths, seconds_per_token)
+    u = len(tiers)
+    if seconds_per_token is None or u < 2:
+        return 0, serial
+    compute = chunk_tokens * seconds_per_token
+    acc = [0.0]
+    for tier in tiers:
+        bw = bandwidths.get(tier)
+        acc.append(acc[-1] + (chunk_bytes / bw if bw else 0.0))
+    best_t = acc[serial] + (u - serial) * compute - max(compute, head_overhead_s or 0.0)
+    best = (0, serial)
+    for n in range(2, u + 1):
+        # max(k * compute, acc[n] - acc[k]) over 1 <= k < n: the first term grows with k, the second
+        # shrinks, so the best k is where they cross (found by bisection) or just before it
+        lo, hi = 1, n - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mid * compute >= acc[n] - acc[mid]:
+                hi = mid
+            else:
+                lo = mid + 1
+        for k in (lo - 1, lo):
+            if 1 <= k < n:
+                t = max(k * compute, acc[n] - acc[k]) + (u - n) * compute
+                if t < best_t:
+                    best_t, best = t, (k, n)
+    return best
 
 
 def _check_positive(nbytes: float, seconds: float) -> None:

@@ -130,3 +130,75 @@ def test_plan_loads_off_loads_everything(model, tmp_path):
     est.observe_compute(conn.engine_id, 1000, 1e-3)
     assert conn.new_cache().prepare(ids).cached_tokens == (32,)
     store.close()
+
+
+def _balanced(model, root, ids, seconds_per_chunk=2e-3):
+    """ids stored on disk, the disk throttled so that loading a chunk is estimated to take as long as
+    computing it: loading everything or nothing both cost the whole prefix; computing the head while
+    the tail loads costs half of it."""
+    store = stored_on_disk(model, root, ids)
+    est = CostEstimates()
+    conn = TransformersConnector(model, store, estimates=est)
+    throttle_disk(store, conn.chunk_bytes / seconds_per_chunk / 1e9, est)
+    est.observe_compute(conn.engine_id, conn.chunk_tokens * 1000, seconds_per_chunk * 1000)
+    return store, conn
+
+
+def test_head_computed_while_the_tail_loads(model, tmp_path):
+    ids = prompt(model.config.vocab_size, 33, seed=12)
+    store, conn = _balanced(model, tmp_path, ids)
+    plan, got = hit_logits(conn, ids)
+    assert plan.head_tokens == (16,) and plan.cached_tokens == (16,) and plan.skipped_tokens == (0,)
+    assert plan.n_cached == 32 and plan.input_ids.shape == (1, 1)
+    assert store.metrics.get(m.HITS, tier="disk") == 4  # the tail's chunks only were read
+    assert conn.metrics.get(m.HEAD_TOKENS, connector="transformers") == 16
+    assert conn.metrics.get(m.HIT_TOKENS, connector="transformers") == 16
+    assert (got - last_logits(model, ids)).abs().max() < TOL
+    store.close()
+
+
+def test_head_plan_generates_as_plain(model, tmp_path):
+    ids = prompt(model.config.vocab_size, 33, seed=13)
+    store, conn = _balanced(model, tmp_path, ids)
+    out = conn.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert conn.metrics.get(m.HEAD_TOKENS, connector="transformers") == 16
+    store.close()
+
+
+def test_head_plan_with_a_corrupt_tail_chunk_recomputes_from_it(model, tmp_path):
+    from tests.connectors.transformers.test_prefix_cache import _corrupt
+
+    ids = prompt(model.config.vocab_size, 33, seed=14)
+    store, conn = _balanced(model, tmp_path, ids)
+    keys = conn.chunk_keys(ids[0].tolist())
+    _corrupt(store, keys[6], layer=1)
+    plan, got = hit_logits(conn, ids)
+    assert sum(plan.head_tokens) + sum(plan.cached_tokens) <= 24  # chunk 6 on was recomputed
+    assert conn.metrics.get(m.LOAD_FAILURES, connector="transformers") >= 1
+    assert (got - last_logits(model, ids)).abs().max() < TOL
+    store.close()
+
+
+def test_no_head_for_a_batch_or_without_overlap(model, tmp_path):
+    ids = prompt(model.config.vocab_size, 33, seed=15)
+    store, conn = _balanced(model, tmp_path, ids)
+    assert conn.new_cache().prepare(ids).head_input_ids is None  # the raw contract: one forward
+    assert conn.new_cache().prepare(ids, head=True, overlap=False).head_tokens == (0,)
+    both = torch.cat([ids, ids])
+    plan = conn.new_cache().prepare(both, head=True)
+    assert plan.head_input_ids is None and plan.head_tokens == (0, 0)
+    store.close()
+
+
+def test_a_head_forward_over_more_than_the_head_is_refused(model, tmp_path):
+    ids = prompt(model.config.vocab_size, 33, seed=16)
+    store, conn = _balanced(model, tmp_path, ids)
+    cache = conn.new_cache()
+    plan = cache.prepare(ids, head=True)
+    assert plan.head_tokens == (16,)
+    with pytest.raises(ValueError, match="head"), torch.no_grad():
+        model(input_ids=ids[:, :20], **conn.cache_kwargs(cache), use_cache=True)
+    cache.discard()
+    store.close()

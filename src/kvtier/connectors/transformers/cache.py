@@ -34,7 +34,12 @@ forward then only computes.
 prepare() loads only the leading stored chunks the connector's load planner finds worth
 loading (kvtier.store.planner: load time from the tier's bandwidth against compute time from
 the engine's measured throughput); the rest of a hit is recomputed with the suffix and shown
-in `plan.skipped_tokens`. The staged layers reach the model's device through
+in `plan.skipped_tokens`. Where loading a prefix would take about as long as computing it (a slow
+disk, a remote tier), `prepare(..., head=True)` (one row; the connector's prefill and generate)
+may instead plan a head: the prefix's first chunks are computed by a forward of their own
+(`plan.head_inputs()`) while the rest of it loads, so the hit costs about the longer of the two
+rather than their sum (kvtier.store.planner.head_and_loads). The head's columns go first in each
+layer's buffers, the loaded ones after them, then the suffix's. The staged layers reach the model's device through
 copy_engine.LayerCopies: on a GPU, one asynchronous copy per layer on a load stream that
 layer i's update makes the forward wait for (an event, not a CPU wait); a copy that fails is
 a PrefixLoadError like a failed load, so those chunks are recomputed, never half-served.
@@ -92,6 +97,10 @@ class PrefillPlan:
     cached_tokens: tuple[int, ...]  # per row, loaded from the store
     n_cached: int  # W: columns the cache holds before the forward
     skipped_tokens: tuple[int, ...] = ()  # per row: stored, but recomputed because loading would not pay
+    # prepare(head=True), one row: the stored prefix's leading tokens, computed by a forward of their
+    # own (head_inputs()) while the rest of the prefix loads; then model_inputs() as usual
+    head_input_ids: torch.Tensor | None = None  # [1, head]
+    head_tokens: tuple[int, ...] = ()  # per row: stored, computed by the head forward (not in cached_tokens)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         out = {"input_ids": self.input_ids}
@@ -100,6 +109,10 @@ class PrefillPlan:
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids
         return out
+
+    def head_inputs(self) -> dict[str, torch.Tensor]:
+        """The head forward's inputs (run before model_inputs()); {} when the plan has no head."""
+        return {} if self.head_input_ids is None else {"input_ids": self.head_input_ids}
 
     @property
     def hit_ratio(self) -> float:
@@ -126,6 +139,8 @@ class _Prefill:
     handle_failed: dict[int, set[int]]  # id(handle) -> failed unique-chunk indices (once waited)
     row_units: list[list[int]]  # per row: unique-chunk index of each loaded chunk
     saves: list[_RowSave]
+    head: int = 0  # columns the head forward computes (prepare(head=True)); loaded columns follow them
+    row_first: list[int] = field(default_factory=list)  # per row: its first loaded chunk (after its head)
     batches: list[Any] | None = None
     saved_layers: int = 0
     save_broken: bool = False
@@ -162,6 +177,7 @@ class _StoreLayer(DynamicLayer):
         self.cache = cache
         self.index = index
         self.fill: int | None = None  # columns in place while a planned prefill runs
+        self.head_end = 0  # while the head forward runs: the columns it computes (0 once done, or no head)
         self.installed = False
         self.kbuf: torch.Tensor | None = None
         self.vbuf: torch.Tensor | None = None
@@ -182,6 +198,7 @@ class _StoreLayer(DynamicLayer):
         self.kbuf = self.vbuf = None
         self.is_initialized = False
         self.fill = None
+        self.head_end = 0
         self.installed = False
 
 
@@ -202,12 +219,19 @@ class KVTierCache(DynamicCache):
 
     # -- prepare -------------------------------------------------------------------------------
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                max_chunks: Sequence[int] | None = None, overlap: bool | None = None) -> PrefillPlan:
+                max_chunks: Sequence[int] | None = None, overlap: bool | None = None,
+                head: bool = False) -> PrefillPlan:
         """Look up each row's stored prefix, queue its loads, and return what the model must run.
 
         `max_chunks` caps each row's loaded chunks (after a PrefixLoadError); with
         `overlap=False` (default: the connector's setting) every load is waited for here and a
         failed chunk shortens the plan instead of raising later.
+
+        `head=True` (one row, overlap on; the connector's prefill and generate pass it) lets the
+        load planner split the stored prefix where loading all of it would be slow: its leading
+        chunks are then computed by a forward of their own while the rest loads
+        (planner.head_and_loads). Such a plan has `head_input_ids`: run the model on
+        plan.head_inputs() first, then on plan.model_inputs(), both with this cache.
         """
         conn = self.connector
         overlap = conn.overlap if overlap is None else overlap
@@ -221,34 +245,42 @@ class KVTierCache(DynamicCache):
         keys = [conn.chunk_keys(r) for r in rows]
         found = [conn.lookup(k) for k in keys]
         load_n = []
+        head_n = []
         skipped = []
+        with_head = head and overlap and batch == 1
         for b, n in enumerate(lengths):
             cap = (n - 1) // ct if n else 0  # never the last token
             if max_chunks is not None:
                 cap = min(cap, max_chunks[b])
             usable = min(found[b][0], cap) if conn.load_enabled else 0
-            worth = conn.chunks_worth_loading(found[b][1][:usable])
+            if with_head:
+                first, worth = conn.head_and_loads(found[b][1][:usable])
+            else:
+                first, worth = 0, conn.chunks_worth_loading(found[b][1][:usable])
+            head_n.append(first)
             load_n.append(worth)
             skipped.append((usable - worth) * ct)
         if any(skipped):
             conn.report_skipped_loads(sum(skipped) // ct)
-        plan = _make_plan(ids, lengths, [n * ct for n in load_n], conn.pad_token_id, conn.device, skipped)
+        plan = _make_plan(ids, lengths, [n * ct for n in load_n], conn.pad_token_id, conn.device, skipped,
+                          [n * ct for n in head_n])
         self.last_plan = plan
         width = plan.full_input_ids.shape[1]
         if width == 0:
             return plan
-        state = self._start_loads(plan, keys, found, load_n, width)
+        state = self._start_loads(plan, keys, found, load_n, width, head_n)
         self._state = state
         self._track_prefill(state)
         for layer in self._store_layers:
-            layer.fill = plan.n_cached
+            layer.fill = 0 if state.head else plan.n_cached
+            layer.head_end = state.head
         if not overlap:
             failed = set()
             for handles in state.layer_handles:
                 for h in handles:
                     failed |= self._wait(state, h)
             if failed:
-                valid = _valid_chunks(state.row_units, failed)
+                valid = _valid_chunks(state, failed)
                 return self.prepare(input_ids, attention_mask, max_chunks=valid, overlap=False)
             for layer in self._store_layers:  # everything is here: put it in place now, the forward only computes
                 self._install(state, layer)
@@ -256,7 +288,7 @@ class KVTierCache(DynamicCache):
         return plan
 
     def _start_loads(self, plan: PrefillPlan, keys: list[list[bytes]], found: list[tuple[int, tuple[str, ...]]],
-                     load_n: list[int], width: int) -> _Prefill:
+                     load_n: list[int], width: int, head_n: list[int]) -> _Prefill:
         conn = self.connector
         layout = conn.layout
         index: dict[bytes, int] = {}
@@ -265,7 +297,7 @@ class KVTierCache(DynamicCache):
         row_units: list[list[int]] = []
         for b, n in enumerate(load_n):
             units = []
-            for c in range(n):
+            for c in range(head_n[b], n):
                 k = keys[b][c]
                 if k not in index:
                     index[k] = len(unit_keys)
@@ -276,7 +308,9 @@ class KVTierCache(DynamicCache):
         n_units = len(unit_keys)
         lb = layout.layer_bytes(conn.chunk_tokens)
         if n_units and conn.direct_loads and all(t == "memory" for t in unit_tier):
-            return self._start_direct(plan, keys, found, width, unit_keys, row_units)
+            state = self._start_direct(plan, keys, found, width, unit_keys, row_units)
+            state.head, state.row_first = max(plan.head_tokens, default=0), list(head_n)
+            return state
         per_layer = n_units * lb
         buf = conn.staging_pool.acquire(per_layer * layout.num_layers) if n_units else None
         staging: list[torch.Tensor | None] = [
@@ -284,7 +318,7 @@ class KVTierCache(DynamicCache):
             .view(n_units, lb) for i in range(layout.num_layers)]
         arrays = [s.numpy() for s in staging if s is not None]
         state = _Prefill(plan, width, staging, [[] for _ in range(layout.num_layers)], {}, {}, row_units,
-                         self._plan_saves(plan, keys, found, width))
+                         self._plan_saves(plan, keys, found, width), max(plan.head_tokens, default=0), list(head_n))
         state.copies = LayerCopies(conn.device, conn.load_stream)
         state.staging_buf = buf
         if n_units == 0:
@@ -406,6 +440,8 @@ class KVTierCache(DynamicCache):
     def _update_planned(self, layer: _StoreLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         state = self._state
         assert state is not None and layer.fill is not None
+        if layer.head_end:
+            return self._update_head(state, layer, k, v)
         if not layer.installed:
             self._check_states(state, layer, k, v)
             self._install(state, layer)
@@ -430,6 +466,36 @@ class KVTierCache(DynamicCache):
         if state.done_layers == len(self.layers):
             self._finish(state)
         return layer.keys, layer.values
+
+    def _update_head(self, state: _Prefill, layer: _StoreLayer, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head forward: its columns go first in the layer's buffers; once they are all there the
+        layer's length jumps to the plan's cached columns (the loaded ones, placed at the next update)."""
+        n = k.shape[-2]
+        start = layer.fill or 0
+        end = start + n
+        if end > layer.head_end:
+            raise ValueError(f"layer {layer.index}: the head forward brought {end} tokens; the plan's head has "
+                             f"{layer.head_end} (run plan.head_inputs() first, then plan.model_inputs())")
+        if layer.kbuf is None:
+            self._check_states(state, layer, k, v)
+            conn = self.connector
+            shape = (k.shape[0], conn.layout.num_kv_heads, state.width, conn.layout.head_size)
+            layer.kbuf = torch.empty(shape, dtype=conn.torch_dtype, device=conn.device)
+            layer.vbuf = torch.empty_like(layer.kbuf)
+            layer.is_initialized = True
+            layer.device, layer.dtype = conn.device, conn.torch_dtype
+        assert layer.kbuf is not None and layer.vbuf is not None
+        layer.kbuf[:, :, start:end].copy_(k)
+        layer.vbuf[:, :, start:end].copy_(v)
+        keys, values = layer.kbuf[:, :, :end], layer.vbuf[:, :, :end]
+        if end == layer.head_end:
+            layer.head_end = 0
+            layer.fill = state.plan.n_cached
+        else:
+            layer.fill = end
+        layer.keys, layer.values = keys, values
+        return keys, values
 
     def _check_states(self, state: _Prefill, layer: _StoreLayer, k: torch.Tensor, v: torch.Tensor) -> None:
         conn = self.connector
@@ -456,12 +522,16 @@ class KVTierCache(DynamicCache):
         for h in state.layer_handles[layer.index]:
             failed |= self._wait(state, h)
         if failed:
-            valid = _valid_chunks(state.row_units, failed)
+            valid = _valid_chunks(state, failed)
             raise PrefixLoadError(f"layer {layer.index}: {len(failed)} chunks failed to load; prepare again "
                                   f"capped to {valid} chunks per row", valid)
         heads, ct, hd = layout.num_kv_heads, conn.chunk_tokens, layout.head_size
-        kbuf = torch.empty((batch, heads, state.width, hd), dtype=dtype, device=device)
-        vbuf = torch.empty_like(kbuf)
+        if layer.kbuf is not None:  # the head forward's columns are in place
+            kbuf, vbuf = layer.kbuf, layer.vbuf
+            assert vbuf is not None
+        else:
+            kbuf = torch.empty((batch, heads, state.width, hd), dtype=dtype, device=device)
+            vbuf = torch.empty_like(kbuf)
         staged = state.staging[layer.index]
         state.staging[layer.index] = None
         w = plan.n_cached
@@ -474,15 +544,15 @@ class KVTierCache(DynamicCache):
             if sections is None:  # the host -> device copy failed: recompute every chunk it carried
                 carried: set[int] = set().union(*state.row_units)
                 self.connector.report_load_failure(len(carried), state.copies.failed(layer.index) or "copy failed")
-                valid = _valid_chunks(state.row_units, carried)
+                valid = _valid_chunks(state, carried)
                 raise PrefixLoadError(f"layer {layer.index}: copying the loaded KV to {device} failed; "
                                       f"prepare again capped to {valid} chunks per row", valid)
             state.copies.ready(layer.index)  # the forward's stream waits for this layer's copy only
             for b, units in enumerate(state.row_units):
                 lead = w - len(units) * ct
-                if lead:
-                    kbuf[b, :, :lead].zero_()
-                    vbuf[b, :, :lead].zero_()
+                if lead > state.head:  # padding before the row's loaded columns (not the head's)
+                    kbuf[b, :, state.head:lead].zero_()
+                    vbuf[b, :, state.head:lead].zero_()
                 col = lead
                 for first, count in _runs(units):
                     src = sections[first:first + count].transpose(0, 1)  # [heads, count, 2, ct, hd]
@@ -788,9 +858,15 @@ def _stamp_done(state: _Prefill, handle: Any) -> None:
 
 
 def _make_plan(ids: torch.Tensor, lengths: list[int], cached: list[int], pad_id: int,
-               device: torch.device | str = "cpu", skipped: list[int] | None = None) -> PrefillPlan:
+               device: torch.device | str = "cpu", skipped: list[int] | None = None,
+               head: list[int] | None = None) -> PrefillPlan:
     """The plan's tensors are built on the CPU (from the token lists) and handed over on `device`,
-    the model's: a model on a GPU must not be given CPU input ids, masks or positions."""
+    the model's: a model on a GPU must not be given CPU input ids, masks or positions. `cached`
+    counts each row's columns before the forward, `head` the leading ones among them that the
+    head forward computes (one row only)."""
+    head = head or [0] * len(lengths)
+    if any(head) and len(lengths) != 1:
+        raise ValueError("a head forward is planned for one row only")
     batch, total = ids.shape
     w = max(cached, default=0)
     suffix = [n - h for n, h in zip(lengths, cached)]
@@ -810,16 +886,18 @@ def _make_plan(ids: torch.Tensor, lengths: list[int], cached: list[int], pad_id:
     full = full.to(device)
     return PrefillPlan(full[:, w:], mask.to(device) if padded else None,
                        positions.to(device) if positions is not None else None, full, tuple(lengths),
-                       tuple(cached), w, tuple(skipped or [0] * batch))
+                       tuple(c - h for c, h in zip(cached, head)), w, tuple(skipped or [0] * batch),
+                       full[:, :head[0]] if head[0] else None, tuple(head))
 
 
-def _valid_chunks(row_units: list[list[int]], failed: set[int]) -> tuple[int, ...]:
+def _valid_chunks(state: _Prefill, failed: set[int]) -> tuple[int, ...]:
+    """Per row, the stored chunks still usable: its head's, then its loaded ones up to the first failed."""
     out = []
-    for units in row_units:
+    for b, units in enumerate(state.row_units):
         n = 0
         while n < len(units) and units[n] not in failed:
             n += 1
-        out.append(n)
+        out.append((state.row_first[b] if state.row_first else 0) + n)
     return tuple(out)
 
 

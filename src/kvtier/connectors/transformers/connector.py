@@ -23,7 +23,11 @@ Never slower than recomputing: a stored chunk is loaded only where the load plan
 bandwidths start from a short probe of each tier when the connector opens (unless the process
 already knows that tier) and are refined by every load; the compute cost per token is measured
 on `prefill`'s forwards. Chunks recomputed that way are counted in LOADS_SKIPPED and shown per
-row in `plan.skipped_tokens`. `plan_loads=False` loads every stored chunk.
+row in `plan.skipped_tokens`. `prefill` and `generate` also compute the head of a slow prefix
+while its tail loads (planner.head_and_loads; counted in HEAD_TOKENS, shown in `plan.head_tokens`):
+a hit then costs about the longer of the two, not their sum. The head's own forward costs a
+little beyond its tokens; that cost is measured on every head and a head is planned only where
+it gains more. `plan_loads=False` loads every stored chunk.
 
 Devices: the cache lives on the model's device (all its weights must be on one); the plan's
 input ids, mask and positions are handed to the model there. On CUDA (copy_engine.py), when the
@@ -45,9 +49,11 @@ the store). On the CPU the same code runs synchronously, checksums in the forwar
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,7 +74,7 @@ from kvtier.core import metrics as m
 from kvtier.core.errors import LayoutMismatchError
 from kvtier.core.keys import KeyChain, Namespace
 from kvtier.store import probe
-from kvtier.store.planner import ESTIMATES, MIN_OBSERVED_CHUNKS, CostEstimates, chunks_worth_loading
+from kvtier.store.planner import ESTIMATES, MIN_OBSERVED_CHUNKS, CostEstimates, chunks_worth_loading, head_and_loads
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +125,7 @@ class TransformersConnector:
         self._logged: set[str] = set()
         self._lock = threading.Lock()
         self.plan_loads = plan_loads
+        self._keeps_logits: bool | None = None  # whether the model's forward takes logits_to_keep
         # loads' host staging (pinned on CUDA), saves' pinned buffers and their copy worker: the process's
         self.staging_pool, self.save_pool, self.save_copies = shared_pools(self.device)
         page_lock_pool(store, self.device)  # on CUDA: the store's DRAM pool page-locked once (skipped elsewhere)
@@ -182,6 +189,52 @@ class TransformersConnector:
         return chunks_worth_loading(tiers, self.chunk_bytes, self.chunk_tokens, bandwidths,
                                     self.estimates.seconds_per_token(self.engine_id))
 
+    def head_and_loads(self, tiers: tuple[str, ...]) -> tuple[int, int]:
+        """(head, n): compute stored chunks [0, head) while [head, n) load (planner.head_and_loads)."""
+        if not self.plan_loads or not tiers:
+            return 0, len(tiers)
+        bandwidths = {t: self.estimates.bandwidth(self.tier_id(t)) for t in set(tiers)}
+        return head_and_loads(tiers, self.chunk_bytes, self.chunk_tokens, bandwidths,
+                              self.estimates.seconds_per_token(self.engine_id),
+                              self.estimates.head_overhead(self.engine_id))
+
+    def run_head(self, cache: KVTierCache, plan: PrefillPlan) -> Callable[[], None] | None:
+        """The head forward of a plan that has one (prepare(head=True)): the prefix's leading tokens,
+        computed while the rest of it loads. Its logits are not needed: only the last one is made.
+        Returns a call that hands its time to the planner (after the prefill's forward: on a GPU it
+        reads CUDA events, so the head's time is known without waiting for it here)."""
+        if plan.head_input_ids is None:
+            return None
+        if self._keeps_logits is None:
+            try:
+                self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):
+                self._keeps_logits = False
+        extra = {"logits_to_keep": 1} if self._keeps_logits else {}
+        tokens = sum(plan.head_tokens)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.model(**plan.head_inputs(), **self.cache_kwargs(cache), use_cache=True, **extra)
+        seconds = time.perf_counter() - t0
+        if cuda:
+            end.record()
+        self.metrics.inc(m.HEAD_TOKENS, float(tokens), connector=CONNECTOR)
+
+        def observe() -> None:
+            if not self.plan_loads:
+                return
+            if cuda:
+                end.synchronize()
+                self.estimates.observe_head(self.engine_id, tokens, start.elapsed_time(end) / 1e3)
+            else:
+                self.estimates.observe_head(self.engine_id, tokens, seconds)
+
+        return observe
+
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
         if self.plan_loads:
             self.estimates.observe_load(self.tier_id(tier), nbytes, seconds)
@@ -240,8 +293,9 @@ class TransformersConnector:
         for attempt in range(MAX_ATTEMPTS):
             if attempt == MAX_ATTEMPTS - 1:
                 caps = [0] * input_ids.shape[0]
-            plan = cache.prepare(input_ids, attention_mask, max_chunks=caps)
+            plan = cache.prepare(input_ids, attention_mask, max_chunks=caps, head=True)
             try:
+                head = self.run_head(cache, plan)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     out = self.model(**plan.model_inputs(), **self.cache_kwargs(cache), use_cache=True,
@@ -250,6 +304,8 @@ class TransformersConnector:
                     synchronize(self.device)  # the logits are read next anyway: this costs the caller nothing
                     seconds = time.perf_counter() - t0 - cache.forward_wait_s - cache.forward_save_s
                     self.observe_compute(int(plan.input_ids.numel()), seconds)
+                if head is not None:
+                    head()
                 return cache, out
             except PrefixLoadError as e:
                 caps = list(e.valid_chunks)
@@ -285,7 +341,7 @@ class TransformersConnector:
         for attempt in range(MAX_ATTEMPTS):
             if attempt == MAX_ATTEMPTS - 1:
                 caps = [0] * input_ids.shape[0]
-            plan = cache.prepare(input_ids, attention_mask, max_chunks=caps)
+            plan = cache.prepare(input_ids, attention_mask, max_chunks=caps, head=True)
             kwargs = dict(gen_kwargs)
             # always a mask: without one, generate() guesses it from pad_token_id and masks prompt
             # tokens that equal it, and that KV would be saved under the prompt's keys
@@ -294,7 +350,10 @@ class TransformersConnector:
             if plan.full_input_ids.shape[1] != input_ids.shape[1]:
                 _lengths_from_the_callers_prompt(kwargs, self.model.generation_config, input_ids.shape[1])
             try:
+                head = self.run_head(cache, plan)
                 out = self.model.generate(plan.full_input_ids, **self.cache_kwargs(cache), **kwargs)
+                if head is not None:
+                    head()
             except PrefixLoadError as e:
                 caps = list(e.valid_chunks)
                 continue
