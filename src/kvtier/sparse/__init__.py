@@ -16,7 +16,13 @@ Engines reach this layer through connectors/ (transformers: attn_implementation=
 """
 
 from kvtier.sparse.config import SparseConfig
-from kvtier.sparse.errors import BlockMissingError, SparseConfigError, UnsupportedModelError
+from kvtier.sparse.errors import (
+    BlockMissingError,
+    BlocksNotStoredError,
+    SparseConfigError,
+    SparseWriteError,
+    UnsupportedModelError,
+)
 from kvtier.sparse.kv import SparseKV, sparse_store_layout
 from kvtier.sparse.policies import POLICIES, SelectionPolicy, make_policy
 from kvtier.sparse.summary import Summarizer, SummaryTable
@@ -25,10 +31,12 @@ from kvtier.sparse.working_set import WorkingSet
 __all__ = [
     "POLICIES",
     "BlockMissingError",
+    "BlocksNotStoredError",
     "SelectionPolicy",
     "SparseConfig",
     "SparseConfigError",
     "SparseKV",
+    "SparseWriteError",
     "Summarizer",
     "SummaryTable",
     "UnsupportedModelError",

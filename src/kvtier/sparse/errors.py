@@ -23,3 +23,9 @@ class WorkingSetMemoryError(KVTierError, MemoryError):
 
 class SparseWriteError(KVTierError):
     """A block's KV or summaries could not be written to the store by the background writer."""
+
+
+class BlocksNotStoredError(SparseWriteError):
+    """Blocks of a request were not stored as the store was configured to store them: a tier
+    refused them (disk full, no room), failed to write them, or had no slot for them. Decode would
+    find those in no tier missing; raised by flush, close and every later append and store read."""

@@ -12,7 +12,10 @@ KV written straight in). Single-threaded: one forward pass at a time.
     attend_dense(layer, q, scaling, mask)  exact attention over every stored block, streamed
                                         through a staging buffer of `slots` blocks (chunked
                                         prefill after the first chunk)
-    fast_tier_bytes(), budget_bytes(), flush()
+    flush(), close()                    wait for every save; BlocksNotStoredError names the blocks
+                                        the store refused or failed to store (and why), and is
+                                        raised again by every later append and store read
+    fast_tier_bytes(), budget_bytes()
 
 Blocks are chunks of the store (block_tokens == the store's chunk_tokens), keyed by a chain
 private to this instance (a random nonce, after the caller's salt if any): the KV of a generated
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,24 +46,31 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.core.codec import SECTION_SUMMARY
+from kvtier.core.errors import StoreClosedError
 from kvtier.core.keys import chunk_key, get_hash_mode, tokens_to_bytes
 from kvtier.core.layout import KVLayout
 from kvtier.sparse.config import SparseConfig
-from kvtier.sparse.errors import BlockMissingError, SparseConfigError, WorkingSetMemoryError
+from kvtier.sparse.errors import (
+    BlockMissingError,
+    BlocksNotStoredError,
+    SparseConfigError,
+    WorkingSetMemoryError,
+)
 from kvtier.sparse.policies import make_policy, scores, sticky_topk
 from kvtier.sparse.prefetch import Prefetcher
 from kvtier.sparse.staging import HostStaging
 from kvtier.sparse.summary import BlockSummaries, Summarizer, SummaryTable
 from kvtier.sparse.working_set import EMPTY, WorkingSet, host_indices_to
 from kvtier.sparse.writer import BackgroundWriter
-from kvtier.store.tiered import SaveBatch, TieredStore
+from kvtier.store.tiered import SaveBatch, SaveResult, TieredStore
 from kvtier.store.transfer import TransferHandle
 
 
 @dataclass(slots=True)
 class _SpanSave:
     """A span's save in flight: keys and parent fixed by layer 0's append, the SaveBatch and the
-    summary sections filled by the writer's jobs, layer by layer."""
+    summary sections filled by the writer's jobs, layer by layer; after the commit, the store's
+    handle of its lower-tier writes and whether every block got a DRAM slot (`resident`)."""
 
     keys: Sequence[bytes]
     parent: bytes
@@ -67,6 +78,13 @@ class _SpanSave:
     m: int
     extras: list[list[tuple[int, int, bytes]]]
     batch: SaveBatch | None = None
+    handle: TransferHandle[SaveResult] | None = None
+    resident: bool = True
+
+
+def _listed(blocks: list[int]) -> str:
+    """Blocks for a message: the first eight."""
+    return f"{blocks[:8]}" if len(blocks) <= 8 else f"{blocks[:8]} ..."
 
 
 def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -97,6 +115,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 WRITER_MAX_BYTES = 1 << 30
 # streamed chunked-prefill attention scores at most this many bytes of float32 scores at once
 _STREAM_SCORE_BYTES = 256 << 20
+# a failed save's check waits at most this long for its blocks' lower-tier writes still queued
+_LOWER_WAIT_S = 60.0
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -165,8 +185,10 @@ class SparseKV:
         self._open: _SpanSave | None = None  # the span whose layers are being appended
         # prefill's writes run beside the forward (bounded: two spans of jobs); None = synchronous
         self._writer = BackgroundWriter(max_pending=2 * n_layers, max_bytes=WRITER_MAX_BYTES) if async_writes else None
-        self._saves: list[TransferHandle] = []
-        self._landing: list[TransferHandle] = []  # saves of blocks with no DRAM slot, not yet read after
+        # committed spans whose store writes are not checked yet, oldest first (the writer appends,
+        # the forward's thread pops: a deque, safe for one of each)
+        self._saves: deque[_SpanSave] = deque()
+        self._unstored: list[tuple[int, str]] = []  # (blocks, why) of each save the store did not carry out
         # blocks of the span being saved (committed after the last layer): layer -> (first, K, V [H, mB, d])
         self._span: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._steps = [0] * n_layers
@@ -189,7 +211,14 @@ class SparseKV:
 
     # -- writing -------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append tokens k, v [H, n, d] to `layer` (layers in order 0..L-1 for each new span)."""
+        """Append tokens k, v [H, n, d] to `layer` (layers in order 0..L-1 for each new span).
+
+        Raises BlocksNotStoredError once a save of this request is known to have left blocks
+        unstored (checked at each layer 0 without waiting): the prefill stops at the next chunk,
+        not at decode."""
+        if layer == 0:
+            self._settle_saves(wait=False)
+        self._raise_unstored()
         ws = self.working[layer]
         bt = self.config.block_tokens
         n = k.shape[1]
@@ -318,7 +347,12 @@ class SparseKV:
             self._open = None
             self._span.clear()
         if self._writer is None:
-            self._write_layer(span, layer, k, v, summaries, last)
+            try:
+                self._write_layer(span, layer, k, v, summaries, last)
+            except BaseException as e:  # raised here; flush and close raise it too (as the writer's are)
+                self._unstored.append((span.m, f"blocks {span.first}..{span.first + span.m - 1}: their save "
+                                               f"failed: {e!r}"))
+                raise
         else:
             self._writer.submit(lambda: self._write_layer(span, layer, k, v, summaries, last),
                                 k.numel() * k.element_size() + v.numel() * v.element_size())
@@ -343,11 +377,11 @@ class SparseKV:
             for i, data in enumerate(self.summarizer.encode_all(summaries)):
                 span.extras[i].append((SECTION_SUMMARY, layer, data))
             if last:
-                resident = all(o is not None for o in span.batch.slot_offsets())
-                handle = span.batch.commit([tuple(e) for e in span.extras])
-                self._saves.append(handle)
-                if not resident:  # blocks DRAM had no slot for are readable once their disk write lands
-                    self._landing.append(handle)
+                # blocks DRAM had no slot for are readable once their disk write lands (_await_writes)
+                span.resident = all(o is not None for o in span.batch.slot_offsets())
+                span.handle = span.batch.commit([tuple(e) for e in span.extras])
+                span.batch, span.extras = None, []  # the store has them now (a batch keeps DRAM-less blocks' bytes)
+                self._saves.append(span)
         except BaseException:
             if span.batch is not None:
                 span.batch.abort()
@@ -357,32 +391,117 @@ class SparseKV:
         """Before a store read: let the background writer land every queued block (a read right after
         prefill finds what it wrote); raises SparseWriteError if a write failed. Blocks that got no
         DRAM slot (no DRAM tier, or DRAM full of chunks pinned for their disk writes) are readable
-        only once the store's disk write lands: those saves are waited for too (a failed one is
-        the read's BlockMissingError, and flush's error)."""
+        only once the store's disk write lands: those saves are waited for too, and one that left
+        blocks unstored raises BlocksNotStoredError here, naming why, rather than the read's
+        BlockMissingError."""
         if self._writer is not None:
             self._writer.drain()  # returns at once when nothing is queued (and no write failed)
-        landing, self._landing = self._landing, []
-        for h in landing:
-            try:
-                h.wait()
-            except Exception:  # noqa: BLE001 - reported by flush (the handle is in _saves too)
-                pass
+        for save in list(self._saves):  # the writer is idle: nothing is appended meanwhile
+            if not save.resident:
+                assert save.handle is not None
+                try:
+                    save.handle.wait()
+                except Exception:  # noqa: BLE001 - checked (and raised) by _settle_saves below
+                    pass
+        self._settle_saves(wait=False)
+        self._raise_unstored()
+
+    def _settle_saves(self, wait: bool) -> None:
+        """Check the committed saves whose store writes ended (every one, waiting, when `wait`), oldest
+        first; a save that left blocks unstored is recorded, for `_raise_unstored`. The store writes a
+        request's saves in order (one FIFO writer per tier), so the ended ones lead the queue."""
+        while self._saves:
+            save = self._saves[0]
+            assert save.handle is not None
+            if not wait and not save.handle.done():
+                return
+            self._saves.popleft()
+            self._check_save(save)
+
+    def _check_save(self, save: _SpanSave) -> None:
+        """Record the blocks of `save` the store did not store where it was to. Its handle raises on a
+        tier's I/O failure; a refusal (disk full, no room without cutting a chain) is only in
+        SaveResult.errors; and a block DRAM had no slot for, in a store with nothing below DRAM, is
+        dropped without a word (fewer chunks in memory and on disk than saved). Only then are the
+        blocks looked up: what they find decides (a disk failure whose blocks the lower tiers took
+        left nothing unstored); the store's words say why."""
+        assert save.handle is not None
+        try:
+            result = save.handle.wait()
+        except Exception as e:  # noqa: BLE001 - the store's report of a failed write: recorded, raised by flush
+            reasons = [f"{e}"]
+        else:
+            if not result.errors and result.chunks in (result.in_memory, result.on_disk):
+                return
+            reasons = list(result.errors)
+        lost, dram_only = self._unstored_blocks(save)
+        if not lost and not dram_only:
+            return
+        span = f"blocks {save.first}..{save.first + save.m - 1}"
+        parts = []
+        if lost:
+            parts.append(f"{len(lost)} in no tier of the store {_listed(lost)}")
+        if dram_only:
+            parts.append(f"{len(dram_only)} only in DRAM, not written below it (DRAM drops them when it evicts) "
+                         f"{_listed(dram_only)}")
+        said = (f"; the store said (chunk i = block {save.first} + i): {'; '.join(reasons[:3])}" if reasons
+                else "; DRAM had no slot for them and no tier below it took them")
+        self._unstored.append((len(lost) + len(dram_only), f"{span}: {', '.join(parts)}{said}"))
+
+    def _unstored_blocks(self, save: _SpanSave) -> tuple[list[int], list[int]]:
+        """Blocks of `save` in no tier, and blocks only DRAM holds where the store writes through to
+        tiers below it (the disk in write-through mode, the lower tiers always), once the lower-tier
+        writes queued for them ended (a bounded wait; a lower tier's own timeouts end its writes)."""
+        store = self.store
+        blocks = range(save.first, save.first + save.m)
+        try:
+            if store.lower_tiers:  # a disk failure's blocks may still be on their way to the lower tiers
+                store.wait_lower(save.keys, _LOWER_WAIT_S)
+            through = store.config.write_mode == "write-through"
+            below = [t for t in (store.disk,) if t is not None and through] + list(store.lower_tiers)
+            lost: list[int] = []
+            dram_only: list[int] = []
+            for block, key in zip(blocks, save.keys):
+                if not store.lookup([key], touch=False).hits:
+                    lost.append(block)
+                elif below and not any(tier.contains(key) for tier in below):
+                    dram_only.append(block)
+        except StoreClosedError:  # nothing to look in: every block of the failed save counts
+            return list(blocks), []
+        return lost, dram_only
+
+    def _raise_unstored(self) -> None:
+        """Raise BlocksNotStoredError if a save of this request left blocks unstored (every time)."""
+        if not self._unstored:
+            return
+        n = sum(count for count, _ in self._unstored)
+        more = len(self._unstored) - 3
+        raise BlocksNotStoredError(
+            f"{n} block{'s' if n != 1 else ''} of this request {'were' if n != 1 else 'was'} not stored: "
+            + "; ".join(why for _, why in self._unstored[:3]) + (f"; and {more} more saves" if more > 0 else "")
+            + ". Decode needs every block of the context: this request cannot go on (a full tier: give the store "
+            "room for the whole request, or shorten it)"
+        )
 
     def flush(self) -> None:
-        """Wait for every queued write and every save's lower-tier writes; re-raises a failed write
-        (SparseWriteError for the background writer's)."""
-        if self._writer is not None:
-            self._writer.drain()
-        saves, self._saves = self._saves, []
-        for h in saves:
-            h.wait()
+        """Wait for every queued write and every save's lower-tier writes; raises SparseWriteError for
+        a failed background write, BlocksNotStoredError (naming how many blocks and why) if the store
+        refused or failed to store blocks of this request. Both are kept: every later flush, close,
+        append and store read raises them again (the blocks stay unstored)."""
+        try:
+            if self._writer is not None:
+                self._writer.drain()
+        finally:
+            self._settle_saves(wait=True)  # every save, even after a failed one
+        self._raise_unstored()
 
     def close(self) -> None:
-        """`flush`, then stop the background writer (nothing queued is lost) and the prefetcher;
-        each is stopped whatever the others raise, and the first error is raised after."""
+        """`flush`, then stop the background writer (nothing queued is lost) and the prefetcher, and
+        give back the DRAM slots of a span whose layers were not all appended (a forward that failed
+        part-way); each is stopped whatever the others raise, and the first error is raised after."""
         errors: list[BaseException] = []
         for step in (self.flush, self._writer.close if self._writer is not None else None,
-                     self._prefetch.close if self._prefetch is not None else None):
+                     self._abort_open_span, self._prefetch.close if self._prefetch is not None else None):
             if step is None:
                 continue
             try:
@@ -391,6 +510,14 @@ class SparseKV:
                 errors.append(e)
         if errors:
             raise errors[0]
+
+    def _abort_open_span(self) -> None:
+        """Abort the save of the span being appended (its batch holds DRAM slots until a commit that
+        will not come); the writer is idle. Its blocks were never stored."""
+        span, self._open = self._open, None
+        self._span.clear()
+        if span is not None and span.batch is not None:
+            span.batch.abort()
 
     # -- reading -------------------------------------------------------------------
     def _section(self, layer: int, head: int, plane: int) -> int:
