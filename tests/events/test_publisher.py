@@ -12,6 +12,7 @@ import zmq
 from kvtier.core import metrics as m
 from kvtier.core.errors import ConfigError
 from kvtier.events import EventsBindError, EventsConfig, KVEventPublisher
+from kvtier.events.wire import join_seq
 from kvtier.tiers.base import TierChange
 from tests.events.helpers import ipc_config, run_traffic, small_store, tier_view
 
@@ -20,7 +21,9 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 
 class VllmSubscriber:
-    """A subscriber written only against vLLM's protocol and classes (as llm-d's or Dynamo's are)."""
+    """A subscriber written only against vLLM's protocol and classes (as llm-d's or Dynamo's are). As
+    vLLM's example subscriber, it takes the first number it sees as the start: kvtier's publisher
+    numbers from its incarnation's base, not from 0."""
 
     def __init__(self, pub: str, replay: str) -> None:
         ctx = zmq.Context.instance()
@@ -30,13 +33,13 @@ class VllmSubscriber:
         self.replay = ctx.socket(zmq.DEALER)
         self.replay.connect(replay)
         self.decoder = msgspec.msgpack.Decoder(kv_events.KVEventBatch)
-        self.next_seq = 0
+        self.next_seq: int | None = None
         self.view: dict[str, set[int]] = {"CPU": set(), "STORAGE": set()}
         self.events = 0
         self.replayed = 0
 
     def apply(self, seq: int, payload: bytes) -> None:
-        assert seq == self.next_seq
+        assert self.next_seq is None or seq == self.next_seq
         for ev in self.decoder.decode(payload).events:
             self.events += 1
             if isinstance(ev, kv_events.BlockStored):
@@ -49,14 +52,14 @@ class VllmSubscriber:
         self.next_seq = seq + 1
 
     def catch_up(self) -> None:
-        self.replay.send_multipart((b"", self.next_seq.to_bytes(8, "big")))
+        self.replay.send_multipart((b"", (self.next_seq or 0).to_bytes(8, "big")))
         while True:
             assert self.replay.poll(5000), "the replay socket did not answer"
             _, _topic, seq_bytes, payload = self.replay.recv_multipart()
             if seq_bytes == END_SEQ:
                 return
             seq = int.from_bytes(seq_bytes, "big")
-            if seq >= self.next_seq:
+            if self.next_seq is None or seq >= self.next_seq:
                 self.replayed += 1
                 self.apply(seq, payload)
 
@@ -65,12 +68,12 @@ class VllmSubscriber:
         while self.sub.poll(200):
             _topic, seq_bytes, payload = self.sub.recv_multipart()
             seq = int.from_bytes(seq_bytes, "big")
-            if seq < self.next_seq:
+            if self.next_seq is not None and seq < self.next_seq:
                 continue
             if drop_first > 0:
                 drop_first -= 1
                 continue
-            if seq > self.next_seq:
+            if self.next_seq is None or seq > self.next_seq:  # joined late, or a gap: replay what came before
                 self.catch_up()
             if seq == self.next_seq:
                 self.apply(seq, payload)
@@ -90,15 +93,15 @@ def test_vllm_subscriber_reads_every_event_resyncs_and_rebuilds_the_tiers(tmp_pa
         run_traffic(store, prompts=6, seed=1)
         assert pub.flush()
         sub.drain(drop_first=2)  # lose live batches (a late join loses the first ones too)
-        if sub.next_seq < pub.stats["batches"]:
+        if sub.next_seq is None or sub.next_seq < join_seq(pub.incarnation, pub.stats["batches"]):
             sub.catch_up()
         run_traffic(store, prompts=10, seed=2)
         assert pub.flush()
         sub.drain(drop_first=1)
-        if sub.next_seq < pub.stats["batches"]:
+        if sub.next_seq is None or sub.next_seq < join_seq(pub.incarnation, pub.stats["batches"]):
             sub.catch_up()
         assert sub.replayed > 0  # the gap was filled from the replay socket
-        assert sub.events == pub.stats["events"] and sub.next_seq == pub.stats["batches"]
+        assert sub.events == pub.stats["events"] and sub.next_seq == join_seq(pub.incarnation, pub.stats["batches"])
         evictions = {t.name: t.metrics.get(m.EVICTIONS, tier=t.name) for t in store.tiers}
         assert evictions["memory"] > 0 and evictions["disk"] > 0, evictions
         assert sub.view == tier_view(store)
@@ -140,7 +143,7 @@ def test_garbage_on_the_replay_socket_is_counted_and_answered(tmp_path):
             replies.append(dealer.recv_multipart())
             if replies[-1][2] == END_SEQ and any(len(r) == 4 and r[2] != END_SEQ for r in replies):
                 break
-        assert any(r[2] == (0).to_bytes(8, "big") for r in replies)
+        assert any(r[2] == join_seq(pub.incarnation, 0).to_bytes(8, "big") for r in replies)
         assert pub.stats["replay_bad_requests"] == 3
     finally:
         dealer.close(linger=0)

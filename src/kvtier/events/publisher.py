@@ -7,15 +7,22 @@
     pub.close()
 
 Wire protocol (vLLM's ZmqEventPublisher): the PUB socket sends three frames per batch, the
-topic, an 8-byte big-endian sequence number (0, 1, 2, ...) and the msgpack batch. The ROUTER
-replay socket takes `[b"", start_seq (8 bytes, big-endian)]` from a DEALER (or REQ) and answers
-every buffered batch with seq >= start_seq as `[b"", topic, seq, payload]`, then an end marker
-`[b"", b"", -1 (8 bytes, signed), b""]`.
+topic, an 8-byte big-endian sequence number and the msgpack batch. The numbers count up by one
+per batch from `join_seq(incarnation, 0)`: a random incarnation per publisher in the high bits
+tells subscribers a restarted process from the dead one (kvtier.events.wire; `incarnation=0`
+numbers from 0, as vLLM does). The ROUTER replay socket takes `[b"", start_seq (8 bytes,
+big-endian)]` from a DEALER (or REQ) and answers every buffered batch with seq >= start_seq as
+`[b"", topic, seq, payload]`, then an end marker `[b"", b"", -1 (8 bytes, signed), b""]`.
 
-Threads: tiers call the observer (`_on_change`) on their own threads, after releasing their
-locks; it only converts the change and puts it on a queue (never blocks: a full queue drops the
-event and counts it). One publisher thread owns both sockets: it answers replay requests and
-sends batches. Sockets are bound in the constructor, so a taken port fails there, at once.
+Attaching a tier: its observer goes in first, then its chunks are listed; changes heard before
+the listing is announced wait for it, and each tier's chunks are kept as a set, so a chunk stored
+(or dropped) while the tier is being listed is counted once whichever way it is heard: every
+chunk stored is announced once and its removal is announced.
+
+Threads: tiers call the observer (`_TierFeed.on_change`) on their own threads, after releasing
+their locks; it only converts the change and puts it on a queue (never blocks: a full queue
+drops the event and counts it). One publisher thread owns both sockets: it answers replay
+requests and sends batches. Sockets are bound in the constructor, so a taken port fails there.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -35,6 +42,7 @@ from kvtier.core.codec import SECTION_BLOCK_HASHES, decode_block_hashes
 from kvtier.core.errors import CorruptChunkError, KVTierError
 from kvtier.events.config import EventsConfig
 from kvtier.events.wire import (
+    INCARNATION_BITS,
     MEDIUM_CPU,
     MEDIUM_STORAGE,
     AllBlocksCleared,
@@ -43,8 +51,10 @@ from kvtier.events.wire import (
     BlockStored,
     KVEvent,
     block_hash_of,
+    join_seq,
+    new_incarnation,
 )
-from kvtier.tiers.base import Tier, TierChange
+from kvtier.tiers.base import Tier, TierChange, TierObserver
 
 _log = logging.getLogger(__name__)
 BlockHash = int | bytes
@@ -61,15 +71,124 @@ def medium_of(tier: Tier) -> str:
     return MEDIUM_CPU if tier.name == "memory" else MEDIUM_STORAGE
 
 
+class _Listed(NamedTuple):
+    """A chunk a tier held when attach() listed it, and its block hashes section (None: none, unread
+    or unreadable; `read` says whether it was read)."""
+
+    key: bytes
+    section: bytes | None
+    read: bool
+
+
+class _TierFeed:
+    """One attached tier: its observer, the chunks of it announced so far, and the changes heard
+    while attach() was still reading its listing.
+
+    The tier's listing and its observer cannot be taken in one step from here (the observer hears
+    changes after the tier's lock is released), so a chunk stored between the observer going in
+    and the listing is both listed and heard, and one dropped meanwhile may be heard before the
+    listing is announced. Each chunk is therefore counted as a member of a set: the listing is
+    applied first, then the changes heard since the observer went in, in the tier's order; a store
+    of a chunk already held, or a removal of one not held, changes nothing. That ends on what the
+    tier holds, and announces each chunk's arrival and departure once."""
+
+    def __init__(self, pub: KVEventPublisher, tier: Tier, medium: str) -> None:
+        self.pub = pub
+        self.tier = tier
+        self.medium = medium
+        self.block_size = tier.chunk_tokens
+        self._lock = threading.Lock()  # one change at a time, in the order the tier delivers them
+        self._held: set[bytes] = set()
+        self._hashes: dict[bytes, list[BlockHash]] = {}  # key -> the engine hashes published for it
+        self._waiting: list[TierChange] | None = []  # heard before the listing was announced
+
+    def on_change(self, change: TierChange) -> None:
+        with self._lock:
+            if self._waiting is not None:
+                self._waiting.append(change)
+            else:
+                self._apply(change)
+
+    def announce_listing(self, listed: list[_Listed]) -> None:
+        """Announce the chunks the tier held when listed, then what was heard since the observer went in.
+
+        Never calls into the tier under the feed's lock (a read that drops a corrupt chunk tells the
+        observer at once, on this thread): a chunk listed unread that no other tier holds any more
+        is read between two holds of the lock, while changes heard keep waiting."""
+        with self._lock:
+            ready, unread = [], []
+            for item in listed:
+                if item.key in self._held:
+                    continue
+                self._held.add(item.key)
+                if not self.pub._first_or_last(self.medium, item.key, True):
+                    continue  # another tier of this medium announced it
+                if item.read:
+                    ready.append(item)
+                else:
+                    unread.append(item.key)  # counted: no other tier announces it meanwhile
+            self._announce_stored(ready)
+        if unread:
+            read = [_Listed(key, _read_block_hashes(self.tier, key), True) for key in unread]
+            with self._lock:
+                self._announce_stored(read)
+        with self._lock:
+            waiting, self._waiting = self._waiting or [], None
+            for change in waiting:
+                self._apply(change)
+
+    def _announce_stored(self, listed: list[_Listed]) -> None:
+        """BlockStored for listed chunks: under their block hashes, or all the plain ones in one event."""
+        plain: list[int | bytes] = []
+        for item in listed:
+            if item.section is None:
+                plain.append(block_hash_of(item.key))
+                continue
+            for event in self.pub._stored_events(item.key, item.section, None, self.medium, self.block_size,
+                                                 self._hashes):
+                self.pub._put(event)
+        if plain:
+            self.pub._put(BlockStored(plain, None, [], self.block_size, None, self.medium, None))
+
+    def _apply(self, change: TierChange) -> None:
+        stored = change.kind == "stored"
+        if (change.key in self._held) == stored:
+            return  # stored again while held, or dropped while not held: counted already
+        if stored:
+            self._held.add(change.key)
+        else:
+            self._held.discard(change.key)
+        events = self.pub._events_of(change, self.medium, self.block_size, self._hashes)
+        if self.pub._first_or_last(self.medium, change.key, stored):
+            for event in events:
+                self.pub._put(event)
+
+
+def _read_block_hashes(tier: Tier, key: bytes) -> bytes | None:
+    try:
+        return tier.read_section(key, SECTION_BLOCK_HASHES, 0)
+    except Exception:  # a chunk unreadable now is published under its key; a load will drop it
+        return None
+
+
 class KVEventPublisher:
-    def __init__(self, config: EventsConfig, context: zmq.Context | None = None) -> None:
+    def __init__(self, config: EventsConfig, context: zmq.Context | None = None,
+                 incarnation: int | None = None) -> None:
+        """`incarnation`: the high bits of this publisher's sequence numbers (None: a random one;
+        0: numbered from 0 as vLLM does, so that a restart cannot be told from the wire)."""
+        if incarnation is None:
+            incarnation = new_incarnation()
+        if isinstance(incarnation, bool) or not isinstance(incarnation, int) \
+                or not 0 <= incarnation < 1 << INCARNATION_BITS:
+            raise ValueError(f"incarnation must be an int in 0..{(1 << INCARNATION_BITS) - 1}, got {incarnation!r}")
+        self.incarnation = incarnation
         self.config = config
         self._codec = BatchCodec(config.encoding)
         self._topic = config.topic.encode("utf-8")
         self._ctx = context or zmq.Context.instance()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.max_queue_size)
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
-        self._attached: list[tuple[Tier, Any]] = []
+        self._attached: list[tuple[Tier, TierObserver]] = []
         self._cond = threading.Condition()
         self._enqueued = 0
         self._sent = 0
@@ -118,34 +237,23 @@ class KVEventPublisher:
     def attach(self, tier: Tier, medium: str | None = None) -> None:
         """Publish `tier`'s changes from now on, after a BlockStored for each chunk it holds now."""
         medium = medium or medium_of(tier)
-        block_size = tier.chunk_tokens
-        held_hashes: dict[bytes, list[BlockHash]] = {}  # key -> the engine hashes published for it
-
-        def on_change(change: TierChange) -> None:
-            events = self._events_of(change, medium, block_size, held_hashes)
-            if self._first_or_last(medium, change.key, change.kind == "stored"):
-                for event in events:
-                    self._put(event)
-
-        tier.add_observer(on_change)
-        self._attached.append((tier, on_change))
+        feed = _TierFeed(self, tier, medium)
+        observer = feed.on_change  # one bound method: remove_observer finds it by identity
+        tier.add_observer(observer)  # first: whatever changes after the listing is heard
+        self._attached.append((tier, observer))
+        listed: list[_Listed] = []
         keys = getattr(tier, "keys", None)
         if keys is not None:
-            plain: list[int | bytes] = []
             for key in keys():
-                if not self._first_or_last(medium, key, True):
-                    continue  # another tier of this medium announced it
-                try:
-                    section = tier.read_section(key, SECTION_BLOCK_HASHES, 0)
-                except Exception:  # a chunk unreadable now is published under its key; a load will drop it
-                    section = None
-                if section is None:
-                    plain.append(block_hash_of(key))
-                    continue
-                for event in self._stored_events(key, section, None, medium, block_size, held_hashes):
-                    self._put(event)
-            if plain:
-                self._put(BlockStored(plain, None, [], block_size, None, medium, None))
+                if self._held_elsewhere(medium, key):  # announced by another tier: read only if that changes
+                    listed.append(_Listed(key, None, False))
+                else:
+                    listed.append(_Listed(key, _read_block_hashes(tier, key), True))
+        feed.announce_listing(listed)
+
+    def _held_elsewhere(self, medium: str, key: bytes) -> bool:
+        with self._cond:
+            return (medium, key) in self._holders
 
     def _first_or_last(self, medium: str, key: bytes, stored: bool) -> bool:
         """Count the tiers of `medium` holding `key`: whether this change is the first tier to
@@ -241,7 +349,7 @@ class KVEventPublisher:
 
     # -- the publisher thread -----------------------------------------------------------------
     def _run(self) -> None:
-        seq = 0
+        seq = join_seq(self.incarnation, 0)  # the numbers of this process's batches count up from here
         taken = 0  # events taken off the queue so far (as _enqueued counts them)
         max_events = self.config.batch_max_events
         while True:
@@ -332,8 +440,8 @@ class KVEventPublisher:
         """Detach from the tiers, send what is queued, stop the thread, close the sockets."""
         if self._closed:
             return
-        for tier, fn in self._attached:
-            tier.remove_observer(fn)
+        for tier, observer in self._attached:
+            tier.remove_observer(observer)
         self._attached.clear()
         self._queue.put(_STOP)
         self._closed = True

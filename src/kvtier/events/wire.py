@@ -13,10 +13,20 @@ Block hashes: vLLM publishes a block's hash as bytes or, for reproducible hashin
 kvtier publishes `block_hash_of(key)`: the key read as a big-endian integer, masked to its low
 64 bits (its last 8 bytes), the same truncation vLLM applies to its own block hashes when
 VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES is set (see the README's "KV events" section).
+
+Sequence numbers (the 8-byte frame before each batch): vLLM numbers a publisher's batches 0, 1,
+2, ... and a restarted process starts at 0 again, so a subscriber that lost the new process's
+first batches (ZMQ's slow joiner) cannot tell its next batch from the dead process's. kvtier's
+publisher numbers its batches `join_seq(incarnation, n)`: a random incarnation per process in the
+high bits, n = 0, 1, 2, ... below. The payload is untouched (decoders that insist on vLLM's exact
+batch array, such as Dynamo's, still read it); to a vLLM-format subscriber the numbers still grow
+by one per batch and a replay request still names the first number it wants; only the first
+number is no longer 0. Incarnation 0 is vLLM's own numbering: no identity on the wire.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import msgspec
@@ -24,6 +34,24 @@ import msgspec
 MEDIUM_CPU = "CPU"  # kvtier's DRAM pool
 MEDIUM_STORAGE = "STORAGE"  # disk, shared folder, Redis
 ENCODINGS = ("map", "array")
+SEQ_COUNTER_BITS = 40  # a batch's number within its incarnation: 10^12 batches, years at any real rate
+INCARNATION_BITS = 23  # the top bit stays clear, so a frame read as signed is never negative (END_SEQ is -1)
+_COUNTER_MASK = (1 << SEQ_COUNTER_BITS) - 1
+
+
+def split_seq(number: int) -> tuple[int, int]:
+    """A sequence frame's number as (incarnation, batch number within it); vLLM's are (0, number)."""
+    return number >> SEQ_COUNTER_BITS, number & _COUNTER_MASK
+
+
+def join_seq(incarnation: int, seq: int) -> int:
+    """The sequence frame's number of batch `seq` of `incarnation` (split_seq's inverse)."""
+    return (incarnation << SEQ_COUNTER_BITS) | seq
+
+
+def new_incarnation() -> int:
+    """A random incarnation for a starting publisher, never 0 (vLLM's numbering)."""
+    return secrets.randbelow((1 << INCARNATION_BITS) - 1) + 1
 
 
 def block_hash_of(key: bytes) -> int:

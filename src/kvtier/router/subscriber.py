@@ -4,15 +4,22 @@
     sub.poll(timeout_ms)     read what has arrived (the caller's thread; no thread of its own)
     sub.close()
 
-Sequence numbers: a batch numbered past the last one applied plus one means batches were lost
+Sequence numbers: a batch's number is (incarnation, n) (kvtier.events.wire.split_seq): kvtier's
+publisher draws a random incarnation per process; vLLM's is always 0. `last_seq` is the n of the
+last batch applied. A batch numbered past the last one applied plus one means batches were lost
 (the PUB socket's high-water mark, a subscriber that joined late). The subscriber then asks the
 replay socket for everything from the first missing number, applies it in order, and goes on.
 If the replay cannot fill the gap (no replay socket, it timed out, the publisher's buffer no
 longer reaches back that far, or it skips numbers), the source's view is cleared (better no
 hint than a wrong one) and the loss counted in `stats`. Duplicates (a replayed batch arriving
-again live) are skipped. A restarted publisher numbers its batches from 0 again: a live batch
-numbered at or below the last one applied but stamped later than every batch applied is such a
-restart, and the source's view is cleared and followed from it (`stats.restarts`).
+again live) are skipped.
+
+Restarts (`stats.restarts`): the source's view is cleared and the new process followed from its
+batch 0 (replayed when its first batches were lost). A batch of another incarnation is a new
+process, whatever its number: one whose first batches never arrived (ZMQ's slow joiner) may
+number its next one just past the dead process's last. Without an incarnation (vLLM's numbers),
+a live batch numbered at or below the last one applied but stamped later than every batch
+applied is taken for a restart; a restart that lost its first batches cannot be seen there.
 A message that does not decode is dropped and counted, never raised.
 """
 
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
-from kvtier.events.wire import BatchCodec, KVEventBatch
+from kvtier.events.wire import BatchCodec, KVEventBatch, join_seq, split_seq
 from kvtier.router.index import KVIndex
 
 _log = logging.getLogger(__name__)
@@ -42,6 +49,7 @@ class SubscriberStats:
     unrecovered_gaps: int = 0
     replay_timeouts: int = 0
     restarts: int = 0
+    stale: int = 0  # live batches of a dead process, dropped after the replay showed its successor
 
 
 class EventSubscriber:
@@ -55,7 +63,8 @@ class EventSubscriber:
         self.replay_endpoint = replay
         self.replay_timeout_ms = replay_timeout_ms
         self.stats = SubscriberStats()
-        self.last_seq: int | None = None
+        self.last_seq: int | None = None  # the last batch applied, numbered within its incarnation
+        self.incarnation: int | None = None  # of the publisher followed (0: vLLM's numbers, no identity)
         self.last_ts: float | None = None  # the latest stamp of a batch applied (a restart's are later)
         self._codec = BatchCodec(encoding)
         self._ctx = context or zmq.Context.instance()
@@ -78,21 +87,24 @@ class EventSubscriber:
         if len(frames) != 3 or len(frames[1]) != 8:
             self.stats.bad_messages += 1
             return
-        seq = int.from_bytes(frames[1], "big", signed=True)
-        if seq < 0:
+        number = int.from_bytes(frames[1], "big", signed=True)
+        if number < 0:
             self.stats.bad_messages += 1
             return
+        incarnation, seq = split_seq(number)
+        if incarnation != self.incarnation:
+            if self.incarnation is not None:
+                self._restarted(f"batch {seq} of incarnation {incarnation:#x}, after {self.incarnation:#x}")
+            self.incarnation = incarnation
         batch: KVEventBatch | None = None
         if self.last_seq is not None and seq <= self.last_seq:
-            batch = self._decode(seq, frames[2]) if live else None
+            # with an incarnation on the wire that is a duplicate; without one, a batch stamped after
+            # every batch applied is a new process numbering from 0 again
+            batch = self._decode(seq, frames[2]) if live and incarnation == 0 else None
             if batch is None or self.last_ts is None or not batch.ts > self.last_ts:
                 self.stats.duplicates += 1
                 return
-            self.stats.restarts += 1  # numbered from 0 again, stamped after all we have: a new publisher
-            _log.warning("kv events from %s: batch %d after %d, stamped later: the publisher restarted; "
-                         "forgetting its view and following it from there", self.source, seq, self.last_seq)
-            self.index.clear(self.instance, self.source)
-            self.last_seq = None
+            self._restarted(f"batch {seq} after {self.last_seq}, stamped later")
         expected = 0 if self.last_seq is None else self.last_seq + 1
         if not live and seq > expected:  # a replay that skips numbers (the replay socket dropped replies)
             self._lost(expected, f"the replay skipped to batch {seq}")
@@ -100,6 +112,9 @@ class EventSubscriber:
             self.stats.gaps += 1
             lost_before = self.stats.unrecovered_gaps
             self._resync(expected)
+            if self.incarnation != incarnation:  # the replay came from a process started since this batch's
+                self.stats.stale += 1
+                return
             if self.last_seq is not None and seq <= self.last_seq:
                 self.stats.duplicates += 1
                 return
@@ -112,6 +127,13 @@ class EventSubscriber:
                 self.last_seq = seq
                 return
         self._apply(seq, batch)
+
+    def _restarted(self, why: str) -> None:
+        self.stats.restarts += 1
+        _log.warning("kv events from %s: %s: the publisher restarted; forgetting its view and following it "
+                     "from its first batch", self.source, why)
+        self.index.clear(self.instance, self.source)
+        self.last_seq = None
 
     def _decode(self, seq: int, payload: bytes) -> KVEventBatch | None:
         try:
@@ -138,7 +160,7 @@ class EventSubscriber:
             self._lost(start, "no replay socket")
             return
         sock = self._replay_socket()
-        sock.send_multipart((b"", start.to_bytes(8, "big")))
+        sock.send_multipart((b"", join_seq(self.incarnation or 0, start).to_bytes(8, "big")))
         first = True
         while True:
             if not sock.poll(self.replay_timeout_ms):
@@ -152,10 +174,12 @@ class EventSubscriber:
             if len(frames) != 3 or len(frames[1]) != 8:
                 self.stats.bad_messages += 1
                 continue
-            seq = int.from_bytes(frames[1], "big", signed=True)
-            if seq == END_SEQ:
+            number = int.from_bytes(frames[1], "big", signed=True)
+            if number == END_SEQ:
                 return
-            if first and seq > start:
+            incarnation, seq = split_seq(number)
+            # (a batch of another incarnation is a restart: _receive follows the new process from it)
+            if first and number >= 0 and incarnation == self.incarnation and seq > start:
                 self._lost(start, f"the replay buffer starts at {seq}")
                 self.last_seq = seq - 1  # followed from there (the view is cleared)
             first = False
