@@ -5,7 +5,7 @@ InProcessClient wraps a TieredStore in this process; ServiceClient talks to the 
 """
 
 from kvtier.client.api import InProcessClient, LookupReply, SaveSession, StoreClient, connect
-from kvtier.service.protocol import LeaseError, ServiceError
+from kvtier.service.protocol import FlushTimeoutError, LeaseError, ServiceError
 from kvtier.store.tiered import LoadResult, SaveResult
 
 
@@ -17,5 +17,5 @@ def __getattr__(name: str) -> object:
     raise AttributeError(name)
 
 
-__all__ = ["InProcessClient", "LeaseError", "LoadResult", "LookupReply", "SaveResult", "SaveSession",
-           "ServiceClient", "ServiceError", "StoreClient", "connect"]
+__all__ = ["FlushTimeoutError", "InProcessClient", "LeaseError", "LoadResult", "LookupReply", "SaveResult",
+           "SaveSession", "ServiceClient", "ServiceError", "StoreClient", "connect"]

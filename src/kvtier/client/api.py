@@ -13,7 +13,7 @@ benchmarks. They use only this module's `StoreClient`, obtained from `connect(co
                                              planner chose to recompute: their disk reads stop)
     save(keys, parent, first_depth, srcs)    -> TransferHandle[SaveResult]
     begin_save(keys, parent, first_depth)    -> SaveSession: write_layer / commit / abort
-    flush(), stats(), close()
+    flush(timeout_s=None), stats(), close()
     watch_pool(watcher)                      tell watcher where the DRAM pool this client copies to and
                                              from is mapped, and when it goes (GPU connectors page-lock it)
     lendable_pool()                          the pool region borrow() lends slots of (None: it lends none)
@@ -53,7 +53,7 @@ from kvtier.core.errors import ConfigError
 from kvtier.core.keys import Namespace, chunk_keys, get_hash_mode
 from kvtier.core.layout import KVLayout
 from kvtier.service.host import StoreHost
-from kvtier.service.protocol import LeaseError
+from kvtier.service.protocol import FlushTimeoutError, LeaseError
 from kvtier.store.tiered import LoadResult, SaveResult, TieredStore
 from kvtier.store.transfer import TransferHandle
 from kvtier.tiers.base import Buffer
@@ -282,8 +282,10 @@ class StoreClient(ABC):
     def begin_save(self, keys: Sequence[bytes], parent: bytes, first_depth: int) -> SaveSession: ...
 
     @abstractmethod
-    def flush(self) -> None:
-        """Wait until the disk writes of every save so far are done."""
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until the disk writes of every save so far are done; FlushTimeoutError (a
+        ServiceError) when some are still running after `timeout_s`. None: no bound in process,
+        protocol.MAX_FLUSH_S through the service (whose connection a flush occupies)."""
 
     @abstractmethod
     def wait_lower(self, keys: Sequence[bytes], timeout_s: float) -> int:
@@ -397,8 +399,16 @@ class InProcessClient(StoreClient):
         check_save_args(self.layout, keys, first_depth)
         return self.store.begin_save(keys, parent, first_depth)
 
-    def flush(self) -> None:
-        self.store.flush()
+    def flush(self, timeout_s: float | None = None) -> None:
+        if timeout_s is None:
+            self.store.flush()  # on the caller's thread, as long as it takes
+        elif self._host is not None:
+            self._host.flush(timeout_s)
+        else:  # no DRAM tier, so no host: the store's own flush, whose bound is per write
+            try:
+                self.store.flush(timeout_s)
+            except TimeoutError as e:
+                raise FlushTimeoutError(f"disk writes were still running after {timeout_s} s: {e}") from None
 
     def wait_lower(self, keys: Sequence[bytes], timeout_s: float) -> int:
         keys = self._check_keys(keys)

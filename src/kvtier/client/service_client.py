@@ -81,7 +81,6 @@ from kvtier.tiers.pool import PoolRegion, PoolWatcher, PoolWatchers
 
 log = logging.getLogger("kvtier.client")
 
-_FLUSH_TIMEOUT_S = 300.0  # a flush waits for the disk writes of every save so far
 _RETRY_FIRST_S = 0.1  # reconnect back-off: first wait, doubled per failed attempt ...
 _RETRY_MAX_S = 5.0  # ... up to this
 
@@ -389,7 +388,13 @@ class ServiceClient(StoreClient):
     def _check_reply(self, reply: dict[str, Any], req_id: int) -> None:
         if not reply.get("ok"):
             kind, message = str(reply.get("kind", "error")), str(reply.get("error", "request failed"))
-            raise p.LeaseError(message) if kind == "lease" else p.ServiceError(kind, message)
+            if kind == "lease":
+                raise p.LeaseError(message)
+            if kind == "flush_timeout":
+                raise p.FlushTimeoutError(f"kvtier service on {self.socket_path}: {message}")
+            if kind == "stopping":  # it ends this connection next: down, as when it is gone
+                raise TierUnavailableError(f"the kvtier service on {self.socket_path} is stopping: {message}")
+            raise p.ServiceError(kind, message)
         if reply.get("id") != req_id:
             raise p.ProtocolError(f"reply to request {reply.get('id')} while waiting for {req_id}", fatal=True)
 
@@ -586,10 +591,17 @@ class ServiceClient(StoreClient):
             raise
         return batch.commit()
 
-    def flush(self) -> None:
-        """Wait for the disk writes of this client's saves; TierWriteError naming those that failed
-        (not yet reported in a SaveResult), TierUnavailableError while the service is down."""
-        r = self._call("flush", timeout=max(self.config.request_timeout_s, _FLUSH_TIMEOUT_S))
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait, at most `timeout_s` (None: protocol.MAX_FLUSH_S), until the service's disk writes
+        queued so far, this client's saves' among them, have ended; as wait_lower, the service
+        waits that long and this client waits for its answer request_timeout_s longer.
+        TierWriteError naming this client's writes that failed (not yet reported in a SaveResult);
+        FlushTimeoutError when writes were still running at the bound (they go on, and a later
+        flush or commit reports those that fail); TierUnavailableError while the service is down."""
+        bound = p.MAX_FLUSH_S if timeout_s is None else timeout_s
+        if not 0 <= bound <= p.MAX_FLUSH_S:  # NaN too
+            raise ValueError(f"timeout_s must be within 0..{p.MAX_FLUSH_S} s, got {timeout_s!r}")
+        r = self._call("flush", timeout_s=float(bound), timeout=bound + self.config.request_timeout_s)
         errors = r.get("errors") or []
         if errors:
             raise TierWriteError(f"kvtier service: {len(errors)} disk write(s) of this client's saves failed: "

@@ -5,6 +5,6 @@ TieredStore, protocol.py is the wire format, shm.py the shared-memory pool.
 """
 
 from kvtier.service.config import ServiceConfig
-from kvtier.service.protocol import LeaseError, ProtocolError, ServiceError
+from kvtier.service.protocol import FlushTimeoutError, LeaseError, ProtocolError, ServiceError
 
-__all__ = ["LeaseError", "ProtocolError", "ServiceConfig", "ServiceError"]
+__all__ = ["FlushTimeoutError", "LeaseError", "ProtocolError", "ServiceConfig", "ServiceError"]

@@ -15,9 +15,12 @@ pins of loads in progress, reserved slots of unfinished saves) is listed under i
     renew_save(owner, save_id, hold_s)        hold those slots hold_s from now (a live client's long save)
     commit(owner, save_id) / abort(...)       publish in chain order, then disk in background
     take_disk_errors(owner, wait)             failed disk writes of the owner's saves, once each
+    flush(timeout_s)                          until every disk write queued so far has ended
+                                              (FlushTimeoutError past the bound)
     wait_lower(keys, timeout_s)               until saves of these keys are committed (or aborted)
                                               and their lower-tier writes have ended
     expire(now), drop_owner(owner)
+    interrupt_waits()                         the service is stopping: flush and wait_lower return now
 
 A lease pins DRAM hits at once; a disk hit is promoted into DRAM by a background thread
 and pinned there, so the later load copies from DRAM. Leased chunks cannot be evicted
@@ -40,10 +43,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvtier.core import metrics as m
 from kvtier.core.errors import ConfigError
-from kvtier.service.protocol import LeaseError, ServiceError
+from kvtier.service.protocol import FlushTimeoutError, LeaseError, ServiceError
 from kvtier.store.tiered import SaveResult, TieredStore
 from kvtier.store.transfer import TransferHandle
 from kvtier.tiers.base import ChunkMeta
@@ -53,6 +57,9 @@ OwnerId = int
 LeaseId = int
 NO_SLOT = -1
 DEFAULT_HOLD_S = 30.0  # how long a load's pins / a save's slots are held when the client names no bound
+# wait_lower waits for the store's lower-tier writes in slices this long, so that a stopping
+# service's interrupt_waits reaches it (TieredStore.wait_lower cannot be woken)
+_WAKE_S = 0.25
 
 
 @dataclass(slots=True)
@@ -114,9 +121,16 @@ class StoreHost:
         self._loads: dict[int, _Load] = {}
         self._saves: dict[int, _Save] = {}
         # keys of saves allocated and not yet committed (to the point of queuing their lower-tier
-        # writes) or aborted; notified whenever one ends, for wait_lower
+        # writes) or aborted
         self._saving: Counter[bytes] = Counter()
-        self._saves_ended = threading.Condition(self._lock)
+        # notified when a save ends (wait_lower), a flush ends (flush), or interrupt_waits is called
+        self._waiters = threading.Condition(self._lock)
+        self._interrupted = threading.Event()  # the service is stopping: waits return at once
+        # store.flush bounds each write's wait, not the whole: it runs on its own thread and a
+        # flush request waits for it with its own deadline. A flush queued and not yet started is
+        # shared by later requests (it covers their writes too), so a hung disk parks at most two.
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-flush")
+        self._queued_flush: Future[None] | None = None
         self._writes: dict[OwnerId, list[tuple[int, TransferHandle[SaveResult]]]] = {}  # disk writes of saves
         self._ids = itertools.count(1)
         self._promoter = ThreadPoolExecutor(max(2, store.config.io_threads), thread_name_prefix="kvtier-promote")
@@ -589,7 +603,53 @@ class StoreHost:
             for key in save.keys:
                 if self._saving[key] <= 0:
                     del self._saving[key]
-            self._saves_ended.notify_all()
+            self._waiters.notify_all()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait, at most `timeout_s` (None: no bound), until every disk write queued so far has
+        ended (their errors stay in their handles: take_disk_errors). FlushTimeoutError past the
+        bound (the writes go on); ServiceError("stopping") when interrupt_waits ends the wait."""
+        if timeout_s is not None and not timeout_s >= 0:  # NaN too
+            raise ValueError(f"timeout_s must be a number of seconds >= 0, got {timeout_s!r}")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if self._interrupted.is_set():
+            raise ServiceError("stopping", "the service is stopping; it flushes its disk writes as it stops")
+        try:
+            self.store.flush(0.0)  # every write ended already (the common case): no thread, no wait
+            return
+        except TimeoutError:  # one still running (or one failed with a TimeoutError of its own: raised below)
+            pass
+        with self._lock:  # (interrupt_waits sets the flag under it: nothing is submitted after close)
+            if self._interrupted.is_set():
+                raise ServiceError("stopping", "the service is stopping; it flushes its disk writes as it stops")
+            done = self._queued_flush
+            if done is None or done.running() or done.done():  # one not started yet covers this request too
+                done = self._queued_flush = self._flusher.submit(self.store.flush)
+        done.add_done_callback(self._wake_waiters)  # (at once, here, when already done: not under _lock)
+        with self._waiters:
+            while not done.done() and not self._interrupted.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._waiters.wait(left)
+        if done.done() and not done.cancelled():  # (cancelled: by close, after interrupt_waits)
+            done.result()  # what store.flush raised, as when it ran on the caller's thread
+            return
+        if self._interrupted.is_set():
+            raise ServiceError("stopping", "the service is stopping; it flushes its disk writes as it stops")
+        raise FlushTimeoutError(f"disk writes were still running after {timeout_s} s (a slow or stuck disk); "
+                                "they go on in the background")
+
+    def _wake_waiters(self, _done: Any = None) -> None:
+        with self._waiters:
+            self._waiters.notify_all()
+
+    def interrupt_waits(self) -> None:
+        """The service is stopping (its connections are closing): every flush and wait_lower in
+        progress returns now, and later ones at once; the store's close flushes the disk writes."""
+        with self._waiters:
+            self._interrupted.set()
+            self._waiters.notify_all()
 
     def wait_lower(self, keys: Sequence[bytes], timeout_s: float) -> int:
         """Wait, at most `timeout_s`, until every save of `keys` in progress here is committed (or
@@ -604,14 +664,18 @@ class StoreHost:
             raise ValueError(f"timeout_s must be a number of seconds >= 0, got {timeout_s!r}")
         deadline = time.monotonic() + timeout_s
         wanted = set(keys)
-        with self._saves_ended:
+        with self._waiters:
             while True:
                 saving = sum(1 for k in wanted if k in self._saving)
                 left = deadline - time.monotonic()
-                if not saving or left <= 0:
+                if not saving or left <= 0 or self._interrupted.is_set():
                     break
-                self._saves_ended.wait(left)
-        writing = self.store.wait_lower(keys, max(0.0, deadline - time.monotonic()))
+                self._waiters.wait(left)
+        while True:
+            left = deadline - time.monotonic()
+            writing = self.store.wait_lower(keys, max(0.0, min(left, _WAKE_S)))
+            if not writing or left <= _WAKE_S or self._interrupted.is_set():
+                break
         return min(len(keys), saving + writing)
 
     # -- owners ------------------------------------------------------------------------
@@ -643,6 +707,8 @@ class StoreHost:
         return out
 
     def close(self) -> None:
+        self.interrupt_waits()
+        self._flusher.shutdown(wait=False, cancel_futures=True)  # a running store.flush ends with its writes
         self._promoter.shutdown(wait=True)
         with self._lock:
             owners = {h.owner for h in self._leases.values()} | {ld.owner for ld in self._loads.values()} | {

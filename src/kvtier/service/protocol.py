@@ -24,7 +24,10 @@ Ops (fields -> reply fields), every key list is one message for many chunks:
                 a list of [kind, index, bytes]
                 sections stored beside its KV)
     abort       save                                -> {}
-    flush       {}                                  -> errors (this client's failed disk writes)
+    flush       timeout_s (optional, at most         -> errors (this client's failed disk writes); error
+                MAX_FLUSH_S, the default)               "flush_timeout" when the store's disk writes were
+                                                        still running after timeout_s, "stopping" when
+                                                        the service began to stop meanwhile
     wait_lower  keys, timeout_s (at most             -> pending (how many of keys still had a lower-tier
                 MAX_WAIT_LOWER_S)                       write running when the wait ended)
     stats       {}                                  -> the service's stats dict
@@ -58,6 +61,7 @@ MAX_MAP_LEN = 1 << 16
 MAX_KEY_BYTES = 32  # the codec's limit (kvtier.core.codec.MAX_KEY_BYTES)
 MAX_FDS = 1  # descriptors a reply may carry (the pool, with hello)
 MAX_WAIT_LOWER_S = 300.0  # the longest wait_lower the service grants (a longer one is refused)
+MAX_FLUSH_S = 300.0  # the longest flush the service grants, and its bound when a client names none
 
 
 class ServiceError(KVTierError):
@@ -73,6 +77,14 @@ class LeaseError(ServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__("lease", message)
+
+
+class FlushTimeoutError(ServiceError):
+    """A flush's bound passed while disk writes were still running (a slow or hung disk). They go
+    on in the background; a later flush or commit reports those that fail."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("flush_timeout", message)
 
 
 class ProtocolError(ServiceError):

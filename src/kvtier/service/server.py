@@ -6,8 +6,14 @@ talk to it over a Unix socket (protocol.py) and copy payloads straight into and 
 the shared pool.
 
 Threads: one accept loop, one thread per client connection (a client that connects and
-never speaks only parks its own thread), a lease reaper, and the metrics HTTP server. A
-client's disconnect, clean or by SIGKILL, returns everything it held (StoreHost.drop_owner).
+never speaks only parks its own thread), a lease reaper, the metrics HTTP server, and a flush
+thread once a client flushes (StoreHost.flush). A client's disconnect, clean or by SIGKILL,
+returns everything it held (StoreHost.drop_owner).
+
+Stopping: no new connection is taken, every connection's reading side is shut (an idle client's
+thread ends at once; a request under way finishes and its reply is still sent), waits in
+flush and wait_lower end early, and the threads get one deadline in all (STOP_WAIT_S), not
+one each; then the store closes, which writes every committed chunk's pending disk write.
 
 Safety: the socket lives in a private folder (`/tmp/kvtier-<uid>/` by default, shm.py);
 a flock on `<socket>.lock` (opened without following links, removed when the service ends)
@@ -60,6 +66,7 @@ from kvtier.store.tiered import TieredStore
 log = logging.getLogger("kvtier.service")
 
 PeerCheck = Callable[[int, int, int], bool]  # (pid, uid, gid) -> allowed?
+STOP_WAIT_S = 5.0  # stop(): the longest wait for the service's threads, all of them together
 
 
 class AlreadyRunningError(KVTierError):
@@ -228,23 +235,33 @@ class StoreServer:
         t.start()
         self._threads.append(t)
 
-    def stop(self) -> None:
-        """Stop serving: disconnect clients, flush disk writes, unlink the socket and the pool."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
-        for t in self._threads:
-            t.join(timeout=5)
-        with self._conns_lock:
+    def stop(self, timeout_s: float = STOP_WAIT_S) -> None:
+        """Stop serving: disconnect clients, flush disk writes, unlink the socket and the pool.
+
+        Waits at most `timeout_s` in all for the accept loop, the reaper and every connection's
+        thread (a thread still in a request then, such as a promotion from a stuck disk, is left
+        to end on its own: its reply has nowhere to go); the store's close that follows writes
+        every committed chunk's pending disk write, however long the disk takes."""
+        with self._conns_lock:  # a connection is registered before this, or refused (_accept_loop)
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
             conns = list(self._conns.values())
             threads = list(self._conn_threads.values())
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in threads:
-            t.join(timeout=5)
+        deadline = time.monotonic() + timeout_s
+        for conn in conns:  # recv returns EOF at once; a reply under way can still be sent
+            _shutdown_quietly(conn, socket.SHUT_RD)
+        if self.host is not None:
+            self.host.interrupt_waits()  # flush and wait_lower answer now
+        for t in self._threads + threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:  # cut off: a reply stuck in a send to a client that does not read ends too
+            with self._conns_lock:
+                for conn in self._conns.values():
+                    _shutdown_quietly(conn, socket.SHUT_RDWR)
+            log.warning("stopping with %d client thread(s) still in a request after %.1f s: %s", len(stuck),
+                        timeout_s, ", ".join(stuck[:5]))
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -297,19 +314,21 @@ class StoreServer:
                 log.exception("accept failed")
                 time.sleep(0.1)
                 continue
-            with self._conns_lock:
+            with self._conns_lock:  # registered, with its thread, before stop() looks, or refused
+                if self._stopping.is_set():
+                    conn.close()
+                    return
                 owner = self._next_owner
                 self._next_owner += 1
                 full = len(self._conns) >= self.config.max_clients
                 if not full:
+                    t = threading.Thread(target=self._serve_client, args=(owner, conn),
+                                         name=f"kvtier-client-{owner}", daemon=True)
                     self._conns[owner] = conn
+                    self._conn_threads[owner] = t
             if full:
                 self._refuse(conn, "busy", f"the service already serves {self.config.max_clients} clients")
                 continue
-            t = threading.Thread(target=self._serve_client, args=(owner, conn), name=f"kvtier-client-{owner}",
-                                 daemon=True)
-            with self._conns_lock:
-                self._conn_threads[owner] = t
             t.start()
 
     def _refuse(self, conn: socket.socket, kind: str, message: str, drain_s: float = 0.0) -> None:
@@ -471,9 +490,15 @@ class StoreServer:
         return {}
 
     def _op_flush(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
-        assert self.store is not None and self.host is not None
-        self.store.flush()
-        return {"errors": self.host.take_disk_errors(owner, wait=True)}
+        """Block this client's connection (its own thread) until the store's disk writes end, at
+        most timeout_s: a stuck disk answers "flush_timeout", never a request that hangs."""
+        assert self.host is not None
+        timeout_s = p.get_float(msg, "timeout_s", p.MAX_FLUSH_S)
+        if not 0 <= timeout_s <= p.MAX_FLUSH_S:
+            raise p.ProtocolError(f"field 'timeout_s' must be within 0..{p.MAX_FLUSH_S} s, got {timeout_s}")
+        self.host.flush(timeout_s)
+        # every write of this client was queued before the flush began, so every one has ended
+        return {"errors": self.host.take_disk_errors(owner)}
 
     def _op_wait_lower(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         """Block this client's connection (its own thread) until the keys' lower-tier writes end."""
@@ -533,6 +558,13 @@ class StoreServer:
             "kvtier_service_pinned_slots": (slots.get("pinned", 0), "DRAM slots pinned by loads or leases."),
         }
         return [GaugeMetricFamily(name, help_text, value=value) for name, (value, help_text) in gauges.items()]
+
+
+def _shutdown_quietly(conn: socket.socket, how: int) -> None:
+    try:
+        conn.shutdown(how)
+    except OSError:  # closed already (its thread ended)
+        pass
 
 
 def use_all_cpus() -> set[int]:

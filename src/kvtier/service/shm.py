@@ -20,6 +20,12 @@ an flock on its pool for as long as it lives (the kernel drops it with the proce
 service start sweeps /dev/shm of this user's `kvtier-pool-*` pools that no process holds
 (`sweep_stale_pools`). A pool is created under a hidden temporary name, locked, and only then
 renamed into place, so a sweep never sees a pool before its owner holds it.
+
+A service killed between creating that temporary file (`.<pool name>.<pid>.new`) and renaming
+it leaves it behind, as large as the pool. The sweep removes such a file only when it is provably
+stale: nobody holds its flock and the pid in its name is not a live process. A creator that is
+still between its create and its flock is alive, so its file stays; a pid reused since by
+another process keeps a dead service's file until that process ends (a leak, never a loss).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import mmap
 import os
 import re
 import stat
+from collections.abc import Callable
 
 from kvtier.core.errors import ConfigError
 from kvtier.core.layout import KVLayout
@@ -39,6 +46,8 @@ SHM_DIR = "/dev/shm"
 POOL_PREFIX = "kvtier-pool-"  # pools that hold their flock while served (older kvtier: "kvtier-<hex>", never swept)
 SOCKET_BASE = "/tmp"  # parent of the per-user folders (tests point it elsewhere)
 _PRIVATE_NAME = re.compile(r"kvtier-\d+")
+_TEMP_SUFFIX = ".new"
+_TEMP_NAME = re.compile(r"\.(?P<pool>.+)\.(?P<pid>[0-9]{1,10})" + re.escape(_TEMP_SUFFIX))  # temp_pool_path
 
 
 def private_dir(uid: int | None = None) -> str:
@@ -193,13 +202,22 @@ def shm_path_for(socket_path: str, name: str = "") -> str:
     return os.path.join(SHM_DIR, name)
 
 
+def temp_pool_path(path: str, pid: int) -> str:
+    """The hidden name process `pid` creates the pool `path` under before renaming it into place."""
+    folder, base = os.path.split(path)
+    return os.path.join(folder, f".{base}.{pid}{_TEMP_SUFFIX}")
+
+
 def create_pool(path: str, size: int, gid: int | None = None) -> tuple[mmap.mmap, int]:
     """Create (replacing a stale file) and map a pool of `size` bytes, owner-only.
 
     Returns the mapping and an open descriptor holding the pool's flock: keep it open for as
-    long as the pool serves (closing it, or the process dying, marks the pool stale)."""
+    long as the pool serves (closing it, or the process dying, marks the pool stale). Stale
+    temporary files of the same pool (a service killed before its rename) are removed first:
+    sweep_stale_pools finds only those of kvtier's own pool names, not of a configured one."""
     folder, base = os.path.split(path)
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.new")
+    sweep_stale_temporaries(folder, lambda pool_name: pool_name == base)
+    tmp = temp_pool_path(path, os.getpid())
     try:
         os.unlink(tmp)  # a leftover of this pid's own earlier attempt
     except FileNotFoundError:
@@ -229,42 +247,86 @@ def create_pool(path: str, size: int, gid: int | None = None) -> tuple[mmap.mmap
 
 def sweep_stale_pools(folder: str = SHM_DIR, prefix: str = POOL_PREFIX) -> list[str]:
     """Unlink this user's pools in `folder` named `prefix`* that no live service holds (their
-    owner died without its shutdown, e.g. by SIGKILL). Returns the paths removed.
+    owner died without its shutdown, e.g. by SIGKILL), and the temporary files of such pools
+    that a service killed before its rename left (`sweep_stale_temporaries`). Returns the paths
+    removed.
 
     A pool is stale when its flock can be taken. Between that test and the unlink a new service
     could rename its pool over the same name; the inode is compared just before unlinking, which
     leaves a window of two system calls (and such a service would be on the dead one's socket)."""
-    removed: list[str] = []
     try:
         names = os.listdir(folder)
     except OSError:
-        return removed
-    euid = os.geteuid()
+        return []
+    removed = [path for path in (os.path.join(folder, n) for n in names if n.startswith(prefix))
+               if _unlink_if_unlocked(path)]
+    return removed + sweep_stale_temporaries(folder, lambda pool_name: pool_name.startswith(prefix), names)
+
+
+def sweep_stale_temporaries(folder: str, pool_name: Callable[[str], bool],
+                            names: list[str] | None = None) -> list[str]:
+    """Unlink this user's temporary pool files in `folder` (`.<pool>.<pid>.new`, create_pool)
+    whose pool name passes `pool_name`, whose creator pid is not a live process, and whose flock
+    nobody holds. Returns the paths removed.
+
+    Both tests are needed: the flock alone is not proof, since a live creator holds it only from
+    just after its create; the pid alone is not either, since a descriptor (and its flock) can
+    outlive its creator in a forked child. A creator in another pid namespace that shares this
+    folder is the one case the pid cannot tell: if it is between its create and its flock when
+    this runs, its flock or its rename then fails, and so does its start (it never serves a pool
+    that was unlinked under it)."""
+    if names is None:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return []
+    removed: list[str] = []
     for name in names:
-        if not name.startswith(prefix):
+        found = _TEMP_NAME.fullmatch(name)
+        if found is None or not pool_name(found["pool"]) or _pid_alive(int(found["pid"])):
             continue
         path = os.path.join(folder, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            continue  # gone already, not ours, or not a plain file
-        try:
-            st = os.fstat(fd)
-            if st.st_uid != euid:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live service holds it
-            if os.stat(path, follow_symlinks=False).st_ino != st.st_ino:
-                continue  # replaced meanwhile: not the file we found unlocked
-            os.unlink(path)
+        if _unlink_if_unlocked(path):
             removed.append(path)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
     return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (another user's too); an impossible pid counts as alive."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _unlink_if_unlocked(path: str) -> bool:
+    """Unlink `path` if it is this user's regular file and its flock can be taken (nobody holds
+    it), checking just before the unlink that the name still names the file tested."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False  # gone already, not ours, or a symlink
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live service holds it
+        if os.stat(path, follow_symlinks=False).st_ino != st.st_ino:
+            return False  # replaced meanwhile: not the file we found unlocked
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class PoolError(ConfigError):
