@@ -288,3 +288,43 @@ def test_max_length_counts_the_callers_prompt_when_rows_hit_unequally(tmp_path):
         assert got.shape == ref.shape and torch.equal(got[:, :26], ids)
     with pytest.raises(ValueError, match="max_length"):
         kvtier_generate(model, ids, conn, mask, max_length=26, do_sample=False, pad_token_id=0)
+
+
+def test_weights_changed_in_place_get_keys_of_their_own(tmp_path):
+    """A fine-tuning step or load_state_dict after the connector was made: the old weights' KV must not
+    be served for the new weights (it was: the fingerprint was taken once, at the connector's start)."""
+    model = tiny_model(seed=0)
+    ids = prompt(128, 21, seed=12)
+    store = make_store(model, tmp_path)
+    conn = TransformersConnector(model, store)
+    conn.prefill(ids)
+    before = conn.fingerprint
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)  # in place, as an optimizer step
+    plan, got = hit_logits(conn, ids)
+    assert conn.fingerprint != before and plan.cached_tokens == (0,)
+    assert (got - last_logits(model, ids)).abs().max().item() <= TOL
+    assert hit_logits(conn, ids)[0].cached_tokens == (20,)  # the new weights' own chunks, saved just now
+    model.load_state_dict(old)  # back to the first weights: their chunks are found again
+    plan, got = hit_logits(conn, ids)
+    assert conn.fingerprint == before and plan.cached_tokens == (20,)
+    assert (got - last_logits(model, ids)).abs().max().item() <= TOL
+    # a parameter replaced by another tensor (not written in place) is seen too
+    layer = model.model.layers[0].mlp.up_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 2)
+    assert hit_logits(conn, ids)[0].cached_tokens == (0,)
+    assert not conn.refresh_identity()  # nothing changed since
+    store.close()
+
+
+def test_an_explicit_fingerprint_is_not_second_guessed(tmp_path):
+    model = tiny_model(seed=0)
+    ids = prompt(128, 21, seed=13)
+    store = make_store(model, tmp_path)
+    conn = TransformersConnector(model, store, fingerprint="rev-1")
+    conn.prefill(ids)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert not conn.refresh_identity() and conn.fingerprint == "rev-1"
+    store.close()

@@ -236,6 +236,7 @@ class KVTierCache(DynamicCache):
         conn = self.connector
         overlap = conn.overlap if overlap is None else overlap
         self.discard()
+        conn.refresh_identity()  # weights modified since they were fingerprinted get keys of their own
         self.forward_wait_s = self.forward_save_s = 0.0
         ids, mask = _check_inputs(input_ids, attention_mask)
         batch, total = ids.shape

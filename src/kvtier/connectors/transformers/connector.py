@@ -11,7 +11,10 @@ service); only lookup, load, begin_save and the layout / chunk size properties a
 Keys: a KeyChain under Namespace(model fingerprint, KVLayout(layers, KV heads, head size,
 dtype).layout_id(chunk size), rank 0, tenant salt, the store's hash mode). The fingerprint is
 `identity.model_identity` (canonical config + a digest of the weights; see identity.py) unless
-given. The model must keep full per-token KV in every layer (compat.check_full_kv) and its
+given; weights modified in place or replaced since are seen at the next prepare (a cheap check of
+every weight's version counter, identity.weights_state) and hashed again, so the connector never
+names one set of weights' KV with another's keys (an explicit `fingerprint=` is the caller's word:
+not checked). The model must keep full per-token KV in every layer (compat.check_full_kv) and its
 layout must equal the store's.
 
 Failures are counted in `metrics` (the store's Metrics when it has one) with label
@@ -69,7 +72,13 @@ from kvtier.connectors.copy_engine import (
 )
 from kvtier.connectors.transformers.cache import KVTierCache, PrefillPlan, PrefixLoadError
 from kvtier.connectors.transformers.compat import UnsupportedModelError, cache_kwarg, check_full_kv, text_config
-from kvtier.connectors.transformers.identity import TORCH_DTYPES, model_identity, model_layout
+from kvtier.connectors.transformers.identity import (
+    TORCH_DTYPES,
+    model_identity,
+    model_layout,
+    persistent_buffer_names,
+    weights_state,
+)
 from kvtier.core import metrics as m
 from kvtier.core.errors import LayoutMismatchError
 from kvtier.core.keys import KeyChain, Namespace
@@ -104,6 +113,10 @@ class TransformersConnector:
         if device is not None and not same_device(torch.device(device), self.device):
             raise LayoutMismatchError(f"device={torch.device(device)}: the model runs on {self.device}, and "
                                       "kvtier's cache must live where the model computes its KV")
+        # weights changed in place since the fingerprint was taken are seen by refresh_identity (not
+        # with an explicit fingerprint: the caller names the weights)
+        self._buffers = persistent_buffer_names(model) if fingerprint is None else frozenset()
+        self._weights_seen = weights_state(model, self._buffers) if fingerprint is None else None
         self.fingerprint = fingerprint or model_identity(model)
         self.namespace = Namespace(self.fingerprint, self.layout.layout_id(self.chunk_tokens),
                                    tenant_salt=tenant_salt, hash_mode=self.hash_mode)
@@ -164,6 +177,23 @@ class TransformersConnector:
         return self._pool_tensor
 
     # -- keys and lookups ------------------------------------------------------------------------
+    def refresh_identity(self) -> bool:
+        """Hash the weights again if one was modified in place or replaced since they were hashed (a
+        training step, load_state_dict): new keys for the new weights. True when they changed."""
+        if self._weights_seen is None:
+            return False
+        now = weights_state(self.model, self._buffers)
+        if now == self._weights_seen:
+            return False
+        self.fingerprint = model_identity(self.model)
+        self.namespace = Namespace(self.fingerprint, self.layout.layout_id(self.chunk_tokens),
+                                   tenant_salt=self.namespace.tenant_salt, hash_mode=self.hash_mode)
+        self.root = self.namespace.root()
+        self._weights_seen = weights_state(self.model, self._buffers)
+        log.info("kvtier: the model's weights changed since they were fingerprinted; keys now under %s",
+                  self.fingerprint[:16])
+        return True
+
     def chunk_keys(self, tokens: list[int]) -> list[bytes]:
         return list(KeyChain(self.root, self.chunk_tokens, self.hash_mode).extend(tokens))
 
