@@ -145,3 +145,49 @@ def test_the_schedulers_namespace_roots_are_bounded(monkeypatch) -> None:
                  if isinstance(c.cell_contents, dict))
     assert len(roots) == 50  # 200 kept before
     assert conn.scheduler.root_for("salt-0", "") == first  # made again, the same
+
+
+def test_reset_cache_moves_the_scheduler_to_keys_of_its_own(monkeypatch) -> None:
+    """vLLM's reset_prefix_cache(reset_connector=True) after an in-place weight update (RL training):
+    the connector did not implement reset_cache, so vLLM took it for done, and the old weights' KV
+    went on being loaded for the new weights."""
+    pytest.importorskip("vllm")
+    from kvtier.client.api import InProcessClient
+    from kvtier.connectors.vllm import connector
+    from kvtier.core.config import MemoryTierConfig, StoreConfig
+    from kvtier.store.tiered import TieredStore
+    from tests.connectors.vllm.test_connector_start import make
+
+    def open_client(cfg, layout, first, cpus=()):
+        sc = StoreConfig(chunk_tokens=cfg.store.chunk_tokens,
+                         memory=MemoryTierConfig(capacity_bytes=64 * layout.chunk_bytes(cfg.store.chunk_tokens)))
+        return InProcessClient(TieredStore(sc, layout))
+
+    monkeypatch.setattr(connector, "open_client", open_client)
+    conn = make({"model_fingerprint": "m"})
+    try:
+        assert conn.scheduler is not None
+        before = conn.scheduler.root_for("", "")
+        salted = conn.scheduler.root_for("tenant", "")
+        assert conn.reset_cache() is True
+        after = conn.scheduler.root_for("", "")
+        assert after != before and conn.scheduler.root_for("tenant", "") != salted
+        assert conn.scheduler.root_for("", "") == after  # stable until the next reset
+        assert conn.reset_cache() is True and conn.scheduler.root_for("", "") not in (before, after)
+    finally:
+        conn.shutdown()
+
+
+def test_rekey_all_forgets_what_requests_in_flight_stored() -> None:
+    sim = Sim()
+    r = FakeRequest("a", PROMPT)
+    sim.admit(r)
+    sim.step({r: 13})
+    assert sim.sched.reqs["a"].stored_upto == 3
+    assert sim.admit(FakeRequest("b", PROMPT)) == 12
+    old_root = sim.sched.reqs["a"].chain.root
+    sim.sched.root_for = lambda salt, lora: b"\x01" * 32  # what reset_cache's new epoch does
+    sim.sched.rekey_all()
+    st = sim.sched.reqs["a"]
+    assert st.chain.root != old_root and st.stored_upto == 0
+    assert sim.admit(FakeRequest("c", PROMPT)) == 0  # the old keys' KV is not found under the new root

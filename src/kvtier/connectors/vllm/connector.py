@@ -45,6 +45,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -267,6 +268,8 @@ class KVTierConnector(KVConnectorBase_V1):
                          cfg.retry_after_s)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
+        self._epoch = ""  # reset_cache: a random namespace epoch, after which nothing stored before is found
+        self._roots: OrderedDict[tuple[str, str], bytes] | None = None
         if role == KVConnectorRole.SCHEDULER:
             client = link.client()
             assert client is not None
@@ -275,12 +278,14 @@ class KVTierConnector(KVConnectorBase_V1):
             hash_mode = client.hash_mode
             # bounded: a deployment may give every user (or request) a cache_salt of its own
             roots: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+            self._roots = roots
 
             def root_for(salt: str, lora: str) -> bytes:
                 root = roots.get((salt, lora))
                 if root is None:
+                    epoch = (f"epoch={self._epoch}",) if self._epoch else ()
                     ns = Namespace(fingerprint, layout_id, 0, salt, hash_mode,
-                                   (f"format={self.format_tag}", *lora_extras(lora)))
+                                   (f"format={self.format_tag}", *lora_extras(lora), *epoch))
                     root = roots[(salt, lora)] = ns.root()
                     if len(roots) > MAX_ROOTS:
                         roots.popitem(last=False)
@@ -498,6 +503,24 @@ class KVTierConnector(KVConnectorBase_V1):
                             block_size=self.chunk_tokens, lora_id=None, medium="CPU",
                             lora_name=b.lora_name or None)
                 for b in self.scheduler.take_saved_blocks()]
+
+    def reset_cache(self) -> bool | None:
+        """vLLM's reset_prefix_cache(reset_connector=True), as RL frameworks call it after updating the
+        weights in place: the weight files, and so the fingerprint, are unchanged, but the KV stored so
+        far is the old weights'. This instance moves to a namespace of its own (a random epoch in its
+        keys), so it never loads that KV again and saves under the new keys; chunks stored before stay
+        for instances still on the old weights, and leave by eviction. Instances updated alike do not
+        share with each other afterwards (no epoch is shared): restart them with a model_fingerprint
+        naming the new weights for that."""
+        if self.scheduler is None:
+            return None  # the workers hold no index of what is stored
+        self._epoch = secrets.token_hex(8)
+        if self._roots is not None:
+            self._roots.clear()
+        self.scheduler.rekey_all()
+        log.info("kvtier: connector cache reset: keys now under epoch %s; KV stored before is not loaded again",
+                 self._epoch)
+        return True
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_failed_blocks() if self.worker is not None else set()

@@ -227,6 +227,17 @@ class SchedulerSide:
         if self.partial_chunks and tail >= 2:  # 1 token: nothing to load
             st.partial, st.partial_tokens = chain.partial_key(), tail
 
+    def rekey_all(self) -> None:
+        """The namespace changed (KVTierConnector.reset_cache: vLLM was told to forget the connector's
+        cache, as after a weight update): every request in flight is keyed anew under the new root, and
+        what it had stored or loaded counts for nothing there (vLLM resets its prefix cache only with
+        no request running, or with every running one preempted and recomputed)."""
+        for st in self.reqs.values():
+            self._key_prompt(st)
+            st.stored_upto = 0
+            st.partial_stored = False
+        self._recent_saves.clear()
+
     def _final_chunk(self, st: _ReqState, num_tokens: int, end: int) -> tuple[bytes, int, bool] | None:
         """(key, tokens to claim, partial?) of chunk `end` when it holds the request's last token.
 
