@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -79,3 +80,37 @@ def test_bad_bounds_are_refused() -> None:
         BackgroundWriter(max_bytes=0)
     with pytest.raises(ValueError, match="nbytes"):
         BackgroundWriter().submit(lambda: None, nbytes=-1)
+
+
+def test_abandon_skips_the_queued_jobs_and_waits_for_the_running_one() -> None:
+    w = BackgroundWriter(max_pending=8)
+    started, gate = threading.Event(), threading.Event()
+    ran: list[str] = []
+    w.submit(lambda: (started.set(), gate.wait(10), ran.append("running")))
+    w.submit(lambda: ran.append("queued"))
+    assert started.wait(10)
+    dropping = threading.Thread(target=w.abandon)
+    dropping.start()
+    dropping.join(0.2)
+    assert dropping.is_alive() and ran == []  # the job running is waited for
+    gate.set()
+    dropping.join(10)
+    assert not dropping.is_alive() and ran == ["running"] and w.pending == 0 and w.pending_bytes == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        w.submit(lambda: None)
+
+
+def test_abandon_returns_a_failure_no_caller_was_told_of_and_raises_nothing() -> None:
+    def boom() -> None:
+        raise OSError("disk gone")
+
+    w = BackgroundWriter()
+    w.submit(boom)
+    while w.pending:  # ran (a job not started when abandon comes is skipped)
+        time.sleep(0.001)
+    assert isinstance(w.abandon(), OSError)
+    told = BackgroundWriter()
+    told.submit(boom)
+    with pytest.raises(SparseWriteError):
+        told.drain()
+    assert told.abandon() is None  # drain raised it: the caller knows

@@ -15,6 +15,9 @@ KV written straight in). Single-threaded: one forward pass at a time.
     flush(), close()                    wait for every save; BlocksNotStoredError names the blocks
                                         the store refused or failed to store (and why), and is
                                         raised again by every later append and store read
+    discard()                           drop the request (a cache reset for the next prompt, a cache
+                                        collected): release everything it holds, raise nothing of
+                                        its saves (logged once, at warning level)
     fast_tier_bytes(), budget_bytes()
 
 Blocks are chunks of the store (block_tokens == the store's chunk_tokens), keyed by a chain
@@ -35,10 +38,13 @@ layers x heads x 2 sections.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +71,8 @@ from kvtier.sparse.writer import BackgroundWriter
 from kvtier.store.tiered import SaveBatch, SaveResult, TieredStore
 from kvtier.store.transfer import TransferHandle
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class _SpanSave:
@@ -85,6 +93,82 @@ class _SpanSave:
 def _listed(blocks: list[int]) -> str:
     """Blocks for a message: the first eight."""
     return f"{blocks[:8]}" if len(blocks) <= 8 else f"{blocks[:8]} ..."
+
+
+def _not_stored(unstored: Sequence[tuple[int, str]]) -> str:
+    """What `unstored` ((blocks, why) of each save the store did not carry out) says, in one sentence."""
+    n = sum(count for count, _ in unstored)
+    more = len(unstored) - 3
+    return (f"{n} block{'s' if n != 1 else ''} of this request {'were' if n != 1 else 'was'} not stored: "
+            + "; ".join(why for _, why in unstored[:3]) + (f"; and {more} more saves" if more > 0 else ""))
+
+
+def _unstored_why(store: TieredStore, save: _SpanSave) -> tuple[int, str] | None:
+    """(blocks, why) if the store did not store blocks of the committed `save` where it was to (waits
+    for its writes), else None. Its handle raises on a tier's I/O failure; a refusal (disk full, no
+    room without cutting a chain) is only in SaveResult.errors; and a block DRAM had no slot for, in
+    a store with nothing below DRAM, is dropped without a word (fewer chunks in memory and on disk
+    than saved). Only then are the blocks looked up: what they find decides (a disk failure whose
+    blocks the lower tiers took left nothing unstored); the store's words say why.
+
+    A function of the store and the save alone, so that a dropped request's last saves can be
+    checked on a thread of their own without keeping the request (its working sets) alive."""
+    assert save.handle is not None
+    try:
+        result = save.handle.wait()
+    except Exception as e:  # noqa: BLE001 - the store's report of a failed write: recorded, raised by flush
+        reasons = [f"{e}"]
+    else:
+        if not result.errors and result.chunks in (result.in_memory, result.on_disk):
+            return None
+        reasons = list(result.errors)
+    lost, dram_only = _unstored_blocks(store, save)
+    if not lost and not dram_only:
+        return None
+    span = f"blocks {save.first}..{save.first + save.m - 1}"
+    parts = []
+    if lost:
+        parts.append(f"{len(lost)} in no tier of the store {_listed(lost)}")
+    if dram_only:
+        parts.append(f"{len(dram_only)} only in DRAM, not written below it (DRAM drops them when it evicts) "
+                     f"{_listed(dram_only)}")
+    said = (f"; the store said (chunk i = block {save.first} + i): {'; '.join(reasons[:3])}" if reasons
+            else "; DRAM had no slot for them and no tier below it took them")
+    return len(lost) + len(dram_only), f"{span}: {', '.join(parts)}{said}"
+
+
+def _unstored_blocks(store: TieredStore, save: _SpanSave) -> tuple[list[int], list[int]]:
+    """Blocks of `save` in no tier, and blocks only DRAM holds where the store writes through to
+    tiers below it (the disk in write-through mode, the lower tiers always), once the lower-tier
+    writes queued for them ended (a bounded wait; a lower tier's own timeouts end its writes)."""
+    blocks = range(save.first, save.first + save.m)
+    try:
+        if store.lower_tiers:  # a disk failure's blocks may still be on their way to the lower tiers
+            store.wait_lower(save.keys, _LOWER_WAIT_S)
+        through = store.config.write_mode == "write-through"
+        below = [t for t in (store.disk,) if t is not None and through] + list(store.lower_tiers)
+        lost: list[int] = []
+        dram_only: list[int] = []
+        for block, key in zip(blocks, save.keys):
+            if not store.lookup([key], touch=False).hits:
+                lost.append(block)
+            elif below and not any(tier.contains(key) for tier in below):
+                dram_only.append(block)
+    except StoreClosedError:  # nothing to look in: every block of the failed save counts
+        return list(blocks), []
+    return lost, dram_only
+
+
+def _report_dropped_saves(store: TieredStore, saves: list[_SpanSave], request: str) -> None:
+    """Check the saves a discarded request left in flight once their writes end, and log (never
+    raise: nobody is left to raise to) the blocks they did not store. Runs on a thread of its own."""
+    try:
+        found = [why for save in saves if (why := _unstored_why(store, save)) is not None]
+    except Exception:  # noqa: BLE001 - a thread of its own: logged, never lost
+        log.warning("sparse %s (discarded): checking its last saves failed", request, exc_info=True)
+        return
+    if found:
+        log.warning("sparse %s (discarded, so not raised): %s", request, _not_stored(found))
 
 
 def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -189,6 +273,12 @@ class SparseKV:
         # the forward's thread pops: a deque, safe for one of each)
         self._saves: deque[_SpanSave] = deque()
         self._unstored: list[tuple[int, str]] = []  # (blocks, why) of each save the store did not carry out
+        self._reported = 0  # how many of _unstored a caller was told of (raised); discard logs the rest
+        # spans whose save may hold a SaveBatch not committed (its DRAM reservations): the open one and
+        # those whose jobs still wait in the writer; pruned as spans commit, aborted by discard
+        self._uncommitted: list[_SpanSave] = []
+        self._closed = False  # close() ran
+        self._discarded = False  # discard() ran: nothing more may be appended or attended
         # blocks of the span being saved (committed after the last layer): layer -> (first, K, V [H, mB, d])
         self._span: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._steps = [0] * n_layers
@@ -216,6 +306,8 @@ class SparseKV:
         Raises BlocksNotStoredError once a save of this request is known to have left blocks
         unstored (checked at each layer 0 without waiting): the prefill stops at the next chunk,
         not at decode."""
+        if self._discarded:
+            raise RuntimeError("append to a discarded SparseKV")
         if layer == 0:
             self._settle_saves(wait=False)
         self._raise_unstored()
@@ -337,6 +429,9 @@ class SparseKV:
                 keys.append(prev)
             self.block_keys.extend(keys)
             self._open = _SpanSave(keys, parent, first, m, [[] for _ in range(m)])
+            # committed spans (their handle set by the writer's last job) hold no batch
+            self._uncommitted = [s for s in self._uncommitted if s.handle is None]
+            self._uncommitted.append(self._open)
         elif self._open is None or (self._open.first, self._open.m) != (first, m):
             raise RuntimeError(f"layer {layer} completed blocks {first}..{first + m - 1}, which do not match "
                                f"layer 0's; append every layer the same tokens, in layer order")
@@ -352,6 +447,7 @@ class SparseKV:
             except BaseException as e:  # raised here; flush and close raise it too (as the writer's are)
                 self._unstored.append((span.m, f"blocks {span.first}..{span.first + span.m - 1}: their save "
                                                f"failed: {e!r}"))
+                self._reported = len(self._unstored)  # raised now
                 raise
         else:
             self._writer.submit(lambda: self._write_layer(span, layer, k, v, summaries, last),
@@ -419,66 +515,19 @@ class SparseKV:
             self._check_save(save)
 
     def _check_save(self, save: _SpanSave) -> None:
-        """Record the blocks of `save` the store did not store where it was to. Its handle raises on a
-        tier's I/O failure; a refusal (disk full, no room without cutting a chain) is only in
-        SaveResult.errors; and a block DRAM had no slot for, in a store with nothing below DRAM, is
-        dropped without a word (fewer chunks in memory and on disk than saved). Only then are the
-        blocks looked up: what they find decides (a disk failure whose blocks the lower tiers took
-        left nothing unstored); the store's words say why."""
-        assert save.handle is not None
-        try:
-            result = save.handle.wait()
-        except Exception as e:  # noqa: BLE001 - the store's report of a failed write: recorded, raised by flush
-            reasons = [f"{e}"]
-        else:
-            if not result.errors and result.chunks in (result.in_memory, result.on_disk):
-                return
-            reasons = list(result.errors)
-        lost, dram_only = self._unstored_blocks(save)
-        if not lost and not dram_only:
-            return
-        span = f"blocks {save.first}..{save.first + save.m - 1}"
-        parts = []
-        if lost:
-            parts.append(f"{len(lost)} in no tier of the store {_listed(lost)}")
-        if dram_only:
-            parts.append(f"{len(dram_only)} only in DRAM, not written below it (DRAM drops them when it evicts) "
-                         f"{_listed(dram_only)}")
-        said = (f"; the store said (chunk i = block {save.first} + i): {'; '.join(reasons[:3])}" if reasons
-                else "; DRAM had no slot for them and no tier below it took them")
-        self._unstored.append((len(lost) + len(dram_only), f"{span}: {', '.join(parts)}{said}"))
-
-    def _unstored_blocks(self, save: _SpanSave) -> tuple[list[int], list[int]]:
-        """Blocks of `save` in no tier, and blocks only DRAM holds where the store writes through to
-        tiers below it (the disk in write-through mode, the lower tiers always), once the lower-tier
-        writes queued for them ended (a bounded wait; a lower tier's own timeouts end its writes)."""
-        store = self.store
-        blocks = range(save.first, save.first + save.m)
-        try:
-            if store.lower_tiers:  # a disk failure's blocks may still be on their way to the lower tiers
-                store.wait_lower(save.keys, _LOWER_WAIT_S)
-            through = store.config.write_mode == "write-through"
-            below = [t for t in (store.disk,) if t is not None and through] + list(store.lower_tiers)
-            lost: list[int] = []
-            dram_only: list[int] = []
-            for block, key in zip(blocks, save.keys):
-                if not store.lookup([key], touch=False).hits:
-                    lost.append(block)
-                elif below and not any(tier.contains(key) for tier in below):
-                    dram_only.append(block)
-        except StoreClosedError:  # nothing to look in: every block of the failed save counts
-            return list(blocks), []
-        return lost, dram_only
+        """Record the blocks of the committed `save` the store did not store where it was to
+        (`_unstored_why`), for `_raise_unstored`."""
+        why = _unstored_why(self.store, save)
+        if why is not None:
+            self._unstored.append(why)
 
     def _raise_unstored(self) -> None:
         """Raise BlocksNotStoredError if a save of this request left blocks unstored (every time)."""
         if not self._unstored:
             return
-        n = sum(count for count, _ in self._unstored)
-        more = len(self._unstored) - 3
+        self._reported = len(self._unstored)
         raise BlocksNotStoredError(
-            f"{n} block{'s' if n != 1 else ''} of this request {'were' if n != 1 else 'was'} not stored: "
-            + "; ".join(why for _, why in self._unstored[:3]) + (f"; and {more} more saves" if more > 0 else "")
+            _not_stored(self._unstored)
             + ". Decode needs every block of the context: this request cannot go on (a full tier: give the store "
             "room for the whole request, or shorten it)"
         )
@@ -487,7 +536,9 @@ class SparseKV:
         """Wait for every queued write and every save's lower-tier writes; raises SparseWriteError for
         a failed background write, BlocksNotStoredError (naming how many blocks and why) if the store
         refused or failed to store blocks of this request. Both are kept: every later flush, close,
-        append and store read raises them again (the blocks stay unstored)."""
+        append and store read raises them again (the blocks stay unstored). Nothing, after discard."""
+        if self._discarded:
+            return
         try:
             if self._writer is not None:
                 self._writer.drain()
@@ -498,10 +549,14 @@ class SparseKV:
     def close(self) -> None:
         """`flush`, then stop the background writer (nothing queued is lost) and the prefetcher, and
         give back the DRAM slots of a span whose layers were not all appended (a forward that failed
-        part-way); each is stopped whatever the others raise, and the first error is raised after."""
+        part-way); each is stopped whatever the others raise, and the first error is raised after.
+        Nothing, after discard."""
+        if self._discarded:
+            return
+        self._closed = True
         errors: list[BaseException] = []
         for step in (self.flush, self._writer.close if self._writer is not None else None,
-                     self._abort_open_span, self._prefetch.close if self._prefetch is not None else None):
+                     self._abort_uncommitted, self._prefetch.close if self._prefetch is not None else None):
             if step is None:
                 continue
             try:
@@ -511,13 +566,72 @@ class SparseKV:
         if errors:
             raise errors[0]
 
-    def _abort_open_span(self) -> None:
-        """Abort the save of the span being appended (its batch holds DRAM slots until a commit that
-        will not come); the writer is idle. Its blocks were never stored."""
-        span, self._open = self._open, None
+    @property
+    def released(self) -> bool:
+        """close() or discard() ran: this request holds no thread and no DRAM reservation."""
+        return self._closed or self._discarded
+
+    def discard(self) -> None:
+        """Drop this request for good, releasing everything it holds, and raise nothing: for an owner
+        that has no use for the request any more (a cache reset for the next prompt, a cache collected),
+        where `close` would raise the old request's save errors into the next one.
+
+        The prefetcher's read in flight is waited for and its thread ends; the writer's queued jobs are
+        skipped and the one running is waited for, so nothing of this request writes after this returns;
+        the saves they leave uncommitted (a span whose layers were not all appended or written) give
+        back their DRAM reservations, and their blocks, never published, are read by nobody (their keys
+        are this request's own). What is committed is the store's: its lower-tier writes go on. The save
+        errors no caller was told of (a failed background write, blocks the store refused or failed to
+        store) are logged once, at warning level: those known now here, those of saves still writing
+        by a thread that waits for them (the request's tensors are not kept for it). Its working sets
+        and summaries are dropped. Idempotent; append and attend raise after it, flush and close do
+        nothing."""
+        if self._discarded:
+            return
+        self._discarded = True
+        request = f"request {self._root[:6].hex()}"
+        problems: list[str] = []
+        if self._prefetch is not None:
+            self._quietly(self._prefetch.close, problems, "stopping its prefetcher")
+        failed = self._writer.abandon() if self._writer is not None else None
+        if failed is not None:
+            problems.append(f"a background write of its KV failed: {failed!r}")
+        self._quietly(self._abort_uncommitted, problems, "aborting its uncommitted saves")
+        # the bulk of its device memory, freed now rather than when the collector finds the request
+        self.release_prefill()
+        self.working, self.tables = [], []
+        saves = list(self._saves)  # the writer is idle: nothing is appended meanwhile
+        self._saves.clear()
+        if all(save.handle is not None and save.handle.done() for save in saves):
+            for save in saves:
+                self._quietly(functools.partial(self._check_save, save), problems, "checking its saves")
+        else:  # their writes go on: checked when they end, without holding this request's tensors
+            threading.Thread(target=_report_dropped_saves, args=(self.store, saves, request),
+                             name="kvtier-sparse-discard", daemon=True).start()
+        if len(self._unstored) > self._reported:
+            problems.append(_not_stored(self._unstored[self._reported:]))
+            self._reported = len(self._unstored)
+        if problems:
+            log.warning("sparse %s (discarded, so not raised): %s", request, "; ".join(problems))
+
+    @staticmethod
+    def _quietly(step: Callable[[], None], problems: list[str], what: str) -> None:
+        """Run one step of `discard`; an error is noted for its warning, never raised."""
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - discard raises nothing: logged with the request's other errors
+            problems.append(f"{what} failed: {e!r}")
+
+    def _abort_uncommitted(self) -> None:
+        """Abort the saves begun and not committed (the span being appended, whose batch holds DRAM
+        slots until a commit that will not come, and any whose jobs the writer skipped); the writer is
+        idle. Their blocks were never stored. A committed or aborted batch ignores the abort."""
+        self._open = None
         self._span.clear()
-        if span is not None and span.batch is not None:
-            span.batch.abort()
+        spans, self._uncommitted = self._uncommitted, []
+        for span in spans:
+            if span.batch is not None:
+                span.batch.abort()
 
     # -- reading -------------------------------------------------------------------
     def _section(self, layer: int, head: int, plane: int) -> int:
@@ -709,6 +823,8 @@ class SparseKV:
 
         `token_mask` [nq, T] (True = may attend) carries padding; causality is applied here.
         """
+        if self._discarded:
+            raise RuntimeError("attend of a discarded SparseKV")
         ws = self.working[layer]
         if self._gathered or self._gather_parts:
             self.release_prefill()  # prefill is over: decode holds only working sets, summaries, staging
@@ -755,6 +871,8 @@ class SparseKV:
         piece by piece in unfused float32 ops, made a 4k-token chunked prefill 3.5x slower than
         plain sdpa on the CPU. Longer contexts stream in pieces of that many tokens (or `slots`
         blocks, if more), merged by online softmax, so a layer never holds more than a piece."""
+        if self._discarded:
+            raise RuntimeError("attend of a discarded SparseKV")
         ws = self.working[layer]
         hq, nq, d = q.shape
         h = self.layout.num_kv_heads

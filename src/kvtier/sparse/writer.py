@@ -12,6 +12,8 @@ run in order on one worker thread, so a span's layers reach the store's SaveBatc
     pending         jobs queued or running
     drain()         wait until every queued job ran; raises SparseWriteError if one failed
     close()         drain, then let the worker end; the writer is unusable after
+    abandon()       skip the queued jobs not started, wait for the one running, close; returns the
+                    error of a failed job no caller was told of (the owner dropping its request logs it)
 
 A failed job is never dropped silently: its error is kept and raised by every later submit,
 drain and close (the blocks it was to write are not in the store, and a read of them would
@@ -41,6 +43,8 @@ class BackgroundWriter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._error_raised = False  # a caller was told of _error (abandon returns it otherwise)
+        self._abandoned = False  # the worker skips every job it takes
         self._closed = False
         self._name = name
 
@@ -78,8 +82,22 @@ class BackgroundWriter:
         finally:
             self._closed = True
 
+    def abandon(self) -> BaseException | None:
+        """Skip every queued job that has not started and wait for the one running: no job runs after
+        this returns. The writer is closed after. For an owner dropping its request (its writes are of
+        no use to anyone), who must then release what the skipped jobs would have (a save begun by an
+        earlier job and never committed). Returns the error of a failed job that no submit, drain or
+        close raised, or None; never raises it."""
+        self._abandoned = True
+        try:
+            self._queue.join()
+        finally:
+            self._closed = True
+        return None if self._error_raised else self._error
+
     def _raise_failed(self) -> None:
         if self._error is not None:
+            self._error_raised = True
             raise SparseWriteError(f"a background write of sparse KV to the store failed: {self._error!r}") \
                 from self._error
 
@@ -92,8 +110,10 @@ class BackgroundWriter:
                     self._thread = None  # submit starts a new worker for the next job
                     return
             try:
-                if self._error is None:  # after a failure later jobs are skipped (their spans would be
-                    job()                # children of a chunk that never landed)
+                # after a failure later jobs are skipped (their spans would be children of a chunk that
+                # never landed); after abandon every one is
+                if self._error is None and not self._abandoned:
+                    job()
             except BaseException as e:  # kept and re-raised to the caller, never lost on this thread
                 self._error = e
             finally:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -53,8 +58,9 @@ def store(memory: int = 1 << 22) -> TieredStore:
                        sparse_store_layout(LAYOUT))
 
 
-def cfg(policy: str, budget: int) -> SparseConfig:
-    return SparseConfig(policy=policy, budget_tokens=budget, block_tokens=BLOCK, sink_tokens=4, window_tokens=4)
+def cfg(policy: str, budget: int, prefetch_blocks: int = 0) -> SparseConfig:
+    return SparseConfig(policy=policy, budget_tokens=budget, block_tokens=BLOCK, sink_tokens=4, window_tokens=4,
+                        prefetch_blocks=prefetch_blocks)
 
 
 @pytest.mark.parametrize("policy,budget", [("dense", 12), ("quest", 256)])
@@ -155,3 +161,91 @@ def test_unsupported_attention_is_refused() -> None:
         sparse_attention_forward(torch.nn.Module().eval(), k, k, k, None, s_aux=torch.zeros(1))
     with pytest.raises(UnsupportedModelError, match="inference"):
         check_supported(torch.nn.Module().train(), k, k, {})
+
+
+# -- dropping sequences: reset, a cache collected ---------------------------------------------
+# Bug: SparseCacheLayer.reset() dropped the cache's SparseKVs without closing them: each reset
+# leaked a prefetch thread (until a full collection found the request), kept the DRAM slots of a
+# span whose save never committed, and silently lost the store's refusals of its saves. Closing
+# them would raise the old request's errors into the next prompt: reset discards them instead.
+
+def wait_until(ok: Callable[[], bool], timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_resets_with_prefetch_on_do_not_leak_threads(models) -> None:
+    _, sparse = models
+    cache = KVTierSparseCache(store(), cfg("quest", 16, prefetch_blocks=2), model_config=sparse.config)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    gc.disable()  # the collector ended a dropped request's prefetch thread, whenever it ran a full pass
+    try:
+        counts = []
+        for _ in range(4):
+            with torch.no_grad():
+                sparse.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+            pf = cache.sequences[0]._prefetch
+            assert pf is not None and pf.prefetched_slices > 0  # decode read ahead: its thread ran
+            cache.reset()
+            assert cache.sequences == [] and cache.get_seq_length() == 0
+            counts.append(threading.active_count())
+        # a writer's thread may take a moment to end after its last job
+        assert wait_until(lambda: threading.active_count() <= counts[0], 5), counts  # grew by 1 per reset before
+    finally:
+        gc.enable()
+
+
+def test_a_reset_mid_prefill_gives_back_the_dram_reservations(models) -> None:
+    stock, sparse = models
+    st = store()
+    assert st.memory is not None
+    cache = KVTierSparseCache(st, cfg("quest", 16), model_config=sparse.config)
+    k = torch.randn(1, 2, 40, 16)
+    cache.update(k, k, 0)  # a forward that failed after layer 0: its 10 blocks' save never commits
+    assert wait_until(lambda: st.memory.slot_counts()["reserved"] == 10)
+    cache.reset()
+    counts = st.memory.slot_counts()
+    assert counts["reserved"] == 0 and counts["free"] == counts["slots"]  # 10 slots kept for good before
+    # the cache is reused for a new prompt: exact, as a fresh one
+    ids = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = sparse(ids, past_key_values=cache, use_cache=True)
+        assert torch.allclose(stock(ids).logits, out.logits, atol=1e-5)
+    cache.close()
+
+
+def test_a_reset_after_a_refused_save_logs_instead_of_raising(models, caplog) -> None:
+    _, sparse = models
+    chunk = 2 * 2 * 2 * BLOCK * 16 * 4  # layers x KV heads x planes x tokens x head size x float32
+    st = store(memory=4 * chunk)  # DRAM of 4 blocks, nothing below it: a 10-block save does not fit
+    cache = KVTierSparseCache(st, cfg("quest", 16), model_config=sparse.config)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        sparse(ids, past_key_values=cache, use_cache=True)  # prefill: dense, reads nothing back
+    cache.sequences[0]._writer.drain()  # its save committed, its refusal not yet checked
+    with caplog.at_level(logging.WARNING, logger="kvtier.sparse.kv"):
+        cache.reset()  # dropped it without a word before (and close would raise it into the next prompt)
+    (record,) = [r for r in caplog.records if r.name == "kvtier.sparse.kv"]
+    assert record.levelno == logging.WARNING
+    assert "6 blocks of this request were not stored" in record.getMessage()
+    cache.close()  # a new request, and none yet: nothing to raise
+
+
+def test_a_collected_cache_gives_back_the_dram_reservations(models) -> None:
+    _, sparse = models
+    st = store()
+    assert st.memory is not None
+    cache = KVTierSparseCache(st, cfg("quest", 16), model_config=sparse.config)
+    k = torch.randn(1, 2, 40, 16)
+    cache.update(k, k, 0)
+    assert wait_until(lambda: st.memory.slot_counts()["reserved"] == 10)
+    del cache
+    gc.collect()  # the cache refers to itself (its layers to their owner): a full pass finds it
+    for t in threading.enumerate():
+        if t.name == "kvtier-sparse-discard":
+            t.join(30)
+    assert st.memory.slot_counts()["reserved"] == 0  # reserved for the process's life before

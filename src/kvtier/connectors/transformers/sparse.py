@@ -7,6 +7,11 @@
                                         store's layout is sparse_store_layout(model's KV layout)
     prefill(model, input_ids, cache, chunk_tokens)  dense prefill in chunks, blocks written as it goes
 
+The cache owns its sequences. `close()` flushes them and raises what their saves left unstored;
+`reset()` (transformers' name; `discard()` here) drops them for the next prompt without raising
+the old request's errors (SparseKV.discard: threads stopped, uncommitted saves' DRAM reservations
+given back, errors logged), and a cache collected unclosed discards them as well.
+
 Usage on a stock Llama-family model:
 
     register()
@@ -33,6 +38,8 @@ soft-capping, K and V of different head sizes (MLA), training mode, beam reorder
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -175,9 +182,13 @@ class SparseCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        """transformers' Cache.reset calls this for every layer: the first call drops the sequences
+        (and resets every layer), the others find nothing left."""
+        self.owner.discard()
+
+    def clear(self) -> None:
         self.seen = 0
         self.is_initialized = False
-        self.owner.sequences = []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("KVTierSparseCache does not support beam search reordering")
@@ -207,9 +218,15 @@ class KVTierSparseCache(Cache):
         self.store = store
         self.config = config
         self.layout = layout
+        # one list for the cache's life, changed in place: the finalizer below holds it
         self.sequences: list[SparseKV] = []
         self._salts = list(salts) if salts is not None else None
-        super().__init__(layers=[SparseCacheLayer(self, i) for i in range(layout.num_layers)])
+        self._layers = [SparseCacheLayer(self, i) for i in range(layout.num_layers)]
+        super().__init__(layers=list(self._layers))
+        # a cache dropped unclosed (generate's caller moved on, an exception) discards its sequences
+        # when collected: their threads and DRAM reservations are not kept for the process's life
+        finalizer = weakref.finalize(self, _discard_later, self.sequences)
+        finalizer.atexit = False  # the process is ending: nothing to give back to
 
     def _ensure_sequences(self, batch: int, device: torch.device | None = None) -> None:
         if self.sequences:
@@ -219,7 +236,7 @@ class KVTierSparseCache(Cache):
         salts = self._salts or [None] * batch  # type: ignore[list-item]
         if len(salts) != batch:
             raise ValueError(f"{len(salts)} salts for a batch of {batch}")
-        self.sequences = [SparseKV(self.store, self.config, self.layout, salt=s, device=device) for s in salts]
+        self.sequences[:] = [SparseKV(self.store, self.config, self.layout, salt=s, device=device) for s in salts]
 
     def fast_tier_bytes(self) -> int:
         return sum(s.fast_tier_bytes() for s in self.sequences)
@@ -237,6 +254,17 @@ class KVTierSparseCache(Cache):
         for s in self.sequences:
             s.release_prefill()
 
+    def discard(self) -> None:
+        """Drop every sequence (SparseKV.discard: its threads stopped, what it holds given back, its
+        save errors logged, not raised) and start afresh: the next forward is a new prompt. What
+        transformers' `reset()` does; never raises the old request's errors into the next one."""
+        dropped = list(self.sequences)
+        self.sequences.clear()
+        for layer in self._layers:
+            layer.clear()
+        for s in dropped:
+            s.discard()
+
     def close(self) -> None:
         """Flush every sequence's writes and stop its background writer and prefetcher: every
         sequence, whatever another raises; the first error is raised after."""
@@ -248,6 +276,20 @@ class KVTierSparseCache(Cache):
                 errors.append(e)
         if errors:
             raise errors[0]
+
+
+def _discard_later(sequences: list[SparseKV]) -> None:
+    """A collected cache's finalizer: discard the sequences not closed. The collector may run it on
+    any thread (a sequence's writer, the store's I/O threads), where waiting for a writer would wait
+    for itself; so it waits nowhere and hands the work to a thread of its own."""
+    live = [s for s in sequences if not s.released]
+    if live:
+        threading.Thread(target=_discard_all, args=(live,), name="kvtier-sparse-discard", daemon=True).start()
+
+
+def _discard_all(sequences: list[SparseKV]) -> None:
+    for s in sequences:
+        s.discard()
 
 
 def model_kv_layout(model_config: Any, dtype: str) -> KVLayout:
