@@ -45,7 +45,9 @@ The DRAM tiers and the folder run the real policy objects (kvtier.tiers.policies
 defaults of MemoryTierConfig and SharedFolderTierConfig. A request on host h: lookup (each key in
 h's DRAM, else in the shared tier; stop at the first key in neither), touch the hits where they
 were found, promote the shared hits into h's DRAM, then save the rest of the request into h's DRAM
-and write those not in the shared tier to it, parents first (write-through, as the store does).
+and write those not in the shared tier to it, parents first (write-through, as the store does),
+after the ancestors the shared tier lacks (evicted there), from h's DRAM; if h's DRAM lacks one
+too, the chain is not written (TieredStore._write_ancestors: a shared tier never gets an orphan).
 
 With `real_payload=True` it also moves real chunks through two `kvtier serve` processes sharing
 one folder (kvtier.bench.fleet_payload); the Redis payload figures are helper "redis"'s
@@ -461,12 +463,19 @@ def simulate_fleet(requests: Sequence[TraceRequest], hosts: int, dram_capacity: 
                     dram.policy.touch((key,))
             else:
                 dram.put(key, parent, depth)  # a shared hit promoted, or a new chunk saved
-            if lower is not None and depth >= n:  # saved: written to the shared tier too
-                if key not in lower.resident:
-                    lower.put(key, parent, depth)
-                elif shared is not None and shared.saves_touch:
-                    lower.policy.touch((key,))
             parent = key
+        if lower is not None and n < len(keys):  # the saved chunks go to the shared tier too, after
+            # the ancestors it lacks (evicted there), from this host's DRAM; the chain stops if DRAM lacks one
+            first = n
+            while first > 0 and keys[first - 1] not in lower.resident and keys[first - 1] in dram.resident:
+                first -= 1
+            if first == 0 or keys[first - 1] in lower.resident:
+                for depth in range(first, len(keys)):
+                    key = keys[depth]
+                    if key not in lower.resident:
+                        lower.put(key, keys[depth - 1] if depth else None, depth)
+                    elif depth >= n and shared is not None and shared.saves_touch:
+                        lower.policy.touch((key,))
     return counts
 
 

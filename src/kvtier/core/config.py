@@ -152,7 +152,7 @@ class DiskTierConfig:
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
 # The server settings kvtier recommends for a Redis tier (README, tiers/redis.py; the fleet bench's
 # `redis` column models exactly these). Sampled LRU with Redis's default 5 samples evicts far from
-# LRU order on a prefix cache (kvtier bench fleet: 0.78x one_host at 4 hosts against 0.86x with 64);
+# LRU order on a prefix cache (kvtier bench fleet: 0.78x one_host at 4 hosts against 0.87x with 64);
 # with MiB-sized chunks evictions are few per byte, so the extra samples cost no measurable CPU.
 # allkeys-lfu measured worse than allkeys-lru (its minute-grained decay and new keys' start value).
 REDIS_RECOMMENDED_SETTINGS: dict[str, str] = {"maxmemory-policy": "allkeys-lru", "maxmemory-samples": "64"}
@@ -160,8 +160,8 @@ REDIS_RECOMMENDED_SETTINGS: dict[str, str] = {"maxmemory-policy": "allkeys-lru",
 # default: the server's maxmemory and allkeys-lru) or "owner" (capacity_bytes > 0: one owner host
 # runs kvtier's eviction policy, fed every host's saves and hits through a Redis Stream). Owner
 # mode is recommended: kvtier bench fleet on the Mooncake trace, 4 hosts, against one host with
-# their DRAM: 1.05x owner-managed (the shared folder's model), 0.86x the server's sampled LRU,
-# 0.88x even an exact LRU; the gain is kvtier's prefix-aware policy, which the server cannot run.
+# their DRAM: 1.06x owner-managed (the shared folder's model), 0.87x the server's sampled LRU,
+# 0.89x even an exact LRU; the gain is kvtier's prefix-aware policy, which the server cannot run.
 REDIS_MODES = ("server", "owner")
 REDIS_RECOMMENDED_MODE = "owner"
 

@@ -33,8 +33,11 @@ prefix stops at its first gap in every tier); a load reads the chunks the tiers 
 from them in one batch per tier and promotes full-chunk hits to DRAM. Every save is written
 to each of them (write-through, whatever write_mode says) by one more FIFO writer thread,
 parents first, each chunk pinned in DRAM until its lower writes are done; a lower tier that
-fails stops that chain in that tier only. `read_bandwidths()` reports each tier's measured
-read bandwidth. `wait_lower(keys)` waits for the queued lower-tier writes of just those chunks
+fails stops that chain in that tier only. As on disk, a chunk whose parent a lower tier lacks
+(evicted there) gets its missing ancestors written there first, from DRAM, the write-back queue
+or the disk tier; where none holds one, that tier's chain stops (it never gets an orphan).
+`read_bandwidths()` reports each tier's measured read bandwidth. `wait_lower(keys)` waits for
+the queued lower-tier writes of just those chunks
 (a prefill instance answers a disaggregated request only once its chunks are in the shared
 tiers the decode instance reads; connectors/vllm/pd.py).
 """
@@ -549,6 +552,15 @@ class TieredStore:
                         break
                     t0 = time.perf_counter()
                     try:
+                        # a chunk whose parent the tier lacks (evicted there, or never written to
+                        # it) gets its missing ancestors first, as the disk tier does: a lower tier
+                        # never holds a child it could not reach
+                        if meta.depth > 0 and (i == 0 or meta.parent != metas[i - 1].key):
+                            missing = self._write_ancestors(meta.parent, tier)  # asks the tier for the parent
+                            if missing:
+                                self.metrics.inc(m.WRITES_REFUSED, tier=tier.name)
+                                errors.append(f"{tier.name}: chunk {i}: {missing}")
+                                break
                         ok = tier.write(meta, src)
                     except (TierWriteError, OSError) as e:  # stops this tier's chain only, not the others'
                         self.metrics.inc(m.WRITE_FAILURES, tier=tier.name)
@@ -778,47 +790,67 @@ class TieredStore:
             )
         return result
 
-    def _write_ancestors(self, parent: bytes) -> str:
-        """Write to disk the ancestors of a chunk that are missing there (head first), from DRAM
-        or from the write-back queue; "" when done, else why the chunk cannot go to disk."""
-        assert self.disk is not None
-        disk, mem = self.disk, self.memory
+    def _write_ancestors(self, parent: bytes, tier: Tier | None = None) -> str:
+        """Write to `tier` (the disk tier by default) the ancestors of a chunk that are missing
+        there (head first), from DRAM, the write-back queue or, for a lower tier, the disk tier;
+        "" when done, else why the chunk cannot go to that tier."""
+        target = tier if tier is not None else self.disk
+        assert target is not None
+        mem = self.memory
+        disk = self.disk if self.disk is not target else None  # a source for the lower tiers
+        if disk is not None:
+            from kvtier.tiers.disk import DiskTier
+
+            disk = disk if isinstance(disk, DiskTier) else None
+        if target is self.disk:  # for the messages below
+            here, into, by = "on disk", "disk", "the disk tier"
+        else:
+            here, into, by = f"in {target.name}", target.name, target.name
         missing: list[bytes] = []
         key = parent
-        while not disk.contains(key):
+        while not target.contains(key):
             meta = mem.meta(key) if mem is not None else None
             if meta is None:
                 with self._pending_lock:
                     demoting = self._demoting.get(key)
                 meta = demoting[0] if demoting is not None else None
+            if meta is None and disk is not None:
+                meta = disk.meta(key)
             if meta is None:
-                return f"its ancestor {key.hex()[:16]} is neither on disk nor in DRAM"
+                elsewhere = "in DRAM" if disk is None else "in DRAM nor on disk"
+                return f"its ancestor {key.hex()[:16]} is neither {here} nor {elsewhere}"
             missing.append(key)
             if meta.depth == 0:
                 break
             key = meta.parent
         for key in reversed(missing):
-            if disk.contains(key):
+            if target.contains(key):
                 continue
             entry = mem.pin_entry(key) if mem is not None else None
             try:
-                if entry is not None:
+                if entry is not None and not entry.condemned:
                     assert mem is not None
                     meta = entry.meta
                     layers: list[Buffer] = [mem.layer_view(entry.slot, layer) for layer in range(self.layout.num_layers)]
                 else:
                     with self._pending_lock:
                         demoting = self._demoting.get(key)
-                    if demoting is None:
-                        return f"its ancestor {key.hex()[:16]} left DRAM before it could be written to disk"
-                    meta, layers = demoting[0], list(demoting[1])
+                    if demoting is not None:
+                        meta, layers = demoting[0], list(demoting[1])
+                    elif disk is not None:
+                        layers = [bytearray(self.layer_bytes) for _ in range(self.layout.num_layers)]
+                        meta = disk.read(key, list(range(self.layout.num_layers)), layers)
+                        if meta is None:
+                            return f"its ancestor {key.hex()[:16]} left DRAM and disk before it could be written to {into}"
+                    else:
+                        return f"its ancestor {key.hex()[:16]} left DRAM before it could be written to {into}"
                 assert meta is not None
                 try:
-                    ok = disk.write(meta, layers)
+                    ok = target.write(meta, layers)
                 except TierRefusedError as e:
-                    return f"its ancestor {key.hex()[:16]} was refused by the disk tier: {e}"
+                    return f"its ancestor {key.hex()[:16]} was refused by {by}: {e}"
                 if not ok:
-                    return f"its ancestor {key.hex()[:16]} was refused by the disk tier (no room)"
+                    return f"its ancestor {key.hex()[:16]} was refused by {by} (no room)"
             finally:
                 if entry is not None and mem is not None:
                     mem.release([entry])

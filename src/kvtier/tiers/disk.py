@@ -32,7 +32,11 @@ The index is rebuilt at open by reading every chunk header. A file that fails va
 counted and, by the owner, deleted; an I/O error reading a header (EIO, EMFILE) proves nothing
 about the file: it is skipped and counted as a read error, and kept. A chunk whose chain does
 not reach a head through the files found (its parent was corrupt) is dropped (counted; the
-owner deletes it). The eviction policy learns the chunks oldest file first, parents before
+owner deletes it); one whose chain runs into a file left unread is kept back with it. The
+owner counts the files it keeps back (*held*) as used bytes, since they fill the disk all the
+same, and never evicts them (they may be valid); a write of a held key replaces its file (and
+indexes again the held chunks below it that were read), `delete` removes it, and the next open
+reads it again. The eviction policy learns the chunks oldest file first, parents before
 their children, so the order survives restarts. Files whose header names another KV layout
 belong to another configuration: they are left alone and not indexed, but their bytes count
 against capacity (a warning names the folder). During a read, an I/O error makes that chunk a
@@ -147,6 +151,17 @@ class _Entry:
     cache: tuple[FileSig, _Table] | None = None
 
 
+@dataclass(slots=True)
+class _Held:
+    """A chunk file the owner found at open (or a shared folder's rescan) and did not index, as
+    an I/O error kept its header, or an ancestor's, unread: left alone and never evicted, but its
+    bytes count as used."""
+
+    path: str
+    file_bytes: int
+    entry: _Entry | None  # its verified entry when its own header was read (an ancestor's was not)
+
+
 class _PublishError(Exception):
     """A step of publishing a chunk file failed (internal: DiskTier.write turns it into TierWriteError)."""
 
@@ -188,6 +203,7 @@ class DiskTier(Tier):
         # these spares every ancestor of a chunk being written; its chain cannot be cut under it
         self._write_parents: dict[bytes, int] = {}
         self._bad: dict[bytes, FileSig] = {}  # reader: files found corrupt (a miss until replaced)
+        self._held: dict[bytes, _Held] = {}  # owner: files on disk not indexed (unread), counted in _used
         self._used = 0
         self._reserved = 0  # bytes of writes in flight
         self._lock = threading.Lock()
@@ -320,6 +336,32 @@ class DiskTier(Tier):
             os.close(fd)
         self.metrics.inc(m.BYTES_READ, len(data), tier=self.name)
         return data
+
+    def meta(self, key: bytes) -> ChunkMeta | None:
+        """A stored chunk's meta from its verified header, without its extras (no section is
+        read; `read` of every layer returns them); None for a miss. The store walks a chain's
+        parents with it to find the ancestors a lower tier lacks."""
+        check_key(key)
+        self._check_open()
+        entry = self._find(key)
+        if entry is not None and entry.cache is not None:
+            table = entry.cache[1]  # verified when this file was read or written
+        else:
+            fd = self._open_chunk(key, entry)
+            if entry is None or fd < 0:
+                return None
+            try:
+                table = self._load_table(fd, key, entry)
+            except CorruptChunkError:
+                self._drop_corrupt(key, entry, fd)
+                return None
+            except OSError as e:
+                self._read_failed(key, e)
+                return None
+            finally:
+                os.close(fd)
+        h = table.header
+        return ChunkMeta(h.key, h.parent, h.depth, h.num_tokens, table.checksums)
 
     def _find(self, key: bytes) -> _Entry | None:
         entry = self._index.get(key)
@@ -509,6 +551,9 @@ class DiskTier(Tier):
                 self._used += total
                 self._policy.insert(key, meta.parent, meta.depth)
                 self._record_stored(meta)
+                if self._held:  # a file left unread at open was replaced by this one
+                    self._unhold_locked(key)
+                    self._index_held_children_locked(key)
         except _PublishError as e:
             if e.cause.errno == errno.ENOSPC:
                 self.metrics.inc(m.WRITE_FAILURES, tier=self.name)
@@ -642,7 +687,7 @@ class DiskTier(Tier):
         with self._lock:
             entry = self._index.pop(key, None)
             if entry is None:
-                return False
+                return self._delete_held_locked(key)
             try:
                 os.unlink(entry.path)
             except FileNotFoundError:
@@ -656,6 +701,49 @@ class DiskTier(Tier):
         self._deliver_changes()
         self._report_usage()
         return True
+
+    def _delete_held_locked(self, key: bytes) -> bool:
+        """Remove the file of a held chunk (not indexed: an I/O error kept it unread at open)."""
+        held = self._held.get(key)
+        if held is None:
+            return False
+        try:
+            os.unlink(held.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._write_failed(key, "deleting", e) from e
+        self._unhold_locked(key)
+        return True
+
+    # -- held files (not indexed: an I/O error kept them unread) ------------------------
+    def _hold_locked(self, key: bytes, held: _Held) -> None:
+        """Count a chunk file that is not indexed as used bytes (it fills the disk all the same)."""
+        self._unhold_locked(key)
+        self._held[key] = held
+        self._used += held.file_bytes
+
+    def _unhold_locked(self, key: bytes) -> _Held | None:
+        held = self._held.pop(key, None)
+        if held is not None:
+            self._used -= held.file_bytes
+        return held
+
+    def _index_held_children_locked(self, parent: bytes) -> None:
+        """Index the held chunks below `parent`, now indexed, whose own headers were read: only
+        their chain's unread file kept them back. Their bytes were counted already."""
+        parents = [parent]
+        while parents and self._held:
+            p = parents.pop()
+            for key, held in list(self._held.items()):
+                entry = held.entry
+                if entry is None or entry.depth == 0 or entry.parent != p or key in self._index:
+                    continue
+                self._unhold_locked(key)
+                self._index[key] = entry
+                self._used += entry.file_bytes
+                self._policy.insert(key, entry.parent, entry.depth)
+                parents.append(key)
 
     def usage(self) -> TierUsage:
         with self._lock:
@@ -699,7 +787,8 @@ class DiskTier(Tier):
         chunks in `found`: no lookup could reach it (its parent was corrupt, or lost in a crash).
         The owner deletes its file (counted); a chain that runs into a file an I/O error kept
         unread, or into a missing parent whose bucket folder could not be listed, is only
-        skipped (not indexed, not deleted): it may be fine at the next open."""
+        skipped (not indexed, not deleted; the owner holds it, its bytes counted as used): it
+        may be fine at the next open."""
         status: dict[bytes, str] = {}
         for key in found:
             trail: list[bytes] = []
@@ -732,6 +821,8 @@ class DiskTier(Tier):
                 self.metrics.inc(m.ORPHANS_DROPPED, tier=self.name)
                 if not self.read_only:
                     _unlink_quietly(entry.path)
+            elif not self.read_only:
+                self._hold_locked(key, _Held(entry.path, entry.file_bytes, entry))
 
     def _rebuild_index(self) -> None:
         found: dict[bytes, tuple[_Entry, int]] = {}
@@ -759,6 +850,8 @@ class DiskTier(Tier):
             except OSError as e:  # EIO, EMFILE, ...: not proof the file is bad; keep it, skip it
                 unread.add(key)
                 self._read_failed(key, e)
+                if not self.read_only:  # the owner accounts it: it takes room all the same
+                    self._hold_locked(key, _Held(path, st.st_size, None))
                 continue
             entry = _Entry(path, st.st_size, header.parent, header.depth, (_sig(st), table))
             found[key] = (entry, st.st_mtime_ns)

@@ -26,7 +26,7 @@ victims). Server-managed mode: `maxmemory`, `maxmemory-policy allkeys-lru` and
 where a server's settings differ, if the server lets it read them). Measured by `kvtier bench
 fleet` on the Mooncake trace (its `redis` column models these settings): Redis's default 5
 samples evict far from LRU order and lose whole prefixes (0.78x of one host with the fleet's
-DRAM at 4 hosts, against 0.86x with 64 samples); allkeys-lfu does worse (0.72x with 64 samples:
+DRAM at 4 hosts, against 0.87x with 64 samples); allkeys-lfu does worse (0.71x with 64 samples:
 its counters decay by the minute, so recency is coarse, and a new key starts above keys idle for
 minutes). With MiB-sized chunks evictions are few per byte, so 64 samples cost no measurable CPU.
 A chunk whose parent the server evicted is still stored but never served as a prefix: lookups

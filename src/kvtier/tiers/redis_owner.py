@@ -6,8 +6,8 @@ lower-tier writer thread), and `step()` from the tier's own background thread ev
 
 Why: a server's allkeys-lru samples keys and knows nothing of chains, so it evicts parents under
 live children; kvtier's prefix-aware policies keep more of the fleet's prefixes (kvtier bench
-fleet, Mooncake trace, 4 hosts: 1.05x of one host with their DRAM for the owner-managed model,
-0.86x for the server's sampled LRU, 0.88x for exact LRU). They need every host's accesses in one
+fleet, Mooncake trace, 4 hosts: 1.06x of one host with their DRAM for the owner-managed model,
+0.87x for the server's sampled LRU, 0.89x for exact LRU). They need every host's accesses in one
 order, which is what a Redis Stream is:
 
 - Every host appends its accesses to the stream `{<namespace>:<layout>}.accesses` (XADD with an

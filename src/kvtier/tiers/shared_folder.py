@@ -15,7 +15,9 @@ What differs from a local disk tier:
   across hosts it is configuration, see the README): it alone does capacity accounting, eviction
   and deletion. Every `rescan_s` seconds (and on `rescan()`) it indexes the files other hosts
   wrote, forgets files that vanished, removes temporary files older than `stale_temp_s` (a writer
-  that crashed), and evicts down to capacity with its policy, tails of chains before heads.
+  that crashed), and evicts down to capacity with its policy, tails of chains before heads. A file
+  an I/O error keeps unread (and a chain below it) is left alone and never evicted, but its bytes
+  count as used until a later rescan reads it (as the disk tier does at open).
 - The other hosts never evict or delete, and account nothing: between two owner rescans they may
   push the folder over capacity by what they write meanwhile. Their hits still reach the owner's
   policy: `touch` (which the store calls for the hits it finds in this tier) sets the file's
@@ -60,6 +62,7 @@ from kvtier.tiers.disk import (
     DiskTier,
     FileSig,
     _Entry,
+    _Held,
     _iter_chunk_files,
     _read_header_bytes,
     _scandir,
@@ -205,6 +208,7 @@ class SharedFolderTier(DiskTier):
             entry = self._index.get(key)
             if entry is None:
                 entry = _Entry(path, st.st_size, header.parent, header.depth, (sig, table))
+                self._unhold_locked(key)  # left unread at open or at a rescan: read now
                 self._index[key] = entry
                 self._used += st.st_size
                 self._policy.insert(key, header.parent, header.depth)
@@ -360,7 +364,10 @@ class SharedFolderTier(DiskTier):
         on_disk: set[bytes] = set()
         found: dict[bytes, tuple[_Entry, int]] = {}
         corrupt = 0
-        unread: set[bytes] = set()  # files an I/O error kept from being read: neither adopted nor dropped
+        # files an I/O error kept from being read: neither adopted nor dropped, but held (their
+        # bytes counted as used, as the disk tier counts those it leaves unread at open)
+        unread: dict[bytes, _Held] = {}
+        waiting: dict[bytes, _Entry] = {}  # chunks whose chain runs into an unread file: held too
         unread_buckets: set[str] = set()
         moved: list[tuple[int, bytes, bool]] = []  # (mtime, key, moved since we knew it) of indexed chunks
         for path, key, st in _iter_chunk_files(self._chunks_dir, unread_buckets):
@@ -374,7 +381,7 @@ class SharedFolderTier(DiskTier):
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:  # gone since it was listed: nothing to do; EACCES, EIO: one file, not the rescan
                 if e.errno not in _GONE:
-                    unread.add(key)
+                    unread[key] = _Held(path, st.st_size, None)
                     self._read_failed(key, e)
                 continue
             try:
@@ -394,7 +401,7 @@ class SharedFolderTier(DiskTier):
                 continue
             except OSError as e:
                 if e.errno not in _GONE:
-                    unread.add(key)
+                    unread[key] = _Held(path, st.st_size, None)
                     self._read_failed(key, e)
                 continue
             finally:
@@ -410,6 +417,10 @@ class SharedFolderTier(DiskTier):
             for key, entry in before.items():
                 if key not in on_disk and self._unindex_locked(key, entry):
                     vanished += 1
+            # the files held back before are judged again by this rescan (adopted, held again,
+            # deleted or gone), except those in a bucket it could not list
+            for key in [k for k in self._held if bytes(k).hex()[:2] not in unread_buckets]:
+                self._unhold_locked(key)
             for mtime, key, was_touched in sorted(moved):  # oldest first: the latest hit ends freshest
                 if key in self._index:
                     if was_touched:  # another host's hit (else the first sighting of the owner's own file)
@@ -433,6 +444,7 @@ class SharedFolderTier(DiskTier):
                 if top.depth != 0 and top.parent not in self._index:
                     parent = top.parent
                     if parent is not None and (parent in unread or bytes(parent).hex()[:2] in unread_buckets):
+                        waiting.update((c, found[c][0]) for c in chain)
                         continue  # may be fine at the next rescan
                     for c in chain:
                         entry = found.pop(c)[0]
@@ -449,6 +461,12 @@ class SharedFolderTier(DiskTier):
                     self._policy.insert(k, entry.parent, entry.depth)
                     self._mtimes[k] = found[k][1]
                     adopted += 1
+            for key, held in unread.items():
+                if key not in self._index:  # (a write of this host may have replaced it meanwhile)
+                    self._hold_locked(key, held)
+            for key, entry in waiting.items():
+                if key not in self._index:
+                    self._hold_locked(key, _Held(entry.path, entry.file_bytes, entry))
             evicted = self._trim_locked()
             used, chunks = self._used, len(self._index)
             for key in [k for k in self._mtimes if k not in self._index]:
