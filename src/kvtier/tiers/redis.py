@@ -376,6 +376,23 @@ class RedisTier(Tier):
             node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(rkey))
         except (SlotNotCoveredError, RedisClusterException, IndexError):
             return None  # a slot no live primary serves (its master was lost): a miss
+        return self._route_of_node(cluster, node)
+
+    def _route_at(self, host: str, port: int) -> _Route | None:
+        """The route of the cluster node at host:port, as a MOVED or ASK reply names it; None for a
+        single server, or a node the slot map does not know (yet: a reload is requested)."""
+        if self._single is not None:
+            return None
+        cluster = self._connect_cluster()
+        if cluster is None:
+            return None
+        node = cluster.get_node(host=host, port=port)
+        if node is None:
+            self._request_refresh()
+            return None
+        return self._route_of_node(cluster, node)
+
+    def _route_of_node(self, cluster: Any, node: Any) -> _Route:
         route = self._routes.get(node.name)
         if route is None:
             with self._lock:
@@ -932,15 +949,7 @@ class RedisTier(Tier):
         cluster = self._connect_cluster()
         if cluster is None:
             return []
-        out: list[_Route | None] = []
-        for node in cluster.get_primaries():
-            route = self._routes.get(node.name)
-            if route is None:
-                with self._lock:
-                    route = self._routes.setdefault(
-                        node.name, _Route(node.name, cluster.get_redis_connection(node), self._new_breaker()))
-            out.append(route)
-        return out
+        return [self._route_of_node(cluster, node) for node in cluster.get_primaries()]
 
     def breaker_open(self) -> bool:
         """Whether any server's breaker is open (requests to it are misses without asking)."""

@@ -18,21 +18,28 @@ order, which is what a Redis Stream is:
   pipeline or by the tier's background thread, never in a lookup's or a load's round trip.
 - An owner (a host that sets `owner`; of several, the one holding the owner lease, a key beside
   the stream taken with SET NX PX `owner_lease_s` and renewed at its steps, the others standing by
-  until it lapses or is released at close) replays the stream from its last id (XREAD, in MULTI with
-  XINFO STREAM and a GET of the epoch key) into `make_policy(policy)`, accounts each chunk's
-  value bytes, and DELs the policy's victims (leaves before their parents) while the accounted
-  bytes exceed `capacity_bytes`. Only the owner deletes (besides any host's deletion of a value
-  that fails verification).
+  until it lapses or is released at close) replays the stream from its last id (INFO server, then
+  XREAD in MULTI with XINFO STREAM and a GET of the epoch key) into `make_policy(policy)`,
+  accounts each chunk's value bytes, and DELs the policy's victims (leaves before their parents)
+  while the accounted bytes exceed `capacity_bytes`. Only the owner deletes (besides any host's
+  deletion of a value that fails verification).
 - On start (and on taking the lease over), the owner SCANs the namespace's chunk keys on every
   primary, reads each one's size (STRLEN) and header (GETRANGE: its parent and depth, verified),
   orders them as the records the stream still holds say (chunks with no save record left first,
   parents first, then the retained records replayed), trims, and follows the stream from the
-  point of the scan. A reconciling rescan runs every `rescan_s` (keys it did not know are
-  adopted, keys gone are forgotten, the policy's order kept), and a fresh one whenever the stream
-  lost records the owner had not read: trimmed past its last id (it fell `stream_maxlen` records
-  behind: XINFO STREAM's entries-added minus length exceeds the records it has read; XTRIM does
-  not move max-deleted-entry-id) or a server that lost its data (the epoch key, which the owner
-  sets with SET NX beside the stream, is gone). Each such resync is counted.
+  point of the scan. In a cluster, a key whose slot is moving (MOVED, ASK) is asked at the node
+  the answer names; one that still does not answer is asked again at each step until accounted.
+  A reconciling rescan runs every `rescan_s` (keys it did not know are adopted, keys gone are
+  forgotten, the policy's order kept), and a fresh one (a resync, counted) whenever the view or
+  the owner's stream position no longer holds, as each replay and each reconcile first checks:
+  the stream was trimmed past its last id (it fell `stream_maxlen` records behind: XINFO STREAM's
+  entries-added minus length exceeds the records it has read; XTRIM does not move
+  max-deleted-entry-id); the server lost its data (the epoch key, which the owner sets with SET
+  NX beside the stream, is gone: a reconcile that set a new one does not take it as its own);
+  the stream's server restarted or changed (INFO server's run_id: restarted from an older
+  snapshot, its keys are not the view's; a failover); or the stream went back (gone, its last id
+  behind the owner's position, fewer records added than the owner read: a new stream's ids may
+  be below the old last id, and reading on from there would skip its records).
 
 Operations: run the server with `maxmemory` above capacity_bytes plus the stream (measured on
 Redis 7.0: ~100 bytes a save record, ~10 + 8 per key a hit record) and key overheads,
@@ -56,14 +63,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
 
 from kvtier.core import metrics as m
 from kvtier.core.errors import CorruptChunkError
 from kvtier.tiers.policies import EvictionPolicy, make_policy
 
 if TYPE_CHECKING:
-    from kvtier.tiers.redis import RedisTier
+    from kvtier.tiers.redis import RedisTier, _Route
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,7 @@ MAX_RUNS_PER_ENTRY = 512  # hit records one stream entry may carry
 HIT_KEY_BYTES = 8  # bytes of each key a hit record carries (a 32-byte key: a quarter of the stream)
 SCAN_COUNT = 1000  # keys per SCAN step (and per pipeline of STRLEN/GETRANGE)
 MAX_ADOPTED = 1 << 20  # adopted chunks whose save record has not arrived, at most (then forgotten)
+MAX_REDIRECTS = 3  # MOVED/ASK answers a rescan follows per key (then the key is asked again at the next step)
 # renew the owner lease only while it is still this owner's (a plain PEXPIRE could extend another's)
 _RENEW_IF_MINE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -110,7 +118,7 @@ class OwnerReport:
     applied: int = 0  # stream records replayed
     evicted: int = 0  # chunks the owner deleted for room
     rescans: int = 0  # full scans of the keys (start, periodic, resync)
-    resyncs: int = 0  # rescans forced by lost records (stream trimmed past the owner, server data lost)
+    resyncs: int = 0  # rescans forced by lost records (stream trimmed past the owner, server data lost or restarted)
     vanished: int = 0  # chunks the owner accounted but found gone (rescans, DELs that found nothing)
     corrupt: int = 0  # values a rescan found corrupt (deleted)
     dropped: int = 0  # access records this host dropped: its buffer was full while the server was away
@@ -277,10 +285,14 @@ class AccessLog:
         self._last_id: StreamId = (0, 0)
         self._read_count = 0  # records the stream ever added up to _last_id (see _trimmed_past)
         self._epoch: bytes = b""
+        self._run_id: bytes = b""  # the stream's server's INFO run_id at the last rescan (b"": unknown)
         self._doomed: list[bytes] = []  # victims whose DEL has not gone through yet
         # chunks a rescan adopted before their save record arrived (a host writes, then flushes its
         # records): that late record is of the write already accounted, not a new one
         self._adopted: set[bytes] = set()
+        # chunks a rescan found but could not read (a resharding kept redirecting them): asked again
+        # at each step until they answer, so none stays unaccounted until the next rescan
+        self._unread: set[bytes] = set()
         self._next_rescan = 0.0
 
     # -- every host: records ------------------------------------------------------------------
@@ -373,6 +385,7 @@ class AccessLog:
                     break
                 if got < READ_COUNT:
                     break
+            self._read_unread()
             self._trim()
 
     def _hold_lease(self) -> bool:
@@ -420,6 +433,7 @@ class AccessLog:
             log.warning("kvtier: %s tier: another owner took the owner lease; this one stands by", self.tier.name)
         self.view = None
         self._doomed.clear()
+        self._unread.clear()
 
     def _still_owner(self) -> bool:
         """Whether the lease is this owner's right now (asked just before evicting: an owner
@@ -447,7 +461,10 @@ class AccessLog:
 
     def _poll(self) -> int | None:
         """Replay the next records; how many (None: server unavailable, or records were lost)."""
-        replies = self._ask([("MULTI",), ("GET", self.epoch_key), ("XINFO", "STREAM", self.stream),
+        # INFO outside the MULTI (a server that refuses it must not abort the read), on the same
+        # connection: a restart between the two breaks the exchange
+        replies = self._ask([("INFO", "server"), ("MULTI",), ("GET", self.epoch_key),
+                             ("XINFO", "STREAM", self.stream),
                              ("XREAD", "COUNT", READ_COUNT, "STREAMS", self.stream, format_id(self._last_id)),
                              ("EXEC",)])
         if replies is None:
@@ -457,11 +474,7 @@ class AccessLog:
             log.warning("kvtier: %s tier: the owner's stream read failed: %s", self.tier.name, result)
             return None
         epoch, info, entries = result
-        lost = ""
-        if epoch != self._epoch:
-            lost = "the server lost the owner's epoch key (restarted or flushed)"
-        elif not isinstance(info, Exception):  # an error: no stream yet
-            lost = self._trimmed_past(info)
+        lost = self._lost(epoch, _run_id_of(replies[0]), info)
         if lost:
             log.warning("kvtier: %s tier: owner resyncs: %s", self.tier.name, lost)
             self.report.resyncs += 1
@@ -479,12 +492,34 @@ class AccessLog:
         self._read_count += n
         return n
 
-    def _trimmed_past(self, info: Any) -> str:
+    def _lost(self, epoch: Any, run_id: bytes, info: Any) -> str:
+        """Why the owner's view or its stream position no longer holds ("" if they do), from the
+        epoch key, INFO server's run_id and XINFO STREAM's reply (an error: no stream): the server
+        lost its data or restarted (from an older snapshot, its keys are not the view's), or the
+        stream lost records the owner had not read or went back behind its position (a new
+        stream's ids may be below the old last id: an XREAD from there would skip its records)."""
+        if epoch != self._epoch:
+            return "the server lost the owner's epoch key (restarted or flushed)"
+        if run_id and self._run_id and run_id != self._run_id:
+            return (f"the stream's server restarted or changed (run_id {self._run_id[:8].decode(errors='replace')} "
+                    f"is now {run_id[:8].decode(errors='replace')})")
+        position = format_id(self._last_id).decode()
+        if isinstance(info, Exception):
+            return f"the stream is gone (the owner had read to {position})" if self._last_id != (0, 0) else ""
+        fields = _info_fields(info)
+        last = fields.get(b"last-generated-id")
+        if last is not None and parse_id(last) < self._last_id:
+            return f"the stream went back to {format_id(parse_id(last)).decode()}, behind the owner's {position}"
+        added = fields.get(b"entries-added")
+        if isinstance(added, int) and added < self._read_count:
+            return f"the stream added {added} records, fewer than the {self._read_count} the owner has read"
+        return self._trimmed_past(fields)
+
+    def _trimmed_past(self, fields: dict[bytes, Any]) -> str:
         """Why records after the owner's last id are gone ("" if none are), from XINFO STREAM's
         reply taken atomically with the XREAD: the stream added `entries-added` records and holds
         `length`, so the oldest entries-added - length were trimmed; the owner has read (or its
         last rescan covered) the first `_read_count`. (XTRIM does not move max-deleted-entry-id.)"""
-        fields = _info_fields(info)
         added, length = fields.get(b"entries-added"), fields.get(b"length")
         if isinstance(added, int) and isinstance(length, int):  # Redis 7
             if added - length > self._read_count:
@@ -553,19 +588,27 @@ class AccessLog:
         first (older than any record, parents first), then the retained records up to the point of
         the scan replayed in order (saves of chunks still there, and hits), and the stream is then
         followed from that point. A reconcile keeps the view and its order, adopts chunks it did
-        not know and forgets chunks that are gone."""
+        not know and forgets chunks that are gone; but where the server restarted or the stream
+        lost records since the last step (`_lost`: a reconcile must not take the new epoch key it
+        set as its own), it is a resync: a build, the stream then read from the point of the scan."""
         token = os.urandom(8).hex().encode()
         head = self._ask([("SET", self.epoch_key, token, "NX"), ("GET", self.epoch_key),
-                          ("XINFO", "STREAM", self.stream)])
+                          ("XINFO", "STREAM", self.stream), ("INFO", "server")])
         if head is None or isinstance(head[1], Exception) or not head[1]:
             return False
         info = {} if isinstance(head[2], Exception) else _info_fields(head[2])  # an error: no stream yet
         scan_id = parse_id(info.get(b"last-generated-id", b"0-0"))
         scan_count = info.get(b"entries-added", 0)
+        run_id = _run_id_of(head[3])
+        build = fresh or self.view is None
+        lost = "" if build else self._lost(head[1], run_id, head[2])
+        if lost:
+            log.warning("kvtier: %s tier: owner resyncs: %s", self.tier.name, lost)
+            self.report.resyncs += 1
+            build = True
         found = self._scan_keys()
         if found is None:
             return False
-        build = fresh or self.view is None
         view = OwnerView(self.tier.config.policy, self.capacity_bytes) if build else self.view
         assert view is not None
         if not build:
@@ -574,9 +617,10 @@ class AccessLog:
                 self.report.vanished += 1
         elif self.view is not None:
             self.report.vanished += sum(1 for k in self.view.sizes if k not in found)
-        new = self._read_headers([k for k in found if k not in view])
-        if new is None:
+        got = self._read_headers([k for k in found if k not in view])
+        if got is None:
             return False
+        new, unread = got
         history: list[Save | Hits] = []
         if build:
             retained = self._read_history(scan_id)
@@ -586,10 +630,7 @@ class AccessLog:
         recorded = {r.key for r in history if isinstance(r, Save)}
         if build or len(self._adopted) > MAX_ADOPTED:
             self._adopted.clear()  # bounded: a record skipped wrongly costs only accounting, which rescans repair
-        for rec in sorted((r for r in new if r.key not in recorded), key=lambda r: r.depth):  # parents first
-            self._adopted.add(rec.key)
-            if not view.save(rec):
-                self._doomed.append(rec.key)
+        self._adopt(view, [r for r in new if r.key not in recorded])
         sizes = {r.key: r.size for r in new}
         for record in history:
             if isinstance(record, Hits):
@@ -599,12 +640,33 @@ class AccessLog:
                 self._doomed.append(record.key)
         if build:
             self._last_id, self._read_count = scan_id, int(scan_count) if isinstance(scan_count, int) else 0
-        self.view, self._epoch = view, head[1]
+        self.view, self._epoch, self._run_id, self._unread = view, head[1], run_id, unread
         self.report.rescans += 1
         self.report.synced = True
         self._next_rescan = time.monotonic() + self.tier.config.rescan_s
         self._report_usage()
         return True
+
+    def _adopt(self, view: OwnerView, found: list[Save]) -> None:
+        """Account chunks found stored whose save record the owner has not read (parents first):
+        the record, if it arrives later, is of this write, not a new one."""
+        for rec in sorted(found, key=lambda r: r.depth):
+            self._adopted.add(rec.key)
+            if not view.save(rec):
+                self._doomed.append(rec.key)
+
+    def _read_unread(self) -> None:
+        """Ask again for the chunks a rescan found but could not read (a resharding kept
+        redirecting them, or to a node the slot map did not know yet), and adopt those that answer."""
+        view = self.view
+        if view is None or not self._unread:
+            return
+        got = self._read_headers([k for k in self._unread if k not in view])
+        if got is None:
+            return  # a server could not be asked: at the next step
+        found, self._unread = got
+        self._adopt(view, found)
+        self._report_usage()
 
     def _read_history(self, upto: StreamId) -> list[Save | Hits] | None:
         """The records the stream still holds up to `upto`, oldest first (XRANGE, in batches)."""
@@ -657,41 +719,126 @@ class AccessLog:
             route.breaker.succeeded()
         return found
 
-    def _read_headers(self, keys: list[bytes]) -> list[Save] | None:
-        """Each key's parent, depth (its verified header) and value size; corrupt values deleted."""
-        from kvtier.tiers.redis import _Foreign
-
+    def _read_headers(self, keys: list[bytes]) -> tuple[list[Save], set[bytes]] | None:
+        """Each key's parent, depth (its verified header) and value size, corrupt values deleted;
+        and the keys left unread. A key whose slot is moving (a resharding: MOVED, or ASK while the
+        slot migrates) is asked again at the node the answer names, up to MAX_REDIRECTS times; one
+        still unanswered is left unread (the owner asks again at its next steps), never skipped.
+        None if a server could not be asked."""
         tier = self.tier
-        hdr = tier._kv_header
         out: list[Save] = []
+        unread: set[bytes] = set()
         for start in range(0, len(keys), SCAN_COUNT):
             self._keep_lease()
             batch = keys[start:start + SCAN_COUNT]
             rkeys = [tier.redis_key(k) for k in batch]
-            replies = tier._pipelined(rkeys, partial(_size_and_header, rkeys, hdr))
-            for key, rkey, reply in zip(batch, rkeys, replies):
-                if not isinstance(reply, list):
-                    return None
-                size, data = reply
-                if isinstance(size, ResponseError) or not size:
-                    continue  # another type (dropped below when read), or gone since the scan
-                try:
-                    header, _kv = tier._header(key, tier._full_header(rkey, data), int(size))
-                except KeyError:
-                    continue
-                except CorruptChunkError as e:
-                    self.report.corrupt += 1
-                    tier._drop_corrupt(rkey, e, [(0, data)] if isinstance(data, bytes) else None, int(size))
-                    continue
-                except _Foreign:  # another layout under a colliding name: not this tier's to account
-                    continue
-                out.append(Save(key, header.parent, header.depth, int(size)))
+            replies = [r for r in tier._pipelined(rkeys, partial(_size_and_header, rkeys, tier._kv_header))
+                       if isinstance(r, list)]
+            if len(replies) != len(batch):
+                return None
+            answers = list(zip(batch, rkeys, replies))
+            for hop in range(MAX_REDIRECTS + 1):
+                redirected: list[tuple[bytes, bytes, ResponseError]] = []
+                for key, rkey, (size, data) in answers:
+                    moved = next((r for r in (size, data) if isinstance(r, (AskError, TryAgainError))), None)
+                    if moved is not None:
+                        redirected.append((key, rkey, moved))
+                        continue
+                    try:
+                        rec = self._saved(key, rkey, size, data)
+                    except _AskAgain:
+                        unread.add(key)
+                        continue
+                    if rec is not None:
+                        out.append(rec)
+                if not redirected:
+                    break
+                if hop == MAX_REDIRECTS:
+                    unread.update(key for key, _rkey, _e in redirected)
+                    break
+                answers = self._ask_redirected(redirected, unread)
+        return out, unread
+
+    def _saved(self, key: bytes, rkey: bytes, size: Any, data: Any) -> Save | None:
+        """The record of a stored chunk from its STRLEN and header GETRANGE replies; None for a
+        value that is not this tier's chunk (gone since the scan, another type or layout, corrupt:
+        deleted); _AskAgain when the rest of a long header could not be read now."""
+        from kvtier.tiers.redis import _Foreign
+
+        tier = self.tier
+        if isinstance(size, ResponseError) or not size:
+            return None  # another type (dropped below when read), or gone since the scan
+        try:
+            raw = tier._full_header(rkey, data)
+        except KeyError:
+            raise _AskAgain() from None  # its server could not be asked for the rest of the header
+        if isinstance(raw, (AskError, TryAgainError)):
+            raise _AskAgain()  # the slot moved between the two reads
+        try:
+            header, _kv = tier._header(key, raw, int(size))
+        except KeyError:
+            return None
+        except CorruptChunkError as e:
+            self.report.corrupt += 1
+            tier._drop_corrupt(rkey, e, [(0, data)] if isinstance(data, bytes) else None, int(size))
+            return None
+        except _Foreign:  # another layout under a colliding name: not this tier's to account
+            return None
+        return Save(key, header.parent, header.depth, int(size))
+
+    def _ask_redirected(self, redirected: list[tuple[bytes, bytes, ResponseError]],
+                        unread: set[bytes]) -> list[tuple[bytes, bytes, list[Any]]]:
+        """The STRLEN and header GETRANGE replies of each (key, name, redirection) from the node its
+        MOVED or ASK answer names (after ASKING for an ASK: the slot is still the other node's
+        until its migration ends), one pipeline per node; keys that cannot be asked there
+        (TRYAGAIN, a node the slot map does not know, a node that does not answer) go to `unread`."""
+        tier = self.tier
+        groups: dict[tuple[str, bool], tuple[_Route, bool, list[tuple[bytes, bytes]]]] = {}
+        for key, rkey, err in redirected:
+            route = tier._route_at(err.host, err.port) if isinstance(err, AskError) else None
+            if route is None:
+                unread.add(key)
+                continue
+            asking = not isinstance(err, MovedError)
+            groups.setdefault((route.name, asking), (route, asking, []))[2].append((key, rkey))
+        jobs = []
+        for route, asking, items in groups.values():
+            cmds: list[tuple[Any, ...]] = []
+            for _key, rkey in items:
+                ask = _size_and_header([rkey], tier._kv_header, 0)
+                cmds.extend([("ASKING",), ask[0], ("ASKING",), ask[1]] if asking else ask)
+            jobs.append((route, cmds))
+        results = tier._exchange(jobs, [len(items) for _route, _asking, items in groups.values()])
+        out: list[tuple[bytes, bytes, list[Any]]] = []
+        for (_route, asking, items), replies in zip(groups.values(), results):
+            if replies is None:
+                unread.update(key for key, _rkey in items)
+                continue
+            per = 4 if asking else 2
+            for i, (key, rkey) in enumerate(items):
+                got = replies[i * per:(i + 1) * per]
+                out.append((key, rkey, got[1::2] if asking else got))
         return out
+
+
+class _AskAgain(Exception):
+    """A chunk's value could not be read now (its slot is moving): to be asked again."""
 
 
 def _size_and_header(rkeys: Sequence[bytes], header_bytes: int, i: int) -> list[tuple[Any, ...]]:
     """The commands that read key i's value size and header."""
     return [("STRLEN", rkeys[i]), ("GETRANGE", rkeys[i], 0, header_bytes - 1)]
+
+
+def _run_id_of(info: Any) -> bytes:
+    """The run_id in INFO server's reply (a server's, new at each start); b"" when it is not there."""
+    text = info.encode() if isinstance(info, str) else info
+    if not isinstance(text, bytes):
+        return b""
+    for line in text.splitlines():
+        if line.startswith(b"run_id:"):
+            return line[7:].strip()
+    return b""
 
 
 def _info_fields(info: Any) -> dict[bytes, Any]:
