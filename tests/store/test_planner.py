@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvtier.store.planner import DECAY, CostEstimates, chunks_worth_loading, head_and_loads
+from kvtier.store.planner import DECAY, HEAD_MIN_GAIN, CostEstimates, chunks_worth_loading, head_and_loads
 
 MB = 1e6
 
@@ -90,6 +90,11 @@ def test_head_and_loads_splits_where_loading_and_computing_take_as_long():
 
 
 def test_head_and_loads_keeps_the_serial_plan_where_a_head_gains_little():
+    # a disk 40x slower than compute (the CPU check at 2 MB/s): a head of 31 chunks beside one loaded
+    # chunk would gain 2%, within the estimates' noise
+    assert head_and_loads(["disk"] * 32, 16384, 16, {"disk": 2e6}, 0.2e-3 / 16) == (0, 0)
+    # ... the same disk beside a compute 10x slower (a loaded machine): a 17% gain, planned
+    assert head_and_loads(["disk"] * 32, 16384, 16, {"disk": 2e6}, 2.0e-3 / 16)[0] > 0
     # loading 100x cheaper than computing (DRAM on a CPU): load everything, no head
     assert head_and_loads(["memory"] * 8, 10**6, 16, {"memory": 1e11}, 1e-3 / 16) == (0, 8)
     # no compute estimate yet, or one chunk: today's plan
@@ -116,8 +121,13 @@ def test_head_and_loads_matches_an_exhaustive_search():
             return (max(k * c, sum(load[k:n])) if k else sum(load[:n])) + (u - n) * c
 
         serial = chunks_worth_loading(tiers, 10**4, 16, bw, spt)
-        best = min([cost(0, serial)] + [cost(a, b) + c for b in range(2, u + 1) for a in range(1, b)])
-        assert cost(k, n) + (c if k else 0) == pytest.approx(best, rel=1e-9, abs=1e-15)
+        heads = [(a, b) for b in range(2, u + 1) for a in range(1, b)]
+        threshold = min(cost(0, serial) - c, cost(0, serial) * (1 - HEAD_MIN_GAIN))
+        if any(cost(*h) == pytest.approx(threshold, rel=1e-9) for h in heads):
+            continue  # a tie with the margin: rounding decides either way
+        allowed = [h for h in heads if cost(*h) < threshold]
+        want = min(allowed, key=lambda h: cost(*h)) if allowed else (0, serial)
+        assert cost(k, n) == pytest.approx(cost(*want), rel=1e-9, abs=1e-15)
 
 
 def test_a_head_must_gain_more_than_its_measured_overhead():

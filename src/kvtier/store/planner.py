@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 DECAY = 0.7  # weight kept by older observations at each new one
 MIN_OBSERVED_CHUNKS = 4  # forwards shorter than this many chunks are not timed for the compute estimate
+HEAD_MIN_GAIN = 0.1  # a head plan must beat the serial plan's estimate by this fraction of it, too
 THROTTLE = "throttle"
 PROBE = "probe"
 
@@ -202,9 +203,11 @@ def head_and_loads(tiers: Sequence[str], chunk_bytes: int, chunk_tokens: int,
     uncached suffix. Computing the head needs no stored KV, so it runs while the tail's bytes
     move: the estimate is max(head compute, tail load) + compute of [n, len). (0, n) is the
     serial plan of chunks_worth_loading, estimated sum(load[:n]) + compute[n:]; a head is
-    planned only where it beats that by more than its forward's fixed cost: `head_overhead_s`
-    (CostEstimates.head_overhead, measured on earlier heads), and never less than one chunk's
-    compute. Where loading is far cheaper than computing (DRAM on a CPU) the plan stays serial.
+    planned only where it beats that by more than its forward's fixed cost (`head_overhead_s`,
+    CostEstimates.head_overhead, measured on earlier heads; never less than one chunk's compute)
+    and by HEAD_MIN_GAIN of the serial estimate: a gain within the estimates' noise is not worth a
+    second forward. So where loading is far cheaper than computing (DRAM on a CPU), or far
+    slower (a disk that cannot deliver in time), the plan stays serial.
     """
     serial = chunks_worth_loading(tiers, chunk_bytes, chunk_tokens, bandwidths, seconds_per_token)
     u = len(tiers)
@@ -215,7 +218,8 @@ def head_and_loads(tiers: Sequence[str], chunk_bytes: int, chunk_tokens: int,
     for tier in tiers:
         bw = bandwidths.get(tier)
         acc.append(acc[-1] + (chunk_bytes / bw if bw else 0.0))
-    best_t = acc[serial] + (u - serial) * compute - max(compute, head_overhead_s or 0.0)
+    serial_t = acc[serial] + (u - serial) * compute
+    best_t = min(serial_t - max(compute, head_overhead_s or 0.0), serial_t * (1.0 - HEAD_MIN_GAIN))
     best = (0, serial)
     for n in range(2, u + 1):
         # max(k * compute, acc[n] - acc[k]) over 1 <= k < n: the first term grows with k, the second
