@@ -307,11 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a local transformers causal LM (default: a small random-weight Llama)")
     demo.add_argument("--cache-dir", default=None, type=folder_to_create,
                       help="disk tier folder (default: ~/.cache/kvtier/demo)")
-    demo.add_argument("--turns", type=positive_int, default=3)
-    demo.add_argument("--conversations", type=positive_int, default=2)
-    demo.add_argument("--repeats", type=positive_int, default=3, help="timed runs per side and row (medians)")
-    demo.add_argument("--doc-tokens", type=positive_int, default=3072, help="length of the shared document")
-    demo.add_argument("--quick", action="store_true", help="a seconds-long run on a tiny model (for tests)")
+    # None: the default, which --quick lowers; a value given wins over --quick
+    demo.add_argument("--turns", type=positive_int, default=None, help="turns per chat (default 3; 2 with --quick)")
+    demo.add_argument("--conversations", type=positive_int, default=None, help="chats (default 2)")
+    demo.add_argument("--repeats", type=positive_int, default=None,
+                      help="timed runs per side and row, medians (default 3; 1 with --quick)")
+    demo.add_argument("--doc-tokens", type=positive_int, default=None,
+                      help="length of the shared document, at least 16 (default 3072; 256 with --quick)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a seconds-long run on a tiny model (for tests); sizes given explicitly still apply")
     demo.add_argument("--json", default="results/demo.json")
     demo.add_argument("--png", default="results/demo.png")
     demo.set_defaults(fn=_cmd_demo)

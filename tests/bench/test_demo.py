@@ -4,6 +4,7 @@ difference a near-tie only when the logits say so."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -11,8 +12,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from kvtier.bench.demo import compare_replies, run_demo  # noqa: E402
+from kvtier.bench.demo import QUICK, DemoParams, compare_replies, demo_params, run_demo  # noqa: E402
 from kvtier.cli import main as cli_main  # noqa: E402
+from kvtier.core.errors import ConfigError  # noqa: E402
 
 
 def _logits(*rows: list[float]) -> list[torch.Tensor]:
@@ -77,3 +79,46 @@ def test_cli_quick_demo(tmp_path) -> None:
     assert cli_main(["demo", "--quick", "--cache-dir", str(tmp_path / "s"), "--json", str(out),
                      "--png", str(tmp_path / "d.png")]) == 0
     assert json.loads(out.read_text())["params"]["repeats"] == 1
+
+
+def test_quick_changes_only_the_sizes_not_given() -> None:
+    assert demo_params(quick=True) == QUICK and demo_params() == DemoParams()
+    p = demo_params(quick=True, turns=3, repeats=2)
+    assert (p.turns, p.repeats) == (3, 2)
+    assert (p.conversations, p.doc_tokens, p.question_tokens, p.reply_tokens) == (
+        QUICK.conversations, QUICK.doc_tokens, QUICK.question_tokens, QUICK.reply_tokens)
+    assert demo_params(doc_tokens=64, conversations=5) == DemoParams(doc_tokens=64, conversations=5)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+@pytest.mark.parametrize("size,value,needle", [("turns", 0, "turns must be at least 1, got 0"),
+                                               ("conversations", -1, "conversations must be at least 1, got -1"),
+                                               ("repeats", 0, "repeats must be at least 1, got 0"),
+                                               ("doc_tokens", 8, "doc_tokens must be at least 16 (one chunk), got 8")])
+def test_a_bad_size_is_an_error_with_or_without_quick(quick, size, value, needle) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        demo_params(quick, **{size: value})
+
+
+def test_quick_demo_ignored_turns_conversations_repeats_doc_tokens(tmp_path) -> None:
+    """`kvtier demo --quick` replaced every size with its own, so --turns, --conversations,
+    --repeats and --doc-tokens given with it did nothing."""
+    out = tmp_path / "d.json"
+    assert cli_main(["demo", "--quick", "--turns", "3", "--conversations", "1", "--repeats", "2",
+                     "--doc-tokens", "64", "--cache-dir", str(tmp_path / "s"), "--json", str(out),
+                     "--png", str(tmp_path / "d.png")]) == 0
+    data = json.loads(out.read_text())
+    assert {k: data["params"][k] for k in ("turns", "conversations", "repeats", "doc_tokens")} == {
+        "turns": 3, "conversations": 1, "repeats": 2, "doc_tokens": 64}
+    assert data["params"]["question_tokens"] == QUICK.question_tokens  # what was not given stays quick
+    assert [(r["conversation"], r["turn"]) for r in data["turns"]] == [(1, 1), (1, 2), (1, 3)]
+    assert all(len(r["ttft_kvtier_runs_s"]) == 2 for r in data["turns"])
+    assert data["turns"][0]["prompt_tokens"] == 64 + QUICK.question_tokens
+
+
+def test_quick_demo_with_a_bad_doc_tokens_is_one_line_exit_2(tmp_path, capsys) -> None:
+    assert cli_main(["demo", "--quick", "--doc-tokens", "8", "--cache-dir", str(tmp_path / "s"),
+                     "--json", str(tmp_path / "d.json"), "--png", str(tmp_path / "d.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kvtier: error: doc_tokens must be at least 16 (one chunk), got 8"]
+    assert not (tmp_path / "d.json").exists()

@@ -3,6 +3,8 @@ strictly (no engine here: the runner's output is built by hand)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kvtier.bench import vllm as bench
@@ -129,3 +131,89 @@ def test_p90_is_the_nearest_rank():
     rows = [{"ttft_s": float(i)} for i in range(1, 11)]
     assert bench._summary(rows, {})["p90_ttft_s"] == 9.0  # 10.0 before (round half to even)
     assert bench._summary(rows[:1], {})["p90_ttft_s"] == 1.0
+
+
+def test_read_from_device_needs_a_tenth_of_the_loaded_bytes():
+    from kvtier.bench.common import read_from_device
+
+    assert read_from_device(0, 8 << 20) is False  # tmpfs, or a page cache that was not dropped
+    assert read_from_device((8 << 20) // 10 - 1, 8 << 20) is False
+    assert read_from_device((8 << 20) // 10, 8 << 20) is True
+    assert read_from_device(9 << 20, 8 << 20) is True
+    assert read_from_device(None, 8 << 20) is None  # unknown
+    assert read_from_device(0, 0) is None  # nothing loaded from disk: nothing to check
+
+
+def _disk_run_out(device_bytes):
+    out = _out([1, 2, 3, 4, 5, 6], True)
+    out["phases"][1]["stats"] = {"loaded_tokens_by_tier": {"disk": 512, "memory": 64}}
+    out["phases"][1]["vllm_counters"]["vllm:external_prefix_cache_hits"] = 576
+    for r, cached in zip(out["phases"][1]["requests"], (512, 64, 0), strict=True):
+        r["cached"] = cached
+    out["disk_device_read_bytes"] = device_bytes
+    return out
+
+
+@pytest.mark.parametrize("device_bytes,verdict", [(0, False), (40 << 20, True), (None, None)])
+def test_kvtier_disk_did_not_check_that_its_disk_hits_read_the_device(tmp_path, capsys, device_bytes, verdict):
+    """bench vllm's kvtier_disk called every hit of its disk tier a disk read, even where the
+    folder was on tmpfs or the page cache kept the files: the store service's device reads over
+    the measured rounds are now in the JSON, and a warning says when they are (almost) nothing."""
+    good = [1, 2, 3, 4, 5, 6]
+    outs = {"apc_small": _out(good, False), "kvtier_disk": _disk_run_out(device_bytes)}
+    res = bench._report(outs, bench.QUICK, str(tmp_path / "r.json"), tmp_path, [10])
+    entry = res["kvtier_disk"]
+    loaded = 512 * bench.QUICK.kv_bytes_per_token
+    assert entry["hit_tokens_by_tier"]["kvtier_disk"] == 512
+    assert entry["disk_device_read_bytes"] == device_bytes and entry["disk_loaded_bytes"] == loaded
+    assert entry["disk_read_from_device"] is verdict
+    printed = capsys.readouterr().out
+    assert (f"kvtier_disk's disk hits read 0 bytes from a block device for {loaded} loaded" in printed) == (
+        verdict is False)
+    assert "disk_device_read_bytes" not in res["apc_small"]
+
+
+def _fake_service(tmp_path, pid):
+    sock = str(tmp_path / "kv.sock")
+    (tmp_path / "kv.sock.lock").write_text(f"{pid}\n")
+    stats = tmp_path / "stats.json"
+    stats.write_text('{"loaded_tokens_by_tier": {"disk": 64}}')
+    return sock, stats
+
+
+def test_service_reads_count_from_the_end_of_the_warmup(tmp_path):
+    """The runner's read of the warm-up's stats (a FIFO) is when the count starts: a read of the
+    device before it is not counted, one after it is (this process plays the service)."""
+    import os
+
+    from kvtier.bench.common import device_read_bytes, drop_page_cache
+
+    sock, stats = _fake_service(tmp_path, os.getpid())
+    files = []
+    for name in ("warmup.bin", "measured.bin"):
+        (tmp_path / name).write_bytes(os.urandom(4 << 20))
+        files.append(tmp_path / name)
+    drop_page_cache(files)
+    before = device_read_bytes()
+    files[0].read_bytes()  # the warm-up's read: not counted
+    if device_read_bytes() - before < 4 << 20:
+        pytest.skip("the test folder is not on a block device whose page cache can be dropped")
+    reads = bench.ServiceDeviceReads(sock, str(stats), tmp_path / "warmup.fifo")
+    with open(reads.fifo) as f:  # as the runner does at the end of the warm-up
+        assert json.load(f) == {"loaded_tokens_by_tier": {"disk": 64}}
+    files[1].read_bytes()  # a measured round's read
+    counted = reads.stop()
+    assert counted is not None and 4 << 20 <= counted < 8 << 20
+    assert not reads.fifo.exists()
+
+
+def test_service_reads_are_unknown_without_a_warmup_end_or_a_service(tmp_path):
+    import os
+
+    sock, stats = _fake_service(tmp_path, os.getpid())
+    assert bench.ServiceDeviceReads(sock, str(stats), tmp_path / "a.fifo").stop() is None  # the runner died first
+    (tmp_path / "kv.sock.lock").unlink()  # no service: no pid
+    reads = bench.ServiceDeviceReads(sock, str(stats), tmp_path / "b.fifo")
+    with open(reads.fifo) as f:
+        assert json.load(f)["loaded_tokens_by_tier"] == {"disk": 64}  # the runner still gets its stats
+    assert reads.stop() is None

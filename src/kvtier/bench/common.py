@@ -56,10 +56,22 @@ def drop_folder_cache(folder: str | os.PathLike[str]) -> None:
             pass
 
 
-def device_read_bytes() -> int:
-    """Bytes this process caused to be read from a block device (/proc/self/io read_bytes)."""
-    with open("/proc/self/io") as f:
+def device_read_bytes(pid: int | None = None) -> int:
+    """Bytes a process (this one by default) caused to be read from a block device
+    (/proc/<pid>/io read_bytes): reads served by the page cache or tmpfs count nothing."""
+    path = f"/proc/{'self' if pid is None else pid}/io"
+    with open(path) as f:
         for line in f:
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
-    raise RuntimeError("/proc/self/io has no read_bytes line")
+    raise RuntimeError(f"{path} has no read_bytes line")
+
+
+def read_from_device(device_bytes: int | None, loaded_bytes: int) -> bool | None:
+    """Whether disk-tier hits that loaded `loaded_bytes` read them from a block device, given the
+    bytes the reading process read from one meanwhile. False when that is under a tenth of them:
+    the tier's folder is on tmpfs, or dropping its page cache did nothing, and the "disk" hits
+    read RAM. None when nothing was loaded from disk or the device count is unknown."""
+    if device_bytes is None or loaded_bytes <= 0:
+        return None
+    return device_bytes >= loaded_bytes // 10

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,21 @@ class DemoParams:
 
 
 QUICK = DemoParams(doc_tokens=256, question_tokens=16, reply_tokens=4, turns=2, conversations=2, repeats=1)
+
+
+def demo_params(quick: bool = False, *, turns: int | None = None, conversations: int | None = None,
+                repeats: int | None = None, doc_tokens: int | None = None) -> DemoParams:
+    """The workload: QUICK's sizes with `quick`, else DemoParams'; a size given (not None) wins
+    either way, so `--quick --turns 4` is the quick workload with four turns. A given size out of
+    range is a ConfigError naming it."""
+    given = {"turns": turns, "conversations": conversations, "repeats": repeats, "doc_tokens": doc_tokens}
+    least = {"turns": 1, "conversations": 1, "repeats": 1, "doc_tokens": CHUNK_TOKENS}
+    for name, value in given.items():
+        if value is not None and value < least[name]:
+            unit = " (one chunk)" if name == "doc_tokens" else ""
+            raise ConfigError(f"{name} must be at least {least[name]}{unit}, got {value}")
+    base = QUICK if quick else DemoParams()
+    return replace(base, **{name: value for name, value in given.items() if value is not None})
 
 
 def demo_model(model_path: str | None, quick: bool = False) -> tuple[Any, str]:
@@ -231,22 +246,16 @@ def _plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
     print(f"wrote {path}")
 
 
-def run_demo(model_path: str | None = None, cache_dir: str | None = None, turns: int = 3,
-             conversations: int = 2, *, repeats: int = 3, doc_tokens: int = 3072,
+def run_demo(model_path: str | None = None, cache_dir: str | None = None, turns: int | None = None,
+             conversations: int | None = None, *, repeats: int | None = None, doc_tokens: int | None = None,
              quick: bool = False, json_out: str | None = None, png_out: str | None = None) -> dict[str, Any]:
+    """Run the demo; a size left None takes its default (QUICK's with `quick`, see demo_params)."""
     from rich.progress import Progress
 
     from kvtier.connectors.transformers import TransformersConnector, model_identity
     from kvtier.core.config import default_cache_dir
 
-    if turns < 1 or conversations < 1:
-        raise ConfigError("turns and conversations must be at least 1")
-    if repeats < 1:
-        raise ConfigError(f"repeats must be at least 1, got {repeats}")
-    params = QUICK if quick else DemoParams(doc_tokens=doc_tokens, turns=turns, conversations=conversations,
-                                            repeats=repeats)
-    if params.doc_tokens < CHUNK_TOKENS:
-        raise ConfigError(f"doc_tokens must be at least one chunk ({CHUNK_TOKENS}), got {params.doc_tokens}")
+    params = demo_params(quick, turns=turns, conversations=conversations, repeats=repeats, doc_tokens=doc_tokens)
     from kvtier.bench.ttft import pick_torch_threads
 
     threads, why = pick_torch_threads()

@@ -13,7 +13,11 @@ evicted a document before it is asked about again.
   apc_ample    vLLM alone, KV memory for every document (the bound: infinite HBM)
   kvtier_dram  as apc_small + kvtier, DRAM tier larger than the working set
   kvtier_disk  as apc_small + kvtier, DRAM tier for one document; the disk tier's files are
-               dropped from the page cache before every request, so hits come from disk
+               dropped from the page cache before every request, so hits come from disk. Checked:
+               `disk_device_read_bytes` is what the store service (`kvtier serve`, where disk
+               hits are read) read from a block device over the measured rounds, against
+               `disk_loaded_bytes`; a warning when it is under a tenth (the work folder, under
+               $TMPDIR, is on tmpfs, or dropping the page cache did nothing: the hits read RAM)
   kvtier_disk_slow  as kvtier_disk with the disk's reads capped at SLOW_DISK_GBPS (the store's
                `disk.read_throttle_gbps` testing aid), far slower than recomputing: the load
                planner must recompute those hits, so its TTFT stays near apc_small's ("never
@@ -35,7 +39,8 @@ so only a connector can hit.
                   (kvtier, which recomputes only the last token, can go below it)
 `--workload qa` or `--workload repeat` runs one workload only (for quick iteration).
 
-JSON: {run: {"mean_ttft_s", "p50_ttft_s", "p90_ttft_s", "total_s", "hit_tokens_by_tier"}} plus
+JSON: {run: {"mean_ttft_s", "p50_ttft_s", "p90_ttft_s", "total_s", "hit_tokens_by_tier"}} (the disk
+runs add "disk_device_read_bytes", "disk_loaded_bytes" and "disk_read_from_device") plus
 "details" (sizes, engine init times, the first-token check against apc_small wherever the
 top-2 logprob gap exceeds 1e-3, the counter cross-checks). hit_tokens_by_tier counts only
 measured counters over the measured phases: "vllm_prefix_cache" is vLLM's own
@@ -48,6 +53,7 @@ for the EngineCore and kvtier's threads.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -58,12 +64,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.common import print_table, write_json
+from kvtier.bench.common import device_read_bytes, print_table, read_from_device, write_json
 from kvtier.core.config import default_cache_dir
 
 GAP = 1e-3
@@ -178,15 +185,84 @@ def _kvtier_config(socket_path: str, dram_bytes: int, disk_root: str | None, sta
                                           "connect_timeout_s": 120}}
 
 
-def _stop_service(socket_path: str) -> None:
+def _service_pid(socket_path: str) -> int | None:
+    """The pid of the `kvtier serve` running on `socket_path` (its lock file holds it), if any."""
     try:
-        pid = int(Path(socket_path + ".lock").read_text().strip())
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            os.kill(pid, 0)
-            time.sleep(0.1)
+        return int(Path(socket_path + ".lock").read_text().strip())
     except (OSError, ValueError):
-        pass
+        return None
+
+
+class ServiceDeviceReads:
+    """Bytes the store service of a run read from a block device over its measured phases.
+
+    The engine's connector starts the service (`kvtier serve`), and its disk hits are read
+    there, so the engine's own counters say nothing about them: this reads the service's
+    /proc/<pid>/io read_bytes when the warm-up ends and again after the run. The runner reads a
+    phase's stats_path when the phase ends, so the warm-up's stats_path is `fifo` (a named
+    pipe): the runner's open of it waits until a thread here has read the counter, between the
+    warm-up's last request and the first measured one, and the thread then passes on the
+    scheduler's stats file (`stats_path`) unchanged.
+    """
+
+    def __init__(self, socket_path: str, stats_path: str, fifo: Path) -> None:
+        self.socket_path, self.stats_path, self.fifo = socket_path, stats_path, fifo
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
+        self.before: int | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._at_warmup_end, name="kvtier-bench-reads", daemon=True)
+        self._thread.start()
+
+    def _service_reads(self) -> int | None:
+        pid = _service_pid(self.socket_path)
+        try:
+            return None if pid is None else device_read_bytes(pid)
+        except (OSError, RuntimeError):  # gone, or no /proc/<pid>/io here
+            return None
+
+    def _at_warmup_end(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: the runner has not opened it yet
+                    raise
+                self._stopped.wait(0.02)
+                continue
+            self.before = self._service_reads()
+            try:
+                data = Path(self.stats_path).read_bytes()
+            except OSError:
+                data = b""  # the runner fails on it, as it would on the missing file
+            os.set_blocking(fd, True)
+            try:
+                with os.fdopen(fd, "wb") as f:  # closing it ends the runner's read
+                    f.write(data)
+            except BrokenPipeError:  # the runner is gone; its run reports why
+                pass
+            return
+
+    def stop(self) -> int | None:
+        """Bytes read since the warm-up ended (call it after the run, before the service stops);
+        None where the warm-up never ended or the service's pid or counter could not be read."""
+        after = self._service_reads()
+        self._stopped.set()
+        self._thread.join()
+        self.fifo.unlink(missing_ok=True)
+        return None if self.before is None or after is None else after - self.before
+
+
+def _stop_service(socket_path: str) -> None:
+    pid = _service_pid(socket_path)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+        except OSError:
+            pass
     for suffix in (".lock", ".service.json", ".log"):
         try:
             os.unlink(socket_path + suffix)
@@ -297,6 +373,30 @@ def planner_summary(slow: dict[str, Any], recompute: dict[str, Any], out: dict[s
             "measures": "kvtier_disk_slow's TTFT over apc_small's (vLLM alone recomputing), same requests"}
 
 
+def disk_reads(device_bytes: int | None, summary: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+    """A disk run's check that its disk hits read a block device: the bytes its service read from
+    one over the measured rounds (ServiceDeviceReads), the bytes its disk hits loaded (kvtier's
+    disk-tier hit tokens times the KV bytes of a token), and read_from_device's verdict."""
+    loaded = int(summary["hit_tokens_by_tier"].get("kvtier_disk", 0)) * sizes.kv_bytes_per_token
+    return {"disk_device_read_bytes": device_bytes, "disk_loaded_bytes": loaded,
+            "disk_read_from_device": read_from_device(device_bytes, loaded)}
+
+
+def disk_read_lines(run: str, entry: dict[str, Any], folder: Path) -> list[str]:
+    """What a disk run's check prints: one line, and a warning when its hits read RAM."""
+    device, loaded = entry["disk_device_read_bytes"], entry["disk_loaded_bytes"]
+    if device is None:
+        return [f"{run}: disk hits loaded {loaded} bytes; what the store service read from a block device is "
+                "unknown (no pid in its lock file, or no /proc/<pid>/io)"]
+    lines = [f"{run}: disk hits loaded {loaded} bytes; the store service read {device} bytes from a block device "
+             "over the measured rounds"]
+    if entry["disk_read_from_device"] is False:
+        lines.append(f"  warning: {run}'s disk hits read {device} bytes from a block device for {loaded} loaded: "
+                     f"the disk tier's folder {folder} is on tmpfs, or dropping its page cache did nothing; those "
+                     "hits read RAM (set TMPDIR to a folder on a real disk)")
+    return lines
+
+
 def first_token_check(ref: list[dict[str, Any]], rows: list[dict[str, Any]], checks: dict[str, int]) -> None:
     """Count first-token mismatches where the reference's top-2 gap exceeds GAP; the two runs must
     have answered the same requests (strict: a missing request is an error, not a shorter check)."""
@@ -357,13 +457,17 @@ def run_vllm_bench(json_out: str | None, quick: bool = False, workload: str = "a
                 disk_root = work / "disk"
                 shutil.rmtree(disk_root, ignore_errors=True)
                 kcfg = _kvtier_config(sock, int(1.2 * doc_bytes), str(disk_root), stats, disk_gbps=gbps)
+                reads = ServiceDeviceReads(sock, stats, work / f"{run}.warmup-stats.fifo")
                 phases = [dict(p, stats_path=stats, drop_cache_dir=str(disk_root)) for p in w1]
+                phases[0]["stats_path"] = str(reads.fifo)  # the measured rounds' reads start when it is read
                 try:
                     outs[run] = _run_engine(
                         run, {"llm": _llm_kwargs(model, sizes, small_kv, kv_transfer_config=kcfg),
                               "phases": phases}, work, timeout)
                 finally:
+                    device = reads.stop()
                     _stop_service(sock)
+                outs[run]["disk_device_read_bytes"] = device
         if workload in ("all", "repeat"):
             example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                        "kv_connector_extra_config": {"shared_storage_path": str(work / "example")}}
@@ -405,6 +509,8 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
         out = outs[run]
         connector = "kvtier" if run.startswith("kvtier") else None
         result[run] = _summary(w1_rows(out), hit_tokens(run, out, "warmup", measured[-1], connector, counter_checks))
+        if "disk_device_read_bytes" in out:
+            result[run].update(disk_reads(out["disk_device_read_bytes"], result[run], sizes))
     floor = None
     for run, connector in (("example_repeat", "example_connector"), ("repeat_floor", None), ("kvtier_repeat", "kvtier")):
         if run not in outs:
@@ -474,5 +580,9 @@ def _report(outs: dict[str, dict[str, Any]], sizes: Sizes, json_out: str | None,
               f"{p['planner_recomputed_chunks']}: {'met' if p['met'] else 'NOT met'}")
     for run in result["details"]["counter_mismatches"]:
         print(f"COUNTER MISMATCH in {run}: {json.dumps(counter_checks[run])}")
+    for run, entry in result.items():
+        if "disk_device_read_bytes" in entry:
+            for line in disk_read_lines(run, entry, work / "disk"):
+                print(line)
     write_json(json_out, result)
     return result
