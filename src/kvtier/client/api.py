@@ -9,6 +9,8 @@ benchmarks. They use only this module's `StoreClient`, obtained from `connect(co
     load(keys, dests, layers, lease_id)      -> TransferHandle[LoadResult]           (worker)
     load_layers(keys, dests, lease_id)       -> LayeredLoad: wait_layer(layer), wait() (worker)
     release(lease_id)                        end a lease (LeaseError if not held)
+    renew(lease_ids)                         -> the ids still held, now held lease_timeout_s from now
+                                             (the vLLM scheduler keeps its shipped loads' leases alive)
     trim(lease_id, keys)                     drop these keys from a lease, keep the rest (hits a load
                                              planner chose to recompute: their disk reads stop)
     save(keys, parent, first_depth, srcs)    -> TransferHandle[SaveResult]
@@ -32,15 +34,17 @@ sections of that layer itself instead of idling; the default waits for the whole
 
 Leases: `lookup(keys, lease=True)` pins the reported chunks (promoting disk hits into
 DRAM) so a later `load(..., lease_id=...)`, possibly from another process, finds them;
-the lease lasts until `release`, its timeout, or its holder's exit. A load whose lease was
-lost still runs and reports exactly which chunks failed. A store without a DRAM tier
-cannot pin: its lookups return lease_id None.
+the lease lasts until `release`, its timeout (renewed by `renew`), or its holder's exit.
+A load whose lease was lost still runs and reports exactly which chunks failed: it reads
+chunks by key, so one evicted meanwhile is a miss, never the bytes that reused its slot.
+A store without a DRAM tier cannot pin: its lookups return lease_id None.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from os import PathLike
@@ -124,6 +128,15 @@ def check_keys(keys: Sequence[bytes], key_bytes: int, hash_mode: str, name: str 
             length = len(key) if isinstance(key, (bytes, bytearray, str)) else "-"
             raise ValueError(f"{name}[{i}] must be a {key_bytes}-byte key (hash mode {hash_mode}), "
                              f"got {type(key).__name__} of length {length}")
+    return out
+
+
+def check_lease_ids(lease_ids: Sequence[int]) -> list[int]:
+    """`lease_ids` as a list if each is a lease id (a positive int); ValueError naming the bad one."""
+    out = list(lease_ids)
+    for i, lease_id in enumerate(out):
+        if isinstance(lease_id, bool) or not isinstance(lease_id, int) or lease_id <= 0:
+            raise ValueError(f"lease_ids[{i}] must be a lease id (a positive integer), got {lease_id!r}")
     return out
 
 
@@ -270,6 +283,12 @@ class StoreClient(ABC):
     def release(self, lease_id: int) -> None: ...
 
     @abstractmethod
+    def renew(self, lease_ids: Sequence[int]) -> list[int]:
+        """Hold each lease of `lease_ids` still held this client's lease timeout from now, in one
+        call; returns the ids renewed. One released (by the worker, after its load), expired or
+        never taken is left out, with no error: its chunks may be gone, so it cannot be revived."""
+
+    @abstractmethod
     def trim(self, lease_id: int, keys: Sequence[bytes]) -> None:
         """Drop `keys` from the lease (their pins end, their disk promotions not started are
         cancelled); the lease keeps its other keys. LeaseError if the lease is not held."""
@@ -325,11 +344,13 @@ class InProcessClient(StoreClient):
 
     _OWNER = 0
 
-    def __init__(self, store: TieredStore, *, lease_timeout_s: float = 30.0, owns_store: bool = True) -> None:
+    def __init__(self, store: TieredStore, *, lease_timeout_s: float = 30.0, owns_store: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: the leases' clock (tests pass a fake one to let leases lapse)."""
         self.store = store
         self.lease_timeout_s = lease_timeout_s
         self._owns_store = owns_store
-        self._host = StoreHost(store) if store.memory is not None else None
+        self._host = StoreHost(store, clock=clock) if store.memory is not None else None
         self._key_bytes = get_hash_mode(store.config.hash_mode).key_bytes
 
     def _check_keys(self, keys: Sequence[bytes], name: str = "keys") -> list[bytes]:
@@ -379,6 +400,13 @@ class InProcessClient(StoreClient):
         if self._host is None:
             raise LeaseError(f"lease {lease_id} is not held (this store has no DRAM tier to pin in)")
         self._host.release(lease_id)
+
+    def renew(self, lease_ids: Sequence[int]) -> list[int]:
+        lease_ids = check_lease_ids(lease_ids)
+        if self._host is None:
+            return []  # nothing to renew: this store's lookups take no leases
+        self._host.expire()  # (as lookup does: an in-process store has no reaper thread)
+        return self._host.renew_leases(lease_ids, self.lease_timeout_s)
 
     def trim(self, lease_id: int, keys: Sequence[bytes]) -> None:
         keys = self._check_keys(keys)

@@ -58,6 +58,7 @@ from kvtier.client.api import (
     SaveSession,
     StoreClient,
     check_keys,
+    check_lease_ids,
     check_save_args,
     dest_arrays,
 )
@@ -479,6 +480,22 @@ class ServiceClient(StoreClient):
 
     def trim(self, lease_id: int, keys: Sequence[bytes]) -> None:
         self._lease_op("trim", lease_id, keys=self._check_keys(keys))
+
+    def renew(self, lease_ids: Sequence[int]) -> list[int]:
+        """The leases still held, renewed; none while the service is down (the leases went with its
+        connection). A service older than this client refuses the op: ServiceError("unknown_op")."""
+        ids = check_lease_ids(lease_ids)
+        if not ids:
+            return []
+        try:
+            r = self._call("renew_leases", leases=ids, lease_s=self.config.lease_timeout_s)
+        except TierUnavailableError as e:
+            log.debug("kvtier: no lease renewed: %s", e)
+            return []
+        renewed = r.get("renewed")
+        if not isinstance(renewed, list) or not set(renewed) <= set(ids):
+            raise p.ProtocolError("the service's renew_leases reply is malformed", fatal=True)
+        return renewed
 
     def _lease_op(self, op: str, lease_id: int, **fields: Any) -> None:
         try:

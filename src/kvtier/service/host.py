@@ -9,6 +9,8 @@ pins of loads in progress, reserved slots of unfinished saves) is listed under i
     lease(owner, keys, lease_s)               lease exactly these keys (all must exist)
     release(lease_id)                         LeaseError if not held
     trim(lease_id, keys)                      drop these keys from a lease, keep the rest
+    renew_leases(lease_ids, lease_s)          hold those still held lease_s from now (the vLLM scheduler
+                                              keeps the leases of loads it shipped alive); the ids renewed
     load_begin(owner, keys, lease_id, hold_s) pin each chunk in DRAM (promoting disk hits)
     load_end(owner, load_id, corrupt)         unpin; drop chunks the client found corrupt
     allocate(owner, keys, parent, depth, hold_s) reserve DRAM slots for a chain
@@ -24,7 +26,9 @@ pins of loads in progress, reserved slots of unfinished saves) is listed under i
 
 A lease pins DRAM hits at once; a disk hit is promoted into DRAM by a background thread
 and pinned there, so the later load copies from DRAM. Leased chunks cannot be evicted
-until the lease is released, expires, or its owner disconnects.
+until the lease is released, expires, or its owner disconnects. A load that names a lease
+no longer held pins whatever chunks are still stored, by key: a slot reused meanwhile holds
+another key, so a chunk evicted after its lease ended is a miss, never another chunk's bytes.
 
 A load's pins and a save's reserved slots are bounded like a lease (`hold_s`, at most
 max_lease_s): a client that stops (SIGSTOP, a stuck engine) while keeping its connection
@@ -241,6 +245,23 @@ class StoreHost:
             held.promotions = {k: f for k, f in held.promotions.items() if k not in drop}
         self._end_pins(unpin, cut)
         return len(unpin) + len(cut)
+
+    def renew_leases(self, lease_ids: Sequence[LeaseId], lease_s: float | None = None) -> list[LeaseId]:
+        """Hold each lease of `lease_ids` that is still held `lease_s` (bounded like a load's hold:
+        at most max_lease_s) from now; returns the ids renewed. A lease released, expired or never
+        taken is not renewed: its pins ended, and its chunks may be gone (one past its deadline that
+        `expire` has not reaped yet still has every pin, so it is renewed, as wait_lease extends it).
+        Any client may renew a lease, as any may release one (the vLLM scheduler renews what its
+        worker releases): a lease id is an unguessable capability."""
+        deadline = self._clock() + self.hold_bound(lease_s)
+        renewed: list[LeaseId] = []
+        with self._lock:
+            for lease_id in lease_ids:
+                held = self._leases.get(lease_id)
+                if held is not None:
+                    held.deadline = max(held.deadline, deadline)
+                    renewed.append(lease_id)
+        return renewed
 
     def expire(self, now: float | None = None) -> int:
         """Release every lease, load pin and save reservation past its deadline; returns how many."""

@@ -12,6 +12,8 @@ Ops (fields -> reply fields), every key list is one message for many chunks:
     release     lease                               -> {}   (error "lease" if not held)
     trim        lease, keys                         -> dropped (pins and promotions ended); the lease
                                                        keeps its other keys (error "lease" if not held)
+    renew_leases  leases: [id], lease_s             -> renewed: the ids still held, now held lease_s
+                                                       from now (one not held is left out, no error)
     load_begin  keys, lease (id or nil), hold_s,    -> load, slots (-1 = failed), tiers, checksums, hold_s
                 wait_s (optional: longest wait for
                 promotions; later ones are failed)

@@ -143,7 +143,8 @@ class StoreServer:
         self._mm: Any = None
         self._ops: dict[str, Callable[[int, dict[str, Any]], dict[str, Any]]] = {
             "hello": self._op_hello, "lookup": self._op_lookup, "lease": self._op_lease,
-            "release": self._op_release, "trim": self._op_trim, "load_begin": self._op_load_begin,
+            "release": self._op_release, "trim": self._op_trim, "renew_leases": self._op_renew_leases,
+            "load_begin": self._op_load_begin,
             "load_end": self._op_load_end,
             "allocate": self._op_allocate, "renew": self._op_renew, "commit": self._op_commit,
             "abort": self._op_abort, "flush": self._op_flush, "wait_lower": self._op_wait_lower, "stats": self._op_stats,
@@ -437,6 +438,10 @@ class StoreServer:
         lease_id = p.get_int(msg, "lease")
         assert lease_id is not None
         return {"dropped": self.host.trim(lease_id, p.get_keys(msg, key_bytes=self.key_bytes))}
+
+    def _op_renew_leases(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.host is not None
+        return {"renewed": self.host.renew_leases(p.get_ints(msg, "leases"), p.get_float(msg, "lease_s", 30.0))}
 
     def _op_load_begin(self, owner: int, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.host is not None

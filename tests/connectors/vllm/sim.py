@@ -11,6 +11,8 @@ The store's chunk is BLOCK tokens; `block_size` may be a multiple of it (chunks 
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,10 +85,11 @@ def read_cpu_token(page: torch.Tensor, off: int) -> tuple[torch.Tensor, torch.Te
     return flat[:, off:n * d:n], flat[:, n * d + off * d:n * d + (off + 1) * d]
 
 
-def make_client(capacity_chunks: int = 64, lease_timeout_s: float = 30.0) -> InProcessClient:
+def make_client(capacity_chunks: int = 64, lease_timeout_s: float = 30.0,
+                clock: Callable[[], float] = time.monotonic) -> InProcessClient:
     cfg = StoreConfig(chunk_tokens=BLOCK, memory=MemoryTierConfig(capacity_bytes=capacity_chunks *
                                                                   LAYOUT.chunk_bytes(BLOCK)))
-    return InProcessClient(TieredStore(cfg, LAYOUT), lease_timeout_s=lease_timeout_s)
+    return InProcessClient(TieredStore(cfg, LAYOUT), lease_timeout_s=lease_timeout_s, clock=clock)
 
 
 def root_for(salt: str, lora: str) -> bytes:  # as the connector makes it
@@ -95,11 +98,13 @@ def root_for(salt: str, lora: str) -> bytes:  # as the connector makes it
 
 class Sim:
     def __init__(self, client: InProcessClient | None = None, num_blocks: int = 64, save_decode: bool = False,
-                 block_size: int = BLOCK) -> None:
+                 block_size: int = BLOCK, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: the scheduler's (pass the client's fake clock to let leases lapse)."""
         self.client = client or make_client()
         self.link = StoreLink(lambda first: self.client, retry_after_s=0.0)
         self.block_size = block_size
-        self.sched = SchedulerSide(self.link, root_for, BLOCK, "sha256", save_decode, block_size=block_size)
+        self.sched = SchedulerSide(self.link, root_for, BLOCK, "sha256", save_decode, block_size=block_size,
+                                   clock=clock, lease_s=self.client.lease_timeout_s)
         self.worker = WorkerSide(self.link, LAYERS, LAYOUT, block_size, BLOCK)
         shape = (num_blocks, LAYOUT.num_kv_heads, block_size, 2 * LAYOUT.head_size)
         self.kv = {name: torch.zeros(shape) for name in LAYERS}

@@ -137,14 +137,17 @@ def test_the_schedulers_namespace_roots_are_bounded(monkeypatch) -> None:
     monkeypatch.setattr(connector, "open_client", open_client)
     monkeypatch.setattr(connector, "MAX_ROOTS", 50)
     conn = make({"model_fingerprint": "m"})
-    assert conn.scheduler is not None
-    first = conn.scheduler.root_for("salt-0", "")
-    for i in range(200):  # every user with a cache_salt of its own
-        conn.scheduler.root_for(f"salt-{i}", "")
-    roots = next(c.cell_contents for c in conn.scheduler.root_for.__closure__  # type: ignore[union-attr]
-                 if isinstance(c.cell_contents, dict))
-    assert len(roots) == 50  # 200 kept before
-    assert conn.scheduler.root_for("salt-0", "") == first  # made again, the same
+    try:
+        assert conn.scheduler is not None
+        first = conn.scheduler.root_for("salt-0", "")
+        for i in range(200):  # every user with a cache_salt of its own
+            conn.scheduler.root_for(f"salt-{i}", "")
+        roots = next(c.cell_contents for c in conn.scheduler.root_for.__closure__  # type: ignore[union-attr]
+                     if isinstance(c.cell_contents, dict))
+        assert len(roots) == 50  # 200 kept before
+        assert conn.scheduler.root_for("salt-0", "") == first  # made again, the same
+    finally:
+        conn.shutdown()  # (its store client, and the thread renewing its leases)
 
 
 def test_reset_cache_moves_the_scheduler_to_keys_of_its_own(monkeypatch) -> None:

@@ -306,7 +306,9 @@ class KVTierConnector(KVConnectorBase_V1):
                                            partial_chunks=partial, identity=identity,
                                            remote_wait_s=cfg.remote_wait_s, publish_wait_s=cfg.publish_wait_s,
                                            chunk_bytes=layout.chunk_bytes(chunk_tokens), plan_loads=cfg.plan_loads,
-                                           engine_id=f"vllm:{fingerprint}:{self.format_tag}")
+                                           engine_id=f"vllm:{fingerprint}:{self.format_tag}",
+                                           lease_s=cfg.lease_timeout_s)
+            self.scheduler.leases.start()  # renews planned loads' leases while vLLM waits for a step
             from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
             # chunks saved by this instance carry vLLM's block hashes (as its KV events publish
@@ -365,7 +367,8 @@ class KVTierConnector(KVConnectorBase_V1):
         """Rewrite stats_path (from vLLM's schedule(): a full disk or a removed folder is a warning,
         never an error that would stop the engine)."""
         assert self.scheduler is not None
-        data = {**self.scheduler.stats, "loaded_chunks_by_tier": self.scheduler.loaded_by_tier,
+        data = {**self.scheduler.stats, **self.scheduler.leases.stats,
+                "loaded_chunks_by_tier": self.scheduler.loaded_by_tier,
                 "loaded_tokens_by_tier": self.scheduler.loaded_tokens_by_tier, "chunk_tokens": self.chunk_tokens}
         tmp = f"{self.config.stats_path}.{os.getpid()}.tmp"  # two engines given one path do not share it
         try:
@@ -529,4 +532,5 @@ class KVTierConnector(KVConnectorBase_V1):
         if self.worker is not None:
             self.worker.shutdown()
         elif self.scheduler is not None:
+            self.scheduler.leases.close()
             self.scheduler.link.close()

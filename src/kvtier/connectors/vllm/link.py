@@ -42,6 +42,11 @@ class StoreLink:
             self._down_since = self._clock()
         return self._client
 
+    def current(self) -> StoreClient | None:
+        """The client if one is open now; never connects (the scheduler's lease renewing thread
+        uses it: connecting, and failed(), are the scheduler thread's)."""
+        return self._client
+
     def failed(self, exc: BaseException) -> None:
         """The store failed an operation: drop the client; requests recompute until it is back."""
         self.failures += 1

@@ -15,7 +15,8 @@ class LoadSpec:
     """Load chunks `keys` into blocks `block_ids` at token `offsets` (all three the same length),
     before the layers that read them.
 
-    The worker owns `lease_id` from here on and releases it once the load is done.
+    The worker owns `lease_id` from here on and releases it once the load is done; until then
+    the scheduler renews it (leases.py), however late the worker runs the step.
     """
 
     req_id: str

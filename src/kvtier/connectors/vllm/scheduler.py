@@ -42,8 +42,14 @@ Leases: a lookup leases the hit chunks so they stay in DRAM until the worker loa
 A repeated lookup for the same request (vLLM may ask again when allocation failed)
 releases the previous lease first. Once a load is shipped in a plan the worker owns the
 lease and releases it after loading; if the request ends before that, the scheduler
-releases it. An expired lease only means the load may find chunks gone: the worker
-reports exactly those blocks and vLLM recomputes them (kv_load_failure_policy=recompute).
+releases it. From after_alloc until the worker has released it (or the request finished),
+the lease is renewed (leases.py: one batched call per step for the leases past half their
+lease_s, and from a thread while vLLM waits for a long step), so a load that starts long
+after its lookup (async scheduling behind a long step, pipeline parallelism) still finds
+its chunks. A lease lost anyway (the store restarted, a load planned MAX_HOLD_S ago) only
+means the load may find chunks gone: loads read by key, so the worker reports exactly those
+blocks, zeroed, and vLLM recomputes them (kv_load_failure_policy=recompute); never another
+chunk's KV.
 
 Saves: a chunk is saved in the step whose forward pass completes its KV (after chunked
 prefill, or right away; also when the rest of its block is not computed yet), except chunks vLLM already had cached or loaded from kvtier.
@@ -62,6 +68,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvtier.client.api import StoreClient
+from kvtier.connectors.vllm.leases import LeaseKeeper
 from kvtier.connectors.vllm.link import StoreLink
 from kvtier.connectors.vllm.pd import Handoff, HandoffError, Identity, asks_for_handoff, prompt_digest
 from kvtier.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
@@ -86,6 +93,7 @@ class _Lease:
     final_key: bytes | None = None  # the chunk holding the prompt's last token, when leased
     final_tokens: int = 0  # tokens of it the hit claims (all but the last token)
     final_partial: bool = False  # the final chunk is the prompt's partial chunk
+    taken_at: float = 0.0  # the lookup that took it (the scheduler's clock): it lasts lease_s from there
 
 
 @dataclass(slots=True)
@@ -149,7 +157,9 @@ class SchedulerSide:
                  block_size: int | None = None, partial_chunks: bool = True, identity: Identity | None = None,
                  remote_wait_s: float = 10.0, poll_s: float = 0.02, publish_wait_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic, chunk_bytes: int = 0, plan_loads: bool = True,
-                 estimates: CostEstimates | None = None, engine_id: str = "vllm") -> None:
+                 estimates: CostEstimates | None = None, engine_id: str = "vllm", lease_s: float = 30.0) -> None:
+        """`lease_s`: how long the client's leases last (its lease_timeout_s); planned loads' leases
+        are renewed before that (self.leases)."""
         block_size = chunk_tokens if block_size is None else block_size
         if chunk_tokens <= 0 or block_size % chunk_tokens:
             raise ValueError(f"chunk_tokens {chunk_tokens} must divide vLLM's block_size {block_size}")
@@ -170,6 +180,7 @@ class SchedulerSide:
         self.poll_s = poll_s
         self.publish_wait_s = publish_wait_s  # producer: bound on waiting for a handoff's lower-tier writes
         self.clock = clock
+        self.leases = LeaseKeeper(link, lease_s, clock)  # keeps planned loads' leases alive until loaded
         self.reqs: dict[str, _ReqState] = {}
         self.stats = {"lookups": 0, "hit_chunks": 0, "loaded_chunks": 0, "saved_chunks": 0,
                       "saved_partial_chunks": 0, "store_errors": 0, "handoffs_made": 0, "handoffs_received": 0,
@@ -370,6 +381,7 @@ class SchedulerSide:
         if end <= start and final is None:
             return 0
         keys = st.chain.keys[start:end] + ([final[0]] if final else [])
+        taken_at = self.clock()
         reply = self._call(lambda cl: cl.lookup(keys, lease=True))
         self.stats["lookups"] += 1
         if st.awaited and (reply.hits if reply is not None else 0) < self._awaited_hits(st, keys):
@@ -388,7 +400,7 @@ class SchedulerSide:
         st.awaited = frozenset()
         if reply is None or reply.hits == 0:
             return 0
-        st.lease = _Lease(reply.lease_id, start, reply.hits, tuple(reply.tiers))
+        st.lease = _Lease(reply.lease_id, start, reply.hits, tuple(reply.tiers), taken_at=taken_at)
         self.stats["hit_chunks"] += reply.hits
         worth = self._worth_loading(tuple(reply.tiers[:reply.hits]))
         if worth < reply.hits:  # loading the rest is estimated slower than computing it: vLLM computes it
@@ -400,7 +412,7 @@ class SchedulerSide:
             lease_id, cut = reply.lease_id, keys[worth:reply.hits]
             if lease_id is not None:
                 self._call(lambda cl: cl.trim(lease_id, cut))
-            st.lease = _Lease(lease_id, start, worth, tuple(reply.tiers[:worth]))
+            st.lease = _Lease(lease_id, start, worth, tuple(reply.tiers[:worth]), taken_at=taken_at)
             return worth * c
         if final is not None and reply.hits == len(keys):  # every chunk, the final one too
             st.lease.final_key, st.lease.final_tokens, st.lease.final_partial = final
@@ -465,6 +477,8 @@ class SchedulerSide:
             keys.append(lease.final_key)
         st.load = LoadSpec(request.request_id, keys, blocks, offsets, lease.lease_id)
         st.load_start = start
+        if lease.lease_id is not None:  # kept alive until the worker has loaded and released it
+            self.leases.hold(request.request_id, lease.lease_id, lease.taken_at)
         for i, tier in enumerate(lease.tiers[:n + final]):
             self.loaded_by_tier[tier] = self.loaded_by_tier.get(tier, 0) + 1
             tokens = lease.final_tokens if i == n else self.chunk_tokens
@@ -491,6 +505,7 @@ class SchedulerSide:
     def build_plan(self, num_scheduled: Mapping[str, int], block_ids_of: Callable[[str], Sequence[int] | None],
                    spec_tokens: Mapping[str, Sequence[int]] | None = None) -> StepPlan:
         plan = StepPlan(load_failures_seen=self.load_failures_seen)
+        self.leases.renew_due()  # the leases of loads planned in earlier steps and not made yet
         for pending in self.reqs.values():
             if pending.load is not None:
                 plan.loads.append(pending.load)
@@ -582,6 +597,7 @@ class SchedulerSide:
         if gone is None:
             return None
         st = gone
+        self.leases.drop(request.request_id)  # its loads are made (or, aborted, no longer wanted)
         self._release(st)  # never shipped: ours to release (a shipped lease is the worker's)
         if st.load is not None and st.load.lease_id is not None:
             lease_id = st.load.lease_id
