@@ -194,6 +194,7 @@ def accuracy(policies: Sequence[str], fractions: Sequence[float], contexts: Sequ
                     pos = torch.full((samples, 1), ctx - 1)
                     logits = model(ids[:, -1:], past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1]
                     acc = float((logits.argmax(-1) == ans).float().mean())
+                    cache.close()  # its writes and threads end before the store they write to
                     store.close()
                     rows.append({"policy": policy, "budget_tokens": budget, "context_tokens": ctx, "accuracy": acc,
                                  "dense_accuracy": dense_acc, "retrieval_stride": stride})
@@ -258,6 +259,7 @@ def fidelity(policies: Sequence[str], fractions: Sequence[float], context: int =
             steps = max(1, (context - 1 - prompt) * cfg.num_hidden_layers)
             fetched = sum(ws.fetched_blocks for seq in cache.sequences for ws in seq.working)
             slices = sum(ws.fetched_slices for seq in cache.sequences for ws in seq.working)
+            cache.close()  # its writes and threads end before the store they write to
             store.close()
             rows.append({"policy": policy, "budget_fraction": frac, "top1_agreement": top1, "kl": kl,
                          "budget_tokens": budget, "block_tokens": block_tokens, "sink_tokens": sinks,
@@ -470,6 +472,7 @@ def decode_speed(contexts: Sequence[int], budget: int = 4096, block_tokens: int 
                    "first_step_ms": 1e3 * tok_t[0], "write_s": write_s,
                    "store_kv_bytes": ctx * layout.token_bytes_per_layer() * s.layers,
                    "dram_bytes": stats["memory"]["used_bytes"], "disk_bytes": stats["disk"]["used_bytes"]}
+            kv.close()  # its writes and threads end before the store they write to
             store.close()
         rows.append(row)
         print(f"decode ctx {ctx:6d} B {block_tokens} {policy} stride {stride}: attn dense {row['dense_attn_ms']:.1f} ms sparse "

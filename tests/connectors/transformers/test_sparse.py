@@ -249,3 +249,38 @@ def test_a_collected_cache_gives_back_the_dram_reservations(models) -> None:
         if t.name == "kvtier-sparse-discard":
             t.join(30)
     assert st.memory.slot_counts()["reserved"] == 0  # reserved for the process's life before
+
+
+EXIT_SCRIPT = """
+import gc, torch
+from kvtier.bench.models import random_llama
+from kvtier.connectors.transformers.sparse import ATTN_NAME, KVTierSparseCache, register
+from kvtier.core.config import MemoryTierConfig, StoreConfig
+from kvtier.core.layout import KVLayout
+from kvtier.sparse import SparseConfig, sparse_store_layout
+from kvtier.store.tiered import TieredStore
+
+register()
+model = random_llama(num_layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, seed=1)
+model.set_attn_implementation(ATTN_NAME)
+store = TieredStore(StoreConfig(chunk_tokens=4, memory=MemoryTierConfig(capacity_bytes=1 << 22)),
+                    sparse_store_layout(KVLayout(2, 2, 16)))
+cache = KVTierSparseCache(store, SparseConfig(policy="quest", budget_tokens=16, block_tokens=4, sink_tokens=4,
+                                              window_tokens=4), model_config=model.config)
+with torch.no_grad():
+    model(torch.randint(3, 128, (1, 64)), past_key_values=cache, use_cache=True)
+del cache
+gc.collect()  # the finalizer hands the discard to a thread: the process exits while it runs
+"""
+
+
+def test_a_process_exiting_while_a_collected_cache_is_discarded_exits_cleanly() -> None:
+    """Regression: the interpreter tore torch down under the finalizer's discard thread, still freeing
+    tensors, and the process aborted at exit ("terminate called without an active exception")."""
+    import subprocess
+    import sys
+
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr

@@ -38,7 +38,10 @@ soft-capping, K and V of different head sizes (MLA), training mode, beam reorder
 
 from __future__ import annotations
 
+import atexit
+import sys
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -278,18 +281,42 @@ class KVTierSparseCache(Cache):
             raise errors[0]
 
 
+_DISCARDS: set[threading.Thread] = set()  # finalizers' discards still running (joined at exit)
+_DISCARDS_LOCK = threading.Lock()
+EXIT_WAIT_S = 30.0  # at interpreter exit, how long the discards still running are waited for in all
+
+
 def _discard_later(sequences: list[SparseKV]) -> None:
     """A collected cache's finalizer: discard the sequences not closed. The collector may run it on
     any thread (a sequence's writer, the store's I/O threads), where waiting for a writer would wait
-    for itself; so it waits nowhere and hands the work to a thread of its own."""
+    for itself; so it waits nowhere and hands the work to a thread of its own. That thread is waited
+    for at interpreter exit (a bounded wait, _join_discards): torch tearing down under a discard
+    still freeing tensors aborts the process ("terminate called without an active exception")."""
     live = [s for s in sequences if not s.released]
-    if live:
-        threading.Thread(target=_discard_all, args=(live,), name="kvtier-sparse-discard", daemon=True).start()
+    if not live or sys.is_finalizing():
+        return
+    thread = threading.Thread(target=_discard_all, args=(live,), name="kvtier-sparse-discard", daemon=True)
+    with _DISCARDS_LOCK:
+        _DISCARDS.add(thread)
+    thread.start()
 
 
 def _discard_all(sequences: list[SparseKV]) -> None:
-    for s in sequences:
-        s.discard()
+    try:
+        for s in sequences:
+            s.discard()
+    finally:
+        with _DISCARDS_LOCK:
+            _DISCARDS.discard(threading.current_thread())
+
+
+@atexit.register
+def _join_discards() -> None:
+    deadline = time.monotonic() + EXIT_WAIT_S
+    with _DISCARDS_LOCK:
+        running = list(_DISCARDS)
+    for thread in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def model_kv_layout(model_config: Any, dtype: str) -> KVLayout:
