@@ -167,3 +167,21 @@ def test_interrupt_waits_ends_a_flush_and_a_wait_lower_in_progress(tmp_path):
         host.close()
         store.close()
     assert store.disk.contains(keys[0]) and store.disk.contains(keys[1])
+
+
+def test_stop_with_a_connection_registered_but_its_thread_not_started_yet():
+    """The accept loop registers a connection and its thread under the lock and starts the thread after
+    releasing it: a stop() in between found a thread it could not join (RuntimeError)."""
+    folder = short_tmpdir()
+    server = StoreServer(load_config(ServiceConfig, service_config(folder)))
+    server.start()
+    ours, theirs = socket.socketpair()
+    try:
+        with server._conns_lock:  # what the accept loop holds between registering and starting
+            server._conns[10_000] = ours
+            server._conn_threads[10_000] = threading.Thread(target=lambda: None)
+        server.stop()  # raised "cannot join thread before it is started"
+    finally:
+        theirs.close()
+        server.stop()
+        cleanup(folder)

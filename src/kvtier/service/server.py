@@ -255,6 +255,8 @@ class StoreServer:
         if self.host is not None:
             self.host.interrupt_waits()  # flush and wait_lower answer now
         for t in self._threads + threads:
+            if t.ident is None:  # accepted just before the stop and not started yet: its connection is shut
+                continue
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in threads if t.is_alive()]
         if stuck:  # cut off: a reply stuck in a send to a client that does not read ends too
