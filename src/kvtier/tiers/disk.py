@@ -74,7 +74,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kvtier.core import metrics as m
 from kvtier.core.codec import (
@@ -108,6 +108,7 @@ from kvtier.tiers.policies import make_policy
 from kvtier.tiers.throttle import ReadThrottle
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 CHUNKS_DIR = "chunks"
 TMP_DIR = "tmp"
@@ -316,24 +317,14 @@ class DiskTier(Tier):
     def read_section(self, key: bytes, kind: int, index: int) -> bytes | None:
         check_key(key)
         self._check_open()
-        entry = self._find(key)
-        fd = self._open_chunk(key, entry)
-        if entry is None or fd < 0:
-            return None
-        try:
-            table = self._load_table(fd, key, entry)
+
+        def section_of(fd: int, table: _Table) -> bytes | None:
             section = table.header.section(kind, index)
-            if section is None:
-                return None
-            data = _read_verified(fd, section)
-        except CorruptChunkError:
-            self._drop_corrupt(key, entry, fd)
+            return None if section is None else _read_verified(fd, section)
+
+        data = self._with_table(key, self._find(key), section_of)
+        if data is None:
             return None
-        except OSError as e:
-            self._read_failed(key, e)
-            return None
-        finally:
-            os.close(fd)
         self.metrics.inc(m.BYTES_READ, len(data), tier=self.name)
         return data
 
@@ -345,23 +336,30 @@ class DiskTier(Tier):
         self._check_open()
         entry = self._find(key)
         if entry is not None and entry.cache is not None:
-            table = entry.cache[1]  # verified when this file was read or written
+            table: _Table | None = entry.cache[1]  # verified when this file was read or written
         else:
-            fd = self._open_chunk(key, entry)
-            if entry is None or fd < 0:
-                return None
-            try:
-                table = self._load_table(fd, key, entry)
-            except CorruptChunkError:
-                self._drop_corrupt(key, entry, fd)
-                return None
-            except OSError as e:
-                self._read_failed(key, e)
-                return None
-            finally:
-                os.close(fd)
+            table = self._with_table(key, entry, lambda fd, loaded: loaded)
+        if table is None:
+            return None
         h = table.header
         return ChunkMeta(h.key, h.parent, h.depth, h.num_tokens, table.checksums)
+
+    def _with_table(self, key: bytes, entry: _Entry | None, use: Callable[[int, _Table], _T | None]) -> _T | None:
+        """Open `key`'s file, load its verified section table and return use(fd, table); None for a
+        miss, and for a corrupt chunk (dropped) or an I/O error (counted, the file kept)."""
+        fd = self._open_chunk(key, entry)
+        if entry is None or fd < 0:
+            return None
+        try:
+            return use(fd, self._load_table(fd, key, entry))
+        except CorruptChunkError:
+            self._drop_corrupt(key, entry, fd)
+            return None
+        except OSError as e:
+            self._read_failed(key, e)
+            return None
+        finally:
+            os.close(fd)
 
     def _find(self, key: bytes) -> _Entry | None:
         entry = self._index.get(key)
